@@ -1,0 +1,41 @@
+# keybrake — everything a fresh machine needs goes through these targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest templates bench install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default: SQLite + localstripe, no vendor account needed.
+demo: $(STAMP)
+	$(BIN)/keybrake demo
+
+## The test command CI runs: lint, types, rendered templates up to date, the whole suite.
+test: $(STAMP) lint typecheck templates pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check cli proxy hera_workflows tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+templates: $(STAMP)
+	@if $(BIN)/keybrake templates --help >/dev/null 2>&1; then $(BIN)/keybrake templates render --check; fi
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The keybrake command line."""

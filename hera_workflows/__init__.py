@@ -1,0 +1,1 @@
+"""Hera building blocks for the vault-key pattern."""
