@@ -26,6 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check cli proxy hera_workflows tests
 
 typecheck: $(STAMP)
+	@mkdir -p .typecheck/keybrake
+	@for d in cli proxy hera_workflows; do ln -sfn ../../$$d .typecheck/keybrake/$$d; done
 	$(BIN)/mypy
 
 templates: $(STAMP)

@@ -13,8 +13,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from keybrake.cli import templates
+    from keybrake.cli import serve, templates
 
+    app.command()(serve.serve)
     app.add_typer(templates.app, name="templates")
 
 

@@ -1,0 +1,36 @@
+"""Storage backends behind one interface; `open_store` picks one from the database URL."""
+
+from __future__ import annotations
+
+from keybrake.proxy.errors import ConfigError
+from keybrake.proxy.store.base import Store
+
+__all__ = ["Store", "open_store", "sqlite_path"]
+
+
+def sqlite_path(url: str) -> str | None:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite:///:memory:` → path."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///")
+    if not path:
+        raise ConfigError("database URL sqlite:/// names no file, e.g. sqlite:///keybrake.db")
+    return path
+
+
+def open_store(url: str) -> Store:
+    path = sqlite_path(url)
+    if path is not None:
+        from keybrake.proxy.store.sqlite import SQLiteStore
+
+        return SQLiteStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from keybrake.proxy.store.postgres import PostgresStore  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ConfigError("PostgreSQL support is not available in this build") from exc
+        store: Store = PostgresStore(url)
+        return store
+    raise ConfigError(
+        f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///PATH or postgresql://..."
+    )

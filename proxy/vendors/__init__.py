@@ -1,0 +1,10 @@
+"""Vendor modules. Adding a vendor: one module implementing `Vendor`, one entry here, its prices."""
+
+from __future__ import annotations
+
+from keybrake.proxy.vendors.base import Vendor
+from keybrake.proxy.vendors.stripe import Stripe
+
+__all__ = ["VENDORS", "Vendor"]
+
+VENDORS: dict[str, type[Vendor]] = {cls.name: cls for cls in (Stripe,)}

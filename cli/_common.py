@@ -1,0 +1,57 @@
+"""Shared CLI plumbing: consoles, output formats, exit codes, error reporting."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+
+__all__ = [
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "Output",
+    "console",
+    "err_console",
+    "fail",
+    "print_data",
+]
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+def default_output(output: Output | None) -> Output:
+    """Tables for people at a terminal, JSON when piped into another program."""
+    if output is not None:
+        return output
+    return Output.table if sys.stdout.isatty() else Output.json
+
+
+def print_data(data: Any, output: Output) -> None:
+    if output is Output.yaml:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    else:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    if hint:
+        err_console.print(hint, soft_wrap=True)
+    raise typer.Exit(code)

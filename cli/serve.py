@@ -1,0 +1,80 @@
+"""`keybrake serve`: run the proxy under uvicorn."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import typer
+import uvicorn
+
+from keybrake.cli._common import EXIT_USAGE, console, err_console, fail
+from keybrake.proxy.app import build_app
+from keybrake.proxy.errors import ConfigError, StoreUnavailable
+from keybrake.proxy.settings import Settings
+from keybrake.proxy.store import open_store
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 in a container)."),
+    port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
+    workers: int = typer.Option(1, min=1, max=64, help="Processes sharing one database."),
+    database_url: str = typer.Option(
+        None, "--database-url", envvar="KEYBRAKE_DATABASE_URL", help="sqlite:///PATH or postgresql://..."
+    ),
+    generate_api_key: bool = typer.Option(
+        False, "--generate-api-key", help="No KEYBRAKE_API_KEY set? Make one and print it once."
+    ),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+    fd: int = typer.Option(None, "--fd", hidden=True, help="Serve on an already bound socket."),
+) -> None:
+    """Start the vault-key proxy.
+
+    Example: KEYBRAKE_API_KEY=... KEYBRAKE_STRIPE_SECRET_KEY=sk_live_... keybrake serve --port 8080
+    """
+    if database_url:
+        os.environ["KEYBRAKE_DATABASE_URL"] = database_url
+    if not os.environ.get("KEYBRAKE_API_KEY"):
+        if not generate_api_key:
+            fail(
+                "KEYBRAKE_API_KEY is not set; the admin API needs a token.",
+                EXIT_USAGE,
+                "Set it (e.g. export KEYBRAKE_API_KEY=$(openssl rand -hex 32)) "
+                "or pass --generate-api-key to have one made and printed.",
+            )
+        os.environ["KEYBRAKE_API_KEY"] = "kba_" + secrets.token_urlsafe(32)
+        err_console.print(f"generated admin token: {os.environ['KEYBRAKE_API_KEY']}")
+    try:
+        settings = Settings()
+        build_app(settings)  # validates settings and the pricing table before forking workers
+        store = open_store(settings.database_url)
+        migrate = getattr(store, "migrate", None)
+        if migrate is not None:
+            migrate()
+    except (ConfigError, StoreUnavailable) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ValueError as exc:
+        fail(f"invalid setting: {exc}", EXIT_USAGE)
+    vendors = ", ".join(sorted(settings.vendor_credentials())) or "none (set KEYBRAKE_<VENDOR>_*)"
+    database = settings.database_url.split("@")[-1] if "@" in settings.database_url else (
+        settings.database_url
+    )
+    where = f"file descriptor {fd}" if fd is not None else f"http://{host}:{port}"
+    console.print(
+        f"keybrake proxy listening on {where} "
+        f"(workers: {workers}, database: {database}, vendors: {vendors})",
+        soft_wrap=True,
+    )
+    uvicorn.run(
+        "keybrake.proxy.asgi:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        fd=fd,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=30,
+    )

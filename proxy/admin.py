@@ -1,0 +1,325 @@
+"""The admin API under /vault: issue, list, show and revoke vault keys; read the audit log.
+
+Every route requires `Authorization: Bearer $KEYBRAKE_API_KEY`. No response ever carries a real
+vendor secret; the vault key itself appears once, in the 201 that issues it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.models import (
+    AuditPage,
+    AuditRow,
+    IssuedKey,
+    KeyCreate,
+    KeyInfo,
+    KeyList,
+    LabelRevoke,
+    RevokeResult,
+)
+from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros, utc_day
+from keybrake.proxy.pipeline import hash_vault_key
+from keybrake.proxy.pricing import PricingTable
+from keybrake.proxy.settings import Settings
+from keybrake.proxy.store.base import (
+    AuditFilter,
+    AuditRecord,
+    KeyRecord,
+    KeyUsage,
+    KeyView,
+    Store,
+)
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__all__ = ["AdminApi", "key_info"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+_STATUSES = ("active", "revoked", "expired")
+AUDIT_COLUMNS = list(AuditRow.model_fields)
+
+
+def error(status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": error_type, "message": message}}, status_code=status)
+
+
+def key_info(view: KeyView, now: datetime) -> KeyInfo:
+    key, usage = view.key, view.usage
+    remaining = max(0, key.daily_cap_micros - usage.spent_micros - usage.reserved_micros)
+    return KeyInfo(
+        key_id=key.key_id,
+        vendor=key.vendor,
+        agent_run_label=key.label,
+        status=key.status(now),
+        daily_usd_cap=format_usd(key.daily_cap_micros),
+        max_usd_per_call=(
+            format_usd(key.max_per_call_micros) if key.max_per_call_micros is not None else None
+        ),
+        allowed_endpoints=list(key.allowed_endpoints),
+        metadata=key.metadata,
+        dedupe_window_seconds=key.dedupe_window_s,
+        created_at=format_ts(key.created_at),
+        expires_at=format_ts(key.expires_at),
+        revoked_at=format_ts(key.revoked_at) if key.revoked_at else None,
+        day=usage.day,
+        spent_usd=format_usd(usage.spent_micros),
+        reserved_usd=format_usd(usage.reserved_micros),
+        remaining_usd=format_usd(remaining),
+        calls=usage.calls,
+        cap_hits=usage.cap_hits,
+    )
+
+
+def audit_row(record: AuditRecord) -> AuditRow:
+    return AuditRow(
+        id=record.id or 0,
+        ts=format_ts(record.ts),
+        key_id=record.key_id,
+        agent_run_label=record.label,
+        vendor=record.vendor,
+        method=record.method,
+        path=record.path,
+        status=record.status,
+        decision=record.decision,
+        reserved_usd=format_usd(record.reserved_micros),
+        settled_usd=format_usd(record.settled_micros),
+        amount=record.amount,
+        currency=record.currency,
+        vendor_request_id=record.vendor_request_id,
+        idempotency_key=record.idempotency_key,
+        latency_ms=record.latency_ms,
+        caller_tag=record.caller_tag,
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for item in exc.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+class AdminApi:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        vendors: list[str],
+        pricing: PricingTable,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.vendors = vendors
+        self.pricing = pricing
+        self.clock = clock
+        token = settings.api_key.get_secret_value() if settings.api_key else ""
+        self._token = token.encode()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/vault/keys", self._guard(self.create_key), methods=["POST"]),
+            Route("/vault/keys", self._guard(self.list_keys), methods=["GET"]),
+            Route("/vault/keys/revoke", self._guard(self.revoke_label), methods=["POST"]),
+            Route("/vault/keys/{key_id}", self._guard(self.get_key), methods=["GET"]),
+            Route("/vault/keys/{key_id}", self._guard(self.revoke_key), methods=["DELETE"]),
+            Route("/vault/audit", self._guard(self.audit), methods=["GET"]),
+            Route("/vault/pricing", self._guard(self.pricing_table), methods=["GET"]),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if (
+                scheme.lower() != "bearer"
+                or not self._token
+                or not hmac.compare_digest(token.strip().encode(), self._token)
+            ):
+                return error(401, "authentication_error", "missing or wrong admin token")
+            try:
+                return await handler(request)
+            except StoreUnavailable:
+                return error(503, "unavailable", "the database is unreachable; try again")
+
+        return guarded
+
+    async def _json(self, request: Request) -> Any:
+        body = await request.body()
+        if len(body) > 65536:
+            raise _BadRequest("request body too large (64 KiB at most)")
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise _BadRequest(f"malformed JSON: {exc}") from exc
+
+    async def create_key(self, request: Request) -> Response:
+        try:
+            payload = await self._json(request)
+            spec = KeyCreate.model_validate(payload)
+        except _BadRequest as exc:
+            return error(400, "invalid_request_error", str(exc))
+        except ValidationError as exc:
+            return error(400, "invalid_request_error", _validation_message(exc))
+        if spec.vendor not in self.vendors:
+            configured = ", ".join(self.vendors) or "none"
+            return error(
+                400,
+                "invalid_request_error",
+                f"vendor {spec.vendor!r} is not configured on this proxy "
+                f"(configured: {configured})",
+            )
+        if spec.daily_usd_cap > self.settings.max_daily_usd_cap:
+            return error(
+                400,
+                "invalid_request_error",
+                f"daily_usd_cap: at most {self.settings.max_daily_usd_cap} on this proxy",
+            )
+        ttl = parse_duration(spec.expires_in)
+        if ttl > self.settings.max_ttl_delta:
+            return error(
+                400,
+                "invalid_request_error",
+                f"expires_in: at most {self.settings.max_ttl} on this proxy",
+            )
+        if spec.dedupe_window is None:
+            window = self.settings.dedupe_window_seconds
+        elif spec.dedupe_window.strip() == "0":
+            window = 0
+        else:
+            window = int(parse_duration(spec.dedupe_window).total_seconds())
+        now = self.clock()
+        vault_key = "kbv_" + secrets.token_urlsafe(32)
+        record = KeyRecord(
+            key_id="vk_" + secrets.token_hex(8),
+            key_hash=hash_vault_key(vault_key),
+            vendor=spec.vendor,
+            label=spec.agent_run_label,
+            daily_cap_micros=usd_to_micros(spec.daily_usd_cap),
+            max_per_call_micros=(
+                usd_to_micros(spec.max_usd_per_call) if spec.max_usd_per_call else None
+            ),
+            allowed_endpoints=tuple(spec.allowed_endpoints),
+            metadata=spec.metadata,
+            dedupe_window_s=window,
+            created_at=now,
+            expires_at=now + ttl,
+        )
+        await self.store.create_key(record)
+        view = KeyView(record, KeyUsage(utc_day(now)))
+        issued = IssuedKey(**key_info(view, now).model_dump(), vault_key=vault_key)
+        return JSONResponse(issued.model_dump(), status_code=201)
+
+    async def list_keys(self, request: Request) -> Response:
+        params = request.query_params
+        status = params.get("status")
+        if status is not None and status not in _STATUSES:
+            return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
+        now = self.clock()
+        views = await self.store.list_keys(
+            day=utc_day(now),
+            now=now,
+            label=params.get("label"),
+            vendor=params.get("vendor"),
+            status=status,
+        )
+        page = KeyList(data=[key_info(v, now) for v in views])
+        return JSONResponse(page.model_dump())
+
+    async def get_key(self, request: Request) -> Response:
+        now = self.clock()
+        view = await self.store.get_key(request.path_params["key_id"], utc_day(now))
+        if view is None:
+            return error(404, "not_found", f"no vault key {request.path_params['key_id']!r}")
+        return JSONResponse(key_info(view, now).model_dump())
+
+    async def revoke_key(self, request: Request) -> Response:
+        key_id = request.path_params["key_id"]
+        now = self.clock()
+        if await self.store.revoke_key(key_id, now) is None:
+            return error(404, "not_found", f"no vault key {key_id!r}")
+        view = await self.store.get_key(key_id, utc_day(now))
+        assert view is not None
+        return JSONResponse(key_info(view, now).model_dump())
+
+    async def revoke_label(self, request: Request) -> Response:
+        try:
+            spec = LabelRevoke.model_validate(await self._json(request))
+        except _BadRequest as exc:
+            return error(400, "invalid_request_error", str(exc))
+        except ValidationError as exc:
+            return error(400, "invalid_request_error", _validation_message(exc))
+        now = self.clock()
+        revoked = set(await self.store.revoke_label(spec.agent_run_label, now))
+        views = await self.store.list_keys(day=utc_day(now), now=now, label=spec.agent_run_label)
+        result = RevokeResult(
+            agent_run_label=spec.agent_run_label,
+            revoked=len(revoked),
+            keys=[key_info(v, now) for v in views if v.key.key_id in revoked],
+        )
+        return JSONResponse(result.model_dump())
+
+    async def audit(self, request: Request) -> Response:
+        params = request.query_params
+        try:
+            query = AuditFilter(
+                key_id=params.get("key_id"),
+                label=params.get("label"),
+                vendor=params.get("vendor"),
+                decision=params.get("decision"),
+                since=self._since(params.get("since")),
+                after_id=int(params["after_id"]) if "after_id" in params else None,
+                limit=int(params.get("limit", "100")),
+            )
+        except ValueError as exc:
+            return error(400, "invalid_request_error", str(exc))
+        if not 1 <= query.limit <= 100_000:
+            return error(400, "invalid_request_error", "limit must be between 1 and 100000")
+        rows = [audit_row(r) for r in await self.store.audit(query)]
+        wants_csv = params.get("format") == "csv" or "text/csv" in request.headers.get("accept", "")
+        if wants_csv:
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row.model_dump())
+            return Response(out.getvalue(), media_type="text/csv")
+        return JSONResponse(AuditPage(data=rows).model_dump())
+
+    async def pricing_table(self, request: Request) -> Response:
+        return JSONResponse(self.pricing.as_json())
+
+    def _since(self, value: str | None) -> datetime | None:
+        """`since` is a duration back from now (`1h`) or an ISO timestamp."""
+        if value is None:
+            return None
+        try:
+            return self.clock() - parse_duration(value)
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(
+                f"since: {value!r} is neither a duration (1h) nor an ISO time"
+            ) from exc
+        if moment.tzinfo is None:
+            raise ValueError("since: give a timezone, e.g. 2026-11-26T10:00:00Z")
+        return moment
+
+
+class _BadRequest(Exception):
+    pass

@@ -1,0 +1,146 @@
+"""Build the proxy's ASGI app from settings. Nothing here starts a server (see `keybrake serve`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+
+from keybrake.proxy.admin import AdminApi
+from keybrake.proxy.errors import ConfigError, StoreUnavailable
+from keybrake.proxy.pipeline import Incoming, Pipeline
+from keybrake.proxy.pricing import load_pricing
+from keybrake.proxy.settings import Settings
+from keybrake.proxy.store import Store, open_store
+from keybrake.proxy.upstream import Upstream
+from keybrake.proxy.vendors import VENDORS, Vendor
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["build_app", "utc_now"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    store: Store | None = None,
+) -> Starlette:
+    """The whole proxy: health, admin API under /vault, and /{vendor}/... forwarding."""
+    if settings.api_key is None or not settings.api_key.get_secret_value():
+        raise ConfigError("KEYBRAKE_API_KEY is not set: the admin API needs a token")
+    pricing = load_pricing(
+        settings.pricing_file, {name: cls.validate_pricing for name, cls in VENDORS.items()}
+    )
+    credentials = settings.vendor_credentials()
+    vendors: dict[str, Vendor] = {
+        name: VENDORS[name](creds, pricing) for name, creds in credentials.items()
+    }
+    store = store or open_store(settings.database_url)
+    upstream = Upstream(
+        timeout=settings.upstream_timeout,
+        connections=settings.upstream_connections,
+        max_response_bytes=16 * 1024 * 1024,
+    )
+    pipeline = Pipeline(store=store, vendors=vendors, upstream=upstream, clock=clock)
+    admin = AdminApi(
+        settings=settings, store=store, vendors=list(vendors), pricing=pricing, clock=clock
+    )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready", "vendors": sorted(vendors)})
+
+    forward = _ForwardEndpoint(pipeline, settings.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        await upstream.start()
+        try:
+            yield
+        finally:
+            await upstream.close()
+            await store.close()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *admin.routes(),
+        Route("/{vendor}/{rest:path}", forward, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.pipeline = pipeline
+    app.state.store = store
+    return app
+
+
+class _ForwardEndpoint:
+    """A raw ASGI endpoint: reads the body with a limit and hands the call to the pipeline."""
+
+    def __init__(self, pipeline: Pipeline, max_body_bytes: int) -> None:
+        self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        vendor = scope["path_params"]["vendor"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        prefix = b"/" + vendor.encode()
+        rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/"
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            key = name.decode("latin-1").lower()
+            if key not in headers:  # a repeated header never overrides the first one
+                headers[key] = value.decode("latin-1")
+        body, too_large = await _read_body(receive, self.max_body_bytes)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            too_large = True
+        incoming = Incoming(
+            vendor=vendor,
+            method=scope["method"],
+            path=rest.decode("latin-1") or "/",
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=headers,
+            body=body,
+            too_large=too_large,
+        )
+        reply = await self.pipeline.handle(incoming)
+        raw_headers: list[tuple[bytes, bytes]] = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers
+        ]
+        raw_headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    chunks: list[bytes] = []
+    size = 0
+    too_large = False
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            too_large = True
+        elif chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return (b"" if too_large else b"".join(chunks)), too_large

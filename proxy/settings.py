@@ -1,0 +1,100 @@
+"""Settings: environment variables prefixed KEYBRAKE_, optionally read from an env file.
+
+Every setting is declared once here; `keybrake serve --help` and docs/configuration.md list them.
+Secrets are `SecretStr`, so a settings object printed or logged never shows them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from keybrake.proxy.money import parse_duration
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "VendorCredentials"]
+
+
+class VendorCredentials:
+    """The real secret of one vendor and where its API lives; never serialised."""
+
+    def __init__(self, base_url: str, secret: str, account: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+        self.account = account
+
+    def __repr__(self) -> str:
+        return f"VendorCredentials(base_url={self.base_url!r}, secret=***)"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KEYBRAKE_", extra="ignore")
+
+    api_key: SecretStr | None = Field(None, description="Admin token for /vault/* (Bearer).")
+    database_url: str = Field(
+        "sqlite:///keybrake.db",
+        description="sqlite:///PATH (embedded default) or postgresql://...",
+    )
+    stripe_secret_key: SecretStr | None = Field(None, description="The real Stripe secret key.")
+    stripe_api_base: str = Field("https://api.stripe.com", description="Stripe upstream.")
+    twilio_account_sid: str | None = Field(None, description="The real Twilio account SID.")
+    twilio_auth_token: SecretStr | None = Field(None, description="The real Twilio auth token.")
+    twilio_api_base: str = Field("https://api.twilio.com", description="Twilio upstream.")
+    resend_api_key: SecretStr | None = Field(None, description="The real Resend API key.")
+    resend_api_base: str = Field("https://api.resend.com", description="Resend upstream.")
+    pricing_file: Path | None = Field(None, description="Operator pricing table (TOML or YAML).")
+    max_ttl: str = Field("7d", description="Longest expires_in a key may ask for.")
+    max_daily_usd_cap: Decimal = Field(
+        Decimal("1000000"), description="Largest daily_usd_cap a key may ask for."
+    )
+    dedupe_window: str = Field(
+        "10m", description="Default window replaying identical priced requests; 0 disables."
+    )
+    max_body_bytes: int = Field(1_048_576, description="Largest request body forwarded.")
+    upstream_timeout: float = Field(60.0, description="Seconds to wait for a vendor.")
+    upstream_connections: int = Field(256, description="Connection pool size per vendor.")
+
+    @field_validator("max_ttl", "dedupe_window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if value.strip() != "0":
+            parse_duration(value)
+        return value
+
+    @field_validator("max_body_bytes", "upstream_connections")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @property
+    def max_ttl_delta(self) -> timedelta:
+        return parse_duration(self.max_ttl)
+
+    @property
+    def dedupe_window_seconds(self) -> int:
+        if self.dedupe_window.strip() == "0":
+            return 0
+        return int(parse_duration(self.dedupe_window).total_seconds())
+
+    def vendor_credentials(self) -> dict[str, VendorCredentials]:
+        """Only vendors whose real secret is configured are reachable through the proxy."""
+        creds: dict[str, VendorCredentials] = {}
+        if self.stripe_secret_key is not None:
+            creds["stripe"] = VendorCredentials(
+                self.stripe_api_base, self.stripe_secret_key.get_secret_value()
+            )
+        if self.twilio_account_sid and self.twilio_auth_token is not None:
+            creds["twilio"] = VendorCredentials(
+                self.twilio_api_base,
+                self.twilio_auth_token.get_secret_value(),
+                account=self.twilio_account_sid,
+            )
+        if self.resend_api_key is not None:
+            creds["resend"] = VendorCredentials(
+                self.resend_api_base, self.resend_api_key.get_secret_value()
+            )
+        return creds

@@ -1,0 +1,216 @@
+"""Storage: one interface, implemented for SQLite (embedded default) and PostgreSQL.
+
+The two write operations on the request path are `reserve` (before forwarding) and `settle`
+(after). Each is one transaction: `reserve` re-reads the key's revocation and expiry, checks
+idempotency and the dedupe window, and takes the reservation with a conditional update
+(`settled + reserved + cost <= cap`), so the cap holds however many calls, processes or replicas
+race. Both also write the call's audit row, so no call is forwarded without one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from keybrake.proxy.money import format_ts
+
+__all__ = [
+    "Admission",
+    "AuditFilter",
+    "AuditRecord",
+    "KeyRecord",
+    "KeyUsage",
+    "KeyView",
+    "Reservation",
+    "Settlement",
+    "Store",
+    "StoredResponse",
+    "key_status",
+]
+
+
+def key_status(revoked_at: datetime | None, expires_at: datetime, now: datetime) -> str:
+    if revoked_at is not None:
+        return "revoked"
+    if expires_at <= now:
+        return "expired"
+    return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    key_hash: bytes
+    vendor: str
+    label: str
+    daily_cap_micros: int
+    max_per_call_micros: int | None
+    allowed_endpoints: tuple[str, ...]
+    metadata: dict[str, Any]
+    dedupe_window_s: int
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+    def status(self, now: datetime) -> str:
+        return key_status(self.revoked_at, self.expires_at, now)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    day: str
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    calls: int = 0
+    cap_hits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    key: KeyRecord
+    usage: KeyUsage
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Everything `reserve` needs: who calls, what, for how much, and the replay tokens."""
+
+    key: KeyRecord
+    now: datetime
+    day: str
+    vendor: str
+    method: str
+    path: str
+    caller_tag: str | None
+    cost_micros: int
+    amount: int | None
+    currency: str | None
+    priced: bool
+    idempotency_key: str | None
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    decision: str  # "forwarded" or the reason it was not
+    audit_id: int
+    replay: StoredResponse | None = None
+
+
+@dataclass(slots=True)
+class Settlement:
+    audit_id: int
+    key_id: str
+    day: str
+    vendor: str
+    reserved_micros: int
+    settled_micros: int
+    status: int
+    decision: str
+    vendor_request_id: str | None
+    latency_ms: float
+    idempotency_key: str | None
+    request_hash: str
+    dedupe: bool
+    response: StoredResponse | None  # kept for replays; None forgets the tokens
+    counts: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    ts: datetime
+    vendor: str
+    method: str
+    path: str
+    status: int
+    decision: str
+    key_id: str | None = None
+    label: str | None = None
+    caller_tag: str | None = None
+    reserved_micros: int = 0
+    settled_micros: int = 0
+    amount: int | None = None
+    currency: str | None = None
+    vendor_request_id: str | None = None
+    idempotency_key: str | None = None
+    latency_ms: float | None = None
+    id: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "ts": format_ts(self.ts),
+            "key_id": self.key_id,
+            "label": self.label,
+            "vendor": self.vendor,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "decision": self.decision,
+            "reserved_micros": self.reserved_micros,
+            "settled_micros": self.settled_micros,
+            "amount": self.amount,
+            "currency": self.currency,
+            "vendor_request_id": self.vendor_request_id,
+            "idempotency_key": self.idempotency_key,
+            "latency_ms": self.latency_ms,
+            "caller_tag": self.caller_tag,
+        }
+
+
+@dataclass(slots=True)
+class AuditFilter:
+    key_id: str | None = None
+    label: str | None = None
+    vendor: str | None = None
+    decision: str | None = None
+    since: datetime | None = None
+    after_id: int | None = None
+    limit: int = 100
+    labels: list[str] = field(default_factory=list)
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None: ...
+
+    async def create_key(self, key: KeyRecord) -> None: ...
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
+
+    async def get_key(self, key_id: str, day: str) -> KeyView | None: ...
+
+    async def list_keys(
+        self,
+        *,
+        day: str,
+        now: datetime,
+        label: str | None = None,
+        vendor: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[KeyView]: ...
+
+    async def revoke_key(self, key_id: str, now: datetime) -> bool | None: ...
+
+    async def revoke_label(self, label: str, now: datetime) -> list[str]: ...
+
+    async def reserve(self, reservation: Reservation) -> Admission: ...
+
+    async def settle(self, settlement: Settlement) -> None: ...
+
+    async def record(self, row: AuditRecord) -> int: ...
+
+    async def is_counted(self, vendor: str, object_id: str) -> bool: ...
+
+    async def audit(self, query: AuditFilter) -> list[AuditRecord]: ...

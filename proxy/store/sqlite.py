@@ -1,0 +1,653 @@
+"""SQLite store: one writer thread that group-commits, readers on their own connections.
+
+Writes from concurrent calls are queued to a single thread, which runs every queued operation in one
+`BEGIN IMMEDIATE` transaction and commits once: no "database is locked" within a process, and one
+commit per batch instead of per call. Several processes (`serve --workers N`) share the file through
+SQLite's own lock. WAL with synchronous=NORMAL: a committed transaction survives `kill -9` of the
+process (it is in the WAL file); only an OS crash could lose the last few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from keybrake.proxy.decisions import refusal_status
+from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.money import format_ts, parse_ts
+from keybrake.proxy.store.base import (
+    Admission,
+    AuditFilter,
+    AuditRecord,
+    KeyRecord,
+    KeyUsage,
+    KeyView,
+    Reservation,
+    Settlement,
+    StoredResponse,
+)
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE vault_keys (
+        key_id TEXT PRIMARY KEY,
+        key_hash BLOB NOT NULL UNIQUE,
+        vendor TEXT NOT NULL,
+        label TEXT NOT NULL,
+        daily_cap_micros INTEGER NOT NULL,
+        max_per_call_micros INTEGER,
+        allowed_endpoints TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        dedupe_window_s INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX vault_keys_label ON vault_keys (label);
+    CREATE TABLE spend (
+        key_id TEXT NOT NULL,
+        day TEXT NOT NULL,
+        settled_micros INTEGER NOT NULL DEFAULT 0,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        calls INTEGER NOT NULL DEFAULT 0,
+        cap_hits INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, day)
+    );
+    CREATE TABLE replays (
+        key_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        token TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status INTEGER,
+        headers TEXT,
+        body BLOB,
+        PRIMARY KEY (key_id, kind, token)
+    );
+    CREATE TABLE counted_objects (
+        vendor TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        PRIMARY KEY (vendor, object_id)
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        key_id TEXT,
+        label TEXT,
+        vendor TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        decision TEXT NOT NULL,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        settled_micros INTEGER NOT NULL DEFAULT 0,
+        amount INTEGER,
+        currency TEXT,
+        vendor_request_id TEXT,
+        idempotency_key TEXT,
+        latency_ms REAL,
+        caller_tag TEXT
+    );
+    CREATE INDEX audit_key ON audit (key_id, id);
+    CREATE INDEX audit_label ON audit (label, id);
+    CREATE INDEX audit_ts ON audit (ts);
+    CREATE INDEX audit_in_flight ON audit (decision) WHERE decision = 'in_flight';
+    """,
+]
+
+_KEY_COLUMNS = (
+    "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
+    "metadata, dedupe_window_s, created_at, expires_at, revoked_at"
+)
+_K_KEY_COLUMNS = ", ".join("k." + c.strip() for c in _KEY_COLUMNS.split(","))
+_AUDIT_COLUMNS = (
+    "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
+    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag"
+)
+
+
+def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
+    return KeyRecord(
+        key_id=row[0],
+        key_hash=bytes(row[1]),
+        vendor=row[2],
+        label=row[3],
+        daily_cap_micros=row[4],
+        max_per_call_micros=row[5],
+        allowed_endpoints=tuple(json.loads(row[6])),
+        metadata=json.loads(row[7]),
+        dedupe_window_s=row[8],
+        created_at=parse_ts(row[9]),
+        expires_at=parse_ts(row[10]),
+        revoked_at=parse_ts(row[11]) if row[11] else None,
+    )
+
+
+def _audit_from_row(row: tuple[Any, ...]) -> AuditRecord:
+    return AuditRecord(
+        id=row[0],
+        ts=parse_ts(row[1]),
+        key_id=row[2],
+        label=row[3],
+        vendor=row[4],
+        method=row[5],
+        path=row[6],
+        status=row[7],
+        decision=row[8],
+        reserved_micros=row[9],
+        settled_micros=row[10],
+        amount=row[11],
+        currency=row[12],
+        vendor_request_id=row[13],
+        idempotency_key=row[14],
+        latency_ms=row[15],
+        caller_tag=row[16],
+    )
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+_Op = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+class _Writer:
+    """A thread owning the only write connection; runs queued operations in shared transactions."""
+
+    MAX_BATCH = 512
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name="keybrake-sqlite-writer", daemon=True
+        )
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise StoreUnavailable(f"cannot open SQLite database {self._path}: {self._error}")
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, future, loop))
+        return future
+
+    def _run(self) -> None:
+        try:
+            conn = _connect(self._path)
+        except sqlite3.Error as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [fn(conn) for fn, _, _ in batch]
+            conn.execute("COMMIT")
+        except Exception:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # One operation failed: run each alone, so only the failing one sees the error.
+            for op in batch:
+                self._run_alone(conn, op)
+            return
+        for (_, future, loop), result in zip(batch, results, strict=True):
+            loop.call_soon_threadsafe(_resolve, future, result, None)
+
+    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
+        fn, future, loop = op
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreUnavailable(f"database write failed: {exc}")
+            loop.call_soon_threadsafe(_resolve, future, None, error)
+        else:
+            loop.call_soon_threadsafe(_resolve, future, result, None)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._writer = _Writer(self.path)
+        self._local = threading.local()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.migrate)
+        self._writer.start()
+
+    def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version. Safe from several processes."""
+        try:
+            conn = _connect(self.path)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            conn.execute("COMMIT")
+            return len(MIGRATIONS)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"cannot migrate SQLite database {self.path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.stop)
+
+    async def ping(self) -> None:
+        await self._read(lambda c: c.execute("SELECT 1 FROM schema_version").fetchone())
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"database read failed: {exc}") from exc
+
+        return await asyncio.to_thread(run)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._writer.submit(fn)
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    async def create_key(self, key: KeyRecord) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key.key_id,
+                    key.key_hash,
+                    key.vendor,
+                    key.label,
+                    key.daily_cap_micros,
+                    key.max_per_call_micros,
+                    json.dumps(list(key.allowed_endpoints)),
+                    json.dumps(key.metadata),
+                    key.dedupe_window_s,
+                    format_ts(key.created_at),
+                    format_ts(key.expires_at),
+                    None,
+                ),
+            )
+
+        await self._write(op)
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None:
+        def op(conn: sqlite3.Connection) -> KeyRecord | None:
+            row = conn.execute(
+                f"SELECT {_KEY_COLUMNS} FROM vault_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
+            return _key_from_row(row) if row else None
+
+        return await self._read(op)
+
+    def _views(
+        self, conn: sqlite3.Connection, where: str, args: list[Any], day: str
+    ) -> list[KeyView]:
+        rows = conn.execute(
+            f"SELECT {_K_KEY_COLUMNS}, s.settled_micros, s.reserved_micros, s.calls, s.cap_hits "
+            "FROM vault_keys k LEFT JOIN spend s ON s.key_id = k.key_id AND s.day = ? "
+            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id",
+            [day, *args],
+        ).fetchall()
+        return [
+            KeyView(
+                _key_from_row(row),
+                KeyUsage(day, row[12] or 0, row[13] or 0, row[14] or 0, row[15] or 0),
+            )
+            for row in rows
+        ]
+
+    async def get_key(self, key_id: str, day: str) -> KeyView | None:
+        views = await self._read(lambda c: self._views(c, "k.key_id = ?", [key_id], day))
+        return views[0] if views else None
+
+    async def list_keys(
+        self,
+        *,
+        day: str,
+        now: datetime,
+        label: str | None = None,
+        vendor: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[KeyView]:
+        where, args = ["1 = 1"], list[Any]()
+        if label is not None:
+            where.append("k.label = ?")
+            args.append(label)
+        if vendor is not None:
+            where.append("k.vendor = ?")
+            args.append(vendor)
+        stamp = format_ts(now)
+        if status == "revoked":
+            where.append("k.revoked_at IS NOT NULL")
+        elif status == "expired":
+            where.append("k.revoked_at IS NULL AND k.expires_at <= ?")
+            args.append(stamp)
+        elif status == "active":
+            where.append("k.revoked_at IS NULL AND k.expires_at > ?")
+            args.append(stamp)
+        clause = " AND ".join(where) + f" LIMIT {int(limit)}"
+        return await self._read(lambda c: self._views(c, clause, args, day))
+
+    async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
+        def op(conn: sqlite3.Connection) -> bool | None:
+            cur = conn.execute(
+                "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (format_ts(now), key_id),
+            )
+            if cur.rowcount:
+                return True
+            exists = conn.execute("SELECT 1 FROM vault_keys WHERE key_id = ?", (key_id,))
+            return False if exists.fetchone() else None
+
+        return await self._write(op)
+
+    async def revoke_label(self, label: str, now: datetime) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            stamp = format_ts(now)
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT key_id FROM vault_keys WHERE label = ? AND revoked_at IS NULL "
+                    "AND expires_at > ?",
+                    (label, stamp),
+                )
+            ]
+            conn.executemany(
+                "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ?", [(stamp, i) for i in ids]
+            )
+            return ids
+
+        return await self._write(op)
+
+    # -- the request path ----------------------------------------------------------------------
+
+    async def reserve(self, reservation: Reservation) -> Admission:
+        return await self._write(lambda conn: _reserve(conn, reservation))
+
+    async def settle(self, settlement: Settlement) -> None:
+        await self._write(lambda conn: _settle(conn, settlement))
+
+    async def record(self, row: AuditRecord) -> int:
+        return await self._write(lambda conn: _insert_audit(conn, row))
+
+    async def is_counted(self, vendor: str, object_id: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "SELECT 1 FROM counted_objects WHERE vendor = ? AND object_id = ?",
+                (vendor, object_id),
+            )
+            return cur.fetchone() is not None
+
+        return await self._read(op)
+
+    async def audit(self, query: AuditFilter) -> list[AuditRecord]:
+        where, args = ["1 = 1"], list[Any]()
+        for column, value in (
+            ("key_id", query.key_id),
+            ("label", query.label),
+            ("vendor", query.vendor),
+            ("decision", query.decision),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if query.labels:
+            where.append(f"label IN ({','.join('?' * len(query.labels))})")
+            args.extend(query.labels)
+        if query.since is not None:
+            where.append("ts >= ?")
+            args.append(format_ts(query.since))
+        if query.after_id is not None:
+            where.append("id > ?")
+            args.append(query.after_id)
+        sql = (
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+            f"ORDER BY id DESC LIMIT {int(query.limit)}"
+        )
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return [_audit_from_row(row) for row in rows]
+
+
+# -- the two request-path transactions, run inside the writer's shared transaction ------------
+
+
+def _insert_audit(conn: sqlite3.Connection, row: AuditRecord) -> int:
+    cur = conn.execute(
+        "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
+        "reserved_micros, settled_micros, amount, currency, vendor_request_id, idempotency_key, "
+        "latency_ms, caller_tag) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            format_ts(row.ts),
+            row.key_id,
+            row.label,
+            row.vendor,
+            row.method,
+            row.path,
+            row.status,
+            row.decision,
+            row.reserved_micros,
+            row.settled_micros,
+            row.amount,
+            row.currency,
+            row.vendor_request_id,
+            row.idempotency_key,
+            row.latency_ms,
+            row.caller_tag,
+        ),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _replay_lookup(
+    conn: sqlite3.Connection, r: Reservation, kind: str, token: str, since: datetime | None
+) -> tuple[str, StoredResponse | None] | None:
+    row = conn.execute(
+        "SELECT request_hash, created_at, status, headers, body FROM replays "
+        "WHERE key_id = ? AND kind = ? AND token = ?",
+        (r.key.key_id, kind, token),
+    ).fetchone()
+    if row is None or (since is not None and parse_ts(row[1]) < since):
+        return None
+    if kind == "idempotency" and row[0] != r.request_hash:
+        return "idempotency_mismatch", None
+    if row[2] is None:
+        return "in_progress", None
+    return "replayed" if kind == "idempotency" else "deduplicated", StoredResponse(
+        row[2], [tuple(h) for h in json.loads(row[3])], bytes(row[4])
+    )
+
+
+def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
+    key = r.key
+    conn.execute(
+        "INSERT INTO spend (key_id, day, calls) VALUES (?, ?, 1) "
+        "ON CONFLICT (key_id, day) DO UPDATE SET calls = calls + 1",
+        (key.key_id, r.day),
+    )
+    row = conn.execute(
+        "SELECT revoked_at, expires_at FROM vault_keys WHERE key_id = ?", (key.key_id,)
+    ).fetchone()
+    decision, replay = "forwarded", None
+    dedupe = r.priced and key.dedupe_window_s > 0
+    if row is None or row[0] is not None:
+        decision = "revoked"
+    elif parse_ts(row[1]) <= r.now:
+        decision = "expired"
+    else:
+        found = None
+        if r.idempotency_key:
+            found = _replay_lookup(conn, r, "idempotency", r.idempotency_key, None)
+        if found is None and dedupe:
+            since = r.now - timedelta(seconds=key.dedupe_window_s)
+            found = _replay_lookup(conn, r, "dedupe", r.request_hash, since)
+        if found is not None:
+            decision, replay = found
+        elif key.max_per_call_micros is not None and r.cost_micros > key.max_per_call_micros:
+            decision = "per_call_cap_hit"
+        elif r.cost_micros > 0:
+            cur = conn.execute(
+                "UPDATE spend SET reserved_micros = reserved_micros + ? "
+                "WHERE key_id = ? AND day = ? AND settled_micros + reserved_micros + ? <= ?",
+                (r.cost_micros, key.key_id, r.day, r.cost_micros, key.daily_cap_micros),
+            )
+            if cur.rowcount == 0:
+                decision = "cap_hit"
+    if decision in {"cap_hit", "per_call_cap_hit"}:
+        conn.execute(
+            "UPDATE spend SET cap_hits = cap_hits + 1 WHERE key_id = ? AND day = ?",
+            (key.key_id, r.day),
+        )
+    forwarded = decision == "forwarded"
+    audit_id = _insert_audit(
+        conn,
+        AuditRecord(
+            ts=r.now,
+            key_id=key.key_id,
+            label=key.label,
+            vendor=r.vendor,
+            method=r.method,
+            path=r.path,
+            status=replay.status if replay else refusal_status(decision),
+            decision="in_flight" if forwarded else decision,
+            reserved_micros=r.cost_micros if forwarded else 0,
+            amount=r.amount,
+            currency=r.currency,
+            idempotency_key=r.idempotency_key,
+            caller_tag=r.caller_tag,
+        ),
+    )
+    if forwarded:
+        stamp = format_ts(r.now)
+        tokens = []
+        if r.idempotency_key:
+            tokens.append(("idempotency", r.idempotency_key))
+        if dedupe:
+            tokens.append(("dedupe", r.request_hash))
+        conn.executemany(
+            "INSERT OR REPLACE INTO replays (key_id, kind, token, request_hash, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(key.key_id, kind, token, r.request_hash, stamp) for kind, token in tokens],
+        )
+    return Admission(decision, audit_id, replay)
+
+
+def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
+    if s.reserved_micros or s.settled_micros:
+        conn.execute(
+            "UPDATE spend SET reserved_micros = reserved_micros - ?, "
+            "settled_micros = settled_micros + ? WHERE key_id = ? AND day = ?",
+            (s.reserved_micros, s.settled_micros, s.key_id, s.day),
+        )
+    conn.execute(
+        "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, vendor_request_id = ?, "
+        "latency_ms = ? WHERE id = ?",
+        (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms, s.audit_id),
+    )
+    tokens = []
+    if s.idempotency_key:
+        tokens.append(("idempotency", s.idempotency_key))
+    if s.dedupe:
+        tokens.append(("dedupe", s.request_hash))
+    if s.response is None:
+        conn.executemany(
+            "DELETE FROM replays WHERE key_id = ? AND kind = ? AND token = ?",
+            [(s.key_id, kind, token) for kind, token in tokens],
+        )
+    else:
+        headers = json.dumps(s.response.headers)
+        conn.executemany(
+            "UPDATE replays SET status = ?, headers = ?, body = ? "
+            "WHERE key_id = ? AND kind = ? AND token = ?",
+            [
+                (s.response.status, headers, s.response.body, s.key_id, kind, token)
+                for kind, token in tokens
+            ],
+        )
+    if s.counts:
+        conn.executemany(
+            "INSERT OR IGNORE INTO counted_objects (vendor, object_id) VALUES (?, ?)",
+            [(s.vendor, object_id) for object_id in s.counts],
+        )

@@ -1,0 +1,134 @@
+"""The one small interface every vendor module implements.
+
+A vendor module knows: where the vault key sits in the vendor's auth scheme and how the real
+credential replaces it, any path rewriting, what a call costs before (estimate, for the
+reservation) and after (settle), the vendor's request id header, and the shape of the vendor's own
+error bodies (so SDKs raise their usual exceptions on the proxy's 401/403/429). The pipeline in
+`keybrake.proxy.pipeline` is vendor-neutral and only talks to this interface.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from keybrake.proxy.endpoints import EndpointPattern, compile_patterns
+from keybrake.proxy.pricing import PricingTable, Unpriceable
+from keybrake.proxy.settings import VendorCredentials
+
+__all__ = ["FREE", "Cost", "Lookup", "Unpriceable", "Vendor", "VendorCall", "default_settle"]
+
+
+@dataclass(slots=True)
+class VendorCall:
+    """An incoming call, as the vendor sees it: the path is relative to the vendor prefix."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+
+    def json_body(self) -> Any:
+        try:
+            return json.loads(self.body or b"null")
+        except ValueError as exc:
+            raise Unpriceable("the request body is not valid JSON") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What a call costs in micro-dollars, and the vendor-side amount it was derived from."""
+
+    micros: int = 0
+    amount: int | None = None
+    currency: str | None = None
+    priced: bool = False
+    counts: tuple[str, ...] = ()  # vendor objects this call pays for, so later calls don't again
+
+    def with_micros(self, micros: int) -> Cost:
+        return Cost(micros, self.amount, self.currency, self.priced, self.counts)
+
+
+FREE = Cost()
+
+
+class Lookup(Protocol):
+    """What an estimate may consult: objects already paid for, and the vendor (real credential)."""
+
+    async def is_counted(self, object_id: str) -> bool: ...
+
+    async def fetch_json(self, path: str) -> Mapping[str, Any]: ...
+
+
+def default_settle(cost: Cost, status: int | None) -> Cost:
+    """2xx: the estimate was spent. 4xx: the vendor refused, nothing moved. 5xx or no answer:
+    the money may have moved, so it counts as spent."""
+    if status is not None and 400 <= status < 500:
+        return Cost(0, cost.amount, cost.currency, cost.priced)
+    return cost
+
+
+class Vendor(ABC):
+    name: ClassVar[str]
+    request_id_header: ClassVar[str]
+    idempotency_header: ClassVar[str | None] = "idempotency-key"
+
+    def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
+        self.credentials = credentials
+        self.pricing = pricing
+        self.rules: tuple[tuple[EndpointPattern, Any], ...] = tuple(
+            (EndpointPattern.parse(pattern), rule)
+            for pattern, rule in pricing.section(self.name).get("endpoints", {}).items()
+        )
+
+    @staticmethod
+    @abstractmethod
+    def validate_pricing(section: Mapping[str, Any]) -> None:
+        """Raise ValueError naming the bad entry; called when the table loads."""
+
+    @abstractmethod
+    def presented_key(self, headers: Mapping[str, str]) -> str | None:
+        """The vault key as the workload sent it (maybe with a `.tag`), or None."""
+
+    @abstractmethod
+    def upstream_request(self, call: VendorCall) -> tuple[str, dict[str, str]]:
+        """The upstream path (and query) and the auth headers carrying the real credential."""
+
+    @abstractmethod
+    async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
+        """Cost before forwarding; raise Unpriceable to refuse a call whose cost is unknown."""
+
+    def settle(self, call: VendorCall, cost: Cost, status: int | None, body: bytes) -> Cost:
+        """Actual cost once the vendor answered (status None: timeout or dropped connection)."""
+        return default_settle(cost, status)
+
+    @abstractmethod
+    def error(self, status: int, code: str, message: str) -> tuple[bytes, dict[str, str]]:
+        """Body and headers of an error the proxy answers itself, shaped like the vendor's."""
+
+    def rule_for(self, method: str, path: str) -> Any | None:
+        segments = path.strip("/").split("/")
+        for pattern, rule in self.rules:
+            if pattern.matches(method, segments):
+                return rule
+        return None
+
+    def request_id(self, headers: Mapping[str, str]) -> str | None:
+        return headers.get(self.request_id_header)
+
+
+def validate_endpoint_rules(section: Mapping[str, Any], rules: frozenset[str]) -> None:
+    endpoints = section.get("endpoints", {})
+    if not isinstance(endpoints, Mapping):
+        raise ValueError("'endpoints' must be a table of 'METHOD /path' = rule")
+    for pattern, rule in endpoints.items():
+        try:
+            compile_patterns((pattern,))
+        except ValueError as exc:
+            raise ValueError(f"'{pattern}': {exc}") from exc
+        if isinstance(rule, str) and rule not in rules:
+            raise ValueError(f"'{pattern}' has unknown rule {rule!r}; rules: {sorted(rules)}")
