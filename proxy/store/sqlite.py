@@ -362,12 +362,12 @@ class SQLiteStore:
         return await self._read(op)
 
     def _views(
-        self, conn: sqlite3.Connection, where: str, args: list[Any], day: str
+        self, conn: sqlite3.Connection, where: str, args: list[Any], day: str, limit: int = 1
     ) -> list[KeyView]:
         rows = conn.execute(
             f"SELECT {_K_KEY_COLUMNS}, s.settled_micros, s.reserved_micros, s.calls, s.cap_hits "
             "FROM vault_keys k LEFT JOIN spend s ON s.key_id = k.key_id AND s.day = ? "
-            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id",
+            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}",
             [day, *args],
         ).fetchall()
         return [
@@ -408,8 +408,8 @@ class SQLiteStore:
         elif status == "active":
             where.append("k.revoked_at IS NULL AND k.expires_at > ?")
             args.append(stamp)
-        clause = " AND ".join(where) + f" LIMIT {int(limit)}"
-        return await self._read(lambda c: self._views(c, clause, args, day))
+        clause = " AND ".join(where)
+        return await self._read(lambda c: self._views(c, clause, args, day, limit))
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
         def op(conn: sqlite3.Connection) -> bool | None:

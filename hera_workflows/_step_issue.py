@@ -1,0 +1,217 @@
+"""keybrake issue-vault-key step. This file is the `source` of a script template: it runs in a pod
+(python:3.12-alpine, standard library only), never imported by keybrake itself except in tests.
+
+Inputs come from environment variables the template sets (never spliced into this source, so no
+parameter value can change the code). The admin token comes from a Secret. It asks the keybrake
+proxy for a vault key (POST /vault/keys) and writes the key and its id where Argo collects the
+step's output parameters. The vault key itself is never printed.
+
+Exit codes: 0 issued; 77 the proxy refused (an HTTP 4xx: bad input or admin token) or an input is
+invalid, so a retry cannot help; 75 the proxy stayed unreachable or answered 5xx after every
+attempt; 1 the key was issued but its outputs could not be written (the exit handler then revokes
+it by label).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+EXIT_REFUSED = 77
+EXIT_UNAVAILABLE = 75
+BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+TIMEOUT_SECONDS = 15.0
+
+
+# --- HTTP to the proxy; the same block is in _step_revoke.py (a test keeps the two equal) ------
+class Unavailable(Exception):
+    """The proxy could not be reached, or answered 5xx, on every attempt."""
+
+
+def call_proxy(
+    method: str,
+    url: str,
+    token: str,
+    payload: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[int, Any]:
+    """One admin call with retries: connection errors, timeouts and 5xx are retried with
+    backoff; any other answer is returned as (status, decoded JSON body or None)."""
+    if not url.startswith(("http://", "https://")):
+        raise Unavailable(f"the proxy URL must start with http:// or https://, got {url!r}")
+    data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    problem = ""
+    for delay in (*BACKOFF_SECONDS, None):
+        request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
+                return response.status, decode(response.read())
+        except urllib.error.HTTPError as exc:
+            body = decode(exc.read())
+            if exc.code < 500:
+                return exc.code, body
+            problem = f"HTTP {exc.code}: {error_message(body) or exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if delay is None:
+            break
+        print(f"keybrake: {method} {url} failed ({problem}); retrying in {delay:g}s", flush=True)
+        sleep(delay)
+    raise Unavailable(f"{method} {url} failed after {len(BACKOFF_SECONDS) + 1} attempts: {problem}")
+
+
+def decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return {"error": {"type": "not_json", "message": raw[:300].decode(errors="replace")}}
+
+
+def error_message(body: Any) -> str:
+    """The proxy's error envelope {"error": {"type": ..., "message": ...}} as one line."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        kind, message = error.get("type", ""), error.get("message", "")
+        return f"{message} ({kind})" if kind else str(message)
+    return ""
+
+
+def present(value: str | None) -> str:
+    """A parameter Argo left unresolved still reads `{{...}}`: treat it as missing."""
+    value = (value or "").strip()
+    return "" if value.startswith("{{") else value
+
+
+# --- end of the shared block -------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """An input the template passed is missing or malformed."""
+
+
+def required(env: Mapping[str, str], name: str, what: str) -> str:
+    value = present(env.get(name))
+    if not value:
+        raise InputError(f"{name} is empty: {what}")
+    return value
+
+
+def usd(text: str, name: str) -> int | float:
+    """A positive dollar amount, as the JSON number the proxy expects."""
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise InputError(
+            f"{name} must be a dollar amount such as 300 or 12.50, got {text!r}"
+        ) from None
+    if not amount.is_finite() or amount <= 0:
+        raise InputError(f"{name} must be a positive dollar amount, got {text!r}")
+    number: int | float = int(amount) if amount == amount.to_integral_value() else float(amount)
+    return number
+
+
+def endpoints(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InputError(
+            "KEYBRAKE_ALLOWED_ENDPOINTS must be a non-empty JSON list of strings such as "
+            f'["POST /v1/payment_intents"], got {text!r}'
+        )
+    return value
+
+
+def build_request(env: Mapping[str, str]) -> dict[str, Any]:
+    """The POST /vault/keys body, from the step's environment."""
+    body: dict[str, Any] = {
+        "vendor": required(env, "KEYBRAKE_VENDOR", "the vendor input, e.g. stripe"),
+        "daily_usd_cap": usd(
+            required(env, "KEYBRAKE_DAILY_USD_CAP", "the daily cap in USD"), "the daily cap"
+        ),
+        "allowed_endpoints": endpoints(
+            required(env, "KEYBRAKE_ALLOWED_ENDPOINTS", "a JSON list of endpoints")
+        ),
+        "expires_in": required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 2h"),
+        "agent_run_label": required(env, "KEYBRAKE_LABEL", "the run label, argo/<workflow>"),
+    }
+    per_call = present(env.get("KEYBRAKE_MAX_USD_PER_CALL"))
+    if per_call:
+        body["max_usd_per_call"] = usd(per_call, "the per-call cap")
+    metadata = {
+        field: present(env.get(variable))
+        for field, variable in (
+            ("workflow", "KEYBRAKE_WORKFLOW_NAME"),
+            ("namespace", "KEYBRAKE_WORKFLOW_NAMESPACE"),
+            ("uid", "KEYBRAKE_WORKFLOW_UID"),
+        )
+    }
+    body["metadata"] = {field: value for field, value in metadata.items() if value}
+    return body
+
+
+def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = time.sleep) -> int:
+    try:
+        proxy = required(env, "KEYBRAKE_PROXY_URL", "the proxy_url input").rstrip("/")
+        token = required(
+            env,
+            "KEYBRAKE_ADMIN_TOKEN",
+            "it comes from the Secret named in the template (keybrake-credentials, key api_key)",
+        )
+        output_dir = required(env, "KEYBRAKE_OUTPUT_DIR", "where the outputs are written")
+        body = build_request(env)
+    except InputError as exc:
+        print(f"keybrake: cannot issue a vault key: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        status, answer = call_proxy("POST", f"{proxy}/vault/keys", token, body, sleep)
+    except Unavailable as exc:
+        print(f"keybrake: cannot issue a vault key: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if not 200 <= status < 300:
+        reason = error_message(answer) or "no error message"
+        print(
+            f"keybrake: the proxy refused to issue a vault key: HTTP {status}: {reason}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    key_id = str(answer.get("key_id", "")) if isinstance(answer, dict) else ""
+    vault_key = str(answer.get("vault_key", "")) if isinstance(answer, dict) else ""
+    if not key_id or not vault_key:
+        print("keybrake: the proxy answered without key_id or vault_key", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        for name, value in (("key_id", key_id), ("vault_key", vault_key)):
+            with open(os.path.join(output_dir, name), "w", encoding="utf-8") as out:
+                out.write(value)
+    except OSError as exc:
+        print(
+            f"keybrake: issued {key_id} but could not write the step outputs ({exc}); "
+            f"the exit handler revokes it by label {body['agent_run_label']}",
+            file=sys.stderr,
+        )
+        return 1
+    cap = answer.get("daily_usd_cap", body["daily_usd_cap"])
+    print(
+        f"keybrake: issued {key_id} for {body['vendor']}: ${cap}/day, "
+        f"endpoints {', '.join(body['allowed_endpoints'])}, "
+        f"expires {answer.get('expires_at', body['expires_in'])}, label {body['agent_run_label']}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""keybrake teardown-revoke step, the workflow's exit handler. This file is the `source` of a
+script template: it runs in a pod (python:3.12-alpine, standard library only), never imported by
+keybrake itself except in tests.
+
+It runs whatever happened to the workflow (success, failure, error, stop, deadline). It revokes the
+run's vault key by key id, or by the run's label `argo/<workflow>` when the key id is missing (the
+issue step never ran, or failed after issuing). "Already revoked" and an unknown key id count as
+done. It prints a one-line spend summary and writes it as the step's output.
+
+It always exits 0: a teardown problem is reported in the summary, never turned into a failed
+workflow (the key still expires on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
+TIMEOUT_SECONDS = 15.0
+
+
+# --- HTTP to the proxy; the same block is in _step_revoke.py (a test keeps the two equal) ------
+class Unavailable(Exception):
+    """The proxy could not be reached, or answered 5xx, on every attempt."""
+
+
+def call_proxy(
+    method: str,
+    url: str,
+    token: str,
+    payload: Any = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[int, Any]:
+    """One admin call with retries: connection errors, timeouts and 5xx are retried with
+    backoff; any other answer is returned as (status, decoded JSON body or None)."""
+    if not url.startswith(("http://", "https://")):
+        raise Unavailable(f"the proxy URL must start with http:// or https://, got {url!r}")
+    data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    problem = ""
+    for delay in (*BACKOFF_SECONDS, None):
+        request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
+                return response.status, decode(response.read())
+        except urllib.error.HTTPError as exc:
+            body = decode(exc.read())
+            if exc.code < 500:
+                return exc.code, body
+            problem = f"HTTP {exc.code}: {error_message(body) or exc.reason}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if delay is None:
+            break
+        print(f"keybrake: {method} {url} failed ({problem}); retrying in {delay:g}s", flush=True)
+        sleep(delay)
+    raise Unavailable(f"{method} {url} failed after {len(BACKOFF_SECONDS) + 1} attempts: {problem}")
+
+
+def decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return {"error": {"type": "not_json", "message": raw[:300].decode(errors="replace")}}
+
+
+def error_message(body: Any) -> str:
+    """The proxy's error envelope {"error": {"type": ..., "message": ...}} as one line."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        kind, message = error.get("type", ""), error.get("message", "")
+        return f"{message} ({kind})" if kind else str(message)
+    return ""
+
+
+def present(value: str | None) -> str:
+    """A parameter Argo left unresolved still reads `{{...}}`: treat it as missing."""
+    value = (value or "").strip()
+    return "" if value.startswith("{{") else value
+
+
+# --- end of the shared block -------------------------------------------------------------------
+
+
+def dollars(value: Any) -> Decimal:
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return Decimal(0)
+
+
+def spend(keys: list[dict[str, Any]]) -> str:
+    """'spent $X of $Y cap, N calls, M cap hits' over one or more keys (today, UTC)."""
+    spent = sum((dollars(k.get("spent_usd", 0)) for k in keys), Decimal(0))
+    cap = sum((dollars(k.get("daily_usd_cap", 0)) for k in keys), Decimal(0))
+    calls = sum(int(k.get("calls", 0) or 0) for k in keys)
+    hits = sum(int(k.get("cap_hits", 0) or 0) for k in keys)
+    return (
+        f"spent ${spent:.2f} of ${cap:.2f} cap, {calls} call{'s' * (calls != 1)}, "
+        f"{hits} cap hit{'s' * (hits != 1)}"
+    )
+
+
+def revoke_by_id(proxy: str, token: str, key_id: str, sleep: Callable[[float], None]) -> str:
+    url = f"{proxy}/vault/keys/{urllib.parse.quote(key_id, safe='')}"
+    status, answer = call_proxy("DELETE", url, token, None, sleep)
+    if status == 404:
+        return f"key {key_id} is unknown to the proxy: nothing to revoke"
+    if not 200 <= status < 300 or not isinstance(answer, dict):
+        return f"WARNING: could not revoke {key_id}: HTTP {status}: {error_message(answer)}"
+    if "spent_usd" not in answer:
+        status, info = call_proxy("GET", url, token, None, sleep)
+        if 200 <= status < 300 and isinstance(info, dict):
+            answer = {**info, "status": answer.get("status", info.get("status"))}
+    state = answer.get("status", "revoked")
+    return f"key {key_id} {state}: {spend([answer])}"
+
+
+def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float], None]) -> str:
+    payload = {"agent_run_label": label}
+    status, answer = call_proxy("POST", f"{proxy}/vault/keys/revoke", token, payload, sleep)
+    if not 200 <= status < 300 or not isinstance(answer, dict):
+        reason = error_message(answer)
+        return f"WARNING: could not revoke keys labelled {label}: HTTP {status}: {reason}"
+    keys = [k for k in answer.get("keys") or [] if isinstance(k, dict)]
+    if not keys:
+        return f"no vault key was issued for {label}: nothing to revoke"
+    revoked = answer.get("revoked", len(keys))
+    return f"no key id, revoked {revoked} key(s) labelled {label}: {spend(keys)}"
+
+
+def summarize(env: Mapping[str, str], sleep: Callable[[float], None]) -> str:
+    proxy = present(env.get("KEYBRAKE_PROXY_URL")).rstrip("/")
+    token = present(env.get("KEYBRAKE_ADMIN_TOKEN"))
+    key_id = present(env.get("KEYBRAKE_KEY_ID"))
+    label = present(env.get("KEYBRAKE_LABEL"))
+    if not proxy or not token:
+        missing = (
+            "KEYBRAKE_PROXY_URL"
+            if not proxy
+            else "KEYBRAKE_ADMIN_TOKEN (Secret keybrake-credentials, key api_key)"
+        )
+        return (
+            f"WARNING: could not revoke: {missing} is empty; the key stays usable until it expires"
+        )
+    try:
+        if key_id:
+            return revoke_by_id(proxy, token, key_id, sleep)
+        if label:
+            return revoke_by_label(proxy, token, label, sleep)
+        return "WARNING: could not revoke: neither a key id nor a run label was passed"
+    except Unavailable as exc:
+        return f"WARNING: could not revoke: {exc}; the key stays usable until it expires"
+
+
+def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = time.sleep) -> int:
+    try:
+        summary = summarize(env, sleep)
+    except Exception as exc:  # the exit handler must never turn the workflow failed
+        summary = f"WARNING: could not revoke: {type(exc).__name__}: {exc}"
+    line = f"keybrake: {summary}"
+    status = present(env.get("KEYBRAKE_WORKFLOW_STATUS"))
+    if status:
+        line += f" (workflow {status})"
+    print(line, flush=True)
+    output_dir = present(env.get("KEYBRAKE_OUTPUT_DIR"))
+    if output_dir:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "summary"), "w", encoding="utf-8") as out:
+                out.write(line)
+        except OSError as exc:
+            print(f"keybrake: could not write the summary output: {exc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""The one exception the building blocks raise for a value Argo or keybrake would reject.
+
+It is raised while the Python builds the workflow, before anything reaches a cluster, and its
+message names the argument and an accepted example.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TemplateConfigError"]
+
+
+class TemplateConfigError(ValueError):
+    """A building block was given a value that would render a workflow Argo or keybrake rejects."""

@@ -1,0 +1,69 @@
+"""Small helpers shared by tests: fan-outs through the real Stripe SDK, localstripe counts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import stripe
+
+
+@dataclass
+class FanOutResult:
+    succeeded: list[str] = field(default_factory=list)
+    errors: list[stripe.StripeError] = field(default_factory=list)
+
+    def kinds(self) -> Counter[str]:
+        return Counter(type(e).__name__ for e in self.errors)
+
+
+async def _fan_out(
+    vault_key: str, base: str, count: int, amount: int, run: str
+) -> FanOutResult:
+    client = stripe.StripeClient(
+        vault_key,
+        base_addresses={"api": base},
+        http_client=stripe.HTTPXClient(),
+        max_network_retries=2,
+    )
+    result = FanOutResult()
+
+    async def one(index: int) -> None:
+        try:
+            intent = await client.v1.payment_intents.create_async(
+                params={
+                    "amount": amount,
+                    "currency": "usd",
+                    "metadata": {"run": run, "item": str(index)},
+                }
+            )
+            result.succeeded.append(intent.id)
+        except stripe.StripeError as exc:
+            result.errors.append(exc)
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return result
+
+
+def fan_out(vault_key: str, base: str, count: int, amount: int = 100, run: str = "t") -> FanOutResult:
+    """`count` concurrent PaymentIntents of `amount` cents through the official SDK (async)."""
+    return asyncio.run(_fan_out(vault_key, base, count, amount, run))
+
+
+def localstripe_intents(url: str, run: str | None = None) -> list[dict[str, Any]]:
+    """Every PaymentIntent localstripe holds (read directly, not through the proxy)."""
+    out: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100}
+    headers = {"Authorization": "Bearer sk_test_direct"}
+    while True:
+        page = httpx.get(f"{url}/v1/payment_intents", params=params, headers=headers).json()
+        out.extend(page["data"])
+        if not page.get("has_more"):
+            break
+        params["starting_after"] = page["data"][-1]["id"]
+    if run is not None:
+        out = [pi for pi in out if (pi.get("metadata") or {}).get("run") == run]
+    return out
