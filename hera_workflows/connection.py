@@ -25,9 +25,9 @@ __all__ = [
 ]
 
 DEFAULT_PROXY_URL = "http://keybrake.keybrake.svc.cluster.local:8080"
-DEFAULT_SECRET_NAME = "keybrake-credentials"
-DEFAULT_SECRET_KEY = "api_key"
-ADMIN_TOKEN_ENV = "KEYBRAKE_ADMIN_TOKEN"
+DEFAULT_SECRET_NAME = "keybrake-credentials"  # noqa: S105 - a Secret's name, not a secret
+DEFAULT_SECRET_KEY = "api_key"  # noqa: S105 - a key within that Secret
+ADMIN_TOKEN_ENV = "KEYBRAKE_ADMIN_TOKEN"  # noqa: S105 - an env var name
 
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -57,7 +57,9 @@ class ProxyConnection:
                 f"secret_name must be a Kubernetes Secret name, got {self.secret_name!r}"
             )
         if not _SECRET_KEY.match(self.secret_key):
-            raise TemplateConfigError(f"secret_key must be a Secret data key, got {self.secret_key!r}")
+            raise TemplateConfigError(
+                f"secret_key must be a Secret data key, got {self.secret_key!r}"
+            )
 
     def admin_token_env(self) -> EnvVar:
         """The step pod's `KEYBRAKE_ADMIN_TOKEN`, read from the Secret."""

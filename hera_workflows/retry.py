@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 EXIT_REFUSED = 77
-"""A pod exits with this code when keybrake refused it (cap hit, refused key, endpoint not allowed)."""
+"""A pod exits with this when keybrake refused it: cap hit, refused key, endpoint not allowed."""
 
 EXIT_UNAVAILABLE = 75
 """keybrake's own steps exit with this (`EX_TEMPFAIL`) when the proxy stayed unreachable."""

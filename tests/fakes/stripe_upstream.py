@@ -25,12 +25,15 @@ class FakeStripe(ThreadedServer):
         self.mode = "ok"  # ok | hang | drop | error500 | decline
         self.arrived = threading.Event()
         self.gate: asyncio.Event | None = None
+        self.unhang: asyncio.Event | None = None
         self.objects: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(1)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         super().__init__(app)
         self.gate = asyncio.run_coroutine_threadsafe(self._make_gate(), self.loop).result()
+        self.unhang = asyncio.run_coroutine_threadsafe(self._make_gate(), self.loop).result()
+        self.call(self.unhang.clear)
 
     async def _make_gate(self) -> asyncio.Event:
         event = asyncio.Event()
@@ -43,8 +46,9 @@ class FakeStripe(ThreadedServer):
         self.call(self.gate.clear)
 
     def release(self) -> None:
-        assert self.gate is not None
+        assert self.gate is not None and self.unhang is not None
         self.call(self.gate.set)
+        self.call(self.unhang.set)
 
     def add_object(self, obj: dict[str, Any]) -> None:
         self.objects[obj["id"]] = obj
@@ -60,7 +64,7 @@ class FakeStripe(ThreadedServer):
                 "method": request.method,
                 "path": request.path,
                 "query": request.query_string,
-                "headers": dict(request.headers),
+                "headers": {k.lower(): v for k, v in request.headers.items()},
                 "form": form,
             }
         )
@@ -70,11 +74,16 @@ class FakeStripe(ThreadedServer):
         assert self.gate is not None
         await self.gate.wait()
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            assert self.unhang is not None
+            await self.unhang.wait()
         if self.mode == "drop":
             assert request.transport is not None
             request.transport.abort()
             raise web.HTTPInternalServerError()
+        if self.mode == "ratelimit":
+            payload = {"error": {"type": "invalid_request_error", "code": "rate_limit"}}
+            headers["X-Keybrake-Cap-Hit"] = "true"  # a vendor must not be able to fake one
+            return web.json_response(payload, status=429, headers=headers)
         if self.mode == "error500":
             payload = {"error": {"type": "api_error", "message": "internal"}}
             return web.json_response(payload, status=500, headers=headers)

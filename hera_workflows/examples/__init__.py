@@ -1,0 +1,1 @@
+"""Example workflows written with keybrake.hera_workflows; rendered into templates/examples/."""

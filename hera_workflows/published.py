@@ -1,0 +1,96 @@
+"""The templates keybrake publishes in templates/, each as a WorkflowTemplate and as a
+ClusterWorkflowTemplate:
+
+- `keybrake-vault-key`: the `issue` and `revoke` steps alone, for `templateRef` from any workflow.
+- `keybrake-fanout`: a complete DAG (issue, fan out over the `items` JSON parameter running
+  `image`, revoke on exit), submittable as `argo submit --from workflowtemplate/keybrake-fanout
+  -p items='[...]' -p image=... -p budget_usd=300`.
+
+Both are built with the same building blocks users call, so they cannot drift from the library.
+See <https://argo-workflows.readthedocs.io/en/latest/workflow-templates/>.
+"""
+
+from __future__ import annotations
+
+from hera.workflows import DAG, ClusterWorkflowTemplate, Parameter, WorkflowTemplate
+
+from .connection import DEFAULT_PROXY_URL, ProxyConnection
+from .fanout import fan_out
+from .issue import issue_template, issue_vault_key
+from .revoke import revoke_on_exit, revoke_template
+from .shared_templates import VAULT_KEY_TEMPLATE
+
+__all__ = ["FANOUT_PARALLELISM", "FANOUT_TEMPLATE", "VAULT_KEY_TEMPLATE", "fanout", "vault_key"]
+
+FANOUT_TEMPLATE = "keybrake-fanout"
+FANOUT_PARALLELISM = 10
+_DESCRIPTION = "workflows.argoproj.io/description"
+
+TemplateKind = type[WorkflowTemplate] | type[ClusterWorkflowTemplate]
+
+
+def vault_key(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
+    """`keybrake-vault-key`: templates `issue` and `revoke`."""
+    return kind(
+        name=VAULT_KEY_TEMPLATE,
+        annotations={
+            _DESCRIPTION: (
+                "keybrake vault keys for any workflow: templateRef `issue` at the head of your DAG "
+                "(outputs vault_key, key_id; global keybrake_key_id) and `revoke` from your "
+                "onExit handler. Reads the admin token from Secret keybrake-credentials/api_key."
+            )
+        },
+        templates=[issue_template("issue"), revoke_template("revoke")],
+    )
+
+
+def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
+    """`keybrake-fanout`: issue a key, run `image` once per item of `items`, revoke on exit."""
+
+    def workflow_parameter(name: str) -> str:
+        return f"{{{{workflow.parameters.{name}}}}}"
+
+    with kind(
+        name=FANOUT_TEMPLATE,
+        entrypoint="main",
+        annotations={
+            _DESCRIPTION: (
+                "Issue a capped vault key, run `image` once per item of the JSON list `items` "
+                f"(at most {FANOUT_PARALLELISM} at a time; the item is the container's argument "
+                "and $KEYBRAKE_ITEM, the key is in the vendor SDK's environment), then revoke "
+                "the key and print the spend."
+            )
+        },
+        arguments=[
+            Parameter(name="items", description='JSON list, one pod per item, e.g. ["a", "b"]'),
+            Parameter(name="image", description="container image run once per item"),
+            Parameter(name="budget_usd", description="daily USD cap of the vault key"),
+            Parameter(name="vendor", value="stripe", enum=["stripe", "twilio", "resend"]),
+            Parameter(
+                name="allowed_endpoints",
+                value='["POST /v1/payment_intents"]',
+                description="JSON list of 'METHOD /path' the key may call",
+            ),
+            Parameter(name="expires_in", value="2h", description="key lifetime"),
+            Parameter(name="max_usd_per_call", value="", description="per-call cap; empty: none"),
+            Parameter(name="proxy_url", value=DEFAULT_PROXY_URL, description="keybrake proxy"),
+        ],
+    ) as template:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor=workflow_parameter("vendor"),
+                daily_usd_cap=workflow_parameter("budget_usd"),
+                allowed_endpoints=workflow_parameter("allowed_endpoints"),
+                expires_in=workflow_parameter("expires_in"),
+                max_usd_per_call=workflow_parameter("max_usd_per_call"),
+                proxy=ProxyConnection(url=workflow_parameter("proxy_url")),
+            )
+            fan_out(
+                key,
+                "run",
+                image=workflow_parameter("image"),
+                with_param=workflow_parameter("items"),
+                parallelism=FANOUT_PARALLELISM,
+            )
+        revoke_on_exit(template, key)
+    return template

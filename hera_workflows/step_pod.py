@@ -1,0 +1,74 @@
+"""The pod every keybrake step runs in: a `script` template on a stock Python image.
+
+The step code is a standard-library Python file shipped in this package (`_step_issue.py`,
+`_step_revoke.py`), embedded unchanged as the template's `source`. Inputs reach it as environment
+variables the template fills from its parameters, so no parameter value is ever spliced into code.
+See <https://argo-workflows.readthedocs.io/en/latest/walk-through/scripts-and-results/>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hera.workflows.models import (
+    Capabilities,
+    EnvVar,
+    Inputs,
+    IntOrString,
+    Outputs,
+    Parameter,
+    Quantity,
+    ResourceRequirements,
+    RetryStrategy,
+    ScriptTemplate,
+    SecurityContext,
+    Template,
+)
+
+__all__ = ["OUTPUT_DIR", "STEP_IMAGE", "script_step", "step_source"]
+
+STEP_IMAGE = "python:3.12-alpine"
+OUTPUT_DIR = "/tmp/keybrake"  # noqa: S108 - inside the step pod, where Argo collects outputs
+_HERE = Path(__file__).resolve().parent
+
+
+def step_source(step: str) -> str:
+    """The source of `_step_<step>.py`, as embedded in the script template."""
+    return (_HERE / f"_step_{step}.py").read_text(encoding="utf-8")
+
+
+def script_step(
+    name: str,
+    *,
+    step: str,
+    inputs: Sequence[Parameter],
+    outputs: Sequence[Parameter],
+    env: Sequence[EnvVar],
+    retry: RetryStrategy,
+    deadline_seconds: int = 300,
+) -> Template:
+    """A script template running `_step_<step>.py` with `env`, as an unprivileged user."""
+    return Template(
+        name=name,
+        inputs=Inputs(parameters=list(inputs)),
+        outputs=Outputs(parameters=list(outputs)),
+        retry_strategy=retry,
+        active_deadline_seconds=IntOrString(deadline_seconds),
+        script=ScriptTemplate(
+            image=STEP_IMAGE,
+            command=["python"],
+            source=step_source(step),
+            env=[*env, EnvVar(name="KEYBRAKE_OUTPUT_DIR", value=OUTPUT_DIR)],
+            resources=ResourceRequirements(
+                requests={"cpu": Quantity("50m"), "memory": Quantity("64Mi")},
+                limits={"memory": Quantity("128Mi")},
+            ),
+            security_context=SecurityContext(
+                run_as_non_root=True,
+                run_as_user=65534,
+                allow_privilege_escalation=False,
+                capabilities=Capabilities(drop=["ALL"]),
+            ),
+        ),
+    )

@@ -1,0 +1,242 @@
+"""The admin API contract, in-process with an injected clock."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.stripe_upstream import FakeStripe
+from tests.inproc import Clock, app_client, issue
+from tests.proxyproc import STRIPE_SECRET
+
+REQUIRED = {
+    "key_id",
+    "vault_key",
+    "vendor",
+    "daily_usd_cap",
+    "allowed_endpoints",
+    "expires_at",
+    "agent_run_label",
+}
+
+
+def test_issue_returns_the_contract_fields(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        key = issue(client, max_usd_per_call=5, metadata={"namespace": "argo", "uid": "u-1"})
+    assert REQUIRED <= set(key)
+    assert key["vault_key"].startswith("kbv_") and "." not in key["vault_key"]
+    assert key["daily_usd_cap"] == "300.00"
+    assert key["max_usd_per_call"] == "5.00"
+    assert key["expires_at"] == "2026-11-26T14:00:00.000000Z"
+    assert key["status"] == "active"
+    assert key["metadata"] == {"namespace": "argo", "uid": "u-1"}
+
+
+@pytest.mark.parametrize("ttl,seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("7d", 604800)])
+def test_expires_in_units(tmp_path: Path, ttl: str, seconds: int) -> None:
+    clock = Clock()
+    with app_client(tmp_path, clock) as client:
+        key = issue(client, expires_in=ttl)
+        clock.advance(seconds=seconds - 1)
+        assert client.get(f"/vault/keys/{key['key_id']}").json()["status"] == "active"
+        clock.advance(seconds=1)
+        assert client.get(f"/vault/keys/{key['key_id']}").json()["status"] == "expired"
+
+
+def test_reads_never_return_the_vault_key_or_a_secret(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        key = issue(client)
+        bodies = [
+            client.get(f"/vault/keys/{key['key_id']}").text,
+            client.get("/vault/keys").text,
+            client.delete(f"/vault/keys/{key['key_id']}").text,
+            client.get("/vault/audit").text,
+            client.get("/vault/pricing").text,
+        ]
+    for body in bodies:
+        assert key["vault_key"] not in body
+        assert STRIPE_SECRET not in body
+        assert "vault_key" not in body
+
+
+def test_list_filters(tmp_path: Path) -> None:
+    clock = Clock()
+    with app_client(tmp_path, clock) as client:
+        a = issue(client, agent_run_label="argo/a")
+        b = issue(client, agent_run_label="argo/b", expires_in="90s")
+        c = issue(client, agent_run_label="argo/a")
+        client.delete(f"/vault/keys/{c['key_id']}")
+        clock.advance(seconds=120)
+
+        def ids(**params: str) -> set[str]:
+            response = client.get("/vault/keys", params=params)
+            assert response.status_code == 200, response.text
+            return {k["key_id"] for k in response.json()["data"]}
+
+        assert ids() == {a["key_id"], b["key_id"], c["key_id"]}
+        assert ids(label="argo/a") == {a["key_id"], c["key_id"]}
+        assert ids(status="active") == {a["key_id"]}
+        assert ids(status="expired") == {b["key_id"]}
+        assert ids(status="revoked") == {c["key_id"]}
+        assert ids(vendor="twilio") == set()
+        assert client.get("/vault/keys", params={"status": "bogus"}).status_code == 400
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"daily_usd_cap": -5}, "daily_usd_cap"),
+        ({"daily_usd_cap": 0}, "daily_usd_cap"),
+        ({"daily_usd_cap": "lots"}, "daily_usd_cap"),
+        ({"daily_usd_cap": 10**12}, "at most"),
+        ({"daily_usd_cap": "0.0000001"}, "decimal places"),
+        ({"vendor": "paypal"}, "not configured"),
+        ({"expires_in": "2 fortnights"}, "expires_in"),
+        ({"expires_in": "0s"}, "expires_in"),
+        ({"expires_in": "30d"}, "at most 7d"),
+        ({"allowed_endpoints": []}, "allowed_endpoints"),
+        ({"allowed_endpoints": ["FETCH /v1/x"]}, "unknown method"),
+        ({"allowed_endpoints": ["POST /v1/../admin"]}, "invalid path segment"),
+        ({"allowed_endpoints": ["POST v1/x"]}, "must start with /"),
+        ({"agent_run_label": "argo/has space"}, "agent_run_label"),
+        ({"agent_run_label": ""}, "agent_run_label"),
+        ({"max_usd_per_call": -1}, "max_usd_per_call"),
+        ({"surprise": 1}, "surprise"),
+        ({"metadata": {"x": "y" * 5000}}, "4 KiB"),
+        ({"dedupe_window": "soon"}, "dedupe_window"),
+    ],
+)
+def test_bad_key_requests_are_400_and_change_nothing(
+    tmp_path: Path, change: dict[str, object], needle: str
+) -> None:
+    body: dict[str, object] = {
+        "vendor": "stripe",
+        "daily_usd_cap": 300,
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "expires_in": "2h",
+        "agent_run_label": "argo/x",
+    }
+    body.update(change)
+    with app_client(tmp_path) as client:
+        response = client.post("/vault/keys", json=body)
+        assert response.status_code == 400, response.text
+        assert needle in response.json()["error"]["message"]
+        assert client.get("/vault/keys").json()["data"] == []
+
+
+def test_malformed_json_and_oversized_bodies(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        bad = client.post("/vault/keys", content=b"{not json")
+        huge = client.post("/vault/keys", content=b"[" + b"1," * 70000 + b"1]")
+        not_object = client.post("/vault/keys", content=b"[1, 2]")
+        assert client.get("/vault/keys").json()["data"] == []
+    assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]["message"]
+    assert huge.status_code == 400 and "too large" in huge.json()["error"]["message"]
+    assert not_object.status_code == 400
+
+
+def test_admin_token_is_required(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+            response = client.get("/vault/keys", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
+        # the admin token is not a vault key either
+        response = client.post("/stripe/v1/payment_intents", data={"amount": "1", "currency": "usd"})
+        assert response.status_code == 401
+
+
+def test_unknown_key_ids_are_404(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        assert client.get("/vault/keys/vk_nope").status_code == 404
+        assert client.delete("/vault/keys/vk_nope").status_code == 404
+
+
+def test_revoke_by_label_validates(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        assert client.post("/vault/keys/revoke", json={}).status_code == 400
+        assert client.post("/vault/keys/revoke", json={"agent_run_label": "a b"}).status_code == 400
+        ok = client.post("/vault/keys/revoke", json={"agent_run_label": "argo/none"})
+    assert ok.status_code == 200 and ok.json()["revoked"] == 0
+
+
+def test_expired_key_is_refused_with_401(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    clock = Clock()
+    with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, expires_in="90s")
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        form = {"amount": "100", "currency": "usd"}
+        assert client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code == 200
+        clock.advance(seconds=90)
+        late = client.post("/stripe/v1/payment_intents", data={**form, "x": "1"}, headers=auth)
+    assert late.status_code == 401
+    assert late.json()["error"]["code"] == "keybrake_key_expired"
+    assert fake_stripe.count("POST", "/v1/payment_intents") == 1
+
+
+def test_spend_rolls_over_at_utc_midnight(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    from datetime import UTC, datetime
+
+    clock = Clock(datetime(2026, 11, 26, 23, 59, 0, tzinfo=UTC))
+    with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, daily_usd_cap=2, expires_in="1h")
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+
+        def charge(item: str) -> int:
+            form = {"amount": "100", "currency": "usd", "metadata[item]": item}
+            return client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code
+
+        assert [charge("1"), charge("2"), charge("3")] == [200, 200, 429]
+        clock.advance(seconds=60)
+        info = client.get(f"/vault/keys/{key['key_id']}").json()
+        assert info["day"] == "2026-11-27" and info["spent_usd"] == "0.00"
+        assert [charge("4"), charge("5"), charge("6")] == [200, 200, 429]
+
+
+def test_audit_filters_and_csv(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    clock = Clock()
+    with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
+        a = issue(client, agent_run_label="argo/a")
+        b = issue(client, agent_run_label="argo/b")
+        for key, n in ((a, 3), (b, 2)):
+            for i in range(n):
+                client.post(
+                    "/stripe/v1/payment_intents",
+                    data={"amount": "100", "currency": "usd", "metadata[i]": str(i)},
+                    headers={"Authorization": f"Bearer {key['vault_key']}.pod-{i}"},
+                )
+            clock.advance(hours=1)
+        by_label = client.get("/vault/audit", params={"label": "argo/a"}).json()["data"]
+        by_key = client.get("/vault/audit", params={"key_id": b["key_id"]}).json()["data"]
+        recent = client.get("/vault/audit", params={"since": "90m"}).json()["data"]
+        limited = client.get("/vault/audit", params={"limit": 2}).json()["data"]
+        as_csv = client.get("/vault/audit", params={"format": "csv", "vendor": "stripe"})
+        bad_since = client.get("/vault/audit", params={"since": "yesterday"})
+        bad_limit = client.get("/vault/audit", params={"limit": "0"})
+    assert len(by_label) == 3 and {r["agent_run_label"] for r in by_label} == {"argo/a"}
+    assert len(by_key) == 2 and [r["caller_tag"] for r in by_key] == ["pod-1", "pod-0"]
+    assert len(recent) == 2
+    assert len(limited) == 2 and limited[0]["id"] > limited[1]["id"]
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    assert len(rows) == 5 and rows[0]["decision"] == "forwarded"
+    assert bad_since.status_code == 400 and bad_limit.status_code == 400
+
+
+def test_pricing_table_is_reported(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        table = client.get("/vault/pricing").json()
+    assert table["fx"] == {"usd": "1"}
+    assert table["stripe"]["endpoints"]["POST /v1/payment_intents"] == "amount"
+    json.dumps(table)
+
+
+def test_health_and_readiness(tmp_path: Path) -> None:
+    with app_client(tmp_path) as client:
+        assert client.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}
+        ready = client.get("/readyz", headers={"Authorization": ""})
+    assert ready.status_code == 200 and ready.json()["vendors"] == ["stripe"]

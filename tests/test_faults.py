@@ -1,0 +1,179 @@
+"""Upstream faults, idempotency and the dedupe window, against a Stripe-shaped fake upstream."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+
+from tests.fakes.stripe_upstream import FakeStripe
+from tests.proxyproc import ProxyProcess
+
+PI = "/v1/payment_intents"
+
+
+def post(proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str) -> httpx.Response:
+    return httpx.post(
+        f"{proxy.url}/stripe{PI}",
+        data=data,
+        headers={"Authorization": f"Bearer {vault_key}", **headers},
+        timeout=30,
+    )
+
+
+def key_info(proxy: ProxyProcess, key_id: str) -> dict[str, Any]:
+    with proxy.admin() as admin:
+        return dict(admin.get(f"/vault/keys/{key_id}").json())
+
+
+def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
+    with proxy.admin() as admin:
+        return list(admin.get("/vault/audit", params={"key_id": key_id}).json()["data"])
+
+
+@pytest.mark.parametrize("mode", ["hang", "drop", "error500"])
+def test_timeouts_drops_and_5xx_count_as_spent(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe, mode: str
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    fake_stripe.mode = mode
+    response = post(fake_proxy, key["vault_key"], {"amount": "300", "currency": "usd"})
+    assert response.status_code in {500, 502}
+    assert "x-keybrake-cap-hit" not in response.headers
+    info = key_info(fake_proxy, key["key_id"])
+    assert info["spent_usd"] == "3.00"
+    assert info["reserved_usd"] == "0.00"
+    row = audit(fake_proxy, key["key_id"])[0]
+    assert row["decision"] == ("forwarded" if mode == "error500" else "upstream_error")
+    assert row["settled_usd"] == "3.00"
+
+
+def test_vendor_rejection_releases_the_reservation(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    fake_stripe.mode = "decline"
+    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    with pytest.raises(stripe.CardError):
+        client.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
+    info = key_info(fake_proxy, key["key_id"])
+    assert info["spent_usd"] == "0.00" and info["reserved_usd"] == "0.00"
+    row = audit(fake_proxy, key["key_id"])[0]
+    assert row["status"] == 402 and row["vendor_request_id"].startswith("req_fake")
+
+
+def test_vendor_429_never_carries_the_cap_hit_header(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    fake_stripe.mode = "ratelimit"
+    response = post(fake_proxy, key["vault_key"], {"amount": "100", "currency": "usd"})
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limit"
+    assert "x-keybrake-cap-hit" not in response.headers
+    assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "0.00"
+
+
+def test_idempotency_key_replays_without_calling_the_vendor(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="0")
+    body = {"amount": "100", "currency": "usd"}
+    first = post(fake_proxy, key["vault_key"], body, **{"Idempotency-Key": "charge-1"})
+    second = post(fake_proxy, key["vault_key"], body, **{"Idempotency-Key": "charge-1"})
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert second.headers["x-keybrake-replayed"] == "replayed"
+    assert fake_stripe.count("POST", PI) == 1
+    assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "1.00"
+
+    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    with pytest.raises(stripe.IdempotencyError):
+        client.v1.payment_intents.create(
+            params={"amount": 999, "currency": "usd"},
+            options={"idempotency_key": "charge-1"},
+        )
+    assert fake_stripe.count("POST", PI) == 1
+    decisions = [r["decision"] for r in audit(fake_proxy, key["key_id"])]
+    assert decisions == ["idempotency_mismatch", "replayed", "forwarded"]
+
+
+def test_same_idempotency_key_while_running_is_409(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    body = {"amount": "100", "currency": "usd"}
+    fake_stripe.hold()
+    results: list[httpx.Response] = []
+    first = threading.Thread(
+        target=lambda: results.append(
+            post(fake_proxy, key["vault_key"], body, **{"Idempotency-Key": "k"})
+        )
+    )
+    first.start()
+    assert fake_stripe.arrived.wait(timeout=30)
+    in_flight = post(fake_proxy, key["vault_key"], body, **{"Idempotency-Key": "k"})
+    fake_stripe.release()
+    first.join()
+    assert in_flight.status_code == 409
+    assert in_flight.json()["error"]["code"] == "idempotency_key_in_use"
+    assert results[0].status_code == 200
+    assert fake_stripe.count("POST", PI) == 1
+
+
+def test_dedupe_window_catches_pod_retries_with_fresh_idempotency_keys(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    params: Any = {"amount": 100, "currency": "usd", "metadata": {"item": "7"}}
+    first = client.v1.payment_intents.create(params=params)
+    retried = client.v1.payment_intents.create(params=params)  # new SDK idempotency key
+    assert retried.id == first.id
+    assert fake_stripe.count("POST", PI) == 1
+    other = client.v1.payment_intents.create(params={**params, "metadata": {"item": "8"}})
+    assert other.id != first.id
+    assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "2.00"
+    decisions = [r["decision"] for r in audit(fake_proxy, key["key_id"])]
+    assert decisions == ["forwarded", "deduplicated", "forwarded"]
+
+
+def test_dedupe_window_zero_disables_it(fake_proxy: ProxyProcess, fake_stripe: FakeStripe) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="0")
+    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    params: Any = {"amount": 100, "currency": "usd"}
+    client.v1.payment_intents.create(params=params)
+    client.v1.payment_intents.create(params=params)
+    assert fake_stripe.count("POST", PI) == 2
+    assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "2.00"
+
+
+def test_forwarded_request_carries_only_the_real_secret(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    key = fake_proxy.issue(daily_usd_cap=10)
+    response = post(
+        fake_proxy,
+        key["vault_key"] + ".pod-a",
+        {"amount": "100", "currency": "usd"},
+        **{
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Forwarded-Host": "evil.example",
+            "Cookie": "a=b",
+            "Stripe-Version": "2024-06-20",
+        },
+    )
+    assert response.status_code == 200
+    sent = fake_stripe.requests[-1]["headers"]
+    assert sent["authorization"] == "Bearer sk_test_REALSECRET_do_not_leak_4242"
+    assert sent["stripe-version"] == "2024-06-20"
+    assert sent["host"] == fake_stripe.url.removeprefix("http://")
+    for dropped in ("x-forwarded-for", "x-forwarded-host", "cookie"):
+        assert dropped not in sent
+    row = audit(fake_proxy, key["key_id"])[0]
+    assert row["vendor_request_id"] == response.headers["request-id"]
+    assert Decimal(row["settled_usd"]) == Decimal("1")
