@@ -20,7 +20,10 @@ def serve(
     port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
     workers: int = typer.Option(1, min=1, max=64, help="Processes sharing one database."),
     database_url: str = typer.Option(
-        None, "--database-url", envvar="KEYBRAKE_DATABASE_URL", help="sqlite:///PATH or postgresql://..."
+        None,
+        "--database-url",
+        envvar="KEYBRAKE_DATABASE_URL",
+        help="sqlite:///PATH or postgresql://...",
     ),
     generate_api_key: bool = typer.Option(
         False, "--generate-api-key", help="No KEYBRAKE_API_KEY set? Make one and print it once."
@@ -56,8 +59,10 @@ def serve(
     except ValueError as exc:
         fail(f"invalid setting: {exc}", EXIT_USAGE)
     vendors = ", ".join(sorted(settings.vendor_credentials())) or "none (set KEYBRAKE_<VENDOR>_*)"
-    database = settings.database_url.split("@")[-1] if "@" in settings.database_url else (
-        settings.database_url
+    database = (
+        settings.database_url.split("@")[-1]
+        if "@" in settings.database_url
+        else (settings.database_url)
     )
     where = f"file descriptor {fd}" if fd is not None else f"http://{host}:{port}"
     console.print(

@@ -15,6 +15,11 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import (
     AuditPage,
@@ -38,10 +43,6 @@ from keybrake.proxy.store.base import (
     KeyView,
     Store,
 )
-from pydantic import ValidationError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 __all__ = ["AdminApi", "key_info"]
 

@@ -6,6 +6,12 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
 from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.pipeline import Incoming, Pipeline
@@ -14,11 +20,6 @@ from keybrake.proxy.settings import Settings
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.upstream import Upstream
 from keybrake.proxy.vendors import VENDORS, Vendor
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 __all__ = ["build_app", "utc_now"]
 

@@ -10,9 +10,10 @@ import re
 from decimal import Decimal
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "AuditPage",

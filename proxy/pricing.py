@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import usd_to_micros
 

@@ -10,9 +10,10 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from keybrake.proxy.money import parse_duration
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from keybrake.proxy.money import parse_duration
 
 __all__ = ["Settings", "VendorCredentials"]
 

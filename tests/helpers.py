@@ -20,9 +20,7 @@ class FanOutResult:
         return Counter(type(e).__name__ for e in self.errors)
 
 
-async def _fan_out(
-    vault_key: str, base: str, count: int, amount: int, run: str
-) -> FanOutResult:
+async def _fan_out(vault_key: str, base: str, count: int, amount: int, run: str) -> FanOutResult:
     client = stripe.StripeClient(
         vault_key,
         base_addresses={"api": base},
@@ -48,7 +46,9 @@ async def _fan_out(
     return result
 
 
-def fan_out(vault_key: str, base: str, count: int, amount: int = 100, run: str = "t") -> FanOutResult:
+def fan_out(
+    vault_key: str, base: str, count: int, amount: int = 100, run: str = "t"
+) -> FanOutResult:
     """`count` concurrent PaymentIntents of `amount` cents through the official SDK (async)."""
     return asyncio.run(_fan_out(vault_key, base, count, amount, run))
 

@@ -21,7 +21,9 @@ STRIPE_SECRET = "sk_test_REALSECRET_do_not_leak_4242"
 BIN = Path(sys.executable).parent
 
 
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+def wait_until_ready(
+    url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30
+) -> None:
     """Poll a readiness URL until it answers 200 (bounded); fail with the process output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

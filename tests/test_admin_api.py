@@ -141,12 +141,18 @@ def test_malformed_json_and_oversized_bodies(tmp_path: Path) -> None:
 
 def test_admin_token_is_required(tmp_path: Path) -> None:
     with app_client(tmp_path) as client:
-        for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        for headers in (
+            {"Authorization": ""},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "Basic x"},
+        ):
             response = client.get("/vault/keys", headers=headers)
             assert response.status_code == 401
             assert response.json()["error"]["type"] == "authentication_error"
         # the admin token is not a vault key either
-        response = client.post("/stripe/v1/payment_intents", data={"amount": "1", "currency": "usd"})
+        response = client.post(
+            "/stripe/v1/payment_intents", data={"amount": "1", "currency": "usd"}
+        )
         assert response.status_code == 401
 
 

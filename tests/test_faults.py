@@ -16,7 +16,9 @@ from tests.proxyproc import ProxyProcess
 PI = "/v1/payment_intents"
 
 
-def post(proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str) -> httpx.Response:
+def post(
+    proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str
+) -> httpx.Response:
     return httpx.post(
         f"{proxy.url}/stripe{PI}",
         data=data,
@@ -57,7 +59,9 @@ def test_vendor_rejection_releases_the_reservation(
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     fake_stripe.mode = "decline"
-    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"}
+    )
     with pytest.raises(stripe.CardError):
         client.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
     info = key_info(fake_proxy, key["key_id"])
@@ -91,7 +95,9 @@ def test_idempotency_key_replays_without_calling_the_vendor(
     assert fake_stripe.count("POST", PI) == 1
     assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "1.00"
 
-    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"}
+    )
     with pytest.raises(stripe.IdempotencyError):
         client.v1.payment_intents.create(
             params={"amount": 999, "currency": "usd"},
@@ -129,7 +135,9 @@ def test_dedupe_window_catches_pod_retries_with_fresh_idempotency_keys(
     fake_proxy: ProxyProcess, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
-    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"}
+    )
     params: Any = {"amount": 100, "currency": "usd", "metadata": {"item": "7"}}
     first = client.v1.payment_intents.create(params=params)
     retried = client.v1.payment_intents.create(params=params)  # new SDK idempotency key
@@ -144,7 +152,9 @@ def test_dedupe_window_catches_pod_retries_with_fresh_idempotency_keys(
 
 def test_dedupe_window_zero_disables_it(fake_proxy: ProxyProcess, fake_stripe: FakeStripe) -> None:
     key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="0")
-    client = stripe.StripeClient(key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"})
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"}
+    )
     params: Any = {"amount": 100, "currency": "usd"}
     client.v1.payment_intents.create(params=params)
     client.v1.payment_intents.create(params=params)

@@ -1,4 +1,4 @@
-"""The HTTP contract through the official Stripe SDK, against a real proxy process and localstripe."""
+"""The HTTP contract through the official Stripe SDK, a real proxy process and localstripe."""
 
 from __future__ import annotations
 

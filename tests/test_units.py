@@ -1,0 +1,221 @@
+"""Units without HTTP: money, durations, endpoints, paths, the pricing table, Stripe prices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keybrake.proxy.endpoints import EndpointPattern, allows, compile_patterns, safe_path
+from keybrake.proxy.errors import ConfigError
+from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
+from keybrake.proxy.pricing import Unpriceable, load_pricing
+from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendors import VENDORS
+from keybrake.proxy.vendors.base import VendorCall
+from keybrake.proxy.vendors.stripe import Stripe
+
+VALIDATORS = {name: cls.validate_pricing for name, cls in VENDORS.items()}
+
+
+def test_money_is_exact_and_rounds_estimates_up() -> None:
+    assert usd_to_micros(Decimal("300")) == 300_000_000
+    assert usd_to_micros(Decimal("0.0079")) == 7_900
+    assert usd_to_micros(Decimal("0.0000001")) == 1
+    assert format_usd(300_000_000) == "300.00"
+    assert format_usd(7_900) == "0.0079"
+    assert format_usd(1_500_000) == "1.50"
+
+
+@pytest.mark.parametrize(
+    "text,expected", [("90s", 90), ("30m", 1800), ("2h", 7200), ("7d", 604800), ("1w", 604800)]
+)
+def test_durations(text: str, expected: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=expected)
+
+
+@pytest.mark.parametrize("text", ["", "2", "h", "-1h", "1.5h", "2 fortnights", "1y"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_endpoint_patterns() -> None:
+    patterns = compile_patterns(("POST /v1/payment_intents", "GET /v1/customers/*"))
+    assert allows(patterns, "POST", "/v1/payment_intents")
+    assert allows(patterns, "GET", "/v1/customers/cus_1")
+    assert not allows(patterns, "GET", "/v1/customers")
+    assert not allows(patterns, "GET", "/v1/customers/cus_1/sources")
+    assert not allows(patterns, "POST", "/v1/customers/cus_1")
+    assert str(EndpointPattern.parse("post /v1/x")) == "POST /v1/x"
+
+
+@pytest.mark.parametrize(
+    "raw,ok",
+    [
+        ("/v1/payment_intents", True),
+        ("/v1/customers/cus_1", True),
+        ("/v1/../vault", False),
+        ("/v1/%2e%2e/vault", False),
+        ("/v1/a%2Fb", False),
+        ("/v1//x", False),
+        ("/v1/./x", False),
+        ("v1/x", False),
+        ("/v1/a\\b", False),
+        ("/v1/a%252e", False),
+        ("/v1/a\x00b", False),
+    ],
+)
+def test_safe_path(raw: str, ok: bool) -> None:
+    assert (safe_path(raw) is not None) is ok
+
+
+class FakeLookup:
+    def __init__(
+        self, objects: Mapping[str, Mapping[str, Any]], counted: set[str] | None = None
+    ) -> None:
+        self.objects = objects
+        self.counted = counted or set()
+        self.fetched: list[str] = []
+
+    async def is_counted(self, object_id: str) -> bool:
+        return object_id in self.counted
+
+    async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        self.fetched.append(path)
+        return self.objects[path.partition("?")[0]]
+
+
+def stripe_vendor(tmp_path: Path | None = None, extra: str = "") -> Stripe:
+    operator = None
+    if extra and tmp_path is not None:
+        operator = tmp_path / "pricing.toml"
+        operator.write_text(extra)
+    table = load_pricing(operator, VALIDATORS)
+    return Stripe(VendorCredentials("http://stripe.invalid", "sk_test"), table)
+
+
+def estimate(
+    vendor: Stripe, method: str, path: str, body: str = "", lookup: FakeLookup | None = None
+) -> Any:
+    call = VendorCall(method, path, "", {}, body.encode())
+    return asyncio.run(vendor.estimate(call, lookup or FakeLookup({})))
+
+
+def test_stripe_amounts_in_minor_units_and_currency_exponents(tmp_path: Path) -> None:
+    vendor = stripe_vendor(tmp_path, '[fx]\njpy = "0.0067"\nkwd = "3.25"\neur = "1.08"\n')
+    assert (
+        estimate(vendor, "POST", "/v1/payment_intents", "amount=100&currency=usd").micros
+        == 1_000_000
+    )
+    # zero-decimal: 1000 JPY is 1000 yen
+    assert (
+        estimate(vendor, "POST", "/v1/payment_intents", "amount=1000&currency=jpy").micros
+        == 6_700_000
+    )
+    # three-decimal: 1500 KWD minor units are 1.5 dinars
+    assert estimate(vendor, "POST", "/v1/charges", "amount=1500&currency=kwd").micros == 4_875_000
+    assert (
+        estimate(vendor, "POST", "/v1/transfers", "amount=1000&currency=EUR").micros == 10_800_000
+    )
+
+
+def test_stripe_fails_closed(tmp_path: Path) -> None:
+    vendor = stripe_vendor()
+    with pytest.raises(Unpriceable, match=r"\[fx\]"):
+        estimate(vendor, "POST", "/v1/payment_intents", "amount=100&currency=eur")
+    with pytest.raises(Unpriceable, match="no amount"):
+        estimate(vendor, "POST", "/v1/payouts", "currency=usd")
+    with pytest.raises(Unpriceable, match="not a whole number"):
+        estimate(vendor, "POST", "/v1/payouts", "amount=1.5&currency=usd")
+    with pytest.raises(Unpriceable, match="negative"):
+        estimate(vendor, "POST", "/v1/payouts", "amount=-5&currency=usd")
+    with pytest.raises(Unpriceable, match=r"\[stripe.endpoints\]"):
+        estimate(vendor, "POST", "/v1/subscriptions", "customer=cus_1")
+    assert estimate(vendor, "GET", "/v1/anything/at/all").micros == 0
+    assert estimate(vendor, "POST", "/v1/customers", "email=a@b.c").micros == 0
+
+
+def test_stripe_lookups_count_an_object_once() -> None:
+    vendor = stripe_vendor()
+    objects = {"/v1/payment_intents/pi_1": {"id": "pi_1", "amount": 2500, "currency": "usd"}}
+    unseen = FakeLookup(objects)
+    cost = estimate(vendor, "POST", "/v1/payment_intents/pi_1/confirm", "", unseen)
+    assert cost.micros == 25_000_000 and cost.counts == ("pi_1",)
+    seen = FakeLookup(objects, counted={"pi_1"})
+    assert estimate(vendor, "POST", "/v1/payment_intents/pi_1/capture", "", seen).micros == 0
+    assert seen.fetched == []
+    partial = estimate(
+        vendor, "POST", "/v1/payment_intents/pi_1/capture", "amount_to_capture=1000", unseen
+    )
+    assert partial.micros == 10_000_000
+
+
+def test_stripe_refunds_and_invoices() -> None:
+    vendor = stripe_vendor()
+    lookup = FakeLookup(
+        {
+            "/v1/charges/ch_1": {
+                "id": "ch_1",
+                "amount": 5000,
+                "amount_refunded": 1500,
+                "currency": "usd",
+            },
+            "/v1/payment_intents/pi_2": {
+                "id": "pi_2",
+                "amount": 900,
+                "currency": "usd",
+                "latest_charge": {"amount": 900, "amount_refunded": 0, "currency": "usd"},
+            },
+            "/v1/invoices/in_1": {"id": "in_1", "amount_remaining": 1234, "currency": "usd"},
+        }
+    )
+    assert estimate(vendor, "POST", "/v1/refunds", "charge=ch_1", lookup).micros == 35_000_000
+    assert (
+        estimate(vendor, "POST", "/v1/refunds", "charge=ch_1&amount=100", lookup).micros
+        == 1_000_000
+    )
+    assert (
+        estimate(vendor, "POST", "/v1/refunds", "payment_intent=pi_2", lookup).micros == 9_000_000
+    )
+    assert estimate(vendor, "POST", "/v1/invoices/in_1/pay", "", lookup).micros == 12_340_000
+    with pytest.raises(Unpriceable):
+        estimate(vendor, "POST", "/v1/refunds", "", lookup)
+
+
+def test_operator_pricing_file_extends_and_validates(tmp_path: Path) -> None:
+    vendor = stripe_vendor(tmp_path, '[stripe.endpoints]\n"POST /v1/subscriptions" = "free"\n')
+    assert estimate(vendor, "POST", "/v1/subscriptions").micros == 0
+    assert estimate(vendor, "POST", "/v1/payment_intents", "amount=1&currency=usd").micros == 10_000
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('[stripe.endpoints]\n"POST /v1/x" = "cheap"\n', "line 2"),
+        ('[stripe.endpoints]\n"FETCH /v1/x" = "free"\n', "line 2"),
+        ('[fx]\neur = "-1"\n', "line 2"),
+        ('[fx]\neur = "abc"\n', "fx.eur"),
+        ("[currency_exponents]\nabc = 9\n", "line 2"),
+        ("[paypal]\nx = 1\n", "unknown section [paypal]"),
+        ("this is = = not toml", "pricing.toml"),
+    ],
+)
+def test_bad_pricing_files_name_the_bad_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "pricing.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_pricing(path, VALIDATORS)
+
+
+def test_yaml_pricing_file(tmp_path: Path) -> None:
+    path = tmp_path / "pricing.yaml"
+    path.write_text("fx:\n  gbp: '1.27'\n")
+    table = load_pricing(path, VALIDATORS)
+    assert table.minor_to_micros(100, "GBP") == 1_270_000
+    assert table.sources == ("builtin", str(path))
