@@ -1,0 +1,3 @@
+from keybrake.cli.main import main
+
+main()

@@ -1,0 +1,46 @@
+"""Where the proxy is and how to reach it: the options every client command shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from keybrake.cli._common import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, fail
+from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
+from keybrake.proxy.errors import ApiError, ProxyUnreachable
+
+__all__ = ["ApiKeyOption", "UrlOption", "connect"]
+
+UrlOption = Annotated[
+    str,
+    typer.Option("--url", envvar="KEYBRAKE_URL", help="The proxy's base URL.", show_default=True),
+]
+ApiKeyOption = Annotated[
+    str,
+    typer.Option("--api-key", envvar="KEYBRAKE_API_KEY", help="Admin token.", show_default=False),
+]
+
+DEFAULT = DEFAULT_URL
+
+
+@contextmanager
+def connect(url: str, api_key: str) -> Iterator[KeybrakeClient]:
+    """A client whose expected failures become one-line errors and the documented exit codes."""
+    if not api_key:
+        fail("no admin token: set KEYBRAKE_API_KEY or pass --api-key", EXIT_USAGE)
+    client = KeybrakeClient(url, api_key)
+    try:
+        yield client
+    except ProxyUnreachable as exc:
+        fail(
+            str(exc),
+            EXIT_UNREACHABLE,
+            "Is it running? Start one with `keybrake serve`, or point --url / KEYBRAKE_URL at it.",
+        )
+    except ApiError as exc:
+        fail(f"the proxy refused: {exc.message} (HTTP {exc.status})", EXIT_REFUSED)
+    finally:
+        client.close()

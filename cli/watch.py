@@ -1,0 +1,92 @@
+"""`keybrake watch`: a live view of a workflow's keys while it runs."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from decimal import Decimal
+from typing import Annotated
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from keybrake.cli._common import console, err_console
+from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
+from keybrake.proxy.models import AuditRow, KeyInfo
+
+
+def watch(
+    workflow: Annotated[str, typer.Option("--workflow", "-w", help="The Argo workflow's name.")],
+    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes.")] = 1.0,
+    url: UrlOption = DEFAULT,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Watch spend against cap, calls/s, cap hits and recent errors; exits when every key of the
+    workflow is revoked or expired.
+
+    Example: keybrake watch --workflow billing-agent-x7k2p
+    """
+    label = f"argo/{workflow}"
+    err_console.print(f"watching {label} (Ctrl-C to stop)")
+    previous: dict[str, tuple[float, int]] = {}
+    rates: dict[str, float] = {}
+    errors: deque[AuditRow] = deque(maxlen=5)
+    last_id: int | None = None
+    with connect(url, api_key) as client, Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                keys = client.list_keys(label=label)
+                now = time.monotonic()
+                for key in keys:
+                    seen_at, seen_calls = previous.get(key.key_id, (now, key.calls))
+                    if now > seen_at:
+                        rates[key.key_id] = (key.calls - seen_calls) / (now - seen_at)
+                    previous[key.key_id] = (now, key.calls)
+                rows = client.audit(label=label, after_id=last_id, limit=500)
+                if rows:
+                    last_id = max(r.id for r in rows)
+                    errors.extend(r for r in reversed(rows) if r.status >= 400 or r.status == 0)
+                live.update(_view(label, keys, rates, list(errors)), refresh=True)
+                if keys and all(k.status != "active" for k in keys):
+                    break
+                time.sleep(interval)  # the refresh period of a live view, not synchronisation
+        except KeyboardInterrupt:
+            pass
+    if keys and all(k.status != "active" for k in keys):
+        console.print(f"every key of {label} is revoked or expired")
+
+
+def _view(
+    label: str, keys: list[KeyInfo], rates: dict[str, float], errors: list[AuditRow]
+) -> Group:
+    table = Table(title=f"vault keys of {label}", box=None, header_style="bold")
+    for column in ("KEY ID", "STATUS", "SPEND", "", "CALLS/S", "CALLS", "CAP HITS"):
+        table.add_column(column)
+    for key in keys:
+        cap = Decimal(key.daily_usd_cap)
+        used = Decimal(key.spent_usd) + Decimal(key.reserved_usd)
+        table.add_row(
+            key.key_id,
+            key.status,
+            ProgressBar(total=float(cap), completed=float(min(used, cap)), width=30),
+            f"${key.spent_usd} / ${key.daily_usd_cap}",
+            f"{rates.get(key.key_id, 0.0):.1f}",
+            str(key.calls),
+            str(key.cap_hits),
+        )
+    if not keys:
+        table.add_row("(no keys yet)", "", "", "", "", "", "")
+    parts: list[Table] = [table]
+    if errors:
+        recent = Table(title="recent refusals and errors", box=None, header_style="bold")
+        for column in ("TIME", "STEP TAG", "PATH", "STATUS", "DECISION"):
+            recent.add_column(column)
+        for row in errors:
+            recent.add_row(
+                row.ts[11:19], row.caller_tag or "-", row.path, str(row.status), row.decision
+            )
+        parts.append(recent)
+    return Group(*parts)

@@ -1,0 +1,135 @@
+"""The typed admin client: the one way the CLI and the Hera steps' tests talk to a proxy.
+
+    client = KeybrakeClient("http://127.0.0.1:8080", api_key)
+    issued = client.issue_key(KeyCreate(vendor="stripe", daily_usd_cap=300, ...))
+
+Errors: `ProxyUnreachable` when nothing answers at the URL, `ApiError` when the proxy refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from keybrake.proxy.errors import ApiError, ProxyUnreachable
+from keybrake.proxy.models import (
+    AuditPage,
+    AuditRow,
+    IssuedKey,
+    KeyCreate,
+    KeyInfo,
+    KeyList,
+    RevokeResult,
+)
+
+__all__ = ["DEFAULT_URL", "KeybrakeClient"]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class KeybrakeClient:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        api_key: str = "",
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> KeybrakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ProxyUnreachable(self.url, str(exc) or type(exc).__name__) from exc
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                raise ApiError(response.status_code, str(error["type"]), str(error["message"]))
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(
+                    response.status_code,
+                    "http_error",
+                    response.text[:200] or response.reason_phrase,
+                ) from None
+        return response
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/readyz").json())
+
+    def issue_key(self, spec: KeyCreate) -> IssuedKey:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        return IssuedKey.model_validate(self._request("POST", "/vault/keys", json=body).json())
+
+    def list_keys(
+        self, *, label: str | None = None, vendor: str | None = None, status: str | None = None
+    ) -> list[KeyInfo]:
+        params = {
+            k: v for k, v in {"label": label, "vendor": vendor, "status": status}.items() if v
+        }
+        return KeyList.model_validate(
+            self._request("GET", "/vault/keys", params=params).json()
+        ).data
+
+    def get_key(self, key_id: str) -> KeyInfo:
+        return KeyInfo.model_validate(self._request("GET", f"/vault/keys/{key_id}").json())
+
+    def revoke_key(self, key_id: str) -> KeyInfo:
+        return KeyInfo.model_validate(self._request("DELETE", f"/vault/keys/{key_id}").json())
+
+    def revoke_label(self, label: str) -> RevokeResult:
+        response = self._request("POST", "/vault/keys/revoke", json={"agent_run_label": label})
+        return RevokeResult.model_validate(response.json())
+
+    def audit(
+        self,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+        vendor: str | None = None,
+        since: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[AuditRow]:
+        params = _params(key_id=key_id, label=label, vendor=vendor, since=since, after_id=after_id)
+        params["limit"] = str(limit)
+        return AuditPage.model_validate(
+            self._request("GET", "/vault/audit", params=params).json()
+        ).data
+
+    def audit_csv(
+        self,
+        *,
+        key_id: str | None = None,
+        label: str | None = None,
+        vendor: str | None = None,
+        since: str | None = None,
+        limit: int = 100,
+    ) -> str:
+        params = _params(key_id=key_id, label=label, vendor=vendor, since=since)
+        params.update(limit=str(limit), format="csv")
+        return self._request("GET", "/vault/audit", params=params).text
+
+    def pricing(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/vault/pricing").json())
+
+
+def _params(**values: object) -> dict[str, str]:
+    return {k: str(v) for k, v in values.items() if v is not None}

@@ -1,0 +1,222 @@
+"""The keybrake CLI against a real proxy process (CliRunner), error paths and exit codes too."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from keybrake.cli.main import app
+from tests.fakes.server import free_port
+from tests.proxyproc import ADMIN_KEY, ProxyProcess
+
+runner = CliRunner()
+
+ISSUE = [
+    "keys",
+    "issue",
+    "--vendor",
+    "stripe",
+    "--daily-usd-cap",
+    "300",
+    "--allow",
+    "POST /v1/payment_intents",
+    "--expires-in",
+    "2h",
+    "--label",
+    "argo/billing-agent-x7k2p",
+]
+
+
+def run(proxy: ProxyProcess | None, *args: str, api_key: str = ADMIN_KEY) -> tuple[int, str, str]:
+    env = {"KEYBRAKE_URL": proxy.url if proxy else f"http://127.0.0.1:{free_port()}"}
+    env["KEYBRAKE_API_KEY"] = api_key
+    env["COLUMNS"] = "200"
+    result = runner.invoke(app, list(args), env=env)
+    assert "Traceback" not in result.output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_issue_quiet_prints_only_the_vault_key(proxy_server: ProxyProcess) -> None:
+    code, out, _ = run(proxy_server, *ISSUE, "-q")
+    assert code == 0
+    assert out.strip().startswith("kbv_") and len(out.strip().splitlines()) == 1
+
+
+def test_issue_json_and_list_show(proxy_server: ProxyProcess) -> None:
+    code, out, _ = run(proxy_server, *ISSUE, "--meta", "namespace=argo", "-o", "json")
+    assert code == 0
+    issued = json.loads(out)
+    assert issued["metadata"] == {"namespace": "argo"} and issued["vault_key"].startswith("kbv_")
+
+    code, out, _ = run(
+        proxy_server, "keys", "list", "--workflow", "billing-agent-x7k2p", "-o", "json"
+    )
+    assert code == 0 and [k["key_id"] for k in json.loads(out)] == [issued["key_id"]]
+    code, out, _ = run(proxy_server, "keys", "list", "-o", "yaml")
+    assert yaml.safe_load(out)[0]["key_id"] == issued["key_id"]
+    code, out, _ = run(proxy_server, "keys", "list", "-o", "table")
+    assert issued["key_id"] in out and "argo/billing-agent-x7k2p" in out
+    code, out, _ = run(proxy_server, "keys", "show", issued["key_id"], "-o", "table")
+    assert code == 0 and "Remaining" in out and "$300.00" in out
+    assert "kbv_" not in out
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--expires-in", "2 fortnights"], "invalid duration"),
+        (["--daily-usd-cap", "lots"], "not a dollar amount"),
+        (["--allow", "FETCH /x"], "unknown method"),
+        (["--meta", "novalue"], "key=value"),
+    ],
+)
+def test_issue_usage_errors_exit_2(
+    proxy_server: ProxyProcess, args: list[str], needle: str
+) -> None:
+    code, _, err = run(proxy_server, *ISSUE, *args)
+    assert code == 2 and needle in err
+
+
+def test_server_refusals_exit_1_with_the_server_message(proxy_server: ProxyProcess) -> None:
+    code, _, err = run(proxy_server, "keys", "list", api_key="wrong")
+    assert code == 1 and "missing or wrong admin token" in err
+    code, _, err = run(proxy_server, "keys", "show", "vk_nope")
+    assert code == 1 and "no vault key 'vk_nope'" in err
+    code, _, err = run(proxy_server, *[a if a != "stripe" else "paypal" for a in ISSUE])
+    assert code == 1 and "not configured" in err
+
+
+def test_unreachable_proxy_exits_3_with_the_url_and_a_hint() -> None:
+    code, _, err = run(None, "keys", "list")
+    assert code == 3
+    assert "cannot reach the keybrake proxy at http://127.0.0.1:" in err
+    assert "keybrake serve" in err
+
+
+def test_missing_admin_token_is_a_usage_error(proxy_server: ProxyProcess) -> None:
+    code, _, err = run(proxy_server, "keys", "list", api_key="")
+    assert code == 2 and "KEYBRAKE_API_KEY" in err
+
+
+def test_revoke_by_id_and_again(proxy_server: ProxyProcess) -> None:
+    key = proxy_server.issue()
+    code, out, _ = run(proxy_server, "revoke", key["key_id"], "-o", "table")
+    assert code == 0 and "revoked 1 key" in out
+    code, out, _ = run(proxy_server, "revoke", key["key_id"], "-o", "table")
+    assert code == 0 and "already revoked" in out
+    code, _, err = run(proxy_server, "revoke", "vk_nope")
+    assert code == 1 and "no vault key" in err
+    code, _, err = run(proxy_server, "revoke")
+    assert code == 2
+
+
+def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
+    a = proxy_server.issue(agent_run_label="argo/wf", metadata={"namespace": "team-a"})
+    b = proxy_server.issue(agent_run_label="argo/wf", metadata={"namespace": "team-b"})
+    code, out, _ = run(
+        proxy_server, "revoke", "--workflow", "wf", "--namespace", "team-a", "-o", "json"
+    )
+    report = json.loads(out)
+    assert code == 0 and report["revoked"] == 1 and report["keys"][0]["key_id"] == a["key_id"]
+    code, out, _ = run(proxy_server, "revoke", "--workflow", "wf", "-o", "table")
+    assert code == 0 and "revoked 1 key of workflow wf" in out and "spent today $0.00" in out
+    code, out, _ = run(proxy_server, "revoke", "--workflow", "wf", "-o", "table")
+    assert code == 0 and "nothing revoked" in out
+    with proxy_server.admin() as admin:
+        assert admin.get(f"/vault/keys/{b['key_id']}").json()["status"] == "revoked"
+
+
+def test_audit_outputs(proxy_server: ProxyProcess) -> None:
+    import stripe
+
+    key = proxy_server.issue(daily_usd_cap=1, agent_run_label="argo/audited")
+    client = stripe.StripeClient(
+        key["vault_key"] + ".pod-7", base_addresses={"api": proxy_server.url + "/stripe"}
+    )
+    client.v1.payment_intents.create(params={"amount": 100, "currency": "usd"})
+    with pytest.raises(stripe.RateLimitError):
+        client.v1.payment_intents.create(
+            params={"amount": 100, "currency": "usd", "metadata": {"a": "b"}}
+        )
+    code, out, _ = run(proxy_server, "audit", "--workflow", "audited", "-o", "json")
+    rows = json.loads(out)
+    assert code == 0 and [r["decision"] for r in rows] == ["cap_hit", "forwarded"]
+    code, out, _ = run(proxy_server, "audit", "--key", key["key_id"], "-o", "csv", "--since", "1h")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 2
+    code, out, _ = run(proxy_server, "audit", "--workflow", "audited", "-o", "table")
+    assert code == 0 and "pod-7" in out and "cap_hit" in out
+    code, _, err = run(proxy_server, "audit", "--since", "yesterday")
+    assert code == 2 and "--since" in err
+
+
+def test_watch_exits_when_every_key_is_revoked(proxy_server: ProxyProcess) -> None:
+    key = proxy_server.issue(agent_run_label="argo/watched")
+    env = {**proxy_server.env, "KEYBRAKE_URL": proxy_server.url, "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "keybrake.cli",
+            "watch",
+            "--workflow",
+            "watched",
+            "--interval",
+            "0.1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "watching argo/watched" in proc.stderr.readline()  # it is running
+    with proxy_server.admin() as admin:
+        admin.delete(f"/vault/keys/{key['key_id']}")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "every key of argo/watched is revoked or expired" in out
+
+
+def test_version_and_help_examples() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0 and result.stdout.strip() == "0.1.0"
+    commands = [
+        ["serve"],
+        ["keys", "issue"],
+        ["keys", "list"],
+        ["keys", "show"],
+        ["revoke"],
+        ["audit"],
+        ["watch"],
+        ["demo"],
+        ["version"],
+    ]
+    for command in commands:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, command
+        assert "Example" in result.stdout, command
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "keybrake.cli", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "300 succeeded, 200 hit the cap" in out
+    assert "localstripe holds 300 PaymentIntents" in out
+    assert "revoked 1 key(s)" in out
+    assert "refused (HTTP 401" in out
+    assert "demo finished" in out
