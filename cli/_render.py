@@ -32,6 +32,9 @@ def keys_table(keys: list[KeyInfo]) -> Table:
     ):
         numeric = column in {"SPENT", "CAP", "CALLS", "CAP HITS"}
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    # Ids and labels are what people copy into the next command: never fold them.
+    table.columns[0].min_width = max((len(k.key_id) for k in keys), default=6)
+    table.columns[1].min_width = min(max((len(k.agent_run_label) for k in keys), default=5), 48)
     for key in keys:
         table.add_row(
             key.key_id,
@@ -42,7 +45,7 @@ def keys_table(keys: list[KeyInfo]) -> Table:
             f"${key.daily_usd_cap}",
             str(key.calls),
             str(key.cap_hits),
-            key.expires_at[:19].replace("T", " "),
+            key.expires_at[:16].replace("T", " "),
         )
     return table
 
@@ -89,6 +92,7 @@ def audit_table(rows: list[AuditRow]) -> Table:
     ):
         numeric = column in {"STATUS", "USD"}
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    table.columns[1].min_width = min(max((len(r.caller_tag or "") for r in rows), default=8), 48)
     for row in rows:
         decision = row.decision
         if decision != "forwarded":
