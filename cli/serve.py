@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 
 import typer
 import uvicorn
@@ -70,16 +71,35 @@ def serve(
         f"(workers: {workers}, database: {database}, vendors: {vendors})",
         soft_wrap=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         "keybrake.proxy.asgi:create_app",
         factory=True,
         host=host,
         port=port,
-        fd=fd,
         workers=workers,
         log_level=log_level,
         access_log=False,
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.upstream_timeout) + 5,
     )
+    if fd is None:
+        if workers == 1:
+            uvicorn.Server(config).run()
+        else:
+            _multiprocess(config, None)
+        return
+    # socket(fileno=) keeps the socket's real family; uvicorn's own --fd assumes AF_UNIX, which
+    # leaves Nagle on for TCP and costs ~40 ms per small response.
+    sock = socket.socket(fileno=fd)
+    if workers == 1:
+        uvicorn.Server(config).run(sockets=[sock])
+    else:
+        _multiprocess(config, sock)
+
+
+def _multiprocess(config: uvicorn.Config, sock: socket.socket | None) -> None:
+    from uvicorn.supervisors import Multiprocess
+
+    server = uvicorn.Server(config)
+    Multiprocess(config, target=server.run, sockets=[sock or config.bind_socket()]).run()

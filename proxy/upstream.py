@@ -1,7 +1,8 @@
 """The HTTP client towards vendors: one aiohttp session, bounded pool, timeouts and body limits.
 
-aiohttp rather than httpx here by measurement (docs/benchmarks.md): on this fan-out workload the
-httpx AsyncClient forwarded ~10x fewer requests per second. httpx stays the client of the CLI.
+aiohttp rather than httpx here by measurement: on this 2-core machine a bare Starlette passthrough
+at 16 connections forwarded 745 req/s (p50 19 ms) with httpx.AsyncClient and 7,367 req/s (p50
+2.2 ms) with an aiohttp session. httpx stays the client of the CLI and the tests.
 """
 
 from __future__ import annotations
