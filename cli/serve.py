@@ -101,5 +101,4 @@ def serve(
 def _multiprocess(config: uvicorn.Config, sock: socket.socket | None) -> None:
     from uvicorn.supervisors import Multiprocess
 
-    server = uvicorn.Server(config)
-    Multiprocess(config, target=server.run, sockets=[sock or config.bind_socket()]).run()
+    Multiprocess(config, sockets=[sock or config.bind_socket()]).run()

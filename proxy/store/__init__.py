@@ -26,7 +26,7 @@ def open_store(url: str) -> Store:
         return SQLiteStore(path)
     if url.startswith(("postgresql://", "postgres://")):
         try:
-            from keybrake.proxy.store.postgres import PostgresStore  # type: ignore[import-not-found]
+            from keybrake.proxy.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError("PostgreSQL support is not available in this build") from exc
         store: Store = PostgresStore(url)

@@ -1,0 +1,569 @@
+"""PostgreSQL store, for several proxy replicas sharing one database.
+
+Each request-path operation is one round trip: a server-side function (`keybrake_reserve`,
+`keybrake_settle`) runs the whole transaction. `keybrake_reserve` first upserts the key's spend row
+for the day, which takes that row's lock: calls of one key serialise there, so the cap check that
+follows (a conditional UPDATE) is exact across replicas, and because each transaction locks a single
+spend row, hot keys queue but cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+
+from keybrake.proxy.decisions import REFUSALS
+from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.store.base import (
+    Admission,
+    AuditFilter,
+    AuditRecord,
+    KeyRecord,
+    KeyUsage,
+    KeyView,
+    Reservation,
+    Settlement,
+    StoredResponse,
+)
+
+__all__ = ["MIGRATIONS", "PostgresStore"]
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE vault_keys (
+        key_id text PRIMARY KEY,
+        key_hash bytea NOT NULL UNIQUE,
+        vendor text NOT NULL,
+        label text NOT NULL,
+        daily_cap_micros bigint NOT NULL,
+        max_per_call_micros bigint,
+        allowed_endpoints jsonb NOT NULL,
+        metadata jsonb NOT NULL,
+        dedupe_window_s integer NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        revoked_at timestamptz
+    );
+    CREATE INDEX vault_keys_label ON vault_keys (label);
+    CREATE TABLE spend (
+        key_id text NOT NULL,
+        day text NOT NULL,
+        settled_micros bigint NOT NULL DEFAULT 0,
+        reserved_micros bigint NOT NULL DEFAULT 0,
+        calls bigint NOT NULL DEFAULT 0,
+        cap_hits bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, day)
+    );
+    CREATE TABLE replays (
+        key_id text NOT NULL,
+        kind text NOT NULL,
+        token text NOT NULL,
+        request_hash text NOT NULL,
+        created_at timestamptz NOT NULL,
+        status integer,
+        headers jsonb,
+        body bytea,
+        PRIMARY KEY (key_id, kind, token)
+    );
+    CREATE TABLE counted_objects (
+        vendor text NOT NULL,
+        object_id text NOT NULL,
+        PRIMARY KEY (vendor, object_id)
+    );
+    CREATE TABLE audit (
+        id bigserial PRIMARY KEY,
+        ts timestamptz NOT NULL,
+        key_id text,
+        label text,
+        vendor text NOT NULL,
+        method text NOT NULL,
+        path text NOT NULL,
+        status integer NOT NULL,
+        decision text NOT NULL,
+        reserved_micros bigint NOT NULL DEFAULT 0,
+        settled_micros bigint NOT NULL DEFAULT 0,
+        amount bigint,
+        currency text,
+        vendor_request_id text,
+        idempotency_key text,
+        latency_ms double precision,
+        caller_tag text,
+        day text
+    );
+    CREATE INDEX audit_key ON audit (key_id, id);
+    CREATE INDEX audit_label ON audit (label, id);
+    CREATE INDEX audit_ts ON audit (ts);
+    CREATE INDEX audit_in_flight ON audit (ts) WHERE decision = 'in_flight';
+
+    CREATE FUNCTION keybrake_reserve(
+        p_key_id text, p_day text, p_now timestamptz, p_cost bigint, p_idem text, p_hash text,
+        p_priced boolean, p_vendor text, p_method text, p_path text, p_tag text,
+        p_amount bigint, p_currency text, p_statuses jsonb
+    ) RETURNS TABLE (o_decision text, o_audit_id bigint, o_status integer, o_headers jsonb,
+                     o_body bytea)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        k record;
+        d text := 'forwarded';
+        rep_status integer;
+        rep_headers jsonb;
+        rep_body bytea;
+        rep_hash text;
+        dedupe boolean := false;
+        aid bigint;
+    BEGIN
+        -- Lock this key's spend row first: every call of the key serialises here.
+        INSERT INTO spend (key_id, day, calls) VALUES (p_key_id, p_day, 1)
+            ON CONFLICT (key_id, day) DO UPDATE SET calls = spend.calls + 1;
+        SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s,
+               label INTO k FROM vault_keys WHERE key_id = p_key_id;
+        IF NOT FOUND OR k.revoked_at IS NOT NULL THEN
+            d := 'revoked';
+        ELSIF k.expires_at <= p_now THEN
+            d := 'expired';
+        ELSE
+            dedupe := p_priced AND k.dedupe_window_s > 0;
+            IF p_idem IS NOT NULL THEN
+                SELECT request_hash, status, headers, body INTO rep_hash, rep_status, rep_headers,
+                       rep_body FROM replays
+                 WHERE key_id = p_key_id AND kind = 'idempotency' AND token = p_idem;
+                IF FOUND THEN
+                    IF rep_hash <> p_hash THEN d := 'idempotency_mismatch';
+                    ELSIF rep_status IS NULL THEN d := 'in_progress';
+                    ELSE d := 'replayed';
+                    END IF;
+                END IF;
+            END IF;
+            IF d = 'forwarded' AND dedupe THEN
+                SELECT status, headers, body INTO rep_status, rep_headers, rep_body FROM replays
+                 WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_hash
+                   AND created_at >= p_now - make_interval(secs => k.dedupe_window_s);
+                IF FOUND THEN
+                    d := CASE WHEN rep_status IS NULL THEN 'in_progress' ELSE 'deduplicated' END;
+                END IF;
+            END IF;
+            IF d = 'forwarded' AND k.max_per_call_micros IS NOT NULL
+               AND p_cost > k.max_per_call_micros THEN
+                d := 'per_call_cap_hit';
+            ELSIF d = 'forwarded' AND p_cost > 0 THEN
+                UPDATE spend SET reserved_micros = reserved_micros + p_cost
+                 WHERE key_id = p_key_id AND day = p_day
+                   AND settled_micros + reserved_micros + p_cost <= k.daily_cap_micros;
+                IF NOT FOUND THEN d := 'cap_hit'; END IF;
+            END IF;
+        END IF;
+        IF d IN ('cap_hit', 'per_call_cap_hit') THEN
+            UPDATE spend SET cap_hits = cap_hits + 1 WHERE key_id = p_key_id AND day = p_day;
+        END IF;
+        IF d NOT IN ('replayed', 'deduplicated') THEN
+            rep_status := NULL; rep_headers := NULL; rep_body := NULL;
+        END IF;
+        INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
+                           reserved_micros, amount, currency, idempotency_key, caller_tag, day)
+        VALUES (p_now, p_key_id, k.label, p_vendor, p_method, p_path,
+                COALESCE(rep_status, (p_statuses ->> d)::integer, 0),
+                CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
+                CASE WHEN d = 'forwarded' THEN p_cost ELSE 0 END,
+                p_amount, p_currency, p_idem, p_tag, p_day)
+        RETURNING id INTO aid;
+        IF d = 'forwarded' THEN
+            IF p_idem IS NOT NULL THEN
+                INSERT INTO replays (key_id, kind, token, request_hash, created_at)
+                VALUES (p_key_id, 'idempotency', p_idem, p_hash, p_now)
+                ON CONFLICT (key_id, kind, token) DO UPDATE
+                   SET request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at,
+                       status = NULL, headers = NULL, body = NULL;
+            END IF;
+            IF dedupe THEN
+                INSERT INTO replays (key_id, kind, token, request_hash, created_at)
+                VALUES (p_key_id, 'dedupe', p_hash, p_hash, p_now)
+                ON CONFLICT (key_id, kind, token) DO UPDATE
+                   SET created_at = EXCLUDED.created_at, status = NULL, headers = NULL,
+                       body = NULL;
+            END IF;
+        END IF;
+        RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body;
+    END
+    $fn$;
+
+    CREATE FUNCTION keybrake_settle(
+        p_audit_id bigint, p_key_id text, p_day text, p_vendor text, p_reserved bigint,
+        p_settled bigint, p_status integer, p_decision text, p_request_id text,
+        p_latency double precision, p_idem text, p_hash text, p_dedupe boolean,
+        p_keep boolean, p_headers jsonb, p_body bytea, p_counts text[]
+    ) RETURNS void
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        IF p_reserved <> 0 OR p_settled <> 0 THEN
+            UPDATE spend SET reserved_micros = reserved_micros - p_reserved,
+                             settled_micros = settled_micros + p_settled
+             WHERE key_id = p_key_id AND day = p_day;
+        END IF;
+        UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
+                         vendor_request_id = p_request_id, latency_ms = p_latency
+         WHERE id = p_audit_id;
+        IF p_keep THEN
+            UPDATE replays SET status = p_status, headers = p_headers, body = p_body
+             WHERE key_id = p_key_id
+               AND ((kind = 'idempotency' AND token = p_idem)
+                    OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
+        ELSE
+            DELETE FROM replays
+             WHERE key_id = p_key_id
+               AND ((kind = 'idempotency' AND token = p_idem)
+                    OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
+        END IF;
+        IF p_counts IS NOT NULL AND array_length(p_counts, 1) > 0 THEN
+            INSERT INTO counted_objects (vendor, object_id)
+            SELECT p_vendor, unnest(p_counts) ON CONFLICT DO NOTHING;
+        END IF;
+    END
+    $fn$;
+    """,
+]
+
+_STATUSES = json.dumps({name: status for name, (status, _, _) in REFUSALS.items()})
+_KEY_COLUMNS = (
+    "k.key_id, k.key_hash, k.vendor, k.label, k.daily_cap_micros, k.max_per_call_micros, "
+    "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, k.revoked_at"
+)
+_AUDIT_COLUMNS = (
+    "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
+    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag"
+)
+# Any advisory-lock number will do, as long as every replica uses the same one.
+_MIGRATION_LOCK = 0x6B657962
+
+
+def _key(row: asyncpg.Record) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        key_hash=bytes(row["key_hash"]),
+        vendor=row["vendor"],
+        label=row["label"],
+        daily_cap_micros=row["daily_cap_micros"],
+        max_per_call_micros=row["max_per_call_micros"],
+        allowed_endpoints=tuple(json.loads(row["allowed_endpoints"])),
+        metadata=json.loads(row["metadata"]),
+        dedupe_window_s=row["dedupe_window_s"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _audit(row: asyncpg.Record) -> AuditRecord:
+    return AuditRecord(
+        id=row["id"],
+        ts=row["ts"],
+        key_id=row["key_id"],
+        label=row["label"],
+        vendor=row["vendor"],
+        method=row["method"],
+        path=row["path"],
+        status=row["status"],
+        decision=row["decision"],
+        reserved_micros=row["reserved_micros"],
+        settled_micros=row["settled_micros"],
+        amount=row["amount"],
+        currency=row["currency"],
+        vendor_request_id=row["vendor_request_id"],
+        idempotency_key=row["idempotency_key"],
+        latency_ms=row["latency_ms"],
+        caller_tag=row["caller_tag"],
+    )
+
+
+async def migrate_connection(conn: asyncpg.Connection) -> int:
+    """Apply pending migrations under an advisory lock, so replicas starting together are safe."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await conn.execute(script)
+            await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
+    return len(MIGRATIONS)
+
+
+class PostgresStore:
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncpg.connect(self.url, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            await migrate_connection(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.url,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            command_timeout=10,
+            init=_init_connection,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> None:
+        await self._run(lambda c: c.fetchval("SELECT 1"))
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL pool is not open")
+        try:
+            async with self._pool.acquire(timeout=10) as conn:
+                return await fn(conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"database call failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    async def create_key(self, key: KeyRecord) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
+                "max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, created_at, "
+                "expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                key.key_id,
+                key.key_hash,
+                key.vendor,
+                key.label,
+                key.daily_cap_micros,
+                key.max_per_call_micros,
+                json.dumps(list(key.allowed_endpoints)),
+                json.dumps(key.metadata),
+                key.dedupe_window_s,
+                key.created_at,
+                key.expires_at,
+            )
+        )
+
+    async def find_key(self, key_hash: bytes) -> KeyRecord | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                f"SELECT {_KEY_COLUMNS} FROM vault_keys k WHERE k.key_hash = $1", key_hash
+            )
+        )
+        return _key(row) if row else None
+
+    async def _views(self, where: str, args: list[Any], day: str, limit: int) -> list[KeyView]:
+        sql = (
+            f"SELECT {_KEY_COLUMNS}, s.settled_micros, s.reserved_micros, s.calls, s.cap_hits "
+            "FROM vault_keys k LEFT JOIN spend s ON s.key_id = k.key_id AND s.day = $1 "
+            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}"
+        )
+        rows = await self._run(lambda c: c.fetch(sql, day, *args))
+        return [
+            KeyView(
+                _key(row),
+                KeyUsage(
+                    day,
+                    row["settled_micros"] or 0,
+                    row["reserved_micros"] or 0,
+                    row["calls"] or 0,
+                    row["cap_hits"] or 0,
+                ),
+            )
+            for row in rows
+        ]
+
+    async def get_key(self, key_id: str, day: str) -> KeyView | None:
+        views = await self._views("k.key_id = $2", [key_id], day, 1)
+        return views[0] if views else None
+
+    async def list_keys(
+        self,
+        *,
+        day: str,
+        now: datetime,
+        label: str | None = None,
+        vendor: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[KeyView]:
+        where, args = ["true"], list[Any]()
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args) + 1}"
+
+        if label is not None:
+            where.append(f"k.label = {arg(label)}")
+        if vendor is not None:
+            where.append(f"k.vendor = {arg(vendor)}")
+        if status == "revoked":
+            where.append("k.revoked_at IS NOT NULL")
+        elif status == "expired":
+            where.append(f"k.revoked_at IS NULL AND k.expires_at <= {arg(now)}")
+        elif status == "active":
+            where.append(f"k.revoked_at IS NULL AND k.expires_at > {arg(now)}")
+        return await self._views(" AND ".join(where), args, day, limit)
+
+    async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
+        async def op(c: asyncpg.Connection) -> bool | None:
+            done = await c.fetchval(
+                "UPDATE vault_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL "
+                "RETURNING true",
+                now,
+                key_id,
+            )
+            if done:
+                return True
+            exists = await c.fetchval("SELECT true FROM vault_keys WHERE key_id = $1", key_id)
+            return False if exists else None
+
+        return await self._run(op)
+
+    async def revoke_label(self, label: str, now: datetime) -> list[str]:
+        rows = await self._run(
+            lambda c: c.fetch(
+                "UPDATE vault_keys SET revoked_at = $1 WHERE label = $2 AND revoked_at IS NULL "
+                "AND expires_at > $1 RETURNING key_id",
+                now,
+                label,
+            )
+        )
+        return [row["key_id"] for row in rows]
+
+    # -- the request path ----------------------------------------------------------------------
+
+    async def reserve(self, r: Reservation) -> Admission:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT * FROM keybrake_reserve($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+                r.key.key_id,
+                r.day,
+                r.now,
+                r.cost_micros,
+                r.idempotency_key,
+                r.request_hash,
+                r.priced,
+                r.vendor,
+                r.method,
+                r.path,
+                r.caller_tag,
+                r.amount,
+                r.currency,
+                _STATUSES,
+            )
+        )
+        assert row is not None
+        replay = None
+        if row["o_status"] is not None:
+            headers = [tuple(h) for h in json.loads(row["o_headers"])]
+            replay = StoredResponse(row["o_status"], headers, bytes(row["o_body"]))
+        return Admission(row["o_decision"], row["o_audit_id"], replay)
+
+    async def settle(self, s: Settlement) -> None:
+        response = s.response
+        await self._run(
+            lambda c: c.execute(
+                "SELECT keybrake_settle("
+                "$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)",
+                s.audit_id,
+                s.key_id,
+                s.day,
+                s.vendor,
+                s.reserved_micros,
+                s.settled_micros,
+                s.status,
+                s.decision,
+                s.vendor_request_id,
+                s.latency_ms,
+                s.idempotency_key,
+                s.request_hash,
+                s.dedupe,
+                response is not None,
+                json.dumps(response.headers) if response else None,
+                response.body if response else None,
+                list(s.counts),
+            )
+        )
+
+    async def record(self, row: AuditRecord) -> int:
+        audit_id = await self._run(
+            lambda c: c.fetchval(
+                "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
+                "reserved_micros, settled_micros, amount, currency, vendor_request_id, "
+                "idempotency_key, latency_ms, caller_tag) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) RETURNING id",
+                row.ts,
+                row.key_id,
+                row.label,
+                row.vendor,
+                row.method,
+                row.path,
+                row.status,
+                row.decision,
+                row.reserved_micros,
+                row.settled_micros,
+                row.amount,
+                row.currency,
+                row.vendor_request_id,
+                row.idempotency_key,
+                row.latency_ms,
+                row.caller_tag,
+            )
+        )
+        return int(audit_id)
+
+    async def is_counted(self, vendor: str, object_id: str) -> bool:
+        found = await self._run(
+            lambda c: c.fetchval(
+                "SELECT true FROM counted_objects WHERE vendor = $1 AND object_id = $2",
+                vendor,
+                object_id,
+            )
+        )
+        return bool(found)
+
+    async def audit(self, query: AuditFilter) -> list[AuditRecord]:
+        where, args = ["true"], list[Any]()
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        for column, value in (
+            ("key_id", query.key_id),
+            ("label", query.label),
+            ("vendor", query.vendor),
+            ("decision", query.decision),
+        ):
+            if value is not None:
+                where.append(f"{column} = {arg(value)}")
+        if query.labels:
+            where.append(f"label = ANY({arg(list(query.labels))})")
+        if query.since is not None:
+            where.append(f"ts >= {arg(query.since)}")
+        if query.after_id is not None:
+            where.append(f"id > {arg(query.after_id)}")
+        sql = (
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+            f"ORDER BY id DESC LIMIT {int(query.limit)}"
+        )
+        rows = await self._run(lambda c: c.fetch(sql, *args))
+        return [_audit(row) for row in rows]
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
