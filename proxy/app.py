@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -67,13 +68,29 @@ def build_app(
 
     forward = _ForwardEndpoint(pipeline, settings.max_body_bytes)
 
+    if settings.reservation_ttl_delta.total_seconds() <= settings.upstream_timeout:
+        raise ConfigError(
+            f"KEYBRAKE_RESERVATION_TTL ({settings.reservation_ttl}) must be longer than "
+            f"KEYBRAKE_UPSTREAM_TIMEOUT ({settings.upstream_timeout}s), or live calls get swept"
+        )
+
+    async def sweep_forever() -> None:
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                await store.sweep(clock() - settings.reservation_ttl_delta)
+            await asyncio.sleep(30)  # a maintenance period, not synchronisation
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
         await upstream.start()
+        sweeper = asyncio.create_task(sweep_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await upstream.close()
             await store.close()
 

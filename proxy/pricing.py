@@ -21,12 +21,26 @@ import yaml
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import usd_to_micros
 
-__all__ = ["PricingTable", "Unpriceable", "load_pricing"]
+__all__ = ["PricingEntryError", "PricingTable", "Unpriceable", "load_pricing"]
 
 
 class Unpriceable(Exception):
     """The cost of this call cannot be known, so it is refused (fail closed); the message says
     how an operator prices it."""
+
+
+class PricingEntryError(ValueError):
+    """A bad entry in a vendor's pricing section, raised by its `validate_pricing`.
+
+    `entry` is the entry's key as written in the file and `table` the sub-table holding it
+    (`"sms"` for `[twilio.sms]`), so the loader names the right line even when the same key (a
+    destination prefix, say) appears in several tables.
+    """
+
+    def __init__(self, message: str, *, entry: str, table: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+        self.table = table
 
 
 @dataclass(frozen=True)
@@ -76,9 +90,19 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _line_of(text: str, needle: str) -> str:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
+def _line_of(text: str, needle: str, after: str | None = None) -> str:
+    """` (line N)` of the first non-comment line holding `needle`, searching from the header of
+    sub-table `after` (`[vendor.after]` in TOML, `after:` in YAML) when one is given."""
+    lines = text.splitlines()
+    start = 0
+    if after:
+        for index, line in enumerate(lines):
+            stripped = line.strip()
+            if stripped.endswith((f".{after}]", f".{after}]]")) or stripped.startswith(f"{after}:"):
+                start = index + 1
+                break
+    for number, line in enumerate(lines[start:], start=start + 1):
+        if needle in line and not line.lstrip().startswith("#"):
             return f" (line {number})"
     return ""
 
@@ -151,6 +175,9 @@ def load_pricing(
             )
         try:
             check(section)
+        except PricingEntryError as exc:
+            where = _line_of(text, exc.entry, after=exc.table)
+            raise ConfigError(f"{source}{where}: [{name}] {exc}") from exc
         except ValueError as exc:
             bad = str(exc).split("'")[1] if "'" in str(exc) else name
             raise ConfigError(f"{source}{_line_of(text, bad)}: [{name}] {exc}") from exc

@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, description="Largest request body forwarded.")
     upstream_timeout: float = Field(60.0, description="Seconds to wait for a vendor.")
     upstream_connections: int = Field(256, description="Connection pool size per vendor.")
+    reservation_ttl: str = Field(
+        "5m",
+        description="A reservation still in flight after this long belongs to a dead process and "
+        "is counted as spent by the sweep; keep it well above the upstream timeout.",
+    )
 
-    @field_validator("max_ttl", "dedupe_window")
+    @field_validator("max_ttl", "dedupe_window", "reservation_ttl")
     @classmethod
     def _duration(cls, value: str) -> str:
         if value.strip() != "0":
@@ -74,6 +79,10 @@ class Settings(BaseSettings):
     @property
     def max_ttl_delta(self) -> timedelta:
         return parse_duration(self.max_ttl)
+
+    @property
+    def reservation_ttl_delta(self) -> timedelta:
+        return parse_duration(self.reservation_ttl)
 
     @property
     def dedupe_window_seconds(self) -> int:

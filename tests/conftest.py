@@ -49,3 +49,12 @@ def fake_proxy(tmp_path: Path, fake_stripe: FakeStripe) -> Iterator[ProxyProcess
     )
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (skips without a server, fails instead in CI)."""
+    from tests.pg import pg_database
+
+    with pg_database() as url:
+        yield url

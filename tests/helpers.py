@@ -20,16 +20,20 @@ class FanOutResult:
         return Counter(type(e).__name__ for e in self.errors)
 
 
-async def _fan_out(vault_key: str, base: str, count: int, amount: int, run: str) -> FanOutResult:
-    client = stripe.StripeClient(
-        vault_key,
-        base_addresses={"api": base},
-        http_client=stripe.HTTPXClient(),
-        max_network_retries=2,
-    )
+async def _fan_out(
+    vault_key: str, bases: list[str], count: int, amount: int, run: str
+) -> FanOutResult:
+    http_client = stripe.HTTPXClient()
+    clients = [
+        stripe.StripeClient(
+            vault_key, base_addresses={"api": base}, http_client=http_client, max_network_retries=2
+        )
+        for base in bases
+    ]
     result = FanOutResult()
 
     async def one(index: int) -> None:
+        client = clients[index % len(clients)]  # pods spread over the replicas
         try:
             intent = await client.v1.payment_intents.create_async(
                 params={
@@ -47,10 +51,12 @@ async def _fan_out(vault_key: str, base: str, count: int, amount: int, run: str)
 
 
 def fan_out(
-    vault_key: str, base: str, count: int, amount: int = 100, run: str = "t"
+    vault_key: str, base: str | list[str], count: int, amount: int = 100, run: str = "t"
 ) -> FanOutResult:
-    """`count` concurrent PaymentIntents of `amount` cents through the official SDK (async)."""
-    return asyncio.run(_fan_out(vault_key, base, count, amount, run))
+    """`count` concurrent PaymentIntents of `amount` cents through the official SDK (async),
+    spread round-robin over one or several proxy base URLs."""
+    bases = [base] if isinstance(base, str) else base
+    return asyncio.run(_fan_out(vault_key, bases, count, amount, run))
 
 
 def localstripe_intents(url: str, run: str | None = None) -> list[dict[str, Any]]:

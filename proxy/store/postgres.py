@@ -200,14 +200,22 @@ MIGRATIONS: list[str] = [
     ) RETURNS void
     LANGUAGE plpgsql AS $fn$
     BEGIN
-        IF p_reserved <> 0 OR p_settled <> 0 THEN
+        UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
+                         vendor_request_id = p_request_id, latency_ms = p_latency
+         WHERE id = p_audit_id AND decision = 'in_flight';
+        IF FOUND THEN
             UPDATE spend SET reserved_micros = reserved_micros - p_reserved,
                              settled_micros = settled_micros + p_settled
              WHERE key_id = p_key_id AND day = p_day;
+        ELSE
+            -- A sweep already counted this reservation as spent: correct it to the outcome.
+            UPDATE audit SET status = p_status, decision = p_decision,
+                             settled_micros = p_settled, vendor_request_id = p_request_id,
+                             latency_ms = p_latency
+             WHERE id = p_audit_id;
+            UPDATE spend SET settled_micros = settled_micros + p_settled - p_reserved
+             WHERE key_id = p_key_id AND day = p_day;
         END IF;
-        UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
-                         vendor_request_id = p_request_id, latency_ms = p_latency
-         WHERE id = p_audit_id;
         IF p_keep THEN
             UPDATE replays SET status = p_status, headers = p_headers, body = p_body
              WHERE key_id = p_key_id
@@ -525,6 +533,27 @@ class PostgresStore:
             )
         )
         return int(audit_id)
+
+    async def sweep(self, older_than: datetime) -> int:
+        async def op(c: asyncpg.Connection) -> int:
+            async with c.transaction():
+                rows = await c.fetch(
+                    "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
+                    "WHERE id IN (SELECT id FROM audit WHERE decision = 'in_flight' AND ts < $1 "
+                    "ORDER BY id FOR UPDATE) RETURNING key_id, day, reserved_micros",
+                    older_than,
+                )
+                for row in rows:
+                    await c.execute(
+                        "UPDATE spend SET reserved_micros = reserved_micros - $1, "
+                        "settled_micros = settled_micros + $1 WHERE key_id = $2 AND day = $3",
+                        row["reserved_micros"],
+                        row["key_id"],
+                        row["day"],
+                    )
+                return len(rows)
+
+        return await self._run(op)
 
     async def is_counted(self, vendor: str, object_id: str) -> bool:
         found = await self._run(

@@ -453,6 +453,9 @@ class SQLiteStore:
     async def record(self, row: AuditRecord) -> int:
         return await self._write(lambda conn: _insert_audit(conn, row))
 
+    async def sweep(self, older_than: datetime) -> int:
+        return await self._write(lambda conn: _sweep(conn, older_than))
+
     async def is_counted(self, vendor: str, object_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
@@ -615,17 +618,28 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
 
 
 def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
-    if s.reserved_micros or s.settled_micros:
+    outcome = (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms)
+    cur = conn.execute(
+        "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, vendor_request_id = ?, "
+        "latency_ms = ? WHERE id = ? AND decision = 'in_flight'",
+        (*outcome, s.audit_id),
+    )
+    if cur.rowcount:
+        release, charge = s.reserved_micros, s.settled_micros
+    else:
+        # A sweep already counted this reservation as spent; correct it to the real outcome.
+        conn.execute(
+            "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, "
+            "vendor_request_id = ?, latency_ms = ? WHERE id = ?",
+            (*outcome, s.audit_id),
+        )
+        release, charge = 0, s.settled_micros - s.reserved_micros
+    if release or charge:
         conn.execute(
             "UPDATE spend SET reserved_micros = reserved_micros - ?, "
             "settled_micros = settled_micros + ? WHERE key_id = ? AND day = ?",
-            (s.reserved_micros, s.settled_micros, s.key_id, s.day),
+            (release, charge, s.key_id, s.day),
         )
-    conn.execute(
-        "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, vendor_request_id = ?, "
-        "latency_ms = ? WHERE id = ?",
-        (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms, s.audit_id),
-    )
     tokens = []
     if s.idempotency_key:
         tokens.append(("idempotency", s.idempotency_key))
@@ -651,3 +665,24 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
             "INSERT OR IGNORE INTO counted_objects (vendor, object_id) VALUES (?, ?)",
             [(s.vendor, object_id) for object_id in s.counts],
         )
+
+
+def _sweep(conn: sqlite3.Connection, older_than: datetime) -> int:
+    """Count reservations left by a crashed process as spent (the money may have moved)."""
+    stale = conn.execute(
+        "SELECT id, key_id, substr(ts, 1, 10), reserved_micros FROM audit "
+        "WHERE decision = 'in_flight' AND ts < ? ORDER BY id",
+        (format_ts(older_than),),
+    ).fetchall()
+    for audit_id, key_id, day, reserved in stale:
+        conn.execute(
+            "UPDATE spend SET reserved_micros = reserved_micros - ?, "
+            "settled_micros = settled_micros + ? WHERE key_id = ? AND day = ?",
+            (reserved, reserved, key_id, day),
+        )
+        conn.execute(
+            "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
+            "WHERE id = ?",
+            (audit_id,),
+        )
+    return len(stale)

@@ -106,6 +106,14 @@ class Vendor(ABC):
         """Actual cost once the vendor answered (status None: timeout or dropped connection)."""
         return default_settle(cost, status)
 
+    def workload_reply(
+        self, call: VendorCall, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        """The vendor's answer as the workload may see it: the pipeline returns (and stores for
+        replays) what this returns. Default: unchanged. A vendor whose answers name the real
+        account (Twilio's `account_sid`, `uri`) rewrites them back to what the workload sent."""
+        return headers, body
+
     @abstractmethod
     def error(self, status: int, code: str, message: str) -> tuple[bytes, dict[str, str]]:
         """Body and headers of an error the proxy answers itself, shaped like the vendor's."""

@@ -1,0 +1,243 @@
+"""Twilio: HTTP Basic auth, form-encoded bodies, every resource under the account's own path.
+
+Where the vault key sits: it is the Basic-auth password. The username and the account SID in the
+path are a placeholder of the workload's choosing (`"AC" + "0" * 32`); the proxy sends the real
+account SID and auth token instead, rewrites the SID in the path, and rewrites the real SID in
+Twilio's answers (`account_sid`, `uri`, ...) back to the placeholder, so the workload never learns
+either. The account resource itself (`/2010-04-01/Accounts/{sid}.json`, which carries the auth
+token) and paths outside an account are refused.
+
+What a dollar is: a message costs its SMS segments (see `keybrake.proxy.vendors.sms`) times the
+per-segment price of its destination, or the destination's MMS price when it carries media, from
+the `[twilio.sms]` / `[twilio.mms]` tables (longest E.164 prefix wins, `default` for other phone
+numbers). Twilio's answer carries `price` (negative decimal string, usually null at creation):
+the call settles to it when present and keeps the estimate otherwise. Any other write — calls
+above all, billed by the minute — is refused until an operator prices it in `[twilio.endpoints]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Any, ClassVar
+from urllib.parse import parse_qs
+
+from keybrake.proxy.money import usd_to_micros
+from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
+from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
+from keybrake.proxy.vendors.sms import sms_segments
+from keybrake.proxy.vendors.unit_prices import (
+    flat_cost,
+    parse_price,
+    unpriced,
+    validate_endpoints,
+    validate_price_table,
+)
+
+__all__ = ["PLACEHOLDER_SID", "Twilio"]
+
+PLACEHOLDER_SID = "AC" + "0" * 32
+API_VERSION = "2010-04-01"
+_RULES = frozenset({"free", "message"})
+_SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
+_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+# A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
+# whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
+_PREFIX = re.compile(r"^(?:[a-z]+:)?\+[0-9]{0,15}$|^[a-z]+:$")
+_AUTH_TOKEN_FIELD = re.compile(rb'"auth_token"\s*:\s*"[^"]*"')
+_REDACTED = "[redacted by keybrake]"
+
+
+class Twilio(Vendor):
+    name: ClassVar[str] = "twilio"
+    request_id_header: ClassVar[str] = "twilio-request-id"
+    idempotency_header: ClassVar[str | None] = None  # Twilio has none; the dedupe window stands in
+
+    def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
+        super().__init__(credentials, pricing)
+        if not credentials.account:
+            raise ValueError("Twilio needs the real account SID (KEYBRAKE_TWILIO_ACCOUNT_SID)")
+        self.account_sid = credentials.account
+        section = pricing.section(self.name)
+        self.prices = {kind: _destinations(section.get(kind, {})) for kind in ("sms", "mms")}
+
+    @staticmethod
+    def validate_pricing(section: Mapping[str, Any]) -> None:
+        for key in section:
+            if key not in _SECTION_KEYS:
+                raise PricingEntryError(
+                    f"'{key}' is not a Twilio pricing table; known: {sorted(_SECTION_KEYS)}",
+                    entry=str(key),
+                )
+        validate_endpoints(section, _RULES)
+        for table in ("sms", "mms"):
+            validate_price_table(
+                section,
+                table,
+                key_ok=lambda key: key == "default" or bool(_PREFIX.match(key)),
+                key_hint='"default" or an E.164 prefix such as "+44" (or "whatsapp:+44")',
+            )
+
+    # -- auth and paths --------------------------------------------------------------------------
+
+    def presented_key(self, headers: Mapping[str, str]) -> str | None:
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except ValueError:
+            return None
+        return decoded.partition(":")[2] or None
+
+    def upstream_request(self, call: VendorCall) -> tuple[str, dict[str, str]]:
+        parts = call.path.split("/")
+        if len(parts) > 3 and parts[1] == API_VERSION and parts[2] == "Accounts":
+            _, dot, rest = parts[3].partition(".")
+            parts[3] = self.account_sid + dot + rest
+        target = "/".join(parts) + (f"?{call.query}" if call.query else "")
+        basic = base64.b64encode(f"{self.account_sid}:{self.credentials.secret}".encode())
+        return target, {"Authorization": f"Basic {basic.decode()}"}
+
+    def workload_reply(
+        self, call: VendorCall, status: int, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        placeholder = _placeholder(call.path)
+        secret = self.credentials.secret
+        body = body.replace(self.account_sid.encode(), placeholder.encode())
+        body = body.replace(secret.encode(), _REDACTED.encode())
+        body = _AUTH_TOKEN_FIELD.sub(b'"auth_token": null', body)
+        shown = [
+            (k, v.replace(self.account_sid, placeholder).replace(secret, _REDACTED))
+            for k, v in headers
+        ]
+        return shown, body
+
+    # -- cost ------------------------------------------------------------------------------------
+
+    async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
+        _check_path(call.path)
+        if call.method == "GET":
+            return FREE
+        rule = self.rule_for(call.method, call.path)
+        if rule is None:
+            general = "/".join("*" if i == 3 else p for i, p in enumerate(call.path.split("/")))
+            raise unpriced(self.name, call, general)
+        if rule == "free":
+            return FREE
+        if rule == "message":
+            return self._message(_form(call.body))
+        flat = flat_cost(rule)
+        if flat is None:
+            raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
+        return flat
+
+    def _message(self, form: Mapping[str, list[str]]) -> Cost:
+        to = _last(form, "To").strip()
+        if not to:
+            raise Unpriceable("the message names no To, so its destination price is unknown")
+        if _last(form, "ContentSid"):
+            raise Unpriceable(
+                "a message sent from a content template (ContentSid) cannot be priced: the "
+                "proxy cannot count the segments of a body it does not see. Send Body instead."
+            )
+        media = [url for url in form.get("MediaUrl", []) if url.strip()]
+        if media or _last(form, "SendAsMms").lower() == "true":
+            return self._priced("mms", to, 1, "mms")
+        segments = sms_segments(_last(form, "Body"))
+        return self._priced("sms", to, segments.count, "sms_segment")
+
+    def _priced(self, kind: str, to: str, count: int, unit: str) -> Cost:
+        price = self._price(kind, to)
+        return Cost(usd_to_micros(price * count), count, unit, priced=True)
+
+    def _price(self, kind: str, to: str) -> Decimal:
+        prices = self.prices[kind]
+        for prefix, price in prices:
+            if prefix != "default" and to.startswith(prefix):
+                return price
+        if to.startswith("+"):
+            for prefix, price in prices:
+                if prefix == "default":
+                    return price
+        shown = to[:12] + ("…" if len(to) > 12 else "")
+        raise Unpriceable(
+            f"keybrake has no {kind.upper()} price for destination {shown!r}: an operator adds "
+            f'its prefix under [twilio.{kind}] in the pricing file, e.g. "+44" = "0.0524"'
+        )
+
+    def settle(self, call: VendorCall, cost: Cost, status: int | None, body: bytes) -> Cost:
+        actual = default_settle(cost, status)
+        if not cost.priced or status is None or not 200 <= status < 300:
+            return actual
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return actual
+        if not isinstance(answer, dict) or answer.get("price") in (None, ""):
+            return actual  # not billed yet (the usual case at creation): keep the estimate
+        try:
+            price = abs(Decimal(str(answer["price"])))  # Twilio writes charges as negatives
+        except InvalidOperation:
+            return actual
+        rate = self.pricing.fx.get(str(answer.get("price_unit") or "USD").lower())
+        if rate is None or not price.is_finite():
+            return actual
+        return actual.with_micros(usd_to_micros(price * rate))
+
+    def error(self, status: int, code: str, message: str) -> tuple[bytes, dict[str, str]]:
+        # Twilio's own codes for HTTP-level errors: 20003 Authenticate, otherwise 20000 + status
+        # (20403 Forbidden, 20429 Too Many Requests, ...). keybrake's reason rides alongside.
+        twilio_code = 20003 if status == 401 else 20000 + status
+        body = {
+            "code": twilio_code,
+            "message": message,
+            "more_info": f"https://www.twilio.com/docs/errors/{twilio_code}",
+            "status": status,
+            "keybrake_code": code,
+        }
+        return json.dumps(body).encode(), {}
+
+
+def _check_path(path: str) -> None:
+    parts = path.split("/")
+    if len(parts) < 5 or parts[1] != API_VERSION or parts[2] != "Accounts":
+        raise Unpriceable(
+            f"keybrake forwards Twilio resources under /{API_VERSION}/Accounts/{{AccountSid}}/ "
+            "only; the account resource itself (it carries the auth token) and other paths "
+            "are refused."
+        )
+    if not _SID.match(parts[3]):
+        raise Unpriceable(
+            f"the account SID in the path must look like one (AC and 32 hex digits); any "
+            f"placeholder works, e.g. {PLACEHOLDER_SID}"
+        )
+
+
+def _placeholder(path: str) -> str:
+    parts = path.split("/")
+    if len(parts) > 3 and _SID.match(parts[3]):
+        return parts[3]
+    return PLACEHOLDER_SID
+
+
+def _form(body: bytes) -> dict[str, list[str]]:
+    try:
+        return parse_qs(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError as exc:
+        raise Unpriceable("the request body is not UTF-8 form data") from exc
+
+
+def _last(form: Mapping[str, list[str]], name: str) -> str:
+    values = form.get(name)
+    return values[-1] if values else ""
+
+
+def _destinations(table: Mapping[str, Any]) -> tuple[tuple[str, Decimal], ...]:
+    """Prefix → price, longest prefix first, so the first match is the most specific."""
+    entries = [(str(key), parse_price(value, entry=str(key))) for key, value in table.items()]
+    return tuple(sorted(entries, key=lambda entry: len(entry[0]), reverse=True))

@@ -1,0 +1,256 @@
+"""Several proxy replicas over one PostgreSQL database: exact caps, revocation, replays, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from keybrake.proxy.store import open_store
+from tests.fakes.stripe_upstream import FakeStripe
+from tests.fakes.tcp_relay import TcpRelay
+from tests.helpers import fan_out, localstripe_intents
+from tests.inproc import Clock, app_client, issue
+from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
+
+pytestmark = pytest.mark.postgres
+
+
+def replicas(
+    tmp_path: Path, count: int, stripe_base: str, database_url: str, **kw: Any
+) -> list[ProxyProcess]:
+    out = []
+    for index in range(count):
+        workdir = tmp_path / f"replica-{index}"
+        workdir.mkdir()
+        out.append(start_proxy(workdir, stripe_base=stripe_base, database_url=database_url, **kw))
+    return out
+
+
+def stop_all(procs: list[ProxyProcess]) -> None:
+    for proc in procs:
+        proc.stop()
+
+
+def post(
+    proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str
+) -> httpx.Response:
+    return httpx.post(
+        f"{proxy.url}/stripe/v1/payment_intents",
+        data=data,
+        headers={"Authorization": f"Bearer {vault_key}", **headers},
+        timeout=30,
+    )
+
+
+def test_three_replicas_500_calls_exact_cap(
+    tmp_path: Path, pg_url: str, fresh_localstripe: Localstripe
+) -> None:
+    procs = replicas(tmp_path, 3, fresh_localstripe.url, pg_url)
+    try:
+        key = procs[0].issue(daily_usd_cap=300)
+        result = fan_out(key["vault_key"], [p.url + "/stripe" for p in procs], 500, run="replicas")
+        assert len(result.succeeded) == 300
+        assert result.kinds() == {"RateLimitError": 200}
+        assert len(localstripe_intents(fresh_localstripe.url, run="replicas")) == 300
+        with procs[2].admin() as admin:
+            info = admin.get(f"/vault/keys/{key['key_id']}").json()
+            rows = admin.get(
+                "/vault/audit", params={"key_id": key["key_id"], "limit": 1000}
+            ).json()["data"]
+        assert len(rows) == 500
+        assert sum(Decimal(r["settled_usd"]) for r in rows) == Decimal(300)
+        assert info["spent_usd"] == "300.00" and info["reserved_usd"] == "0.00"
+        assert info["calls"] == 500 and info["cap_hits"] == 200
+    finally:
+        stop_all(procs)
+
+
+def test_revoke_through_one_replica_refuses_on_the_others(
+    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
+) -> None:
+    a, b, c = procs = replicas(tmp_path, 3, fake_stripe.url, pg_url)
+    try:
+        key = a.issue(daily_usd_cap=10)
+        for proxy in procs:  # warm every replica's key cache first
+            assert (
+                post(
+                    proxy, key["vault_key"], {"amount": "1", "currency": "usd", "m": proxy.url}
+                ).status_code
+                == 200
+            )
+        with a.admin() as admin:
+            assert admin.delete(f"/vault/keys/{key['key_id']}").status_code == 200
+        for proxy in (b, c):
+            refused = post(
+                proxy, key["vault_key"], {"amount": "1", "currency": "usd", "x": "after"}
+            )
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "keybrake_key_revoked"
+    finally:
+        stop_all(procs)
+
+
+def test_replays_and_dedupe_work_across_replicas(
+    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
+) -> None:
+    a, b = procs = replicas(tmp_path, 2, fake_stripe.url, pg_url)
+    try:
+        key = a.issue(daily_usd_cap=10)
+        body = {"amount": "100", "currency": "usd"}
+        first = post(a, key["vault_key"], body, **{"Idempotency-Key": "retry-me"})
+        again = post(b, key["vault_key"], body, **{"Idempotency-Key": "retry-me"})
+        assert first.json() == again.json() and again.headers["x-keybrake-replayed"] == "replayed"
+        pod = {"amount": "200", "currency": "usd", "metadata[item]": "9"}
+        one = post(a, key["vault_key"], pod, **{"Idempotency-Key": "sdk-1"})
+        two = post(b, key["vault_key"], pod, **{"Idempotency-Key": "sdk-2"})  # the pod's retry
+        assert one.json() == two.json() and two.headers["x-keybrake-replayed"] == "deduplicated"
+        assert fake_stripe.count("POST", "/v1/payment_intents") == 2
+        with b.admin() as admin:
+            assert admin.get(f"/vault/keys/{key['key_id']}").json()["spent_usd"] == "3.00"
+    finally:
+        stop_all(procs)
+
+
+def test_daily_window_and_expiry_on_postgres(
+    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
+) -> None:
+    clock = Clock(datetime(2026, 11, 26, 23, 59, 0, tzinfo=UTC))
+    with app_client(
+        tmp_path, clock, database_url=pg_url, stripe_api_base=fake_stripe.url
+    ) as client:
+        key = issue(client, daily_usd_cap=2, expires_in="90s")
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+
+        def charge(item: str) -> int:
+            form = {"amount": "100", "currency": "usd", "metadata[item]": item}
+            return client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code
+
+        assert [charge("1"), charge("2"), charge("3")] == [200, 200, 429]
+        clock.advance(seconds=60)
+        assert client.get(f"/vault/keys/{key['key_id']}").json()["spent_usd"] == "0.00"
+        assert [charge("4"), charge("5"), charge("6")] == [200, 200, 429]
+        clock.advance(seconds=30)
+        assert charge("7") == 401
+
+
+def test_kill_9_of_a_replica_keeps_its_reservation_until_the_sweep(
+    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
+) -> None:
+    a, b = procs = replicas(tmp_path, 2, fake_stripe.url, pg_url)
+    try:
+        key = a.issue(daily_usd_cap=10)
+        fake_stripe.hold()
+        lost: list[str] = []
+
+        def in_flight() -> None:
+            try:
+                post(a, key["vault_key"], {"amount": "700", "currency": "usd"})
+            except httpx.HTTPError as exc:
+                lost.append(type(exc).__name__)
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        assert fake_stripe.arrived.wait(timeout=30)
+        a.kill9()
+        thread.join()
+        assert lost
+        fake_stripe.release()
+        # B keeps serving, and A's $7 stays counted: only $3 is left.
+        assert post(b, key["vault_key"], {"amount": "300", "currency": "usd"}).status_code == 200
+        capped = post(b, key["vault_key"], {"amount": "1", "currency": "usd"})
+        assert capped.status_code == 429 and capped.headers["x-keybrake-cap-hit"] == "true"
+        with b.admin() as admin:
+            info = admin.get(f"/vault/keys/{key['key_id']}").json()
+        assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "7.00")
+
+        async def sweep() -> int:
+            store = open_store(pg_url)
+            await store.open()
+            try:
+                return await store.sweep(datetime.now(UTC) + timedelta(minutes=10))
+            finally:
+                await store.close()
+
+        assert asyncio.run(sweep()) == 1
+        with b.admin() as admin:
+            info = admin.get(f"/vault/keys/{key['key_id']}").json()
+            rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+        assert (info["spent_usd"], info["reserved_usd"]) == ("10.00", "0.00")
+        assert "reconciled" in {r["decision"] for r in rows}
+    finally:
+        stop_all(procs)
+
+
+def test_database_outage_fails_closed_and_recovers(
+    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
+) -> None:
+    relay = TcpRelay("127.0.0.1", 5432)
+    url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=url)
+    try:
+        key = proxy.issue(daily_usd_cap=10)
+        assert (
+            post(proxy, key["vault_key"], {"amount": "100", "currency": "usd"}).status_code == 200
+        )
+        before = fake_stripe.count("POST", "/v1/payment_intents")
+        relay.cut()
+        for item in range(3):
+            refused = post(
+                proxy, key["vault_key"], {"amount": "100", "currency": "usd", "i": str(item)}
+            )
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "keybrake_unavailable"
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 503
+        assert fake_stripe.count("POST", "/v1/payment_intents") == before  # nothing forwarded
+        relay.restore()
+        assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+        assert (
+            post(
+                proxy, key["vault_key"], {"amount": "100", "currency": "usd", "i": "back"}
+            ).status_code
+            == 200
+        )
+    finally:
+        proxy.stop()
+        relay.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_sigterm_finishes_in_flight_calls(
+    tmp_path: Path, fake_stripe: FakeStripe, backend: str, request: pytest.FixtureRequest
+) -> None:
+    database_url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=database_url)
+    key = proxy.issue(daily_usd_cap=10)
+    fake_stripe.hold()
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(
+            post(proxy, key["vault_key"], {"amount": "100", "currency": "usd"})
+        )
+    )
+    thread.start()
+    assert fake_stripe.arrived.wait(timeout=30)
+    proxy.process.send_signal(signal.SIGTERM)
+    fake_stripe.release()
+    thread.join()
+    assert answers[0].status_code == 200  # answered after the SIGTERM
+    # uvicorn re-raises the signal once shut down, as Kubernetes expects (exit 143).
+    assert proxy.process.wait(timeout=30) in (0, -signal.SIGTERM)
+    restarted = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=database_url)
+    try:
+        with restarted.admin() as admin:
+            info = admin.get(f"/vault/keys/{key['key_id']}").json()
+            rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+        assert (info["spent_usd"], info["reserved_usd"]) == ("1.00", "0.00")
+        assert rows[0]["decision"] == "forwarded"
+    finally:
+        restarted.stop()

@@ -1,0 +1,133 @@
+"""Both store backends behind one interface: cap arithmetic, sweep, late settles."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keybrake.proxy.store import Store, open_store
+from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        from tests.pg import pg_database
+
+        with pg_database() as url:
+            yield url
+
+
+def key(cap_micros: int) -> KeyRecord:
+    return KeyRecord(
+        key_id="vk_store",
+        key_hash=b"h" * 32,
+        vendor="stripe",
+        label="argo/store",
+        daily_cap_micros=cap_micros,
+        max_per_call_micros=None,
+        allowed_endpoints=("POST /v1/payment_intents",),
+        metadata={},
+        dedupe_window_s=0,
+        created_at=NOW,
+        expires_at=NOW + timedelta(hours=2),
+    )
+
+
+def reservation(record: KeyRecord, cost: int, index: int) -> Reservation:
+    return Reservation(
+        key=record,
+        now=NOW,
+        day="2026-11-26",
+        vendor="stripe",
+        method="POST",
+        path="/v1/payment_intents",
+        caller_tag=f"pod-{index}",
+        cost_micros=cost,
+        amount=cost // 10_000,
+        currency="usd",
+        priced=True,
+        idempotency_key=None,
+        request_hash=f"hash-{index}",
+    )
+
+
+def settlement(
+    record: KeyRecord, audit_id: int, reserved: int, settled: int, status: int
+) -> Settlement:
+    return Settlement(
+        audit_id=audit_id,
+        key_id=record.key_id,
+        day="2026-11-26",
+        vendor="stripe",
+        reserved_micros=reserved,
+        settled_micros=settled,
+        status=status,
+        decision="forwarded",
+        vendor_request_id="req_1",
+        latency_ms=1.0,
+        idempotency_key=None,
+        request_hash="x",
+        dedupe=False,
+        response=None,
+    )
+
+
+async def opened(url: str) -> Store:
+    store = open_store(url)
+    await store.open()
+    return store
+
+
+def test_concurrent_reservations_never_pass_the_cap(database_url: str) -> None:
+    async def run() -> Counter[str]:
+        store = await opened(database_url)
+        try:
+            record = key(100_000_000)
+            await store.create_key(record)
+            admissions = await asyncio.gather(
+                *(store.reserve(reservation(record, 1_000_000, i)) for i in range(250))
+            )
+            view = await store.get_key(record.key_id, "2026-11-26")
+            assert view is not None
+            assert view.usage.reserved_micros == 100_000_000
+            assert view.usage.calls == 250 and view.usage.cap_hits == 150
+            return Counter(a.decision for a in admissions)
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == {"forwarded": 100, "cap_hit": 150}
+
+
+def test_sweep_counts_stale_reservations_and_a_late_settle_corrects_them(database_url: str) -> None:
+    async def run() -> None:
+        store = await opened(database_url)
+        try:
+            record = key(10_000_000)
+            await store.create_key(record)
+            stale = await store.reserve(reservation(record, 4_000_000, 1))
+            fresh = await store.reserve(reservation(record, 1_000_000, 2))
+            assert await store.sweep(NOW - timedelta(seconds=1)) == 0
+            assert await store.sweep(NOW + timedelta(seconds=1)) == 2
+            view = await store.get_key(record.key_id, "2026-11-26")
+            assert view is not None
+            assert (view.usage.spent_micros, view.usage.reserved_micros) == (5_000_000, 0)
+            # The "dead" call answers after all: the vendor refused it, so nothing was spent.
+            await store.settle(settlement(record, stale.audit_id, 4_000_000, 0, 402))
+            await store.settle(settlement(record, fresh.audit_id, 1_000_000, 1_000_000, 200))
+            view = await store.get_key(record.key_id, "2026-11-26")
+            assert view is not None
+            assert (view.usage.spent_micros, view.usage.reserved_micros) == (1_000_000, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
