@@ -7,7 +7,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from keybrake.cli import audit, demo, keys, revoke, serve, templates, watch
+from keybrake.cli import audit, db, demo, keys, revoke, serve, templates, watch
 
 app = typer.Typer(
     name="keybrake",
@@ -24,6 +24,7 @@ app.command()(audit.audit)
 app.command()(watch.watch)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")
+app.add_typer(db.app, name="db")
 
 
 @app.command()

@@ -10,10 +10,10 @@ import typer
 import uvicorn
 
 from keybrake.cli._common import EXIT_USAGE, console, err_console, fail
+from keybrake.cli.db import upgrade_database
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.settings import Settings
-from keybrake.proxy.store import open_store
 
 
 def serve(
@@ -51,10 +51,7 @@ def serve(
     try:
         settings = Settings()
         build_app(settings)  # validates settings and the pricing table before forking workers
-        store = open_store(settings.database_url)
-        migrate = getattr(store, "migrate", None)
-        if migrate is not None:
-            migrate()
+        upgrade_database(settings.database_url)
     except (ConfigError, StoreUnavailable) as exc:
         fail(str(exc), EXIT_USAGE)
     except ValueError as exc:

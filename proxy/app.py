@@ -15,6 +15,8 @@ from starlette.types import Receive, Scope, Send
 
 from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
+from keybrake.proxy.metrics import Metrics
+from keybrake.proxy.money import utc_day
 from keybrake.proxy.pipeline import Incoming, Pipeline
 from keybrake.proxy.pricing import load_pricing
 from keybrake.proxy.settings import Settings
@@ -51,7 +53,10 @@ def build_app(
         connections=settings.upstream_connections,
         max_response_bytes=16 * 1024 * 1024,
     )
-    pipeline = Pipeline(store=store, vendors=vendors, upstream=upstream, clock=clock)
+    metrics = Metrics()
+    pipeline = Pipeline(
+        store=store, vendors=vendors, upstream=upstream, clock=clock, metrics=metrics
+    )
     admin = AdminApi(
         settings=settings, store=store, vendors=list(vendors), pricing=pricing, clock=clock
     )
@@ -65,6 +70,14 @@ def build_app(
         except StoreUnavailable as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready", "vendors": sorted(vendors)})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        try:
+            spend, open_reservations = await store.metrics_snapshot(utc_day(clock()))
+        except StoreUnavailable:
+            spend, open_reservations = {}, 0
+        body = metrics.render(spend, open_reservations)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     forward = _ForwardEndpoint(pipeline, settings.max_body_bytes)
 
@@ -97,6 +110,7 @@ def build_app(
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin.routes(),
         Route("/{vendor}/{rest:path}", forward, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
     ]

@@ -22,6 +22,7 @@ from typing import Any
 from keybrake.proxy.decisions import REFUSALS
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.money import utc_day
 from keybrake.proxy.pricing import Unpriceable
 from keybrake.proxy.store.base import (
@@ -134,7 +135,9 @@ class Pipeline:
         vendors: Mapping[str, Vendor],
         upstream: Upstream,
         clock: Callable[[], datetime],
+        metrics: Metrics,
     ) -> None:
+        self.metrics = metrics
         self.store = store
         self.vendors = vendors
         self.upstream = upstream
@@ -157,6 +160,7 @@ class Pipeline:
                     "unknown_vendor",
                 )
             )
+            self.metrics.calls.labels("unknown", "unknown_vendor").inc()
             return reply
         audit = AuditRecord(
             ts=now,
@@ -168,10 +172,13 @@ class Pipeline:
             idempotency_key=_idempotency_key(vendor, incoming.headers),
         )
         try:
-            return await self._handle(vendor, incoming, audit, started)
+            reply = await self._handle(vendor, incoming, audit, started)
         except StoreUnavailable:
             # Fail closed: without the database nothing is reserved, so nothing is forwarded.
-            return self._refusal(vendor, "store_unavailable")
+            audit.decision = "store_unavailable"
+            reply = self._refusal(vendor, "store_unavailable")
+        self.metrics.calls.labels(vendor.name, audit.decision).inc()
+        return reply
 
     async def _handle(
         self, vendor: Vendor, incoming: Incoming, audit: AuditRecord, started: float
@@ -226,7 +233,10 @@ class Pipeline:
             idempotency_key=audit.idempotency_key,
             request_hash=_request_hash(call),
         )
+        timed = perf_counter()
         admission = await self.store.reserve(reservation)
+        self.metrics.database_seconds.labels("reserve").observe(perf_counter() - timed)
+        audit.decision = admission.decision
         if admission.replay is not None:
             return _replayed(admission.replay, admission.decision)
         if admission.decision != "forwarded":
@@ -237,10 +247,12 @@ class Pipeline:
         headers = [(k, v) for k, v in incoming.headers.items() if k not in HOP_BY_HOP]
         headers.extend(auth.items())
         status: int | None
+        timed = perf_counter()
         try:
             response = await self.upstream.send(
                 call.method, vendor.credentials.base_url + target, headers, call.body
             )
+            self.metrics.upstream_seconds.labels(vendor.name).observe(perf_counter() - timed)
             status, reply_body = response.status, response.body
             reply = Reply(response.status, response.headers, response.body)
         except UpstreamError as exc:
@@ -250,6 +262,8 @@ class Pipeline:
         # settle and audit, durably, before answering
         actual = vendor.settle(call, cost, status, reply_body)
         keep = status is not None and status < 500
+        audit.decision = "forwarded" if status is not None else "upstream_error"
+        timed = perf_counter()
         await self.store.settle(
             Settlement(
                 audit_id=admission.audit_id,
@@ -259,7 +273,7 @@ class Pipeline:
                 reserved_micros=cost.micros,
                 settled_micros=actual.micros,
                 status=reply.status,
-                decision="forwarded" if status is not None else "upstream_error",
+                decision=audit.decision,
                 vendor_request_id=vendor.request_id(_lower(reply.headers)) if status else None,
                 latency_ms=round((perf_counter() - started) * 1000, 3),
                 idempotency_key=reservation.idempotency_key,
@@ -269,6 +283,7 @@ class Pipeline:
                 counts=actual.counts if status is not None and status < 300 else (),
             )
         )
+        self.metrics.database_seconds.labels("settle").observe(perf_counter() - timed)
         return reply
 
     async def _refuse(

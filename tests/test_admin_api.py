@@ -246,3 +246,19 @@ def test_health_and_readiness(tmp_path: Path) -> None:
         assert client.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}
         ready = client.get("/readyz", headers={"Authorization": ""})
     assert ready.status_code == 200 and ready.json()["vendors"] == ["stripe"]
+
+
+def test_metrics(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    with app_client(tmp_path, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, daily_usd_cap=1, agent_run_label="argo/metered")
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        form = {"amount": "100", "currency": "usd"}
+        client.post("/stripe/v1/payment_intents", data=form, headers=auth)
+        client.post("/stripe/v1/payment_intents", data={**form, "x": "2"}, headers=auth)
+        text = client.get("/metrics", headers={"Authorization": ""}).text
+    assert 'keybrake_calls_total{decision="forwarded",vendor="stripe"} 1.0' in text
+    assert 'keybrake_calls_total{decision="cap_hit",vendor="stripe"} 1.0' in text
+    assert 'keybrake_spend_usd{label="argo/metered"} 1.0' in text
+    assert "keybrake_reservations_open 0.0" in text
+    assert 'keybrake_upstream_seconds_count{vendor="stripe"} 1.0' in text
+    assert 'keybrake_database_seconds_count{operation="reserve"} 2.0' in text

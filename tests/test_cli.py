@@ -220,3 +220,25 @@ def test_demo_runs_end_to_end() -> None:
     assert "revoked 1 key(s)" in out
     assert "refused (HTTP 401" in out
     assert "demo finished" in out
+
+
+def test_db_upgrade(tmp_path, pg_url: str) -> None:
+    for url in (f"sqlite:///{tmp_path / 'x.db'}", pg_url):
+        result = runner.invoke(app, ["db", "upgrade", "--database-url", url])
+        assert result.exit_code == 0 and "current schema" in result.stdout
+    result = runner.invoke(app, ["db", "upgrade", "--database-url", "mysql://x"])
+    assert result.exit_code == 2 and "unsupported database URL" in result.stderr
+
+
+def test_serve_refuses_bad_configuration(tmp_path) -> None:
+    env = {"KEYBRAKE_API_KEY": "", "KEYBRAKE_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}"}
+    result = runner.invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2 and "KEYBRAKE_API_KEY is not set" in result.stderr
+    env["KEYBRAKE_API_KEY"] = "x"
+    env["KEYBRAKE_PRICING_FILE"] = str(tmp_path / "missing.toml")
+    result = runner.invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2 and "missing.toml" in result.stderr
+    env.pop("KEYBRAKE_PRICING_FILE")
+    env["KEYBRAKE_MAX_TTL"] = "forever"
+    result = runner.invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2 and "invalid duration" in result.stderr

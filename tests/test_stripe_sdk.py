@@ -200,3 +200,17 @@ def test_confirm_of_an_unseen_intent_is_priced_by_lookup(
     with proxy_server.admin() as admin:
         rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
     assert rows[0]["decision"] == "cap_hit" and rows[0]["amount"] == 900
+
+
+def test_two_workers_over_one_sqlite_file_stay_exact(tmp_path, localstripe: Localstripe) -> None:
+    proxy = start_proxy(tmp_path, stripe_base=localstripe.url, workers=2)
+    try:
+        key = proxy.issue(daily_usd_cap=100)
+        result = fan_out(key["vault_key"], proxy.url + "/stripe", 250, run="workers")
+        assert len(result.succeeded) == 100
+        assert result.kinds() == {"RateLimitError": 150}
+        with proxy.admin() as admin:
+            info = admin.get(f"/vault/keys/{key['key_id']}").json()
+        assert (info["spent_usd"], info["reserved_usd"], info["calls"]) == ("100.00", "0.00", 250)
+    finally:
+        proxy.stop()

@@ -534,6 +534,18 @@ class PostgresStore:
         )
         return int(audit_id)
 
+    async def metrics_snapshot(self, day: str) -> tuple[dict[str, int], int]:
+        async def op(c: asyncpg.Connection) -> tuple[dict[str, int], int]:
+            spend = await c.fetch(
+                "SELECT k.label, sum(s.settled_micros) AS total FROM spend s "
+                "JOIN vault_keys k ON k.key_id = s.key_id WHERE s.day = $1 GROUP BY k.label",
+                day,
+            )
+            open_count = await c.fetchval("SELECT count(*) FROM audit WHERE decision = 'in_flight'")
+            return {row["label"]: int(row["total"]) for row in spend}, int(open_count)
+
+        return await self._run(op)
+
     async def sweep(self, older_than: datetime) -> int:
         async def op(c: asyncpg.Connection) -> int:
             async with c.transaction():

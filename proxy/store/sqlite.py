@@ -453,6 +453,20 @@ class SQLiteStore:
     async def record(self, row: AuditRecord) -> int:
         return await self._write(lambda conn: _insert_audit(conn, row))
 
+    async def metrics_snapshot(self, day: str) -> tuple[dict[str, int], int]:
+        def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+            spend = conn.execute(
+                "SELECT k.label, sum(s.settled_micros) FROM spend s "
+                "JOIN vault_keys k ON k.key_id = s.key_id WHERE s.day = ? GROUP BY k.label",
+                (day,),
+            ).fetchall()
+            open_count = conn.execute(
+                "SELECT count(*) FROM audit WHERE decision = 'in_flight'"
+            ).fetchone()[0]
+            return {label: int(total) for label, total in spend}, int(open_count)
+
+        return await self._read(op)
+
     async def sweep(self, older_than: datetime) -> int:
         return await self._write(lambda conn: _sweep(conn, older_than))
 
