@@ -30,7 +30,7 @@ BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 TIMEOUT_SECONDS = 15.0
 
 
-# --- HTTP to the proxy; the same block is in _step_revoke.py (a test keeps the two equal) ------
+# --- HTTP to the proxy: the same block in _step_issue.py and _step_revoke.py (a test checks) ---
 class Unavailable(Exception):
     """The proxy could not be reached, or answered 5xx, on every attempt."""
 
@@ -74,11 +74,12 @@ def decode(raw: bytes) -> Any:
     try:
         return json.loads(raw) if raw else None
     except ValueError:
-        return {"error": {"type": "not_json", "message": raw[:300].decode(errors="replace")}}
+        error = {"type": "not_json", "message": raw[:300].decode(errors="replace")}
+        return {"error": error}
 
 
 def error_message(body: Any) -> str:
-    """The proxy's error envelope {"error": {"type": ..., "message": ...}} as one line."""
+    """The proxy's error envelope, {"error": {"type": T, "message": M} }, as one line."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         kind, message = error.get("type", ""), error.get("message", "")
@@ -86,10 +87,13 @@ def error_message(body: Any) -> str:
     return ""
 
 
+UNRESOLVED = "{" * 2  # spelled so that Argo never sees a variable in this source
+
+
 def present(value: str | None) -> str:
-    """A parameter Argo left unresolved still reads `{{...}}`: treat it as missing."""
+    """A parameter Argo left unresolved still starts with two braces: treat it as missing."""
     value = (value or "").strip()
-    return "" if value.startswith("{{") else value
+    return "" if value.startswith(UNRESOLVED) else value
 
 
 # --- end of the shared block -------------------------------------------------------------------
@@ -163,11 +167,11 @@ def build_request(env: Mapping[str, str]) -> dict[str, Any]:
 
 def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = time.sleep) -> int:
     try:
-        proxy = required(env, "KEYBRAKE_PROXY_URL", "the proxy_url input").rstrip("/")
+        proxy = required(env, "KEYBRAKE_URL", "the proxy_url input").rstrip("/")
         token = required(
             env,
-            "KEYBRAKE_ADMIN_TOKEN",
-            "it comes from the Secret named in the template (keybrake-credentials, key api_key)",
+            "KEYBRAKE_API_KEY",
+            "it comes from a Secret (default keybrake-credentials, key api_key)",
         )
         output_dir = required(env, "KEYBRAKE_OUTPUT_DIR", "where the outputs are written")
         body = build_request(env)

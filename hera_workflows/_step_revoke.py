@@ -28,7 +28,7 @@ BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
 TIMEOUT_SECONDS = 15.0
 
 
-# --- HTTP to the proxy; the same block is in _step_revoke.py (a test keeps the two equal) ------
+# --- HTTP to the proxy: the same block in _step_issue.py and _step_revoke.py (a test checks) ---
 class Unavailable(Exception):
     """The proxy could not be reached, or answered 5xx, on every attempt."""
 
@@ -72,11 +72,12 @@ def decode(raw: bytes) -> Any:
     try:
         return json.loads(raw) if raw else None
     except ValueError:
-        return {"error": {"type": "not_json", "message": raw[:300].decode(errors="replace")}}
+        error = {"type": "not_json", "message": raw[:300].decode(errors="replace")}
+        return {"error": error}
 
 
 def error_message(body: Any) -> str:
-    """The proxy's error envelope {"error": {"type": ..., "message": ...}} as one line."""
+    """The proxy's error envelope, {"error": {"type": T, "message": M} }, as one line."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         kind, message = error.get("type", ""), error.get("message", "")
@@ -84,10 +85,13 @@ def error_message(body: Any) -> str:
     return ""
 
 
+UNRESOLVED = "{" * 2  # spelled so that Argo never sees a variable in this source
+
+
 def present(value: str | None) -> str:
-    """A parameter Argo left unresolved still reads `{{...}}`: treat it as missing."""
+    """A parameter Argo left unresolved still starts with two braces: treat it as missing."""
     value = (value or "").strip()
-    return "" if value.startswith("{{") else value
+    return "" if value.startswith(UNRESOLVED) else value
 
 
 # --- end of the shared block -------------------------------------------------------------------
@@ -100,6 +104,12 @@ def dollars(value: Any) -> Decimal:
         return Decimal(0)
 
 
+def usd(amount: Decimal) -> str:
+    """$12.40, or every digit when cents would round it ($0.0083 for one SMS segment)."""
+    cents = amount.quantize(Decimal("0.01"))
+    return f"${cents}" if cents == amount else f"${amount.normalize():f}"
+
+
 def spend(keys: list[dict[str, Any]]) -> str:
     """'spent $X of $Y cap, N calls, M cap hits' over one or more keys (today, UTC)."""
     spent = sum((dollars(k.get("spent_usd", 0)) for k in keys), Decimal(0))
@@ -107,7 +117,7 @@ def spend(keys: list[dict[str, Any]]) -> str:
     calls = sum(int(k.get("calls", 0) or 0) for k in keys)
     hits = sum(int(k.get("cap_hits", 0) or 0) for k in keys)
     return (
-        f"spent ${spent:.2f} of ${cap:.2f} cap, {calls} call{'s' * (calls != 1)}, "
+        f"spent {usd(spent)} of {usd(cap)} cap, {calls} call{'s' * (calls != 1)}, "
         f"{hits} cap hit{'s' * (hits != 1)}"
     )
 
@@ -134,22 +144,22 @@ def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float],
         reason = error_message(answer)
         return f"WARNING: could not revoke keys labelled {label}: HTTP {status}: {reason}"
     keys = [k for k in answer.get("keys") or [] if isinstance(k, dict)]
-    if not keys:
-        return f"no vault key was issued for {label}: nothing to revoke"
     revoked = answer.get("revoked", len(keys))
+    if not keys or not revoked:
+        return f"no key id and no active key labelled {label}: nothing to revoke"
     return f"no key id, revoked {revoked} key(s) labelled {label}: {spend(keys)}"
 
 
 def summarize(env: Mapping[str, str], sleep: Callable[[float], None]) -> str:
-    proxy = present(env.get("KEYBRAKE_PROXY_URL")).rstrip("/")
-    token = present(env.get("KEYBRAKE_ADMIN_TOKEN"))
+    proxy = present(env.get("KEYBRAKE_URL")).rstrip("/")
+    token = present(env.get("KEYBRAKE_API_KEY"))
     key_id = present(env.get("KEYBRAKE_KEY_ID"))
     label = present(env.get("KEYBRAKE_LABEL"))
     if not proxy or not token:
         missing = (
-            "KEYBRAKE_PROXY_URL"
+            "KEYBRAKE_URL"
             if not proxy
-            else "KEYBRAKE_ADMIN_TOKEN (Secret keybrake-credentials, key api_key)"
+            else "KEYBRAKE_API_KEY (from a Secret, default keybrake-credentials, key api_key)"
         )
         return (
             f"WARNING: could not revoke: {missing} is empty; the key stays usable until it expires"

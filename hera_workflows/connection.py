@@ -27,7 +27,7 @@ __all__ = [
 DEFAULT_PROXY_URL = "http://keybrake.keybrake.svc.cluster.local:8080"
 DEFAULT_SECRET_NAME = "keybrake-credentials"  # noqa: S105 - a Secret's name, not a secret
 DEFAULT_SECRET_KEY = "api_key"  # noqa: S105 - a key within that Secret
-ADMIN_TOKEN_ENV = "KEYBRAKE_ADMIN_TOKEN"  # noqa: S105 - an env var name
+ADMIN_TOKEN_ENV = "KEYBRAKE_API_KEY"  # noqa: S105 - an env var name, as the keybrake CLI reads
 
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -62,7 +62,7 @@ class ProxyConnection:
             )
 
     def admin_token_env(self) -> EnvVar:
-        """The step pod's `KEYBRAKE_ADMIN_TOKEN`, read from the Secret."""
+        """The step pod's `KEYBRAKE_API_KEY`, read from the Secret."""
         return EnvVar(
             name=ADMIN_TOKEN_ENV,
             value_from=EnvVarSource(

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from hera.workflows import RetryStrategy as HeraRetryStrategy
 from hera.workflows import Task
 from hera.workflows.models import (
     Arguments,
@@ -116,6 +117,14 @@ def _items_source(
     return None, with_param
 
 
+def _retry_model(retry: RetryStrategy | HeraRetryStrategy | None) -> RetryStrategy:
+    if retry is None:
+        return default_retry_strategy()
+    if isinstance(retry, HeraRetryStrategy):
+        return retry.build()
+    return retry
+
+
 def fan_out(
     key: VaultKey,
     name: str,
@@ -126,14 +135,15 @@ def fan_out(
     with_items: Sequence[ItemValue] | None = None,
     with_param: str | Task | None = None,
     parallelism: int | None = None,
-    retry: RetryStrategy | None = None,
+    retry: RetryStrategy | HeraRetryStrategy | None = None,
     env: Mapping[str, str] | None = None,
     active_deadline_seconds: int | None = None,
 ) -> Task:
     """Add a fan-out task named `name` to the current `with DAG(...)` block and return it.
 
     It depends on the issue task (and on the task producing `with_param`, if any) by itself.
-    `retry` defaults to `default_retry_strategy()`; `parallelism` bounds the pods running at once.
+    `retry` defaults to `default_retry_strategy()` (a hera `RetryStrategy` or the model class
+    both work); `parallelism` bounds the pods running at once.
     """
     what = "fan_out()"
     dag = current_dag(what)
@@ -156,7 +166,7 @@ def fan_out(
         command=command,
         args=args,
         env=env or {},
-        retry=retry or default_retry_strategy(),
+        retry=_retry_model(retry),
         active_deadline_seconds=active_deadline_seconds,
     )
     passed = [

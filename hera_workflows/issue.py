@@ -80,7 +80,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
             Parameter(name="vault_key", value_from=ValueFrom(path=f"{OUTPUT_DIR}/vault_key")),
         ],
         env=[
-            EnvVar(name="KEYBRAKE_PROXY_URL", value=given("proxy_url")),
+            EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
             proxy.admin_token_env(),
             EnvVar(name="KEYBRAKE_VENDOR", value=given("vendor")),
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),

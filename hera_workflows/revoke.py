@@ -59,7 +59,7 @@ def revoke_template(name: str = REVOKE_TEMPLATE, proxy: ProxyConnection | None =
             ),
         ],
         env=[
-            EnvVar(name="KEYBRAKE_PROXY_URL", value="{{inputs.parameters.proxy_url}}"),
+            EnvVar(name="KEYBRAKE_URL", value="{{inputs.parameters.proxy_url}}"),
             proxy.admin_token_env(),
             EnvVar(name="KEYBRAKE_KEY_ID", value="{{inputs.parameters.key_id}}"),
             EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),

@@ -22,6 +22,7 @@ from hera.workflows.models import (
     ResourceRequirements,
     RetryStrategy,
     ScriptTemplate,
+    SeccompProfile,
     SecurityContext,
     Template,
 )
@@ -48,7 +49,8 @@ def script_step(
     retry: RetryStrategy,
     deadline_seconds: int = 300,
 ) -> Template:
-    """A script template running `_step_<step>.py` with `env`, as an unprivileged user."""
+    """A script template running `_step_<step>.py` with `env`, as an unprivileged user that
+    meets the Pod Security "restricted" profile."""
     return Template(
         name=name,
         inputs=Inputs(parameters=list(inputs)),
@@ -69,6 +71,7 @@ def script_step(
                 run_as_user=65534,
                 allow_privilege_escalation=False,
                 capabilities=Capabilities(drop=["ALL"]),
+                seccomp_profile=SeccompProfile(type="RuntimeDefault"),
             ),
         ),
     )

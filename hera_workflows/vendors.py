@@ -7,10 +7,12 @@ base-URL variable points at the proxy's vendor prefix:
 - Stripe: `STRIPE_SECRET_KEY`, `STRIPE_BASE_URL` (the SDK needs them passed explicitly:
   `stripe.StripeClient(os.environ["STRIPE_SECRET_KEY"],
   base_addresses={"api": os.environ["STRIPE_BASE_URL"]})`).
-- Twilio: `TWILIO_AUTH_TOKEN`, `TWILIO_BASE_URL`.
+- Twilio: `TWILIO_ACCOUNT_SID` (a placeholder, `AC` + 32 zeros: the proxy puts the real SID in),
+  `TWILIO_AUTH_TOKEN`, `TWILIO_BASE_URL` (`twilio.rest.Client()` reads the first two; the SDK has
+  no base-URL variable: `client.api.base_url = os.environ["TWILIO_BASE_URL"]`).
 - Resend: `RESEND_API_KEY`, `RESEND_API_URL`, both read by the SDK itself: no code.
 
-Every pod also gets the vendor-neutral `KEYBRAKE_VAULT_KEY`, `KEYBRAKE_PROXY_URL` and
+Every pod also gets the vendor-neutral `KEYBRAKE_VAULT_KEY`, `KEYBRAKE_URL` and
 `KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`).
 """
 
@@ -23,7 +25,9 @@ from hera.workflows.models import EnvVar
 from .connection import is_expression
 from .errors import TemplateConfigError
 
-__all__ = ["VENDORS", "VendorSdk", "check_vendor", "sdk_env"]
+__all__ = ["TWILIO_PLACEHOLDER_SID", "VENDORS", "VendorSdk", "check_vendor", "sdk_env"]
+
+TWILIO_PLACEHOLDER_SID = "AC" + "0" * 32
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,19 @@ class VendorSdk:
     name: str
     key_env: str
     base_url_env: str
+    fixed_env: tuple[tuple[str, str], ...] = ()
 
 
 VENDORS: dict[str, VendorSdk] = {
     sdk.name: sdk
     for sdk in (
         VendorSdk("stripe", key_env="STRIPE_SECRET_KEY", base_url_env="STRIPE_BASE_URL"),
-        VendorSdk("twilio", key_env="TWILIO_AUTH_TOKEN", base_url_env="TWILIO_BASE_URL"),
+        VendorSdk(
+            "twilio",
+            key_env="TWILIO_AUTH_TOKEN",
+            base_url_env="TWILIO_BASE_URL",
+            fixed_env=(("TWILIO_ACCOUNT_SID", TWILIO_PLACEHOLDER_SID),),
+        ),
         VendorSdk("resend", key_env="RESEND_API_KEY", base_url_env="RESEND_API_URL"),
     )
 }
@@ -62,10 +72,11 @@ def sdk_env(vendor: str, tagged_key: str, proxy_url: str) -> list[EnvVar]:
     sdks = [VENDORS[vendor]] if vendor in VENDORS else list(VENDORS.values())
     env = [
         EnvVar(name="KEYBRAKE_VAULT_KEY", value=tagged_key),
-        EnvVar(name="KEYBRAKE_PROXY_URL", value=proxy_url),
+        EnvVar(name="KEYBRAKE_URL", value=proxy_url),
         EnvVar(name="KEYBRAKE_BASE_URL", value=f"{proxy_url}/{vendor}"),
     ]
     for sdk in sdks:
+        env.extend(EnvVar(name=name, value=value) for name, value in sdk.fixed_env)
         env.append(EnvVar(name=sdk.key_env, value=tagged_key))
         env.append(EnvVar(name=sdk.base_url_env, value=f"{proxy_url}/{sdk.name}"))
     return env

@@ -7,6 +7,7 @@ Rendered to templates/examples/billing-agent.yaml by `keybrake templates render`
 from __future__ import annotations
 
 from hera.workflows import DAG, Parameter, Workflow
+
 from keybrake.hera_workflows import fan_out, issue_vault_key, revoke_on_exit
 
 with Workflow(

@@ -1,0 +1,108 @@
+"""A stand-in for the keybrake proxy's admin API, for running the step scripts without the real
+proxy: it answers the documented contract (POST/GET/DELETE /vault/keys, POST /vault/keys/revoke)
+and records every request. `script` queues canned answers (status, body) for the next requests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+ADMIN_TOKEN = "kb_admin_test_token"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    authorization: str
+    body: Any
+
+
+@dataclass
+class FakeKeybrake:
+    url: str = ""
+    requests: list[Recorded] = field(default_factory=list)
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    script: list[tuple[int, Any]] = field(default_factory=list)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def key_info(self, key_id: str) -> dict[str, Any]:
+        return {k: v for k, v in self.keys[key_id].items() if k != "vault_key"}
+
+    def handle(self, method: str, path: str, authorization: str, body: Any) -> tuple[int, Any]:
+        self.requests.append(Recorded(method, path, authorization, body))
+        if self.script:
+            return self.script.pop(0)
+        if authorization != f"Bearer {ADMIN_TOKEN}":
+            return 401, {"error": {"type": "unauthorized", "message": "bad admin token"}}
+        if method == "POST" and path == "/vault/keys":
+            if not isinstance(body, dict) or body.get("vendor") not in ("stripe", "resend"):
+                return 400, {"error": {"type": "invalid_request", "message": "unknown vendor"}}
+            key_id = f"vk_{next(self._ids)}"
+            self.keys[key_id] = {
+                "key_id": key_id,
+                "vault_key": f"kbv_secret_{key_id}",
+                "vendor": body["vendor"],
+                "daily_usd_cap": f"{body['daily_usd_cap']:.2f}",
+                "allowed_endpoints": body["allowed_endpoints"],
+                "expires_at": "2030-01-01T02:00:00Z",
+                "agent_run_label": body["agent_run_label"],
+                "status": "active",
+                "spent_usd": "0.00",
+                "calls": 0,
+                "cap_hits": 0,
+            }
+            return 201, self.keys[key_id]
+        if path.startswith("/vault/keys/") and method in ("GET", "DELETE"):
+            key_id = path.rsplit("/", 1)[1]
+            if key_id not in self.keys:
+                return 404, {"error": {"type": "not_found", "message": f"no key {key_id}"}}
+            if method == "DELETE":
+                self.keys[key_id]["status"] = "revoked"
+            return 200, self.key_info(key_id)
+        if method == "POST" and path == "/vault/keys/revoke":
+            label = body.get("agent_run_label")
+            active = [
+                k
+                for k in self.keys.values()
+                if k["agent_run_label"] == label and k["status"] == "active"
+            ]
+            for key in active:
+                key["status"] = "revoked"
+            keys = [self.key_info(k["key_id"]) for k in active]  # as the proxy: revoked just now
+            return 200, {"agent_run_label": label, "revoked": len(active), "keys": keys}
+        return 404, {"error": {"type": "not_found", "message": f"{method} {path}"}}
+
+
+def serve(fake: FakeKeybrake) -> ThreadingHTTPServer:
+    """Serve `fake` on a free loopback port; the caller shuts the server down."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else None
+            status, answer = fake.handle(
+                self.command, self.path, self.headers.get("Authorization", ""), body
+            )
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    return server

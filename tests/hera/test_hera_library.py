@@ -1,0 +1,373 @@
+"""The building blocks: what they add to a workflow, the retry convention, the pod environment,
+the templateRef mode, and clear errors for values Argo or keybrake would reject."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from argocheck import schema
+from argocheck.semantics import Catalog, problems
+from hera.workflows import (
+    DAG,
+    Parameter,
+    RetryStrategy,
+    Script,
+    Task,
+    Workflow,
+    WorkflowTemplate,
+)
+
+import keybrake.hera_workflows as kh
+from keybrake.hera_workflows import (
+    EXIT_REFUSED,
+    ITEM,
+    RETRY_EXPRESSION,
+    ProxyConnection,
+    SharedTemplates,
+    TemplateConfigError,
+    default_retry_strategy,
+    fan_out,
+    issue_vault_key,
+    revoke_on_exit,
+)
+from keybrake.hera_workflows.step_pod import step_source
+
+PACKAGE = Path(kh.__file__).parent
+STRIPE = ["POST /v1/payment_intents"]
+
+
+def build(**fan_out_options: Any) -> dict[str, Any]:
+    options = {"image": "ghcr.io/acme/agent:1", "with_items": ["a", "b"], **fan_out_options}
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(vendor="stripe", daily_usd_cap=10, allowed_endpoints=STRIPE)
+            fan_out(key, "charge", **options)
+        revoke_on_exit(w, key)
+    document: dict[str, Any] = w.to_dict()
+    return document
+
+
+def template(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(t for t in document["spec"]["templates"] if t["name"] == name)
+
+
+def env_of(document: dict[str, Any], name: str) -> dict[str, Any]:
+    body = template(document, name)
+    container = body.get("script") or body["container"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(kh.__all__) == [
+        "DEFAULT_PROXY_URL", "EXIT_REFUSED", "ITEM", "KEY_ID_GLOBAL", "ProxyConnection",
+        "RETRY_EXPRESSION", "SPEND_SUMMARY_GLOBAL", "SharedTemplates", "TemplateConfigError",
+        "VENDORS", "VaultKey", "default_retry_strategy", "fan_out", "issue_template",
+        "issue_vault_key", "revoke_on_exit", "revoke_template",
+    ]  # fmt: skip
+
+
+def test_a_minimal_workflow_is_valid_and_complete(catalog: list[dict[str, Any]]) -> None:
+    document = build()
+    assert schema.all_errors(document) == []
+    assert problems(document, Catalog(catalog)) == []
+    assert document["spec"]["onExit"] == "keybrake-revoke"
+    names = [t["name"] for t in document["spec"]["templates"]]
+    assert names == ["main", "keybrake-issue", "charge-pod", "charge", "keybrake-revoke"]
+    tasks = template(document, "main")["dag"]["tasks"]
+    assert [(t["name"], t.get("depends")) for t in tasks] == [
+        ("issue-vault-key", None),
+        ("charge", "issue-vault-key"),
+    ]
+    loop = template(document, "charge")["dag"]["tasks"][0]
+    assert loop["withItems"] == ["a", "b"]
+
+
+def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
+    document = build()
+    issue = template(document, "keybrake-issue")
+    env = env_of(document, "keybrake-issue")
+    assert env["KEYBRAKE_LABEL"] == "argo/{{workflow.name}}"
+    assert env["KEYBRAKE_WORKFLOW_NAMESPACE"] == "{{workflow.namespace}}"
+    assert env["KEYBRAKE_WORKFLOW_UID"] == "{{workflow.uid}}"
+    assert env["KEYBRAKE_API_KEY"] == {
+        "secretKeyRef": {"name": "keybrake-credentials", "key": "api_key"}
+    }
+    inputs = {p["name"] for p in issue["inputs"]["parameters"]}
+    assert "admin" not in " ".join(inputs) and "token" not in " ".join(inputs)
+    outputs = {p["name"]: p for p in issue["outputs"]["parameters"]}
+    assert outputs["key_id"]["globalName"] == "keybrake_key_id"
+    assert set(outputs) == {"key_id", "vault_key"}
+    assert issue["script"]["image"] == "python:3.12-alpine"
+    arguments = template(document, "main")["dag"]["tasks"][0]["arguments"]["parameters"]
+    assert {p["name"]: p["value"] for p in arguments} == {
+        "vendor": "stripe",
+        "daily_usd_cap": "10",
+        "allowed_endpoints": json.dumps(STRIPE),
+        "expires_in": "2h",
+        "max_usd_per_call": "",
+        "proxy_url": "http://keybrake.keybrake.svc.cluster.local:8080",
+    }
+
+
+def test_each_pod_gets_its_sdk_environment_with_a_pod_tagged_key() -> None:
+    env = env_of(build(env={"BATCH_SIZE": "50"}), "charge-pod")
+    tagged = "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    assert env["STRIPE_SECRET_KEY"] == tagged
+    assert env["STRIPE_BASE_URL"] == "{{inputs.parameters.proxy_url}}/stripe"
+    assert env["KEYBRAKE_VAULT_KEY"] == tagged
+    assert env["KEYBRAKE_ITEM"] == ITEM
+    assert env["BATCH_SIZE"] == "50"
+    assert "RESEND_API_KEY" not in env  # only the key's vendor
+
+
+def test_resend_needs_only_its_two_variables() -> None:
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="resend", daily_usd_cap=5, allowed_endpoints=["POST /emails"]
+            )
+            fan_out(key, "mail", image="ghcr.io/acme/mailer:1", with_items=["x"])
+    env = env_of(w.to_dict(), "mail-pod")
+    assert env["RESEND_API_KEY"] == "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    assert env["RESEND_API_URL"] == "{{inputs.parameters.proxy_url}}/resend"
+
+
+def test_twilio_pods_get_a_placeholder_account_sid() -> None:
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="twilio",
+                daily_usd_cap=5,
+                allowed_endpoints=["POST /2010-04-01/Accounts/*/Messages.json"],
+            )
+            fan_out(key, "sms", image="ghcr.io/acme/notifier:1", with_items=["x"])
+    env = env_of(w.to_dict(), "sms-pod")
+    assert env["TWILIO_ACCOUNT_SID"] == "AC" + "0" * 32
+    assert env["TWILIO_AUTH_TOKEN"] == "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    assert env["TWILIO_BASE_URL"] == "{{inputs.parameters.proxy_url}}/twilio"
+
+
+def test_pods_retry_transient_failures_but_never_exit_77() -> None:
+    retry = template(build(), "charge-pod")["retryStrategy"]
+    assert EXIT_REFUSED == 77
+    assert retry["retryPolicy"] == "Always"  # OnError would never retry a non-zero exit
+    assert retry["expression"] == "asInt(lastRetry.exitCode) != 77"
+    assert retry["limit"] == 3
+    revoke = template(build(), "keybrake-revoke")["retryStrategy"]
+    assert revoke["retryPolicy"] == "OnError"  # the step itself always exits 0
+
+
+def test_a_custom_retry_strategy_is_accepted() -> None:
+    hera_retry = RetryStrategy(limit=1, retry_policy="Always", expression=RETRY_EXPRESSION)
+    retry = template(build(retry=hera_retry), "charge-pod")["retryStrategy"]
+    assert retry == {"limit": 1, "retryPolicy": "Always", "expression": RETRY_EXPRESSION}
+    assert (
+        template(build(retry=default_retry_strategy(0)), "charge-pod")["retryStrategy"]["limit"]
+        == 0
+    )
+    with pytest.raises(TemplateConfigError, match="retry limit"):
+        default_retry_strategy(-1)
+
+
+def test_with_param_from_a_previous_task_adds_the_dependency(catalog: list[dict]) -> None:
+    plan = Script(name="plan", image="python:3.12-alpine", command=["python"], source="print(1)")
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            planned = Task(name="plan", template=plan)
+            key = issue_vault_key(vendor="stripe", daily_usd_cap=10, allowed_endpoints=STRIPE)
+            fan_out(key, "charge", image="a:1", with_param=planned, parallelism=3)
+        revoke_on_exit(w, key)
+    document = w.to_dict()
+    assert schema.all_errors(document) == []
+    assert problems(document, Catalog(catalog)) == []
+    task = template(document, "main")["dag"]["tasks"][-1]
+    assert task["depends"] == "issue-vault-key && plan"
+    assert {"name": "items", "value": "{{tasks.plan.outputs.result}}"} in task["arguments"][
+        "parameters"
+    ]
+    assert template(document, "charge")["parallelism"] == 3
+
+
+def test_with_param_from_a_workflow_parameter() -> None:
+    document = build(with_items=None, with_param="{{workflow.parameters.items}}", args=["-x", ITEM])
+    loop = template(document, "charge")["dag"]["tasks"][0]
+    assert loop["withParam"] == "{{inputs.parameters.items}}"
+    assert template(document, "charge-pod")["container"]["args"] == ["-x", ITEM]
+
+
+def test_shared_templates_are_referenced_not_copied(catalog: list[dict[str, Any]]) -> None:
+    for cluster_scope in (False, True):
+        shared = SharedTemplates(cluster_scope=cluster_scope)
+        with Workflow(generate_name="t-", entrypoint="main") as w:
+            with DAG(name="main"):
+                key = issue_vault_key(
+                    vendor="stripe", daily_usd_cap=10, allowed_endpoints=STRIPE, templates=shared
+                )
+                fan_out(key, "charge", image="a:1", with_items=["a"])
+            revoke_on_exit(w, key)
+        document = w.to_dict()
+        assert schema.all_errors(document) == []
+        assert problems(document, Catalog(catalog)) == []
+        names = {t["name"] for t in document["spec"]["templates"]}
+        assert names == {"main", "charge", "charge-pod", "keybrake-revoke"}
+        issue = template(document, "main")["dag"]["tasks"][0]
+        assert issue["templateRef"]["name"] == "keybrake-vault-key"
+        assert issue["templateRef"].get("clusterScope", False) is cluster_scope
+        exit_task = template(document, "keybrake-revoke")["dag"]["tasks"][0]
+        assert exit_task["templateRef"]["template"] == "revoke"
+        only_namespaced = [d for d in catalog if d["kind"] != "ClusterWorkflowTemplate"]
+        assert bool(problems(document, Catalog(only_namespaced))) is cluster_scope
+
+
+def test_a_custom_proxy_and_secret_reach_both_steps() -> None:
+    proxy = ProxyConnection(url="https://kb.example:8443", secret_name="kb-admin", secret_key="t")
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="stripe", daily_usd_cap="12.50", allowed_endpoints=STRIPE, proxy=proxy
+            )
+        revoke_on_exit(w, key)
+    document = w.to_dict()
+    for name in ("keybrake-issue", "keybrake-revoke"):
+        assert env_of(document, name)["KEYBRAKE_API_KEY"]["secretKeyRef"] == {
+            "name": "kb-admin",
+            "key": "t",
+        }
+        defaults = {
+            p["name"]: p.get("default") for p in template(document, name)["inputs"]["parameters"]
+        }
+        assert defaults["proxy_url"] == "https://kb.example:8443"
+    with pytest.raises(TemplateConfigError, match="inline templates"):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(
+                vendor="stripe",
+                daily_usd_cap=1,
+                allowed_endpoints=STRIPE,
+                proxy=proxy,
+                templates=SharedTemplates(),
+            )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"vendor": "paypal"}, "unknown vendor 'paypal'"),
+        ({"daily_usd_cap": -5}, "positive dollar amount"),
+        ({"daily_usd_cap": 10.5}, "int, Decimal or string"),
+        ({"daily_usd_cap": "lots"}, "dollar amount"),
+        ({"max_usd_per_call": 0}, "positive dollar amount"),
+        ({"allowed_endpoints": ["payment_intents"]}, "'METHOD /path'"),
+        ({"allowed_endpoints": []}, "non-empty"),
+        ({"allowed_endpoints": "POST /v1/charges"}, "a list such as"),
+        ({"expires_in": "2 hours"}, "duration such as"),
+    ],
+)
+def test_bad_issue_arguments_are_refused_clearly(options: dict[str, Any], message: str) -> None:
+    arguments = {"vendor": "stripe", "daily_usd_cap": 10, "allowed_endpoints": STRIPE, **options}
+    with pytest.raises(TemplateConfigError, match=message):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"with_items": None}, "exactly one of"),
+        ({"with_param": "{{workflow.parameters.items}}"}, "exactly one of"),
+        ({"with_items": []}, "non-empty list"),
+        ({"with_items": "ab"}, "non-empty list"),
+        ({"with_items": None, "with_param": "items"}, "expression holding a JSON list"),
+        ({"parallelism": 0}, "positive integer"),
+        ({"image": " "}, "container image"),
+        ({"env": {"STRIPE_SECRET_KEY": "sk_live_x"}}, "set by keybrake"),
+        ({"env": {"KEYBRAKE_X": "1"}}, "set by keybrake"),
+    ],
+)
+def test_bad_fan_out_arguments_are_refused_clearly(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(TemplateConfigError, match=message):
+        build(**options)
+
+
+def test_misuse_of_the_context_is_refused_clearly() -> None:
+    with pytest.raises(TemplateConfigError, match=r"inside `with DAG"):
+        issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+    with pytest.raises(TemplateConfigError, match="fan-out name"):
+        build_name = "Charge_All"
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            key = issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+            fan_out(key, build_name, image="a:1", with_items=["x"])
+    with pytest.raises(TemplateConfigError, match="already has a different template"):
+        with Workflow(generate_name="t-", entrypoint="main"):
+            Script(name="charge", image="a:1", command=["python"], source="print(1)")
+            with DAG(name="main"):
+                key = issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+                fan_out(key, "charge", image="a:1", with_items=["x"])
+    with pytest.raises(TemplateConfigError, match="already has onExit"):
+        with Workflow(generate_name="t-", entrypoint="main", on_exit="notify") as w:
+            with DAG(name="main"):
+                key = issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+            revoke_on_exit(w, key)
+    with pytest.raises(TemplateConfigError, match="already has a task named"):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+            issue_vault_key(vendor="stripe", daily_usd_cap=1, allowed_endpoints=STRIPE)
+
+
+def test_run_time_parameters_are_passed_through(catalog: list[dict[str, Any]]) -> None:
+    with WorkflowTemplate(
+        name="t",
+        entrypoint="main",
+        arguments=[Parameter(name=n, value="x") for n in ("vendor", "cap", "eps", "ttl")],
+    ) as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="{{workflow.parameters.vendor}}",
+                daily_usd_cap="{{workflow.parameters.cap}}",
+                allowed_endpoints="{{workflow.parameters.eps}}",
+                expires_in="{{workflow.parameters.ttl}}",
+            )
+            fan_out(key, "run", image="a:1", with_items=["x"])
+        revoke_on_exit(w, key)
+    document = w.to_dict()
+    assert problems(document, Catalog(catalog)) == []
+    env = env_of(document, "run-pod")
+    assert {"STRIPE_SECRET_KEY", "TWILIO_AUTH_TOKEN", "RESEND_API_KEY"} <= set(env)
+
+
+# --- the step scripts embedded in the templates ------------------------------------------------
+
+
+def test_step_sources_are_embedded_unchanged(rendered: list[Any]) -> None:
+    by_path = {f.path: f.document for f in rendered}
+    library = by_path["workflowtemplates/keybrake-vault-key.yaml"]
+    assert template(library, "issue")["script"]["source"] == step_source("issue")
+    assert template(library, "revoke")["script"]["source"] == step_source("revoke")
+
+
+def test_step_sources_use_the_standard_library_only_and_no_argo_tags() -> None:
+    for step in ("issue", "revoke"):
+        source = step_source(step)
+        assert "{{" not in source and "}}" not in source  # Argo would try to substitute them
+        imported = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported <= {
+            "__future__", "collections", "decimal", "json", "os", "sys", "time", "typing",
+            "urllib",
+        }, imported  # fmt: skip
+
+
+def test_the_shared_http_block_is_the_same_in_both_steps() -> None:
+    def block(step: str) -> str:
+        source = step_source(step)
+        start = source.index("# --- HTTP to the proxy")
+        return source[start : source.index("# --- end of the shared block")]
+
+    assert block("issue") == block("revoke")

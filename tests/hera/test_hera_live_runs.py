@@ -1,0 +1,268 @@
+"""End to end, for real: the rendered templates' steps run against a live `keybrake serve`
+(fixture `proxy_server`, upstream localstripe) — the issue script, then N fan-out pods as
+concurrent processes using the real Stripe SDK with exactly the environment the template gives
+them, then the exit handler — for a succeeded run, a failed run, a run whose cap is hit, and runs
+whose issue step failed. Afterwards the key is revoked, the audit rows carry the pod tags, and
+spend never passed the cap."""
+
+from __future__ import annotations
+
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from argocheck.simulator import Run, Simulator
+from hera.workflows import DAG, Workflow
+
+from keybrake.hera_workflows import DEFAULT_PROXY_URL, fan_out, issue_vault_key, revoke_on_exit
+from tests.proxyproc import ProxyProcess
+
+pytestmark = pytest.mark.slow
+pytest_plugins = ["tests.vendor_fixtures"]  # vendor_proxy: keybrake serve with all three vendors
+
+HERE = Path(__file__).resolve().parent
+CHARGE = [sys.executable, str(HERE / "pods" / "charge_batch.py")]
+IMAGE = "ghcr.io/acme/charge-batch:1"
+FANOUT = "workflowtemplates/keybrake-fanout.yaml"
+
+
+def admin(proxy: ProxyProcess, method: str, path: str, **options: Any) -> Any:
+    headers = {"Authorization": f"Bearer {proxy.admin_key}"}
+    response = httpx.request(method, proxy.url + path, headers=headers, timeout=30, **options)
+    assert response.status_code < 300, response.text
+    return response.json()
+
+
+def run_fanout(
+    proxy: ProxyProcess,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
+    items: list[dict[str, Any]],
+    budget: str,
+    **options: Any,
+) -> Run:
+    document = next(
+        d
+        for d in catalog
+        if d["kind"] == "WorkflowTemplate" and d["metadata"]["name"] == "keybrake-fanout"
+    )
+    sim = Simulator(
+        catalog,
+        workdir=tmp_path,
+        secrets={"keybrake-credentials": {"api_key": proxy.admin_key}},
+        entrypoints={IMAGE: CHARGE},
+        name="billing-run",
+        **options.pop("simulator", {}),
+    )
+    parameters = {
+        "items": json.dumps(items),
+        "image": IMAGE,
+        "budget_usd": budget,
+        "proxy_url": proxy.url,
+        **options,
+    }
+    return sim.run(document, parameters)
+
+
+def key_of(proxy: ProxyProcess, run: Run) -> dict[str, Any]:
+    info: dict[str, Any] = admin(proxy, "GET", f"/vault/keys/{run.outputs['keybrake_key_id']}")
+    return info
+
+
+def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = admin(
+        proxy, "GET", "/vault/audit", params={"key_id": key_id, "limit": 1000}
+    )["data"]
+    return rows
+
+
+def pod_names(run: Run) -> set[str]:
+    return {pod.name for pod in run.pods_of("run-pod")}
+
+
+def attempts_per_item(run: Run) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for pod in run.pods_of("run-pod"):
+        counts[pod.env["KEYBRAKE_ITEM"]] = counts.get(pod.env["KEYBRAKE_ITEM"], 0) + 1
+    return counts
+
+
+def test_a_succeeded_run(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    items = [{"charges": 2, "cents": 100, "batch": n} for n in range(4)]
+    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="300")
+
+    assert run.phase == "Succeeded", [p.stderr for p in run.pods]
+    key = key_of(proxy_server, run)
+    assert key["status"] == "revoked"
+    assert key["agent_run_label"] == "argo/billing-run"
+    assert key["metadata"] == {
+        "workflow": "billing-run",
+        "namespace": "argo",
+        "uid": "0b6a1f57-2d8e-4e5e-9c55-6c3b0e6b1d01",
+    }
+    assert Decimal(key["spent_usd"]) == Decimal("8.00") and key["calls"] == 8
+    rows = audit(proxy_server, key["key_id"])
+    assert len(rows) == 8 and {r["decision"] for r in rows} == {"forwarded"}
+    assert {r["caller_tag"] for r in rows} == pod_names(run)  # every pod, tagged
+    assert run.outputs["keybrake_spend_summary"] == (
+        f"keybrake: key {key['key_id']} revoked: spent $8.00 of $300.00 cap, 8 calls, "
+        "0 cap hits (workflow Succeeded)"
+    )
+
+
+def test_a_failed_run_still_revokes(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    items = [{"charges": 1, "cents": 100}, {"crash": True}]
+    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="300")
+
+    assert run.phase == "Failed"
+    assert attempts_per_item(run)[json.dumps({"crash": True})] == 4  # transient: retried 3 times
+    assert run.exit_handler is not None and run.exit_handler.phase == "Succeeded"
+    key = key_of(proxy_server, run)
+    assert key["status"] == "revoked"
+    assert run.outputs["keybrake_spend_summary"].endswith("1 call, 0 cap hits (workflow Failed)")
+
+
+def test_a_run_whose_cap_is_hit(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    items = [{"charges": 3, "cents": 150, "batch": n} for n in range(5)]  # $22.50 wanted
+    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="10")
+
+    assert run.phase == "Failed"
+    refused = [pod for pod in run.pods_of("run-pod") if pod.exit_code == 77]
+    assert refused and all("cap hit" in pod.stderr for pod in refused)
+    assert set(attempts_per_item(run).values()) == {1}  # a cap hit is never retried
+    key = key_of(proxy_server, run)
+    assert key["status"] == "revoked"
+    assert Decimal(key["spent_usd"]) <= Decimal("10") and key["cap_hits"] >= 1
+    rows = audit(proxy_server, key["key_id"])
+    settled = sum(Decimal(r["settled_usd"] or "0") for r in rows)
+    assert settled == Decimal(key["spent_usd"]) <= Decimal("10")
+    assert {r["caller_tag"] for r in rows} <= pod_names(run)
+    assert any(r["decision"] != "forwarded" for r in rows)
+    assert f"{key['cap_hits']} cap hit" in run.outputs["keybrake_spend_summary"]
+    # after the run, the key is dead: a pod's environment no longer works
+    env = refused[0].env
+    result = httpx.post(
+        env["STRIPE_BASE_URL"] + "/v1/payment_intents",
+        headers={"Authorization": f"Bearer {env['STRIPE_SECRET_KEY']}"},
+        data={"amount": 100, "currency": "usd"},
+        timeout=30,
+    )
+    assert result.status_code == 401
+
+
+def test_a_run_whose_issue_step_was_refused(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    run = run_fanout(
+        proxy_server, catalog, tmp_path, [{"charges": 1}], budget="10", expires_in="30d"
+    )
+
+    assert run.phase == "Failed"
+    [issue] = run.pods_of("keybrake-issue")  # a 4xx: exit 77, not retried
+    assert issue.exit_code == 77 and "expires_in" in issue.stderr
+    assert run.pods_of("run-pod") == []
+    assert "keybrake_key_id" not in run.outputs
+    assert "no active key labelled argo/billing-run" in run.outputs["keybrake_spend_summary"]
+    listed = admin(proxy_server, "GET", "/vault/keys", params={"label": "argo/billing-run"})["data"]
+    assert listed == []
+
+
+def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    run = run_fanout(
+        proxy_server,
+        catalog,
+        tmp_path,
+        [{"charges": 1}],
+        budget="10",
+        simulator={"broken_tmp": frozenset({"keybrake-issue"})},
+    )
+
+    assert run.phase == "Failed"
+    assert len(run.pods_of("keybrake-issue")) == 3  # exit 1: retried twice
+    listed = admin(proxy_server, "GET", "/vault/keys", params={"label": "argo/billing-run"})["data"]
+    assert len(listed) == 3 and {k["status"] for k in listed} == {"revoked"}
+    assert "revoked 3 key(s) labelled argo/billing-run" in run.outputs["keybrake_spend_summary"]
+
+
+def test_the_billing_agent_example(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    example = next(d for d in catalog if d["kind"] == "Workflow")
+    document = json.loads(json.dumps(example).replace(DEFAULT_PROXY_URL, proxy_server.url))
+    sim = Simulator(
+        catalog,
+        workdir=tmp_path,
+        secrets={"keybrake-credentials": {"api_key": proxy_server.admin_key}},
+        commands={"billing-agent": CHARGE},
+        name="billing-agent-x7k2p",
+    )
+    batches = [{"charges": 2, "cents": 2500, "batch": "eu"}, {"charges": 1, "cents": 4000}]
+    run = sim.run(document, {"batches": json.dumps(batches)})
+
+    assert run.phase == "Succeeded", [p.stderr for p in run.pods]
+    key = key_of(proxy_server, run)
+    assert key["status"] == "revoked" and Decimal(key["spent_usd"]) == Decimal("90.00")
+    assert key["max_usd_per_call"] is not None and Decimal(key["max_usd_per_call"]) == 50
+    rows = audit(proxy_server, key["key_id"])
+    assert {r["caller_tag"] for r in rows} == {p.name for p in run.pods_of("charge-pod")}
+
+
+def notify_workflow(vendor: str, endpoint: str, image: str, items: list[str]) -> dict[str, Any]:
+    with Workflow(name=f"notify-{vendor}", entrypoint="main") as workflow:
+        with DAG(name="main"):
+            key = issue_vault_key(vendor=vendor, daily_usd_cap=1, allowed_endpoints=[endpoint])
+            fan_out(key, "send", image=image, with_items=items)
+        revoke_on_exit(workflow, key)
+    document: dict[str, Any] = workflow.to_dict()
+    return document
+
+
+@pytest.mark.parametrize(
+    ("vendor", "endpoint", "program", "items"),
+    [
+        ("resend", "POST /emails", "send_email.py", ["ann", "bob", "cid"]),
+        ("twilio", "POST /2010-04-01/Accounts/*/Messages.json", "send_sms.py", ["+14155550100"]),
+    ],
+)
+def test_resend_and_twilio_pods_need_only_the_template_environment(
+    vendor_proxy: ProxyProcess,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
+    vendor: str,
+    endpoint: str,
+    program: str,
+    items: list[str],
+) -> None:
+    image = f"example.test/{vendor}-notifier:1"
+    document = notify_workflow(vendor, endpoint, image, items)
+    document = json.loads(json.dumps(document).replace(DEFAULT_PROXY_URL, vendor_proxy.url))
+    sim = Simulator(
+        catalog,
+        workdir=tmp_path,
+        secrets={"keybrake-credentials": {"api_key": vendor_proxy.admin_key}},
+        entrypoints={image: [sys.executable, str(HERE / "pods" / program)]},
+        name=f"notify-{vendor}",
+    )
+    run = sim.run(document)
+
+    assert run.phase == "Succeeded", [p.stderr for p in run.pods]
+    key = key_of(vendor_proxy, run)
+    assert key["status"] == "revoked" and key["vendor"] == vendor
+    rows = audit(vendor_proxy, key["key_id"])
+    assert [r["decision"] for r in rows] == ["forwarded"] * len(items)
+    assert {r["caller_tag"] for r in rows} == {p.name for p in run.pods_of("send-pod")}
+    spent = Decimal(key["spent_usd"])
+    assert 0 < spent <= 1
+    assert f"spent ${spent.normalize():f}" in run.outputs["keybrake_spend_summary"]

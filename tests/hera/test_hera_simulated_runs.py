@@ -1,0 +1,225 @@
+"""The rendered templates, executed: each pod's command runs as a local process with exactly the
+environment the template gives it (argocheck.simulator), against a stand-in proxy (fake_keybrake).
+The end-to-end runs against the real proxy and localstripe are in test_hera_live_runs.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from argocheck.simulator import Pod, Run, Simulator
+from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
+from hera.workflows import DAG, Workflow
+
+from keybrake.hera_workflows import SharedTemplates, fan_out, issue_vault_key, revoke_on_exit
+
+HERE = Path(__file__).resolve().parent
+REPORT = [sys.executable, str(HERE / "pods" / "report.py")]
+IMAGE = "example.test/report:1"
+FANOUT = "workflowtemplates/keybrake-fanout.yaml"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKeybrake]:
+    proxy = FakeKeybrake()
+    server = serve(proxy)
+    yield proxy
+    server.shutdown()
+    server.server_close()
+
+
+def simulator(
+    catalog: list[dict[str, Any]], tmp_path: Path, token: str = ADMIN_TOKEN, **options: Any
+) -> Simulator:
+    return Simulator(
+        catalog,
+        workdir=tmp_path,
+        secrets={"keybrake-credentials": {"api_key": token}},
+        entrypoints={IMAGE: REPORT},
+        commands={"billing-agent": REPORT},
+        **options,
+    )
+
+
+def fanout_parameters(fake: FakeKeybrake, items: list[Any], **extra: str) -> dict[str, str]:
+    return {
+        "items": json.dumps(items),
+        "image": IMAGE,
+        "budget_usd": "25",
+        "proxy_url": fake.url,
+        **extra,
+    }
+
+
+def reported(pod: Pod) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(pod.stdout)
+    return report
+
+
+def template_env_names(document: dict[str, Any], name: str) -> set[str]:
+    body = next(t for t in document["spec"]["templates"] if t["name"] == name)
+    return {e["name"] for e in (body.get("script") or body["container"])["env"]}
+
+
+def test_a_succeeded_fanout_run(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    document = documents[FANOUT]
+    items = ["a", {"batch": "b"}, "c"]
+    run = simulator(catalog, tmp_path).run(document, fanout_parameters(fake, items))
+
+    assert run.phase == "Succeeded"
+    issue, revoke = run.pods_of("keybrake-issue"), run.pods_of("keybrake-revoke")
+    assert len(issue) == len(revoke) == 1
+    assert fake.requests[0].body["metadata"] == {
+        "workflow": "wf-sim",
+        "namespace": "argo",
+        "uid": "0b6a1f57-2d8e-4e5e-9c55-6c3b0e6b1d01",
+    }
+    assert fake.requests[0].body["agent_run_label"] == "argo/wf-sim"
+    pods = run.pods_of("run-pod")
+    assert len(pods) == 3
+    vault_key = fake.keys["vk_1"]["vault_key"]
+    expected_names = template_env_names(document, "run-pod") | {"PATH", "HOSTNAME"}
+    for pod in pods:
+        env = reported(pod)["env"]
+        assert set(env) == expected_names  # exactly the template's environment
+        assert env["STRIPE_SECRET_KEY"] == f"{vault_key}.{pod.name}"
+        assert env["STRIPE_BASE_URL"] == f"{fake.url}/stripe"
+        assert env["KEYBRAKE_BASE_URL"] == f"{fake.url}/stripe"
+        assert reported(pod)["argv"] == [env["KEYBRAKE_ITEM"]]
+    assert sorted(reported(p)["env"]["KEYBRAKE_ITEM"] for p in pods) == sorted(
+        [json.dumps({"batch": "b"}), "a", "c"]
+    )
+    assert [(r.method, r.path) for r in fake.requests] == [
+        ("POST", "/vault/keys"),
+        ("DELETE", "/vault/keys/vk_1"),
+    ]
+    assert fake.keys["vk_1"]["status"] == "revoked"
+    assert run.outputs["keybrake_key_id"] == "vk_1"
+    assert run.outputs["keybrake_spend_summary"] == (
+        "keybrake: key vk_1 revoked: spent $0.00 of $25.00 cap, 0 calls, 0 cap hits "
+        "(workflow Succeeded)"
+    )
+    assert vault_key not in "".join(p.stdout + p.stderr for p in issue + revoke)
+
+
+def attempts(run: Run, item: str) -> int:
+    return sum(1 for pod in run.pods_of("run-pod") if pod.env["KEYBRAKE_ITEM"] == item)
+
+
+def test_exit_77_is_not_retried_but_other_failures_are(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    refused, crashed = json.dumps({"exit": 77}), json.dumps({"exit": 1})
+    items = [{"exit": 77}, {"exit": 1}]
+    run = simulator(catalog, tmp_path).run(documents[FANOUT], fanout_parameters(fake, items))
+
+    assert run.phase == "Failed"
+    assert attempts(run, refused) == 1
+    assert attempts(run, crashed) == 4  # the first try and limit: 3 retries
+    assert fake.keys["vk_1"]["status"] == "revoked"
+    assert run.exit_handler is not None and run.exit_handler.phase == "Succeeded"
+    assert run.outputs["keybrake_spend_summary"].endswith("(workflow Failed)")
+
+
+def test_an_issue_step_refused_by_the_proxy(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    parameters = fanout_parameters(fake, ["a"], vendor="twilio")  # the stand-in refuses twilio
+    run = simulator(catalog, tmp_path).run(documents[FANOUT], parameters)
+
+    assert run.phase == "Failed"
+    [issue] = run.pods_of("keybrake-issue")  # exit 77: not retried
+    assert issue.exit_code == 77 and "unknown vendor" in issue.stderr
+    assert run.pods_of("run-pod") == []
+    [revoke] = run.pods_of("keybrake-revoke")
+    assert revoke.env["KEYBRAKE_KEY_ID"] == "{{workflow.outputs.parameters.keybrake_key_id}}"
+    assert fake.requests[-1].path == "/vault/keys/revoke"
+    assert "no active key labelled argo/wf-sim" in run.outputs["keybrake_spend_summary"]
+
+
+def test_keys_issued_by_a_crashing_issue_step_are_revoked_by_label(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    sim = simulator(catalog, tmp_path, broken_tmp=frozenset({"keybrake-issue"}))
+    run = sim.run(documents[FANOUT], fanout_parameters(fake, ["a"]))
+
+    assert run.phase == "Failed"
+    assert len(run.pods_of("keybrake-issue")) == 3  # exit 1 is retried: limit 2
+    assert len(fake.keys) == 3
+    assert all(key["status"] == "revoked" for key in fake.keys.values())
+    assert "revoked 3 key(s) labelled argo/wf-sim" in run.outputs["keybrake_spend_summary"]
+
+
+def test_the_exit_handler_cannot_fail_a_succeeded_run(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    document = documents[FANOUT]
+    fake.script = [(201, {"key_id": "vk_x", "vault_key": "kbv_x"})] + [(503, None)] * 6
+    sim = simulator(catalog, tmp_path)
+    sim.commands["python"] = [sys.executable, str(HERE / "pods" / "no_sleep.py")]
+    run = sim.run(document, fanout_parameters(fake, ["a"]))
+
+    assert run.phase == "Succeeded"
+    assert "WARNING: could not revoke" in run.outputs["keybrake_spend_summary"]
+
+
+def test_the_billing_agent_example_runs(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+) -> None:
+    document = documents["examples/billing-agent.yaml"]
+    for template in document["spec"]["templates"]:
+        for parameter in (template.get("inputs") or {}).get("parameters", []):
+            if parameter["name"] == "proxy_url":
+                parameter["default"] = fake.url
+    for task in document["spec"]["templates"][0]["dag"]["tasks"]:
+        for argument in task["arguments"]["parameters"]:
+            if argument["name"] == "proxy_url":
+                argument["value"] = fake.url
+    batches = json.dumps(["eu-1", "us-1", "us-2"])
+    run = simulator(catalog, tmp_path).run(document, {"batches": batches})
+
+    assert run.phase == "Succeeded"
+    pods = run.pods_of("charge-pod")
+    assert sorted(reported(p)["argv"][-1] for p in pods) == ["eu-1", "us-1", "us-2"]
+    assert all(reported(p)["argv"] == ["charge", reported(p)["argv"][-1]] for p in pods)
+    assert fake.requests[0].body["max_usd_per_call"] == 50
+    assert fake.keys["vk_1"]["status"] == "revoked"
+
+
+def test_a_workflow_using_the_shared_templates_runs(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]]
+) -> None:
+    with Workflow(name="shared", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="stripe",
+                daily_usd_cap=10,
+                allowed_endpoints=["POST /v1/payment_intents"],
+                templates=SharedTemplates(cluster_scope=True),
+            )
+            fan_out(key, "charge", image=IMAGE, with_items=["x", "y"])
+        revoke_on_exit(w, key)
+    document = w.to_dict()
+    installed = []
+    for template in catalog:
+        template = json.loads(
+            json.dumps(template).replace(
+                "http://keybrake.keybrake.svc.cluster.local:8080", fake.url
+            )
+        )
+        installed.append(template)
+    document = json.loads(
+        json.dumps(document).replace("http://keybrake.keybrake.svc.cluster.local:8080", fake.url)
+    )
+    run = simulator(installed, tmp_path).run(document)
+
+    assert run.phase == "Succeeded"
+    assert len(run.pods_of("issue")) == len(run.pods_of("revoke")) == 1
+    assert len(run.pods_of("charge-pod")) == 2
+    assert fake.keys["vk_1"]["status"] == "revoked"

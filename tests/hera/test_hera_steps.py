@@ -1,0 +1,260 @@
+"""The step scripts' own logic, called in-process against a stand-in proxy (fake_keybrake):
+retries with backoff on transient errors, the server's message on a 4xx, input checks, and a
+revoke that always exits 0. Sleeping is replaced by recording the delays."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
+
+from keybrake.hera_workflows import _step_issue, _step_revoke
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKeybrake]:
+    proxy = FakeKeybrake()
+    server = serve(proxy)
+    yield proxy
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens: connection refused, deterministically."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def issue_env(url: str, out: Path, **overrides: str) -> dict[str, str]:
+    return {
+        "KEYBRAKE_URL": url,
+        "KEYBRAKE_API_KEY": ADMIN_TOKEN,
+        "KEYBRAKE_VENDOR": "stripe",
+        "KEYBRAKE_DAILY_USD_CAP": "300",
+        "KEYBRAKE_ALLOWED_ENDPOINTS": '["POST /v1/payment_intents"]',
+        "KEYBRAKE_EXPIRES_IN": "2h",
+        "KEYBRAKE_MAX_USD_PER_CALL": "",
+        "KEYBRAKE_LABEL": "argo/wf-1",
+        "KEYBRAKE_WORKFLOW_NAME": "wf-1",
+        "KEYBRAKE_WORKFLOW_NAMESPACE": "billing",
+        "KEYBRAKE_WORKFLOW_UID": "uid-1",
+        "KEYBRAKE_OUTPUT_DIR": str(out),
+        **overrides,
+    }
+
+
+class Sleeps(list[float]):
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def test_issue_posts_the_request_and_writes_the_outputs(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = issue_env(fake.url, tmp_path, KEYBRAKE_MAX_USD_PER_CALL="12.50")
+    assert _step_issue.main(env, Sleeps()) == 0
+    [request] = fake.requests
+    assert (request.method, request.path) == ("POST", "/vault/keys")
+    assert request.authorization == f"Bearer {ADMIN_TOKEN}"
+    assert request.body == {
+        "vendor": "stripe",
+        "daily_usd_cap": 300,
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "expires_in": "2h",
+        "agent_run_label": "argo/wf-1",
+        "max_usd_per_call": 12.5,
+        "metadata": {"workflow": "wf-1", "namespace": "billing", "uid": "uid-1"},
+    }
+    assert (tmp_path / "key_id").read_text() == "vk_1"
+    assert (tmp_path / "vault_key").read_text() == "kbv_secret_vk_1"
+    printed = capsys.readouterr()
+    assert "issued vk_1" in printed.out
+    assert "kbv_secret" not in printed.out + printed.err  # the vault key is never logged
+
+
+def test_issue_retries_transient_errors_with_backoff(fake: FakeKeybrake, tmp_path: Path) -> None:
+    fake.script = [(503, {"error": {"type": "unavailable", "message": "starting"}}), (502, None)]
+    sleeps = Sleeps()
+    assert _step_issue.main(issue_env(fake.url, tmp_path), sleeps) == 0
+    assert sleeps == [1.0, 2.0]
+    assert len(fake.requests) == 3
+
+
+def test_issue_gives_up_on_an_unreachable_proxy_with_exit_75(
+    closed_port_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sleeps = Sleeps()
+    assert _step_issue.main(issue_env(closed_port_url, tmp_path), sleeps) == 75
+    assert sleeps == list(_step_issue.BACKOFF_SECONDS)
+    assert "after 6 attempts" in capsys.readouterr().err
+    assert not (tmp_path / "key_id").exists()
+
+
+def test_issue_fails_a_4xx_with_the_servers_message_and_exit_77(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = issue_env(fake.url, tmp_path, KEYBRAKE_API_KEY="wrong")
+    assert _step_issue.main(env, Sleeps()) == 77
+    assert "HTTP 401: bad admin token (unauthorized)" in capsys.readouterr().err
+    assert len(fake.requests) == 1  # a 4xx is never retried
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"KEYBRAKE_DAILY_USD_CAP": "-1"}, "positive dollar amount"),
+        ({"KEYBRAKE_DAILY_USD_CAP": "NaN"}, "positive dollar amount"),
+        ({"KEYBRAKE_DAILY_USD_CAP": "three"}, "dollar amount such as 300"),
+        ({"KEYBRAKE_ALLOWED_ENDPOINTS": "POST /v1/x"}, "JSON list of strings"),
+        ({"KEYBRAKE_ALLOWED_ENDPOINTS": "[]"}, "non-empty JSON list"),
+        ({"KEYBRAKE_API_KEY": ""}, "keybrake-credentials"),
+        ({"KEYBRAKE_VENDOR": "{{inputs.parameters.vendor}}"}, "KEYBRAKE_VENDOR is empty"),
+        ({"KEYBRAKE_URL": "file:///etc/passwd"}, "must start with http"),
+    ],
+)
+def test_issue_refuses_bad_inputs_before_calling(
+    fake: FakeKeybrake,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: dict[str, str],
+    message: str,
+) -> None:
+    code = _step_issue.main(issue_env(fake.url, tmp_path, **overrides), Sleeps())
+    assert code in (75, 77)
+    assert message in capsys.readouterr().err
+    assert fake.requests == []
+
+
+def test_issue_reports_outputs_it_cannot_write(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert _step_issue.main(issue_env(fake.url, blocked / "out"), Sleeps()) == 1
+    assert "revokes it by label argo/wf-1" in capsys.readouterr().err
+    assert fake.keys["vk_1"]["status"] == "active"
+
+
+def revoke_env(url: str, out: Path, **overrides: str) -> dict[str, str]:
+    return {
+        "KEYBRAKE_URL": url,
+        "KEYBRAKE_API_KEY": ADMIN_TOKEN,
+        "KEYBRAKE_KEY_ID": "vk_1",
+        "KEYBRAKE_LABEL": "argo/wf-1",
+        "KEYBRAKE_WORKFLOW_STATUS": "Succeeded",
+        "KEYBRAKE_OUTPUT_DIR": str(out),
+        **overrides,
+    }
+
+
+def issued(fake: FakeKeybrake, tmp_path: Path, label: str = "argo/wf-1") -> str:
+    env = issue_env(fake.url, tmp_path / "issue", KEYBRAKE_LABEL=label)
+    assert _step_issue.main(env, Sleeps()) == 0
+    return (tmp_path / "issue" / "key_id").read_text()
+
+
+def summary(out: Path) -> str:
+    return (out / "summary").read_text()
+
+
+def test_revoke_by_key_id_prints_the_spend(fake: FakeKeybrake, tmp_path: Path) -> None:
+    key_id = issued(fake, tmp_path)
+    fake.keys[key_id].update(spent_usd="12.40", calls=7, cap_hits=1)
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID=key_id), Sleeps()) == 0
+    assert fake.keys[key_id]["status"] == "revoked"
+    assert summary(tmp_path) == (
+        "keybrake: key vk_1 revoked: spent $12.40 of $300.00 cap, 7 calls, 1 cap hit "
+        "(workflow Succeeded)"
+    )
+    # a second run (Argo retried the exit handler) is still fine
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID=key_id), Sleeps()) == 0
+    assert "revoked" in summary(tmp_path)
+
+
+def test_revoke_falls_back_to_the_label_when_the_key_id_is_unresolved(
+    fake: FakeKeybrake, tmp_path: Path
+) -> None:
+    issued(fake, tmp_path)
+    issued(fake, tmp_path, label="argo/another-run")
+    env = revoke_env(
+        fake.url, tmp_path, KEYBRAKE_KEY_ID="{{workflow.outputs.parameters.keybrake_key_id}}"
+    )
+    assert _step_revoke.main(env, Sleeps()) == 0
+    assert [(r.method, r.path, r.body) for r in fake.requests[-1:]] == [
+        ("POST", "/vault/keys/revoke", {"agent_run_label": "argo/wf-1"})
+    ]
+    assert fake.keys["vk_1"]["status"] == "revoked"
+    assert fake.keys["vk_2"]["status"] == "active"
+    assert "no key id, revoked 1 key(s) labelled argo/wf-1" in summary(tmp_path)
+
+
+def test_revoke_with_nothing_issued_is_done(fake: FakeKeybrake, tmp_path: Path) -> None:
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID=""), Sleeps()) == 0
+    assert "no active key labelled argo/wf-1: nothing to revoke" in summary(tmp_path)
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID="vk_9"), Sleeps()) == 0
+    assert "vk_9 is unknown to the proxy: nothing to revoke" in summary(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "answer", "message"),
+    [
+        (
+            {"KEYBRAKE_API_KEY": ""},
+            None,
+            "KEYBRAKE_API_KEY (from a Secret, default keybrake-credentials",
+        ),
+        ({"KEYBRAKE_API_KEY": "wrong"}, None, "HTTP 401: bad admin token"),
+        ({}, (500, {"error": {"type": "x", "message": "boom"}}), "failed after 6 attempts"),
+        ({}, (200, ["not", "an", "object"]), "could not revoke vk_1"),
+        ({"KEYBRAKE_KEY_ID": "", "KEYBRAKE_LABEL": ""}, None, "neither a key id nor"),
+    ],
+)
+def test_revoke_never_fails_the_workflow(
+    fake: FakeKeybrake,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    overrides: dict[str, str],
+    answer: tuple[int, Any] | None,
+    message: str,
+) -> None:
+    if answer is not None:
+        fake.script = [answer] * 6
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path, **overrides), Sleeps()) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "WARNING" in line and message in line
+    assert summary(tmp_path) == line
+
+
+def test_revoke_survives_an_unexpected_error(
+    fake: FakeKeybrake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args: Any) -> str:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(_step_revoke, "revoke_by_id", explode)
+    assert _step_revoke.main(revoke_env(fake.url, tmp_path), Sleeps()) == 0
+    assert "WARNING: could not revoke: KeyError" in summary(tmp_path)
+
+
+def test_spend_keeps_sub_cent_amounts() -> None:
+    keys = [{"spent_usd": "0.0083", "daily_usd_cap": "1.00", "calls": 1, "cap_hits": 0}]
+    assert _step_revoke.spend(keys) == "spent $0.0083 of $1.00 cap, 1 call, 0 cap hits"
+    keys.append({"spent_usd": "2.5", "daily_usd_cap": "3", "calls": 2, "cap_hits": 1})
+    assert _step_revoke.spend(keys) == "spent $2.5083 of $4.00 cap, 3 calls, 1 cap hit"
+
+
+def test_an_unreadable_answer_is_reported_not_raised(fake: FakeKeybrake) -> None:
+    assert _step_issue.decode(b"<html>bad gateway</html>") == {
+        "error": {"type": "not_json", "message": "<html>bad gateway</html>"}
+    }
+    assert _step_issue.error_message({"error": {"message": "m"}}) == "m"
+    assert _step_issue.error_message(json.loads("[1]")) == ""
