@@ -1,15 +1,18 @@
-"""Load bench: the proxy against a direct call, with nginx as a static Stripe-shaped upstream.
+"""Load bench: keybrake against a direct call, nginx `proxy_pass` and a bare Python passthrough.
 
-    make bench            # installs wrk and nginx from Debian packages when missing
+    make bench                     # everything, ~10 minutes; results to docs/benchmarks.md
+    python -m tests.bench.run --seconds 3 --connections 1,64 --soak 0   # a quick look
 
-Scenarios run in one go so their ratios sit side by side; results go to docs/benchmarks.md.
-wrk and the proxy are pinned to different cores where the machine has two or more. Not part of
-`make test`: tests never time anything.
+Upstream: nginx answering fixed Stripe-shaped JSON with a `Request-Id` header (installed from
+Debian packages with wrk when missing). wrk runs one thread pinned to core 0 (with nginx); the
+process under test is pinned to core 1. Bodies are distinct per request so no dedupe window turns
+calls into replays. Not part of `make test`: tests never time anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import os
 import platform
@@ -18,9 +21,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes.server import bound_socket, free_port  # noqa: E402
 from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET, wait_until_ready  # noqa: E402
 
+PG_ADMIN = os.environ.get("KEYBRAKE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 UPSTREAM_BODY = (
     '{"id":"pi_bench","object":"payment_intent","amount":100,"currency":"usd",'
     '"status":"requires_payment_method"}'
 )
-
 WRK_SCRIPT = """
 counter = 0
 request = function()
@@ -48,73 +56,130 @@ end
 
 
 @dataclass
-class Result:
+class Cell:
     scenario: str
+    backend: str
     connections: int
     rps: float
     p50_ms: float
     p99_ms: float
     errors: int
-    peak_rss_mb: float | None
+    rss_mb: float | None
+
+
+def pin(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(cpu)]
+    return []
 
 
 def ensure_tools() -> None:
+    wanted = {"wrk": "wrk", "nginx": "nginx-light"}
     missing = [
-        tool
-        for tool in ("wrk", "nginx")
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+        pkg
+        for tool, pkg in wanted.items()
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists()
     ]
     if missing:
-        packages = ["wrk" if "wrk" in missing else "", "nginx-light" if "nginx" in missing else ""]
-        print(f"installing {' '.join(p for p in packages if p)} (Debian packages)")
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", *[p for p in packages if p]],
-            check=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        print(f"installing {' '.join(missing)} (Debian packages)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
 
 
-def start_nginx(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def rss(pid: int) -> tuple[float | None, float | None]:
+    """(current, peak) resident set size in MB."""
+    values: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                values[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        return None, None
+    return values.get("VmRSS"), values.get("VmHWM")
+
+
+@contextmanager
+def nginx(workdir: Path) -> Iterator[tuple[str, str]]:
+    """Static upstream, and a proxy_pass in front of it (the C reverse-proxy anchor)."""
+    static, proxied = free_port(), free_port()
     conf = workdir / "nginx.conf"
     conf.write_text(f"""
 worker_processes 1;
 daemon off;
 error_log {workdir}/nginx-error.log;
 pid {workdir}/nginx.pid;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
 http {{
   access_log off;
   client_body_temp_path {workdir}/body;
+  proxy_temp_path {workdir}/proxy;
   keepalive_requests 1000000;
+  upstream static {{ server 127.0.0.1:{static}; keepalive 256; }}
   server {{
-    listen 127.0.0.1:{port};
+    listen 127.0.0.1:{static};
     location / {{
       default_type application/json;
       add_header Request-Id req_bench_static;
       return 200 '{UPSTREAM_BODY}';
     }}
   }}
+  server {{
+    listen 127.0.0.1:{proxied};
+    location /stripe/ {{
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer sk_test_bench";
+      proxy_pass http://static/;
+    }}
+  }}
 }}
 """)
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(_pin(0) + [nginx, "-c", str(conf), "-p", str(workdir)])
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url + "/", proc, "nginx")
-    return proc, url
+    exe = shutil.which("nginx") or "/usr/sbin/nginx"
+    proc = subprocess.Popen([*pin(0), exe, "-c", str(conf), "-p", str(workdir)])
+    try:
+        wait_until_ready(f"http://127.0.0.1:{static}/", proc, "nginx")
+        yield f"http://127.0.0.1:{static}", f"http://127.0.0.1:{proxied}"
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
-def _pin(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-        return ["taskset", "-c", str(cpu)]
-    return []
+@contextmanager
+def passthrough(upstream: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = {**os.environ, "KEYBRAKE_BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            *pin(1),
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "tests.bench.passthrough:create_app",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/stripe/", proc, "passthrough")
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
-def start_proxy(
-    workdir: Path, upstream: str, database_url: str
-) -> tuple[subprocess.Popen[bytes], str]:
+@contextmanager
+def keybrake(workdir: Path, upstream: str, database_url: str) -> Iterator[tuple[str, int]]:
     sock = bound_socket()
-    port = sock.getsockname()[1]
     env = {
         **os.environ,
         "KEYBRAKE_API_KEY": ADMIN_KEY,
@@ -122,44 +187,66 @@ def start_proxy(
         "KEYBRAKE_STRIPE_SECRET_KEY": STRIPE_SECRET,
         "KEYBRAKE_STRIPE_API_BASE": upstream,
     }
-    keybrake = str(Path(sys.executable).parent / "keybrake")
     proc = subprocess.Popen(
-        _pin(1) + [keybrake, "serve", "--fd", str(sock.fileno())],
+        [
+            *pin(1),
+            str(Path(sys.executable).parent / "keybrake"),
+            "serve",
+            "--fd",
+            str(sock.fileno()),
+        ],
         env=env,
         pass_fds=(sock.fileno(),),
         stdout=subprocess.DEVNULL,
         cwd=workdir,
     )
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url + "/readyz", proc, "keybrake serve")
-    return proc, url
+    try:
+        wait_until_ready(url + "/readyz", proc, "keybrake serve", timeout=120)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
-def issue_key(proxy: str) -> str:
+@contextmanager
+def pg_database() -> Iterator[str]:
+    import asyncpg
+
+    name = "keybrake_bench_" + uuid.uuid4().hex[:8]
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    if os.environ.get("BENCH_PG_ASYNC_COMMIT"):
+        asyncio.run(admin(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def issue_key(proxy: str, cap: int = 1_000_000, dedupe: str = "0") -> tuple[str, str]:
     response = httpx.post(
         f"{proxy}/vault/keys",
         headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         json={
             "vendor": "stripe",
-            "daily_usd_cap": 1_000_000,
+            "daily_usd_cap": cap,
             "allowed_endpoints": ["POST /v1/payment_intents", "GET /v1/balance"],
             "expires_in": "2h",
-            "agent_run_label": "argo/bench",
+            "agent_run_label": f"argo/bench-{uuid.uuid4().hex[:6]}",
+            "dedupe_window": dedupe,
         },
     )
     response.raise_for_status()
-    return str(response.json()["vault_key"])
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return str(response.json()["vault_key"]), str(response.json()["key_id"])
 
 
 def wrk(
@@ -168,8 +255,19 @@ def wrk(
     script = workdir / f"bench-{method}.lua"
     script.write_text(WRK_SCRIPT.format(method=method, path=path, key=key))
     out = subprocess.run(
-        _pin(0)
-        + ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            *pin(0),
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url + path,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -178,87 +276,276 @@ def wrk(
     p50 = _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1))  # type: ignore[union-attr]
     errors = 0
-    match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if match:
+    if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(match.group(1))
-    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if match:
+    if match := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    ):
         errors += sum(int(x) for x in match.groups())
     return rps, p50, p99, errors
 
 
 def _ms(text: str) -> float:
-    value = float(re.match(r"[\d.]+", text).group(0))  # type: ignore[union-attr]
-    unit = text[len(re.match(r"[\d.]+", text).group(0)) :]  # type: ignore[union-attr]
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+    number = re.match(r"[\d.]+", text).group(0)  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[text[len(number) :]]
+
+
+def seed(database_url: str, keys: int, audit_rows: int) -> None:
+    """Fill the database the way months of use would: many keys, a long audit log."""
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        from keybrake.proxy.store.sqlite import SQLiteStore
+
+        path = database_url.removeprefix("sqlite:///")
+        SQLiteStore(path).migrate()
+        conn = sqlite3.connect(path)
+        conn.executescript(f"""
+            WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {keys})
+            INSERT INTO vault_keys SELECT 'vk_seed' || x, randomblob(32), 'stripe', 'argo/seed-' || (x % 5000),
+              300000000, NULL, '["POST /v1/payment_intents"]', '{{}}', 600,
+              '2026-01-01T00:00:00.000000Z', '2026-01-01T02:00:00.000000Z', NULL FROM n;
+            WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {audit_rows})
+            INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, reserved_micros,
+              settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag)
+            SELECT '2026-01-01T00:00:00.000000Z', 'vk_seed' || (x % {keys}), 'argo/seed-' || (x % 5000), 'stripe',
+              'POST', '/v1/payment_intents', 200, 'forwarded', 1000000, 1000000, 100, 'usd', 'req_' || x,
+              'idem-' || x, 1.5, 'pod-' || x FROM n;
+        """)
+        conn.commit()
+        conn.close()
+        return
+
+    import asyncpg
+
+    from keybrake.proxy.store.postgres import migrate_connection
+
+    async def run() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await migrate_connection(conn)
+            await conn.execute(f"""
+                INSERT INTO vault_keys SELECT 'vk_seed' || x, decode(md5(x::text) || md5(x::text), 'hex'),
+                  'stripe', 'argo/seed-' || (x % 5000), 300000000, NULL, '["POST /v1/payment_intents"]', '{{}}',
+                  600, '2026-01-01', '2026-01-01 02:00' FROM generate_series(1, {keys}) x;
+                INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, reserved_micros,
+                  settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag, day)
+                SELECT '2026-01-01', 'vk_seed' || (x % {keys}), 'argo/seed-' || (x % 5000), 'stripe', 'POST',
+                  '/v1/payment_intents', 200, 'forwarded', 1000000, 1000000, 100, 'usd', 'req_' || x,
+                  'idem-' || x, 1.5, 'pod-' || x, '2026-01-01' FROM generate_series(1, {audit_rows}) x;
+                ANALYZE;
+            """)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+async def burst(proxy: str, vault_key: str, key_id: str, calls: int) -> tuple[float, int, int, str]:
+    """`calls` pods at once against a $300 cap: seconds until every one is answered."""
+    connector = aiohttp.TCPConnector(limit=calls)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def pod(index: int) -> int:
+            async with session.post(
+                f"{proxy}/stripe/v1/payment_intents",
+                data={"amount": "100", "currency": "usd", "metadata[pod]": str(index)},
+                headers={"Authorization": f"Bearer {vault_key}.pod-{index}"},
+            ) as response:
+                await response.read()
+                return response.status
+
+        started = time.perf_counter()
+        statuses = await asyncio.gather(*(pod(i) for i in range(calls)))
+        elapsed = time.perf_counter() - started
+    info = httpx.get(
+        f"{proxy}/vault/keys/{key_id}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ).json()
+    return elapsed, statuses.count(200), statuses.count(429), info["spent_usd"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", default="1,16,64,256")
+    parser.add_argument(
+        "--soak", type=int, default=300, help="seconds of the memory soak (0 = skip)"
+    )
+    parser.add_argument("--keys", type=int, default=100_000)
+    parser.add_argument("--audit-rows", type=int, default=1_000_000)
+    parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
     ensure_tools()
-    connections = [int(c) for c in args.connections.split(",")]
-    results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="keybrake-bench-") as tmp:
+    conns = [int(c) for c in args.connections.split(",")]
+    cells: list[Cell] = []
+    notes: list[str] = []
+
+    def measure(
+        name: str, backend: str, url: str, method: str, path: str, key: str, pid: int | None
+    ) -> None:
+        for c in conns:
+            rps, p50, p99, errors = wrk(url, method, path, key, c, args.seconds, workdir)
+            cells.append(
+                Cell(name, backend, c, rps, p50, p99, errors, rss(pid)[1] if pid else None)
+            )
+            print(
+                f"{name:34s} {backend:9s} c={c:<4d} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:8.2f} ms  err {errors}",
+                flush=True,
+            )
+
+    with (
+        tempfile.TemporaryDirectory(prefix="keybrake-bench-") as tmp,
+        nginx(Path(tmp)) as (upstream, nginx_proxy),
+    ):
         workdir = Path(tmp)
-        nginx, upstream = start_nginx(workdir)
-        proxy, proxy_url = start_proxy(workdir, upstream, f"sqlite:///{workdir / 'bench.db'}")
-        try:
-            key = issue_key(proxy_url)
-            scenarios = [
-                ("direct to upstream", upstream, "POST", "/v1/payment_intents"),
-                ("keybrake, free endpoint (SQLite)", proxy_url, "GET", "/stripe/v1/balance"),
-                (
-                    "keybrake, priced endpoint (SQLite)",
-                    proxy_url,
-                    "POST",
-                    "/stripe/v1/payment_intents",
-                ),
-            ]
-            for name, base, method, path in scenarios:
-                for conns in connections:
-                    rps, p50, p99, errors = wrk(
-                        base + path, method, path, key, conns, args.seconds, workdir
+        measure("direct to upstream", "-", upstream, "POST", "/v1/payment_intents", "none", None)
+        measure(
+            "nginx proxy_pass", "-", nginx_proxy, "POST", "/stripe/v1/payment_intents", "none", None
+        )
+        with passthrough(upstream) as (url, pid):
+            measure(
+                "bare Python passthrough",
+                "-",
+                url,
+                "POST",
+                "/stripe/v1/payment_intents",
+                "none",
+                pid,
+            )
+        for backend in args.backends.split(","):
+            with pg_database() if backend == "postgres" else _sqlite(workdir) as database_url:
+                with keybrake(workdir, upstream, database_url) as (url, pid):
+                    key, _ = issue_key(url)
+                    measure(
+                        "keybrake free endpoint",
+                        backend,
+                        url,
+                        "GET",
+                        "/stripe/v1/balance",
+                        key,
+                        pid,
                     )
-                    peak = rss_mb(proxy.pid) if base == proxy_url else None
-                    results.append(Result(name, conns, rps, p50, p99, errors, peak))
-                    print(
-                        f"{name:40s} c={conns:<4d} {rps:9.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:8.2f} ms  errors {errors}"
+                    measure(
+                        "keybrake priced, one key",
+                        backend,
+                        url,
+                        "POST",
+                        "/stripe/v1/payment_intents",
+                        key,
+                        pid,
                     )
-        finally:
-            proxy.terminate()
-            nginx.terminate()
-            proxy.wait()
-            nginx.wait()
-    write_report(Path(args.out), results, args.seconds)
+                    vault_key, key_id = issue_key(url, cap=300, dedupe="10m")
+                    seconds, ok, capped, spent = asyncio.run(burst(url, vault_key, key_id, 500))
+                    notes.append(
+                        f"500-pod burst ({backend}): all answered in {seconds:.2f} s; {ok} forwarded, "
+                        f"{capped} cap hits, spent ${spent} of $300 (overspend 0)"
+                        if spent == "300.00" and ok == 300
+                        else f"500-pod burst ({backend}): {seconds:.2f} s, {ok} forwarded, {capped} cap hits, spent ${spent} — WRONG"
+                    )
+                    print(notes[-1], flush=True)
+            with (
+                pg_database() if backend == "postgres" else _sqlite(workdir, "grown")
+            ) as database_url:
+                started = time.perf_counter()
+                seed(database_url, args.keys, args.audit_rows)
+                print(
+                    f"seeded {args.keys:,} keys and {args.audit_rows:,} audit rows in {time.perf_counter() - started:.0f}s",
+                    flush=True,
+                )
+                with keybrake(workdir, upstream, database_url) as (url, pid):
+                    key, _ = issue_key(url)
+                    saved = conns
+                    conns = [64]
+                    measure(
+                        f"keybrake priced, {args.keys // 1000}k keys + {args.audit_rows // 1_000_000}M rows",
+                        backend,
+                        url,
+                        "POST",
+                        "/stripe/v1/payment_intents",
+                        key,
+                        pid,
+                    )
+                    conns = saved
+                    if args.soak and backend == "sqlite":
+                        notes.append(soak(url, key, pid, args.soak, workdir))
+                        print(notes[-1], flush=True)
+    write_report(Path(args.out), cells, notes, args)
 
 
-def write_report(path: Path, results: list[Result], seconds: int) -> None:
-    direct = {r.connections: r for r in results if r.scenario == "direct to upstream"}
+@contextmanager
+def _sqlite(workdir: Path, name: str = "bench") -> Iterator[str]:
+    path = workdir / f"{name}-{uuid.uuid4().hex[:6]}.db"
+    yield f"sqlite:///{path}"
+
+
+def soak(url: str, key: str, pid: int, seconds: int, workdir: Path) -> str:
+    """Priced calls at 256 connections for `seconds`; RSS sampled while it runs."""
+    script = workdir / "soak.lua"
+    script.write_text(WRK_SCRIPT.format(method="POST", path="/stripe/v1/payment_intents", key=key))
+    proc = subprocess.Popen(
+        [
+            *pin(0),
+            "wrk",
+            "-t1",
+            "-c256",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url + "/stripe/v1/payment_intents",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    samples: list[float] = []
+    while proc.poll() is None:
+        current, _ = rss(pid)
+        if current:
+            samples.append(current)
+        time.sleep(5)  # sampling period of a measurement, not synchronisation
+    out = proc.communicate()[0]
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    quarter = max(1, len(samples) // 4)
+    return (
+        f"memory soak (SQLite, 256 connections, {seconds} s, {float(rps.group(1)) if rps else 0:,.0f} req/s): "
+        f"RSS {samples[0]:.0f} MB at start, {max(samples[:quarter]):.0f} MB max in the first quarter, "
+        f"{max(samples[-quarter:]):.0f} MB max in the last quarter, {max(samples):.0f} MB peak"
+    )
+
+
+def write_report(path: Path, cells: list[Cell], notes: list[str], args: argparse.Namespace) -> None:
+    def anchor(name: str, c: int) -> Cell | None:
+        return next((x for x in cells if x.scenario == name and x.connections == c), None)
+
     lines = [
         "# Benchmarks",
         "",
-        f"Run: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, `make bench` ({seconds}s per cell, wrk -t1,"
-        " distinct bodies so no dedupe replays).",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
-        f" {platform.platform()}. wrk pinned to core 0 with nginx, the proxy (one process) to core 1.",
+        f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC with `make bench` ({args.seconds} s per cell, wrk -t1 with distinct bodies).",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}.",
+        "wrk and nginx pinned to core 0, the process under test (one process, no `--workers`) to core 1.",
         "Upstream: nginx answering fixed Stripe-shaped JSON with a `Request-Id` header.",
+        "Ratios are req/s against the same connection count of the anchor.",
         "",
-        "| scenario | conns | req/s | p50 ms | p99 ms | errors | proxy peak RSS MB | ratio to direct | p50 added ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | db | conns | req/s | p50 ms | p99 ms | errors | peak RSS MB | ÷ direct | ÷ nginx | ÷ passthrough | p50 added ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in results:
-        base = direct.get(r.connections)
-        ratio = f"{r.rps / base.rps:.3f}" if base and r.scenario != base.scenario else "-"
-        added = f"{r.p50_ms - base.p50_ms:.2f}" if base and r.scenario != base.scenario else "-"
-        rss = f"{r.peak_rss_mb:.0f}" if r.peak_rss_mb else "-"
+    for cell in cells:
+        direct = anchor("direct to upstream", cell.connections)
+        ngx = anchor("nginx proxy_pass", cell.connections)
+        bare = anchor("bare Python passthrough", cell.connections)
+
+        def ratio(base: Cell | None) -> str:
+            return f"{cell.rps / base.rps:.2f}" if base and base is not cell else "-"
+
+        added = f"{cell.p50_ms - direct.p50_ms:.2f}" if direct and direct is not cell else "-"
         lines.append(
-            f"| {r.scenario} | {r.connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {rss} | {ratio} | {added} |"
+            f"| {cell.scenario} | {cell.backend} | {cell.connections} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
+            f"{cell.p99_ms:.2f} | {cell.errors} | {f'{cell.rss_mb:.0f}' if cell.rss_mb else '-'} | "
+            f"{ratio(direct)} | {ratio(ngx)} | {ratio(bare)} | {added} |"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    lines += ["", *[f"- {note}" for note in notes]]
     previous = path.read_text() if path.exists() else ""
     marker = "\n## History"
     history = previous[previous.index(marker) :] if marker in previous else ""
