@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 __all__ = [
     "EXIT_REFUSED",
@@ -51,7 +52,7 @@ def print_data(data: Any, output: Output) -> None:
 
 
 def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     if hint:
-        err_console.print(hint, soft_wrap=True)
+        err_console.print(escape(hint), soft_wrap=True)
     raise typer.Exit(code)

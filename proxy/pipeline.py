@@ -254,7 +254,10 @@ class Pipeline:
             )
             self.metrics.upstream_seconds.labels(vendor.name).observe(perf_counter() - timed)
             status, reply_body = response.status, response.body
-            reply = Reply(response.status, response.headers, response.body)
+            shown_headers, shown_body = vendor.workload_reply(
+                call, response.status, response.headers, response.body
+            )
+            reply = Reply(response.status, shown_headers, shown_body)
         except UpstreamError as exc:
             status, reply_body = None, b""
             reply = self._refusal(vendor, "upstream_error", reason=f"{exc}.")

@@ -1,0 +1,284 @@
+"""Twilio and Resend vendor modules without HTTP: estimates, settlement, credential and path
+rewriting, error shapes, and validation of their pricing tables."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from keybrake.proxy.errors import ConfigError
+from keybrake.proxy.pricing import Unpriceable, load_pricing
+from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendors import VENDORS
+from keybrake.proxy.vendors.base import Cost, VendorCall
+from keybrake.proxy.vendors.resend import Resend
+from keybrake.proxy.vendors.twilio import Twilio
+
+VALIDATORS = {name: cls.validate_pricing for name, cls in VENDORS.items()}
+SID = "AC" + "ab" * 16
+TOKEN = "tok_" + "c" * 28
+PLACEHOLDER = "AC" + "0" * 32
+MESSAGES = f"/2010-04-01/Accounts/{PLACEHOLDER}/Messages.json"
+
+
+class NoLookup:
+    async def is_counted(self, object_id: str) -> bool:
+        raise AssertionError("Twilio and Resend never look anything up")
+
+    async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        raise AssertionError("Twilio and Resend never look anything up")
+
+
+def table(tmp_path: Path | None, operator: str) -> Any:
+    path = None
+    if operator and tmp_path is not None:
+        path = tmp_path / "pricing.toml"
+        path.write_text(operator)
+    return load_pricing(path, VALIDATORS)
+
+
+def twilio(tmp_path: Path | None = None, operator: str = "") -> Twilio:
+    return Twilio(VendorCredentials("http://twilio.invalid", TOKEN, SID), table(tmp_path, operator))
+
+
+def resend_vendor(tmp_path: Path | None = None, operator: str = "") -> Resend:
+    return Resend(VendorCredentials("http://resend.invalid", "re_real"), table(tmp_path, operator))
+
+
+def call(method: str, path: str, body: bytes = b"", **headers: str) -> VendorCall:
+    return VendorCall(method, path, "", {k.lower(): v for k, v in headers.items()}, body)
+
+
+def sms(vendor: Twilio, **form: Any) -> Cost:
+    body = urlencode(form, doseq=True).encode()
+    return asyncio.run(vendor.estimate(call("POST", MESSAGES, body), NoLookup()))
+
+
+def test_twilio_message_prices() -> None:
+    vendor = twilio()
+    # 161 GSM-7 characters: 153 + 8 -> 2 segments x $0.0083 = $0.0166.
+    cost = sms(vendor, To="+14155550100", From="+1415", Body="a" * 161)
+    assert (cost.micros, cost.amount, cost.currency) == (16_600, 2, "sms_segment")
+    assert cost.priced
+    # No prefix but "default" for a UK number: 1 x $0.15.
+    assert sms(vendor, To="+447700900123", Body="hi").micros == 150_000
+    # Media, or SendAsMms, makes it one MMS at $0.022 whatever the body's length.
+    mms = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl=["https://e.x/1.png"] * 2)
+    assert (mms.micros, mms.amount, mms.currency) == (22_000, 1, "mms")
+    assert sms(vendor, To="+14155550100", Body="x", SendAsMms="true").micros == 22_000
+    # The last To counts, as in Twilio's form parsing.
+    assert sms(vendor, To=["+447700900123", "+14155550100"], Body="x").micros == 8_300
+
+
+def test_twilio_destination_prefixes_longest_match_and_channels(tmp_path: Path) -> None:
+    vendor = twilio(
+        tmp_path, '[twilio.sms]\n"+1876" = "0.1100"\n"+44" = "0.0400"\n"whatsapp:" = "0.0050"\n'
+    )
+    assert sms(vendor, To="+18765550100", Body="x").micros == 110_000  # "+1876" beats "+1"
+    assert sms(vendor, To="+14155550100", Body="x").micros == 8_300
+    assert sms(vendor, To="+447700900123", Body="x").micros == 40_000
+    assert sms(vendor, To="whatsapp:+447700900123", Body="x").micros == 5_000
+    with pytest.raises(Unpriceable, match=r"\[twilio.sms\]"):
+        sms(twilio(), To="whatsapp:+14155550100", Body="x")  # "default" is for phone numbers
+    with pytest.raises(Unpriceable, match="no To"):
+        sms(twilio(), Body="x")
+    with pytest.raises(Unpriceable, match="ContentSid"):
+        sms(twilio(), To="+14155550100", ContentSid="HX" + "0" * 32)
+
+
+def test_twilio_reads_are_free_but_only_inside_an_account() -> None:
+    vendor = twilio()
+    lookup = NoLookup()
+    free = asyncio.run(vendor.estimate(call("GET", MESSAGES), lookup))
+    assert free.micros == 0 and not free.priced
+    for path in (
+        f"/2010-04-01/Accounts/{PLACEHOLDER}.json",  # the account: carries the auth token
+        "/2010-04-01/Accounts.json",
+        "/v1/Services",
+        "/2010-04-01/Accounts/not-a-sid/Messages.json",
+    ):
+        with pytest.raises(Unpriceable):
+            asyncio.run(vendor.estimate(call("GET", path), lookup))
+    with pytest.raises(Unpriceable) as refused:
+        asyncio.run(vendor.estimate(call("POST", MESSAGES.replace("Messages", "Calls")), lookup))
+    message = str(refused.value)
+    assert "[twilio.endpoints]" in message
+    assert '"POST /2010-04-01/Accounts/*/Calls.json" = { usd = "0.05" }' in message
+    update = f"/2010-04-01/Accounts/{PLACEHOLDER}/Messages/SM{'1' * 32}.json"
+    assert asyncio.run(vendor.estimate(call("POST", update, b"Body="), lookup)).micros == 0
+
+
+def test_twilio_settles_to_the_price_in_the_answer() -> None:
+    vendor = twilio()
+    estimate = Cost(16_600, 2, "sms_segment", priced=True)
+    messages = call("POST", MESSAGES)
+
+    def settled(status: int | None, answer: Any) -> int:
+        body = json.dumps(answer).encode() if answer is not None else b""
+        return vendor.settle(messages, estimate, status, body).micros
+
+    assert settled(201, {"price": None, "price_unit": "USD"}) == 16_600  # not billed yet
+    assert settled(201, {"price": "-0.00750", "price_unit": "USD"}) == 7_500  # a charge
+    assert settled(201, {"price": "0.00750", "price_unit": "usd"}) == 7_500
+    assert settled(201, {"price": "-0.0200", "price_unit": "USD"}) == 20_000  # true cost, above
+    assert settled(201, {"price": "n/a", "price_unit": "USD"}) == 16_600
+    assert settled(201, {"price": "-0.01", "price_unit": "EUR"}) == 16_600  # no fx rate
+    assert settled(400, {"code": 21211, "message": "Invalid 'To'"}) == 0  # refused: nothing
+    assert settled(500, {"code": 20500}) == 16_600  # maybe sent: counts
+    assert settled(None, None) == 16_600  # no answer: counts
+
+
+def test_twilio_credentials_and_account_are_swapped_both_ways() -> None:
+    vendor = twilio()
+    basic = base64.b64encode(f"{PLACEHOLDER}:kbv_vault.pod-1".encode()).decode()
+    assert vendor.presented_key({"authorization": f"Basic {basic}"}) == "kbv_vault.pod-1"
+    assert vendor.presented_key({"authorization": "Bearer kbv_vault"}) is None
+    assert vendor.presented_key({"authorization": "Basic !!!"}) is None
+    only_user = base64.b64encode(f"{PLACEHOLDER}:".encode()).decode()
+    assert vendor.presented_key({"authorization": f"Basic {only_user}"}) is None
+
+    fetch = VendorCall(
+        "GET", f"/2010-04-01/Accounts/{PLACEHOLDER}/Messages/SM1.json", "PageSize=2", {}, b""
+    )
+    target, auth = vendor.upstream_request(fetch)
+    assert target == f"/2010-04-01/Accounts/{SID}/Messages/SM1.json?PageSize=2"
+    real = base64.b64encode(f"{SID}:{TOKEN}".encode()).decode()
+    assert auth == {"Authorization": f"Basic {real}"}
+
+    answer = json.dumps(
+        {"account_sid": SID, "uri": f"/2010-04-01/Accounts/{SID}/Messages/SM1.json"}
+    ).encode()
+    headers, body = vendor.workload_reply(fetch, 200, [("X-Account", SID)], answer)
+    assert SID.encode() not in body and SID not in str(headers)
+    assert json.loads(body)["account_sid"] == PLACEHOLDER
+    assert headers == [("X-Account", PLACEHOLDER)]
+    # An account resource, were one ever forwarded: its token never reaches the workload.
+    account = json.dumps({"sid": SID, "auth_token": TOKEN, "note": f"token {TOKEN}"}).encode()
+    _, shown = vendor.workload_reply(fetch, 200, [], account)
+    assert TOKEN.encode() not in shown and json.loads(shown)["auth_token"] is None
+
+
+def test_twilio_and_resend_error_shapes() -> None:
+    body, headers = twilio().error(429, "keybrake_daily_cap_exceeded", "cap reached")
+    assert json.loads(body) == {
+        "code": 20429,
+        "message": "cap reached",
+        "more_info": "https://www.twilio.com/docs/errors/20429",
+        "status": 429,
+        "keybrake_code": "keybrake_daily_cap_exceeded",
+    }
+    assert headers == {}
+    assert json.loads(twilio().error(401, "keybrake_invalid_key", "no")[0])["code"] == 20003
+    assert json.loads(twilio().error(403, "x", "no")[0])["code"] == 20403
+
+    vendor = resend_vendor()
+    names = {
+        (401, "keybrake_missing_key"): "missing_api_key",
+        (401, "keybrake_wrong_vendor"): "invalid_api_key",
+        (403, "keybrake_unpriced_endpoint"): "restricted_api_key",
+        (429, "keybrake_daily_cap_exceeded"): "daily_quota_exceeded",
+        (409, "idempotency_key_in_use"): "concurrent_idempotent_requests",
+        (502, "keybrake_upstream_error"): "application_error",
+        (400, "keybrake_invalid_path"): "validation_error",
+    }
+    for (status, code), name in names.items():
+        shaped = json.loads(vendor.error(status, code, "m")[0])
+        assert shaped == {"statusCode": status, "name": name, "message": "m", "keybrake_code": code}
+
+
+def test_resend_prices_emails_and_batches() -> None:
+    vendor = resend_vendor()
+    lookup = NoLookup()
+
+    def estimate(path: str, payload: Any) -> Cost:
+        body = json.dumps(payload).encode()
+        return asyncio.run(vendor.estimate(call("POST", path, body), lookup))
+
+    one = estimate("/emails", {"to": "a@example.com"})
+    assert (one.micros, one.amount, one.currency) == (900, 1, "email")
+    batch = estimate("/emails/batch", [{"to": "a@example.com"}] * 100)
+    assert (batch.micros, batch.amount) == (90_000, 100)  # 100 x $0.0009
+    for path, payload in (("/emails", [{}]), ("/emails/batch", []), ("/emails/batch", {})):
+        with pytest.raises(Unpriceable):
+            estimate(path, payload)
+    with pytest.raises(Unpriceable, match=r"\[resend.endpoints\]"):
+        estimate("/broadcasts/b1/send", {})
+    assert estimate("/emails/e1/cancel", {}).micros == 0
+    assert asyncio.run(vendor.estimate(call("GET", "/domains"), lookup)).micros == 0
+    assert vendor.presented_key({"authorization": "Bearer kbv_x.tag"}) == "kbv_x.tag"
+    assert vendor.presented_key({"authorization": "Basic a2J2Og=="}) is None
+    assert vendor.upstream_request(call("GET", "/emails/e1")) == (
+        "/emails/e1",
+        {"Authorization": "Bearer re_real"},
+    )
+
+    emails = call("POST", "/emails/batch")
+    ok = json.dumps({"data": [{"id": "1"}, {"id": "2"}], "errors": [{"index": 2}]}).encode()
+    assert vendor.settle(emails, Cost(2_700, 3, "email", True), 200, ok).micros == 1_800
+    assert vendor.settle(emails, Cost(2_700, 3, "email", True), 422, b"{}").micros == 0
+    assert vendor.settle(emails, Cost(2_700, 3, "email", True), None, b"").micros == 2_700
+    single = call("POST", "/emails")
+    assert vendor.settle(single, Cost(900, 1, "email", True), 200, b'{"id":"x"}').micros == 900
+
+
+def test_operators_price_new_endpoints_flat(tmp_path: Path) -> None:
+    operator = (
+        '[resend.endpoints]\n"POST /broadcasts/*/send" = { usd = "5.00" }\n'
+        '[twilio.endpoints]\n"POST /2010-04-01/Accounts/*/Calls.json" = { usd = "0.50" }\n'
+    )
+    broadcast = call("POST", "/broadcasts/b1/send", b"{}")
+    flat = asyncio.run(resend_vendor(tmp_path, operator).estimate(broadcast, NoLookup()))
+    assert flat == Cost(5_000_000, priced=True)
+    calls = call("POST", MESSAGES.replace("Messages", "Calls"), b"To=%2B1")
+    flat = asyncio.run(twilio(tmp_path, operator).estimate(calls, NoLookup()))
+    assert flat == Cost(500_000, priced=True)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        # The same prefix in both tables: the error names the line of the bad one (line 4).
+        (
+            '[twilio.sms]\n"+1" = "0.01"\n[twilio.mms]\n"+1" = "cheap"\n',
+            r"line 4\).*'\+1' in \[mms\]",
+        ),
+        ('[twilio.sms]\n"+44" = "-0.01"\n', r"line 2\).*'\+44'"),
+        ('[twilio.sms]\n"44" = "0.01"\n', r"line 2\).*E\.164 prefix"),
+        ('[twilio.smss]\n"+44" = "0.01"\n', r"line 1\).*'smss' is not a Twilio pricing table"),
+        ('[twilio.endpoints]\n"POST /x" = "segments"\n', r"line 2\).*unknown rule 'segments'"),
+        ('[twilio.endpoints]\n"POST /x" = { usd = "lots" }\n', r"line 2\).*'POST /x'"),
+        ('[twilio.endpoints]\n"POST /x" = { eur = "1" }\n', r"line 2\).*neither a rule"),
+        ('[twilio.endpoints]\n"SEND /x" = "free"\n', r"line 2\).*unknown method"),
+        ("# a comment naming email\n[resend]\nemail = 0.5e\n", r"pricing.toml"),
+        ('# email = "1"\n[resend]\nemail = "free"\n', r"line 3\).*'email'"),
+        ('[resend]\nsms = "0.01"\n', r"line 2\).*'sms' is not a Resend pricing entry"),
+    ],
+)
+def test_bad_twilio_and_resend_prices_name_the_bad_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "pricing.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_pricing(path, VALIDATORS)
+
+
+def test_yaml_operator_file_for_twilio_and_resend(tmp_path: Path) -> None:
+    path = tmp_path / "pricing.yaml"
+    path.write_text(
+        "twilio:\n  sms:\n    '+44': '0.0400'\n  mms:\n    '+44': 0.5\nresend:\n  email: '0.0010'\n"
+    )
+    vendor = Twilio(VendorCredentials("http://t", TOKEN, SID), load_pricing(path, VALIDATORS))
+    assert sms(vendor, To="+447700900123", Body="x").micros == 40_000
+    assert sms(vendor, To="+447700900123", MediaUrl="https://e.x/a.png").micros == 500_000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("twilio:\n  sms:\n    '+1': '0.01'\n  mms:\n    '+1': nope\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml \(line 5\)"):
+        load_pricing(bad, VALIDATORS)
