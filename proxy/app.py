@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -112,12 +113,29 @@ def build_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin.routes(),
-        Route("/{vendor}/{rest:path}", forward, methods=["GET", "POST", "DELETE", "PUT", "PATCH"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.pipeline = pipeline
-    app.state.store = store
-    return app
+    return ProxyApp(forward, routes=routes, lifespan=lifespan)
+
+
+_OWN_PATHS = frozenset({"vault", "healthz", "readyz", "metrics"})
+
+
+class ProxyApp(Starlette):
+    """Starlette for the admin and health routes; vendor calls (`/{vendor}/...`), the hot path,
+    go straight to the forwarding endpoint without routing and middleware layers."""
+
+    def __init__(self, forward: _ForwardEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.forward = forward
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            vendor, slash, _ = scope["path"][1:].partition("/")
+            if slash and vendor and vendor not in _OWN_PATHS:
+                scope["path_params"] = {"vendor": vendor}
+                await self.forward(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 class _ForwardEndpoint:

@@ -546,7 +546,8 @@ def _replay_lookup(
         "WHERE key_id = ? AND kind = ? AND token = ?",
         (r.key.key_id, kind, token),
     ).fetchone()
-    if row is None or (since is not None and parse_ts(row[1]) < since):
+    # Timestamps are fixed-width UTC text, so comparing the text compares the times.
+    if row is None or (since is not None and row[1] < format_ts(since)):
         return None
     if kind == "idempotency" and row[0] != r.request_hash:
         return "idempotency_mismatch", None
@@ -571,7 +572,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     dedupe = r.priced and key.dedupe_window_s > 0
     if row is None or row[0] is not None:
         decision = "revoked"
-    elif parse_ts(row[1]) <= r.now:
+    elif row[1] <= format_ts(r.now):
         decision = "expired"
     else:
         found = None
