@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from pathlib import Path
 
 import typer
 import uvicorn
@@ -13,7 +14,7 @@ from keybrake.cli._common import EXIT_USAGE, console, err_console, fail
 from keybrake.cli.db import upgrade_database
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
-from keybrake.proxy.settings import Settings
+from keybrake.proxy.settings import Settings, read_settings_file
 
 
 def serve(
@@ -31,11 +32,24 @@ def serve(
     ),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
     fd: int = typer.Option(None, "--fd", hidden=True, help="Serve on an already bound socket."),
+    settings_file: Path = typer.Option(
+        None,
+        "--config",
+        envvar="KEYBRAKE_CONFIG",
+        help="File of KEYBRAKE_*=value lines; the environment wins over it.",
+    ),
 ) -> None:
     """Start the vault-key proxy.
 
     Example: KEYBRAKE_API_KEY=... KEYBRAKE_STRIPE_SECRET_KEY=sk_live_... keybrake serve --port 8080
     """
+    if settings_file is not None:
+        try:
+            for name, value in read_settings_file(settings_file).items():
+                if not os.environ.get(name):  # the environment wins over the file
+                    os.environ[name] = value
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
     if database_url:
         os.environ["KEYBRAKE_DATABASE_URL"] = database_url
     if not os.environ.get("KEYBRAKE_API_KEY"):

@@ -13,9 +13,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import parse_duration
 
-__all__ = ["Settings", "VendorCredentials"]
+__all__ = ["Settings", "VendorCredentials", "read_settings_file"]
 
 
 class VendorCredentials:
@@ -108,3 +109,21 @@ class Settings(BaseSettings):
                 self.resend_api_base, self.resend_api_key.get_secret_value()
             )
         return creds
+
+
+def read_settings_file(path: Path) -> dict[str, str]:
+    """`KEY=value` lines (dotenv syntax) naming settings; unknown KEYBRAKE_ names are an error,
+    so a typo in a file does not silently leave a default in force."""
+    from dotenv import dotenv_values
+
+    if not path.is_file():
+        raise ConfigError(f"settings file {path} does not exist")
+    known = {f"KEYBRAKE_{name.upper()}" for name in Settings.model_fields}
+    values: dict[str, str] = {}
+    for name, value in dotenv_values(path).items():
+        if name not in known:
+            raise ConfigError(
+                f"settings file {path}: unknown setting {name!r}; known: {', '.join(sorted(known))}"
+            )
+        values[name] = value or ""
+    return values

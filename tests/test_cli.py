@@ -242,3 +242,19 @@ def test_serve_refuses_bad_configuration(tmp_path) -> None:
     env["KEYBRAKE_MAX_TTL"] = "forever"
     result = runner.invoke(app, ["serve"], env=env)
     assert result.exit_code == 2 and "invalid duration" in result.stderr
+
+
+def test_serve_reads_a_settings_file(tmp_path) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text("KEYBRAKE_API_KEY=x\nKEYBRAKE_STRIPE_SECRT_KEY=sk_live_oops\n")
+    result = runner.invoke(app, ["serve", "--config", str(bad)], env={"KEYBRAKE_API_KEY": ""})
+    assert result.exit_code == 2 and "unknown setting 'KEYBRAKE_STRIPE_SECRT_KEY'" in result.stderr
+    missing = runner.invoke(app, ["serve", "--config", str(tmp_path / "nope.env")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    good = tmp_path / "good.env"
+    database = f"sqlite:///{tmp_path / 'db'}"
+    good.write_text(
+        f"KEYBRAKE_API_KEY=x\nKEYBRAKE_MAX_TTL=forever\nKEYBRAKE_DATABASE_URL={database}\n"
+    )
+    result = runner.invoke(app, ["serve", "--config", str(good)], env={"KEYBRAKE_API_KEY": ""})
+    assert result.exit_code == 2 and "invalid duration" in result.stderr  # the file was read
