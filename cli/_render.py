@@ -91,7 +91,10 @@ def audit_table(rows: list[AuditRow]) -> Table:
         "VENDOR REQUEST ID",
     ):
         numeric = column in {"STATUS", "USD"}
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        short = column in {"TIME", "METHOD", "STATUS", "DECISION", "USD"}
+        table.add_column(
+            column, justify="right" if numeric else "left", overflow="fold", no_wrap=short
+        )
     table.columns[1].min_width = min(max((len(r.caller_tag or "") for r in rows), default=8), 48)
     for row in rows:
         decision = row.decision

@@ -202,7 +202,8 @@ def _run(
         f"{len(rows)} audit rows",
         soft_wrap=True,
     )
-    console.print(audit_table(list(reversed(rows[:5]))))
+    if console.width >= 100:  # the last rows, where a terminal is wide enough to show them whole
+        console.print(audit_table(list(reversed(rows[:5]))))
 
 
 async def _fan_out(vault_key: str, base: str, calls: int) -> list[str]:
