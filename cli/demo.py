@@ -53,12 +53,18 @@ def demo(
     if localstripe is None:
         fail("the demo needs localstripe: pip install 'keybrake[demo]'")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="keybrake-demo-") as workdir, _processes() as procs:
-        try:
-            _run(Path(workdir), localstripe, procs, calls, cap)
-        except KeyboardInterrupt:
-            console.print("\n[yellow]interrupted: stopping the proxy and localstripe[/]")
-            raise typer.Exit(130) from None
+    try:
+        # The event loop exists before anything starts, so a Ctrl-C during the fan-out cancels
+        # its task cleanly (asyncio.Runner's own SIGINT handling) instead of landing mid-setup.
+        with (
+            asyncio.Runner() as runner,
+            tempfile.TemporaryDirectory(prefix="keybrake-demo-") as workdir,
+            _processes() as procs,
+        ):
+            _run(Path(workdir), localstripe, procs, calls, cap, runner)
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted: the proxy and localstripe are stopped[/]")
+        raise typer.Exit(130) from None
     console.print(
         f"\n[bold green]demo finished[/] in {time.monotonic() - started:.1f}s; "
         "everything it started is stopped."
@@ -101,7 +107,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, log: Path) -
 
 
 def _run(
-    workdir: Path, localstripe: str, procs: list[subprocess.Popen[bytes]], calls: int, cap: int
+    workdir: Path,
+    localstripe: str,
+    procs: list[subprocess.Popen[bytes]],
+    calls: int,
+    cap: int,
+    runner: asyncio.Runner,
 ) -> None:
     console.rule("[bold]keybrake demo[/]: vault keys for an Argo fan-out")
     stripe_port = _free_port()
@@ -171,7 +182,7 @@ def _run(
         console.print(
             f"4. {calls} pods each create a $1 PaymentIntent through the proxy, all at once:"
         )
-        outcome = asyncio.run(_fan_out(issued.vault_key, f"{proxy_url}/stripe", calls))
+        outcome = runner.run(_fan_out(issued.vault_key, f"{proxy_url}/stripe", calls))
         kinds = Counter(outcome)
         console.print(
             f"   [green]{kinds['succeeded']} succeeded[/], [red]{kinds['cap_hit']} hit the cap[/] "

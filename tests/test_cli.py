@@ -258,3 +258,33 @@ def test_serve_reads_a_settings_file(tmp_path) -> None:
     )
     result = runner.invoke(app, ["serve", "--config", str(good)], env={"KEYBRAKE_API_KEY": ""})
     assert result.exit_code == 2 and "invalid duration" in result.stderr  # the file was read
+
+
+@pytest.mark.slow
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    import re
+    import signal
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keybrake.cli", "demo", "--calls", "5000", "--cap", "4000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.stdout is not None
+    urls = []
+    for line in proc.stdout:
+        urls += re.findall(r"http://127\.0\.0\.1:\d+", line)
+        if line.startswith("4."):  # the fan-out is starting
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert len(urls) == 2
+    for url in urls:  # localstripe and the proxy are gone
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=2)
