@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import StrEnum
 from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import EXIT_USAGE, console, fail
+from keybrake.cli._common import EXIT_USAGE, Output, console, fail, print_data
 from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
 from keybrake.cli._render import audit_table
 from keybrake.proxy.money import parse_duration
@@ -18,6 +17,7 @@ from keybrake.proxy.money import parse_duration
 class AuditOutput(StrEnum):
     table = "table"
     json = "json"
+    yaml = "yaml"
     csv = "csv"
 
 
@@ -33,7 +33,7 @@ def audit(
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest N rows.")] = 100,
     output: Annotated[
         AuditOutput | None,
-        typer.Option("--output", "-o", help="table (default on a terminal), json or csv."),
+        typer.Option("--output", "-o", help="table (default on a terminal), json, yaml or csv."),
     ] = None,
     url: UrlOption = DEFAULT,
     api_key: ApiKeyOption = "",
@@ -58,8 +58,8 @@ def audit(
             )
             return
         rows = client.audit(key_id=key, label=label, vendor=vendor, since=since, limit=limit)
-    if chosen is AuditOutput.json:
-        sys.stdout.write(json.dumps([r.model_dump() for r in rows], indent=2) + "\n")
+    if chosen in (AuditOutput.json, AuditOutput.yaml):
+        print_data([r.model_dump() for r in rows], Output(chosen.value))
     elif not rows:
         console.print("No audit rows match.")
     else:

@@ -150,6 +150,8 @@ def test_audit_outputs(proxy_server: ProxyProcess) -> None:
     assert code == 0 and [r["decision"] for r in rows] == ["cap_hit", "forwarded"]
     code, out, _ = run(proxy_server, "audit", "--key", key["key_id"], "-o", "csv", "--since", "1h")
     assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 2
+    code, out, _ = run(proxy_server, "audit", "--workflow", "audited", "-o", "yaml")
+    assert code == 0 and [r["caller_tag"] for r in yaml.safe_load(out)] == ["pod-7", "pod-7"]
     code, out, _ = run(proxy_server, "audit", "--workflow", "audited", "-o", "table")
     assert code == 0 and "pod-7" in out and "cap_hit" in out
     code, _, err = run(proxy_server, "audit", "--since", "yesterday")
