@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.metrics import Metrics
+from keybrake.proxy.models import REPLAY_RETENTION
 from keybrake.proxy.money import utc_day
 from keybrake.proxy.pipeline import Incoming, Pipeline
 from keybrake.proxy.pricing import load_pricing
@@ -92,6 +93,7 @@ def build_app(
         while True:
             with contextlib.suppress(StoreUnavailable):
                 await store.sweep(clock() - settings.reservation_ttl_delta)
+                await store.forget_replays(clock() - REPLAY_RETENTION)
             await asyncio.sleep(30)  # a maintenance period, not synchronisation
 
     @contextlib.asynccontextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -14,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
+
+# How long stored answers (idempotency keys, dedupe fingerprints) are kept; Stripe keeps its own
+# idempotency keys for 24 hours.
+REPLAY_RETENTION = timedelta(hours=24)
 
 __all__ = [
     "AuditPage",
@@ -67,8 +72,8 @@ class KeyCreate(BaseModel):
     @field_validator("dedupe_window")
     @classmethod
     def _window(cls, value: str | None) -> str | None:
-        if value is not None and value.strip() != "0":
-            parse_duration(value)
+        if value is not None and value.strip() != "0" and parse_duration(value) > REPLAY_RETENTION:
+            raise ValueError("at most 24h (stored answers are kept a day, as Stripe keeps them)")
         return value
 
     @field_validator("agent_run_label")

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
             parse_duration(value)
         return value
 
+    @field_validator("dedupe_window")
+    @classmethod
+    def _dedupe_window(cls, value: str) -> str:
+        if value.strip() != "0" and parse_duration(value) > timedelta(hours=24):
+            raise ValueError("at most 24h: stored answers are kept for a day")
+        return value
+
     @field_validator("max_body_bytes", "upstream_connections")
     @classmethod
     def _positive(cls, value: int) -> int:

@@ -108,6 +108,7 @@ def test_list_filters(tmp_path: Path) -> None:
         ({"surprise": 1}, "surprise"),
         ({"metadata": {"x": "y" * 5000}}, "4 KiB"),
         ({"dedupe_window": "soon"}, "dedupe_window"),
+        ({"dedupe_window": "2d"}, "at most 24h"),
     ],
 )
 def test_bad_key_requests_are_400_and_change_nothing(

@@ -131,3 +131,28 @@ def test_sweep_counts_stale_reservations_and_a_late_settle_corrects_them(databas
             await store.close()
 
     asyncio.run(run())
+
+
+def test_stored_answers_are_forgotten_after_retention(database_url: str) -> None:
+    from keybrake.proxy.store.base import StoredResponse
+
+    async def run() -> None:
+        store = await opened(database_url)
+        try:
+            record = key(10_000_000)
+            await store.create_key(record)
+            first = reservation(record, 1_000_000, 1)
+            first.idempotency_key = "idem-1"
+            admitted = await store.reserve(first)
+            answer = StoredResponse(200, [("content-type", "application/json")], b'{"id": "pi_1"}')
+            done = settlement(record, admitted.audit_id, 1_000_000, 1_000_000, 200)
+            done.idempotency_key, done.request_hash, done.response = "idem-1", "hash-1", answer
+            await store.settle(done)
+            assert (await store.reserve(first)).decision == "replayed"
+            assert await store.forget_replays(NOW - timedelta(seconds=1)) == 0
+            assert await store.forget_replays(NOW + timedelta(seconds=1)) == 1
+            assert (await store.reserve(first)).decision == "forwarded"
+        finally:
+            await store.close()
+
+    asyncio.run(run())

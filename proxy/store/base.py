@@ -211,6 +211,11 @@ class Store(Protocol):
 
     async def record(self, row: AuditRecord) -> int: ...
 
+    async def forget_replays(self, older_than: datetime) -> int:
+        """Drop stored answers (idempotency keys, dedupe fingerprints) created before
+        `older_than`, so the replay table does not grow without end."""
+        ...
+
     async def sweep(self, older_than: datetime) -> int:
         """Reservations still in flight since before `older_than` belong to a process that died:
         count them as spent (the vendor may have moved the money) and mark them `reconciled`.

@@ -582,6 +582,14 @@ class PostgresStore:
 
         return await self._run(op)
 
+    async def forget_replays(self, older_than: datetime) -> int:
+        result = await self._run(
+            lambda c: c.execute(
+                "DELETE FROM replays WHERE created_at < $1 AND status IS NOT NULL", older_than
+            )
+        )
+        return int(result.split()[-1])
+
     async def sweep(self, older_than: datetime) -> int:
         async def op(c: asyncpg.Connection) -> int:
             async with c.transaction():

@@ -470,6 +470,16 @@ class SQLiteStore:
     async def sweep(self, older_than: datetime) -> int:
         return await self._write(lambda conn: _sweep(conn, older_than))
 
+    async def forget_replays(self, older_than: datetime) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM replays WHERE created_at < ? AND status IS NOT NULL",
+                (format_ts(older_than),),
+            )
+            return int(cur.rowcount)
+
+        return await self._write(op)
+
     async def is_counted(self, vendor: str, object_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
