@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +55,8 @@ def demo(
     if localstripe is None:
         fail("the demo needs localstripe: pip install 'keybrake[demo]'")
     started = time.monotonic()
+    # `kill -USR1` prints every thread's stack: how to see where a stuck demo is.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         # The event loop exists before anything starts, so a Ctrl-C during the fan-out cancels
         # its task cleanly (asyncio.Runner's own SIGINT handling) instead of landing mid-setup.
@@ -82,7 +86,7 @@ def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.terminate()
         for proc in procs:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

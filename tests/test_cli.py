@@ -264,13 +264,14 @@ def test_serve_reads_a_settings_file(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_demo_cleans_up_on_ctrl_c() -> None:
+    import contextlib
     import re
     import signal
 
     import httpx
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keybrake.cli", "demo", "--calls", "5000", "--cap", "4000"],
+        [sys.executable, "-m", "keybrake.cli", "demo", "--calls", "2000", "--cap", "1500"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -283,7 +284,15 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
         if line.startswith("4."):  # the fan-out is starting
             break
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the demo dumps every thread's stack
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)  # gives the dump time to be written
+        proc.kill()
+        stacks, _ = proc.communicate()
+        pytest.fail(f"the demo did not stop within 120 s of Ctrl-C:\n{stacks}")
     assert proc.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert len(urls) == 2
