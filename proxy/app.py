@@ -49,7 +49,9 @@ def build_app(
     vendors: dict[str, Vendor] = {
         name: VENDORS[name](creds, pricing) for name, creds in credentials.items()
     }
-    store = store or open_store(settings.database_url)
+    store = store or open_store(
+        settings.database_url, durable_commits=settings.postgres_durable_commits
+    )
     upstream = Upstream(
         timeout=settings.upstream_timeout,
         connections=settings.upstream_connections,

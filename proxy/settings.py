@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, description="Largest request body forwarded.")
     upstream_timeout: float = Field(60.0, description="Seconds to wait for a vendor.")
     upstream_connections: int = Field(256, description="Connection pool size per vendor.")
+    postgres_durable_commits: bool = Field(
+        True,
+        description="Wait for PostgreSQL to flush each commit to disk. false: faster, still safe "
+        "against a proxy crash, but a database crash may lose its last fraction of a second.",
+    )
     reservation_ttl: str = Field(
         "5m",
         description="A reservation still in flight after this long belongs to a dead process and "

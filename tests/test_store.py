@@ -156,3 +156,18 @@ def test_stored_answers_are_forgotten_after_retention(database_url: str) -> None
             await store.close()
 
     asyncio.run(run())
+
+
+def test_postgres_commit_durability_is_the_operators_choice(pg_url: str) -> None:
+    from keybrake.proxy.store.postgres import PostgresStore
+
+    async def setting(durable: bool) -> str:
+        store = PostgresStore(pg_url, durable_commits=durable)
+        await store.open()
+        try:
+            return str(await store._run(lambda c: c.fetchval("SHOW synchronous_commit")))
+        finally:
+            await store.close()
+
+    assert asyncio.run(setting(True)) == "on"
+    assert asyncio.run(setting(False)) == "off"

@@ -18,7 +18,10 @@ def sqlite_path(url: str) -> str | None:
     return path
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, durable_commits: bool = True) -> Store:
+    """`durable_commits=False` lets PostgreSQL acknowledge a commit before flushing it to disk
+    (`synchronous_commit = off`): still safe against a crash of the proxy, not of the database
+    server, which may lose its last fraction of a second of commits."""
     path = sqlite_path(url)
     if path is not None:
         from keybrake.proxy.store.sqlite import SQLiteStore
@@ -29,7 +32,7 @@ def open_store(url: str) -> Store:
             from keybrake.proxy.store.postgres import PostgresStore
         except ImportError as exc:
             raise ConfigError("PostgreSQL support is not available in this build") from exc
-        store: Store = PostgresStore(url)
+        store: Store = PostgresStore(url, durable_commits=durable_commits)
         return store
     raise ConfigError(
         f"unsupported database URL {url.split(':', 1)[0]!r}: use sqlite:///PATH or postgresql://..."

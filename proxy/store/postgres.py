@@ -327,8 +327,11 @@ async def migrate_connection(conn: asyncpg.Connection) -> int:
 
 
 class PostgresStore:
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 2, max_size: int = 20, durable_commits: bool = True
+    ) -> None:
         self.url = url
+        self._durable_commits = durable_commits
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
@@ -364,8 +367,13 @@ class PostgresStore:
             min_size=self._min_size,
             max_size=self._max_size,
             command_timeout=10,
-            init=_init_connection,
+            init=self._init_connection,
         )
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        await conn.execute("SET TIME ZONE 'UTC'")
+        if not self._durable_commits:
+            await conn.execute("SET synchronous_commit = off")
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -648,10 +656,6 @@ class PostgresStore:
         )
         rows = await self._run(lambda c: c.fetch(sql, *args))
         return [_audit(row) for row in rows]
-
-
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET TIME ZONE 'UTC'")
 
 
 class _Batcher:

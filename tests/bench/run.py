@@ -224,8 +224,6 @@ def pg_database() -> Iterator[str]:
             await conn.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    if os.environ.get("BENCH_PG_ASYNC_COMMIT"):
-        asyncio.run(admin(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
     try:
         yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
     finally:
