@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -299,3 +300,37 @@ def test_demo_cleans_up_on_ctrl_c() -> None:
     for url in urls:  # localstripe and the proxy are gone
         with pytest.raises(httpx.ConnectError):
             httpx.get(url, timeout=2)
+
+
+def test_serve_generates_an_admin_token_and_defaults_to_sqlite_in_the_working_directory(
+    tmp_path,
+) -> None:
+    import httpx
+
+    from tests.fakes.server import bound_socket
+    from tests.proxyproc import BIN, wait_until_ready
+
+    sock = bound_socket()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+    proc = subprocess.Popen(
+        [str(BIN / "keybrake"), "serve", "--generate-api-key", "--fd", str(sock.fileno())],
+        env=env,
+        cwd=tmp_path,
+        pass_fds=(sock.fileno(),),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    try:
+        assert proc.stderr is not None
+        token = proc.stderr.readline().removeprefix("generated admin token: ").strip()
+        assert token.startswith("kba_")
+        wait_until_ready(url + "/readyz", proc, "keybrake serve")
+        listed = httpx.get(url + "/vault/keys", headers={"Authorization": f"Bearer {token}"})
+        assert listed.status_code == 200 and listed.json() == {"data": []}
+        assert (tmp_path / "keybrake.db").exists()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
