@@ -4,6 +4,8 @@ time, so they are global across workers and replicas."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -45,6 +47,25 @@ class Metrics:
             "Calls reserved and not yet settled (in flight, or left by a dead process).",
             registry=self.registry,
         )
+
+        # `labels()` takes a lock and builds a key on every call; the hot path keeps the children.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (str(id(metric)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def count_call(self, vendor: str, decision: str) -> None:
+        self._child(self.calls, vendor, decision).inc()
+
+    def time_upstream(self, vendor: str, seconds: float) -> None:
+        self._child(self.upstream_seconds, vendor).observe(seconds)
+
+    def time_database(self, operation: str, seconds: float) -> None:
+        self._child(self.database_seconds, operation).observe(seconds)
 
     def render(self, spend_by_label: dict[str, int], open_reservations: int) -> bytes:
         self.spend.clear()

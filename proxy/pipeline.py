@@ -159,7 +159,7 @@ class Pipeline:
                     "unknown_vendor",
                 )
             )
-            self.metrics.calls.labels("unknown", "unknown_vendor").inc()
+            self.metrics.count_call("unknown", "unknown_vendor")
             return reply
         audit = AuditRecord(
             ts=now,
@@ -176,7 +176,7 @@ class Pipeline:
             # Fail closed: without the database nothing is reserved, so nothing is forwarded.
             audit.decision = "store_unavailable"
             reply = self._refusal(vendor, "store_unavailable")
-        self.metrics.calls.labels(vendor.name, audit.decision).inc()
+        self.metrics.count_call(vendor.name, audit.decision)
         return reply
 
     async def _handle(
@@ -235,7 +235,7 @@ class Pipeline:
         )
         timed = perf_counter()
         admission = await self.store.reserve(reservation)
-        self.metrics.database_seconds.labels("reserve").observe(perf_counter() - timed)
+        self.metrics.time_database("reserve", perf_counter() - timed)
         audit.decision = admission.decision
         if admission.replay is not None:
             return _replayed(admission.replay, admission.decision)
@@ -252,7 +252,7 @@ class Pipeline:
             response = await self.upstream.send(
                 call.method, vendor.credentials.base_url + target, headers, call.body
             )
-            self.metrics.upstream_seconds.labels(vendor.name).observe(perf_counter() - timed)
+            self.metrics.time_upstream(vendor.name, perf_counter() - timed)
             status, reply_body = response.status, response.body
             shown_headers, shown_body = vendor.workload_reply(
                 call, response.status, response.headers, response.body
@@ -286,7 +286,7 @@ class Pipeline:
                 counts=actual.counts if status is not None and status < 300 else (),
             )
         )
-        self.metrics.database_seconds.labels("settle").observe(perf_counter() - timed)
+        self.metrics.time_database("settle", perf_counter() - timed)
         return reply
 
     async def _refuse(
