@@ -37,10 +37,12 @@ def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
         return list(admin.get("/vault/audit", params={"key_id": key_id}).json()["data"])
 
 
-@pytest.mark.parametrize("mode", ["hang", "drop", "error500"])
+@pytest.mark.parametrize("mode", ["hang", "drop", "error500", "huge"])
 def test_timeouts_drops_and_5xx_count_as_spent(
     fake_proxy: ProxyProcess, fake_stripe: FakeStripe, mode: str
 ) -> None:
+    """hang: past KEYBRAKE_UPSTREAM_TIMEOUT; drop: connection reset; huge: an answer over the
+    16 MiB limit, which the proxy refuses to hold in memory."""
     key = fake_proxy.issue(daily_usd_cap=10)
     fake_stripe.mode = mode
     response = post(fake_proxy, key["vault_key"], {"amount": "300", "currency": "usd"})

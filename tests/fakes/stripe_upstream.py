@@ -80,6 +80,8 @@ class FakeStripe(ThreadedServer):
             assert request.transport is not None
             request.transport.abort()
             raise web.HTTPInternalServerError()
+        if self.mode == "huge":
+            return web.Response(body=b"x" * (17 * 1024 * 1024), headers=headers)
         if self.mode == "ratelimit":
             payload = {"error": {"type": "invalid_request_error", "code": "rate_limit"}}
             headers["X-Keybrake-Cap-Hit"] = "true"  # a vendor must not be able to fake one
