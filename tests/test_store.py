@@ -162,10 +162,15 @@ def test_postgres_commit_durability_is_the_operators_choice(pg_url: str) -> None
     from keybrake.proxy.store.postgres import PostgresStore
 
     async def setting(durable: bool) -> str:
-        store = PostgresStore(pg_url, durable_commits=durable)
+        store = PostgresStore(pg_url, durable_commits=durable, min_size=1, max_size=1)
         await store.open()
         try:
-            return str(await store._run(lambda c: c.fetchval("SHOW synchronous_commit")))
+            seen = {
+                str(await store._run(lambda c: c.fetchval("SHOW synchronous_commit")))
+                for _ in range(3)  # the same pooled connection, used again after release
+            }
+            assert len(seen) == 1
+            return seen.pop()
         finally:
             await store.close()
 
