@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal
 
 __all__ = [
     "MICROS_PER_USD",
@@ -53,13 +53,6 @@ def parse_duration(text: str) -> timedelta:
         )
     seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     return timedelta(seconds=seconds)
-
-
-def parse_usd(value: object) -> Decimal:
-    try:
-        return Decimal(str(value))
-    except (InvalidOperation, ValueError) as exc:
-        raise ValueError(f"not a dollar amount: {value!r}") from exc
 
 
 def utc_day(moment: datetime) -> str:

@@ -9,11 +9,10 @@ race. Both also write the call's audit row, so no call is forwarded without one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
-
-from keybrake.proxy.money import format_ts
 
 __all__ = [
     "Admission",
@@ -144,26 +143,6 @@ class AuditRecord:
     latency_ms: float | None = None
     id: int | None = None
 
-    def as_row(self) -> dict[str, Any]:
-        return {
-            "ts": format_ts(self.ts),
-            "key_id": self.key_id,
-            "label": self.label,
-            "vendor": self.vendor,
-            "method": self.method,
-            "path": self.path,
-            "status": self.status,
-            "decision": self.decision,
-            "reserved_micros": self.reserved_micros,
-            "settled_micros": self.settled_micros,
-            "amount": self.amount,
-            "currency": self.currency,
-            "vendor_request_id": self.vendor_request_id,
-            "idempotency_key": self.idempotency_key,
-            "latency_ms": self.latency_ms,
-            "caller_tag": self.caller_tag,
-        }
-
 
 @dataclass(slots=True)
 class AuditFilter:
@@ -174,7 +153,51 @@ class AuditFilter:
     since: datetime | None = None
     after_id: int | None = None
     limit: int = 100
-    labels: list[str] = field(default_factory=list)
+
+
+# A condition is SQL with at most one `{}` where its value goes; each backend fills in its own
+# placeholder style, so the two stores share which filters exist and what they mean.
+Condition = tuple[str, Any]
+
+
+def where_clause(conditions: list[Condition], placeholder: Callable[[Any], str]) -> str:
+    parts = [sql.format(placeholder(value)) if "{}" in sql else sql for sql, value in conditions]
+    return " AND ".join(parts) or "1 = 1"
+
+
+def key_conditions(
+    *, now: datetime, label: str | None, vendor: str | None, status: str | None
+) -> list[Condition]:
+    conditions: list[Condition] = []
+    if label is not None:
+        conditions.append(("k.label = {}", label))
+    if vendor is not None:
+        conditions.append(("k.vendor = {}", vendor))
+    if status == "revoked":
+        conditions.append(("k.revoked_at IS NOT NULL", None))
+    elif status == "expired":
+        conditions.append(("k.revoked_at IS NULL AND k.expires_at <= {}", now))
+    elif status == "active":
+        conditions.append(("k.revoked_at IS NULL AND k.expires_at > {}", now))
+    return conditions
+
+
+def audit_conditions(query: AuditFilter) -> list[Condition]:
+    conditions: list[Condition] = [
+        (f"{column} = {{}}", value)
+        for column, value in (
+            ("key_id", query.key_id),
+            ("label", query.label),
+            ("vendor", query.vendor),
+            ("decision", query.decision),
+        )
+        if value is not None
+    ]
+    if query.since is not None:
+        conditions.append(("ts >= {}", query.since))
+    if query.after_id is not None:
+        conditions.append(("id > {}", query.after_id))
+    return conditions
 
 
 class Store(Protocol):

@@ -29,6 +29,9 @@ from keybrake.proxy.store.base import (
     Reservation,
     Settlement,
     StoredResponse,
+    audit_conditions,
+    key_conditions,
+    where_clause,
 )
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
@@ -316,6 +319,14 @@ def _audit(row: asyncpg.Record) -> AuditRecord:
     )
 
 
+def _placeholder(args: list[Any], first: int) -> Callable[[Any], str]:
+    def add(value: Any) -> str:
+        args.append(value)
+        return f"${first + len(args) - 1}"
+
+    return add
+
+
 async def migrate_connection(conn: asyncpg.Connection) -> int:
     """Apply pending migrations under an advisory lock, so replicas starting together are safe."""
     async with conn.transaction():
@@ -467,23 +478,10 @@ class PostgresStore:
         status: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]:
-        where, args = ["true"], list[Any]()
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args) + 1}"
-
-        if label is not None:
-            where.append(f"k.label = {arg(label)}")
-        if vendor is not None:
-            where.append(f"k.vendor = {arg(vendor)}")
-        if status == "revoked":
-            where.append("k.revoked_at IS NOT NULL")
-        elif status == "expired":
-            where.append(f"k.revoked_at IS NULL AND k.expires_at <= {arg(now)}")
-        elif status == "active":
-            where.append(f"k.revoked_at IS NULL AND k.expires_at > {arg(now)}")
-        return await self._views(" AND ".join(where), args, day, limit)
+        args: list[Any] = []
+        conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
+        clause = where_clause(conditions, _placeholder(args, first=2))  # $1 is the day
+        return await self._views(clause, args, day, limit)
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
         async def op(c: asyncpg.Connection) -> bool | None:
@@ -640,28 +638,10 @@ class PostgresStore:
         return bool(found)
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]:
-        where, args = ["true"], list[Any]()
-
-        def arg(value: Any) -> str:
-            args.append(value)
-            return f"${len(args)}"
-
-        for column, value in (
-            ("key_id", query.key_id),
-            ("label", query.label),
-            ("vendor", query.vendor),
-            ("decision", query.decision),
-        ):
-            if value is not None:
-                where.append(f"{column} = {arg(value)}")
-        if query.labels:
-            where.append(f"label = ANY({arg(list(query.labels))})")
-        if query.since is not None:
-            where.append(f"ts >= {arg(query.since)}")
-        if query.after_id is not None:
-            where.append(f"id > {arg(query.after_id)}")
+        args: list[Any] = []
+        where = where_clause(audit_conditions(query), _placeholder(args, first=1))
         sql = (
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {where} "
             f"ORDER BY id DESC LIMIT {int(query.limit)}"
         )
         rows = await self._run(lambda c: c.fetch(sql, *args))

@@ -32,6 +32,9 @@ from keybrake.proxy.store.base import (
     Reservation,
     Settlement,
     StoredResponse,
+    audit_conditions,
+    key_conditions,
+    where_clause,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -154,6 +157,14 @@ def _audit_from_row(row: tuple[Any, ...]) -> AuditRecord:
         latency_ms=row[15],
         caller_tag=row[16],
     )
+
+
+def _placeholder(args: list[Any]) -> Callable[[Any], str]:
+    def add(value: Any) -> str:
+        args.append(format_ts(value) if isinstance(value, datetime) else value)
+        return "?"
+
+    return add
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -392,23 +403,9 @@ class SQLiteStore:
         status: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]:
-        where, args = ["1 = 1"], list[Any]()
-        if label is not None:
-            where.append("k.label = ?")
-            args.append(label)
-        if vendor is not None:
-            where.append("k.vendor = ?")
-            args.append(vendor)
-        stamp = format_ts(now)
-        if status == "revoked":
-            where.append("k.revoked_at IS NOT NULL")
-        elif status == "expired":
-            where.append("k.revoked_at IS NULL AND k.expires_at <= ?")
-            args.append(stamp)
-        elif status == "active":
-            where.append("k.revoked_at IS NULL AND k.expires_at > ?")
-            args.append(stamp)
-        clause = " AND ".join(where)
+        args: list[Any] = []
+        conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
+        clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._views(c, clause, args, day, limit))
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
@@ -491,27 +488,10 @@ class SQLiteStore:
         return await self._read(op)
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]:
-        where, args = ["1 = 1"], list[Any]()
-        for column, value in (
-            ("key_id", query.key_id),
-            ("label", query.label),
-            ("vendor", query.vendor),
-            ("decision", query.decision),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.labels:
-            where.append(f"label IN ({','.join('?' * len(query.labels))})")
-            args.extend(query.labels)
-        if query.since is not None:
-            where.append("ts >= ?")
-            args.append(format_ts(query.since))
-        if query.after_id is not None:
-            where.append("id > ?")
-            args.append(query.after_id)
+        args: list[Any] = []
+        where = where_clause(audit_conditions(query), _placeholder(args))
         sql = (
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {' AND '.join(where)} "
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE {where} "
             f"ORDER BY id DESC LIMIT {int(query.limit)}"
         )
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
