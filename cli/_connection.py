@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, fail
-from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
+from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 
 __all__ = ["ApiKeyOption", "UrlOption", "connect"]
@@ -22,8 +22,6 @@ ApiKeyOption = Annotated[
     str,
     typer.Option("--api-key", envvar="KEYBRAKE_API_KEY", help="Admin token.", show_default=False),
 ]
-
-DEFAULT = DEFAULT_URL
 
 
 @contextmanager

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, fail, print_data
-from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._render import audit_table
+from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.money import parse_duration
 
 
@@ -35,7 +36,7 @@ def audit(
         AuditOutput | None,
         typer.Option("--output", "-o", help="table (default on a terminal), json, yaml or csv."),
     ] = None,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Show what vault keys did: one row per vendor call.

@@ -9,9 +9,10 @@ import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
-from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._render import key_detail, keys_table
-from keybrake.proxy.models import KeyCreate
+from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.models import KeyCreate, describe_validation_error
 
 app = typer.Typer(help="Issue, list and show vault keys.", no_args_is_help=True)
 
@@ -47,7 +48,7 @@ def issue(
     output: Annotated[
         Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
     ] = None,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Issue a vault key. The key is shown once; store it where the workload reads it."""
@@ -71,11 +72,7 @@ def issue(
             dedupe_window=dedupe_window,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        fail(problems, EXIT_USAGE)
+        fail(describe_validation_error(exc), EXIT_USAGE)
     with connect(url, api_key) as client:
         issued = client.issue_key(spec)
     if quiet:
@@ -107,7 +104,7 @@ def list_keys(
     vendor: Annotated[str | None, typer.Option(help="Only keys of this vendor.")] = None,
     status: Annotated[str | None, typer.Option(help="active, revoked or expired.")] = None,
     output: OutputOption = None,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """List vault keys with today's spend."""
@@ -131,7 +128,7 @@ def list_keys(
 def show(
     key_id: Annotated[str, typer.Argument(help="The key id (vk_...), not the vault key.")],
     output: OutputOption = None,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Show one key: spend today, reserved, remaining, calls, cap hits."""

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
-from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import KeyInfo
 
 
@@ -24,7 +25,7 @@ def revoke(
     output: Annotated[
         Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
     ] = None,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Revoke vault keys; effective on the next vendor call.

@@ -14,14 +14,15 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from keybrake.cli._common import console, err_console
-from keybrake.cli._connection import DEFAULT, ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import AuditRow, KeyInfo
 
 
 def watch(
     workflow: Annotated[str, typer.Option("--workflow", "-w", help="The Argo workflow's name.")],
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes.")] = 1.0,
-    url: UrlOption = DEFAULT,
+    url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Watch spend against cap, calls/s, cap hits and recent errors; exits when every key of the

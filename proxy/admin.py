@@ -30,6 +30,7 @@ from keybrake.proxy.models import (
     KeyList,
     LabelRevoke,
     RevokeResult,
+    describe_validation_error,
 )
 from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros, utc_day
 from keybrake.proxy.pipeline import hash_vault_key
@@ -104,15 +105,6 @@ def audit_row(record: AuditRecord) -> AuditRow:
     )
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for item in exc.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        message = str(item["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
-
-
 class AdminApi:
     def __init__(
         self,
@@ -174,7 +166,7 @@ class AdminApi:
         except _BadRequest as exc:
             return error(400, "invalid_request_error", str(exc))
         except ValidationError as exc:
-            return error(400, "invalid_request_error", _validation_message(exc))
+            return error(400, "invalid_request_error", describe_validation_error(exc))
         if spec.vendor not in self.vendors:
             configured = ", ".join(self.vendors) or "none"
             return error(
@@ -262,7 +254,7 @@ class AdminApi:
         except _BadRequest as exc:
             return error(400, "invalid_request_error", str(exc))
         except ValidationError as exc:
-            return error(400, "invalid_request_error", _validation_message(exc))
+            return error(400, "invalid_request_error", describe_validation_error(exc))
         now = self.clock()
         revoked = set(await self.store.revoke_label(spec.agent_run_label, now))
         views = await self.store.list_keys(day=utc_day(now), now=now, label=spec.agent_run_label)

@@ -121,21 +121,20 @@ def build_app(
     return ProxyApp(forward, routes=routes, lifespan=lifespan)
 
 
-_OWN_PATHS = frozenset({"vault", "healthz", "readyz", "metrics"})
-
-
 class ProxyApp(Starlette):
     """Starlette for the admin and health routes; vendor calls (`/{vendor}/...`), the hot path,
     go straight to the forwarding endpoint without routing and middleware layers."""
 
-    def __init__(self, forward: _ForwardEndpoint, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, forward: _ForwardEndpoint, *, routes: list[Route], **kwargs: Any) -> None:
+        super().__init__(routes=routes, **kwargs)
         self.forward = forward
+        # The first path segments the proxy answers itself; any other is a vendor's name.
+        self.own_prefixes = frozenset(route.path.split("/")[1] for route in routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             vendor, slash, _ = scope["path"][1:].partition("/")
-            if slash and vendor and vendor not in _OWN_PATHS:
+            if slash and vendor and vendor not in self.own_prefixes:
                 scope["path_params"] = {"vendor": vendor}
                 await self.forward(scope, receive, send)
                 return

@@ -11,7 +11,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
@@ -29,9 +29,19 @@ __all__ = [
     "KeyList",
     "LabelRevoke",
     "RevokeResult",
+    "describe_validation_error",
 ]
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """`field: what is wrong; ...`, one line for an API error or a CLI message."""
+    parts = []
+    for item in exc.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{where}: {str(item['msg']).removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 class KeyCreate(BaseModel):

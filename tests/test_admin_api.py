@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -239,7 +238,6 @@ def test_pricing_table_is_reported(tmp_path: Path) -> None:
         table = client.get("/vault/pricing").json()
     assert table["fx"] == {"usd": "1"}
     assert table["stripe"]["endpoints"]["POST /v1/payment_intents"] == "amount"
-    json.dumps(table)
 
 
 def test_health_and_readiness(tmp_path: Path) -> None:
