@@ -165,10 +165,14 @@ def test_postgres_commit_durability_is_the_operators_choice(pg_url: str) -> None
         store = PostgresStore(pg_url, durable_commits=durable, min_size=1, max_size=1)
         await store.open()
         try:
+            show = "SHOW synchronous_commit"
             seen = {
-                str(await store._run(lambda c: c.fetchval("SHOW synchronous_commit")))
+                str(await store._run(lambda c: c.fetchval(show)))
                 for _ in range(3)  # the same pooled connection, used again after release
             }
+            # The request path's own connections, outside the pool, follow the same choice.
+            for lane in (store._reserve_lane, store._settle_lane):
+                seen.add(str(await store._run(lambda c: c.fetchval(show), lane)))
             assert len(seen) == 1
             return seen.pop()
         finally:
@@ -176,3 +180,38 @@ def test_postgres_commit_durability_is_the_operators_choice(pg_url: str) -> None
 
     assert asyncio.run(setting(True)) == "on"
     assert asyncio.run(setting(False)) == "off"
+
+
+def test_postgres_request_path_reconnects_after_losing_its_connection(pg_url: str) -> None:
+    from keybrake.proxy.errors import StoreUnavailable
+    from keybrake.proxy.store.postgres import PostgresStore
+
+    async def run() -> list[str]:
+        store = PostgresStore(pg_url, min_size=1, max_size=1)
+        await store.open()
+        try:
+            record = key(cap_micros=10_000_000)
+            await store.create_key(record)
+            assert (await store.reserve(reservation(record, 1_000_000, 0))).decision == "forwarded"
+            lane = store._reserve_lane
+            pid = await store._run(lambda c: c.fetchval("SELECT pg_backend_pid()"), lane)
+            # What a database restart or a failover does to a connection it was holding.
+            assert await store._run(lambda c: c.fetchval("SELECT pg_terminate_backend($1)", pid))
+            outcomes = []
+            for index in (1, 2):
+                try:
+                    admission = await store.reserve(reservation(record, 1_000_000, index))
+                    outcomes.append(admission.decision)
+                except StoreUnavailable:
+                    outcomes.append("unavailable")
+            view = await store.get_key(record.key_id, "2026-11-26")
+            assert view is not None
+            forwarded = 1 + outcomes.count("forwarded")
+            assert view.usage.reserved_micros == forwarded * 1_000_000  # a failed call took nothing
+            return outcomes
+        finally:
+            await store.close()
+
+    outcomes = asyncio.run(run())
+    # The next call at the latest is served on a fresh connection.
+    assert outcomes in (["forwarded", "forwarded"], ["unavailable", "forwarded"])

@@ -348,13 +348,17 @@ class PostgresStore:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        # The request path does not go through the pool: each batcher has at most one statement
+        # in flight, so it owns one connection and skips the pool's acquire and release.
+        self._reserve_lane = _Lane(self._connect)
+        self._settle_lane = _Lane(self._connect)
         self._reservations = _Batcher(
-            self._run_many(_RESERVE_ONE, _RESERVE_MANY, extra=(_STATUSES,))
+            self._run_many(self._reserve_lane, _RESERVE_ONE, _RESERVE_MANY, extra=(_STATUSES,))
         )
-        self._settlements = _Batcher(self._run_many(_SETTLE_ONE, _SETTLE_MANY))
+        self._settlements = _Batcher(self._run_many(self._settle_lane, _SETTLE_ONE, _SETTLE_MANY))
 
     def _run_many(
-        self, one: str, many: str, extra: tuple[Any, ...] = ()
+        self, lane: _Lane, one: str, many: str, extra: tuple[Any, ...] = ()
     ) -> Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]:
         async def run(batch: list[tuple[Any, ...]]) -> list[Any]:
             if len(batch) == 1:  # a quiet proxy: call the function itself, no arrays to unnest
@@ -368,11 +372,24 @@ class PostgresStore:
                 async def op(c: asyncpg.Connection) -> list[Any]:
                     return list(await c.fetch(many, *columns, *extra))
 
-            return await self._run(op)
+            return await self._run(op, lane)
 
         return run
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def _connection_settings(self) -> dict[str, Any]:
+        return {
+            "command_timeout": 10,
+            # Startup parameters: they hold for the connection's whole life.
+            "server_settings": {
+                "timezone": "UTC",
+                **({} if self._durable_commits else {"synchronous_commit": "off"}),
+            },
+        }
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.url, timeout=10, **self._connection_settings())
 
     async def open(self) -> None:
         try:
@@ -387,16 +404,13 @@ class PostgresStore:
             self.url,
             min_size=self._min_size,
             max_size=self._max_size,
-            command_timeout=10,
-            # Startup parameters: they hold for the connection's whole life.
-            server_settings={
-                "timezone": "UTC",
-                **({} if self._durable_commits else {"synchronous_commit": "off"}),
-            },
             reset=_keep_session,
+            **self._connection_settings(),
         )
 
     async def close(self) -> None:
+        await self._reserve_lane.close()
+        await self._settle_lane.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -404,10 +418,14 @@ class PostgresStore:
     async def ping(self) -> None:
         await self._run(lambda c: c.fetchval("SELECT 1"))
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], lane: _Lane | None = None
+    ) -> T:
         if self._pool is None:
             raise StoreUnavailable("the PostgreSQL pool is not open")
         try:
+            if lane is not None:
+                return await lane.run(fn)
             async with self._pool.acquire(timeout=10) as conn:
                 return await fn(conn)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -684,6 +702,35 @@ class _Batcher:
                         future.set_result(result)
         finally:
             self._flushing = False
+
+
+class _Lane:
+    """One connection for one caller that never overlaps its own statements (a `_Batcher`).
+    It connects on first use, and again after anything but an SQL error, so a database restart
+    or a cut connection heals on the next call."""
+
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        self._connect = connect
+        self._conn: asyncpg.Connection | None = None
+
+    async def run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect()
+        try:
+            return await fn(self._conn)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.AdminShutdownError):
+                await self.close()
+            raise
+        except BaseException:
+            # A timeout or a broken socket leaves the connection in an unknown state.
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

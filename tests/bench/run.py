@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -379,6 +379,7 @@ def main() -> None:
     conns = [int(c) for c in args.connections.split(",")]
     cells: list[Cell] = []
     notes: list[str] = []
+    results = Results()
 
     def measure(
         name: str, backend: str, url: str, method: str, path: str, key: str, pid: int | None
@@ -436,6 +437,7 @@ def main() -> None:
                     )
                     vault_key, key_id = issue_key(url, cap=300, dedupe="10m")
                     seconds, ok, capped, spent = asyncio.run(burst(url, vault_key, key_id, 500))
+                    results.bursts[backend] = (seconds, ok == 300 and spent == "300.00")
                     notes.append(
                         f"500-pod burst ({backend}): all answered in {seconds:.2f} s; {ok} forwarded, "
                         f"{capped} cap hits, spent ${spent} of $300 (overspend 0)"
@@ -467,9 +469,13 @@ def main() -> None:
                     )
                     conns = saved
                     if args.soak and backend == "sqlite":
-                        notes.append(soak(url, key, pid, args.soak, workdir))
+                        note, results.soak_rss = soak(url, key, pid, args.soak, workdir)
+                        notes.append(note)
                         print(notes[-1], flush=True)
-    write_report(Path(args.out), cells, notes, args)
+            if backend == "postgres":
+                results.commit_ms = durable_commit_ms()
+                print(f"PostgreSQL durable commit round trip p50 {results.commit_ms:.3f} ms")
+    write_report(Path(args.out), cells, notes, args, results)
 
 
 @contextmanager
@@ -478,7 +484,7 @@ def _sqlite(workdir: Path, name: str = "bench") -> Iterator[str]:
     yield f"sqlite:///{path}"
 
 
-def soak(url: str, key: str, pid: int, seconds: int, workdir: Path) -> str:
+def soak(url: str, key: str, pid: int, seconds: int, workdir: Path) -> tuple[str, list[float]]:
     """Priced calls at 256 connections for `seconds`; RSS sampled while it runs."""
     script = workdir / "soak.lua"
     script.write_text(WRK_SCRIPT.format(method="POST", path="/stripe/v1/payment_intents", key=key))
@@ -511,10 +517,46 @@ def soak(url: str, key: str, pid: int, seconds: int, workdir: Path) -> str:
         f"memory soak (SQLite, 256 connections, {seconds} s, {float(rps.group(1)) if rps else 0:,.0f} req/s): "
         f"RSS {samples[0]:.0f} MB at start, {max(samples[:quarter]):.0f} MB max in the first quarter, "
         f"{max(samples[-quarter:]):.0f} MB max in the last quarter, {max(samples):.0f} MB peak"
-    )
+    ), samples
 
 
-def write_report(path: Path, cells: list[Cell], notes: list[str], args: argparse.Namespace) -> None:
+def durable_commit_ms(samples: int = 3000) -> float:
+    """p50 of the cheapest durable write a client can make (a one-row INSERT and its commit), from
+    a process pinned where the proxy runs: the floor under each of the two commits of a call."""
+    code = f"""
+import asyncio, time, uuid, asyncpg
+async def main():
+    conn = await asyncpg.connect({PG_ADMIN!r})
+    table = "keybrake_bench_floor_" + uuid.uuid4().hex[:8]
+    await conn.execute(f"CREATE TABLE {{table}} (id bigserial PRIMARY KEY, v integer)")
+    try:
+        times = []
+        for _ in range({samples}):
+            started = time.perf_counter()
+            await conn.fetchval(f"INSERT INTO {{table}} (v) VALUES (1) RETURNING id")
+            times.append(time.perf_counter() - started)
+        print(sorted(times)[len(times) // 2] * 1000)
+    finally:
+        await conn.execute(f"DROP TABLE {{table}}")
+        await conn.close()
+asyncio.run(main())
+"""
+    out = subprocess.run(
+        [*pin(1), sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out.strip())
+
+
+@dataclass
+class Results:
+    bursts: dict[str, tuple[float, bool]] = field(default_factory=dict)  # seconds, exact
+    soak_rss: list[float] = field(default_factory=list)
+    commit_ms: float | None = None
+
+
+def write_report(
+    path: Path, cells: list[Cell], notes: list[str], args: argparse.Namespace, results: Results
+) -> None:
     def anchor(name: str, c: int) -> Cell | None:
         return next((x for x in cells if x.scenario == name and x.connections == c), None)
 
@@ -544,12 +586,121 @@ def write_report(path: Path, cells: list[Cell], notes: list[str], args: argparse
             f"{cell.p99_ms:.2f} | {cell.errors} | {f'{cell.rss_mb:.0f}' if cell.rss_mb else '-'} | "
             f"{ratio(direct)} | {ratio(ngx)} | {ratio(bare)} | {added} |"
         )
-    lines += ["", *[f"- {note}" for note in notes]]
+    lines += ["", *[f"- {note}" for note in notes], "", *targets(cells, results)]
     previous = path.read_text() if path.exists() else ""
     marker = "\n## History"
     history = previous[previous.index(marker) :] if marker in previous else ""
     path.write_text("\n".join(lines) + "\n" + history)
     print(f"wrote {path}")
+
+
+def targets(cells: list[Cell], results: Results) -> list[str]:
+    """The issue's targets against this run's cells: computed, so the verdicts cannot go stale."""
+
+    def cell(scenario: str, backend: str, connections: int) -> Cell | None:
+        return next(
+            (
+                x
+                for x in cells
+                if x.scenario.startswith(scenario)
+                and x.backend == backend
+                and x.connections == connections
+            ),
+            None,
+        )
+
+    rows: list[tuple[str, str, bool]] = []
+    bare = cell("bare Python passthrough", "-", 64)
+    for backend, floor in (("sqlite", 0.7), ("postgres", 0.5)):
+        priced = cell("keybrake priced, one key", backend, 64)
+        if bare and priced:
+            ratio = priced.rps / bare.rps
+            rows.append(
+                (
+                    f"priced ≥ {floor}× the bare Python passthrough at 64 connections, {backend}",
+                    f"{ratio:.2f}× ({priced.rps:,.0f} / {bare.rps:,.0f})",
+                    ratio >= floor,
+                )
+            )
+    direct = cell("direct to upstream", "-", 1)
+    for backend in ("sqlite", "postgres"):
+        priced = cell("keybrake priced, one key", backend, 1)
+        if direct and priced:
+            added = priced.p50_ms - direct.p50_ms
+            rows.append(
+                (
+                    f"p50 added latency ≤ 1 ms at 1 connection, {backend}",
+                    f"{added:.2f} ms",
+                    added <= 1.0,
+                )
+            )
+    for backend in ("sqlite", "postgres"):
+        priced = cell("keybrake priced, one key", backend, 256)
+        if priced:
+            rows.append(
+                (
+                    f"p99 ≤ 100 ms at 256 connections, {backend}",
+                    f"{priced.p99_ms:.0f} ms",
+                    priced.p99_ms <= 100,
+                )
+            )
+    for backend in ("sqlite", "postgres"):
+        empty = cell("keybrake priced, one key", backend, 64)
+        grown = next((x for x in cells if x.backend == backend and "keys +" in x.scenario), None)
+        if empty and grown:
+            change = grown.rps / empty.rps - 1
+            rows.append(
+                (
+                    f"growth: {grown.scenario.removeprefix('keybrake priced, ')} within 10 % of "
+                    f"the empty database, {backend}",
+                    f"{grown.rps:,.0f} vs {empty.rps:,.0f} req/s ({change:+.0%})",
+                    change >= -0.10,
+                )
+            )
+    peaks = [x.rss_mb for x in cells if x.connections == 256 and x.rss_mb and x.backend != "-"]
+    if results.soak_rss:
+        quarter = max(1, len(results.soak_rss) // 4)
+        first, last = max(results.soak_rss[:quarter]), max(results.soak_rss[-quarter:])
+        rows.append(
+            (
+                "proxy RSS ≤ 150 MB at 256 connections, flat over the soak",
+                f"peak {max([*peaks, *results.soak_rss]):.0f} MB; soak {first:.0f} MB in the first "
+                f"quarter, {last:.0f} MB in the last",
+                max([*peaks, *results.soak_rss]) <= 150 and last <= first * 1.10,
+            )
+        )
+    for backend, (seconds, exact) in results.bursts.items():
+        rows.append(
+            (
+                f"500-pod burst answered in under 1 s, overspend 0, {backend}",
+                f"{seconds:.2f} s, {'exact' if exact else 'NOT exact'}",
+                seconds < 1 and exact,
+            )
+        )
+    lines = [
+        "## Against the targets (this run)",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+        *[
+            f"| {name} | {measured} | {'yes' if met else '**no**'} |"
+            for name, measured, met in rows
+        ],
+    ]
+    bare1 = cell("bare Python passthrough", "-", 1)
+    if results.commit_ms is not None and bare1 and direct:
+        passthrough_added = bare1.p50_ms - direct.p50_ms
+        floor = passthrough_added + 2 * results.commit_ms
+        lines += [
+            "",
+            f"The floor under PostgreSQL's latency at 1 connection, measured in this run: the bare "
+            f"passthrough adds {passthrough_added:.2f} ms over a direct call, and the cheapest "
+            f"durable write (a one-row INSERT and its commit, `synchronous_commit = on`) takes "
+            f"{results.commit_ms:.2f} ms from the proxy's core. A call makes two (the reservation "
+            f"before forwarding, the outcome and audit row before answering), so no proxy that keeps "
+            f"both durable can add less than {floor:.2f} ms here, before any accounting work.",
+        ]
+    return lines
 
 
 if __name__ == "__main__":
