@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -15,6 +16,11 @@ from keybrake.cli.db import upgrade_database
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.settings import Settings, read_settings_file
+
+
+class EventLoop(StrEnum):
+    asyncio = "asyncio"
+    uvloop = "uvloop"
 
 
 def serve(
@@ -31,6 +37,12 @@ def serve(
         False, "--generate-api-key", help="No KEYBRAKE_API_KEY set? Make one and print it once."
     ),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
+    loop: EventLoop = typer.Option(
+        EventLoop.asyncio,
+        "--loop",
+        help="Event loop. uvloop gives up to ~10 % more calls/s, but in our benchmark it "
+        "stalled some connections for seconds at 256 concurrent ones (docs/benchmarks.md).",
+    ),
     fd: int = typer.Option(None, "--fd", hidden=True, help="Serve on an already bound socket."),
     settings_file: Path = typer.Option(
         None,
@@ -90,7 +102,7 @@ def serve(
         workers=workers,
         log_level=log_level,
         access_log=False,
-        loop="uvloop",
+        loop=loop.value,
         http="httptools",
         timeout_graceful_shutdown=int(settings.upstream_timeout) + 5,
     )

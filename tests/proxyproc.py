@@ -121,6 +121,7 @@ def start_proxy(
     database_url: str | None = None,
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
+    loop: str = "asyncio",
 ) -> ProxyProcess:
     sock = bound_socket()
     port = sock.getsockname()[1]
@@ -150,6 +151,8 @@ def start_proxy(
                 str(workers),
                 "--log-level",
                 "info",
+                "--loop",
+                loop,
             ],
             env=env,
             stdout=log,

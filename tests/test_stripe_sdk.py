@@ -22,10 +22,11 @@ def client_for(proxy: ProxyProcess, vault_key: str) -> stripe.StripeClient:
     return stripe.StripeClient(vault_key, base_addresses={"api": proxy.url + "/stripe"})
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # `serve --loop`: both are supported
 def test_500_concurrent_intents_against_300_cap_are_exact(
-    tmp_path, fresh_localstripe: Localstripe
+    tmp_path, fresh_localstripe: Localstripe, loop: str
 ) -> None:
-    proxy = start_proxy(tmp_path, stripe_base=fresh_localstripe.url)
+    proxy = start_proxy(tmp_path, stripe_base=fresh_localstripe.url, loop=loop)
     try:
         key = proxy.issue(daily_usd_cap=300, agent_run_label="argo/billing-agent-x7k2p")
         cap = Decimal(key["daily_usd_cap"])
