@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,3 +216,44 @@ def test_postgres_request_path_reconnects_after_losing_its_connection(pg_url: st
     outcomes = asyncio.run(run())
     # The next call at the latest is served on a fresh connection.
     assert outcomes in (["forwarded", "forwarded"], ["unavailable", "forwarded"])
+
+
+def test_postgres_settle_finds_its_audit_row_by_primary_key(pg_url: str) -> None:
+    """Settled calls leave dead entries in the partial index of in-flight rows until vacuum; a
+    settle that looked its row up there read all of them, and slowed down as they piled up."""
+    from keybrake.proxy.store.postgres import PostgresStore
+
+    async def index_scans(store: PostgresStore) -> dict[str, int]:
+        # Make the request-path connection publish its statistics now, then read them.
+        await store._run(
+            lambda c: c.execute("SELECT pg_stat_force_next_flush()"), store._settle_lane
+        )
+
+        async def read(c: Any) -> dict[str, int]:
+            await c.execute("SELECT pg_stat_clear_snapshot()")
+            rows = await c.fetch(
+                "SELECT indexrelname, idx_scan FROM pg_stat_user_indexes WHERE relname = 'audit'"
+            )
+            return {row["indexrelname"]: row["idx_scan"] for row in rows}
+
+        return await store._run(read)
+
+    async def run() -> tuple[dict[str, int], dict[str, int]]:
+        store = PostgresStore(pg_url, min_size=1, max_size=1)
+        await store.open()
+        try:
+            record = key(cap_micros=10**12)
+            await store.create_key(record)
+            before = await index_scans(store)
+            for index in range(20):
+                admission = await store.reserve(reservation(record, 1_000_000, index))
+                await store.settle(
+                    settlement(record, admission.audit_id, 1_000_000, 1_000_000, 200)
+                )
+            return before, await index_scans(store)
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(run())
+    assert after["audit_pkey"] - before["audit_pkey"] >= 20
+    assert after["audit_in_flight"] == before["audit_in_flight"]
