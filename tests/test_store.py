@@ -257,3 +257,44 @@ def test_postgres_settle_finds_its_audit_row_by_primary_key(pg_url: str) -> None
     before, after = asyncio.run(run())
     assert after["audit_pkey"] - before["audit_pkey"] >= 20
     assert after["audit_in_flight"] == before["audit_in_flight"]
+
+
+def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
+    pg_url: str,
+) -> None:
+    """`VACUUM ANALYZE` on a new database records `spend` as empty; the plans then cached for the
+    request path must still look rows up by key, not scan a table that bloats with every call."""
+    from keybrake.proxy.store.postgres import PostgresStore
+
+    async def run() -> int:
+        store = PostgresStore(pg_url, min_size=1, max_size=1)
+        await store.open()
+        try:
+            record = key(cap_micros=10**12)
+            await store.create_key(record)
+            await store._run(lambda c: c.execute("VACUUM ANALYZE"))
+
+            async def seq_scans_of_spend() -> int:
+                for lane in (store._reserve_lane, store._settle_lane):
+                    await store._run(lambda c: c.execute("SELECT pg_stat_force_next_flush()"), lane)
+
+                async def read(c: Any) -> int:
+                    await c.execute("SELECT pg_stat_clear_snapshot()")
+                    return int(
+                        await c.fetchval(
+                            "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'spend'"
+                        )
+                    )
+
+                return await store._run(read)
+
+            before = await seq_scans_of_spend()
+            for index in range(20):  # PL/pgSQL settles on a generic plan after five calls
+                admission = await store.reserve(reservation(record, 1_000_000, index))
+                done = settlement(record, admission.audit_id, 1_000_000, 1_000_000, 200)
+                await store.settle(done)
+            return await seq_scans_of_spend() - before
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == 0
