@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,9 +383,16 @@ def main() -> None:
     results = Results()
 
     def measure(
-        name: str, backend: str, url: str, method: str, path: str, key: str, pid: int | None
+        name: str,
+        backend: str,
+        url: str,
+        method: str,
+        path: str,
+        key: str,
+        pid: int | None,
+        connections: list[int] | None = None,
     ) -> None:
-        for c in conns:
+        for c in connections or conns:
             # This machine's speed drifts by tens of percent over seconds (a shared host), so each
             # cell is measured `--repeat` times and the run with the median req/s is kept.
             runs = sorted(
@@ -427,7 +434,7 @@ def main() -> None:
             bare_pid,
         )
         for backend in args.backends.split(","):
-            with pg_database() if backend == "postgres" else _sqlite(workdir) as database_url:
+            with database(backend, workdir) as database_url:
                 with keybrake(workdir, upstream, database_url) as (url, pid):
                     key, _ = issue_key(url)
                     measure(
@@ -452,17 +459,16 @@ def main() -> None:
                     print(f"paired with the passthrough: {results.against_bare[backend]}")
                     vault_key, key_id = issue_key(url, cap=300, dedupe="10m")
                     seconds, ok, capped, spent = asyncio.run(burst(url, vault_key, key_id, 500))
-                    results.bursts[backend] = (seconds, ok == 300 and spent == "300.00")
+                    exact = ok == 300 and spent == "300.00"
+                    results.bursts[backend] = (seconds, exact)
                     notes.append(
                         f"500-pod burst ({backend}): all answered in {seconds:.2f} s; {ok} forwarded, "
                         f"{capped} cap hits, spent ${spent} of $300 (overspend 0)"
-                        if spent == "300.00" and ok == 300
+                        if exact
                         else f"500-pod burst ({backend}): {seconds:.2f} s, {ok} forwarded, {capped} cap hits, spent ${spent} — WRONG"
                     )
                     print(notes[-1], flush=True)
-            with (
-                pg_database() if backend == "postgres" else _sqlite(workdir, "grown")
-            ) as database_url:
+            with database(backend, workdir, "grown") as database_url:
                 started = time.perf_counter()
                 seed(database_url, args.keys, args.audit_rows)
                 print(
@@ -471,12 +477,10 @@ def main() -> None:
                 )
                 with (
                     keybrake(workdir, upstream, database_url) as (url, pid),
-                    pg_database() if backend == "postgres" else _sqlite(workdir) as empty_url,
+                    database(backend, workdir) as empty_url,
                     keybrake(workdir, upstream, empty_url) as (empty, _),
                 ):
                     key, _ = issue_key(url)
-                    saved = conns
-                    conns = [64]
                     measure(
                         f"keybrake priced, {args.keys // 1000}k keys + {args.audit_rows // 1_000_000}M rows",
                         backend,
@@ -485,8 +489,8 @@ def main() -> None:
                         "/stripe/v1/payment_intents",
                         key,
                         pid,
+                        connections=[64],
                     )
-                    conns = saved
                     results.growth[backend] = pair((empty, issue_key(empty)[0]), (url, key))
                     print(f"paired, empty database then grown: {results.growth[backend]}")
                     if args.soak and backend == "sqlite":
@@ -503,6 +507,11 @@ def main() -> None:
 def _sqlite(workdir: Path, name: str = "bench") -> Iterator[str]:
     path = workdir / f"{name}-{uuid.uuid4().hex[:6]}.db"
     yield f"sqlite:///{path}"
+
+
+def database(backend: str, workdir: Path, name: str = "bench") -> AbstractContextManager[str]:
+    """A fresh, empty database of `backend`; dropped (PostgreSQL) or left in `workdir` after."""
+    return pg_database() if backend == "postgres" else _sqlite(workdir, name)
 
 
 def soak(url: str, key: str, pid: int, seconds: int, workdir: Path) -> tuple[str, list[float]]:
