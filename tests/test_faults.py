@@ -12,6 +12,7 @@ import stripe
 
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.proxyproc import ProxyProcess
+from tests.vendor_helpers import audit, key_info
 
 PI = "/v1/payment_intents"
 
@@ -25,16 +26,6 @@ def post(
         headers={"Authorization": f"Bearer {vault_key}", **headers},
         timeout=30,
     )
-
-
-def key_info(proxy: ProxyProcess, key_id: str) -> dict[str, Any]:
-    with proxy.admin() as admin:
-        return dict(admin.get(f"/vault/keys/{key_id}").json())
-
-
-def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
-    with proxy.admin() as admin:
-        return list(admin.get("/vault/audit", params={"key_id": key_id}).json()["data"])
 
 
 @pytest.mark.parametrize("mode", ["hang", "drop", "error500", "huge"])

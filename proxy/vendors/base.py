@@ -94,9 +94,11 @@ class Vendor(ABC):
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
         """The vault key as the workload sent it (maybe with a `.tag`), or None."""
 
-    @abstractmethod
     def upstream_request(self, call: VendorCall) -> tuple[str, dict[str, str]]:
-        """The upstream path (and query) and the auth headers carrying the real credential."""
+        """The upstream path (and query) and the auth headers carrying the real credential;
+        by default the path unchanged and the secret as a Bearer token."""
+        target = call.path + (f"?{call.query}" if call.query else "")
+        return target, {"Authorization": f"Bearer {self.credentials.secret}"}
 
     @abstractmethod
     async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:

@@ -61,10 +61,6 @@ class Stripe(Vendor):
             return user or None
         return None
 
-    def upstream_request(self, call: VendorCall) -> tuple[str, dict[str, str]]:
-        target = call.path + (f"?{call.query}" if call.query else "")
-        return target, {"Authorization": f"Bearer {self.credentials.secret}"}
-
     async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
         if call.method == "GET":
             return FREE
