@@ -60,17 +60,20 @@ def key_detail(key: KeyInfo) -> Table:
         ("Vendor", key.vendor),
         ("Status", _status(key.status)),
         ("Allowed", "\n".join(key.allowed_endpoints)),
-        ("Daily cap", f"${key.daily_usd_cap}"),
+        ("Cap (24 h)", f"${key.daily_usd_cap}"),
         ("Per-call cap", f"${key.max_usd_per_call}" if key.max_usd_per_call else "-"),
-        (f"Spent ({key.day})", f"${key.spent_usd}"),
+        ("Spent (24 h)", f"${key.spent_usd} since {key.window_start[:16].replace('T', ' ')}"),
         ("Reserved", f"${key.reserved_usd}"),
         ("Remaining", f"${key.remaining_usd}"),
+        ("Spent in all", f"${key.total_spent_usd}"),
         ("Calls", str(key.calls)),
         ("Cap hits", str(key.cap_hits)),
         ("Created", key.created_at),
         ("Expires", key.expires_at),
         ("Revoked", key.revoked_at or "-"),
     ]
+    if key.allowed_accounts:
+        rows.append(("Accounts", ", ".join(key.allowed_accounts)))
     if key.metadata:
         rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in key.metadata.items())))
     for name, value in rows:

@@ -16,7 +16,7 @@ from hera.workflows.models import Template
 
 from .errors import TemplateConfigError
 
-__all__ = ["add_template", "current_dag", "current_workflow", "template_names"]
+__all__ = ["add_template", "current_dag", "current_workflow"]
 
 
 def current_workflow(what: str) -> Workflow:
@@ -34,10 +34,6 @@ def current_dag(what: str) -> DAG:
         )
     current_workflow(what)
     return pieces[-1]
-
-
-def template_names(workflow: Workflow) -> set[str]:
-    return {str(t.name) for t in workflow.templates if getattr(t, "name", None)}
 
 
 def _as_dict(template: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hmac
 import io
-import json
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -20,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import (
     AuditPage,
@@ -29,12 +29,14 @@ from keybrake.proxy.models import (
     KeyInfo,
     KeyList,
     LabelRevoke,
+    PruneRequest,
+    PruneResult,
     RevokeResult,
     describe_validation_error,
 )
-from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros, utc_day
+from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros
 from keybrake.proxy.pipeline import hash_vault_key
-from keybrake.proxy.pricing import PricingTable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingTable
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store.base import (
     AuditFilter,
@@ -44,6 +46,8 @@ from keybrake.proxy.store.base import (
     KeyView,
     Store,
 )
+from keybrake.proxy.vendors import VENDORS
+from keybrake.proxy.vendors.bodies import parse_json
 
 __all__ = ["AdminApi", "key_info"]
 
@@ -71,13 +75,15 @@ def key_info(view: KeyView, now: datetime) -> KeyInfo:
         allowed_endpoints=list(key.allowed_endpoints),
         metadata=key.metadata,
         dedupe_window_seconds=key.dedupe_window_s,
+        allowed_accounts=list(key.allowed_accounts),
         created_at=format_ts(key.created_at),
         expires_at=format_ts(key.expires_at),
         revoked_at=format_ts(key.revoked_at) if key.revoked_at else None,
-        day=usage.day,
+        window_start=format_ts(usage.window_start),
         spent_usd=format_usd(usage.spent_micros),
         reserved_usd=format_usd(usage.reserved_micros),
         remaining_usd=format_usd(remaining),
+        total_spent_usd=format_usd(usage.total_micros),
         calls=usage.calls,
         cap_hits=usage.cap_hits,
     )
@@ -131,6 +137,7 @@ class AdminApi:
             Route("/vault/keys/{key_id}", self._guard(self.get_key), methods=["GET"]),
             Route("/vault/keys/{key_id}", self._guard(self.revoke_key), methods=["DELETE"]),
             Route("/vault/audit", self._guard(self.audit), methods=["GET"]),
+            Route("/vault/audit/prune", self._guard(self.prune_audit), methods=["POST"]),
             Route("/vault/pricing", self._guard(self.pricing_table), methods=["GET"]),
         ]
 
@@ -155,8 +162,8 @@ class AdminApi:
         if len(body) > 65536:
             raise _BadRequest("request body too large (64 KiB at most)")
         try:
-            return json.loads(body)
-        except ValueError as exc:
+            return parse_json(body)
+        except AmbiguousRequest as exc:
             raise _BadRequest(f"malformed JSON: {exc}") from exc
 
     async def create_key(self, request: Request) -> Response:
@@ -174,6 +181,12 @@ class AdminApi:
                 "invalid_request_error",
                 f"vendor {spec.vendor!r} is not configured on this proxy "
                 f"(configured: {configured})",
+            )
+        if spec.allowed_accounts and not VENDORS[spec.vendor].account_headers:
+            return error(
+                400,
+                "invalid_request_error",
+                f"allowed_accounts: {spec.vendor} has no connected accounts to allow",
             )
         if spec.daily_usd_cap > self.settings.max_daily_usd_cap:
             return error(
@@ -210,9 +223,10 @@ class AdminApi:
             dedupe_window_s=window,
             created_at=now,
             expires_at=now + ttl,
+            allowed_accounts=tuple(spec.allowed_accounts),
         )
         await self.store.create_key(record)
-        view = KeyView(record, KeyUsage(utc_day(now)))
+        view = KeyView(record, KeyUsage(bucket_start(window_floor(now))))
         issued = IssuedKey(**key_info(view, now).model_dump(), vault_key=vault_key)
         return JSONResponse(issued.model_dump(), status_code=201)
 
@@ -223,7 +237,6 @@ class AdminApi:
             return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
         now = self.clock()
         views = await self.store.list_keys(
-            day=utc_day(now),
             now=now,
             label=params.get("label"),
             vendor=params.get("vendor"),
@@ -234,7 +247,7 @@ class AdminApi:
 
     async def get_key(self, request: Request) -> Response:
         now = self.clock()
-        view = await self.store.get_key(request.path_params["key_id"], utc_day(now))
+        view = await self.store.get_key(request.path_params["key_id"], now)
         if view is None:
             return error(404, "not_found", f"no vault key {request.path_params['key_id']!r}")
         return JSONResponse(key_info(view, now).model_dump())
@@ -244,7 +257,7 @@ class AdminApi:
         now = self.clock()
         if await self.store.revoke_key(key_id, now) is None:
             return error(404, "not_found", f"no vault key {key_id!r}")
-        view = await self.store.get_key(key_id, utc_day(now))
+        view = await self.store.get_key(key_id, now)
         assert view is not None
         return JSONResponse(key_info(view, now).model_dump())
 
@@ -257,7 +270,7 @@ class AdminApi:
             return error(400, "invalid_request_error", describe_validation_error(exc))
         now = self.clock()
         revoked = set(await self.store.revoke_label(spec.agent_run_label, now))
-        views = await self.store.list_keys(day=utc_day(now), now=now, label=spec.agent_run_label)
+        views = await self.store.list_keys(now=now, label=spec.agent_run_label)
         result = RevokeResult(
             agent_run_label=spec.agent_run_label,
             revoked=len(revoked),
@@ -274,13 +287,11 @@ class AdminApi:
                 vendor=params.get("vendor"),
                 decision=params.get("decision"),
                 since=self._since(params.get("since")),
-                after_id=int(params["after_id"]) if "after_id" in params else None,
-                limit=int(params.get("limit", "100")),
+                after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
+                limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
             )
         except ValueError as exc:
             return error(400, "invalid_request_error", str(exc))
-        if not 1 <= query.limit <= 100_000:
-            return error(400, "invalid_request_error", "limit must be between 1 and 100000")
         rows = [audit_row(r) for r in await self.store.audit(query)]
         wants_csv = params.get("format") == "csv" or "text/csv" in request.headers.get("accept", "")
         if wants_csv:
@@ -291,6 +302,22 @@ class AdminApi:
                 writer.writerow(row.model_dump())
             return Response(out.getvalue(), media_type="text/csv")
         return JSONResponse(AuditPage(data=rows).model_dump())
+
+    async def prune_audit(self, request: Request) -> Response:
+        """Delete audit rows older than `before`; see `Store.prune_audit` for what is kept."""
+        try:
+            spec = PruneRequest.model_validate(await self._json(request))
+            before = self._since(spec.before)
+        except _BadRequest as exc:
+            return error(400, "invalid_request_error", str(exc))
+        except ValidationError as exc:
+            return error(400, "invalid_request_error", describe_validation_error(exc))
+        except ValueError as exc:
+            return error(400, "invalid_request_error", str(exc).replace("since:", "before:"))
+        assert before is not None
+        removed = await self.store.prune_audit(before, self.clock(), dry_run=spec.dry_run)
+        result = PruneResult(before=format_ts(before), dry_run=spec.dry_run, removed=removed)
+        return JSONResponse(result.model_dump())
 
     async def pricing_table(self, request: Request) -> Response:
         return JSONResponse(self.pricing.as_json())
@@ -316,3 +343,11 @@ class AdminApi:
 
 class _BadRequest(Exception):
     pass
+
+
+def _whole(name: str, value: str | None, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 19 and low <= int(value) <= high):
+        raise ValueError(f"{name} must be a whole number from {low} to {high}")
+    return int(value)

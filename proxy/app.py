@@ -18,7 +18,6 @@ from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.models import REPLAY_RETENTION
-from keybrake.proxy.money import utc_day
 from keybrake.proxy.pipeline import Incoming, Pipeline
 from keybrake.proxy.pricing import load_pricing
 from keybrake.proxy.settings import Settings
@@ -38,8 +37,12 @@ def build_app(
     *,
     clock: Callable[[], datetime] = utc_now,
     store: Store | None = None,
+    upstream: Upstream | None = None,
 ) -> Starlette:
-    """The whole proxy: health, admin API under /vault, and /{vendor}/... forwarding."""
+    """The whole proxy: health, admin API under /vault, and /{vendor}/... forwarding.
+
+    `store` and `upstream` replace the database and the HTTP client towards vendors (tests of the
+    ledger and the pipeline run without sockets); by default both come from `settings`."""
     if settings.api_key is None or not settings.api_key.get_secret_value():
         raise ConfigError("KEYBRAKE_API_KEY is not set: the admin API needs a token")
     pricing = load_pricing(
@@ -52,7 +55,7 @@ def build_app(
     store = store or open_store(
         settings.database_url, durable_commits=settings.postgres_durable_commits
     )
-    upstream = Upstream(
+    upstream = upstream or Upstream(
         timeout=settings.upstream_timeout,
         connections=settings.upstream_connections,
         max_response_bytes=16 * 1024 * 1024,
@@ -77,13 +80,13 @@ def build_app(
 
     async def metrics_endpoint(request: Request) -> Response:
         try:
-            spend, open_reservations = await store.metrics_snapshot(utc_day(clock()))
+            spend, open_reservations = await store.metrics_snapshot(clock())
         except StoreUnavailable:
             spend, open_reservations = {}, 0
         body = metrics.render(spend, open_reservations)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    forward = _ForwardEndpoint(pipeline, settings.max_body_bytes)
+    forward = _ForwardEndpoint(pipeline, settings.max_body_bytes, settings.body_timeout)
 
     if settings.reservation_ttl_delta.total_seconds() <= settings.upstream_timeout:
         raise ConfigError(
@@ -91,11 +94,15 @@ def build_app(
             f"KEYBRAKE_UPSTREAM_TIMEOUT ({settings.upstream_timeout}s), or live calls get swept"
         )
 
+    retention = settings.audit_retention_delta
+
     async def sweep_forever() -> None:
         while True:
             with contextlib.suppress(StoreUnavailable):
                 await store.sweep(clock() - settings.reservation_ttl_delta)
                 await store.forget_replays(clock() - REPLAY_RETENTION)
+                if retention is not None:
+                    await store.prune_audit(clock() - retention, clock())
             await asyncio.sleep(30)  # a maintenance period, not synchronisation
 
     @contextlib.asynccontextmanager
@@ -109,6 +116,7 @@ def build_app(
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await pipeline.drain()  # calls already forwarded are settled before closing
             await upstream.close()
             await store.close()
 
@@ -142,11 +150,13 @@ class ProxyApp(Starlette):
 
 
 class _ForwardEndpoint:
-    """A raw ASGI endpoint: reads the body with a limit and hands the call to the pipeline."""
+    """A raw ASGI endpoint: reads the body with a size limit and a deadline, and hands the call
+    to the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, max_body_bytes: int) -> None:
+    def __init__(self, pipeline: Pipeline, max_body_bytes: int, body_timeout: float) -> None:
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         vendor = scope["path_params"]["vendor"]
@@ -158,9 +168,11 @@ class _ForwardEndpoint:
             key = name.decode("latin-1").lower()
             if key not in headers:  # a repeated header never overrides the first one
                 headers[key] = value.decode("latin-1")
-        body, too_large = await _read_body(receive, self.max_body_bytes)
+        body, too_large, timed_out = await _read_body(
+            receive, self.max_body_bytes, self.body_timeout
+        )
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_body_bytes):
             too_large = True
         incoming = Incoming(
             vendor=vendor,
@@ -170,6 +182,7 @@ class _ForwardEndpoint:
             headers=headers,
             body=body,
             too_large=too_large,
+            body_timeout=self.body_timeout if timed_out else None,
         )
         reply = await self.pipeline.handle(incoming)
         raw_headers: list[tuple[bytes, bytes]] = [
@@ -180,20 +193,26 @@ class _ForwardEndpoint:
         await send({"type": "http.response.body", "body": reply.body})
 
 
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+async def _read_body(receive: Receive, limit: int, timeout: float) -> tuple[bytes, bool, bool]:
+    """(body, too large, timed out). The whole body must arrive within `timeout` seconds: a
+    deadline, not an idle timeout, so a client trickling a byte at a time is cut off too."""
     chunks: list[bytes] = []
     size = 0
     too_large = False
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            too_large = True
-        elif chunk:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return (b"" if too_large else b"".join(chunks)), too_large
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    too_large = True
+                elif chunk:
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        return b"", too_large, True
+    return (b"" if too_large else b"".join(chunks)), too_large, False

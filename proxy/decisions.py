@@ -1,50 +1,298 @@
-"""Every way the proxy can refuse a vendor call: HTTP status, vendor error code, message."""
+"""How the proxy decides about a vendor call, stated once.
+
+Every call ends in one `Decision`, recorded in its audit row. The decisions before the ledger
+(path, key, scope, body, price) are taken by `keybrake.proxy.pipeline`; the ledger's own are taken
+by `admit`, a pure function of what the store read inside its reservation transaction. The SQLite
+store calls `admit` itself; PostgreSQL's `keybrake_reserve` function restates it in PL/pgSQL, and
+`tests/test_decision_table.py` holds both backends to one table of hand-written cases.
+
+The ledger's rules, in the order they apply:
+
+1. A revoked key, then a key whose `expires_at <= now`, is refused.
+2. A call carrying an idempotency key the key has seen before is that earlier call: another
+   request body under the same idempotency key is refused (`idempotency_mismatch`); an answered
+   one is replayed; one still running is `in_progress` (409, retry shortly).
+3. Otherwise, a dedupe candidate (no idempotency key, or one an official SDK generated, so a
+   re-run pod sends a fresh one) that matches an identical request of the same key within the
+   key's dedupe window is that earlier call, as in 2.
+4. An earlier call that was cut off, because its process died mid-call (the sweep then counts
+   it as spent: `reconciled`) or the vendor never answered (`upstream_error`), has an unknown
+   outcome. For a vendor with idempotency keys the retry is
+   forwarded again with the earlier call's idempotency key, so the vendor replays its own answer
+   if the first call reached it; the retry is priced and capped like a new call and settles to
+   nothing if the vendor says it replayed. For a vendor without them (Twilio) it is refused,
+   for good (`outcome_unknown`, naming the earlier call's audit row): never a 409 that a client
+   would retry forever. So is a retry whose earlier call's idempotency key is not known.
+5. A call costing more than the key's `max_usd_per_call` is a cap hit.
+6. A priced call is admitted only if everything the key spent or reserved in the rolling 24-hour
+   window, plus its cost, stays within `daily_usd_cap` (`used + cost <= cap`); it then reserves
+   its cost. Calls costing nothing always pass.
+
+The rolling window is kept in hourly buckets: spend counts in the hour its call was reserved,
+and a check at time t sums the buckets from the one holding t - 24h to the newest. That covers
+all of [t - 24h, t], so the window never under-counts; it over-counts by at most the spend of the
+oldest bucket's first hour, which it releases at most one hour late.
+"""
 
 from __future__ import annotations
 
-__all__ = ["REFUSALS", "refusal_status"]
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
-REFUSALS: dict[str, tuple[int, str, str]] = {
-    "bad_path": (400, "keybrake_invalid_path", "The request path is not allowed."),
-    "too_large": (413, "keybrake_body_too_large", "The request body exceeds the proxy's limit."),
-    "no_key": (401, "keybrake_missing_key", "No vault key was provided."),
-    "unknown_key": (401, "keybrake_invalid_key", "Invalid vault key provided."),
-    "wrong_vendor": (401, "keybrake_wrong_vendor", "This vault key is for another vendor."),
-    "revoked": (401, "keybrake_key_revoked", "This vault key has been revoked."),
-    "expired": (401, "keybrake_key_expired", "This vault key has expired."),
-    "endpoint_denied": (403, "keybrake_endpoint_not_allowed", "This vault key may not call {ep}."),
-    "unpriceable": (403, "keybrake_unpriced_endpoint", "{reason}"),
-    "lookup_failed": (502, "keybrake_lookup_failed", "Could not price the call: {reason}"),
-    "cap_hit": (429, "keybrake_daily_cap_exceeded", "The vault key's daily USD cap is reached."),
-    "per_call_cap_hit": (
+__all__ = [
+    "BUCKET",
+    "WINDOW",
+    "Admitted",
+    "Decision",
+    "Prior",
+    "admit",
+    "bucket_of",
+    "bucket_start",
+    "refusal",
+    "refusal_status",
+    "settle_amounts",
+    "window_floor",
+]
+
+WINDOW = timedelta(hours=24)
+BUCKET = timedelta(hours=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Decision(StrEnum):
+    """What happened to a call: its audit row's `decision` and the metrics' label."""
+
+    # Taken before the ledger, by the pipeline.
+    UNKNOWN_VENDOR = "unknown_vendor"
+    BAD_PATH = "bad_path"
+    TOO_LARGE = "too_large"
+    BODY_TIMEOUT = "body_timeout"
+    NO_KEY = "no_key"
+    UNKNOWN_KEY = "unknown_key"
+    WRONG_VENDOR = "wrong_vendor"
+    ENDPOINT_DENIED = "endpoint_denied"
+    ACCOUNT_DENIED = "account_denied"
+    AMBIGUOUS = "ambiguous"
+    UNPRICEABLE = "unpriceable"
+    LOOKUP_FAILED = "lookup_failed"
+    # Taken by the ledger (`admit`).
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
+    IN_PROGRESS = "in_progress"
+    REPLAYED = "replayed"
+    DEDUPLICATED = "deduplicated"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    PER_CALL_CAP_HIT = "per_call_cap_hit"
+    CAP_HIT = "cap_hit"
+    FORWARDED = "forwarded"
+    # Outcomes of an admitted call.
+    IN_FLIGHT = "in_flight"  # reserved and at the vendor; settling rewrites it
+    UPSTREAM_ERROR = "upstream_error"  # no answer: counted as spent
+    VENDOR_REPLAYED = "vendor_replayed"  # the vendor answered from its idempotency store: free
+    RECONCILED = "reconciled"  # left in flight by a dead process; the sweep counted it as spent
+    SETTLE_FAILED = "settle_failed"  # forwarded, but the outcome could not be written yet
+    STORE_UNAVAILABLE = "store_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+# Every refusal: HTTP status, keybrake's code (Stripe's `error.code`, the other vendors'
+# `keybrake_code`) and the message, with `{placeholders}` the pipeline fills in.
+_REFUSALS: dict[Decision, tuple[int, str, str]] = {
+    Decision.UNKNOWN_VENDOR: (
+        404,
+        "keybrake_unknown_vendor",
+        "no vendor {vendor!r} is configured on this proxy",
+    ),
+    Decision.BAD_PATH: (
+        400,
+        "keybrake_invalid_path",
+        "The request path is not allowed: no empty, dot or encoded separator segments, and no "
+        "trailing slash.",
+    ),
+    Decision.TOO_LARGE: (
+        413,
+        "keybrake_body_too_large",
+        "The request body exceeds the proxy's limit.",
+    ),
+    Decision.BODY_TIMEOUT: (
+        408,
+        "keybrake_body_timeout",
+        "The request body did not arrive within {seconds} seconds.",
+    ),
+    Decision.NO_KEY: (401, "keybrake_missing_key", "No vault key was provided."),
+    Decision.UNKNOWN_KEY: (401, "keybrake_invalid_key", "Invalid vault key provided."),
+    Decision.WRONG_VENDOR: (401, "keybrake_wrong_vendor", "This vault key is for another vendor."),
+    Decision.REVOKED: (401, "keybrake_key_revoked", "This vault key has been revoked."),
+    Decision.EXPIRED: (401, "keybrake_key_expired", "This vault key has expired."),
+    Decision.ENDPOINT_DENIED: (
+        403,
+        "keybrake_endpoint_not_allowed",
+        "This vault key may not call {ep}.",
+    ),
+    Decision.ACCOUNT_DENIED: (
+        403,
+        "keybrake_account_not_allowed",
+        "This vault key may not act on account {account}: it was issued for {allowed}.",
+    ),
+    Decision.AMBIGUOUS: (400, "keybrake_ambiguous_request", "{reason}"),
+    Decision.UNPRICEABLE: (403, "keybrake_unpriced_endpoint", "{reason}"),
+    Decision.LOOKUP_FAILED: (502, "keybrake_lookup_failed", "Could not price the call: {reason}"),
+    Decision.CAP_HIT: (
+        429,
+        "keybrake_daily_cap_exceeded",
+        "The vault key's daily USD cap (for any 24 hours) is reached.",
+    ),
+    Decision.PER_CALL_CAP_HIT: (
         429,
         "keybrake_per_call_cap_exceeded",
         "This call costs more than the vault key's per-call USD cap.",
     ),
-    "in_progress": (
+    Decision.IN_PROGRESS: (
         409,
         "idempotency_key_in_use",
         "An identical request with this key is still being processed; retry shortly.",
     ),
-    "idempotency_mismatch": (
+    Decision.IDEMPOTENCY_MISMATCH: (
         400,
         "idempotency_error",
         "Keys for idempotent requests can only be used with the same parameters they were first "
         "used with.",
     ),
-    "upstream_error": (
+    Decision.OUTCOME_UNKNOWN: (
+        422,
+        "keybrake_outcome_unknown",
+        "An identical earlier call (audit row {audit_id}) was cut off when the proxy handling it "
+        "stopped, and this vendor offers no way to ask whether it went through; it is counted as "
+        "spent. The outcome is unknown: check the vendor before sending it again.",
+    ),
+    Decision.UPSTREAM_ERROR: (
         502,
         "keybrake_upstream_error",
         "The vendor did not answer: {reason} The call may have gone through and counts as spent.",
     ),
-    "store_unavailable": (
+    Decision.SETTLE_FAILED: (
+        503,
+        "keybrake_outcome_not_recorded",
+        "The call was forwarded to the vendor{request_id}, but the proxy could not record its "
+        "outcome: it stays counted against the cap until it is reconciled. Check the vendor "
+        "before sending it again.",
+    ),
+    Decision.STORE_UNAVAILABLE: (
         503,
         "keybrake_unavailable",
         "The proxy cannot reach its database; no call was forwarded.",
     ),
+    Decision.INTERNAL_ERROR: (
+        500,
+        "keybrake_internal_error",
+        "The proxy failed to handle this call; it was not forwarded. The failure is logged.",
+    ),
 }
 
 
-def refusal_status(decision: str) -> int:
+def refusal(decision: Decision) -> tuple[int, str, str]:
+    """(HTTP status, code, message template) of a refusal."""
+    return _REFUSALS[decision]
+
+
+def refusal_status(decision: Decision) -> int:
     """The HTTP status a refusal answers with (0 for decisions that are not refusals)."""
-    return REFUSALS[decision][0] if decision in REFUSALS else 0
+    found = _REFUSALS.get(decision)
+    return found[0] if found else 0
+
+
+def bucket_of(moment: datetime) -> int:
+    """The rolling window's hourly bucket holding `moment`: whole hours since the epoch."""
+    return (moment - _EPOCH) // BUCKET
+
+
+def bucket_start(bucket: int) -> datetime:
+    return _EPOCH + bucket * BUCKET
+
+
+def window_floor(now: datetime) -> int:
+    """The oldest bucket the window at `now` counts: the one holding now - 24h."""
+    return bucket_of(now - WINDOW)
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """An earlier call holding the same idempotency key, or the same request fingerprint."""
+
+    audit_id: int
+    same_request: bool  # its request fingerprint equals this call's
+    answered: bool  # its answer is stored and can be replayed
+    # Its call was cut off (its process died mid-call and the sweep reconciled it, or the vendor
+    # never answered): counted as spent, outcome unknown.
+    outcome_unknown: bool
+    created_at: datetime
+    forwarded_key: str | None  # the idempotency key it was forwarded with
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    decision: Decision
+    reserve_micros: int = 0
+    cap_hit: bool = False
+    replay_from: Prior | None = None  # the earlier call whose stored answer is the reply
+    forward_key: str | None = None  # the idempotency key to forward with (the earlier call's)
+    prior_audit_id: int | None = None  # named by `outcome_unknown`
+
+
+def admit(
+    *,
+    now: datetime,
+    revoked: bool,
+    expires_at: datetime,
+    by_key: Prior | None,
+    by_fingerprint: Prior | None,
+    dedupe_window: timedelta,
+    vendor_replays: bool,
+    cost_micros: int,
+    max_per_call_micros: int | None,
+    cap_micros: int,
+    used_micros: Callable[[], int],
+) -> Admitted:
+    """The ledger's decision for one call (the rules in this module's docstring).
+
+    `by_key`: the earlier call with this call's idempotency key, if any. `by_fingerprint`: the
+    latest earlier call with its fingerprint, looked up only for a dedupe candidate.
+    `used_micros()`: settled plus reserved spend in the window, read only when needed.
+    """
+    if revoked:
+        return Admitted(Decision.REVOKED)
+    if expires_at <= now:
+        return Admitted(Decision.EXPIRED)
+    prior: Prior | None = None
+    if by_key is not None:
+        if not by_key.same_request:
+            return Admitted(Decision.IDEMPOTENCY_MISMATCH)
+        prior = by_key
+    elif by_fingerprint is not None and by_fingerprint.created_at >= now - dedupe_window:
+        prior = by_fingerprint
+    forward_key = None
+    if prior is not None:
+        if prior.answered:
+            replayed = Decision.REPLAYED if prior is by_key else Decision.DEDUPLICATED
+            return Admitted(replayed, replay_from=prior)
+        if not prior.outcome_unknown:
+            return Admitted(Decision.IN_PROGRESS)
+        if not vendor_replays or prior.forwarded_key is None:
+            return Admitted(Decision.OUTCOME_UNKNOWN, prior_audit_id=prior.audit_id)
+        forward_key = prior.forwarded_key
+    if max_per_call_micros is not None and cost_micros > max_per_call_micros:
+        return Admitted(Decision.PER_CALL_CAP_HIT, cap_hit=True)
+    if cost_micros > 0 and used_micros() + cost_micros > cap_micros:
+        return Admitted(Decision.CAP_HIT, cap_hit=True)
+    return Admitted(Decision.FORWARDED, reserve_micros=cost_micros, forward_key=forward_key)
+
+
+def settle_amounts(*, still_in_flight: bool, reserved: int, settled: int) -> tuple[int, int]:
+    """(reservation to release, spend to add) when a call's outcome is written. A call the sweep
+    already reconciled was counted as spent in full: its late outcome corrects that count."""
+    if still_in_flight:
+        return reserved, settled
+    return 0, settled - reserved

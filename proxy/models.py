@@ -28,11 +28,14 @@ __all__ = [
     "KeyInfo",
     "KeyList",
     "LabelRevoke",
+    "PruneRequest",
+    "PruneResult",
     "RevokeResult",
     "describe_validation_error",
 ]
 
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
+_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -55,6 +58,7 @@ class KeyCreate(BaseModel):
     max_usd_per_call: Decimal | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     dedupe_window: str | None = None
+    allowed_accounts: list[str] = Field(default_factory=list, max_length=100)
 
     @field_validator("daily_usd_cap", "max_usd_per_call")
     @classmethod
@@ -86,10 +90,23 @@ class KeyCreate(BaseModel):
             raise ValueError("at most 24h (stored answers are kept a day, as Stripe keeps them)")
         return value
 
+    @field_validator("allowed_accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        if value == ["*"]:
+            return value
+        for account in value:
+            if not _ACCOUNT.fullmatch(account):
+                raise ValueError(
+                    f'{account[:40]!r} is not a connected account id (acct_...); use ["*"] '
+                    "for any account"
+                )
+        return sorted(set(value))
+
     @field_validator("agent_run_label")
     @classmethod
     def _label(cls, value: str) -> str:
-        if not _LABEL.match(value):
+        if not _LABEL.fullmatch(value):
             raise ValueError(
                 "use letters, digits and . _ : / @ - (at most 253), e.g. argo/billing-agent-x7k2p"
             )
@@ -113,13 +130,15 @@ class KeyInfo(BaseModel):
     allowed_endpoints: list[str]
     metadata: dict[str, Any]
     dedupe_window_seconds: int
+    allowed_accounts: list[str]
     created_at: str
     expires_at: str
     revoked_at: str | None
-    day: str
+    window_start: str  # the rolling window's start: spent_usd and reserved_usd count from here
     spent_usd: str
     reserved_usd: str
     remaining_usd: str
+    total_spent_usd: str  # over the key's whole life
     calls: int
     cap_hits: int
 
@@ -168,3 +187,16 @@ class AuditRow(BaseModel):
 
 class AuditPage(BaseModel):
     data: list[AuditRow]
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    before: str  # a duration back from now (90d) or an ISO time
+    dry_run: bool = False
+
+
+class PruneResult(BaseModel):
+    before: str
+    dry_run: bool
+    removed: int

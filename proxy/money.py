@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 
 __all__ = [
+    "MAX_DURATION",
     "MICROS_PER_USD",
     "format_ts",
     "format_usd",
@@ -19,12 +20,13 @@ __all__ = [
     "parse_duration",
     "parse_ts",
     "usd_to_micros",
-    "utc_day",
 ]
 
 MICROS_PER_USD = 1_000_000
-_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw])\s*$")
+_DURATION = re.compile(r"\s*(\d{1,9})\s*([smhdw])\s*")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# Longer than any lifetime, window or retention anyone means, and far inside datetime's range.
+MAX_DURATION = timedelta(days=100 * 366)
 
 
 def usd_to_micros(value: Decimal) -> int:
@@ -46,17 +48,15 @@ def format_usd(micros: int) -> str:
 
 def parse_duration(text: str) -> timedelta:
     """`90s`, `30m`, `2h`, `7d`, `1w` → timedelta; anything else is a ValueError with the reason."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit, e.g. 90s, 30m, 2h, 7d"
+            f"invalid duration {text[:40]!r}: use a number and a unit, e.g. 90s, 30m, 2h, 7d"
         )
     seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"duration {text.strip()!r} is too long: at most 100 years")
     return timedelta(seconds=seconds)
-
-
-def utc_day(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 def format_ts(moment: datetime) -> str:
@@ -65,4 +65,5 @@ def format_ts(moment: datetime) -> str:
 
 
 def parse_ts(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    """The inverse of `format_ts` (fromisoformat: several times faster than strptime)."""
+    return datetime.fromisoformat(text).astimezone(UTC)

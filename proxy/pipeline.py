@@ -1,30 +1,36 @@
 """The path of one vendor call through the proxy, top to bottom:
 
-    authenticate → scope → estimate → reserve → forward → settle → audit
+    read → authenticate → check body → scope → estimate → reserve → forward → settle → audit
 
 Every call that reaches `Pipeline.handle` leaves exactly one audit row, written durably before the
-reply is returned. Nothing here knows a particular vendor: vendor specifics live behind
-`keybrake.proxy.vendors.base.Vendor`.
+reply is returned. A refusal before the reservation forwards nothing and is recorded at once; from
+the reservation on, the call runs in a task of its own that the client cannot cancel by hanging
+up: a call that reached the vendor is always settled with its real outcome and request id.
+Nothing here knows a particular vendor: vendor specifics live behind
+`keybrake.proxy.vendors.base.Vendor`, and the ledger's rules in `keybrake.proxy.decisions`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import re
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from time import perf_counter
 from typing import Any
 
-from keybrake.proxy.decisions import REFUSALS
+from keybrake.proxy.decisions import Decision, bucket_of, refusal
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.metrics import Metrics
-from keybrake.proxy.money import utc_day
-from keybrake.proxy.pricing import Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
 from keybrake.proxy.store.base import (
+    Admission,
     AuditRecord,
     KeyRecord,
     Reservation,
@@ -32,13 +38,14 @@ from keybrake.proxy.store.base import (
     Store,
     StoredResponse,
 )
-from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError
-from keybrake.proxy.vendors.base import Vendor, VendorCall
+from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
+from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 
 __all__ = ["CAP_HIT_HEADER", "Incoming", "LookupFailed", "Pipeline", "Reply", "hash_vault_key"]
 
 CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+log = logging.getLogger("keybrake.proxy")
 
 
 def hash_vault_key(vault_key: str) -> bytes:
@@ -49,7 +56,7 @@ def hash_vault_key(vault_key: str) -> bytes:
 def split_presented_key(presented: str) -> tuple[str, str | None]:
     """`<vault_key>.<tag>` → (vault_key, tag); vault keys never contain a dot."""
     key, dot, tag = presented.partition(".")
-    if dot and _TAG.match(tag):
+    if dot and _TAG.fullmatch(tag):
         return key, tag
     return presented, None
 
@@ -63,6 +70,7 @@ class Incoming:
     headers: dict[str, str]  # lower-cased names
     body: bytes
     too_large: bool = False
+    body_timeout: float | None = None  # seconds the body was given, when it did not arrive
 
 
 @dataclass(slots=True)
@@ -72,8 +80,21 @@ class Reply:
     body: bytes
 
 
+class _Refused(Exception):
+    """A refusal before the reservation: nothing was forwarded."""
+
+    def __init__(self, decision: Decision, **details: str) -> None:
+        super().__init__(decision)
+        self.decision = decision
+        self.details = details
+
+
+class LookupFailed(Exception):
+    pass
+
+
 class _KeyCache:
-    """Immutable key facts by hash. Revocation and expiry are re-read inside `reserve`."""
+    """Immutable key facts by hash. Revocation, expiry and caps are re-read inside `reserve`."""
 
     def __init__(self, store: Store, size: int = 10_000) -> None:
         self._store = store
@@ -92,38 +113,50 @@ class _KeyCache:
 
 
 class _Lookup:
-    """What a vendor's estimate may consult: the store, and the vendor with the real credential."""
+    """What a vendor's estimate may consult: the store, and the vendor with the real credential,
+    on the same account the call acts on."""
 
-    def __init__(self, pipeline: Pipeline, vendor: Vendor) -> None:
+    def __init__(self, pipeline: Pipeline, vendor: Vendor, call: VendorCall) -> None:
         self._pipeline = pipeline
         self._vendor = vendor
+        self._headers = {h: call.headers[h] for h in vendor.account_headers if h in call.headers}
 
     async def is_counted(self, object_id: str) -> bool:
         return await self._pipeline.store.is_counted(self._vendor.name, object_id)
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
         vendor = self._vendor
-        call = VendorCall("GET", path.partition("?")[0], path.partition("?")[2], {}, b"")
+        where, _, query = path.partition("?")
+        call = VendorCall("GET", where, query, self._headers, b"")
         target, auth = vendor.upstream_request(call)
         try:
             response = await self._pipeline.upstream.send(
-                "GET", vendor.credentials.base_url + target, auth, None
+                "GET", vendor.credentials.base_url + target, {**self._headers, **auth}, None
             )
         except UpstreamError as exc:
             raise LookupFailed(str(exc)) from exc
         if response.status != 200:
-            raise LookupFailed(f"GET {call.path} answered {response.status}")
+            raise LookupFailed(f"GET {where} answered {response.status}")
         try:
             data = json.loads(response.body)
-        except ValueError as exc:
-            raise LookupFailed(f"GET {call.path} did not return JSON") from exc
+        except (ValueError, RecursionError) as exc:
+            raise LookupFailed(f"GET {where} did not return JSON") from exc
         if not isinstance(data, dict):
-            raise LookupFailed(f"GET {call.path} did not return an object")
+            raise LookupFailed(f"GET {where} did not return an object")
         return data
 
 
-class LookupFailed(Exception):
-    pass
+@dataclass(slots=True)
+class _Call:
+    """One call once it is admitted: what the forward and settle stages need."""
+
+    vendor: Vendor
+    call: VendorCall
+    key: KeyRecord
+    cost: Cost
+    audit: AuditRecord
+    started: float
+    reservation: Reservation = field(init=False)
 
 
 class Pipeline:
@@ -142,168 +175,282 @@ class Pipeline:
         self.upstream = upstream
         self.clock = clock
         self._keys = _KeyCache(store)
+        self._admitted: set[asyncio.Task[Reply]] = set()
 
     async def handle(self, incoming: Incoming) -> Reply:
         started = perf_counter()
-        now = self.clock()
         vendor = self.vendors.get(incoming.vendor)
-        if vendor is None:
-            reply = _plain(404, f"no vendor {incoming.vendor!r} is configured on this proxy")
-            await self.store.record(
-                AuditRecord(
-                    now,
-                    incoming.vendor[:64],
-                    incoming.method,
-                    incoming.path[:2048],
-                    404,
-                    "unknown_vendor",
-                )
-            )
-            self.metrics.count_call("unknown", "unknown_vendor")
-            return reply
         audit = AuditRecord(
-            ts=now,
-            vendor=vendor.name,
-            method=incoming.method,
+            ts=self.clock(),
+            vendor=(vendor.name if vendor else incoming.vendor[:64]),
+            method=incoming.method[:16],
             path=incoming.path[:2048],
             status=0,
             decision="",
-            idempotency_key=_idempotency_key(vendor, incoming.headers),
         )
         try:
-            reply = await self._handle(vendor, incoming, audit, started)
+            if vendor is None:
+                return await self._unknown_vendor(incoming, audit)
+            try:
+                return await self._handle(vendor, incoming, audit, started)
+            except _Refused as refused:
+                reply = self._refusal(vendor, refused.decision, **refused.details)
+                audit.status, audit.decision = reply.status, refused.decision
+                await self.store.record(audit)
+                self.metrics.count_call(vendor.name, audit.decision)
+                return reply
+            except Exception:
+                # A bug, not an input: logged with its traceback for us, never shown to the
+                # caller. Nothing was forwarded (calls past the reservation settle themselves).
+                log.exception("vendor call %s %s failed", incoming.method, audit.path[:200])
+                reply = self._refusal(vendor, Decision.INTERNAL_ERROR)
+                audit.status, audit.decision = reply.status, Decision.INTERNAL_ERROR
+                await self.store.record(audit)
+                self.metrics.count_call(vendor.name, audit.decision)
+                return reply
         except StoreUnavailable:
             # Fail closed: without the database nothing is reserved, so nothing is forwarded.
-            audit.decision = "store_unavailable"
-            reply = self._refusal(vendor, "store_unavailable")
-        self.metrics.count_call(vendor.name, audit.decision)
-        return reply
+            self.metrics.count_call(audit.vendor, Decision.STORE_UNAVAILABLE)
+            return self._refusal(vendor, Decision.STORE_UNAVAILABLE)
 
     async def _handle(
         self, vendor: Vendor, incoming: Incoming, audit: AuditRecord, started: float
     ) -> Reply:
-        now = audit.ts
+        call = self._read(incoming)
+        key = await self._authenticate(vendor, call, audit)
+        self._check_body(incoming)
+        self._scope(vendor, key, call)
+        cost = await self._estimate(vendor, call)
+        admitted = _Call(vendor, call, key, cost, audit, started)
+        # From here on the call must finish even if the client hangs up (or the server cancels
+        # the request's task): once forwarded, its outcome and request id must be recorded.
+        task = asyncio.ensure_future(self._reserve_forward_settle(admitted))
+        self._admitted.add(task)
+        task.add_done_callback(self._admitted.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for every admitted call to be settled (at shutdown)."""
+        while self._admitted:
+            await asyncio.gather(*self._admitted, return_exceptions=True)
+
+    # -- before the reservation: refusals forward nothing -----------------------------------------
+
+    def _read(self, incoming: Incoming) -> VendorCall:
         path = safe_path(incoming.path)
         if path is None:
-            return await self._refuse(vendor, audit, "bad_path")
-        if incoming.too_large:
-            return await self._refuse(vendor, audit, "too_large")
-        call = VendorCall(incoming.method, path, incoming.query, incoming.headers, incoming.body)
+            raise _Refused(Decision.BAD_PATH)
+        return VendorCall(incoming.method, path, incoming.query, incoming.headers, incoming.body)
 
-        # authenticate
-        presented = vendor.presented_key(incoming.headers)
+    async def _authenticate(
+        self, vendor: Vendor, call: VendorCall, audit: AuditRecord
+    ) -> KeyRecord:
+        presented = vendor.presented_key(call.headers)
         if not presented:
-            return await self._refuse(vendor, audit, "no_key")
+            raise _Refused(Decision.NO_KEY)
         vault_key, audit.caller_tag = split_presented_key(presented)
         # Looked up by its SHA-256: the stored hash is never compared with what a caller sent.
         key = await self._keys.find(hash_vault_key(vault_key))
         if key is None:
-            return await self._refuse(vendor, audit, "unknown_key")
+            raise _Refused(Decision.UNKNOWN_KEY)
         audit.key_id, audit.label = key.key_id, key.label
         if key.vendor != vendor.name:
-            return await self._refuse(vendor, audit, "wrong_vendor")
-        if key.expires_at <= now:
-            return await self._refuse(vendor, audit, "expired")
+            raise _Refused(Decision.WRONG_VENDOR)
+        if key.expires_at <= audit.ts:
+            raise _Refused(Decision.EXPIRED)
+        return key
 
-        # scope
-        if not allows(compile_patterns(key.allowed_endpoints), call.method, path):
-            return await self._refuse(vendor, audit, "endpoint_denied", ep=f"{call.method} {path}")
+    def _check_body(self, incoming: Incoming) -> None:
+        if incoming.body_timeout is not None:
+            raise _Refused(Decision.BODY_TIMEOUT, seconds=f"{incoming.body_timeout:g}")
+        if incoming.too_large:
+            raise _Refused(Decision.TOO_LARGE)
 
-        # estimate
+    def _scope(self, vendor: Vendor, key: KeyRecord, call: VendorCall) -> None:
+        if not allows(compile_patterns(key.allowed_endpoints), call.method, call.path):
+            raise _Refused(Decision.ENDPOINT_DENIED, ep=f"{call.method} {call.path}")
+        if "*" in key.allowed_accounts:
+            return
+        for account in vendor.accounts(call.headers):
+            if account not in key.allowed_accounts:
+                allowed = ", ".join(key.allowed_accounts) or "its own account only"
+                raise _Refused(Decision.ACCOUNT_DENIED, account=account[:64], allowed=allowed)
+
+    async def _estimate(self, vendor: Vendor, call: VendorCall) -> Cost:
         try:
-            cost = await vendor.estimate(call, _Lookup(self, vendor))
+            return await vendor.estimate(call, _Lookup(self, vendor, call))
+        except AmbiguousRequest as exc:
+            raise _Refused(Decision.AMBIGUOUS, reason=str(exc)) from exc
         except Unpriceable as exc:
-            return await self._refuse(vendor, audit, "unpriceable", reason=str(exc))
+            raise _Refused(Decision.UNPRICEABLE, reason=str(exc)) from exc
         except LookupFailed as exc:
-            return await self._refuse(vendor, audit, "lookup_failed", reason=str(exc))
+            raise _Refused(Decision.LOOKUP_FAILED, reason=str(exc)) from exc
 
-        # reserve (one transaction: revocation, idempotency, dedupe, cap)
-        reservation = Reservation(
+    # -- reserve → forward → settle, in a task of its own --------------------------------------
+
+    async def _reserve_forward_settle(self, c: _Call) -> Reply:
+        try:
+            reply = await self._reserve_and_forward(c)
+        except StoreUnavailable:
+            c.audit.decision = Decision.STORE_UNAVAILABLE
+            reply = self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
+        self.metrics.count_call(c.vendor.name, c.audit.decision)
+        return reply
+
+    async def _reserve_and_forward(self, c: _Call) -> Reply:
+        admission = await self._reserve(c)
+        c.audit.decision = admission.decision
+        if admission.replay is not None:
+            return _replayed(admission.replay, admission.decision)
+        if admission.decision is not Decision.FORWARDED:
+            audit_id = str(admission.prior_audit_id or "")
+            return self._refusal(c.vendor, admission.decision, audit_id=audit_id)
+        response = await self._forward(c, admission.forward_key)
+        return await self._settle(c, admission, response)
+
+    async def _reserve(self, c: _Call) -> Admission:
+        vendor, call, key, cost = c.vendor, c.call, c.key, c.cost
+        idempotency_key = _idempotency_key(vendor, call.headers)
+        c.audit.idempotency_key = idempotency_key
+        # Dedupe is for pod retries, whose SDK makes a fresh idempotency key per process: a call
+        # with a key of the caller's own choosing is never merged with another one.
+        candidate = idempotency_key is None or vendor.is_sdk_generated(idempotency_key)
+        dedupe = cost.priced and key.dedupe_window_s > 0 and candidate
+        forward_key = idempotency_key
+        if forward_key is None and dedupe and vendor.replays:
+            # So that a retry whose first attempt was cut off can be sent with the same key,
+            # and the vendor replays its own answer instead of executing twice.
+            forward_key = f"keybrake-{uuid.uuid4().hex}"
+        c.reservation = Reservation(
             key=key,
-            now=now,
-            day=utc_day(now),
+            now=c.audit.ts,
             vendor=vendor.name,
             method=call.method,
-            path=path,
-            caller_tag=audit.caller_tag,
+            path=call.path,
+            caller_tag=c.audit.caller_tag,
             cost_micros=cost.micros,
             amount=cost.amount,
             currency=cost.currency,
-            priced=cost.priced,
-            idempotency_key=audit.idempotency_key,
-            request_hash=_request_hash(call),
+            idempotency_key=idempotency_key,
+            request_hash=_fingerprint(vendor, call),
+            dedupe=dedupe,
+            forward_key=forward_key,
+            vendor_replays=vendor.replays,
         )
         timed = perf_counter()
-        admission = await self.store.reserve(reservation)
+        admission = await self.store.reserve(c.reservation)
         self.metrics.time_database("reserve", perf_counter() - timed)
-        audit.decision = admission.decision
-        if admission.replay is not None:
-            return _replayed(admission.replay, admission.decision)
-        if admission.decision != "forwarded":
-            return self._refusal(vendor, admission.decision)
+        return admission
 
-        # forward
+    async def _forward(self, c: _Call, forward_key: str | None) -> UpstreamResponse | str:
+        """The vendor's answer, or why there is none."""
+        vendor, call = c.vendor, c.call
         target, auth = vendor.upstream_request(call)
-        headers = [(k, v) for k, v in incoming.headers.items() if k not in HOP_BY_HOP]
+        # Header names with `_` are dropped: some servers read `Stripe_Account` as
+        # `Stripe-Account`, which the scope check would not have seen.
+        headers = [
+            (k, v)
+            for k, v in call.headers.items()
+            if k not in HOP_BY_HOP and "_" not in k and k != vendor.idempotency_header
+        ]
+        if forward_key is not None and vendor.idempotency_header is not None:
+            headers.append((vendor.idempotency_header, forward_key))
         headers.extend(auth.items())
-        status: int | None
         timed = perf_counter()
         try:
             response = await self.upstream.send(
                 call.method, vendor.credentials.base_url + target, headers, call.body
             )
-            self.metrics.time_upstream(vendor.name, perf_counter() - timed)
-            status, reply_body = response.status, response.body
-            shown_headers, shown_body = vendor.workload_reply(
-                call, response.status, response.headers, response.body
-            )
-            reply = Reply(response.status, shown_headers, shown_body)
         except UpstreamError as exc:
-            status, reply_body = None, b""
-            reply = self._refusal(vendor, "upstream_error", reason=f"{exc}.")
+            return f"{exc}."
+        self.metrics.time_upstream(vendor.name, perf_counter() - timed)
+        return response
 
-        # settle and audit, durably, before answering
-        actual = vendor.settle(call, cost, status, reply_body)
-        keep = status is not None and status < 500
-        audit.decision = "forwarded" if status is not None else "upstream_error"
-        timed = perf_counter()
-        await self.store.settle(
-            Settlement(
+    async def _settle(
+        self, c: _Call, admission: Admission, response: UpstreamResponse | str
+    ) -> Reply:
+        vendor, call, cost, audit = c.vendor, c.call, c.cost, c.audit
+        status: int | None = None
+        request_id = None
+        try:
+            if isinstance(response, str):
+                audit.decision = Decision.UPSTREAM_ERROR
+                reply = self._refusal(vendor, Decision.UPSTREAM_ERROR, reason=response)
+                actual = vendor.settle(call, cost, None, b"")
+            else:
+                status = response.status
+                request_id = vendor.request_id(_lower(response.headers))
+                shown_headers, shown_body = vendor.workload_reply(
+                    call, response.status, response.headers, response.body
+                )
+                reply = Reply(response.status, shown_headers, shown_body)
+                actual = vendor.settle(call, cost, status, response.body)
+                audit.decision = Decision.FORWARDED
+                if vendor.is_replay(response.headers):
+                    # The vendor answered from its idempotency store: nothing moved this time.
+                    audit.decision = Decision.VENDOR_REPLAYED
+                    actual = actual.with_micros(0)
+            settlement = Settlement(
                 audit_id=admission.audit_id,
-                key_id=key.key_id,
-                day=reservation.day,
+                key_id=c.key.key_id,
+                bucket=bucket_of(c.reservation.now),
                 vendor=vendor.name,
                 reserved_micros=cost.micros,
                 settled_micros=actual.micros,
                 status=reply.status,
                 decision=audit.decision,
-                vendor_request_id=vendor.request_id(_lower(reply.headers)) if status else None,
-                latency_ms=round((perf_counter() - started) * 1000, 3),
-                idempotency_key=reservation.idempotency_key,
-                request_hash=reservation.request_hash,
-                dedupe=cost.priced and key.dedupe_window_s > 0,
-                response=StoredResponse(reply.status, reply.headers, reply.body) if keep else None,
+                vendor_request_id=request_id,
+                latency_ms=round((perf_counter() - c.started) * 1000, 3),
+                idempotency_key=c.reservation.idempotency_key,
+                request_hash=c.reservation.request_hash,
+                dedupe=c.reservation.dedupe,
+                # A 5xx is not kept (a retry is sent again); no answer at all leaves the call's
+                # outcome unknown, so a retry goes out with the same idempotency key.
+                response=(
+                    StoredResponse(reply.status, reply.headers, reply.body)
+                    if status is not None and status < 500
+                    else None
+                ),
+                outcome_known=status is not None,
                 counts=actual.counts if status is not None and status < 300 else (),
             )
-        )
-        self.metrics.time_database("settle", perf_counter() - timed)
-        return reply
+            timed = perf_counter()
+            await self.store.settle(settlement)
+            self.metrics.time_database("settle", perf_counter() - timed)
+            return reply
+        except Exception as exc:
+            # Forwarded, but not recorded: the reservation stays counted and the sweep reconciles
+            # it. Saying "not forwarded" here would invite a retry that charges twice.
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("settling audit row %s failed", admission.audit_id)
+            audit.decision = Decision.SETTLE_FAILED
+            shown = f" (its request id: {request_id})" if request_id else ""
+            return self._refusal(vendor, Decision.SETTLE_FAILED, request_id=shown)
 
-    async def _refuse(
-        self, vendor: Vendor, audit: AuditRecord, decision: str, **details: str
-    ) -> Reply:
-        reply = self._refusal(vendor, decision, **details)
-        audit.status, audit.decision = reply.status, decision
+    # -- replies -----------------------------------------------------------------------------
+
+    async def _unknown_vendor(self, incoming: Incoming, audit: AuditRecord) -> Reply:
+        status, code, message = refusal(Decision.UNKNOWN_VENDOR)
+        audit.status, audit.decision = status, Decision.UNKNOWN_VENDOR
         await self.store.record(audit)
-        return reply
+        self.metrics.count_call("unknown", Decision.UNKNOWN_VENDOR)
+        text = message.format(vendor=incoming.vendor[:64])
+        body = json.dumps({"error": {"type": "not_found", "code": code, "message": text}})
+        return Reply(status, [("content-type", "application/json")], body.encode())
 
-    def _refusal(self, vendor: Vendor, decision: str, **details: str) -> Reply:
-        status, code, message = REFUSALS[decision]
-        body, headers = vendor.error(status, code, message.format(**details))
+    def _refusal(self, vendor: Vendor | None, decision: Decision, **details: str) -> Reply:
+        status, code, message = refusal(decision)
+        text = message.format(**details) if details else message
+        if vendor is None:
+            body = json.dumps({"error": {"type": "api_error", "code": code, "message": text}})
+            return Reply(status, [("content-type", "application/json")], body.encode())
+        payload, headers = vendor.error(status, code, text)
         out = [("content-type", "application/json"), *headers.items()]
         if status == 429:
             out.append((CAP_HIT_HEADER, "true"))
-        return Reply(status, out, body)
+        if decision is Decision.BODY_TIMEOUT:
+            out.append(("connection", "close"))
+        return Reply(status, out, payload)
 
 
 def _idempotency_key(vendor: Vendor, headers: Mapping[str, str]) -> str | None:
@@ -313,9 +460,13 @@ def _idempotency_key(vendor: Vendor, headers: Mapping[str, str]) -> str | None:
     return value[:255] if value else None
 
 
-def _request_hash(call: VendorCall) -> str:
+def _fingerprint(vendor: Vendor, call: VendorCall) -> str:
+    """What makes two requests the same request: method, path, query, body, and the headers
+    choosing the vendor account (the same body on another account is another call)."""
     digest = hashlib.sha256()
-    for part in (call.method.encode(), call.path.encode(), call.query.encode(), call.body):
+    parts = [call.method.encode(), call.path.encode(), call.query.encode(), call.body]
+    parts.extend(call.headers.get(name, "").encode() for name in vendor.account_headers)
+    for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
@@ -328,8 +479,3 @@ def _lower(headers: list[tuple[str, str]]) -> dict[str, str]:
 def _replayed(stored: StoredResponse, decision: str) -> Reply:
     headers = [*stored.headers, ("X-Keybrake-Replayed", decision)]
     return Reply(stored.status, headers, stored.body)
-
-
-def _plain(status: int, message: str) -> Reply:
-    body = json.dumps({"error": {"type": "not_found", "message": message}}).encode()
-    return Reply(status, [("content-type", "application/json")], body)

@@ -21,12 +21,17 @@ import yaml
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import usd_to_micros
 
-__all__ = ["PricingEntryError", "PricingTable", "Unpriceable", "load_pricing"]
+__all__ = ["AmbiguousRequest", "PricingEntryError", "PricingTable", "Unpriceable", "load_pricing"]
 
 
 class Unpriceable(Exception):
-    """The cost of this call cannot be known, so it is refused (fail closed); the message says
-    how an operator prices it."""
+    """The cost of this call cannot be known, so it is refused (fail closed, a 403); the message
+    says how an operator prices it."""
+
+
+class AmbiguousRequest(Exception):
+    """The vendor could read this request differently from the proxy (content type, a repeated
+    or unknown field, a query string), so it is refused (a 400); the message says what to send."""
 
 
 class PricingEntryError(ValueError):

@@ -62,13 +62,23 @@ class Settings(BaseSettings):
         description="Wait for PostgreSQL to flush each commit to disk. false: faster, still safe "
         "against a proxy crash, but a database crash may lose its last fraction of a second.",
     )
+    body_timeout: float = Field(
+        30.0,
+        description="Seconds a vendor call's request body may take to arrive in full; a slower "
+        "one is answered 408 and audited.",
+    )
+    audit_retention: str = Field(
+        "0",
+        description="Delete audit rows older than this (e.g. 90d), as `keybrake audit prune` "
+        "does, keeping those of active keys and of keys inside their window; 0 keeps them all.",
+    )
     reservation_ttl: str = Field(
         "5m",
         description="A reservation still in flight after this long belongs to a dead process and "
         "is counted as spent by the sweep; keep it well above the upstream timeout.",
     )
 
-    @field_validator("max_ttl", "dedupe_window", "reservation_ttl")
+    @field_validator("max_ttl", "dedupe_window", "reservation_ttl", "audit_retention")
     @classmethod
     def _duration(cls, value: str) -> str:
         if value.strip() != "0":
@@ -82,9 +92,9 @@ class Settings(BaseSettings):
             raise ValueError("at most 24h: stored answers are kept for a day")
         return value
 
-    @field_validator("max_body_bytes", "upstream_connections")
+    @field_validator("max_body_bytes", "upstream_connections", "body_timeout")
     @classmethod
-    def _positive(cls, value: int) -> int:
+    def _positive(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be positive")
         return value
@@ -96,6 +106,12 @@ class Settings(BaseSettings):
     @property
     def reservation_ttl_delta(self) -> timedelta:
         return parse_duration(self.reservation_ttl)
+
+    @property
+    def audit_retention_delta(self) -> timedelta | None:
+        if self.audit_retention.strip() == "0":
+            return None
+        return parse_duration(self.audit_retention)
 
     @property
     def dedupe_window_seconds(self) -> int:

@@ -48,12 +48,6 @@ class UpstreamResponse:
     headers: list[tuple[str, str]]
     body: bytes
 
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
 
 class UpstreamError(Exception):
     """No usable answer: timeout, refused or dropped connection, or an oversized body."""

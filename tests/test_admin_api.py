@@ -184,23 +184,58 @@ def test_expired_key_is_refused_with_401(tmp_path: Path, fake_stripe: FakeStripe
     assert fake_stripe.count("POST", "/v1/payment_intents") == 1
 
 
-def test_spend_rolls_over_at_utc_midnight(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+def test_the_cap_bounds_every_rolling_24_hours_not_the_utc_day(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    """A 2 h, $300 key issued at 23:30 UTC moved $600 when spend reset at midnight."""
     from datetime import UTC, datetime
 
-    clock = Clock(datetime(2026, 11, 26, 23, 59, 0, tzinfo=UTC))
+    clock = Clock(datetime(2026, 11, 26, 23, 30, 0, tzinfo=UTC))
     with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
-        key = issue(client, daily_usd_cap=2, expires_in="1h")
+        key = issue(client, daily_usd_cap=300, expires_in="2h")
         auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        item = iter(range(1000))
 
-        def charge(item: str) -> int:
-            form = {"amount": "100", "currency": "usd", "metadata[item]": item}
+        def charge(dollars: int) -> int:
+            form = {"amount": str(dollars * 100), "currency": "usd", "metadata[i]": str(next(item))}
             return client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code
 
-        assert [charge("1"), charge("2"), charge("3")] == [200, 200, 429]
-        clock.advance(seconds=60)
+        assert [charge(150), charge(150), charge(1)] == [200, 200, 429]
+        clock.advance(minutes=31)  # 00:01 the next UTC day
+        assert charge(1) == 429
         info = client.get(f"/vault/keys/{key['key_id']}").json()
-        assert info["day"] == "2026-11-27" and info["spent_usd"] == "0.00"
-        assert [charge("4"), charge("5"), charge("6")] == [200, 200, 429]
+        assert (info["spent_usd"], info["remaining_usd"]) == ("300.00", "0.00")
+        assert info["window_start"] == "2026-11-26T00:00:00.000000Z"
+        clock.advance(minutes=88)  # 01:29, a minute before the key expires
+        assert charge(1) == 429
+    assert fake_stripe.count("POST", "/v1/payment_intents") == 2
+
+
+def test_the_window_releases_spend_after_24_hours_at_most_an_hour_late(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    """Hourly buckets: spend at 10:20 counts until 11:00 the next day (never less than 24 h)."""
+    from datetime import UTC, datetime
+
+    clock = Clock(datetime(2026, 11, 26, 10, 20, 0, tzinfo=UTC))
+    with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, daily_usd_cap=2, expires_in="3d")
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        item = iter(range(1000))
+
+        def charge() -> int:
+            form = {"amount": "100", "currency": "usd", "metadata[i]": str(next(item))}
+            return client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code
+
+        assert [charge(), charge(), charge()] == [200, 200, 429]
+        clock.now = datetime(2026, 11, 27, 10, 20, 0, tzinfo=UTC)  # exactly 24 h later
+        assert charge() == 429
+        clock.now = datetime(2026, 11, 27, 10, 59, 59, tzinfo=UTC)
+        assert charge() == 429
+        clock.now = datetime(2026, 11, 27, 11, 0, 0, tzinfo=UTC)
+        assert [charge(), charge(), charge()] == [200, 200, 429]
+        info = client.get(f"/vault/keys/{key['key_id']}").json()
+        assert (info["spent_usd"], info["total_spent_usd"]) == ("2.00", "4.00")
 
 
 def test_audit_filters_and_csv(tmp_path: Path, fake_stripe: FakeStripe) -> None:

@@ -48,7 +48,9 @@ def test_kill_9_loses_no_answered_call_and_keeps_in_flight_reservations(
     decisions = dict(
         db.execute("SELECT decision, count(*) FROM audit GROUP BY decision").fetchall()
     )
-    settled, reserved = db.execute("SELECT settled_micros, reserved_micros FROM spend").fetchone()
+    settled, reserved = db.execute(
+        "SELECT sum(settled_micros), sum(reserved_micros) FROM spend_window"
+    ).fetchone()
     db.close()
     assert decisions == {"forwarded": 40, "in_flight": 1}
     assert settled == 40_000_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -109,8 +110,9 @@ def test_replays_and_dedupe_work_across_replicas(
         again = post(b, key["vault_key"], body, **{"Idempotency-Key": "retry-me"})
         assert first.json() == again.json() and again.headers["x-keybrake-replayed"] == "replayed"
         pod = {"amount": "200", "currency": "usd", "metadata[item]": "9"}
-        one = post(a, key["vault_key"], pod, **{"Idempotency-Key": "sdk-1"})
-        two = post(b, key["vault_key"], pod, **{"Idempotency-Key": "sdk-2"})  # the pod's retry
+        # The pod's retry: a new process, so its SDK makes a fresh key (a UUID, as stripe-python's).
+        one = post(a, key["vault_key"], pod, **{"Idempotency-Key": str(uuid.uuid4())})
+        two = post(b, key["vault_key"], pod, **{"Idempotency-Key": str(uuid.uuid4())})
         assert one.json() == two.json() and two.headers["x-keybrake-replayed"] == "deduplicated"
         assert fake_stripe.count("POST", "/v1/payment_intents") == 2
         with b.admin() as admin:
@@ -119,14 +121,14 @@ def test_replays_and_dedupe_work_across_replicas(
         stop_all(procs)
 
 
-def test_daily_window_and_expiry_on_postgres(
+def test_rolling_window_and_expiry_on_postgres(
     tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
 ) -> None:
     clock = Clock(datetime(2026, 11, 26, 23, 59, 0, tzinfo=UTC))
     with app_client(
         tmp_path, clock, database_url=pg_url, stripe_api_base=fake_stripe.url
     ) as client:
-        key = issue(client, daily_usd_cap=2, expires_in="90s")
+        key = issue(client, daily_usd_cap=2, expires_in="25h")
         auth = {"Authorization": f"Bearer {key['vault_key']}"}
 
         def charge(item: str) -> int:
@@ -134,11 +136,14 @@ def test_daily_window_and_expiry_on_postgres(
             return client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code
 
         assert [charge("1"), charge("2"), charge("3")] == [200, 200, 429]
-        clock.advance(seconds=60)
+        clock.advance(seconds=60)  # a new UTC day, the same 24 hours
+        assert client.get(f"/vault/keys/{key['key_id']}").json()["spent_usd"] == "2.00"
+        assert charge("4") == 429
+        clock.advance(hours=24)  # 00:00 two days on: the 23:00 bucket left the window
         assert client.get(f"/vault/keys/{key['key_id']}").json()["spent_usd"] == "0.00"
-        assert [charge("4"), charge("5"), charge("6")] == [200, 200, 429]
-        clock.advance(seconds=30)
-        assert charge("7") == 401
+        assert [charge("5"), charge("6"), charge("7")] == [200, 200, 429]
+        clock.advance(minutes=59)
+        assert charge("8") == 401
 
 
 def test_kill_9_of_a_replica_keeps_its_reservation_until_the_sweep(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from keybrake.proxy.decisions import bucket_of
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement
 
@@ -48,7 +49,6 @@ def reservation(record: KeyRecord, cost: int, index: int) -> Reservation:
     return Reservation(
         key=record,
         now=NOW,
-        day="2026-11-26",
         vendor="stripe",
         method="POST",
         path="/v1/payment_intents",
@@ -56,7 +56,6 @@ def reservation(record: KeyRecord, cost: int, index: int) -> Reservation:
         cost_micros=cost,
         amount=cost // 10_000,
         currency="usd",
-        priced=True,
         idempotency_key=None,
         request_hash=f"hash-{index}",
     )
@@ -68,7 +67,7 @@ def settlement(
     return Settlement(
         audit_id=audit_id,
         key_id=record.key_id,
-        day="2026-11-26",
+        bucket=bucket_of(NOW),
         vendor="stripe",
         reserved_micros=reserved,
         settled_micros=settled,
@@ -98,7 +97,7 @@ def test_concurrent_reservations_never_pass_the_cap(database_url: str) -> None:
             admissions = await asyncio.gather(
                 *(store.reserve(reservation(record, 1_000_000, i)) for i in range(250))
             )
-            view = await store.get_key(record.key_id, "2026-11-26")
+            view = await store.get_key(record.key_id, NOW)
             assert view is not None
             assert view.usage.reserved_micros == 100_000_000
             assert view.usage.calls == 250 and view.usage.cap_hits == 150
@@ -119,13 +118,13 @@ def test_sweep_counts_stale_reservations_and_a_late_settle_corrects_them(databas
             fresh = await store.reserve(reservation(record, 1_000_000, 2))
             assert await store.sweep(NOW - timedelta(seconds=1)) == 0
             assert await store.sweep(NOW + timedelta(seconds=1)) == 2
-            view = await store.get_key(record.key_id, "2026-11-26")
+            view = await store.get_key(record.key_id, NOW)
             assert view is not None
             assert (view.usage.spent_micros, view.usage.reserved_micros) == (5_000_000, 0)
             # The "dead" call answers after all: the vendor refused it, so nothing was spent.
             await store.settle(settlement(record, stale.audit_id, 4_000_000, 0, 402))
             await store.settle(settlement(record, fresh.audit_id, 1_000_000, 1_000_000, 200))
-            view = await store.get_key(record.key_id, "2026-11-26")
+            view = await store.get_key(record.key_id, NOW)
             assert view is not None
             assert (view.usage.spent_micros, view.usage.reserved_micros) == (1_000_000, 0)
         finally:
@@ -205,7 +204,7 @@ def test_postgres_request_path_reconnects_after_losing_its_connection(pg_url: st
                     outcomes.append(admission.decision)
                 except StoreUnavailable:
                     outcomes.append("unavailable")
-            view = await store.get_key(record.key_id, "2026-11-26")
+            view = await store.get_key(record.key_id, NOW)
             assert view is not None
             forwarded = 1 + outcomes.count("forwarded")
             assert view.usage.reserved_micros == forwarded * 1_000_000  # a failed call took nothing
@@ -262,8 +261,9 @@ def test_postgres_settle_finds_its_audit_row_by_primary_key(pg_url: str) -> None
 def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
     pg_url: str,
 ) -> None:
-    """`VACUUM ANALYZE` on a new database records `spend` as empty; the plans then cached for the
-    request path must still look rows up by key, not scan a table that bloats with every call."""
+    """`VACUUM ANALYZE` on a new database records the spend tables as empty; the plans then cached
+    for the request path must still look rows up by key, not scan tables that bloat with every
+    call."""
     from keybrake.proxy.store.postgres import PostgresStore
 
     async def run() -> int:
@@ -274,7 +274,7 @@ def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
             await store.create_key(record)
             await store._run(lambda c: c.execute("VACUUM ANALYZE"))
 
-            async def seq_scans_of_spend() -> int:
+            async def seq_scans_on_the_request_path() -> int:
                 for lane in (store._reserve_lane, store._settle_lane):
                     await store._run(lambda c: c.execute("SELECT pg_stat_force_next_flush()"), lane)
 
@@ -282,18 +282,19 @@ def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
                     await c.execute("SELECT pg_stat_clear_snapshot()")
                     return int(
                         await c.fetchval(
-                            "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'spend'"
+                            "SELECT sum(seq_scan) FROM pg_stat_user_tables "
+                            "WHERE relname IN ('spend_window', 'key_usage', 'replays')"
                         )
                     )
 
                 return await store._run(read)
 
-            before = await seq_scans_of_spend()
+            before = await seq_scans_on_the_request_path()
             for index in range(20):  # PL/pgSQL settles on a generic plan after five calls
                 admission = await store.reserve(reservation(record, 1_000_000, index))
                 done = settlement(record, admission.audit_id, 1_000_000, 1_000_000, 200)
                 await store.settle(done)
-            return await seq_scans_of_spend() - before
+            return await seq_scans_on_the_request_path() - before
         finally:
             await store.close()
 

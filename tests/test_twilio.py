@@ -18,7 +18,6 @@ from tests.fakes.twilio_upstream import REAL_SID, REAL_TOKEN, FakeTwilio
 from tests.proxyproc import ProxyProcess
 from tests.vendor_helpers import (
     MESSAGES,
-    PIPELINE_CALLS_WORKLOAD_REPLY,
     PLACEHOLDER_SID,
     audit,
     issue_resend,
@@ -347,12 +346,6 @@ def test_real_token_and_resend_key_appear_in_no_answer_log_audit_or_database(
         assert secret.encode() not in database
 
 
-@pytest.mark.xfail(
-    not PIPELINE_CALLS_WORKLOAD_REPLY,
-    reason="needs proxy/pipeline.py to pass the vendor's answer through Vendor.workload_reply "
-    "(the change is in docs/vendors.md, 'Pending pipeline change')",
-    strict=True,
-)
 def test_real_account_sid_never_reaches_the_workload(
     tmp_path: Path, fake_stripe: FakeStripe, fake_twilio: FakeTwilio, fake_resend: FakeResend
 ) -> None:

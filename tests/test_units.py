@@ -14,7 +14,7 @@ import pytest
 from keybrake.proxy.endpoints import EndpointPattern, allows, compile_patterns, safe_path
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
-from keybrake.proxy.pricing import Unpriceable, load_pricing
+from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable, load_pricing
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors import VENDORS
 from keybrake.proxy.vendors.base import VendorCall
@@ -103,7 +103,8 @@ def stripe_vendor(tmp_path: Path | None = None, extra: str = "") -> Stripe:
 def estimate(
     vendor: Stripe, method: str, path: str, body: str = "", lookup: FakeLookup | None = None
 ) -> Any:
-    call = VendorCall(method, path, "", {}, body.encode())
+    headers = {"content-type": "application/x-www-form-urlencoded"} if body else {}
+    call = VendorCall(method, path, "", headers, body.encode())
     return asyncio.run(vendor.estimate(call, lookup or FakeLookup({})))
 
 
@@ -131,9 +132,9 @@ def test_stripe_fails_closed(tmp_path: Path) -> None:
         estimate(vendor, "POST", "/v1/payment_intents", "amount=100&currency=eur")
     with pytest.raises(Unpriceable, match="no amount"):
         estimate(vendor, "POST", "/v1/payouts", "currency=usd")
-    with pytest.raises(Unpriceable, match="not a whole number"):
+    with pytest.raises(AmbiguousRequest, match="not a whole number"):
         estimate(vendor, "POST", "/v1/payouts", "amount=1.5&currency=usd")
-    with pytest.raises(Unpriceable, match="negative"):
+    with pytest.raises(AmbiguousRequest, match="not a whole number"):
         estimate(vendor, "POST", "/v1/payouts", "amount=-5&currency=usd")
     with pytest.raises(Unpriceable, match=r"\[stripe.endpoints\]"):
         estimate(vendor, "POST", "/v1/subscriptions", "customer=cus_1")

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 
 from keybrake.proxy.errors import ConfigError
-from keybrake.proxy.pricing import Unpriceable, load_pricing
+from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable, load_pricing
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors import VENDORS
 from keybrake.proxy.vendors.base import Cost, VendorCall
@@ -53,7 +53,14 @@ def resend_vendor(tmp_path: Path | None = None, operator: str = "") -> Resend:
 
 
 def call(method: str, path: str, body: bytes = b"", **headers: str) -> VendorCall:
-    return VendorCall(method, path, "", {k.lower(): v for k, v in headers.items()}, body)
+    """A call as the SDKs send it: Resend's bodies JSON, Twilio's a form."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if body and "content-type" not in lowered:
+        json_body = body[:1] in (b"{", b"[")
+        lowered["content-type"] = (
+            "application/json" if json_body else "application/x-www-form-urlencoded"
+        )
+    return VendorCall(method, path, "", lowered, body)
 
 
 def sms(vendor: Twilio, **form: Any) -> Cost:
@@ -73,8 +80,16 @@ def test_twilio_message_prices() -> None:
     mms = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl=["https://e.x/1.png"] * 2)
     assert (mms.micros, mms.amount, mms.currency) == (22_000, 1, "mms")
     assert sms(vendor, To="+14155550100", Body="x", SendAsMms="true").micros == 22_000
-    # The last To counts, as in Twilio's form parsing.
-    assert sms(vendor, To=["+447700900123", "+14155550100"], Body="x").micros == 8_300
+    # A repeated To, Body or SendAsMms (or one in another case) is refused: which copy Twilio
+    # bills is not something the proxy can know.
+    for form in (
+        {"To": ["+447700900123", "+14155550100"], "Body": "x"},
+        {"To": "+14155550100", "Body": ["x", "y" * 500]},
+        {"To": "+14155550100", "to": "+447700900123", "Body": "x"},
+        {"To": "+14155550100", "Body": "x", "SendAsMms": ["false", "true"]},
+    ):
+        with pytest.raises(AmbiguousRequest):
+            sms(vendor, **form)
 
 
 def test_twilio_destination_prefixes_longest_match_and_channels(tmp_path: Path) -> None:

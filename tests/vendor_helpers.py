@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 from twilio.rest import Client
 
-from keybrake.proxy.pipeline import Pipeline
 from tests.fakes.resend_upstream import REAL_KEY, FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import REAL_SID, REAL_TOKEN, FakeTwilio
@@ -20,11 +19,6 @@ from tests.proxyproc import ProxyProcess, start_proxy
 
 PLACEHOLDER_SID = "AC" + "0" * 32
 MESSAGES = "POST /2010-04-01/Accounts/*/Messages.json"
-
-# Whether proxy/pipeline.py hands the vendor's answer to `Vendor.workload_reply` (where Twilio
-# rewrites the real account SID back to the workload's placeholder) before returning and storing
-# it. Until it does, the test that needs it is an expected (strict) failure; see docs/vendors.md.
-PIPELINE_CALLS_WORKLOAD_REPLY = "workload_reply" in Pipeline._handle.__code__.co_names
 
 
 def vendor_env(twilio: FakeTwilio, resend: FakeResend) -> dict[str, str]:

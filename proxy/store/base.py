@@ -1,10 +1,12 @@
 """Storage: one interface, implemented for SQLite (embedded default) and PostgreSQL.
 
 The two write operations on the request path are `reserve` (before forwarding) and `settle`
-(after). Each is one transaction: `reserve` re-reads the key's revocation and expiry, checks
-idempotency and the dedupe window, and takes the reservation with a conditional update
-(`settled + reserved + cost <= cap`), so the cap holds however many calls, processes or replicas
-race. Both also write the call's audit row, so no call is forwarded without one.
+(after). Each is one transaction. `reserve` first takes the key's lock (its `key_usage` row),
+re-reads the key's revocation, expiry and caps, and applies `keybrake.proxy.decisions.admit`:
+idempotency, dedupe, per-call cap, and the rolling 24-hour window, whose spend is kept in
+hourly `spend_window` rows; so the cap holds however many calls, processes or replicas race.
+Both also write the call's audit row, so no call is forwarded without one. Spend never depends on
+audit rows: pruning the audit log cannot change a cap.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
+
+from keybrake.proxy.decisions import Decision
 
 __all__ = [
     "Admission",
@@ -26,6 +30,7 @@ __all__ = [
     "Store",
     "StoredResponse",
     "key_status",
+    "prune_conditions",
 ]
 
 
@@ -51,6 +56,8 @@ class KeyRecord:
     created_at: datetime
     expires_at: datetime
     revoked_at: datetime | None = None
+    # Connected accounts (Stripe-Account) the key may act on; "*" is any; empty: its own only.
+    allowed_accounts: tuple[str, ...] = ()
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
@@ -58,9 +65,10 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class KeyUsage:
-    day: str
-    spent_micros: int = 0
-    reserved_micros: int = 0
+    window_start: datetime  # the start of the oldest hour the rolling window counts
+    spent_micros: int = 0  # settled within the window
+    reserved_micros: int = 0  # reserved (in flight) within the window
+    total_micros: int = 0  # settled over the key's whole life
     calls: int = 0
     cap_hits: int = 0
 
@@ -84,7 +92,6 @@ class Reservation:
 
     key: KeyRecord
     now: datetime
-    day: str
     vendor: str
     method: str
     path: str
@@ -92,23 +99,27 @@ class Reservation:
     cost_micros: int
     amount: int | None
     currency: str | None
-    priced: bool
-    idempotency_key: str | None
-    request_hash: str
+    idempotency_key: str | None  # as the caller sent it
+    request_hash: str  # the request's fingerprint (`pipeline._fingerprint`)
+    dedupe: bool = False  # a dedupe candidate: look up, and register, the fingerprint
+    forward_key: str | None = None  # the idempotency key it will be forwarded with
+    vendor_replays: bool = True  # the vendor replays answers for a repeated idempotency key
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    decision: str  # "forwarded" or the reason it was not
+    decision: Decision  # FORWARDED or the reason it was not
     audit_id: int
     replay: StoredResponse | None = None
+    forward_key: str | None = None  # the idempotency key to forward with
+    prior_audit_id: int | None = None  # the earlier call an `outcome_unknown` refusal names
 
 
 @dataclass(slots=True)
 class Settlement:
     audit_id: int
     key_id: str
-    day: str
+    bucket: int  # the window bucket the call was reserved in
     vendor: str
     reserved_micros: int
     settled_micros: int
@@ -119,7 +130,10 @@ class Settlement:
     idempotency_key: str | None
     request_hash: str
     dedupe: bool
-    response: StoredResponse | None  # kept for replays; None forgets the tokens
+    response: StoredResponse | None  # kept for replays
+    # False: no answer came, so a retry must go out as the same call (its replay tokens stay,
+    # marked by the audit row's decision). True without a response: the tokens are forgotten.
+    outcome_known: bool = True
     counts: tuple[str, ...] = ()
 
 
@@ -155,13 +169,17 @@ class AuditFilter:
     limit: int = 100
 
 
-# A condition is SQL with at most one `{}` where its value goes; each backend fills in its own
-# placeholder style, so the two stores share which filters exist and what they mean.
+# A condition is SQL with a `{}` where each of its values goes (a tuple for several); each
+# backend fills in its own placeholder style, so the two stores share which filters exist and
+# what they mean.
 Condition = tuple[str, Any]
 
 
 def where_clause(conditions: list[Condition], placeholder: Callable[[Any], str]) -> str:
-    parts = [sql.format(placeholder(value)) if "{}" in sql else sql for sql, value in conditions]
+    parts = []
+    for sql, value in conditions:
+        values = value if isinstance(value, tuple) else (value,)
+        parts.append(sql.format(*(placeholder(v) for v in values)) if "{}" in sql else sql)
     return " AND ".join(parts) or "1 = 1"
 
 
@@ -200,6 +218,21 @@ def audit_conditions(query: AuditFilter) -> list[Condition]:
     return conditions
 
 
+def prune_conditions(before: datetime, keys_ended_before: datetime) -> list[Condition]:
+    """Audit rows `prune_audit` may delete: older than `before`, not of a call in flight, and not
+    of a key that is active or ended after `keys_ended_before`."""
+    return [
+        ("ts < {}", before),
+        ("decision <> 'in_flight'", None),
+        (
+            "(key_id IS NULL OR NOT EXISTS (SELECT 1 FROM vault_keys k "
+            "WHERE k.key_id = audit.key_id AND (k.revoked_at IS NULL OR k.revoked_at >= {}) "
+            "AND k.expires_at >= {}))",
+            (keys_ended_before, keys_ended_before),
+        ),
+    ]
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -211,12 +244,11 @@ class Store(Protocol):
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
 
-    async def get_key(self, key_id: str, day: str) -> KeyView | None: ...
+    async def get_key(self, key_id: str, now: datetime) -> KeyView | None: ...
 
     async def list_keys(
         self,
         *,
-        day: str,
         now: datetime,
         label: str | None = None,
         vendor: str | None = None,
@@ -235,8 +267,8 @@ class Store(Protocol):
     async def record(self, row: AuditRecord) -> int: ...
 
     async def forget_replays(self, older_than: datetime) -> int:
-        """Drop stored answers (idempotency keys, dedupe fingerprints) created before
-        `older_than`, so the replay table does not grow without end."""
+        """Drop replay tokens (idempotency keys, dedupe fingerprints) created before
+        `older_than`, answered or not, so the replay table does not grow without end."""
         ...
 
     async def sweep(self, older_than: datetime) -> int:
@@ -247,8 +279,15 @@ class Store(Protocol):
 
     async def is_counted(self, vendor: str, object_id: str) -> bool: ...
 
-    async def metrics_snapshot(self, day: str) -> tuple[dict[str, int], int]:
-        """Settled micro-dollars today by label, and the number of open reservations."""
+    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
+        """Settled micro-dollars in the rolling window by label, and the number of open
+        reservations."""
         ...
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]: ...
+
+    async def prune_audit(self, before: datetime, now: datetime, *, dry_run: bool = False) -> int:
+        """Delete (or count) audit rows older than `before`, except rows of a call still in
+        flight and rows of keys that are active or ended less than a window (plus the window's
+        last bucket) ago. Returns how many rows were (or would be) removed."""
+        ...

@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from keybrake.proxy.decisions import REFUSALS
+from keybrake.proxy.decisions import (
+    BUCKET,
+    WINDOW,
+    Decision,
+    bucket_of,
+    bucket_start,
+    refusal_status,
+    window_floor,
+)
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.store.base import (
     Admission,
@@ -31,6 +39,7 @@ from keybrake.proxy.store.base import (
     StoredResponse,
     audit_conditions,
     key_conditions,
+    prune_conditions,
     where_clause,
 )
 
@@ -104,27 +113,69 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_label ON audit (label, id);
     CREATE INDEX audit_ts ON audit (ts);
     CREATE INDEX audit_in_flight ON audit (ts) WHERE decision = 'in_flight';
+    """,
+    # Migrations 2 and 3 replaced and tuned migration 1's request-path functions; migration 4
+    # drops those and creates their successors, so on a new database there is nothing to run.
+    "SELECT 1",
+    "SELECT 1",
+    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, and the
+    # key's lock and counters to `key_usage`. A day's spend lands in its last hour, so the
+    # window counts it at least as long as the day-based cap did: never less.
+    """
+    CREATE TABLE key_usage (
+        key_id text PRIMARY KEY,
+        calls bigint NOT NULL DEFAULT 0,
+        cap_hits bigint NOT NULL DEFAULT 0
+    );
+    INSERT INTO key_usage (key_id, calls, cap_hits)
+        SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
+    CREATE TABLE spend_window (
+        key_id text NOT NULL,
+        bucket bigint NOT NULL,
+        settled_micros bigint NOT NULL DEFAULT 0,
+        reserved_micros bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, bucket)
+    );
+    CREATE INDEX spend_window_bucket ON spend_window (bucket);
+    INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+        SELECT key_id, floor(extract(epoch FROM day::date) / 3600)::bigint + 23, settled_micros,
+               reserved_micros FROM spend;
+    DROP TABLE spend;
+    ALTER TABLE vault_keys ADD COLUMN allowed_accounts jsonb NOT NULL DEFAULT '[]';
+    ALTER TABLE replays ADD COLUMN audit_id bigint, ADD COLUMN forwarded_key text;
+    ALTER TABLE audit DROP COLUMN day;
+    DROP FUNCTION IF EXISTS keybrake_reserve(text, text, timestamptz, bigint, text, text, boolean,
+                                             text, text, text, text, bigint, text, jsonb);
+    DROP FUNCTION IF EXISTS keybrake_settle(bigint, text, text, text, bigint, bigint, integer,
+                                            text, text, double precision, text, text, boolean,
+                                            boolean, jsonb, bytea, jsonb);
 
+    -- keybrake.proxy.decisions.admit, restated; tests/test_decision_table.py holds the two to
+    -- one table of cases. Calls of one key serialise on its key_usage row, taken first.
     CREATE FUNCTION keybrake_reserve(
-        p_key_id text, p_day text, p_now timestamptz, p_cost bigint, p_idem text, p_hash text,
-        p_priced boolean, p_vendor text, p_method text, p_path text, p_tag text,
-        p_amount bigint, p_currency text, p_statuses jsonb
+        p_key_id text, p_now timestamptz, p_bucket bigint, p_floor bigint, p_cost bigint,
+        p_idem text, p_hash text, p_dedupe boolean, p_fwd text, p_replays boolean,
+        p_vendor text, p_method text, p_path text, p_tag text, p_amount bigint,
+        p_currency text, p_statuses jsonb
     ) RETURNS TABLE (o_decision text, o_audit_id bigint, o_status integer, o_headers jsonb,
-                     o_body bytea)
-    LANGUAGE plpgsql AS $fn$
+                     o_body bytea, o_forward_key text, o_prior_audit_id bigint)
+    LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
     DECLARE
         k record;
         d text := 'forwarded';
+        prior record;
+        prior_kind text;
+        prior_decision text;
+        used bigint;
+        fwd text := p_fwd;
+        prior_id bigint;
+        aid bigint;
         rep_status integer;
         rep_headers jsonb;
         rep_body bytea;
-        rep_hash text;
-        dedupe boolean := false;
-        aid bigint;
     BEGIN
-        -- Lock this key's spend row first: every call of the key serialises here.
-        INSERT INTO spend (key_id, day, calls) VALUES (p_key_id, p_day, 1)
-            ON CONFLICT (key_id, day) DO UPDATE SET calls = spend.calls + 1;
+        INSERT INTO key_usage (key_id, calls) VALUES (p_key_id, 1)
+            ON CONFLICT (key_id) DO UPDATE SET calls = key_usage.calls + 1;
         SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s,
                label INTO k FROM vault_keys WHERE key_id = p_key_id;
         IF NOT FOUND OR k.revoked_at IS NOT NULL THEN
@@ -132,149 +183,127 @@ MIGRATIONS: list[str] = [
         ELSIF k.expires_at <= p_now THEN
             d := 'expired';
         ELSE
-            dedupe := p_priced AND k.dedupe_window_s > 0;
             IF p_idem IS NOT NULL THEN
-                SELECT request_hash, status, headers, body INTO rep_hash, rep_status, rep_headers,
-                       rep_body FROM replays
+                SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
+                  INTO prior FROM replays
                  WHERE key_id = p_key_id AND kind = 'idempotency' AND token = p_idem;
                 IF FOUND THEN
-                    IF rep_hash <> p_hash THEN d := 'idempotency_mismatch';
-                    ELSIF rep_status IS NULL THEN d := 'in_progress';
-                    ELSE d := 'replayed';
+                    prior_kind := 'idempotency';
+                    IF prior.request_hash <> p_hash THEN
+                        d := 'idempotency_mismatch';
                     END IF;
                 END IF;
             END IF;
-            IF d = 'forwarded' AND dedupe THEN
-                SELECT status, headers, body INTO rep_status, rep_headers, rep_body FROM replays
-                 WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_hash
-                   AND created_at >= p_now - make_interval(secs => k.dedupe_window_s);
-                IF FOUND THEN
-                    d := CASE WHEN rep_status IS NULL THEN 'in_progress' ELSE 'deduplicated' END;
+            IF prior_kind IS NULL AND p_dedupe THEN
+                SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
+                  INTO prior FROM replays
+                 WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_hash;
+                IF FOUND AND prior.created_at >= p_now - make_interval(secs => k.dedupe_window_s)
+                THEN
+                    prior_kind := 'dedupe';
+                END IF;
+            END IF;
+            IF d = 'forwarded' AND prior_kind IS NOT NULL THEN
+                IF prior.status IS NOT NULL THEN
+                    d := CASE WHEN prior_kind = 'idempotency' THEN 'replayed'
+                              ELSE 'deduplicated' END;
+                    rep_status := prior.status;
+                    rep_headers := prior.headers;
+                    rep_body := prior.body;
+                ELSE
+                    SELECT decision INTO prior_decision FROM audit WHERE id = prior.audit_id;
+                    IF FOUND AND prior_decision NOT IN ('reconciled', 'upstream_error') THEN
+                        d := 'in_progress';
+                    ELSIF NOT p_replays OR prior.forwarded_key IS NULL THEN
+                        d := 'outcome_unknown';
+                        prior_id := prior.audit_id;
+                    ELSE
+                        fwd := prior.forwarded_key;
+                    END IF;
                 END IF;
             END IF;
             IF d = 'forwarded' AND k.max_per_call_micros IS NOT NULL
                AND p_cost > k.max_per_call_micros THEN
                 d := 'per_call_cap_hit';
             ELSIF d = 'forwarded' AND p_cost > 0 THEN
-                UPDATE spend SET reserved_micros = reserved_micros + p_cost
-                 WHERE key_id = p_key_id AND day = p_day
-                   AND settled_micros + reserved_micros + p_cost <= k.daily_cap_micros;
-                IF NOT FOUND THEN d := 'cap_hit'; END IF;
+                SELECT coalesce(sum(settled_micros + reserved_micros), 0) INTO used
+                  FROM spend_window WHERE key_id = p_key_id AND bucket >= p_floor;
+                IF used + p_cost > k.daily_cap_micros THEN
+                    d := 'cap_hit';
+                ELSE
+                    INSERT INTO spend_window (key_id, bucket, reserved_micros)
+                    VALUES (p_key_id, p_bucket, p_cost)
+                    ON CONFLICT (key_id, bucket) DO UPDATE
+                       SET reserved_micros = spend_window.reserved_micros + p_cost;
+                END IF;
             END IF;
         END IF;
         IF d IN ('cap_hit', 'per_call_cap_hit') THEN
-            UPDATE spend SET cap_hits = cap_hits + 1 WHERE key_id = p_key_id AND day = p_day;
-        END IF;
-        IF d NOT IN ('replayed', 'deduplicated') THEN
-            rep_status := NULL; rep_headers := NULL; rep_body := NULL;
+            UPDATE key_usage SET cap_hits = cap_hits + 1 WHERE key_id = p_key_id;
         END IF;
         INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
-                           reserved_micros, amount, currency, idempotency_key, caller_tag, day)
+                           reserved_micros, amount, currency, idempotency_key, caller_tag)
         VALUES (p_now, p_key_id, k.label, p_vendor, p_method, p_path,
-                COALESCE(rep_status, (p_statuses ->> d)::integer, 0),
+                coalesce(rep_status, (p_statuses ->> d)::integer, 0),
                 CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
                 CASE WHEN d = 'forwarded' THEN p_cost ELSE 0 END,
-                p_amount, p_currency, p_idem, p_tag, p_day)
+                p_amount, p_currency, p_idem, p_tag)
         RETURNING id INTO aid;
         IF d = 'forwarded' THEN
-            IF p_idem IS NOT NULL THEN
-                INSERT INTO replays (key_id, kind, token, request_hash, created_at)
-                VALUES (p_key_id, 'idempotency', p_idem, p_hash, p_now)
-                ON CONFLICT (key_id, kind, token) DO UPDATE
-                   SET request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at,
-                       status = NULL, headers = NULL, body = NULL;
-            END IF;
-            IF dedupe THEN
-                INSERT INTO replays (key_id, kind, token, request_hash, created_at)
-                VALUES (p_key_id, 'dedupe', p_hash, p_hash, p_now)
-                ON CONFLICT (key_id, kind, token) DO UPDATE
-                   SET created_at = EXCLUDED.created_at, status = NULL, headers = NULL,
-                       body = NULL;
-            END IF;
+            INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
+                                 forwarded_key)
+            SELECT p_key_id, t.kind, t.token, p_hash, p_now, aid, fwd
+              FROM (VALUES ('idempotency', p_idem), ('dedupe', p_hash)) AS t (kind, token)
+             WHERE (t.kind = 'idempotency' AND p_idem IS NOT NULL)
+                OR (t.kind = 'dedupe' AND p_dedupe)
+            ON CONFLICT (key_id, kind, token) DO UPDATE
+               SET request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at,
+                   status = NULL, headers = NULL, body = NULL, audit_id = EXCLUDED.audit_id,
+                   forwarded_key = EXCLUDED.forwarded_key;
         END IF;
-        RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body;
+        RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body, fwd, prior_id;
     END
     $fn$;
 
     CREATE FUNCTION keybrake_settle(
-        p_audit_id bigint, p_key_id text, p_day text, p_vendor text, p_reserved bigint,
+        p_audit_id bigint, p_key_id text, p_bucket bigint, p_vendor text, p_reserved bigint,
         p_settled bigint, p_status integer, p_decision text, p_request_id text,
         p_latency double precision, p_idem text, p_hash text, p_dedupe boolean,
-        p_keep boolean, p_headers jsonb, p_body bytea, p_counts jsonb
+        p_keep boolean, p_known boolean, p_headers jsonb, p_body bytea, p_counts jsonb
     ) RETURNS void
-    LANGUAGE plpgsql AS $fn$
-    BEGIN
-        UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
-                         vendor_request_id = p_request_id, latency_ms = p_latency
-         WHERE id = p_audit_id AND decision = 'in_flight';
-        IF FOUND THEN
-            UPDATE spend SET reserved_micros = reserved_micros - p_reserved,
-                             settled_micros = settled_micros + p_settled
-             WHERE key_id = p_key_id AND day = p_day;
-        ELSE
-            -- A sweep already counted this reservation as spent: correct it to the outcome.
-            UPDATE audit SET status = p_status, decision = p_decision,
-                             settled_micros = p_settled, vendor_request_id = p_request_id,
-                             latency_ms = p_latency
-             WHERE id = p_audit_id;
-            UPDATE spend SET settled_micros = settled_micros + p_settled - p_reserved
-             WHERE key_id = p_key_id AND day = p_day;
-        END IF;
-        IF p_keep THEN
-            UPDATE replays SET status = p_status, headers = p_headers, body = p_body
-             WHERE key_id = p_key_id
-               AND ((kind = 'idempotency' AND token = p_idem)
-                    OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
-        ELSE
-            DELETE FROM replays
-             WHERE key_id = p_key_id
-               AND ((kind = 'idempotency' AND token = p_idem)
-                    OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
-        END IF;
-        IF p_counts IS NOT NULL AND jsonb_array_length(p_counts) > 0 THEN
-            INSERT INTO counted_objects (vendor, object_id)
-            SELECT p_vendor, jsonb_array_elements_text(p_counts) ON CONFLICT DO NOTHING;
-        END IF;
-    END
-    $fn$;
-    """,
-    # The settle looked its audit row up as `id = $1 AND decision = 'in_flight'`, and the planner
-    # answered that from the small partial index `audit_in_flight`, which holds an entry for
-    # every settled call until vacuum: each settle read all of them (1.1M index entries for 23k
-    # calls), and on a large audit table, which autovacuum visits rarely, throughput fell from
-    # 2,520 to 1,546 req/s within 30 s. The row is now found by its primary key.
-    """
-    CREATE OR REPLACE FUNCTION keybrake_settle(
-        p_audit_id bigint, p_key_id text, p_day text, p_vendor text, p_reserved bigint,
-        p_settled bigint, p_status integer, p_decision text, p_request_id text,
-        p_latency double precision, p_idem text, p_hash text, p_dedupe boolean,
-        p_keep boolean, p_headers jsonb, p_body bytea, p_counts jsonb
-    ) RETURNS void
-    LANGUAGE plpgsql AS $fn$
+    LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
     DECLARE
         was text;
+        release bigint := p_reserved;
+        charge bigint := p_settled;
     BEGIN
+        -- The audit row by its primary key (a lookup through the partial in-flight index read
+        -- every dead entry it held until vacuum, and slowed down as they piled up).
         SELECT decision INTO was FROM audit WHERE id = p_audit_id FOR UPDATE;
         UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
                          vendor_request_id = p_request_id, latency_ms = p_latency
          WHERE id = p_audit_id;
-        IF was = 'in_flight' THEN
-            UPDATE spend SET reserved_micros = reserved_micros - p_reserved,
-                             settled_micros = settled_micros + p_settled
-             WHERE key_id = p_key_id AND day = p_day;
-        ELSE
+        IF was IS DISTINCT FROM 'in_flight' THEN
             -- A sweep already counted this reservation as spent: correct it to the outcome.
-            UPDATE spend SET settled_micros = settled_micros + p_settled - p_reserved
-             WHERE key_id = p_key_id AND day = p_day;
+            release := 0;
+            charge := p_settled - p_reserved;
         END IF;
+        IF release <> 0 OR charge <> 0 THEN
+            INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+            VALUES (p_key_id, p_bucket, charge, -release)
+            ON CONFLICT (key_id, bucket) DO UPDATE
+               SET settled_micros = spend_window.settled_micros + charge,
+                   reserved_micros = spend_window.reserved_micros - release;
+        END IF;
+        -- Only the tokens this call still holds: a retry may have taken them over since.
         IF p_keep THEN
             UPDATE replays SET status = p_status, headers = p_headers, body = p_body
-             WHERE key_id = p_key_id
+             WHERE key_id = p_key_id AND audit_id = p_audit_id
                AND ((kind = 'idempotency' AND token = p_idem)
                     OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
-        ELSE
+        ELSIF p_known THEN
             DELETE FROM replays
-             WHERE key_id = p_key_id
+             WHERE key_id = p_key_id AND audit_id = p_audit_id
                AND ((kind = 'idempotency' AND token = p_idem)
                     OR (p_dedupe AND kind = 'dedupe' AND token = p_hash));
         END IF;
@@ -284,54 +313,47 @@ MIGRATIONS: list[str] = [
         END IF;
     END
     $fn$;
-    """,
-    # Every statement in the two request-path functions is a keyed lookup, but once `spend` had
-    # been analyzed while (nearly) empty, the plan PL/pgSQL caches for the connection's life
-    # was a sequential scan, and the key's row leaves a dead version on every call until
-    # vacuum: on a database analyzed empty, priced calls fell from 1,260 to 546 req/s within
-    # 30 s. Forbidding sequential scans inside the functions keeps every plan on its index.
-    """
-    ALTER FUNCTION keybrake_reserve(text, text, timestamptz, bigint, text, text, boolean, text,
-                                    text, text, text, bigint, text, jsonb)
-        SET enable_seqscan = off;
-    ALTER FUNCTION keybrake_settle(bigint, text, text, text, bigint, bigint, integer, text, text,
-                                   double precision, text, text, boolean, boolean, jsonb, bytea,
-                                   jsonb)
-        SET enable_seqscan = off;
     """,
 ]
 
 # Concurrent calls are grouped: one statement runs a whole batch, in order, in one transaction,
 # so a burst costs one round trip and one commit per batch instead of per call.
-_RESERVE_ONE = "SELECT * FROM keybrake_reserve($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
-_SETTLE_ONE = "SELECT keybrake_settle($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
+_RESERVE_ONE = (
+    "SELECT * FROM keybrake_reserve($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
+)
+_SETTLE_ONE = (
+    "SELECT keybrake_settle($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)"
+)
 _RESERVE_MANY = """
-SELECT r.* FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::text[],
-                       $6::text[], $7::boolean[], $8::text[], $9::text[], $10::text[],
-                       $11::text[], $12::bigint[], $13::text[])
-       WITH ORDINALITY AS a(key_id, day, now, cost, idem, hash, priced, vendor, method, path,
-                            tag, amount, currency, n)
-CROSS JOIN LATERAL keybrake_reserve(a.key_id, a.day, a.now, a.cost, a.idem, a.hash, a.priced,
-                                    a.vendor, a.method, a.path, a.tag, a.amount, a.currency,
-                                    $14::jsonb) r
+SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[],
+                       $6::text[], $7::text[], $8::boolean[], $9::text[], $10::boolean[],
+                       $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[],
+                       $16::text[])
+       WITH ORDINALITY AS a(key_id, now, bucket, floor, cost, idem, hash, dedupe, fwd, replays,
+                            vendor, method, path, tag, amount, currency, n)
+CROSS JOIN LATERAL keybrake_reserve(a.key_id, a.now, a.bucket, a.floor, a.cost, a.idem, a.hash,
+                                    a.dedupe, a.fwd, a.replays, a.vendor, a.method, a.path,
+                                    a.tag, a.amount, a.currency, $17::jsonb) r
 ORDER BY a.n
 """
 _SETTLE_MANY = """
-SELECT keybrake_settle(a.audit_id, a.key_id, a.day, a.vendor, a.reserved, a.settled, a.status,
-                       a.decision, a.request_id, a.latency, a.idem, a.hash, a.dedupe, a.keep,
-                       a.headers, a.body, a.counts)
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+SELECT keybrake_settle(a.audit_id, a.key_id, a.bucket, a.vendor, a.reserved, a.settled,
+                       a.status, a.decision, a.request_id, a.latency, a.idem, a.hash, a.dedupe,
+                       a.keep, a.known, a.headers, a.body, a.counts)
+FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[],
             $7::integer[], $8::text[], $9::text[], $10::double precision[], $11::text[],
-            $12::text[], $13::boolean[], $14::boolean[], $15::jsonb[], $16::bytea[],
-            $17::jsonb[])
-     WITH ORDINALITY AS a(audit_id, key_id, day, vendor, reserved, settled, status, decision,
-                          request_id, latency, idem, hash, dedupe, keep, headers, body, counts, n)
+            $12::text[], $13::boolean[], $14::boolean[], $15::boolean[], $16::jsonb[],
+            $17::bytea[], $18::jsonb[])
+     WITH ORDINALITY AS a(audit_id, key_id, bucket, vendor, reserved, settled, status, decision,
+                          request_id, latency, idem, hash, dedupe, keep, known, headers, body,
+                          counts, n)
 ORDER BY a.n
 """
-_STATUSES = json.dumps({name: status for name, (status, _, _) in REFUSALS.items()})
+_STATUSES = json.dumps({decision: refusal_status(decision) for decision in Decision})
 _KEY_COLUMNS = (
     "k.key_id, k.key_hash, k.vendor, k.label, k.daily_cap_micros, k.max_per_call_micros, "
-    "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, k.revoked_at"
+    "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, "
+    "k.revoked_at, k.allowed_accounts"
 )
 _AUDIT_COLUMNS = (
     "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
@@ -339,6 +361,7 @@ _AUDIT_COLUMNS = (
 )
 # Any advisory-lock number will do, as long as every replica uses the same one.
 _MIGRATION_LOCK = 0x6B657962
+_PRUNE_SLICE = 10_000
 
 
 def _key(row: asyncpg.Record) -> KeyRecord:
@@ -355,6 +378,7 @@ def _key(row: asyncpg.Record) -> KeyRecord:
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
+        allowed_accounts=tuple(json.loads(row["allowed_accounts"])),
     )
 
 
@@ -414,12 +438,16 @@ class PostgresStore:
         self._reserve_lane = _Lane(self._connect)
         self._settle_lane = _Lane(self._connect)
         self._reservations = _Batcher(
-            self._run_many(self._reserve_lane, _RESERVE_ONE, _RESERVE_MANY, extra=(_STATUSES,))
+            self._run_many(
+                self._reserve_lane, _RESERVE_ONE, _RESERVE_MANY, key_at=0, extra=(_STATUSES,)
+            )
         )
-        self._settlements = _Batcher(self._run_many(self._settle_lane, _SETTLE_ONE, _SETTLE_MANY))
+        self._settlements = _Batcher(
+            self._run_many(self._settle_lane, _SETTLE_ONE, _SETTLE_MANY, key_at=1)
+        )
 
     def _run_many(
-        self, lane: _Lane, one: str, many: str, extra: tuple[Any, ...] = ()
+        self, lane: _Lane, one: str, many: str, *, key_at: int, extra: tuple[Any, ...] = ()
     ) -> Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]:
         async def run(batch: list[tuple[Any, ...]]) -> list[Any]:
             if len(batch) == 1:  # a quiet proxy: call the function itself, no arrays to unnest
@@ -427,13 +455,21 @@ class PostgresStore:
                 async def op(c: asyncpg.Connection) -> list[Any]:
                     return [await c.fetchrow(one, *batch[0], *extra)]
 
-            else:
-                columns = [list(column) for column in zip(*batch, strict=True)]
+                return await self._run(op, lane)
+            # A batch locks its keys' rows in the order it runs them. Run in key order (calls of
+            # one key keep theirs), so a reserve batch and a settle batch, or two replicas'
+            # batches, never wait on each other in a cycle: no deadlock.
+            order = sorted(range(len(batch)), key=lambda i: batch[i][key_at])
+            columns = [list(column) for column in zip(*(batch[i] for i in order), strict=True)]
 
-                async def op(c: asyncpg.Connection) -> list[Any]:
-                    return list(await c.fetch(many, *columns, *extra))
+            async def many_op(c: asyncpg.Connection) -> list[Any]:
+                return list(await c.fetch(many, *columns, *extra))
 
-            return await self._run(op, lane)
+            results = await self._run(many_op, lane)
+            out: list[Any] = [None] * len(batch)
+            for position, result in zip(order, results, strict=True):
+                out[position] = result
+            return out
 
         return run
 
@@ -502,24 +538,29 @@ class PostgresStore:
     # -- keys ----------------------------------------------------------------------------------
 
     async def create_key(self, key: KeyRecord) -> None:
-        await self._run(
-            lambda c: c.execute(
-                "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
-                "max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, created_at, "
-                "expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
-                key.key_id,
-                key.key_hash,
-                key.vendor,
-                key.label,
-                key.daily_cap_micros,
-                key.max_per_call_micros,
-                json.dumps(list(key.allowed_endpoints)),
-                json.dumps(key.metadata),
-                key.dedupe_window_s,
-                key.created_at,
-                key.expires_at,
-            )
-        )
+        async def op(c: asyncpg.Connection) -> None:
+            async with c.transaction():
+                await c.execute(
+                    "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
+                    "max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, "
+                    "created_at, expires_at, allowed_accounts) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+                    key.key_id,
+                    key.key_hash,
+                    key.vendor,
+                    key.label,
+                    key.daily_cap_micros,
+                    key.max_per_call_micros,
+                    json.dumps(list(key.allowed_endpoints)),
+                    json.dumps(key.metadata),
+                    key.dedupe_window_s,
+                    key.created_at,
+                    key.expires_at,
+                    json.dumps(list(key.allowed_accounts)),
+                )
+                await c.execute("INSERT INTO key_usage (key_id) VALUES ($1)", key.key_id)
+
+        await self._run(op)
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None:
         row = await self._run(
@@ -529,35 +570,41 @@ class PostgresStore:
         )
         return _key(row) if row else None
 
-    async def _views(self, where: str, args: list[Any], day: str, limit: int) -> list[KeyView]:
+    async def _views(self, where: str, args: list[Any], now: datetime, limit: int) -> list[KeyView]:
+        floor = window_floor(now)
         sql = (
-            f"SELECT {_KEY_COLUMNS}, s.settled_micros, s.reserved_micros, s.calls, s.cap_hits "
-            "FROM vault_keys k LEFT JOIN spend s ON s.key_id = k.key_id AND s.day = $1 "
+            f"SELECT {_KEY_COLUMNS}, u.calls, u.cap_hits, w.window_settled, w.window_reserved, "
+            "w.total_settled FROM vault_keys k LEFT JOIN key_usage u ON u.key_id = k.key_id "
+            "CROSS JOIN LATERAL (SELECT "
+            "  coalesce(sum(settled_micros) FILTER (WHERE bucket >= $1), 0) AS window_settled, "
+            "  coalesce(sum(reserved_micros) FILTER (WHERE bucket >= $1), 0) AS window_reserved, "
+            "  coalesce(sum(settled_micros), 0) AS total_settled "
+            "  FROM spend_window WHERE key_id = k.key_id) w "
             f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}"
         )
-        rows = await self._run(lambda c: c.fetch(sql, day, *args))
+        rows = await self._run(lambda c: c.fetch(sql, floor, *args))
         return [
             KeyView(
                 _key(row),
                 KeyUsage(
-                    day,
-                    row["settled_micros"] or 0,
-                    row["reserved_micros"] or 0,
-                    row["calls"] or 0,
-                    row["cap_hits"] or 0,
+                    window_start=bucket_start(floor),
+                    spent_micros=int(row["window_settled"]),
+                    reserved_micros=int(row["window_reserved"]),
+                    total_micros=int(row["total_settled"]),
+                    calls=row["calls"] or 0,
+                    cap_hits=row["cap_hits"] or 0,
                 ),
             )
             for row in rows
         ]
 
-    async def get_key(self, key_id: str, day: str) -> KeyView | None:
-        views = await self._views("k.key_id = $2", [key_id], day, 1)
+    async def get_key(self, key_id: str, now: datetime) -> KeyView | None:
+        views = await self._views("k.key_id = $2", [key_id], now, 1)
         return views[0] if views else None
 
     async def list_keys(
         self,
         *,
-        day: str,
         now: datetime,
         label: str | None = None,
         vendor: str | None = None,
@@ -566,8 +613,8 @@ class PostgresStore:
     ) -> list[KeyView]:
         args: list[Any] = []
         conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
-        clause = where_clause(conditions, _placeholder(args, first=2))  # $1 is the day
-        return await self._views(clause, args, day, limit)
+        clause = where_clause(conditions, _placeholder(args, first=2))  # $1 is the window floor
+        return await self._views(clause, args, now, limit)
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
         async def op(c: asyncpg.Connection) -> bool | None:
@@ -601,12 +648,15 @@ class PostgresStore:
         row: asyncpg.Record = await self._reservations.submit(
             (
                 r.key.key_id,
-                r.day,
                 r.now,
+                bucket_of(r.now),
+                window_floor(r.now),
                 r.cost_micros,
                 r.idempotency_key,
                 r.request_hash,
-                r.priced,
+                r.dedupe,
+                r.forward_key,
+                r.vendor_replays,
                 r.vendor,
                 r.method,
                 r.path,
@@ -619,7 +669,13 @@ class PostgresStore:
         if row["o_status"] is not None:
             headers = [tuple(h) for h in json.loads(row["o_headers"])]
             replay = StoredResponse(row["o_status"], headers, bytes(row["o_body"]))
-        return Admission(row["o_decision"], row["o_audit_id"], replay)
+        return Admission(
+            Decision(row["o_decision"]),
+            row["o_audit_id"],
+            replay,
+            row["o_forward_key"],
+            row["o_prior_audit_id"],
+        )
 
     async def settle(self, s: Settlement) -> None:
         response = s.response
@@ -627,7 +683,7 @@ class PostgresStore:
             (
                 s.audit_id,
                 s.key_id,
-                s.day,
+                s.bucket,
                 s.vendor,
                 s.reserved_micros,
                 s.settled_micros,
@@ -639,6 +695,7 @@ class PostgresStore:
                 s.request_hash,
                 s.dedupe,
                 response is not None,
+                s.outcome_known,
                 json.dumps(response.headers) if response else None,
                 response.body if response else None,
                 json.dumps(list(s.counts)),
@@ -672,12 +729,12 @@ class PostgresStore:
         )
         return int(audit_id)
 
-    async def metrics_snapshot(self, day: str) -> tuple[dict[str, int], int]:
+    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
         async def op(c: asyncpg.Connection) -> tuple[dict[str, int], int]:
             spend = await c.fetch(
-                "SELECT k.label, sum(s.settled_micros) AS total FROM spend s "
-                "JOIN vault_keys k ON k.key_id = s.key_id WHERE s.day = $1 GROUP BY k.label",
-                day,
+                "SELECT k.label, sum(w.settled_micros) AS total FROM spend_window w "
+                "JOIN vault_keys k ON k.key_id = w.key_id WHERE w.bucket >= $1 GROUP BY k.label",
+                window_floor(now),
             )
             open_count = await c.fetchval("SELECT count(*) FROM audit WHERE decision = 'in_flight'")
             return {row["label"]: int(row["total"]) for row in spend}, int(open_count)
@@ -686,9 +743,7 @@ class PostgresStore:
 
     async def forget_replays(self, older_than: datetime) -> int:
         result = await self._run(
-            lambda c: c.execute(
-                "DELETE FROM replays WHERE created_at < $1 AND status IS NOT NULL", older_than
-            )
+            lambda c: c.execute("DELETE FROM replays WHERE created_at < $1", older_than)
         )
         return int(result.split()[-1])
 
@@ -698,20 +753,49 @@ class PostgresStore:
                 rows = await c.fetch(
                     "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
                     "WHERE id IN (SELECT id FROM audit WHERE decision = 'in_flight' AND ts < $1 "
-                    "ORDER BY id FOR UPDATE) RETURNING key_id, day, reserved_micros",
+                    "ORDER BY id FOR UPDATE) RETURNING key_id, ts, reserved_micros",
                     older_than,
                 )
+                moved: dict[tuple[str, int], int] = {}
                 for row in rows:
+                    where = (row["key_id"], bucket_of(row["ts"]))
+                    moved[where] = moved.get(where, 0) + row["reserved_micros"]
+                # In key order, as the request path's batches lock them: no deadlock with them.
+                for (key_id, bucket), micros in sorted(moved.items()):
                     await c.execute(
-                        "UPDATE spend SET reserved_micros = reserved_micros - $1, "
-                        "settled_micros = settled_micros + $1 WHERE key_id = $2 AND day = $3",
-                        row["reserved_micros"],
-                        row["key_id"],
-                        row["day"],
+                        "UPDATE spend_window SET reserved_micros = reserved_micros - $1, "
+                        "settled_micros = settled_micros + $1 WHERE key_id = $2 AND bucket = $3",
+                        micros,
+                        key_id,
+                        bucket,
                     )
                 return len(rows)
 
         return await self._run(op)
+
+    async def prune_audit(self, before: datetime, now: datetime, *, dry_run: bool = False) -> int:
+        args: list[Any] = []
+        where = where_clause(
+            prune_conditions(before, now - WINDOW - BUCKET), _placeholder(args, first=1)
+        )
+        if dry_run:
+            counted = await self._run(
+                lambda c: c.fetchval(f"SELECT count(*) FROM audit WHERE {where}", *args)
+            )
+            return int(counted)
+        removed = 0
+        while True:
+            result = await self._run(
+                lambda c: c.execute(
+                    f"DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE {where} "
+                    f"LIMIT {_PRUNE_SLICE})",
+                    *args,
+                )
+            )
+            count = int(result.split()[-1])
+            removed += count
+            if count < _PRUNE_SLICE:
+                return removed
 
     async def is_counted(self, vendor: str, object_id: str) -> bool:
         found = await self._run(

@@ -19,7 +19,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from keybrake.proxy.decisions import refusal_status
+from keybrake.proxy.decisions import (
+    BUCKET,
+    WINDOW,
+    Decision,
+    Prior,
+    admit,
+    bucket_of,
+    bucket_start,
+    refusal_status,
+    settle_amounts,
+    window_floor,
+)
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.money import format_ts, parse_ts
 from keybrake.proxy.store.base import (
@@ -34,12 +45,16 @@ from keybrake.proxy.store.base import (
     StoredResponse,
     audit_conditions,
     key_conditions,
+    prune_conditions,
     where_clause,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 T = TypeVar("T")
+# Outcomes after which an unanswered call's replay tokens mean "cut off, outcome unknown".
+_CUT_OFF = frozenset({Decision.RECONCILED, Decision.UPSTREAM_ERROR})
+_PRUNE_SLICE = 10_000
 
 MIGRATIONS: list[str] = [
     """
@@ -107,11 +122,38 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_ts ON audit (ts);
     CREATE INDEX audit_in_flight ON audit (decision) WHERE decision = 'in_flight';
     """,
+    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, and the
+    # key's lock and counters to `key_usage`. A day's spend lands in its last hour, so the
+    # window counts it at least as long as the day-based cap did: never less.
+    """
+    CREATE TABLE key_usage (
+        key_id TEXT PRIMARY KEY,
+        calls INTEGER NOT NULL DEFAULT 0,
+        cap_hits INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO key_usage (key_id, calls, cap_hits)
+        SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
+    CREATE TABLE spend_window (
+        key_id TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        settled_micros INTEGER NOT NULL DEFAULT 0,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, bucket)
+    );
+    CREATE INDEX spend_window_bucket ON spend_window (bucket);
+    INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+        SELECT key_id, CAST(strftime('%s', day) AS INTEGER) / 3600 + 23, settled_micros,
+               reserved_micros FROM spend;
+    DROP TABLE spend;
+    ALTER TABLE vault_keys ADD COLUMN allowed_accounts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE replays ADD COLUMN audit_id INTEGER;
+    ALTER TABLE replays ADD COLUMN forwarded_key TEXT;
+    """,
 ]
 
 _KEY_COLUMNS = (
     "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
-    "metadata, dedupe_window_s, created_at, expires_at, revoked_at"
+    "metadata, dedupe_window_s, created_at, expires_at, revoked_at, allowed_accounts"
 )
 _K_KEY_COLUMNS = ", ".join("k." + c.strip() for c in _KEY_COLUMNS.split(","))
 _AUDIT_COLUMNS = (
@@ -134,6 +176,7 @@ def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         created_at=parse_ts(row[9]),
         expires_at=parse_ts(row[10]),
         revoked_at=parse_ts(row[11]) if row[11] else None,
+        allowed_accounts=tuple(json.loads(row[12])),
     )
 
 
@@ -344,7 +387,7 @@ class SQLiteStore:
     async def create_key(self, key: KeyRecord) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.key_id,
                     key.key_hash,
@@ -358,8 +401,10 @@ class SQLiteStore:
                     format_ts(key.created_at),
                     format_ts(key.expires_at),
                     None,
+                    json.dumps(list(key.allowed_accounts)),
                 ),
             )
+            conn.execute("INSERT INTO key_usage (key_id) VALUES (?)", (key.key_id,))
 
         await self._write(op)
 
@@ -373,30 +418,43 @@ class SQLiteStore:
         return await self._read(op)
 
     def _views(
-        self, conn: sqlite3.Connection, where: str, args: list[Any], day: str, limit: int = 1
+        self, conn: sqlite3.Connection, where: str, args: list[Any], now: datetime, limit: int = 1
     ) -> list[KeyView]:
+        floor = window_floor(now)
         rows = conn.execute(
-            f"SELECT {_K_KEY_COLUMNS}, s.settled_micros, s.reserved_micros, s.calls, s.cap_hits "
-            "FROM vault_keys k LEFT JOIN spend s ON s.key_id = k.key_id AND s.day = ? "
+            f"SELECT {_K_KEY_COLUMNS}, u.calls, u.cap_hits, "
+            "(SELECT coalesce(sum(w.settled_micros), 0) FROM spend_window w "
+            " WHERE w.key_id = k.key_id AND w.bucket >= ?), "
+            "(SELECT coalesce(sum(w.reserved_micros), 0) FROM spend_window w "
+            " WHERE w.key_id = k.key_id AND w.bucket >= ?), "
+            "(SELECT coalesce(sum(w.settled_micros), 0) FROM spend_window w "
+            " WHERE w.key_id = k.key_id) "
+            "FROM vault_keys k LEFT JOIN key_usage u ON u.key_id = k.key_id "
             f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}",
-            [day, *args],
+            [floor, floor, *args],
         ).fetchall()
         return [
             KeyView(
                 _key_from_row(row),
-                KeyUsage(day, row[12] or 0, row[13] or 0, row[14] or 0, row[15] or 0),
+                KeyUsage(
+                    window_start=bucket_start(floor),
+                    spent_micros=row[15],
+                    reserved_micros=row[16],
+                    total_micros=row[17],
+                    calls=row[13] or 0,
+                    cap_hits=row[14] or 0,
+                ),
             )
             for row in rows
         ]
 
-    async def get_key(self, key_id: str, day: str) -> KeyView | None:
-        views = await self._read(lambda c: self._views(c, "k.key_id = ?", [key_id], day))
+    async def get_key(self, key_id: str, now: datetime) -> KeyView | None:
+        views = await self._read(lambda c: self._views(c, "k.key_id = ?", [key_id], now))
         return views[0] if views else None
 
     async def list_keys(
         self,
         *,
-        day: str,
         now: datetime,
         label: str | None = None,
         vendor: str | None = None,
@@ -406,7 +464,7 @@ class SQLiteStore:
         args: list[Any] = []
         conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
         clause = where_clause(conditions, _placeholder(args))
-        return await self._read(lambda c: self._views(c, clause, args, day, limit))
+        return await self._read(lambda c: self._views(c, clause, args, now, limit))
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
         def op(conn: sqlite3.Connection) -> bool | None:
@@ -450,12 +508,12 @@ class SQLiteStore:
     async def record(self, row: AuditRecord) -> int:
         return await self._write(lambda conn: _insert_audit(conn, row))
 
-    async def metrics_snapshot(self, day: str) -> tuple[dict[str, int], int]:
+    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
         def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
             spend = conn.execute(
-                "SELECT k.label, sum(s.settled_micros) FROM spend s "
-                "JOIN vault_keys k ON k.key_id = s.key_id WHERE s.day = ? GROUP BY k.label",
-                (day,),
+                "SELECT k.label, sum(w.settled_micros) FROM spend_window w "
+                "JOIN vault_keys k ON k.key_id = w.key_id WHERE w.bucket >= ? GROUP BY k.label",
+                (window_floor(now),),
             ).fetchall()
             open_count = conn.execute(
                 "SELECT count(*) FROM audit WHERE decision = 'in_flight'"
@@ -469,13 +527,37 @@ class SQLiteStore:
 
     async def forget_replays(self, older_than: datetime) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            cur = conn.execute(
-                "DELETE FROM replays WHERE created_at < ? AND status IS NOT NULL",
-                (format_ts(older_than),),
-            )
+            cur = conn.execute("DELETE FROM replays WHERE created_at < ?", (format_ts(older_than),))
             return int(cur.rowcount)
 
         return await self._write(op)
+
+    async def prune_audit(self, before: datetime, now: datetime, *, dry_run: bool = False) -> int:
+        args: list[Any] = []
+        where = where_clause(prune_conditions(before, now - WINDOW - BUCKET), _placeholder(args))
+        if dry_run:
+            return int(
+                await self._read(
+                    lambda c: c.execute(
+                        f"SELECT count(*) FROM audit WHERE {where}", args
+                    ).fetchone()[0]
+                )
+            )
+        removed = 0
+        while True:
+            # In slices, so the single writer keeps serving the request path in between.
+            count = await self._write(
+                lambda c: (
+                    c.execute(
+                        f"DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE {where} "
+                        f"LIMIT {_PRUNE_SLICE})",
+                        args,
+                    ).rowcount
+                )
+            )
+            removed += int(count)
+            if count < _PRUNE_SLICE:
+                return removed
 
     async def is_counted(self, vendor: str, object_id: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -528,142 +610,170 @@ def _insert_audit(conn: sqlite3.Connection, row: AuditRecord) -> int:
     return int(cur.lastrowid or 0)
 
 
-def _replay_lookup(
-    conn: sqlite3.Connection, r: Reservation, kind: str, token: str, since: datetime | None
-) -> tuple[str, StoredResponse | None] | None:
+def _prior(
+    conn: sqlite3.Connection, key_id: str, kind: str, token: str, request_hash: str
+) -> Prior | None:
     row = conn.execute(
-        "SELECT request_hash, created_at, status, headers, body FROM replays "
-        "WHERE key_id = ? AND kind = ? AND token = ?",
-        (r.key.key_id, kind, token),
+        "SELECT request_hash, created_at, status IS NOT NULL, audit_id, forwarded_key "
+        "FROM replays WHERE key_id = ? AND kind = ? AND token = ?",
+        (key_id, kind, token),
     ).fetchone()
-    # Timestamps are fixed-width UTC text, so comparing the text compares the times.
-    if row is None or (since is not None and row[1] < format_ts(since)):
+    if row is None:
         return None
-    if kind == "idempotency" and row[0] != r.request_hash:
-        return "idempotency_mismatch", None
-    if row[2] is None:
-        return "in_progress", None
-    return "replayed" if kind == "idempotency" else "deduplicated", StoredResponse(
-        row[2], [tuple(h) for h in json.loads(row[3])], bytes(row[4])
+    unknown = False
+    if not row[2]:
+        # Unanswered: still running, or cut off (its audit row says so, or is gone).
+        found = conn.execute("SELECT decision FROM audit WHERE id = ?", (row[3],)).fetchone()
+        unknown = found is None or found[0] in _CUT_OFF
+    return Prior(
+        audit_id=row[3] or 0,
+        same_request=row[0] == request_hash,
+        answered=bool(row[2]),
+        outcome_unknown=unknown,
+        created_at=parse_ts(row[1]),
+        forwarded_key=row[4],
+    )
+
+
+def _stored_answer(conn: sqlite3.Connection, key_id: str, kind: str, token: str) -> StoredResponse:
+    row = conn.execute(
+        "SELECT status, headers, body FROM replays WHERE key_id = ? AND kind = ? AND token = ?",
+        (key_id, kind, token),
+    ).fetchone()
+    return StoredResponse(row[0], [tuple(h) for h in json.loads(row[1])], bytes(row[2]))
+
+
+def _add_spend(
+    conn: sqlite3.Connection, key_id: str, bucket: int, settled: int, reserved: int
+) -> None:
+    conn.execute(
+        "INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, bucket) DO UPDATE SET "
+        "settled_micros = settled_micros + excluded.settled_micros, "
+        "reserved_micros = reserved_micros + excluded.reserved_micros",
+        (key_id, bucket, settled, reserved),
     )
 
 
 def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
-    key = r.key
+    key_id = r.key.key_id
+    # The key's lock: other processes wait on SQLite's write lock, this one's calls run in order.
     conn.execute(
-        "INSERT INTO spend (key_id, day, calls) VALUES (?, ?, 1) "
-        "ON CONFLICT (key_id, day) DO UPDATE SET calls = calls + 1",
-        (key.key_id, r.day),
+        "INSERT INTO key_usage (key_id, calls) VALUES (?, 1) "
+        "ON CONFLICT (key_id) DO UPDATE SET calls = calls + 1",
+        (key_id,),
     )
-    row = conn.execute(
-        "SELECT revoked_at, expires_at FROM vault_keys WHERE key_id = ?", (key.key_id,)
+    # Revocation, expiry and caps are read here, inside the transaction, never from a cache.
+    key = conn.execute(
+        "SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s "
+        "FROM vault_keys WHERE key_id = ?",
+        (key_id,),
     ).fetchone()
-    decision, replay = "forwarded", None
-    dedupe = r.priced and key.dedupe_window_s > 0
-    if row is None or row[0] is not None:
-        decision = "revoked"
-    elif row[1] <= format_ts(r.now):
-        decision = "expired"
-    else:
-        found = None
-        if r.idempotency_key:
-            found = _replay_lookup(conn, r, "idempotency", r.idempotency_key, None)
-        if found is None and dedupe:
-            since = r.now - timedelta(seconds=key.dedupe_window_s)
-            found = _replay_lookup(conn, r, "dedupe", r.request_hash, since)
-        if found is not None:
-            decision, replay = found
-        elif key.max_per_call_micros is not None and r.cost_micros > key.max_per_call_micros:
-            decision = "per_call_cap_hit"
-        elif r.cost_micros > 0:
-            cur = conn.execute(
-                "UPDATE spend SET reserved_micros = reserved_micros + ? "
-                "WHERE key_id = ? AND day = ? AND settled_micros + reserved_micros + ? <= ?",
-                (r.cost_micros, key.key_id, r.day, r.cost_micros, key.daily_cap_micros),
-            )
-            if cur.rowcount == 0:
-                decision = "cap_hit"
-    if decision in {"cap_hit", "per_call_cap_hit"}:
-        conn.execute(
-            "UPDATE spend SET cap_hits = cap_hits + 1 WHERE key_id = ? AND day = ?",
-            (key.key_id, r.day),
-        )
-    forwarded = decision == "forwarded"
+    by_key = by_fingerprint = None
+    if key is not None and r.idempotency_key:
+        by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
+    if key is not None and r.dedupe and by_key is None:
+        by_fingerprint = _prior(conn, key_id, "dedupe", r.request_hash, r.request_hash)
+    floor = window_floor(r.now)
+    admitted = admit(
+        now=r.now,
+        revoked=key is None or key[0] is not None,
+        expires_at=parse_ts(key[1]) if key else r.now,
+        by_key=by_key,
+        by_fingerprint=by_fingerprint,
+        dedupe_window=timedelta(seconds=key[4] if key else 0),
+        vendor_replays=r.vendor_replays,
+        cost_micros=r.cost_micros,
+        max_per_call_micros=key[3] if key else None,
+        cap_micros=key[2] if key else 0,
+        used_micros=lambda: conn.execute(
+            "SELECT coalesce(sum(settled_micros + reserved_micros), 0) FROM spend_window "
+            "WHERE key_id = ? AND bucket >= ?",
+            (key_id, floor),
+        ).fetchone()[0],
+    )
+    decision = admitted.decision
+    forwarded = decision is Decision.FORWARDED
+    if admitted.reserve_micros:
+        _add_spend(conn, key_id, bucket_of(r.now), 0, admitted.reserve_micros)
+    if admitted.cap_hit:
+        conn.execute("UPDATE key_usage SET cap_hits = cap_hits + 1 WHERE key_id = ?", (key_id,))
+    replay = None
+    if admitted.replay_from is not None:
+        kind = "idempotency" if admitted.replay_from is by_key else "dedupe"
+        token = r.idempotency_key if admitted.replay_from is by_key else r.request_hash
+        replay = _stored_answer(conn, key_id, kind, token or "")
     audit_id = _insert_audit(
         conn,
         AuditRecord(
             ts=r.now,
-            key_id=key.key_id,
-            label=key.label,
+            key_id=key_id,
+            label=r.key.label,
             vendor=r.vendor,
             method=r.method,
             path=r.path,
             status=replay.status if replay else refusal_status(decision),
-            decision="in_flight" if forwarded else decision,
-            reserved_micros=r.cost_micros if forwarded else 0,
+            decision=Decision.IN_FLIGHT if forwarded else decision,
+            reserved_micros=admitted.reserve_micros,
             amount=r.amount,
             currency=r.currency,
             idempotency_key=r.idempotency_key,
             caller_tag=r.caller_tag,
         ),
     )
+    forward_key = admitted.forward_key or r.forward_key
     if forwarded:
         stamp = format_ts(r.now)
         tokens = []
         if r.idempotency_key:
             tokens.append(("idempotency", r.idempotency_key))
-        if dedupe:
+        if r.dedupe:
             tokens.append(("dedupe", r.request_hash))
         conn.executemany(
-            "INSERT OR REPLACE INTO replays (key_id, kind, token, request_hash, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(key.key_id, kind, token, r.request_hash, stamp) for kind, token in tokens],
+            "INSERT OR REPLACE INTO replays (key_id, kind, token, request_hash, created_at, "
+            "audit_id, forwarded_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (key_id, kind, token, r.request_hash, stamp, audit_id, forward_key)
+                for kind, token in tokens
+            ],
         )
-    return Admission(decision, audit_id, replay)
+    return Admission(decision, audit_id, replay, forward_key, admitted.prior_audit_id)
 
 
 def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
-    outcome = (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms)
-    cur = conn.execute(
+    row = conn.execute("SELECT decision FROM audit WHERE id = ?", (s.audit_id,)).fetchone()
+    conn.execute(
         "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, vendor_request_id = ?, "
-        "latency_ms = ? WHERE id = ? AND decision = 'in_flight'",
-        (*outcome, s.audit_id),
+        "latency_ms = ? WHERE id = ?",
+        (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms, s.audit_id),
     )
-    if cur.rowcount:
-        release, charge = s.reserved_micros, s.settled_micros
-    else:
-        # A sweep already counted this reservation as spent; correct it to the real outcome.
-        conn.execute(
-            "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, "
-            "vendor_request_id = ?, latency_ms = ? WHERE id = ?",
-            (*outcome, s.audit_id),
-        )
-        release, charge = 0, s.settled_micros - s.reserved_micros
+    release, charge = settle_amounts(
+        still_in_flight=row is not None and row[0] == Decision.IN_FLIGHT,
+        reserved=s.reserved_micros,
+        settled=s.settled_micros,
+    )
     if release or charge:
-        conn.execute(
-            "UPDATE spend SET reserved_micros = reserved_micros - ?, "
-            "settled_micros = settled_micros + ? WHERE key_id = ? AND day = ?",
-            (release, charge, s.key_id, s.day),
-        )
+        _add_spend(conn, s.key_id, s.bucket, charge, -release)
     tokens = []
     if s.idempotency_key:
         tokens.append(("idempotency", s.idempotency_key))
     if s.dedupe:
         tokens.append(("dedupe", s.request_hash))
-    if s.response is None:
-        conn.executemany(
-            "DELETE FROM replays WHERE key_id = ? AND kind = ? AND token = ?",
-            [(s.key_id, kind, token) for kind, token in tokens],
-        )
-    else:
+    # Only the tokens this call still holds: a retry may have taken them over since.
+    if s.response is not None:
         headers = json.dumps(s.response.headers)
         conn.executemany(
             "UPDATE replays SET status = ?, headers = ?, body = ? "
-            "WHERE key_id = ? AND kind = ? AND token = ?",
+            "WHERE key_id = ? AND kind = ? AND token = ? AND audit_id = ?",
             [
-                (s.response.status, headers, s.response.body, s.key_id, kind, token)
+                (s.response.status, headers, s.response.body, s.key_id, kind, token, s.audit_id)
                 for kind, token in tokens
             ],
+        )
+    elif s.outcome_known:
+        conn.executemany(
+            "DELETE FROM replays WHERE key_id = ? AND kind = ? AND token = ? AND audit_id = ?",
+            [(s.key_id, kind, token, s.audit_id) for kind, token in tokens],
         )
     if s.counts:
         conn.executemany(
@@ -675,16 +785,12 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
 def _sweep(conn: sqlite3.Connection, older_than: datetime) -> int:
     """Count reservations left by a crashed process as spent (the money may have moved)."""
     stale = conn.execute(
-        "SELECT id, key_id, substr(ts, 1, 10), reserved_micros FROM audit "
+        "SELECT id, key_id, ts, reserved_micros FROM audit "
         "WHERE decision = 'in_flight' AND ts < ? ORDER BY id",
         (format_ts(older_than),),
     ).fetchall()
-    for audit_id, key_id, day, reserved in stale:
-        conn.execute(
-            "UPDATE spend SET reserved_micros = reserved_micros - ?, "
-            "settled_micros = settled_micros + ? WHERE key_id = ? AND day = ?",
-            (reserved, reserved, key_id, day),
-        )
+    for audit_id, key_id, ts, reserved in stale:
+        _add_spend(conn, key_id, bucket_of(parse_ts(ts)), reserved, -reserved)
         conn.execute(
             "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
             "WHERE id = ?",

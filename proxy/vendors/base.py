@@ -9,7 +9,7 @@ error bodies (so SDKs raise their usual exceptions on the proxy's 401/403/429). 
 
 from __future__ import annotations
 
-import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +19,16 @@ from keybrake.proxy.endpoints import EndpointPattern, compile_patterns
 from keybrake.proxy.pricing import PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 
-__all__ = ["FREE", "Cost", "Lookup", "Unpriceable", "Vendor", "VendorCall", "default_settle"]
+__all__ = [
+    "FREE",
+    "Cost",
+    "Lookup",
+    "Unpriceable",
+    "Vendor",
+    "VendorCall",
+    "default_settle",
+    "rule_parts",
+]
 
 
 @dataclass(slots=True)
@@ -31,12 +40,6 @@ class VendorCall:
     query: str
     headers: Mapping[str, str]  # lower-cased names
     body: bytes
-
-    def json_body(self) -> Any:
-        try:
-            return json.loads(self.body or b"null")
-        except ValueError as exc:
-            raise Unpriceable("the request body is not valid JSON") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,15 @@ def default_settle(cost: Cost, status: int | None) -> Cost:
 class Vendor(ABC):
     name: ClassVar[str]
     request_id_header: ClassVar[str]
+    # The vendor's idempotency header (lower case); None if it has none. A vendor with one
+    # replays its own stored answer for a repeated key, which is how a call whose outcome was
+    # lost in a crash is retried safely.
     idempotency_header: ClassVar[str | None] = "idempotency-key"
+    # Idempotency keys the vendor's official SDKs make up per call (a re-run pod sends a fresh
+    # one), so such a key does not tell two calls apart; any other key is the caller's own.
+    sdk_key_shapes: ClassVar[tuple[re.Pattern[str], ...]] = ()
+    # Request headers choosing which of the vendor's accounts a call acts on (lower case).
+    account_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
         self.credentials = credentials
@@ -120,6 +131,22 @@ class Vendor(ABC):
     def error(self, status: int, code: str, message: str) -> tuple[bytes, dict[str, str]]:
         """Body and headers of an error the proxy answers itself, shaped like the vendor's."""
 
+    @property
+    def replays(self) -> bool:
+        """Whether the vendor replays a stored answer for a repeated idempotency key."""
+        return self.idempotency_header is not None
+
+    def is_sdk_generated(self, idempotency_key: str) -> bool:
+        return any(shape.fullmatch(idempotency_key) for shape in self.sdk_key_shapes)
+
+    def accounts(self, headers: Mapping[str, str]) -> tuple[str, ...]:
+        """The accounts other than the key owner's own that this call acts on."""
+        return ()
+
+    def is_replay(self, headers: list[tuple[str, str]]) -> bool:
+        """Whether the vendor's answer says it was replayed from its idempotency store."""
+        return False
+
     def rule_for(self, method: str, path: str) -> Any | None:
         segments = path.strip("/").split("/")
         for pattern, rule in self.rules:
@@ -132,6 +159,7 @@ class Vendor(ABC):
 
 
 def validate_endpoint_rules(section: Mapping[str, Any], rules: frozenset[str]) -> None:
+    """`[vendor.endpoints]` of rule names, or `{ rule = "...", free_fields = [...] }` tables."""
     endpoints = section.get("endpoints", {})
     if not isinstance(endpoints, Mapping):
         raise ValueError("'endpoints' must be a table of 'METHOD /path' = rule")
@@ -140,5 +168,23 @@ def validate_endpoint_rules(section: Mapping[str, Any], rules: frozenset[str]) -
             compile_patterns((pattern,))
         except ValueError as exc:
             raise ValueError(f"'{pattern}': {exc}") from exc
-        if isinstance(rule, str) and rule not in rules:
+        name, fields = rule_parts(rule)
+        if name not in rules:
             raise ValueError(f"'{pattern}' has unknown rule {rule!r}; rules: {sorted(rules)}")
+        if fields is not None and not all(isinstance(f, str) and f for f in fields):
+            raise ValueError(f"'{pattern}': free_fields must be a list of field names")
+
+
+def rule_parts(rule: Any) -> tuple[str, tuple[str, ...] | None]:
+    """(rule name, free fields) of a rule written as a name or as a table; free fields None when
+    the endpoint takes any field."""
+    if isinstance(rule, Mapping):
+        if set(rule) - {"rule", "free_fields"} or not isinstance(rule.get("rule"), str):
+            return f"{dict(rule)!r}", None
+        fields = rule.get("free_fields")
+        if fields is None:
+            return rule["rule"], None
+        if not isinstance(fields, list | tuple):
+            return rule["rule"], ("",)
+        return rule["rule"], tuple(fields)
+    return str(rule), None

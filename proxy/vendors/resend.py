@@ -22,6 +22,7 @@ from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
+from keybrake.proxy.vendors.bodies import read_json
 from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_endpoints
 
 __all__ = ["Resend"]
@@ -40,10 +41,13 @@ _NAMES = {
     "keybrake_key_expired": "invalid_api_key",
     "keybrake_endpoint_not_allowed": "restricted_api_key",
     "keybrake_unpriced_endpoint": "restricted_api_key",
+    "keybrake_account_not_allowed": "restricted_api_key",
     "keybrake_daily_cap_exceeded": "daily_quota_exceeded",
     "keybrake_per_call_cap_exceeded": "daily_quota_exceeded",
     "idempotency_key_in_use": "concurrent_idempotent_requests",
     "idempotency_error": "invalid_idempotent_request",
+    "keybrake_ambiguous_request": "validation_error",
+    "keybrake_body_timeout": "validation_error",
     "keybrake_upstream_error": "application_error",
     "keybrake_lookup_failed": "application_error",
     "keybrake_unavailable": "internal_server_error",
@@ -90,12 +94,14 @@ class Resend(Vendor):
             raise unpriced(self.name, call, call.path)
         if rule == "free":
             return FREE
+        if rule in ("email", "batch"):
+            # Read strictly even where only the shape counts: Resend must see what was priced.
+            emails = read_json(call.headers, call.query, call.body, f"{call.method} {call.path}")
         if rule == "email":
-            if not isinstance(call.json_body(), dict):
+            if not isinstance(emails, dict):
                 raise Unpriceable("POST /emails takes one email, a JSON object")
             return self._emails(1)
         if rule == "batch":
-            emails = call.json_body()
             if not isinstance(emails, list) or not emails:
                 raise Unpriceable("POST /emails/batch takes a non-empty JSON array of emails")
             return self._emails(len(emails))
@@ -118,7 +124,7 @@ class Resend(Vendor):
             return actual
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return actual
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or self.email_price is None or cost.amount is None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import parse_qs
 
-from keybrake.proxy.pricing import Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
 from keybrake.proxy.vendors.base import (
     FREE,
     Cost,
@@ -22,31 +22,59 @@ from keybrake.proxy.vendors.base import (
     Vendor,
     VendorCall,
     default_settle,
+    rule_parts,
     validate_endpoint_rules,
 )
+from keybrake.proxy.vendors.bodies import FormBody, read_form
 
 __all__ = ["Stripe"]
 
-_RULES = frozenset(
-    {
-        "free",
-        "amount",
-        "amount_if_set",
-        "intent_amount",
-        "charge_amount",
-        "refund",
-        "invoice_amount",
-    }
-)
+# The fields each rule reads for its price: each must appear at most once, exactly so spelled.
+_READS: dict[str, tuple[str, ...]] = {
+    "free": (),
+    "amount": ("amount", "currency"),
+    "amount_if_set": ("amount", "currency"),
+    "intent_amount": ("amount_to_capture",),
+    "charge_amount": ("amount",),
+    "refund": ("charge", "payment_intent", "amount"),
+    "invoice_amount": (),
+}
+_RULES = frozenset(_READS)
+# Object ids the proxy looks up with the real key: only in Stripe's own syntax, so a field such
+# as `charge=../customers/cus_1` can never turn a lookup into another request.
+_IDS = {
+    "payment_intents": ("a PaymentIntent id (pi_...)", re.compile(r"pi_[A-Za-z0-9_]{1,250}")),
+    "charges": ("a Charge id (ch_... or py_...)", re.compile(r"(?:ch|py)_[A-Za-z0-9_]{1,250}")),
+    "invoices": ("an Invoice id (in_...)", re.compile(r"in_[A-Za-z0-9_]{1,250}")),
+}
+# Larger than any amount Stripe accepts; keeps the arithmetic within 64-bit integers.
+_MAX_AMOUNT = 10**12
+_ACCOUNT = re.compile(r"acct_[A-Za-z0-9]{1,250}")
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 class Stripe(Vendor):
     name: ClassVar[str] = "stripe"
     request_id_header: ClassVar[str] = "request-id"
+    # Per-call keys of the official SDKs: a UUID (python, ruby, java, php, dotnet),
+    # `stripe-node-retry-<uuid>` (node), `<unix nanoseconds>_<6 base64url>` (go).
+    sdk_key_shapes: ClassVar[tuple[re.Pattern[str], ...]] = (
+        re.compile(_UUID),
+        re.compile(f"stripe-node-retry-{_UUID}"),
+        re.compile(r"[0-9]{16,20}_[A-Za-z0-9_-]{6}"),
+    )
+    account_headers: ClassVar[tuple[str, ...]] = ("stripe-account", "stripe-context")
 
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
         validate_endpoint_rules(section, _RULES)
+        for pattern in section.get("endpoints", {}):
+            path = str(pattern).partition(" ")[2]
+            if path.strip().startswith("/v2/"):
+                raise ValueError(
+                    f"'{pattern}': Stripe's /v2 API takes JSON bodies keybrake cannot price yet; "
+                    "its writes are refused"
+                )
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
         auth = headers.get("authorization", "")
@@ -61,9 +89,28 @@ class Stripe(Vendor):
             return user or None
         return None
 
+    def accounts(self, headers: Mapping[str, str]) -> tuple[str, ...]:
+        # Stripe-Context names a path of accounts (`acct_1/acct_2`) and supersedes
+        # Stripe-Account; the call acts through every account either names.
+        found: list[str] = []
+        if "stripe-account" in headers:
+            found.append(headers["stripe-account"].strip())
+        if "stripe-context" in headers:
+            found.extend(part.strip() for part in headers["stripe-context"].split("/"))
+        return tuple(found)
+
+    def is_replay(self, headers: list[tuple[str, str]]) -> bool:
+        return any(
+            k.lower() == "idempotent-replayed" and v.strip().lower() == "true" for k, v in headers
+        )
+
     async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
         if call.method == "GET":
             return FREE
+        if call.path.startswith("/v2/"):
+            raise Unpriceable(
+                "keybrake refuses writes to Stripe's /v2 API: its JSON bodies are not priced yet"
+            )
         rule = self.rule_for(call.method, call.path)
         if rule is None:
             raise Unpriceable(
@@ -71,56 +118,85 @@ class Stripe(Vendor):
                 "move money. An operator prices it in the pricing file under [stripe.endpoints], "
                 'e.g. "POST /v1/..." = "amount" or "free".'
             )
-        if rule == "free":
+        name, free_fields = rule_parts(rule)
+        if name == "free" and free_fields is None:
+            return FREE  # nothing this endpoint takes moves money: its body is not read
+        what = f"{call.method} {call.path}"
+        form = read_form(call.headers, call.query, call.body, what)
+        if free_fields is not None:
+            form.only((*free_fields, *_READS[name]), what)
+        segments = call.path.strip("/").split("/")
+        if name == "free":
             return FREE
-        form = _form(call.body)
-        object_id = call.path.strip("/").split("/")[2] if call.path.count("/") >= 3 else ""
-        if rule == "amount":
-            return self._priced(_amount(form), _currency(form))
-        if rule == "amount_if_set":
-            if "amount" not in form:
+        if name == "amount":
+            return self._priced(_amount(form.one("amount")), form.one("currency") or "")
+        if name == "amount_if_set":
+            amount, currency = form.one("amount"), form.one("currency")
+            if amount is None and currency is None:
                 return FREE
-            fetched = await lookup.fetch_json(f"/v1/payment_intents/{object_id}")
-            return self._priced(_amount(form), str(fetched.get("currency", "")))
-        if rule in {"intent_amount", "charge_amount"}:
-            if await lookup.is_counted(object_id):
-                return Cost(priced=True)
-            kind = "payment_intents" if rule == "intent_amount" else "charges"
-            fetched = await lookup.fetch_json(f"/v1/{kind}/{object_id}")
-            amount = _int(form.get("amount_to_capture") or form.get("amount") or fetched["amount"])
-            return self._priced(amount, str(fetched["currency"]), counts=(object_id,))
-        if rule == "refund":
-            return await self._refund(form, lookup)
-        if rule == "invoice_amount":
-            fetched = await lookup.fetch_json(f"/v1/invoices/{object_id}")
-            remaining = fetched.get("amount_remaining", fetched.get("amount_due"))
-            return self._priced(_int(remaining), str(fetched["currency"]))
-        raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
-
-    async def _refund(self, form: Mapping[str, str], lookup: Lookup) -> Cost:
-        if "charge" in form:
-            charge = await lookup.fetch_json(f"/v1/charges/{form['charge']}")
-        elif "payment_intent" in form:
-            intent = await lookup.fetch_json(
-                f"/v1/payment_intents/{form['payment_intent']}?expand[]=latest_charge"
+            intent = await _fetch(lookup, "payment_intents", segments[2])
+            return self._priced(
+                _amount(amount) if amount is not None else _fetched_int(intent, "amount"),
+                currency or _fetched_currency(intent),
             )
+        if name == "intent_amount":
+            return await self._capture(
+                lookup, "payment_intents", segments[2], form, "amount_to_capture"
+            )
+        if name == "charge_amount":
+            return await self._capture(lookup, "charges", segments[2], form, "amount")
+        if name == "refund":
+            return await self._refund(form, lookup)
+        if name == "invoice_amount":
+            invoice = await _fetch(lookup, "invoices", segments[2])
+            field = "amount_remaining" if "amount_remaining" in invoice else "amount_due"
+            return self._priced(_fetched_int(invoice, field), _fetched_currency(invoice))
+        raise Unpriceable(f"unknown pricing rule {name!r} for {what}")
+
+    async def _capture(
+        self, lookup: Lookup, kind: str, object_id: str, form: FormBody, field: str
+    ) -> Cost:
+        """Confirming or capturing an intent or charge moves its amount once. One the proxy
+        already counted is free, unless the capture asks for more than it holds (overcapture)."""
+        requested = form.one(field)
+        counted = await lookup.is_counted(object_id)
+        if counted and requested is None:
+            return Cost(priced=True)
+        fetched = await _fetch(lookup, kind, object_id)
+        held = _fetched_int(fetched, "amount")
+        if counted:
+            amount = max(0, _amount(requested) - held)
+            return self._priced(amount, _fetched_currency(fetched))
+        amount = _amount(requested) if requested is not None else held
+        return self._priced(amount, _fetched_currency(fetched), counts=(object_id,))
+
+    async def _refund(self, form: FormBody, lookup: Lookup) -> Cost:
+        charge_id, intent_id = form.one("charge"), form.one("payment_intent")
+        if charge_id is not None and intent_id is not None:
+            raise AmbiguousRequest("a refund names a charge or a payment_intent, not both")
+        if charge_id is not None:
+            charge = await _fetch(lookup, "charges", charge_id)
+        elif intent_id is not None:
+            intent = await _fetch(lookup, "payment_intents", intent_id, "?expand[]=latest_charge")
             latest = intent.get("latest_charge")
-            charge = (
-                latest
-                if isinstance(latest, Mapping)
-                else {
-                    "amount": intent.get("amount_received") or intent.get("amount"),
+            if isinstance(latest, Mapping):
+                charge = latest
+            else:
+                received = intent.get("amount_received") or intent.get("amount")
+                charge = {
+                    "amount": received,
                     "amount_refunded": 0,
                     "currency": intent.get("currency"),
                 }
-            )
         else:
             raise Unpriceable("a refund names a charge or a payment_intent")
-        if "amount" in form:
-            amount = _amount(form)
+        amount = form.one("amount")
+        if amount is not None:
+            refunded = _amount(amount)
         else:
-            amount = _int(charge.get("amount")) - _int(charge.get("amount_refunded") or 0)
-        return self._priced(amount, str(charge.get("currency") or form.get("currency", "")))
+            left = _fetched_int(charge, "amount") - _fetched_int(charge, "amount_refunded", 0)
+            refunded = max(0, left)
+        return self._priced(refunded, _fetched_currency(charge))
 
     def _priced(self, amount: int, currency: str, counts: tuple[str, ...] = ()) -> Cost:
         if not currency:
@@ -134,7 +210,7 @@ class Stripe(Vendor):
             # The created object is paid for now: confirming or capturing it later costs nothing.
             try:
                 created = json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError):
                 created = None
             if isinstance(created, dict) and isinstance(created.get("id"), str):
                 return Cost(
@@ -152,30 +228,41 @@ class Stripe(Vendor):
         # 409: an identical request is in flight; the SDK's retry then gets the stored answer.
         return body.encode(), {"Stripe-Should-Retry": "true" if status == 409 else "false"}
 
-
-def _form(body: bytes) -> dict[str, str]:
-    try:
-        parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError as exc:
-        raise Unpriceable("the request body is not UTF-8 form data") from exc
-    return {key: values[-1] for key, values in parsed.items()}
+    @staticmethod
+    def valid_account(account: str) -> bool:
+        return bool(_ACCOUNT.fullmatch(account))
 
 
-def _int(value: Any) -> int:
-    try:
-        number = int(str(value))
-    except (TypeError, ValueError) as exc:
-        raise Unpriceable(f"amount {value!r} is not a whole number of minor units") from exc
-    if number < 0:
-        raise Unpriceable(f"amount {number} is negative")
-    return number
+async def _fetch(lookup: Lookup, kind: str, object_id: str, query: str = "") -> Mapping[str, Any]:
+    """The object as Stripe holds it, fetched with the real key, by an id in Stripe's syntax."""
+    described, syntax = _IDS[kind]
+    if not syntax.fullmatch(object_id):
+        raise AmbiguousRequest(f"{object_id[:40]!r} is not {described}")
+    return await lookup.fetch_json(f"/v1/{kind}/{object_id}{query}")
 
 
-def _amount(form: Mapping[str, str]) -> int:
-    if "amount" not in form:
+def _amount(value: str | None) -> int:
+    """A request's own amount, in minor units."""
+    if value is None:
         raise Unpriceable("the request names no amount, so its cost cannot be known")
-    return _int(form["amount"])
+    if not (value.isascii() and value.isdigit() and len(value) <= 13 and int(value) <= _MAX_AMOUNT):
+        raise AmbiguousRequest(f"amount {value[:24]!r} is not a whole number of minor units")
+    return int(value)
 
 
-def _currency(form: Mapping[str, str]) -> str:
-    return form.get("currency", "")
+def _fetched_int(obj: Mapping[str, Any], field: str, default: int | None = None) -> int:
+    """A whole amount from an object the vendor returned. The refusal never repeats the object's
+    data: it was fetched with the real key, and the caller's key may not be allowed to read it."""
+    value = obj.get(field, default)
+    if value is None and default is not None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_AMOUNT:
+        raise Unpriceable(f"the object Stripe returned has no usable {field}")
+    return value
+
+
+def _fetched_currency(obj: Mapping[str, Any]) -> str:
+    value = obj.get("currency")
+    if not isinstance(value, str) or not value:
+        raise Unpriceable("the object Stripe returned has no usable currency")
+    return value

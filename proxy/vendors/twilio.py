@@ -23,12 +23,12 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
-from urllib.parse import parse_qs
 
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
+from keybrake.proxy.vendors.bodies import FormBody, read_form
 from keybrake.proxy.vendors.sms import sms_segments
 from keybrake.proxy.vendors.unit_prices import (
     flat_cost,
@@ -44,10 +44,10 @@ PLACEHOLDER_SID = "AC" + "0" * 32
 API_VERSION = "2010-04-01"
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
-_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 # A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
 # whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
-_PREFIX = re.compile(r"^(?:[a-z]+:)?\+[0-9]{0,15}$|^[a-z]+:$")
+_PREFIX = re.compile(r"(?:[a-z]+:)?\+[0-9]{0,15}|[a-z]+:")
 _AUTH_TOKEN_FIELD = re.compile(rb'"auth_token"\s*:\s*"[^"]*"')
 _REDACTED = "[redacted by keybrake]"
 
@@ -78,7 +78,7 @@ class Twilio(Vendor):
             validate_price_table(
                 section,
                 table,
-                key_ok=lambda key: key == "default" or bool(_PREFIX.match(key)),
+                key_ok=lambda key: key == "default" or bool(_PREFIX.fullmatch(key)),
                 key_hint='"default" or an E.164 prefix such as "+44" (or "whatsapp:+44")',
             )
 
@@ -130,25 +130,26 @@ class Twilio(Vendor):
         if rule == "free":
             return FREE
         if rule == "message":
-            return self._message(_form(call.body))
+            return self._message(read_form(call.headers, call.query, call.body, "a message"))
         flat = flat_cost(rule)
         if flat is None:
             raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
         return flat
 
-    def _message(self, form: Mapping[str, list[str]]) -> Cost:
-        to = _last(form, "To").strip()
+    def _message(self, form: FormBody) -> Cost:
+        # Twilio's field names are case-sensitive; `one` also refuses a `to` beside `To`.
+        to = (form.one("To") or "").strip()
         if not to:
             raise Unpriceable("the message names no To, so its destination price is unknown")
-        if _last(form, "ContentSid"):
+        if form.one("ContentSid"):
             raise Unpriceable(
                 "a message sent from a content template (ContentSid) cannot be priced: the "
                 "proxy cannot count the segments of a body it does not see. Send Body instead."
             )
-        media = [url for url in form.get("MediaUrl", []) if url.strip()]
-        if media or _last(form, "SendAsMms").lower() == "true":
+        media = [url for url in form.many("MediaUrl") if url.strip()]
+        if media or (form.one("SendAsMms") or "").lower() == "true":
             return self._priced("mms", to, 1, "mms")
-        segments = sms_segments(_last(form, "Body"))
+        segments = sms_segments(form.one("Body") or "")
         return self._priced("sms", to, segments.count, "sms_segment")
 
     def _priced(self, kind: str, to: str, count: int, unit: str) -> Cost:
@@ -176,7 +177,7 @@ class Twilio(Vendor):
             return actual
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return actual
         if not isinstance(answer, dict) or answer.get("price") in (None, ""):
             return actual  # not billed yet (the usual case at creation): keep the estimate
@@ -211,7 +212,7 @@ def _check_path(path: str) -> None:
             "only; the account resource itself (it carries the auth token) and other paths "
             "are refused."
         )
-    if not _SID.match(parts[3]):
+    if not _SID.fullmatch(parts[3]):
         raise Unpriceable(
             f"the account SID in the path must look like one (AC and 32 hex digits); any "
             f"placeholder works, e.g. {PLACEHOLDER_SID}"
@@ -220,21 +221,9 @@ def _check_path(path: str) -> None:
 
 def _placeholder(path: str) -> str:
     parts = path.split("/")
-    if len(parts) > 3 and _SID.match(parts[3]):
+    if len(parts) > 3 and _SID.fullmatch(parts[3]):
         return parts[3]
     return PLACEHOLDER_SID
-
-
-def _form(body: bytes) -> dict[str, list[str]]:
-    try:
-        return parse_qs(body.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError as exc:
-        raise Unpriceable("the request body is not UTF-8 form data") from exc
-
-
-def _last(form: Mapping[str, list[str]], name: str) -> str:
-    values = form.get(name)
-    return values[-1] if values else ""
 
 
 def _destinations(table: Mapping[str, Any]) -> tuple[tuple[str, Decimal], ...]:

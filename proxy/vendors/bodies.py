@@ -1,0 +1,186 @@
+"""Reading request bodies exactly as the vendor will, or not at all.
+
+A priced call is forwarded only when the proxy has read its body the one way the vendor can:
+every place where two parsers could disagree is refused (`AmbiguousRequest`, a 400) instead of
+guessed at. What is refused, and why:
+
+- a content type other than the one the endpoint takes (a JSON body sent to Stripe v1 was read as
+  "no amount" by a form parser while the vendor executed it); an empty body needs none;
+- a query string on a priced write: Stripe mixes query parameters into the body's, Rack-style;
+- bytes that are not UTF-8, percent escapes that do not decode to UTF-8, and `;` between fields
+  (older Rack splits fields on `;` as well as `&`);
+- a form field name outside `name[sub][...]` (letters, digits, `_ . -`, then bracketed parts):
+  Rack versions differ on names such as `[amount]` or `amount]`, one of which reads them as
+  `amount`;
+- a field that pricing reads appearing more than once, nested (`amount[x]`) or in another case
+  (`to` beside `To`): parsers differ on which copy wins;
+- JSON with a repeated object key, `NaN`/`Infinity`, or nesting too deep to parse.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from keybrake.proxy.pricing import AmbiguousRequest
+
+__all__ = ["FormBody", "parse_json", "read_form", "read_json"]
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+_NAME = re.compile(r"[A-Za-z0-9_.-]+(?:\[[^\[\]]*\])*")
+_TOP = re.compile(r"[^\[]*")
+
+
+def _media_type(headers: Mapping[str, str]) -> tuple[str, str | None]:
+    """(type, charset) of the Content-Type header, lower-cased; charset None if not given."""
+    value = headers.get("content-type", "")
+    media, *params = (part.strip() for part in value.split(";"))
+    charset = None
+    for param in params:
+        name, _, raw = param.partition("=")
+        if name.strip().lower() != "charset" or charset is not None:
+            raise AmbiguousRequest(f"unexpected Content-Type parameter {param!r}")
+        charset = raw.strip().strip('"').lower()
+    return media.lower(), charset
+
+
+def _require(
+    headers: Mapping[str, str], query: str, body: bytes, expected: str, what: str
+) -> str | None:
+    """The body as text, after the checks every strictly read body passes; None if empty."""
+    if query:
+        raise AmbiguousRequest(
+            f"{what}: a query string on a priced write is refused; send every parameter in the "
+            "body, because the vendor merges both and the proxy prices the body"
+        )
+    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+        raise AmbiguousRequest(f"{what}: compressed request bodies are refused")
+    if not body:
+        return None
+    media, charset = _media_type(headers)
+    if media != expected or charset not in (None, "utf-8"):
+        shown = headers.get("content-type") or "none"
+        raise AmbiguousRequest(
+            f"{what} takes {expected} bodies (UTF-8); refused a body with Content-Type {shown}"
+        )
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AmbiguousRequest(f"{what}: the request body is not UTF-8") from exc
+
+
+class FormBody:
+    """A form body's fields in order, with reads that refuse whatever a vendor could read
+    differently."""
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+
+    @classmethod
+    def parse(cls, text: str) -> FormBody:
+        if ";" in text:
+            raise AmbiguousRequest("form fields are separated by '&' only; ';' is refused")
+        from urllib.parse import unquote_plus
+
+        fields: list[tuple[str, str]] = []
+        for part in text.split("&"):
+            if not part:
+                continue
+            raw_name, _, raw_value = part.partition("=")
+            try:
+                name = unquote_plus(raw_name, errors="strict")
+                value = unquote_plus(raw_value, errors="strict")
+            except UnicodeDecodeError as exc:
+                raise AmbiguousRequest("a form field does not decode to UTF-8") from exc
+            if not _NAME.fullmatch(name):
+                raise AmbiguousRequest(
+                    f"form field name {name[:60]!r} is refused: use name or name[key][...] "
+                    "(letters, digits, _ . -), which every parser reads the same way"
+                )
+            fields.append((name, value))
+        return cls(fields)
+
+    def top_names(self) -> set[str]:
+        """`metadata` for `metadata[order]`, `amount` for `amount`."""
+        return {_TOP.match(name).group(0) for name, _ in self.fields}  # type: ignore[union-attr]
+
+    def one(self, name: str) -> str | None:
+        """The value of a field pricing reads; refused if the vendor could see another one."""
+        folded = name.lower()
+        values = []
+        for field, value in self.fields:
+            top = _TOP.match(field).group(0)  # type: ignore[union-attr]
+            if top.lower() != folded:
+                continue
+            if field != name:
+                raise AmbiguousRequest(
+                    f"field {name!r} is read for pricing, so {field[:60]!r} beside or instead "
+                    "of it is refused"
+                )
+            values.append(value)
+        if len(values) > 1:
+            raise AmbiguousRequest(
+                f"field {name!r} appears {len(values)} times; it is read for pricing, so it must "
+                "appear once"
+            )
+        return values[0] if values else None
+
+    def many(self, name: str) -> list[str]:
+        """Every value of a field that is a list by design (Twilio's `MediaUrl`)."""
+        return [value for field, value in self.fields if field == name]
+
+    def only(self, allowed: Iterable[str], what: str) -> None:
+        """Refuse fields outside `allowed` (top-level names, or exact nested names)."""
+        permitted = set(allowed)
+        for field, _ in self.fields:
+            top = _TOP.match(field).group(0)  # type: ignore[union-attr]
+            if top not in permitted and field not in permitted:
+                raise AmbiguousRequest(
+                    f"{what} refuses field {field[:60]!r}: it is neither priced nor on the list "
+                    "of fields known not to move money (an operator may add it in the pricing "
+                    "file)"
+                )
+
+
+def read_form(headers: Mapping[str, str], query: str, body: bytes, what: str) -> FormBody:
+    """A priced write's form body, read strictly (see the module docstring)."""
+    text = _require(headers, query, body, FORM, what)
+    return FormBody.parse(text or "")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise AmbiguousRequest(
+                f"JSON key {key[:60]!r} appears twice in one object; parsers disagree on which "
+                "one counts, so it is refused"
+            )
+        seen[key] = value
+    return seen
+
+
+def _constant(name: str) -> Any:
+    raise AmbiguousRequest(f"JSON {name} is not valid JSON")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Strict JSON: no repeated keys, no NaN/Infinity, bounded nesting; ValueError otherwise
+    (AmbiguousRequest is one)."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+    except RecursionError as exc:
+        raise AmbiguousRequest("the JSON is nested too deeply") from exc
+    except AmbiguousRequest:
+        raise
+    except ValueError as exc:
+        raise AmbiguousRequest(f"the request body is not valid JSON: {exc}") from exc
+
+
+def read_json(headers: Mapping[str, str], query: str, body: bytes, what: str) -> Any:
+    """A priced write's JSON body, read strictly (see the module docstring); None if empty."""
+    text = _require(headers, query, body, JSON, what)
+    return None if text is None else parse_json(text)
