@@ -62,10 +62,13 @@ def allows(patterns: Iterable[EndpointPattern], method: str, path: str) -> bool:
 def safe_path(raw: str) -> str | None:
     """The vendor-relative path if it cannot escape the vendor prefix, else None.
 
-    Refuses dot segments, empty segments, backslashes, control characters and percent-encoded
+    Refuses dot segments, empty segments (a trailing slash included: vendors read
+    `/v1/charges/` in ways of their own), backslashes, control characters and percent-encoded
     separators or dots (`%2f`, `%2e`, `%5c`), which an upstream might decode after our checks.
     """
     if not raw.startswith("/") or "\\" in raw or "//" in raw:
+        return None
+    if raw.endswith("/") and raw != "/":
         return None
     lowered = raw.lower()
     if any(bad in lowered for bad in ("%2f", "%2e", "%5c", "%00", "%25")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -73,3 +74,19 @@ def localstripe_intents(url: str, run: str | None = None) -> list[dict[str, Any]
     if run is not None:
         out = [pi for pi in out if (pi.get("metadata") or {}).get("run") == run]
     return out
+
+
+def reconcile(database_url: str) -> int:
+    """What any replica's sweep does once the reservation TTL has passed: calls still in flight
+    (left by a dead process) are counted as spent."""
+    from keybrake.proxy.store import open_store
+
+    async def run() -> int:
+        store = open_store(database_url)
+        await store.open()
+        try:
+            return await store.sweep(datetime.now(UTC) + timedelta(hours=1))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())

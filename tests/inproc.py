@@ -1,8 +1,10 @@
-"""The proxy app in-process (Starlette TestClient), with an injectable clock."""
+"""The proxy app in-process (Starlette TestClient), with an injectable clock, and a stand-in for
+the vendors behind the `upstream=` seam of `build_app`, for tests that need no sockets."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ from starlette.testclient import TestClient
 
 from keybrake.proxy.app import build_app
 from keybrake.proxy.settings import Settings
+from keybrake.proxy.upstream import Upstream, UpstreamResponse
 from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET
 
 
@@ -30,17 +33,63 @@ class Clock:
 def app_client(
     tmp_path: Path, clock: Clock | None = None, **overrides: Any
 ) -> Iterator[TestClient]:
+    fields: dict[str, Any] = {"stripe_api_base": "http://127.0.0.1:9"}
+    fields.update(overrides)
+    upstream = fields.pop("upstream", None)
+    app = build_app(settings(tmp_path, **fields), clock=clock or Clock(), upstream=upstream)
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        yield client
+
+
+class StubUpstream(Upstream):
+    """The vendor side of `build_app(upstream=...)`: records each request and answers it with
+    `answer` (a Stripe-shaped PaymentIntent and request id by default), once `gate` is open."""
+
+    def __init__(
+        self,
+        answer: UpstreamResponse | None = None,
+    ) -> None:
+        super().__init__(timeout=5, connections=1, max_response_bytes=1 << 20)
+        self.answer = answer or UpstreamResponse(
+            200,
+            [("content-type", "application/json"), ("request-id", "req_stub")],
+            b'{"id": "pi_stub", "object": "payment_intent", "amount": 100, "currency": "usd"}',
+        )
+        self.sent: list[tuple[str, str, list[tuple[str, str]], bytes | None]] = []
+        self.gate: asyncio.Event | None = None
+        self.arrived: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self.gate, self.arrived = asyncio.Event(), asyncio.Event()
+        self.gate.set()
+
+    async def close(self) -> None:
+        pass
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        assert self.gate is not None and self.arrived is not None
+        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        self.sent.append((method, url, pairs, body))
+        self.arrived.set()
+        await self.gate.wait()
+        return self.answer
+
+
+def settings(tmp_path: Path, **overrides: Any) -> Settings:
     fields: dict[str, Any] = {
         "api_key": ADMIN_KEY,
         "database_url": f"sqlite:///{tmp_path / 'inproc.db'}",
         "stripe_secret_key": STRIPE_SECRET,
-        "stripe_api_base": "http://127.0.0.1:9",
+        "stripe_api_base": "http://stripe.invalid",
     }
     fields.update(overrides)
-    settings = Settings(**fields)
-    app = build_app(settings, clock=clock or Clock())
-    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
-        yield client
+    return Settings(**fields)
 
 
 def issue(client: TestClient, **spec: Any) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -146,3 +148,124 @@ def test_a_repeated_authorization_header_cannot_swap_keys(
     assert conn.getresponse().status == 401  # the first one counts, and it is unknown
     conn.close()
     assert fake_stripe.requests == []
+
+
+def test_a_trailing_slash_is_a_clear_400_and_audited(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    """`POST /stripe/v1/payment_intents/` was a 500 with no audit row."""
+    key = fake_proxy.issue()
+    response = httpx.post(
+        f"{fake_proxy.url}/stripe/v1/payment_intents/",
+        data={"amount": "100", "currency": "usd"},
+        headers={"Authorization": f"Bearer {key['vault_key']}"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "keybrake_invalid_path"
+    assert "trailing slash" in response.json()["error"]["message"]
+    with fake_proxy.admin() as admin:
+        row = admin.get("/vault/audit").json()["data"][0]
+    assert (row["decision"], row["status"], row["path"]) == (
+        "bad_path",
+        400,
+        "/v1/payment_intents/",
+    )
+    assert fake_stripe.requests == []
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("expires_in", "999999999w", "too long"),
+        ("agent_run_label", "argo/x\n", "agent_run_label"),
+        ("agent_run_label", "argo/x\r", "agent_run_label"),
+        ("dedupe_window", "99999999d", "too long"),
+    ],
+)
+def test_overflowing_durations_and_control_characters_in_labels_are_400(
+    fake_proxy: ProxyProcess, field: str, value: str, message: str
+) -> None:
+    body = {
+        "vendor": "stripe",
+        "daily_usd_cap": 1,
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "agent_run_label": "argo/x",
+        field: value,
+    }
+    with fake_proxy.admin() as admin:
+        response = admin.post("/vault/keys", json=body)
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]["message"]
+        assert admin.get("/vault/keys").json()["data"] == []
+        revoke = admin.post("/vault/keys/revoke", json={"agent_run_label": "argo/x\n"})
+        assert revoke.status_code == 400
+
+
+def test_deep_json_to_a_vendor_is_a_400_and_audited(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    from tests.fakes.resend_upstream import FakeResend
+    from tests.fakes.twilio_upstream import FakeTwilio
+    from tests.vendor_helpers import audit, issue_resend, start_vendor_proxy
+
+    twilio, resend = FakeTwilio(), FakeResend()
+    proxy = start_vendor_proxy(tmp_path, fake_stripe, twilio, resend)
+    try:
+        key = issue_resend(proxy)
+        deep = b'{"to": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+        response = httpx.post(
+            f"{proxy.url}/resend/emails",
+            content=deep,
+            headers={
+                "Authorization": f"Bearer {key['vault_key']}",
+                "Content-Type": "application/json",
+            },
+        )
+        assert response.status_code == 400
+        assert response.json()["keybrake_code"] == "keybrake_ambiguous_request"
+        assert audit(proxy, key["key_id"])[0]["decision"] == "ambiguous"
+        assert resend.requests == []
+    finally:
+        proxy.stop()
+        twilio.stop()
+        resend.stop()
+
+
+def test_a_request_body_that_stalls_gets_a_408_and_an_audit_row(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    """300 connections trickling their bodies were all still open after 40 s."""
+    from tests.proxyproc import start_proxy
+
+    proxy = start_proxy(
+        tmp_path, stripe_base=fake_stripe.url, extra_env={"KEYBRAKE_BODY_TIMEOUT": "0.5"}
+    )
+    try:
+        key = proxy.issue()
+        host, port = proxy.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(
+                b"POST /stripe/v1/payment_intents HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {key['vault_key']}\r\n".encode()
+                + b"Content-Type: application/x-www-form-urlencoded\r\n"
+                + b"Content-Length: 100\r\n\r\namount=10"
+            )
+            # The answer comes by itself once the deadline passes; the read waits for it.
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"keybrake_body_timeout" in answer or b"connection: close" in answer.lower()
+        with proxy.admin() as admin:
+            row = admin.get("/vault/audit").json()["data"][0]
+        assert (row["decision"], row["status"], row["key_id"]) == (
+            "body_timeout",
+            408,
+            key["key_id"],
+        )
+        assert fake_stripe.requests == []
+    finally:
+        proxy.stop()

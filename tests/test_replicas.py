@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from keybrake.proxy.store import open_store
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.tcp_relay import TcpRelay
-from tests.helpers import fan_out, localstripe_intents
+from tests.helpers import fan_out, localstripe_intents, reconcile
 from tests.inproc import Clock, app_client, issue
 from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
 
@@ -176,15 +174,7 @@ def test_kill_9_of_a_replica_keeps_its_reservation_until_the_sweep(
             info = admin.get(f"/vault/keys/{key['key_id']}").json()
         assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "7.00")
 
-        async def sweep() -> int:
-            store = open_store(pg_url)
-            await store.open()
-            try:
-                return await store.sweep(datetime.now(UTC) + timedelta(minutes=10))
-            finally:
-                await store.close()
-
-        assert asyncio.run(sweep()) == 1
+        assert reconcile(pg_url) == 1
         with b.admin() as admin:
             info = admin.get(f"/vault/keys/{key['key_id']}").json()
             rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]

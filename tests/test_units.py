@@ -60,6 +60,7 @@ def test_endpoint_patterns() -> None:
     [
         ("/v1/payment_intents", True),
         ("/v1/customers/cus_1", True),
+        ("/v1/payment_intents/", False),
         ("/v1/../vault", False),
         ("/v1/%2e%2e/vault", False),
         ("/v1/a%2Fb", False),

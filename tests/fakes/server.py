@@ -59,6 +59,17 @@ class ThreadedServer:
         """Run fn on the server's loop (e.g. to set an asyncio.Event)."""
         self.loop.call_soon_threadsafe(fn)
 
+    def event(self, is_set: bool = True) -> asyncio.Event:
+        """An asyncio.Event of the server's loop."""
+
+        async def make() -> asyncio.Event:
+            made = asyncio.Event()
+            if is_set:
+                made.set()
+            return made
+
+        return asyncio.run_coroutine_threadsafe(make(), self.loop).result()
+
     def stop(self) -> None:
         async def shutdown() -> None:
             assert self._runner is not None
@@ -67,3 +78,34 @@ class ThreadedServer:
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+
+
+class GatedServer(ThreadedServer):
+    """A server whose requests can be held at a gate: `hold()`, then `arrived` is set when one
+    is waiting there, and `release()` lets every request through. `answered` is set whenever a
+    request has been handled (answered, or its client already gone)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.arrived = threading.Event()
+        self.answered = threading.Event()
+
+        @web.middleware
+        async def mark_answered(request: web.Request, handler: Any) -> web.StreamResponse:
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                self.answered.set()
+
+        app.middlewares.append(mark_answered)
+        super().__init__(app)
+        self.gate = self.event()
+
+    def hold(self) -> None:
+        self.call(self.gate.clear)
+
+    def release(self) -> None:
+        self.call(self.gate.set)
+
+    async def at_gate(self) -> None:
+        self.arrived.set()
+        await self.gate.wait()

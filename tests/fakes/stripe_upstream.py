@@ -1,53 +1,41 @@
 """A Stripe-shaped upstream for what localstripe does not do: `Request-Id` headers, slow,
-failing and dropped answers, and counting what reached it.
+failing and dropped answers, idempotency keys, and recording what reached it.
 
 Behaviour follows Stripe's documented API: form-encoded bodies, JSON objects with `id`, errors
-`{"error": {...}}`, a `Request-Id` header on every response.
+`{"error": {...}}`, a `Request-Id` header on every response. Idempotency as Stripe documents it
+(https://docs.stripe.com/api/idempotent_requests): a POST's result is stored once execution
+starts, whatever it is; the same key with the same parameters gets that result again, marked
+`Idempotent-Replayed: true`; with other parameters an `idempotency_error` (400); while the first
+request is still executing, a conflict (409). Keys belong to the account the request acts on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
-import threading
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from tests.fakes.server import ThreadedServer
+from tests.fakes.server import GatedServer
 
 
-class FakeStripe(ThreadedServer):
+class FakeStripe(GatedServer):
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.mode = "ok"  # ok | hang | drop | error500 | decline
-        self.arrived = threading.Event()
-        self.gate: asyncio.Event | None = None
-        self.unhang: asyncio.Event | None = None
         self.objects: dict[str, dict[str, Any]] = {}
+        # (account, idempotency key) -> (request fingerprint, stored result or None while running)
+        self.idempotent: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._ids = itertools.count(1)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         super().__init__(app)
-        self.gate = asyncio.run_coroutine_threadsafe(self._make_gate(), self.loop).result()
-        self.unhang = asyncio.run_coroutine_threadsafe(self._make_gate(), self.loop).result()
-        self.call(self.unhang.clear)
-
-    async def _make_gate(self) -> asyncio.Event:
-        event = asyncio.Event()
-        event.set()
-        return event
-
-    def hold(self) -> None:
-        """Keep requests waiting until `release()`."""
-        assert self.gate is not None
-        self.call(self.gate.clear)
+        self.unhang = self.event(is_set=False)  # "hang" mode waits for it after the gate
 
     def release(self) -> None:
-        assert self.gate is not None and self.unhang is not None
-        self.call(self.gate.set)
+        super().release()
         self.call(self.unhang.set)
 
     def add_object(self, obj: dict[str, Any]) -> None:
@@ -56,9 +44,16 @@ class FakeStripe(ThreadedServer):
     def count(self, method: str, path: str) -> int:
         return sum(1 for r in self.requests if r["method"] == method and r["path"] == path)
 
+    def created(self) -> list[dict[str, Any]]:
+        """The objects POSTs created (replays create none)."""
+        return [o for o in self.objects.values() if o.get("request") is not None]
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        form = {k: v[-1] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        form = {
+            k: v[-1]
+            for k, v in parse_qs(body.decode(errors="replace"), keep_blank_values=True).items()
+        }
         self.requests.append(
             {
                 "method": request.method,
@@ -66,15 +61,56 @@ class FakeStripe(ThreadedServer):
                 "query": request.query_string,
                 "headers": {k.lower(): v for k, v in request.headers.items()},
                 "form": form,
+                "body": body,
             }
         )
-        self.arrived.set()
         request_id = f"req_fake{next(self._ids):06d}"
-        headers = {"Request-Id": request_id}
-        assert self.gate is not None
-        await self.gate.wait()
+        key = request.headers.get("Idempotency-Key")
+        if request.method != "POST" or key is None:
+            return await self._execute(request, form, {"Request-Id": request_id})
+        slot = (request.headers.get("Stripe-Account", ""), key)
+        fingerprint = (request.path, body)
+        if slot in self.idempotent:
+            first, result = self.idempotent[slot]
+            if first != fingerprint:
+                return web.json_response(
+                    {
+                        "error": {
+                            "type": "idempotency_error",
+                            "message": "Keys for idempotent requests can only be used with the "
+                            "same parameters they were first used with.",
+                        }
+                    },
+                    status=400,
+                    headers={"Request-Id": request_id},
+                )
+            if result is None:
+                return web.json_response(
+                    {
+                        "error": {
+                            "type": "idempotency_error",
+                            "message": "There is currently another in-progress request using "
+                            "this Stripe token (probably the same idempotency key).",
+                        }
+                    },
+                    status=409,
+                    headers={"Request-Id": request_id},
+                )
+            status, payload = result
+            replayed = {"Request-Id": request_id, "Idempotent-Replayed": "true"}
+            return web.json_response(payload, status=status, headers=replayed)
+        self.idempotent[slot] = (fingerprint, None)
+        response = await self._execute(request, form, {"Request-Id": request_id})
+        if response.content_type == "application/json":
+            stored = json.loads(bytes(response.body))  # type: ignore[arg-type]
+            self.idempotent[slot] = (fingerprint, (response.status, stored))
+        return response
+
+    async def _execute(
+        self, request: web.Request, form: dict[str, str], headers: dict[str, str]
+    ) -> web.Response:
+        await self.at_gate()
         if self.mode == "hang":
-            assert self.unhang is not None
             await self.unhang.wait()
         if self.mode == "drop":
             assert request.transport is not None
@@ -109,4 +145,5 @@ class FakeStripe(ThreadedServer):
         if "currency" in form:
             obj["currency"] = form["currency"]
         obj["request"] = json.dumps(form)
+        self.objects[obj["id"]] = obj
         return web.json_response(obj, headers=headers)

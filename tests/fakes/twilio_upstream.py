@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from tests.fakes.server import ThreadedServer
+from tests.fakes.server import GatedServer
 
 REAL_SID = "AC" + "7e57" * 8  # the "real" account: what the proxy must keep to itself
 REAL_TOKEN = "twilio_REALTOKEN_do_not_leak_" + "9" * 8
@@ -40,7 +40,7 @@ def _error(status: int, code: int, message: str, **headers: str) -> web.Response
     return web.json_response(body, status=status, headers=headers)
 
 
-class FakeTwilio(ThreadedServer):
+class FakeTwilio(GatedServer):
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.messages: dict[str, dict[str, Any]] = {}
@@ -97,6 +97,7 @@ class FakeTwilio(ThreadedServer):
             }
             return web.json_response(account, headers=headers)
         resource = parts[4]
+        await self.at_gate()
         if resource == "Messages.json" and request.method == "POST":
             return self._create_message(form, headers)
         if resource == "Messages.json" and request.method == "GET":

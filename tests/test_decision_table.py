@@ -1,0 +1,507 @@
+"""The ledger's rules as one table of cases, every row run against SQLite and PostgreSQL.
+
+The expected outcomes are written out by hand, not computed by `keybrake.proxy.decisions`: SQLite
+runs that module inside its transaction, PostgreSQL restates it in PL/pgSQL, and this table holds
+both to the same answers. Rows cover every decision the ledger takes, and each rule's boundary
+(a cap filled exactly, a key expiring exactly now, a dedupe window's last second, the rolling
+window's oldest bucket) from both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keybrake.proxy.decisions import Decision, bucket_of
+from keybrake.proxy.store import Store, open_store
+from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement, StoredResponse
+
+NOW = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
+MICROS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """An earlier call holding an idempotency key (`order-1`) or the dedupe fingerprint."""
+
+    kind: str  # "idempotency" or "dedupe"
+    state: str  # "answered", "in_flight", "reconciled" (swept) or "no_answer" (upstream error)
+    age: timedelta = timedelta(minutes=1)
+    body: str = "body-A"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    expect: Decision
+    # The key.
+    cap: int = 10 * MICROS
+    max_per_call: int | None = None
+    dedupe_window: timedelta = timedelta(minutes=10)
+    expires_in: timedelta = timedelta(hours=2)
+    revoked: bool = False
+    # What the key did before: settled spend, reservations still in flight, an earlier call.
+    spent: tuple[tuple[timedelta, int], ...] = ()
+    in_flight: tuple[tuple[timedelta, int], ...] = ()
+    earlier: Earlier | None = None
+    # This call.
+    cost: int = 3 * MICROS
+    idempotency_key: str | None = None
+    dedupe: bool = False
+    body: str = "body-A"
+    vendor_replays: bool = True
+    # What must come of it.
+    used_after: int = 0  # settled plus reserved in the window, after the call
+    cap_hits: int = 0
+    replayed: bool = False
+    forward_key: str | None = "fk-new"  # the idempotency key a forwarded call goes out with
+    names_earlier: bool = False  # an outcome_unknown refusal names the earlier call's audit row
+
+
+H = timedelta(hours=1)
+ROWS = [
+    # -- revocation and expiry ---------------------------------------------------------------
+    Row("a revoked key is refused", Decision.REVOKED, revoked=True),
+    Row(
+        "revocation comes before a stored answer",
+        Decision.REVOKED,
+        revoked=True,
+        earlier=Earlier("idempotency", "answered"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+    ),
+    Row("a key expiring exactly now is expired", Decision.EXPIRED, expires_in=timedelta(0)),
+    Row(
+        "a key expiring a microsecond from now is live",
+        Decision.FORWARDED,
+        expires_in=timedelta(microseconds=1),
+        used_after=3 * MICROS,
+    ),
+    # -- the rolling window ------------------------------------------------------------------
+    Row(
+        "a cost that fills the cap exactly is admitted",
+        Decision.FORWARDED,
+        spent=((H, 7 * MICROS),),
+        used_after=10 * MICROS,
+    ),
+    Row(
+        "a micro-dollar over the cap is a cap hit",
+        Decision.CAP_HIT,
+        spent=((H, 7 * MICROS),),
+        cost=3 * MICROS + 1,
+        used_after=7 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "reservations in flight count against the cap",
+        Decision.CAP_HIT,
+        in_flight=((timedelta(seconds=5), 8 * MICROS),),
+        used_after=8 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "a free call passes a full cap",
+        Decision.FORWARDED,
+        spent=((H, 10 * MICROS),),
+        cost=0,
+        used_after=10 * MICROS,
+    ),
+    Row(
+        "spend exactly 24 hours ago still counts",
+        Decision.CAP_HIT,
+        spent=((timedelta(hours=24), 8 * MICROS),),
+        used_after=8 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        # NOW is 12:30: 24 h 29 min ago is 12:01 yesterday, the window's oldest bucket.
+        "spend in the window's oldest hour still counts (over-count, never under)",
+        Decision.CAP_HIT,
+        spent=((timedelta(hours=24, minutes=29), 8 * MICROS),),
+        used_after=8 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "spend in the hour before the window's oldest no longer counts",
+        Decision.FORWARDED,
+        spent=((timedelta(hours=24, minutes=31), 8 * MICROS),),
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "the UTC day is not the window: yesterday evening's spend counts",
+        Decision.CAP_HIT,
+        spent=((timedelta(hours=13), 9 * MICROS),),
+        used_after=9 * MICROS,
+        cap_hits=1,
+    ),
+    # -- the per-call cap ----------------------------------------------------------------------
+    Row(
+        "a cost equal to the per-call cap is admitted",
+        Decision.FORWARDED,
+        max_per_call=3 * MICROS,
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a micro-dollar over the per-call cap is a cap hit",
+        Decision.PER_CALL_CAP_HIT,
+        max_per_call=3 * MICROS - 1,
+        cap_hits=1,
+    ),
+    Row(
+        "the per-call cap is checked before the window",
+        Decision.PER_CALL_CAP_HIT,
+        cap=2 * MICROS,
+        max_per_call=2 * MICROS,
+        spent=((H, 2 * MICROS),),
+        used_after=2 * MICROS,
+        cap_hits=1,
+    ),
+    # -- idempotency keys ---------------------------------------------------------------------
+    Row(
+        "an answered idempotency key is replayed",
+        Decision.REPLAYED,
+        earlier=Earlier("idempotency", "answered"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "an idempotency key with another body is refused",
+        Decision.IDEMPOTENCY_MISMATCH,
+        earlier=Earlier("idempotency", "answered", body="body-B"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "an idempotency key still in flight is in progress",
+        Decision.IN_PROGRESS,
+        earlier=Earlier("idempotency", "in_flight"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a reconciled call is sent again with its own key and reserved again",
+        Decision.FORWARDED,
+        earlier=Earlier("idempotency", "reconciled"),
+        idempotency_key="order-1",
+        used_after=6 * MICROS,
+        forward_key="order-1",
+    ),
+    Row(
+        "a reconciled call's retry still keeps to the cap",
+        Decision.CAP_HIT,
+        cap=5 * MICROS,
+        earlier=Earlier("idempotency", "reconciled"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "an unanswered call (the vendor timed out) is sent again with its own key",
+        Decision.FORWARDED,
+        earlier=Earlier("idempotency", "no_answer"),
+        idempotency_key="order-1",
+        used_after=6 * MICROS,
+        forward_key="order-1",
+    ),
+    Row(
+        "without vendor idempotency a reconciled call's outcome is unknown, for good",
+        Decision.OUTCOME_UNKNOWN,
+        earlier=Earlier("dedupe", "reconciled"),
+        dedupe=True,
+        vendor_replays=False,
+        used_after=3 * MICROS,
+        names_earlier=True,
+    ),
+    # -- the dedupe window --------------------------------------------------------------------
+    Row(
+        "an identical candidate within the window is deduplicated",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered"),
+        dedupe=True,
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "the window's last second still deduplicates",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered", age=timedelta(minutes=10)),
+        dedupe=True,
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "a second past the window is a new call",
+        Decision.FORWARDED,
+        earlier=Earlier("dedupe", "answered", age=timedelta(minutes=10, seconds=1)),
+        dedupe=True,
+        used_after=6 * MICROS,
+    ),
+    Row(
+        "an identical candidate in flight is in progress",
+        Decision.IN_PROGRESS,
+        earlier=Earlier("dedupe", "in_flight"),
+        dedupe=True,
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "another body is another call",
+        Decision.FORWARDED,
+        earlier=Earlier("dedupe", "answered"),
+        dedupe=True,
+        body="body-B",
+        used_after=6 * MICROS,
+    ),
+    Row(
+        "a call that is no dedupe candidate is never merged",
+        Decision.FORWARDED,
+        earlier=Earlier("dedupe", "answered"),
+        idempotency_key="order-2",
+        used_after=6 * MICROS,
+    ),
+    Row(
+        "an unseen SDK key falls through to the fingerprint",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered"),
+        idempotency_key="sdk-fresh",
+        dedupe=True,
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "a reconciled keyless call is sent again with the key it first went out with",
+        Decision.FORWARDED,
+        earlier=Earlier("dedupe", "reconciled"),
+        dedupe=True,
+        used_after=6 * MICROS,
+        forward_key="fk-earlier",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    from tests.pg import pg_database
+
+    with pg_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'table.db'}"
+    return str(request.getfixturevalue("pg_module_url"))
+
+
+def reservation(
+    key: KeyRecord,
+    now: datetime,
+    cost: int,
+    body: str,
+    *,
+    idempotency_key: str | None = None,
+    dedupe: bool = False,
+    forward_key: str | None = None,
+    vendor_replays: bool = True,
+) -> Reservation:
+    return Reservation(
+        key=key,
+        now=now,
+        vendor="stripe",
+        method="POST",
+        path="/v1/payment_intents",
+        caller_tag=None,
+        cost_micros=cost,
+        amount=None,
+        currency=None,
+        idempotency_key=idempotency_key,
+        request_hash=body,
+        dedupe=dedupe,
+        forward_key=forward_key,
+        vendor_replays=vendor_replays,
+    )
+
+
+def outcome(r: Reservation, audit_id: int, settled: int, *, answered: bool = True) -> Settlement:
+    return Settlement(
+        audit_id=audit_id,
+        key_id=r.key.key_id,
+        bucket=bucket_of(r.now),
+        vendor="stripe",
+        reserved_micros=r.cost_micros,
+        settled_micros=settled,
+        status=200 if answered else 502,
+        decision="forwarded" if answered else "upstream_error",
+        vendor_request_id=None,
+        latency_ms=1.0,
+        idempotency_key=r.idempotency_key,
+        request_hash=r.request_hash,
+        dedupe=r.dedupe,
+        response=StoredResponse(200, [], b'{"id": "pi_1"}') if answered else None,
+        outcome_known=answered,
+    )
+
+
+def key_record(
+    key_id: str,
+    cap: int = 10 * MICROS,
+    max_per_call: int | None = None,
+    dedupe_window: timedelta = timedelta(0),
+    expires_in: timedelta = timedelta(hours=2),
+) -> KeyRecord:
+    return KeyRecord(
+        key_id=key_id,
+        key_hash=key_id.encode(),
+        vendor="stripe",
+        label="argo/table",
+        daily_cap_micros=cap,
+        max_per_call_micros=max_per_call,
+        allowed_endpoints=("POST /v1/payment_intents",),
+        metadata={},
+        dedupe_window_s=int(dedupe_window.total_seconds()),
+        created_at=NOW - timedelta(days=2),
+        expires_at=NOW + expires_in,
+    )
+
+
+async def play(store: Store, row: Row, key_id: str) -> None:
+    key = key_record(key_id, row.cap, row.max_per_call, row.dedupe_window, row.expires_in)
+    await store.create_key(key)
+    for age, micros in row.spent:
+        earlier = reservation(key, NOW - age, micros, f"spent-{age}")
+        admitted = await store.reserve(earlier)
+        assert admitted.decision is Decision.FORWARDED
+        await store.settle(outcome(earlier, admitted.audit_id, micros))
+    for age, micros in row.in_flight:
+        assert (await store.reserve(reservation(key, NOW - age, micros, "flying"))).decision == (
+            Decision.FORWARDED
+        )
+    earlier_id = None
+    if row.earlier is not None:
+        e = row.earlier
+        first = reservation(
+            key,
+            NOW - e.age,
+            3 * MICROS,
+            e.body,
+            idempotency_key="order-1" if e.kind == "idempotency" else None,
+            dedupe=e.kind == "dedupe",
+            forward_key="order-1" if e.kind == "idempotency" else "fk-earlier",
+        )
+        admitted = await store.reserve(first)
+        assert admitted.decision is Decision.FORWARDED
+        earlier_id = admitted.audit_id
+        if e.state == "answered":
+            await store.settle(outcome(first, earlier_id, 3 * MICROS))
+        elif e.state == "no_answer":
+            await store.settle(outcome(first, earlier_id, 3 * MICROS, answered=False))
+        elif e.state == "reconciled":
+            # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
+            assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
+    if row.revoked:
+        assert await store.revoke_key(key_id, NOW - timedelta(seconds=1))
+
+    call = reservation(
+        key,
+        NOW,
+        row.cost,
+        row.body,
+        idempotency_key=row.idempotency_key,
+        dedupe=row.dedupe,
+        forward_key="fk-new",
+        vendor_replays=row.vendor_replays,
+    )
+    admitted = await store.reserve(call)
+    view = await store.get_key(key_id, NOW)
+    assert view is not None
+    got = {
+        "decision": admitted.decision,
+        "used_after": view.usage.spent_micros + view.usage.reserved_micros,
+        "cap_hits": view.usage.cap_hits,
+        "replayed": admitted.replay is not None,
+        "forward_key": admitted.forward_key if admitted.decision is Decision.FORWARDED else None,
+        "names_earlier": admitted.prior_audit_id is not None
+        and admitted.prior_audit_id == earlier_id,
+    }
+    want = {
+        "decision": row.expect,
+        "used_after": row.used_after,
+        "cap_hits": row.cap_hits,
+        "replayed": row.replayed,
+        "forward_key": row.forward_key if row.expect is Decision.FORWARDED else None,
+        "names_earlier": row.names_earlier,
+    }
+    assert got == want, row.name
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_decision_table(backend: str, row: Row) -> None:
+    async def run() -> None:
+        store = open_store(backend)
+        await store.open()
+        try:
+            await play(store, row, f"vk_row{ROWS.index(row):02d}")
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_every_ledger_decision_has_a_row() -> None:
+    ledger = {
+        Decision.REVOKED,
+        Decision.EXPIRED,
+        Decision.IDEMPOTENCY_MISMATCH,
+        Decision.IN_PROGRESS,
+        Decision.REPLAYED,
+        Decision.DEDUPLICATED,
+        Decision.OUTCOME_UNKNOWN,
+        Decision.PER_CALL_CAP_HIT,
+        Decision.CAP_HIT,
+        Decision.FORWARDED,
+    }
+    assert {row.expect for row in ROWS} == ledger
+
+
+SETTLE_ROWS = [
+    # (name, answered, settled, swept first, window spend after)
+    ("the outcome replaces the reservation", True, 2 * MICROS, False, 2 * MICROS),
+    ("a refusal by the vendor releases it", True, 0, False, 0),
+    ("no answer counts the estimate", False, 3 * MICROS, False, 3 * MICROS),
+    ("the sweep counts a dead call in full", None, 0, True, 3 * MICROS),
+    ("a late outcome corrects the sweep's count", True, MICROS, True, MICROS),
+]
+
+
+@pytest.mark.parametrize(
+    "name,answered,settled,swept,after", SETTLE_ROWS, ids=[r[0] for r in SETTLE_ROWS]
+)
+def test_settle_table(
+    backend: str, name: str, answered: bool | None, settled: int, swept: bool, after: int
+) -> None:
+    async def run() -> None:
+        store = open_store(backend)
+        await store.open()
+        try:
+            key = key_record(f"vk_settle{[r[0] for r in SETTLE_ROWS].index(name)}")
+            await store.create_key(key)
+            call = reservation(key, NOW - timedelta(minutes=10), 3 * MICROS, "body")
+            admitted = await store.reserve(call)
+            if swept:
+                assert await store.sweep(NOW) >= 1
+            if answered is not None:
+                await store.settle(outcome(call, admitted.audit_id, settled, answered=answered))
+            view = await store.get_key(key.key_id, NOW)
+            assert view is not None
+            assert (view.usage.spent_micros, view.usage.reserved_micros) == (after, 0), name
+            assert view.usage.total_micros == after
+        finally:
+            await store.close()
+
+    asyncio.run(run())
