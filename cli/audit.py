@@ -1,4 +1,4 @@
-"""`keybrake audit`: the audit log as a table, JSON or CSV."""
+"""`keybrake audit`: the audit log as a table, JSON or CSV; `keybrake audit prune`: retention."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, fail, print_data
+from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._render import audit_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.money import parse_duration
+
+app = typer.Typer(no_args_is_help=False, invoke_without_command=True)
 
 
 class AuditOutput(StrEnum):
@@ -22,7 +24,9 @@ class AuditOutput(StrEnum):
     csv = "csv"
 
 
+@app.callback(invoke_without_command=True)
 def audit(
+    context: typer.Context,
     workflow: Annotated[
         str | None, typer.Option("--workflow", "-w", help="Rows of this Argo workflow.")
     ] = None,
@@ -39,10 +43,12 @@ def audit(
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Show what vault keys did: one row per vendor call.
+    """Show what vault keys did: one row per vendor call (`audit prune` deletes old rows).
 
     Example: keybrake audit --workflow billing-agent-x7k2p --since 1h -o csv > calls.csv
     """
+    if context.invoked_subcommand is not None:
+        return
     if since is not None and not since[:1].isdigit():
         fail(f"--since {since!r}: use a duration such as 1h or an ISO time", EXIT_USAGE)
     if since is not None and "-" not in since:
@@ -65,3 +71,46 @@ def audit(
         console.print("No audit rows match.")
     else:
         console.print(audit_table(list(reversed(rows))))
+
+
+@app.command()
+def prune(
+    before: Annotated[
+        str,
+        typer.Option(
+            "--before",
+            help="Delete rows older than this: a duration back from now (90d) or an ISO time.",
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
+    ] = False,
+    output: Annotated[
+        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Delete old audit rows; no cap changes, spend never depends on them.
+
+    Kept whatever their age: rows of active keys, of keys that ended less than a day ago (still
+    inside their window), and of calls in flight.
+
+    Example: keybrake audit prune --before 90d --dry-run
+    """
+    if not before[:1].isdigit():
+        fail(f"--before {before!r}: use a duration such as 90d or an ISO time", EXIT_USAGE)
+    if "-" not in before:
+        try:
+            parse_duration(before)
+        except ValueError as exc:
+            fail(f"--before: {exc}", EXIT_USAGE)
+    with connect(url, api_key) as client:
+        result = client.prune_audit(before, dry_run=dry_run)
+    chosen = default_output(output)
+    if chosen is not Output.table:
+        print_data(result.model_dump(), chosen)
+        return
+    verb = "would delete" if result.dry_run else "deleted"
+    rows = "row" if result.removed == 1 else "rows"
+    console.print(f"{verb} {result.removed:,} audit {rows} older than {result.before}")

@@ -29,7 +29,7 @@ OutputOption = Annotated[
 )
 def issue(
     vendor: Annotated[str, typer.Option(help="stripe, twilio or resend.")],
-    daily_usd_cap: Annotated[str, typer.Option("--daily-usd-cap", help="Dollars per UTC day.")],
+    daily_usd_cap: Annotated[str, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")],
     allow: Annotated[
         list[str], typer.Option("--allow", help="'METHOD /path' the key may call; repeatable.")
     ],

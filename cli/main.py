@@ -20,7 +20,7 @@ app = typer.Typer(
 app.command(epilog="Example: keybrake serve --host 0.0.0.0 --port 8080 --workers 2")(serve.serve)
 app.add_typer(keys.app, name="keys")
 app.command()(revoke.revoke)
-app.command()(audit.audit)
+app.add_typer(audit.app, name="audit")
 app.command()(watch.watch)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")

@@ -63,7 +63,9 @@ def revoke(
     spent = sum((Decimal(k.spent_usd) for k in revoked), Decimal(0))
     noun = "key" if len(revoked) == 1 else "keys"
     _report(
-        revoked, f"revoked {len(revoked)} {noun} of {subject}; spent today ${spent:.2f}", output
+        revoked,
+        f"revoked {len(revoked)} {noun} of {subject}; spent ${spent:.2f} in the last 24 h",
+        output,
     )
 
 

@@ -111,7 +111,7 @@ def usd(amount: Decimal) -> str:
 
 
 def spend(keys: list[dict[str, Any]]) -> str:
-    """'spent $X of $Y cap, N calls, M cap hits' over one or more keys (today, UTC)."""
+    """'spent $X of $Y cap, N calls, M cap hits' over one or more keys (rolling 24 hours)."""
     spent = sum((dollars(k.get("spent_usd", 0)) for k in keys), Decimal(0))
     cap = sum((dollars(k.get("daily_usd_cap", 0)) for k in keys), Decimal(0))
     calls = sum(int(k.get("calls", 0) or 0) for k in keys)

@@ -62,7 +62,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
         step="issue",
         inputs=[
             Parameter(name="vendor", description="stripe, twilio or resend"),
-            Parameter(name="daily_usd_cap", description="USD the key may spend per UTC day"),
+            Parameter(name="daily_usd_cap", description="USD the key may spend in any 24 hours"),
             Parameter(
                 name="allowed_endpoints",
                 description='JSON list, e.g. ["POST /v1/payment_intents"]',

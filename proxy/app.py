@@ -25,7 +25,7 @@ from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.upstream import Upstream
 from keybrake.proxy.vendors import VENDORS, Vendor
 
-__all__ = ["build_app", "utc_now"]
+__all__ = ["build_app", "maintain", "utc_now"]
 
 
 def utc_now() -> datetime:
@@ -94,15 +94,10 @@ def build_app(
             f"KEYBRAKE_UPSTREAM_TIMEOUT ({settings.upstream_timeout}s), or live calls get swept"
         )
 
-    retention = settings.audit_retention_delta
-
     async def sweep_forever() -> None:
         while True:
             with contextlib.suppress(StoreUnavailable):
-                await store.sweep(clock() - settings.reservation_ttl_delta)
-                await store.forget_replays(clock() - REPLAY_RETENTION)
-                if retention is not None:
-                    await store.prune_audit(clock() - retention, clock())
+                await maintain(store, settings, clock())
             await asyncio.sleep(30)  # a maintenance period, not synchronisation
 
     @contextlib.asynccontextmanager
@@ -127,6 +122,17 @@ def build_app(
         *admin.routes(),
     ]
     return ProxyApp(forward, routes=routes, lifespan=lifespan)
+
+
+async def maintain(store: Store, settings: Settings, now: datetime) -> tuple[int, int, int]:
+    """What every replica does every 30 seconds: count calls left in flight by a dead process as
+    spent, forget replay tokens older than a day, and prune the audit log when a retention is
+    set. Returns (calls reconciled, tokens forgotten, audit rows pruned)."""
+    reconciled = await store.sweep(now - settings.reservation_ttl_delta)
+    forgotten = await store.forget_replays(now - REPLAY_RETENTION)
+    retention = settings.audit_retention_delta
+    pruned = 0 if retention is None else await store.prune_audit(now - retention, now)
+    return reconciled, forgotten, pruned
 
 
 class ProxyApp(Starlette):

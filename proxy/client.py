@@ -20,6 +20,7 @@ from keybrake.proxy.models import (
     KeyCreate,
     KeyInfo,
     KeyList,
+    PruneResult,
     RevokeResult,
 )
 
@@ -126,6 +127,13 @@ class KeybrakeClient:
         params = _params(key_id=key_id, label=label, vendor=vendor, since=since)
         params.update(limit=str(limit), format="csv")
         return self._request("GET", "/vault/audit", params=params).text
+
+    def prune_audit(self, before: str, *, dry_run: bool = False) -> PruneResult:
+        """Delete (or with `dry_run` count) audit rows older than `before` (90d, or ISO time)."""
+        response = self._request(
+            "POST", "/vault/audit/prune", json={"before": before, "dry_run": dry_run}
+        )
+        return PruneResult.model_validate(response.json())
 
     def pricing(self) -> dict[str, Any]:
         return dict(self._request("GET", "/vault/pricing").json())

@@ -38,7 +38,7 @@ class Metrics:
         )
         self.spend = Gauge(
             "keybrake_spend_usd",
-            "Settled spend today (UTC) by key label.",
+            "Settled spend in the rolling 24-hour window by key label.",
             ["label"],
             registry=self.registry,
         )

@@ -127,7 +127,11 @@ def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
     report = json.loads(out)
     assert code == 0 and report["revoked"] == 1 and report["keys"][0]["key_id"] == a["key_id"]
     code, out, _ = run(proxy_server, "revoke", "--workflow", "wf", "-o", "table")
-    assert code == 0 and "revoked 1 key of workflow wf" in out and "spent today $0.00" in out
+    assert (
+        code == 0
+        and "revoked 1 key of workflow wf" in out
+        and "spent $0.00 in the last 24 h" in out
+    )
     code, out, _ = run(proxy_server, "revoke", "--workflow", "wf", "-o", "table")
     assert code == 0 and "nothing revoked" in out
     with proxy_server.admin() as admin:
@@ -197,6 +201,7 @@ def test_version_and_help_examples() -> None:
         ["keys", "show"],
         ["revoke"],
         ["audit"],
+        ["audit", "prune"],
         ["watch"],
         ["demo"],
         ["version"],
