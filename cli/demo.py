@@ -178,7 +178,7 @@ def _run(
         )
         console.print(
             f"3. issued vault key {issued.key_id} for argo/{workflow}: "
-            f"${issued.daily_usd_cap}/day, "
+            f"${issued.daily_usd_cap} per 24 hours, "
             "only POST /v1/payment_intents",
             soft_wrap=True,
         )

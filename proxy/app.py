@@ -86,7 +86,8 @@ def build_app(
         body = metrics.render(spend, open_reservations)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    forward = _ForwardEndpoint(pipeline, settings.max_body_bytes, settings.body_timeout)
+    deadlines = BodyDeadlines(settings.body_timeout)
+    forward = _ForwardEndpoint(pipeline, settings.max_body_bytes, deadlines)
 
     if settings.reservation_ttl_delta.total_seconds() <= settings.upstream_timeout:
         raise ConfigError(
@@ -105,12 +106,14 @@ def build_app(
         await store.open()
         await upstream.start()
         sweeper = asyncio.create_task(sweep_forever())
+        watchdog = asyncio.create_task(deadlines.watch())
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, watchdog):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await pipeline.drain()  # calls already forwarded are settled before closing
             await upstream.close()
             await store.close()
@@ -155,14 +158,53 @@ class ProxyApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+class BodyDeadlines:
+    """Request bodies must arrive in full within `timeout` seconds of the request's start: a
+    deadline, not an idle timeout, so a client trickling a byte at a time is cut off too.
+
+    One watchdog task checks every reader a few times per timeout and cancels those past their
+    deadline, instead of a timer per request (which cost several microseconds on every call)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._readers: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+
+    async def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout / 4))  # a check period
+            now = loop.time()
+            for task, deadline in list(self._readers.items()):
+                if deadline <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+
+    async def read(self, receive: Receive, limit: int) -> tuple[bytes, bool, bool]:
+        """(body, too large, timed out)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._readers[task] = asyncio.get_running_loop().time() + self.timeout
+        try:
+            return (*await _read_body(receive, limit), False)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise  # a cancellation of someone else's: pass it on
+            task.uncancel()
+            return b"", False, True
+        finally:
+            del self._readers[task]
+            self._expired.discard(task)
+
+
 class _ForwardEndpoint:
     """A raw ASGI endpoint: reads the body with a size limit and a deadline, and hands the call
     to the pipeline."""
 
-    def __init__(self, pipeline: Pipeline, max_body_bytes: int, body_timeout: float) -> None:
+    def __init__(self, pipeline: Pipeline, max_body_bytes: int, deadlines: BodyDeadlines) -> None:
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        self.deadlines = deadlines
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         vendor = scope["path_params"]["vendor"]
@@ -174,9 +216,7 @@ class _ForwardEndpoint:
             key = name.decode("latin-1").lower()
             if key not in headers:  # a repeated header never overrides the first one
                 headers[key] = value.decode("latin-1")
-        body, too_large, timed_out = await _read_body(
-            receive, self.max_body_bytes, self.body_timeout
-        )
+        body, too_large, timed_out = await self.deadlines.read(receive, self.max_body_bytes)
         declared = headers.get("content-length", "")
         if declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_body_bytes):
             too_large = True
@@ -188,7 +228,7 @@ class _ForwardEndpoint:
             headers=headers,
             body=body,
             too_large=too_large,
-            body_timeout=self.body_timeout if timed_out else None,
+            body_timeout=self.deadlines.timeout if timed_out else None,
         )
         reply = await self.pipeline.handle(incoming)
         raw_headers: list[tuple[bytes, bytes]] = [
@@ -199,26 +239,20 @@ class _ForwardEndpoint:
         await send({"type": "http.response.body", "body": reply.body})
 
 
-async def _read_body(receive: Receive, limit: int, timeout: float) -> tuple[bytes, bool, bool]:
-    """(body, too large, timed out). The whole body must arrive within `timeout` seconds: a
-    deadline, not an idle timeout, so a client trickling a byte at a time is cut off too."""
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
     chunks: list[bytes] = []
     size = 0
     too_large = False
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    break
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    too_large = True
-                elif chunk:
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
-        return b"", too_large, True
-    return (b"" if too_large else b"".join(chunks)), too_large, False
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            too_large = True
+        elif chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return (b"" if too_large else b"".join(chunks)), too_large

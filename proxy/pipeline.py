@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from time import perf_counter
@@ -119,7 +119,7 @@ class _Lookup:
     def __init__(self, pipeline: Pipeline, vendor: Vendor, call: VendorCall) -> None:
         self._pipeline = pipeline
         self._vendor = vendor
-        self._headers = {h: call.headers[h] for h in vendor.account_headers if h in call.headers}
+        self._call = call
 
     async def is_counted(self, object_id: str) -> bool:
         return await self._pipeline.store.is_counted(self._vendor.name, object_id)
@@ -127,11 +127,13 @@ class _Lookup:
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
         vendor = self._vendor
         where, _, query = path.partition("?")
-        call = VendorCall("GET", where, query, self._headers, b"")
+        sent = self._call.headers
+        headers = {h: sent[h] for h in vendor.account_headers if h in sent}
+        call = VendorCall("GET", where, query, headers, b"")
         target, auth = vendor.upstream_request(call)
         try:
             response = await self._pipeline.upstream.send(
-                "GET", vendor.credentials.base_url + target, {**self._headers, **auth}, None
+                "GET", vendor.credentials.base_url + target, {**headers, **auth}, None
             )
         except UpstreamError as exc:
             raise LookupFailed(str(exc)) from exc
@@ -224,10 +226,29 @@ class Pipeline:
         admitted = _Call(vendor, call, key, cost, audit, started)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
-        task = asyncio.ensure_future(self._reserve_forward_settle(admitted))
+        return await self._uncancellable(self._reserve_forward_settle(admitted))
+
+    async def _uncancellable(self, work: Coroutine[Any, Any, Reply]) -> Reply:
+        """Run `work` in a task of its own and wait for it: cancelling the waiter leaves the work
+        running (`asyncio.shield`, with one callback instead of two); `drain` waits for it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Reply] = loop.create_future()
+        task = loop.create_task(work)
         self._admitted.add(task)
-        task.add_done_callback(self._admitted.discard)
-        return await asyncio.shield(task)
+
+        def finished(task: asyncio.Task[Reply]) -> None:
+            self._admitted.discard(task)
+            if done.cancelled():
+                return
+            if task.cancelled():
+                done.cancel()
+            elif (error := task.exception()) is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(task.result())
+
+        task.add_done_callback(finished)
+        return await done
 
     async def drain(self) -> None:
         """Wait for every admitted call to be settled (at shutdown)."""
@@ -290,23 +311,25 @@ class Pipeline:
 
     async def _reserve_forward_settle(self, c: _Call) -> Reply:
         try:
-            reply = await self._reserve_and_forward(c)
+            admission = await self._reserve(c)
         except StoreUnavailable:
+            admission = None
             c.audit.decision = Decision.STORE_UNAVAILABLE
             reply = self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
+        if admission is None:
+            pass
+        elif admission.replay is not None:
+            c.audit.decision = admission.decision
+            reply = _replayed(admission.replay, admission.decision)
+        elif admission.decision is not Decision.FORWARDED:
+            c.audit.decision = admission.decision
+            prior = str(admission.prior_audit_id or "")
+            reply = self._refusal(c.vendor, admission.decision, audit_id=prior)
+        else:
+            response = await self._forward(c, admission.forward_key)
+            reply = await self._settle(c, admission, response)  # sets the final decision
         self.metrics.count_call(c.vendor.name, c.audit.decision)
         return reply
-
-    async def _reserve_and_forward(self, c: _Call) -> Reply:
-        admission = await self._reserve(c)
-        c.audit.decision = admission.decision
-        if admission.replay is not None:
-            return _replayed(admission.replay, admission.decision)
-        if admission.decision is not Decision.FORWARDED:
-            audit_id = str(admission.prior_audit_id or "")
-            return self._refusal(c.vendor, admission.decision, audit_id=audit_id)
-        response = await self._forward(c, admission.forward_key)
-        return await self._settle(c, admission, response)
 
     async def _reserve(self, c: _Call) -> Admission:
         vendor, call, key, cost = c.vendor, c.call, c.key, c.cost
@@ -379,14 +402,15 @@ class Pipeline:
                 actual = vendor.settle(call, cost, None, b"")
             else:
                 status = response.status
-                request_id = vendor.request_id(_lower(response.headers))
+                answered = _lower(response.headers)
+                request_id = vendor.request_id(answered)
                 shown_headers, shown_body = vendor.workload_reply(
                     call, response.status, response.headers, response.body
                 )
                 reply = Reply(response.status, shown_headers, shown_body)
                 actual = vendor.settle(call, cost, status, response.body)
                 audit.decision = Decision.FORWARDED
-                if vendor.is_replay(response.headers):
+                if vendor.is_replay(answered):
                     # The vendor answered from its idempotency store: nothing moved this time.
                     audit.decision = Decision.VENDOR_REPLAYED
                     actual = actual.with_micros(0)
@@ -465,7 +489,9 @@ def _fingerprint(vendor: Vendor, call: VendorCall) -> str:
     choosing the vendor account (the same body on another account is another call)."""
     digest = hashlib.sha256()
     parts = [call.method.encode(), call.path.encode(), call.query.encode(), call.body]
-    parts.extend(call.headers.get(name, "").encode() for name in vendor.account_headers)
+    for name in vendor.account_headers:
+        if name in call.headers:
+            parts += (name.encode(), call.headers[name].encode())
     for part in parts:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)

@@ -166,7 +166,6 @@ MIGRATIONS: list[str] = [
         prior record;
         prior_kind text;
         prior_decision text;
-        used bigint;
         fwd text := p_fwd;
         prior_id bigint;
         aid bigint;
@@ -174,10 +173,19 @@ MIGRATIONS: list[str] = [
         rep_headers jsonb;
         rep_body bytea;
     BEGIN
-        INSERT INTO key_usage (key_id, calls) VALUES (p_key_id, 1)
-            ON CONFLICT (key_id) DO UPDATE SET calls = key_usage.calls + 1;
+        -- UPDATE before INSERT: the row exists but for a key's first call, and an upsert that
+        -- meets its row costs more than an update.
+        UPDATE key_usage SET calls = calls + 1 WHERE key_id = p_key_id;
+        IF NOT FOUND THEN
+            INSERT INTO key_usage (key_id, calls) VALUES (p_key_id, 1)
+                ON CONFLICT (key_id) DO UPDATE SET calls = key_usage.calls + 1;
+        END IF;
+        -- The key, and its spend in the window, in one statement (read after taking the lock).
         SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s,
-               label INTO k FROM vault_keys WHERE key_id = p_key_id;
+               label,
+               (SELECT coalesce(sum(w.settled_micros + w.reserved_micros), 0) FROM spend_window w
+                 WHERE w.key_id = p_key_id AND w.bucket >= p_floor) AS used
+          INTO k FROM vault_keys WHERE key_id = p_key_id;
         IF NOT FOUND OR k.revoked_at IS NOT NULL THEN
             d := 'revoked';
         ELSIF k.expires_at <= p_now THEN
@@ -226,15 +234,15 @@ MIGRATIONS: list[str] = [
                AND p_cost > k.max_per_call_micros THEN
                 d := 'per_call_cap_hit';
             ELSIF d = 'forwarded' AND p_cost > 0 THEN
-                SELECT coalesce(sum(settled_micros + reserved_micros), 0) INTO used
-                  FROM spend_window WHERE key_id = p_key_id AND bucket >= p_floor;
-                IF used + p_cost > k.daily_cap_micros THEN
+                IF k.used + p_cost > k.daily_cap_micros THEN
                     d := 'cap_hit';
                 ELSE
-                    INSERT INTO spend_window (key_id, bucket, reserved_micros)
-                    VALUES (p_key_id, p_bucket, p_cost)
-                    ON CONFLICT (key_id, bucket) DO UPDATE
-                       SET reserved_micros = spend_window.reserved_micros + p_cost;
+                    UPDATE spend_window SET reserved_micros = reserved_micros + p_cost
+                     WHERE key_id = p_key_id AND bucket = p_bucket;
+                    IF NOT FOUND THEN  -- the key's first call this hour (its lock is held)
+                        INSERT INTO spend_window (key_id, bucket, reserved_micros)
+                        VALUES (p_key_id, p_bucket, p_cost);
+                    END IF;
                 END IF;
             END IF;
         END IF;
@@ -249,7 +257,7 @@ MIGRATIONS: list[str] = [
                 CASE WHEN d = 'forwarded' THEN p_cost ELSE 0 END,
                 p_amount, p_currency, p_idem, p_tag)
         RETURNING id INTO aid;
-        IF d = 'forwarded' THEN
+        IF d = 'forwarded' AND (p_idem IS NOT NULL OR p_dedupe) THEN
             INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
                                  forwarded_key)
             SELECT p_key_id, t.kind, t.token, p_hash, p_now, aid, fwd
@@ -289,14 +297,21 @@ MIGRATIONS: list[str] = [
             charge := p_settled - p_reserved;
         END IF;
         IF release <> 0 OR charge <> 0 THEN
-            INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
-            VALUES (p_key_id, p_bucket, charge, -release)
-            ON CONFLICT (key_id, bucket) DO UPDATE
-               SET settled_micros = spend_window.settled_micros + charge,
-                   reserved_micros = spend_window.reserved_micros - release;
+            UPDATE spend_window SET settled_micros = settled_micros + charge,
+                                    reserved_micros = reserved_micros - release
+             WHERE key_id = p_key_id AND bucket = p_bucket;
+            IF NOT FOUND THEN  -- nothing was reserved (a free estimate) but the outcome costs
+                INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+                VALUES (p_key_id, p_bucket, charge, -release)
+                ON CONFLICT (key_id, bucket) DO UPDATE
+                   SET settled_micros = spend_window.settled_micros + charge,
+                       reserved_micros = spend_window.reserved_micros - release;
+            END IF;
         END IF;
         -- Only the tokens this call still holds: a retry may have taken them over since.
-        IF p_keep THEN
+        IF p_idem IS NULL AND NOT p_dedupe THEN
+            NULL;  -- it holds none
+        ELSIF p_keep THEN
             UPDATE replays SET status = p_status, headers = p_headers, body = p_body
              WHERE key_id = p_key_id AND audit_id = p_audit_id
                AND ((kind = 'idempotency' AND token = p_idem)
@@ -350,6 +365,7 @@ FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6
 ORDER BY a.n
 """
 _STATUSES = json.dumps({decision: refusal_status(decision) for decision in Decision})
+_DECISIONS = {decision.value: decision for decision in Decision}  # faster than Decision(text)
 _KEY_COLUMNS = (
     "k.key_id, k.key_hash, k.vendor, k.label, k.daily_cap_micros, k.max_per_call_micros, "
     "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, "
@@ -670,7 +686,7 @@ class PostgresStore:
             headers = [tuple(h) for h in json.loads(row["o_headers"])]
             replay = StoredResponse(row["o_status"], headers, bytes(row["o_body"]))
         return Admission(
-            Decision(row["o_decision"]),
+            _DECISIONS[row["o_decision"]],
             row["o_audit_id"],
             replay,
             row["o_forward_key"],

@@ -741,16 +741,20 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
 
 
 def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
-    row = conn.execute("SELECT decision FROM audit WHERE id = ?", (s.audit_id,)).fetchone()
-    conn.execute(
+    outcome = (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms)
+    still_in_flight = conn.execute(
         "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, vendor_request_id = ?, "
-        "latency_ms = ? WHERE id = ?",
-        (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms, s.audit_id),
-    )
+        "latency_ms = ? WHERE id = ? AND decision = 'in_flight'",
+        (*outcome, s.audit_id),
+    ).rowcount
+    if not still_in_flight:  # the sweep reconciled it meanwhile
+        conn.execute(
+            "UPDATE audit SET status = ?, decision = ?, settled_micros = ?, "
+            "vendor_request_id = ?, latency_ms = ? WHERE id = ?",
+            (*outcome, s.audit_id),
+        )
     release, charge = settle_amounts(
-        still_in_flight=row is not None and row[0] == Decision.IN_FLIGHT,
-        reserved=s.reserved_micros,
-        settled=s.settled_micros,
+        still_in_flight=bool(still_in_flight), reserved=s.reserved_micros, settled=s.settled_micros
     )
     if release or charge:
         _add_spend(conn, s.key_id, s.bucket, charge, -release)

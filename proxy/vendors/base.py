@@ -143,8 +143,9 @@ class Vendor(ABC):
         """The accounts other than the key owner's own that this call acts on."""
         return ()
 
-    def is_replay(self, headers: list[tuple[str, str]]) -> bool:
-        """Whether the vendor's answer says it was replayed from its idempotency store."""
+    def is_replay(self, headers: Mapping[str, str]) -> bool:
+        """Whether the vendor's answer (lower-cased header names) says it was replayed from its
+        idempotency store."""
         return False
 
     def rule_for(self, method: str, path: str) -> Any | None:

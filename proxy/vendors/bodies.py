@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from keybrake.proxy.pricing import AmbiguousRequest
 
@@ -31,12 +32,13 @@ __all__ = ["FormBody", "parse_json", "read_form", "read_json"]
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+(?:\[[^\[\]]*\])*")
-_TOP = re.compile(r"[^\[]*")
 
 
 def _media_type(headers: Mapping[str, str]) -> tuple[str, str | None]:
     """(type, charset) of the Content-Type header, lower-cased; charset None if not given."""
     value = headers.get("content-type", "")
+    if value in (FORM, JSON):  # what the SDKs send: no parsing needed
+        return value, None
     media, *params = (part.strip() for part in value.split(";"))
     charset = None
     for param in params:
@@ -56,7 +58,8 @@ def _require(
             f"{what}: a query string on a priced write is refused; send every parameter in the "
             "body, because the vendor merges both and the proxy prices the body"
         )
-    if headers.get("content-encoding", "identity").strip().lower() != "identity":
+    encoding = headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() not in ("identity", ""):
         raise AmbiguousRequest(f"{what}: compressed request bodies are refused")
     if not body:
         return None
@@ -78,23 +81,23 @@ class FormBody:
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         self.fields = fields
+        # Fields by their top-level name folded to lower case (`metadata` for `metadata[x]`),
+        # so a read finds every spelling a vendor might take for the same field.
+        self._by_top: dict[str, list[tuple[str, str]]] = {}
+        for name, value in fields:
+            top = name.partition("[")[0]
+            self._by_top.setdefault(top.lower(), []).append((name, value))
 
     @classmethod
     def parse(cls, text: str) -> FormBody:
         if ";" in text:
             raise AmbiguousRequest("form fields are separated by '&' only; ';' is refused")
-        from urllib.parse import unquote_plus
-
         fields: list[tuple[str, str]] = []
         for part in text.split("&"):
             if not part:
                 continue
             raw_name, _, raw_value = part.partition("=")
-            try:
-                name = unquote_plus(raw_name, errors="strict")
-                value = unquote_plus(raw_value, errors="strict")
-            except UnicodeDecodeError as exc:
-                raise AmbiguousRequest("a form field does not decode to UTF-8") from exc
+            name, value = _unquote(raw_name), _unquote(raw_value)
             if not _NAME.fullmatch(name):
                 raise AmbiguousRequest(
                     f"form field name {name[:60]!r} is refused: use name or name[key][...] "
@@ -103,30 +106,23 @@ class FormBody:
             fields.append((name, value))
         return cls(fields)
 
-    def top_names(self) -> set[str]:
-        """`metadata` for `metadata[order]`, `amount` for `amount`."""
-        return {_TOP.match(name).group(0) for name, _ in self.fields}  # type: ignore[union-attr]
-
     def one(self, name: str) -> str | None:
         """The value of a field pricing reads; refused if the vendor could see another one."""
-        folded = name.lower()
-        values = []
-        for field, value in self.fields:
-            top = _TOP.match(field).group(0)  # type: ignore[union-attr]
-            if top.lower() != folded:
-                continue
+        found = self._by_top.get(name.lower())
+        if not found:
+            return None
+        for field, _ in found:
             if field != name:
                 raise AmbiguousRequest(
                     f"field {name!r} is read for pricing, so {field[:60]!r} beside or instead "
                     "of it is refused"
                 )
-            values.append(value)
-        if len(values) > 1:
+        if len(found) > 1:
             raise AmbiguousRequest(
-                f"field {name!r} appears {len(values)} times; it is read for pricing, so it must "
+                f"field {name!r} appears {len(found)} times; it is read for pricing, so it must "
                 "appear once"
             )
-        return values[0] if values else None
+        return found[0][1]
 
     def many(self, name: str) -> list[str]:
         """Every value of a field that is a list by design (Twilio's `MediaUrl`)."""
@@ -136,13 +132,21 @@ class FormBody:
         """Refuse fields outside `allowed` (top-level names, or exact nested names)."""
         permitted = set(allowed)
         for field, _ in self.fields:
-            top = _TOP.match(field).group(0)  # type: ignore[union-attr]
-            if top not in permitted and field not in permitted:
+            if field.partition("[")[0] not in permitted and field not in permitted:
                 raise AmbiguousRequest(
                     f"{what} refuses field {field[:60]!r}: it is neither priced nor on the list "
                     "of fields known not to move money (an operator may add it in the pricing "
                     "file)"
                 )
+
+
+def _unquote(raw: str) -> str:
+    if "%" not in raw and "+" not in raw:
+        return raw
+    try:
+        return unquote_plus(raw, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise AmbiguousRequest("a form field does not decode to UTF-8") from exc
 
 
 def read_form(headers: Mapping[str, str], query: str, body: bytes, what: str) -> FormBody:

@@ -14,7 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
+from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors.base import (
     FREE,
     Cost,
@@ -65,6 +66,11 @@ class Stripe(Vendor):
     )
     account_headers: ClassVar[tuple[str, ...]] = ("stripe-account", "stripe-context")
 
+    def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
+        super().__init__(credentials, pricing)
+        # Each rule as (name, free fields), once, rather than taken apart on every call.
+        self.rules = tuple((pattern, rule_parts(rule)) for pattern, rule in self.rules)
+
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
         validate_endpoint_rules(section, _RULES)
@@ -99,10 +105,8 @@ class Stripe(Vendor):
             found.extend(part.strip() for part in headers["stripe-context"].split("/"))
         return tuple(found)
 
-    def is_replay(self, headers: list[tuple[str, str]]) -> bool:
-        return any(
-            k.lower() == "idempotent-replayed" and v.strip().lower() == "true" for k, v in headers
-        )
+    def is_replay(self, headers: Mapping[str, str]) -> bool:
+        return headers.get("idempotent-replayed", "").strip().lower() == "true"
 
     async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
         if call.method == "GET":
@@ -118,7 +122,7 @@ class Stripe(Vendor):
                 "move money. An operator prices it in the pricing file under [stripe.endpoints], "
                 'e.g. "POST /v1/..." = "amount" or "free".'
             )
-        name, free_fields = rule_parts(rule)
+        name, free_fields = rule
         if name == "free" and free_fields is None:
             return FREE  # nothing this endpoint takes moves money: its body is not read
         what = f"{call.method} {call.path}"

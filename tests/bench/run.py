@@ -178,7 +178,10 @@ def passthrough(upstream: str) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def keybrake(workdir: Path, upstream: str, database_url: str) -> Iterator[tuple[str, int]]:
+def keybrake(
+    workdir: Path, upstream: str, database_url: str, exe: Path | None = None
+) -> Iterator[tuple[str, int]]:
+    """`keybrake serve` of this checkout, or of another installation (`exe`)."""
     sock = bound_socket()
     env = {
         **os.environ,
@@ -190,7 +193,7 @@ def keybrake(workdir: Path, upstream: str, database_url: str) -> Iterator[tuple[
     proc = subprocess.Popen(
         [
             *pin(1),
-            str(Path(sys.executable).parent / "keybrake"),
+            str(exe or Path(sys.executable).parent / "keybrake"),
             "serve",
             "--fd",
             str(sock.fileno()),
@@ -300,9 +303,14 @@ def seed(database_url: str, keys: int, audit_rows: int) -> None:
         conn = sqlite3.connect(path)
         conn.executescript(f"""
             WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {keys})
-            INSERT INTO vault_keys SELECT 'vk_seed' || x, randomblob(32), 'stripe', 'argo/seed-' || (x % 5000),
+            INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros,
+              allowed_endpoints, metadata, dedupe_window_s, created_at, expires_at, revoked_at)
+            SELECT 'vk_seed' || x, randomblob(32), 'stripe', 'argo/seed-' || (x % 5000),
               300000000, NULL, '["POST /v1/payment_intents"]', '{{}}', 600,
               '2026-01-01T00:00:00.000000Z', '2026-01-01T02:00:00.000000Z', NULL FROM n;
+            INSERT INTO key_usage (key_id, calls) SELECT key_id, 10 FROM vault_keys;
+            INSERT INTO spend_window (key_id, bucket, settled_micros)
+              SELECT key_id, 492048, 10000000 FROM vault_keys;
             WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {audit_rows})
             INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, reserved_micros,
               settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag)
@@ -323,14 +331,19 @@ def seed(database_url: str, keys: int, audit_rows: int) -> None:
         try:
             await migrate_connection(conn)
             await conn.execute(f"""
-                INSERT INTO vault_keys SELECT 'vk_seed' || x, decode(md5(x::text) || md5(x::text), 'hex'),
+                INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros,
+                  allowed_endpoints, metadata, dedupe_window_s, created_at, expires_at)
+                SELECT 'vk_seed' || x, decode(md5(x::text) || md5(x::text), 'hex'),
                   'stripe', 'argo/seed-' || (x % 5000), 300000000, NULL, '["POST /v1/payment_intents"]', '{{}}',
                   600, '2026-01-01', '2026-01-01 02:00' FROM generate_series(1, {keys}) x;
+                INSERT INTO key_usage (key_id, calls) SELECT key_id, 10 FROM vault_keys;
+                INSERT INTO spend_window (key_id, bucket, settled_micros)
+                  SELECT key_id, 492048, 10000000 FROM vault_keys;
                 INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, reserved_micros,
-                  settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag, day)
+                  settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag)
                 SELECT '2026-01-01', 'vk_seed' || (x % {keys}), 'argo/seed-' || (x % 5000), 'stripe', 'POST',
                   '/v1/payment_intents', 200, 'forwarded', 1000000, 1000000, 100, 'usd', 'req_' || x,
-                  'idem-' || x, 1.5, 'pod-' || x, '2026-01-01' FROM generate_series(1, {audit_rows}) x;
+                  'idem-' || x, 1.5, 'pod-' || x FROM generate_series(1, {audit_rows}) x;
             """)
             # Vacuum now, or autovacuum wakes up for the million new rows during the measurement.
             await conn.execute("VACUUM ANALYZE")
@@ -375,8 +388,18 @@ def main() -> None:
     parser.add_argument("--audit-rows", type=int, default=1_000_000)
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--compare-with",
+        metavar="KEYBRAKE",
+        help="only compare priced calls at 64 connections with another build's `keybrake` "
+        "executable (alternating runs, --repeat pairs per backend)",
+    )
+    parser.add_argument("--this", metavar="KEYBRAKE", help="with --compare-with: this side's build")
     args = parser.parse_args()
     ensure_tools()
+    if args.compare_with:
+        compare_builds(Path(args.compare_with), args)
+        return
     conns = [int(c) for c in args.connections.split(",")]
     cells: list[Cell] = []
     notes: list[str] = []
@@ -503,6 +526,31 @@ def main() -> None:
     write_report(Path(args.out), cells, notes, args, results)
 
 
+def compare_builds(other: Path, args: argparse.Namespace) -> None:
+    """This checkout (or `--this`) against another build, each on a fresh database of each
+    backend: the ratio of priced req/s at 64 connections (this / other), in pairs of runs whose
+    order alternates (ABBA)."""
+    this = Path(args.this) if args.this else None
+    with tempfile.TemporaryDirectory(prefix="keybrake-bench-") as tmp, nginx(Path(tmp)) as ngx:
+        workdir, upstream = Path(tmp), ngx[0]
+        for backend in args.backends.split(","):
+            with (
+                database(backend, workdir, "other") as other_url,
+                database(backend, workdir, "this") as this_url,
+                keybrake(workdir, upstream, other_url, exe=other) as (before, _),
+                keybrake(workdir, upstream, this_url, exe=this) as (after, _),
+            ):
+                pairing = paired(
+                    (before, issue_key(before)[0]),
+                    (after, issue_key(after)[0]),
+                    workdir,
+                    args.seconds,
+                    args.repeat,
+                    swap=True,
+                )
+                print(f"priced, 64 connections, {backend}: this/other {pairing}", flush=True)
+
+
 @contextmanager
 def _sqlite(workdir: Path, name: str = "bench") -> Iterator[str]:
     path = workdir / f"{name}-{uuid.uuid4().hex[:6]}.db"
@@ -595,14 +643,22 @@ class Pairing:
 
 
 def paired(
-    first: tuple[str, str], second: tuple[str, str], workdir: Path, seconds: int, rounds: int
+    first: tuple[str, str],
+    second: tuple[str, str],
+    workdir: Path,
+    seconds: int,
+    rounds: int,
+    *,
+    swap: bool = False,
 ) -> Pairing:
+    """`rounds` pairs of runs; with `swap`, every other pair runs the second server first (ABBA),
+    so a bias towards whichever runs first in a pair cancels out."""
     path = "/stripe/v1/payment_intents"
     pairs = []
-    for _ in range(rounds):
-        a = wrk(first[0], "POST", path, first[1], 64, seconds, workdir)[0]
-        b = wrk(second[0], "POST", path, second[1], 64, seconds, workdir)[0]
-        pairs.append((a, b))
+    for index in range(rounds):
+        order = [first, second] if not (swap and index % 2) else [second, first]
+        runs = {id(s): wrk(s[0], "POST", path, s[1], 64, seconds, workdir)[0] for s in order}
+        pairs.append((runs[id(first)], runs[id(second)]))
     return Pairing(pairs)
 
 
