@@ -2,9 +2,11 @@
 
 Exit-code convention, for keybrake's own steps and for your fan-out pods:
 
-- `77` (`EX_NOPERM` in sysexits.h): keybrake said no. The daily cap is spent (HTTP 429 with
-  `X-Keybrake-Cap-Hit: true`), the key was refused (401: revoked, expired, unknown) or the
-  endpoint is not allowed for it (403). Retrying cannot help, so it is never retried.
+- `77` (`EX_NOPERM` in sysexits.h): keybrake said no. The cap is spent (HTTP 429 with
+  `X-Keybrake-Cap-Hit: true`), the key was refused (401: revoked, expired, unknown), the endpoint
+  or account is not allowed for it (403), the request is one the vendor could read differently
+  (400, `keybrake_ambiguous_request`), or an earlier attempt's outcome is unknown (422,
+  `keybrake_outcome_unknown`). Retrying cannot help, so it is never retried.
 - anything else non-zero: treated as transient (connection refused, a 5xx, a crash) and retried
   up to `limit` times with exponential backoff.
 

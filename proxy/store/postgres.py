@@ -1,10 +1,12 @@
 """PostgreSQL store, for several proxy replicas sharing one database.
 
 Each request-path operation is one round trip: a server-side function (`keybrake_reserve`,
-`keybrake_settle`) runs the whole transaction. `keybrake_reserve` first upserts the key's spend row
-for the day, which takes that row's lock: calls of one key serialise there, so the cap check that
-follows (a conditional UPDATE) is exact across replicas, and because each transaction locks a single
-spend row, hot keys queue but cannot deadlock.
+`keybrake_settle`) runs the whole transaction; concurrent calls go as one statement per batch.
+`keybrake_reserve` restates `keybrake.proxy.decisions.admit` (the decision table test holds the two
+together). It first updates the key's `key_usage` row, which takes that row's lock: calls of one
+key serialise there, and every statement after it sees the committed spend of the calls before, so
+the window check is exact across replicas. Batches run their calls in key order, so batches that
+lock several keys' rows (reserves, settles, other replicas') never wait on each other in a cycle.
 """
 
 from __future__ import annotations
