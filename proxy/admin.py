@@ -6,6 +6,7 @@ vendor secret; the vault key itself appears once, in the 201 that issues it.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hmac
 import io
@@ -158,11 +159,21 @@ class AdminApi:
         return guarded
 
     async def _json(self, request: Request) -> Any:
-        body = await request.body()
-        if len(body) > 65536:
-            raise _BadRequest("request body too large (64 KiB at most)")
+        """The request's JSON body: at most 64 KiB, within KEYBRAKE_BODY_TIMEOUT, read strictly."""
+        chunks: list[bytes] = []
+        size = 0
         try:
-            return parse_json(body)
+            async with asyncio.timeout(self.settings.body_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > 65536:
+                        raise _BadRequest("request body too large (64 KiB at most)")
+                    chunks.append(chunk)
+        except TimeoutError as exc:
+            seconds = f"{self.settings.body_timeout:g}"
+            raise _BadRequest(f"the request body did not arrive within {seconds}s", 408) from exc
+        try:
+            return parse_json(b"".join(chunks))
         except AmbiguousRequest as exc:
             raise _BadRequest(f"malformed JSON: {exc}") from exc
 
@@ -171,7 +182,7 @@ class AdminApi:
             payload = await self._json(request)
             spec = KeyCreate.model_validate(payload)
         except _BadRequest as exc:
-            return error(400, "invalid_request_error", str(exc))
+            return error(exc.status, "invalid_request_error", str(exc))
         except ValidationError as exc:
             return error(400, "invalid_request_error", describe_validation_error(exc))
         if spec.vendor not in self.vendors:
@@ -265,7 +276,7 @@ class AdminApi:
         try:
             spec = LabelRevoke.model_validate(await self._json(request))
         except _BadRequest as exc:
-            return error(400, "invalid_request_error", str(exc))
+            return error(exc.status, "invalid_request_error", str(exc))
         except ValidationError as exc:
             return error(400, "invalid_request_error", describe_validation_error(exc))
         now = self.clock()
@@ -309,7 +320,7 @@ class AdminApi:
             spec = PruneRequest.model_validate(await self._json(request))
             before = self._since(spec.before)
         except _BadRequest as exc:
-            return error(400, "invalid_request_error", str(exc))
+            return error(exc.status, "invalid_request_error", str(exc))
         except ValidationError as exc:
             return error(400, "invalid_request_error", describe_validation_error(exc))
         except ValueError as exc:
@@ -342,7 +353,9 @@ class AdminApi:
 
 
 class _BadRequest(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _whole(name: str, value: str | None, low: int, high: int) -> int | None:

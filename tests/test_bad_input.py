@@ -267,5 +267,13 @@ def test_a_request_body_that_stalls_gets_a_408_and_an_audit_row(
             key["key_id"],
         )
         assert fake_stripe.requests == []
+        # The admin API gives its bodies the same deadline.
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(
+                b"POST /vault/keys HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {proxy.admin_key}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            assert conn.recv(65536).startswith(b"HTTP/1.1 408")
     finally:
         proxy.stop()
