@@ -12,7 +12,7 @@ import hmac
 import io
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -199,12 +199,16 @@ class AdminApi:
                 "invalid_request_error",
                 f"allowed_accounts: {spec.vendor} has no connected accounts to allow",
             )
-        if spec.daily_usd_cap > self.settings.max_daily_usd_cap:
-            return error(
-                400,
-                "invalid_request_error",
-                f"daily_usd_cap: at most {self.settings.max_daily_usd_cap} on this proxy",
-            )
+        for field, value in (
+            ("daily_usd_cap", spec.daily_usd_cap),
+            ("max_usd_per_call", spec.max_usd_per_call),
+        ):
+            if value is not None and value > self.settings.max_daily_usd_cap:
+                return error(
+                    400,
+                    "invalid_request_error",
+                    f"{field}: at most {self.settings.max_daily_usd_cap} on this proxy",
+                )
         ttl = parse_duration(spec.expires_in)
         if ttl > self.settings.max_ttl_delta:
             return error(
@@ -349,7 +353,10 @@ class AdminApi:
             ) from exc
         if moment.tzinfo is None:
             raise ValueError("since: give a timezone, e.g. 2026-11-26T10:00:00Z")
-        return moment
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+            raise ValueError(f"since: {value!r} is out of range") from exc
 
 
 class _BadRequest(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -296,3 +297,46 @@ def test_metrics(tmp_path: Path, fake_stripe: FakeStripe) -> None:
     assert "keybrake_reservations_open 0.0" in text
     assert 'keybrake_upstream_seconds_count{vendor="stripe"} 1.0' in text
     assert 'keybrake_database_seconds_count{operation="reserve"} 2.0' in text
+
+
+@pytest.mark.parametrize(
+    "path,params,body",
+    [
+        ("/vault/audit", {"since": "0001-01-01T00:00:00+14:00"}, None),
+        ("/vault/audit", {"after_id": "9" * 30}, None),
+        ("/vault/audit", {"limit": "9" * 5000}, None),
+        ("/vault/audit/prune", None, {"before": "0001-01-01T00:00:00+14:00"}),
+        ("/vault/audit/prune", None, {"before": "999999999w"}),
+        (
+            "/vault/keys",
+            None,
+            {
+                "vendor": "stripe",
+                "daily_usd_cap": 1,
+                "max_usd_per_call": "1e999",
+                "allowed_endpoints": ["POST /v1/payment_intents"],
+                "agent_run_label": "argo/x",
+            },
+        ),
+        (
+            "/vault/keys",
+            None,
+            {
+                "vendor": "stripe",
+                "daily_usd_cap": "1e999",
+                "allowed_endpoints": ["POST /v1/payment_intents"],
+                "agent_run_label": "argo/x",
+            },
+        ),
+    ],
+)
+def test_out_of_range_admin_input_is_a_400_not_a_500(
+    tmp_path: Path, path: str, params: dict[str, str] | None, body: dict[str, Any] | None
+) -> None:
+    with app_client(tmp_path) as client:
+        if body is None:
+            response = client.get(path, params=params)
+        else:
+            response = client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        assert client.get("/vault/keys").json()["data"] == []
