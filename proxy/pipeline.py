@@ -310,26 +310,25 @@ class Pipeline:
     # -- reserve → forward → settle, in a task of its own --------------------------------------
 
     async def _reserve_forward_settle(self, c: _Call) -> Reply:
+        reply = await self._admitted_reply(c)
+        self.metrics.count_call(c.vendor.name, c.audit.decision)
+        return reply
+
+    async def _admitted_reply(self, c: _Call) -> Reply:
         try:
             admission = await self._reserve(c)
         except StoreUnavailable:
-            admission = None
+            # Fail closed: without the database nothing is reserved, so nothing is forwarded.
             c.audit.decision = Decision.STORE_UNAVAILABLE
-            reply = self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
-        if admission is None:
-            pass
-        elif admission.replay is not None:
-            c.audit.decision = admission.decision
-            reply = _replayed(admission.replay, admission.decision)
-        elif admission.decision is not Decision.FORWARDED:
-            c.audit.decision = admission.decision
+            return self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
+        c.audit.decision = admission.decision
+        if admission.replay is not None:
+            return _replayed(admission.replay, admission.decision)
+        if admission.decision is not Decision.FORWARDED:
             prior = str(admission.prior_audit_id or "")
-            reply = self._refusal(c.vendor, admission.decision, audit_id=prior)
-        else:
-            response = await self._forward(c, admission.forward_key)
-            reply = await self._settle(c, admission, response)  # sets the final decision
-        self.metrics.count_call(c.vendor.name, c.audit.decision)
-        return reply
+            return self._refusal(c.vendor, admission.decision, audit_id=prior)
+        response = await self._forward(c, admission.forward_key)
+        return await self._settle(c, admission, response)  # sets the final decision
 
     async def _reserve(self, c: _Call) -> Admission:
         vendor, call, key, cost = c.vendor, c.call, c.key, c.cost
