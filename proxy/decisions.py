@@ -16,13 +16,14 @@ The ledger's rules, in the order they apply:
    re-run pod sends a fresh one) that matches an identical request of the same key within the
    key's dedupe window is that earlier call, as in 2.
 4. An earlier call that was cut off, because its process died mid-call (the sweep then counts
-   it as spent: `reconciled`) or the vendor never answered (`upstream_error`), has an unknown
-   outcome. For a vendor with idempotency keys the retry is
-   forwarded again with the earlier call's idempotency key, so the vendor replays its own answer
-   if the first call reached it; the retry is priced and capped like a new call and settles to
-   nothing if the vendor says it replayed. For a vendor without them (Twilio) it is refused,
-   for good (`outcome_unknown`, naming the earlier call's audit row): never a 409 that a client
-   would retry forever. So is a retry whose earlier call's idempotency key is not known.
+   it as spent: `reconciled`), the vendor never answered (`upstream_error`) or the vendor said it
+   was still running a request with its key (`vendor_busy`), has an unknown outcome. For a
+   vendor with idempotency keys the retry is forwarded again with the earlier call's
+   idempotency key, so the vendor replays its own answer if the first call reached it; the
+   retry is priced and capped like a new call and settles to nothing if the vendor says it
+   replayed. For a vendor without them (Twilio) it is refused, for good (`outcome_unknown`,
+   naming the earlier call's audit row): never a 409 that a client would retry forever. So is
+   a retry whose earlier call's idempotency key is not known.
 5. A call costing more than the key's `max_usd_per_call` is a cap hit.
 6. A priced call is admitted only if everything the key spent or reserved in the rolling 24-hour
    window, plus its cost, stays within `daily_usd_cap` (`used + cost <= cap`); it then reserves
@@ -43,6 +44,7 @@ from enum import StrEnum
 
 __all__ = [
     "BUCKET",
+    "CUT_OFF",
     "WINDOW",
     "Admitted",
     "Decision",
@@ -92,6 +94,7 @@ class Decision(StrEnum):
     IN_FLIGHT = "in_flight"  # reserved and at the vendor; settling rewrites it
     UPSTREAM_ERROR = "upstream_error"  # no answer: counted as spent
     VENDOR_REPLAYED = "vendor_replayed"  # the vendor answered from its idempotency store: free
+    VENDOR_BUSY = "vendor_busy"  # the vendor still runs a request with this key (its 409): free
     RECONCILED = "reconciled"  # left in flight by a dead process; the sweep counted it as spent
     SETTLE_FAILED = "settle_failed"  # forwarded, but the outcome could not be written yet
     STORE_UNAVAILABLE = "store_unavailable"
@@ -191,6 +194,10 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
         "The proxy failed to handle this call; it was not forwarded. The failure is logged.",
     ),
 }
+
+
+# The outcomes after which an unanswered call's replay tokens mean "cut off, outcome unknown".
+CUT_OFF = frozenset({Decision.RECONCILED, Decision.UPSTREAM_ERROR, Decision.VENDOR_BUSY})
 
 
 def refusal(decision: Decision) -> tuple[int, str, str]:

@@ -44,6 +44,7 @@ from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 __all__ = ["CAP_HIT_HEADER", "Incoming", "LookupFailed", "Pipeline", "Reply", "hash_vault_key"]
 
 CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
+_KEPT = frozenset({Decision.FORWARDED, Decision.VENDOR_REPLAYED})  # answers stored for replays
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 log = logging.getLogger("keybrake.proxy")
 
@@ -413,6 +414,10 @@ class Pipeline:
                     # The vendor answered from its idempotency store: nothing moved this time.
                     audit.decision = Decision.VENDOR_REPLAYED
                     actual = actual.with_micros(0)
+                elif status == 409 and vendor.replays:
+                    # The vendor is still running a request with this idempotency key: this one
+                    # moved nothing, and what the first will do is not known yet.
+                    audit.decision = Decision.VENDOR_BUSY
             settlement = Settlement(
                 audit_id=admission.audit_id,
                 key_id=c.key.key_id,
@@ -427,14 +432,15 @@ class Pipeline:
                 idempotency_key=c.reservation.idempotency_key,
                 request_hash=c.reservation.request_hash,
                 dedupe=c.reservation.dedupe,
-                # A 5xx is not kept (a retry is sent again); no answer at all leaves the call's
-                # outcome unknown, so a retry goes out with the same idempotency key.
+                # A 5xx is not kept (a retry is sent again); no answer at all, or the vendor's
+                # "still running", leaves the outcome unknown, so a retry goes out with the same
+                # idempotency key.
                 response=(
                     StoredResponse(reply.status, reply.headers, reply.body)
-                    if status is not None and status < 500
+                    if status is not None and status < 500 and audit.decision in _KEPT
                     else None
                 ),
-                outcome_known=status is not None,
+                outcome_known=status is not None and audit.decision is not Decision.VENDOR_BUSY,
                 counts=actual.counts if status is not None and status < 300 else (),
             )
             timed = perf_counter()

@@ -140,13 +140,21 @@ def test_a_retry_after_no_answer_is_sent_as_the_same_call(
     )
     params: Any = {"amount": 300, "currency": "usd", "metadata": {"item": "9"}}
     fake_stripe.mode = "hang"
-    fake_stripe.answered.clear()
     try:
         client.v1.payment_intents.create(params=params)
     except stripe.APIError as exc:
         assert exc.http_status == 502
     else:
         raise AssertionError("the first attempt should have timed out")
+    # The vendor is still running it: a retry now gets the vendor's conflict, moves nothing, and
+    # leaves the outcome open (not stored as the answer).
+    try:
+        client.v1.payment_intents.create(params=params)
+    except stripe.APIError as exc:
+        assert exc.http_status == 409
+    else:
+        raise AssertionError("the vendor should have said it is still running the first")
+    fake_stripe.answered.clear()
     fake_stripe.release()  # the vendor finishes what it started
     assert fake_stripe.answered.wait(timeout=30)
     fake_stripe.mode = "ok"
@@ -156,6 +164,7 @@ def test_a_retry_after_no_answer_is_sent_as_the_same_call(
     assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "0.00")
     assert [r["decision"] for r in audit(fake_proxy, key["key_id"])] == [
         "vendor_replayed",
+        "vendor_busy",
         "upstream_error",
     ]
 

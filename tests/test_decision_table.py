@@ -30,7 +30,9 @@ class Earlier:
     """An earlier call holding an idempotency key (`order-1`) or the dedupe fingerprint."""
 
     kind: str  # "idempotency" or "dedupe"
-    state: str  # "answered", "in_flight", "reconciled" (swept) or "no_answer" (upstream error)
+    # "answered", "in_flight", "reconciled" (swept), "no_answer" (upstream error) or "busy" (the
+    # vendor's 409: it still runs a request with this idempotency key)
+    state: str
     age: timedelta = timedelta(minutes=1)
     body: str = "body-A"
 
@@ -210,6 +212,14 @@ ROWS = [
         forward_key="order-1",
     ),
     Row(
+        "a call the vendor said it was still running is sent again with its own key",
+        Decision.FORWARDED,
+        earlier=Earlier("idempotency", "busy"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,  # the first attempt moved nothing (a 4xx); this one is reserved
+        forward_key="order-1",
+    ),
+    Row(
         "without vendor idempotency a reconciled call's outcome is unknown, for good",
         Decision.OUTCOME_UNKNOWN,
         earlier=Earlier("dedupe", "reconciled"),
@@ -328,7 +338,14 @@ def reservation(
     )
 
 
-def outcome(r: Reservation, audit_id: int, settled: int, *, answered: bool = True) -> Settlement:
+def outcome(
+    r: Reservation, audit_id: int, settled: int, *, answered: bool = True, status: int = 200
+) -> Settlement:
+    """What the pipeline settles: an answer (stored for replays unless it is the vendor's 409
+    "still running"), or no answer at all (a 502)."""
+    if not answered:
+        status = 502
+    decision = {200: "forwarded", 409: "vendor_busy", 502: "upstream_error"}[status]
     return Settlement(
         audit_id=audit_id,
         key_id=r.key.key_id,
@@ -336,15 +353,15 @@ def outcome(r: Reservation, audit_id: int, settled: int, *, answered: bool = Tru
         vendor="stripe",
         reserved_micros=r.cost_micros,
         settled_micros=settled,
-        status=200 if answered else 502,
-        decision="forwarded" if answered else "upstream_error",
+        status=status,
+        decision=decision,
         vendor_request_id=None,
         latency_ms=1.0,
         idempotency_key=r.idempotency_key,
         request_hash=r.request_hash,
         dedupe=r.dedupe,
-        response=StoredResponse(200, [], b'{"id": "pi_1"}') if answered else None,
-        outcome_known=answered,
+        response=StoredResponse(200, [], b'{"id": "pi_1"}') if status == 200 else None,
+        outcome_known=status == 200,
     )
 
 
@@ -401,6 +418,8 @@ async def play(store: Store, row: Row, key_id: str) -> None:
             await store.settle(outcome(first, earlier_id, 3 * MICROS))
         elif e.state == "no_answer":
             await store.settle(outcome(first, earlier_id, 3 * MICROS, answered=False))
+        elif e.state == "busy":
+            await store.settle(outcome(first, earlier_id, 0, status=409))
         elif e.state == "reconciled":
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1

@@ -222,7 +222,8 @@ MIGRATIONS: list[str] = [
                     rep_body := prior.body;
                 ELSE
                     SELECT decision INTO prior_decision FROM audit WHERE id = prior.audit_id;
-                    IF FOUND AND prior_decision NOT IN ('reconciled', 'upstream_error') THEN
+                    IF FOUND AND prior_decision NOT IN ('reconciled', 'upstream_error',
+                                                        'vendor_busy') THEN
                         d := 'in_progress';
                     ELSIF NOT p_replays OR prior.forwarded_key IS NULL THEN
                         d := 'outcome_unknown';

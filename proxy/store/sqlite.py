@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from keybrake.proxy.decisions import (
     BUCKET,
+    CUT_OFF,
     WINDOW,
     Decision,
     Prior,
@@ -52,8 +53,6 @@ from keybrake.proxy.store.base import (
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 T = TypeVar("T")
-# Outcomes after which an unanswered call's replay tokens mean "cut off, outcome unknown".
-_CUT_OFF = frozenset({Decision.RECONCILED, Decision.UPSTREAM_ERROR})
 _PRUNE_SLICE = 10_000
 
 MIGRATIONS: list[str] = [
@@ -624,7 +623,7 @@ def _prior(
     if not row[2]:
         # Unanswered: still running, or cut off (its audit row says so, or is gone).
         found = conn.execute("SELECT decision FROM audit WHERE id = ?", (row[3],)).fetchone()
-        unknown = found is None or found[0] in _CUT_OFF
+        unknown = found is None or found[0] in CUT_OFF
     return Prior(
         audit_id=row[3] or 0,
         same_request=row[0] == request_hash,
