@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
@@ -242,7 +243,8 @@ async def _fetch(lookup: Lookup, kind: str, object_id: str, query: str = "") -> 
     described, syntax = _IDS[kind]
     if not syntax.fullmatch(object_id):
         raise AmbiguousRequest(f"{object_id[:40]!r} is not {described}")
-    return await lookup.fetch_json(f"/v1/{kind}/{object_id}{query}")
+    # Quoting changes nothing an id in Stripe's syntax can hold; it is the last line of defence.
+    return await lookup.fetch_json(f"/v1/{kind}/{quote(object_id, safe='')}{query}")
 
 
 def _amount(value: str | None) -> int:
