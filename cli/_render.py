@@ -6,15 +6,28 @@ from decimal import Decimal
 
 from rich.table import Table
 
-from keybrake.proxy.models import AuditRow, KeyInfo
+from keybrake.proxy.models import AuditRow, BudgetInfo, ChangeInfo, KeyInfo
 
-__all__ = ["audit_table", "key_detail", "keys_table"]
+__all__ = ["audit_table", "budget_detail", "budgets_table", "caps", "key_detail", "keys_table"]
 
 _STATUS_STYLE = {"active": "green", "revoked": "red", "expired": "yellow"}
 
 
 def _status(status: str) -> str:
     return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def caps(daily: str | None, total: str | None, budget_id: str | None = None) -> str:
+    """`$300/24h`, `$500 total`, both, or the budget the key draws on."""
+    parts = [f"${daily}/24h" if daily else "", f"${total} total" if total else ""]
+    shown = ", ".join(part for part in parts if part)
+    if budget_id:
+        shown = f"{shown} + {budget_id}" if shown else budget_id
+    return shown or "-"
+
+
+def _ts(text: str | None) -> str:
+    return text[:16].replace("T", " ") if text else "-"
 
 
 def keys_table(keys: list[KeyInfo]) -> Table:
@@ -42,11 +55,68 @@ def keys_table(keys: list[KeyInfo]) -> Table:
             key.vendor,
             _status(key.status),
             f"${key.spent_usd}",
-            f"${key.daily_usd_cap}",
+            caps(key.daily_usd_cap, key.total_usd_cap, key.budget_id),
             str(key.calls),
             str(key.cap_hits),
-            key.expires_at[:16].replace("T", " "),
+            _ts(key.expires_at),
         )
+    return table
+
+
+def budgets_table(budgets: list[BudgetInfo]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("BUDGET ID", "LABEL", "STATUS", "SPENT", "TOTAL", "CAP", "KEYS", "EXPIRES"):
+        numeric = column in {"SPENT", "TOTAL", "CAP", "KEYS"}
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    table.columns[0].min_width = max((len(b.budget_id) for b in budgets), default=9)
+    table.columns[1].min_width = min(max((len(b.agent_run_label) for b in budgets), default=5), 48)
+    for budget in budgets:
+        table.add_row(
+            budget.budget_id,
+            budget.agent_run_label,
+            _status(budget.status),
+            f"${budget.spent_usd}",
+            f"${budget.total_spent_usd}",
+            caps(budget.daily_usd_cap, budget.total_usd_cap),
+            str(len(budget.keys)),
+            _ts(budget.expires_at),
+        )
+    return table
+
+
+def _change_lines(changes: list[ChangeInfo]) -> str:
+    return "\n".join(
+        f"{_ts(c.at)}  {c.field} {c.old or '-'} -> {c.new or '-'}  ({c.reason})" for c in changes
+    )
+
+
+def budget_detail(budget: BudgetInfo) -> Table:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("Budget ID", budget.budget_id),
+        ("Label", budget.agent_run_label),
+        ("Status", _status(budget.status)),
+        ("Cap (24 h)", f"${budget.daily_usd_cap}" if budget.daily_usd_cap else "-"),
+        ("Cap (total)", f"${budget.total_usd_cap}" if budget.total_usd_cap else "-"),
+        ("Spent (24 h)", f"${budget.spent_usd} since {_ts(budget.window_start)}"),
+        ("Reserved", f"${budget.reserved_usd}"),
+        ("Spent in all", f"${budget.total_spent_usd}"),
+        ("Remaining", f"${budget.remaining_usd}"),
+        ("Calls", str(budget.calls)),
+        ("Cap hits", str(budget.cap_hits)),
+        ("Keys", "\n".join(budget.keys) or "-"),
+        ("Created", budget.created_at),
+        ("Expires", budget.expires_at),
+        ("Revoked", budget.revoked_at or "-"),
+    ]
+    if budget.changes:
+        rows.append(("Changes", _change_lines(budget.changes)))
+    if budget.metadata:
+        rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in budget.metadata.items())))
+    for name, value in rows:
+        table.add_row(name, value)
     return table
 
 
@@ -60,11 +130,14 @@ def key_detail(key: KeyInfo) -> Table:
         ("Vendor", key.vendor),
         ("Status", _status(key.status)),
         ("Allowed", "\n".join(key.allowed_endpoints)),
-        ("Cap (24 h)", f"${key.daily_usd_cap}"),
+        ("Cap (24 h)", f"${key.daily_usd_cap}" if key.daily_usd_cap else "-"),
+        ("Cap (total)", f"${key.total_usd_cap}" if key.total_usd_cap else "-"),
         ("Per-call cap", f"${key.max_usd_per_call}" if key.max_usd_per_call else "-"),
-        ("Spent (24 h)", f"${key.spent_usd} since {key.window_start[:16].replace('T', ' ')}"),
+        ("Per-caller cap", f"${key.max_usd_per_caller}" if key.max_usd_per_caller else "-"),
+        ("Budget", key.budget_id or "-"),
+        ("Spent (24 h)", f"${key.spent_usd} since {_ts(key.window_start)}"),
         ("Reserved", f"${key.reserved_usd}"),
-        ("Remaining", f"${key.remaining_usd}"),
+        ("Remaining", f"${key.remaining_usd}" if key.remaining_usd else "-"),
         ("Spent in all", f"${key.total_spent_usd}"),
         ("Calls", str(key.calls)),
         ("Cap hits", str(key.cap_hits)),
@@ -74,6 +147,8 @@ def key_detail(key: KeyInfo) -> Table:
     ]
     if key.allowed_accounts:
         rows.append(("Accounts", ", ".join(key.allowed_accounts)))
+    if key.changes:
+        rows.append(("Changes", _change_lines(key.changes)))
     if key.metadata:
         rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in key.metadata.items())))
     for name, value in rows:

@@ -1,8 +1,7 @@
-"""`keybrake keys`: issue, list and show vault keys."""
+"""`keybrake keys`: issue, list, show and patch vault keys."""
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
 from typing import Annotated
 
 import typer
@@ -10,11 +9,12 @@ from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._options import caps_patch, dollars, metadata
 from keybrake.cli._render import key_detail, keys_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import KeyCreate, describe_validation_error
 
-app = typer.Typer(help="Issue, list and show vault keys.", no_args_is_help=True)
+app = typer.Typer(help="Issue, list, show and patch vault keys.", no_args_is_help=True)
 
 OutputOption = Annotated[
     Output | None,
@@ -29,16 +29,32 @@ OutputOption = Annotated[
 )
 def issue(
     vendor: Annotated[str, typer.Option(help="stripe, twilio or resend.")],
-    daily_usd_cap: Annotated[str, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")],
     allow: Annotated[
         list[str], typer.Option("--allow", help="'METHOD /path' the key may call; repeatable.")
     ],
     label: Annotated[str, typer.Option(help="Usually argo/<workflow name>.")],
+    daily_usd_cap: Annotated[
+        str | None, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")
+    ] = None,
+    total_usd_cap: Annotated[
+        str | None, typer.Option("--total-usd-cap", help="Dollars over the key's whole life.")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="A budget (bg_...) the key also draws on.")
+    ] = None,
     expires_in: Annotated[str, typer.Option("--expires-in", help="90s, 30m, 2h, 7d.")] = "1h",
     max_usd_per_call: Annotated[
         str | None, typer.Option("--max-usd-per-call", help="Refuse single calls above this.")
     ] = None,
-    metadata: Annotated[
+    max_usd_per_caller: Annotated[
+        str | None,
+        typer.Option(
+            "--max-usd-per-caller",
+            help="Dollars per caller tag (<vault_key>.<tag>) over the key's life: one runaway pod "
+            "cannot spend it all.",
+        ),
+    ] = None,
+    meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value stored with the key; repeatable.")
     ] = None,
     dedupe_window: Annotated[
@@ -51,24 +67,20 @@ def issue(
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Issue a vault key. The key is shown once; store it where the workload reads it."""
-    meta: dict[str, str] = {}
-    for item in metadata or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            fail(f"--meta {item!r}: expected key=value", EXIT_USAGE)
-        meta[name] = value
+    """Issue a vault key. The key is shown once; store it where the workload reads it. It needs
+    --daily-usd-cap or --total-usd-cap, unless it draws on a --budget."""
     try:
         spec = KeyCreate(
             vendor=vendor,
-            daily_usd_cap=_dollars(daily_usd_cap, "--daily-usd-cap"),
+            daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
+            total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
+            budget_id=budget,
             allowed_endpoints=allow,
             expires_in=expires_in,
             agent_run_label=label,
-            max_usd_per_call=(
-                _dollars(max_usd_per_call, "--max-usd-per-call") if max_usd_per_call else None
-            ),
-            metadata=meta,
+            max_usd_per_call=dollars(max_usd_per_call, "--max-usd-per-call"),
+            max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
+            metadata=metadata(meta),
             dedupe_window=dedupe_window,
         )
     except ValidationError as exc:
@@ -86,13 +98,6 @@ def issue(
         print_data(issued.model_dump(), chosen)
 
 
-def _dollars(text: str, flag: str) -> Decimal:
-    try:
-        return Decimal(text)
-    except InvalidOperation:
-        fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
-
-
 @app.command(
     "list", epilog="Example: keybrake keys list --label argo/billing-agent-x7k2p --status active"
 )
@@ -103,17 +108,20 @@ def list_keys(
     ] = None,
     vendor: Annotated[str | None, typer.Option(help="Only keys of this vendor.")] = None,
     status: Annotated[str | None, typer.Option(help="active, revoked or expired.")] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="Only keys drawing on this budget.")
+    ] = None,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """List vault keys with today's spend."""
+    """List vault keys with their spend in the last 24 hours and their caps."""
     if status is not None and status not in {"active", "revoked", "expired"}:
         fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
     if workflow:
         label = f"argo/{workflow}"
     with connect(url, api_key) as client:
-        keys = client.list_keys(label=label, vendor=vendor, status=status)
+        keys = client.list_keys(label=label, vendor=vendor, status=status, budget_id=budget)
     chosen = default_output(output)
     if chosen is Output.table:
         if not keys:
@@ -131,9 +139,53 @@ def show(
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Show one key: spend today, reserved, remaining, calls, cap hits."""
+    """Show one key: its caps, spend in the last 24 hours and in all, reserved, remaining, calls,
+    cap hits, and every change made to it."""
     with connect(url, api_key) as client:
         key = client.get_key(key_id)
+    chosen = default_output(output)
+    if chosen is Output.table:
+        console.print(key_detail(key))
+    else:
+        print_data(key.model_dump(), chosen)
+
+
+@app.command(
+    "patch",
+    epilog="Example: keybrake keys patch vk_3f9c2a1b4d5e6f70 --daily-usd-cap 400 "
+    "--reason 'month-end batch is larger'",
+)
+def patch(
+    key_id: Annotated[str, typer.Argument(help="The key id (vk_...).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")],
+    daily_usd_cap: Annotated[
+        str | None, typer.Option("--daily-usd-cap", help="New cap for any 24 hours.")
+    ] = None,
+    total_usd_cap: Annotated[
+        str | None, typer.Option("--total-usd-cap", help="New cap over the key's life.")
+    ] = None,
+    max_usd_per_caller: Annotated[
+        str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
+    ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option("--expires-in", help="New life, from now (never past the longest allowed)."),
+    ] = None,
+    output: OutputOption = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Raise or lower a live key's caps, or extend or shorten its life; effective on the next
+    call on every replica. Lowering below what is spent makes the next priced call a cap hit."""
+    spec = caps_patch(
+        reason=reason,
+        daily_usd_cap=daily_usd_cap,
+        total_usd_cap=total_usd_cap,
+        max_usd_per_caller=max_usd_per_caller,
+        expires_in=expires_in,
+    )
+    with connect(url, api_key) as client:
+        key = client.patch_key(key_id, spec)
     chosen = default_output(output)
     if chosen is Output.table:
         console.print(key_detail(key))

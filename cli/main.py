@@ -7,7 +7,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from keybrake.cli import audit, db, demo, keys, revoke, serve, templates, watch
+from keybrake.cli import audit, budgets, db, demo, keys, revoke, serve, templates, watch
 
 app = typer.Typer(
     name="keybrake",
@@ -19,6 +19,7 @@ app = typer.Typer(
 
 app.command(epilog="Example: keybrake serve --host 0.0.0.0 --port 8080 --workers 2")(serve.serve)
 app.add_typer(keys.app, name="keys")
+app.add_typer(budgets.app, name="budgets")
 app.command()(revoke.revoke)
 app.add_typer(audit.app, name="audit")
 app.command()(watch.watch)

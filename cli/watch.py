@@ -15,8 +15,9 @@ from rich.table import Table
 
 from keybrake.cli._common import console, err_console
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._render import caps
 from keybrake.proxy.client import DEFAULT_URL
-from keybrake.proxy.models import AuditRow, KeyInfo
+from keybrake.proxy.models import AuditRow, BudgetInfo, KeyInfo
 
 
 def watch(
@@ -40,6 +41,7 @@ def watch(
         try:
             while True:
                 keys = client.list_keys(label=label)
+                budgets = client.list_budgets(label=label)
                 now = time.monotonic()
                 for key in keys:
                     seen_at, seen_calls = previous.get(key.key_id, (now, key.calls))
@@ -50,7 +52,7 @@ def watch(
                 if rows:
                     last_id = max(r.id for r in rows)
                     errors.extend(r for r in reversed(rows) if r.status >= 400 or r.status == 0)
-                live.update(_view(label, keys, rates, list(errors)), refresh=True)
+                live.update(_view(label, keys, budgets, rates, list(errors)), refresh=True)
                 if keys and all(k.status != "active" for k in keys):
                     break
                 time.sleep(interval)  # the refresh period of a live view, not synchronisation
@@ -61,22 +63,42 @@ def watch(
 
 
 def _view(
-    label: str, keys: list[KeyInfo], rates: dict[str, float], errors: list[AuditRow]
+    label: str,
+    keys: list[KeyInfo],
+    budgets: list[BudgetInfo],
+    rates: dict[str, float],
+    errors: list[AuditRow],
 ) -> Group:
-    table = Table(title=f"vault keys of {label}", box=None, header_style="bold")
-    for column in ("KEY ID", "STATUS", "SPEND", "", "CALLS/S", "CALLS", "CAP HITS"):
+    table = Table(title=f"vault keys and budgets of {label}", box=None, header_style="bold")
+    for column in ("ID", "STATUS", "SPEND", "", "CALLS/S", "CALLS", "CAP HITS"):
         table.add_column(column)
     for key in keys:
-        cap = Decimal(key.daily_usd_cap)
         used = Decimal(key.spent_usd) + Decimal(key.reserved_usd)
+        # The bar fills towards the first cap the key would hit (its 24-hour cap, else its total).
+        cap = Decimal(key.daily_usd_cap or key.total_usd_cap or 0)
+        bar = (
+            ProgressBar(total=float(cap), completed=float(min(used, cap)), width=30) if cap else ""
+        )
         table.add_row(
             key.key_id,
             key.status,
-            ProgressBar(total=float(cap), completed=float(min(used, cap)), width=30),
-            f"${key.spent_usd} / ${key.daily_usd_cap}",
+            bar,
+            f"${key.spent_usd} ({caps(key.daily_usd_cap, key.total_usd_cap, key.budget_id)})",
             f"{rates.get(key.key_id, 0.0):.1f}",
             str(key.calls),
             str(key.cap_hits),
+        )
+    for budget in budgets:
+        total = Decimal(budget.total_usd_cap or budget.daily_usd_cap or 0)
+        spent = Decimal(budget.total_spent_usd if budget.total_usd_cap else budget.spent_usd)
+        table.add_row(
+            budget.budget_id,
+            budget.status,
+            ProgressBar(total=float(total), completed=float(min(spent, total)), width=30),
+            f"${spent} ({caps(budget.daily_usd_cap, budget.total_usd_cap)})",
+            "",
+            str(budget.calls),
+            str(budget.cap_hits),
         )
     if not keys:
         table.add_row("(no keys yet)", "", "", "", "", "", "")

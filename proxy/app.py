@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from keybrake.proxy.admin import AdminApi
+from keybrake.proxy.decisions import window_floor
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.models import REPLAY_RETENTION
@@ -129,10 +130,13 @@ def build_app(
 
 async def maintain(store: Store, settings: Settings, now: datetime) -> tuple[int, int, int]:
     """What every replica does every 30 seconds: count calls left in flight by a dead process as
-    spent, forget replay tokens older than a day, and prune the audit log when a retention is
-    set. Returns (calls reconciled, tokens forgotten, audit rows pruned)."""
+    spent, forget replay tokens older than a day, fold spend older than the window into each
+    owner's lifetime total, and prune the audit log when a retention is set. Returns (calls
+    reconciled, tokens forgotten, audit rows pruned)."""
     reconciled = await store.sweep(now - settings.reservation_ttl_delta)
     forgotten = await store.forget_replays(now - REPLAY_RETENTION)
+    # Buckets older than the window only count towards lifetime totals: fold them into one.
+    await store.compact_spend(window_floor(now) - 1)
     retention = settings.audit_retention_delta
     pruned = 0 if retention is None else await store.prune_audit(now - retention, now)
     return reconciled, forgotten, pruned

@@ -16,6 +16,10 @@ from keybrake.proxy.errors import ApiError, ProxyUnreachable
 from keybrake.proxy.models import (
     AuditPage,
     AuditRow,
+    BudgetCreate,
+    BudgetInfo,
+    BudgetList,
+    CapsPatch,
     IssuedKey,
     KeyCreate,
     KeyInfo,
@@ -80,11 +84,14 @@ class KeybrakeClient:
         return IssuedKey.model_validate(self._request("POST", "/vault/keys", json=body).json())
 
     def list_keys(
-        self, *, label: str | None = None, vendor: str | None = None, status: str | None = None
+        self,
+        *,
+        label: str | None = None,
+        vendor: str | None = None,
+        status: str | None = None,
+        budget_id: str | None = None,
     ) -> list[KeyInfo]:
-        params = {
-            k: v for k, v in {"label": label, "vendor": vendor, "status": status}.items() if v
-        }
+        params = _params(label=label, vendor=vendor, status=status, budget_id=budget_id)
         return KeyList.model_validate(
             self._request("GET", "/vault/keys", params=params).json()
         ).data
@@ -94,6 +101,38 @@ class KeybrakeClient:
 
     def revoke_key(self, key_id: str) -> KeyInfo:
         return KeyInfo.model_validate(self._request("DELETE", f"/vault/keys/{key_id}").json())
+
+    def patch_key(self, key_id: str, patch: CapsPatch) -> KeyInfo:
+        body = patch.model_dump(mode="json", exclude_none=True)
+        return KeyInfo.model_validate(
+            self._request("PATCH", f"/vault/keys/{key_id}", json=body).json()
+        )
+
+    def create_budget(self, spec: BudgetCreate) -> BudgetInfo:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        return BudgetInfo.model_validate(self._request("POST", "/vault/budgets", json=body).json())
+
+    def list_budgets(
+        self, *, label: str | None = None, status: str | None = None
+    ) -> list[BudgetInfo]:
+        params = _params(label=label, status=status)
+        return BudgetList.model_validate(
+            self._request("GET", "/vault/budgets", params=params).json()
+        ).data
+
+    def get_budget(self, budget_id: str) -> BudgetInfo:
+        return BudgetInfo.model_validate(self._request("GET", f"/vault/budgets/{budget_id}").json())
+
+    def revoke_budget(self, budget_id: str) -> BudgetInfo:
+        return BudgetInfo.model_validate(
+            self._request("DELETE", f"/vault/budgets/{budget_id}").json()
+        )
+
+    def patch_budget(self, budget_id: str, patch: CapsPatch) -> BudgetInfo:
+        body = patch.model_dump(mode="json", exclude_none=True)
+        return BudgetInfo.model_validate(
+            self._request("PATCH", f"/vault/budgets/{budget_id}", json=body).json()
+        )
 
     def revoke_label(self, label: str) -> RevokeResult:
         response = self._request("POST", "/vault/keys/revoke", json={"agent_run_label": label})

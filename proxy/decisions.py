@@ -8,7 +8,8 @@ store calls `admit` itself; PostgreSQL's `keybrake_reserve` function restates it
 
 The ledger's rules, in the order they apply:
 
-1. A revoked key, then a key whose `expires_at <= now`, is refused.
+1. A revoked key, then a key whose `expires_at <= now`, is refused; so is a key drawing on a budget
+   that is revoked or expired (`budget_revoked`, `budget_expired`).
 2. A call carrying an idempotency key the key has seen before is that earlier call: another
    request body under the same idempotency key is refused (`idempotency_mismatch`); an answered
    one is replayed; one still running is `in_progress` (409, retry shortly).
@@ -25,9 +26,13 @@ The ledger's rules, in the order they apply:
    naming the earlier call's audit row): never a 409 that a client would retry forever. So is
    a retry whose earlier call's idempotency key is not known.
 5. A call costing more than the key's `max_usd_per_call` is a cap hit.
-6. A priced call is admitted only if everything the key spent or reserved in the rolling 24-hour
-   window, plus its cost, stays within `daily_usd_cap` (`used + cost <= cap`); it then reserves
-   its cost. Calls costing nothing always pass.
+6. A priced call is admitted only if every cap that applies holds with its cost added
+   (`used + cost <= cap`), checked in this order: the caller's spend over the key's life
+   (`max_usd_per_caller`, per caller tag: `caller_cap_hit`), the key's spend in the rolling
+   24-hour window (`daily_usd_cap`: `cap_hit`) and over its life (`total_usd_cap`:
+   `total_cap_hit`), then the same two caps of the budget the key draws on (`budget_cap_hit`).
+   It then reserves its cost against all of them at once. Calls costing nothing always pass.
+   Every cap hit counts on the key, and on its budget.
 
 The rolling window is kept in hourly buckets: spend counts in the hour its call was reserved,
 and a check at time t sums the buckets from the one holding t - 24h to the newest. That covers
@@ -47,11 +52,13 @@ __all__ = [
     "CUT_OFF",
     "WINDOW",
     "Admitted",
+    "Caps",
     "Decision",
     "Prior",
     "admit",
     "bucket_of",
     "bucket_start",
+    "caller_of",
     "refusal",
     "refusal_status",
     "settle_amounts",
@@ -82,13 +89,18 @@ class Decision(StrEnum):
     # Taken by the ledger (`admit`).
     REVOKED = "revoked"
     EXPIRED = "expired"
+    BUDGET_REVOKED = "budget_revoked"
+    BUDGET_EXPIRED = "budget_expired"
     IDEMPOTENCY_MISMATCH = "idempotency_mismatch"
     IN_PROGRESS = "in_progress"
     REPLAYED = "replayed"
     DEDUPLICATED = "deduplicated"
     OUTCOME_UNKNOWN = "outcome_unknown"
     PER_CALL_CAP_HIT = "per_call_cap_hit"
+    CALLER_CAP_HIT = "caller_cap_hit"
     CAP_HIT = "cap_hit"
+    TOTAL_CAP_HIT = "total_cap_hit"
+    BUDGET_CAP_HIT = "budget_cap_hit"
     FORWARDED = "forwarded"
     # Outcomes of an admitted call.
     IN_FLIGHT = "in_flight"  # reserved and at the vendor; settling rewrites it
@@ -130,6 +142,16 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
     Decision.WRONG_VENDOR: (401, "keybrake_wrong_vendor", "This vault key is for another vendor."),
     Decision.REVOKED: (401, "keybrake_key_revoked", "This vault key has been revoked."),
     Decision.EXPIRED: (401, "keybrake_key_expired", "This vault key has expired."),
+    Decision.BUDGET_REVOKED: (
+        401,
+        "keybrake_budget_revoked",
+        "The budget this vault key draws on has been revoked.",
+    ),
+    Decision.BUDGET_EXPIRED: (
+        401,
+        "keybrake_budget_expired",
+        "The budget this vault key draws on has expired.",
+    ),
     Decision.ENDPOINT_DENIED: (
         403,
         "keybrake_endpoint_not_allowed",
@@ -152,6 +174,21 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
         429,
         "keybrake_per_call_cap_exceeded",
         "This call costs more than the vault key's per-call USD cap.",
+    ),
+    Decision.CALLER_CAP_HIT: (
+        429,
+        "keybrake_caller_cap_exceeded",
+        "This caller's USD cap on the vault key is reached (max_usd_per_caller).",
+    ),
+    Decision.TOTAL_CAP_HIT: (
+        429,
+        "keybrake_total_cap_exceeded",
+        "The vault key's total USD cap is reached.",
+    ),
+    Decision.BUDGET_CAP_HIT: (
+        429,
+        "keybrake_budget_exceeded",
+        "The run's budget is spent: its USD cap (for any 24 hours, or in total) is reached.",
     ),
     Decision.IN_PROGRESS: (
         409,
@@ -211,6 +248,13 @@ def refusal_status(decision: Decision) -> int:
     return found[0] if found else 0
 
 
+def caller_of(tag: str | None) -> str:
+    """What a per-caller cap counts by: the tag a key is presented with (`<vault_key>.<tag>`), up
+    to an `@` (`item-3@pod-abc`: a fan-out item keeps its count when Argo re-runs it in a new
+    pod, while the audit row shows the pod). Untagged calls are all one caller, ""."""
+    return (tag or "").partition("@")[0]
+
+
 def bucket_of(moment: datetime) -> int:
     """The rolling window's hourly bucket holding `moment`: whole hours since the epoch."""
     return (moment - _EPOCH) // BUCKET
@@ -249,30 +293,58 @@ class Admitted:
     prior_audit_id: int | None = None  # named by `outcome_unknown`
 
 
+@dataclass(frozen=True, slots=True)
+class Caps:
+    """A key's or a budget's state as read inside the reservation: revocation, expiry, its caps
+    (None: no such cap) and, read only when a cap needs it, what it has used (settled plus
+    reserved) in the window and over its life."""
+
+    revoked: bool
+    expires_at: datetime
+    daily: int | None
+    total: int | None
+    used: Callable[[], tuple[int, int]]  # (in the window, over its life)
+
+    def over(self, cost: int) -> str | None:
+        """Which cap `cost` more would break: "daily", "total", or None."""
+        if self.daily is None and self.total is None:
+            return None
+        window, life = self.used()
+        if self.daily is not None and window + cost > self.daily:
+            return "daily"
+        if self.total is not None and life + cost > self.total:
+            return "total"
+        return None
+
+
 def admit(
     *,
     now: datetime,
-    revoked: bool,
-    expires_at: datetime,
+    key: Caps,
+    budget: Caps | None,
     by_key: Prior | None,
     by_fingerprint: Prior | None,
     dedupe_window: timedelta,
     vendor_replays: bool,
     cost_micros: int,
     max_per_call_micros: int | None,
-    cap_micros: int,
-    used_micros: Callable[[], int],
+    max_per_caller_micros: int | None,
+    caller_used: Callable[[], int],
 ) -> Admitted:
     """The ledger's decision for one call (the rules in this module's docstring).
 
     `by_key`: the earlier call with this call's idempotency key, if any. `by_fingerprint`: the
     latest earlier call with its fingerprint, looked up only for a dedupe candidate.
-    `used_micros()`: settled plus reserved spend in the window, read only when needed.
+    `caller_used()`: the caller tag's spend on the key over its life, read only when needed.
     """
-    if revoked:
+    if key.revoked:
         return Admitted(Decision.REVOKED)
-    if expires_at <= now:
+    if key.expires_at <= now:
         return Admitted(Decision.EXPIRED)
+    if budget is not None and budget.revoked:
+        return Admitted(Decision.BUDGET_REVOKED)
+    if budget is not None and budget.expires_at <= now:
+        return Admitted(Decision.BUDGET_EXPIRED)
     prior: Prior | None = None
     if by_key is not None:
         if not by_key.same_request:
@@ -292,8 +364,18 @@ def admit(
         forward_key = prior.forwarded_key
     if max_per_call_micros is not None and cost_micros > max_per_call_micros:
         return Admitted(Decision.PER_CALL_CAP_HIT, cap_hit=True)
-    if cost_micros > 0 and used_micros() + cost_micros > cap_micros:
-        return Admitted(Decision.CAP_HIT, cap_hit=True)
+    if cost_micros > 0:
+        if (
+            max_per_caller_micros is not None
+            and caller_used() + cost_micros > max_per_caller_micros
+        ):
+            return Admitted(Decision.CALLER_CAP_HIT, cap_hit=True)
+        broken = key.over(cost_micros)
+        if broken is not None:
+            hit = Decision.CAP_HIT if broken == "daily" else Decision.TOTAL_CAP_HIT
+            return Admitted(hit, cap_hit=True)
+        if budget is not None and budget.over(cost_micros) is not None:
+            return Admitted(Decision.BUDGET_CAP_HIT, cap_hit=True)
     return Admitted(Decision.FORWARDED, reserve_micros=cost_micros, forward_key=forward_key)
 
 

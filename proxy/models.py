@@ -11,7 +11,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
@@ -23,6 +23,11 @@ REPLAY_RETENTION = timedelta(hours=24)
 __all__ = [
     "AuditPage",
     "AuditRow",
+    "BudgetCreate",
+    "BudgetInfo",
+    "BudgetList",
+    "CapsPatch",
+    "ChangeInfo",
     "IssuedKey",
     "KeyCreate",
     "KeyInfo",
@@ -47,41 +52,74 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _money(value: Decimal | None) -> Decimal | None:
+    if value is None:
+        return value
+    if not value.is_finite() or value <= 0:
+        raise ValueError("must be a positive dollar amount")
+    if value.as_tuple().exponent < -6:  # type: ignore[operator]
+        raise ValueError("at most 6 decimal places")
+    return value
+
+
+def _duration(value: str) -> str:
+    if parse_duration(value).total_seconds() <= 0:
+        raise ValueError("must be longer than 0s")
+    return value
+
+
+def _label(value: str) -> str:
+    if not _LABEL.fullmatch(value):
+        raise ValueError(
+            "use letters, digits and . _ : / @ - (at most 253), e.g. argo/billing-agent-x7k2p"
+        )
+    return value
+
+
+def _small_json(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > 4096:
+        raise ValueError("at most 4 KiB of JSON")
+    return value
+
+
 class KeyCreate(BaseModel):
+    """A vault key. It needs a cap of its own (`daily_usd_cap`, `total_usd_cap`) unless it draws
+    on a budget, whose caps then bound it too."""
+
     model_config = ConfigDict(extra="forbid")
 
     vendor: str = Field(min_length=1, max_length=32)
-    daily_usd_cap: Decimal
+    daily_usd_cap: Decimal | None = None
+    total_usd_cap: Decimal | None = None
     allowed_endpoints: list[str] = Field(min_length=1, max_length=100)
     expires_in: str = "1h"
     agent_run_label: str
     max_usd_per_call: Decimal | None = None
+    max_usd_per_caller: Decimal | None = None
+    budget_id: str | None = Field(None, pattern=r"^bg_[0-9a-f]{16}$")
     metadata: dict[str, Any] = Field(default_factory=dict)
     dedupe_window: str | None = None
     allowed_accounts: list[str] = Field(default_factory=list, max_length=100)
 
-    @field_validator("daily_usd_cap", "max_usd_per_call")
-    @classmethod
-    def _money(cls, value: Decimal | None) -> Decimal | None:
-        if value is None:
-            return value
-        if not value.is_finite() or value <= 0:
-            raise ValueError("must be a positive dollar amount")
-        if value.as_tuple().exponent < -6:  # type: ignore[operator]
-            raise ValueError("at most 6 decimal places")
-        return value
+    _caps = field_validator(
+        "daily_usd_cap", "total_usd_cap", "max_usd_per_call", "max_usd_per_caller"
+    )(_money)
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> KeyCreate:
+        if self.daily_usd_cap is None and self.total_usd_cap is None and self.budget_id is None:
+            raise ValueError(
+                "give daily_usd_cap (any 24 hours) or total_usd_cap (the key's life), or a "
+                "budget_id to draw on"
+            )
+        return self
 
     @field_validator("allowed_endpoints")
     @classmethod
     def _endpoints(cls, value: list[str]) -> list[str]:
         return [str(EndpointPattern.parse(item)) for item in value]
 
-    @field_validator("expires_in")
-    @classmethod
-    def _ttl(cls, value: str) -> str:
-        if parse_duration(value).total_seconds() <= 0:
-            raise ValueError("must be longer than 0s")
-        return value
+    _ttl = field_validator("expires_in")(_duration)
 
     @field_validator("dedupe_window")
     @classmethod
@@ -103,21 +141,76 @@ class KeyCreate(BaseModel):
                 )
         return sorted(set(value))
 
-    @field_validator("agent_run_label")
-    @classmethod
-    def _label(cls, value: str) -> str:
-        if not _LABEL.fullmatch(value):
-            raise ValueError(
-                "use letters, digits and . _ : / @ - (at most 253), e.g. argo/billing-agent-x7k2p"
-            )
-        return value
+    _label = field_validator("agent_run_label")(_label)
+    _metadata = field_validator("metadata")(_small_json)
 
-    @field_validator("metadata")
+
+class BudgetCreate(BaseModel):
+    """A run's budget: every key issued with its `budget_id` draws on it, whatever its vendor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_run_label: str
+    daily_usd_cap: Decimal | None = None
+    total_usd_cap: Decimal | None = None
+    expires_in: str = "1h"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _caps = field_validator("daily_usd_cap", "total_usd_cap")(_money)
+    _ttl = field_validator("expires_in")(_duration)
+    _label = field_validator("agent_run_label")(_label)
+    _metadata = field_validator("metadata")(_small_json)
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> BudgetCreate:
+        if self.daily_usd_cap is None and self.total_usd_cap is None:
+            raise ValueError("give total_usd_cap (the run's whole life) and/or daily_usd_cap")
+        return self
+
+
+class CapsPatch(BaseModel):
+    """Raise or lower a live key's or budget's caps, or extend or shorten its life (`expires_in`
+    counts from now), and say why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500)
+    daily_usd_cap: Decimal | None = None
+    total_usd_cap: Decimal | None = None
+    max_usd_per_caller: Decimal | None = None
+    expires_in: str | None = None
+
+    _caps = field_validator("daily_usd_cap", "total_usd_cap", "max_usd_per_caller")(_money)
+
+    @field_validator("expires_in")
     @classmethod
-    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if len(json.dumps(value)) > 4096:
-            raise ValueError("at most 4 KiB of JSON")
-        return value
+    def _ttl(cls, value: str | None) -> str | None:
+        return None if value is None else _duration(value)
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError("say why, in printable text")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _something(self) -> CapsPatch:
+        changes = (self.daily_usd_cap, self.total_usd_cap, self.max_usd_per_caller, self.expires_in)
+        if all(value is None for value in changes):
+            raise ValueError(
+                "change at least one of daily_usd_cap, total_usd_cap, max_usd_per_caller, "
+                "expires_in"
+            )
+        return self
+
+
+class ChangeInfo(BaseModel):
+    field: str
+    old: str | None
+    new: str | None
+    reason: str
+    at: str
 
 
 class KeyInfo(BaseModel):
@@ -125,8 +218,11 @@ class KeyInfo(BaseModel):
     vendor: str
     agent_run_label: str
     status: str
-    daily_usd_cap: str
+    daily_usd_cap: str | None
+    total_usd_cap: str | None
     max_usd_per_call: str | None
+    max_usd_per_caller: str | None
+    budget_id: str | None
     allowed_endpoints: list[str]
     metadata: dict[str, Any]
     dedupe_window_seconds: int
@@ -137,10 +233,11 @@ class KeyInfo(BaseModel):
     window_start: str  # the rolling window's start: spent_usd and reserved_usd count from here
     spent_usd: str
     reserved_usd: str
-    remaining_usd: str
+    remaining_usd: str | None  # before the first of its own caps is reached (None: it has none)
     total_spent_usd: str  # over the key's whole life
     calls: int
     cap_hits: int
+    changes: list[ChangeInfo] = Field(default_factory=list)
 
 
 class IssuedKey(KeyInfo):
@@ -151,18 +248,44 @@ class KeyList(BaseModel):
     data: list[KeyInfo]
 
 
+class BudgetInfo(BaseModel):
+    budget_id: str
+    agent_run_label: str
+    status: str
+    daily_usd_cap: str | None
+    total_usd_cap: str | None
+    metadata: dict[str, Any]
+    created_at: str
+    expires_at: str
+    revoked_at: str | None
+    window_start: str
+    spent_usd: str  # settled in the rolling 24-hour window
+    reserved_usd: str
+    remaining_usd: str  # before the first of its caps is reached
+    total_spent_usd: str
+    calls: int
+    cap_hits: int
+    keys: list[str]
+    changes: list[ChangeInfo] = Field(default_factory=list)
+
+
+class BudgetList(BaseModel):
+    data: list[BudgetInfo]
+
+
 class LabelRevoke(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent_run_label: str
 
-    _check = field_validator("agent_run_label")(KeyCreate._label.__func__)  # type: ignore[attr-defined]
+    _check = field_validator("agent_run_label")(_label)
 
 
 class RevokeResult(BaseModel):
     agent_run_label: str | None = None
     revoked: int
     keys: list[KeyInfo]
+    budgets: list[BudgetInfo] = Field(default_factory=list)
 
 
 class AuditRow(BaseModel):
@@ -183,6 +306,7 @@ class AuditRow(BaseModel):
     idempotency_key: str | None
     latency_ms: float | None
     caller_tag: str | None
+    budget_id: str | None = None
 
 
 class AuditPage(BaseModel):

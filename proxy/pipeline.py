@@ -24,7 +24,7 @@ from datetime import datetime
 from time import perf_counter
 from typing import Any
 
-from keybrake.proxy.decisions import Decision, bucket_of, refusal
+from keybrake.proxy.decisions import Decision, bucket_of, caller_of, refusal
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.metrics import Metrics
@@ -45,7 +45,7 @@ __all__ = ["CAP_HIT_HEADER", "Incoming", "LookupFailed", "Pipeline", "Reply", "h
 
 CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
 _KEPT = frozenset({Decision.FORWARDED, Decision.VENDOR_REPLAYED})  # answers stored for replays
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,252}")
 log = logging.getLogger("keybrake.proxy")
 
 
@@ -275,11 +275,10 @@ class Pipeline:
         key = await self._keys.find(hash_vault_key(vault_key))
         if key is None:
             raise _Refused(Decision.UNKNOWN_KEY)
-        audit.key_id, audit.label = key.key_id, key.label
+        audit.key_id, audit.label, audit.budget_id = key.key_id, key.label, key.budget_id
         if key.vendor != vendor.name:
             raise _Refused(Decision.WRONG_VENDOR)
-        if key.expires_at <= audit.ts:
-            raise _Refused(Decision.EXPIRED)
+        # Expiry and revocation are the reservation's to read: a key's life can change.
         return key
 
     def _check_body(self, incoming: Incoming) -> None:
@@ -359,6 +358,7 @@ class Pipeline:
             dedupe=dedupe,
             forward_key=forward_key,
             vendor_replays=vendor.replays,
+            caller=caller_of(c.audit.caller_tag),
         )
         timed = perf_counter()
         admission = await self.store.reserve(c.reservation)
@@ -442,6 +442,8 @@ class Pipeline:
                 ),
                 outcome_known=status is not None and audit.decision is not Decision.VENDOR_BUSY,
                 counts=actual.counts if status is not None and status < 300 else (),
+                budget_id=c.key.budget_id,
+                caller=(c.reservation.caller if c.key.max_per_caller_micros is not None else None),
             )
             timed = perf_counter()
             await self.store.settle(settlement)

@@ -47,9 +47,14 @@ class Settings(BaseSettings):
     resend_api_key: SecretStr | None = Field(None, description="The real Resend API key.")
     resend_api_base: str = Field("https://api.resend.com", description="Resend upstream.")
     pricing_file: Path | None = Field(None, description="Operator pricing table (TOML or YAML).")
-    max_ttl: str = Field("7d", description="Longest expires_in a key may ask for.")
+    max_ttl: str = Field("7d", description="Longest life a key may have, counted from issue.")
+    max_budget_ttl: str = Field(
+        "30d", description="Longest life a budget may have, counted from its creation."
+    )
     max_daily_usd_cap: Decimal = Field(
-        Decimal("1000000"), description="Largest daily_usd_cap a key may ask for."
+        Decimal("1000000"),
+        description="Largest cap (per 24 hours, in total, per call or per caller) a key or "
+        "budget may ask for.",
     )
     dedupe_window: str = Field(
         "10m", description="Default window replaying identical priced requests; 0 disables."
@@ -78,7 +83,9 @@ class Settings(BaseSettings):
         "is counted as spent by the sweep; keep it well above the upstream timeout.",
     )
 
-    @field_validator("max_ttl", "dedupe_window", "reservation_ttl", "audit_retention")
+    @field_validator(
+        "max_ttl", "max_budget_ttl", "dedupe_window", "reservation_ttl", "audit_retention"
+    )
     @classmethod
     def _duration(cls, value: str) -> str:
         if value.strip() != "0":
@@ -102,6 +109,10 @@ class Settings(BaseSettings):
     @property
     def max_ttl_delta(self) -> timedelta:
         return parse_duration(self.max_ttl)
+
+    @property
+    def max_budget_ttl_delta(self) -> timedelta:
+        return parse_duration(self.max_budget_ttl)
 
     @property
     def reservation_ttl_delta(self) -> timedelta:

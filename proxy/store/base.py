@@ -17,20 +17,27 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from keybrake.proxy.decisions import Decision
+from keybrake.proxy.money import format_ts, format_usd
 
 __all__ = [
     "Admission",
     "AuditFilter",
     "AuditRecord",
+    "BudgetRecord",
+    "BudgetView",
+    "Change",
     "KeyRecord",
-    "KeyUsage",
     "KeyView",
+    "Patch",
     "Reservation",
     "Settlement",
     "Store",
     "StoredResponse",
+    "Usage",
     "key_status",
     "prune_conditions",
+    "shown",
+    "subject_table",
 ]
 
 
@@ -48,7 +55,7 @@ class KeyRecord:
     key_hash: bytes
     vendor: str
     label: str
-    daily_cap_micros: int
+    daily_cap_micros: int | None  # for any 24 hours; None: no such cap
     max_per_call_micros: int | None
     allowed_endpoints: tuple[str, ...]
     metadata: dict[str, Any]
@@ -58,25 +65,93 @@ class KeyRecord:
     revoked_at: datetime | None = None
     # Connected accounts (Stripe-Account) the key may act on; "*" is any; empty: its own only.
     allowed_accounts: tuple[str, ...] = ()
+    total_cap_micros: int | None = None  # over the key's life
+    # Over the life of each caller tag (`<vault_key>.<tag>`; untagged calls are one caller). Set
+    # at issue or never: only a key issued with one keeps per-caller spend.
+    max_per_caller_micros: int | None = None
+    budget_id: str | None = None  # the budget every call also draws on
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
 
 
 @dataclass(frozen=True, slots=True)
-class KeyUsage:
+class BudgetRecord:
+    """A run's budget: caps that every key drawing on it shares, whatever its vendor."""
+
+    budget_id: str
+    label: str
+    daily_cap_micros: int | None
+    total_cap_micros: int | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+    def status(self, now: datetime) -> str:
+        return key_status(self.revoked_at, self.expires_at, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a key or a budget has spent."""
+
     window_start: datetime  # the start of the oldest hour the rolling window counts
     spent_micros: int = 0  # settled within the window
     reserved_micros: int = 0  # reserved (in flight) within the window
-    total_micros: int = 0  # settled over the key's whole life
+    total_micros: int = 0  # settled over the whole life
+    total_reserved_micros: int = 0  # reserved over the whole life
     calls: int = 0
     cap_hits: int = 0
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """A cap or a lifetime changed on a live key or budget, and why."""
+
+    field: str
+    old: str | None
+    new: str | None
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class KeyView:
     key: KeyRecord
-    usage: KeyUsage
+    usage: Usage
+    changes: tuple[Change, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    budget: BudgetRecord
+    usage: Usage
+    key_ids: tuple[str, ...] = ()
+    changes: tuple[Change, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """New caps and expiry for a live key or budget (None: unchanged), and the reason."""
+
+    reason: str
+    daily_cap_micros: int | None = None
+    total_cap_micros: int | None = None
+    max_per_caller_micros: int | None = None
+    expires_at: datetime | None = None
+
+    def fields(self) -> dict[str, int | datetime]:
+        return {
+            name: value
+            for name, value in (
+                ("daily_cap_micros", self.daily_cap_micros),
+                ("total_cap_micros", self.total_cap_micros),
+                ("max_per_caller_micros", self.max_per_caller_micros),
+                ("expires_at", self.expires_at),
+            )
+            if value is not None
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +179,7 @@ class Reservation:
     dedupe: bool = False  # a dedupe candidate: look up, and register, the fingerprint
     forward_key: str | None = None  # the idempotency key it will be forwarded with
     vendor_replays: bool = True  # the vendor replays answers for a repeated idempotency key
+    caller: str = ""  # what a per-caller cap counts by: the tag's caller part ("" untagged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +211,8 @@ class Settlement:
     # marked by the audit row's decision). True without a response: the tokens are forgotten.
     outcome_known: bool = True
     counts: tuple[str, ...] = ()
+    budget_id: str | None = None  # the budget the call drew on
+    caller: str | None = None  # the caller whose spend it counts on (None: the key keeps none)
 
 
 @dataclass(slots=True)
@@ -148,6 +226,7 @@ class AuditRecord:
     key_id: str | None = None
     label: str | None = None
     caller_tag: str | None = None
+    budget_id: str | None = None
     reserved_micros: int = 0
     settled_micros: int = 0
     amount: int | None = None
@@ -161,6 +240,7 @@ class AuditRecord:
 @dataclass(slots=True)
 class AuditFilter:
     key_id: str | None = None
+    budget_id: str | None = None
     label: str | None = None
     vendor: str | None = None
     decision: str | None = None
@@ -184,19 +264,25 @@ def where_clause(conditions: list[Condition], placeholder: Callable[[Any], str])
 
 
 def key_conditions(
-    *, now: datetime, label: str | None, vendor: str | None, status: str | None
+    *,
+    now: datetime,
+    label: str | None,
+    vendor: str | None = None,
+    status: str | None = None,
+    budget_id: str | None = None,
+    alias: str = "k",
 ) -> list[Condition]:
+    """Filters of key (and, without vendor and budget, budget) listings; `alias` is the table's."""
     conditions: list[Condition] = []
-    if label is not None:
-        conditions.append(("k.label = {}", label))
-    if vendor is not None:
-        conditions.append(("k.vendor = {}", vendor))
+    for column, value in (("label", label), ("vendor", vendor), ("budget_id", budget_id)):
+        if value is not None:
+            conditions.append((f"{alias}.{column} = {{}}", value))
     if status == "revoked":
-        conditions.append(("k.revoked_at IS NOT NULL", None))
+        conditions.append((f"{alias}.revoked_at IS NOT NULL", None))
     elif status == "expired":
-        conditions.append(("k.revoked_at IS NULL AND k.expires_at <= {}", now))
+        conditions.append((f"{alias}.revoked_at IS NULL AND {alias}.expires_at <= {{}}", now))
     elif status == "active":
-        conditions.append(("k.revoked_at IS NULL AND k.expires_at > {}", now))
+        conditions.append((f"{alias}.revoked_at IS NULL AND {alias}.expires_at > {{}}", now))
     return conditions
 
 
@@ -205,6 +291,7 @@ def audit_conditions(query: AuditFilter) -> list[Condition]:
         (f"{column} = {{}}", value)
         for column, value in (
             ("key_id", query.key_id),
+            ("budget_id", query.budget_id),
             ("label", query.label),
             ("vendor", query.vendor),
             ("decision", query.decision),
@@ -216,6 +303,22 @@ def audit_conditions(query: AuditFilter) -> list[Condition]:
     if query.after_id is not None:
         conditions.append(("id > {}", query.after_id))
     return conditions
+
+
+def subject_table(subject_id: str) -> tuple[str, str]:
+    """(table, id column) of a key (`vk_...`) or budget (`bg_...`) id."""
+    if subject_id.startswith("bg_"):
+        return "budgets", "budget_id"
+    return "vault_keys", "key_id"
+
+
+def shown(field: str, value: Any) -> str | None:
+    """A changed value as a key or budget view shows it: dollars, or a UTC timestamp."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return format_ts(value)
+    return format_usd(int(value))
 
 
 def prune_conditions(before: datetime, keys_ended_before: datetime) -> list[Condition]:
@@ -253,12 +356,44 @@ class Store(Protocol):
         label: str | None = None,
         vendor: str | None = None,
         status: str | None = None,
+        budget_id: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]: ...
 
     async def revoke_key(self, key_id: str, now: datetime) -> bool | None: ...
 
-    async def revoke_label(self, label: str, now: datetime) -> list[str]: ...
+    async def revoke_label(self, label: str, now: datetime) -> tuple[list[str], list[str]]:
+        """Revoke the label's live keys and budgets; their ids (keys, budgets)."""
+        ...
+
+    async def create_budget(self, budget: BudgetRecord) -> None: ...
+
+    async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None: ...
+
+    async def list_budgets(
+        self,
+        *,
+        now: datetime,
+        label: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[BudgetView]: ...
+
+    async def revoke_budget(self, budget_id: str, now: datetime) -> list[str] | None:
+        """Revoke the budget and every live key drawing on it; those keys' ids, None if there
+        is no such budget."""
+        ...
+
+    async def patch(self, subject_id: str, patch: Patch, now: datetime) -> str:
+        """Apply `patch` to a live key (`vk_...`) or budget (`bg_...`) and record each change:
+        "patched", "unknown", or "not_live" (revoked or expired: nothing changed)."""
+        ...
+
+    async def compact_spend(self, before_bucket: int) -> int:
+        """Fold each owner's spend buckets older than `before_bucket` into its bucket 0, which
+        only lifetime totals count: the rows a reservation sums stay few however long a key or
+        budget lives."""
+        ...
 
     async def reserve(self, reservation: Reservation) -> Admission: ...
 

@@ -25,6 +25,7 @@ from keybrake.proxy.decisions import (
     Decision,
     bucket_of,
     bucket_start,
+    caller_of,
     refusal_status,
     window_floor,
 )
@@ -33,15 +34,21 @@ from keybrake.proxy.store.base import (
     Admission,
     AuditFilter,
     AuditRecord,
+    BudgetRecord,
+    BudgetView,
+    Change,
     KeyRecord,
-    KeyUsage,
     KeyView,
+    Patch,
     Reservation,
     Settlement,
     StoredResponse,
+    Usage,
     audit_conditions,
     key_conditions,
     prune_conditions,
+    shown,
+    subject_table,
     where_clause,
 )
 
@@ -120,54 +127,141 @@ MIGRATIONS: list[str] = [
     # drops those and creates their successors, so on a new database there is nothing to run.
     "SELECT 1",
     "SELECT 1",
-    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, and the
-    # key's lock and counters to `key_usage`. A day's spend lands in its last hour, so the
-    # window counts it at least as long as the day-based cap did: never less.
+    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, kept per
+    # owner (a key or a budget); each owner's lock and counters move to `usage_counts`. A day's
+    # spend lands in its last hour, so the window counts it at least as long as the day-based
+    # cap did: never less. Keys gain lifetime and per-caller caps and may draw on a budget.
     """
-    CREATE TABLE key_usage (
-        key_id text PRIMARY KEY,
+    CREATE TABLE usage_counts (
+        owner_id text PRIMARY KEY,
         calls bigint NOT NULL DEFAULT 0,
         cap_hits bigint NOT NULL DEFAULT 0
     );
-    INSERT INTO key_usage (key_id, calls, cap_hits)
+    INSERT INTO usage_counts (owner_id, calls, cap_hits)
         SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
     CREATE TABLE spend_window (
-        key_id text NOT NULL,
+        owner_id text NOT NULL,
         bucket bigint NOT NULL,
         settled_micros bigint NOT NULL DEFAULT 0,
         reserved_micros bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, bucket)
+        PRIMARY KEY (owner_id, bucket)
     );
     CREATE INDEX spend_window_bucket ON spend_window (bucket);
-    INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+    INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros)
         SELECT key_id, floor(extract(epoch FROM day::date) / 3600)::bigint + 23, settled_micros,
                reserved_micros FROM spend;
     DROP TABLE spend;
-    ALTER TABLE vault_keys ADD COLUMN allowed_accounts jsonb NOT NULL DEFAULT '[]';
+    CREATE TABLE caller_spend (
+        key_id text NOT NULL,
+        caller text NOT NULL,
+        settled_micros bigint NOT NULL DEFAULT 0,
+        reserved_micros bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, caller)
+    );
+    CREATE TABLE budgets (
+        budget_id text PRIMARY KEY,
+        label text NOT NULL,
+        daily_cap_micros bigint,
+        total_cap_micros bigint,
+        metadata jsonb NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        revoked_at timestamptz
+    );
+    CREATE INDEX budgets_label ON budgets (label);
+    CREATE TABLE changes (
+        id bigserial PRIMARY KEY,
+        subject_id text NOT NULL,
+        field text NOT NULL,
+        old text,
+        new text,
+        reason text NOT NULL,
+        at timestamptz NOT NULL
+    );
+    CREATE INDEX changes_subject ON changes (subject_id, id);
+    ALTER TABLE vault_keys
+        ALTER COLUMN daily_cap_micros DROP NOT NULL,
+        ADD COLUMN allowed_accounts jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN total_cap_micros bigint,
+        ADD COLUMN max_per_caller_micros bigint,
+        ADD COLUMN budget_id text;
+    CREATE INDEX vault_keys_budget ON vault_keys (budget_id);
     ALTER TABLE replays ADD COLUMN audit_id bigint, ADD COLUMN forwarded_key text;
-    ALTER TABLE audit DROP COLUMN day;
+    ALTER TABLE audit DROP COLUMN day, ADD COLUMN budget_id text;
+    CREATE INDEX audit_budget ON audit (budget_id, id);
     DROP FUNCTION IF EXISTS keybrake_reserve(text, text, timestamptz, bigint, text, text, boolean,
                                              text, text, text, text, bigint, text, jsonb);
     DROP FUNCTION IF EXISTS keybrake_settle(bigint, text, text, text, bigint, bigint, integer,
                                             text, text, double precision, text, text, boolean,
                                             boolean, jsonb, bytea, jsonb);
 
+    -- An owner's (key's or budget's) lock and call count. UPDATE before INSERT: the row exists
+    -- but for the first call, and an upsert that meets its row costs more than an update.
+    CREATE FUNCTION keybrake_count_call(p_owner text) RETURNS void
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        UPDATE usage_counts SET calls = calls + 1 WHERE owner_id = p_owner;
+        IF NOT FOUND THEN
+            INSERT INTO usage_counts (owner_id, calls) VALUES (p_owner, 1)
+                ON CONFLICT (owner_id) DO UPDATE SET calls = usage_counts.calls + 1;
+        END IF;
+    END
+    $fn$;
+
+    -- Adds to an owner's spend in one bucket (negative amounts release).
+    CREATE FUNCTION keybrake_add_spend(p_owner text, p_bucket bigint, p_settled bigint,
+                                       p_reserved bigint) RETURNS void
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        UPDATE spend_window SET settled_micros = settled_micros + p_settled,
+                                reserved_micros = reserved_micros + p_reserved
+         WHERE owner_id = p_owner AND bucket = p_bucket;
+        IF NOT FOUND THEN
+            INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros)
+            VALUES (p_owner, p_bucket, p_settled, p_reserved)
+            ON CONFLICT (owner_id, bucket) DO UPDATE
+               SET settled_micros = spend_window.settled_micros + p_settled,
+                   reserved_micros = spend_window.reserved_micros + p_reserved;
+        END IF;
+    END
+    $fn$;
+
+    CREATE FUNCTION keybrake_add_caller_spend(p_key_id text, p_caller text, p_settled bigint,
+                                              p_reserved bigint) RETURNS void
+    LANGUAGE plpgsql AS $fn$
+    BEGIN
+        UPDATE caller_spend SET settled_micros = settled_micros + p_settled,
+                                reserved_micros = reserved_micros + p_reserved
+         WHERE key_id = p_key_id AND caller = p_caller;
+        IF NOT FOUND THEN
+            INSERT INTO caller_spend (key_id, caller, settled_micros, reserved_micros)
+            VALUES (p_key_id, p_caller, p_settled, p_reserved)
+            ON CONFLICT (key_id, caller) DO UPDATE
+               SET settled_micros = caller_spend.settled_micros + p_settled,
+                   reserved_micros = caller_spend.reserved_micros + p_reserved;
+        END IF;
+    END
+    $fn$;
+
     -- keybrake.proxy.decisions.admit, restated; tests/test_decision_table.py holds the two to
-    -- one table of cases. Calls of one key serialise on its key_usage row, taken first.
+    -- one table of cases. Calls of one key (and of one budget) serialise on its usage_counts
+    -- row, taken first: the budget's, then the key's.
     CREATE FUNCTION keybrake_reserve(
-        p_key_id text, p_now timestamptz, p_bucket bigint, p_floor bigint, p_cost bigint,
-        p_idem text, p_hash text, p_dedupe boolean, p_fwd text, p_replays boolean,
-        p_vendor text, p_method text, p_path text, p_tag text, p_amount bigint,
-        p_currency text, p_statuses jsonb
+        p_key_id text, p_budget_id text, p_now timestamptz, p_bucket bigint, p_floor bigint,
+        p_cost bigint, p_idem text, p_hash text, p_dedupe boolean, p_fwd text,
+        p_replays boolean, p_caller text, p_vendor text, p_method text, p_path text,
+        p_tag text, p_amount bigint, p_currency text, p_statuses jsonb
     ) RETURNS TABLE (o_decision text, o_audit_id bigint, o_status integer, o_headers jsonb,
                      o_body bytea, o_forward_key text, o_prior_audit_id bigint)
     LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
     DECLARE
         k record;
+        b record;
         d text := 'forwarded';
         prior record;
         prior_kind text;
         prior_decision text;
+        caller_used bigint;
         fwd text := p_fwd;
         prior_id bigint;
         aid bigint;
@@ -175,23 +269,50 @@ MIGRATIONS: list[str] = [
         rep_headers jsonb;
         rep_body bytea;
     BEGIN
-        -- UPDATE before INSERT: the row exists but for a key's first call, and an upsert that
-        -- meets its row costs more than an update.
-        UPDATE key_usage SET calls = calls + 1 WHERE key_id = p_key_id;
-        IF NOT FOUND THEN
-            INSERT INTO key_usage (key_id, calls) VALUES (p_key_id, 1)
-                ON CONFLICT (key_id) DO UPDATE SET calls = key_usage.calls + 1;
+        IF p_budget_id IS NOT NULL THEN
+            PERFORM keybrake_count_call(p_budget_id);
         END IF;
-        -- The key, and its spend in the window, in one statement (read after taking the lock).
-        SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s,
-               label,
-               (SELECT coalesce(sum(w.settled_micros + w.reserved_micros), 0) FROM spend_window w
-                 WHERE w.key_id = p_key_id AND w.bucket >= p_floor) AS used
-          INTO k FROM vault_keys WHERE key_id = p_key_id;
-        IF NOT FOUND OR k.revoked_at IS NOT NULL THEN
+        UPDATE usage_counts SET calls = calls + 1 WHERE owner_id = p_key_id;  -- inline: hot
+        IF NOT FOUND THEN
+            PERFORM keybrake_count_call(p_key_id);
+        END IF;
+        -- The key, and what it used in the window and over its life, in one statement.
+        SELECT v.revoked_at, v.expires_at, v.daily_cap_micros, v.total_cap_micros,
+               v.max_per_call_micros, v.max_per_caller_micros, v.dedupe_window_s, v.label,
+               w.in_window, w.in_life
+          INTO k
+          FROM vault_keys v,
+               LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
+                                        FILTER (WHERE bucket >= p_floor), 0) AS in_window,
+                               coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
+                          FROM spend_window WHERE owner_id = p_key_id) w
+         WHERE v.key_id = p_key_id;
+        IF p_budget_id IS NOT NULL THEN
+            SELECT g.revoked_at, g.expires_at, g.daily_cap_micros, g.total_cap_micros,
+                   w.in_window, w.in_life
+              INTO b
+              FROM budgets g,
+                   LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
+                                            FILTER (WHERE bucket >= p_floor), 0) AS in_window,
+                                   coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
+                              FROM spend_window WHERE owner_id = p_budget_id) w
+             WHERE g.budget_id = p_budget_id;
+        ELSE
+            -- A record's fields can only be read once it is assigned, even in a condition whose
+            -- outcome is already known: give a key without a budget an empty one.
+            SELECT NULL::timestamptz AS revoked_at, NULL::timestamptz AS expires_at,
+                   NULL::bigint AS daily_cap_micros, NULL::bigint AS total_cap_micros,
+                   0::bigint AS in_window, 0::bigint AS in_life
+              INTO b;
+        END IF;
+        IF k.expires_at IS NULL OR k.revoked_at IS NOT NULL THEN
             d := 'revoked';
         ELSIF k.expires_at <= p_now THEN
             d := 'expired';
+        ELSIF p_budget_id IS NOT NULL AND (b.expires_at IS NULL OR b.revoked_at IS NOT NULL) THEN
+            d := 'budget_revoked';
+        ELSIF p_budget_id IS NOT NULL AND b.expires_at <= p_now THEN
+            d := 'budget_expired';
         ELSE
             IF p_idem IS NOT NULL THEN
                 SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
@@ -237,28 +358,53 @@ MIGRATIONS: list[str] = [
                AND p_cost > k.max_per_call_micros THEN
                 d := 'per_call_cap_hit';
             ELSIF d = 'forwarded' AND p_cost > 0 THEN
-                IF k.used + p_cost > k.daily_cap_micros THEN
+                IF k.max_per_caller_micros IS NOT NULL THEN
+                    SELECT settled_micros + reserved_micros INTO caller_used FROM caller_spend
+                     WHERE key_id = p_key_id AND caller = p_caller;
+                END IF;
+                IF k.max_per_caller_micros IS NOT NULL
+                   AND coalesce(caller_used, 0) + p_cost > k.max_per_caller_micros THEN
+                    d := 'caller_cap_hit';
+                ELSIF k.daily_cap_micros IS NOT NULL
+                      AND k.in_window + p_cost > k.daily_cap_micros THEN
                     d := 'cap_hit';
+                ELSIF k.total_cap_micros IS NOT NULL
+                      AND k.in_life + p_cost > k.total_cap_micros THEN
+                    d := 'total_cap_hit';
+                ELSIF p_budget_id IS NOT NULL
+                      AND ((b.daily_cap_micros IS NOT NULL
+                            AND b.in_window + p_cost > b.daily_cap_micros)
+                        OR (b.total_cap_micros IS NOT NULL
+                            AND b.in_life + p_cost > b.total_cap_micros)) THEN
+                    d := 'budget_cap_hit';
                 ELSE
+                    IF p_budget_id IS NOT NULL THEN
+                        PERFORM keybrake_add_spend(p_budget_id, p_bucket, 0, p_cost);
+                    END IF;
                     UPDATE spend_window SET reserved_micros = reserved_micros + p_cost
-                     WHERE key_id = p_key_id AND bucket = p_bucket;
-                    IF NOT FOUND THEN  -- the key's first call this hour (its lock is held)
-                        INSERT INTO spend_window (key_id, bucket, reserved_micros)
-                        VALUES (p_key_id, p_bucket, p_cost);
+                     WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
+                    IF NOT FOUND THEN
+                        PERFORM keybrake_add_spend(p_key_id, p_bucket, 0, p_cost);
+                    END IF;
+                    IF k.max_per_caller_micros IS NOT NULL THEN
+                        PERFORM keybrake_add_caller_spend(p_key_id, p_caller, 0, p_cost);
                     END IF;
                 END IF;
             END IF;
         END IF;
-        IF d IN ('cap_hit', 'per_call_cap_hit') THEN
-            UPDATE key_usage SET cap_hits = cap_hits + 1 WHERE key_id = p_key_id;
+        IF d IN ('per_call_cap_hit', 'caller_cap_hit', 'cap_hit', 'total_cap_hit',
+                 'budget_cap_hit') THEN
+            UPDATE usage_counts SET cap_hits = cap_hits + 1
+             WHERE owner_id IN (p_key_id, p_budget_id);
         END IF;
         INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
-                           reserved_micros, amount, currency, idempotency_key, caller_tag)
+                           reserved_micros, amount, currency, idempotency_key, caller_tag,
+                           budget_id)
         VALUES (p_now, p_key_id, k.label, p_vendor, p_method, p_path,
                 coalesce(rep_status, (p_statuses ->> d)::integer, 0),
                 CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
                 CASE WHEN d = 'forwarded' THEN p_cost ELSE 0 END,
-                p_amount, p_currency, p_idem, p_tag)
+                p_amount, p_currency, p_idem, p_tag, p_budget_id)
         RETURNING id INTO aid;
         IF d = 'forwarded' AND (p_idem IS NOT NULL OR p_dedupe) THEN
             INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
@@ -277,10 +423,11 @@ MIGRATIONS: list[str] = [
     $fn$;
 
     CREATE FUNCTION keybrake_settle(
-        p_audit_id bigint, p_key_id text, p_bucket bigint, p_vendor text, p_reserved bigint,
-        p_settled bigint, p_status integer, p_decision text, p_request_id text,
-        p_latency double precision, p_idem text, p_hash text, p_dedupe boolean,
-        p_keep boolean, p_known boolean, p_headers jsonb, p_body bytea, p_counts jsonb
+        p_audit_id bigint, p_key_id text, p_budget_id text, p_caller text, p_bucket bigint,
+        p_vendor text, p_reserved bigint, p_settled bigint, p_status integer, p_decision text,
+        p_request_id text, p_latency double precision, p_idem text, p_hash text,
+        p_dedupe boolean, p_keep boolean, p_known boolean, p_headers jsonb, p_body bytea,
+        p_counts jsonb
     ) RETURNS void
     LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
     DECLARE
@@ -300,15 +447,17 @@ MIGRATIONS: list[str] = [
             charge := p_settled - p_reserved;
         END IF;
         IF release <> 0 OR charge <> 0 THEN
+            IF p_budget_id IS NOT NULL THEN
+                PERFORM keybrake_add_spend(p_budget_id, p_bucket, charge, -release);
+            END IF;
             UPDATE spend_window SET settled_micros = settled_micros + charge,
                                     reserved_micros = reserved_micros - release
-             WHERE key_id = p_key_id AND bucket = p_bucket;
-            IF NOT FOUND THEN  -- nothing was reserved (a free estimate) but the outcome costs
-                INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
-                VALUES (p_key_id, p_bucket, charge, -release)
-                ON CONFLICT (key_id, bucket) DO UPDATE
-                   SET settled_micros = spend_window.settled_micros + charge,
-                       reserved_micros = spend_window.reserved_micros - release;
+             WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
+            IF NOT FOUND THEN
+                PERFORM keybrake_add_spend(p_key_id, p_bucket, charge, -release);
+            END IF;
+            IF p_caller IS NOT NULL THEN
+                PERFORM keybrake_add_caller_spend(p_key_id, p_caller, charge, -release);
             END IF;
         END IF;
         -- Only the tokens this call still holds: a retry may have taken them over since.
@@ -337,34 +486,36 @@ MIGRATIONS: list[str] = [
 # Concurrent calls are grouped: one statement runs a whole batch, in order, in one transaction,
 # so a burst costs one round trip and one commit per batch instead of per call.
 _RESERVE_ONE = (
-    "SELECT * FROM keybrake_reserve($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
+    "SELECT * FROM keybrake_reserve("
+    "$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)"
 )
 _SETTLE_ONE = (
-    "SELECT keybrake_settle($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)"
+    "SELECT keybrake_settle($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)"
 )
 _RESERVE_MANY = """
-SELECT r.* FROM unnest($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[],
-                       $6::text[], $7::text[], $8::boolean[], $9::text[], $10::boolean[],
-                       $11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[],
-                       $16::text[])
-       WITH ORDINALITY AS a(key_id, now, bucket, floor, cost, idem, hash, dedupe, fwd, replays,
-                            vendor, method, path, tag, amount, currency, n)
-CROSS JOIN LATERAL keybrake_reserve(a.key_id, a.now, a.bucket, a.floor, a.cost, a.idem, a.hash,
-                                    a.dedupe, a.fwd, a.replays, a.vendor, a.method, a.path,
-                                    a.tag, a.amount, a.currency, $17::jsonb) r
+SELECT r.* FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[],
+                       $6::bigint[], $7::text[], $8::text[], $9::boolean[], $10::text[],
+                       $11::boolean[], $12::text[], $13::text[], $14::text[], $15::text[],
+                       $16::text[], $17::bigint[], $18::text[])
+       WITH ORDINALITY AS a(key_id, budget_id, now, bucket, floor, cost, idem, hash, dedupe, fwd,
+                            replays, caller, vendor, method, path, tag, amount, currency, n)
+CROSS JOIN LATERAL keybrake_reserve(a.key_id, a.budget_id, a.now, a.bucket, a.floor, a.cost,
+                                    a.idem, a.hash, a.dedupe, a.fwd, a.replays, a.caller,
+                                    a.vendor, a.method, a.path, a.tag, a.amount, a.currency,
+                                    $19::jsonb) r
 ORDER BY a.n
 """
 _SETTLE_MANY = """
-SELECT keybrake_settle(a.audit_id, a.key_id, a.bucket, a.vendor, a.reserved, a.settled,
-                       a.status, a.decision, a.request_id, a.latency, a.idem, a.hash, a.dedupe,
-                       a.keep, a.known, a.headers, a.body, a.counts)
-FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[],
-            $7::integer[], $8::text[], $9::text[], $10::double precision[], $11::text[],
-            $12::text[], $13::boolean[], $14::boolean[], $15::boolean[], $16::jsonb[],
-            $17::bytea[], $18::jsonb[])
-     WITH ORDINALITY AS a(audit_id, key_id, bucket, vendor, reserved, settled, status, decision,
-                          request_id, latency, idem, hash, dedupe, keep, known, headers, body,
-                          counts, n)
+SELECT keybrake_settle(a.audit_id, a.key_id, a.budget_id, a.caller, a.bucket, a.vendor,
+                       a.reserved, a.settled, a.status, a.decision, a.request_id, a.latency,
+                       a.idem, a.hash, a.dedupe, a.keep, a.known, a.headers, a.body, a.counts)
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+            $7::bigint[], $8::bigint[], $9::integer[], $10::text[], $11::text[],
+            $12::double precision[], $13::text[], $14::text[], $15::boolean[], $16::boolean[],
+            $17::boolean[], $18::jsonb[], $19::bytea[], $20::jsonb[])
+     WITH ORDINALITY AS a(audit_id, key_id, budget_id, caller, bucket, vendor, reserved, settled,
+                          status, decision, request_id, latency, idem, hash, dedupe, keep, known,
+                          headers, body, counts, n)
 ORDER BY a.n
 """
 _STATUSES = json.dumps({decision: refusal_status(decision) for decision in Decision})
@@ -372,12 +523,52 @@ _DECISIONS = {decision.value: decision for decision in Decision}  # faster than 
 _KEY_COLUMNS = (
     "k.key_id, k.key_hash, k.vendor, k.label, k.daily_cap_micros, k.max_per_call_micros, "
     "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, "
-    "k.revoked_at, k.allowed_accounts"
+    "k.revoked_at, k.allowed_accounts, k.total_cap_micros, k.max_per_caller_micros, k.budget_id"
+)
+_BUDGET_COLUMNS = (
+    "b.budget_id, b.label, b.daily_cap_micros, b.total_cap_micros, b.metadata, b.created_at, "
+    "b.expires_at, b.revoked_at"
 )
 _AUDIT_COLUMNS = (
     "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
-    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag"
+    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag, "
+    "budget_id"
 )
+# What a key's or budget's view adds to its row: its spend ($1 is the window's floor), counters.
+_USAGE_COLUMNS = (
+    "u.calls, u.cap_hits, w.window_settled, w.window_reserved, w.total_settled, w.total_reserved"
+)
+_USAGE_JOIN = (
+    "LEFT JOIN usage_counts u ON u.owner_id = {owner} "
+    "CROSS JOIN LATERAL (SELECT "
+    "coalesce(sum(settled_micros) FILTER (WHERE bucket >= $1), 0) AS window_settled, "
+    "coalesce(sum(reserved_micros) FILTER (WHERE bucket >= $1), 0) AS window_reserved, "
+    "coalesce(sum(settled_micros), 0) AS total_settled, "
+    "coalesce(sum(reserved_micros), 0) AS total_reserved "
+    "FROM spend_window WHERE owner_id = {owner}) w"
+)
+
+
+def _usage(row: asyncpg.Record, floor: int) -> Usage:
+    return Usage(
+        window_start=bucket_start(floor),
+        spent_micros=int(row["window_settled"]),
+        reserved_micros=int(row["window_reserved"]),
+        total_micros=int(row["total_settled"]),
+        total_reserved_micros=int(row["total_reserved"]),
+        calls=row["calls"] or 0,
+        cap_hits=row["cap_hits"] or 0,
+    )
+
+
+async def _changes(c: asyncpg.Connection, subject_id: str) -> tuple[Change, ...]:
+    rows = await c.fetch(
+        "SELECT field, old, new, reason, at FROM changes WHERE subject_id = $1 ORDER BY id",
+        subject_id,
+    )
+    return tuple(Change(r["field"], r["old"], r["new"], r["reason"], r["at"]) for r in rows)
+
+
 # Any advisory-lock number will do, as long as every replica uses the same one.
 _MIGRATION_LOCK = 0x6B657962
 _PRUNE_SLICE = 10_000
@@ -398,6 +589,22 @@ def _key(row: asyncpg.Record) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         allowed_accounts=tuple(json.loads(row["allowed_accounts"])),
+        total_cap_micros=row["total_cap_micros"],
+        max_per_caller_micros=row["max_per_caller_micros"],
+        budget_id=row["budget_id"],
+    )
+
+
+def _budget(row: asyncpg.Record) -> BudgetRecord:
+    return BudgetRecord(
+        budget_id=row["budget_id"],
+        label=row["label"],
+        daily_cap_micros=row["daily_cap_micros"],
+        total_cap_micros=row["total_cap_micros"],
+        metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
     )
 
 
@@ -420,6 +627,7 @@ def _audit(row: asyncpg.Record) -> AuditRecord:
         idempotency_key=row["idempotency_key"],
         latency_ms=row["latency_ms"],
         caller_tag=row["caller_tag"],
+        budget_id=row["budget_id"],
     )
 
 
@@ -458,15 +666,30 @@ class PostgresStore:
         self._settle_lane = _Lane(self._connect)
         self._reservations = _Batcher(
             self._run_many(
-                self._reserve_lane, _RESERVE_ONE, _RESERVE_MANY, key_at=0, extra=(_STATUSES,)
+                self._reserve_lane,
+                _RESERVE_ONE,
+                _RESERVE_MANY,
+                lock_order=lambda a: (a[1] or a[0], a[0]),  # (budget or key, key)
+                extra=(_STATUSES,),
             )
         )
         self._settlements = _Batcher(
-            self._run_many(self._settle_lane, _SETTLE_ONE, _SETTLE_MANY, key_at=1)
+            self._run_many(
+                self._settle_lane,
+                _SETTLE_ONE,
+                _SETTLE_MANY,
+                lock_order=lambda a: (a[2] or a[1], a[1]),
+            )
         )
 
     def _run_many(
-        self, lane: _Lane, one: str, many: str, *, key_at: int, extra: tuple[Any, ...] = ()
+        self,
+        lane: _Lane,
+        one: str,
+        many: str,
+        *,
+        lock_order: Callable[[tuple[Any, ...]], tuple[str, str]],
+        extra: tuple[Any, ...] = (),
     ) -> Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]:
         async def run(batch: list[tuple[Any, ...]]) -> list[Any]:
             if len(batch) == 1:  # a quiet proxy: call the function itself, no arrays to unnest
@@ -475,10 +698,11 @@ class PostgresStore:
                     return [await c.fetchrow(one, *batch[0], *extra)]
 
                 return await self._run(op, lane)
-            # A batch locks its keys' rows in the order it runs them. Run in key order (calls of
-            # one key keep theirs), so a reserve batch and a settle batch, or two replicas'
-            # batches, never wait on each other in a cycle: no deadlock.
-            order = sorted(range(len(batch)), key=lambda i: batch[i][key_at])
+            # A batch locks its keys' (and budgets') rows in the order it runs them. Run in one
+            # global order, a budget's calls together, each call taking its budget's rows
+            # before its key's (calls of one key keep their own order), so a reserve batch and
+            # a settle batch, or two replicas' batches, never wait on each other in a cycle.
+            order = sorted(range(len(batch)), key=lambda i: lock_order(batch[i]))
             columns = [list(column) for column in zip(*(batch[i] for i in order), strict=True)]
 
             async def many_op(c: asyncpg.Connection) -> list[Any]:
@@ -562,8 +786,9 @@ class PostgresStore:
                 await c.execute(
                     "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
                     "max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, "
-                    "created_at, expires_at, allowed_accounts) "
-                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+                    "created_at, expires_at, allowed_accounts, total_cap_micros, "
+                    "max_per_caller_micros, budget_id) "
+                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
                     key.key_id,
                     key.key_hash,
                     key.vendor,
@@ -576,8 +801,11 @@ class PostgresStore:
                     key.created_at,
                     key.expires_at,
                     json.dumps(list(key.allowed_accounts)),
+                    key.total_cap_micros,
+                    key.max_per_caller_micros,
+                    key.budget_id,
                 )
-                await c.execute("INSERT INTO key_usage (key_id) VALUES ($1)", key.key_id)
+                await c.execute("INSERT INTO usage_counts (owner_id) VALUES ($1)", key.key_id)
 
         await self._run(op)
 
@@ -592,30 +820,20 @@ class PostgresStore:
     async def _views(self, where: str, args: list[Any], now: datetime, limit: int) -> list[KeyView]:
         floor = window_floor(now)
         sql = (
-            f"SELECT {_KEY_COLUMNS}, u.calls, u.cap_hits, w.window_settled, w.window_reserved, "
-            "w.total_settled FROM vault_keys k LEFT JOIN key_usage u ON u.key_id = k.key_id "
-            "CROSS JOIN LATERAL (SELECT "
-            "  coalesce(sum(settled_micros) FILTER (WHERE bucket >= $1), 0) AS window_settled, "
-            "  coalesce(sum(reserved_micros) FILTER (WHERE bucket >= $1), 0) AS window_reserved, "
-            "  coalesce(sum(settled_micros), 0) AS total_settled "
-            "  FROM spend_window WHERE key_id = k.key_id) w "
+            f"SELECT {_KEY_COLUMNS}, {_USAGE_COLUMNS} FROM vault_keys k "
+            f"{_USAGE_JOIN.format(owner='k.key_id')} "
             f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}"
         )
-        rows = await self._run(lambda c: c.fetch(sql, floor, *args))
-        return [
-            KeyView(
-                _key(row),
-                KeyUsage(
-                    window_start=bucket_start(floor),
-                    spent_micros=int(row["window_settled"]),
-                    reserved_micros=int(row["window_reserved"]),
-                    total_micros=int(row["total_settled"]),
-                    calls=row["calls"] or 0,
-                    cap_hits=row["cap_hits"] or 0,
-                ),
-            )
-            for row in rows
-        ]
+
+        async def op(c: asyncpg.Connection) -> list[KeyView]:
+            rows = await c.fetch(sql, floor, *args)
+            views = []
+            for row in rows:
+                changes = await _changes(c, row["key_id"]) if limit == 1 else ()
+                views.append(KeyView(_key(row), _usage(row, floor), changes))
+            return views
+
+        return await self._run(op)
 
     async def get_key(self, key_id: str, now: datetime) -> KeyView | None:
         views = await self._views("k.key_id = $2", [key_id], now, 1)
@@ -628,10 +846,13 @@ class PostgresStore:
         label: str | None = None,
         vendor: str | None = None,
         status: str | None = None,
+        budget_id: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]:
         args: list[Any] = []
-        conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
+        conditions = key_conditions(
+            now=now, label=label, vendor=vendor, status=status, budget_id=budget_id
+        )
         clause = where_clause(conditions, _placeholder(args, first=2))  # $1 is the window floor
         return await self._views(clause, args, now, limit)
 
@@ -650,16 +871,150 @@ class PostgresStore:
 
         return await self._run(op)
 
-    async def revoke_label(self, label: str, now: datetime) -> list[str]:
-        rows = await self._run(
-            lambda c: c.fetch(
-                "UPDATE vault_keys SET revoked_at = $1 WHERE label = $2 AND revoked_at IS NULL "
-                "AND expires_at > $1 RETURNING key_id",
-                now,
-                label,
-            )
+    async def revoke_label(self, label: str, now: datetime) -> tuple[list[str], list[str]]:
+        async def op(c: asyncpg.Connection) -> tuple[list[str], list[str]]:
+            async with c.transaction():
+                keys = await c.fetch(
+                    "UPDATE vault_keys SET revoked_at = $1 WHERE label = $2 "
+                    "AND revoked_at IS NULL AND expires_at > $1 RETURNING key_id",
+                    now,
+                    label,
+                )
+                budgets = await c.fetch(
+                    "UPDATE budgets SET revoked_at = $1 WHERE label = $2 "
+                    "AND revoked_at IS NULL AND expires_at > $1 RETURNING budget_id",
+                    now,
+                    label,
+                )
+            return [r["key_id"] for r in keys], [r["budget_id"] for r in budgets]
+
+        return await self._run(op)
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    async def create_budget(self, budget: BudgetRecord) -> None:
+        async def op(c: asyncpg.Connection) -> None:
+            async with c.transaction():
+                await c.execute(
+                    "INSERT INTO budgets (budget_id, label, daily_cap_micros, total_cap_micros, "
+                    "metadata, created_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                    budget.budget_id,
+                    budget.label,
+                    budget.daily_cap_micros,
+                    budget.total_cap_micros,
+                    json.dumps(budget.metadata),
+                    budget.created_at,
+                    budget.expires_at,
+                )
+                await c.execute("INSERT INTO usage_counts (owner_id) VALUES ($1)", budget.budget_id)
+
+        await self._run(op)
+
+    async def _budget_views(
+        self, where: str, args: list[Any], now: datetime, limit: int
+    ) -> list[BudgetView]:
+        floor = window_floor(now)
+        sql = (
+            f"SELECT {_BUDGET_COLUMNS}, {_USAGE_COLUMNS}, "
+            "(SELECT coalesce(array_agg(key_id ORDER BY created_at, key_id), '{}') "
+            " FROM vault_keys WHERE budget_id = b.budget_id) AS key_ids "
+            f"FROM budgets b {_USAGE_JOIN.format(owner='b.budget_id')} "
+            f"WHERE {where} ORDER BY b.created_at DESC, b.budget_id LIMIT {int(limit)}"
         )
-        return [row["key_id"] for row in rows]
+
+        async def op(c: asyncpg.Connection) -> list[BudgetView]:
+            rows = await c.fetch(sql, floor, *args)
+            views = []
+            for row in rows:
+                changes = await _changes(c, row["budget_id"]) if limit == 1 else ()
+                views.append(
+                    BudgetView(_budget(row), _usage(row, floor), tuple(row["key_ids"]), changes)
+                )
+            return views
+
+        return await self._run(op)
+
+    async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None:
+        views = await self._budget_views("b.budget_id = $2", [budget_id], now, 1)
+        return views[0] if views else None
+
+    async def list_budgets(
+        self,
+        *,
+        now: datetime,
+        label: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[BudgetView]:
+        args: list[Any] = []
+        conditions = key_conditions(now=now, label=label, status=status, alias="b")
+        clause = where_clause(conditions, _placeholder(args, first=2))
+        return await self._budget_views(clause, args, now, limit)
+
+    async def revoke_budget(self, budget_id: str, now: datetime) -> list[str] | None:
+        async def op(c: asyncpg.Connection) -> list[str] | None:
+            async with c.transaction():
+                exists = await c.fetchval(
+                    "SELECT true FROM budgets WHERE budget_id = $1 FOR UPDATE", budget_id
+                )
+                if not exists:
+                    return None
+                await c.execute(
+                    "UPDATE budgets SET revoked_at = $1 WHERE budget_id = $2 "
+                    "AND revoked_at IS NULL",
+                    now,
+                    budget_id,
+                )
+                rows = await c.fetch(
+                    "UPDATE vault_keys SET revoked_at = $1 WHERE budget_id = $2 "
+                    "AND revoked_at IS NULL RETURNING key_id",
+                    now,
+                    budget_id,
+                )
+            return [r["key_id"] for r in rows]
+
+        return await self._run(op)
+
+    async def patch(self, subject_id: str, patch: Patch, now: datetime) -> str:
+        table, column = subject_table(subject_id)
+        fields = patch.fields()
+
+        async def op(c: asyncpg.Connection) -> str:
+            async with c.transaction():
+                row = await c.fetchrow(
+                    f"SELECT revoked_at, expires_at, {', '.join(fields)} FROM {table} "
+                    f"WHERE {column} = $1 FOR UPDATE",
+                    subject_id,
+                )
+                if row is None:
+                    return "unknown"
+                if row["revoked_at"] is not None or row["expires_at"] <= now:
+                    return "not_live"
+                sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=2))
+                await c.execute(
+                    f"UPDATE {table} SET {sets} WHERE {column} = $1",
+                    subject_id,
+                    *fields.values(),
+                )
+                await c.executemany(
+                    "INSERT INTO changes (subject_id, field, old, new, reason, at) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
+                    [
+                        (
+                            subject_id,
+                            name,
+                            shown(name, row[name]),
+                            shown(name, new),
+                            patch.reason,
+                            now,
+                        )
+                        for name, new in fields.items()
+                        if row[name] != new
+                    ],
+                )
+            return "patched"
+
+        return await self._run(op)
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -667,6 +1022,7 @@ class PostgresStore:
         row: asyncpg.Record = await self._reservations.submit(
             (
                 r.key.key_id,
+                r.key.budget_id,
                 r.now,
                 bucket_of(r.now),
                 window_floor(r.now),
@@ -676,6 +1032,7 @@ class PostgresStore:
                 r.dedupe,
                 r.forward_key,
                 r.vendor_replays,
+                r.caller,
                 r.vendor,
                 r.method,
                 r.path,
@@ -702,6 +1059,8 @@ class PostgresStore:
             (
                 s.audit_id,
                 s.key_id,
+                s.budget_id,
+                s.caller,
                 s.bucket,
                 s.vendor,
                 s.reserved_micros,
@@ -726,8 +1085,8 @@ class PostgresStore:
             lambda c: c.fetchval(
                 "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
                 "reserved_micros, settled_micros, amount, currency, vendor_request_id, "
-                "idempotency_key, latency_ms, caller_tag) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16) RETURNING id",
+                "idempotency_key, latency_ms, caller_tag, budget_id) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17) RETURNING id",
                 row.ts,
                 row.key_id,
                 row.label,
@@ -744,6 +1103,7 @@ class PostgresStore:
                 row.idempotency_key,
                 row.latency_ms,
                 row.caller_tag,
+                row.budget_id,
             )
         )
         return int(audit_id)
@@ -752,7 +1112,8 @@ class PostgresStore:
         async def op(c: asyncpg.Connection) -> tuple[dict[str, int], int]:
             spend = await c.fetch(
                 "SELECT k.label, sum(w.settled_micros) AS total FROM spend_window w "
-                "JOIN vault_keys k ON k.key_id = w.key_id WHERE w.bucket >= $1 GROUP BY k.label",
+                "JOIN vault_keys k ON k.key_id = w.owner_id WHERE w.bucket >= $1 "
+                "GROUP BY k.label",
                 window_floor(now),
             )
             open_count = await c.fetchval("SELECT count(*) FROM audit WHERE decision = 'in_flight'")
@@ -768,27 +1129,69 @@ class PostgresStore:
 
     async def sweep(self, older_than: datetime) -> int:
         async def op(c: asyncpg.Connection) -> int:
-            async with c.transaction():
-                rows = await c.fetch(
-                    "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
-                    "WHERE id IN (SELECT id FROM audit WHERE decision = 'in_flight' AND ts < $1 "
-                    "ORDER BY id FOR UPDATE) RETURNING key_id, ts, reserved_micros",
-                    older_than,
-                )
-                moved: dict[tuple[str, int], int] = {}
-                for row in rows:
-                    where = (row["key_id"], bucket_of(row["ts"]))
-                    moved[where] = moved.get(where, 0) + row["reserved_micros"]
-                # In key order, as the request path's batches lock them: no deadlock with them.
-                for (key_id, bucket), micros in sorted(moved.items()):
-                    await c.execute(
-                        "UPDATE spend_window SET reserved_micros = reserved_micros - $1, "
-                        "settled_micros = settled_micros + $1 WHERE key_id = $2 AND bucket = $3",
-                        micros,
-                        key_id,
-                        bucket,
+            stale = await c.fetch(
+                "SELECT a.id FROM audit a WHERE a.decision = 'in_flight' AND a.ts < $1 "
+                "ORDER BY a.id",
+                older_than,
+            )
+            swept = 0
+            for audit_id in (row["id"] for row in stale):
+                # One transaction a call, taking its rows in the request path's order (budget,
+                # then key): a sweep never deadlocks with a batch.
+                async with c.transaction():
+                    row = await c.fetchrow(
+                        "UPDATE audit a SET decision = 'reconciled', "
+                        "settled_micros = reserved_micros FROM vault_keys k "
+                        "WHERE a.id = $1 AND a.decision = 'in_flight' AND k.key_id = a.key_id "
+                        "RETURNING a.key_id, a.budget_id, a.ts, a.reserved_micros, a.caller_tag, "
+                        "k.max_per_caller_micros IS NOT NULL AS tracks_caller",
+                        audit_id,
                     )
-                return len(rows)
+                    if row is None:  # settled meanwhile
+                        continue
+                    reserved, bucket = row["reserved_micros"], bucket_of(row["ts"])
+                    for owner in (row["budget_id"], row["key_id"]):
+                        if owner is not None:
+                            await c.execute(
+                                "SELECT keybrake_add_spend($1, $2, $3, $4)",
+                                owner,
+                                bucket,
+                                reserved,
+                                -reserved,
+                            )
+                    if row["tracks_caller"]:
+                        await c.execute(
+                            "SELECT keybrake_add_caller_spend($1, $2, $3, $4)",
+                            row["key_id"],
+                            caller_of(row["caller_tag"]),
+                            reserved,
+                            -reserved,
+                        )
+                    swept += 1
+            return swept
+
+        return await self._run(op)
+
+    async def compact_spend(self, before_bucket: int) -> int:
+        async def op(c: asyncpg.Connection) -> int:
+            async with c.transaction():
+                moved = await c.fetch(
+                    "DELETE FROM spend_window WHERE bucket > 0 AND bucket < $1 "
+                    "RETURNING owner_id, settled_micros, reserved_micros",
+                    before_bucket,
+                )
+                totals: dict[str, tuple[int, int]] = {}
+                for row in moved:
+                    settled, reserved = totals.get(row["owner_id"], (0, 0))
+                    totals[row["owner_id"]] = (
+                        settled + row["settled_micros"],
+                        reserved + row["reserved_micros"],
+                    )
+                for owner, (settled, reserved) in sorted(totals.items()):
+                    await c.execute(
+                        "SELECT keybrake_add_spend($1, 0, $2, $3)", owner, settled, reserved
+                    )
+            return len(moved)
 
         return await self._run(op)
 

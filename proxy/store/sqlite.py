@@ -23,11 +23,13 @@ from keybrake.proxy.decisions import (
     BUCKET,
     CUT_OFF,
     WINDOW,
+    Caps,
     Decision,
     Prior,
     admit,
     bucket_of,
     bucket_start,
+    caller_of,
     refusal_status,
     settle_amounts,
     window_floor,
@@ -38,15 +40,21 @@ from keybrake.proxy.store.base import (
     Admission,
     AuditFilter,
     AuditRecord,
+    BudgetRecord,
+    BudgetView,
+    Change,
     KeyRecord,
-    KeyUsage,
     KeyView,
+    Patch,
     Reservation,
     Settlement,
     StoredResponse,
+    Usage,
     audit_conditions,
     key_conditions,
     prune_conditions,
+    shown,
+    subject_table,
     where_clause,
 )
 
@@ -121,43 +129,107 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_ts ON audit (ts);
     CREATE INDEX audit_in_flight ON audit (decision) WHERE decision = 'in_flight';
     """,
-    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, and the
-    # key's lock and counters to `key_usage`. A day's spend lands in its last hour, so the
-    # window counts it at least as long as the day-based cap did: never less.
+    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, kept per
+    # owner (a key or a budget); each owner's lock and counters move to `usage_counts`. A day's
+    # spend lands in its last hour, so the window counts it at least as long as the day-based
+    # cap did: never less. Keys gain lifetime and per-caller caps and may draw on a budget.
     """
-    CREATE TABLE key_usage (
-        key_id TEXT PRIMARY KEY,
+    CREATE TABLE usage_counts (
+        owner_id TEXT PRIMARY KEY,
         calls INTEGER NOT NULL DEFAULT 0,
         cap_hits INTEGER NOT NULL DEFAULT 0
     );
-    INSERT INTO key_usage (key_id, calls, cap_hits)
+    INSERT INTO usage_counts (owner_id, calls, cap_hits)
         SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
     CREATE TABLE spend_window (
-        key_id TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
         bucket INTEGER NOT NULL,
         settled_micros INTEGER NOT NULL DEFAULT 0,
         reserved_micros INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, bucket)
+        PRIMARY KEY (owner_id, bucket)
     );
     CREATE INDEX spend_window_bucket ON spend_window (bucket);
-    INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros)
+    INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros)
         SELECT key_id, CAST(strftime('%s', day) AS INTEGER) / 3600 + 23, settled_micros,
                reserved_micros FROM spend;
     DROP TABLE spend;
-    ALTER TABLE vault_keys ADD COLUMN allowed_accounts TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE caller_spend (
+        key_id TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        settled_micros INTEGER NOT NULL DEFAULT 0,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, caller)
+    );
+    CREATE TABLE budgets (
+        budget_id TEXT PRIMARY KEY,
+        label TEXT NOT NULL,
+        daily_cap_micros INTEGER,
+        total_cap_micros INTEGER,
+        metadata TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX budgets_label ON budgets (label);
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        subject_id TEXT NOT NULL,
+        field TEXT NOT NULL,
+        old TEXT,
+        new TEXT,
+        reason TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX changes_subject ON changes (subject_id, id);
+    CREATE TABLE vault_keys_new (
+        key_id TEXT PRIMARY KEY,
+        key_hash BLOB NOT NULL UNIQUE,
+        vendor TEXT NOT NULL,
+        label TEXT NOT NULL,
+        daily_cap_micros INTEGER,
+        max_per_call_micros INTEGER,
+        allowed_endpoints TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        dedupe_window_s INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT,
+        allowed_accounts TEXT NOT NULL DEFAULT '[]',
+        total_cap_micros INTEGER,
+        max_per_caller_micros INTEGER,
+        budget_id TEXT
+    );
+    INSERT INTO vault_keys_new (key_id, key_hash, vendor, label, daily_cap_micros,
+            max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, created_at,
+            expires_at, revoked_at)
+        SELECT key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros,
+               allowed_endpoints, metadata, dedupe_window_s, created_at, expires_at, revoked_at
+          FROM vault_keys;
+    DROP TABLE vault_keys;
+    ALTER TABLE vault_keys_new RENAME TO vault_keys;
+    CREATE INDEX vault_keys_label ON vault_keys (label);
+    CREATE INDEX vault_keys_budget ON vault_keys (budget_id);
     ALTER TABLE replays ADD COLUMN audit_id INTEGER;
     ALTER TABLE replays ADD COLUMN forwarded_key TEXT;
+    ALTER TABLE audit ADD COLUMN budget_id TEXT;
+    CREATE INDEX audit_budget ON audit (budget_id, id);
     """,
 ]
 
 _KEY_COLUMNS = (
     "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
-    "metadata, dedupe_window_s, created_at, expires_at, revoked_at, allowed_accounts"
+    "metadata, dedupe_window_s, created_at, expires_at, revoked_at, allowed_accounts, "
+    "total_cap_micros, max_per_caller_micros, budget_id"
+)
+_BUDGET_COLUMNS = (
+    "budget_id, label, daily_cap_micros, total_cap_micros, metadata, created_at, expires_at, "
+    "revoked_at"
 )
 _K_KEY_COLUMNS = ", ".join("k." + c.strip() for c in _KEY_COLUMNS.split(","))
 _AUDIT_COLUMNS = (
     "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
-    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag"
+    "settled_micros, amount, currency, vendor_request_id, idempotency_key, latency_ms, caller_tag, "
+    "budget_id"
 )
 
 
@@ -176,6 +248,22 @@ def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         expires_at=parse_ts(row[10]),
         revoked_at=parse_ts(row[11]) if row[11] else None,
         allowed_accounts=tuple(json.loads(row[12])),
+        total_cap_micros=row[13],
+        max_per_caller_micros=row[14],
+        budget_id=row[15],
+    )
+
+
+def _budget_from_row(row: tuple[Any, ...]) -> BudgetRecord:
+    return BudgetRecord(
+        budget_id=row[0],
+        label=row[1],
+        daily_cap_micros=row[2],
+        total_cap_micros=row[3],
+        metadata=json.loads(row[4]),
+        created_at=parse_ts(row[5]),
+        expires_at=parse_ts(row[6]),
+        revoked_at=parse_ts(row[7]) if row[7] else None,
     )
 
 
@@ -198,6 +286,7 @@ def _audit_from_row(row: tuple[Any, ...]) -> AuditRecord:
         idempotency_key=row[14],
         latency_ms=row[15],
         caller_tag=row[16],
+        budget_id=row[17],
     )
 
 
@@ -386,7 +475,7 @@ class SQLiteStore:
     async def create_key(self, key: KeyRecord) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.key_id,
                     key.key_hash,
@@ -401,9 +490,12 @@ class SQLiteStore:
                     format_ts(key.expires_at),
                     None,
                     json.dumps(list(key.allowed_accounts)),
+                    key.total_cap_micros,
+                    key.max_per_caller_micros,
+                    key.budget_id,
                 ),
             )
-            conn.execute("INSERT INTO key_usage (key_id) VALUES (?)", (key.key_id,))
+            conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (key.key_id,))
 
         await self._write(op)
 
@@ -419,32 +511,19 @@ class SQLiteStore:
     def _views(
         self, conn: sqlite3.Connection, where: str, args: list[Any], now: datetime, limit: int = 1
     ) -> list[KeyView]:
-        floor = window_floor(now)
         rows = conn.execute(
-            f"SELECT {_K_KEY_COLUMNS}, u.calls, u.cap_hits, "
-            "(SELECT coalesce(sum(w.settled_micros), 0) FROM spend_window w "
-            " WHERE w.key_id = k.key_id AND w.bucket >= ?), "
-            "(SELECT coalesce(sum(w.reserved_micros), 0) FROM spend_window w "
-            " WHERE w.key_id = k.key_id AND w.bucket >= ?), "
-            "(SELECT coalesce(sum(w.settled_micros), 0) FROM spend_window w "
-            " WHERE w.key_id = k.key_id) "
-            "FROM vault_keys k LEFT JOIN key_usage u ON u.key_id = k.key_id "
+            f"SELECT {_K_KEY_COLUMNS} FROM vault_keys k "
             f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}",
-            [floor, floor, *args],
+            args,
         ).fetchall()
+        keys = [_key_from_row(row) for row in rows]
         return [
             KeyView(
-                _key_from_row(row),
-                KeyUsage(
-                    window_start=bucket_start(floor),
-                    spent_micros=row[15],
-                    reserved_micros=row[16],
-                    total_micros=row[17],
-                    calls=row[13] or 0,
-                    cap_hits=row[14] or 0,
-                ),
+                key,
+                _usage(conn, key.key_id, now),
+                _changes(conn, key.key_id) if limit == 1 else (),
             )
-            for row in rows
+            for key in keys
         ]
 
     async def get_key(self, key_id: str, now: datetime) -> KeyView | None:
@@ -458,10 +537,13 @@ class SQLiteStore:
         label: str | None = None,
         vendor: str | None = None,
         status: str | None = None,
+        budget_id: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]:
         args: list[Any] = []
-        conditions = key_conditions(now=now, label=label, vendor=vendor, status=status)
+        conditions = key_conditions(
+            now=now, label=label, vendor=vendor, status=status, budget_id=budget_id
+        )
         clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._views(c, clause, args, now, limit))
 
@@ -478,21 +560,151 @@ class SQLiteStore:
 
         return await self._write(op)
 
-    async def revoke_label(self, label: str, now: datetime) -> list[str]:
-        def op(conn: sqlite3.Connection) -> list[str]:
+    async def revoke_label(self, label: str, now: datetime) -> tuple[list[str], list[str]]:
+        def op(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
             stamp = format_ts(now)
-            ids = [
+            revoked: list[list[str]] = []
+            for table, column in (("vault_keys", "key_id"), ("budgets", "budget_id")):
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT {column} FROM {table} WHERE label = ? AND revoked_at IS NULL "
+                        "AND expires_at > ?",
+                        (label, stamp),
+                    )
+                ]
+                conn.executemany(
+                    f"UPDATE {table} SET revoked_at = ? WHERE {column} = ?",
+                    [(stamp, i) for i in ids],
+                )
+                revoked.append(ids)
+            return revoked[0], revoked[1]
+
+        return await self._write(op)
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    async def create_budget(self, budget: BudgetRecord) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO budgets ({_BUDGET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    budget.budget_id,
+                    budget.label,
+                    budget.daily_cap_micros,
+                    budget.total_cap_micros,
+                    json.dumps(budget.metadata),
+                    format_ts(budget.created_at),
+                    format_ts(budget.expires_at),
+                    None,
+                ),
+            )
+            conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (budget.budget_id,))
+
+        await self._write(op)
+
+    def _budget_views(
+        self, conn: sqlite3.Connection, where: str, args: list[Any], now: datetime, limit: int = 1
+    ) -> list[BudgetView]:
+        rows = conn.execute(
+            f"SELECT {_BUDGET_COLUMNS} FROM budgets b WHERE {where} "
+            f"ORDER BY b.created_at DESC, b.budget_id LIMIT {int(limit)}",
+            args,
+        ).fetchall()
+        views = []
+        for row in rows:
+            budget = _budget_from_row(row)
+            keys = conn.execute(
+                "SELECT key_id FROM vault_keys WHERE budget_id = ? ORDER BY created_at, key_id",
+                (budget.budget_id,),
+            ).fetchall()
+            views.append(
+                BudgetView(
+                    budget,
+                    _usage(conn, budget.budget_id, now),
+                    tuple(k[0] for k in keys),
+                    _changes(conn, budget.budget_id) if limit == 1 else (),
+                )
+            )
+        return views
+
+    async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None:
+        views = await self._read(
+            lambda c: self._budget_views(c, "b.budget_id = ?", [budget_id], now)
+        )
+        return views[0] if views else None
+
+    async def list_budgets(
+        self,
+        *,
+        now: datetime,
+        label: str | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+    ) -> list[BudgetView]:
+        args: list[Any] = []
+        conditions = key_conditions(now=now, label=label, status=status, alias="b")
+        clause = where_clause(conditions, _placeholder(args))
+        return await self._read(lambda c: self._budget_views(c, clause, args, now, limit))
+
+    async def revoke_budget(self, budget_id: str, now: datetime) -> list[str] | None:
+        def op(conn: sqlite3.Connection) -> list[str] | None:
+            stamp = format_ts(now)
+            if not conn.execute(
+                "SELECT 1 FROM budgets WHERE budget_id = ?", (budget_id,)
+            ).fetchone():
+                return None
+            conn.execute(
+                "UPDATE budgets SET revoked_at = ? WHERE budget_id = ? AND revoked_at IS NULL",
+                (stamp, budget_id),
+            )
+            keys = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT key_id FROM vault_keys WHERE label = ? AND revoked_at IS NULL "
-                    "AND expires_at > ?",
-                    (label, stamp),
+                    "SELECT key_id FROM vault_keys WHERE budget_id = ? AND revoked_at IS NULL",
+                    (budget_id,),
                 )
             ]
             conn.executemany(
-                "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ?", [(stamp, i) for i in ids]
+                "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ?", [(stamp, k) for k in keys]
             )
-            return ids
+            return keys
+
+        return await self._write(op)
+
+    async def patch(self, subject_id: str, patch: Patch, now: datetime) -> str:
+        table, column = subject_table(subject_id)
+
+        def op(conn: sqlite3.Connection) -> str:
+            fields = patch.fields()
+            names = ", ".join(fields)
+            row = conn.execute(
+                f"SELECT revoked_at, expires_at, {names} FROM {table} WHERE {column} = ?",
+                (subject_id,),
+            ).fetchone()
+            if row is None:
+                return "unknown"
+            if row[0] is not None or row[1] <= format_ts(now):
+                return "not_live"
+            stored = {
+                name: (format_ts(value) if isinstance(value, datetime) else value)
+                for name, value in fields.items()
+            }
+            conn.execute(
+                f"UPDATE {table} SET {', '.join(f'{n} = ?' for n in stored)} WHERE {column} = ?",
+                (*stored.values(), subject_id),
+            )
+            stamp = format_ts(now)
+            conn.executemany(
+                "INSERT INTO changes (subject_id, field, old, new, reason, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (subject_id, name, shown(name, old), shown(name, new), patch.reason, stamp)
+                    for (name, new), old in zip(stored.items(), row[2:], strict=True)
+                    if old != new
+                ],
+            )
+            return "patched"
 
         return await self._write(op)
 
@@ -511,7 +723,7 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
             spend = conn.execute(
                 "SELECT k.label, sum(w.settled_micros) FROM spend_window w "
-                "JOIN vault_keys k ON k.key_id = w.key_id WHERE w.bucket >= ? GROUP BY k.label",
+                "JOIN vault_keys k ON k.key_id = w.owner_id WHERE w.bucket >= ? GROUP BY k.label",
                 (window_floor(now),),
             ).fetchall()
             open_count = conn.execute(
@@ -520,6 +732,24 @@ class SQLiteStore:
             return {label: int(total) for label, total in spend}, int(open_count)
 
         return await self._read(op)
+
+    async def compact_spend(self, before_bucket: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros) "
+                "SELECT owner_id, 0, sum(settled_micros), sum(reserved_micros) FROM spend_window "
+                "WHERE bucket > 0 AND bucket < ? GROUP BY owner_id "
+                "ON CONFLICT (owner_id, bucket) DO UPDATE SET "
+                "settled_micros = settled_micros + excluded.settled_micros, "
+                "reserved_micros = reserved_micros + excluded.reserved_micros",
+                (before_bucket,),
+            )
+            cur = conn.execute(
+                "DELETE FROM spend_window WHERE bucket > 0 AND bucket < ?", (before_bucket,)
+            )
+            return int(cur.rowcount)
+
+        return await self._write(op)
 
     async def sweep(self, older_than: datetime) -> int:
         return await self._write(lambda conn: _sweep(conn, older_than))
@@ -586,7 +816,7 @@ def _insert_audit(conn: sqlite3.Connection, row: AuditRecord) -> int:
     cur = conn.execute(
         "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
         "reserved_micros, settled_micros, amount, currency, vendor_request_id, idempotency_key, "
-        "latency_ms, caller_tag) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "latency_ms, caller_tag, budget_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             format_ts(row.ts),
             row.key_id,
@@ -604,9 +834,51 @@ def _insert_audit(conn: sqlite3.Connection, row: AuditRecord) -> int:
             row.idempotency_key,
             row.latency_ms,
             row.caller_tag,
+            row.budget_id,
         ),
     )
     return int(cur.lastrowid or 0)
+
+
+def _spent(conn: sqlite3.Connection, owner_id: str, floor: int) -> tuple[int, int]:
+    """(settled + reserved in the window, and over the owner's life)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(CASE WHEN bucket >= ? THEN settled_micros + reserved_micros END), 0), "
+        "coalesce(sum(settled_micros + reserved_micros), 0) FROM spend_window WHERE owner_id = ?",
+        (floor, owner_id),
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def _usage(conn: sqlite3.Connection, owner_id: str, now: datetime) -> Usage:
+    floor = window_floor(now)
+    row = conn.execute(
+        "SELECT coalesce(sum(CASE WHEN bucket >= ? THEN settled_micros END), 0), "
+        "coalesce(sum(CASE WHEN bucket >= ? THEN reserved_micros END), 0), "
+        "coalesce(sum(settled_micros), 0), coalesce(sum(reserved_micros), 0) "
+        "FROM spend_window WHERE owner_id = ?",
+        (floor, floor, owner_id),
+    ).fetchone()
+    counts = conn.execute(
+        "SELECT calls, cap_hits FROM usage_counts WHERE owner_id = ?", (owner_id,)
+    ).fetchone()
+    return Usage(
+        window_start=bucket_start(floor),
+        spent_micros=row[0],
+        reserved_micros=row[1],
+        total_micros=row[2],
+        total_reserved_micros=row[3],
+        calls=counts[0] if counts else 0,
+        cap_hits=counts[1] if counts else 0,
+    )
+
+
+def _changes(conn: sqlite3.Connection, subject_id: str) -> tuple[Change, ...]:
+    rows = conn.execute(
+        "SELECT field, old, new, reason, at FROM changes WHERE subject_id = ? ORDER BY id",
+        (subject_id,),
+    ).fetchall()
+    return tuple(Change(r[0], r[1], r[2], r[3], parse_ts(r[4])) for r in rows)
 
 
 def _prior(
@@ -643,60 +915,107 @@ def _stored_answer(conn: sqlite3.Connection, key_id: str, kind: str, token: str)
 
 
 def _add_spend(
-    conn: sqlite3.Connection, key_id: str, bucket: int, settled: int, reserved: int
+    conn: sqlite3.Connection, owner_id: str, bucket: int, settled: int, reserved: int
 ) -> None:
     conn.execute(
-        "INSERT INTO spend_window (key_id, bucket, settled_micros, reserved_micros) "
-        "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, bucket) DO UPDATE SET "
+        "INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (owner_id, bucket) DO UPDATE SET "
         "settled_micros = settled_micros + excluded.settled_micros, "
         "reserved_micros = reserved_micros + excluded.reserved_micros",
-        (key_id, bucket, settled, reserved),
+        (owner_id, bucket, settled, reserved),
+    )
+
+
+def _add_caller_spend(
+    conn: sqlite3.Connection, key_id: str, caller: str, settled: int, reserved: int
+) -> None:
+    conn.execute(
+        "INSERT INTO caller_spend (key_id, caller, settled_micros, reserved_micros) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (key_id, caller) DO UPDATE SET "
+        "settled_micros = settled_micros + excluded.settled_micros, "
+        "reserved_micros = reserved_micros + excluded.reserved_micros",
+        (key_id, caller, settled, reserved),
+    )
+
+
+def _count_call(conn: sqlite3.Connection, owner_id: str) -> None:
+    # An owner's lock: other processes wait on SQLite's write lock, this one's calls run in order.
+    conn.execute(
+        "INSERT INTO usage_counts (owner_id, calls) VALUES (?, 1) "
+        "ON CONFLICT (owner_id) DO UPDATE SET calls = calls + 1",
+        (owner_id,),
+    )
+
+
+def _caps(
+    conn: sqlite3.Connection, row: tuple[Any, ...] | None, owner_id: str, floor: int, now: datetime
+) -> Caps:
+    """(revoked_at, expires_at, daily, total) of a key or budget as admission reads them."""
+    if row is None:
+        return Caps(True, now, None, None, lambda: (0, 0))
+    return Caps(
+        revoked=row[0] is not None,
+        expires_at=parse_ts(row[1]),
+        daily=row[2],
+        total=row[3],
+        used=lambda: _spent(conn, owner_id, floor),
     )
 
 
 def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
-    key_id = r.key.key_id
-    # The key's lock: other processes wait on SQLite's write lock, this one's calls run in order.
-    conn.execute(
-        "INSERT INTO key_usage (key_id, calls) VALUES (?, 1) "
-        "ON CONFLICT (key_id) DO UPDATE SET calls = calls + 1",
-        (key_id,),
-    )
+    key_id, budget_id = r.key.key_id, r.key.budget_id
+    if budget_id is not None:
+        _count_call(conn, budget_id)  # the budget first, then the key: one order everywhere
+    _count_call(conn, key_id)
     # Revocation, expiry and caps are read here, inside the transaction, never from a cache.
-    key = conn.execute(
-        "SELECT revoked_at, expires_at, daily_cap_micros, max_per_call_micros, dedupe_window_s "
-        "FROM vault_keys WHERE key_id = ?",
+    row = conn.execute(
+        "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, max_per_call_micros, "
+        "max_per_caller_micros, dedupe_window_s FROM vault_keys WHERE key_id = ?",
         (key_id,),
     ).fetchone()
+    budget_row = None
+    if budget_id is not None:
+        budget_row = conn.execute(
+            "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros FROM budgets "
+            "WHERE budget_id = ?",
+            (budget_id,),
+        ).fetchone()
     by_key = by_fingerprint = None
-    if key is not None and r.idempotency_key:
+    if row is not None and r.idempotency_key:
         by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
-    if key is not None and r.dedupe and by_key is None:
+    if row is not None and r.dedupe and by_key is None:
         by_fingerprint = _prior(conn, key_id, "dedupe", r.request_hash, r.request_hash)
     floor = window_floor(r.now)
     admitted = admit(
         now=r.now,
-        revoked=key is None or key[0] is not None,
-        expires_at=parse_ts(key[1]) if key else r.now,
+        key=_caps(conn, row[:4] if row else None, key_id, floor, r.now),
+        budget=(
+            _caps(conn, budget_row, budget_id, floor, r.now) if budget_id is not None else None
+        ),
         by_key=by_key,
         by_fingerprint=by_fingerprint,
-        dedupe_window=timedelta(seconds=key[4] if key else 0),
+        dedupe_window=timedelta(seconds=row[6] if row else 0),
         vendor_replays=r.vendor_replays,
         cost_micros=r.cost_micros,
-        max_per_call_micros=key[3] if key else None,
-        cap_micros=key[2] if key else 0,
-        used_micros=lambda: conn.execute(
-            "SELECT coalesce(sum(settled_micros + reserved_micros), 0) FROM spend_window "
-            "WHERE key_id = ? AND bucket >= ?",
-            (key_id, floor),
-        ).fetchone()[0],
+        max_per_call_micros=row[4] if row else None,
+        max_per_caller_micros=row[5] if row else None,
+        caller_used=lambda: _caller_spent(conn, key_id, r.caller),
     )
     decision = admitted.decision
     forwarded = decision is Decision.FORWARDED
+    tracks_caller = row is not None and row[5] is not None
     if admitted.reserve_micros:
-        _add_spend(conn, key_id, bucket_of(r.now), 0, admitted.reserve_micros)
+        bucket = bucket_of(r.now)
+        if budget_id is not None:
+            _add_spend(conn, budget_id, bucket, 0, admitted.reserve_micros)
+        _add_spend(conn, key_id, bucket, 0, admitted.reserve_micros)
+        if tracks_caller:
+            _add_caller_spend(conn, key_id, r.caller, 0, admitted.reserve_micros)
     if admitted.cap_hit:
-        conn.execute("UPDATE key_usage SET cap_hits = cap_hits + 1 WHERE key_id = ?", (key_id,))
+        conn.executemany(
+            "UPDATE usage_counts SET cap_hits = cap_hits + 1 WHERE owner_id = ?",
+            [(owner,) for owner in (key_id, budget_id) if owner is not None],
+        )
     replay = None
     if admitted.replay_from is not None:
         kind = "idempotency" if admitted.replay_from is by_key else "dedupe"
@@ -718,6 +1037,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             currency=r.currency,
             idempotency_key=r.idempotency_key,
             caller_tag=r.caller_tag,
+            budget_id=budget_id,
         ),
     )
     forward_key = admitted.forward_key or r.forward_key
@@ -739,6 +1059,14 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     return Admission(decision, audit_id, replay, forward_key, admitted.prior_audit_id)
 
 
+def _caller_spent(conn: sqlite3.Connection, key_id: str, caller: str) -> int:
+    row = conn.execute(
+        "SELECT settled_micros + reserved_micros FROM caller_spend WHERE key_id = ? AND caller = ?",
+        (key_id, caller),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
     outcome = (s.status, s.decision, s.settled_micros, s.vendor_request_id, s.latency_ms)
     still_in_flight = conn.execute(
@@ -756,7 +1084,11 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
         still_in_flight=bool(still_in_flight), reserved=s.reserved_micros, settled=s.settled_micros
     )
     if release or charge:
+        if s.budget_id is not None:
+            _add_spend(conn, s.budget_id, s.bucket, charge, -release)
         _add_spend(conn, s.key_id, s.bucket, charge, -release)
+        if s.caller is not None:
+            _add_caller_spend(conn, s.key_id, s.caller, charge, -release)
     tokens = []
     if s.idempotency_key:
         tokens.append(("idempotency", s.idempotency_key))
@@ -788,12 +1120,18 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
 def _sweep(conn: sqlite3.Connection, older_than: datetime) -> int:
     """Count reservations left by a crashed process as spent (the money may have moved)."""
     stale = conn.execute(
-        "SELECT id, key_id, ts, reserved_micros FROM audit "
-        "WHERE decision = 'in_flight' AND ts < ? ORDER BY id",
+        "SELECT a.id, a.key_id, a.budget_id, a.ts, a.reserved_micros, a.caller_tag, "
+        "k.max_per_caller_micros IS NOT NULL FROM audit a JOIN vault_keys k ON k.key_id = a.key_id "
+        "WHERE a.decision = 'in_flight' AND a.ts < ? ORDER BY a.id",
         (format_ts(older_than),),
     ).fetchall()
-    for audit_id, key_id, ts, reserved in stale:
-        _add_spend(conn, key_id, bucket_of(parse_ts(ts)), reserved, -reserved)
+    for audit_id, key_id, budget_id, ts, reserved, tag, tracks_caller in stale:
+        bucket = bucket_of(parse_ts(ts))
+        for owner in (budget_id, key_id):
+            if owner is not None:
+                _add_spend(conn, owner, bucket, reserved, -reserved)
+        if tracks_caller:
+            _add_caller_spend(conn, key_id, caller_of(tag), reserved, -reserved)
         conn.execute(
             "UPDATE audit SET decision = 'reconciled', settled_micros = reserved_micros "
             "WHERE id = ?",

@@ -1,0 +1,51 @@
+"""Option parsing several commands share: dollar amounts, metadata pairs, cap changes."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from pydantic import ValidationError
+
+from keybrake.cli._common import EXIT_USAGE, fail
+from keybrake.proxy.models import CapsPatch, describe_validation_error
+
+__all__ = ["caps_patch", "dollars", "metadata"]
+
+
+def dollars(text: str | None, flag: str) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
+
+
+def metadata(items: list[str] | None) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            fail(f"--meta {item!r}: expected key=value", EXIT_USAGE)
+        meta[name] = value
+    return meta
+
+
+def caps_patch(
+    *,
+    reason: str,
+    daily_usd_cap: str | None,
+    total_usd_cap: str | None,
+    expires_in: str | None,
+    max_usd_per_caller: str | None = None,
+) -> CapsPatch:
+    try:
+        return CapsPatch(
+            reason=reason,
+            daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
+            total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
+            max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
+            expires_in=expires_in,
+        )
+    except ValidationError as exc:
+        fail(describe_validation_error(exc), EXIT_USAGE)
