@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from keybrake.proxy.decisions import Decision, bucket_of
+from keybrake.proxy.decisions import Decision, bucket_of, caller_of
 from keybrake.proxy.store import Store, open_store
-from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement, StoredResponse
+from keybrake.proxy.store.base import (
+    BudgetRecord,
+    KeyRecord,
+    Reservation,
+    Settlement,
+    StoredResponse,
+)
 
 NOW = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
 MICROS = 1_000_000
@@ -38,12 +44,26 @@ class Earlier:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """The budget the key draws on, and what its other key spent on it before."""
+
+    daily: int | None = None
+    total: int | None = None
+    expires_in: timedelta = timedelta(hours=3)
+    revoked: bool = False
+    spent: tuple[tuple[timedelta, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class Row:
     name: str
     expect: Decision
     # The key.
-    cap: int = 10 * MICROS
+    cap: int | None = 10 * MICROS  # for any 24 hours
+    total: int | None = None  # over its life
     max_per_call: int | None = None
+    max_per_caller: int | None = None
+    budget: Budget | None = None
     dedupe_window: timedelta = timedelta(minutes=10)
     expires_in: timedelta = timedelta(hours=2)
     revoked: bool = False
@@ -51,7 +71,9 @@ class Row:
     spent: tuple[tuple[timedelta, int], ...] = ()
     in_flight: tuple[tuple[timedelta, int], ...] = ()
     earlier: Earlier | None = None
+    callers_spent: tuple[tuple[str, int], ...] = ()  # (caller tag, settled) a minute ago
     # This call.
+    caller_tag: str | None = None
     cost: int = 3 * MICROS
     idempotency_key: str | None = None
     dedupe: bool = False
@@ -63,6 +85,9 @@ class Row:
     replayed: bool = False
     forward_key: str | None = "fk-new"  # the idempotency key a forwarded call goes out with
     names_earlier: bool = False  # an outcome_unknown refusal names the earlier call's audit row
+    life_after: int | None = None  # the key's settled plus reserved over its life, if checked
+    budget_after: int | None = None  # the budget's, over its life
+    budget_cap_hits: int = 0
 
 
 H = timedelta(hours=1)
@@ -291,6 +316,136 @@ ROWS = [
         used_after=6 * MICROS,
         forward_key="fk-earlier",
     ),
+    # -- lifetime caps ---------------------------------------------------------------------------
+    Row(
+        "a lifetime cap filled exactly is admitted",
+        Decision.FORWARDED,
+        cap=None,
+        total=10 * MICROS,
+        spent=((timedelta(hours=30), 7 * MICROS),),
+        used_after=3 * MICROS,
+        life_after=10 * MICROS,
+    ),
+    Row(
+        "a micro-dollar over a lifetime cap is a total cap hit",
+        Decision.TOTAL_CAP_HIT,
+        cap=None,
+        total=10 * MICROS,
+        spent=((timedelta(hours=30), 7 * MICROS),),
+        cost=3 * MICROS + 1,
+        cap_hits=1,
+        life_after=7 * MICROS,
+    ),
+    Row(
+        "spend long out of the window still counts against the lifetime cap",
+        Decision.TOTAL_CAP_HIT,
+        cap=100 * MICROS,
+        total=10 * MICROS,
+        spent=((timedelta(hours=72), 8 * MICROS),),
+        cap_hits=1,
+        life_after=8 * MICROS,
+    ),
+    Row(
+        "the 24-hour cap is checked before the lifetime cap",
+        Decision.CAP_HIT,
+        cap=2 * MICROS,
+        total=2 * MICROS,
+        cap_hits=1,
+    ),
+    # -- per-caller caps ---------------------------------------------------------------------------
+    Row(
+        "a caller filling its cap exactly is admitted, counted by the tag up to @",
+        Decision.FORWARDED,
+        max_per_caller=5 * MICROS,
+        callers_spent=(("item-1@pod-a", 2 * MICROS),),
+        caller_tag="item-1@pod-b",
+        used_after=5 * MICROS,
+    ),
+    Row(
+        "a micro-dollar over a caller's cap is a caller cap hit",
+        Decision.CALLER_CAP_HIT,
+        max_per_caller=5 * MICROS,
+        callers_spent=(("item-1@pod-a", 2 * MICROS),),
+        caller_tag="item-1@pod-b",
+        cost=3 * MICROS + 1,
+        used_after=2 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "another caller has a cap of its own",
+        Decision.FORWARDED,
+        max_per_caller=5 * MICROS,
+        callers_spent=(("item-1", 5 * MICROS),),
+        caller_tag="item-2@pod-c",
+        used_after=8 * MICROS,
+    ),
+    Row(
+        "untagged calls are one caller",
+        Decision.CALLER_CAP_HIT,
+        max_per_caller=5 * MICROS,
+        callers_spent=((None, 4 * MICROS),),  # type: ignore[arg-type]
+        used_after=4 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "the caller's cap is checked before the key's",
+        Decision.CALLER_CAP_HIT,
+        cap=4 * MICROS,
+        max_per_caller=2 * MICROS,
+        cap_hits=1,
+    ),
+    # -- budgets -----------------------------------------------------------------------------------
+    Row(
+        "a key whose budget is revoked is refused",
+        Decision.BUDGET_REVOKED,
+        budget=Budget(total=100 * MICROS, revoked=True),
+    ),
+    Row(
+        "a key whose budget expires exactly now is refused",
+        Decision.BUDGET_EXPIRED,
+        budget=Budget(total=100 * MICROS, expires_in=timedelta(0)),
+    ),
+    Row(
+        "two keys filling their budget exactly is admitted",
+        Decision.FORWARDED,
+        budget=Budget(total=10 * MICROS, spent=((H, 7 * MICROS),)),
+        used_after=3 * MICROS,
+        budget_after=10 * MICROS,
+    ),
+    Row(
+        "a micro-dollar over the budget is a budget cap hit, counted on the key and the budget",
+        Decision.BUDGET_CAP_HIT,
+        budget=Budget(total=10 * MICROS, spent=((H, 7 * MICROS),)),
+        cost=3 * MICROS + 1,
+        cap_hits=1,
+        budget_after=7 * MICROS,
+        budget_cap_hits=1,
+    ),
+    Row(
+        "a budget's 24-hour cap counts its keys' spend in the window",
+        Decision.BUDGET_CAP_HIT,
+        budget=Budget(daily=5 * MICROS, spent=((timedelta(hours=30), 4 * MICROS), (H, 3 * MICROS))),
+        cap_hits=1,
+        budget_after=7 * MICROS,
+        budget_cap_hits=1,
+    ),
+    Row(
+        "the key's own caps are checked before its budget's",
+        Decision.CAP_HIT,
+        cap=2 * MICROS,
+        budget=Budget(total=MICROS),
+        cap_hits=1,
+        budget_after=0,
+        budget_cap_hits=1,
+    ),
+    Row(
+        "a key with no caps of its own draws on its budget alone",
+        Decision.FORWARDED,
+        cap=None,
+        budget=Budget(daily=10 * MICROS),
+        used_after=3 * MICROS,
+        budget_after=3 * MICROS,
+    ),
 ]
 
 
@@ -319,6 +474,7 @@ def reservation(
     dedupe: bool = False,
     forward_key: str | None = None,
     vendor_replays: bool = True,
+    tag: str | None = None,
 ) -> Reservation:
     return Reservation(
         key=key,
@@ -326,7 +482,8 @@ def reservation(
         vendor="stripe",
         method="POST",
         path="/v1/payment_intents",
-        caller_tag=None,
+        caller_tag=tag,
+        caller=caller_of(tag),
         cost_micros=cost,
         amount=None,
         currency=None,
@@ -362,12 +519,14 @@ def outcome(
         dedupe=r.dedupe,
         response=StoredResponse(200, [], b'{"id": "pi_1"}') if status == 200 else None,
         outcome_known=status == 200,
+        budget_id=r.key.budget_id,
+        caller=r.caller if r.key.max_per_caller_micros is not None else None,
     )
 
 
 def key_record(
     key_id: str,
-    cap: int = 10 * MICROS,
+    cap: int | None = 10 * MICROS,
     max_per_call: int | None = None,
     dedupe_window: timedelta = timedelta(0),
     expires_in: timedelta = timedelta(hours=2),
@@ -388,8 +547,41 @@ def key_record(
 
 
 async def play(store: Store, row: Row, key_id: str) -> None:
-    key = key_record(key_id, row.cap, row.max_per_call, row.dedupe_window, row.expires_in)
+    budget_id = None
+    if row.budget is not None:
+        budget_id = "bg_" + key_id.removeprefix("vk_").ljust(16, "0")
+        await store.create_budget(
+            BudgetRecord(
+                budget_id=budget_id,
+                label="argo/table",
+                daily_cap_micros=row.budget.daily,
+                total_cap_micros=row.budget.total,
+                metadata={},
+                created_at=NOW - timedelta(days=4),
+                expires_at=NOW + row.budget.expires_in,
+            )
+        )
+        other = replace(key_record(key_id + "_other", cap=None), budget_id=budget_id)
+        await store.create_key(other)
+        for age, micros in row.budget.spent:
+            earlier = reservation(other, NOW - age, micros, f"other-{age}")
+            admitted = await store.reserve(earlier)
+            assert admitted.decision is Decision.FORWARDED
+            await store.settle(outcome(earlier, admitted.audit_id, micros))
+        if row.budget.revoked:
+            await store.revoke_budget(budget_id, NOW - timedelta(seconds=1))
+    key = replace(
+        key_record(key_id, row.cap, row.max_per_call, row.dedupe_window, row.expires_in),
+        total_cap_micros=row.total,
+        max_per_caller_micros=row.max_per_caller,
+        budget_id=budget_id,
+    )
     await store.create_key(key)
+    for tag, micros in row.callers_spent:
+        earlier = reservation(key, NOW - timedelta(minutes=1), micros, f"caller-{tag}", tag=tag)
+        admitted = await store.reserve(earlier)
+        assert admitted.decision is Decision.FORWARDED
+        await store.settle(outcome(earlier, admitted.audit_id, micros))
     for age, micros in row.spent:
         earlier = reservation(key, NOW - age, micros, f"spent-{age}")
         admitted = await store.reserve(earlier)
@@ -435,10 +627,15 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         dedupe=row.dedupe,
         forward_key="fk-new",
         vendor_replays=row.vendor_replays,
+        tag=row.caller_tag,
     )
     admitted = await store.reserve(call)
     view = await store.get_key(key_id, NOW)
     assert view is not None
+    if budget_id is not None:
+        budget_view = await store.get_budget(budget_id, NOW)
+        assert budget_view is not None
+        budget_usage = budget_view.usage
     got = {
         "decision": admitted.decision,
         "used_after": view.usage.spent_micros + view.usage.reserved_micros,
@@ -448,6 +645,11 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         "names_earlier": admitted.prior_audit_id is not None
         and admitted.prior_audit_id == earlier_id,
     }
+    if row.life_after is not None:
+        got["life_after"] = view.usage.total_micros + view.usage.total_reserved_micros
+    if row.budget_after is not None:
+        got["budget_after"] = budget_usage.total_micros + budget_usage.total_reserved_micros
+        got["budget_cap_hits"] = budget_usage.cap_hits
     want = {
         "decision": row.expect,
         "used_after": row.used_after,
@@ -456,6 +658,11 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         "forward_key": row.forward_key if row.expect is Decision.FORWARDED else None,
         "names_earlier": row.names_earlier,
     }
+    if row.life_after is not None:
+        want["life_after"] = row.life_after
+    if row.budget_after is not None:
+        want["budget_after"] = row.budget_after
+        want["budget_cap_hits"] = row.budget_cap_hits
     assert got == want, row.name
 
 
@@ -476,6 +683,11 @@ def test_every_ledger_decision_has_a_row() -> None:
     ledger = {
         Decision.REVOKED,
         Decision.EXPIRED,
+        Decision.BUDGET_REVOKED,
+        Decision.BUDGET_EXPIRED,
+        Decision.CALLER_CAP_HIT,
+        Decision.TOTAL_CAP_HIT,
+        Decision.BUDGET_CAP_HIT,
         Decision.IDEMPOTENCY_MISMATCH,
         Decision.IN_PROGRESS,
         Decision.REPLAYED,
