@@ -42,7 +42,12 @@ def issue(
     budget: Annotated[
         str | None, typer.Option("--budget", help="A budget (bg_...) the key also draws on.")
     ] = None,
-    expires_in: Annotated[str, typer.Option("--expires-in", help="90s, 30m, 2h, 7d.")] = "1h",
+    expires_in: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-in", help="90s, 30m, 2h, 7d. Default 1h; with --budget, until it ends."
+        ),
+    ] = None,
     max_usd_per_call: Annotated[
         str | None, typer.Option("--max-usd-per-call", help="Refuse single calls above this.")
     ] = None,

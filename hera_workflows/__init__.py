@@ -19,6 +19,7 @@ the YAML in `templates/`. See docs/hera.md.
 
 from __future__ import annotations
 
+from .budget import BUDGET_ID_GLOBAL, RunBudget, budget_template, issue_budget
 from .connection import DEFAULT_PROXY_URL, ProxyConnection
 from .errors import TemplateConfigError
 from .fanout import ITEM, fan_out
@@ -29,6 +30,7 @@ from .shared_templates import SharedTemplates
 from .vendors import VENDORS
 
 __all__ = [
+    "BUDGET_ID_GLOBAL",
     "DEFAULT_PROXY_URL",
     "EXIT_REFUSED",
     "ITEM",
@@ -37,11 +39,14 @@ __all__ = [
     "SPEND_SUMMARY_GLOBAL",
     "VENDORS",
     "ProxyConnection",
+    "RunBudget",
     "SharedTemplates",
     "TemplateConfigError",
     "VaultKey",
+    "budget_template",
     "default_retry_strategy",
     "fan_out",
+    "issue_budget",
     "issue_template",
     "issue_vault_key",
     "revoke_on_exit",

@@ -1,10 +1,12 @@
-"""keybrake issue-vault-key step. This file is the `source` of a script template: it runs in a pod
-(python:3.12-alpine, standard library only), never imported by keybrake itself except in tests.
+"""keybrake issue step: a vault key, or a run's budget. This file is the `source` of a script
+template: it runs in a pod (python:3.12-alpine, standard library only), never imported by
+keybrake itself except in tests.
 
 Inputs come from environment variables the template sets (never spliced into this source, so no
 parameter value can change the code). The admin token comes from a Secret. It asks the keybrake
-proxy for a vault key (POST /vault/keys) and writes the key and its id where Argo collects the
-step's output parameters. The vault key itself is never printed.
+proxy for a vault key (POST /vault/keys) or, with KEYBRAKE_ISSUE=budget, for a budget (POST
+/vault/budgets), and writes the ids (and the key) where Argo collects the step's output
+parameters. The vault key itself is never printed.
 
 Exit codes: 0 issued; 77 the proxy refused (an HTTP 4xx: bad input or admin token) or an input is
 invalid, so a retry cannot help; 75 the proxy stayed unreachable or answered 5xx after every
@@ -110,8 +112,9 @@ def required(env: Mapping[str, str], name: str, what: str) -> str:
     return value
 
 
-def usd(text: str, name: str) -> int | float:
-    """A positive dollar amount, as the JSON number the proxy expects."""
+def usd(text: str, name: str) -> str:
+    """A positive dollar amount, sent as its decimal string: exact (a JSON number could be read
+    as a binary float on the way), and the proxy reads it as a Decimal."""
     try:
         amount = Decimal(text)
     except InvalidOperation:
@@ -120,8 +123,7 @@ def usd(text: str, name: str) -> int | float:
         ) from None
     if not amount.is_finite() or amount <= 0:
         raise InputError(f"{name} must be a positive dollar amount, got {text!r}")
-    number: int | float = int(amount) if amount == amount.to_integral_value() else float(amount)
-    return number
+    return str(amount)
 
 
 def endpoints(text: str) -> list[str]:
@@ -137,22 +139,17 @@ def endpoints(text: str) -> list[str]:
     return value
 
 
-def build_request(env: Mapping[str, str]) -> dict[str, Any]:
-    """The POST /vault/keys body, from the step's environment."""
-    body: dict[str, Any] = {
-        "vendor": required(env, "KEYBRAKE_VENDOR", "the vendor input, e.g. stripe"),
-        "daily_usd_cap": usd(
-            required(env, "KEYBRAKE_DAILY_USD_CAP", "the daily cap in USD"), "the daily cap"
-        ),
-        "allowed_endpoints": endpoints(
-            required(env, "KEYBRAKE_ALLOWED_ENDPOINTS", "a JSON list of endpoints")
-        ),
-        "expires_in": required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 2h"),
-        "agent_run_label": required(env, "KEYBRAKE_LABEL", "the run label, argo/<workflow>"),
-    }
-    per_call = present(env.get("KEYBRAKE_MAX_USD_PER_CALL"))
-    if per_call:
-        body["max_usd_per_call"] = usd(per_call, "the per-call cap")
+def caps(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """The optional dollar caps among `names` (KEYBRAKE_<NAME> variables) that are set."""
+    found = {}
+    for name in names:
+        value = present(env.get(f"KEYBRAKE_{name.upper()}"))
+        if value:
+            found[name] = usd(value, name)
+    return found
+
+
+def run_metadata(env: Mapping[str, str]) -> dict[str, str]:
     metadata = {
         field: present(env.get(variable))
         for field, variable in (
@@ -161,11 +158,65 @@ def build_request(env: Mapping[str, str]) -> dict[str, Any]:
             ("uid", "KEYBRAKE_WORKFLOW_UID"),
         )
     }
-    body["metadata"] = {field: value for field, value in metadata.items() if value}
+    return {field: value for field, value in metadata.items() if value}
+
+
+def build_request(env: Mapping[str, str]) -> dict[str, Any]:
+    """The POST /vault/keys body, from the step's environment."""
+    body: dict[str, Any] = {
+        "vendor": required(env, "KEYBRAKE_VENDOR", "the vendor input, e.g. stripe"),
+        "allowed_endpoints": endpoints(
+            required(env, "KEYBRAKE_ALLOWED_ENDPOINTS", "a JSON list of endpoints")
+        ),
+        "agent_run_label": required(env, "KEYBRAKE_LABEL", "the run label, argo/<workflow>"),
+        **caps(env, ("daily_usd_cap", "total_usd_cap", "max_usd_per_call", "max_usd_per_caller")),
+    }
+    budget_id = present(env.get("KEYBRAKE_BUDGET_ID"))
+    if budget_id:
+        body["budget_id"] = budget_id
+        # empty: the proxy lets a key drawing on a budget live as long as the budget
+        expires_in = present(env.get("KEYBRAKE_EXPIRES_IN"))
+        if expires_in:
+            body["expires_in"] = expires_in
+    else:
+        if "daily_usd_cap" not in body and "total_usd_cap" not in body:
+            raise InputError(
+                "give daily_usd_cap or total_usd_cap, or a budget_id for the key to draw on"
+            )
+        body["expires_in"] = required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 2h")
+    body["metadata"] = run_metadata(env)
     return body
 
 
+def build_budget_request(env: Mapping[str, str]) -> dict[str, Any]:
+    """The POST /vault/budgets body, from the step's environment."""
+    body: dict[str, Any] = {
+        "agent_run_label": required(env, "KEYBRAKE_LABEL", "the run label, argo/<workflow>"),
+        "expires_in": required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 6h"),
+        **caps(env, ("daily_usd_cap", "total_usd_cap")),
+    }
+    if "daily_usd_cap" not in body and "total_usd_cap" not in body:
+        raise InputError("give total_usd_cap (the run's whole life) and/or daily_usd_cap")
+    body["metadata"] = run_metadata(env)
+    return body
+
+
+def describe(caps_given: Mapping[str, Any]) -> str:
+    shown = [
+        f"${caps_given[name]}{suffix}"
+        for name, suffix in (
+            ("daily_usd_cap", "/24h"),
+            ("total_usd_cap", " total"),
+            ("max_usd_per_caller", " per pod"),
+        )
+        if caps_given.get(name) not in (None, "")
+    ]
+    return ", ".join(shown)
+
+
 def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = time.sleep) -> int:
+    budget = present(env.get("KEYBRAKE_ISSUE")) == "budget"
+    what = "a budget" if budget else "a vault key"
     try:
         proxy = required(env, "KEYBRAKE_URL", "the proxy_url input").rstrip("/")
         token = required(
@@ -174,44 +225,60 @@ def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = t
             "it comes from a Secret (default keybrake-credentials, key api_key)",
         )
         output_dir = required(env, "KEYBRAKE_OUTPUT_DIR", "where the outputs are written")
-        body = build_request(env)
+        body = build_budget_request(env) if budget else build_request(env)
     except InputError as exc:
-        print(f"keybrake: cannot issue a vault key: {exc}", file=sys.stderr)
+        print(f"keybrake: cannot issue {what}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    path = "/vault/budgets" if budget else "/vault/keys"
     try:
-        status, answer = call_proxy("POST", f"{proxy}/vault/keys", token, body, sleep)
+        status, answer = call_proxy("POST", f"{proxy}{path}", token, body, sleep)
     except Unavailable as exc:
-        print(f"keybrake: cannot issue a vault key: {exc}", file=sys.stderr)
+        print(f"keybrake: cannot issue {what}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if not 200 <= status < 300:
         reason = error_message(answer) or "no error message"
         print(
-            f"keybrake: the proxy refused to issue a vault key: HTTP {status}: {reason}",
-            file=sys.stderr,
+            f"keybrake: the proxy refused to issue {what}: HTTP {status}: {reason}", file=sys.stderr
         )
         return EXIT_REFUSED
-    key_id = str(answer.get("key_id", "")) if isinstance(answer, dict) else ""
-    vault_key = str(answer.get("vault_key", "")) if isinstance(answer, dict) else ""
-    if not key_id or not vault_key:
-        print("keybrake: the proxy answered without key_id or vault_key", file=sys.stderr)
+    answer = answer if isinstance(answer, dict) else {}
+    outputs = (
+        {"budget_id": str(answer.get("budget_id", ""))}
+        if budget
+        else {
+            "key_id": str(answer.get("key_id", "")),
+            "vault_key": str(answer.get("vault_key", "")),
+        }
+    )
+    if not all(outputs.values()):
+        print(f"keybrake: the proxy answered without {', '.join(outputs)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    issued = outputs.get("key_id") or outputs["budget_id"]
     try:
         os.makedirs(output_dir, exist_ok=True)
-        for name, value in (("key_id", key_id), ("vault_key", vault_key)):
+        for name, value in outputs.items():
             with open(os.path.join(output_dir, name), "w", encoding="utf-8") as out:
                 out.write(value)
     except OSError as exc:
         print(
-            f"keybrake: issued {key_id} but could not write the step outputs ({exc}); "
+            f"keybrake: issued {issued} but could not write the step outputs ({exc}); "
             f"the exit handler revokes it by label {body['agent_run_label']}",
             file=sys.stderr,
         )
         return 1
-    cap = answer.get("daily_usd_cap", body["daily_usd_cap"])
+    caps_shown = describe(answer) or describe(body)
+    if budget:
+        detail = f"caps {caps_shown}"
+    else:
+        on = f", on budget {body['budget_id']}" if "budget_id" in body else ""
+        detail = (
+            f"for {body['vendor']}: {caps_shown or 'no caps of its own'}{on}, "
+            f"endpoints {', '.join(body['allowed_endpoints'])}"
+        )
     print(
-        f"keybrake: issued {key_id} for {body['vendor']}: ${cap}/day, "
-        f"endpoints {', '.join(body['allowed_endpoints'])}, "
-        f"expires {answer.get('expires_at', body['expires_in'])}, label {body['agent_run_label']}",
+        f"keybrake: issued {issued} {detail}, "
+        f"expires {answer.get('expires_at', body.get('expires_in', 'with its budget'))}, "
+        f"label {body['agent_run_label']}",
         flush=True,
     )
     return 0

@@ -3,9 +3,10 @@ script template: it runs in a pod (python:3.12-alpine, standard library only), n
 keybrake itself except in tests.
 
 It runs whatever happened to the workflow (success, failure, error, stop, deadline). It revokes the
-run's vault key by key id, or by the run's label `argo/<workflow>` when the key id is missing (the
-issue step never ran, or failed after issuing). "Already revoked" and an unknown key id count as
-done. It prints a one-line spend summary and writes it as the step's output.
+run's budget by its id (which revokes every key drawing on it) and the run's vault key by its id;
+with neither id (the issue steps never ran, or failed after issuing) it revokes by the run's label
+`argo/<workflow>`, keys and budgets. "Already revoked" and an unknown id count as done. It prints a
+one-line spend summary and writes it as the step's output.
 
 It always exits 0: a teardown problem is reported in the summary, never turned into a failed
 workflow (the key still expires on its own).
@@ -110,14 +111,21 @@ def usd(amount: Decimal) -> str:
     return f"${cents}" if cents == amount else f"${amount.normalize():f}"
 
 
-def spend(keys: list[dict[str, Any]]) -> str:
-    """'spent $X of $Y cap, N calls, M cap hits' over one or more keys (rolling 24 hours)."""
-    spent = sum((dollars(k.get("spent_usd", 0)) for k in keys), Decimal(0))
-    cap = sum((dollars(k.get("daily_usd_cap", 0)) for k in keys), Decimal(0))
-    calls = sum(int(k.get("calls", 0) or 0) for k in keys)
-    hits = sum(int(k.get("cap_hits", 0) or 0) for k in keys)
+def spend(items: list[dict[str, Any]]) -> str:
+    """'spent $X of $Y cap, N calls, M cap hits' over keys or budgets: their whole lives' spend,
+    against their lifetime caps (their 24-hour caps when they have none)."""
+    spent = sum(
+        (dollars(i.get("total_spent_usd", i.get("spent_usd", 0))) for i in items), Decimal(0)
+    )
+    cap = sum(
+        (dollars(i.get("total_usd_cap") or i.get("daily_usd_cap") or 0) for i in items),
+        Decimal(0),
+    )
+    calls = sum(int(i.get("calls", 0) or 0) for i in items)
+    hits = sum(int(i.get("cap_hits", 0) or 0) for i in items)
+    of = f" of {usd(cap)} cap" if cap else ""
     return (
-        f"spent {usd(spent)} of {usd(cap)} cap, {calls} call{'s' * (calls != 1)}, "
+        f"spent {usd(spent)}{of}, {calls} call{'s' * (calls != 1)}, "
         f"{hits} cap hit{'s' * (hits != 1)}"
     )
 
@@ -137,6 +145,24 @@ def revoke_by_id(proxy: str, token: str, key_id: str, sleep: Callable[[float], N
     return f"key {key_id} {state}: {spend([answer])}"
 
 
+def revoke_budget(
+    proxy: str, token: str, budget_id: str, sleep: Callable[[float], None]
+) -> tuple[str, list[str]]:
+    """Revoke the budget, and so every key drawing on it: (summary, those keys' ids)."""
+    url = f"{proxy}/vault/budgets/{urllib.parse.quote(budget_id, safe='')}"
+    status, answer = call_proxy("DELETE", url, token, None, sleep)
+    if status == 404:
+        return f"budget {budget_id} is unknown to the proxy: nothing to revoke", []
+    if not 200 <= status < 300 or not isinstance(answer, dict):
+        return (
+            f"WARNING: could not revoke {budget_id}: HTTP {status}: {error_message(answer)}",
+            [],
+        )
+    keys = [str(k) for k in answer.get("keys") or []]
+    state = answer.get("status", "revoked")
+    return f"budget {budget_id} {state} with its {len(keys)} key(s): {spend([answer])}", keys
+
+
 def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float], None]) -> str:
     payload = {"agent_run_label": label}
     status, answer = call_proxy("POST", f"{proxy}/vault/keys/revoke", token, payload, sleep)
@@ -144,16 +170,19 @@ def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float],
         reason = error_message(answer)
         return f"WARNING: could not revoke keys labelled {label}: HTTP {status}: {reason}"
     keys = [k for k in answer.get("keys") or [] if isinstance(k, dict)]
+    budgets = [b for b in answer.get("budgets") or [] if isinstance(b, dict)]
     revoked = answer.get("revoked", len(keys))
-    if not keys or not revoked:
-        return f"no key id and no active key labelled {label}: nothing to revoke"
-    return f"no key id, revoked {revoked} key(s) labelled {label}: {spend(keys)}"
+    if not budgets and (not keys or not revoked):
+        return f"no id and nothing active labelled {label}: nothing to revoke"
+    what = f"{revoked} key(s)" + (f" and {len(budgets)} budget(s)" if budgets else "")
+    return f"no id, revoked {what} labelled {label}: {spend(budgets or keys)}"
 
 
 def summarize(env: Mapping[str, str], sleep: Callable[[float], None]) -> str:
     proxy = present(env.get("KEYBRAKE_URL")).rstrip("/")
     token = present(env.get("KEYBRAKE_API_KEY"))
     key_id = present(env.get("KEYBRAKE_KEY_ID"))
+    budget_id = present(env.get("KEYBRAKE_BUDGET_ID"))
     label = present(env.get("KEYBRAKE_LABEL"))
     if not proxy or not token:
         missing = (
@@ -165,11 +194,18 @@ def summarize(env: Mapping[str, str], sleep: Callable[[float], None]) -> str:
             f"WARNING: could not revoke: {missing} is empty; the key stays usable until it expires"
         )
     try:
-        if key_id:
-            return revoke_by_id(proxy, token, key_id, sleep)
+        done: list[str] = []
+        covered: list[str] = []
+        if budget_id:
+            summary, covered = revoke_budget(proxy, token, budget_id, sleep)
+            done.append(summary)
+        if key_id and key_id not in covered:  # a key drawing on the budget went with it
+            done.append(revoke_by_id(proxy, token, key_id, sleep))
+        if done:
+            return "; ".join(done)
         if label:
             return revoke_by_label(proxy, token, label, sleep)
-        return "WARNING: could not revoke: neither a key id nor a run label was passed"
+        return "WARNING: could not revoke: neither an id nor a run label was passed"
     except Unavailable as exc:
         return f"WARNING: could not revoke: {exc}; the key stays usable until it expires"
 

@@ -2,9 +2,12 @@
 
 Items come from a literal list (`with_items`), or a JSON list at run time (`with_param`): a
 workflow parameter (`"{{workflow.parameters.items}}"`) or a previous task's JSON output (pass the
-task, or `"{{tasks.plan.outputs.result}}"`). Each pod gets `<vault_key>.{{pod.name}}`, so the
-proxy's audit log names the pod behind every call, and the item as `KEYBRAKE_ITEM` (and as its
-last argument unless `args` is given; use `ITEM` to place it yourself).
+task, or `"{{tasks.plan.outputs.result}}"`). Each pod gets `<vault_key>.<item>@<pod name>`, where
+`<item>` is the first 12 hex digits of the item's SHA-256 (an Argo expression, `ITEM_ID`): the
+proxy's audit log names the pod behind every call, and a per-pod cap (`max_usd_per_caller` on the
+key) counts by the item, so an item Argo retries in a new pod keeps counting against its own cap
+instead of getting a fresh one. The item also arrives as `KEYBRAKE_ITEM` (and as the pod's last
+argument unless `args` is given; use `ITEM` to place it yourself).
 
 The loop runs inside a small DAG template of its own so `parallelism` bounds this fan-out alone.
 Pods retry transient failures but never exit code 77 (cap hit, refused key): see `retry`.
@@ -39,10 +42,13 @@ from .retry import default_retry_strategy
 from .vendors import sdk_env
 from .workflow_context import add_template, current_dag, current_workflow
 
-__all__ = ["ITEM", "ItemValue", "fan_out"]
+__all__ = ["ITEM", "ITEM_ID", "ItemValue", "fan_out"]
 
 ITEM = "{{inputs.parameters.item}}"
 """The current item inside a fan-out pod's `args` (also in its `KEYBRAKE_ITEM` variable)."""
+
+ITEM_ID = "{{=sprig.trunc(12, sprig.sha256sum(inputs.parameters.item))}}"
+"""A short, stable identity of the current item: the same in every pod that runs it."""
 
 ItemValue = str | int | float | bool | Mapping[str, Any]
 
@@ -66,7 +72,7 @@ def _pod_template(
     retry: RetryStrategy,
     active_deadline_seconds: int | None,
 ) -> Template:
-    tagged_key = f"{_param('vault_key')}.{{{{pod.name}}}}"
+    tagged_key = f"{_param('vault_key')}.{ITEM_ID}@{{{{pod.name}}}}"
     pod_env = sdk_env(key.vendor, tagged_key, _param("proxy_url"))
     pod_env.append(EnvVar(name="KEYBRAKE_ITEM", value=ITEM))
     taken = {e.name for e in pod_env}

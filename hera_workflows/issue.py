@@ -1,9 +1,10 @@
 """The issue-vault-key step: the head of the DAG, asking the proxy for a capped vault key.
 
-Inputs: vendor, daily USD cap, allowed endpoints, expiry, optional per-call cap. The key is
-labelled `argo/{{workflow.name}}`, with `{{workflow.namespace}}`, `{{workflow.uid}}` and the
-workflow name as metadata. Outputs: `vault_key` and `key_id`; the key id is also the
-workflow-global output `keybrake_key_id`, which the exit handler reads.
+Inputs: vendor, allowed endpoints, expiry, and its caps: for any 24 hours, over its life, per
+call, per pod (caller tag); or a run budget it draws on (see `budget`). The key is labelled
+`argo/{{workflow.name}}`, with `{{workflow.namespace}}`, `{{workflow.uid}}` and the workflow name
+as metadata. Outputs: `vault_key` and `key_id`; the key id is also the workflow-global output
+`keybrake_key_id`, which the exit handler reads.
 
 Note: a parameter is visible in the Workflow object (`argo get`, the UI, the archive), and so is
 the vault key output. That is why a vault key is capped, scoped to endpoints, short-lived and
@@ -18,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
 
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
@@ -29,6 +31,9 @@ from .shared_templates import SharedTemplates
 from .step_pod import OUTPUT_DIR, script_step
 from .vendors import check_vendor
 from .workflow_context import add_template, current_dag, current_workflow
+
+if TYPE_CHECKING:
+    from .budget import RunBudget
 
 __all__ = [
     "ISSUE_TASK",
@@ -50,25 +55,41 @@ _ENDPOINT = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|\*) /\S*$")
 _DURATION = re.compile(r"^[1-9][0-9]*[smhd]$")
 
 
+def given(parameter: str) -> str:
+    """The value of the template's input `parameter`."""
+    return f"{{{{inputs.parameters.{parameter}}}}}"
+
+
+def optional(name: str, description: str) -> Parameter:
+    """An input that may be left empty (not set)."""
+    return Parameter(name=name, default="", description=f"{description}; empty: none")
+
+
 def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
     """The `issue` script template; `proxy.url` is the default of its `proxy_url` input."""
     proxy = proxy or ProxyConnection()
-
-    def given(parameter: str) -> str:
-        return f"{{{{inputs.parameters.{parameter}}}}}"
-
     return script_step(
         name,
         step="issue",
         inputs=[
             Parameter(name="vendor", description="stripe, twilio or resend"),
-            Parameter(name="daily_usd_cap", description="USD the key may spend in any 24 hours"),
             Parameter(
                 name="allowed_endpoints",
                 description='JSON list, e.g. ["POST /v1/payment_intents"]',
             ),
-            Parameter(name="expires_in", default="2h", description="key lifetime, e.g. 90m, 2h"),
-            Parameter(name="max_usd_per_call", default="", description="per-call cap; empty: none"),
+            optional("daily_usd_cap", "USD the key may spend in any 24 hours"),
+            optional("total_usd_cap", "USD the key may spend over its whole life"),
+            Parameter(
+                name="expires_in",
+                default="2h",
+                description="key lifetime, e.g. 90m, 2h; empty with a budget_id: the budget's",
+            ),
+            optional("max_usd_per_call", "per-call cap"),
+            optional(
+                "max_usd_per_caller",
+                "USD one fanned-out item (its pods, retries included) may spend",
+            ),
+            optional("budget_id", "a run budget (bg_...) the key also draws on"),
             Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
         ],
         outputs=[
@@ -83,17 +104,27 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
             EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
             proxy.admin_token_env(),
             EnvVar(name="KEYBRAKE_VENDOR", value=given("vendor")),
-            EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
             EnvVar(name="KEYBRAKE_ALLOWED_ENDPOINTS", value=given("allowed_endpoints")),
+            EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
+            EnvVar(name="KEYBRAKE_TOTAL_USD_CAP", value=given("total_usd_cap")),
             EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALL", value=given("max_usd_per_call")),
-            EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
-            EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
-            EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
-            EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
+            EnvVar(name="KEYBRAKE_MAX_USD_PER_CALLER", value=given("max_usd_per_caller")),
+            EnvVar(name="KEYBRAKE_BUDGET_ID", value=given("budget_id")),
+            *run_env(),
         ],
         retry=default_retry_strategy(limit=2),
     )
+
+
+def run_env() -> list[EnvVar]:
+    """The run's label and identity, which the proxy records with what it issues."""
+    return [
+        EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
+        EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
+        EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
+        EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -104,6 +135,7 @@ class VaultKey:
     vendor: str
     proxy: ProxyConnection
     templates: SharedTemplates | None = None
+    budget: RunBudget | None = None
 
     @property
     def vault_key(self) -> str:
@@ -158,18 +190,35 @@ def _duration(value: str) -> str:
     raise TemplateConfigError(f"expires_in must be a duration such as 30m, 2h or 7d, got {value!r}")
 
 
+def _key_life(expires_in: str | None, budget: RunBudget | None) -> str:
+    """The key's `expires_in`: empty for a key drawing on a budget (the proxy then lets it live
+    as long as the budget: a key may never outlive its budget), else 2h unless given."""
+    if expires_in is None:
+        return "" if budget is not None else "2h"
+    return _duration(expires_in)
+
+
 def issue_vault_key(
     *,
     vendor: str,
-    daily_usd_cap: Money,
     allowed_endpoints: Sequence[str] | str,
-    expires_in: str = "2h",
+    daily_usd_cap: Money | None = None,
+    total_usd_cap: Money | None = None,
+    budget: RunBudget | None = None,
+    expires_in: str | None = None,
     max_usd_per_call: Money | None = None,
+    max_usd_per_caller: Money | None = None,
     name: str = ISSUE_TASK,
     proxy: ProxyConnection | None = None,
     templates: SharedTemplates | None = None,
 ) -> VaultKey:
     """Add the issue-vault-key task to the current `with DAG(...)` block and return its handle.
+
+    The key needs `daily_usd_cap` (any 24 hours) or `total_usd_cap` (its whole life), unless it
+    draws on a run `budget` (from `issue_budget`), whose caps then bound it with those of every
+    other key of the run. `max_usd_per_caller` caps each fanned-out item (`fan_out` tags its
+    calls so that Argo's retries of an item keep counting against the same cap). `expires_in`
+    defaults to 2h; a key drawing on a budget lives as long as the budget unless given one.
 
     Any argument may also be an Argo expression filled in at run time, such as
     `"{{workflow.parameters.budget_usd}}"`. `templates=SharedTemplates()` references the
@@ -178,22 +227,38 @@ def issue_vault_key(
     what = "issue_vault_key()"
     dag = current_dag(what)
     workflow = current_workflow(what)
-    proxy = proxy or ProxyConnection()
+    proxy = proxy or (budget.proxy if budget is not None else None) or ProxyConnection()
+    if daily_usd_cap is None and total_usd_cap is None and budget is None:
+        raise TemplateConfigError(
+            "issue_vault_key() needs daily_usd_cap (any 24 hours) or total_usd_cap (the key's "
+            "life), or a budget= from issue_budget() to draw on"
+        )
+    optional = {
+        "daily_usd_cap": _money(daily_usd_cap, "daily_usd_cap"),
+        "total_usd_cap": _money(total_usd_cap, "total_usd_cap"),
+        "max_usd_per_call": _money(max_usd_per_call, "max_usd_per_call"),
+        "max_usd_per_caller": _money(max_usd_per_caller, "max_usd_per_caller"),
+        "budget_id": budget.budget_id if budget is not None else "",
+    }
+    # Only what is set is passed (the template's defaults are empty), so a workflow using none
+    # of the newer caps still runs against templates installed by an older release.
     arguments = {
         "vendor": check_vendor(vendor),
-        "daily_usd_cap": _money(daily_usd_cap, "daily_usd_cap"),
         "allowed_endpoints": _endpoints(allowed_endpoints),
-        "expires_in": _duration(expires_in),
-        "max_usd_per_call": _money(max_usd_per_call, "max_usd_per_call"),
+        "expires_in": _key_life(expires_in, budget),
+        **{name: value for name, value in optional.items() if value},
         "proxy_url": proxy.url,
     }
     for task in dag.tasks:
         if getattr(task, "name", None) == name:
             raise TemplateConfigError(f"the DAG already has a task named {name!r}; pass name=...")
+    depends = budget.task.name if budget is not None else None
     if templates is None:
         add_template(workflow, issue_template(ISSUE_TEMPLATE, proxy))
-        task = Task(name=name, template=ISSUE_TEMPLATE, arguments=arguments)
+        task = Task(name=name, template=ISSUE_TEMPLATE, arguments=arguments, depends=depends)
     else:
         templates.check(proxy)
-        task = Task(name=name, template_ref=templates.ref("issue"), arguments=arguments)
-    return VaultKey(task=task, vendor=vendor, proxy=proxy, templates=templates)
+        task = Task(
+            name=name, template_ref=templates.ref("issue"), arguments=arguments, depends=depends
+        )
+    return VaultKey(task=task, vendor=vendor, proxy=proxy, templates=templates, budget=budget)

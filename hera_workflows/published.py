@@ -1,10 +1,12 @@
 """The templates keybrake publishes in templates/, each as a WorkflowTemplate and as a
 ClusterWorkflowTemplate:
 
-- `keybrake-vault-key`: the `issue` and `revoke` steps alone, for `templateRef` from any workflow.
+- `keybrake-vault-key`: the `issue`, `budget` and `revoke` steps alone, for `templateRef` from any
+  workflow.
 - `keybrake-fanout`: a complete DAG (issue, fan out over the `items` JSON parameter running
   `image`, revoke on exit), submittable as `argo submit --from workflowtemplate/keybrake-fanout
-  -p items='[...]' -p image=... -p budget_usd=300`.
+  -p items='[...]' -p image=... -p budget_usd=300`. `budget_usd` is the run's total cap: the
+  whole run can never move more, however long it lives (in 0.1 it was a daily cap: CHANGELOG.md).
 
 Both are built with the same building blocks users call, so they cannot drift from the library.
 See <https://argo-workflows.readthedocs.io/en/latest/workflow-templates/>.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from hera.workflows import DAG, ClusterWorkflowTemplate, Parameter, WorkflowTemplate
 
+from .budget import budget_template
 from .connection import DEFAULT_PROXY_URL, ProxyConnection
 from .fanout import fan_out
 from .issue import issue_template, issue_vault_key
@@ -30,17 +33,19 @@ TemplateKind = type[WorkflowTemplate] | type[ClusterWorkflowTemplate]
 
 
 def vault_key(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
-    """`keybrake-vault-key`: templates `issue` and `revoke`."""
+    """`keybrake-vault-key`: templates `issue`, `budget` and `revoke`."""
     return kind(
         name=VAULT_KEY_TEMPLATE,
         annotations={
             _DESCRIPTION: (
                 "keybrake vault keys for any workflow: templateRef `issue` at the head of your DAG "
-                "(outputs vault_key, key_id; global keybrake_key_id) and `revoke` from your "
-                "onExit handler. Reads the admin token from Secret keybrake-credentials/api_key."
+                "(outputs vault_key, key_id; global keybrake_key_id), `budget` for a run budget "
+                "several keys share (output budget_id; global keybrake_budget_id) and `revoke` "
+                "from your onExit handler (pass it budget_id when the run has a budget). Reads "
+                "the admin token from Secret keybrake-credentials/api_key."
             )
         },
-        templates=[issue_template("issue"), revoke_template("revoke")],
+        templates=[issue_template("issue"), budget_template("budget"), revoke_template("revoke")],
     )
 
 
@@ -64,7 +69,11 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
         arguments=[
             Parameter(name="items", description='JSON list, one pod per item, e.g. ["a", "b"]'),
             Parameter(name="image", description="container image run once per item"),
-            Parameter(name="budget_usd", description="daily USD cap of the vault key"),
+            Parameter(
+                name="budget_usd",
+                description="USD the whole run may spend, however long it lives (the key's "
+                "total cap)",
+            ),
             Parameter(name="vendor", value="stripe", enum=["stripe", "twilio", "resend"]),
             Parameter(
                 name="allowed_endpoints",
@@ -73,16 +82,22 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
             ),
             Parameter(name="expires_in", value="2h", description="key lifetime"),
             Parameter(name="max_usd_per_call", value="", description="per-call cap; empty: none"),
+            Parameter(
+                name="max_usd_per_pod",
+                value="",
+                description="USD one item may spend, its retries included; empty: none",
+            ),
             Parameter(name="proxy_url", value=DEFAULT_PROXY_URL, description="keybrake proxy"),
         ],
     ) as template:
         with DAG(name="main"):
             key = issue_vault_key(
                 vendor=workflow_parameter("vendor"),
-                daily_usd_cap=workflow_parameter("budget_usd"),
+                total_usd_cap=workflow_parameter("budget_usd"),
                 allowed_endpoints=workflow_parameter("allowed_endpoints"),
                 expires_in=workflow_parameter("expires_in"),
                 max_usd_per_call=workflow_parameter("max_usd_per_call"),
+                max_usd_per_caller=workflow_parameter("max_usd_per_pod"),
                 proxy=ProxyConnection(url=workflow_parameter("proxy_url")),
             )
             fan_out(

@@ -108,6 +108,9 @@ def _example(module: str) -> Workflow:
 
 _PublishedBuilder = Callable[..., WorkflowTemplate]
 
+EXAMPLES = ("billing_agent", "order_agent")
+"""The example workflows (modules of `examples/`), rendered to templates/examples/."""
+
 
 def rendered_files() -> list[RenderedFile]:
     """Every file the renderer owns, in a fixed order."""
@@ -123,10 +126,10 @@ def rendered_files() -> list[RenderedFile]:
         for name, build in builders:
             origin = f"keybrake.hera_workflows.published.{build.__name__}({kind.__name__})"
             files.append(RenderedFile(f"{folder}/{name}.yaml", origin, build(kind).to_dict()))
-    example = "keybrake.hera_workflows.examples.billing_agent"
-    files.append(
-        RenderedFile("examples/billing-agent.yaml", example, _example("billing_agent").to_dict())
-    )
+    for module in EXAMPLES:
+        origin = f"keybrake.hera_workflows.examples.{module}"
+        path = f"examples/{module.replace('_', '-')}.yaml"
+        files.append(RenderedFile(path, origin, _example(module).to_dict()))
     return files
 
 

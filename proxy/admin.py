@@ -12,7 +12,7 @@ import hmac
 import io
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -308,15 +308,17 @@ class AdminApi:
         )
         if refused is not None:
             return refused
-        ttl = parse_duration(spec.expires_in)
-        if ttl > self.settings.max_ttl_delta:
+        ttl = parse_duration(spec.expires_in) if spec.expires_in is not None else None
+        if ttl is not None and ttl > self.settings.max_ttl_delta:
             return error(
                 400,
                 "invalid_request_error",
                 f"expires_in: at most {self.settings.max_ttl} on this proxy",
             )
         now = self.clock()
-        if spec.budget_id is not None:
+        if spec.budget_id is None:
+            ttl = ttl if ttl is not None else _DEFAULT_KEY_TTL
+        else:
             budget = await self.store.get_budget(spec.budget_id, now)
             if budget is None:
                 return error(400, "invalid_request_error", f"no budget {spec.budget_id!r}")
@@ -324,7 +326,9 @@ class AdminApi:
                 return error(
                     409, "conflict", f"budget {spec.budget_id} is {budget.budget.status(now)}"
                 )
-            if now + ttl > budget.budget.expires_at:
+            if ttl is None:  # a key drawing on a budget lives as long as it, by default
+                ttl = min(budget.budget.expires_at - now, self.settings.max_ttl_delta)
+            elif now + ttl > budget.budget.expires_at:
                 return error(
                     400,
                     "invalid_request_error",
@@ -616,6 +620,9 @@ class AdminApi:
             return moment.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
             raise ValueError(f"since: {value!r} is out of range") from exc
+
+
+_DEFAULT_KEY_TTL = timedelta(hours=1)
 
 
 def _micros(usd: Decimal | None) -> int | None:

@@ -62,8 +62,8 @@ def _money(value: Decimal | None) -> Decimal | None:
     return value
 
 
-def _duration(value: str) -> str:
-    if parse_duration(value).total_seconds() <= 0:
+def _duration(value: str | None) -> str | None:
+    if value is not None and parse_duration(value).total_seconds() <= 0:
         raise ValueError("must be longer than 0s")
     return value
 
@@ -92,7 +92,8 @@ class KeyCreate(BaseModel):
     daily_usd_cap: Decimal | None = None
     total_usd_cap: Decimal | None = None
     allowed_endpoints: list[str] = Field(min_length=1, max_length=100)
-    expires_in: str = "1h"
+    # Omitted: 1h, or with a budget, until the budget ends (at most the longest key life).
+    expires_in: str | None = None
     agent_run_label: str
     max_usd_per_call: Decimal | None = None
     max_usd_per_caller: Decimal | None = None

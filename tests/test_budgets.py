@@ -21,7 +21,7 @@ from tests.fakes.resend_upstream import FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import FakeTwilio
 from tests.helpers import localstripe_intents
-from tests.inproc import Clock, StubUpstream
+from tests.inproc import Clock, StubUpstream, app_client
 from tests.inproc import settings as proxy_settings
 from tests.proxyproc import ADMIN_KEY, Localstripe, ProxyProcess, start_proxy
 from tests.vendor_helpers import vendor_env
@@ -284,6 +284,36 @@ def test_issue_rules_for_budgets(fake_proxy: ProxyProcess) -> None:
     assert unknown.status_code == 400
     assert bad_budget.status_code == 400
     assert too_long.status_code == 400 and "30d" in too_long.json()["error"]["message"]
+
+
+def test_a_key_on_a_budget_lives_as_long_as_it_unless_told_otherwise(tmp_path: Path) -> None:
+    clock = Clock(datetime(2026, 11, 26, 12, 0, tzinfo=UTC))
+    base = {
+        "vendor": "stripe",
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "agent_run_label": "argo/x",
+    }
+    with app_client(tmp_path, clock, max_ttl="1d") as client:
+        short = client.post(
+            "/vault/budgets",
+            json={"agent_run_label": "argo/x", "total_usd_cap": 5, "expires_in": "6h"},
+        ).json()
+        long = client.post(
+            "/vault/budgets",
+            json={"agent_run_label": "argo/x", "total_usd_cap": 5, "expires_in": "3d"},
+        ).json()
+        clock.advance(minutes=5)
+        on_short = client.post("/vault/keys", json={**base, "budget_id": short["budget_id"]})
+        on_long = client.post("/vault/keys", json={**base, "budget_id": long["budget_id"]})
+        alone = client.post("/vault/keys", json={**base, "total_usd_cap": 5})
+        told = client.post(
+            "/vault/keys", json={**base, "budget_id": short["budget_id"], "expires_in": "1h"}
+        )
+    assert [r.status_code for r in (on_short, on_long, alone, told)] == [201] * 4
+    assert on_short.json()["expires_at"] == short["expires_at"] == "2026-11-26T18:00:00.000000Z"
+    assert on_long.json()["expires_at"] == "2026-11-27T12:05:00.000000Z"  # the longest key life
+    assert alone.json()["expires_at"] == "2026-11-26T13:05:00.000000Z"  # 1h without a budget
+    assert told.json()["expires_at"] == "2026-11-26T13:05:00.000000Z"
 
 
 def test_patches_take_effect_on_the_next_call_of_another_replica(

@@ -1,6 +1,7 @@
 """A stand-in for the keybrake proxy's admin API, for running the step scripts without the real
-proxy: it answers the documented contract (POST/GET/DELETE /vault/keys, POST /vault/keys/revoke)
-and records every request. `script` queues canned answers (status, body) for the next requests."""
+proxy: it answers the documented contract (POST/GET/DELETE /vault/keys, POST /vault/keys/revoke,
+POST/DELETE /vault/budgets) and records every request. `script` queues canned answers (status,
+body) for the next requests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 import json
 import threading
 from dataclasses import dataclass, field
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +29,7 @@ class FakeKeybrake:
     url: str = ""
     requests: list[Recorded] = field(default_factory=list)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
     script: list[tuple[int, Any]] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
@@ -47,7 +50,8 @@ class FakeKeybrake:
                 "key_id": key_id,
                 "vault_key": f"kbv_secret_{key_id}",
                 "vendor": body["vendor"],
-                "daily_usd_cap": f"{body['daily_usd_cap']:.2f}",
+                **_caps(body, "daily_usd_cap", "total_usd_cap", "max_usd_per_caller"),
+                "budget_id": body.get("budget_id"),
                 "allowed_endpoints": body["allowed_endpoints"],
                 "expires_at": "2030-01-01T02:00:00Z",
                 "agent_run_label": body["agent_run_label"],
@@ -64,6 +68,29 @@ class FakeKeybrake:
             if method == "DELETE":
                 self.keys[key_id]["status"] = "revoked"
             return 200, self.key_info(key_id)
+        if method == "POST" and path == "/vault/budgets":
+            budget_id = f"bg_{next(self._ids)}"
+            self.budgets[budget_id] = {
+                "budget_id": budget_id,
+                **_caps(body, "daily_usd_cap", "total_usd_cap"),
+                "expires_at": "2030-01-01T06:00:00Z",
+                "agent_run_label": body["agent_run_label"],
+                "status": "active",
+                "spent_usd": "0.00",
+                "total_spent_usd": "0.00",
+                "calls": 0,
+                "cap_hits": 0,
+            }
+            return 201, self.budgets[budget_id]
+        if path.startswith("/vault/budgets/") and method == "DELETE":
+            budget_id = path.rsplit("/", 1)[1]
+            if budget_id not in self.budgets:
+                return 404, {"error": {"type": "not_found", "message": f"no budget {budget_id}"}}
+            self.budgets[budget_id]["status"] = "revoked"
+            drawing = [k for k in self.keys.values() if k["budget_id"] == budget_id]
+            for key in drawing:
+                key["status"] = "revoked"
+            return 200, {**self.budgets[budget_id], "keys": [k["key_id"] for k in drawing]}
         if method == "POST" and path == "/vault/keys/revoke":
             label = body.get("agent_run_label")
             active = [
@@ -73,9 +100,26 @@ class FakeKeybrake:
             ]
             for key in active:
                 key["status"] = "revoked"
+            budgets = [
+                b
+                for b in self.budgets.values()
+                if b["agent_run_label"] == label and b["status"] == "active"
+            ]
+            for budget in budgets:
+                budget["status"] = "revoked"
             keys = [self.key_info(k["key_id"]) for k in active]  # as the proxy: revoked just now
-            return 200, {"agent_run_label": label, "revoked": len(active), "keys": keys}
+            return 200, {
+                "agent_run_label": label,
+                "revoked": len(active),
+                "keys": keys,
+                "budgets": budgets,
+            }
         return 404, {"error": {"type": "not_found", "message": f"{method} {path}"}}
+
+
+def _caps(body: dict[str, Any], *names: str) -> dict[str, str]:
+    """The caps the request set, as the proxy answers them (two decimals)."""
+    return {name: f"{Decimal(body[name]):.2f}" for name in names if body.get(name) is not None}
 
 
 def serve(fake: FakeKeybrake) -> ThreadingHTTPServer:

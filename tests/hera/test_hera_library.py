@@ -31,6 +31,7 @@ from keybrake.hera_workflows import (
     TemplateConfigError,
     default_retry_strategy,
     fan_out,
+    issue_budget,
     issue_vault_key,
     revoke_on_exit,
 )
@@ -63,9 +64,10 @@ def env_of(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_public_names_are_pinned() -> None:
     assert sorted(kh.__all__) == [
-        "DEFAULT_PROXY_URL", "EXIT_REFUSED", "ITEM", "KEY_ID_GLOBAL", "ProxyConnection",
-        "RETRY_EXPRESSION", "SPEND_SUMMARY_GLOBAL", "SharedTemplates", "TemplateConfigError",
-        "VENDORS", "VaultKey", "default_retry_strategy", "fan_out", "issue_template",
+        "BUDGET_ID_GLOBAL", "DEFAULT_PROXY_URL", "EXIT_REFUSED", "ITEM", "KEY_ID_GLOBAL",
+        "ProxyConnection", "RETRY_EXPRESSION", "RunBudget", "SPEND_SUMMARY_GLOBAL",
+        "SharedTemplates", "TemplateConfigError", "VENDORS", "VaultKey", "budget_template",
+        "default_retry_strategy", "fan_out", "issue_budget", "issue_template",
         "issue_vault_key", "revoke_on_exit", "revoke_template",
     ]  # fmt: skip
 
@@ -108,14 +110,21 @@ def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
         "daily_usd_cap": "10",
         "allowed_endpoints": json.dumps(STRIPE),
         "expires_in": "2h",
-        "max_usd_per_call": "",
         "proxy_url": "http://keybrake.keybrake.svc.cluster.local:8080",
     }
 
 
+# The caller tag: the item's identity (the same for every retry of the item, so a per-pod cap
+# holds across Argo's retries), then the pod that made the call (for the audit row).
+TAGGED = (
+    "{{inputs.parameters.vault_key}}."
+    "{{=sprig.trunc(12, sprig.sha256sum(inputs.parameters.item))}}@{{pod.name}}"
+)
+
+
 def test_each_pod_gets_its_sdk_environment_with_a_pod_tagged_key() -> None:
     env = env_of(build(env={"BATCH_SIZE": "50"}), "charge-pod")
-    tagged = "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    tagged = TAGGED
     assert env["STRIPE_SECRET_KEY"] == tagged
     assert env["STRIPE_BASE_URL"] == "{{inputs.parameters.proxy_url}}/stripe"
     assert env["KEYBRAKE_VAULT_KEY"] == tagged
@@ -132,7 +141,7 @@ def test_resend_needs_only_its_two_variables() -> None:
             )
             fan_out(key, "mail", image="ghcr.io/acme/mailer:1", with_items=["x"])
     env = env_of(w.to_dict(), "mail-pod")
-    assert env["RESEND_API_KEY"] == "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    assert env["RESEND_API_KEY"] == TAGGED
     assert env["RESEND_API_URL"] == "{{inputs.parameters.proxy_url}}/resend"
 
 
@@ -147,7 +156,7 @@ def test_twilio_pods_get_a_placeholder_account_sid() -> None:
             fan_out(key, "sms", image="ghcr.io/acme/notifier:1", with_items=["x"])
     env = env_of(w.to_dict(), "sms-pod")
     assert env["TWILIO_ACCOUNT_SID"] == "AC" + "0" * 32
-    assert env["TWILIO_AUTH_TOKEN"] == "{{inputs.parameters.vault_key}}.{{pod.name}}"
+    assert env["TWILIO_AUTH_TOKEN"] == TAGGED
     assert env["TWILIO_BASE_URL"] == "{{inputs.parameters.proxy_url}}/twilio"
 
 
@@ -271,6 +280,106 @@ def test_bad_issue_arguments_are_refused_clearly(options: dict[str, Any], messag
     with pytest.raises(TemplateConfigError, match=message):
         with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
             issue_vault_key(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("budget", "key", "message"),
+    [
+        ({}, {}, "issue_budget\\(\\) needs total_usd_cap"),
+        ({"total_usd_cap": -1}, {}, "positive dollar amount"),
+        ({"total_usd_cap": 5, "expires_in": "a day"}, {}, "duration such as"),
+        (None, {}, "needs daily_usd_cap .* or total_usd_cap .* or a budget="),
+        ({"total_usd_cap": 5}, {"max_usd_per_caller": 0}, "positive dollar amount"),
+    ],
+)
+def test_bad_budget_arguments_are_refused_clearly(
+    budget: dict[str, Any] | None, key: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TemplateConfigError, match=message):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            run_budget = issue_budget(**budget) if budget is not None else None
+            issue_vault_key(vendor="stripe", allowed_endpoints=STRIPE, budget=run_budget, **key)
+
+
+def budget_run(templates: SharedTemplates | None = None) -> dict[str, Any]:
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            budget = issue_budget(total_usd_cap=100, templates=templates)
+            stripe = issue_vault_key(
+                vendor="stripe",
+                budget=budget,
+                max_usd_per_caller=10,
+                allowed_endpoints=STRIPE,
+                name="stripe-key",
+                templates=templates,
+            )
+            resend = issue_vault_key(
+                vendor="resend",
+                budget=budget,
+                allowed_endpoints=["POST /emails"],
+                expires_in="1h",
+                name="resend-key",
+                templates=templates,
+            )
+            fan_out(stripe, "charge", image="a:1", with_items=["x"])
+            fan_out(resend, "mail", image="a:1", with_items=["x"])
+        revoke_on_exit(w, budget)
+    document: dict[str, Any] = w.to_dict()
+    return document
+
+
+def test_a_run_budget_is_issued_first_drawn_on_by_each_key_and_revoked_on_exit(
+    catalog: list[dict[str, Any]],
+) -> None:
+    document = budget_run()
+    assert schema.all_errors(document) == []
+    assert problems(document, Catalog(catalog)) == []
+    tasks = {t["name"]: t for t in template(document, "main")["dag"]["tasks"]}
+
+    def arguments(task: str) -> dict[str, str]:
+        return {p["name"]: p["value"] for p in tasks[task]["arguments"]["parameters"]}
+
+    assert arguments("issue-budget") == {
+        "total_usd_cap": "100",
+        "expires_in": "6h",
+        "proxy_url": "http://keybrake.keybrake.svc.cluster.local:8080",
+    }
+    drawn = "{{tasks.issue-budget.outputs.parameters.budget_id}}"
+    assert tasks["stripe-key"]["depends"] == tasks["resend-key"]["depends"] == "issue-budget"
+    assert arguments("stripe-key")["budget_id"] == arguments("resend-key")["budget_id"] == drawn
+    assert arguments("stripe-key")["max_usd_per_caller"] == "10"
+    assert "daily_usd_cap" not in arguments("stripe-key")  # the budget bounds it
+    assert arguments("stripe-key")["expires_in"] == ""  # as long as the budget lives
+    assert arguments("resend-key")["expires_in"] == "1h"
+    budget_template = template(document, "keybrake-budget")
+    outputs = budget_template["outputs"]["parameters"]
+    assert [(o["name"], o["globalName"]) for o in outputs] == [("budget_id", "keybrake_budget_id")]
+    assert env_of(document, "keybrake-budget")["KEYBRAKE_ISSUE"] == "budget"
+    revoke = {
+        p["name"]: p.get("default")
+        for p in template(document, "keybrake-revoke")["inputs"]["parameters"]
+    }
+    assert revoke["budget_id"] == "{{workflow.outputs.parameters.keybrake_budget_id}}"
+    # a run without a budget never sets that global: its revoke does not look for one
+    plain = {
+        p["name"]: p.get("default")
+        for p in template(build(), "keybrake-revoke")["inputs"]["parameters"]
+    }
+    assert plain["budget_id"] == ""
+
+
+def test_a_run_budget_through_the_shared_templates(catalog: list[dict[str, Any]]) -> None:
+    document = budget_run(SharedTemplates())
+    assert schema.all_errors(document) == []
+    assert problems(document, Catalog(catalog)) == []
+    tasks = {t["name"]: t for t in template(document, "main")["dag"]["tasks"]}
+    assert tasks["issue-budget"]["templateRef"] == {
+        "name": "keybrake-vault-key",
+        "template": "budget",
+    }
+    [handler] = template(document, "keybrake-revoke")["dag"]["tasks"]
+    passed = {p["name"]: p["value"] for p in handler["arguments"]["parameters"]}
+    assert passed["budget_id"] == "{{workflow.outputs.parameters.keybrake_budget_id}}"
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ spend never passed the cap."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,18 @@ from argocheck.simulator import Run, Simulator
 from hera.workflows import DAG, Workflow
 
 from keybrake.hera_workflows import DEFAULT_PROXY_URL, fan_out, issue_vault_key, revoke_on_exit
-from tests.proxyproc import ProxyProcess
+from tests.fakes.resend_upstream import FakeResend
+from tests.fakes.twilio_upstream import FakeTwilio
+from tests.helpers import localstripe_intents
+from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
+from tests.vendor_helpers import vendor_env
 
 pytestmark = pytest.mark.slow
 pytest_plugins = ["tests.vendor_fixtures"]  # vendor_proxy: keybrake serve with all three vendors
 
 HERE = Path(__file__).resolve().parent
 CHARGE = [sys.executable, str(HERE / "pods" / "charge_batch.py")]
+ORDER_AGENT = [sys.executable, str(HERE / "pods" / "order_agent.py")]
 IMAGE = "ghcr.io/acme/charge-batch:1"
 FANOUT = "workflowtemplates/keybrake-fanout.yaml"
 
@@ -80,8 +87,13 @@ def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def pod_names(run: Run) -> set[str]:
-    return {pod.name for pod in run.pods_of("run-pod")}
+def caller_tags(run: Run, template: str = "run-pod") -> set[str]:
+    """What each pod's calls are tagged with: its item's identity (which Argo's retries of the
+    item keep, so a per-pod cap holds across them), then the pod's own name (for the audit)."""
+    return {
+        f"{hashlib.sha256(pod.env['KEYBRAKE_ITEM'].encode()).hexdigest()[:12]}@{pod.name}"
+        for pod in run.pods_of(template)
+    }
 
 
 def attempts_per_item(run: Run) -> dict[str, int]:
@@ -109,7 +121,7 @@ def test_a_succeeded_run(
     assert Decimal(key["spent_usd"]) == Decimal("8.00") and key["calls"] == 8
     rows = audit(proxy_server, key["key_id"])
     assert len(rows) == 8 and {r["decision"] for r in rows} == {"forwarded"}
-    assert {r["caller_tag"] for r in rows} == pod_names(run)  # every pod, tagged
+    assert {r["caller_tag"] for r in rows} == caller_tags(run)  # every pod, tagged
     assert run.outputs["keybrake_spend_summary"] == (
         f"keybrake: key {key['key_id']} revoked: spent $8.00 of $300.00 cap, 8 calls, "
         "0 cap hits (workflow Succeeded)"
@@ -146,7 +158,7 @@ def test_a_run_whose_cap_is_hit(
     rows = audit(proxy_server, key["key_id"])
     settled = sum(Decimal(r["settled_usd"] or "0") for r in rows)
     assert settled == Decimal(key["spent_usd"]) <= Decimal("10")
-    assert {r["caller_tag"] for r in rows} <= pod_names(run)
+    assert {r["caller_tag"] for r in rows} <= caller_tags(run)
     assert any(r["decision"] != "forwarded" for r in rows)
     assert f"{key['cap_hits']} cap hit" in run.outputs["keybrake_spend_summary"]
     # after the run, the key is dead: a pod's environment no longer works
@@ -158,6 +170,38 @@ def test_a_run_whose_cap_is_hit(
         timeout=30,
     )
     assert result.status_code == 401
+
+
+def test_a_retried_item_keeps_its_per_pod_cap(
+    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    # The flaky item charges $6 and crashes; Argo retries it in a new pod, which may only add
+    # $4 more under max_usd_per_pod=10: $3, then a cap hit (exit 77, not retried again). Were
+    # the retry a fresh caller, it would charge $6 again. The steady item is its own caller.
+    flaky = {"charges": 2, "cents": 300, "crash_after": True}
+    steady = {"charges": 2, "cents": 300}
+    run = run_fanout(
+        proxy_server, catalog, tmp_path, [flaky, steady], budget="100", max_usd_per_pod="10"
+    )
+
+    assert run.phase == "Failed"
+    assert attempts_per_item(run) == {json.dumps(flaky): 2, json.dumps(steady): 1}
+    key = key_of(proxy_server, run)
+    assert Decimal(key["max_usd_per_caller"]) == 10
+    rows = audit(proxy_server, key["key_id"])
+    assert {r["caller_tag"] for r in rows} == caller_tags(run)  # the audit names each pod
+    spent: dict[str, Decimal] = {}
+    pods: dict[str, set[str]] = {}
+    for row in rows:
+        item, _, pod = row["caller_tag"].partition("@")
+        spent[item] = spent.get(item, Decimal(0)) + Decimal(row["settled_usd"] or "0")
+        pods.setdefault(item, set()).add(pod)
+    flaky_id = hashlib.sha256(json.dumps(flaky).encode()).hexdigest()[:12]
+    steady_id = hashlib.sha256(json.dumps(steady).encode()).hexdigest()[:12]
+    assert spent == {flaky_id: Decimal("9.00"), steady_id: Decimal("6.00")}
+    assert (len(pods[flaky_id]), len(pods[steady_id])) == (2, 1)
+    assert [r["decision"] for r in rows].count("caller_cap_hit") == 1
+    assert Decimal(key["total_spent_usd"]) == Decimal("15.00")
 
 
 def test_a_run_whose_issue_step_was_refused(
@@ -172,7 +216,8 @@ def test_a_run_whose_issue_step_was_refused(
     assert issue.exit_code == 77 and "expires_in" in issue.stderr
     assert run.pods_of("run-pod") == []
     assert "keybrake_key_id" not in run.outputs
-    assert "no active key labelled argo/billing-run" in run.outputs["keybrake_spend_summary"]
+    summary = run.outputs["keybrake_spend_summary"]
+    assert "no id and nothing active labelled argo/billing-run" in summary
     listed = admin(proxy_server, "GET", "/vault/keys", params={"label": "argo/billing-run"})["data"]
     assert listed == []
 
@@ -199,7 +244,7 @@ def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
 def test_the_billing_agent_example(
     proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    example = next(d for d in catalog if d["kind"] == "Workflow")
+    example = next(d for d in catalog if d["metadata"].get("generateName") == "billing-agent-")
     document = json.loads(json.dumps(example).replace(DEFAULT_PROXY_URL, proxy_server.url))
     sim = Simulator(
         catalog,
@@ -216,7 +261,7 @@ def test_the_billing_agent_example(
     assert key["status"] == "revoked" and Decimal(key["spent_usd"]) == Decimal("90.00")
     assert key["max_usd_per_call"] is not None and Decimal(key["max_usd_per_call"]) == 50
     rows = audit(proxy_server, key["key_id"])
-    assert {r["caller_tag"] for r in rows} == {p.name for p in run.pods_of("charge-pod")}
+    assert {r["caller_tag"] for r in rows} == caller_tags(run, "charge-pod")
 
 
 def notify_workflow(vendor: str, endpoint: str, image: str, items: list[str]) -> dict[str, Any]:
@@ -262,7 +307,65 @@ def test_resend_and_twilio_pods_need_only_the_template_environment(
     assert key["status"] == "revoked" and key["vendor"] == vendor
     rows = audit(vendor_proxy, key["key_id"])
     assert [r["decision"] for r in rows] == ["forwarded"] * len(items)
-    assert {r["caller_tag"] for r in rows} == {p.name for p in run.pods_of("send-pod")}
+    assert {r["caller_tag"] for r in rows} == caller_tags(run, "send-pod")
     spent = Decimal(key["spent_usd"])
     assert 0 < spent <= 1
     assert f"spent ${spent.normalize():f}" in run.outputs["keybrake_spend_summary"]
+
+
+def test_the_order_agent_example_holds_one_budget_across_stripe_and_resend(
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    localstripe: Localstripe,
+    fake_twilio: FakeTwilio,
+    fake_resend: FakeResend,
+) -> None:
+    """The multi-vendor example as rendered: a $90.005 run budget, a Stripe key and a Resend
+    key drawing on it, four orders of a $30 charge and three $0.0009 receipts each ($120.0108
+    wanted), both fan-outs at once. Whatever the interleaving, what localstripe and the Resend
+    fake hold together never passes the budget, and the exit handler revokes it all."""
+    proxy = start_proxy(
+        tmp_path, stripe_base=localstripe.url, extra_env=vendor_env(fake_twilio, fake_resend)
+    )
+    try:
+        example = next(d for d in catalog if d["metadata"].get("generateName") == "order-agent-")
+        document = json.loads(json.dumps(example).replace(DEFAULT_PROXY_URL, proxy.url))
+        sim = Simulator(
+            catalog,
+            workdir=tmp_path / "run",
+            secrets={"keybrake-credentials": {"api_key": proxy.admin_key}},
+            commands={"order-agent": ORDER_AGENT},
+            name="order-agent-q4w8z",
+        )
+        tag = uuid.uuid4().hex
+        orders = [{"order": f"o-{n}", "cents": 3000, "emails": 3, "run": tag} for n in range(4)]
+        run = sim.run(document, {"orders": json.dumps(orders), "budget_usd": "90.005"})
+
+        budget_id = run.outputs["keybrake_budget_id"]
+        budget = admin(proxy, "GET", f"/vault/budgets/{budget_id}")
+        rows = admin(proxy, "GET", "/vault/audit", params={"budget_id": budget_id, "limit": 1000})
+        keys_of_budget = admin(proxy, "GET", "/vault/keys", params={"budget_id": budget_id})["data"]
+    finally:
+        proxy.stop()
+
+    assert run.phase == "Failed"  # some pods were refused (exit 77), as they should be
+    refused = [p for p in run.pods_of("charge-pod") + run.pods_of("receipt-pod") if p.exit_code]
+    assert refused and {p.exit_code for p in refused} == {77}
+    assert all("cap hit" in p.stderr for p in refused)
+    charged = len(localstripe_intents(localstripe.url, run=tag))
+    emailed = sum(1 for e in fake_resend.emails.values() if "for order o-" in e["subject"])
+    moved = Decimal(30) * charged + Decimal("0.0009") * emailed
+    assert charged >= 1 and emailed >= 1
+    assert moved <= Decimal("90.005")  # the two vendors together, within the run's budget
+    assert Decimal(budget["total_spent_usd"]) == moved
+    assert budget["status"] == "revoked"
+    keys = [info for info in keys_of_budget if info["key_id"] in budget["keys"]]
+    assert len(budget["keys"]) == len(keys) == 2
+    assert {k["vendor"] for k in keys} == {"stripe", "resend"}
+    assert {k["status"] for k in keys} == {"revoked"}
+    assert {r["budget_id"] for r in rows["data"]} == {budget_id}
+    assert any(r["decision"] == "budget_cap_hit" for r in rows["data"])
+    assert run.outputs["keybrake_spend_summary"] == (
+        f"keybrake: budget {budget_id} revoked with its 2 key(s): spent ${moved.normalize():f} "
+        f"of $90.005 cap, {len(rows['data'])} calls, {len(refused)} cap hits (workflow Failed)"
+    )

@@ -58,6 +58,7 @@ def test_the_expected_files_are_rendered(rendered: list[RenderedFile]) -> None:
             "keybrake-fanout",
         ),
         ("examples/billing-agent.yaml", "Workflow", None),
+        ("examples/order-agent.yaml", "Workflow", None),
     }
 
 
@@ -147,7 +148,7 @@ def test_render_repairs_and_leaves_hand_written_files_alone(rendered_copy: Path)
     result = keybrake("render", "--out", str(rendered_copy))
 
     assert result.returncode == 0, result.stderr
-    assert "1 written, 1 removed, 4 unchanged" in result.stdout
+    assert "1 written, 1 removed, 5 unchanged" in result.stdout
     assert not orphan.exists()
     assert mine.read_text() == "# my own workflow\nkind: Workflow\n"
     assert {p: p.read_bytes() for p in (rendered_copy / "proxy").rglob("*")} == proxy_files
@@ -157,7 +158,7 @@ def test_render_repairs_and_leaves_hand_written_files_alone(rendered_copy: Path)
 def test_render_into_an_empty_folder(tmp_path: Path) -> None:
     result = keybrake("render", "--out", str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
-    assert "5 written" in result.stdout
+    assert "6 written" in result.stdout
     assert keybrake("render", "--check", "--out", str(tmp_path / "new")).returncode == 0
 
 
@@ -194,18 +195,22 @@ def _python_blocks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("doc", ["docs/hera.md", "README.md"])
-def test_documented_snippets_render_the_billing_agent_example(
-    doc: str, rendered: list[RenderedFile]
-) -> None:
-    """The Python shown in the docs is the example that is rendered and golden-tested."""
+def test_documented_snippets_render_the_examples(doc: str, rendered: list[RenderedFile]) -> None:
+    """The Python shown in the docs is an example that is rendered and golden-tested; docs/hera.md
+    shows every example."""
     blocks = _python_blocks(REPO / doc)
     if doc == "README.md" and not blocks:
         pytest.skip("README.md shows no Hera snippet")
     assert blocks, f"{doc} shows no Hera snippet"
-    example = next(f.document for f in rendered if f.path == "examples/billing-agent.yaml")
+    examples = {f.path: f.document for f in rendered if f.path.startswith("examples/")}
+    shown = set()
     for block in blocks:
         namespace: dict[str, object] = {}
         exec(compile(block, doc, "exec"), namespace)
         workflow = namespace["workflow"]
         assert isinstance(workflow, Workflow)
-        assert workflow.to_dict() == example
+        matches = [path for path, document in examples.items() if document == workflow.to_dict()]
+        assert matches, f"a snippet of {doc} is none of the rendered examples"
+        shown.update(matches)
+    if doc == "docs/hera.md":
+        assert shown == set(examples)

@@ -4,6 +4,7 @@ The end-to-end runs against the real proxy and localstripe are in test_hera_live
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,13 @@ from argocheck.simulator import Pod, Run, Simulator
 from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
 from hera.workflows import DAG, Workflow
 
-from keybrake.hera_workflows import SharedTemplates, fan_out, issue_vault_key, revoke_on_exit
+from keybrake.hera_workflows import (
+    SharedTemplates,
+    fan_out,
+    issue_budget,
+    issue_vault_key,
+    revoke_on_exit,
+)
 
 HERE = Path(__file__).resolve().parent
 REPORT = [sys.executable, str(HERE / "pods" / "report.py")]
@@ -88,7 +95,9 @@ def test_a_succeeded_fanout_run(
     for pod in pods:
         env = reported(pod)["env"]
         assert set(env) == expected_names  # exactly the template's environment
-        assert env["STRIPE_SECRET_KEY"] == f"{vault_key}.{pod.name}"
+        # the caller tag: the item's identity (kept by Argo's retries), then the pod's name
+        item_id = hashlib.sha256(env["KEYBRAKE_ITEM"].encode()).hexdigest()[:12]
+        assert env["STRIPE_SECRET_KEY"] == f"{vault_key}.{item_id}@{pod.name}"
         assert env["STRIPE_BASE_URL"] == f"{fake.url}/stripe"
         assert env["KEYBRAKE_BASE_URL"] == f"{fake.url}/stripe"
         assert reported(pod)["argv"] == [env["KEYBRAKE_ITEM"]]
@@ -140,7 +149,8 @@ def test_an_issue_step_refused_by_the_proxy(
     [revoke] = run.pods_of("keybrake-revoke")
     assert revoke.env["KEYBRAKE_KEY_ID"] == "{{workflow.outputs.parameters.keybrake_key_id}}"
     assert fake.requests[-1].path == "/vault/keys/revoke"
-    assert "no active key labelled argo/wf-sim" in run.outputs["keybrake_spend_summary"]
+    summary = run.outputs["keybrake_spend_summary"]
+    assert "no id and nothing active labelled argo/wf-sim" in summary
 
 
 def test_keys_issued_by_a_crashing_issue_step_are_revoked_by_label(
@@ -188,7 +198,7 @@ def test_the_billing_agent_example_runs(
     pods = run.pods_of("charge-pod")
     assert sorted(reported(p)["argv"][-1] for p in pods) == ["eu-1", "us-1", "us-2"]
     assert all(reported(p)["argv"] == ["charge", reported(p)["argv"][-1]] for p in pods)
-    assert fake.requests[0].body["max_usd_per_call"] == 50
+    assert fake.requests[0].body["max_usd_per_call"] == "50"
     assert fake.keys["vk_1"]["status"] == "revoked"
 
 
@@ -223,3 +233,46 @@ def test_a_workflow_using_the_shared_templates_runs(
     assert len(run.pods_of("issue")) == len(run.pods_of("revoke")) == 1
     assert len(run.pods_of("charge-pod")) == 2
     assert fake.keys["vk_1"]["status"] == "revoked"
+
+
+def test_a_run_budget_through_the_shared_templates_runs(
+    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]]
+) -> None:
+    shared = SharedTemplates()
+    with Workflow(name="shared", entrypoint="main") as w:
+        with DAG(name="main"):
+            budget = issue_budget(total_usd_cap=25, templates=shared)
+            for vendor, endpoint in (
+                ("stripe", "POST /v1/payment_intents"),
+                ("resend", "POST /emails"),
+            ):
+                key = issue_vault_key(
+                    vendor=vendor,
+                    budget=budget,
+                    allowed_endpoints=[endpoint],
+                    name=f"{vendor}-key",
+                    templates=shared,
+                )
+                fan_out(key, f"{vendor}-calls", image=IMAGE, with_items=["x"])
+        revoke_on_exit(w, budget)
+    local = "http://keybrake.keybrake.svc.cluster.local:8080"
+    installed = [json.loads(json.dumps(t).replace(local, fake.url)) for t in catalog]
+    document = json.loads(json.dumps(w.to_dict()).replace(local, fake.url))
+    run = simulator(installed, tmp_path).run(document)
+
+    assert run.phase == "Succeeded"
+    assert [(r.method, r.path) for r in fake.requests] == [
+        ("POST", "/vault/budgets"),
+        ("POST", "/vault/keys"),
+        ("POST", "/vault/keys"),
+        ("DELETE", "/vault/budgets/bg_1"),  # both keys draw on it: one call revokes them all
+    ]
+    issued = [r.body for r in fake.requests if r.path == "/vault/keys"]
+    assert {b["budget_id"] for b in issued} == {"bg_1"}
+    assert all("expires_in" not in b and "daily_usd_cap" not in b for b in issued)
+    assert fake.budgets["bg_1"]["status"] == "revoked"
+    assert {k["status"] for k in fake.keys.values()} == {"revoked"}
+    assert run.outputs["keybrake_budget_id"] == "bg_1"
+    assert run.outputs["keybrake_spend_summary"].startswith(
+        "keybrake: budget bg_1 revoked with its 2 key(s): spent $0.00 of $25.00 cap"
+    )

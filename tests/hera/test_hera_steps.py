@@ -67,11 +67,11 @@ def test_issue_posts_the_request_and_writes_the_outputs(
     assert request.authorization == f"Bearer {ADMIN_TOKEN}"
     assert request.body == {
         "vendor": "stripe",
-        "daily_usd_cap": 300,
+        "daily_usd_cap": "300",
         "allowed_endpoints": ["POST /v1/payment_intents"],
         "expires_in": "2h",
         "agent_run_label": "argo/wf-1",
-        "max_usd_per_call": 12.5,
+        "max_usd_per_call": "12.50",
         "metadata": {"workflow": "wf-1", "namespace": "billing", "uid": "uid-1"},
     }
     assert (tmp_path / "key_id").read_text() == "vk_1"
@@ -119,6 +119,13 @@ def test_issue_fails_a_4xx_with_the_servers_message_and_exit_77(
         ({"KEYBRAKE_API_KEY": ""}, "keybrake-credentials"),
         ({"KEYBRAKE_VENDOR": "{{inputs.parameters.vendor}}"}, "KEYBRAKE_VENDOR is empty"),
         ({"KEYBRAKE_URL": "file:///etc/passwd"}, "must start with http"),
+        ({"KEYBRAKE_DAILY_USD_CAP": "", "KEYBRAKE_BUDGET_ID": ""}, "or a budget_id"),
+        (
+            {"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_DAILY_USD_CAP": ""},
+            "cannot issue a budget: give total_usd_cap (the run's whole life)",
+        ),
+        ({"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_TOTAL_USD_CAP": "0"}, "positive dollar amount"),
+        ({"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_DAILY_USD_CAP": "Infinity"}, "positive dollar"),
     ],
 )
 def test_issue_refuses_bad_inputs_before_calling(
@@ -194,12 +201,12 @@ def test_revoke_falls_back_to_the_label_when_the_key_id_is_unresolved(
     ]
     assert fake.keys["vk_1"]["status"] == "revoked"
     assert fake.keys["vk_2"]["status"] == "active"
-    assert "no key id, revoked 1 key(s) labelled argo/wf-1" in summary(tmp_path)
+    assert "no id, revoked 1 key(s) labelled argo/wf-1" in summary(tmp_path)
 
 
 def test_revoke_with_nothing_issued_is_done(fake: FakeKeybrake, tmp_path: Path) -> None:
     assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID=""), Sleeps()) == 0
-    assert "no active key labelled argo/wf-1: nothing to revoke" in summary(tmp_path)
+    assert "no id and nothing active labelled argo/wf-1: nothing to revoke" in summary(tmp_path)
     assert _step_revoke.main(revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID="vk_9"), Sleeps()) == 0
     assert "vk_9 is unknown to the proxy: nothing to revoke" in summary(tmp_path)
 
@@ -215,7 +222,7 @@ def test_revoke_with_nothing_issued_is_done(fake: FakeKeybrake, tmp_path: Path) 
         ({"KEYBRAKE_API_KEY": "wrong"}, None, "HTTP 401: bad admin token"),
         ({}, (500, {"error": {"type": "x", "message": "boom"}}), "failed after 6 attempts"),
         ({}, (200, ["not", "an", "object"]), "could not revoke vk_1"),
-        ({"KEYBRAKE_KEY_ID": "", "KEYBRAKE_LABEL": ""}, None, "neither a key id nor"),
+        ({"KEYBRAKE_KEY_ID": "", "KEYBRAKE_LABEL": ""}, None, "neither an id nor"),
     ],
 )
 def test_revoke_never_fails_the_workflow(
@@ -243,6 +250,106 @@ def test_revoke_survives_an_unexpected_error(
     monkeypatch.setattr(_step_revoke, "revoke_by_id", explode)
     assert _step_revoke.main(revoke_env(fake.url, tmp_path), Sleeps()) == 0
     assert "WARNING: could not revoke: KeyError" in summary(tmp_path)
+
+
+def test_issue_sends_only_the_caps_given_and_the_budget_drawn_on(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = issue_env(
+        fake.url,
+        tmp_path,
+        KEYBRAKE_DAILY_USD_CAP="",
+        KEYBRAKE_MAX_USD_PER_CALLER="10",
+        KEYBRAKE_BUDGET_ID="bg_7",
+    )
+    assert _step_issue.main(env, Sleeps()) == 0
+    body = fake.requests[-1].body
+    assert {k: body[k] for k in ("max_usd_per_caller", "budget_id")} == {
+        "max_usd_per_caller": "10",
+        "budget_id": "bg_7",
+    }
+    assert "daily_usd_cap" not in body and "total_usd_cap" not in body
+    assert "$10.00 per pod, on budget bg_7" in capsys.readouterr().out
+
+
+def budget_env(url: str, out: Path, **overrides: str) -> dict[str, str]:
+    return {
+        "KEYBRAKE_ISSUE": "budget",
+        "KEYBRAKE_URL": url,
+        "KEYBRAKE_API_KEY": ADMIN_TOKEN,
+        "KEYBRAKE_TOTAL_USD_CAP": "300",
+        "KEYBRAKE_DAILY_USD_CAP": "",
+        "KEYBRAKE_EXPIRES_IN": "6h",
+        "KEYBRAKE_LABEL": "argo/wf-1",
+        "KEYBRAKE_WORKFLOW_NAME": "wf-1",
+        "KEYBRAKE_WORKFLOW_NAMESPACE": "billing",
+        "KEYBRAKE_WORKFLOW_UID": "uid-1",
+        "KEYBRAKE_OUTPUT_DIR": str(out),
+        **overrides,
+    }
+
+
+def test_issue_budget_posts_the_request_and_writes_its_id(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _step_issue.main(budget_env(fake.url, tmp_path), Sleeps()) == 0
+    [request] = fake.requests
+    assert (request.method, request.path) == ("POST", "/vault/budgets")
+    assert request.body == {
+        "agent_run_label": "argo/wf-1",
+        "expires_in": "6h",
+        "total_usd_cap": "300",
+        "metadata": {"workflow": "wf-1", "namespace": "billing", "uid": "uid-1"},
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["budget_id"]
+    assert (tmp_path / "budget_id").read_text() == "bg_1"
+    assert "issued bg_1 caps $300.00 total" in capsys.readouterr().out
+
+
+def test_revoke_revokes_the_budget_and_so_every_key_on_it(
+    fake: FakeKeybrake, tmp_path: Path
+) -> None:
+    assert _step_issue.main(budget_env(fake.url, tmp_path / "b"), Sleeps()) == 0
+    budget_id = (tmp_path / "b" / "budget_id").read_text()
+    for vendor in ("stripe", "resend"):
+        env = issue_env(
+            fake.url,
+            tmp_path / vendor,
+            KEYBRAKE_VENDOR=vendor,
+            KEYBRAKE_DAILY_USD_CAP="",
+            KEYBRAKE_BUDGET_ID=budget_id,
+        )
+        assert _step_issue.main(env, Sleeps()) == 0
+    fake.budgets[budget_id].update(total_spent_usd="212.50", calls=9, cap_hits=2)
+    # the key id global names the last key issued; the budget covers both, in one call
+    env = revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID="vk_3", KEYBRAKE_BUDGET_ID=budget_id)
+    assert _step_revoke.main(env, Sleeps()) == 0
+    assert {k["status"] for k in fake.keys.values()} == {"revoked"}
+    assert fake.budgets[budget_id]["status"] == "revoked"
+    assert [(r.method, r.path) for r in fake.requests[-1:]] == [("DELETE", "/vault/budgets/bg_1")]
+    assert summary(tmp_path) == (
+        "keybrake: budget bg_1 revoked with its 2 key(s): spent $212.50 of $300.00 cap, "
+        "9 calls, 2 cap hits (workflow Succeeded)"
+    )
+    # a key of the run that does not draw on the budget is still revoked by its id
+    key_id = issued(fake, tmp_path / "own")
+    env = revoke_env(fake.url, tmp_path, KEYBRAKE_KEY_ID=key_id, KEYBRAKE_BUDGET_ID=budget_id)
+    assert _step_revoke.main(env, Sleeps()) == 0
+    assert fake.keys[key_id]["status"] == "revoked"
+    assert f"; key {key_id} revoked" in summary(tmp_path)
+
+
+def test_revoke_by_label_takes_the_runs_budgets_too(fake: FakeKeybrake, tmp_path: Path) -> None:
+    assert _step_issue.main(budget_env(fake.url, tmp_path / "b"), Sleeps()) == 0
+    env = revoke_env(
+        fake.url,
+        tmp_path,
+        KEYBRAKE_KEY_ID="{{workflow.outputs.parameters.keybrake_key_id}}",
+        KEYBRAKE_BUDGET_ID="",
+    )
+    assert _step_revoke.main(env, Sleeps()) == 0
+    assert fake.budgets["bg_1"]["status"] == "revoked"
+    assert "no id, revoked 0 key(s) and 1 budget(s) labelled argo/wf-1" in summary(tmp_path)
 
 
 def test_spend_keeps_sub_cent_amounts() -> None:

@@ -10,6 +10,7 @@ substitution would see them.
   needs X among the task's ancestors and Y among X's outputs, `{{inputs.parameters.Z}}` a declared
   input, `{{workflow.parameters.P}}` a workflow argument, `{{workflow.outputs.parameters.G}}` a
   `globalName` somewhere in the run, `{{item}}` a loop, `{{pod.name}}` a pod template;
+- expression tags (`{{=...}}`) name only such variables and call only sprig's or expr's functions;
 - retry expressions only use the `lastRetry` fields Argo provides.
 """
 
@@ -33,6 +34,13 @@ _WORKFLOW_SCALARS = {
 }  # fmt: skip
 _NODE_FIELDS = {"id", "ip", "status", "exitCode", "startedAt", "finishedAt", "hostNodeName"}
 _LAST_RETRY = {"exitCode", "status", "duration", "message"}
+# Expression tags: `a['b']` is read as `a.b`, string literals are blanked, then every dotted
+# name is either a call (followed by `(`) or a variable.
+_INDEX = re.compile(r"\[\s*'([^']*)'\s*\]")
+_STRING_LITERAL = re.compile(r"'[^']*'|\"[^\"]*\"")
+_EXPRESSION_NAME = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_][-\w]*)*)\s*(\()?")
+_EXPR_FUNCTIONS = {"asInt", "asFloat", "jsonpath", "toJson", "len", "int", "float"}
+_EXPR_WORDS = {"nil", "true", "false", "and", "or", "not", "in", "matches", "contains"}
 _POD_KINDS = ("container", "script", "resource", "containerSet", "data", "http", "plugin")
 
 
@@ -272,7 +280,7 @@ class Checker:
     def undefined(self, variable: str, scope: _Scope) -> str | None:
         """None when Argo defines `variable` in `scope`, else why not."""
         if variable.startswith("="):
-            return "is an expression tag, which this checker does not evaluate"
+            return self._expression_tag(variable[1:], scope)
         parts = variable.split(".")
         head = parts[0]
         if head == "workflow":
@@ -298,6 +306,24 @@ class Checker:
         if head in ("tasks", "steps"):
             return self._node_variable(parts, scope)
         return "is not a variable Argo defines"
+
+    def _expression_tag(self, source: str, scope: _Scope) -> str | None:
+        """An expression tag (`{{=...}}`) is checked by the variables it names: each must be
+        defined where the tag is used, as a plain tag would have to be. Functions must be sprig's
+        or expr's builtins that Argo provides."""
+        text = _STRING_LITERAL.sub('""', _INDEX.sub(r".\1", source))
+        for match in _EXPRESSION_NAME.finditer(text):
+            name, called = match.group(1), bool(match.group(2))
+            if called:
+                if not (name.startswith("sprig.") or name in _EXPR_FUNCTIONS):
+                    return f"(expression tag) calls {name}(), which Argo does not provide"
+                continue
+            if name in _EXPR_WORDS:
+                continue
+            problem = self.undefined(name, scope)
+            if problem:
+                return f"(expression tag) names {name}, which {problem}"
+        return None
 
     def _workflow_variable(self, rest: list[str]) -> str | None:
         joined = ".".join(rest)

@@ -6,6 +6,8 @@ What it reproduces of Argo v4.1.2, and nothing more:
 - parameter resolution and substitution (`common.ProcessArgs` / `SubstituteParams`): input
   values are the argument, else the default; then globals (and `pod.name`) are replaced over the
   template's JSON, unresolved tags left as they are, then `inputs.*`; values JSON-escaped;
+  expression tags (`{{=...}}`) of the few sprig functions keybrake uses (`sha256sum`, `trunc`)
+  over variables, evaluated once every variable they name is known;
 - DAG tasks: `depends`, `withItems` / `withParam` expansion (`{{item}}`, `{{item.key}}`),
   `tasks.*` references resolved strictly, the DAG template's `parallelism`, fail-fast;
 - `templateRef` into the catalog, `outputs.parameters` (`valueFrom.path`, `default`,
@@ -21,6 +23,7 @@ Images and commands map to local programs through `entrypoints` and `commands`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -44,12 +47,45 @@ class Unresolved(Exception):
     pass
 
 
+_SPRIG = {
+    "sprig.sha256sum": lambda text: hashlib.sha256(str(text).encode()).hexdigest(),
+    "sprig.trunc": lambda length, text: str(text)[: int(length)],
+}
+_CALL = re.compile(r"^(sprig\.\w+)\((.*)\)$", re.S)
+
+
+def _expression(source: str, values: Mapping[str, str]) -> str:
+    """The value of an expression tag made of sprig calls, variables and integers; KeyError when
+    a variable is not known (yet)."""
+    source = source.strip()
+    call = _CALL.match(source)
+    if call:
+        depth, start, args = 0, 0, []
+        body = call.group(2)
+        for index, char in enumerate(body):
+            depth += char == "("
+            depth -= char == ")"
+            if char == "," and depth == 0:
+                args.append(body[start:index])
+                start = index + 1
+        args.append(body[start:])
+        return str(_SPRIG[call.group(1)](*(_expression(a, values) for a in args)))
+    if source.isdigit():
+        return source
+    return values[source]
+
+
 def substitute(value: Any, values: Mapping[str, str], strict_prefixes: tuple[str, ...] = ()) -> Any:
     """Argo's substitution over the JSON form of `value`."""
     text = json.dumps(value, ensure_ascii=False)
 
     def replace(match: re.Match[str]) -> str:
         tag = match.group(1).strip()
+        if tag.startswith("="):
+            try:
+                return json.dumps(_expression(tag[1:], values), ensure_ascii=False)[1:-1]
+            except KeyError:
+                return match.group(0)
         if tag in values:
             return json.dumps(values[tag], ensure_ascii=False)[1:-1]
         if tag.startswith(strict_prefixes):

@@ -1,9 +1,11 @@
 """A billing-agent pod for the end-to-end tests: charges one batch through the real Stripe SDK,
 configured only from the environment the keybrake fan-out template gives it.
 
-The batch is the last argument (also in KEYBRAKE_ITEM): JSON such as {"charges": 2, "cents": 150}
-or {"crash": true}. Each charge's metadata names its batch and index, so distinct charges are
-distinct requests (the proxy collapses identical ones within its dedupe window).
+The batch is the last argument (also in KEYBRAKE_ITEM): JSON such as {"charges": 2, "cents": 150},
+{"crash": true} (crashes before charging) or {"charges": 2, "crash_after": true} (charges, then
+crashes: Argo retries the item in a new pod). Each charge's metadata names its batch, index and
+pod, so distinct charges are distinct requests (the proxy collapses identical ones within its
+dedupe window: a retried pod's charges would otherwise be replays of the first pod's).
 
 It follows keybrake's exit-code convention: 77 when keybrake refuses (cap hit, refused key,
 endpoint not allowed), so Argo does not retry; any other failure is retried."""
@@ -32,7 +34,11 @@ def main(argv: list[str]) -> int:
                 params={
                     "amount": int(batch.get("cents", 100)),
                     "currency": "usd",
-                    "metadata": {"batch": argv[-1], "charge": str(index)},
+                    "metadata": {
+                        "batch": argv[-1],
+                        "charge": str(index),
+                        "pod": os.environ.get("HOSTNAME", ""),
+                    },
                 }
             )
         except stripe.RateLimitError as exc:
@@ -45,6 +51,8 @@ def main(argv: list[str]) -> int:
             print(f"keybrake refused the key: {exc.user_message or exc}", file=sys.stderr)
             return REFUSED
         print(f"charged {intent.id}", flush=True)
+    if batch.get("crash_after"):
+        raise RuntimeError("this batch crashes after charging (a transient failure)")
     return 0
 
 
