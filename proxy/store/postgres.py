@@ -256,7 +256,13 @@ MIGRATIONS: list[str] = [
     LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
     DECLARE
         k record;
-        b record;
+        -- the budget's (scalars, not a record: a key without a budget leaves them unset)
+        b_revoked timestamptz;
+        b_expires timestamptz;
+        b_daily bigint;
+        b_total bigint;
+        b_window bigint;
+        b_life bigint;
         d text := 'forwarded';
         prior record;
         prior_kind text;
@@ -290,28 +296,21 @@ MIGRATIONS: list[str] = [
         IF p_budget_id IS NOT NULL THEN
             SELECT g.revoked_at, g.expires_at, g.daily_cap_micros, g.total_cap_micros,
                    w.in_window, w.in_life
-              INTO b
+              INTO b_revoked, b_expires, b_daily, b_total, b_window, b_life
               FROM budgets g,
                    LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
                                             FILTER (WHERE bucket >= p_floor), 0) AS in_window,
                                    coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
                               FROM spend_window WHERE owner_id = p_budget_id) w
              WHERE g.budget_id = p_budget_id;
-        ELSE
-            -- A record's fields can only be read once it is assigned, even in a condition whose
-            -- outcome is already known: give a key without a budget an empty one.
-            SELECT NULL::timestamptz AS revoked_at, NULL::timestamptz AS expires_at,
-                   NULL::bigint AS daily_cap_micros, NULL::bigint AS total_cap_micros,
-                   0::bigint AS in_window, 0::bigint AS in_life
-              INTO b;
         END IF;
         IF k.expires_at IS NULL OR k.revoked_at IS NOT NULL THEN
             d := 'revoked';
         ELSIF k.expires_at <= p_now THEN
             d := 'expired';
-        ELSIF p_budget_id IS NOT NULL AND (b.expires_at IS NULL OR b.revoked_at IS NOT NULL) THEN
+        ELSIF p_budget_id IS NOT NULL AND (b_expires IS NULL OR b_revoked IS NOT NULL) THEN
             d := 'budget_revoked';
-        ELSIF p_budget_id IS NOT NULL AND b.expires_at <= p_now THEN
+        ELSIF p_budget_id IS NOT NULL AND b_expires <= p_now THEN
             d := 'budget_expired';
         ELSE
             IF p_idem IS NOT NULL THEN
@@ -372,10 +371,8 @@ MIGRATIONS: list[str] = [
                       AND k.in_life + p_cost > k.total_cap_micros THEN
                     d := 'total_cap_hit';
                 ELSIF p_budget_id IS NOT NULL
-                      AND ((b.daily_cap_micros IS NOT NULL
-                            AND b.in_window + p_cost > b.daily_cap_micros)
-                        OR (b.total_cap_micros IS NOT NULL
-                            AND b.in_life + p_cost > b.total_cap_micros)) THEN
+                      AND ((b_daily IS NOT NULL AND b_window + p_cost > b_daily)
+                        OR (b_total IS NOT NULL AND b_life + p_cost > b_total)) THEN
                     d := 'budget_cap_hit';
                 ELSE
                     IF p_budget_id IS NOT NULL THEN
