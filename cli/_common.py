@@ -12,6 +12,8 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from keybrake.proxy.redact import redact
+
 __all__ = [
     "EXIT_REFUSED",
     "EXIT_UNREACHABLE",
@@ -52,7 +54,7 @@ def print_data(data: Any, output: Output) -> None:
 
 
 def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {escape(redact(message))}", soft_wrap=True)
     if hint:
         err_console.print(escape(hint), soft_wrap=True)
     raise typer.Exit(code)

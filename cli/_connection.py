@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -24,12 +26,23 @@ ApiKeyOption = Annotated[
 ]
 
 
+# Set by the `--ca-bundle` option (or KEYBRAKE_CA_BUNDLE) of each invocation.
+ca_bundle: str | None = None
+
+
 @contextmanager
 def connect(url: str, api_key: str) -> Iterator[KeybrakeClient]:
-    """A client whose expected failures become one-line errors and the documented exit codes."""
+    """A client whose expected failures become one-line errors and the documented exit codes.
+    An https proxy's certificate is checked against KEYBRAKE_CA_BUNDLE (or `keybrake
+    --ca-bundle`) when set, else the system's CAs."""
     if not api_key:
         fail("no admin token: set KEYBRAKE_API_KEY or pass --api-key", EXIT_USAGE)
-    client = KeybrakeClient(url, api_key)
+    if ca_bundle and not os.path.isfile(ca_bundle):
+        fail(f"KEYBRAKE_CA_BUNDLE: no such file {ca_bundle!r}", EXIT_USAGE)
+    try:
+        client = KeybrakeClient(url, api_key, ca_bundle=ca_bundle)
+    except ssl.SSLError as exc:
+        fail(f"KEYBRAKE_CA_BUNDLE: not a PEM bundle of CA certificates: {exc}", EXIT_USAGE)
     try:
         yield client
     except ProxyUnreachable as exc:

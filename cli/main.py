@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from pathlib import Path
 
 import typer
 
-from keybrake.cli import audit, budgets, db, demo, keys, revoke, serve, templates, watch
+from keybrake.cli import (
+    _connection,
+    audit,
+    budgets,
+    db,
+    demo,
+    events,
+    issuers,
+    keys,
+    revoke,
+    serve,
+    templates,
+    watch,
+)
 
 app = typer.Typer(
     name="keybrake",
@@ -22,10 +36,25 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(budgets.app, name="budgets")
 app.command()(revoke.revoke)
 app.add_typer(audit.app, name="audit")
+app.add_typer(issuers.app, name="issuers")
+app.command()(events.events)
 app.command()(watch.watch)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")
 app.add_typer(db.app, name="db")
+
+
+@app.callback()
+def _global(
+    ca_bundle: Path = typer.Option(
+        None,
+        "--ca-bundle",
+        envvar="KEYBRAKE_CA_BUNDLE",
+        help="CA certificates (PEM) to check an https proxy against; default: the system's.",
+    ),
+) -> None:
+    """Dollar-capped, revocable vault keys for vendor APIs called from Argo Workflows."""
+    _connection.ca_bundle = str(ca_bundle) if ca_bundle is not None else None
 
 
 @app.command()

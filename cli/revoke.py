@@ -51,20 +51,8 @@ def revoke(
         else:
             label = f"argo/{workflow}"
             subject = f"workflow {workflow}" + (f" in namespace {namespace}" if namespace else "")
-            if namespace is None:
-                result = client.revoke_label(label)
-                revoked, budgets = result.keys, result.budgets
-            else:
-                revoked = [
-                    client.revoke_key(key.key_id)
-                    for key in client.list_keys(label=label, status="active")
-                    if key.metadata.get("namespace") in (None, namespace)
-                ]
-                budgets = [
-                    client.revoke_budget(budget.budget_id)
-                    for budget in client.list_budgets(label=label, status="active")
-                    if budget.metadata.get("namespace") in (None, namespace)
-                ]
+            result = client.revoke_label(label, namespace=namespace)
+            revoked, budgets = result.keys, result.budgets
     if not revoked and not budgets:
         _report([], [], f"no active vault keys or budgets for {subject}; nothing revoked", output)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import ssl
 from enum import StrEnum
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from keybrake.cli.db import upgrade_database
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.settings import Settings, read_settings_file
+from keybrake.proxy.tls import ReloadingCertificate, TLSConfig
 
 
 class EventLoop(StrEnum):
@@ -88,13 +90,23 @@ def serve(
         if "@" in settings.database_url
         else (settings.database_url)
     )
-    where = f"file descriptor {fd}" if fd is not None else f"http://{host}:{port}"
+    tls = settings.tls_cert_file is not None
+    if tls != (settings.tls_key_file is not None):
+        fail("KEYBRAKE_TLS_CERT_FILE and KEYBRAKE_TLS_KEY_FILE go together", EXIT_USAGE)
+    if tls:
+        try:
+            assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+            ReloadingCertificate(settings.tls_cert_file, settings.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"cannot use the TLS certificate and key: {exc}", EXIT_USAGE)
+    scheme = "https" if tls else "http"
+    where = f"file descriptor {fd}" if fd is not None else f"{scheme}://{host}:{port}"
     console.print(
         f"keybrake proxy listening on {where} "
         f"(workers: {workers}, database: {database}, vendors: {vendors})",
         soft_wrap=True,
     )
-    config = uvicorn.Config(
+    config = TLSConfig(
         "keybrake.proxy.asgi:create_app",
         factory=True,
         host=host,
@@ -105,6 +117,8 @@ def serve(
         loop=loop.value,
         http="httptools",
         timeout_graceful_shutdown=int(settings.upstream_timeout) + 5,
+        ssl_certfile=str(settings.tls_cert_file) if tls else None,
+        ssl_keyfile=str(settings.tls_key_file) if tls else None,
     )
     if fd is None:
         if workers == 1:

@@ -1,15 +1,22 @@
-"""The admin API under /vault: issue, list, show and revoke vault keys; read the audit log.
+"""The admin API under /vault: issue, list, show, patch and revoke vault keys and budgets;
+manage issuers; read the audit log and the record of admin actions.
 
-Every route requires `Authorization: Bearer $KEYBRAKE_API_KEY`. No response ever carries a real
-vendor secret; the vault key itself appears once, in the 201 that issues it.
+Every route needs a Bearer token: the admin token, an issuer's token, or a Kubernetes
+service-account token bound to an issuer (`keybrake.proxy.access` says who may do what). Every
+issue, patch and revoke, every issuer change and every refused login is recorded as an event.
+No response ever carries a real vendor secret; a vault key or issuer token appears once, in the
+201 that issues it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
-import hmac
+import hashlib
 import io
+import json
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +28,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from keybrake.proxy.access import (
+    ISSUER_TOKEN_PREFIX,
+    Actor,
+    Authenticator,
+    Forbidden,
+    LoginRefused,
+    Policy,
+    TokenVerifier,
+    admin_only,
+    check_budget,
+    check_key,
+    check_label,
+    check_patch,
+    check_scope,
+    hash_token,
+    namespace_of,
+    policy_json,
+)
 from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import (
@@ -31,10 +56,17 @@ from keybrake.proxy.models import (
     BudgetList,
     CapsPatch,
     ChangeInfo,
+    EventInfo,
+    EventPage,
+    IssuedIssuer,
     IssuedKey,
+    IssuerCreate,
+    IssuerInfo,
+    IssuerList,
     KeyCreate,
     KeyInfo,
     KeyList,
+    KubernetesBinding,
     LabelRevoke,
     PruneRequest,
     PruneResult,
@@ -44,6 +76,7 @@ from keybrake.proxy.models import (
 from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros
 from keybrake.proxy.pipeline import hash_vault_key
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable
+from keybrake.proxy.redact import redact
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store.base import (
     AuditFilter,
@@ -51,8 +84,13 @@ from keybrake.proxy.store.base import (
     BudgetRecord,
     BudgetView,
     Change,
+    Event,
+    EventFilter,
+    IssueRequest,
+    IssuerRecord,
     KeyRecord,
     KeyView,
+    Owner,
     Patch,
     Store,
     Usage,
@@ -62,14 +100,15 @@ from keybrake.proxy.vendors.bodies import parse_json
 
 __all__ = ["AdminApi", "budget_info", "key_info"]
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Actor], Awaitable[Response]]
 M = TypeVar("M", bound=BaseModel)
 _STATUSES = ("active", "revoked", "expired")
 AUDIT_COLUMNS = list(AuditRow.model_fields)
 
 
 def error(status: int, error_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": error_type, "message": message}}, status_code=status)
+    body = {"error": {"type": error_type, "message": redact(message)}}
+    return JSONResponse(body, status_code=status)
 
 
 def _usd(micros: int | None) -> str | None:
@@ -111,6 +150,16 @@ def _changes(changes: tuple[Change, ...]) -> list[ChangeInfo]:
     ]
 
 
+def _owner_fields(owner: Owner | None) -> dict[str, str | None]:
+    if owner is None:
+        return {}
+    return {
+        "issuer_id": owner.issuer_id,
+        "namespace": owner.namespace,
+        "service_account": owner.service_account,
+    }
+
+
 def key_info(view: KeyView, now: datetime) -> KeyInfo:
     key, usage = view.key, view.usage
     return KeyInfo(
@@ -125,6 +174,7 @@ def key_info(view: KeyView, now: datetime) -> KeyInfo:
         budget_id=key.budget_id,
         allowed_endpoints=list(key.allowed_endpoints),
         metadata=key.metadata,
+        **_owner_fields(key.owner),
         dedupe_window_seconds=key.dedupe_window_s,
         allowed_accounts=list(key.allowed_accounts),
         created_at=format_ts(key.created_at),
@@ -150,6 +200,7 @@ def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
         daily_usd_cap=_usd(budget.daily_cap_micros),
         total_usd_cap=_usd(budget.total_cap_micros),
         metadata=budget.metadata,
+        **_owner_fields(budget.owner),
         created_at=format_ts(budget.created_at),
         expires_at=format_ts(budget.expires_at),
         revoked_at=format_ts(budget.revoked_at) if budget.revoked_at else None,
@@ -199,6 +250,7 @@ class AdminApi:
         vendors: list[str],
         pricing: PricingTable,
         clock: Callable[[], datetime],
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -206,43 +258,115 @@ class AdminApi:
         self.pricing = pricing
         self.clock = clock
         token = settings.api_key.get_secret_value() if settings.api_key else ""
-        self._token = token.encode()
+        self.authenticator = Authenticator(token, store, verifier)
 
     def routes(self) -> list[Route]:
+        g = self._guard
         return [
-            Route("/vault/keys", self._guard(self.create_key), methods=["POST"]),
-            Route("/vault/keys", self._guard(self.list_keys), methods=["GET"]),
-            Route("/vault/keys/revoke", self._guard(self.revoke_label), methods=["POST"]),
-            Route("/vault/keys/{key_id}", self._guard(self.get_key), methods=["GET"]),
-            Route("/vault/keys/{key_id}", self._guard(self.revoke_key), methods=["DELETE"]),
-            Route("/vault/keys/{key_id}", self._guard(self.patch_key), methods=["PATCH"]),
-            Route("/vault/budgets", self._guard(self.create_budget), methods=["POST"]),
-            Route("/vault/budgets", self._guard(self.list_budgets), methods=["GET"]),
-            Route("/vault/budgets/{budget_id}", self._guard(self.get_budget), methods=["GET"]),
+            Route("/vault/keys", g(self.create_key, "key.issue"), methods=["POST"]),
+            Route("/vault/keys", g(self.list_keys), methods=["GET"]),
+            Route("/vault/keys/revoke", g(self.revoke_label, "label.revoke"), methods=["POST"]),
+            Route("/vault/keys/{key_id}", g(self.get_key), methods=["GET"]),
+            Route("/vault/keys/{key_id}", g(self.revoke_key, "key.revoke"), methods=["DELETE"]),
+            Route("/vault/keys/{key_id}", g(self.patch_key, "key.patch"), methods=["PATCH"]),
+            Route("/vault/budgets", g(self.create_budget, "budget.create"), methods=["POST"]),
+            Route("/vault/budgets", g(self.list_budgets), methods=["GET"]),
+            Route("/vault/budgets/{budget_id}", g(self.get_budget), methods=["GET"]),
             Route(
-                "/vault/budgets/{budget_id}", self._guard(self.revoke_budget), methods=["DELETE"]
+                "/vault/budgets/{budget_id}",
+                g(self.revoke_budget, "budget.revoke"),
+                methods=["DELETE"],
             ),
-            Route("/vault/budgets/{budget_id}", self._guard(self.patch_budget), methods=["PATCH"]),
-            Route("/vault/audit", self._guard(self.audit), methods=["GET"]),
-            Route("/vault/audit/prune", self._guard(self.prune_audit), methods=["POST"]),
-            Route("/vault/pricing", self._guard(self.pricing_table), methods=["GET"]),
+            Route(
+                "/vault/budgets/{budget_id}",
+                g(self.patch_budget, "budget.patch"),
+                methods=["PATCH"],
+            ),
+            Route("/vault/issuers", g(self.create_issuer, "issuer.create"), methods=["POST"]),
+            Route("/vault/issuers", g(self.list_issuers), methods=["GET"]),
+            Route("/vault/issuers/{issuer_id}", g(self.get_issuer), methods=["GET"]),
+            Route(
+                "/vault/issuers/{issuer_id}",
+                g(self.delete_issuer, "issuer.delete"),
+                methods=["DELETE"],
+            ),
+            Route("/vault/events", g(self.events), methods=["GET"]),
+            Route("/vault/audit", g(self.audit), methods=["GET"]),
+            Route("/vault/audit/prune", g(self.prune_audit, "audit.prune"), methods=["POST"]),
+            Route("/vault/pricing", g(self.pricing_table), methods=["GET"]),
         ]
 
-    def _guard(self, handler: Handler) -> Handler:
+    def _guard(
+        self, handler: Handler, action: str | None = None
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Authenticate, run, and keep the record: a refused login, and any refused action
+        (a successful one is recorded by the store, in the same transaction as the change)."""
+
         async def guarded(request: Request) -> Response:
+            source = request.client.host if request.client else None
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if (
-                scheme.lower() != "bearer"
-                or not self._token
-                or not hmac.compare_digest(token.strip().encode(), self._token)
-            ):
-                return error(401, "authentication_error", "missing or wrong admin token")
             try:
-                return await handler(request)
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise LoginRefused("missing admin token (Authorization: Bearer ...)")
+                actor = await self.authenticator.actor(token.strip(), source)
+            except LoginRefused as exc:
+                await self._record_quietly(
+                    Event(
+                        ts=self.clock(),
+                        action="login.refused",
+                        actor=exc.identity or "unknown",
+                        outcome=f"refused: {exc.message}",
+                        target=f"{request.method} {request.url.path}",
+                        source=source,
+                    )
+                )
+                return error(401, "authentication_error", exc.message)
             except StoreUnavailable:
                 return error(503, "unavailable", "the database is unreachable; try again")
+            try:
+                response = await handler(request, actor)
+            except Forbidden as exc:
+                response = forbidden(exc)
+            except StoreUnavailable:
+                return error(503, "unavailable", "the database is unreachable; try again")
+            if action is not None and response.status_code >= 400:
+                await self._record_quietly(
+                    self._event(
+                        actor,
+                        action,
+                        _target(request),
+                        outcome=f"refused: {_message(response)}",
+                        detail={"status": response.status_code},
+                    )
+                )
+            return response
 
         return guarded
+
+    def _event(
+        self,
+        actor: Actor,
+        action: str,
+        target: str | None,
+        *,
+        outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+    ) -> Event:
+        return Event(
+            ts=self.clock(),
+            action=action,
+            actor=actor.describe(),
+            issuer_id=actor.issuer_id,
+            target=target,
+            outcome=outcome,
+            source=actor.source,
+            detail=detail,
+        )
+
+    async def _record_quietly(self, event: Event) -> None:
+        """A refusal's record; the refusal stands even if the database cannot take it."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.record_event(event)
 
     async def _json(self, request: Request) -> Any:
         """The request's JSON body: at most 64 KiB, within KEYBRAKE_BODY_TIMEOUT, read strictly."""
@@ -282,7 +406,27 @@ class AdminApi:
                 )
         return None
 
-    async def create_key(self, request: Request) -> Response:
+    def _issue_request(
+        self, request: Request, actor: Actor, spec: BaseModel
+    ) -> IssueRequest | Response | None:
+        """The request's `Idempotency-Key`, scoped to the caller and bound to this body."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return None
+        if not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
+            return error(
+                400, "invalid_request_error", "Idempotency-Key: 1 to 255 printable ASCII characters"
+            )
+        body = spec.model_dump_json().encode()
+        return IssueRequest(
+            scope=actor.issuer_id or "admin",
+            key=key,
+            request_hash=hashlib.sha256(body).hexdigest(),
+        )
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    async def create_key(self, request: Request, actor: Actor) -> Response:
         spec = await self._body(request, KeyCreate)
         if isinstance(spec, Response):
             return spec
@@ -308,6 +452,10 @@ class AdminApi:
         )
         if refused is not None:
             return refused
+        idempotent = self._issue_request(request, actor, spec)
+        if isinstance(idempotent, Response):
+            return idempotent
+        namespace = namespace_of(actor, spec.namespace or _metadata_namespace(spec.metadata))
         ttl = parse_duration(spec.expires_in) if spec.expires_in is not None else None
         if ttl is not None and ttl > self.settings.max_ttl_delta:
             return error(
@@ -316,25 +464,36 @@ class AdminApi:
                 f"expires_in: at most {self.settings.max_ttl} on this proxy",
             )
         now = self.clock()
+        budget = None
         if spec.budget_id is None:
             ttl = ttl if ttl is not None else _DEFAULT_KEY_TTL
         else:
-            budget = await self.store.get_budget(spec.budget_id, now)
-            if budget is None:
+            drawn = await self.store.get_budget(spec.budget_id, now)
+            if drawn is None:
                 return error(400, "invalid_request_error", f"no budget {spec.budget_id!r}")
-            if budget.budget.status(now) != "active":
-                return error(
-                    409, "conflict", f"budget {spec.budget_id} is {budget.budget.status(now)}"
-                )
+            budget = drawn.budget
+            check_scope(actor, budget.budget_id, budget.label, budget.owner)
+            if budget.status(now) != "active":
+                return error(409, "conflict", f"budget {spec.budget_id} is {budget.status(now)}")
             if ttl is None:  # a key drawing on a budget lives as long as it, by default
-                ttl = min(budget.budget.expires_at - now, self.settings.max_ttl_delta)
-            elif now + ttl > budget.budget.expires_at:
+                ttl = min(budget.expires_at - now, self.settings.max_ttl_delta)
+            elif now + ttl > budget.expires_at:
                 return error(
                     400,
                     "invalid_request_error",
                     f"expires_in: the key would outlive its budget, which expires at "
-                    f"{format_ts(budget.budget.expires_at)}",
+                    f"{format_ts(budget.expires_at)}",
                 )
+        check_key(
+            actor,
+            vendor=spec.vendor,
+            endpoints=spec.allowed_endpoints,
+            daily=_micros(spec.daily_usd_cap),
+            total=_micros(spec.total_usd_cap),
+            ttl=ttl,
+            label=spec.agent_run_label,
+            budget=budget,
+        )
         if spec.dedupe_window is None:
             window = self.settings.dedupe_window_seconds
         elif spec.dedupe_window.strip() == "0":
@@ -358,53 +517,101 @@ class AdminApi:
             total_cap_micros=_micros(spec.total_usd_cap),
             max_per_caller_micros=_micros(spec.max_usd_per_caller),
             budget_id=spec.budget_id,
+            owner=actor.owner(namespace),
         )
-        await self.store.create_key(record)
+        detail: dict[str, Any] = {
+            "vendor": spec.vendor,
+            "label": spec.agent_run_label,
+            "namespace": namespace,
+            "expires_at": format_ts(record.expires_at),
+            **{
+                name: str(value)
+                for name, value in (
+                    ("daily_usd_cap", spec.daily_usd_cap),
+                    ("total_usd_cap", spec.total_usd_cap),
+                    ("max_usd_per_caller", spec.max_usd_per_caller),
+                    ("budget_id", spec.budget_id),
+                )
+                if value is not None
+            },
+        }
+        if idempotent is not None:
+            detail["idempotency_key"] = idempotent.key
+        issued = await self.store.create_key(
+            record,
+            self._event(actor, "key.issue", record.key_id, detail=detail),
+            max_active=None if actor.admin else actor.policy.max_active_keys,
+            request=idempotent,
+        )
+        if issued.outcome == "mismatch":
+            return _idempotency_mismatch()
+        if issued.outcome == "too_many":
+            limit = actor.policy.max_active_keys
+            raise Forbidden(
+                "max_active_keys", f"this issuer may have at most {limit} active keys at once"
+            )
         view = KeyView(record, Usage(bucket_start(window_floor(now))))
-        issued = IssuedKey(**key_info(view, now).model_dump(), vault_key=vault_key)
-        return JSONResponse(issued.model_dump(), status_code=201)
+        answer = IssuedKey(**key_info(view, now).model_dump(), vault_key=vault_key)
+        headers = {"Keybrake-Replaced": issued.replaced} if issued.replaced else None
+        return JSONResponse(answer.model_dump(), status_code=201, headers=headers)
 
-    async def list_keys(self, request: Request) -> Response:
+    async def list_keys(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
         status = params.get("status")
         if status is not None and status not in _STATUSES:
             return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
+        label = params.get("label")
+        if label is not None:
+            check_label(actor, label)
         now = self.clock()
         views = await self.store.list_keys(
             now=now,
-            label=params.get("label"),
+            label=label,
             vendor=params.get("vendor"),
             status=status,
             budget_id=params.get("budget_id"),
+            namespace=params.get("namespace"),
+            scope=actor.scope,
         )
         page = KeyList(data=[key_info(v, now) for v in views])
         return JSONResponse(page.model_dump())
 
-    async def get_key(self, request: Request) -> Response:
-        now = self.clock()
-        view = await self.store.get_key(request.path_params["key_id"], now)
+    async def _key_view(self, key_id: str, actor: Actor, now: datetime) -> KeyView | Response:
+        view = await self.store.get_key(key_id, now)
         if view is None:
-            return error(404, "not_found", f"no vault key {request.path_params['key_id']!r}")
+            return error(404, "not_found", f"no vault key {key_id!r}")
+        check_scope(actor, key_id, view.key.label, view.key.owner)
+        return view
+
+    async def get_key(self, request: Request, actor: Actor) -> Response:
+        now = self.clock()
+        view = await self._key_view(request.path_params["key_id"], actor, now)
+        if isinstance(view, Response):
+            return view
         return JSONResponse(key_info(view, now).model_dump())
 
-    async def revoke_key(self, request: Request) -> Response:
+    async def revoke_key(self, request: Request, actor: Actor) -> Response:
         key_id = request.path_params["key_id"]
         now = self.clock()
-        if await self.store.revoke_key(key_id, now) is None:
+        found = await self._key_view(key_id, actor, now)
+        if isinstance(found, Response):
+            return found
+        event = self._event(actor, "key.revoke", key_id, detail={"label": found.key.label})
+        if await self.store.revoke_key(key_id, now, event) is None:
             return error(404, "not_found", f"no vault key {key_id!r}")
         view = await self.store.get_key(key_id, now)
         assert view is not None
         return JSONResponse(key_info(view, now).model_dump())
 
-    async def patch_key(self, request: Request) -> Response:
+    async def patch_key(self, request: Request, actor: Actor) -> Response:
         key_id = request.path_params["key_id"]
         spec = await self._body(request, CapsPatch)
         if isinstance(spec, Response):
             return spec
         now = self.clock()
-        view = await self.store.get_key(key_id, now)
-        if view is None:
-            return error(404, "not_found", f"no vault key {key_id!r}")
+        view = await self._key_view(key_id, actor, now)
+        if isinstance(view, Response):
+            return view
         key = view.key
         if spec.max_usd_per_caller is not None and key.max_per_caller_micros is None:
             return error(
@@ -418,10 +625,17 @@ class AdminApi:
             budget = await self.store.get_budget(key.budget_id, now)
             if budget is not None:
                 limit = min(limit, budget.budget.expires_at)
-        return await self._patch(key_id, spec, key.status(now), limit, now)
+        return await self._patch(actor, key_id, spec, key.status(now), limit, key.created_at, now)
 
     async def _patch(
-        self, subject_id: str, spec: CapsPatch, status: str, latest: datetime, now: datetime
+        self,
+        actor: Actor,
+        subject_id: str,
+        spec: CapsPatch,
+        status: str,
+        latest: datetime,
+        created_at: datetime,
+        now: datetime,
     ) -> Response:
         """Apply a patch to a live key or budget: its caps, and a new expiry no later than
         `latest` (the longest life allowed, counted from issue; a key's budget's end)."""
@@ -451,7 +665,17 @@ class AdminApi:
             max_per_caller_micros=_micros(spec.max_usd_per_caller),
             expires_at=expires_at,
         )
-        outcome = await self.store.patch(subject_id, patch, now)
+        check_patch(
+            actor,
+            daily=patch.daily_cap_micros,
+            total=patch.total_cap_micros,
+            expires_at=expires_at,
+            created_at=created_at,
+        )
+        action = "budget.patch" if subject_id.startswith("bg_") else "key.patch"
+        detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
+        event = self._event(actor, action, subject_id, detail=detail)
+        outcome = await self.store.patch(subject_id, patch, now, event)
         if outcome == "unknown":
             return error(404, "not_found", f"no {subject_id!r}")
         if outcome == "not_live":
@@ -464,12 +688,22 @@ class AdminApi:
         assert view is not None
         return JSONResponse(key_info(view, now).model_dump())
 
-    async def revoke_label(self, request: Request) -> Response:
+    async def revoke_label(self, request: Request, actor: Actor) -> Response:
         spec = await self._body(request, LabelRevoke)
         if isinstance(spec, Response):
             return spec
+        check_label(actor, spec.agent_run_label)
         now = self.clock()
-        keys, budgets = await self.store.revoke_label(spec.agent_run_label, now)
+        detail = spec.model_dump(exclude_none=True)
+        event = self._event(actor, "label.revoke", spec.agent_run_label, detail=detail)
+        keys, budgets = await self.store.revoke_label(
+            spec.agent_run_label,
+            now,
+            event,
+            namespace=spec.namespace,
+            workflow_uid=spec.workflow_uid,
+            scope=actor.scope,
+        )
         revoked = set(keys)
         views = await self.store.list_keys(now=now, label=spec.agent_run_label)
         budget_views = await self.store.list_budgets(now=now, label=spec.agent_run_label)
@@ -483,7 +717,7 @@ class AdminApi:
 
     # -- budgets -------------------------------------------------------------------------------
 
-    async def create_budget(self, request: Request) -> Response:
+    async def create_budget(self, request: Request, actor: Actor) -> Response:
         spec = await self._body(request, BudgetCreate)
         if isinstance(spec, Response):
             return spec
@@ -492,6 +726,10 @@ class AdminApi:
         )
         if refused is not None:
             return refused
+        idempotent = self._issue_request(request, actor, spec)
+        if isinstance(idempotent, Response):
+            return idempotent
+        namespace = namespace_of(actor, spec.namespace or _metadata_namespace(spec.metadata))
         ttl = parse_duration(spec.expires_in)
         if ttl > self.settings.max_budget_ttl_delta:
             return error(
@@ -499,6 +737,13 @@ class AdminApi:
                 "invalid_request_error",
                 f"expires_in: at most {self.settings.max_budget_ttl} on this proxy",
             )
+        check_budget(
+            actor,
+            daily=_micros(spec.daily_usd_cap),
+            total=_micros(spec.total_usd_cap),
+            ttl=ttl,
+            label=spec.agent_run_label,
+        )
         now = self.clock()
         record = BudgetRecord(
             budget_id="bg_" + secrets.token_hex(8),
@@ -508,38 +753,74 @@ class AdminApi:
             metadata=spec.metadata,
             created_at=now,
             expires_at=now + ttl,
+            owner=actor.owner(namespace),
         )
-        await self.store.create_budget(record)
+        detail: dict[str, Any] = {
+            "label": spec.agent_run_label,
+            "namespace": namespace,
+            "expires_at": format_ts(record.expires_at),
+            **spec.model_dump(
+                include={"daily_usd_cap", "total_usd_cap"}, exclude_none=True, mode="json"
+            ),
+        }
+        if idempotent is not None:
+            detail["idempotency_key"] = idempotent.key
+        event = self._event(actor, "budget.create", record.budget_id, detail=detail)
+        issued = await self.store.create_budget(record, event, request=idempotent)
+        if issued.outcome == "mismatch":
+            return _idempotency_mismatch()
         view = BudgetView(record, Usage(bucket_start(window_floor(now))))
-        return JSONResponse(budget_info(view, now).model_dump(), status_code=201)
+        headers = {"Keybrake-Replaced": issued.replaced} if issued.replaced else None
+        return JSONResponse(budget_info(view, now).model_dump(), status_code=201, headers=headers)
 
-    async def list_budgets(self, request: Request) -> Response:
+    async def list_budgets(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
         status = params.get("status")
         if status is not None and status not in _STATUSES:
             return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
+        label = params.get("label")
+        if label is not None:
+            check_label(actor, label)
         now = self.clock()
-        views = await self.store.list_budgets(now=now, label=params.get("label"), status=status)
+        views = await self.store.list_budgets(
+            now=now,
+            label=label,
+            status=status,
+            namespace=params.get("namespace"),
+            scope=actor.scope,
+        )
         return JSONResponse(BudgetList(data=[budget_info(v, now) for v in views]).model_dump())
 
-    async def get_budget(self, request: Request) -> Response:
-        budget_id = request.path_params["budget_id"]
-        now = self.clock()
+    async def _budget_view(
+        self, budget_id: str, actor: Actor, now: datetime
+    ) -> BudgetView | Response:
         view = await self.store.get_budget(budget_id, now)
         if view is None:
             return error(404, "not_found", f"no budget {budget_id!r}")
+        check_scope(actor, budget_id, view.budget.label, view.budget.owner)
+        return view
+
+    async def get_budget(self, request: Request, actor: Actor) -> Response:
+        now = self.clock()
+        view = await self._budget_view(request.path_params["budget_id"], actor, now)
+        if isinstance(view, Response):
+            return view
         return JSONResponse(budget_info(view, now).model_dump())
 
-    async def revoke_budget(self, request: Request) -> Response:
+    async def revoke_budget(self, request: Request, actor: Actor) -> Response:
         budget_id = request.path_params["budget_id"]
         now = self.clock()
-        if await self.store.revoke_budget(budget_id, now) is None:
+        found = await self._budget_view(budget_id, actor, now)
+        if isinstance(found, Response):
+            return found
+        event = self._event(actor, "budget.revoke", budget_id, detail={"label": found.budget.label})
+        if await self.store.revoke_budget(budget_id, now, event) is None:
             return error(404, "not_found", f"no budget {budget_id!r}")
         view = await self.store.get_budget(budget_id, now)
         assert view is not None
         return JSONResponse(budget_info(view, now).model_dump())
 
-    async def patch_budget(self, request: Request) -> Response:
+    async def patch_budget(self, request: Request, actor: Actor) -> Response:
         budget_id = request.path_params["budget_id"]
         spec = await self._body(request, CapsPatch)
         if isinstance(spec, Response):
@@ -549,19 +830,144 @@ class AdminApi:
                 400, "invalid_request_error", "max_usd_per_caller: budgets have no caller caps"
             )
         now = self.clock()
-        view = await self.store.get_budget(budget_id, now)
-        if view is None:
-            return error(404, "not_found", f"no budget {budget_id!r}")
-        latest = view.budget.created_at + self.settings.max_budget_ttl_delta
-        return await self._patch(budget_id, spec, view.budget.status(now), latest, now)
+        view = await self._budget_view(budget_id, actor, now)
+        if isinstance(view, Response):
+            return view
+        budget = view.budget
+        latest = budget.created_at + self.settings.max_budget_ttl_delta
+        return await self._patch(
+            actor, budget_id, spec, budget.status(now), latest, budget.created_at, now
+        )
 
-    async def audit(self, request: Request) -> Response:
+    # -- issuers and the record ----------------------------------------------------------------
+
+    async def create_issuer(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "managing issuers")
+        spec = await self._body(request, IssuerCreate)
+        if isinstance(spec, Response):
+            return spec
+        refused = self._cap_limits(
+            max_daily_usd_cap=spec.max_daily_usd_cap, max_total_usd_cap=spec.max_total_usd_cap
+        )
+        if refused is not None:
+            return refused
+        for vendor in spec.allowed_vendors:
+            if vendor not in VENDORS:
+                return error(400, "invalid_request_error", f"allowed_vendors: unknown {vendor!r}")
+        longest = self.settings.max_budget_ttl_delta
+        if spec.max_expires_in is not None and parse_duration(spec.max_expires_in) > longest:
+            return error(
+                400,
+                "invalid_request_error",
+                f"max_expires_in: at most {self.settings.max_budget_ttl} on this proxy",
+            )
+        live = await self.store.list_issuers()
+        if any(i.name == spec.name for i in live):
+            return error(409, "conflict", f"an issuer named {spec.name!r} already exists")
+        if spec.kubernetes is not None:
+            for other in live:
+                clash = _overlap(spec.kubernetes, other.kubernetes)
+                if clash:
+                    return error(
+                        409,
+                        "conflict",
+                        f"kubernetes: {clash} is already bound to issuer {other.issuer_id} "
+                        f"({other.name}); a service account logs in as one issuer",
+                    )
+        static = spec.static_token if spec.static_token is not None else spec.kubernetes is None
+        token = ISSUER_TOKEN_PREFIX + secrets.token_urlsafe(32) if static else None
+        now = self.clock()
+        record = IssuerRecord(
+            issuer_id="is_" + secrets.token_hex(8),
+            name=spec.name,
+            token_hash=hash_token(token) if token else None,
+            policy=policy_json(spec),
+            kubernetes=spec.kubernetes.model_dump() if spec.kubernetes else None,
+            created_at=now,
+        )
+        detail = spec.model_dump(exclude_none=True, mode="json")
+        await self.store.create_issuer(
+            record, self._event(actor, "issuer.create", record.issuer_id, detail=detail)
+        )
+        info = issuer_info(record)
+        return JSONResponse(
+            IssuedIssuer(**info.model_dump(), issuer_token=token).model_dump(mode="json"),
+            status_code=201,
+        )
+
+    async def list_issuers(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "managing issuers")
+        everything = request.query_params.get("all") in ("1", "true")
+        issuers = await self.store.list_issuers(include_deleted=everything)
+        page = IssuerList(data=[issuer_info(i) for i in issuers])
+        return JSONResponse(page.model_dump(mode="json"))
+
+    async def get_issuer(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "managing issuers")
+        issuer_id = request.path_params["issuer_id"]
+        record = await self.store.get_issuer(issuer_id)
+        if record is None:
+            return error(404, "not_found", f"no issuer {issuer_id!r}")
+        return JSONResponse(issuer_info(record).model_dump(mode="json"))
+
+    async def delete_issuer(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "managing issuers")
+        issuer_id = request.path_params["issuer_id"]
+        flag = request.query_params.get("revoke", "false")
+        if flag not in ("true", "false", "1", "0"):
+            return error(400, "invalid_request_error", "revoke must be true or false")
+        revoke = flag in ("true", "1")
+        now = self.clock()
+        event = self._event(actor, "issuer.delete", issuer_id, detail={"revoke": revoke})
+        done = await self.store.delete_issuer(issuer_id, now, event, revoke=revoke)
+        if done is None:
+            if await self.store.get_issuer(issuer_id) is None:
+                return error(404, "not_found", f"no issuer {issuer_id!r}")
+            return error(409, "conflict", f"issuer {issuer_id} is already deleted")
+        record = await self.store.get_issuer(issuer_id)
+        assert record is not None
+        keys, budgets = done
+        answer = {
+            **issuer_info(record).model_dump(mode="json"),
+            "revoked_keys": keys,
+            "revoked_budgets": budgets,
+        }
+        return JSONResponse(answer)
+
+    async def events(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "reading the record of admin actions")
         params = request.query_params
+        refused = params.get("refused")
+        if refused not in (None, "true", "false"):
+            return error(400, "invalid_request_error", "refused must be true or false")
+        try:
+            query = EventFilter(
+                action=params.get("action"),
+                issuer_id=params.get("issuer_id"),
+                target=params.get("target"),
+                refused=None if refused is None else refused == "true",
+                since=self._since(params.get("since")),
+                after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
+                limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
+            )
+        except ValueError as exc:
+            return error(400, "invalid_request_error", str(exc))
+        rows = [event_info(e) for e in await self.store.events(query)]
+        return JSONResponse(EventPage(data=rows).model_dump())
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    async def audit(self, request: Request, actor: Actor) -> Response:
+        params = request.query_params
+        label = params.get("label")
+        if label is not None:
+            check_label(actor, label)
         try:
             query = AuditFilter(
+                scope=actor.scope,
                 key_id=params.get("key_id"),
                 budget_id=params.get("budget_id"),
-                label=params.get("label"),
+                label=label,
                 vendor=params.get("vendor"),
                 decision=params.get("decision"),
                 since=self._since(params.get("since")),
@@ -581,8 +987,9 @@ class AdminApi:
             return Response(out.getvalue(), media_type="text/csv")
         return JSONResponse(AuditPage(data=rows).model_dump())
 
-    async def prune_audit(self, request: Request) -> Response:
+    async def prune_audit(self, request: Request, actor: Actor) -> Response:
         """Delete audit rows older than `before`; see `Store.prune_audit` for what is kept."""
+        admin_only(actor, "pruning the audit log")
         try:
             spec = PruneRequest.model_validate(await self._json(request))
             before = self._since(spec.before)
@@ -597,7 +1004,8 @@ class AdminApi:
         result = PruneResult(before=format_ts(before), dry_run=spec.dry_run, removed=removed)
         return JSONResponse(result.model_dump())
 
-    async def pricing_table(self, request: Request) -> Response:
+    async def pricing_table(self, request: Request, actor: Actor) -> Response:
+        admin_only(actor, "reading the pricing table")
         return JSONResponse(self.pricing.as_json())
 
     def _since(self, value: str | None) -> datetime | None:
@@ -620,6 +1028,100 @@ class AdminApi:
             return moment.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
             raise ValueError(f"since: {value!r} is out of range") from exc
+
+
+def forbidden(exc: Forbidden) -> JSONResponse:
+    message = redact(exc.message)
+    body = {"error": {"type": "permission_error", "code": exc.limit, "message": message}}
+    return JSONResponse(body, status_code=403)
+
+
+def _metadata_namespace(metadata: dict[str, Any]) -> str | None:
+    """The namespace earlier issue steps (and scripts) put in metadata, when none is given."""
+    value = metadata.get("namespace")
+    if isinstance(value, str) and len(value) <= 63 and _NAMESPACE.fullmatch(value):
+        return value
+    return None
+
+
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _idempotency_mismatch() -> Response:
+    return error(
+        400,
+        "idempotency_error",
+        "Idempotency-Key: this key was used with a different request; use a new key",
+    )
+
+
+def _target(request: Request) -> str | None:
+    for name in ("key_id", "budget_id", "issuer_id"):
+        if name in request.path_params:
+            return str(request.path_params[name])[:100]
+    return None
+
+
+def _message(response: Response) -> str:
+    try:
+        body = json.loads(bytes(response.body))
+        return str(body["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
+def _overlap(new: KubernetesBinding, other: dict[str, Any] | None) -> str | None:
+    """A namespace and service account both bindings admit (for one audience), if any."""
+    if other is None:
+        return None
+    existing = KubernetesBinding(**other)
+    if existing.audience != new.audience:
+        return None
+    for namespace in new.namespaces:
+        if namespace not in existing.namespaces:
+            continue
+        for account in new.service_accounts:
+            if (
+                account == "*"
+                or "*" in existing.service_accounts
+                or account in existing.service_accounts
+            ):
+                return f"{namespace}/{account}"
+    return None
+
+
+def issuer_info(record: IssuerRecord) -> IssuerInfo:
+    policy = Policy.of(record)
+    return IssuerInfo(
+        issuer_id=record.issuer_id,
+        name=record.name,
+        status="deleted" if record.deleted_at else "active",
+        label_prefix=policy.label_prefix,
+        allowed_vendors=list(policy.allowed_vendors),
+        allowed_endpoints=[str(e) for e in policy.allowed_endpoints],
+        max_daily_usd_cap=_usd(policy.max_daily_micros),
+        max_total_usd_cap=_usd(policy.max_total_micros),
+        max_expires_in=policy.max_expires_in,
+        max_active_keys=policy.max_active_keys,
+        kubernetes=KubernetesBinding(**record.kubernetes) if record.kubernetes else None,
+        static_token=record.token_hash is not None,
+        created_at=format_ts(record.created_at),
+        deleted_at=format_ts(record.deleted_at) if record.deleted_at else None,
+    )
+
+
+def event_info(event: Event) -> EventInfo:
+    return EventInfo(
+        id=event.id or 0,
+        ts=format_ts(event.ts),
+        action=event.action,
+        actor=event.actor,
+        issuer_id=event.issuer_id,
+        target=event.target,
+        outcome=event.outcome,
+        source=event.source,
+        detail=event.detail,
+    )
 
 
 _DEFAULT_KEY_TTL = timedelta(hours=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -14,13 +16,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from keybrake.proxy.access import TokenVerifier
 from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.decisions import window_floor
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
+from keybrake.proxy.kubernetes import verifier_from
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.models import REPLAY_RETENTION
 from keybrake.proxy.pipeline import Incoming, Pipeline
 from keybrake.proxy.pricing import load_pricing
+from keybrake.proxy.redact import RedactingFilter
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.upstream import Upstream
@@ -39,6 +44,7 @@ def build_app(
     clock: Callable[[], datetime] = utc_now,
     store: Store | None = None,
     upstream: Upstream | None = None,
+    verifier: TokenVerifier | None = None,
 ) -> Starlette:
     """The whole proxy: health, admin API under /vault, and /{vendor}/... forwarding.
 
@@ -61,12 +67,28 @@ def build_app(
         connections=settings.upstream_connections,
         max_response_bytes=16 * 1024 * 1024,
     )
+    # Whatever a caller sends, no vault key or token reaches a log line.
+    for name in ("keybrake.proxy", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
     metrics = Metrics()
     pipeline = Pipeline(
         store=store, vendors=vendors, upstream=upstream, clock=clock, metrics=metrics
     )
+    if verifier is None:
+        audiences = list(settings.kubernetes_audiences)
+        verifier = verifier_from(settings, lambda: audiences)
     admin = AdminApi(
-        settings=settings, store=store, vendors=list(vendors), pricing=pricing, clock=clock
+        settings=settings,
+        store=store,
+        vendors=list(vendors),
+        pricing=pricing,
+        clock=clock,
+        verifier=verifier,
+    )
+    metrics_token = (
+        settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
     )
 
     async def healthz(request: Request) -> Response:
@@ -80,6 +102,16 @@ def build_app(
         return JSONResponse({"status": "ready", "vendors": sorted(vendors)})
 
     async def metrics_endpoint(request: Request) -> Response:
+        if metrics_token is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), metrics_token
+            ):
+                return JSONResponse(
+                    {"error": {"type": "authentication_error", "message": "metrics need a token"}},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         try:
             spend, open_reservations = await store.metrics_snapshot(clock())
         except StoreUnavailable:
@@ -117,6 +149,8 @@ def build_app(
                     await task
             await pipeline.drain()  # calls already forwarded are settled before closing
             await upstream.close()
+            if verifier is not None and hasattr(verifier, "close"):
+                await verifier.close()
             await store.close()
 
     routes = [

@@ -8,6 +8,7 @@ Errors: `ProxyUnreachable` when nothing answers at the URL, `ApiError` when the 
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -20,7 +21,13 @@ from keybrake.proxy.models import (
     BudgetInfo,
     BudgetList,
     CapsPatch,
+    EventInfo,
+    EventPage,
+    IssuedIssuer,
     IssuedKey,
+    IssuerCreate,
+    IssuerInfo,
+    IssuerList,
     KeyCreate,
     KeyInfo,
     KeyList,
@@ -41,13 +48,20 @@ class KeybrakeClient:
         *,
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
+        """`ca_bundle`: a PEM file of the CA(s) an https proxy's certificate is checked against
+        (default: the system's)."""
         self.url = url.rstrip("/")
+        verify: ssl.SSLContext | bool = True
+        if ca_bundle:
+            verify = ssl.create_default_context(cafile=ca_bundle)
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout,
             transport=transport,
+            verify=verify,
         )
 
     def __enter__(self) -> KeybrakeClient:
@@ -90,8 +104,11 @@ class KeybrakeClient:
         vendor: str | None = None,
         status: str | None = None,
         budget_id: str | None = None,
+        namespace: str | None = None,
     ) -> list[KeyInfo]:
-        params = _params(label=label, vendor=vendor, status=status, budget_id=budget_id)
+        params = _params(
+            label=label, vendor=vendor, status=status, budget_id=budget_id, namespace=namespace
+        )
         return KeyList.model_validate(
             self._request("GET", "/vault/keys", params=params).json()
         ).data
@@ -113,9 +130,9 @@ class KeybrakeClient:
         return BudgetInfo.model_validate(self._request("POST", "/vault/budgets", json=body).json())
 
     def list_budgets(
-        self, *, label: str | None = None, status: str | None = None
+        self, *, label: str | None = None, status: str | None = None, namespace: str | None = None
     ) -> list[BudgetInfo]:
-        params = _params(label=label, status=status)
+        params = _params(label=label, status=status, namespace=namespace)
         return BudgetList.model_validate(
             self._request("GET", "/vault/budgets", params=params).json()
         ).data
@@ -134,9 +151,57 @@ class KeybrakeClient:
             self._request("PATCH", f"/vault/budgets/{budget_id}", json=body).json()
         )
 
-    def revoke_label(self, label: str) -> RevokeResult:
-        response = self._request("POST", "/vault/keys/revoke", json={"agent_run_label": label})
+    def revoke_label(
+        self, label: str, *, namespace: str | None = None, workflow_uid: str | None = None
+    ) -> RevokeResult:
+        body = {"agent_run_label": label, "namespace": namespace, "workflow_uid": workflow_uid}
+        response = self._request(
+            "POST", "/vault/keys/revoke", json={k: v for k, v in body.items() if v is not None}
+        )
         return RevokeResult.model_validate(response.json())
+
+    def create_issuer(self, spec: IssuerCreate) -> IssuedIssuer:
+        body = spec.model_dump(mode="json", exclude_none=True)
+        return IssuedIssuer.model_validate(
+            self._request("POST", "/vault/issuers", json=body).json()
+        )
+
+    def list_issuers(self, *, include_deleted: bool = False) -> list[IssuerInfo]:
+        params = {"all": "true"} if include_deleted else {}
+        return IssuerList.model_validate(
+            self._request("GET", "/vault/issuers", params=params).json()
+        ).data
+
+    def get_issuer(self, issuer_id: str) -> IssuerInfo:
+        return IssuerInfo.model_validate(self._request("GET", f"/vault/issuers/{issuer_id}").json())
+
+    def delete_issuer(self, issuer_id: str, *, revoke: bool = False) -> dict[str, Any]:
+        params = {"revoke": "true" if revoke else "false"}
+        return dict(self._request("DELETE", f"/vault/issuers/{issuer_id}", params=params).json())
+
+    def events(
+        self,
+        *,
+        action: str | None = None,
+        issuer_id: str | None = None,
+        target: str | None = None,
+        refused: bool | None = None,
+        since: str | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[EventInfo]:
+        params = _params(
+            action=action,
+            issuer_id=issuer_id,
+            target=target,
+            refused=None if refused is None else str(refused).lower(),
+            since=since,
+            after_id=after_id,
+        )
+        params["limit"] = str(limit)
+        return EventPage.model_validate(
+            self._request("GET", "/vault/events", params=params).json()
+        ).data
 
     def audit(
         self,

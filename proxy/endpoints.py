@@ -45,6 +45,15 @@ class EndpointPattern:
             return False
         return all(p == "*" or p == s for p, s in zip(self.segments, segments, strict=True))
 
+    def covers(self, other: EndpointPattern) -> bool:
+        """Every request `other` matches, this matches too (an issuer's endpoints bound the
+        keys it issues): `*` covers one segment or method, a literal only itself."""
+        if self.method != "*" and self.method != other.method:
+            return False
+        if len(self.segments) != len(other.segments):
+            return False
+        return all(p == "*" or p == o for p, o in zip(self.segments, other.segments, strict=True))
+
     def __str__(self) -> str:
         return f"{self.method} /{'/'.join(self.segments)}"
 

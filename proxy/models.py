@@ -28,10 +28,18 @@ __all__ = [
     "BudgetList",
     "CapsPatch",
     "ChangeInfo",
+    "EventInfo",
+    "EventPage",
+    "IssuedIssuer",
     "IssuedKey",
+    "IssuerCreate",
+    "IssuerDelete",
+    "IssuerInfo",
+    "IssuerList",
     "KeyCreate",
     "KeyInfo",
     "KeyList",
+    "KubernetesBinding",
     "LabelRevoke",
     "PruneRequest",
     "PruneResult",
@@ -40,6 +48,9 @@ __all__ = [
 ]
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
+# A Kubernetes namespace or service-account name (an RFC 1123 label; service accounts may be
+# DNS subdomains, of which labels are the common case).
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _ACCOUNT = re.compile(r"acct_[A-Za-z0-9]{1,250}")
 
 
@@ -50,6 +61,12 @@ def describe_validation_error(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in item["loc"]) or "body"
         parts.append(f"{where}: {str(item['msg']).removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+def _namespace(value: str | None) -> str | None:
+    if value is not None and (len(value) > 63 or not _K8S_NAME.fullmatch(value) or "." in value):
+        raise ValueError("a Kubernetes namespace: lowercase letters, digits and -, at most 63")
+    return value
 
 
 def _money(value: Decimal | None) -> Decimal | None:
@@ -98,6 +115,8 @@ class KeyCreate(BaseModel):
     max_usd_per_call: Decimal | None = None
     max_usd_per_caller: Decimal | None = None
     budget_id: str | None = Field(None, pattern=r"^bg_[0-9a-f]{16}$")
+    # The workflow's namespace. With a Kubernetes service-account login it comes from the token.
+    namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     dedupe_window: str | None = None
     allowed_accounts: list[str] = Field(default_factory=list, max_length=100)
@@ -105,6 +124,7 @@ class KeyCreate(BaseModel):
     _caps = field_validator(
         "daily_usd_cap", "total_usd_cap", "max_usd_per_call", "max_usd_per_caller"
     )(_money)
+    _namespace = field_validator("namespace")(_namespace)
 
     @model_validator(mode="after")
     def _some_cap(self) -> KeyCreate:
@@ -155,11 +175,13 @@ class BudgetCreate(BaseModel):
     daily_usd_cap: Decimal | None = None
     total_usd_cap: Decimal | None = None
     expires_in: str = "1h"
+    namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _caps = field_validator("daily_usd_cap", "total_usd_cap")(_money)
     _ttl = field_validator("expires_in")(_duration)
     _label = field_validator("agent_run_label")(_label)
+    _namespace = field_validator("namespace")(_namespace)
     _metadata = field_validator("metadata")(_small_json)
 
     @model_validator(mode="after")
@@ -226,6 +248,9 @@ class KeyInfo(BaseModel):
     budget_id: str | None
     allowed_endpoints: list[str]
     metadata: dict[str, Any]
+    issuer_id: str | None = None  # None: issued with the admin token
+    namespace: str | None = None
+    service_account: str | None = None
     dedupe_window_seconds: int
     allowed_accounts: list[str]
     created_at: str
@@ -256,6 +281,9 @@ class BudgetInfo(BaseModel):
     daily_usd_cap: str | None
     total_usd_cap: str | None
     metadata: dict[str, Any]
+    issuer_id: str | None = None
+    namespace: str | None = None
+    service_account: str | None = None
     created_at: str
     expires_at: str
     revoked_at: str | None
@@ -275,11 +303,138 @@ class BudgetList(BaseModel):
 
 
 class LabelRevoke(BaseModel):
+    """Revoke a run's keys and budgets by label; `namespace` and `workflow_uid` narrow it to one
+    run when workflows of the same name run in several namespaces."""
+
     model_config = ConfigDict(extra="forbid")
 
     agent_run_label: str
+    namespace: str | None = None
+    workflow_uid: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
 
     _check = field_validator("agent_run_label")(_label)
+    _namespace = field_validator("namespace")(_namespace)
+
+
+class KubernetesBinding(BaseModel):
+    """Kubernetes identities that log in as an issuer with a projected service-account token:
+    any of `service_accounts` (names; "*" for any) in any of `namespaces`, for `audience`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespaces: list[str] = Field(min_length=1, max_length=100)
+    service_accounts: list[str] = Field(min_length=1, max_length=100)
+    audience: str = Field("keybrake", min_length=1, max_length=253)
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _namespace(item)
+        return sorted(set(value))
+
+    @field_validator("service_accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item != "*" and (len(item) > 253 or not _K8S_NAME.fullmatch(item)):
+                raise ValueError(f"{item[:40]!r} is not a service-account name (or *)")
+        return sorted(set(value))
+
+
+class IssuerCreate(BaseModel):
+    """A scoped issuer: what the keys and budgets it issues may be, and whose labels it sees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    label_prefix: str = Field(min_length=1, max_length=200)
+    allowed_vendors: list[str] = Field(default_factory=list, max_length=10)  # empty: any
+    allowed_endpoints: list[str] = Field(default_factory=list, max_length=100)  # empty: any
+    max_daily_usd_cap: Decimal | None = None
+    max_total_usd_cap: Decimal | None = None
+    max_expires_in: str | None = None
+    max_active_keys: int | None = Field(None, ge=1, le=1_000_000)
+    kubernetes: KubernetesBinding | None = None
+    # An issuer bound to Kubernetes identities needs no static token; ask for one explicitly.
+    static_token: bool | None = None
+
+    _caps = field_validator("max_daily_usd_cap", "max_total_usd_cap")(_money)
+
+    @field_validator("label_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/@-]*", value):
+            raise ValueError("use letters, digits and . _ : / @ -, e.g. argo/payments-")
+        return value
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        return [str(EndpointPattern.parse(item)) for item in value]
+
+    @field_validator("max_expires_in")
+    @classmethod
+    def _ttl(cls, value: str | None) -> str | None:
+        return None if value is None else _duration(value)
+
+    @model_validator(mode="after")
+    def _token(self) -> IssuerCreate:
+        if self.static_token is False and self.kubernetes is None:
+            raise ValueError(
+                "static_token: an issuer without a kubernetes binding logs in only with its token"
+            )
+        return self
+
+
+class IssuerInfo(BaseModel):
+    issuer_id: str
+    name: str
+    status: str  # active or deleted
+    label_prefix: str
+    allowed_vendors: list[str]
+    allowed_endpoints: list[str]
+    max_daily_usd_cap: str | None
+    max_total_usd_cap: str | None
+    max_expires_in: str | None
+    max_active_keys: int | None
+    kubernetes: KubernetesBinding | None
+    static_token: bool
+    created_at: str
+    deleted_at: str | None
+    active_keys: int | None = None
+
+
+class IssuedIssuer(IssuerInfo):
+    issuer_token: str | None  # shown once; None for a Kubernetes-only issuer
+
+
+class IssuerList(BaseModel):
+    data: list[IssuerInfo]
+
+
+class IssuerDelete(BaseModel):
+    """`revoke: true` also revokes every live key and budget the issuer issued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revoke: bool = False
+
+
+class EventInfo(BaseModel):
+    id: int
+    ts: str
+    action: str
+    actor: str
+    issuer_id: str | None
+    target: str | None
+    outcome: str
+    source: str | None
+    detail: dict[str, Any] | None
+
+
+class EventPage(BaseModel):
+    data: list[EventInfo]
 
 
 class RevokeResult(BaseModel):

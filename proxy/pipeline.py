@@ -29,6 +29,7 @@ from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
+from keybrake.proxy.redact import redact
 from keybrake.proxy.store.base import (
     Admission,
     AuditRecord,
@@ -465,13 +466,13 @@ class Pipeline:
         audit.status, audit.decision = status, Decision.UNKNOWN_VENDOR
         await self.store.record(audit)
         self.metrics.count_call("unknown", Decision.UNKNOWN_VENDOR)
-        text = message.format(vendor=incoming.vendor[:64])
+        text = redact(message.format(vendor=incoming.vendor[:64]))
         body = json.dumps({"error": {"type": "not_found", "code": code, "message": text}})
         return Reply(status, [("content-type", "application/json")], body.encode())
 
     def _refusal(self, vendor: Vendor | None, decision: Decision, **details: str) -> Reply:
         status, code, message = refusal(decision)
-        text = message.format(**details) if details else message
+        text = redact(message.format(**details) if details else message)
         if vendor is None:
             body = json.dumps({"error": {"type": "api_error", "code": code, "message": text}})
             return Reply(status, [("content-type", "application/json")], body.encode())

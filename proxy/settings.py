@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +78,41 @@ class Settings(BaseSettings):
         description="Delete audit rows older than this (e.g. 90d), as `keybrake audit prune` "
         "does, keeping those of active keys and of keys inside their window; 0 keeps them all.",
     )
+    kubernetes_auth: Literal["off", "jwks", "tokenreview"] = Field(
+        "off",
+        description="Kubernetes service-account login for issuers bound to namespaces: jwks "
+        "(verify tokens against the cluster's keys) or tokenreview (ask the API server).",
+    )
+    kubernetes_issuer: str | None = Field(
+        None, description="The `iss` of the cluster's service-account tokens (jwks)."
+    )
+    kubernetes_jwks_file: Path | None = Field(
+        None, description="The cluster's JWKS as a file, instead of fetching it (jwks)."
+    )
+    kubernetes_jwks_url: str | None = Field(
+        None, description="Where to fetch the JWKS; default: from the issuer's discovery document."
+    )
+    kubernetes_api_url: str = Field(
+        "https://kubernetes.default.svc", description="The API server, for TokenReview."
+    )
+    kubernetes_audiences: list[str] = Field(
+        ["keybrake"], description="Audiences a TokenReview asks for (tokenreview)."
+    )
+    kubernetes_ca_file: Path | None = Field(
+        None, description="The cluster CA; default: the in-cluster service-account one."
+    )
+    kubernetes_token_file: Path | None = Field(
+        None,
+        description="The proxy's own service-account token for the API server; default: "
+        "the in-cluster one.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires (it names workflows); unset: open."
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="TLS certificate (PEM chain); reloaded when the file changes."
+    )
+    tls_key_file: Path | None = Field(None, description="TLS private key (PEM).")
     reservation_ttl: str = Field(
         "5m",
         description="A reservation still in flight after this long belongs to a dead process and "

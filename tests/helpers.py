@@ -11,6 +11,13 @@ from typing import Any
 import httpx
 import stripe
 
+from keybrake.proxy.store.base import Event
+
+# What store-level tests pass where the admin API passes the record of its action.
+TEST_EVENT = Event(
+    ts=datetime(2026, 11, 26, tzinfo=UTC), action="test.setup", actor="test", outcome="ok"
+)
+
 
 @dataclass
 class FanOutResult:

@@ -36,7 +36,10 @@ def app_client(
     fields: dict[str, Any] = {"stripe_api_base": "http://127.0.0.1:9"}
     fields.update(overrides)
     upstream = fields.pop("upstream", None)
-    app = build_app(settings(tmp_path, **fields), clock=clock or Clock(), upstream=upstream)
+    verifier = fields.pop("verifier", None)
+    app = build_app(
+        settings(tmp_path, **fields), clock=clock or Clock(), upstream=upstream, verifier=verifier
+    )
     with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client
 

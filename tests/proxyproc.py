@@ -22,7 +22,11 @@ BIN = Path(sys.executable).parent
 
 
 def wait_until_ready(
-    url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30
+    url: str,
+    process: subprocess.Popen[bytes],
+    what: str,
+    timeout: float = 30,
+    verify: str | bool = True,
 ) -> None:
     """Poll a readiness URL until it answers 200 (bounded); fail with the process output."""
     deadline = time.monotonic() + timeout
@@ -30,7 +34,7 @@ def wait_until_ready(
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode} before becoming ready")
         try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
+            if httpx.get(url, timeout=1.0, verify=verify).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
@@ -77,10 +81,14 @@ class ProxyProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    ca_file: Path | None = None  # the CA its TLS certificate is checked against (https only)
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.admin_key}"},
+            timeout=30,
+            verify=str(self.ca_file) if self.ca_file else True,
         )
 
     def issue(self, **spec: Any) -> dict[str, Any]:
@@ -122,7 +130,10 @@ def start_proxy(
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
     loop: str = "asyncio",
+    ca_file: Path | None = None,
 ) -> ProxyProcess:
+    """`keybrake serve` on a free port; with `ca_file`, it serves TLS (the certificate and key
+    in `extra_env`) and is reached over https, checked against that CA."""
     sock = bound_socket()
     port = sock.getsockname()[1]
     database_url = database_url or f"sqlite:///{tmp_path / 'keybrake.db'}"
@@ -161,10 +172,11 @@ def start_proxy(
             cwd=tmp_path,
         )
     sock.close()
-    url = f"http://127.0.0.1:{port}"
-    proxy = ProxyProcess(url, ADMIN_KEY, database_url, process, log_path, env)
+    url = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
+    proxy = ProxyProcess(url, ADMIN_KEY, database_url, process, log_path, env, ca_file)
     try:
-        wait_until_ready(f"{url}/readyz", process, "keybrake serve")
+        verify = str(ca_file) if ca_file else True
+        wait_until_ready(f"{url}/readyz", process, "keybrake serve", verify=verify)
     except Exception:
         proxy.stop()
         raise RuntimeError(proxy.log())

@@ -339,3 +339,78 @@ def test_serve_generates_an_admin_token_and_defaults_to_sqlite_in_the_working_di
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_a_vault_key_given_where_an_id_goes_is_never_echoed(proxy_server: ProxyProcess) -> None:
+    vault_key = proxy_server.issue()["vault_key"]
+    for args in (
+        ("keys", "show", vault_key),
+        ("revoke", vault_key),
+        ("keys", "show", "x" + vault_key),
+    ):
+        code, out, err = run(proxy_server, *args)
+        assert code == 1, (args, out, err)
+        assert vault_key[4:] not in out + err
+        assert "kbv_…(redacted)" in err
+    # nor in the proxy's own log
+    assert vault_key[4:] not in proxy_server.log_path.read_text()
+
+
+def test_issuers_and_events_from_the_cli(proxy_server: ProxyProcess) -> None:
+    code, out, _ = run(
+        proxy_server,
+        "issuers",
+        "create",
+        "--name",
+        "payments",
+        "--label-prefix",
+        "argo/payments-",
+        "--vendor",
+        "stripe",
+        "--allow",
+        "POST /v1/payment_intents",
+        "--max-total-usd-cap",
+        "500",
+        "--max-expires-in",
+        "6h",
+        "-q",
+    )
+    token = out.strip()
+    assert code == 0 and token.startswith("kbi_")
+    code, out, _ = run(proxy_server, "issuers", "list", "-o", "json")
+    [issuer] = json.loads(out)
+    assert issuer["name"] == "payments" and token not in out
+    # The issuer's token works where the admin token did, within its policy.
+    code, out, _ = run(
+        proxy_server,
+        "keys",
+        "issue",
+        "--vendor",
+        "stripe",
+        "--total-usd-cap",
+        "50",
+        "--allow",
+        "POST /v1/payment_intents",
+        "--expires-in",
+        "1h",
+        "--label",
+        "argo/payments-nightly",
+        "-q",
+        api_key=token,
+    )
+    assert code == 0 and out.startswith("kbv_")
+    code, _, err = run(proxy_server, *ISSUE, api_key=token)
+    assert code == 1 and "argo/payments-" in err  # outside its labels: the 403 says which limit
+    code, _, err = run(proxy_server, "issuers", "list", api_key=token)
+    assert code == 1 and "admin token" in err
+    code, out, _ = run(proxy_server, "events", "--issuer", issuer["issuer_id"], "-o", "json")
+    outcomes = [(e["action"], e["outcome"].split(":")[0]) for e in json.loads(out)]
+    assert outcomes[-1] == ("key.issue", "ok") and ("key.issue", "refused") in outcomes
+    code, out, _ = run(
+        proxy_server, "issuers", "delete", issuer["issuer_id"], "--revoke", "-o", "table"
+    )
+    assert code == 0 and "revoked 1 key(s)" in out
+    code, _, err = run(proxy_server, "keys", "list", api_key=token)
+    assert code == 1 and "HTTP 401" in err
+    code, out, _ = run(proxy_server, "events", "--action", "login.refused", "-o", "table")
+    assert code == 0 and "unknown or deleted issuer token" in out and token not in out

@@ -26,6 +26,7 @@ from keybrake.proxy.store.base import (
     Settlement,
     StoredResponse,
 )
+from tests.helpers import TEST_EVENT
 
 NOW = datetime(2026, 11, 26, 12, 30, tzinfo=UTC)
 MICROS = 1_000_000
@@ -559,24 +560,25 @@ async def play(store: Store, row: Row, key_id: str) -> None:
                 metadata={},
                 created_at=NOW - timedelta(days=4),
                 expires_at=NOW + row.budget.expires_in,
-            )
+            ),
+            TEST_EVENT,
         )
         other = replace(key_record(key_id + "_other", cap=None), budget_id=budget_id)
-        await store.create_key(other)
+        await store.create_key(other, TEST_EVENT)
         for age, micros in row.budget.spent:
             earlier = reservation(other, NOW - age, micros, f"other-{age}")
             admitted = await store.reserve(earlier)
             assert admitted.decision is Decision.FORWARDED
             await store.settle(outcome(earlier, admitted.audit_id, micros))
         if row.budget.revoked:
-            await store.revoke_budget(budget_id, NOW - timedelta(seconds=1))
+            await store.revoke_budget(budget_id, NOW - timedelta(seconds=1), TEST_EVENT)
     key = replace(
         key_record(key_id, row.cap, row.max_per_call, row.dedupe_window, row.expires_in),
         total_cap_micros=row.total,
         max_per_caller_micros=row.max_per_caller,
         budget_id=budget_id,
     )
-    await store.create_key(key)
+    await store.create_key(key, TEST_EVENT)
     for tag, micros in row.callers_spent:
         earlier = reservation(key, NOW - timedelta(minutes=1), micros, f"caller-{tag}", tag=tag)
         admitted = await store.reserve(earlier)
@@ -616,7 +618,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
     if row.revoked:
-        assert await store.revoke_key(key_id, NOW - timedelta(seconds=1))
+        assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
 
     call = reservation(
         key,
@@ -721,7 +723,7 @@ def test_settle_table(
         await store.open()
         try:
             key = key_record(f"vk_settle{[r[0] for r in SETTLE_ROWS].index(name)}")
-            await store.create_key(key)
+            await store.create_key(key, TEST_EVENT)
             call = reservation(key, NOW - timedelta(minutes=10), 3 * MICROS, "body")
             admitted = await store.reserve(call)
             if swept:

@@ -16,6 +16,7 @@ import pytest
 from keybrake.proxy.app import maintain
 from keybrake.proxy.store import open_store
 from tests.fakes.stripe_upstream import FakeStripe
+from tests.helpers import TEST_EVENT
 from tests.inproc import Clock, app_client, issue
 from tests.inproc import settings as proxy_settings
 from tests.proxyproc import ProxyProcess
@@ -98,7 +99,7 @@ def test_maintenance_reconciles_then_prunes_and_never_prunes_a_call_in_flight(
         await store.open()
         try:
             key = replace(key_record("vk_old"), created_at=old, expires_at=old + timedelta(hours=1))
-            await store.create_key(key)
+            await store.create_key(key, TEST_EVENT)
             dead = reservation(key, old, 3_000_000, "body", idempotency_key="order-1")
             assert (await store.reserve(dead)).decision == "forwarded"  # its process died
             await store.record(AuditRecord(old, "paypal", "POST", "/x", 404, "unknown_vendor"))

@@ -14,6 +14,7 @@ import pytest
 from keybrake.proxy.decisions import bucket_of
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement
+from tests.helpers import TEST_EVENT
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -93,7 +94,7 @@ def test_concurrent_reservations_never_pass_the_cap(database_url: str) -> None:
         store = await opened(database_url)
         try:
             record = key(100_000_000)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             admissions = await asyncio.gather(
                 *(store.reserve(reservation(record, 1_000_000, i)) for i in range(250))
             )
@@ -113,7 +114,7 @@ def test_sweep_counts_stale_reservations_and_a_late_settle_corrects_them(databas
         store = await opened(database_url)
         try:
             record = key(10_000_000)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             stale = await store.reserve(reservation(record, 4_000_000, 1))
             fresh = await store.reserve(reservation(record, 1_000_000, 2))
             assert await store.sweep(NOW - timedelta(seconds=1)) == 0
@@ -140,7 +141,7 @@ def test_stored_answers_are_forgotten_after_retention(database_url: str) -> None
         store = await opened(database_url)
         try:
             record = key(10_000_000)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             first = reservation(record, 1_000_000, 1)
             first.idempotency_key = "idem-1"
             admitted = await store.reserve(first)
@@ -191,7 +192,7 @@ def test_postgres_request_path_reconnects_after_losing_its_connection(pg_url: st
         await store.open()
         try:
             record = key(cap_micros=10_000_000)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             assert (await store.reserve(reservation(record, 1_000_000, 0))).decision == "forwarded"
             lane = store._reserve_lane
             pid = await store._run(lambda c: c.fetchval("SELECT pg_backend_pid()"), lane)
@@ -242,7 +243,7 @@ def test_postgres_settle_finds_its_audit_row_by_primary_key(pg_url: str) -> None
         await store.open()
         try:
             record = key(cap_micros=10**12)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             before = await index_scans(store)
             for index in range(20):
                 admission = await store.reserve(reservation(record, 1_000_000, index))
@@ -271,7 +272,7 @@ def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
         await store.open()
         try:
             record = key(cap_micros=10**12)
-            await store.create_key(record)
+            await store.create_key(record, TEST_EVENT)
             await store._run(lambda c: c.execute("VACUUM ANALYZE"))
 
             async def seq_scans_on_the_request_path() -> int:

@@ -26,16 +26,25 @@ __all__ = [
     "BudgetRecord",
     "BudgetView",
     "Change",
+    "Event",
+    "EventFilter",
+    "IssueRequest",
+    "Issued",
+    "IssuerRecord",
     "KeyRecord",
     "KeyView",
+    "Owner",
     "Patch",
     "Reservation",
+    "Scope",
     "Settlement",
     "Store",
     "StoredResponse",
     "Usage",
+    "event_conditions",
     "key_status",
     "prune_conditions",
+    "scope_conditions",
     "shown",
     "subject_table",
 ]
@@ -70,9 +79,21 @@ class KeyRecord:
     # at issue or never: only a key issued with one keeps per-caller spend.
     max_per_caller_micros: int | None = None
     budget_id: str | None = None  # the budget every call also draws on
+    owner: Owner | None = None  # who issued it, and for which namespace
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who issued a key or budget: the issuer (None: the admin token), and the workflow
+    namespace and service account it was issued for (from a verified Kubernetes token when the
+    issuer logged in with one, never from the request body then)."""
+
+    issuer_id: str | None = None
+    namespace: str | None = None
+    service_account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +108,88 @@ class BudgetRecord:
     created_at: datetime
     expires_at: datetime
     revoked_at: datetime | None = None
+    owner: Owner | None = None
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What an issuer may see: labels starting with `label_prefix`, and, when it is bound to
+    Kubernetes identities, only the namespaces in `namespaces`. The admin token has no scope."""
+
+    label_prefix: str
+    namespaces: tuple[str, ...] | None = None
+
+    def holds(self, label: str | None, owner: Owner | None) -> bool:
+        if label is None or not label.startswith(self.label_prefix):
+            return False
+        if self.namespaces is None:
+            return True
+        return owner is not None and owner.namespace in self.namespaces
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerRecord:
+    """A scoped issuer: its token (stored as a hash; None: it logs in only with Kubernetes
+    service-account tokens), its policy and its Kubernetes binding, as JSON the access module
+    reads (`keybrake.proxy.access`)."""
+
+    issuer_id: str
+    name: str
+    token_hash: bytes | None
+    policy: dict[str, Any]
+    kubernetes: dict[str, Any] | None
+    created_at: datetime
+    deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A record of one admin action (issue, patch, revoke, issuer changes) or refused login:
+    who, what, on what, with which outcome, from where. Never a token."""
+
+    ts: datetime
+    action: str  # key.issue, key.patch, key.revoke, label.revoke, budget.create, ...
+    actor: str  # "admin", "issuer is_… (name)", "namespace/service-account via is_…"
+    outcome: str  # "ok", or "refused: why"
+    issuer_id: str | None = None
+    target: str | None = None  # a key, budget or issuer id, or a label
+    source: str | None = None  # the client's address
+    detail: dict[str, Any] | None = None
+    id: int | None = None
+
+
+@dataclass(slots=True)
+class EventFilter:
+    action: str | None = None
+    issuer_id: str | None = None
+    target: str | None = None
+    refused: bool | None = None  # True: refusals only; False: successes only
+    since: datetime | None = None
+    after_id: int | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRequest:
+    """An issue sent with an `Idempotency-Key`: scoped to who sent it (the admin, or an
+    issuer), fingerprinted so that a different request under the same key is refused."""
+
+    scope: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """What `create_key` / `create_budget` did: "created", "too_many" (the issuer's active-key
+    limit), or "mismatch" (the idempotency key was used for a different request); `replaced` is
+    the key or budget an earlier attempt with the same idempotency key issued, now revoked."""
+
+    outcome: str
+    replaced: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +339,7 @@ class AuditRecord:
 
 @dataclass(slots=True)
 class AuditFilter:
+    scope: Scope | None = None
     key_id: str | None = None
     budget_id: str | None = None
     label: str | None = None
@@ -263,6 +364,21 @@ def where_clause(conditions: list[Condition], placeholder: Callable[[Any], str])
     return " AND ".join(parts) or "1 = 1"
 
 
+def scope_conditions(scope: Scope | None, alias: str) -> list[Condition]:
+    """An issuer's view of a table holding `label` and `namespace` (`alias`.…)."""
+    if scope is None:
+        return []
+    conditions: list[Condition] = [
+        (f"substr({alias}.label, 1, {{}}) = {{}}", (len(scope.label_prefix), scope.label_prefix))
+    ]
+    if scope.namespaces is not None:
+        if not scope.namespaces:
+            return [("1 = 0", None)]
+        marks = ", ".join("{}" for _ in scope.namespaces)
+        conditions.append((f"{alias}.namespace IN ({marks})", scope.namespaces))
+    return conditions
+
+
 def key_conditions(
     *,
     now: datetime,
@@ -270,10 +386,14 @@ def key_conditions(
     vendor: str | None = None,
     status: str | None = None,
     budget_id: str | None = None,
+    scope: Scope | None = None,
+    namespace: str | None = None,
     alias: str = "k",
 ) -> list[Condition]:
     """Filters of key (and, without vendor and budget, budget) listings; `alias` is the table's."""
-    conditions: list[Condition] = []
+    conditions: list[Condition] = scope_conditions(scope, alias)
+    if namespace is not None:
+        conditions.append((f"{alias}.namespace = {{}}", namespace))
     for column, value in (("label", label), ("vendor", vendor), ("budget_id", budget_id)):
         if value is not None:
             conditions.append((f"{alias}.{column} = {{}}", value))
@@ -287,7 +407,14 @@ def key_conditions(
 
 
 def audit_conditions(query: AuditFilter) -> list[Condition]:
-    conditions: list[Condition] = [
+    conditions: list[Condition] = []
+    if query.scope is not None:
+        # Audit rows carry the label; the namespace is the key's.
+        keys = where_clause_template(scope_conditions(query.scope, "k"))
+        conditions.append(
+            (f"key_id IN (SELECT k.key_id FROM vault_keys k WHERE {keys[0]})", keys[1])
+        )
+    conditions += [
         (f"{column} = {{}}", value)
         for column, value in (
             ("key_id", query.key_id),
@@ -298,6 +425,38 @@ def audit_conditions(query: AuditFilter) -> list[Condition]:
         )
         if value is not None
     ]
+    if query.since is not None:
+        conditions.append(("ts >= {}", query.since))
+    if query.after_id is not None:
+        conditions.append(("id > {}", query.after_id))
+    return conditions
+
+
+def where_clause_template(conditions: list[Condition]) -> Condition:
+    """Several conditions as one (for a subquery): their SQL joined, their values in order."""
+    parts: list[str] = []
+    values: list[Any] = []
+    for sql, value in conditions:
+        parts.append(sql)
+        if "{}" in sql:
+            values.extend(value if isinstance(value, tuple) else (value,))
+    return " AND ".join(parts) or "1 = 1", tuple(values)
+
+
+def event_conditions(query: EventFilter) -> list[Condition]:
+    conditions: list[Condition] = [
+        (f"{column} = {{}}", value)
+        for column, value in (
+            ("action", query.action),
+            ("issuer_id", query.issuer_id),
+            ("target", query.target),
+        )
+        if value is not None
+    ]
+    if query.refused is True:
+        conditions.append(("outcome <> 'ok'", None))
+    elif query.refused is False:
+        conditions.append(("outcome = 'ok'", None))
     if query.since is not None:
         conditions.append(("ts >= {}", query.since))
     if query.after_id is not None:
@@ -337,13 +496,27 @@ def prune_conditions(before: datetime, keys_ended_before: datetime) -> list[Cond
 
 
 class Store(Protocol):
+    """Every admin write takes the `Event` that records it and writes it in the same
+    transaction: an action that happened is never missing from the record."""
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def ping(self) -> None: ...
 
-    async def create_key(self, key: KeyRecord) -> None: ...
+    async def create_key(
+        self,
+        key: KeyRecord,
+        event: Event,
+        *,
+        max_active: int | None = None,
+        request: IssueRequest | None = None,
+    ) -> Issued:
+        """Insert the key. `max_active`: refuse ("too_many") if its issuer already has that many
+        active keys. `request`: an earlier issue under the same idempotency key is revoked and
+        replaced, a different request under it refused ("mismatch"). All in one transaction."""
+        ...
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
 
@@ -357,16 +530,30 @@ class Store(Protocol):
         vendor: str | None = None,
         status: str | None = None,
         budget_id: str | None = None,
+        scope: Scope | None = None,
+        namespace: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]: ...
 
-    async def revoke_key(self, key_id: str, now: datetime) -> bool | None: ...
+    async def revoke_key(self, key_id: str, now: datetime, event: Event) -> bool | None: ...
 
-    async def revoke_label(self, label: str, now: datetime) -> tuple[list[str], list[str]]:
-        """Revoke the label's live keys and budgets; their ids (keys, budgets)."""
+    async def revoke_label(
+        self,
+        label: str,
+        now: datetime,
+        event: Event,
+        *,
+        namespace: str | None = None,
+        workflow_uid: str | None = None,
+        scope: Scope | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Revoke the label's live keys and budgets (of `namespace`, of the run whose metadata
+        `uid` is `workflow_uid`, within `scope`, when given); their ids (keys, budgets)."""
         ...
 
-    async def create_budget(self, budget: BudgetRecord) -> None: ...
+    async def create_budget(
+        self, budget: BudgetRecord, event: Event, *, request: IssueRequest | None = None
+    ) -> Issued: ...
 
     async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None: ...
 
@@ -376,18 +563,43 @@ class Store(Protocol):
         now: datetime,
         label: str | None = None,
         status: str | None = None,
+        scope: Scope | None = None,
+        namespace: str | None = None,
         limit: int = 1000,
     ) -> list[BudgetView]: ...
 
-    async def revoke_budget(self, budget_id: str, now: datetime) -> list[str] | None:
+    async def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> list[str] | None:
         """Revoke the budget and every live key drawing on it; those keys' ids, None if there
         is no such budget."""
         ...
 
-    async def patch(self, subject_id: str, patch: Patch, now: datetime) -> str:
+    async def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> str:
         """Apply `patch` to a live key (`vk_...`) or budget (`bg_...`) and record each change:
         "patched", "unknown", or "not_live" (revoked or expired: nothing changed)."""
         ...
+
+    async def create_issuer(self, issuer: IssuerRecord, event: Event) -> None: ...
+
+    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None: ...
+
+    async def find_issuer(self, token_hash: bytes) -> IssuerRecord | None:
+        """The live issuer whose token has this hash."""
+        ...
+
+    async def list_issuers(self, *, include_deleted: bool = False) -> list[IssuerRecord]: ...
+
+    async def delete_issuer(
+        self, issuer_id: str, now: datetime, event: Event, *, revoke: bool = False
+    ) -> tuple[list[str], list[str]] | None:
+        """Delete the issuer (its token stops at once); with `revoke`, revoke its live keys and
+        budgets too: their ids (keys, budgets). None if there is no such live issuer."""
+        ...
+
+    async def record_event(self, event: Event) -> None:
+        """Record an action that changed nothing (a refusal, a refused login)."""
+        ...
+
+    async def events(self, query: EventFilter) -> list[Event]: ...
 
     async def compact_spend(self, before_bucket: int) -> int:
         """Fold each owner's spend buckets older than `before_bucket` into its bucket 0, which

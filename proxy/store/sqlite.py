@@ -43,14 +43,22 @@ from keybrake.proxy.store.base import (
     BudgetRecord,
     BudgetView,
     Change,
+    Event,
+    EventFilter,
+    Issued,
+    IssueRequest,
+    IssuerRecord,
     KeyRecord,
     KeyView,
+    Owner,
     Patch,
     Reservation,
+    Scope,
     Settlement,
     StoredResponse,
     Usage,
     audit_conditions,
+    event_conditions,
     key_conditions,
     prune_conditions,
     shown,
@@ -214,17 +222,61 @@ MIGRATIONS: list[str] = [
     ALTER TABLE audit ADD COLUMN budget_id TEXT;
     CREATE INDEX audit_budget ON audit (budget_id, id);
     """,
+    # 3: scoped issuers, who issued what for which namespace, the record of admin actions, and
+    # idempotent issuing.
+    """
+    CREATE TABLE issuers (
+        issuer_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        token_hash BLOB UNIQUE,
+        policy TEXT NOT NULL,
+        kubernetes TEXT,
+        created_at TEXT NOT NULL,
+        deleted_at TEXT
+    );
+    CREATE UNIQUE INDEX issuers_live_name ON issuers (name) WHERE deleted_at IS NULL;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        issuer_id TEXT,
+        target TEXT,
+        outcome TEXT NOT NULL,
+        source TEXT,
+        detail TEXT
+    );
+    CREATE INDEX events_issuer ON events (issuer_id, id);
+    CREATE INDEX events_target ON events (target, id);
+    CREATE TABLE issue_requests (
+        scope TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        subject_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (scope, idempotency_key)
+    );
+    ALTER TABLE vault_keys ADD COLUMN issuer_id TEXT;
+    ALTER TABLE vault_keys ADD COLUMN namespace TEXT;
+    ALTER TABLE vault_keys ADD COLUMN service_account TEXT;
+    CREATE INDEX vault_keys_issuer ON vault_keys (issuer_id);
+    ALTER TABLE budgets ADD COLUMN issuer_id TEXT;
+    ALTER TABLE budgets ADD COLUMN namespace TEXT;
+    ALTER TABLE budgets ADD COLUMN service_account TEXT;
+    """,
 ]
 
 _KEY_COLUMNS = (
     "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
     "metadata, dedupe_window_s, created_at, expires_at, revoked_at, allowed_accounts, "
-    "total_cap_micros, max_per_caller_micros, budget_id"
+    "total_cap_micros, max_per_caller_micros, budget_id, issuer_id, namespace, service_account"
 )
 _BUDGET_COLUMNS = (
     "budget_id, label, daily_cap_micros, total_cap_micros, metadata, created_at, expires_at, "
-    "revoked_at"
+    "revoked_at, issuer_id, namespace, service_account"
 )
+_ISSUER_COLUMNS = "issuer_id, name, token_hash, policy, kubernetes, created_at, deleted_at"
+_EVENT_COLUMNS = "id, ts, action, actor, issuer_id, target, outcome, source, detail"
 _K_KEY_COLUMNS = ", ".join("k." + c.strip() for c in _KEY_COLUMNS.split(","))
 _AUDIT_COLUMNS = (
     "id, ts, key_id, label, vendor, method, path, status, decision, reserved_micros, "
@@ -251,7 +303,113 @@ def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         total_cap_micros=row[13],
         max_per_caller_micros=row[14],
         budget_id=row[15],
+        owner=_owner(row[16], row[17], row[18]),
     )
+
+
+def _owner(issuer_id: str | None, namespace: str | None, account: str | None) -> Owner | None:
+    if issuer_id is None and namespace is None and account is None:
+        return None
+    return Owner(issuer_id, namespace, account)
+
+
+def _owner_values(owner: Owner | None) -> tuple[str | None, str | None, str | None]:
+    if owner is None:
+        return None, None, None
+    return owner.issuer_id, owner.namespace, owner.service_account
+
+
+def _issuer_from_row(row: tuple[Any, ...]) -> IssuerRecord:
+    return IssuerRecord(
+        issuer_id=row[0],
+        name=row[1],
+        token_hash=bytes(row[2]) if row[2] is not None else None,
+        policy=json.loads(row[3]),
+        kubernetes=json.loads(row[4]) if row[4] else None,
+        created_at=parse_ts(row[5]),
+        deleted_at=parse_ts(row[6]) if row[6] else None,
+    )
+
+
+def _event_from_row(row: tuple[Any, ...]) -> Event:
+    return Event(
+        id=row[0],
+        ts=parse_ts(row[1]),
+        action=row[2],
+        actor=row[3],
+        issuer_id=row[4],
+        target=row[5],
+        outcome=row[6],
+        source=row[7],
+        detail=json.loads(row[8]) if row[8] else None,
+    )
+
+
+def _insert_event(conn: sqlite3.Connection, event: Event) -> None:
+    conn.execute(
+        "INSERT INTO events (ts, action, actor, issuer_id, target, outcome, source, detail) "
+        "VALUES (?,?,?,?,?,?,?,?)",
+        (
+            format_ts(event.ts),
+            event.action,
+            event.actor,
+            event.issuer_id,
+            event.target,
+            event.outcome,
+            event.source,
+            json.dumps(event.detail) if event.detail is not None else None,
+        ),
+    )
+
+
+def _claim_request(
+    conn: sqlite3.Connection, request: IssueRequest | None, subject_id: str, now: datetime
+) -> tuple[str, str | None]:
+    """Check an idempotent issue before anything is written: ("ok" | "mismatch", the subject an
+    earlier attempt issued). Nothing is written here."""
+    if request is None:
+        return "ok", None
+    row = conn.execute(
+        "SELECT request_hash, subject_id FROM issue_requests WHERE scope = ? "
+        "AND idempotency_key = ?",
+        (request.scope, request.key),
+    ).fetchone()
+    if row is None:
+        return "ok", None
+    if row[0] != request.request_hash:
+        return "mismatch", None
+    return "ok", row[1]
+
+
+def _record_request(
+    conn: sqlite3.Connection, request: IssueRequest | None, subject_id: str, now: datetime
+) -> None:
+    if request is not None:
+        conn.execute(
+            "INSERT INTO issue_requests (scope, idempotency_key, request_hash, subject_id, "
+            "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, idempotency_key) DO UPDATE "
+            "SET subject_id = excluded.subject_id, created_at = excluded.created_at",
+            (request.scope, request.key, request.request_hash, subject_id, format_ts(now)),
+        )
+
+
+def _revoke_subject(conn: sqlite3.Connection, subject_id: str, now: datetime) -> None:
+    """Revoke a key, or a budget with every key drawing on it (an earlier issue attempt)."""
+    stamp = format_ts(now)
+    if subject_id.startswith("bg_"):
+        conn.execute(
+            "UPDATE budgets SET revoked_at = ? WHERE budget_id = ? AND revoked_at IS NULL",
+            (stamp, subject_id),
+        )
+        conn.execute(
+            "UPDATE vault_keys SET revoked_at = ? WHERE budget_id = ? AND revoked_at IS NULL",
+            (stamp, subject_id),
+        )
+    else:
+        conn.execute(
+            "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            (stamp, subject_id),
+        )
 
 
 def _budget_from_row(row: tuple[Any, ...]) -> BudgetRecord:
@@ -264,6 +422,7 @@ def _budget_from_row(row: tuple[Any, ...]) -> BudgetRecord:
         created_at=parse_ts(row[5]),
         expires_at=parse_ts(row[6]),
         revoked_at=parse_ts(row[7]) if row[7] else None,
+        owner=_owner(row[8], row[9], row[10]),
     )
 
 
@@ -472,10 +631,33 @@ class SQLiteStore:
 
     # -- keys ----------------------------------------------------------------------------------
 
-    async def create_key(self, key: KeyRecord) -> None:
-        def op(conn: sqlite3.Connection) -> None:
+    async def create_key(
+        self,
+        key: KeyRecord,
+        event: Event,
+        *,
+        max_active: int | None = None,
+        request: IssueRequest | None = None,
+    ) -> Issued:
+        def op(conn: sqlite3.Connection) -> Issued:
+            # Every check before the first write: the writer shares its transaction with other
+            # operations, so a refusal must leave nothing behind.
+            claim, replaced = _claim_request(conn, request, key.key_id, key.created_at)
+            if claim == "mismatch":
+                return Issued("mismatch")
+            if max_active is not None and key.owner is not None:
+                active = conn.execute(
+                    "SELECT count(*) FROM vault_keys WHERE issuer_id = ? AND revoked_at IS NULL "
+                    "AND expires_at > ? AND key_id IS NOT ?",
+                    (key.owner.issuer_id, format_ts(key.created_at), replaced),
+                ).fetchone()[0]
+                if active >= max_active:
+                    return Issued("too_many")
+            if replaced is not None:
+                _revoke_subject(conn, replaced, key.created_at)
             conn.execute(
-                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO vault_keys ({_KEY_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.key_id,
                     key.key_hash,
@@ -493,11 +675,15 @@ class SQLiteStore:
                     key.total_cap_micros,
                     key.max_per_caller_micros,
                     key.budget_id,
+                    *_owner_values(key.owner),
                 ),
             )
             conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (key.key_id,))
+            _record_request(conn, request, key.key_id, key.created_at)
+            _insert_event(conn, event)
+            return Issued("created", replaced)
 
-        await self._write(op)
+        return await self._write(op)
 
     async def find_key(self, key_hash: bytes) -> KeyRecord | None:
         def op(conn: sqlite3.Connection) -> KeyRecord | None:
@@ -538,56 +724,89 @@ class SQLiteStore:
         vendor: str | None = None,
         status: str | None = None,
         budget_id: str | None = None,
+        scope: Scope | None = None,
+        namespace: str | None = None,
         limit: int = 1000,
     ) -> list[KeyView]:
         args: list[Any] = []
         conditions = key_conditions(
-            now=now, label=label, vendor=vendor, status=status, budget_id=budget_id
+            now=now,
+            label=label,
+            vendor=vendor,
+            status=status,
+            budget_id=budget_id,
+            scope=scope,
+            namespace=namespace,
         )
         clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._views(c, clause, args, now, limit))
 
-    async def revoke_key(self, key_id: str, now: datetime) -> bool | None:
+    async def revoke_key(self, key_id: str, now: datetime, event: Event) -> bool | None:
         def op(conn: sqlite3.Connection) -> bool | None:
+            if not conn.execute("SELECT 1 FROM vault_keys WHERE key_id = ?", (key_id,)).fetchone():
+                return None
             cur = conn.execute(
                 "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                 (format_ts(now), key_id),
             )
-            if cur.rowcount:
-                return True
-            exists = conn.execute("SELECT 1 FROM vault_keys WHERE key_id = ?", (key_id,))
-            return False if exists.fetchone() else None
+            _insert_event(conn, event)
+            return bool(cur.rowcount)
 
         return await self._write(op)
 
-    async def revoke_label(self, label: str, now: datetime) -> tuple[list[str], list[str]]:
+    async def revoke_label(
+        self,
+        label: str,
+        now: datetime,
+        event: Event,
+        *,
+        namespace: str | None = None,
+        workflow_uid: str | None = None,
+        scope: Scope | None = None,
+    ) -> tuple[list[str], list[str]]:
         def op(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
             stamp = format_ts(now)
             revoked: list[list[str]] = []
             for table, column in (("vault_keys", "key_id"), ("budgets", "budget_id")):
+                args: list[Any] = []
+                conditions = key_conditions(
+                    now=now,
+                    label=label,
+                    status="active",
+                    scope=scope,
+                    namespace=namespace,
+                    alias="t",
+                )
+                if workflow_uid is not None:
+                    conditions.append(("json_extract(t.metadata, '$.uid') = {}", workflow_uid))
+                where = where_clause(conditions, _placeholder(args))
                 ids = [
                     row[0]
-                    for row in conn.execute(
-                        f"SELECT {column} FROM {table} WHERE label = ? AND revoked_at IS NULL "
-                        "AND expires_at > ?",
-                        (label, stamp),
-                    )
+                    for row in conn.execute(f"SELECT {column} FROM {table} t WHERE {where}", args)
                 ]
                 conn.executemany(
                     f"UPDATE {table} SET revoked_at = ? WHERE {column} = ?",
                     [(stamp, i) for i in ids],
                 )
                 revoked.append(ids)
+            _insert_event(conn, event)
             return revoked[0], revoked[1]
 
         return await self._write(op)
 
     # -- budgets -------------------------------------------------------------------------------
 
-    async def create_budget(self, budget: BudgetRecord) -> None:
-        def op(conn: sqlite3.Connection) -> None:
+    async def create_budget(
+        self, budget: BudgetRecord, event: Event, *, request: IssueRequest | None = None
+    ) -> Issued:
+        def op(conn: sqlite3.Connection) -> Issued:
+            claim, replaced = _claim_request(conn, request, budget.budget_id, budget.created_at)
+            if claim == "mismatch":
+                return Issued("mismatch")
+            if replaced is not None:
+                _revoke_subject(conn, replaced, budget.created_at)
             conn.execute(
-                f"INSERT INTO budgets ({_BUDGET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                f"INSERT INTO budgets ({_BUDGET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     budget.budget_id,
                     budget.label,
@@ -597,11 +816,15 @@ class SQLiteStore:
                     format_ts(budget.created_at),
                     format_ts(budget.expires_at),
                     None,
+                    *_owner_values(budget.owner),
                 ),
             )
             conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (budget.budget_id,))
+            _record_request(conn, request, budget.budget_id, budget.created_at)
+            _insert_event(conn, event)
+            return Issued("created", replaced)
 
-        await self._write(op)
+        return await self._write(op)
 
     def _budget_views(
         self, conn: sqlite3.Connection, where: str, args: list[Any], now: datetime, limit: int = 1
@@ -640,14 +863,18 @@ class SQLiteStore:
         now: datetime,
         label: str | None = None,
         status: str | None = None,
+        scope: Scope | None = None,
+        namespace: str | None = None,
         limit: int = 1000,
     ) -> list[BudgetView]:
         args: list[Any] = []
-        conditions = key_conditions(now=now, label=label, status=status, alias="b")
+        conditions = key_conditions(
+            now=now, label=label, status=status, scope=scope, namespace=namespace, alias="b"
+        )
         clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._budget_views(c, clause, args, now, limit))
 
-    async def revoke_budget(self, budget_id: str, now: datetime) -> list[str] | None:
+    async def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> list[str] | None:
         def op(conn: sqlite3.Connection) -> list[str] | None:
             stamp = format_ts(now)
             if not conn.execute(
@@ -668,11 +895,12 @@ class SQLiteStore:
             conn.executemany(
                 "UPDATE vault_keys SET revoked_at = ? WHERE key_id = ?", [(stamp, k) for k in keys]
             )
+            _insert_event(conn, event)
             return keys
 
         return await self._write(op)
 
-    async def patch(self, subject_id: str, patch: Patch, now: datetime) -> str:
+    async def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> str:
         table, column = subject_table(subject_id)
 
         def op(conn: sqlite3.Connection) -> str:
@@ -704,9 +932,99 @@ class SQLiteStore:
                     if old != new
                 ],
             )
+            _insert_event(conn, event)
             return "patched"
 
         return await self._write(op)
+
+    # -- issuers and the record of admin actions ----------------------------------------------
+
+    async def create_issuer(self, issuer: IssuerRecord, event: Event) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO issuers ({_ISSUER_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+                (
+                    issuer.issuer_id,
+                    issuer.name,
+                    issuer.token_hash,
+                    json.dumps(issuer.policy),
+                    json.dumps(issuer.kubernetes) if issuer.kubernetes is not None else None,
+                    format_ts(issuer.created_at),
+                    None,
+                ),
+            )
+            _insert_event(conn, event)
+
+        await self._write(op)
+
+    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None:
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_ISSUER_COLUMNS} FROM issuers WHERE issuer_id = ?", (issuer_id,)
+            ).fetchone()
+        )
+        return _issuer_from_row(row) if row else None
+
+    async def find_issuer(self, token_hash: bytes) -> IssuerRecord | None:
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_ISSUER_COLUMNS} FROM issuers WHERE token_hash = ? "
+                "AND deleted_at IS NULL",
+                (token_hash,),
+            ).fetchone()
+        )
+        return _issuer_from_row(row) if row else None
+
+    async def list_issuers(self, *, include_deleted: bool = False) -> list[IssuerRecord]:
+        where = "1 = 1" if include_deleted else "deleted_at IS NULL"
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_ISSUER_COLUMNS} FROM issuers WHERE {where} ORDER BY created_at, name"
+            ).fetchall()
+        )
+        return [_issuer_from_row(row) for row in rows]
+
+    async def delete_issuer(
+        self, issuer_id: str, now: datetime, event: Event, *, revoke: bool = False
+    ) -> tuple[list[str], list[str]] | None:
+        def op(conn: sqlite3.Connection) -> tuple[list[str], list[str]] | None:
+            stamp = format_ts(now)
+            cur = conn.execute(
+                "UPDATE issuers SET deleted_at = ? WHERE issuer_id = ? AND deleted_at IS NULL",
+                (stamp, issuer_id),
+            )
+            if not cur.rowcount:
+                return None
+            revoked: list[list[str]] = [[], []]
+            if revoke:
+                for index, (table, column) in enumerate(
+                    (("vault_keys", "key_id"), ("budgets", "budget_id"))
+                ):
+                    revoked[index] = [
+                        row[0]
+                        for row in conn.execute(
+                            f"UPDATE {table} SET revoked_at = ? WHERE issuer_id = ? "
+                            f"AND revoked_at IS NULL AND expires_at > ? RETURNING {column}",
+                            (stamp, issuer_id, stamp),
+                        )
+                    ]
+            _insert_event(conn, event)
+            return revoked[0], revoked[1]
+
+        return await self._write(op)
+
+    async def record_event(self, event: Event) -> None:
+        await self._write(lambda conn: _insert_event(conn, event))
+
+    async def events(self, query: EventFilter) -> list[Event]:
+        args: list[Any] = []
+        where = where_clause(event_conditions(query), _placeholder(args))
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} "
+            f"ORDER BY id DESC LIMIT {int(query.limit)}"
+        )
+        rows = await self._read(lambda c: c.execute(sql, args).fetchall())
+        return [_event_from_row(row) for row in rows]
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -757,6 +1075,10 @@ class SQLiteStore:
     async def forget_replays(self, older_than: datetime) -> int:
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute("DELETE FROM replays WHERE created_at < ?", (format_ts(older_than),))
+            # An issue step's retries come within the run; a day later the key is long gone.
+            conn.execute(
+                "DELETE FROM issue_requests WHERE created_at < ?", (format_ts(older_than),)
+            )
             return int(cur.rowcount)
 
         return await self._write(op)

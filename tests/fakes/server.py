@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,12 +31,14 @@ def bound_socket() -> socket.socket:
 class ThreadedServer:
     """An aiohttp app served from its own event loop thread."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         self.app = app
         self.loop = asyncio.new_event_loop()
         self._sock = bound_socket()
+        self._ssl = ssl_context
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self._runner: web.AppRunner | None = None
         started = threading.Event()
 
@@ -52,7 +55,7 @@ class ThreadedServer:
     async def _start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock)
+        site = web.SockSite(self._runner, self._sock, ssl_context=self._ssl)
         await site.start()
 
     def call(self, fn: Callable[[], Any]) -> None:

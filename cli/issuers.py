@@ -1,0 +1,235 @@
+"""`keybrake issuers`: scoped issuer tokens and Kubernetes bindings, instead of the admin token in
+workflow namespaces. Managing issuers needs the admin token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._options import dollars
+from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.models import (
+    IssuerCreate,
+    IssuerInfo,
+    KubernetesBinding,
+    describe_validation_error,
+)
+
+app = typer.Typer(
+    help="Create, list, show and delete issuers: tokens (or Kubernetes service accounts) that "
+    "may issue keys within a policy, and see only their own labels.",
+    no_args_is_help=True,
+)
+
+OutputOption = Annotated[
+    Output | None,
+    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
+]
+
+
+def _policy_lines(issuer: IssuerInfo) -> list[tuple[str, str]]:
+    binding = issuer.kubernetes
+    return [
+        ("issuer", f"{issuer.issuer_id} ({issuer.name}), {issuer.status}"),
+        ("labels", f"{issuer.label_prefix}…"),
+        ("vendors", ", ".join(issuer.allowed_vendors) or "any"),
+        ("endpoints", ", ".join(issuer.allowed_endpoints) or "any"),
+        ("max 24h cap", f"${issuer.max_daily_usd_cap}" if issuer.max_daily_usd_cap else "none"),
+        ("max total cap", f"${issuer.max_total_usd_cap}" if issuer.max_total_usd_cap else "none"),
+        ("max life", issuer.max_expires_in or "the proxy's"),
+        ("max active keys", str(issuer.max_active_keys or "no limit")),
+        (
+            "kubernetes",
+            f"{', '.join(binding.service_accounts)} in {', '.join(binding.namespaces)} "
+            f"(audience {binding.audience})"
+            if binding
+            else "none",
+        ),
+        ("static token", "yes" if issuer.static_token else "no"),
+        ("created", issuer.created_at),
+    ]
+
+
+def _show(
+    issuer: IssuerInfo, output: Output | None, extra: dict[str, object] | None = None
+) -> None:
+    chosen = default_output(output)
+    if chosen is Output.table:
+        table = Table(box=None, show_header=False)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for name, value in _policy_lines(issuer):
+            table.add_row(name, value)
+        console.print(table)
+    else:
+        print_data({**issuer.model_dump(mode="json"), **(extra or {})}, chosen)
+
+
+@app.command(
+    "create",
+    epilog="Example: keybrake issuers create --name payments --label-prefix argo/payments- "
+    "--vendor stripe --allow 'POST /v1/payment_intents' --max-total-usd-cap 500 "
+    "--max-expires-in 6h --k8s-namespace payments --k8s-service-account keybrake-issuer",
+)
+def create(
+    name: Annotated[str, typer.Option(help="A short name, e.g. the team's.")],
+    label_prefix: Annotated[
+        str,
+        typer.Option("--label-prefix", help="The labels it issues and sees, e.g. argo/payments-."),
+    ],
+    vendor: Annotated[
+        list[str] | None, typer.Option("--vendor", help="A vendor it may issue for; repeatable.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help="'METHOD /path' its keys' endpoints must lie within."),
+    ] = None,
+    max_daily_usd_cap: Annotated[
+        str | None, typer.Option("--max-daily-usd-cap", help="Most a key may spend in 24 hours.")
+    ] = None,
+    max_total_usd_cap: Annotated[
+        str | None, typer.Option("--max-total-usd-cap", help="Most a key may spend in all.")
+    ] = None,
+    max_expires_in: Annotated[
+        str | None, typer.Option("--max-expires-in", help="Longest life, e.g. 6h.")
+    ] = None,
+    max_active_keys: Annotated[
+        int | None, typer.Option("--max-active-keys", min=1, help="Active keys at once.")
+    ] = None,
+    k8s_namespace: Annotated[
+        list[str] | None,
+        typer.Option("--k8s-namespace", help="Bind service accounts of this namespace."),
+    ] = None,
+    k8s_service_account: Annotated[
+        list[str] | None,
+        typer.Option("--k8s-service-account", help="A service-account name, or * for any."),
+    ] = None,
+    audience: Annotated[
+        str, typer.Option("--audience", help="The projected token's audience.")
+    ] = "keybrake",
+    static_token: Annotated[
+        bool | None,
+        typer.Option(
+            "--static-token/--no-static-token",
+            help="Make a token (default: only without a Kubernetes binding).",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the token.")] = False,
+    output: OutputOption = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Create an issuer. Its token is shown once: store it as the Secret the issue steps read,
+    or bind Kubernetes service accounts instead and store nothing."""
+    binding = None
+    if bool(k8s_namespace) != bool(k8s_service_account):
+        fail("--k8s-namespace and --k8s-service-account go together", EXIT_USAGE)
+    try:
+        if k8s_namespace and k8s_service_account:
+            binding = KubernetesBinding(
+                namespaces=k8s_namespace, service_accounts=k8s_service_account, audience=audience
+            )
+        spec = IssuerCreate(
+            name=name,
+            label_prefix=label_prefix,
+            allowed_vendors=vendor or [],
+            allowed_endpoints=allow or [],
+            max_daily_usd_cap=dollars(max_daily_usd_cap, "--max-daily-usd-cap"),
+            max_total_usd_cap=dollars(max_total_usd_cap, "--max-total-usd-cap"),
+            max_expires_in=max_expires_in,
+            max_active_keys=max_active_keys,
+            kubernetes=binding,
+            static_token=static_token,
+        )
+    except ValidationError as exc:
+        fail(describe_validation_error(exc), EXIT_USAGE)
+    with connect(url, api_key) as client:
+        issued = client.create_issuer(spec)
+    if quiet:
+        print(issued.issuer_token or issued.issuer_id)
+        return
+    info = IssuerInfo.model_validate(issued.model_dump(exclude={"issuer_token"}))
+    _show(info, output, {"issuer_token": issued.issuer_token})
+    if default_output(output) is Output.table:
+        if issued.issuer_token:
+            console.print(f"token (shown once): {issued.issuer_token}", soft_wrap=True)
+        else:
+            console.print("no static token: the bound service accounts log in with theirs")
+
+
+@app.command("list", epilog="Example: keybrake issuers list --all")
+def list_issuers(
+    include_deleted: Annotated[bool, typer.Option("--all", help="Deleted ones too.")] = False,
+    output: OutputOption = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """List issuers and their policies."""
+    with connect(url, api_key) as client:
+        issuers = client.list_issuers(include_deleted=include_deleted)
+    chosen = default_output(output)
+    if chosen is not Output.table:
+        print_data([i.model_dump(mode="json") for i in issuers], chosen)
+        return
+    if not issuers:
+        console.print("No issuers.")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("ISSUER ID", "NAME", "STATUS", "LABELS", "VENDORS", "MAX TOTAL", "KUBERNETES"):
+        table.add_column(column, overflow="fold")
+    table.columns[0].min_width = max(len(i.issuer_id) for i in issuers)
+    for issuer in issuers:
+        binding = issuer.kubernetes
+        table.add_row(
+            issuer.issuer_id,
+            issuer.name,
+            issuer.status,
+            f"{issuer.label_prefix}…",
+            ", ".join(issuer.allowed_vendors) or "any",
+            f"${issuer.max_total_usd_cap}" if issuer.max_total_usd_cap else "-",
+            f"{','.join(binding.namespaces)}/{','.join(binding.service_accounts)}"
+            if binding
+            else "-",
+        )
+    console.print(table)
+
+
+@app.command("show", epilog="Example: keybrake issuers show is_3f9c2a1b4d5e6f70")
+def show(
+    issuer_id: Annotated[str, typer.Argument(help="The issuer id (is_...).")],
+    output: OutputOption = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Show one issuer's policy and binding."""
+    with connect(url, api_key) as client:
+        issuer = client.get_issuer(issuer_id)
+    _show(issuer, output)
+
+
+@app.command("delete", epilog="Example: keybrake issuers delete is_3f9c2a1b4d5e6f70 --revoke")
+def delete(
+    issuer_id: Annotated[str, typer.Argument(help="The issuer id (is_...).")],
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="Also revoke every live key and budget it issued.")
+    ] = False,
+    output: OutputOption = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Delete an issuer: its token (and bindings) stop at once. Its keys live on until revoked
+    or expired, unless --revoke."""
+    with connect(url, api_key) as client:
+        result = client.delete_issuer(issuer_id, revoke=revoke)
+    chosen = default_output(output)
+    if chosen is not Output.table:
+        print_data(result, chosen)
+        return
+    keys, budgets = result.get("revoked_keys") or [], result.get("revoked_budgets") or []
+    revoked = f"; revoked {len(keys)} key(s) and {len(budgets)} budget(s)" if revoke else ""
+    console.print(f"deleted issuer {issuer_id}{revoked}", soft_wrap=True)

@@ -1,0 +1,438 @@
+"""Who may do what on the admin API, stated once.
+
+A caller is one of:
+- the **admin token** (`KEYBRAKE_API_KEY`): everything, including managing issuers;
+- an **issuer token** (`kbi_…`, stored as a hash): issue keys and budgets within the issuer's
+  policy, and read, patch and revoke only what lies within its scope;
+- a **Kubernetes service-account token** (a projected token for the issuer's audience), verified
+  by `keybrake.proxy.kubernetes`: acts as the one issuer bound to that namespace and service
+  account, and what it issues records the namespace and service account from the token.
+
+An issuer's scope is the labels starting with its `label_prefix` and, when it is bound to
+Kubernetes identities, only the namespaces it is bound to. Its policy bounds what it issues:
+vendors, endpoints (each key endpoint must lie within one of the issuer's), the caps (a key must
+be bounded in any 24 hours and over its life as tightly as the issuer's maxima, by its own caps or
+its budget's), the lifetime, and how many keys it may have active. `admin.py` authenticates, asks
+the checks below before acting, and turns a `Forbidden` into a 403 that names the limit broken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from keybrake.proxy.endpoints import EndpointPattern
+from keybrake.proxy.models import IssuerCreate, KubernetesBinding
+from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
+from keybrake.proxy.store.base import BudgetRecord, IssuerRecord, Owner, Scope, Store
+
+__all__ = [
+    "ISSUER_TOKEN_PREFIX",
+    "Actor",
+    "Authenticator",
+    "Forbidden",
+    "Identity",
+    "LoginRefused",
+    "Policy",
+    "TokenVerifier",
+    "admin_only",
+    "check_budget",
+    "check_key",
+    "check_label",
+    "check_patch",
+    "check_scope",
+    "hash_token",
+    "looks_like_jwt",
+    "namespace_of",
+    "policy_json",
+]
+
+ISSUER_TOKEN_PREFIX = "kbi_"  # noqa: S105 (a prefix, not a secret)
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Three base64url segments, the first a JSON object (`eyJ` is `{"`)."""
+    return token.startswith("eyJ") and token.count(".") == 2
+
+
+class Forbidden(Exception):
+    """Outside the caller's policy or scope: `limit` names the rule, `message` says how."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.message = message
+
+
+class LoginRefused(Exception):
+    """No valid credentials: a 401. `message` is safe to show (it never holds the token)."""
+
+    def __init__(self, message: str, identity: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.identity = identity  # who the token claimed to be, when it was readable
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified Kubernetes service account."""
+
+    namespace: str
+    service_account: str
+    audiences: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.service_account}"
+
+
+class TokenVerifier(Protocol):
+    """Verifies a Kubernetes service-account token (`keybrake.proxy.kubernetes`)."""
+
+    async def verify(self, token: str) -> Identity:
+        """The identity the token proves; `LoginRefused` when it proves none."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    label_prefix: str
+    allowed_vendors: tuple[str, ...]  # empty: any
+    allowed_endpoints: tuple[EndpointPattern, ...]  # empty: any
+    max_daily_micros: int | None
+    max_total_micros: int | None
+    max_ttl: timedelta | None
+    max_expires_in: str | None
+    max_active_keys: int | None
+
+    @classmethod
+    def of(cls, record: IssuerRecord) -> Policy:
+        p = record.policy
+        return cls(
+            label_prefix=p["label_prefix"],
+            allowed_vendors=tuple(p.get("allowed_vendors") or ()),
+            allowed_endpoints=tuple(
+                EndpointPattern.parse(e) for e in p.get("allowed_endpoints") or ()
+            ),
+            max_daily_micros=p.get("max_daily_micros"),
+            max_total_micros=p.get("max_total_micros"),
+            max_ttl=parse_duration(p["max_expires_in"]) if p.get("max_expires_in") else None,
+            max_expires_in=p.get("max_expires_in"),
+            max_active_keys=p.get("max_active_keys"),
+        )
+
+
+def policy_json(spec: IssuerCreate) -> dict[str, Any]:
+    """An issuer's policy as the store keeps it (money in micro-dollars)."""
+
+    def micros(value: Decimal | None) -> int | None:
+        return None if value is None else usd_to_micros(value)
+
+    return {
+        "label_prefix": spec.label_prefix,
+        "allowed_vendors": sorted(set(spec.allowed_vendors)),
+        "allowed_endpoints": spec.allowed_endpoints,
+        "max_daily_micros": micros(spec.max_daily_usd_cap),
+        "max_total_micros": micros(spec.max_total_usd_cap),
+        "max_expires_in": spec.max_expires_in,
+        "max_active_keys": spec.max_active_keys,
+    }
+
+
+def binding_of(record: IssuerRecord) -> KubernetesBinding | None:
+    return None if record.kubernetes is None else KubernetesBinding(**record.kubernetes)
+
+
+def binds(binding: KubernetesBinding, identity: Identity) -> bool:
+    return (
+        identity.namespace in binding.namespaces
+        and (
+            "*" in binding.service_accounts or identity.service_account in binding.service_accounts
+        )
+        and binding.audience in identity.audiences
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who is calling: the admin (no issuer) or an issuer, perhaps through a Kubernetes
+    identity, and from which address."""
+
+    issuer: IssuerRecord | None = None
+    identity: Identity | None = None
+    source: str | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.issuer is None
+
+    @property
+    def issuer_id(self) -> str | None:
+        return None if self.issuer is None else self.issuer.issuer_id
+
+    @property
+    def policy(self) -> Policy:
+        assert self.issuer is not None
+        return Policy.of(self.issuer)
+
+    @property
+    def scope(self) -> Scope | None:
+        """What the caller sees: None for the admin."""
+        if self.issuer is None:
+            return None
+        binding = binding_of(self.issuer)
+        namespaces = None if binding is None else tuple(binding.namespaces)
+        return Scope(self.policy.label_prefix, namespaces)
+
+    def describe(self) -> str:
+        if self.issuer is None:
+            return "admin"
+        who = f"issuer {self.issuer.issuer_id} ({self.issuer.name})"
+        return who if self.identity is None else f"{self.identity} via {who}"
+
+    def owner(self, namespace: str | None) -> Owner | None:
+        if self.issuer is None and namespace is None:
+            return None
+        account = None if self.identity is None else self.identity.service_account
+        return Owner(self.issuer_id, namespace, account)
+
+
+def admin_only(actor: Actor, what: str) -> None:
+    if not actor.admin:
+        raise Forbidden("admin_only", f"{what} needs the admin token, not an issuer's")
+
+
+def namespace_of(actor: Actor, requested: str | None) -> str | None:
+    """The namespace a key or budget is issued for: from a verified token when there is one
+    (a different one in the body is refused), else as requested, within the issuer's binding."""
+    if actor.identity is not None:
+        if requested is not None and requested != actor.identity.namespace:
+            raise Forbidden(
+                "namespace",
+                f"namespace: this token is of namespace {actor.identity.namespace!r}; it cannot "
+                f"issue for {requested!r}",
+            )
+        return actor.identity.namespace
+    if actor.issuer is not None:
+        binding = binding_of(actor.issuer)
+        if binding is not None and requested not in binding.namespaces:
+            raise Forbidden(
+                "namespaces",
+                f"namespace: this issuer issues only for namespaces {', '.join(binding.namespaces)}"
+                " (give one as namespace)",
+            )
+    return requested
+
+
+def check_label(actor: Actor, label: str) -> None:
+    """Issue, list or revoke under `label`: it must start with the issuer's prefix."""
+    if actor.issuer is None:
+        return
+    prefix = actor.policy.label_prefix
+    if not label.startswith(prefix):
+        raise Forbidden(
+            "label_prefix", f"agent_run_label: this issuer's labels start with {prefix!r}"
+        )
+
+
+def check_scope(actor: Actor, subject_id: str, label: str, owner: Owner | None) -> None:
+    """Read, patch or revoke one key or budget: it must lie within the issuer's scope."""
+    scope = actor.scope
+    if scope is None or scope.holds(label, owner):
+        return
+    if not label.startswith(scope.label_prefix):
+        raise Forbidden(
+            "label_prefix",
+            f"{subject_id} is outside this issuer's labels ({scope.label_prefix}…)",
+        )
+    raise Forbidden(
+        "namespaces",
+        f"{subject_id} is outside this issuer's namespaces ({', '.join(scope.namespaces or ())})",
+    )
+
+
+def _usd(micros: int) -> str:
+    return "$" + format_usd(micros)
+
+
+def _bound(caps: Iterable[int | None]) -> int | None:
+    present = [c for c in caps if c is not None]
+    return min(present) if present else None
+
+
+def _check_caps(policy: Policy, daily: int | None, total: int | None, what: str) -> None:
+    """Explicit caps above the issuer's maxima are refused, whatever else bounds the key."""
+    if (
+        policy.max_daily_micros is not None
+        and daily is not None
+        and daily > policy.max_daily_micros
+    ):
+        raise Forbidden(
+            "max_daily_usd_cap",
+            f"daily_usd_cap: this issuer allows {what} at most "
+            f"{_usd(policy.max_daily_micros)} in any 24 hours",
+        )
+    if (
+        policy.max_total_micros is not None
+        and total is not None
+        and total > policy.max_total_micros
+    ):
+        raise Forbidden(
+            "max_total_usd_cap",
+            f"total_usd_cap: this issuer allows {what} at most {_usd(policy.max_total_micros)} "
+            "in total",
+        )
+
+
+def _check_bounds(
+    policy: Policy, in_24h: int | None, in_life: int | None, what: str, hint: str
+) -> None:
+    """What actually bounds spend (own caps, or a budget's) must be within the maxima."""
+    if policy.max_daily_micros is not None and (in_24h is None or in_24h > policy.max_daily_micros):
+        raise Forbidden(
+            "max_daily_usd_cap",
+            f"this issuer allows {what} at most {_usd(policy.max_daily_micros)} in any 24 hours: "
+            f"give a daily_usd_cap or total_usd_cap within it{hint}",
+        )
+    if policy.max_total_micros is not None and (
+        in_life is None or in_life > policy.max_total_micros
+    ):
+        raise Forbidden(
+            "max_total_usd_cap",
+            f"this issuer allows {what} at most {_usd(policy.max_total_micros)} in total: give a "
+            f"total_usd_cap within it{hint}",
+        )
+
+
+def _check_ttl(policy: Policy, ttl: timedelta) -> None:
+    if policy.max_ttl is not None and ttl > policy.max_ttl:
+        raise Forbidden(
+            "max_expires_in", f"expires_in: this issuer allows at most {policy.max_expires_in}"
+        )
+
+
+def check_key(
+    actor: Actor,
+    *,
+    vendor: str,
+    endpoints: Iterable[str],
+    daily: int | None,
+    total: int | None,
+    ttl: timedelta,
+    label: str,
+    budget: BudgetRecord | None,
+) -> None:
+    """A key an issuer asks for (caps in micro-dollars; `budget`: the one it draws on, already
+    known to lie within the issuer's scope)."""
+    if actor.issuer is None:
+        return
+    policy = actor.policy
+    check_label(actor, label)
+    if policy.allowed_vendors and vendor not in policy.allowed_vendors:
+        raise Forbidden(
+            "allowed_vendors",
+            f"vendor: this issuer may issue keys for {', '.join(policy.allowed_vendors)} only",
+        )
+    if policy.allowed_endpoints:
+        for text in endpoints:
+            endpoint = EndpointPattern.parse(text)
+            if not any(allowed.covers(endpoint) for allowed in policy.allowed_endpoints):
+                allowed_text = ", ".join(str(a) for a in policy.allowed_endpoints)
+                raise Forbidden(
+                    "allowed_endpoints",
+                    f"allowed_endpoints: {endpoint} is not within this issuer's endpoints "
+                    f"({allowed_text})",
+                )
+    _check_caps(policy, daily, total, "a key")
+    budget_caps = (
+        (None, None) if budget is None else (budget.daily_cap_micros, budget.total_cap_micros)
+    )
+    _check_bounds(
+        policy,
+        _bound((daily, total, *budget_caps)),
+        _bound((total, budget_caps[1])),
+        "a key",
+        ", or draw on a budget that has one",
+    )
+    _check_ttl(policy, ttl)
+
+
+def check_budget(
+    actor: Actor, *, daily: int | None, total: int | None, ttl: timedelta, label: str
+) -> None:
+    if actor.issuer is None:
+        return
+    policy = actor.policy
+    check_label(actor, label)
+    _check_caps(policy, daily, total, "a budget")
+    _check_bounds(policy, _bound((daily, total)), total, "a budget", "")
+    _check_ttl(policy, ttl)
+
+
+def check_patch(
+    actor: Actor,
+    *,
+    daily: int | None,
+    total: int | None,
+    expires_at: datetime | None,
+    created_at: datetime,
+) -> None:
+    """A patch by an issuer: new caps within its maxima, a new end within its longest life."""
+    if actor.issuer is None:
+        return
+    policy = actor.policy
+    _check_caps(policy, daily, total, "a key or budget")
+    if (
+        expires_at is not None
+        and policy.max_ttl is not None
+        and expires_at > created_at + policy.max_ttl
+    ):
+        raise Forbidden(
+            "max_expires_in",
+            f"expires_in: this issuer allows lives of at most {policy.max_expires_in} from issue",
+        )
+
+
+class Authenticator:
+    """The caller behind a request's Bearer token."""
+
+    def __init__(self, admin_token: str, store: Store, verifier: TokenVerifier | None) -> None:
+        self._admin = admin_token.encode()
+        self.store = store
+        self.verifier = verifier
+
+    async def actor(self, token: str, source: str | None) -> Actor:
+        if token.startswith(ISSUER_TOKEN_PREFIX):
+            issuer = await self.store.find_issuer(hash_token(token))
+            if issuer is None:
+                raise LoginRefused("unknown or deleted issuer token")
+            return Actor(issuer=issuer, source=source)
+        if looks_like_jwt(token):
+            if self.verifier is None:
+                raise LoginRefused(
+                    "Kubernetes service-account login is not configured on this proxy"
+                )
+            identity = await self.verifier.verify(token)
+            issuers = [
+                i
+                for i in await self.store.list_issuers()
+                if (binding := binding_of(i)) is not None and binds(binding, identity)
+            ]
+            if not issuers:
+                raise LoginRefused(
+                    f"no issuer is bound to service account {identity} (audience "
+                    f"{', '.join(identity.audiences)})",
+                    str(identity),
+                )
+            return Actor(issuer=issuers[0], identity=identity, source=source)
+        if self._admin and hmac.compare_digest(token.encode(), self._admin):
+            return Actor(source=source)
+        raise LoginRefused("missing or wrong admin token")

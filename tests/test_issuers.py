@@ -1,0 +1,440 @@
+"""Scoped issuers instead of the root token: an issuer token issues within its policy and gets a
+403 naming the limit otherwise, sees and revokes only its own labels (and namespaces), stops at
+once when deleted; issuing with an Idempotency-Key replaces instead of duplicating; every action
+and refused login is recorded. In-process for the rules, real processes for the races."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from tests.inproc import Clock, StubUpstream, app_client
+from tests.proxyproc import ProxyProcess, start_proxy
+
+STRIPE_PI = "POST /v1/payment_intents"
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+PAYMENTS = {
+    "name": "payments",
+    "label_prefix": "argo/payments-",
+    "allowed_vendors": ["stripe"],
+    "allowed_endpoints": [STRIPE_PI, "GET /v1/payment_intents/*"],
+    "max_daily_usd_cap": 100,
+    "max_total_usd_cap": 500,
+    "max_expires_in": "6h",
+    "max_active_keys": 3,
+}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def create_issuer(client: TestClient, **spec: Any) -> dict[str, Any]:
+    response = client.post("/vault/issuers", json=spec)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def key_body(**spec: Any) -> dict[str, Any]:
+    body = {
+        "vendor": "stripe",
+        "daily_usd_cap": 50,
+        "total_usd_cap": 200,
+        "allowed_endpoints": [STRIPE_PI],
+        "expires_in": "2h",
+        "agent_run_label": "argo/payments-run-1",
+    }
+    body.update(spec)
+    return body
+
+
+def events(client: TestClient, **params: str) -> list[dict[str, Any]]:
+    response = client.get("/vault/events", params={"limit": "1000", **params})
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"])
+
+
+def test_an_issuer_issues_within_its_policy(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW), resend_api_key="re_real") as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        token = issuer["issuer_token"]
+        assert token.startswith("kbi_") and issuer["static_token"] is True
+        shown = client.get(f"/vault/issuers/{issuer['issuer_id']}").json()
+        assert "issuer_token" not in shown and token not in str(shown)
+        response = client.post("/vault/keys", json=key_body(), headers=bearer(token))
+        assert response.status_code == 201, response.text
+        key = response.json()
+        assert key["issuer_id"] == issuer["issuer_id"]
+        budget = client.post(
+            "/vault/budgets",
+            json={
+                "agent_run_label": "argo/payments-run-1",
+                "daily_usd_cap": 100,
+                "total_usd_cap": 400,
+            },
+            headers=bearer(token),
+        )
+        assert budget.status_code == 201, budget.text
+        # A key with no caps of its own, bounded by its budget's.
+        on_budget = client.post(
+            "/vault/keys",
+            json=key_body(
+                daily_usd_cap=None,
+                total_usd_cap=None,
+                expires_in=None,
+                budget_id=budget.json()["budget_id"],
+            ),
+            headers=bearer(token),
+        )
+        assert on_budget.status_code == 201, on_budget.text
+        recorded = events(client, issuer_id=issuer["issuer_id"])
+    assert [e["action"] for e in reversed(recorded)] == ["key.issue", "budget.create", "key.issue"]
+    assert {e["outcome"] for e in recorded} == {"ok"}
+    assert recorded[-1]["actor"] == f"issuer {issuer['issuer_id']} (payments)"
+
+
+REFUSALS = [
+    ({"vendor": "resend", "allowed_endpoints": ["POST /emails"]}, "allowed_vendors"),
+    ({"allowed_endpoints": ["POST /v1/refunds"]}, "allowed_endpoints"),
+    ({"allowed_endpoints": ["POST /v1/*"]}, "allowed_endpoints"),  # wider than the issuer's
+    ({"daily_usd_cap": 150}, "max_daily_usd_cap"),
+    ({"total_usd_cap": 600}, "max_total_usd_cap"),
+    ({"total_usd_cap": None}, "max_total_usd_cap"),  # nothing bounds its life within $500
+    ({"daily_usd_cap": None, "total_usd_cap": 499}, "max_daily_usd_cap"),  # nor its day
+    ({"expires_in": "7h"}, "max_expires_in"),
+    ({"agent_run_label": "argo/growth-run-1"}, "label_prefix"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "limit"), REFUSALS, ids=[r[1] + str(i) for i, r in enumerate(REFUSALS)]
+)
+def test_an_issuer_is_refused_outside_its_policy_naming_the_limit(
+    tmp_path: Path, change: dict[str, Any], limit: str
+) -> None:
+    with app_client(tmp_path, Clock(NOW), resend_api_key="re_real") as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        body = {k: v for k, v in key_body(**change).items() if v is not None}
+        response = client.post("/vault/keys", json=body, headers=bearer(issuer["issuer_token"]))
+        keys = client.get("/vault/keys").json()["data"]
+        refused = events(client, refused="true")
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["type"] == "permission_error" and error["code"] == limit
+    assert keys == []  # nothing issued
+    assert [(e["action"], e["issuer_id"]) for e in refused] == [("key.issue", issuer["issuer_id"])]
+    assert refused[0]["outcome"] == f"refused: {error['message']}"
+
+
+def test_the_active_key_limit_counts_live_keys_only(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        auth = bearer(issuer["issuer_token"])
+        made = [client.post("/vault/keys", json=key_body(), headers=auth) for _ in range(4)]
+        assert [r.status_code for r in made] == [201, 201, 201, 403]
+        assert made[3].json()["error"]["code"] == "max_active_keys"
+        client.delete(f"/vault/keys/{made[0].json()['key_id']}", headers=auth)
+        again = client.post("/vault/keys", json=key_body(), headers=auth)
+    assert again.status_code == 201, again.text
+
+
+def test_an_issuer_sees_and_touches_only_its_own_labels(tmp_path: Path) -> None:
+    upstream = StubUpstream()
+    with app_client(tmp_path, Clock(NOW), upstream=upstream) as client:
+        payments = create_issuer(client, **PAYMENTS)
+        growth = create_issuer(
+            client, name="growth", label_prefix="argo/growth-", max_daily_usd_cap=100
+        )
+        mine = client.post(
+            "/vault/keys", json=key_body(), headers=bearer(payments["issuer_token"])
+        ).json()
+        theirs = client.post(
+            "/vault/keys",
+            json=key_body(agent_run_label="argo/growth-run-9"),
+            headers=bearer(growth["issuer_token"]),
+        ).json()
+        for key in (mine, theirs):  # one priced call each, for the audit log
+            call = client.post(
+                "/stripe/v1/payment_intents",
+                content=b"amount=100&currency=usd",
+                headers={
+                    **bearer(key["vault_key"]),
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
+            )
+            assert call.status_code == 200, call.text
+        auth = bearer(payments["issuer_token"])
+        listed = client.get("/vault/keys", headers=auth).json()["data"]
+        audit = client.get("/vault/audit", headers=auth).json()["data"]
+        shown = client.get(f"/vault/keys/{theirs['key_id']}", headers=auth)
+        revoked = client.delete(f"/vault/keys/{theirs['key_id']}", headers=auth)
+        patched = client.patch(
+            f"/vault/keys/{theirs['key_id']}",
+            json={"daily_usd_cap": 1, "reason": "not mine"},
+            headers=auth,
+        )
+        by_label = client.post(
+            "/vault/keys/revoke", json={"agent_run_label": "argo/growth-run-9"}, headers=auth
+        )
+        filtered = client.get("/vault/keys?label=argo/growth-run-9", headers=auth)
+        other_audit = client.get(f"/vault/audit?key_id={theirs['key_id']}", headers=auth)
+        still = client.get(f"/vault/keys/{theirs['key_id']}").json()
+        for forbidden in ("/vault/issuers", "/vault/events", "/vault/pricing"):
+            assert client.get(forbidden, headers=auth).status_code == 403
+        prune = client.post("/vault/audit/prune", json={"before": "1d"}, headers=auth)
+    assert [k["key_id"] for k in listed] == [mine["key_id"]]
+    assert {r["key_id"] for r in audit} == {mine["key_id"]}
+    for response in (shown, revoked, patched):
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "label_prefix"
+    assert by_label.status_code == filtered.status_code == 403
+    assert other_audit.json()["data"] == []
+    assert still["status"] == "active" and still["daily_usd_cap"] == "50.00"
+    assert prune.status_code == 403
+
+
+def test_a_deleted_issuers_token_is_refused_on_the_next_call(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        auth = bearer(issuer["issuer_token"])
+        kept = client.post("/vault/keys", json=key_body(), headers=auth).json()
+        assert client.get("/vault/keys", headers=auth).status_code == 200
+        deleted = client.delete(f"/vault/issuers/{issuer['issuer_id']}")
+        after = client.get("/vault/keys", headers=auth)
+        key = client.get(f"/vault/keys/{kept['key_id']}").json()
+        other = create_issuer(client, **{**PAYMENTS, "name": "payments-2"})
+        doomed = client.post(
+            "/vault/keys", json=key_body(), headers=bearer(other["issuer_token"])
+        ).json()
+        bulk = client.delete(f"/vault/issuers/{other['issuer_id']}?revoke=true")
+        doomed_now = client.get(f"/vault/keys/{doomed['key_id']}").json()
+        twice = client.delete(f"/vault/issuers/{other['issuer_id']}")
+        logins = events(client, action="login.refused")
+    assert deleted.status_code == 200 and deleted.json()["status"] == "deleted"
+    assert after.status_code == 401
+    assert key["status"] == "active"  # keys stay until revoked or expired...
+    assert bulk.json()["revoked_keys"] == [doomed["key_id"]]  # ...or revoked with it
+    assert doomed_now["status"] == "revoked"
+    assert twice.status_code == 409
+    assert len(logins) == 1 and logins[0]["outcome"] == "refused: unknown or deleted issuer token"
+    assert issuer["issuer_token"] not in str(logins)
+
+
+def test_issuers_are_managed_with_the_admin_token_only(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        auth = bearer(issuer["issuer_token"])
+        made = client.post("/vault/issuers", json={**PAYMENTS, "name": "mine"}, headers=auth)
+        removed = client.delete(f"/vault/issuers/{issuer['issuer_id']}", headers=auth)
+        clash = client.post("/vault/issuers", json=PAYMENTS)
+        bad = client.post(
+            "/vault/issuers", json={**PAYMENTS, "name": "x", "allowed_vendors": ["paypal"]}
+        )
+        no_prefix = client.post("/vault/issuers", json={"name": "y", "label_prefix": ""})
+    assert made.status_code == removed.status_code == 403
+    assert made.json()["error"]["code"] == "admin_only"
+    assert clash.status_code == 409 and bad.status_code == 400 and no_prefix.status_code == 400
+
+
+def test_kubernetes_bindings_cannot_overlap(tmp_path: Path) -> None:
+    binding = {"namespaces": ["team-a"], "service_accounts": ["keybrake-issuer"]}
+    with app_client(tmp_path, Clock(NOW)) as client:
+        first = create_issuer(client, name="a", label_prefix="argo/", kubernetes=binding)
+        again = client.post(
+            "/vault/issuers",
+            json={
+                "name": "b",
+                "label_prefix": "argo/",
+                "kubernetes": {"namespaces": ["team-a", "team-b"], "service_accounts": ["*"]},
+            },
+        )
+        other_audience = client.post(
+            "/vault/issuers",
+            json={
+                "name": "c",
+                "label_prefix": "argo/",
+                "kubernetes": {**binding, "audience": "elsewhere"},
+            },
+        )
+    assert first["issuer_token"] is None and first["static_token"] is False
+    assert again.status_code == 409 and "team-a/" in again.json()["error"]["message"]
+    assert other_audience.status_code == 201
+
+
+def test_an_issuer_bound_to_namespaces_issues_and_sees_only_those(tmp_path: Path) -> None:
+    binding = {"namespaces": ["team-a"], "service_accounts": ["keybrake-issuer"]}
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(
+            client, name="team-a", label_prefix="argo/", kubernetes=binding, static_token=True
+        )
+        auth = bearer(issuer["issuer_token"])
+        missing = client.post("/vault/keys", json=key_body(agent_run_label="argo/x"), headers=auth)
+        elsewhere = client.post(
+            "/vault/keys", json=key_body(agent_run_label="argo/x", namespace="team-b"), headers=auth
+        )
+        own = client.post(
+            "/vault/keys", json=key_body(agent_run_label="argo/x", namespace="team-a"), headers=auth
+        )
+        # The same workflow name in another namespace, issued by the admin.
+        foreign = client.post(
+            "/vault/keys", json=key_body(agent_run_label="argo/x", namespace="team-b")
+        ).json()
+        listed = client.get("/vault/keys", headers=auth).json()["data"]
+        revoke = client.post("/vault/keys/revoke", json={"agent_run_label": "argo/x"}, headers=auth)
+        foreign_now = client.get(f"/vault/keys/{foreign['key_id']}").json()
+    assert missing.status_code == elsewhere.status_code == 403
+    assert missing.json()["error"]["code"] == "namespaces"
+    assert own.status_code == 201 and own.json()["namespace"] == "team-a"
+    assert [k["key_id"] for k in listed] == [own.json()["key_id"]]
+    assert revoke.json()["revoked"] == 1 and foreign_now["status"] == "active"
+
+
+def test_revoking_a_label_can_be_narrowed_to_one_run(tmp_path: Path) -> None:
+    """Two workflows named `nightly` in two namespaces: the exit handler of one revokes only its
+    own keys, by namespace and workflow uid."""
+    with app_client(tmp_path, Clock(NOW)) as client:
+        runs = {
+            ns: client.post(
+                "/vault/keys",
+                json=key_body(
+                    agent_run_label="argo/nightly", namespace=ns, metadata={"uid": f"uid-{ns}"}
+                ),
+            ).json()
+            for ns in ("team-a", "team-b")
+        }
+        wrong_uid = client.post(
+            "/vault/keys/revoke",
+            json={
+                "agent_run_label": "argo/nightly",
+                "namespace": "team-a",
+                "workflow_uid": "uid-x",
+            },
+        ).json()
+        one = client.post(
+            "/vault/keys/revoke",
+            json={
+                "agent_run_label": "argo/nightly",
+                "namespace": "team-a",
+                "workflow_uid": "uid-team-a",
+            },
+        ).json()
+        states = {
+            ns: client.get(f"/vault/keys/{k['key_id']}").json()["status"] for ns, k in runs.items()
+        }
+    assert wrong_uid["revoked"] == 0
+    assert one["revoked"] == 1 and states == {"team-a": "revoked", "team-b": "active"}
+
+
+def test_an_issuers_patch_stays_within_its_maxima(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(client, **PAYMENTS)
+        auth = bearer(issuer["issuer_token"])
+        key = client.post("/vault/keys", json=key_body(), headers=auth).json()
+        path = f"/vault/keys/{key['key_id']}"
+        raise_too_far = client.patch(path, json={"daily_usd_cap": 101, "reason": "x"}, headers=auth)
+        extend_too_far = client.patch(path, json={"expires_in": "7h", "reason": "x"}, headers=auth)
+        within = client.patch(path, json={"daily_usd_cap": 100, "reason": "busy day"}, headers=auth)
+        admin_can = client.patch(path, json={"daily_usd_cap": 1000, "reason": "ops"})
+    assert raise_too_far.json()["error"].get("code") == "max_daily_usd_cap", raise_too_far.text
+    assert extend_too_far.json()["error"]["code"] == "max_expires_in"
+    assert within.status_code == 200 and admin_can.status_code == 200
+
+
+def test_an_idempotent_issue_replaces_the_earlier_key(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        issuer = create_issuer(client, **{**PAYMENTS, "max_active_keys": 1})
+        auth = {**bearer(issuer["issuer_token"]), "Idempotency-Key": "wf-uid-1/issue"}
+        first = client.post("/vault/keys", json=key_body(), headers=auth)
+        second = client.post("/vault/keys", json=key_body(), headers=auth)  # the step's retry
+        changed = client.post("/vault/keys", json=key_body(daily_usd_cap=20), headers=auth)
+        keys = client.get("/vault/keys").json()["data"]
+        recorded = events(client, action="key.issue")
+    assert first.status_code == second.status_code == 201  # the limit of 1 is not in the way
+    assert second.headers["Keybrake-Replaced"] == first.json()["key_id"]
+    assert second.json()["vault_key"] != first.json()["vault_key"]
+    assert {k["key_id"]: k["status"] for k in keys} == {
+        first.json()["key_id"]: "revoked",
+        second.json()["key_id"]: "active",
+    }
+    assert changed.status_code == 400 and changed.json()["error"]["type"] == "idempotency_error"
+    assert [e["outcome"].split(":")[0] for e in recorded] == ["refused", "ok", "ok"]
+
+
+async def _race(proxy: ProxyProcess, token: str, count: int, **headers: str) -> Counter[int]:
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
+
+        async def one(index: int) -> int:
+            response = await client.post(
+                "/vault/keys",
+                json=key_body(agent_run_label=f"argo/payments-race-{index % 3}")
+                if not headers
+                else key_body(),
+                headers={**bearer(token), **headers},
+            )
+            return response.status_code
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def _issuer_on(proxy: ProxyProcess, **spec: Any) -> dict[str, Any]:
+    with proxy.admin() as admin:
+        response = admin.post("/vault/issuers", json={**PAYMENTS, **spec})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def _active(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    with proxy.admin() as admin:
+        return list(admin.get("/vault/keys", params={"status": "active"}).json()["data"])
+
+
+def test_the_active_key_limit_is_exact_across_two_workers(tmp_path: Path) -> None:
+    proxy = start_proxy(tmp_path, workers=2)
+    try:
+        issuer = _issuer_on(proxy, max_active_keys=5)
+        statuses = asyncio.run(_race(proxy, issuer["issuer_token"], 40))
+        active = _active(proxy)
+    finally:
+        proxy.stop()
+    assert statuses == {201: 5, 403: 35}
+    assert len(active) == 5
+
+
+@pytest.mark.postgres
+def test_the_active_key_limit_and_idempotent_issues_are_exact_across_replicas(
+    tmp_path: Path, pg_url: str
+) -> None:
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+    procs = [start_proxy(tmp_path / str(i), database_url=pg_url) for i in range(2)]
+    try:
+        issuer = _issuer_on(procs[0], max_active_keys=5)
+
+        async def both(**headers: str) -> Counter[int]:
+            counts = await asyncio.gather(
+                *(_race(p, issuer["issuer_token"], 20, **headers) for p in procs)
+            )
+            return counts[0] + counts[1]
+
+        limited = asyncio.run(both())
+        first = _active(procs[0])
+        for key in first:
+            with procs[0].admin() as admin:
+                admin.delete(f"/vault/keys/{key['key_id']}")
+        retried = asyncio.run(both(**{"Idempotency-Key": "wf-uid-7/issue-vault-key"}))
+        after = _active(procs[1])
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert limited == {201: 5, 403: 35} and len(first) == 5
+    # 40 attempts of one issue step, on two replicas at once: one live key at the end.
+    assert retried == {201: 40}
+    assert len(after) == 1
