@@ -3,24 +3,34 @@ template: it runs in a pod (python:3.12-alpine, standard library only), never im
 keybrake itself except in tests.
 
 Inputs come from environment variables the template sets (never spliced into this source, so no
-parameter value can change the code). The admin token comes from a Secret. It asks the keybrake
-proxy for a vault key (POST /vault/keys) or, with KEYBRAKE_ISSUE=budget, for a budget (POST
-/vault/budgets), and writes the ids (and the key) where Argo collects the step's output
-parameters. The vault key itself is never printed.
+parameter value can change the code). The credential is the pod's projected service-account
+token, or an issuer token from a Secret. It asks the keybrake proxy for a vault key (POST
+/vault/keys) or, with KEYBRAKE_ISSUE=budget, for a budget (POST /vault/budgets), with an
+`Idempotency-Key` that every retry of the step repeats: the proxy then revokes what an earlier
+attempt issued and answers a fresh one, so a retried step never leaves two live keys.
 
-Exit codes: 0 issued; 77 the proxy refused (an HTTP 4xx: bad input or admin token) or an input is
-invalid, so a retry cannot help; 75 the proxy stayed unreachable or answered 5xx after every
+With KEYBRAKE_DELIVERY=secret (the default) the vault key goes into a Secret of the run, created
+through the Kubernetes API with the pod's own service account (ownerReferences: the Workflow, so
+it is deleted with it); only the Secret's name becomes an output. With `parameter` the key itself
+is the output `vault_key` (and so visible in the Workflow object). The key is never printed.
+
+Exit codes: 0 issued; 77 refused (an HTTP 4xx from the proxy or the Kubernetes API, or an invalid
+input), so a retry cannot help; 75 a server stayed unreachable or answered 5xx after every
 attempt; 1 the key was issued but its outputs could not be written (the exit handler then revokes
 it by label).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
@@ -34,7 +44,11 @@ TIMEOUT_SECONDS = 15.0
 
 # --- HTTP to the proxy: the same block in _step_issue.py and _step_revoke.py (a test checks) ---
 class Unavailable(Exception):
-    """The proxy could not be reached, or answered 5xx, on every attempt."""
+    """The server could not be reached, or answered 5xx, on every attempt."""
+
+
+class InputError(Exception):
+    """An input the template passed is missing or malformed."""
 
 
 def call_proxy(
@@ -43,20 +57,26 @@ def call_proxy(
     token: str,
     payload: Any = None,
     sleep: Callable[[float], None] = time.sleep,
+    *,
+    headers: Mapping[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
-    """One admin call with retries: connection errors, timeouts and 5xx are retried with
-    backoff; any other answer is returned as (status, decoded JSON body or None)."""
+    """One HTTP call with retries (to the proxy, or the Kubernetes API): connection errors,
+    timeouts and 5xx are retried with backoff; any other answer is returned as (status, decoded
+    JSON body or None)."""
     if not url.startswith(("http://", "https://")):
-        raise Unavailable(f"the proxy URL must start with http:// or https://, got {url!r}")
+        raise Unavailable(f"the URL must start with http:// or https://, got {url!r}")
     data = None if payload is None else json.dumps(payload).encode()
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    sent = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(headers or {})}
     if data is not None:
-        headers["Content-Type"] = "application/json"
+        sent["Content-Type"] = "application/json"
     problem = ""
     for delay in (*BACKOFF_SECONDS, None):
-        request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+        request = urllib.request.Request(url, data, sent, method=method)  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=TIMEOUT_SECONDS, context=context
+            ) as response:
                 return response.status, decode(response.read())
         except urllib.error.HTTPError as exc:
             body = decode(exc.read())
@@ -81,11 +101,14 @@ def decode(raw: bytes) -> Any:
 
 
 def error_message(body: Any) -> str:
-    """The proxy's error envelope, {"error": {"type": T, "message": M} }, as one line."""
+    """The error as one line: the proxy's envelope (an "error" object with "type" and
+    "message"), or a Kubernetes Status (its "message")."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         kind, message = error.get("type", ""), error.get("message", "")
         return f"{message} ({kind})" if kind else str(message)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
     return ""
 
 
@@ -98,11 +121,38 @@ def present(value: str | None) -> str:
     return "" if value.startswith(UNRESOLVED) else value
 
 
+def credentials(env: Mapping[str, str]) -> tuple[str, ssl.SSLContext | None]:
+    """The token this step presents to the proxy, read fresh: the pod's projected
+    service-account token (KEYBRAKE_TOKEN_FILE, rotated by the kubelet), else an issuer token
+    from a Secret (KEYBRAKE_API_KEY); and the TLS context for an https proxy whose CA is in
+    KEYBRAKE_CA_BUNDLE (else the system's)."""
+    token_file = present(env.get("KEYBRAKE_TOKEN_FILE"))
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as source:
+                token = source.read().strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read the service-account token at {token_file} ({exc}): the template "
+                "projects it (serviceAccountToken volume, audience keybrake)"
+            ) from exc
+    else:
+        token = present(env.get("KEYBRAKE_API_KEY"))
+    if not token:
+        raise InputError(
+            "no credential: neither KEYBRAKE_TOKEN_FILE (a projected service-account token) nor "
+            "KEYBRAKE_API_KEY (an issuer token from a Secret, default keybrake-credentials, key "
+            "api_key) is set"
+        )
+    bundle = present(env.get("KEYBRAKE_CA_BUNDLE"))
+    try:
+        context = ssl.create_default_context(cafile=bundle) if bundle else None
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(f"KEYBRAKE_CA_BUNDLE {bundle}: not a usable CA bundle ({exc})") from exc
+    return token, context
+
+
 # --- end of the shared block -------------------------------------------------------------------
-
-
-class InputError(Exception):
-    """An input the template passed is missing or malformed."""
 
 
 def required(env: Mapping[str, str], name: str, what: str) -> str:
@@ -185,6 +235,9 @@ def build_request(env: Mapping[str, str]) -> dict[str, Any]:
             )
         body["expires_in"] = required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 2h")
     body["metadata"] = run_metadata(env)
+    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
+    if namespace:
+        body["namespace"] = namespace
     return body
 
 
@@ -198,6 +251,9 @@ def build_budget_request(env: Mapping[str, str]) -> dict[str, Any]:
     if "daily_usd_cap" not in body and "total_usd_cap" not in body:
         raise InputError("give total_usd_cap (the run's whole life) and/or daily_usd_cap")
     body["metadata"] = run_metadata(env)
+    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
+    if namespace:
+        body["namespace"] = namespace
     return body
 
 
@@ -214,24 +270,147 @@ def describe(caps_given: Mapping[str, Any]) -> str:
     return ", ".join(shown)
 
 
+def request_id(env: Mapping[str, str], body: Mapping[str, Any]) -> str:
+    """What every retry of this step sends as its Idempotency-Key: the template's request id
+    (the run's uid and the task name), else one derived from the run and the request itself."""
+    given = present(env.get("KEYBRAKE_REQUEST_ID"))
+    if given:
+        return given[:255]
+    canonical = json.dumps(body, sort_keys=True).encode()
+    uid = present(env.get("KEYBRAKE_WORKFLOW_UID")) or "no-uid"
+    return f"{uid}/{hashlib.sha256(canonical).hexdigest()[:16]}"
+
+
+class SecretRefused(Exception):
+    """The Kubernetes API refused to create the run's key Secret."""
+
+
+def kubernetes(env: Mapping[str, str]) -> tuple[str, str, ssl.SSLContext]:
+    """The API server's URL, this pod's token for it, and the cluster CA, as Kubernetes gives
+    every pod (KUBERNETES_SERVICE_HOST/PORT, and the service-account mount)."""
+    host = present(env.get("KUBERNETES_SERVICE_HOST"))
+    port = present(env.get("KUBERNETES_SERVICE_PORT")) or "443"
+    folder = present(env.get("KEYBRAKE_KUBE_DIR"))
+    if not host or not folder:
+        raise InputError(
+            "delivery secret needs the Kubernetes API (KUBERNETES_SERVICE_HOST and the "
+            "service-account mount); use delivery parameter outside a cluster"
+        )
+    try:
+        with open(os.path.join(folder, "token"), encoding="utf-8") as source:
+            token = source.read().strip()
+        context = ssl.create_default_context(cafile=os.path.join(folder, "ca.crt"))
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(
+            f"cannot read this pod's service-account token and CA in {folder} ({exc}); is "
+            "automountServiceAccountToken off?"
+        ) from exc
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}:{port}", token, context
+
+
+def secret_name(env: Mapping[str, str], request: str) -> str:
+    """`keybrake-<workflow uid>-<8 hex of the request id>`: one per issue step of the run."""
+    uid = (present(env.get("KEYBRAKE_WORKFLOW_UID")) or "run").lower()
+    uid = "".join(c for c in uid if c.isalnum() or c == "-")[:63] or "run"
+    return f"keybrake-{uid}-{hashlib.sha256(request.encode()).hexdigest()[:8]}"
+
+
+def _label(value: str) -> str:
+    """A valid label value: at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric."""
+    kept = "".join(c if c.isalnum() or c in "-_." else "-" for c in value)[:63]
+    return kept.strip("-_.") or "unknown"
+
+
+def store_in_secret(
+    env: Mapping[str, str],
+    key_id: str,
+    vault_key: str,
+    request: str,
+    sleep: Callable[[float], None],
+) -> str:
+    """Create the run's Secret holding the key; its name. A name taken by an earlier attempt of
+    this step (whose key the proxy has just revoked) gets the next suffix: this pod may create
+    Secrets, and nothing more (Kubernetes cannot grant `create` by name)."""
+    api, token, context = kubernetes(env)
+    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
+    workflow = present(env.get("KEYBRAKE_WORKFLOW_NAME"))
+    uid = present(env.get("KEYBRAKE_WORKFLOW_UID"))
+    if not namespace:
+        raise InputError("KEYBRAKE_WORKFLOW_NAMESPACE is empty (the workflow's namespace)")
+    base = secret_name(env, request)
+    metadata: dict[str, Any] = {
+        "labels": {
+            "app.kubernetes.io/managed-by": "keybrake",
+            "keybrake.dev/workflow": _label(workflow),
+            "keybrake.dev/key-id": _label(key_id),
+        },
+    }
+    if workflow and uid:
+        # Deleted with the Workflow; blockOwnerDeletion false needs no rights on Workflows.
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": "argoproj.io/v1alpha1",
+                "kind": "Workflow",
+                "name": workflow,
+                "uid": uid,
+                "blockOwnerDeletion": False,
+            }
+        ]
+    url = f"{api}/api/v1/namespaces/{urllib.parse.quote(namespace, safe='')}/secrets"
+    for attempt in range(1, 11):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {**metadata, "name": name},
+            "stringData": {"vault_key": vault_key},
+        }
+        status, answer = call_proxy("POST", url, token, secret, sleep, context=context)
+        if 200 <= status < 300:
+            return name
+        if status != 409:
+            raise SecretRefused(f"HTTP {status}: {error_message(answer) or 'no message'}")
+    raise SecretRefused(f"Secrets {base} to {base}-10 all exist already")
+
+
+def write_outputs(output_dir: str, outputs: Mapping[str, str]) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    for name, value in outputs.items():
+        with open(os.path.join(output_dir, name), "w", encoding="utf-8") as out:
+            out.write(value)
+
+
 def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = time.sleep) -> int:
     budget = present(env.get("KEYBRAKE_ISSUE")) == "budget"
     what = "a budget" if budget else "a vault key"
+    delivery = present(env.get("KEYBRAKE_DELIVERY")) or "secret"
     try:
         proxy = required(env, "KEYBRAKE_URL", "the proxy_url input").rstrip("/")
-        token = required(
-            env,
-            "KEYBRAKE_API_KEY",
-            "it comes from a Secret (default keybrake-credentials, key api_key)",
-        )
+        token, context = credentials(env)
         output_dir = required(env, "KEYBRAKE_OUTPUT_DIR", "where the outputs are written")
         body = build_budget_request(env) if budget else build_request(env)
+        if not budget and delivery not in ("secret", "parameter"):
+            raise InputError(f"KEYBRAKE_DELIVERY must be secret or parameter, got {delivery!r}")
+        if not budget and delivery == "secret":
+            kubernetes(env)  # before issuing: a key nobody can deliver is not issued
     except InputError as exc:
         print(f"keybrake: cannot issue {what}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     path = "/vault/budgets" if budget else "/vault/keys"
+    request = request_id(env, body)
     try:
-        status, answer = call_proxy("POST", f"{proxy}{path}", token, body, sleep)
+        status, answer = call_proxy(
+            "POST",
+            f"{proxy}{path}",
+            token,
+            body,
+            sleep,
+            headers={"Idempotency-Key": request},
+            context=context,
+        )
     except Unavailable as exc:
         print(f"keybrake: cannot issue {what}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -242,23 +421,35 @@ def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = t
         )
         return EXIT_REFUSED
     answer = answer if isinstance(answer, dict) else {}
-    outputs = (
-        {"budget_id": str(answer.get("budget_id", ""))}
-        if budget
-        else {
+    if budget:
+        outputs = {"budget_id": str(answer.get("budget_id", ""))}
+    else:
+        outputs = {
             "key_id": str(answer.get("key_id", "")),
             "vault_key": str(answer.get("vault_key", "")),
         }
-    )
     if not all(outputs.values()):
         print(f"keybrake: the proxy answered without {', '.join(outputs)}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     issued = outputs.get("key_id") or outputs["budget_id"]
+    if not budget and delivery == "secret":
+        vault_key = outputs.pop("vault_key")
+        try:
+            outputs["vault_key_secret"] = store_in_secret(env, issued, vault_key, request, sleep)
+        except (SecretRefused, InputError, Unavailable) as exc:
+            # Nobody can use the key: take it back now rather than at the end of the run.
+            with_id = f"{proxy}/vault/keys/{urllib.parse.quote(issued, safe='')}"
+            with contextlib.suppress(Unavailable):
+                call_proxy("DELETE", with_id, token, None, sleep, context=context)
+            print(
+                f"keybrake: issued {issued} but could not store it in a Secret of the run "
+                f"({exc}); revoked it. The issue step's service account needs `create` on "
+                "Secrets in this namespace (templates/rbac/keybrake-issuer.yaml)",
+                file=sys.stderr,
+            )
+            return EXIT_UNAVAILABLE if isinstance(exc, Unavailable) else EXIT_REFUSED
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        for name, value in outputs.items():
-            with open(os.path.join(output_dir, name), "w", encoding="utf-8") as out:
-                out.write(value)
+        write_outputs(output_dir, outputs)
     except OSError as exc:
         print(
             f"keybrake: issued {issued} but could not write the step outputs ({exc}); "
@@ -271,9 +462,10 @@ def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = t
         detail = f"caps {caps_shown}"
     else:
         on = f", on budget {body['budget_id']}" if "budget_id" in body else ""
+        into = f", in Secret {outputs['vault_key_secret']}" if "vault_key_secret" in outputs else ""
         detail = (
             f"for {body['vendor']}: {caps_shown or 'no caps of its own'}{on}, "
-            f"endpoints {', '.join(body['allowed_endpoints'])}"
+            f"endpoints {', '.join(body['allowed_endpoints'])}{into}"
         )
     print(
         f"keybrake: issued {issued} {detail}, "

@@ -5,8 +5,10 @@ keybrake itself except in tests.
 It runs whatever happened to the workflow (success, failure, error, stop, deadline). It revokes the
 run's budget by its id (which revokes every key drawing on it) and the run's vault key by its id;
 with neither id (the issue steps never ran, or failed after issuing) it revokes by the run's label
-`argo/<workflow>`, keys and budgets. "Already revoked" and an unknown id count as done. It prints a
-one-line spend summary and writes it as the step's output.
+`argo/<workflow>`, keys and budgets, narrowed to the run's namespace and uid. Its credential is
+the pod's projected service-account token (or an issuer token from a Secret). "Already revoked"
+and an unknown id count as done. It prints a one-line spend summary and writes it as the step's
+output.
 
 It always exits 0: a teardown problem is reported in the summary, never turned into a failed
 workflow (the key still expires on its own).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -31,7 +34,11 @@ TIMEOUT_SECONDS = 15.0
 
 # --- HTTP to the proxy: the same block in _step_issue.py and _step_revoke.py (a test checks) ---
 class Unavailable(Exception):
-    """The proxy could not be reached, or answered 5xx, on every attempt."""
+    """The server could not be reached, or answered 5xx, on every attempt."""
+
+
+class InputError(Exception):
+    """An input the template passed is missing or malformed."""
 
 
 def call_proxy(
@@ -40,20 +47,26 @@ def call_proxy(
     token: str,
     payload: Any = None,
     sleep: Callable[[float], None] = time.sleep,
+    *,
+    headers: Mapping[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
-    """One admin call with retries: connection errors, timeouts and 5xx are retried with
-    backoff; any other answer is returned as (status, decoded JSON body or None)."""
+    """One HTTP call with retries (to the proxy, or the Kubernetes API): connection errors,
+    timeouts and 5xx are retried with backoff; any other answer is returned as (status, decoded
+    JSON body or None)."""
     if not url.startswith(("http://", "https://")):
-        raise Unavailable(f"the proxy URL must start with http:// or https://, got {url!r}")
+        raise Unavailable(f"the URL must start with http:// or https://, got {url!r}")
     data = None if payload is None else json.dumps(payload).encode()
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    sent = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(headers or {})}
     if data is not None:
-        headers["Content-Type"] = "application/json"
+        sent["Content-Type"] = "application/json"
     problem = ""
     for delay in (*BACKOFF_SECONDS, None):
-        request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+        request = urllib.request.Request(url, data, sent, method=method)  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                request, timeout=TIMEOUT_SECONDS, context=context
+            ) as response:
                 return response.status, decode(response.read())
         except urllib.error.HTTPError as exc:
             body = decode(exc.read())
@@ -78,11 +91,14 @@ def decode(raw: bytes) -> Any:
 
 
 def error_message(body: Any) -> str:
-    """The proxy's error envelope, {"error": {"type": T, "message": M} }, as one line."""
+    """The error as one line: the proxy's envelope (an "error" object with "type" and
+    "message"), or a Kubernetes Status (its "message")."""
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         kind, message = error.get("type", ""), error.get("message", "")
         return f"{message} ({kind})" if kind else str(message)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
     return ""
 
 
@@ -93,6 +109,37 @@ def present(value: str | None) -> str:
     """A parameter Argo left unresolved still starts with two braces: treat it as missing."""
     value = (value or "").strip()
     return "" if value.startswith(UNRESOLVED) else value
+
+
+def credentials(env: Mapping[str, str]) -> tuple[str, ssl.SSLContext | None]:
+    """The token this step presents to the proxy, read fresh: the pod's projected
+    service-account token (KEYBRAKE_TOKEN_FILE, rotated by the kubelet), else an issuer token
+    from a Secret (KEYBRAKE_API_KEY); and the TLS context for an https proxy whose CA is in
+    KEYBRAKE_CA_BUNDLE (else the system's)."""
+    token_file = present(env.get("KEYBRAKE_TOKEN_FILE"))
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as source:
+                token = source.read().strip()
+        except OSError as exc:
+            raise InputError(
+                f"cannot read the service-account token at {token_file} ({exc}): the template "
+                "projects it (serviceAccountToken volume, audience keybrake)"
+            ) from exc
+    else:
+        token = present(env.get("KEYBRAKE_API_KEY"))
+    if not token:
+        raise InputError(
+            "no credential: neither KEYBRAKE_TOKEN_FILE (a projected service-account token) nor "
+            "KEYBRAKE_API_KEY (an issuer token from a Secret, default keybrake-credentials, key "
+            "api_key) is set"
+        )
+    bundle = present(env.get("KEYBRAKE_CA_BUNDLE"))
+    try:
+        context = ssl.create_default_context(cafile=bundle) if bundle else None
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(f"KEYBRAKE_CA_BUNDLE {bundle}: not a usable CA bundle ({exc})") from exc
+    return token, context
 
 
 # --- end of the shared block -------------------------------------------------------------------
@@ -130,27 +177,41 @@ def spend(items: list[dict[str, Any]]) -> str:
     )
 
 
-def revoke_by_id(proxy: str, token: str, key_id: str, sleep: Callable[[float], None]) -> str:
-    url = f"{proxy}/vault/keys/{urllib.parse.quote(key_id, safe='')}"
-    status, answer = call_proxy("DELETE", url, token, None, sleep)
+class Proxy:
+    """The proxy as this step reaches it: URL, credential, TLS context, and the sleep to back
+    off with."""
+
+    def __init__(
+        self, url: str, token: str, context: ssl.SSLContext | None, sleep: Callable[[float], None]
+    ) -> None:
+        self.url, self.token, self.context, self.sleep = url, token, context, sleep
+
+    def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        return call_proxy(
+            method, f"{self.url}{path}", self.token, payload, self.sleep, context=self.context
+        )
+
+
+def revoke_by_id(proxy: Proxy, key_id: str) -> str:
+    path = f"/vault/keys/{urllib.parse.quote(key_id, safe='')}"
+    status, answer = proxy.call("DELETE", path)
     if status == 404:
         return f"key {key_id} is unknown to the proxy: nothing to revoke"
     if not 200 <= status < 300 or not isinstance(answer, dict):
         return f"WARNING: could not revoke {key_id}: HTTP {status}: {error_message(answer)}"
     if "spent_usd" not in answer:
-        status, info = call_proxy("GET", url, token, None, sleep)
+        status, info = proxy.call("GET", path)
         if 200 <= status < 300 and isinstance(info, dict):
             answer = {**info, "status": answer.get("status", info.get("status"))}
     state = answer.get("status", "revoked")
     return f"key {key_id} {state}: {spend([answer])}"
 
 
-def revoke_budget(
-    proxy: str, token: str, budget_id: str, sleep: Callable[[float], None]
-) -> tuple[str, list[str]]:
+def revoke_budget(proxy: Proxy, budget_id: str) -> tuple[str, list[str]]:
     """Revoke the budget, and so every key drawing on it: (summary, those keys' ids)."""
-    url = f"{proxy}/vault/budgets/{urllib.parse.quote(budget_id, safe='')}"
-    status, answer = call_proxy("DELETE", url, token, None, sleep)
+    status, answer = proxy.call(
+        "DELETE", f"/vault/budgets/{urllib.parse.quote(budget_id, safe='')}"
+    )
     if status == 404:
         return f"budget {budget_id} is unknown to the proxy: nothing to revoke", []
     if not 200 <= status < 300 or not isinstance(answer, dict):
@@ -163,9 +224,15 @@ def revoke_budget(
     return f"budget {budget_id} {state} with its {len(keys)} key(s): {spend([answer])}", keys
 
 
-def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float], None]) -> str:
+def revoke_by_label(proxy: Proxy, label: str, namespace: str, uid: str) -> str:
+    """Everything of this run: its label, narrowed to its namespace and workflow uid, so a run
+    of the same name in another namespace keeps its keys."""
     payload = {"agent_run_label": label}
-    status, answer = call_proxy("POST", f"{proxy}/vault/keys/revoke", token, payload, sleep)
+    if namespace:
+        payload["namespace"] = namespace
+    if uid:
+        payload["workflow_uid"] = uid
+    status, answer = proxy.call("POST", "/vault/keys/revoke", payload)
     if not 200 <= status < 300 or not isinstance(answer, dict):
         reason = error_message(answer)
         return f"WARNING: could not revoke keys labelled {label}: HTTP {status}: {reason}"
@@ -179,32 +246,31 @@ def revoke_by_label(proxy: str, token: str, label: str, sleep: Callable[[float],
 
 
 def summarize(env: Mapping[str, str], sleep: Callable[[float], None]) -> str:
-    proxy = present(env.get("KEYBRAKE_URL")).rstrip("/")
-    token = present(env.get("KEYBRAKE_API_KEY"))
+    url = present(env.get("KEYBRAKE_URL")).rstrip("/")
     key_id = present(env.get("KEYBRAKE_KEY_ID"))
     budget_id = present(env.get("KEYBRAKE_BUDGET_ID"))
     label = present(env.get("KEYBRAKE_LABEL"))
-    if not proxy or not token:
-        missing = (
-            "KEYBRAKE_URL"
-            if not proxy
-            else "KEYBRAKE_API_KEY (from a Secret, default keybrake-credentials, key api_key)"
-        )
-        return (
-            f"WARNING: could not revoke: {missing} is empty; the key stays usable until it expires"
-        )
+    if not url:
+        return "WARNING: could not revoke: KEYBRAKE_URL is empty; the key stays usable until expiry"
+    try:
+        token, context = credentials(env)
+    except InputError as exc:
+        return f"WARNING: could not revoke: {exc}; the key stays usable until it expires"
+    proxy = Proxy(url, token, context, sleep)
     try:
         done: list[str] = []
         covered: list[str] = []
         if budget_id:
-            summary, covered = revoke_budget(proxy, token, budget_id, sleep)
+            summary, covered = revoke_budget(proxy, budget_id)
             done.append(summary)
         if key_id and key_id not in covered:  # a key drawing on the budget went with it
-            done.append(revoke_by_id(proxy, token, key_id, sleep))
+            done.append(revoke_by_id(proxy, key_id))
         if done:
             return "; ".join(done)
         if label:
-            return revoke_by_label(proxy, token, label, sleep)
+            namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
+            uid = present(env.get("KEYBRAKE_WORKFLOW_UID"))
+            return revoke_by_label(proxy, label, namespace, uid)
         return "WARNING: could not revoke: neither an id nor a run label was passed"
     except Unavailable as exc:
         return f"WARNING: could not revoke: {exc}; the key stays usable until it expires"

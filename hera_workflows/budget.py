@@ -44,10 +44,15 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
     return script_step(
         name,
         step="issue",
+        proxy=proxy,
         inputs=[
             optional("total_usd_cap", "USD the whole run may spend, however long it lives"),
             optional("daily_usd_cap", "USD the run may spend in any 24 hours"),
             Parameter(name="expires_in", default="6h", description="budget lifetime, e.g. 6h"),
+            optional(
+                "request_id",
+                "the same for every retry of this step (a retry then replaces, never adds)",
+            ),
             Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
         ],
         outputs=[
@@ -60,10 +65,10 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
         env=[
             EnvVar(name="KEYBRAKE_ISSUE", value="budget"),
             EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
-            proxy.admin_token_env(),
             EnvVar(name="KEYBRAKE_TOTAL_USD_CAP", value=given("total_usd_cap")),
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
             EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
+            EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
             *run_env(),
         ],
         retry=default_retry_strategy(limit=2),
@@ -109,6 +114,7 @@ def issue_budget(
     arguments = {
         **{name: value for name, value in caps.items() if value},
         "expires_in": _duration(expires_in),
+        "request_id": f"{{{{workflow.uid}}}}/{name}",
         "proxy_url": proxy.url,
     }
     if any(getattr(task, "name", None) == name for task in dag.tasks):

@@ -1,9 +1,19 @@
-"""How the keybrake steps reach the proxy: its URL and the Secret holding the admin token.
+"""How the keybrake steps reach the proxy, and how they prove who they are.
 
-The URL is a template parameter with an in-cluster default. The admin token is read from a
-Kubernetes Secret into the step pod's environment (`secretKeyRef`), never passed as a parameter:
-parameters are stored in the Workflow object, shown by `argo get` and kept in the archive.
-See <https://argo-workflows.readthedocs.io/en/latest/walk-through/secrets/>.
+The URL is a template parameter with an in-cluster default. No credential is ever a parameter
+(parameters are stored in the Workflow object, shown by `argo get` and kept in the archive):
+
+- `auth="serviceaccount"` (the default): each keybrake step pod runs as `service_account`
+  (`keybrake-issuer`, shipped in templates/rbac/; None: the workflow's) and presents a projected
+  service-account token for `audience`, which the kubelet mounts from a projected volume and
+  rotates, valid for `token_expiration_seconds`. The proxy verifies it against the cluster and
+  acts as the issuer bound to that namespace and service account (`keybrake issuers create
+  --k8s-namespace ...`): the workflow namespace holds no keybrake secret at all.
+- `auth="token"`: the steps read an issuer token (`keybrake issuers create`, never the admin
+  token) from the Secret `secret_name`, key `secret_key`.
+
+`ca_configmap` names a ConfigMap whose `ca.crt` is the CA of an https proxy.
+See <https://kubernetes.io/docs/concepts/storage/projected-volumes/#serviceaccounttoken>.
 """
 
 from __future__ import annotations
@@ -11,15 +21,29 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hera.workflows.models import EnvVar, EnvVarSource, SecretKeySelector
+from hera.workflows.models import (
+    ConfigMapProjection,
+    EnvVar,
+    EnvVarSource,
+    KeyToPath,
+    ProjectedVolumeSource,
+    SecretKeySelector,
+    ServiceAccountTokenProjection,
+    Volume,
+    VolumeMount,
+    VolumeProjection,
+)
 
 from .errors import TemplateConfigError
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
+    "CA_BUNDLE",
     "DEFAULT_PROXY_URL",
     "DEFAULT_SECRET_KEY",
     "DEFAULT_SECRET_NAME",
+    "ISSUER_SERVICE_ACCOUNT",
+    "TOKEN_FILE",
     "ProxyConnection",
     "is_expression",
 ]
@@ -28,9 +52,15 @@ DEFAULT_PROXY_URL = "http://keybrake.keybrake.svc.cluster.local:8080"
 DEFAULT_SECRET_NAME = "keybrake-credentials"  # noqa: S105 - a Secret's name, not a secret
 DEFAULT_SECRET_KEY = "api_key"  # noqa: S105 - a key within that Secret
 ADMIN_TOKEN_ENV = "KEYBRAKE_API_KEY"  # noqa: S105 - an env var name, as the keybrake CLI reads
+ISSUER_SERVICE_ACCOUNT = "keybrake-issuer"
+TOKEN_DIR = "/var/run/secrets/keybrake"  # noqa: S105 - a mount path
+TOKEN_FILE = f"{TOKEN_DIR}/token"
+CA_DIR = "/etc/keybrake/ca"
+CA_BUNDLE = f"{CA_DIR}/ca.crt"
 
-_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_AUTH = ("serviceaccount", "token")
 
 
 def is_expression(value: str) -> bool:
@@ -40,11 +70,16 @@ def is_expression(value: str) -> bool:
 
 @dataclass(frozen=True)
 class ProxyConnection:
-    """Where the steps find the proxy, and which Secret key holds the admin token."""
+    """Where the steps find the proxy, and the credential they present."""
 
     url: str = DEFAULT_PROXY_URL
+    auth: str = "serviceaccount"
+    service_account: str | None = ISSUER_SERVICE_ACCOUNT
+    audience: str = "keybrake"
+    token_expiration_seconds: int = 600
     secret_name: str = DEFAULT_SECRET_NAME
     secret_key: str = DEFAULT_SECRET_KEY
+    ca_configmap: str | None = None
 
     def __post_init__(self) -> None:
         if not is_expression(self.url) and not self.url.startswith(("http://", "https://")):
@@ -52,20 +87,84 @@ class ProxyConnection:
                 f"proxy url must start with http:// or https://, got {self.url!r} "
                 f"(e.g. {DEFAULT_PROXY_URL})"
             )
-        if not _SECRET_NAME.match(self.secret_name):
+        if self.auth not in _AUTH:
             raise TemplateConfigError(
-                f"secret_name must be a Kubernetes Secret name, got {self.secret_name!r}"
+                f"auth must be 'serviceaccount' (a projected token, no secret) or 'token' "
+                f"(an issuer token from a Secret), got {self.auth!r}"
             )
+        for what, value in (
+            ("service_account", self.service_account or "x"),
+            ("secret_name", self.secret_name),
+            ("ca_configmap", self.ca_configmap or "x"),
+        ):
+            if not _NAME.match(value):
+                raise TemplateConfigError(f"{what} must be a Kubernetes name, got {value!r}")
         if not _SECRET_KEY.match(self.secret_key):
             raise TemplateConfigError(
                 f"secret_key must be a Secret data key, got {self.secret_key!r}"
             )
+        if not 600 <= self.token_expiration_seconds <= 86400:
+            raise TemplateConfigError(
+                "token_expiration_seconds: Kubernetes projects tokens for 600 to 86400 seconds, "
+                f"got {self.token_expiration_seconds}"
+            )
 
-    def admin_token_env(self) -> EnvVar:
-        """The step pod's `KEYBRAKE_API_KEY`, read from the Secret."""
-        return EnvVar(
-            name=ADMIN_TOKEN_ENV,
-            value_from=EnvVarSource(
-                secret_key_ref=SecretKeySelector(name=self.secret_name, key=self.secret_key)
-            ),
-        )
+    def credential_env(self) -> list[EnvVar]:
+        """The step pod's credential: where its projected token is, or the issuer token."""
+        env = []
+        if self.auth == "serviceaccount":
+            env.append(EnvVar(name="KEYBRAKE_TOKEN_FILE", value=TOKEN_FILE))
+        else:
+            env.append(
+                EnvVar(
+                    name=ADMIN_TOKEN_ENV,
+                    value_from=EnvVarSource(
+                        secret_key_ref=SecretKeySelector(name=self.secret_name, key=self.secret_key)
+                    ),
+                )
+            )
+        if self.ca_configmap:
+            env.append(EnvVar(name="KEYBRAKE_CA_BUNDLE", value=CA_BUNDLE))
+        return env
+
+    def volumes(self) -> list[Volume]:
+        volumes = []
+        if self.auth == "serviceaccount":
+            token = ServiceAccountTokenProjection(
+                audience=self.audience,
+                expiration_seconds=self.token_expiration_seconds,
+                path="token",
+            )
+            volumes.append(
+                Volume(
+                    name="keybrake-token",
+                    projected=ProjectedVolumeSource(
+                        sources=[VolumeProjection(service_account_token=token)]
+                    ),
+                )
+            )
+        if self.ca_configmap:
+            ca = ConfigMapProjection(
+                name=self.ca_configmap, items=[KeyToPath(key="ca.crt", path="ca.crt")]
+            )
+            volumes.append(
+                Volume(
+                    name="keybrake-ca",
+                    projected=ProjectedVolumeSource(sources=[VolumeProjection(config_map=ca)]),
+                )
+            )
+        return volumes
+
+    def volume_mounts(self) -> list[VolumeMount]:
+        mounts = []
+        if self.auth == "serviceaccount":
+            mounts.append(VolumeMount(name="keybrake-token", mount_path=TOKEN_DIR, read_only=True))
+        if self.ca_configmap:
+            mounts.append(VolumeMount(name="keybrake-ca", mount_path=CA_DIR, read_only=True))
+        return mounts
+
+    @property
+    def pod_service_account(self) -> str | None:
+        """The keybrake step pods' service account (None: the workflow's): the one bound to an
+        issuer, and allowed to create the run's key Secret (templates/rbac/)."""
+        return self.service_account

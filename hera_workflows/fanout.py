@@ -28,11 +28,13 @@ from hera.workflows.models import (
     DAGTask,
     DAGTemplate,
     EnvVar,
+    EnvVarSource,
     Inputs,
     IntOrString,
     Item,
     Parameter,
     RetryStrategy,
+    SecretKeySelector,
     Template,
 )
 
@@ -57,6 +59,15 @@ _TASK_REF = re.compile(r"\{\{\s*tasks\.([^.}\s]+)\.outputs\.")
 _RESERVED_ENV = re.compile(r"^KEYBRAKE_")
 
 
+RAW_KEY_ENV = "KEYBRAKE_VAULT_KEY_RAW"
+"""The untagged key from the run's Secret (delivery "secret"); the SDK variables hold it tagged."""
+
+
+def _key_input(key: VaultKey) -> str:
+    """How the pods get the key: the run's Secret name, or (delivery "parameter") the key."""
+    return "vault_key_secret" if key.delivery == "secret" else "vault_key"
+
+
 def _param(name: str) -> str:
     return f"{{{{inputs.parameters.{name}}}}}"
 
@@ -71,9 +82,26 @@ def _pod_template(
     env: Mapping[str, str],
     retry: RetryStrategy,
     active_deadline_seconds: int | None,
+    service_account: str | None,
 ) -> Template:
-    tagged_key = f"{_param('vault_key')}.{ITEM_ID}@{{{{pod.name}}}}"
-    pod_env = sdk_env(key.vendor, tagged_key, _param("proxy_url"))
+    key_input = _key_input(key)
+    pod_env: list[EnvVar] = []
+    if key.delivery == "secret":
+        # The kubelet reads the key from the run's Secret; Kubernetes then expands $(...) in the
+        # variables after it, so the tagged key is composed in the pod, never in the Workflow.
+        pod_env.append(
+            EnvVar(
+                name=RAW_KEY_ENV,
+                value_from=EnvVarSource(
+                    secret_key_ref=SecretKeySelector(name=_param(key_input), key="vault_key")
+                ),
+            )
+        )
+        untagged = f"$({RAW_KEY_ENV})"
+    else:
+        untagged = _param("vault_key")
+    tagged_key = f"{untagged}.{ITEM_ID}@{{{{pod.name}}}}"
+    pod_env += sdk_env(key.vendor, tagged_key, _param("proxy_url"))
     pod_env.append(EnvVar(name="KEYBRAKE_ITEM", value=ITEM))
     taken = {e.name for e in pod_env}
     for variable, value in env.items():
@@ -84,11 +112,12 @@ def _pod_template(
         name=name,
         inputs=Inputs(
             parameters=[
-                Parameter(name="vault_key"),
+                Parameter(name=key_input),
                 Parameter(name="proxy_url"),
                 Parameter(name="item"),
             ]
         ),
+        service_account_name=service_account,
         retry_strategy=retry,
         active_deadline_seconds=(
             IntOrString(active_deadline_seconds) if active_deadline_seconds is not None else None
@@ -144,12 +173,15 @@ def fan_out(
     retry: RetryStrategy | HeraRetryStrategy | None = None,
     env: Mapping[str, str] | None = None,
     active_deadline_seconds: int | None = None,
+    service_account: str | None = None,
 ) -> Task:
     """Add a fan-out task named `name` to the current `with DAG(...)` block and return it.
 
     It depends on the issue task (and on the task producing `with_param`, if any) by itself.
     `retry` defaults to `default_retry_strategy()` (a hera `RetryStrategy` or the model class
-    both work); `parallelism` bounds the pods running at once.
+    both work); `parallelism` bounds the pods running at once. `service_account` runs the pods
+    as another service account than the workflow's (e.g. `keybrake-workload`, which may not
+    create Secrets nor get a keybrake token).
     """
     what = "fan_out()"
     dag = current_dag(what)
@@ -174,13 +206,15 @@ def fan_out(
         env=env or {},
         retry=_retry_model(retry),
         active_deadline_seconds=active_deadline_seconds,
+        service_account=service_account,
     )
+    key_input = _key_input(key)
     passed = [
-        Parameter(name="vault_key", value=_param("vault_key")),
+        Parameter(name=key_input, value=_param(key_input)),
         Parameter(name="proxy_url", value=_param("proxy_url")),
         Parameter(name="item", value="{{item}}"),
     ]
-    inputs = [Parameter(name="vault_key"), Parameter(name="proxy_url")]
+    inputs = [Parameter(name=key_input), Parameter(name="proxy_url")]
     if items_param is not None:
         inputs.append(Parameter(name="items"))
     loop = Template(
@@ -205,7 +239,8 @@ def fan_out(
     for producer in _TASK_REF.findall(items_param or ""):
         if producer not in depends:
             depends.append(producer)
-    arguments = {"vault_key": key.vault_key, "proxy_url": key.proxy.url}
+    handle = key.vault_key_secret if key.delivery == "secret" else key.vault_key
+    arguments = {key_input: handle, "proxy_url": key.proxy.url}
     if items_param is not None:
         arguments["items"] = items_param
     if any(getattr(task, "name", None) == name for task in dag.tasks):

@@ -71,6 +71,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
     return script_step(
         name,
         step="issue",
+        proxy=proxy,
         inputs=[
             Parameter(name="vendor", description="stripe, twilio or resend"),
             Parameter(
@@ -90,6 +91,18 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 "USD one fanned-out item (its pods, retries included) may spend",
             ),
             optional("budget_id", "a run budget (bg_...) the key also draws on"),
+            Parameter(
+                name="delivery",
+                default="secret",
+                enum=list(DELIVERIES),
+                description="secret: the key goes into a per-run Secret the pods read, never into "
+                "the Workflow object; parameter: the output vault_key (visible in argo get)",
+            ),
+            optional(
+                "request_id",
+                "the same for every retry of this step (a retry then replaces its key, never "
+                "adds one); empty: derived from the run and the request",
+            ),
             Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
         ],
         outputs=[
@@ -98,11 +111,22 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 global_name=KEY_ID_GLOBAL,
                 value_from=ValueFrom(path=f"{OUTPUT_DIR}/key_id"),
             ),
-            Parameter(name="vault_key", value_from=ValueFrom(path=f"{OUTPUT_DIR}/vault_key")),
+            Parameter(
+                name="vault_key_secret",
+                value_from=ValueFrom(path=f"{OUTPUT_DIR}/vault_key_secret", default=""),
+                description="delivery secret: the Secret (key vault_key) the pods read",
+            ),
+            Parameter(
+                name="vault_key",
+                value_from=ValueFrom(path=f"{OUTPUT_DIR}/vault_key", default=""),
+                description="delivery parameter only: the vault key itself",
+            ),
         ],
         env=[
             EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
-            proxy.admin_token_env(),
+            EnvVar(name="KEYBRAKE_DELIVERY", value=given("delivery")),
+            EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
+            EnvVar(name="KEYBRAKE_KUBE_DIR", value=KUBE_DIR),
             EnvVar(name="KEYBRAKE_VENDOR", value=given("vendor")),
             EnvVar(name="KEYBRAKE_ALLOWED_ENDPOINTS", value=given("allowed_endpoints")),
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
@@ -115,6 +139,12 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
         ],
         retry=default_retry_strategy(limit=2),
     )
+
+
+DELIVERIES = ("secret", "parameter")
+# Where Kubernetes mounts the pod's own service-account token, CA and namespace (the issue step
+# creates the run's key Secret with it).
+KUBE_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def run_env() -> list[EnvVar]:
@@ -136,10 +166,22 @@ class VaultKey:
     proxy: ProxyConnection
     templates: SharedTemplates | None = None
     budget: RunBudget | None = None
+    delivery: str = "secret"
 
     @property
     def vault_key(self) -> str:
+        """The key itself (delivery "parameter" only: it is then in the Workflow object)."""
+        if self.delivery != "parameter":
+            raise TemplateConfigError(
+                'this key is delivered in a Secret (delivery="secret"), never as a parameter: '
+                'use vault_key_secret, or issue it with delivery="parameter"'
+            )
         return f"{{{{tasks.{self.task.name}.outputs.parameters.vault_key}}}}"
+
+    @property
+    def vault_key_secret(self) -> str:
+        """The name of the Secret holding the key (data key `vault_key`), delivery "secret"."""
+        return f"{{{{tasks.{self.task.name}.outputs.parameters.vault_key_secret}}}}"
 
     @property
     def key_id(self) -> str:
@@ -208,6 +250,7 @@ def issue_vault_key(
     expires_in: str | None = None,
     max_usd_per_call: Money | None = None,
     max_usd_per_caller: Money | None = None,
+    delivery: str = "secret",
     name: str = ISSUE_TASK,
     proxy: ProxyConnection | None = None,
     templates: SharedTemplates | None = None,
@@ -220,6 +263,12 @@ def issue_vault_key(
     calls so that Argo's retries of an item keep counting against the same cap). `expires_in`
     defaults to 2h; a key drawing on a budget lives as long as the budget unless given one.
 
+    `delivery="secret"` (the default) keeps the key out of the Workflow object: the issue step
+    writes it into a Secret of the run (deleted with it) which the fan-out pods read;
+    `delivery="parameter"` passes it as an output parameter instead (visible in `argo get`).
+    Every retry of the step sends the same request id (`{{workflow.uid}}/<task name>`), so a
+    retried issue replaces its key instead of leaving a second one live.
+
     Any argument may also be an Argo expression filled in at run time, such as
     `"{{workflow.parameters.budget_usd}}"`. `templates=SharedTemplates()` references the
     installed `keybrake-vault-key` template instead of copying the step into the workflow.
@@ -228,12 +277,16 @@ def issue_vault_key(
     dag = current_dag(what)
     workflow = current_workflow(what)
     proxy = proxy or (budget.proxy if budget is not None else None) or ProxyConnection()
+    if delivery not in DELIVERIES:
+        raise TemplateConfigError(
+            f"delivery must be 'secret' (a per-run Secret) or 'parameter', got {delivery!r}"
+        )
     if daily_usd_cap is None and total_usd_cap is None and budget is None:
         raise TemplateConfigError(
             "issue_vault_key() needs daily_usd_cap (any 24 hours) or total_usd_cap (the key's "
             "life), or a budget= from issue_budget() to draw on"
         )
-    optional = {
+    set_caps = {
         "daily_usd_cap": _money(daily_usd_cap, "daily_usd_cap"),
         "total_usd_cap": _money(total_usd_cap, "total_usd_cap"),
         "max_usd_per_call": _money(max_usd_per_call, "max_usd_per_call"),
@@ -246,7 +299,9 @@ def issue_vault_key(
         "vendor": check_vendor(vendor),
         "allowed_endpoints": _endpoints(allowed_endpoints),
         "expires_in": _key_life(expires_in, budget),
-        **{name: value for name, value in optional.items() if value},
+        **{name: value for name, value in set_caps.items() if value},
+        "delivery": delivery,
+        "request_id": f"{{{{workflow.uid}}}}/{name}",
         "proxy_url": proxy.url,
     }
     for task in dag.tasks:
@@ -261,4 +316,11 @@ def issue_vault_key(
         task = Task(
             name=name, template_ref=templates.ref("issue"), arguments=arguments, depends=depends
         )
-    return VaultKey(task=task, vendor=vendor, proxy=proxy, templates=templates, budget=budget)
+    return VaultKey(
+        task=task,
+        vendor=vendor,
+        proxy=proxy,
+        templates=templates,
+        budget=budget,
+        delivery=delivery,
+    )

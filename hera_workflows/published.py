@@ -26,6 +26,7 @@ from .shared_templates import VAULT_KEY_TEMPLATE
 __all__ = ["FANOUT_PARALLELISM", "FANOUT_TEMPLATE", "VAULT_KEY_TEMPLATE", "fanout", "vault_key"]
 
 FANOUT_TEMPLATE = "keybrake-fanout"
+WORKLOAD_SERVICE_ACCOUNT = "keybrake-workload"
 FANOUT_PARALLELISM = 10
 _DESCRIPTION = "workflows.argoproj.io/description"
 
@@ -87,6 +88,12 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 value="",
                 description="USD one item may spend, its retries included; empty: none",
             ),
+            Parameter(
+                name="workload_service_account",
+                value=WORKLOAD_SERVICE_ACCOUNT,
+                description="service account of the pods run once per item: it may not create "
+                "Secrets and gets no keybrake token (templates/rbac/)",
+            ),
             Parameter(name="proxy_url", value=DEFAULT_PROXY_URL, description="keybrake proxy"),
         ],
     ) as template:
@@ -106,6 +113,7 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 image=workflow_parameter("image"),
                 with_param=workflow_parameter("items"),
                 parallelism=FANOUT_PARALLELISM,
+                service_account=workflow_parameter("workload_service_account"),
             )
         revoke_on_exit(template, key)
     return template

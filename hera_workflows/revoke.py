@@ -49,6 +49,7 @@ def revoke_template(
     return script_step(
         name,
         step="revoke",
+        proxy=proxy,
         inputs=[
             Parameter(
                 name="key_id",
@@ -71,10 +72,12 @@ def revoke_template(
         ],
         env=[
             EnvVar(name="KEYBRAKE_URL", value="{{inputs.parameters.proxy_url}}"),
-            proxy.admin_token_env(),
             EnvVar(name="KEYBRAKE_KEY_ID", value="{{inputs.parameters.key_id}}"),
             EnvVar(name="KEYBRAKE_BUDGET_ID", value="{{inputs.parameters.budget_id}}"),
             EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
+            # The label fallback revokes this run's keys only: same namespace, same uid.
+            EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
+            EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
             EnvVar(name="KEYBRAKE_WORKFLOW_STATUS", value="{{workflow.status}}"),
         ],
         retry=exit_handler_retry_strategy(),

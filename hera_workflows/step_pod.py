@@ -27,6 +27,8 @@ from hera.workflows.models import (
     Template,
 )
 
+from .connection import ProxyConnection
+
 __all__ = ["OUTPUT_DIR", "STEP_IMAGE", "script_step", "step_source"]
 
 STEP_IMAGE = "python:3.12-alpine"
@@ -43,25 +45,34 @@ def script_step(
     name: str,
     *,
     step: str,
+    proxy: ProxyConnection,
     inputs: Sequence[Parameter],
     outputs: Sequence[Parameter],
     env: Sequence[EnvVar],
     retry: RetryStrategy,
     deadline_seconds: int = 300,
 ) -> Template:
-    """A script template running `_step_<step>.py` with `env`, as an unprivileged user that
-    meets the Pod Security "restricted" profile."""
+    """A script template running `_step_<step>.py` with `env` and the proxy's credential, as
+    `proxy`'s service account and an unprivileged user that meets the Pod Security "restricted"
+    profile."""
     return Template(
         name=name,
         inputs=Inputs(parameters=list(inputs)),
         outputs=Outputs(parameters=list(outputs)),
         retry_strategy=retry,
         active_deadline_seconds=IntOrString(deadline_seconds),
+        service_account_name=proxy.pod_service_account,
+        volumes=proxy.volumes() or None,
         script=ScriptTemplate(
             image=STEP_IMAGE,
             command=["python"],
             source=step_source(step),
-            env=[*env, EnvVar(name="KEYBRAKE_OUTPUT_DIR", value=OUTPUT_DIR)],
+            env=[
+                *env,
+                *proxy.credential_env(),
+                EnvVar(name="KEYBRAKE_OUTPUT_DIR", value=OUTPUT_DIR),
+            ],
+            volume_mounts=proxy.volume_mounts() or None,
             resources=ResourceRequirements(
                 requests={"cpu": Quantity("50m"), "memory": Quantity("64Mi")},
                 limits={"memory": Quantity("128Mi")},

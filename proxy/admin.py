@@ -315,8 +315,8 @@ class AdminApi:
                         ts=self.clock(),
                         action="login.refused",
                         actor=exc.identity or "unknown",
-                        outcome=f"refused: {exc.message}",
-                        target=f"{request.method} {request.url.path}",
+                        outcome=redact(f"refused: {exc.message}"),
+                        target=redact(f"{request.method} {request.url.path}"[:300]),
                         source=source,
                     )
                 )
@@ -352,15 +352,16 @@ class AdminApi:
         outcome: str = "ok",
         detail: dict[str, Any] | None = None,
     ) -> Event:
+        # The record holds what callers sent: cut any secret out of it.
         return Event(
             ts=self.clock(),
             action=action,
             actor=actor.describe(),
             issuer_id=actor.issuer_id,
-            target=target,
-            outcome=outcome,
+            target=redact(target) if target is not None else None,
+            outcome=redact(outcome),
             source=actor.source,
-            detail=detail,
+            detail=json.loads(redact(json.dumps(detail))) if detail is not None else None,
         )
 
     async def _record_quietly(self, event: Event) -> None:
@@ -948,6 +949,7 @@ class AdminApi:
                 refused=None if refused is None else refused == "true",
                 since=self._since(params.get("since")),
                 after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
+                before_id=_whole("before_id", params.get("before_id"), 0, 2**62),
                 limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
             )
         except ValueError as exc:

@@ -76,6 +76,7 @@ class Decision(StrEnum):
     # Taken before the ledger, by the pipeline.
     UNKNOWN_VENDOR = "unknown_vendor"
     BAD_PATH = "bad_path"
+    SECRET_IN_REQUEST = "secret_in_request"  # noqa: S105 (a decision name)
     TOO_LARGE = "too_large"
     BODY_TIMEOUT = "body_timeout"
     NO_KEY = "no_key"
@@ -126,6 +127,12 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
         "keybrake_invalid_path",
         "The request path is not allowed: no empty, dot or encoded separator segments, and no "
         "trailing slash.",
+    ),
+    Decision.SECRET_IN_REQUEST: (
+        400,
+        "keybrake_secret_in_request",
+        "The request carries a keybrake secret (a vault key or token) in its {where}, where none "
+        "belongs; it is not forwarded, and the audit row holds it redacted.",
     ),
     Decision.TOO_LARGE: (
         413,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
+from keybrake.proxy.redact import redact
 
 # How long stored answers (idempotency keys, dedupe fingerprints) are kept; Stripe keeps its own
 # idempotency keys for 24 hours.
@@ -85,7 +86,13 @@ def _duration(value: str | None) -> str | None:
     return value
 
 
+def _no_secret(text: str, what: str) -> None:
+    if redact(text) != text:
+        raise ValueError(f"{what} holds a keybrake secret (a vault key or token): leave it out")
+
+
 def _label(value: str) -> str:
+    _no_secret(value, "the label")
     if not _LABEL.fullmatch(value):
         raise ValueError(
             "use letters, digits and . _ : / @ - (at most 253), e.g. argo/billing-agent-x7k2p"
@@ -94,8 +101,10 @@ def _label(value: str) -> str:
 
 
 def _small_json(value: dict[str, Any]) -> dict[str, Any]:
-    if len(json.dumps(value)) > 4096:
+    text = json.dumps(value)
+    if len(text) > 4096:
         raise ValueError("at most 4 KiB of JSON")
+    _no_secret(text, "metadata")
     return value
 
 

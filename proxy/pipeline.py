@@ -184,11 +184,12 @@ class Pipeline:
     async def handle(self, incoming: Incoming) -> Reply:
         started = perf_counter()
         vendor = self.vendors.get(incoming.vendor)
+        # Whatever a caller sends, no secret reaches the audit log (a key pasted into a path).
         audit = AuditRecord(
             ts=self.clock(),
-            vendor=(vendor.name if vendor else incoming.vendor[:64]),
+            vendor=(vendor.name if vendor else redact(incoming.vendor[:64])),
             method=incoming.method[:16],
-            path=incoming.path[:2048],
+            path=redact(incoming.path[:2048]),
             status=0,
             decision="",
         )
@@ -221,6 +222,9 @@ class Pipeline:
         self, vendor: Vendor, incoming: Incoming, audit: AuditRecord, started: float
     ) -> Reply:
         call = self._read(incoming)
+        idempotency_key = _idempotency_key(vendor, call.headers)
+        if idempotency_key and redact(idempotency_key) != idempotency_key:
+            raise _Refused(Decision.SECRET_IN_REQUEST, where="idempotency key")
         key = await self._authenticate(vendor, call, audit)
         self._check_body(incoming)
         self._scope(vendor, key, call)
@@ -260,6 +264,8 @@ class Pipeline:
     # -- before the reservation: refusals forward nothing -----------------------------------------
 
     def _read(self, incoming: Incoming) -> VendorCall:
+        if redact(incoming.path) != incoming.path:
+            raise _Refused(Decision.SECRET_IN_REQUEST, where="path")
         path = safe_path(incoming.path)
         if path is None:
             raise _Refused(Decision.BAD_PATH)
@@ -272,6 +278,9 @@ class Pipeline:
         if not presented:
             raise _Refused(Decision.NO_KEY)
         vault_key, audit.caller_tag = split_presented_key(presented)
+        if audit.caller_tag is not None and redact(audit.caller_tag) != audit.caller_tag:
+            audit.caller_tag = redact(audit.caller_tag)
+            raise _Refused(Decision.SECRET_IN_REQUEST, where="caller tag")
         # Looked up by its SHA-256: the stored hash is never compared with what a caller sent.
         key = await self._keys.find(hash_vault_key(vault_key))
         if key is None:

@@ -21,6 +21,8 @@ def _replace(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
+    if "kbv_" not in text and "kbi_" not in text and "eyJ" not in text:
+        return text  # the common case, on every vendor call: no regex
     return _SECRET.sub(_replace, text)
 
 

@@ -438,3 +438,18 @@ def test_the_active_key_limit_and_idempotent_issues_are_exact_across_replicas(
     # 40 attempts of one issue step, on two replicas at once: one live key at the end.
     assert retried == {201: 40}
     assert len(after) == 1
+
+
+def test_events_page_back_and_forth(tmp_path: Path) -> None:
+    with app_client(tmp_path, Clock(NOW)) as client:
+        for n in range(5):
+            client.post("/vault/issuers", json={**PAYMENTS, "name": f"team-{n}"})
+        every = [e["id"] for e in events(client)]
+        newest = [e["id"] for e in events(client, limit="2")]
+        older = [e["id"] for e in events(client, limit="2", before_id=str(newest[-1]))]
+        newer = [e["id"] for e in events(client, after_id=str(older[-1]))]
+        bad = client.get("/vault/events", params={"before_id": "x"})
+    assert len(every) == 5 and every == sorted(every, reverse=True)  # newest first
+    assert newest == every[:2] and older == every[2:4]  # paging back
+    assert newer == every[:3]  # what came after a known event
+    assert bad.status_code == 400

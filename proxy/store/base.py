@@ -168,7 +168,8 @@ class EventFilter:
     target: str | None = None
     refused: bool | None = None  # True: refusals only; False: successes only
     since: datetime | None = None
-    after_id: int | None = None
+    after_id: int | None = None  # newer than this one (following new events)
+    before_id: int | None = None  # older than this one (paging back, newest first)
     limit: int = 100
 
 
@@ -461,6 +462,8 @@ def event_conditions(query: EventFilter) -> list[Condition]:
         conditions.append(("ts >= {}", query.since))
     if query.after_id is not None:
         conditions.append(("id > {}", query.after_id))
+    if query.before_id is not None:
+        conditions.append(("id < {}", query.before_id))
     return conditions
 
 

@@ -914,11 +914,22 @@ def test_deploy_doc_manifests_validate_and_use_the_same_secrets(version: str) ->
     docs = _doc_yaml_blocks()
     assert docs, "docs/deploy.md shows the migration Job"
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == ["Job", "Kustomization", "NetworkPolicy"]
+    assert kinds == ["Job", "Kustomization", "Kustomization", "NetworkPolicy"]
     for doc in docs:
         if doc["kind"] == "Kustomization":
-            # Not a Kubernetes API object; only its image entry is checked.
-            assert doc["images"][0]["name"] == IMAGE.rsplit(":", 1)[0]
+            # Not Kubernetes API objects: the image overlay's image, the login overlay's patch.
+            if "images" in doc:
+                assert doc["images"][0]["name"] == IMAGE.rsplit(":", 1)[0]
+            else:
+                [patch] = doc["patches"]
+                operations = yaml.safe_load(patch["patch"])
+                settings = {op["value"]["name"] for op in operations if op["op"] == "add"}
+                assert settings == {"KEYBRAKE_KUBERNETES_AUTH", "KEYBRAKE_KUBERNETES_ISSUER"}
+                assert {
+                    "op": "replace",
+                    "path": "/spec/template/spec/automountServiceAccountToken",
+                    "value": True,
+                } in operations
             continue
         _validate(doc, version)
         if doc["kind"] == "Job":

@@ -65,6 +65,7 @@ class FakeCluster:
     folder: Path
     issuer: str = ISSUER
     secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    configmaps: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     rbac: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     deleted_pods: set[str] = field(default_factory=set)
     requests: list[Request] = field(default_factory=list)
@@ -126,6 +127,20 @@ class FakeCluster:
         }
         return jwt.encode(claims, key.private, algorithm=key.alg, headers={"kid": kid})
 
+    def proxy_login_settings(self, folder: Path) -> dict[str, str]:
+        """The proxy's settings for service-account login against this cluster (JWKS mode), with
+        the proxy's own service-account token to read the cluster's keys."""
+        folder.mkdir(parents=True, exist_ok=True)
+        token = folder / "proxy-sa-token"
+        token.write_text(self.token("keybrake", "keybrake", audience=self.issuer, lifetime=86400))
+        return {
+            "KEYBRAKE_KUBERNETES_AUTH": "jwks",
+            "KEYBRAKE_KUBERNETES_ISSUER": self.issuer,
+            "KEYBRAKE_KUBERNETES_API_URL": self.url,
+            "KEYBRAKE_KUBERNETES_CA_FILE": str(self.ca_file),
+            "KEYBRAKE_KUBERNETES_TOKEN_FILE": str(token),
+        }
+
     def rotate(self) -> str:
         """Add a signing key (as a cluster rotating its keys does); returns its key id."""
         kid = f"rsa-{len(self.keys) + 1}"
@@ -134,6 +149,11 @@ class FakeCluster:
 
     def allow(self, namespace: str, service_account: str, *verbs: str) -> None:
         self.rbac.setdefault((namespace, service_account), set()).update(verbs)
+
+    def accepts(self, token: str, audience: str = "keybrake") -> bool:
+        """Whether `token` is one of this cluster's valid tokens for `audience` (for stand-ins
+        of the proxy, which verify it as keybrake does)."""
+        return self._verify(token, [audience]) is not None
 
     def secret_value(self, namespace: str, name: str, key: str) -> str:
         secret = self.secrets[(namespace, name)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,27 @@ import yaml
 from argocheck.schema import DATA
 
 from keybrake.hera_workflows.render import RenderedFile, rendered_files
+from tests.fakes.kubernetes import FakeCluster
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+RBAC = REPO / "templates" / "rbac"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[FakeCluster]:
+    """A stand-in API server for the runs: the workflow namespace `argo` holding the shipped
+    RBAC (templates/rbac/): what those Roles grant on Secrets, and nothing else."""
+    fake = FakeCluster(tmp_path / "cluster")
+    for name in ("keybrake-issuer", "keybrake-workload"):
+        for document in yaml.safe_load_all((RBAC / f"{name}.yaml").read_text()):
+            if document and document["kind"] == "Role":
+                for rule in document["rules"]:
+                    if "secrets" in rule["resources"]:
+                        fake.allow("argo", name, *rule["verbs"])
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ class Recorded:
     path: str
     authorization: str
     body: Any
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -31,16 +32,29 @@ class FakeKeybrake:
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
     script: list[tuple[int, Any]] = field(default_factory=list)
+    # Which Bearer tokens it takes: the test's issuer token, or what `accept` says (e.g. a
+    # projected service-account token the fake cluster signed).
+    accept: Any = None
     _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def accepts(self, token: str) -> bool:
+        return token == ADMIN_TOKEN or (self.accept is not None and bool(self.accept(token)))
 
     def key_info(self, key_id: str) -> dict[str, Any]:
         return {k: v for k, v in self.keys[key_id].items() if k != "vault_key"}
 
-    def handle(self, method: str, path: str, authorization: str, body: Any) -> tuple[int, Any]:
-        self.requests.append(Recorded(method, path, authorization, body))
+    def handle(
+        self,
+        method: str,
+        path: str,
+        authorization: str,
+        body: Any,
+        idempotency_key: str | None = None,
+    ) -> tuple[int, Any]:
+        self.requests.append(Recorded(method, path, authorization, body, idempotency_key))
         if self.script:
             return self.script.pop(0)
-        if authorization != f"Bearer {ADMIN_TOKEN}":
+        if not self.accepts(authorization.removeprefix("Bearer ")):
             return 401, {"error": {"type": "unauthorized", "message": "bad admin token"}}
         if method == "POST" and path == "/vault/keys":
             if not isinstance(body, dict) or body.get("vendor") not in ("stripe", "resend"):
@@ -131,7 +145,11 @@ def serve(fake: FakeKeybrake) -> ThreadingHTTPServer:
             raw = self.rfile.read(length) if length else b""
             body = json.loads(raw) if raw else None
             status, answer = fake.handle(
-                self.command, self.path, self.headers.get("Authorization", ""), body
+                self.command,
+                self.path,
+                self.headers.get("Authorization", ""),
+                body,
+                self.headers.get("Idempotency-Key"),
             )
             data = json.dumps(answer).encode()
             self.send_response(status)

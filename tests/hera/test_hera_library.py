@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,23 @@ def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
     assert env["KEYBRAKE_LABEL"] == "argo/{{workflow.name}}"
     assert env["KEYBRAKE_WORKFLOW_NAMESPACE"] == "{{workflow.namespace}}"
     assert env["KEYBRAKE_WORKFLOW_UID"] == "{{workflow.uid}}"
-    assert env["KEYBRAKE_API_KEY"] == {
-        "secretKeyRef": {"name": "keybrake-credentials", "key": "api_key"}
-    }
+    # No keybrake secret: a projected token for the keybrake audience, as the issuer's account.
+    assert "KEYBRAKE_API_KEY" not in env
+    assert env["KEYBRAKE_TOKEN_FILE"] == "/var/run/secrets/keybrake/token"
+    assert issue["serviceAccountName"] == "keybrake-issuer"
+    [volume] = issue["volumes"]
+    assert volume["projected"]["sources"] == [
+        {"serviceAccountToken": {"audience": "keybrake", "expirationSeconds": 600, "path": "token"}}
+    ]
+    assert issue["script"]["volumeMounts"] == [
+        {"name": volume["name"], "mountPath": "/var/run/secrets/keybrake", "readOnly": True}
+    ]
     inputs = {p["name"] for p in issue["inputs"]["parameters"]}
     assert "admin" not in " ".join(inputs) and "token" not in " ".join(inputs)
     outputs = {p["name"]: p for p in issue["outputs"]["parameters"]}
     assert outputs["key_id"]["globalName"] == "keybrake_key_id"
-    assert set(outputs) == {"key_id", "vault_key"}
+    assert set(outputs) == {"key_id", "vault_key", "vault_key_secret"}
+    assert outputs["vault_key"]["valueFrom"]["default"] == ""  # never written with a Secret
     assert issue["script"]["image"] == "python:3.12-alpine"
     arguments = template(document, "main")["dag"]["tasks"][0]["arguments"]["parameters"]
     assert {p["name"]: p["value"] for p in arguments} == {
@@ -110,20 +120,30 @@ def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
         "daily_usd_cap": "10",
         "allowed_endpoints": json.dumps(STRIPE),
         "expires_in": "2h",
+        "delivery": "secret",
+        "request_id": "{{workflow.uid}}/issue-vault-key",
         "proxy_url": "http://keybrake.keybrake.svc.cluster.local:8080",
     }
 
 
 # The caller tag: the item's identity (the same for every retry of the item, so a per-pod cap
 # holds across Argo's retries), then the pod that made the call (for the audit row).
+# The key comes from the run's Secret into the first variable; Kubernetes expands $(...) into
+# the tagged key in the ones after it.
 TAGGED = (
-    "{{inputs.parameters.vault_key}}."
+    "$(KEYBRAKE_VAULT_KEY_RAW)."
     "{{=sprig.trunc(12, sprig.sha256sum(inputs.parameters.item))}}@{{pod.name}}"
 )
+FROM_SECRET = {
+    "secretKeyRef": {"name": "{{inputs.parameters.vault_key_secret}}", "key": "vault_key"}
+}
 
 
 def test_each_pod_gets_its_sdk_environment_with_a_pod_tagged_key() -> None:
-    env = env_of(build(env={"BATCH_SIZE": "50"}), "charge-pod")
+    document = build(env={"BATCH_SIZE": "50"})
+    env = env_of(document, "charge-pod")
+    names = [e["name"] for e in template(document, "charge-pod")["container"]["env"]]
+    assert names[0] == "KEYBRAKE_VAULT_KEY_RAW" and env[names[0]] == FROM_SECRET
     tagged = TAGGED
     assert env["STRIPE_SECRET_KEY"] == tagged
     assert env["STRIPE_BASE_URL"] == "{{inputs.parameters.proxy_url}}/stripe"
@@ -232,8 +252,37 @@ def test_shared_templates_are_referenced_not_copied(catalog: list[dict[str, Any]
         assert bool(problems(document, Catalog(only_namespaced))) is cluster_scope
 
 
+def test_a_key_delivered_as_a_parameter_reaches_the_pods_as_one() -> None:
+    with Workflow(generate_name="t-", entrypoint="main") as w:
+        with DAG(name="main"):
+            key = issue_vault_key(
+                vendor="stripe", daily_usd_cap=5, allowed_endpoints=STRIPE, delivery="parameter"
+            )
+            fan_out(key, "charge", image="a:1", with_items=["x"])
+    document = w.to_dict()
+    env = env_of(document, "charge-pod")
+    assert env["STRIPE_SECRET_KEY"] == TAGGED.replace(
+        "$(KEYBRAKE_VAULT_KEY_RAW)", "{{inputs.parameters.vault_key}}"
+    )
+    assert "KEYBRAKE_VAULT_KEY_RAW" not in env
+    with pytest.raises(TemplateConfigError, match="delivered in a Secret"):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(vendor="stripe", daily_usd_cap=5, allowed_endpoints=STRIPE).vault_key
+    with pytest.raises(TemplateConfigError, match="delivery must be"):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(
+                vendor="stripe", daily_usd_cap=5, allowed_endpoints=STRIPE, delivery="env"
+            )
+
+
 def test_a_custom_proxy_and_secret_reach_both_steps() -> None:
-    proxy = ProxyConnection(url="https://kb.example:8443", secret_name="kb-admin", secret_key="t")
+    proxy = ProxyConnection(
+        url="https://kb.example:8443",
+        auth="token",
+        secret_name="kb-admin",
+        secret_key="t",
+        ca_configmap="kb-ca",
+    )
     with Workflow(generate_name="t-", entrypoint="main") as w:
         with DAG(name="main"):
             key = issue_vault_key(
@@ -242,10 +291,10 @@ def test_a_custom_proxy_and_secret_reach_both_steps() -> None:
         revoke_on_exit(w, key)
     document = w.to_dict()
     for name in ("keybrake-issue", "keybrake-revoke"):
-        assert env_of(document, name)["KEYBRAKE_API_KEY"]["secretKeyRef"] == {
-            "name": "kb-admin",
-            "key": "t",
-        }
+        env = env_of(document, name)
+        assert env["KEYBRAKE_API_KEY"]["secretKeyRef"] == {"name": "kb-admin", "key": "t"}
+        assert env["KEYBRAKE_CA_BUNDLE"] == "/etc/keybrake/ca/ca.crt"
+        assert "KEYBRAKE_TOKEN_FILE" not in env
         defaults = {
             p["name"]: p.get("default") for p in template(document, name)["inputs"]["parameters"]
         }
@@ -342,6 +391,7 @@ def test_a_run_budget_is_issued_first_drawn_on_by_each_key_and_revoked_on_exit(
     assert arguments("issue-budget") == {
         "total_usd_cap": "100",
         "expires_in": "6h",
+        "request_id": "{{workflow.uid}}/issue-budget",
         "proxy_url": "http://keybrake.keybrake.svc.cluster.local:8080",
     }
     drawn = "{{tasks.issue-budget.outputs.parameters.budget_id}}"
@@ -467,10 +517,8 @@ def test_step_sources_use_the_standard_library_only_and_no_argo_tags() -> None:
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
-        assert imported <= {
-            "__future__", "collections", "decimal", "json", "os", "sys", "time", "typing",
-            "urllib",
-        }, imported  # fmt: skip
+        # python:3.12-alpine has nothing else installed.
+        assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
 
 
 def test_the_shared_http_block_is_the_same_in_both_steps() -> None:

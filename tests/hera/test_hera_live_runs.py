@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from argocheck.simulator import Run, Simulator
 from hera.workflows import DAG, Workflow
 
 from keybrake.hera_workflows import DEFAULT_PROXY_URL, fan_out, issue_vault_key, revoke_on_exit
+from tests.fakes.kubernetes import FakeCluster
 from tests.fakes.resend_upstream import FakeResend
+from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import FakeTwilio
 from tests.helpers import localstripe_intents
 from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
@@ -35,6 +38,59 @@ CHARGE = [sys.executable, str(HERE / "pods" / "charge_batch.py")]
 ORDER_AGENT = [sys.executable, str(HERE / "pods" / "order_agent.py")]
 IMAGE = "ghcr.io/acme/charge-batch:1"
 FANOUT = "workflowtemplates/keybrake-fanout.yaml"
+
+
+def bind_workflow_namespace(proxy: ProxyProcess) -> None:
+    """What the platform engineer does once: the issue steps of namespace argo, running as
+    keybrake-issuer, log in as an issuer of argo/... labels. No token goes to the namespace."""
+    admin(
+        proxy,
+        "POST",
+        "/vault/issuers",
+        json={
+            "name": "argo-workflows",
+            "label_prefix": "argo/",
+            "max_daily_usd_cap": 1000,
+            "kubernetes": {"namespaces": ["argo"], "service_accounts": ["keybrake-issuer"]},
+        },
+    )
+
+
+@pytest.fixture
+def proxy_server(
+    tmp_path: Path, localstripe: Localstripe, cluster: FakeCluster
+) -> Iterator[ProxyProcess]:
+    """`keybrake serve` with localstripe upstream and Kubernetes login against the fake
+    cluster, its issuer bound to the workflow namespace."""
+    proxy = start_proxy(
+        tmp_path / "proxy",
+        stripe_base=localstripe.url,
+        extra_env=cluster.proxy_login_settings(tmp_path / "proxy"),
+    )
+    bind_workflow_namespace(proxy)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def vendor_proxy(
+    tmp_path: Path,
+    fake_stripe: FakeStripe,
+    fake_twilio: FakeTwilio,
+    fake_resend: FakeResend,
+    cluster: FakeCluster,
+) -> Iterator[ProxyProcess]:
+    proxy = start_proxy(
+        tmp_path / "proxy",
+        stripe_base=fake_stripe.url,
+        extra_env={
+            **vendor_env(fake_twilio, fake_resend),
+            **cluster.proxy_login_settings(tmp_path / "proxy"),
+        },
+    )
+    bind_workflow_namespace(proxy)
+    yield proxy
+    proxy.stop()
 
 
 def admin(proxy: ProxyProcess, method: str, path: str, **options: Any) -> Any:
@@ -52,6 +108,7 @@ def run_fanout(
     budget: str,
     **options: Any,
 ) -> Run:
+    cluster = options.pop("cluster")
     document = next(
         d
         for d in catalog
@@ -59,8 +116,8 @@ def run_fanout(
     )
     sim = Simulator(
         catalog,
-        workdir=tmp_path,
-        secrets={"keybrake-credentials": {"api_key": proxy.admin_key}},
+        workdir=tmp_path / "run",
+        cluster=cluster,
         entrypoints={IMAGE: CHARGE},
         name="billing-run",
         **options.pop("simulator", {}),
@@ -104,10 +161,13 @@ def attempts_per_item(run: Run) -> dict[str, int]:
 
 
 def test_a_succeeded_run(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     items = [{"charges": 2, "cents": 100, "batch": n} for n in range(4)]
-    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="300")
+    run = run_fanout(proxy_server, catalog, tmp_path, cluster=cluster, items=items, budget="300")
 
     assert run.phase == "Succeeded", [p.stderr for p in run.pods]
     key = key_of(proxy_server, run)
@@ -126,13 +186,38 @@ def test_a_succeeded_run(
         f"keybrake: key {key['key_id']} revoked: spent $8.00 of $300.00 cap, 8 calls, "
         "0 cap hits (workflow Succeeded)"
     )
+    # Issued by the namespace's service account (its token, no secret), for that namespace...
+    assert (key["namespace"], key["service_account"]) == ("argo", "keybrake-issuer")
+    # ...into a Secret of the run that the pods read: the Workflow never held the key.
+    [(namespace, name)] = cluster.secrets
+    vault_key = cluster.secret_value(namespace, name, "vault_key")
+    assert all(
+        pod.env["STRIPE_SECRET_KEY"].startswith(vault_key + ".") for pod in run.pods_of("run-pod")
+    )
+    workflow_object = json.dumps(
+        [run.globals, parameters_of(run.entry), run.exit_handler.parameters]
+    )
+    assert vault_key not in workflow_object
+    # The fan-out pods run as keybrake-workload, which gets no keybrake token.
+    assert all("KEYBRAKE_TOKEN_FILE" not in pod.env for pod in run.pods_of("run-pod"))
+
+
+def parameters_of(node: Any) -> list[Any]:
+    """Every node's output parameters and result: what Argo keeps in the Workflow status."""
+    found = [node.parameters, node.result]
+    for child in node.children:
+        found += parameters_of(child)
+    return found
 
 
 def test_a_failed_run_still_revokes(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     items = [{"charges": 1, "cents": 100}, {"crash": True}]
-    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="300")
+    run = run_fanout(proxy_server, catalog, tmp_path, cluster=cluster, items=items, budget="300")
 
     assert run.phase == "Failed"
     assert attempts_per_item(run)[json.dumps({"crash": True})] == 4  # transient: retried 3 times
@@ -143,10 +228,13 @@ def test_a_failed_run_still_revokes(
 
 
 def test_a_run_whose_cap_is_hit(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     items = [{"charges": 3, "cents": 150, "batch": n} for n in range(5)]  # $22.50 wanted
-    run = run_fanout(proxy_server, catalog, tmp_path, items, budget="10")
+    run = run_fanout(proxy_server, catalog, tmp_path, cluster=cluster, items=items, budget="10")
 
     assert run.phase == "Failed"
     refused = [pod for pod in run.pods_of("run-pod") if pod.exit_code == 77]
@@ -173,7 +261,10 @@ def test_a_run_whose_cap_is_hit(
 
 
 def test_a_retried_item_keeps_its_per_pod_cap(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     # The flaky item charges $6 and crashes; Argo retries it in a new pod, which may only add
     # $4 more under max_usd_per_pod=10: $3, then a cap hit (exit 77, not retried again). Were
@@ -181,7 +272,13 @@ def test_a_retried_item_keeps_its_per_pod_cap(
     flaky = {"charges": 2, "cents": 300, "crash_after": True}
     steady = {"charges": 2, "cents": 300}
     run = run_fanout(
-        proxy_server, catalog, tmp_path, [flaky, steady], budget="100", max_usd_per_pod="10"
+        proxy_server,
+        catalog,
+        tmp_path,
+        [flaky, steady],
+        budget="100",
+        max_usd_per_pod="10",
+        cluster=cluster,
     )
 
     assert run.phase == "Failed"
@@ -205,10 +302,19 @@ def test_a_retried_item_keeps_its_per_pod_cap(
 
 
 def test_a_run_whose_issue_step_was_refused(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     run = run_fanout(
-        proxy_server, catalog, tmp_path, [{"charges": 1}], budget="10", expires_in="30d"
+        proxy_server,
+        catalog,
+        tmp_path,
+        [{"charges": 1}],
+        budget="10",
+        expires_in="30d",
+        cluster=cluster,
     )
 
     assert run.phase == "Failed"
@@ -223,7 +329,10 @@ def test_a_run_whose_issue_step_was_refused(
 
 
 def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     run = run_fanout(
         proxy_server,
@@ -232,24 +341,68 @@ def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
         [{"charges": 1}],
         budget="10",
         simulator={"broken_tmp": frozenset({"keybrake-issue"})},
+        cluster=cluster,
     )
 
     assert run.phase == "Failed"
     assert len(run.pods_of("keybrake-issue")) == 3  # exit 1: retried twice
     listed = admin(proxy_server, "GET", "/vault/keys", params={"label": "argo/billing-run"})["data"]
+    # Each retry replaced the key before it (one request id); the exit handler took the last.
     assert len(listed) == 3 and {k["status"] for k in listed} == {"revoked"}
-    assert "revoked 3 key(s) labelled argo/billing-run" in run.outputs["keybrake_spend_summary"]
+    assert "revoked 1 key(s) labelled argo/billing-run" in run.outputs["keybrake_spend_summary"]
+
+
+def test_a_retried_issue_step_leaves_exactly_one_live_key(
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The first attempt issues a key and stores it in a Secret, then dies before Argo collects
+    its outputs; the retry gets a fresh key (the first is revoked at once) and a Secret of its
+    own, and the run goes on with it."""
+    seen: list[list[str]] = []
+
+    def live_keys() -> list[str]:
+        data = admin(proxy_server, "GET", "/vault/keys", params={"status": "active"})["data"]
+        return [k["key_id"] for k in data]
+
+    run = run_fanout(
+        proxy_server,
+        catalog,
+        tmp_path,
+        [{"charges": 2, "cents": 100, "batch": "x"}],
+        budget="10",
+        simulator={"flaky_tmp": {"keybrake-issue": 1}},
+        cluster=cluster,
+    )
+    seen.append(live_keys())
+
+    assert run.phase == "Succeeded", [p.stderr for p in run.pods]
+    assert len(run.pods_of("keybrake-issue")) == 2
+    listed = admin(proxy_server, "GET", "/vault/keys", params={"label": "argo/billing-run"})["data"]
+    first, second = sorted(listed, key=lambda k: k["created_at"])
+    assert first["total_spent_usd"] == "0.00" and second["total_spent_usd"] == "2.00"
+    assert seen == [[]]  # both revoked now; during the run only the second was ever used
+    names = sorted(name for (_, name) in cluster.secrets)
+    assert len(names) == 2 and names[1] == names[0] + "-2"
+    events = admin(proxy_server, "GET", "/vault/events", params={"action": "key.issue"})["data"]
+    assert [e["target"] for e in reversed(events)] == [first["key_id"], second["key_id"]]
+    assert events[0]["actor"].startswith("argo/keybrake-issuer via issuer ")
 
 
 def test_the_billing_agent_example(
-    proxy_server: ProxyProcess, catalog: list[dict[str, Any]], tmp_path: Path
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     example = next(d for d in catalog if d["metadata"].get("generateName") == "billing-agent-")
     document = json.loads(json.dumps(example).replace(DEFAULT_PROXY_URL, proxy_server.url))
     sim = Simulator(
         catalog,
         workdir=tmp_path,
-        secrets={"keybrake-credentials": {"api_key": proxy_server.admin_key}},
+        cluster=cluster,
         commands={"billing-agent": CHARGE},
         name="billing-agent-x7k2p",
     )
@@ -283,6 +436,7 @@ def notify_workflow(vendor: str, endpoint: str, image: str, items: list[str]) ->
 )
 def test_resend_and_twilio_pods_need_only_the_template_environment(
     vendor_proxy: ProxyProcess,
+    cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
     vendor: str,
@@ -296,7 +450,7 @@ def test_resend_and_twilio_pods_need_only_the_template_environment(
     sim = Simulator(
         catalog,
         workdir=tmp_path,
-        secrets={"keybrake-credentials": {"api_key": vendor_proxy.admin_key}},
+        cluster=cluster,
         entrypoints={image: [sys.executable, str(HERE / "pods" / program)]},
         name=f"notify-{vendor}",
     )
@@ -319,21 +473,28 @@ def test_the_order_agent_example_holds_one_budget_across_stripe_and_resend(
     localstripe: Localstripe,
     fake_twilio: FakeTwilio,
     fake_resend: FakeResend,
+    cluster: FakeCluster,
 ) -> None:
     """The multi-vendor example as rendered: a $90.005 run budget, a Stripe key and a Resend
     key drawing on it, four orders of a $30 charge and three $0.0009 receipts each ($120.0108
     wanted), both fan-outs at once. Whatever the interleaving, what localstripe and the Resend
     fake hold together never passes the budget, and the exit handler revokes it all."""
     proxy = start_proxy(
-        tmp_path, stripe_base=localstripe.url, extra_env=vendor_env(fake_twilio, fake_resend)
+        tmp_path / "proxy",
+        stripe_base=localstripe.url,
+        extra_env={
+            **vendor_env(fake_twilio, fake_resend),
+            **cluster.proxy_login_settings(tmp_path / "proxy"),
+        },
     )
+    bind_workflow_namespace(proxy)
     try:
         example = next(d for d in catalog if d["metadata"].get("generateName") == "order-agent-")
         document = json.loads(json.dumps(example).replace(DEFAULT_PROXY_URL, proxy.url))
         sim = Simulator(
             catalog,
             workdir=tmp_path / "run",
-            secrets={"keybrake-credentials": {"api_key": proxy.admin_key}},
+            cluster=cluster,
             commands={"order-agent": ORDER_AGENT},
             name="order-agent-q4w8z",
         )

@@ -93,8 +93,8 @@ BREAKAGES: dict[str, tuple[Callable[[Document], None], str]] = {
         "a cycle",
     ),
     "task-output": (
-        lambda d: _argument(_task(d, "main", "run"), "vault_key").__setitem__(
-            "value", "{{tasks.issue-vault-key.outputs.parameters.vaultkey}}"
+        lambda d: _argument(_task(d, "main", "run"), "vault_key_secret").__setitem__(
+            "value", "{{tasks.issue-vault-key.outputs.parameters.vaultkeysecret}}"
         ),
         "which 'issue-vault-key' does not declare",
     ),

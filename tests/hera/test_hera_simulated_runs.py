@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from argocheck.simulator import Pod, Run, Simulator
-from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
+from fake_keybrake import FakeKeybrake, serve
 from hera.workflows import DAG, Workflow
 
 from keybrake.hera_workflows import (
@@ -23,6 +23,7 @@ from keybrake.hera_workflows import (
     issue_vault_key,
     revoke_on_exit,
 )
+from tests.fakes.kubernetes import FakeCluster
 
 HERE = Path(__file__).resolve().parent
 REPORT = [sys.executable, str(HERE / "pods" / "report.py")]
@@ -31,8 +32,9 @@ FANOUT = "workflowtemplates/keybrake-fanout.yaml"
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeKeybrake]:
-    proxy = FakeKeybrake()
+def fake(cluster: FakeCluster) -> Iterator[FakeKeybrake]:
+    """The stand-in proxy, taking the projected tokens the cluster signs for it."""
+    proxy = FakeKeybrake(accept=cluster.accepts)
     server = serve(proxy)
     yield proxy
     server.shutdown()
@@ -40,12 +42,12 @@ def fake() -> Iterator[FakeKeybrake]:
 
 
 def simulator(
-    catalog: list[dict[str, Any]], tmp_path: Path, token: str = ADMIN_TOKEN, **options: Any
+    catalog: list[dict[str, Any]], tmp_path: Path, cluster: FakeCluster, **options: Any
 ) -> Simulator:
     return Simulator(
         catalog,
-        workdir=tmp_path,
-        secrets={"keybrake-credentials": {"api_key": token}},
+        workdir=tmp_path / "run",
+        cluster=cluster,
         entrypoints={IMAGE: REPORT},
         commands={"billing-agent": REPORT},
         **options,
@@ -73,11 +75,15 @@ def template_env_names(document: dict[str, Any], name: str) -> set[str]:
 
 
 def test_a_succeeded_fanout_run(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
     document = documents[FANOUT]
     items = ["a", {"batch": "b"}, "c"]
-    run = simulator(catalog, tmp_path).run(document, fanout_parameters(fake, items))
+    run = simulator(catalog, tmp_path, cluster).run(document, fanout_parameters(fake, items))
 
     assert run.phase == "Succeeded"
     issue, revoke = run.pods_of("keybrake-issue"), run.pods_of("keybrake-revoke")
@@ -91,10 +97,12 @@ def test_a_succeeded_fanout_run(
     pods = run.pods_of("run-pod")
     assert len(pods) == 3
     vault_key = fake.keys["vk_1"]["vault_key"]
-    expected_names = template_env_names(document, "run-pod") | {"PATH", "HOSTNAME"}
+    # exactly the template's environment, and what the kubelet adds
+    kubelet = {"PATH", "HOSTNAME", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"}
+    expected_names = template_env_names(document, "run-pod") | kubelet
     for pod in pods:
         env = reported(pod)["env"]
-        assert set(env) == expected_names  # exactly the template's environment
+        assert set(env) == expected_names
         # the caller tag: the item's identity (kept by Argo's retries), then the pod's name
         item_id = hashlib.sha256(env["KEYBRAKE_ITEM"].encode()).hexdigest()[:12]
         assert env["STRIPE_SECRET_KEY"] == f"{vault_key}.{item_id}@{pod.name}"
@@ -115,6 +123,21 @@ def test_a_succeeded_fanout_run(
         "(workflow Succeeded)"
     )
     assert vault_key not in "".join(p.stdout + p.stderr for p in issue + revoke)
+    # The key reached the pods from the run's Secret, never through the Workflow object.
+    [(namespace, secret_name)] = cluster.secrets
+    assert (
+        namespace == "argo" and cluster.secret_value("argo", secret_name, "vault_key") == vault_key
+    )
+    assert vault_key not in json.dumps(run.globals) + json.dumps(document)
+    assert vault_key not in json.dumps(_node_parameters(run.entry))
+
+
+def _node_parameters(node: Any) -> list[Any]:
+    """Every output parameter of every node: what Argo stores in the Workflow's status."""
+    found = [node.parameters, node.result]
+    for child in node.children:
+        found += _node_parameters(child)
+    return found
 
 
 def attempts(run: Run, item: str) -> int:
@@ -122,11 +145,17 @@ def attempts(run: Run, item: str) -> int:
 
 
 def test_exit_77_is_not_retried_but_other_failures_are(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
     refused, crashed = json.dumps({"exit": 77}), json.dumps({"exit": 1})
     items = [{"exit": 77}, {"exit": 1}]
-    run = simulator(catalog, tmp_path).run(documents[FANOUT], fanout_parameters(fake, items))
+    run = simulator(catalog, tmp_path, cluster).run(
+        documents[FANOUT], fanout_parameters(fake, items)
+    )
 
     assert run.phase == "Failed"
     assert attempts(run, refused) == 1
@@ -137,10 +166,14 @@ def test_exit_77_is_not_retried_but_other_failures_are(
 
 
 def test_an_issue_step_refused_by_the_proxy(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
     parameters = fanout_parameters(fake, ["a"], vendor="twilio")  # the stand-in refuses twilio
-    run = simulator(catalog, tmp_path).run(documents[FANOUT], parameters)
+    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
 
     assert run.phase == "Failed"
     [issue] = run.pods_of("keybrake-issue")  # exit 77: not retried
@@ -154,9 +187,13 @@ def test_an_issue_step_refused_by_the_proxy(
 
 
 def test_keys_issued_by_a_crashing_issue_step_are_revoked_by_label(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
-    sim = simulator(catalog, tmp_path, broken_tmp=frozenset({"keybrake-issue"}))
+    sim = simulator(catalog, tmp_path, cluster, broken_tmp=frozenset({"keybrake-issue"}))
     run = sim.run(documents[FANOUT], fanout_parameters(fake, ["a"]))
 
     assert run.phase == "Failed"
@@ -167,11 +204,15 @@ def test_keys_issued_by_a_crashing_issue_step_are_revoked_by_label(
 
 
 def test_the_exit_handler_cannot_fail_a_succeeded_run(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
     document = documents[FANOUT]
     fake.script = [(201, {"key_id": "vk_x", "vault_key": "kbv_x"})] + [(503, None)] * 6
-    sim = simulator(catalog, tmp_path)
+    sim = simulator(catalog, tmp_path, cluster)
     sim.commands["python"] = [sys.executable, str(HERE / "pods" / "no_sleep.py")]
     run = sim.run(document, fanout_parameters(fake, ["a"]))
 
@@ -180,7 +221,11 @@ def test_the_exit_handler_cannot_fail_a_succeeded_run(
 
 
 def test_the_billing_agent_example_runs(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]], documents: dict[str, Any]
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
 ) -> None:
     document = documents["examples/billing-agent.yaml"]
     for template in document["spec"]["templates"]:
@@ -192,7 +237,7 @@ def test_the_billing_agent_example_runs(
             if argument["name"] == "proxy_url":
                 argument["value"] = fake.url
     batches = json.dumps(["eu-1", "us-1", "us-2"])
-    run = simulator(catalog, tmp_path).run(document, {"batches": batches})
+    run = simulator(catalog, tmp_path, cluster).run(document, {"batches": batches})
 
     assert run.phase == "Succeeded"
     pods = run.pods_of("charge-pod")
@@ -203,7 +248,7 @@ def test_the_billing_agent_example_runs(
 
 
 def test_a_workflow_using_the_shared_templates_runs(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]]
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, catalog: list[dict[str, Any]]
 ) -> None:
     with Workflow(name="shared", entrypoint="main") as w:
         with DAG(name="main"):
@@ -227,7 +272,7 @@ def test_a_workflow_using_the_shared_templates_runs(
     document = json.loads(
         json.dumps(document).replace("http://keybrake.keybrake.svc.cluster.local:8080", fake.url)
     )
-    run = simulator(installed, tmp_path).run(document)
+    run = simulator(installed, tmp_path, cluster).run(document)
 
     assert run.phase == "Succeeded"
     assert len(run.pods_of("issue")) == len(run.pods_of("revoke")) == 1
@@ -236,7 +281,7 @@ def test_a_workflow_using_the_shared_templates_runs(
 
 
 def test_a_run_budget_through_the_shared_templates_runs(
-    fake: FakeKeybrake, tmp_path: Path, catalog: list[dict[str, Any]]
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, catalog: list[dict[str, Any]]
 ) -> None:
     shared = SharedTemplates()
     with Workflow(name="shared", entrypoint="main") as w:
@@ -258,7 +303,7 @@ def test_a_run_budget_through_the_shared_templates_runs(
     local = "http://keybrake.keybrake.svc.cluster.local:8080"
     installed = [json.loads(json.dumps(t).replace(local, fake.url)) for t in catalog]
     document = json.loads(json.dumps(w.to_dict()).replace(local, fake.url))
-    run = simulator(installed, tmp_path).run(document)
+    run = simulator(installed, tmp_path, cluster).run(document)
 
     assert run.phase == "Succeeded"
     assert [(r.method, r.path) for r in fake.requests] == [
@@ -276,3 +321,13 @@ def test_a_run_budget_through_the_shared_templates_runs(
     assert run.outputs["keybrake_spend_summary"].startswith(
         "keybrake: budget bg_1 revoked with its 2 key(s): spent $0.00 of $25.00 cap"
     )
+
+
+def test_dependent_variables_expand_as_kubernetes_does() -> None:
+    from argocheck.simulator import _expand
+
+    defined = {"RAW": "kbv_x", "EMPTY": ""}
+    assert _expand("$(RAW).item@pod", defined) == "kbv_x.item@pod"
+    assert _expand("$(MISSING) stays", defined) == "$(MISSING) stays"  # unknown: as written
+    assert _expand("$$(RAW) is escaped", defined) == "$(RAW) is escaped"
+    assert _expand("a$(EMPTY)b", defined) == "ab"

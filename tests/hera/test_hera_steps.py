@@ -14,6 +14,7 @@ import pytest
 from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
 
 from keybrake.hera_workflows import _step_issue, _step_revoke
+from tests.fakes.kubernetes import FakeCluster
 
 
 @pytest.fixture
@@ -43,6 +44,8 @@ def issue_env(url: str, out: Path, **overrides: str) -> dict[str, str]:
         "KEYBRAKE_ALLOWED_ENDPOINTS": '["POST /v1/payment_intents"]',
         "KEYBRAKE_EXPIRES_IN": "2h",
         "KEYBRAKE_MAX_USD_PER_CALL": "",
+        "KEYBRAKE_DELIVERY": "parameter",
+        "KEYBRAKE_REQUEST_ID": "uid-1/issue-vault-key",
         "KEYBRAKE_LABEL": "argo/wf-1",
         "KEYBRAKE_WORKFLOW_NAME": "wf-1",
         "KEYBRAKE_WORKFLOW_NAMESPACE": "billing",
@@ -73,7 +76,9 @@ def test_issue_posts_the_request_and_writes_the_outputs(
         "agent_run_label": "argo/wf-1",
         "max_usd_per_call": "12.50",
         "metadata": {"workflow": "wf-1", "namespace": "billing", "uid": "uid-1"},
+        "namespace": "billing",
     }
+    assert request.idempotency_key == "uid-1/issue-vault-key"  # the same on every retry
     assert (tmp_path / "key_id").read_text() == "vk_1"
     assert (tmp_path / "vault_key").read_text() == "kbv_secret_vk_1"
     printed = capsys.readouterr()
@@ -217,7 +222,7 @@ def test_revoke_with_nothing_issued_is_done(fake: FakeKeybrake, tmp_path: Path) 
         (
             {"KEYBRAKE_API_KEY": ""},
             None,
-            "KEYBRAKE_API_KEY (from a Secret, default keybrake-credentials",
+            "KEYBRAKE_API_KEY (an issuer token from a Secret, default keybrake-credentials",
         ),
         ({"KEYBRAKE_API_KEY": "wrong"}, None, "HTTP 401: bad admin token"),
         ({}, (500, {"error": {"type": "x", "message": "boom"}}), "failed after 6 attempts"),
@@ -300,6 +305,7 @@ def test_issue_budget_posts_the_request_and_writes_its_id(
         "expires_in": "6h",
         "total_usd_cap": "300",
         "metadata": {"workflow": "wf-1", "namespace": "billing", "uid": "uid-1"},
+        "namespace": "billing",
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["budget_id"]
     assert (tmp_path / "budget_id").read_text() == "bg_1"
@@ -365,3 +371,122 @@ def test_an_unreadable_answer_is_reported_not_raised(fake: FakeKeybrake) -> None
     }
     assert _step_issue.error_message({"error": {"message": "m"}}) == "m"
     assert _step_issue.error_message(json.loads("[1]")) == ""
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[FakeCluster]:
+    fake = FakeCluster(tmp_path / "cluster")
+    yield fake
+    fake.stop()
+
+
+def in_cluster_env(
+    cluster: FakeCluster, folder: Path, account: str = "keybrake-issuer"
+) -> dict[str, str]:
+    """What the kubelet gives the issue pod: the API server's address and the service account's
+    token and CA, mounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "token").write_text(cluster.token("billing", account, audience=cluster.issuer))
+    (folder / "ca.crt").write_bytes(cluster.ca_file.read_bytes())
+    host, port = cluster.url.removeprefix("https://").rsplit(":", 1)
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+        "KEYBRAKE_KUBE_DIR": str(folder),
+        "KEYBRAKE_DELIVERY": "secret",
+    }
+
+
+def test_delivery_secret_stores_the_key_in_a_secret_owned_by_the_run(
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster.allow("billing", "keybrake-issuer", "create")
+    env = {**issue_env(fake.url, tmp_path / "out"), **in_cluster_env(cluster, tmp_path / "sa")}
+    assert _step_issue.main(env, Sleeps()) == 0
+    name = (tmp_path / "out" / "vault_key_secret").read_text()
+    assert name.startswith("keybrake-uid-1-") and not (tmp_path / "out" / "vault_key").exists()
+    secret = cluster.secrets[("billing", name)]
+    assert cluster.secret_value("billing", name, "vault_key") == "kbv_secret_vk_1"
+    assert secret["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "argoproj.io/v1alpha1",
+            "kind": "Workflow",
+            "name": "wf-1",
+            "uid": "uid-1",
+            "blockOwnerDeletion": False,
+        }
+    ]
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "keybrake"
+    creators = {r.user for r in cluster.requests if r.method == "POST"}
+    assert creators == {"system:serviceaccount:billing:keybrake-issuer"}
+    printed = capsys.readouterr()
+    assert f"in Secret {name}" in printed.out and "kbv_secret" not in printed.out + printed.err
+    # The step's retry (its pod died after the first Secret was made): the next name, same
+    # request id, so the proxy replaces the key instead of adding one.
+    (tmp_path / "out" / "vault_key_secret").unlink()
+    assert _step_issue.main(env, Sleeps()) == 0
+    assert (tmp_path / "out" / "vault_key_secret").read_text() == f"{name}-2"
+    assert [r.idempotency_key for r in fake.requests] == ["uid-1/issue-vault-key"] * 2
+
+
+def test_a_key_that_cannot_be_delivered_is_revoked_at_once(
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No RBAC for this service account: the API server answers 403.
+    env = {**issue_env(fake.url, tmp_path / "out"), **in_cluster_env(cluster, tmp_path / "sa")}
+    assert _step_issue.main(env, Sleeps()) == 77
+    assert fake.keys["vk_1"]["status"] == "revoked"
+    err = capsys.readouterr().err
+    assert "cannot create resource" in err and "templates/rbac/keybrake-issuer.yaml" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_delivery_secret_outside_a_cluster_is_refused_before_issuing(
+    fake: FakeKeybrake, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = issue_env(fake.url, tmp_path, KEYBRAKE_DELIVERY="secret")
+    assert _step_issue.main(env, Sleeps()) == 77
+    assert fake.requests == [] and "use delivery parameter" in capsys.readouterr().err
+
+
+def test_the_steps_present_the_projected_token_read_from_its_file(
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "keybrake-token"
+    token_file.write_text(cluster.token("billing", "keybrake-issuer") + "\n")
+    fake.accept = lambda token: token == token_file.read_text().strip()
+    env = issue_env(
+        fake.url, tmp_path / "out", KEYBRAKE_API_KEY="", KEYBRAKE_TOKEN_FILE=str(token_file)
+    )
+    assert _step_issue.main(env, Sleeps()) == 0
+    revoke = revoke_env(
+        fake.url, tmp_path, KEYBRAKE_API_KEY="", KEYBRAKE_TOKEN_FILE=str(token_file)
+    )
+    assert _step_revoke.main(revoke, Sleeps()) == 0
+    assert fake.keys["vk_1"]["status"] == "revoked"
+    assert {r.authorization for r in fake.requests} == {f"Bearer {token_file.read_text().strip()}"}
+    missing = issue_env(fake.url, tmp_path / "o2", KEYBRAKE_TOKEN_FILE=str(tmp_path / "nope"))
+    assert _step_issue.main(missing, Sleeps()) == 77
+
+
+def test_the_steps_check_an_https_proxy_against_the_ca_bundle(tmp_path: Path) -> None:
+    from tests.fakes.pki import CertificateAuthority
+    from tests.proxyproc import start_proxy
+
+    ca = CertificateAuthority(tmp_path / "pki")
+    cert = ca.server_cert("proxy")
+    proxy = start_proxy(
+        tmp_path,
+        extra_env={
+            "KEYBRAKE_TLS_CERT_FILE": str(cert.cert_file),
+            "KEYBRAKE_TLS_KEY_FILE": str(cert.key_file),
+        },
+        ca_file=ca.ca_file,
+    )
+    try:
+        env = issue_env(proxy.url, tmp_path / "out", KEYBRAKE_API_KEY=proxy.admin_key)
+        untrusted = _step_issue.main(env, Sleeps())
+        trusted = _step_issue.main({**env, "KEYBRAKE_CA_BUNDLE": str(ca.ca_file)}, Sleeps())
+    finally:
+        proxy.stop()
+    assert (untrusted, trusted) == (75, 0)

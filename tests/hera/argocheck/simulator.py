@@ -15,9 +15,17 @@ What it reproduces of Argo v4.1.2, and nothing more:
 - `retryStrategy`: limit, policy AND expression (`asInt(lastRetry.exitCode) ...`), no waiting;
 - `onExit` after the entrypoint with `{{workflow.status}}`; a failed exit handler fails the run.
 
-A pod's process gets exactly the template's `env` (Secrets read from `secrets`), plus `PATH` and
-`HOSTNAME` (= pod name) as Kubernetes sets. Its `/tmp` is a folder of its own under `workdir`.
-Images and commands map to local programs through `entrypoints` and `commands`.
+A pod's process gets exactly the template's `env`, plus `PATH` and `HOSTNAME` (= pod name) as
+Kubernetes sets, and, with a `cluster` (a stand-in API server), what the kubelet adds:
+`KUBERNETES_SERVICE_HOST`/`PORT`, the service account's token, CA and namespace mounted at
+/var/run/secrets/kubernetes.io/serviceaccount (unless `automountServiceAccountToken: false`),
+and projected volumes (`serviceAccountToken` for an audience, ConfigMap items). `secretKeyRef`
+values are read from the cluster's Secrets as they are when the pod starts (without a cluster,
+from `secrets`), and `$(VAR)` references to earlier variables are expanded as Kubernetes does
+(`$$(VAR)` stays literal). The service account is the template's `serviceAccountName`, else the
+workflow's, else `default`. Its `/tmp` and every mount are folders of its own under `workdir`
+(paths in its env are rewritten to them). Images and commands map to local programs through
+`entrypoints` and `commands`.
 """
 
 from __future__ import annotations
@@ -148,13 +156,18 @@ class Simulator:
         entrypoints: Mapping[str, list[str]] | None = None,
         commands: Mapping[str, list[str]] | None = None,
         broken_tmp: frozenset[str] = frozenset(),
+        flaky_tmp: Mapping[str, int] | None = None,
         name: str = "wf-sim",
         namespace: str = "argo",
         uid: str = "0b6a1f57-2d8e-4e5e-9c55-6c3b0e6b1d01",
+        cluster: Any = None,
     ) -> None:
         self.catalog = catalog
         self.workdir = workdir
         self.secrets = secrets or {}
+        self.cluster = cluster
+        # template name -> how many of its first attempts get an unusable /tmp
+        self.flaky_tmp = dict(flaky_tmp or {})
         self.entrypoints = dict(entrypoints or {})
         self.commands = {"python": [sys.executable], **dict(commands or {})}
         self.broken_tmp = broken_tmp
@@ -387,7 +400,11 @@ class Simulator:
         pod_name = f"{self.name}-{template['name']}-{number}"
         tmp = self.workdir / pod_name / "tmp"
         tmp.parent.mkdir(parents=True)
-        if template["name"] in self.broken_tmp:
+        with self._lock:
+            flaky = self.flaky_tmp.get(template["name"], 0) > 0
+            if flaky:
+                self.flaky_tmp[template["name"]] -= 1
+        if template["name"] in self.broken_tmp or flaky:
             tmp.write_text("not a folder: this pod's /tmp is unusable")
         else:
             tmp.mkdir()
@@ -400,15 +417,20 @@ class Simulator:
             pod.phase, pod.message = "Error", str(exc)
             return pod
         container = resolved.get("script") or resolved["container"]
+        mounts = self.mount_volumes(resolved, container, pod_name, tmp.parent / "fs")
         try:
-            pod.env = self.environment(container.get("env") or [], tmp)
+            pod.env = self.environment(container.get("env") or [], {"/tmp": tmp, **mounts})
         except KeyError as exc:
             pod.phase, pod.message = "Error", f"CreateContainerConfigError: {exc}"
             return pod
         pod.argv = self.argv(resolved, container, pod)
+        kubelet: dict[str, str] = {}
+        if self.cluster is not None:
+            host, port = self.cluster.url.removeprefix("https://").rsplit(":", 1)
+            kubelet = {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
         process = subprocess.run(
             pod.argv,
-            env={"PATH": os.environ["PATH"], "HOSTNAME": pod_name, **pod.env},
+            env={"PATH": os.environ["PATH"], "HOSTNAME": pod_name, **kubelet, **pod.env},
             cwd=tmp.parent,
             capture_output=True,
             text=True,
@@ -421,14 +443,68 @@ class Simulator:
             pod.message = f"Error (exit code {process.returncode})"
         return pod
 
-    def environment(self, env: list[dict[str, Any]], tmp: Path) -> dict[str, str]:
+    def service_account(self, template: dict[str, Any]) -> str:
+        spec = self.document.get("spec", {})
+        return str(
+            template.get("serviceAccountName") or spec.get("serviceAccountName") or "default"
+        )
+
+    def mount_volumes(
+        self, template: dict[str, Any], container: dict[str, Any], pod_name: str, root: Path
+    ) -> dict[str, Path]:
+        """The kubelet's part: the service account's mount and the template's projected
+        volumes, as files under `root`; returns mount path -> local folder."""
+        if self.cluster is None:
+            return {}
+        account = self.service_account(template)
+        mounts: dict[str, Path] = {}
+        if template.get("automountServiceAccountToken", True):
+            folder = root / "kube-api-access"
+            folder.mkdir(parents=True)
+            token = self.cluster.token(
+                self.namespace, account, audience=self.cluster.issuer, pod=pod_name, lifetime=3607
+            )
+            (folder / "token").write_text(token)
+            (folder / "ca.crt").write_bytes(self.cluster.ca_file.read_bytes())
+            (folder / "namespace").write_text(self.namespace)
+            mounts["/var/run/secrets/kubernetes.io/serviceaccount"] = folder
+        volumes = {v["name"]: v for v in template.get("volumes") or []}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes[mount["name"]]
+            folder = root / mount["name"]
+            folder.mkdir(parents=True)
+            for source in (volume.get("projected") or {}).get("sources", []):
+                if "serviceAccountToken" in source:
+                    projection = source["serviceAccountToken"]
+                    token = self.cluster.token(
+                        self.namespace,
+                        account,
+                        audience=projection.get("audience", self.cluster.issuer),
+                        lifetime=int(projection.get("expirationSeconds", 3600)),
+                        pod=pod_name,
+                    )
+                    (folder / projection["path"]).write_text(token)
+                if "configMap" in source:
+                    data = self.cluster.configmaps[(self.namespace, source["configMap"]["name"])]
+                    for item in source["configMap"].get("items") or []:
+                        (folder / item["path"]).write_text(data[item["key"]])
+            mounts[mount["mountPath"]] = folder
+        return mounts
+
+    def secret(self, name: str, key: str) -> str:
+        if self.cluster is not None:
+            return str(self.cluster.secret_value(self.namespace, name, key))
+        return self.secrets[name][key]
+
+    def environment(self, env: list[dict[str, Any]], paths: Mapping[str, Path]) -> dict[str, str]:
         values: dict[str, str] = {}
         for variable in env:
             if "valueFrom" in variable:
                 ref = variable["valueFrom"]["secretKeyRef"]
-                values[variable["name"]] = self.secrets[ref["name"]][ref["key"]]
+                value = self.secret(ref["name"], ref["key"])
             else:
-                values[variable["name"]] = _local_path(variable.get("value", ""), tmp)
+                value = _expand(_local_path(variable.get("value", ""), paths), values)
+            values[variable["name"]] = value
         return values
 
     def argv(self, template: dict[str, Any], container: dict[str, Any], pod: Pod) -> list[str]:
@@ -448,7 +524,7 @@ class Simulator:
         parameters: dict[str, str] = {}
         for parameter in (template.get("outputs") or {}).get("parameters", []):
             source = parameter.get("valueFrom") or {}
-            local = Path(_local_path(source["path"], pod.tmp))
+            local = Path(_local_path(source["path"], {"/tmp": pod.tmp}))
             try:
                 parameters[parameter["name"]] = local.read_text(encoding="utf-8")
             except OSError:
@@ -459,11 +535,28 @@ class Simulator:
         return parameters, result
 
 
-def _local_path(value: str, tmp: Path) -> str:
-    """The pod's /tmp lives in `tmp`."""
-    if value == "/tmp" or value.startswith("/tmp/"):
-        return str(tmp) + value[len("/tmp") :]
+def _local_path(value: str, paths: Mapping[str, Path]) -> str:
+    """A path in the pod (its /tmp, a mount) as the local folder standing in for it."""
+    for prefix, folder in paths.items():
+        if value == prefix or value.startswith(prefix + "/"):
+            return str(folder) + value[len(prefix) :]
     return value
+
+
+_DEPENDENT = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def _expand(value: str, defined: Mapping[str, str]) -> str:
+    """Kubernetes' dependent environment variables: `$(NAME)` of a variable defined earlier in
+    the list is replaced, an unknown one left as written, `$$` is a literal `$`."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return defined[name] if name in defined else match.group(0)
+
+    return _DEPENDENT.sub(replace, value)
 
 
 def _arguments(call: Mapping[str, Any]) -> dict[str, str]:
