@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY cli ./cli
 COPY proxy ./proxy
 COPY hera_workflows ./hera_workflows
+COPY reaper ./reaper
 RUN /opt/venv/bin/pip install . \
     && /opt/venv/bin/keybrake --help >/dev/null
 

@@ -43,6 +43,7 @@ def _policy_lines(issuer: IssuerInfo) -> list[tuple[str, str]]:
         ("max total cap", f"${issuer.max_total_usd_cap}" if issuer.max_total_usd_cap else "none"),
         ("max life", issuer.max_expires_in or "the proxy's"),
         ("max active keys", str(issuer.max_active_keys or "no limit")),
+        ("may issue", "yes" if issuer.may_issue else "no (read and revoke only)"),
         (
             "kubernetes",
             f"{', '.join(binding.service_accounts)} in {', '.join(binding.namespaces)} "
@@ -101,6 +102,12 @@ def create(
     max_active_keys: Annotated[
         int | None, typer.Option("--max-active-keys", min=1, help="Active keys at once.")
     ] = None,
+    revoke_only: Annotated[
+        bool,
+        typer.Option(
+            "--revoke-only", help="It may read and revoke within its scope, never issue (reaper)."
+        ),
+    ] = False,
     k8s_namespace: Annotated[
         list[str] | None,
         typer.Option("--k8s-namespace", help="Bind service accounts of this namespace."),
@@ -143,6 +150,7 @@ def create(
             max_total_usd_cap=dollars(max_total_usd_cap, "--max-total-usd-cap"),
             max_expires_in=max_expires_in,
             max_active_keys=max_active_keys,
+            may_issue=not revoke_only,
             kubernetes=binding,
             static_token=static_token,
         )

@@ -17,6 +17,7 @@ from keybrake.cli import (
     events,
     issuers,
     keys,
+    reaper,
     revoke,
     serve,
     templates,
@@ -39,6 +40,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(issuers.app, name="issuers")
 app.command()(events.events)
 app.command()(watch.watch)
+app.command()(reaper.reaper)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")
 app.add_typer(db.app, name="db")

@@ -112,6 +112,7 @@ class Policy:
     max_ttl: timedelta | None
     max_expires_in: str | None
     max_active_keys: int | None
+    may_issue: bool
 
     @classmethod
     def of(cls, record: IssuerRecord) -> Policy:
@@ -127,6 +128,7 @@ class Policy:
             max_ttl=parse_duration(p["max_expires_in"]) if p.get("max_expires_in") else None,
             max_expires_in=p.get("max_expires_in"),
             max_active_keys=p.get("max_active_keys"),
+            may_issue=p.get("may_issue", True),
         )
 
 
@@ -144,6 +146,7 @@ def policy_json(spec: IssuerCreate) -> dict[str, Any]:
         "max_total_micros": micros(spec.max_total_usd_cap),
         "max_expires_in": spec.max_expires_in,
         "max_active_keys": spec.max_active_keys,
+        "may_issue": spec.may_issue,
     }
 
 
@@ -319,6 +322,13 @@ def _check_ttl(policy: Policy, ttl: timedelta) -> None:
         )
 
 
+def check_may_issue(actor: Actor, what: str) -> None:
+    """A revoke-only issuer (`may_issue: false`) reads and revokes within its scope, nothing
+    more."""
+    if actor.issuer is not None and not actor.policy.may_issue:
+        raise Forbidden("may_issue", f"this issuer may only read and revoke; it cannot {what}")
+
+
 def check_key(
     actor: Actor,
     *,
@@ -334,6 +344,7 @@ def check_key(
     known to lie within the issuer's scope)."""
     if actor.issuer is None:
         return
+    check_may_issue(actor, "issue keys")
     policy = actor.policy
     check_label(actor, label)
     if policy.allowed_vendors and vendor not in policy.allowed_vendors:
@@ -370,6 +381,7 @@ def check_budget(
 ) -> None:
     if actor.issuer is None:
         return
+    check_may_issue(actor, "issue budgets")
     policy = actor.policy
     check_label(actor, label)
     _check_caps(policy, daily, total, "a budget")
@@ -388,6 +400,7 @@ def check_patch(
     """A patch by an issuer: new caps within its maxima, a new end within its longest life."""
     if actor.issuer is None:
         return
+    check_may_issue(actor, "change caps or lives")
     policy = actor.policy
     _check_caps(policy, daily, total, "a key or budget")
     if (

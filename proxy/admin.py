@@ -703,6 +703,7 @@ class AdminApi:
             event,
             namespace=spec.namespace,
             workflow_uid=spec.workflow_uid,
+            cluster=spec.cluster,
             scope=actor.scope,
         )
         revoked = set(keys)
@@ -1105,6 +1106,7 @@ def issuer_info(record: IssuerRecord) -> IssuerInfo:
         max_total_usd_cap=_usd(policy.max_total_micros),
         max_expires_in=policy.max_expires_in,
         max_active_keys=policy.max_active_keys,
+        may_issue=policy.may_issue,
         kubernetes=KubernetesBinding(**record.kubernetes) if record.kubernetes else None,
         static_token=record.token_hash is not None,
         created_at=format_ts(record.created_at),

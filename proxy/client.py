@@ -152,9 +152,22 @@ class KeybrakeClient:
         )
 
     def revoke_label(
-        self, label: str, *, namespace: str | None = None, workflow_uid: str | None = None
+        self,
+        label: str,
+        *,
+        namespace: str | None = None,
+        workflow_uid: str | None = None,
+        cluster: str | None = None,
+        reason: str | None = None,
     ) -> RevokeResult:
-        body = {"agent_run_label": label, "namespace": namespace, "workflow_uid": workflow_uid}
+        """`revoked` in the answer counts what this call changed (0: already revoked)."""
+        body = {
+            "agent_run_label": label,
+            "namespace": namespace,
+            "workflow_uid": workflow_uid,
+            "cluster": cluster,
+            "reason": reason,
+        }
         response = self._request(
             "POST", "/vault/keys/revoke", json={k: v for k, v in body.items() if v is not None}
         )

@@ -320,6 +320,11 @@ class LabelRevoke(BaseModel):
     agent_run_label: str
     namespace: str | None = None
     workflow_uid: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
+    # The run's cluster, as its issue step recorded it (metadata.cluster): the reaper of one
+    # cluster never touches another's keys.
+    cluster: str | None = Field(None, min_length=1, max_length=100)
+    # Why, for the record of admin actions (e.g. the reaper's "workflow terminated").
+    reason: str | None = Field(None, min_length=1, max_length=200)
 
     _check = field_validator("agent_run_label")(_label)
     _namespace = field_validator("namespace")(_namespace)
@@ -364,6 +369,8 @@ class IssuerCreate(BaseModel):
     max_total_usd_cap: Decimal | None = None
     max_expires_in: str | None = None
     max_active_keys: int | None = Field(None, ge=1, le=1_000_000)
+    # False: it may only read and revoke within its scope (the run reaper's credential).
+    may_issue: bool = True
     kubernetes: KubernetesBinding | None = None
     # An issuer bound to Kubernetes identities needs no static token; ask for one explicitly.
     static_token: bool | None = None
@@ -407,6 +414,7 @@ class IssuerInfo(BaseModel):
     max_total_usd_cap: str | None
     max_expires_in: str | None
     max_active_keys: int | None
+    may_issue: bool = True
     kubernetes: KubernetesBinding | None
     static_token: bool
     created_at: str

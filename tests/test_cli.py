@@ -414,3 +414,22 @@ def test_issuers_and_events_from_the_cli(proxy_server: ProxyProcess) -> None:
     assert code == 1 and "HTTP 401" in err
     code, out, _ = run(proxy_server, "events", "--action", "login.refused", "-o", "table")
     assert code == 0 and "unknown or deleted issuer token" in out and token not in out
+
+
+def test_a_revoke_only_issuer_for_the_reaper_from_the_cli(proxy_server: ProxyProcess) -> None:
+    code, out, _ = run(
+        proxy_server,
+        "issuers",
+        "create",
+        "--name",
+        "reaper",
+        "--label-prefix",
+        "argo/",
+        "--revoke-only",
+        "-o",
+        "json",
+    )
+    assert code == 0 and json.loads(out)["may_issue"] is False
+    token = json.loads(out)["issuer_token"]
+    code, _, err = run(proxy_server, *ISSUE, api_key=token)
+    assert code == 1 and "may only read and revoke" in err

@@ -333,6 +333,46 @@ def test_revoking_a_label_can_be_narrowed_to_one_run(tmp_path: Path) -> None:
     assert one["revoked"] == 1 and states == {"team-a": "revoked", "team-b": "active"}
 
 
+def test_a_revoke_only_issuer_reads_and_revokes_but_never_issues(tmp_path: Path) -> None:
+    """The reaper's credential: `may_issue: false` with the argo/ prefix."""
+    with app_client(tmp_path, Clock(NOW)) as client:
+        reaper = create_issuer(client, name="reaper", label_prefix="argo/", may_issue=False)
+        assert reaper["may_issue"] is False
+        auth = bearer(reaper["issuer_token"])
+        key = client.post("/vault/keys", json=key_body()).json()  # the admin's
+        refused = {
+            "key": client.post("/vault/keys", json=key_body(), headers=auth),
+            "budget": client.post(
+                "/vault/budgets",
+                json={"agent_run_label": "argo/x", "total_usd_cap": 5, "expires_in": "1h"},
+                headers=auth,
+            ),
+            "patch": client.patch(
+                f"/vault/keys/{key['key_id']}",
+                json={"daily_usd_cap": 1, "reason": "x"},
+                headers=auth,
+            ),
+        }
+        listed = client.get("/vault/keys", params={"status": "active"}, headers=auth).json()
+        revoked = client.post(
+            "/vault/keys/revoke",
+            json={"agent_run_label": key["agent_run_label"], "reason": "reaper: test"},
+            headers=auth,
+        ).json()
+        again = client.post(
+            "/vault/keys/revoke", json={"agent_run_label": key["agent_run_label"]}, headers=auth
+        ).json()
+        recorded = events(client, action="label.revoke")
+    for what, response in refused.items():
+        assert response.status_code == 403, what
+        assert response.json()["error"]["code"] == "may_issue", what
+    assert [k["key_id"] for k in listed["data"]] == [key["key_id"]]
+    assert revoked["revoked"] == 1 and again["revoked"] == 0
+    assert [e["outcome"] for e in recorded] == ["unchanged", "ok"]  # newest first
+    assert recorded[1]["detail"]["revoked_keys"] == [key["key_id"]]
+    assert recorded[1]["detail"]["reason"] == "reaper: test"
+
+
 def test_an_issuers_patch_stays_within_its_maxima(tmp_path: Path) -> None:
     with app_client(tmp_path, Clock(NOW)) as client:
         issuer = create_issuer(client, **PAYMENTS)

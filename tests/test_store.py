@@ -300,3 +300,65 @@ def test_postgres_request_path_stays_on_indexes_after_analyze_of_empty_tables(
             await store.close()
 
     assert asyncio.run(run()) == 0
+
+
+def test_revoking_a_run_matches_namespace_uid_and_cluster_and_records_only_what_changed(
+    database_url: str,
+) -> None:
+    """The exit handler's and the reaper's revoke: only the run's keys, and of two callers
+    racing, each key is recorded as revoked once."""
+    from dataclasses import replace
+
+    from keybrake.proxy.store.base import EventFilter, Owner
+
+    def run_key(key_id: str, namespace: str, uid: str, cluster: str = "prod") -> KeyRecord:
+        return replace(
+            key(1_000_000),
+            key_id=key_id,
+            key_hash=key_id.encode().ljust(32, b"-"),
+            label="argo/nightly",
+            metadata={"uid": uid, "cluster": cluster, "namespace": namespace},
+            owner=Owner(None, namespace, None),
+        )
+
+    async def run() -> None:
+        store = await opened(database_url)
+        try:
+            keys = [
+                run_key("vk_mine_1", "payments", "uid-1"),
+                run_key("vk_mine_2", "payments", "uid-1"),
+                run_key("vk_same_name_other_ns", "search", "uid-2"),
+                run_key("vk_other_cluster", "payments", "uid-1", cluster="staging"),
+            ]
+            for record in keys:
+                await store.create_key(record, TEST_EVENT)
+            event = replace(TEST_EVENT, action="label.revoke", detail={"reason": "test"})
+            results = await asyncio.gather(
+                *(
+                    store.revoke_label(
+                        "argo/nightly",
+                        NOW,
+                        event,
+                        namespace="payments",
+                        workflow_uid="uid-1",
+                        cluster="prod",
+                    )
+                    for _ in range(4)
+                )
+            )
+            revoked = sorted(k for keys_, _ in results for k in keys_)
+            assert revoked == ["vk_mine_1", "vk_mine_2"]  # once each, over four callers
+            for record in keys[2:]:
+                view = await store.get_key(record.key_id, NOW)
+                assert view is not None and view.key.revoked_at is None
+            rows = await store.events(EventFilter(action="label.revoke"))
+            outcomes = Counter(e.outcome for e in rows)
+            assert outcomes == {"ok": 1, "unchanged": 3}
+            [changed] = [e for e in rows if e.outcome == "ok"]
+            assert changed.detail is not None
+            assert sorted(changed.detail["revoked_keys"]) == revoked
+            assert changed.detail["reason"] == "test"
+        finally:
+            await store.close()
+
+    asyncio.run(run())

@@ -12,7 +12,7 @@ audit rows: pruning the audit log cannot change a cap.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -159,6 +159,14 @@ class Event:
     source: str | None = None  # the client's address
     detail: dict[str, Any] | None = None
     id: int | None = None
+
+
+def revoked_event(event: Event, keys: list[str], budgets: list[str]) -> Event:
+    """A revoke-by-label's record, saying what it changed: `unchanged` when another caller (or
+    an earlier call) had already revoked everything it matched."""
+    detail = {**(event.detail or {}), "revoked_keys": keys, "revoked_budgets": budgets}
+    outcome = event.outcome if keys or budgets else "unchanged"
+    return replace(event, outcome=outcome, detail=detail)
 
 
 @dataclass(slots=True)
@@ -548,10 +556,14 @@ class Store(Protocol):
         *,
         namespace: str | None = None,
         workflow_uid: str | None = None,
+        cluster: str | None = None,
         scope: Scope | None = None,
     ) -> tuple[list[str], list[str]]:
         """Revoke the label's live keys and budgets (of `namespace`, of the run whose metadata
-        `uid` is `workflow_uid`, within `scope`, when given); their ids (keys, budgets)."""
+        `uid` is `workflow_uid` and `cluster` is `cluster`, within `scope`, when given); their
+        ids (keys, budgets). Only
+        what this call changed is returned and recorded (`revoked_event`), so of two callers
+        racing to revoke a run, exactly one records each key."""
         ...
 
     async def create_budget(

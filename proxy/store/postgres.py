@@ -55,6 +55,7 @@ from keybrake.proxy.store.base import (
     event_conditions,
     key_conditions,
     prune_conditions,
+    revoked_event,
     shown,
     subject_table,
     where_clause,
@@ -1099,13 +1100,14 @@ class PostgresStore:
         *,
         namespace: str | None = None,
         workflow_uid: str | None = None,
+        cluster: str | None = None,
         scope: Scope | None = None,
     ) -> tuple[list[str], list[str]]:
         async def op(c: asyncpg.Connection) -> tuple[list[str], list[str]]:
             revoked: list[list[str]] = []
             async with c.transaction():
                 for table, column in (("vault_keys", "key_id"), ("budgets", "budget_id")):
-                    args: list[Any] = [now]
+                    args: list[Any] = []  # $1 is the revocation time
                     conditions = key_conditions(
                         now=now,
                         label=label,
@@ -1116,13 +1118,16 @@ class PostgresStore:
                     )
                     if workflow_uid is not None:
                         conditions.append(("t.metadata ->> 'uid' = {}", workflow_uid))
+                    if cluster is not None:
+                        conditions.append(("t.metadata ->> 'cluster' = {}", cluster))
                     where = where_clause(conditions, _placeholder(args, first=2))
                     rows = await c.fetch(
                         f"UPDATE {table} t SET revoked_at = $1 WHERE {where} RETURNING {column}",
+                        now,
                         *args,
                     )
                     revoked.append([r[column] for r in rows])
-                await _insert_event(c, event)
+                await _insert_event(c, revoked_event(event, revoked[0], revoked[1]))
             return revoked[0], revoked[1]
 
         return await self._run(op)

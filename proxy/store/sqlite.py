@@ -61,6 +61,7 @@ from keybrake.proxy.store.base import (
     event_conditions,
     key_conditions,
     prune_conditions,
+    revoked_event,
     shown,
     subject_table,
     where_clause,
@@ -762,6 +763,7 @@ class SQLiteStore:
         *,
         namespace: str | None = None,
         workflow_uid: str | None = None,
+        cluster: str | None = None,
         scope: Scope | None = None,
     ) -> tuple[list[str], list[str]]:
         def op(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
@@ -779,6 +781,8 @@ class SQLiteStore:
                 )
                 if workflow_uid is not None:
                     conditions.append(("json_extract(t.metadata, '$.uid') = {}", workflow_uid))
+                if cluster is not None:
+                    conditions.append(("json_extract(t.metadata, '$.cluster') = {}", cluster))
                 where = where_clause(conditions, _placeholder(args))
                 ids = [
                     row[0]
@@ -789,7 +793,7 @@ class SQLiteStore:
                     [(stamp, i) for i in ids],
                 )
                 revoked.append(ids)
-            _insert_event(conn, event)
+            _insert_event(conn, revoked_event(event, revoked[0], revoked[1]))
             return revoked[0], revoked[1]
 
         return await self._write(op)

@@ -41,6 +41,19 @@ API_AUDIENCE = ISSUER  # what a token without a requested audience is for
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
+def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
+    """A failure as the API server reports it: a `Status` object."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
 @dataclass
 class _SigningKey:
     kid: str
@@ -193,16 +206,7 @@ class FakeCluster:
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> web.Response:
-        body = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-        return web.json_response(body, status=code)
+        return web.json_response(status_object(code, reason, message), status=code)
 
     def _authorised(self, request: web.Request, verb: str) -> web.Response | None:
         user = self._user(request)

@@ -1,0 +1,182 @@
+"""The run reaper: revokes a run's keys and budgets however the run ended.
+
+Two loops share one `RunBook`:
+- the watch (`keybrake.reaper.watch`) keeps the book current from the Kubernetes API;
+- the sweep lists the proxy's live keys and budgets that record a workflow uid and this
+  reaper's cluster, asks `runs.verdict` about each run, and revokes by label, namespace and uid.
+  It runs every `resync`, at once when the watch sees a run terminated, deleted or finished, and
+  when a finished run's grace runs out.
+
+Only subjects whose metadata has `uid` and `cluster` equal to this reaper's cluster are ever
+touched: keys from the CLI, the demo or another cluster record no such pair. The revoke call
+reports what it changed, so when several reapers race, each key gets one "revoked" record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from keybrake.proxy.client import KeybrakeClient
+from keybrake.proxy.errors import ApiError, ProxyUnreachable
+from keybrake.proxy.money import parse_ts
+from keybrake.reaper.runs import FINAL_PHASES, LiveSubject, RunBook, verdict
+from keybrake.reaper.watch import WorkflowWatch
+
+__all__ = ["Reaper", "Revocation"]
+
+log = logging.getLogger("keybrake.reaper")
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One revoke call the sweep made, and what it changed."""
+
+    label: str
+    namespace: str
+    uid: str
+    reason: str
+    revoked: int
+
+
+@dataclass
+class SweepStats:
+    passes: int = 0
+    generation: int = -1  # the RunBook generation the last finished pass started from
+    revocations: list[Revocation] = field(default_factory=list)
+    failures: int = 0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reaper:
+    def __init__(
+        self,
+        proxy: KeybrakeClient,
+        watch_client: Any,
+        *,
+        cluster: str,
+        namespace: str | None = None,
+        grace: timedelta = timedelta(seconds=60),
+        orphan_grace: timedelta = timedelta(minutes=15),
+        resync: timedelta = timedelta(seconds=30),
+        clock: Callable[[], datetime] = _utcnow,
+        on_revoke: Callable[[Revocation], None] | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.cluster = cluster
+        self.grace = grace
+        self.orphan_grace = orphan_grace
+        self.resync = resync
+        self.clock = clock
+        self.on_revoke = on_revoke
+        self.book = RunBook(memory=max(timedelta(hours=24), orphan_grace * 2))
+        self.stats = SweepStats()
+        self._wake = asyncio.Event()
+        self.watch = WorkflowWatch(watch_client, self._event, self._listed, namespace=namespace)
+
+    # -- the watch's callbacks -------------------------------------------------------------
+
+    async def _event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        now = self.clock()
+        run = self.book.deleted(obj, now) if kind == "DELETED" else self.book.seen(obj, now)
+        if run is not None and (
+            run.deleted_at is not None or run.terminated or run.phase in FINAL_PHASES
+        ):
+            self._wake.set()
+
+    async def _listed(self, objects: Sequence[Mapping[str, Any]]) -> None:
+        for run in self.book.relisted(objects, self.clock()):
+            log.info("workflow %s/%s was deleted while not watched", run.namespace, run.name)
+        self._wake.set()
+
+    # -- the sweep ---------------------------------------------------------------------------
+
+    def subjects(self) -> list[LiveSubject]:
+        """The live keys and budgets of this cluster's runs, from the proxy."""
+        found: list[LiveSubject] = []
+        keys = self.proxy.list_keys(status="active")
+        budgets = self.proxy.list_budgets(status="active")
+        rows = [(k.key_id, k.agent_run_label, k.namespace, k.metadata, k.created_at) for k in keys]
+        rows += [
+            (b.budget_id, b.agent_run_label, b.namespace, b.metadata, b.created_at) for b in budgets
+        ]
+        for subject_id, label, owner_namespace, metadata, created in rows:
+            uid = metadata.get("uid")
+            namespace = owner_namespace or metadata.get("namespace")
+            if metadata.get("cluster") != self.cluster or not uid or not namespace:
+                continue
+            found.append(
+                LiveSubject(subject_id, label, str(namespace), str(uid), parse_ts(created))
+            )
+        return found
+
+    def judge(self, subjects: list[LiveSubject]) -> dict[tuple[str, str, str], str]:
+        """The runs (label, namespace, uid) to revoke now, with why (one reason per run)."""
+        now = self.clock()
+        self.book.forget(now)
+        runs: dict[tuple[str, str, str], str] = {}
+        for subject in subjects:
+            reason = verdict(
+                subject, self.book, now, grace=self.grace, orphan_grace=self.orphan_grace
+            )
+            if reason is not None:
+                runs.setdefault((subject.label, subject.namespace, subject.uid), reason)
+        return runs
+
+    async def sweep(self) -> list[Revocation]:
+        """One pass: the proxy's calls run in a thread (its client is synchronous); the book is
+        read only here, on the loop that the watch writes it from."""
+        subjects = await asyncio.to_thread(self.subjects)
+        generation = self.book.generation
+        done = []
+        for (label, namespace, uid), reason in self.judge(subjects).items():
+            result = await asyncio.to_thread(
+                self.proxy.revoke_label,
+                label,
+                namespace=namespace,
+                workflow_uid=uid,
+                cluster=self.cluster,
+                reason=reason,
+            )
+            revocation = Revocation(label, namespace, uid, reason, result.revoked)
+            if result.revoked:
+                log.info("%s: revoked %d (%s)", label, result.revoked, reason)
+            done.append(revocation)
+            self.stats.revocations.append(revocation)
+            if self.on_revoke is not None:
+                self.on_revoke(revocation)
+        self.stats.passes += 1
+        self.stats.generation = generation
+        return done
+
+    async def _sweeping(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except (ProxyUnreachable, ApiError) as exc:
+                self.stats.failures += 1
+                log.warning("sweep failed: %s", exc)
+            await self._next_wake()
+
+    async def _next_wake(self) -> None:
+        timeout = self.resync.total_seconds()
+        deadline = self.book.next_deadline(self.grace, self.clock())
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, (deadline - self.clock()).total_seconds()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def run(self) -> None:
+        """Watch and sweep until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.watch.run())
+            group.create_task(self._sweeping())

@@ -1,0 +1,353 @@
+"""The run reaper against a fake Kubernetes API server that speaks list/watch (chunked events,
+resourceVersion, BOOKMARK, 410 Gone as a status and in-stream, dropped connections), driven by
+lightkube as in production, revoking through a real proxy process with a revoke-only issuer
+token; vendor calls through the Stripe SDK to localstripe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stripe
+
+from tests.fakes.workflow_api import FakeWorkflowAPI
+from tests.proxyproc import BIN, ProxyProcess, start_proxy
+from tests.reaper_harness import ReaperThread, eventually
+
+NAMESPACE = "payments"
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[FakeWorkflowAPI]:
+    fake = FakeWorkflowAPI(tmp_path)
+    yield fake
+    fake.stop()
+
+
+def reaper_token(proxy: ProxyProcess) -> str:
+    """The reaper's credential: an issuer that may read and revoke argo/ runs, never issue."""
+    with proxy.admin() as client:
+        response = client.post(
+            "/vault/issuers",
+            json={
+                "name": f"reaper-{uuid.uuid4().hex[:8]}",
+                "label_prefix": "argo/",
+                "may_issue": False,
+            },
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["issuer_token"])
+
+
+def run_key(
+    proxy: ProxyProcess, uid: str | None, workflow: str, *, cluster: str = "test", **extra: Any
+) -> dict[str, Any]:
+    """A key as the issue step makes it: the run's label, namespace, uid and cluster."""
+    metadata: dict[str, Any] = {"workflow": workflow, "namespace": NAMESPACE}
+    if uid is not None:
+        metadata.update(uid=uid, cluster=cluster)
+    return proxy.issue(agent_run_label=f"argo/{workflow}", metadata=metadata, **extra)
+
+
+def status(proxy: ProxyProcess, key: dict[str, Any]) -> str:
+    with proxy.admin() as client:
+        return str(client.get(f"/vault/keys/{key['key_id']}").json()["status"])
+
+
+def charge(proxy: ProxyProcess, key: dict[str, Any]) -> None:
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": proxy.url + "/stripe"}, max_network_retries=0
+    )
+    client.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
+
+
+def reaper_events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    with proxy.admin() as client:
+        rows = client.get("/vault/events", params={"action": "label.revoke", "limit": "1000"})
+    return [e for e in rows.json()["data"] if e["actor"].startswith("issuer")]
+
+
+@pytest.fixture
+def reapers(
+    api: FakeWorkflowAPI, proxy_server: ProxyProcess, tmp_path: Path
+) -> Iterator[list[ReaperThread]]:
+    started: list[ReaperThread] = []
+    yield started
+    for reaper in started:
+        reaper.stop()
+
+
+def start(
+    reapers: list[ReaperThread],
+    api: FakeWorkflowAPI,
+    proxy: ProxyProcess,
+    tmp_path: Path,
+    **settings: Any,
+) -> ReaperThread:
+    reaper = ReaperThread(api, proxy.url, reaper_token(proxy), tmp_path, **settings)
+    reapers.append(reaper)
+    reaper.wait_watching()
+    return reaper
+
+
+@pytest.mark.parametrize("ending", ["terminated", "deleted"])
+def test_a_run_that_ends_without_its_exit_handler_loses_its_key_at_once(
+    ending: str,
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    uid = api.add("billing-agent-x7k2p", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-x7k2p")
+    cli_key = run_key(proxy_server, None, "billing-agent-x7k2p")  # from the CLI: no uid
+    elsewhere = run_key(proxy_server, uid, "billing-agent-x7k2p", cluster="prod-us")
+    reaper = start(reapers, api, proxy_server, tmp_path)  # grace: an hour
+    charge(proxy_server, key)
+
+    if ending == "terminated":  # argo terminate: the exit handler never runs
+        api.update(uid, shutdown="Terminate", phase="Failed")
+    else:  # kubectl delete workflow: nothing runs at all
+        api.delete(uid)
+
+    revocation = reaper.next_revocation()
+    assert revocation.uid == uid and revocation.revoked == 1
+    assert f"was {ending}" in revocation.reason
+    with pytest.raises(stripe.AuthenticationError):
+        charge(proxy_server, key)
+    assert status(proxy_server, key) == "revoked"
+    assert status(proxy_server, cli_key) == "active"
+    assert status(proxy_server, elsewhere) == "active"
+    [event] = reaper_events(proxy_server)
+    assert event["outcome"] == "ok" and event["detail"]["revoked_keys"] == [key["key_id"]]
+    assert event["detail"]["reason"] == revocation.reason
+    assert event["detail"]["workflow_uid"] == uid and event["detail"]["namespace"] == NAMESPACE
+
+
+def test_a_succeeded_run_whose_exit_handler_revoked_is_left_alone(
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    uid = api.add("billing-agent-ok", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-ok")
+    reaper = start(reapers, api, proxy_server, tmp_path, grace=timedelta(0))
+    with proxy_server.admin() as client:  # the exit handler's revoke
+        answer = client.post(
+            "/vault/keys/revoke",
+            json={"agent_run_label": "argo/billing-agent-ok", "workflow_uid": uid},
+        )
+        assert answer.json()["revoked"] == 1
+    api.update(uid, phase="Succeeded")
+    reaper.wait_swept(lambda: reaper.it.book.runs[uid].phase == "Succeeded")
+    assert reaper.it.stats.revocations == []
+    assert reaper_events(proxy_server) == []
+    assert status(proxy_server, key) == "revoked"
+
+
+def test_a_finished_run_whose_exit_handler_failed_is_revoked_after_the_grace(
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    uid = api.add("billing-agent-err", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-err")
+    late = start(reapers, api, proxy_server, tmp_path, grace=timedelta(hours=1))
+    api.update(uid, phase="Error")
+    late.wait_swept(lambda: late.it.book.runs[uid].phase == "Error")
+    assert status(proxy_server, key) == "active"  # within the grace: the exit handler's turn
+    # A reaper whose clock is past the grace revokes it.
+    past = start(reapers, api, proxy_server, tmp_path, clock_offset=timedelta(hours=2))
+    revocation = past.next_revocation()
+    assert "is Error" in revocation.reason and revocation.revoked == 1
+    assert status(proxy_server, key) == "revoked"
+
+
+def test_a_key_without_a_workflow_is_revoked_after_the_orphan_grace_a_cli_key_never(
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    api.add("unrelated", NAMESPACE)
+    orphan = run_key(proxy_server, "0b5e8a51-7c1f-4f7e-9d8e-0c1a2b3c4d5e", "gone-run")
+    cli_key = run_key(proxy_server, None, "gone-run", expires_in="7d")
+    other_cluster = run_key(proxy_server, "6f1d", "gone-run", cluster="prod-us")
+    fresh = start(reapers, api, proxy_server, tmp_path)  # keys younger than the orphan grace
+    fresh.wait_swept()
+    assert fresh.it.stats.revocations == [] and status(proxy_server, orphan) == "active"
+
+    later = start(reapers, api, proxy_server, tmp_path, clock_offset=timedelta(hours=2))
+    revocation = later.next_revocation()
+    assert revocation.uid == orphan["metadata"]["uid"] and revocation.revoked == 1
+    assert "no workflow with uid" in revocation.reason
+    later.wait_swept()
+    assert [r.uid for r in later.it.stats.revocations if r.revoked] == [revocation.uid]
+    assert status(proxy_server, cli_key) == "active"
+    assert status(proxy_server, other_cluster) == "active"
+
+
+def test_a_dropped_watch_resumes_from_its_version_and_sees_a_deletion_in_the_gap(
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    uid = api.add("billing-agent-gap", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-gap")
+    reaper = start(reapers, api, proxy_server, tmp_path)
+    known = reaper.it.watch.version
+    api.hold()
+    api.drop()
+    eventually(lambda: reaper.it.watch.stats.errors >= 1, "the reaper to see the drop")
+    api.delete(uid)  # while nobody watches
+    api.release()
+    revocation = reaper.next_revocation()
+    assert "was deleted" in revocation.reason and status(proxy_server, key) == "revoked"
+    resumed = api.watches()[-1]
+    assert resumed.params["resourceVersion"] == known  # resumed, not restarted
+    assert resumed.params["allowWatchBookmarks"] == "true"
+    assert len(api.lists()) == 1  # no relist was needed
+
+
+@pytest.mark.parametrize("gone_as", ["event", "status"])
+def test_an_expired_watch_relists_and_catches_a_deletion_it_never_saw(
+    gone_as: str,
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    api.gone_as = gone_as  # type: ignore[assignment]
+    uid = api.add("billing-agent-410", NAMESPACE)
+    kept = api.add("billing-agent-live", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-410")
+    live = run_key(proxy_server, kept, "billing-agent-live")
+    reaper = start(reapers, api, proxy_server, tmp_path)
+    api.hold()
+    api.drop()
+    eventually(lambda: reaper.it.watch.stats.errors >= 1, "the reaper to see the drop")
+    api.delete(uid)
+    api.compact()  # the deletion event is gone from history: only a relist can tell
+    api.release()
+    revocation = reaper.next_revocation()
+    assert "was deleted" in revocation.reason and revocation.uid == uid
+    assert reaper.it.watch.stats.gone == 1 and len(api.lists()) == 2
+    assert status(proxy_server, key) == "revoked" and status(proxy_server, live) == "active"
+
+
+def test_bookmarks_move_the_resume_point(
+    api: FakeWorkflowAPI,
+    proxy_server: ProxyProcess,
+    reapers: list[ReaperThread],
+    tmp_path: Path,
+) -> None:
+    api.add("quiet-run", NAMESPACE)
+    reaper = start(reapers, api, proxy_server, tmp_path, namespace=NAMESPACE)
+    known = reaper.it.watch.version
+    # Other namespaces move the cluster's version on; this watch sees none of it...
+    for n in range(3):
+        api.add(f"someone-else-{n}", "other-team")
+    api.compact()  # ...and its version is now too old to resume from,
+    api.bookmark()  # unless a bookmark brings it forward.
+    eventually(lambda: reaper.it.watch.stats.bookmarks >= 1, "a bookmark")
+    assert reaper.it.watch.version == str(api.version) != known
+    assert [r.name for r in reaper.it.book.runs.values()] == ["quiet-run"]
+    api.drop()
+    eventually(lambda: len(api.watches()) >= 2, "the watch to resume")
+    assert api.watches()[-1].params["resourceVersion"] == str(api.version)
+    assert reaper.it.watch.stats.gone == 0  # resumed from the bookmark: not expired
+
+
+def test_two_reapers_record_one_revoke_per_key(
+    api: FakeWorkflowAPI, pg_url: str, tmp_path: Path, localstripe: Any
+) -> None:
+    replicas = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        replicas.append(
+            start_proxy(tmp_path / name, stripe_base=localstripe.url, database_url=pg_url)
+        )
+    started: list[ReaperThread] = []
+    try:
+        uids = [api.add(f"fan-out-{n}", NAMESPACE) for n in range(5)]
+        keys = [run_key(replicas[0], uid, f"fan-out-{n}") for n, uid in enumerate(uids)]
+        for replica in replicas:
+            started.append(ReaperThread(api, replica.url, reaper_token(replica), tmp_path))
+        for reaper in started:
+            reaper.wait_watching()
+        for uid in uids:
+            api.update(uid, shutdown="Terminate", phase="Failed")
+        for reaper in started:
+            reaper.wait_swept(lambda r=reaper: all(r.it.book.runs[u].terminated for u in uids))
+        assert {status(replicas[1], key) for key in keys} == {"revoked"}
+        recorded = [
+            key_id
+            for event in reaper_events(replicas[0])
+            for key_id in event["detail"]["revoked_keys"]
+        ]
+        assert sorted(recorded) == sorted(k["key_id"] for k in keys)  # each exactly once
+    finally:
+        for reaper in started:
+            reaper.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def test_the_command_runs_until_stopped_and_refuses_bad_settings(
+    api: FakeWorkflowAPI, proxy_server: ProxyProcess, tmp_path: Path
+) -> None:
+    uid = api.add("billing-agent-cli", NAMESPACE)
+    key = run_key(proxy_server, uid, "billing-agent-cli")
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")},
+        "KEYBRAKE_URL": proxy_server.url,
+        "KEYBRAKE_API_KEY": reaper_token(proxy_server),
+        "KUBECONFIG": str(kubeconfig),
+    }
+    log = tmp_path / "reaper.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "keybrake"), "reaper", "--cluster", "test", "--resync", "1h"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        eventually(lambda: len(api.watches()) >= 1, "the command to watch")
+        api.update(uid, shutdown="Terminate", phase="Failed")
+        eventually(lambda: status(proxy_server, key) == "revoked", "the key to be revoked")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=20)
+    text = log.read_text()
+    assert code == 0, text
+    assert "was terminated" in text and "Traceback" not in text
+
+    bad = subprocess.run(
+        [str(BIN / "keybrake"), "reaper", "--cluster", "test", "--grace", "soon"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--grace" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(
+        [str(BIN / "keybrake"), "reaper", "--cluster", "test"],
+        env={**env, "KUBECONFIG": str(tmp_path / "nope")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2 and "Kubernetes credentials" in missing.stderr
+    assert "Traceback" not in missing.stderr
