@@ -206,6 +206,7 @@ def run_metadata(env: Mapping[str, str]) -> dict[str, str]:
             ("workflow", "KEYBRAKE_WORKFLOW_NAME"),
             ("namespace", "KEYBRAKE_WORKFLOW_NAMESPACE"),
             ("uid", "KEYBRAKE_WORKFLOW_UID"),
+            ("cluster", "KEYBRAKE_CLUSTER"),
         )
     }
     return {field: value for field, value in metadata.items() if value}

@@ -54,6 +54,11 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
                 "the same for every retry of this step (a retry then replaces, never adds)",
             ),
             Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
+            Parameter(
+                name="cluster",
+                default=proxy.cluster,
+                description="this cluster's name, recorded with the key (for keybrake reaper)",
+            ),
         ],
         outputs=[
             Parameter(
@@ -69,6 +74,7 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
             EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
             EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
+            EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
             *run_env(),
         ],
         retry=default_retry_strategy(limit=2),
@@ -115,7 +121,7 @@ def issue_budget(
         **{name: value for name, value in caps.items() if value},
         "expires_in": _duration(expires_in),
         "request_id": f"{{{{workflow.uid}}}}/{name}",
-        "proxy_url": proxy.url,
+        **proxy.step_arguments(cluster=True),
     }
     if any(getattr(task, "name", None) == name for task in dag.tasks):
         raise TemplateConfigError(f"the DAG already has a task named {name!r}; pass name=...")

@@ -12,7 +12,10 @@ The URL is a template parameter with an in-cluster default. No credential is eve
 - `auth="token"`: the steps read an issuer token (`keybrake issuers create`, never the admin
   token) from the Secret `secret_name`, key `secret_key`.
 
-`ca_configmap` names a ConfigMap whose `ca.crt` is the CA of an https proxy.
+`ca_configmap` names a ConfigMap whose `ca.crt` is the CA of an https proxy. `step_image` is the
+image the keybrake steps run in (any image with Python 3.11+ and nothing else: mirror
+`python:3.12-alpine` into a private registry for an air-gapped cluster). `cluster` names the
+cluster in each key's metadata, so that `keybrake reaper --cluster` touches only its own runs.
 See <https://kubernetes.io/docs/concepts/storage/projected-volumes/#serviceaccounttoken>.
 """
 
@@ -39,10 +42,12 @@ from .errors import TemplateConfigError
 __all__ = [
     "ADMIN_TOKEN_ENV",
     "CA_BUNDLE",
+    "DEFAULT_CLUSTER",
     "DEFAULT_PROXY_URL",
     "DEFAULT_SECRET_KEY",
     "DEFAULT_SECRET_NAME",
     "ISSUER_SERVICE_ACCOUNT",
+    "STEP_IMAGE",
     "TOKEN_FILE",
     "ProxyConnection",
     "is_expression",
@@ -53,6 +58,8 @@ DEFAULT_SECRET_NAME = "keybrake-credentials"  # noqa: S105 - a Secret's name, no
 DEFAULT_SECRET_KEY = "api_key"  # noqa: S105 - a key within that Secret
 ADMIN_TOKEN_ENV = "KEYBRAKE_API_KEY"  # noqa: S105 - an env var name, as the keybrake CLI reads
 ISSUER_SERVICE_ACCOUNT = "keybrake-issuer"
+STEP_IMAGE = "python:3.12-alpine"
+DEFAULT_CLUSTER = "default"
 TOKEN_DIR = "/var/run/secrets/keybrake"  # noqa: S105 - a mount path
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 CA_DIR = "/etc/keybrake/ca"
@@ -61,6 +68,8 @@ CA_BUNDLE = f"{CA_DIR}/ca.crt"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _AUTH = ("serviceaccount", "token")
+# Fields a published template takes as parameters, so they may be `{{...}}` expressions.
+_SETTABLE = ("service_account", "cluster")
 
 
 def is_expression(value: str) -> bool:
@@ -80,6 +89,8 @@ class ProxyConnection:
     secret_name: str = DEFAULT_SECRET_NAME
     secret_key: str = DEFAULT_SECRET_KEY
     ca_configmap: str | None = None
+    step_image: str = STEP_IMAGE
+    cluster: str = DEFAULT_CLUSTER
 
     def __post_init__(self) -> None:
         if not is_expression(self.url) and not self.url.startswith(("http://", "https://")):
@@ -96,9 +107,15 @@ class ProxyConnection:
             ("service_account", self.service_account or "x"),
             ("secret_name", self.secret_name),
             ("ca_configmap", self.ca_configmap or "x"),
+            ("cluster", self.cluster),
         ):
-            if not _NAME.match(value):
+            if not _NAME.match(value) and not (what in _SETTABLE and is_expression(value)):
                 raise TemplateConfigError(f"{what} must be a Kubernetes name, got {value!r}")
+        if not self.step_image or any(c.isspace() for c in self.step_image):
+            raise TemplateConfigError(
+                f"step_image must be an image reference, got {self.step_image!r} "
+                f"(e.g. registry.example.com/mirror/{STEP_IMAGE})"
+            )
         if not _SECRET_KEY.match(self.secret_key):
             raise TemplateConfigError(
                 f"secret_key must be a Secret data key, got {self.secret_key!r}"
@@ -162,6 +179,19 @@ class ProxyConnection:
         if self.ca_configmap:
             mounts.append(VolumeMount(name="keybrake-ca", mount_path=CA_DIR, read_only=True))
         return mounts
+
+    def step_arguments(self, *, cluster: bool) -> dict[str, str]:
+        """What a task passes to a keybrake step template: the proxy URL, and the step image,
+        service account and cluster only when they are not the templates' defaults, so that a
+        workflow keeping them still runs against templates installed by an older release."""
+        arguments = {"proxy_url": self.url}
+        if self.step_image != STEP_IMAGE:
+            arguments["step_image"] = self.step_image
+        if self.service_account and self.service_account != ISSUER_SERVICE_ACCOUNT:
+            arguments["service_account"] = self.service_account
+        if cluster and self.cluster != DEFAULT_CLUSTER:
+            arguments["cluster"] = self.cluster
+        return arguments
 
     @property
     def pod_service_account(self) -> str | None:

@@ -104,6 +104,11 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 "adds one); empty: derived from the run and the request",
             ),
             Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
+            Parameter(
+                name="cluster",
+                default=proxy.cluster,
+                description="this cluster's name, recorded with the key (for keybrake reaper)",
+            ),
         ],
         outputs=[
             Parameter(
@@ -135,6 +140,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALL", value=given("max_usd_per_call")),
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALLER", value=given("max_usd_per_caller")),
             EnvVar(name="KEYBRAKE_BUDGET_ID", value=given("budget_id")),
+            EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
             *run_env(),
         ],
         retry=default_retry_strategy(limit=2),
@@ -302,7 +308,7 @@ def issue_vault_key(
         **{name: value for name, value in set_caps.items() if value},
         "delivery": delivery,
         "request_id": f"{{{{workflow.uid}}}}/{name}",
-        "proxy_url": proxy.url,
+        **proxy.step_arguments(cluster=True),
     }
     for task in dag.tasks:
         if getattr(task, "name", None) == name:

@@ -17,7 +17,13 @@ from __future__ import annotations
 from hera.workflows import DAG, ClusterWorkflowTemplate, Parameter, WorkflowTemplate
 
 from .budget import budget_template
-from .connection import DEFAULT_PROXY_URL, ProxyConnection
+from .connection import (
+    DEFAULT_CLUSTER,
+    DEFAULT_PROXY_URL,
+    ISSUER_SERVICE_ACCOUNT,
+    STEP_IMAGE,
+    ProxyConnection,
+)
 from .fanout import fan_out
 from .issue import issue_template, issue_vault_key
 from .revoke import revoke_on_exit, revoke_template
@@ -42,8 +48,9 @@ def vault_key(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 "keybrake vault keys for any workflow: templateRef `issue` at the head of your DAG "
                 "(outputs vault_key, key_id; global keybrake_key_id), `budget` for a run budget "
                 "several keys share (output budget_id; global keybrake_budget_id) and `revoke` "
-                "from your onExit handler (pass it budget_id when the run has a budget). Reads "
-                "the admin token from Secret keybrake-credentials/api_key."
+                "from your onExit handler (pass it budget_id when the run has a budget). The steps "
+                "run as service_account (default keybrake-issuer, templates/rbac/) and log in "
+                "with a projected service-account token; step_image and cluster are inputs too."
             )
         },
         templates=[issue_template("issue"), budget_template("budget"), revoke_template("revoke")],
@@ -95,6 +102,23 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 "Secrets and gets no keybrake token (templates/rbac/)",
             ),
             Parameter(name="proxy_url", value=DEFAULT_PROXY_URL, description="keybrake proxy"),
+            Parameter(
+                name="issuer_service_account",
+                value=ISSUER_SERVICE_ACCOUNT,
+                description="service account of the keybrake steps, bound to an issuer "
+                "(templates/rbac/)",
+            ),
+            Parameter(
+                name="step_image",
+                value=STEP_IMAGE,
+                description="image of the keybrake steps (Python 3.11+; a private mirror for "
+                "air-gapped clusters)",
+            ),
+            Parameter(
+                name="cluster",
+                value=DEFAULT_CLUSTER,
+                description="this cluster's name, recorded with the key for keybrake reaper",
+            ),
         ],
     ) as template:
         with DAG(name="main"):
@@ -105,7 +129,12 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 expires_in=workflow_parameter("expires_in"),
                 max_usd_per_call=workflow_parameter("max_usd_per_call"),
                 max_usd_per_caller=workflow_parameter("max_usd_per_pod"),
-                proxy=ProxyConnection(url=workflow_parameter("proxy_url")),
+                proxy=ProxyConnection(
+                    url=workflow_parameter("proxy_url"),
+                    service_account=workflow_parameter("issuer_service_account"),
+                    step_image=workflow_parameter("step_image"),
+                    cluster=workflow_parameter("cluster"),
+                ),
             )
             fan_out(
                 key,

@@ -89,7 +89,7 @@ def _shared_exit_handler(
 ) -> Template:
     """`onExit` must name a template of the workflow: a one-task DAG calling the shared revoke."""
     templates.check(proxy)
-    arguments = [Parameter(name="proxy_url", value=proxy.url)]
+    arguments = [Parameter(name=k, value=v) for k, v in proxy.step_arguments(cluster=False).items()]
     if budget:
         value = f"{{{{workflow.outputs.parameters.{BUDGET_ID_GLOBAL}}}}}"
         arguments.append(Parameter(name="budget_id", value=value))

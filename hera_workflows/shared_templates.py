@@ -41,3 +41,9 @@ class SharedTemplates:
                 f"{DEFAULT_SECRET_KEY}; to read {proxy.secret_name}/{proxy.secret_key}, "
                 "use inline templates (templates=None)"
             )
+        if proxy.pod_service_account is None:
+            raise TemplateConfigError(
+                f"the shared {self.name} templates run their steps as a named service account "
+                "(service_account, default keybrake-issuer); to run them as the workflow's, use "
+                "inline templates (templates=None)"
+            )

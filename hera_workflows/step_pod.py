@@ -27,11 +27,10 @@ from hera.workflows.models import (
     Template,
 )
 
-from .connection import ProxyConnection
+from .connection import STEP_IMAGE, ProxyConnection
 
 __all__ = ["OUTPUT_DIR", "STEP_IMAGE", "script_step", "step_source"]
 
-STEP_IMAGE = "python:3.12-alpine"
 OUTPUT_DIR = "/tmp/keybrake"  # noqa: S108 - inside the step pod, where Argo collects outputs
 _HERE = Path(__file__).resolve().parent
 
@@ -54,17 +53,37 @@ def script_step(
 ) -> Template:
     """A script template running `_step_<step>.py` with `env` and the proxy's credential, as
     `proxy`'s service account and an unprivileged user that meets the Pod Security "restricted"
-    profile."""
+    profile. Its image and service account are inputs too (defaults from `proxy`), so that a
+    cluster can set them when submitting, never by editing the generated YAML."""
+    pod_inputs = [
+        Parameter(
+            name="step_image",
+            default=proxy.step_image,
+            description="image of this step (Python 3.11+; e.g. a mirror of "
+            f"{STEP_IMAGE} in a private registry)",
+        )
+    ]
+    if proxy.pod_service_account:
+        pod_inputs.append(
+            Parameter(
+                name="service_account",
+                default=proxy.pod_service_account,
+                description="service account of this step: the one bound to a keybrake issuer "
+                "(templates/rbac/)",
+            )
+        )
     return Template(
         name=name,
-        inputs=Inputs(parameters=list(inputs)),
+        inputs=Inputs(parameters=[*inputs, *pod_inputs]),
         outputs=Outputs(parameters=list(outputs)),
         retry_strategy=retry,
         active_deadline_seconds=IntOrString(deadline_seconds),
-        service_account_name=proxy.pod_service_account,
+        service_account_name=(
+            "{{inputs.parameters.service_account}}" if proxy.pod_service_account else None
+        ),
         volumes=proxy.volumes() or None,
         script=ScriptTemplate(
-            image=STEP_IMAGE,
+            image="{{inputs.parameters.step_image}}",
             command=["python"],
             source=step_source(step),
             env=[

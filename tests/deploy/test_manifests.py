@@ -89,6 +89,9 @@ def _load_yaml_docs(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
+
+
 def _kustomization() -> dict[str, Any]:
     docs = _load_yaml_docs(KUSTOMIZATION)
     assert len(docs) == 1
@@ -104,9 +107,16 @@ def _base_manifests() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _one(kind: str) -> dict[str, Any]:
-    found = [doc for _, doc in _base_manifests() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected exactly one {kind} in the base, found {len(found)}"
+def _one(kind: str, component: str = "proxy") -> dict[str, Any]:
+    """The base's object of `kind` for `component` (the proxy, or the reaper)."""
+    found = [
+        doc
+        for _, doc in _base_manifests()
+        if doc["kind"] == kind
+        and doc["metadata"].get("labels", {}).get("app.kubernetes.io/component", "proxy")
+        in (component, "namespace")
+    ]
+    assert len(found) == 1, f"expected exactly one {kind} of {component}, found {len(found)}"
     return found[0]
 
 
@@ -179,6 +189,8 @@ def test_kustomization_namespace_and_overridable_image() -> None:
     for name, doc in _base_manifests():
         if doc["kind"] == "Namespace":
             assert doc["metadata"]["name"] == NAMESPACE
+        elif doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{name}: {doc['kind']} has no namespace"
         else:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{name}: wrong namespace"
 
@@ -193,6 +205,11 @@ def test_base_holds_exactly_the_expected_objects_and_no_secret() -> None:
             "Service",
             "PodDisruptionBudget",
             "NetworkPolicy",
+            # the reaper
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
         ]
     )
 
@@ -486,8 +503,10 @@ def test_every_referenced_secret_is_described_in_the_proxy_namespace() -> None:
         assert doc["metadata"]["namespace"] == deployment_ns
         secrets[doc["metadata"]["name"]] = set(doc.get("stringData", {})) | set(doc.get("data", {}))
     wanted: dict[str, set[str]] = {}
-    for _, name, key, _ in _secret_refs(_pod_spec()):
-        wanted.setdefault(name, set()).add(key)
+    for component in ("proxy", "reaper"):
+        pod = _one("Deployment", component)["spec"]["template"]["spec"]
+        for _, name, key, _ in _secret_refs(pod):
+            wanted.setdefault(name, set()).add(key)
     assert secrets == wanted
 
 
@@ -619,14 +638,19 @@ def _ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
     return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
 
 
-def test_network_policy_admits_only_workflow_namespaces_on_8080() -> None:
+def test_network_policy_admits_only_workflow_namespaces_and_the_reaper_on_8080() -> None:
     policy = _one("NetworkPolicy")["spec"]
     assert _selects(policy["podSelector"]["matchLabels"], _pod_labels())
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     assert policy["ingress"], "an empty ingress list would deny everything"
+    reaper = _one("Deployment", "reaper")["spec"]["template"]["metadata"]["labels"]
     for rule in policy["ingress"]:
         assert _ports(rule) == {("TCP", PORT)}
-        assert rule["from"] == [{"namespaceSelector": {"matchLabels": WORKFLOW_NAMESPACE_LABEL}}]
+        [workflows, own] = rule["from"]
+        assert workflows == {"namespaceSelector": {"matchLabels": WORKFLOW_NAMESPACE_LABEL}}
+        # A bare podSelector: pods of the proxy's own namespace, and only the reaper's.
+        assert set(own) == {"podSelector"} and _selects(own["podSelector"]["matchLabels"], reaper)
+        assert not _selects(own["podSelector"]["matchLabels"], _pod_labels())
 
 
 def test_network_policy_egress_is_dns_vendors_and_postgres_only() -> None:
@@ -942,3 +966,47 @@ def test_deploy_doc_manifests_validate_and_use_the_same_secrets(version: str) ->
             assert pod["securityContext"] == _pod_spec()["securityContext"]
             for container in pod["containers"]:
                 assert _secret_literals(container) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the reaper (reaper.yaml)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_reaper_may_only_read_workflows_and_holds_no_admin_token() -> None:
+    [rule] = _one("ClusterRole", "reaper")["rules"]
+    assert rule == {
+        "apiGroups": ["argoproj.io"],
+        "resources": ["workflows"],
+        "verbs": ["get", "list", "watch"],
+    }
+    binding = _one("ClusterRoleBinding", "reaper")
+    account = _one("ServiceAccount", "reaper")["metadata"]
+    assert binding["roleRef"]["name"] == _one("ClusterRole", "reaper")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": NAMESPACE}
+    ]
+    pod = _one("Deployment", "reaper")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["name"]
+    [container] = pod["containers"]
+    assert container["image"] == IMAGE and container["args"] == ["reaper"]
+    refs = {env: (name, key) for env, name, key, _ in _secret_refs(pod)}
+    assert refs == {"KEYBRAKE_API_KEY": ("keybrake-reaper", "api_key")}  # not the admin's
+    assert _secret_literals(container) == []
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_every_reaper_env_var_is_an_option_of_the_command() -> None:
+    """A typo in an env var name passes every schema; catch it against `keybrake reaper`."""
+    import typer.main
+
+    from keybrake.cli.main import app
+
+    reaper = getattr(typer.main.get_command(app), "commands")["reaper"]
+    known = {param.envvar for param in reaper.params if isinstance(param.envvar, str)}
+    [container] = _one("Deployment", "reaper")["spec"]["template"]["spec"]["containers"]
+    names = [env["name"] for env in container["env"]]
+    assert len(names) == len(set(names)) and set(names) <= known, set(names) - known
+    url = next(env["value"] for env in container["env"] if env["name"] == "KEYBRAKE_URL")
+    service = _one("Service")["metadata"]
+    assert url == f"http://{service['name']}.{NAMESPACE}.svc.cluster.local:{PORT}"

@@ -95,7 +95,9 @@ def test_the_rendered_templates_run_as_these_accounts() -> None:
     rendered = {f.path: f.document for f in rendered_files()}
     library = rendered["workflowtemplates/keybrake-vault-key.yaml"]
     for template in library["spec"]["templates"]:
-        assert template["serviceAccountName"] == "keybrake-issuer", template["name"]
+        defaults = {p["name"]: p.get("default") for p in template["inputs"]["parameters"]}
+        assert template["serviceAccountName"] == "{{inputs.parameters.service_account}}"
+        assert defaults["service_account"] == "keybrake-issuer", template["name"]
     fanout = rendered["workflowtemplates/keybrake-fanout.yaml"]
     arguments = {p["name"]: p.get("value") for p in fanout["spec"]["arguments"]["parameters"]}
     assert arguments["workload_service_account"] == "keybrake-workload"

@@ -99,7 +99,9 @@ def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
     # No keybrake secret: a projected token for the keybrake audience, as the issuer's account.
     assert "KEYBRAKE_API_KEY" not in env
     assert env["KEYBRAKE_TOKEN_FILE"] == "/var/run/secrets/keybrake/token"
-    assert issue["serviceAccountName"] == "keybrake-issuer"
+    defaults = {p["name"]: p.get("default") for p in issue["inputs"]["parameters"]}
+    assert issue["serviceAccountName"] == "{{inputs.parameters.service_account}}"
+    assert defaults["service_account"] == "keybrake-issuer"
     [volume] = issue["volumes"]
     assert volume["projected"]["sources"] == [
         {"serviceAccountToken": {"audience": "keybrake", "expirationSeconds": 600, "path": "token"}}
@@ -113,7 +115,9 @@ def test_the_issue_step_labels_the_key_and_exports_its_id() -> None:
     assert outputs["key_id"]["globalName"] == "keybrake_key_id"
     assert set(outputs) == {"key_id", "vault_key", "vault_key_secret"}
     assert outputs["vault_key"]["valueFrom"]["default"] == ""  # never written with a Secret
-    assert issue["script"]["image"] == "python:3.12-alpine"
+    assert issue["script"]["image"] == "{{inputs.parameters.step_image}}"
+    assert defaults["step_image"] == "python:3.12-alpine" and defaults["cluster"] == "default"
+    assert env["KEYBRAKE_CLUSTER"] == "{{inputs.parameters.cluster}}"
     arguments = template(document, "main")["dag"]["tasks"][0]["arguments"]["parameters"]
     assert {p["name"]: p["value"] for p in arguments} == {
         "vendor": "stripe",
@@ -250,6 +254,79 @@ def test_shared_templates_are_referenced_not_copied(catalog: list[dict[str, Any]
         assert exit_task["templateRef"]["template"] == "revoke"
         only_namespaced = [d for d in catalog if d["kind"] != "ClusterWorkflowTemplate"]
         assert bool(problems(document, Catalog(only_namespaced))) is cluster_scope
+
+
+MIRROR = "registry.corp.example/mirror/python:3.12-alpine"
+
+
+def test_a_custom_step_image_account_and_cluster_land_where_they_must(
+    catalog: list[dict[str, Any]],
+) -> None:
+    """Air-gapped and locked-down clusters set the keybrake steps' image, service account and
+    cluster name as arguments, never by editing generated YAML."""
+    proxy = ProxyConnection(step_image=MIRROR, service_account="payments-keybrake", cluster="eu-1")
+
+    def run(templates: SharedTemplates | None) -> dict[str, Any]:
+        with Workflow(generate_name="t-", entrypoint="main") as w:
+            with DAG(name="main"):
+                budget = issue_budget(total_usd_cap=50, proxy=proxy, templates=templates)
+                key = issue_vault_key(
+                    vendor="stripe",
+                    budget=budget,
+                    allowed_endpoints=STRIPE,
+                    proxy=proxy,
+                    templates=templates,
+                )
+                fan_out(key, "charge", image="a:1", with_items=["a"], service_account="agents")
+            revoke_on_exit(w, budget)
+        document: dict[str, Any] = w.to_dict()
+        assert schema.all_errors(document) == []
+        return document
+
+    inline = run(None)
+    for name in ("keybrake-issue", "keybrake-budget", "keybrake-revoke"):
+        step = template(inline, name)
+        defaults = {p["name"]: p.get("default") for p in step["inputs"]["parameters"]}
+        assert step["script"]["image"] == "{{inputs.parameters.step_image}}"
+        assert defaults["step_image"] == MIRROR, name
+        assert step["serviceAccountName"] == "{{inputs.parameters.service_account}}"
+        assert defaults["service_account"] == "payments-keybrake", name
+        if name != "keybrake-revoke":
+            assert defaults["cluster"] == "eu-1"
+    assert template(inline, "charge-pod")["serviceAccountName"] == "agents"
+
+    shared = run(SharedTemplates())
+    assert problems(shared, Catalog(catalog)) == []
+    tasks = {t["name"]: t for t in template(shared, "main")["dag"]["tasks"]}
+    [exit_task] = template(shared, "keybrake-revoke")["dag"]["tasks"]
+    for task, cluster in (
+        (tasks["issue-budget"], True),
+        (tasks["issue-vault-key"], True),
+        (exit_task, False),
+    ):
+        given = {p["name"]: p["value"] for p in task["arguments"]["parameters"]}
+        assert given["step_image"] == MIRROR and given["service_account"] == "payments-keybrake"
+        assert given.get("cluster") == ("eu-1" if cluster else None)
+
+    # The defaults pass nothing new, so workflows keep running against older installed templates.
+    defaults = build()
+    issue = template(defaults, "main")["dag"]["tasks"][0]
+    assert not {"step_image", "service_account", "cluster"} & {
+        p["name"] for p in issue["arguments"]["parameters"]
+    }
+    with pytest.raises(TemplateConfigError, match="step_image"):
+        ProxyConnection(step_image="python 3.12")
+    with pytest.raises(TemplateConfigError, match="cluster"):
+        ProxyConnection(cluster="EU 1")
+    with pytest.raises(TemplateConfigError, match="named service account"):
+        with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
+            issue_vault_key(
+                vendor="stripe",
+                daily_usd_cap=5,
+                allowed_endpoints=STRIPE,
+                proxy=ProxyConnection(service_account=None),
+                templates=SharedTemplates(),
+            )
 
 
 def test_a_key_delivered_as_a_parameter_reaches_the_pods_as_one() -> None:

@@ -177,6 +177,7 @@ def test_a_succeeded_run(
         "workflow": "billing-run",
         "namespace": "argo",
         "uid": "0b6a1f57-2d8e-4e5e-9c55-6c3b0e6b1d01",
+        "cluster": "default",
     }
     assert Decimal(key["spent_usd"]) == Decimal("8.00") and key["calls"] == 8
     rows = audit(proxy_server, key["key_id"])

@@ -92,6 +92,7 @@ def test_a_succeeded_fanout_run(
         "workflow": "wf-sim",
         "namespace": "argo",
         "uid": "0b6a1f57-2d8e-4e5e-9c55-6c3b0e6b1d01",
+        "cluster": "default",
     }
     assert fake.requests[0].body["agent_run_label"] == "argo/wf-sim"
     pods = run.pods_of("run-pod")
@@ -331,3 +332,33 @@ def test_dependent_variables_expand_as_kubernetes_does() -> None:
     assert _expand("$(MISSING) stays", defined) == "$(MISSING) stays"  # unknown: as written
     assert _expand("$$(RAW) is escaped", defined) == "$(RAW) is escaped"
     assert _expand("a$(EMPTY)b", defined) == "ab"
+
+
+def test_the_fanout_runs_its_steps_in_the_given_image_account_and_cluster(
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
+) -> None:
+    """`argo submit --from workflowtemplate/keybrake-fanout -p step_image=... -p cluster=...
+    -p issuer_service_account=...`: no generated YAML edited."""
+    mirror = "registry.corp.example/mirror/python:3.12-alpine"
+    cluster.allow("argo", "payments-keybrake", "create")  # its own Role, as templates/rbac/'s
+    parameters = fanout_parameters(
+        fake,
+        ["a"],
+        step_image=mirror,
+        cluster="eu-1",
+        issuer_service_account="payments-keybrake",
+    )
+    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
+
+    assert run.phase == "Succeeded"
+    steps = run.pods_of("keybrake-issue") + run.pods_of("keybrake-revoke")
+    assert [(p.image, p.service_account) for p in steps] == [(mirror, "payments-keybrake")] * 2
+    [pod] = run.pods_of("run-pod")
+    assert (pod.image, pod.service_account) == (IMAGE, "keybrake-workload")
+    assert fake.requests[0].body["metadata"]["cluster"] == "eu-1"
+    creators = {r.user for r in cluster.requests if r.method == "POST"}
+    assert creators == {"system:serviceaccount:argo:payments-keybrake"}

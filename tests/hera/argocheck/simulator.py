@@ -115,6 +115,8 @@ class Pod:
     stderr: str = ""
     phase: str = "Pending"
     message: str = ""
+    image: str = ""  # as resolved, what the kubelet would pull
+    service_account: str = ""
 
 
 @dataclass
@@ -417,6 +419,7 @@ class Simulator:
             pod.phase, pod.message = "Error", str(exc)
             return pod
         container = resolved.get("script") or resolved["container"]
+        pod.image, pod.service_account = container["image"], self.service_account(resolved)
         mounts = self.mount_volumes(resolved, container, pod_name, tmp.parent / "fs")
         try:
             pod.env = self.environment(container.get("env") or [], {"/tmp": tmp, **mounts})
