@@ -66,6 +66,7 @@ def build_app(
         timeout=settings.upstream_timeout,
         connections=settings.upstream_connections,
         max_response_bytes=16 * 1024 * 1024,
+        proxy=settings.upstream_proxy.get_secret_value() if settings.upstream_proxy else None,
     )
     # Whatever a caller sends, no vault key or token reaches a log line.
     for name in ("keybrake.proxy", "uvicorn.error", "uvicorn.access"):

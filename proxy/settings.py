@@ -6,6 +6,7 @@ Secrets are `SecretStr`, so a settings object printed or logged never shows them
 
 from __future__ import annotations
 
+import urllib.parse
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -63,6 +64,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, description="Largest request body forwarded.")
     upstream_timeout: float = Field(60.0, description="Seconds to wait for a vendor.")
     upstream_connections: int = Field(256, description="Connection pool size per vendor.")
+    upstream_proxy: SecretStr | None = Field(
+        None,
+        description="An HTTP CONNECT proxy for the vendor calls (http://[user:password@]host:port)."
+        " Unset: HTTPS_PROXY (and NO_PROXY) from the environment. Only https vendor calls go "
+        "through it, as a TLS tunnel the proxy cannot read.",
+    )
     postgres_durable_commits: bool = Field(
         True,
         description="Wait for PostgreSQL to flush each commit to disk. false: faster, still safe "
@@ -133,6 +140,16 @@ class Settings(BaseSettings):
     def _dedupe_window(cls, value: str) -> str:
         if value.strip() != "0" and parse_duration(value) > timedelta(hours=24):
             raise ValueError("at most 24h: stored answers are kept for a day")
+        return value
+
+    @field_validator("upstream_proxy")
+    @classmethod
+    def _upstream_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = urllib.parse.urlsplit(value.get_secret_value())
+        if url.scheme != "http" or not url.hostname:
+            raise ValueError("an http:// URL of a CONNECT proxy, e.g. http://proxy.corp:3128")
         return value
 
     @field_validator("max_body_bytes", "upstream_connections", "body_timeout")

@@ -88,7 +88,7 @@ class GatedServer(ThreadedServer):
     is waiting there, and `release()` lets every request through. `answered` is set whenever a
     request has been handled (answered, or its client already gone)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         self.arrived = threading.Event()
         self.answered = threading.Event()
 
@@ -100,7 +100,7 @@ class GatedServer(ThreadedServer):
                 self.answered.set()
 
         app.middlewares.append(mark_answered)
-        super().__init__(app)
+        super().__init__(app, ssl_context)
         self.gate = self.event()
 
     def hold(self) -> None:

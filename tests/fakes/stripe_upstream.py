@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -22,7 +23,8 @@ from tests.fakes.server import GatedServer
 
 
 class FakeStripe(GatedServer):
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """With `ssl_context`, it serves HTTPS (as api.stripe.com does)."""
         self.requests: list[dict[str, Any]] = []
         self.mode = "ok"  # ok | hang | drop | error500 | decline
         self.objects: dict[str, dict[str, Any]] = {}
@@ -31,7 +33,7 @@ class FakeStripe(GatedServer):
         self._ids = itertools.count(1)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        super().__init__(app)
+        super().__init__(app, ssl_context)
         self.unhang = self.event(is_set=False)  # "hang" mode waits for it after the gate
 
     def release(self) -> None:
