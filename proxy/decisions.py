@@ -147,12 +147,19 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
     Decision.NO_KEY: (401, "keybrake_missing_key", "No vault key was provided."),
     Decision.UNKNOWN_KEY: (401, "keybrake_invalid_key", "Invalid vault key provided."),
     Decision.WRONG_VENDOR: (401, "keybrake_wrong_vendor", "This vault key is for another vendor."),
-    Decision.REVOKED: (401, "keybrake_key_revoked", "This vault key has been revoked."),
+    Decision.REVOKED: (
+        401,
+        "keybrake_key_revoked",
+        "This vault key has been revoked. A run's keys are revoked when it ends, and `argo "
+        "retry` does not issue new ones: run the workflow again with `argo resubmit`.",
+    ),
     Decision.EXPIRED: (401, "keybrake_key_expired", "This vault key has expired."),
     Decision.BUDGET_REVOKED: (
         401,
         "keybrake_budget_revoked",
-        "The budget this vault key draws on has been revoked.",
+        "The budget this vault key draws on has been revoked. A run's budget is revoked when "
+        "it ends, and `argo retry` does not issue a new one: run the workflow again with "
+        "`argo resubmit`.",
     ),
     Decision.BUDGET_EXPIRED: (
         401,

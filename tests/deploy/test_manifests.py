@@ -1010,3 +1010,71 @@ def test_every_reaper_env_var_is_an_option_of_the_command() -> None:
     url = next(env["value"] for env in container["env"] if env["name"] == "KEYBRAKE_URL")
     service = _one("Service")["metadata"]
     assert url == f"http://{service['name']}.{NAMESPACE}.svc.cluster.local:{PORT}"
+
+
+def _runbook() -> str:
+    text = DEPLOY_DOC.read_text()
+    start = text.index("## Runbook: from an empty cluster to a capped run")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+RUNBOOK_ORDER = [
+    "kubectl apply -f templates/proxy/namespace.yaml",
+    "create secret generic keybrake-database",
+    "create secret generic keybrake-credentials",
+    "create secret generic keybrake-vendor-secrets",
+    "kubectl apply -f templates/rbac/proxy-kubernetes-login.yaml",
+    "kubectl apply -k deploy/prod",
+    "rollout status deployment/keybrake\n",
+    "port-forward svc/keybrake 8080:8080",
+    "create secret generic keybrake-reaper",
+    "keybrake issuers create --name reaper --label-prefix argo/ --revoke-only -q",
+    "rollout status deployment/keybrake-reaper",
+    "-f templates/rbac/keybrake-issuer.yaml -f templates/rbac/keybrake-workload.yaml",
+    "kubectl label namespace argo keybrake.dev/workflows=true",
+    "keybrake issuers create --name argo --label-prefix argo/ --k8s-namespace argo",
+    "kubectl -n argo apply -f templates/workflowtemplates/",
+    "argo submit -n argo --from workflowtemplate/keybrake-fanout",
+]
+
+
+def test_the_runbook_goes_from_an_empty_cluster_to_a_capped_run_in_order() -> None:
+    runbook = _runbook()
+    positions = [runbook.find(step) for step in RUNBOOK_ORDER]
+    assert -1 not in positions, [s for s, p in zip(RUNBOOK_ORDER, positions, strict=True) if p < 0]
+    assert positions == sorted(positions), "a step comes before what it needs"
+    # Each Secret the Deployments read is created in the runbook.
+    for component in ("proxy", "reaper"):
+        pod = _one("Deployment", component)["spec"]["template"]["spec"]
+        for _, name, _, optional in _secret_refs(pod):
+            assert optional or f"create secret generic {name}" in runbook, name
+    # The fan-out parameters it passes are the template's.
+    template = yaml.safe_load(
+        (ROOT / "templates/workflowtemplates/keybrake-fanout.yaml").read_text()
+    )
+    declared = {p["name"] for p in template["spec"]["arguments"]["parameters"]}
+    passed = set(re.findall(r"-p (\w+)=", runbook))
+    assert passed and passed <= declared, passed - declared
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_the_runbook_names_exists_and_validates_strictly(version: str) -> None:
+    from tests.hera.argocheck import schema as argo_schema
+
+    named = sorted(set(re.findall(r"(templates/[\w./-]+)", _runbook())))
+    assert len(named) >= 6, named
+    checked = 0
+    for name in named:
+        path = ROOT / name.rstrip("/")
+        assert path.exists(), f"the runbook names {name}, which does not exist"
+        files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+        for file in files:
+            if file.name == "kustomization.yaml" or file.name.endswith(".example.yaml"):
+                continue
+            for doc in _load_yaml_docs(file):
+                if doc["apiVersion"].startswith("argoproj.io/"):
+                    assert argo_schema.all_errors(doc) == [], file
+                else:
+                    _validate(doc, version)
+                checked += 1
+    assert checked >= 10

@@ -203,6 +203,52 @@ def test_a_succeeded_run(
     assert all("KEYBRAKE_TOKEN_FILE" not in pod.env for pod in run.pods_of("run-pod"))
 
 
+def test_argo_retry_of_a_finished_run_is_refused_with_a_clear_message(
+    proxy_server: ProxyProcess,
+    cluster: FakeCluster,
+    catalog: list[dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """`argo retry` keeps the succeeded issue step and re-runs the failed items, but the exit
+    handler already revoked the run's key: each retried item is refused with a message that says
+    to `argo resubmit`, nothing is charged, and the key stays revoked."""
+    fixed = tmp_path / "bug-fixed"
+    items = [{"charges": 1, "batch": "ok"}, {"charges": 1, "crash_unless": str(fixed)}]
+    document = next(
+        d
+        for d in catalog
+        if d["kind"] == "WorkflowTemplate" and d["metadata"]["name"] == "keybrake-fanout"
+    )
+    sim = Simulator(catalog, workdir=tmp_path / "run", cluster=cluster, entrypoints={IMAGE: CHARGE})
+    parameters = {
+        "items": json.dumps(items),
+        "image": IMAGE,
+        "budget_usd": "50",
+        "proxy_url": proxy_server.url,
+    }
+    first = sim.run(document, parameters)
+    assert first.phase == "Failed"
+    key = key_of(proxy_server, first)
+    assert key["status"] == "revoked" and key["calls"] == 1
+    pods_before = len(sim.pods)
+
+    fixed.write_text("the operator fixed the bug, then ran `argo retry`")
+    retried = sim.retry(document, first)
+
+    new_pods = sim.pods[pods_before:]
+    assert [p.template for p in new_pods] == ["run-pod", "keybrake-revoke"]  # no new issue
+    [refused] = [p for p in new_pods if p.template == "run-pod"]
+    assert refused.exit_code == 77  # keybrake's refusal: not retried by the retryStrategy
+    assert "argo resubmit" in refused.stderr and "revoked" in refused.stderr
+    assert retried.phase == "Failed"
+    again = key_of(proxy_server, retried)
+    assert again["status"] == "revoked"
+    assert again["total_spent_usd"] == key["total_spent_usd"]  # nothing charged
+    refusal = audit(proxy_server, key["key_id"])[0]  # newest first
+    assert refusal["decision"] == "revoked" and refusal["caller_tag"].endswith(refused.name)
+    assert retried.outputs["keybrake_key_id"] == key["key_id"]
+
+
 def parameters_of(node: Any) -> list[Any]:
     """Every node's output parameters and result: what Argo keeps in the Workflow status."""
     found = [node.parameters, node.result]

@@ -13,7 +13,9 @@ What it reproduces of Argo v4.1.2, and nothing more:
 - `templateRef` into the catalog, `outputs.parameters` (`valueFrom.path`, `default`,
   `globalName`), `outputs.result` for scripts;
 - `retryStrategy`: limit, policy AND expression (`asInt(lastRetry.exitCode) ...`), no waiting;
-- `onExit` after the entrypoint with `{{workflow.status}}`; a failed exit handler fails the run.
+- `onExit` after the entrypoint with `{{workflow.status}}`; a failed exit handler fails the run;
+- `argo retry` of a finished run (`retry`): its succeeded nodes are kept, outputs and globals
+  included, and not run again; failed and errored ones run again, and so does the exit handler.
 
 A pod's process gets exactly the template's `env`, plus `PATH` and `HOSTNAME` (= pod name) as
 Kubernetes sets, and, with a `cluster` (a stand-in API server), what the kubelet adds:
@@ -178,6 +180,7 @@ class Simulator:
         self._counter = itertools.count(1)
         self.pods: list[Pod] = []
         self.globals: dict[str, str] = {}
+        self._kept: dict[str, Node] = {}  # `retry`: the previous run's succeeded nodes by path
 
     # -- entry point -------------------------------------------------------------------------------
     def run(self, document: dict[str, Any], parameters: Mapping[str, str] | None = None) -> Run:
@@ -197,6 +200,24 @@ class Simulator:
             self.globals[f"workflow.parameters.{parameter['name']}"] = value
         if given:
             raise ValueError(f"unknown workflow parameters {sorted(given)}")
+        return self._execute(document)
+
+    def retry(self, document: dict[str, Any], previous: Run) -> Run:
+        """`argo retry` of the finished run `previous` (same workflow, same uid)."""
+        self.document = document
+
+        def walk(node: Node) -> list[Node]:
+            return [node, *(n for child in node.children for n in walk(child))]
+
+        self._kept = {n.name: n for n in walk(previous.entry) if n.phase == "Succeeded"}
+        self.globals = {**previous.globals, "workflow.status": "Running"}
+        try:
+            return self._execute(document)
+        finally:
+            self._kept = {}
+
+    def _execute(self, document: dict[str, Any]) -> Run:
+        spec = document["spec"]
         entry = self.execute(document, spec["entrypoint"], {}, spec["entrypoint"])
         status = entry.phase if entry.phase in ("Succeeded", "Failed") else "Error"
         self.globals["workflow.status"] = status
@@ -259,6 +280,10 @@ class Simulator:
         path: str,
     ) -> Node:
         document, template = self.lookup(document, invocation)
+        kept = self._kept.get(path)
+        if kept is not None:  # `argo retry`: a node that succeeded is not run again
+            self.export_globals(template, kept)
+            return kept
         if "dag" in template:
             try:
                 resolved = self.process_args(template, arguments, {})

@@ -2,8 +2,9 @@
 configured only from the environment the keybrake fan-out template gives it.
 
 The batch is the last argument (also in KEYBRAKE_ITEM): JSON such as {"charges": 2, "cents": 150},
-{"crash": true} (crashes before charging) or {"charges": 2, "crash_after": true} (charges, then
-crashes: Argo retries the item in a new pod). Each charge's metadata names its batch, index and
+{"crash": true} (crashes before charging), {"charges": 2, "crash_after": true} (charges, then
+crashes: Argo retries the item in a new pod) or {"crash_unless": PATH} (crashes until the file at
+PATH exists: a bug fixed before `argo retry`). Each charge's metadata names its batch, index and
 pod, so distinct charges are distinct requests (the proxy collapses identical ones within its
 dedupe window: a retried pod's charges would otherwise be replays of the first pod's).
 
@@ -23,7 +24,9 @@ REFUSED = 77
 
 def main(argv: list[str]) -> int:
     batch = json.loads(argv[-1])
-    if batch.get("crash"):
+    if batch.get("crash") or (
+        batch.get("crash_unless") and not os.path.exists(batch["crash_unless"])
+    ):
         raise RuntimeError("this batch crashes before charging (a transient failure)")
     client = stripe.StripeClient(
         os.environ["STRIPE_SECRET_KEY"], base_addresses={"api": os.environ["STRIPE_BASE_URL"]}
