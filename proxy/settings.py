@@ -63,7 +63,11 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(1_048_576, description="Largest request body forwarded.")
     upstream_timeout: float = Field(60.0, description="Seconds to wait for a vendor.")
-    upstream_connections: int = Field(256, description="Connection pool size per vendor.")
+    # 512: a 500-pod fan-out is never queued behind the proxy's own pool (docs/benchmarks.md,
+    # "Fan-out headroom"); wider only turns into the vendors' 429s, far below this.
+    upstream_connections: int = Field(
+        512, description="Connections to each vendor at once, per worker process."
+    )
     upstream_proxy: SecretStr | None = Field(
         None,
         description="An HTTP CONNECT proxy for the vendor calls (http://[user:password@]host:port)."

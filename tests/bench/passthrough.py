@@ -38,7 +38,8 @@ def create_app() -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        pool = int(os.environ.get("KEYBRAKE_BENCH_POOL", "256"))  # 0: unlimited
+        state["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool))
         yield
         await state["session"].close()
 

@@ -146,9 +146,15 @@ http {{
 
 
 @contextmanager
-def passthrough(upstream: str) -> Iterator[tuple[str, int]]:
+def passthrough(upstream: str, pool: int = 256) -> Iterator[tuple[str, int]]:
+    """The bare passthrough, with an upstream pool of `pool` connections (0: unlimited)."""
     port = free_port()
-    env = {**os.environ, "KEYBRAKE_BENCH_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "KEYBRAKE_BENCH_UPSTREAM": upstream,
+        "KEYBRAKE_BENCH_POOL": str(pool),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.Popen(
         [
             *pin(1),
@@ -179,7 +185,11 @@ def passthrough(upstream: str) -> Iterator[tuple[str, int]]:
 
 @contextmanager
 def keybrake(
-    workdir: Path, upstream: str, database_url: str, exe: Path | None = None
+    workdir: Path,
+    upstream: str,
+    database_url: str,
+    exe: Path | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """`keybrake serve` of this checkout, or of another installation (`exe`)."""
     sock = bound_socket()
@@ -189,6 +199,7 @@ def keybrake(
         "KEYBRAKE_DATABASE_URL": database_url,
         "KEYBRAKE_STRIPE_SECRET_KEY": STRIPE_SECRET,
         "KEYBRAKE_STRIPE_API_BASE": upstream,
+        **(settings or {}),
     }
     proc = subprocess.Popen(
         [
