@@ -561,6 +561,9 @@ class AdminApi:
         status = params.get("status")
         if status is not None and status not in _STATUSES:
             return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
+        limit = _list_limit(params.get("limit"))
+        if isinstance(limit, Response):
+            return limit
         label = params.get("label")
         if label is not None:
             check_label(actor, label)
@@ -573,6 +576,7 @@ class AdminApi:
             budget_id=params.get("budget_id"),
             namespace=params.get("namespace"),
             scope=actor.scope,
+            limit=limit,
         )
         page = KeyList(data=[key_info(v, now) for v in views])
         return JSONResponse(page.model_dump())
@@ -780,6 +784,9 @@ class AdminApi:
         status = params.get("status")
         if status is not None and status not in _STATUSES:
             return error(400, "invalid_request_error", f"status must be one of {_STATUSES}")
+        limit = _list_limit(params.get("limit"))
+        if isinstance(limit, Response):
+            return limit
         label = params.get("label")
         if label is not None:
             check_label(actor, label)
@@ -790,6 +797,7 @@ class AdminApi:
             status=status,
             namespace=params.get("namespace"),
             scope=actor.scope,
+            limit=limit,
         )
         return JSONResponse(BudgetList(data=[budget_info(v, now) for v in views]).model_dump())
 
@@ -1091,6 +1099,21 @@ def _overlap(new: KubernetesBinding, other: dict[str, Any] | None) -> str | None
             ):
                 return f"{namespace}/{account}"
     return None
+
+
+LIST_LIMIT = 1000  # rows a list returns unless asked for more
+MAX_LIST_LIMIT = 100_000
+
+
+def _list_limit(text: str | None) -> int | Response:
+    """`limit` of a key or budget list: newest first, 1 to 100,000 (default 1,000)."""
+    if text is None:
+        return LIST_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        return error(
+            400, "invalid_request_error", f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}"
+        )
+    return int(text)
 
 
 def issuer_info(record: IssuerRecord) -> IssuerInfo:

@@ -105,9 +105,16 @@ class KeybrakeClient:
         status: str | None = None,
         budget_id: str | None = None,
         namespace: str | None = None,
+        limit: int | None = None,
     ) -> list[KeyInfo]:
+        """Newest first: `limit` keys (the proxy's default 1,000; at most 100,000)."""
         params = _params(
-            label=label, vendor=vendor, status=status, budget_id=budget_id, namespace=namespace
+            label=label,
+            vendor=vendor,
+            status=status,
+            budget_id=budget_id,
+            namespace=namespace,
+            limit=limit,
         )
         return KeyList.model_validate(
             self._request("GET", "/vault/keys", params=params).json()
@@ -130,9 +137,14 @@ class KeybrakeClient:
         return BudgetInfo.model_validate(self._request("POST", "/vault/budgets", json=body).json())
 
     def list_budgets(
-        self, *, label: str | None = None, status: str | None = None, namespace: str | None = None
+        self,
+        *,
+        label: str | None = None,
+        status: str | None = None,
+        namespace: str | None = None,
+        limit: int | None = None,
     ) -> list[BudgetInfo]:
-        params = _params(label=label, status=status, namespace=namespace)
+        params = _params(label=label, status=status, namespace=namespace, limit=limit)
         return BudgetList.model_validate(
             self._request("GET", "/vault/budgets", params=params).json()
         ).data

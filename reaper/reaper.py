@@ -31,6 +31,7 @@ from keybrake.reaper.watch import WorkflowWatch
 __all__ = ["Reaper", "Revocation"]
 
 log = logging.getLogger("keybrake.reaper")
+LIVE_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +103,10 @@ class Reaper:
     def subjects(self) -> list[LiveSubject]:
         """The live keys and budgets of this cluster's runs, from the proxy."""
         found: list[LiveSubject] = []
-        keys = self.proxy.list_keys(status="active")
-        budgets = self.proxy.list_budgets(status="active")
+        # Every live one, as far as a list goes (100,000, newest first); beyond that many live
+        # at once, the oldest would be judged only once newer ones are gone.
+        keys = self.proxy.list_keys(status="active", limit=LIVE_LIMIT)
+        budgets = self.proxy.list_budgets(status="active", limit=LIVE_LIMIT)
         rows = [(k.key_id, k.agent_run_label, k.namespace, k.metadata, k.created_at) for k in keys]
         rows += [
             (b.budget_id, b.agent_run_label, b.namespace, b.metadata, b.created_at) for b in budgets
