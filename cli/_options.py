@@ -49,3 +49,8 @@ def caps_patch(
         )
     except ValidationError as exc:
         fail(describe_validation_error(exc), EXIT_USAGE)
+
+
+def workflow_label(workflow: str) -> str:
+    """`--workflow` takes the workflow's name, or its label as the LABEL column shows it."""
+    return workflow if workflow.startswith("argo/") else f"argo/{workflow}"

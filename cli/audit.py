@@ -10,6 +10,7 @@ import typer
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._options import workflow_label
 from keybrake.cli._render import audit_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.money import parse_duration
@@ -56,7 +57,7 @@ def audit(
             parse_duration(since)
         except ValueError as exc:
             fail(f"--since: {exc}", EXIT_USAGE)
-    label = f"argo/{workflow}" if workflow else None
+    label = workflow_label(workflow) if workflow else None
     chosen = output or (AuditOutput.table if sys.stdout.isatty() else AuditOutput.json)
     with connect(url, api_key) as client:
         if chosen is AuditOutput.csv:

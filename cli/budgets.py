@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import caps_patch, dollars, metadata
+from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
 from keybrake.cli._render import budget_detail, budgets_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import BudgetCreate, BudgetInfo, describe_validation_error
@@ -90,7 +90,7 @@ def list_budgets(
     if status is not None and status not in {"active", "revoked", "expired"}:
         fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
     if workflow:
-        label = f"argo/{workflow}"
+        label = workflow_label(workflow)
     with connect(url, api_key) as client:
         budgets = client.list_budgets(label=label, status=status)
     chosen = default_output(output)

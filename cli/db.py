@@ -10,13 +10,14 @@ import typer
 
 from keybrake.cli._common import EXIT_USAGE, console, fail
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
-from keybrake.proxy.store import open_store
 
 app = typer.Typer(help="Database schema.", no_args_is_help=True)
 
 
 def upgrade_database(url: str) -> None:
     """Open the store once: opening applies pending migrations (under a lock on PostgreSQL)."""
+
+    from keybrake.proxy.store import open_store
 
     async def run() -> None:
         store = open_store(url)

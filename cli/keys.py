@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import caps_patch, dollars, metadata
+from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
 from keybrake.cli._render import key_detail, keys_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import KeyCreate, describe_validation_error
@@ -124,7 +124,7 @@ def list_keys(
     if status is not None and status not in {"active", "revoked", "expired"}:
         fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
     if workflow:
-        label = f"argo/{workflow}"
+        label = workflow_label(workflow)
     with connect(url, api_key) as client:
         keys = client.list_keys(label=label, vendor=vendor, status=status, budget_id=budget)
     chosen = default_output(output)

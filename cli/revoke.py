@@ -7,10 +7,20 @@ from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._common import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Output,
+    console,
+    default_output,
+    fail,
+    print_data,
+)
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._options import workflow_label
 from keybrake.cli._render import caps
-from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
+from keybrake.proxy.errors import ApiError
 from keybrake.proxy.models import BudgetInfo, KeyInfo
 
 
@@ -23,6 +33,12 @@ def revoke(
         str | None,
         typer.Option("--namespace", "-n", help="Only the workflow's keys in this namespace."),
     ] = None,
+    ignore_not_found: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-not-found", help="Exit 0 when the key or workflow does not exist (scripts)."
+        ),
+    ] = False,
     output: Annotated[
         Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
     ] = None,
@@ -33,6 +49,9 @@ def revoke(
 
     Examples: keybrake revoke vk_3f9c2a1b4d5e6f70 ·
     keybrake revoke --workflow billing-agent-x7k2p --namespace argo
+
+    Exit codes: 0 revoked (or already revoked), 1 not found (0 with --ignore-not-found) or
+    refused, 2 bad usage, 3 proxy unreachable.
     """
     if (key_id is None) == (workflow is None):
         fail("give a KEY_ID or --workflow NAME (one of them)", EXIT_USAGE)
@@ -41,7 +60,13 @@ def revoke(
     budgets: list[BudgetInfo] = []
     with connect(url, api_key) as client:
         if key_id is not None:
-            before = client.get_key(key_id)
+            try:
+                before = client.get_key(key_id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                _not_found(f"vault key {key_id!r} not found", ignore_not_found, output)
+                return
             after = client.revoke_key(key_id)
             revoked = [after] if before.status == "active" else []
             subject = key_id
@@ -49,10 +74,20 @@ def revoke(
                 _report([], [], f"{key_id} was already {before.status}; nothing to revoke", output)
                 return
         else:
-            label = f"argo/{workflow}"
-            subject = f"workflow {workflow}" + (f" in namespace {namespace}" if namespace else "")
+            assert workflow is not None
+            label = workflow_label(workflow)
+            name = label.removeprefix("argo/")
+            subject = f"workflow {name}" + (f" in namespace {namespace}" if namespace else "")
             result = client.revoke_label(label, namespace=namespace)
             revoked, budgets = result.keys, result.budgets
+            if not revoked and not budgets and not _any_of(client, label, namespace):
+                where = f" in namespace {namespace}" if namespace else ""
+                _not_found(
+                    f"no vault keys or budgets of workflow {name}{where} (label {label})",
+                    ignore_not_found,
+                    output,
+                )
+                return
     if not revoked and not budgets:
         _report([], [], f"no active vault keys or budgets for {subject}; nothing revoked", output)
         return
@@ -66,6 +101,21 @@ def revoke(
         f"revoked {what} of {subject}; spent ${spent:.2f} in the last 24 h",
         output,
     )
+
+
+def _any_of(client: KeybrakeClient, label: str, namespace: str | None) -> bool:
+    """Whether the label has any key or budget at all, of any status."""
+    return bool(
+        client.list_keys(label=label, namespace=namespace, limit=1)
+        or client.list_budgets(label=label, namespace=namespace, limit=1)
+    )
+
+
+def _not_found(message: str, ignore: bool, output: Output | None) -> None:
+    """NotFound, as kubectl says it: exit 1, unless the caller asked to ignore it."""
+    if not ignore:
+        fail(message, EXIT_REFUSED)
+    _report([], [], f"{message}; nothing to revoke", output)
 
 
 def _count(n: int, noun: str) -> str:

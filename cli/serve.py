@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import socket
 import ssl
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from keybrake.cli._common import EXIT_USAGE, console, err_console, fail
-from keybrake.cli.db import upgrade_database
-from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
+from keybrake.proxy.redact import redact
 from keybrake.proxy.settings import Settings, read_settings_file
-from keybrake.proxy.tls import ReloadingCertificate, TLSConfig
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class EventLoop(StrEnum):
@@ -57,6 +62,13 @@ def serve(
 
     Example: KEYBRAKE_API_KEY=... KEYBRAKE_STRIPE_SECRET_KEY=sk_live_... keybrake serve --port 8080
     """
+    # The server's own modules load here, not when any other command starts.
+    import uvicorn
+
+    from keybrake.cli.db import upgrade_database
+    from keybrake.proxy.app import build_app
+    from keybrake.proxy.tls import ReloadingCertificate, TLSConfig
+
     if settings_file is not None:
         try:
             for name, value in read_settings_file(settings_file).items():
@@ -82,6 +94,10 @@ def serve(
         upgrade_database(settings.database_url)
     except (ConfigError, StoreUnavailable) as exc:
         fail(str(exc), EXIT_USAGE)
+    except ValidationError as exc:
+        fail(setting_error(exc), EXIT_USAGE)
+    except SettingsError as exc:
+        fail(setting_error(exc), EXIT_USAGE)
     except ValueError as exc:
         fail(f"invalid setting: {exc}", EXIT_USAGE)
     vendors = ", ".join(sorted(settings.vendor_credentials())) or "none (set KEYBRAKE_<VENDOR>_*)"
@@ -100,7 +116,12 @@ def serve(
         except (OSError, ssl.SSLError) as exc:
             fail(f"cannot use the TLS certificate and key: {exc}", EXIT_USAGE)
     scheme = "https" if tls else "http"
-    where = f"file descriptor {fd}" if fd is not None else f"{scheme}://{host}:{port}"
+    # Bind before saying where: the address printed is the real one (a free port for --port 0),
+    # and a busy port is one line, not uvicorn's traceback after a "listening" that was not true.
+    sock = socket.socket(fileno=fd) if fd is not None else listen_on(host, port)
+    where = f"{scheme}://{_address(sock)}"
+    if fd is not None:
+        where += f" (file descriptor {fd})"
     console.print(
         f"keybrake proxy listening on {where} "
         f"(workers: {workers}, database: {database}, vendors: {vendors})",
@@ -120,22 +141,73 @@ def serve(
         ssl_certfile=str(settings.tls_cert_file) if tls else None,
         ssl_keyfile=str(settings.tls_key_file) if tls else None,
     )
-    if fd is None:
-        if workers == 1:
-            uvicorn.Server(config).run()
-        else:
-            _multiprocess(config, None)
-        return
-    # socket(fileno=) keeps the socket's real family; uvicorn's own --fd assumes AF_UNIX, which
-    # leaves Nagle on for TCP and costs ~40 ms per small response.
-    sock = socket.socket(fileno=fd)
+    # Serving on our own socket: socket(fileno=) for --fd keeps the socket's real family
+    # (uvicorn's own --fd assumes AF_UNIX, which leaves Nagle on for TCP and costs ~40 ms per
+    # small response).
     if workers == 1:
         uvicorn.Server(config).run(sockets=[sock])
     else:
         _multiprocess(config, sock)
 
 
-def _multiprocess(config: uvicorn.Config, sock: socket.socket | None) -> None:
+def listen_on(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or a one-line error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})", EXIT_USAGE)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        fail(
+            f"cannot listen on {host}:{port}: {reason}",
+            EXIT_USAGE,
+            "Pick another with --port (0 for any free one)."
+            if exc.errno == errno.EADDRINUSE
+            else None,
+        )
+    sock.set_inheritable(True)
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    host, port = str(name[0]), int(name[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def setting_error(exc: ValidationError | SettingsError) -> str:
+    """A bad setting in one line that names its variable (pydantic's own text is several, with
+    a link)."""
+    if isinstance(exc, SettingsError):
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = f"KEYBRAKE_{match.group(1).upper()}" if match else "a KEYBRAKE_ setting"
+        return f'{name}: cannot be parsed (a list or mapping is given as JSON, e.g. ["a"])'
+    parts = []
+    for item in exc.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        name = f"KEYBRAKE_{field.upper()}" if field else "settings"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        given = item.get("input")
+        model_field = Settings.model_fields.get(field)
+        secret = model_field is not None and "SecretStr" in str(model_field.annotation)
+        shown = (
+            f" (got {redact(str(given))[:40]!r})"
+            if isinstance(given, str | int) and not secret
+            else ""
+        )
+        parts.append(f"{name}: {message}{shown}")
+    return "; ".join(parts)
+
+
+def _multiprocess(config: uvicorn.Config, sock: socket.socket) -> None:
     from uvicorn.supervisors import Multiprocess
 
-    Multiprocess(config, sockets=[sock or config.bind_socket()]).run()
+    Multiprocess(config, sockets=[sock]).run()

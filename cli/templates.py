@@ -13,9 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from keybrake.hera_workflows.errors import TemplateConfigError
-from keybrake.hera_workflows.render import compare, rendered_files, write
-
 __all__ = ["app"]
 
 app = typer.Typer(
@@ -50,6 +47,10 @@ def render(
 
     Output is deterministic; only files with the "generated" header are written or removed.
     """
+    # Hera (half a second to import) only for the commands that render.
+    from keybrake.hera_workflows.errors import TemplateConfigError
+    from keybrake.hera_workflows.render import compare, rendered_files, write
+
     stdout, stderr = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     shown = escape(f"{out.as_posix().rstrip('/')}/")
     if out.exists() and not out.is_dir():

@@ -13,10 +13,11 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from keybrake.cli._common import console, err_console
+from keybrake.cli._common import EXIT_REFUSED, console, err_console, fail
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._options import workflow_label
 from keybrake.cli._render import caps
-from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
 from keybrake.proxy.models import AuditRow, BudgetInfo, KeyInfo
 
 
@@ -31,13 +32,28 @@ def watch(
 
     Example: keybrake watch --workflow billing-agent-x7k2p
     """
-    label = f"argo/{workflow}"
-    err_console.print(f"watching {label} (Ctrl-C to stop)")
+    label = workflow_label(workflow)
+    with connect(url, api_key) as client:
+        if not client.list_keys(label=label, limit=1) and not client.list_budgets(
+            label=label, limit=1
+        ):
+            fail(
+                f"no vault keys or budgets of workflow {label.removeprefix('argo/')} "
+                f"(label {label}): nothing to watch",
+                EXIT_REFUSED,
+                "Is the name right (argo list)? A run shows up once its issue step has run.",
+            )
+        err_console.print(f"watching {label} (Ctrl-C to stop)")
+        _follow(client, label, interval)
+
+
+def _follow(client: KeybrakeClient, label: str, interval: float) -> None:
     previous: dict[str, tuple[float, int]] = {}
     rates: dict[str, float] = {}
     errors: deque[AuditRow] = deque(maxlen=5)
     last_id: int | None = None
-    with connect(url, api_key) as client, Live(console=console, auto_refresh=False) as live:
+    keys: list[KeyInfo] = []
+    with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
                 keys = client.list_keys(label=label)

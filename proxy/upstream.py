@@ -45,6 +45,11 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Every answer of the proxy carries its server's own `date` and `server`: the vendor's would
+# make two of each.
+OWN_HEADERS = frozenset({"date", "server"})
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
     status: int
@@ -141,7 +146,8 @@ class Upstream:
                 out = [
                     (k, v)
                     for k, v in response.headers.items()
-                    if k.lower() not in HOP_BY_HOP and not k.lower().startswith("x-keybrake")
+                    if k.lower() not in HOP_BY_HOP | OWN_HEADERS
+                    and not k.lower().startswith("x-keybrake")
                 ]
                 return UpstreamResponse(response.status, out, data)
         except TimeoutError as exc:

@@ -113,7 +113,9 @@ def test_revoke_by_id_and_again(proxy_server: ProxyProcess) -> None:
     code, out, _ = run(proxy_server, "revoke", key["key_id"], "-o", "table")
     assert code == 0 and "already revoked" in out
     code, _, err = run(proxy_server, "revoke", "vk_nope")
-    assert code == 1 and "no vault key" in err
+    assert code == 1 and "not found" in err
+    code, out, _ = run(proxy_server, "revoke", "vk_nope", "--ignore-not-found", "-o", "table")
+    assert code == 0 and "nothing to revoke" in out
     code, _, err = run(proxy_server, "revoke")
     assert code == 2
 
@@ -132,10 +134,20 @@ def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
         and "revoked 1 key of workflow wf" in out
         and "spent $0.00 in the last 24 h" in out
     )
-    code, out, _ = run(proxy_server, "revoke", "--workflow", "wf", "-o", "table")
+    # As the LABEL column shows it; already revoked is not an error
+    code, out, _ = run(proxy_server, "revoke", "--workflow", "argo/wf", "-o", "table")
     assert code == 0 and "nothing revoked" in out
     with proxy_server.admin() as admin:
         assert admin.get(f"/vault/keys/{b['key_id']}").json()["status"] == "revoked"
+    # A workflow with no keys at all is NotFound, as kubectl says it (a typo must not pass)
+    code, _, err = run(proxy_server, "revoke", "--workflow", "wf-typo")
+    assert code == 1 and "no vault keys or budgets of workflow wf-typo" in err
+    code, _, err = run(proxy_server, "revoke", "-w", "wf", "-n", "team-c")
+    assert code == 1 and "in namespace team-c" in err
+    code, _, _ = run(proxy_server, "revoke", "--workflow", "wf-typo", "--ignore-not-found")
+    assert code == 0
+    code, out, _ = run(proxy_server, "keys", "list", "--workflow", "argo/wf", "-o", "json")
+    assert code == 0 and {k["key_id"] for k in json.loads(out)} == {a["key_id"], b["key_id"]}
 
 
 def test_audit_outputs(proxy_server: ProxyProcess) -> None:
@@ -189,6 +201,32 @@ def test_watch_exits_when_every_key_is_revoked(proxy_server: ProxyProcess) -> No
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "every key of argo/watched is revoked or expired" in out
+
+
+def test_watch_on_an_unknown_run_says_so_and_exits_1(proxy_server: ProxyProcess) -> None:
+    code, _, err = run(proxy_server, "watch", "--workflow", "never-ran")
+    assert code == 1 and "nothing to watch" in err and "argo/never-ran" in err
+
+
+def test_commands_that_do_not_render_templates_do_not_import_hera(
+    proxy_server: ProxyProcess,
+) -> None:
+    """`keybrake keys list` loads neither Hera nor the server (half a second and more)."""
+    probe = (
+        "import sys\n"
+        "from keybrake.cli.main import main\n"
+        "sys.argv = ['keybrake', 'keys', 'list', '-o', 'json']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "heavy = [m for m in ('hera', 'uvicorn', 'starlette', 'aiohttp', 'lightkube') "
+        "if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    env = {**os.environ, "KEYBRAKE_URL": proxy_server.url, "KEYBRAKE_API_KEY": ADMIN_KEY}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
 
 
 def test_version_and_help_examples() -> None:
@@ -250,6 +288,51 @@ def test_serve_refuses_bad_configuration(tmp_path) -> None:
     env["KEYBRAKE_MAX_TTL"] = "forever"
     result = runner.invoke(app, ["serve"], env=env)
     assert result.exit_code == 2 and "invalid duration" in result.stderr
+    env.pop("KEYBRAKE_MAX_TTL")
+    # One line naming the variable; pydantic's several lines and link never reach the operator.
+    for name, value, needle in (
+        ("KEYBRAKE_UPSTREAM_TIMEOUT", "soon", "valid number"),
+        ("KEYBRAKE_KUBERNETES_AUDIENCES", "keybrake", "JSON"),
+        ("KEYBRAKE_UPSTREAM_PROXY", "socks5://u:hunter2@proxy:1080", "CONNECT proxy"),
+    ):
+        result = runner.invoke(app, ["serve"], env={**env, name: value})
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: {name}: ") and needle in lines[0]
+        assert "pydantic" not in result.stderr and "hunter2" not in result.stderr
+
+
+def test_serve_binds_first_and_says_where(tmp_path) -> None:
+    """The address printed is the bound one (a real port for --port 0); a busy port is one line."""
+    import httpx
+
+    from tests.proxyproc import BIN, wait_until_ready
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+    env |= {"KEYBRAKE_API_KEY": "x", "KEYBRAKE_DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
+    proc = subprocess.Popen(
+        [str(BIN / "keybrake"), "serve", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("keybrake proxy listening on http://127.0.0.1:"), line
+        url = line.split()[4]
+        port = int(url.rsplit(":", 1)[1])
+        assert port != 0
+        wait_until_ready(url + "/healthz", proc, "keybrake serve")
+        assert httpx.get(url + "/healthz").status_code == 200
+        busy = runner.invoke(app, ["serve", "--port", str(port)], env=env)
+        assert busy.exit_code == 2
+        assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in busy.stderr
+        assert "listening" not in busy.stdout and "Traceback" not in busy.output
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_serve_reads_a_settings_file(tmp_path) -> None:

@@ -75,6 +75,21 @@ def test_vendor_429_never_carries_the_cap_hit_header(
     assert key_info(fake_proxy, key["key_id"])["spent_usd"] == "0.00"
 
 
+def test_a_proxied_answer_carries_one_date_and_one_server(
+    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+) -> None:
+    """The vendor's answer has its own Date and Server; the proxy's server adds its own."""
+    key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="10m")
+    body = {"amount": "100", "currency": "usd"}
+    first = post(fake_proxy, key["vault_key"], body)
+    replay = post(fake_proxy, key["vault_key"], body)  # answered from the stored response
+    for response in (first, replay):
+        assert response.status_code == 200
+        assert len(response.headers.get_list("date")) == 1
+        assert len(response.headers.get_list("server")) == 1
+    assert fake_stripe.count("POST", "/v1/payment_intents") == 1
+
+
 def test_idempotency_key_replays_without_calling_the_vendor(
     fake_proxy: ProxyProcess, fake_stripe: FakeStripe
 ) -> None:
