@@ -14,7 +14,7 @@ from keybrake.cli._common import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, fai
 from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 
-__all__ = ["ApiKeyOption", "UrlOption", "connect"]
+__all__ = ["ApiKeyOption", "IgnoreNotFoundOption", "UrlOption", "connect"]
 
 UrlOption = Annotated[
     str,
@@ -30,8 +30,16 @@ ApiKeyOption = Annotated[
 ca_bundle: str | None = None
 
 
+IgnoreNotFoundOption = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-not-found", help="Exit 0, printing nothing, when it does not exist (scripts)."
+    ),
+]
+
+
 @contextmanager
-def connect(url: str, api_key: str) -> Iterator[KeybrakeClient]:
+def connect(url: str, api_key: str, *, ignore_not_found: bool = False) -> Iterator[KeybrakeClient]:
     """A client whose expected failures become one-line errors and the documented exit codes.
     An https proxy's certificate is checked against KEYBRAKE_CA_BUNDLE (or `keybrake
     --ca-bundle`) when set, else the system's CAs."""
@@ -52,6 +60,8 @@ def connect(url: str, api_key: str) -> Iterator[KeybrakeClient]:
             "Is it running? Start one with `keybrake serve`, or point --url / KEYBRAKE_URL at it.",
         )
     except ApiError as exc:
+        if exc.status == 404 and ignore_not_found:
+            raise typer.Exit(0) from None
         fail(f"the proxy refused: {exc.message} (HTTP {exc.status})", EXIT_REFUSED)
     finally:
         client.close()

@@ -6,9 +6,18 @@ from decimal import Decimal
 
 from rich.table import Table
 
+from keybrake.cli._paging import age
 from keybrake.proxy.models import AuditRow, BudgetInfo, ChangeInfo, KeyInfo
 
-__all__ = ["audit_table", "budget_detail", "budgets_table", "caps", "key_detail", "keys_table"]
+__all__ = [
+    "audit_line",
+    "audit_table",
+    "budget_detail",
+    "budgets_table",
+    "caps",
+    "key_detail",
+    "keys_table",
+]
 
 _STATUS_STYLE = {"active": "green", "revoked": "red", "expired": "yellow"}
 
@@ -30,26 +39,21 @@ def _ts(text: str | None) -> str:
     return text[:16].replace("T", " ") if text else "-"
 
 
-def keys_table(keys: list[KeyInfo]) -> Table:
+def keys_table(keys: list[KeyInfo], *, wide: bool = False) -> Table:
+    """Keys as a table; `wide` adds who issued each, for which namespace, and its budget."""
     table = Table(box=None, header_style="bold")
-    for column in (
-        "KEY ID",
-        "LABEL",
-        "VENDOR",
-        "STATUS",
-        "SPENT",
-        "CAP",
-        "CALLS",
-        "CAP HITS",
-        "EXPIRES",
-    ):
+    columns = ["KEY ID", "LABEL", "VENDOR", "STATUS", "SPENT", "CAP", "CALLS", "CAP HITS"]
+    columns += ["EXPIRES", "AGE"]
+    if wide:
+        columns += ["NAMESPACE", "SERVICE ACCOUNT", "ISSUER", "TOTAL SPENT"]
+    for column in columns:
         numeric = column in {"SPENT", "CAP", "CALLS", "CAP HITS"}
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     # Ids and labels are what people copy into the next command: never fold them.
     table.columns[0].min_width = max((len(k.key_id) for k in keys), default=6)
     table.columns[1].min_width = min(max((len(k.agent_run_label) for k in keys), default=5), 48)
     for key in keys:
-        table.add_row(
+        row = [
             key.key_id,
             key.agent_run_label,
             key.vendor,
@@ -59,7 +63,16 @@ def keys_table(keys: list[KeyInfo]) -> Table:
             str(key.calls),
             str(key.cap_hits),
             _ts(key.expires_at),
-        )
+            age(key.created_at),
+        ]
+        if wide:
+            row += [
+                key.namespace or "-",
+                key.service_account or "-",
+                key.issuer_id or "admin",
+                f"${key.total_spent_usd}",
+            ]
+        table.add_row(*row)
     return table
 
 
@@ -190,3 +203,13 @@ def audit_table(rows: list[AuditRow]) -> Table:
             row.vendor_request_id or "-",
         )
     return table
+
+
+def audit_line(row: AuditRow) -> str:
+    """One audit row as one line, for `audit --follow`."""
+    usd = row.settled_usd if Decimal(row.settled_usd) else row.reserved_usd
+    decision = row.decision if row.decision == "forwarded" else f"[yellow]{row.decision}[/]"
+    return (
+        f"{row.ts[:23].replace('T', ' ')}  {row.caller_tag or '-'}  {row.method} {row.path}  "
+        f"{row.status}  {decision}  ${usd}  {row.vendor_request_id or '-'}"
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from enum import StrEnum
 from typing import Annotated
 
@@ -11,8 +13,10 @@ import typer
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._options import workflow_label
-from keybrake.cli._render import audit_table
-from keybrake.proxy.client import DEFAULT_URL
+from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
+from keybrake.cli._render import audit_line, audit_table
+from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
+from keybrake.proxy.models import AuditRow
 from keybrake.proxy.money import parse_duration
 
 app = typer.Typer(no_args_is_help=False, invoke_without_command=True)
@@ -36,7 +40,18 @@ def audit(
     since: Annotated[
         str | None, typer.Option(help="How far back (1h, 30m) or an ISO time.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest N rows.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Rows per page.")] = 100,
+    cursor: ContinueOption = None,
+    every_page: AllOption = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Then print new rows as they come, until Ctrl-C (JSON: lines)."
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.05, help="With --follow: seconds between looks.")
+    ] = 1.0,
     output: Annotated[
         AuditOutput | None,
         typer.Option("--output", "-o", help="table (default on a terminal), json, yaml or csv."),
@@ -59,19 +74,65 @@ def audit(
             fail(f"--since: {exc}", EXIT_USAGE)
     label = workflow_label(workflow) if workflow else None
     chosen = output or (AuditOutput.table if sys.stdout.isatty() else AuditOutput.json)
+    if follow and (every_page or cursor or chosen in (AuditOutput.csv, AuditOutput.yaml)):
+        fail("--follow prints the newest rows, then new ones: as a table or JSON lines", EXIT_USAGE)
     with connect(url, api_key) as client:
         if chosen is AuditOutput.csv:
             sys.stdout.write(
                 client.audit_csv(key_id=key, label=label, vendor=vendor, since=since, limit=limit)
             )
             return
-        rows = client.audit(key_id=key, label=label, vendor=vendor, since=since, limit=limit)
+        rows, token = collect(
+            lambda page: client.audit_page(
+                key_id=key, label=label, vendor=vendor, since=since, limit=limit, cursor=page
+            ),
+            cursor,
+            every_page,
+        )
+        if follow:
+            _follow(client, rows, chosen, key, label, vendor, interval)
+            return
     if chosen in (AuditOutput.json, AuditOutput.yaml):
         print_data([r.model_dump() for r in rows], Output(chosen.value))
     elif not rows:
         console.print("No audit rows match.")
     else:
         console.print(audit_table(list(reversed(rows))))
+    say_more(token, "keybrake audit", "audit rows")
+
+
+def _follow(
+    client: KeybrakeClient,
+    newest: list[AuditRow],
+    chosen: AuditOutput,
+    key: str | None,
+    label: str | None,
+    vendor: str | None,
+    interval: float,
+) -> None:
+    """`--follow`: the newest rows oldest first, then every new one as it comes (like
+    `kubectl logs -f`), until Ctrl-C."""
+
+    def emit(rows: list[AuditRow]) -> None:
+        for row in rows:
+            if chosen is AuditOutput.json:
+                print(json.dumps(row.model_dump()), flush=True)
+            else:
+                console.print(audit_line(row), soft_wrap=True)
+
+    emit(list(reversed(newest)))
+    last = max((r.id for r in newest), default=0)
+    try:
+        while True:
+            time.sleep(interval)  # the polling period of a follow, not synchronisation
+            page = client.audit_page(
+                key_id=key, label=label, vendor=vendor, after_id=last, limit=1000
+            )
+            fresh = sorted(page.data, key=lambda r: r.id)
+            emit(fresh)
+            last = max((r.id for r in fresh), default=last)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

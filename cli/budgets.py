@@ -8,8 +8,9 @@ import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
-from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
 from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
+from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
 from keybrake.cli._render import budget_detail, budgets_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import BudgetCreate, BudgetInfo, describe_validation_error
@@ -79,36 +80,55 @@ def create(
 def list_budgets(
     label: Annotated[str | None, typer.Option(help="Only budgets with this label.")] = None,
     workflow: Annotated[
-        str | None, typer.Option(help="Only budgets of this Argo workflow (label argo/NAME).")
+        str | None,
+        typer.Option(
+            "--workflow", "-w", help="Only budgets of this Argo workflow (NAME or argo/NAME)."
+        ),
     ] = None,
     status: Annotated[str | None, typer.Option(help="active, revoked or expired.")] = None,
-    output: OutputOption = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Budgets per page.")] = 500,
+    cursor: ContinueOption = None,
+    every_page: AllOption = False,
+    output: Annotated[
+        ListOutput | None,
+        typer.Option("--output", "-o", help="table (on a terminal), name, json or yaml."),
+    ] = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """List budgets with their spend in the last 24 hours and in all."""
+    """List budgets, newest first, with their spend in the last 24 hours and in all."""
     if status is not None and status not in {"active", "revoked", "expired"}:
         fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
     if workflow:
         label = workflow_label(workflow)
     with connect(url, api_key) as client:
-        budgets = client.list_budgets(label=label, status=status)
-    chosen = default_output(output)
-    if chosen is Output.table:
+        budgets, token = collect(
+            lambda page: client.budgets_page(label=label, status=status, limit=limit, cursor=page),
+            cursor,
+            every_page,
+        )
+    chosen = output or ListOutput(default_output(None).value)
+    if chosen is ListOutput.name:
+        for budget in budgets:
+            print(budget.budget_id)
+    elif chosen in (ListOutput.table, ListOutput.wide):
         console.print(budgets_table(budgets) if budgets else "No budgets match.")
     else:
-        print_data([b.model_dump() for b in budgets], chosen)
+        print_data([b.model_dump() for b in budgets], Output(chosen.value))
+    say_more(token, "keybrake budgets list", "budgets")
 
 
 @app.command("show", epilog="Example: keybrake budgets show bg_3f9c2a1b4d5e6f70")
 def show(
     budget_id: Annotated[str, typer.Argument(help="The budget id (bg_...).")],
+    ignore_not_found: IgnoreNotFoundOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Show one budget: caps, spend, remaining, its keys and every change made to it."""
-    with connect(url, api_key) as client:
+    """Show one budget: caps, spend, remaining, its keys and every change made to it. A budget
+    that does not exist exits 1."""
+    with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
         budget = client.get_budget(budget_id)
     _show(budget, output)
 

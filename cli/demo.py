@@ -202,7 +202,7 @@ def _run(
         console.print(f"   a further call: {refused}")
 
         info = client.get_key(issued.key_id)
-        rows = client.audit(key_id=issued.key_id, limit=100_000)
+        rows = client.audit_page(key_id=issued.key_id, limit=100_000).data
     decisions = Counter(r.decision for r in rows)
     summary = Table(title="6. audit summary", box=None, header_style="bold")
     for column in ("DECISION", "CALLS", "USD"):

@@ -10,7 +10,9 @@ from rich.table import Table
 
 from keybrake.cli._common import Output, console, default_output, print_data
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.models import EventInfo
 
 
 def events(
@@ -25,7 +27,9 @@ def events(
         bool | None, typer.Option("--refused/--ok", help="Only refusals, or only successes.")
     ] = None,
     since: Annotated[str | None, typer.Option(help="A duration (1h) or an ISO time.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Events per page.")] = 100,
+    cursor: ContinueOption = None,
+    every_page: AllOption = False,
     output: Annotated[
         Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
     ] = None,
@@ -37,14 +41,24 @@ def events(
     Example: keybrake events --refused --since 1h
     """
     with connect(url, api_key) as client:
-        rows = client.events(
-            action=action,
-            issuer_id=issuer,
-            target=target,
-            refused=refused,
-            since=since,
-            limit=limit,
+        rows, token = collect(
+            lambda page: client.events_page(
+                action=action,
+                issuer_id=issuer,
+                target=target,
+                refused=refused,
+                since=since,
+                limit=limit,
+                cursor=page,
+            ),
+            cursor,
+            every_page,
         )
+    _show(rows, output)
+    say_more(token, "keybrake events", "events")
+
+
+def _show(rows: list[EventInfo], output: Output | None) -> None:
     chosen = default_output(output)
     if chosen is not Output.table:
         print_data([r.model_dump() for r in rows], chosen)

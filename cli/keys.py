@@ -8,8 +8,9 @@ import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
-from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
 from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
+from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
 from keybrake.cli._render import key_detail, keys_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import KeyCreate, describe_validation_error
@@ -109,44 +110,80 @@ def issue(
 def list_keys(
     label: Annotated[str | None, typer.Option(help="Only keys with this label.")] = None,
     workflow: Annotated[
-        str | None, typer.Option(help="Only keys of this Argo workflow (label argo/NAME).")
+        str | None,
+        typer.Option(
+            "--workflow", "-w", help="Only keys of this Argo workflow (NAME or argo/NAME)."
+        ),
     ] = None,
     vendor: Annotated[str | None, typer.Option(help="Only keys of this vendor.")] = None,
-    status: Annotated[str | None, typer.Option(help="active, revoked or expired.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="active (the default), revoked or expired.")
+    ] = None,
+    all_statuses: Annotated[
+        bool, typer.Option("--all-statuses", help="Revoked and expired keys too.")
+    ] = False,
     budget: Annotated[
         str | None, typer.Option("--budget", help="Only keys drawing on this budget.")
     ] = None,
-    output: OutputOption = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Keys per page.")] = 500,
+    cursor: ContinueOption = None,
+    every_page: AllOption = False,
+    output: Annotated[
+        ListOutput | None,
+        typer.Option("--output", "-o", help="table (on a terminal), wide, name, json or yaml."),
+    ] = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """List vault keys with their spend in the last 24 hours and their caps."""
+    """List vault keys, newest first, with their spend in the last 24 hours and their caps: the
+    active ones unless --status or --all-statuses says otherwise."""
     if status is not None and status not in {"active", "revoked", "expired"}:
         fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
+    if status is not None and all_statuses:
+        fail("--status and --all-statuses: give one of them", EXIT_USAGE)
+    if not all_statuses:
+        status = status or "active"
     if workflow:
         label = workflow_label(workflow)
     with connect(url, api_key) as client:
-        keys = client.list_keys(label=label, vendor=vendor, status=status, budget_id=budget)
-    chosen = default_output(output)
-    if chosen is Output.table:
+        keys, token = collect(
+            lambda page: client.keys_page(
+                label=label,
+                vendor=vendor,
+                status=status,
+                budget_id=budget,
+                limit=limit,
+                cursor=page,
+            ),
+            cursor,
+            every_page,
+        )
+    chosen = output or ListOutput(default_output(None).value)
+    if chosen is ListOutput.name:
+        for key in keys:
+            print(key.key_id)
+    elif chosen in (ListOutput.table, ListOutput.wide):
         if not keys:
-            console.print("No vault keys match.")
+            shown = f" {status}" if status else ""
+            console.print(f"No{shown} vault keys match.")
         else:
-            console.print(keys_table(keys))
+            console.print(keys_table(keys, wide=chosen is ListOutput.wide))
     else:
-        print_data([k.model_dump() for k in keys], chosen)
+        print_data([k.model_dump() for k in keys], Output(chosen.value))
+    say_more(token, "keybrake keys list", "keys")
 
 
 @app.command("show", epilog="Example: keybrake keys show vk_3f9c2a1b4d5e6f70")
 def show(
     key_id: Annotated[str, typer.Argument(help="The key id (vk_...), not the vault key.")],
+    ignore_not_found: IgnoreNotFoundOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Show one key: its caps, spend in the last 24 hours and in all, reserved, remaining, calls,
-    cap hits, and every change made to it."""
-    with connect(url, api_key) as client:
+    cap hits, and every change made to it. A key that does not exist exits 1."""
+    with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
         key = client.get_key(key_id)
     chosen = default_output(output)
     if chosen is Output.table:

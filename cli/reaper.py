@@ -96,7 +96,7 @@ def reaper(
         fail(f"no usable Kubernetes credentials: {exc}", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="keybrake reaper: %(message)s")
     with connect(url, api_key) as client:
-        client.list_budgets(status="active")  # a bad token or URL fails here, not in a loop
+        client.budgets_page(status="active", limit=1)  # a bad token or URL fails here, not later
         the_reaper = Reaper(
             client,
             kube,

@@ -106,8 +106,8 @@ def revoke(
 def _any_of(client: KeybrakeClient, label: str, namespace: str | None) -> bool:
     """Whether the label has any key or budget at all, of any status."""
     return bool(
-        client.list_keys(label=label, namespace=namespace, limit=1)
-        or client.list_budgets(label=label, namespace=namespace, limit=1)
+        client.keys_page(label=label, namespace=namespace, limit=1).data
+        or client.budgets_page(label=label, namespace=namespace, limit=1).data
     )
 
 

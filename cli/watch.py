@@ -34,8 +34,9 @@ def watch(
     """
     label = workflow_label(workflow)
     with connect(url, api_key) as client:
-        if not client.list_keys(label=label, limit=1) and not client.list_budgets(
-            label=label, limit=1
+        if (
+            not client.keys_page(label=label, limit=1).data
+            and not client.budgets_page(label=label, limit=1).data
         ):
             fail(
                 f"no vault keys or budgets of workflow {label.removeprefix('argo/')} "
@@ -56,15 +57,15 @@ def _follow(client: KeybrakeClient, label: str, interval: float) -> None:
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                keys = client.list_keys(label=label)
-                budgets = client.list_budgets(label=label)
+                keys = client.keys_page(label=label).data
+                budgets = client.budgets_page(label=label).data
                 now = time.monotonic()
                 for key in keys:
                     seen_at, seen_calls = previous.get(key.key_id, (now, key.calls))
                     if now > seen_at:
                         rates[key.key_id] = (key.calls - seen_calls) / (now - seen_at)
                     previous[key.key_id] = (now, key.calls)
-                rows = client.audit(label=label, after_id=last_id, limit=500)
+                rows = client.audit_page(label=label, after_id=last_id, limit=500).data
                 if rows:
                     last_id = max(r.id for r in rows)
                     errors.extend(r for r in reversed(rows) if r.status >= 400 or r.status == 0)

@@ -74,6 +74,13 @@ from keybrake.proxy.models import (
     describe_validation_error,
 )
 from keybrake.proxy.money import format_ts, format_usd, parse_duration, usd_to_micros
+from keybrake.proxy.paging import (
+    CursorError,
+    decode_id,
+    decode_position,
+    encode_id,
+    encode_position,
+)
 from keybrake.proxy.pipeline import hash_vault_key
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable
 from keybrake.proxy.redact import redact
@@ -564,6 +571,10 @@ class AdminApi:
         limit = _list_limit(params.get("limit"))
         if isinstance(limit, Response):
             return limit
+        try:
+            before = _position("keys", params.get("continue"))
+        except CursorError as exc:
+            return error(400, "invalid_request_error", str(exc))
         label = params.get("label")
         if label is not None:
             check_label(actor, label)
@@ -576,9 +587,14 @@ class AdminApi:
             budget_id=params.get("budget_id"),
             namespace=params.get("namespace"),
             scope=actor.scope,
-            limit=limit,
+            limit=limit + 1,  # one more: is there a next page?
+            before=before,
         )
-        page = KeyList(data=[key_info(v, now) for v in views])
+        token = None
+        if len(views) > limit:
+            views = views[:limit]
+            token = encode_position("keys", views[-1].key.created_at, views[-1].key.key_id)
+        page = KeyList(data=[key_info(v, now) for v in views], continue_=token)
         return JSONResponse(page.model_dump())
 
     async def _key_view(self, key_id: str, actor: Actor, now: datetime) -> KeyView | Response:
@@ -787,6 +803,10 @@ class AdminApi:
         limit = _list_limit(params.get("limit"))
         if isinstance(limit, Response):
             return limit
+        try:
+            before = _position("budgets", params.get("continue"))
+        except CursorError as exc:
+            return error(400, "invalid_request_error", str(exc))
         label = params.get("label")
         if label is not None:
             check_label(actor, label)
@@ -797,9 +817,16 @@ class AdminApi:
             status=status,
             namespace=params.get("namespace"),
             scope=actor.scope,
-            limit=limit,
+            limit=limit + 1,
+            before=before,
         )
-        return JSONResponse(BudgetList(data=[budget_info(v, now) for v in views]).model_dump())
+        token = None
+        if len(views) > limit:
+            views = views[:limit]
+            last = views[-1].budget
+            token = encode_position("budgets", last.created_at, last.budget_id)
+        page = BudgetList(data=[budget_info(v, now) for v in views], continue_=token)
+        return JSONResponse(page.model_dump())
 
     async def _budget_view(
         self, budget_id: str, actor: Actor, now: datetime
@@ -951,6 +978,7 @@ class AdminApi:
         if refused not in (None, "true", "false"):
             return error(400, "invalid_request_error", "refused must be true or false")
         try:
+            after_cursor = _after_id("events", params.get("continue"))
             query = EventFilter(
                 action=params.get("action"),
                 issuer_id=params.get("issuer_id"),
@@ -958,13 +986,21 @@ class AdminApi:
                 refused=None if refused is None else refused == "true",
                 since=self._since(params.get("since")),
                 after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
-                before_id=_whole("before_id", params.get("before_id"), 0, 2**62),
+                before_id=after_cursor or _whole("before_id", params.get("before_id"), 0, 2**62),
                 limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
             )
         except ValueError as exc:
             return error(400, "invalid_request_error", str(exc))
-        rows = [event_info(e) for e in await self.store.events(query)]
-        return JSONResponse(EventPage(data=rows).model_dump())
+        limit = query.limit
+        query.limit += 1  # one more: is there a next page?
+        found = await self.store.events(query)
+        token = None
+        if len(found) > limit and query.after_id is None:
+            found = found[:limit]
+            assert found[-1].id is not None
+            token = encode_id("events", found[-1].id)
+        rows = [event_info(e) for e in found[:limit]]
+        return JSONResponse(EventPage(data=rows, continue_=token).model_dump())
 
     # -- audit ---------------------------------------------------------------------------------
 
@@ -974,6 +1010,7 @@ class AdminApi:
         if label is not None:
             check_label(actor, label)
         try:
+            after_cursor = _after_id("audit", params.get("continue"))
             query = AuditFilter(
                 scope=actor.scope,
                 key_id=params.get("key_id"),
@@ -983,11 +1020,20 @@ class AdminApi:
                 decision=params.get("decision"),
                 since=self._since(params.get("since")),
                 after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
+                before_id=after_cursor,
                 limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
             )
         except ValueError as exc:
             return error(400, "invalid_request_error", str(exc))
-        rows = [audit_row(r) for r in await self.store.audit(query)]
+        limit = query.limit
+        query.limit += 1  # one more: is there a next page?
+        found = await self.store.audit(query)
+        token = None
+        if len(found) > limit and query.after_id is None:
+            last = found[limit - 1].id
+            assert last is not None  # a stored row
+            token = encode_id("audit", last)
+        rows = [audit_row(r) for r in found[:limit]]
         wants_csv = params.get("format") == "csv" or "text/csv" in request.headers.get("accept", "")
         if wants_csv:
             out = io.StringIO()
@@ -996,7 +1042,7 @@ class AdminApi:
             for row in rows:
                 writer.writerow(row.model_dump())
             return Response(out.getvalue(), media_type="text/csv")
-        return JSONResponse(AuditPage(data=rows).model_dump())
+        return JSONResponse(AuditPage(data=rows, continue_=token).model_dump())
 
     async def prune_audit(self, request: Request, actor: Actor) -> Response:
         """Delete audit rows older than `before`; see `Store.prune_audit` for what is kept."""
@@ -1099,6 +1145,14 @@ def _overlap(new: KubernetesBinding, other: dict[str, Any] | None) -> str | None
             ):
                 return f"{namespace}/{account}"
     return None
+
+
+def _position(listing: str, token: str | None) -> tuple[datetime, str] | None:
+    return None if token is None else decode_position(listing, token)
+
+
+def _after_id(listing: str, token: str | None) -> int | None:
+    return None if token is None else decode_id(listing, token)
 
 
 LIST_LIMIT = 1000  # rows a list returns unless asked for more

@@ -16,12 +16,10 @@ import httpx
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 from keybrake.proxy.models import (
     AuditPage,
-    AuditRow,
     BudgetCreate,
     BudgetInfo,
     BudgetList,
     CapsPatch,
-    EventInfo,
     EventPage,
     IssuedIssuer,
     IssuedKey,
@@ -97,7 +95,7 @@ class KeybrakeClient:
         body = spec.model_dump(mode="json", exclude_none=True)
         return IssuedKey.model_validate(self._request("POST", "/vault/keys", json=body).json())
 
-    def list_keys(
+    def keys_page(
         self,
         *,
         label: str | None = None,
@@ -106,8 +104,9 @@ class KeybrakeClient:
         budget_id: str | None = None,
         namespace: str | None = None,
         limit: int | None = None,
-    ) -> list[KeyInfo]:
-        """Newest first: `limit` keys (the proxy's default 1,000; at most 100,000)."""
+        cursor: str | None = None,
+    ) -> KeyList:
+        """A page of keys, newest first; its `continue_` is the next page's `cursor`."""
         params = _params(
             label=label,
             vendor=vendor,
@@ -116,9 +115,8 @@ class KeybrakeClient:
             namespace=namespace,
             limit=limit,
         )
-        return KeyList.model_validate(
-            self._request("GET", "/vault/keys", params=params).json()
-        ).data
+        params.update(_params(**{"continue": cursor}))
+        return KeyList.model_validate(self._request("GET", "/vault/keys", params=params).json())
 
     def get_key(self, key_id: str) -> KeyInfo:
         return KeyInfo.model_validate(self._request("GET", f"/vault/keys/{key_id}").json())
@@ -136,18 +134,20 @@ class KeybrakeClient:
         body = spec.model_dump(mode="json", exclude_none=True)
         return BudgetInfo.model_validate(self._request("POST", "/vault/budgets", json=body).json())
 
-    def list_budgets(
+    def budgets_page(
         self,
         *,
         label: str | None = None,
         status: str | None = None,
         namespace: str | None = None,
         limit: int | None = None,
-    ) -> list[BudgetInfo]:
+        cursor: str | None = None,
+    ) -> BudgetList:
         params = _params(label=label, status=status, namespace=namespace, limit=limit)
+        params.update(_params(**{"continue": cursor}))
         return BudgetList.model_validate(
             self._request("GET", "/vault/budgets", params=params).json()
-        ).data
+        )
 
     def get_budget(self, budget_id: str) -> BudgetInfo:
         return BudgetInfo.model_validate(self._request("GET", f"/vault/budgets/{budget_id}").json())
@@ -204,7 +204,7 @@ class KeybrakeClient:
         params = {"revoke": "true" if revoke else "false"}
         return dict(self._request("DELETE", f"/vault/issuers/{issuer_id}", params=params).json())
 
-    def events(
+    def events_page(
         self,
         *,
         action: str | None = None,
@@ -214,7 +214,8 @@ class KeybrakeClient:
         since: str | None = None,
         after_id: int | None = None,
         limit: int = 100,
-    ) -> list[EventInfo]:
+        cursor: str | None = None,
+    ) -> EventPage:
         params = _params(
             action=action,
             issuer_id=issuer_id,
@@ -222,13 +223,12 @@ class KeybrakeClient:
             refused=None if refused is None else str(refused).lower(),
             since=since,
             after_id=after_id,
+            limit=limit,
+            **{"continue": cursor},
         )
-        params["limit"] = str(limit)
-        return EventPage.model_validate(
-            self._request("GET", "/vault/events", params=params).json()
-        ).data
+        return EventPage.model_validate(self._request("GET", "/vault/events", params=params).json())
 
-    def audit(
+    def audit_page(
         self,
         *,
         key_id: str | None = None,
@@ -237,12 +237,19 @@ class KeybrakeClient:
         since: str | None = None,
         after_id: int | None = None,
         limit: int = 100,
-    ) -> list[AuditRow]:
-        params = _params(key_id=key_id, label=label, vendor=vendor, since=since, after_id=after_id)
-        params["limit"] = str(limit)
-        return AuditPage.model_validate(
-            self._request("GET", "/vault/audit", params=params).json()
-        ).data
+        cursor: str | None = None,
+    ) -> AuditPage:
+        """Audit rows, newest first (`after_id`: only newer ones, for following)."""
+        params = _params(
+            key_id=key_id,
+            label=label,
+            vendor=vendor,
+            since=since,
+            after_id=after_id,
+            limit=limit,
+            **{"continue": cursor},
+        )
+        return AuditPage.model_validate(self._request("GET", "/vault/audit", params=params).json())
 
     def audit_csv(
         self,

@@ -245,6 +245,15 @@ class ChangeInfo(BaseModel):
     at: str
 
 
+class Page(BaseModel):
+    """A page of a listing: `continue` is the token of the next page (keybrake.proxy.paging),
+    null on the last."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    continue_: str | None = Field(None, alias="continue")
+
+
 class KeyInfo(BaseModel):
     key_id: str
     vendor: str
@@ -279,7 +288,7 @@ class IssuedKey(KeyInfo):
     vault_key: str
 
 
-class KeyList(BaseModel):
+class KeyList(Page):
     data: list[KeyInfo]
 
 
@@ -307,7 +316,7 @@ class BudgetInfo(BaseModel):
     changes: list[ChangeInfo] = Field(default_factory=list)
 
 
-class BudgetList(BaseModel):
+class BudgetList(Page):
     data: list[BudgetInfo]
 
 
@@ -450,7 +459,7 @@ class EventInfo(BaseModel):
     detail: dict[str, Any] | None
 
 
-class EventPage(BaseModel):
+class EventPage(Page):
     data: list[EventInfo]
 
 
@@ -482,7 +491,7 @@ class AuditRow(BaseModel):
     budget_id: str | None = None
 
 
-class AuditPage(BaseModel):
+class AuditPage(Page):
     data: list[AuditRow]
 
 

@@ -105,8 +105,8 @@ class Reaper:
         found: list[LiveSubject] = []
         # Every live one, as far as a list goes (100,000, newest first); beyond that many live
         # at once, the oldest would be judged only once newer ones are gone.
-        keys = self.proxy.list_keys(status="active", limit=LIVE_LIMIT)
-        budgets = self.proxy.list_budgets(status="active", limit=LIVE_LIMIT)
+        keys = self.proxy.keys_page(status="active", limit=LIVE_LIMIT).data
+        budgets = self.proxy.budgets_page(status="active", limit=LIVE_LIMIT).data
         rows = [(k.key_id, k.agent_run_label, k.namespace, k.metadata, k.created_at) for k in keys]
         rows += [
             (b.budget_id, b.agent_run_label, b.namespace, b.metadata, b.created_at) for b in budgets

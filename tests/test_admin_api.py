@@ -347,3 +347,67 @@ def test_out_of_range_admin_input_is_a_400_not_a_500(
             response = client.post(path, json=body)
         assert response.status_code == 400, response.text
         assert client.get("/vault/keys").json()["data"] == []
+
+
+def _walk(client: Any, path: str, field: str = "id", **params: str) -> tuple[list[str], list[int]]:
+    """Every page of a listing: the ids in order, and each page's size."""
+    ids: list[str] = []
+    sizes: list[int] = []
+    token: str | None = None
+    while True:
+        query = {**params, **({"continue": token} if token else {})}
+        page = client.get(path, params=query)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        rows = body["data"]
+        ids += [str(r[field]) for r in rows]
+        sizes.append(len(rows))
+        token = body["continue"]
+        if token is None:
+            return ids, sizes
+
+
+def test_every_listing_pages_with_one_cursor_format(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    clock = Clock()
+    with app_client(tmp_path, clock, stripe_api_base=fake_stripe.url) as client:
+        keys = []
+        for n in range(5):
+            keys.append(issue(client, agent_run_label="argo/paged"))
+            if n % 2:  # some keys share their issue time: the id breaks the tie
+                clock.advance(seconds=1)
+        for n in range(3):
+            made = client.post(
+                "/vault/budgets",
+                json={"agent_run_label": "argo/paged", "total_usd_cap": 5, "expires_in": "1h"},
+            )
+            assert made.status_code == 201
+        for n in range(5):
+            client.post(
+                "/stripe/v1/payment_intents",
+                data={"amount": "100", "currency": "usd", "metadata[n]": str(n)},
+                headers={"Authorization": f"Bearer {keys[0]['vault_key']}"},
+            )
+        every_key = [k["key_id"] for k in client.get("/vault/keys").json()["data"]]
+        ids, sizes = _walk(client, "/vault/keys", "key_id", limit="2")
+        assert ids == every_key and sizes == [2, 2, 1] and len(set(ids)) == 5
+        _, sizes = _walk(client, "/vault/budgets", "budget_id", limit="2")
+        assert sizes == [2, 1]
+        audit_ids, sizes = _walk(client, "/vault/audit", limit="2")
+        assert sizes == [2, 2, 1] and audit_ids == sorted(audit_ids, key=int, reverse=True)
+        events, sizes = _walk(client, "/vault/events", limit="3")
+        assert sizes == [3, 3, 2] and len(set(events)) == 8  # 5 key and 3 budget issues
+        # A page of exactly what is left says there is no more.
+        assert client.get("/vault/keys", params={"limit": "5"}).json()["continue"] is None
+        # A token is bound to its listing, and a changed one is refused.
+        token = client.get("/vault/keys", params={"limit": "2"}).json()["continue"]
+        for path, bad in (
+            ("/vault/audit", token),
+            ("/vault/events", token),
+            ("/vault/keys", token[:-3]),
+            ("/vault/keys", "not-a-token"),
+            ("/vault/budgets", token),
+        ):
+            answer = client.get(path, params={"continue": bad})
+            assert answer.status_code == 400 and "continue" in answer.text, (path, bad)

@@ -116,6 +116,11 @@ def test_revoke_by_id_and_again(proxy_server: ProxyProcess) -> None:
     assert code == 1 and "not found" in err
     code, out, _ = run(proxy_server, "revoke", "vk_nope", "--ignore-not-found", "-o", "table")
     assert code == 0 and "nothing to revoke" in out
+    for what, missing in (("keys", "vk_nope"), ("budgets", "bg_nope")):
+        code, _, err = run(proxy_server, what, "show", missing)
+        assert code == 1 and "HTTP 404" in err
+        code, out, err = run(proxy_server, what, "show", missing, "--ignore-not-found")
+        assert (code, out, err) == (0, "", "")
     code, _, err = run(proxy_server, "revoke")
     assert code == 2
 
@@ -147,6 +152,10 @@ def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
     code, _, _ = run(proxy_server, "revoke", "--workflow", "wf-typo", "--ignore-not-found")
     assert code == 0
     code, out, _ = run(proxy_server, "keys", "list", "--workflow", "argo/wf", "-o", "json")
+    assert code == 0 and json.loads(out) == []  # active ones by default
+    code, out, _ = run(
+        proxy_server, "keys", "list", "-w", "argo/wf", "--all-statuses", "-o", "json"
+    )
     assert code == 0 and {k["key_id"] for k in json.loads(out)} == {a["key_id"], b["key_id"]}
 
 
@@ -417,7 +426,7 @@ def test_serve_generates_an_admin_token_and_defaults_to_sqlite_in_the_working_di
         assert token.startswith("kba_")
         wait_until_ready(url + "/readyz", proc, "keybrake serve")
         listed = httpx.get(url + "/vault/keys", headers={"Authorization": f"Bearer {token}"})
-        assert listed.status_code == 200 and listed.json() == {"data": []}
+        assert listed.status_code == 200 and listed.json() == {"data": [], "continue": None}
         assert (tmp_path / "keybrake.db").exists()
     finally:
         proc.terminate()
@@ -516,3 +525,99 @@ def test_a_revoke_only_issuer_for_the_reaper_from_the_cli(proxy_server: ProxyPro
     token = json.loads(out)["issuer_token"]
     code, _, err = run(proxy_server, *ISSUE, api_key=token)
     assert code == 1 and "may only read and revoke" in err
+
+
+def _continue_token(err: str) -> str:
+    [line] = [line for line in err.splitlines() if "--continue" in line]
+    return line.split("--continue ")[1].split()[0]
+
+
+def test_listings_page_like_kubectl(proxy_server: ProxyProcess) -> None:
+    import re
+
+    import stripe
+
+    made = [proxy_server.issue(agent_run_label=f"argo/paged-{n}") for n in range(5)]
+    revoked = proxy_server.issue(agent_run_label="argo/paged-old")
+    with proxy_server.admin() as admin:
+        admin.delete(f"/vault/keys/{revoked['key_id']}")
+    # A page, and a line on stderr saying how to get the next one
+    code, out, err = run(proxy_server, "keys", "list", "--limit", "2", "-o", "name")
+    first = out.split()
+    assert code == 0 and len(first) == 2 and "more keys" in err
+    code, out, err = run(
+        proxy_server,
+        "keys",
+        "list",
+        "--limit",
+        "2",
+        "--continue",
+        _continue_token(err),
+        "-o",
+        "name",
+    )
+    assert code == 0 and len(out.split()) == 2 and not set(out.split()) & set(first)
+    # --all: every page; active only unless asked
+    code, out, err = run(proxy_server, "keys", "list", "--limit", "2", "--all", "-o", "name")
+    assert code == 0 and set(out.split()) == {k["key_id"] for k in made} and err == ""
+    code, out, _ = run(proxy_server, "keys", "list", "--all-statuses", "-o", "name")
+    assert revoked["key_id"] in out.split()
+    code, _, err = run(proxy_server, "keys", "list", "--continue", "garbage")
+    assert code == 1 and "continue" in err
+    # The table has an AGE column; -o wide adds who issued each key and for which namespace
+    code, out, _ = run(proxy_server, "keys", "list", "-o", "table")
+    header = out.splitlines()[0]
+    assert code == 0 and header.split()[-1] == "AGE" and re.search(r"\b\d+s\b", out)
+    code, out, _ = run(proxy_server, "keys", "list", "-o", "wide")
+    assert code == 0 and "NAMESPACE" in out and "ISSUER" in out and "admin" in out
+    # The audit log and the events page the same way
+    client = stripe.StripeClient(
+        made[0]["vault_key"], base_addresses={"api": proxy_server.url + "/stripe"}
+    )
+    for n in range(3):
+        client.v1.payment_intents.create(
+            params={"amount": 100, "currency": "usd", "metadata": {"n": str(n)}}
+        )
+    code, out, err = run(proxy_server, "audit", "--limit", "2", "-o", "json")
+    assert code == 0 and len(json.loads(out)) == 2 and "more audit rows" in err
+    code, out, _ = run(
+        proxy_server, "audit", "--limit", "2", "--continue", _continue_token(err), "-o", "json"
+    )
+    assert code == 0 and len(json.loads(out)) == 1
+    code, out, err = run(proxy_server, "events", "--limit", "4", "-o", "json")
+    assert code == 0 and len(json.loads(out)) == 4 and "more events" in err
+    code, out, err = run(proxy_server, "events", "--limit", "4", "--all", "-o", "json")
+    assert code == 0 and len(json.loads(out)) == 7 and err == ""  # 6 issues, 1 revoke
+
+
+def test_audit_follow_prints_new_rows_as_they_come(proxy_server: ProxyProcess) -> None:
+    import signal
+
+    import stripe
+
+    key = proxy_server.issue(agent_run_label="argo/followed")
+    client = stripe.StripeClient(
+        key["vault_key"] + ".pod-1", base_addresses={"api": proxy_server.url + "/stripe"}
+    )
+    client.v1.payment_intents.create(params={"amount": 100, "currency": "usd"})
+    env = {**proxy_server.env, "KEYBRAKE_URL": proxy_server.url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keybrake.cli", "audit", "-w", "followed", "-f", "-o", "json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["caller_tag"] == "pod-1"  # what was there
+        client.v1.payment_intents.create(
+            params={"amount": 200, "currency": "usd", "metadata": {"second": "yes"}}
+        )
+        later = json.loads(proc.stdout.readline())  # printed as it came
+        assert later["caller_tag"] == "pod-1" and later["method"] == "POST"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err

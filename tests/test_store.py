@@ -362,3 +362,40 @@ def test_revoking_a_run_matches_namespace_uid_and_cluster_and_records_only_what_
             await store.close()
 
     asyncio.run(run())
+
+
+def test_key_lists_page_by_creation_time_then_id(database_url: str) -> None:
+    """The `continue` position (created_at, id) on both backends: no row twice, none skipped,
+    including rows issued at the same instant."""
+    from dataclasses import replace
+
+    async def run() -> None:
+        store = await opened(database_url)
+        try:
+            made = []
+            for n in range(7):
+                created = NOW + timedelta(seconds=n // 3)  # three share each instant
+                record = replace(
+                    key(1_000_000),
+                    key_id=f"vk_page_{n}",
+                    key_hash=f"page-{n}".encode().ljust(32, b"-"),
+                    created_at=created,
+                    expires_at=created + timedelta(hours=2),
+                )
+                await store.create_key(record, TEST_EVENT)
+                made.append(record.key_id)
+            seen: list[str] = []
+            before = None
+            while True:
+                page = await store.list_keys(now=NOW, limit=3, before=before)
+                seen += [v.key.key_id for v in page]
+                if len(page) < 3:
+                    break
+                before = (page[-1].key.created_at, page[-1].key.key_id)
+            assert sorted(seen) == sorted(made) and len(seen) == len(made)
+            every = [v.key.key_id for v in await store.list_keys(now=NOW)]
+            assert seen == every  # the same order as one long list
+        finally:
+            await store.close()
+
+    asyncio.run(run())

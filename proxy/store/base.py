@@ -356,6 +356,7 @@ class AuditFilter:
     decision: str | None = None
     since: datetime | None = None
     after_id: int | None = None
+    before_id: int | None = None  # older than this one (paging back, newest first)
     limit: int = 100
 
 
@@ -398,9 +399,20 @@ def key_conditions(
     scope: Scope | None = None,
     namespace: str | None = None,
     alias: str = "k",
+    before: tuple[datetime, str] | None = None,
 ) -> list[Condition]:
-    """Filters of key (and, without vendor and budget, budget) listings; `alias` is the table's."""
+    """Filters of key (and, without vendor and budget, budget) listings; `alias` is the table's.
+    `before`: only rows listed after this (created_at, id) position, newest first (paging)."""
     conditions: list[Condition] = scope_conditions(scope, alias)
+    if before is not None:
+        column = "key_id" if alias == "k" else "budget_id"
+        conditions.append(
+            (
+                f"({alias}.created_at < {{}} OR ({alias}.created_at = {{}} "
+                f"AND {alias}.{column} < {{}}))",
+                (before[0], before[0], before[1]),
+            )
+        )
     if namespace is not None:
         conditions.append((f"{alias}.namespace = {{}}", namespace))
     for column, value in (("label", label), ("vendor", vendor), ("budget_id", budget_id)):
@@ -438,6 +450,8 @@ def audit_conditions(query: AuditFilter) -> list[Condition]:
         conditions.append(("ts >= {}", query.since))
     if query.after_id is not None:
         conditions.append(("id > {}", query.after_id))
+    if query.before_id is not None:
+        conditions.append(("id < {}", query.before_id))
     return conditions
 
 
@@ -544,6 +558,7 @@ class Store(Protocol):
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[KeyView]: ...
 
     async def revoke_key(self, key_id: str, now: datetime, event: Event) -> bool | None: ...
@@ -581,6 +596,7 @@ class Store(Protocol):
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[BudgetView]: ...
 
     async def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> list[str] | None:

@@ -1031,7 +1031,7 @@ class PostgresStore:
         sql = (
             f"SELECT {_KEY_COLUMNS}, {_USAGE_COLUMNS} FROM vault_keys k "
             f"{_USAGE_JOIN.format(owner='k.key_id')} "
-            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}"
+            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id DESC LIMIT {int(limit)}"
         )
 
         async def op(c: asyncpg.Connection) -> list[KeyView]:
@@ -1059,6 +1059,7 @@ class PostgresStore:
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[KeyView]:
         args: list[Any] = []
         conditions = key_conditions(
@@ -1069,6 +1070,7 @@ class PostgresStore:
             budget_id=budget_id,
             scope=scope,
             namespace=namespace,
+            before=before,
         )
         clause = where_clause(conditions, _placeholder(args, first=2))  # $1 is the window floor
         return await self._views(clause, args, now, limit)
@@ -1173,7 +1175,7 @@ class PostgresStore:
             "(SELECT coalesce(array_agg(key_id ORDER BY created_at, key_id), '{}') "
             " FROM vault_keys WHERE budget_id = b.budget_id) AS key_ids "
             f"FROM budgets b {_USAGE_JOIN.format(owner='b.budget_id')} "
-            f"WHERE {where} ORDER BY b.created_at DESC, b.budget_id LIMIT {int(limit)}"
+            f"WHERE {where} ORDER BY b.created_at DESC, b.budget_id DESC LIMIT {int(limit)}"
         )
 
         async def op(c: asyncpg.Connection) -> list[BudgetView]:
@@ -1201,10 +1203,17 @@ class PostgresStore:
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[BudgetView]:
         args: list[Any] = []
         conditions = key_conditions(
-            now=now, label=label, status=status, scope=scope, namespace=namespace, alias="b"
+            now=now,
+            label=label,
+            status=status,
+            scope=scope,
+            namespace=namespace,
+            alias="b",
+            before=before,
         )
         clause = where_clause(conditions, _placeholder(args, first=2))
         return await self._budget_views(clause, args, now, limit)

@@ -700,7 +700,7 @@ class SQLiteStore:
     ) -> list[KeyView]:
         rows = conn.execute(
             f"SELECT {_K_KEY_COLUMNS} FROM vault_keys k "
-            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id LIMIT {int(limit)}",
+            f"WHERE {where} ORDER BY k.created_at DESC, k.key_id DESC LIMIT {int(limit)}",
             args,
         ).fetchall()
         keys = [_key_from_row(row) for row in rows]
@@ -728,6 +728,7 @@ class SQLiteStore:
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[KeyView]:
         args: list[Any] = []
         conditions = key_conditions(
@@ -738,6 +739,7 @@ class SQLiteStore:
             budget_id=budget_id,
             scope=scope,
             namespace=namespace,
+            before=before,
         )
         clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._views(c, clause, args, now, limit))
@@ -835,7 +837,7 @@ class SQLiteStore:
     ) -> list[BudgetView]:
         rows = conn.execute(
             f"SELECT {_BUDGET_COLUMNS} FROM budgets b WHERE {where} "
-            f"ORDER BY b.created_at DESC, b.budget_id LIMIT {int(limit)}",
+            f"ORDER BY b.created_at DESC, b.budget_id DESC LIMIT {int(limit)}",
             args,
         ).fetchall()
         views = []
@@ -870,10 +872,17 @@ class SQLiteStore:
         scope: Scope | None = None,
         namespace: str | None = None,
         limit: int = 1000,
+        before: tuple[datetime, str] | None = None,
     ) -> list[BudgetView]:
         args: list[Any] = []
         conditions = key_conditions(
-            now=now, label=label, status=status, scope=scope, namespace=namespace, alias="b"
+            now=now,
+            label=label,
+            status=status,
+            scope=scope,
+            namespace=namespace,
+            alias="b",
+            before=before,
         )
         clause = where_clause(conditions, _placeholder(args))
         return await self._read(lambda c: self._budget_views(c, clause, args, now, limit))

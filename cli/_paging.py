@@ -1,0 +1,82 @@
+"""Listings as kubectl pages them: `--limit` rows, `--continue TOKEN` for the next page, `--all`
+for every page, and a line on stderr when more rows exist (never silently cut short)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Protocol, TypeVar
+
+import typer
+
+from keybrake.cli._common import err_console
+from keybrake.proxy.money import parse_ts
+
+__all__ = [
+    "AllOption",
+    "ContinueOption",
+    "ListOutput",
+    "age",
+    "collect",
+    "say_more",
+]
+
+T_co = TypeVar("T_co", covariant=True)
+T = TypeVar("T")
+
+
+class ListOutput(StrEnum):
+    table = "table"
+    wide = "wide"  # the table with more columns
+    name = "name"  # ids only, one per line, for the next command
+    json = "json"
+    yaml = "yaml"
+
+
+ContinueOption = Annotated[
+    str | None,
+    typer.Option("--continue", help="The token a previous page printed: the next page."),
+]
+AllOption = Annotated[bool, typer.Option("--all", help="Every page, however many rows.")]
+
+
+class _Page(Protocol[T_co]):
+    @property
+    def data(self) -> Sequence[T_co]: ...
+
+    @property
+    def continue_(self) -> str | None: ...
+
+
+def collect(
+    fetch: Callable[[str | None], _Page[T]], cursor: str | None, every_page: bool
+) -> tuple[list[T], str | None]:
+    """The rows of one page (or of every page from `cursor` on), and the next page's token."""
+    rows: list[T] = []
+    token = cursor
+    while True:
+        page = fetch(token)
+        rows += page.data
+        token = page.continue_
+        if not every_page or token is None:
+            return rows, token
+
+
+def say_more(token: str | None, command: str, noun: str) -> None:
+    """Tell the user (on stderr, so piped output stays clean) that the listing goes on."""
+    if token:
+        err_console.print(
+            f"more {noun}: {command} --continue {token}   (or --all for every page)",
+            soft_wrap=True,
+        )
+
+
+def age(created_at: str, now: datetime | None = None) -> str:
+    """kubectl's AGE: 45s, 12m, 5h, 3d."""
+    seconds = int(((now or datetime.now(UTC)) - parse_ts(created_at)).total_seconds())
+    seconds = max(seconds, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit == "d" else 1):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
