@@ -6,8 +6,10 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import socket
 import ssl
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,6 +210,19 @@ def setting_error(exc: ValidationError | SettingsError) -> str:
 
 
 def _multiprocess(config: uvicorn.Config, sock: socket.socket) -> None:
+    """N workers on one socket. Their metrics go to a folder they share (prometheus_client's
+    multiprocess mode, read by whichever worker a scrape reaches); the workers are spawned, so
+    the variable set here reaches them before they import prometheus_client."""
     from uvicorn.supervisors import Multiprocess
 
-    Multiprocess(config, sockets=[sock]).run()
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="keybrake-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):  # an earlier run's counts would be added to this one's
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)

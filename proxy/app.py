@@ -28,6 +28,7 @@ from keybrake.proxy.pricing import load_pricing
 from keybrake.proxy.redact import RedactingFilter
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store import Store, open_store
+from keybrake.proxy.store.base import MetricsSnapshot
 from keybrake.proxy.upstream import Upstream
 from keybrake.proxy.vendors import VENDORS, Vendor
 
@@ -113,11 +114,13 @@ def build_app(
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
+        now = clock()
+        snapshot: MetricsSnapshot | None
         try:
-            spend, open_reservations = await store.metrics_snapshot(clock())
+            snapshot = await store.metrics_snapshot(now, now - settings.reservation_ttl_delta)
         except StoreUnavailable:
-            spend, open_reservations = {}, 0
-        body = metrics.render(spend, open_reservations)
+            snapshot = None
+        body = metrics.render(snapshot)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     deadlines = BodyDeadlines(settings.body_timeout)

@@ -1,20 +1,56 @@
-"""Prometheus metrics. Counters and histograms are per process (with `--workers N`, each scrape
-sees one worker's); spend by label and open reservations are read from the database at scrape
-time, so they are global across workers and replicas."""
+"""Prometheus metrics that are right whichever worker a scrape reaches.
+
+- Counters and histograms of the request path (calls by vendor and decision, vendor and database
+  latency) are counted by every worker. With `keybrake serve --workers N` each worker writes them
+  to files in PROMETHEUS_MULTIPROC_DIR (which `serve` sets for N > 1, before the workers start)
+  and a scrape sums every worker's (prometheus_client's multiprocess mode), so `rate()` sees the
+  whole process, not one N-th of it.
+- Spend, keys and reservations are read from the database at scrape time, so they are the same on
+  every worker and replica. They are bounded: by vendor, never one series per run (per-run
+  warnings are the webhook alerts' job).
+- `keybrake_database_up` is 0 when that read failed.
+
+Every metric the rules in templates/observability/ use is listed in `NAMES`, and a test holds the
+rules and the dashboard to it.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["Metrics"]
+from keybrake.proxy.store.base import MetricsSnapshot
+
+__all__ = ["NAMES", "Metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# Every series /metrics exposes (histograms as their _bucket, _sum and _count).
+NAMES = (
+    "keybrake_calls_total",
+    "keybrake_upstream_seconds",
+    "keybrake_database_seconds",
+    "keybrake_spend_usd",
+    "keybrake_reservations_open",
+    "keybrake_reservations_stale",
+    "keybrake_keys_active",
+    "keybrake_keys_near_cap",
+    "keybrake_database_up",
+)
+
+
+def _multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class Metrics:
     def __init__(self) -> None:
+        # In multiprocess mode these write to the shared folder; the registry is only used to
+        # expose them in a single process.
         self.registry = CollectorRegistry()
         self.calls = Counter(
             "keybrake_calls",
@@ -36,18 +72,6 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.spend = Gauge(
-            "keybrake_spend_usd",
-            "Settled spend in the rolling 24-hour window by key label.",
-            ["label"],
-            registry=self.registry,
-        )
-        self.reservations_open = Gauge(
-            "keybrake_reservations_open",
-            "Calls reserved and not yet settled (in flight, or left by a dead process).",
-            registry=self.registry,
-        )
-
         # `labels()` takes a lock and builds a key on every call; the hot path keeps the children.
         self._children: dict[tuple[str, ...], Any] = {}
 
@@ -67,9 +91,71 @@ class Metrics:
     def time_database(self, operation: str, seconds: float) -> None:
         self._child(self.database_seconds, operation).observe(seconds)
 
-    def render(self, spend_by_label: dict[str, int], open_reservations: int) -> bytes:
-        self.spend.clear()
-        for label, micros in spend_by_label.items():
-            self.spend.labels(label).set(micros / 1_000_000)  # Prometheus samples are floats
-        self.reservations_open.set(open_reservations)
-        return generate_latest(self.registry)
+    def render(self, snapshot: MetricsSnapshot | None) -> bytes:
+        """The exposition: every worker's counters, and `snapshot` (None: the database did not
+        answer)."""
+        folder = _multiprocess_dir()
+        if folder is not None:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+            body = generate_latest(registry)
+        else:
+            body = generate_latest(self.registry)
+        return body + generate_latest(_database_registry(snapshot))
+
+
+class _DatabaseCollector:
+    """The scrape-time gauges, as metric families rather than Gauge objects: in multiprocess
+    mode a Gauge would be written to the shared folder and summed again by the collector."""
+
+    def __init__(self, snapshot: MetricsSnapshot | None) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self.snapshot
+        yield GaugeMetricFamily(
+            "keybrake_database_up",
+            "1 when the database answered this scrape, else 0.",
+            value=0 if snapshot is None else 1,
+        )
+        if snapshot is None:
+            return
+        spend = GaugeMetricFamily(
+            "keybrake_spend_usd",
+            "Settled spend in the rolling 24-hour window, by vendor.",
+            labels=["vendor"],
+        )
+        for vendor, micros in sorted(snapshot.spend_by_vendor.items()):
+            spend.add_metric([vendor], micros / 1_000_000)  # Prometheus samples are floats
+        yield spend
+        for name, text, value in (
+            (
+                "keybrake_reservations_open",
+                "Calls reserved and not yet settled (in flight, or stale).",
+                snapshot.open_reservations,
+            ),
+            (
+                "keybrake_reservations_stale",
+                "Reservations older than KEYBRAKE_RESERVATION_TTL: left by a dead process.",
+                snapshot.stale_reservations,
+            ),
+            (
+                "keybrake_keys_active",
+                "Vault keys neither revoked nor expired.",
+                snapshot.active_keys,
+            ),
+            (
+                "keybrake_keys_near_cap",
+                "Active keys that have used 80 % or more of their 24-hour cap.",
+                snapshot.keys_near_cap,
+            ),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+def _database_registry(snapshot: MetricsSnapshot | None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(_DatabaseCollector(snapshot))
+    return registry

@@ -300,8 +300,13 @@ def test_metrics(tmp_path: Path, fake_stripe: FakeStripe) -> None:
         text = client.get("/metrics", headers={"Authorization": ""}).text
     assert 'keybrake_calls_total{decision="forwarded",vendor="stripe"} 1.0' in text
     assert 'keybrake_calls_total{decision="cap_hit",vendor="stripe"} 1.0' in text
-    assert 'keybrake_spend_usd{label="argo/metered"} 1.0' in text
+    assert 'keybrake_spend_usd{vendor="stripe"} 1.0' in text
+    assert "argo/metered" not in text  # no series per run: cardinality stays bounded
     assert "keybrake_reservations_open 0.0" in text
+    assert "keybrake_reservations_stale 0.0" in text
+    assert "keybrake_keys_active 1.0" in text
+    assert "keybrake_keys_near_cap 1.0" in text  # $1 of its $1 cap
+    assert "keybrake_database_up 1.0" in text
     assert 'keybrake_upstream_seconds_count{vendor="stripe"} 1.0' in text
     assert 'keybrake_database_seconds_count{operation="reserve"} 2.0' in text
 

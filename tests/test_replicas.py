@@ -204,9 +204,11 @@ def test_database_outage_fails_closed_and_recovers(
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "keybrake_unavailable"
         assert httpx.get(f"{proxy.url}/readyz").status_code == 503
+        assert "keybrake_database_up 0.0" in httpx.get(f"{proxy.url}/metrics").text
         assert fake_stripe.count("POST", "/v1/payment_intents") == before  # nothing forwarded
         relay.restore()
         assert httpx.get(f"{proxy.url}/readyz").status_code == 200
+        assert "keybrake_database_up 1.0" in httpx.get(f"{proxy.url}/metrics").text
         assert (
             post(
                 proxy, key["vault_key"], {"amount": "100", "currency": "usd", "i": "back"}

@@ -169,6 +169,19 @@ def revoked_event(event: Event, keys: list[str], budgets: list[str]) -> Event:
     return replace(event, outcome=outcome, detail=detail)
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    spend_by_vendor: dict[str, int]  # settled micro-dollars in the rolling 24-hour window
+    open_reservations: int  # calls reserved and not yet settled
+    stale_reservations: int  # of those, reserved before `stale_before` (a dead process's)
+    active_keys: int
+    keys_near_cap: int  # active keys that have used 80 % or more of their 24-hour cap
+
+
+# An active key near its 24-hour cap: settled + reserved in the window at least this share of it.
+NEAR_CAP = 0.8
+
+
 @dataclass(slots=True)
 class EventFilter:
     action: str | None = None
@@ -657,9 +670,9 @@ class Store(Protocol):
 
     async def is_counted(self, vendor: str, object_id: str) -> bool: ...
 
-    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
-        """Settled micro-dollars in the rolling window by label, and the number of open
-        reservations."""
+    async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
+        """What /metrics reads from the database, so every worker and replica reports the same:
+        bounded by vendor, never one series per run."""
         ...
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]: ...

@@ -31,6 +31,7 @@ from keybrake.proxy.decisions import (
 )
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.store.base import (
+    NEAR_CAP,
     Admission,
     AuditFilter,
     AuditRecord,
@@ -44,6 +45,7 @@ from keybrake.proxy.store.base import (
     IssuerRecord,
     KeyRecord,
     KeyView,
+    MetricsSnapshot,
     Owner,
     Patch,
     Reservation,
@@ -1465,16 +1467,40 @@ class PostgresStore:
         )
         return int(audit_id)
 
-    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
-        async def op(c: asyncpg.Connection) -> tuple[dict[str, int], int]:
+    async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
+        async def op(c: asyncpg.Connection) -> MetricsSnapshot:
+            floor = window_floor(now)
             spend = await c.fetch(
-                "SELECT k.label, sum(w.settled_micros) AS total FROM spend_window w "
+                "SELECT k.vendor, sum(w.settled_micros) AS total FROM spend_window w "
                 "JOIN vault_keys k ON k.key_id = w.owner_id WHERE w.bucket >= $1 "
-                "GROUP BY k.label",
-                window_floor(now),
+                "GROUP BY k.vendor",
+                floor,
             )
-            open_count = await c.fetchval("SELECT count(*) FROM audit WHERE decision = 'in_flight'")
-            return {row["label"]: int(row["total"]) for row in spend}, int(open_count)
+            reservations = await c.fetchrow(
+                "SELECT count(*) AS open, count(*) FILTER (WHERE ts < $1) AS stale FROM audit "
+                "WHERE decision = 'in_flight'",
+                stale_before,
+            )
+            active = await c.fetchval(
+                "SELECT count(*) FROM vault_keys WHERE revoked_at IS NULL AND expires_at > $1", now
+            )
+            near = await c.fetchval(
+                "SELECT count(*) FROM (SELECT k.daily_cap_micros AS cap, "
+                "sum(w.settled_micros + w.reserved_micros) AS used FROM vault_keys k "
+                "JOIN spend_window w ON w.owner_id = k.key_id AND w.bucket >= $1 "
+                "WHERE k.revoked_at IS NULL AND k.expires_at > $2 AND k.daily_cap_micros > 0 "
+                "GROUP BY k.key_id, k.daily_cap_micros) AS u WHERE used >= cap * $3::float8",
+                floor,
+                now,
+                NEAR_CAP,
+            )
+            return MetricsSnapshot(
+                {row["vendor"]: int(row["total"]) for row in spend},
+                int(reservations["open"]),
+                int(reservations["stale"]),
+                int(active),
+                int(near),
+            )
 
         return await self._run(op)
 

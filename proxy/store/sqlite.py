@@ -37,6 +37,7 @@ from keybrake.proxy.decisions import (
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.money import format_ts, parse_ts
 from keybrake.proxy.store.base import (
+    NEAR_CAP,
     Admission,
     AuditFilter,
     AuditRecord,
@@ -50,6 +51,7 @@ from keybrake.proxy.store.base import (
     IssuerRecord,
     KeyRecord,
     KeyView,
+    MetricsSnapshot,
     Owner,
     Patch,
     Reservation,
@@ -1050,17 +1052,37 @@ class SQLiteStore:
     async def record(self, row: AuditRecord) -> int:
         return await self._write(lambda conn: _insert_audit(conn, row))
 
-    async def metrics_snapshot(self, now: datetime) -> tuple[dict[str, int], int]:
-        def op(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+    async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
+        def op(conn: sqlite3.Connection) -> MetricsSnapshot:
+            floor, stamp = window_floor(now), format_ts(now)
             spend = conn.execute(
-                "SELECT k.label, sum(w.settled_micros) FROM spend_window w "
-                "JOIN vault_keys k ON k.key_id = w.owner_id WHERE w.bucket >= ? GROUP BY k.label",
-                (window_floor(now),),
+                "SELECT k.vendor, sum(w.settled_micros) FROM spend_window w "
+                "JOIN vault_keys k ON k.key_id = w.owner_id WHERE w.bucket >= ? GROUP BY k.vendor",
+                (floor,),
             ).fetchall()
-            open_count = conn.execute(
-                "SELECT count(*) FROM audit WHERE decision = 'in_flight'"
+            open_count, stale = conn.execute(
+                "SELECT count(*), coalesce(sum(ts < ?), 0) FROM audit WHERE decision = 'in_flight'",
+                (format_ts(stale_before),),
+            ).fetchone()
+            active = conn.execute(
+                "SELECT count(*) FROM vault_keys WHERE revoked_at IS NULL AND expires_at > ?",
+                (stamp,),
             ).fetchone()[0]
-            return {label: int(total) for label, total in spend}, int(open_count)
+            near = conn.execute(
+                "SELECT count(*) FROM (SELECT k.daily_cap_micros AS cap, "
+                "sum(w.settled_micros + w.reserved_micros) AS used FROM vault_keys k "
+                "JOIN spend_window w ON w.owner_id = k.key_id AND w.bucket >= ? "
+                "WHERE k.revoked_at IS NULL AND k.expires_at > ? AND k.daily_cap_micros > 0 "
+                "GROUP BY k.key_id) WHERE used >= cap * ?",
+                (floor, stamp, NEAR_CAP),
+            ).fetchone()[0]
+            return MetricsSnapshot(
+                {vendor: int(total) for vendor, total in spend},
+                int(open_count),
+                int(stale),
+                int(active),
+                int(near),
+            )
 
         return await self._read(op)
 
