@@ -4,7 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest templates bench install clean
+.PHONY: demo test lint typecheck pytest templates tools bench install clean
+
+# Debian packages the tests run (promtool checks templates/observability/), installed when
+# missing; `sudo` when not root. The package's service is not started in a container.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +37,13 @@ typecheck: $(STAMP)
 templates: $(STAMP)
 	@if $(BIN)/keybrake templates --help >/dev/null 2>&1; then $(BIN)/keybrake templates render --check; fi
 
-pytest: $(STAMP)
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+pytest: $(STAMP) tools
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -1,0 +1,137 @@
+"""templates/observability/: the alerting rules pass `promtool check rules` and their unit tests
+(`promtool test rules`, every alert fired and kept quiet), and every metric the rules and the
+Grafana dashboard query is one the proxy's /metrics really exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fakes.stripe_upstream import FakeStripe
+from tests.inproc import app_client, issue
+
+FOLDER = Path(__file__).resolve().parent.parent / "templates" / "observability"
+RULES = FOLDER / "prometheus-rules.yaml"
+RULE_TESTS = FOLDER / "prometheus-rules.test.yaml"
+DASHBOARD = FOLDER / "grafana-dashboard.json"
+# Series Prometheus makes itself, not the proxy.
+FROM_PROMETHEUS = {"up"}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    # `make test` installs it (Debian package prometheus) when missing: never skipped.
+    binary = shutil.which("promtool")
+    assert binary, "promtool is missing: `make test` installs it (apt-get install prometheus)"
+    return subprocess.run(
+        [binary, *args], cwd=FOLDER, capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def alerts() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return [rule["expr"] for rule in alerts()] + exprs
+
+
+def test_the_rules_pass_promtool_check() -> None:
+    done = promtool("check", "rules", RULES.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in done.stdout
+
+
+def test_the_rules_pass_their_unit_tests() -> None:
+    done = promtool("test", "rules", RULE_TESTS.name)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_is_tested_firing_and_quiet() -> None:
+    cases = [
+        case
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+    ]
+    for alert in alerts():
+        mine = [c for c in cases if c["alertname"] == alert["alert"]]
+        assert any(c["exp_alerts"] for c in mine), f"{alert['alert']} never tested firing"
+        assert any(not c["exp_alerts"] for c in mine), f"{alert['alert']} never tested quiet"
+
+
+def test_a_broken_rule_fails_its_unit_test(tmp_path: Path) -> None:
+    """The unit tests can fail: the same tests against a rule with the wrong threshold."""
+    broken = RULES.read_text().replace("keybrake_database_up == 0", "keybrake_database_up == 1")
+    (tmp_path / RULES.name).write_text(broken)
+    (tmp_path / RULE_TESTS.name).write_text(RULE_TESTS.read_text())
+    binary = shutil.which("promtool")
+    assert binary
+    done = subprocess.run(
+        [binary, "test", "rules", RULE_TESTS.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0 and "KeybrakeDatabaseUnavailable" in done.stdout + done.stderr
+
+
+def test_every_metric_queried_exists_in_the_proxys_metrics(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    with app_client(tmp_path, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, daily_usd_cap=1)
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        form = {"amount": "100", "currency": "usd"}
+        client.post("/stripe/v1/payment_intents", data=form, headers=auth)
+        client.post("/stripe/v1/payment_intents", data={**form, "n": "2"}, headers=auth)
+        text = client.get("/metrics", headers={"Authorization": ""}).text
+    exposed = set(re.findall(r"^([a-z_][a-z0-9_]*)(?:\{| )", text, flags=re.M))
+    wanted = {
+        name for expr in queries() for name in re.findall(r"\b(keybrake_[a-z0-9_]+|up)\b", expr)
+    }
+    assert {"keybrake_calls_total", "keybrake_database_up", "up"} <= wanted
+    missing = sorted(wanted - exposed - FROM_PROMETHEUS)
+    assert not missing, f"queried but not in /metrics: {missing}"
+
+
+def test_the_dashboard_is_a_grafana_dashboard_on_a_chosen_prometheus() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"] == "keybrake"
+    [variable] = dashboard["templating"]["list"]
+    assert (variable["name"], variable["type"], variable["query"]) == (
+        "datasource",
+        "datasource",
+        "prometheus",
+    )
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 6
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
+
+
+@pytest.mark.parametrize("expr", queries())
+def test_every_query_parses(expr: str, tmp_path: Path) -> None:
+    """promtool parses each dashboard query too (as a recording rule of a throwaway file)."""
+    rules = {"groups": [{"name": "probe", "rules": [{"record": "probe:x", "expr": expr}]}]}
+    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(rules))
+    binary = shutil.which("promtool")
+    assert binary
+    done = subprocess.run(
+        [binary, "check", "rules", "probe.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
