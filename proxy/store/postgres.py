@@ -529,6 +529,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE budgets ADD COLUMN issuer_id text, ADD COLUMN namespace text,
         ADD COLUMN service_account text;
     """,
+    # 6: listings page newest first (`continue`): walk an index instead of sorting every row.
+    """
+    CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
+    CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
+    """,
 ]
 
 # Concurrent calls are grouped: one statement runs a whole batch, in order, in one transaction,

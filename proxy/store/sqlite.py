@@ -267,6 +267,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE budgets ADD COLUMN namespace TEXT;
     ALTER TABLE budgets ADD COLUMN service_account TEXT;
     """,
+    # 4: listings page newest first (`continue`): walk an index instead of sorting every row.
+    """
+    CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
+    CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
+    """,
 ]
 
 _KEY_COLUMNS = (
