@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         "the in-cluster one.",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="Bearer token /metrics requires (it names workflows); unset: open."
+        None, description="Bearer token /metrics requires; unset: open."
     )
     tls_cert_file: Path | None = Field(
         None, description="TLS certificate (PEM chain); reloaded when the file changes."
