@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, NoReturn
 
 import typer
 import yaml
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from keybrake.proxy.redact import redact
 
@@ -23,6 +26,7 @@ __all__ = [
     "err_console",
     "fail",
     "print_data",
+    "print_rows",
 ]
 
 EXIT_REFUSED = 1
@@ -58,3 +62,27 @@ def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoR
     if hint:
         err_console.print(escape(hint), soft_wrap=True)
     raise typer.Exit(code)
+
+
+def print_rows(
+    rows: Sequence[BaseModel],
+    output: Output | None,
+    *,
+    empty: str,
+    columns: Sequence[str],
+    cells: Callable[[Any], Sequence[str]],
+) -> None:
+    """A listing as a table (one row of `cells(row)` each) on a terminal, else JSON or YAML."""
+    chosen = default_output(output)
+    if chosen is not Output.table:
+        print_data([r.model_dump() for r in rows], chosen)
+        return
+    if not rows:
+        console.print(empty)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*cells(row))
+    console.print(table)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from keybrake.cli._common import Output, console, default_output, print_data
+from keybrake.cli._common import Output, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.proxy.client import DEFAULT_URL
@@ -59,24 +58,21 @@ def events(
 
 
 def _show(rows: list[EventInfo], output: Output | None) -> None:
-    chosen = default_output(output)
-    if chosen is not Output.table:
-        print_data([r.model_dump() for r in rows], chosen)
-        return
-    if not rows:
-        console.print("No events match.")
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("TIME", "ACTION", "ACTOR", "TARGET", "OUTCOME", "SOURCE"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
+    def cells(row: EventInfo) -> list[str]:
         style = "green" if row.outcome == "ok" else "red"
-        table.add_row(
+        return [
             row.ts[:19].replace("T", " "),
             row.action,
             row.actor,
             row.target or "-",
             f"[{style}]{row.outcome}[/]",
             row.source or "-",
-        )
-    console.print(table)
+        ]
+
+    print_rows(
+        rows,
+        output,
+        empty="No events match.",
+        columns=("TIME", "ACTION", "ACTOR", "TARGET", "OUTCOME", "SOURCE"),
+        cells=cells,
+    )

@@ -10,6 +10,7 @@ import typer
 
 from keybrake.cli import (
     _connection,
+    alerts,
     audit,
     budgets,
     db,
@@ -39,6 +40,7 @@ app.command()(revoke.revoke)
 app.add_typer(audit.app, name="audit")
 app.add_typer(issuers.app, name="issuers")
 app.command()(events.events)
+app.command()(alerts.alerts)
 app.command()(watch.watch)
 app.command()(reaper.reaper)
 app.command()(demo.demo)

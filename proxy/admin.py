@@ -49,6 +49,8 @@ from keybrake.proxy.access import (
 from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import (
+    AlertInfo,
+    AlertList,
     AuditPage,
     AuditRow,
     BudgetCreate,
@@ -86,6 +88,7 @@ from keybrake.proxy.pricing import AmbiguousRequest, PricingTable
 from keybrake.proxy.redact import redact
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store.base import (
+    AlertDelivery,
     AuditFilter,
     AuditRecord,
     BudgetRecord,
@@ -298,6 +301,7 @@ class AdminApi:
                 methods=["DELETE"],
             ),
             Route("/vault/events", g(self.events), methods=["GET"]),
+            Route("/vault/alerts", g(self.alerts), methods=["GET"]),
             Route("/vault/audit", g(self.audit), methods=["GET"]),
             Route("/vault/audit/prune", g(self.prune_audit, "audit.prune"), methods=["POST"]),
             Route("/vault/pricing", g(self.pricing_table), methods=["GET"]),
@@ -1002,6 +1006,18 @@ class AdminApi:
         rows = [event_info(e) for e in found[:limit]]
         return JSONResponse(EventPage(data=rows, continue_=token).model_dump())
 
+    async def alerts(self, request: Request, actor: Actor) -> Response:
+        """The threshold alerts' outbox, newest first: what was raised and how delivery went."""
+        admin_only(actor, "reading the alert deliveries")
+        params = request.query_params
+        try:
+            limit = _whole("limit", params.get("limit", "100"), 1, 10_000) or 100
+        except ValueError as exc:
+            return error(400, "invalid_request_error", str(exc))
+        pending = params.get("pending") == "true"
+        found = await self.store.alert_deliveries(pending=pending, limit=limit)
+        return JSONResponse(AlertList(data=[alert_info(a) for a in found]).model_dump())
+
     # -- audit ---------------------------------------------------------------------------------
 
     async def audit(self, request: Request, actor: Actor) -> Response:
@@ -1168,6 +1184,29 @@ def _list_limit(text: str | None) -> int | Response:
             400, "invalid_request_error", f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}"
         )
     return int(text)
+
+
+def alert_info(item: AlertDelivery) -> AlertInfo:
+    if item.delivered_at is not None:
+        status = "delivered"
+    else:
+        status = "failing" if item.attempts else "pending"
+    try:
+        text = str(json.loads(item.payload).get("text", ""))
+    except ValueError:
+        text = ""
+    return AlertInfo(
+        delivery_id=item.delivery_id,
+        subject_id=item.owner_id,
+        mark=item.mark,
+        status=status,
+        created_at=format_ts(item.created_at),
+        attempts=item.attempts,
+        next_attempt_at=format_ts(item.next_attempt_at) if item.next_attempt_at else None,
+        delivered_at=format_ts(item.delivered_at) if item.delivered_at else None,
+        last_error=item.last_error,
+        text=text,
+    )
 
 
 def issuer_info(record: IssuerRecord) -> IssuerInfo:

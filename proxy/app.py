@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from keybrake.proxy.access import TokenVerifier
 from keybrake.proxy.admin import AdminApi
+from keybrake.proxy.alerts import Alerts
 from keybrake.proxy.decisions import window_floor
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.kubernetes import verifier_from
@@ -138,16 +139,32 @@ def build_app(
                 await maintain(store, settings, clock())
             await asyncio.sleep(30)  # a maintenance period, not synchronisation
 
+    alerts = None
+    if settings.alert_webhook_url:
+        secret = settings.alert_webhook_secret
+        alerts = Alerts(
+            store,
+            url=settings.alert_webhook_url,
+            percents=settings.alert_percents,
+            interval=settings.alert_interval,
+            clock=clock,
+            secret=secret.get_secret_value().encode() if secret else None,
+        )
+        metrics.on_cap_hit = alerts.poke
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
         await upstream.start()
         sweeper = asyncio.create_task(sweep_forever())
         watchdog = asyncio.create_task(deadlines.watch())
+        background = [sweeper, watchdog]
+        if alerts is not None:
+            background.append(asyncio.create_task(alerts.run()))
         try:
             yield
         finally:
-            for task in (sweeper, watchdog):
+            for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

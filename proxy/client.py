@@ -15,6 +15,8 @@ import httpx
 
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 from keybrake.proxy.models import (
+    AlertInfo,
+    AlertList,
     AuditPage,
     BudgetCreate,
     BudgetInfo,
@@ -203,6 +205,13 @@ class KeybrakeClient:
     def delete_issuer(self, issuer_id: str, *, revoke: bool = False) -> dict[str, Any]:
         params = {"revoke": "true" if revoke else "false"}
         return dict(self._request("DELETE", f"/vault/issuers/{issuer_id}", params=params).json())
+
+    def alerts(self, *, pending: bool = False, limit: int = 100) -> list[AlertInfo]:
+        """The threshold alerts' outbox, newest first (admin token)."""
+        params = {"limit": str(limit), "pending": "true" if pending else "false"}
+        return AlertList.model_validate(
+            self._request("GET", "/vault/alerts", params=params).json()
+        ).data
 
     def events_page(
         self,

@@ -17,7 +17,7 @@ rules and the dashboard to it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -40,6 +40,8 @@ NAMES = (
     "keybrake_keys_active",
     "keybrake_keys_near_cap",
     "keybrake_database_up",
+    "keybrake_alerts_pending",
+    "keybrake_alerts_failing",
 )
 
 
@@ -74,6 +76,8 @@ class Metrics:
         )
         # `labels()` takes a lock and builds a key on every call; the hot path keeps the children.
         self._children: dict[tuple[str, ...], Any] = {}
+        # Threshold alerts look at once after a cap hit (keybrake.proxy.alerts).
+        self.on_cap_hit: Callable[[], None] | None = None
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (str(id(metric)), *labels)
@@ -84,6 +88,8 @@ class Metrics:
 
     def count_call(self, vendor: str, decision: str) -> None:
         self._child(self.calls, vendor, decision).inc()
+        if self.on_cap_hit is not None and decision.endswith("cap_hit"):
+            self.on_cap_hit()
 
     def time_upstream(self, vendor: str, seconds: float) -> None:
         self._child(self.upstream_seconds, vendor).observe(seconds)
@@ -150,6 +156,16 @@ class _DatabaseCollector:
                 "keybrake_keys_near_cap",
                 "Active keys that have used 80 % or more of their 24-hour cap.",
                 snapshot.keys_near_cap,
+            ),
+            (
+                "keybrake_alerts_pending",
+                "Threshold alerts raised and not yet delivered to the webhook.",
+                snapshot.alerts_pending,
+            ),
+            (
+                "keybrake_alerts_failing",
+                "Of those, alerts whose delivery has failed at least once (retried with backoff).",
+                snapshot.alerts_failing,
             ),
         ):
             yield GaugeMetricFamily(name, text, value=value)

@@ -254,6 +254,25 @@ class Page(BaseModel):
     continue_: str | None = Field(None, alias="continue")
 
 
+class AlertInfo(BaseModel):
+    """One threshold alert in the outbox, and how its delivery went."""
+
+    delivery_id: str
+    subject_id: str
+    mark: str  # "80%" or "cap_hit"
+    status: str  # delivered, pending (not yet tried) or failing (retried with backoff)
+    created_at: str
+    attempts: int
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_error: str | None
+    text: str
+
+
+class AlertList(BaseModel):
+    data: list[AlertInfo]
+
+
 class KeyInfo(BaseModel):
     key_id: str
     vendor: str

@@ -120,6 +120,18 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = Field(
         None, description="Bearer token /metrics requires; unset: open."
     )
+    # Threshold alerts. The URL is the operator's alone: no API caller can name one, so the proxy
+    # (which holds the vendor secrets) never POSTs where a caller says.
+    alert_webhook_url: str | None = Field(
+        None, description="Where threshold alerts are POSTed (Slack-compatible text and JSON)."
+    )
+    alert_webhook_secret: SecretStr | None = Field(
+        None, description="Signs each alert: X-Keybrake-Signature: sha256=HMAC(body)."
+    )
+    alert_thresholds: str = Field(
+        "50,80,100", description="Percents of a cap at which a key or budget alerts."
+    )
+    alert_interval: float = Field(5.0, description="Seconds between looks for crossed thresholds.")
     tls_cert_file: Path | None = Field(
         None, description="TLS certificate (PEM chain); reloaded when the file changes."
     )
@@ -156,7 +168,31 @@ class Settings(BaseSettings):
             raise ValueError("an http:// URL of a CONNECT proxy, e.g. http://proxy.corp:3128")
         return value
 
-    @field_validator("max_body_bytes", "upstream_connections", "body_timeout")
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        url = urllib.parse.urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                "an http:// or https:// URL, e.g. https://hooks.slack.com/services/..."
+            )
+        return value
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _thresholds(cls, value: str) -> str:
+        parts = [p.strip().removesuffix("%") for p in value.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and 1 <= int(p) <= 100 for p in parts):
+            raise ValueError("whole percents from 1 to 100, comma separated, e.g. 50,80,100")
+        return ",".join(str(n) for n in sorted({int(p) for p in parts}))
+
+    @property
+    def alert_percents(self) -> list[int]:
+        return [int(p) for p in self.alert_thresholds.split(",")]
+
+    @field_validator("max_body_bytes", "upstream_connections", "body_timeout", "alert_interval")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:

@@ -621,3 +621,10 @@ def test_audit_follow_prints_new_rows_as_they_come(proxy_server: ProxyProcess) -
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_alerts_from_the_cli(proxy_server: ProxyProcess) -> None:
+    code, out, _ = run(proxy_server, "alerts", "-o", "table")
+    assert code == 0 and "No alerts match." in out
+    code, out, _ = run(proxy_server, "alerts", "--pending", "-o", "json")
+    assert code == 0 and json.loads(out) == []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from keybrake.proxy.decisions import Decision
@@ -176,6 +176,39 @@ class MetricsSnapshot:
     stale_reservations: int  # of those, reserved before `stale_before` (a dead process's)
     active_keys: int
     keys_near_cap: int  # active keys that have used 80 % or more of their 24-hour cap
+    alerts_pending: int = 0  # raised and not yet delivered
+    alerts_failing: int = 0  # of those, ones whose delivery has failed at least once
+
+
+@dataclass(frozen=True, slots=True)
+class AlertLevel:
+    """A live key's or budget's spend against its caps, as the threshold alerts read it."""
+
+    owner_id: str
+    kind: str  # key or budget
+    label: str
+    namespace: str | None
+    vendor: str | None  # a budget's is None: any vendor
+    window_micros: int  # settled and reserved in the rolling 24-hour window
+    daily_cap_micros: int | None
+    life_micros: int  # settled and reserved over its life
+    total_cap_micros: int | None
+    cap_hits: int
+
+
+@dataclass(frozen=True, slots=True)
+class AlertDelivery:
+    """One alert in the outbox: delivered at least once, retried until the receiver says 2xx."""
+
+    delivery_id: str
+    owner_id: str
+    mark: str  # "80%" or "cap_hit"
+    payload: str  # the JSON body, fixed when the alert was raised
+    created_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    last_error: str | None = None
 
 
 # An active key near its 24-hour cap: settled + reserved in the window at least this share of it.
@@ -669,6 +702,44 @@ class Store(Protocol):
         ...
 
     async def is_counted(self, vendor: str, object_id: str) -> bool: ...
+
+    async def alert_levels(self, now: datetime) -> list[AlertLevel]:
+        """Every live key and budget with a cap, and its spend against it."""
+        ...
+
+    async def alert_marks(self) -> set[tuple[str, str]]:
+        """(owner, mark) of every alert raised and not re-armed."""
+        ...
+
+    async def raise_alert(self, delivery: AlertDelivery) -> bool:
+        """Mark the alert raised and put it in the outbox, in one transaction; False (and
+        nothing written) when it already was: of replicas scanning together, one raises it."""
+        ...
+
+    async def rearm_alerts(self, owner_id: str, marks: list[str]) -> None:
+        """Spend fell back below these thresholds: they may alert again."""
+        ...
+
+    async def claim_alerts(
+        self, now: datetime, lease: timedelta, limit: int
+    ) -> list[AlertDelivery]:
+        """Due, undelivered alerts, each claimed for `lease` so one replica sends it at a time."""
+        ...
+
+    async def finish_alert(
+        self,
+        delivery_id: str,
+        now: datetime,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        """An attempt's outcome: delivered (`error` None), or to be retried at `retry_at`."""
+        ...
+
+    async def alert_deliveries(self, *, pending: bool, limit: int) -> list[AlertDelivery]:
+        """The outbox, newest first (`pending`: only those not yet delivered)."""
+        ...
 
     async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
         """What /metrics reads from the database, so every worker and replica reports the same:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import asyncpg
@@ -33,6 +33,8 @@ from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.store.base import (
     NEAR_CAP,
     Admission,
+    AlertDelivery,
+    AlertLevel,
     AuditFilter,
     AuditRecord,
     BudgetRecord,
@@ -66,6 +68,26 @@ from keybrake.proxy.store.base import (
 __all__ = ["MIGRATIONS", "PostgresStore"]
 
 T = TypeVar("T")
+
+_ALERT_COLUMNS = (
+    "delivery_id, owner_id, mark, payload, created_at, attempts, next_attempt_at, delivered_at, "
+    "last_error"
+)
+
+
+def _alert(row: Any) -> AlertDelivery:
+    return AlertDelivery(
+        delivery_id=row["delivery_id"],
+        owner_id=row["owner_id"],
+        mark=row["mark"],
+        payload=row["payload"],
+        created_at=row["created_at"],
+        attempts=int(row["attempts"]),
+        next_attempt_at=row["next_attempt_at"],
+        delivered_at=row["delivered_at"],
+        last_error=row["last_error"],
+    )
+
 
 MIGRATIONS: list[str] = [
     """
@@ -533,6 +555,28 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
     CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
+    """,
+    # 7: threshold alerts: which are raised (until spend falls back), and the outbox.
+    """
+    CREATE TABLE alert_marks (
+        owner_id text NOT NULL,
+        mark text NOT NULL,
+        PRIMARY KEY (owner_id, mark)
+    );
+    CREATE TABLE alert_outbox (
+        delivery_id text PRIMARY KEY,
+        owner_id text NOT NULL,
+        mark text NOT NULL,
+        payload text NOT NULL,
+        created_at timestamptz NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at timestamptz NOT NULL,
+        claimed_until timestamptz,
+        delivered_at timestamptz,
+        last_error text
+    );
+    CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
+    CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
     """,
 ]
 
@@ -1472,6 +1516,147 @@ class PostgresStore:
         )
         return int(audit_id)
 
+    # -- threshold alerts ----------------------------------------------------------------------
+
+    async def alert_levels(self, now: datetime) -> list[AlertLevel]:
+        async def op(c: asyncpg.Connection) -> list[AlertLevel]:
+            found = []
+            for table, column, vendor in (
+                ("vault_keys", "key_id", "t.vendor"),
+                ("budgets", "budget_id", "NULL"),
+            ):
+                rows = await c.fetch(
+                    f"SELECT t.{column} AS owner, t.label, t.namespace, {vendor} AS vendor, "
+                    "t.daily_cap_micros, t.total_cap_micros, "
+                    "coalesce(sum(w.settled_micros + w.reserved_micros) "
+                    "FILTER (WHERE w.bucket >= $1), 0) AS window_used, "
+                    "coalesce(sum(w.settled_micros + w.reserved_micros), 0) AS life_used, "
+                    "coalesce(max(u.cap_hits), 0) AS hits "
+                    f"FROM {table} t LEFT JOIN spend_window w ON w.owner_id = t.{column} "
+                    f"LEFT JOIN usage_counts u ON u.owner_id = t.{column} "
+                    "WHERE t.revoked_at IS NULL AND t.expires_at > $2 "
+                    "AND (t.daily_cap_micros IS NOT NULL OR t.total_cap_micros IS NOT NULL) "
+                    f"GROUP BY t.{column}",
+                    window_floor(now),
+                    now,
+                )
+                kind = "key" if table == "vault_keys" else "budget"
+                found += [
+                    AlertLevel(
+                        owner_id=row["owner"],
+                        kind=kind,
+                        label=row["label"],
+                        namespace=row["namespace"],
+                        vendor=row["vendor"],
+                        window_micros=int(row["window_used"]),
+                        daily_cap_micros=row["daily_cap_micros"],
+                        life_micros=int(row["life_used"]),
+                        total_cap_micros=row["total_cap_micros"],
+                        cap_hits=int(row["hits"]),
+                    )
+                    for row in rows
+                ]
+            return found
+
+        return await self._run(op)
+
+    async def alert_marks(self) -> set[tuple[str, str]]:
+        async def op(c: asyncpg.Connection) -> set[tuple[str, str]]:
+            rows = await c.fetch("SELECT owner_id, mark FROM alert_marks")
+            return {(row["owner_id"], row["mark"]) for row in rows}
+
+        return await self._run(op)
+
+    async def raise_alert(self, delivery: AlertDelivery) -> bool:
+        async def op(c: asyncpg.Connection) -> bool:
+            async with c.transaction():
+                marked = await c.fetchval(
+                    "INSERT INTO alert_marks (owner_id, mark) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING RETURNING true",
+                    delivery.owner_id,
+                    delivery.mark,
+                )
+                if not marked:
+                    return False
+                await c.execute(
+                    "INSERT INTO alert_outbox (delivery_id, owner_id, mark, payload, created_at, "
+                    "next_attempt_at) VALUES ($1, $2, $3, $4, $5, $5)",
+                    delivery.delivery_id,
+                    delivery.owner_id,
+                    delivery.mark,
+                    delivery.payload,
+                    delivery.created_at,
+                )
+                return True
+
+        return await self._run(op)
+
+    async def rearm_alerts(self, owner_id: str, marks: list[str]) -> None:
+        async def op(c: asyncpg.Connection) -> None:
+            await c.execute(
+                "DELETE FROM alert_marks WHERE owner_id = $1 AND mark = ANY($2::text[])",
+                owner_id,
+                marks,
+            )
+
+        await self._run(op)
+
+    async def claim_alerts(
+        self, now: datetime, lease: timedelta, limit: int
+    ) -> list[AlertDelivery]:
+        async def op(c: asyncpg.Connection) -> list[AlertDelivery]:
+            rows = await c.fetch(
+                "UPDATE alert_outbox SET claimed_until = $2 WHERE delivery_id IN ("
+                "SELECT delivery_id FROM alert_outbox WHERE delivered_at IS NULL "
+                "AND next_attempt_at <= $1 AND (claimed_until IS NULL OR claimed_until <= $1) "
+                f"ORDER BY next_attempt_at LIMIT {int(limit)} FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {_ALERT_COLUMNS}",
+                now,
+                now + lease,
+            )
+            return [_alert(row) for row in rows]
+
+        return await self._run(op)
+
+    async def finish_alert(
+        self,
+        delivery_id: str,
+        now: datetime,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        async def op(c: asyncpg.Connection) -> None:
+            if error is None:
+                await c.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, delivered_at = $2, "
+                    "claimed_until = NULL, last_error = NULL WHERE delivery_id = $1",
+                    delivery_id,
+                    now,
+                )
+            else:
+                await c.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, last_error = $2, "
+                    "next_attempt_at = $3, claimed_until = NULL WHERE delivery_id = $1",
+                    delivery_id,
+                    error[:500],
+                    retry_at or now,
+                )
+
+        await self._run(op)
+
+    async def alert_deliveries(self, *, pending: bool, limit: int) -> list[AlertDelivery]:
+        where = "WHERE delivered_at IS NULL" if pending else ""
+
+        async def op(c: asyncpg.Connection) -> list[AlertDelivery]:
+            rows = await c.fetch(
+                f"SELECT {_ALERT_COLUMNS} FROM alert_outbox {where} "
+                f"ORDER BY created_at DESC, delivery_id DESC LIMIT {int(limit)}"
+            )
+            return [_alert(row) for row in rows]
+
+        return await self._run(op)
+
     async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
         async def op(c: asyncpg.Connection) -> MetricsSnapshot:
             floor = window_floor(now)
@@ -1499,12 +1684,18 @@ class PostgresStore:
                 now,
                 NEAR_CAP,
             )
+            alerts = await c.fetchrow(
+                "SELECT count(*) AS pending, count(*) FILTER (WHERE attempts > 0) AS failing "
+                "FROM alert_outbox WHERE delivered_at IS NULL"
+            )
             return MetricsSnapshot(
                 {row["vendor"]: int(row["total"]) for row in spend},
                 int(reservations["open"]),
                 int(reservations["stale"]),
                 int(active),
                 int(near),
+                int(alerts["pending"]),
+                int(alerts["failing"]),
             )
 
         return await self._run(op)

@@ -39,6 +39,8 @@ from keybrake.proxy.money import format_ts, parse_ts
 from keybrake.proxy.store.base import (
     NEAR_CAP,
     Admission,
+    AlertDelivery,
+    AlertLevel,
     AuditFilter,
     AuditRecord,
     BudgetRecord,
@@ -272,7 +274,49 @@ MIGRATIONS: list[str] = [
     CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
     CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
     """,
+    # 5: threshold alerts: which are raised (until spend falls back), and the outbox.
+    """
+    CREATE TABLE alert_marks (
+        owner_id TEXT NOT NULL,
+        mark TEXT NOT NULL,
+        PRIMARY KEY (owner_id, mark)
+    );
+    CREATE TABLE alert_outbox (
+        delivery_id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL,
+        mark TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        claimed_until TEXT,
+        delivered_at TEXT,
+        last_error TEXT
+    );
+    CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
+    CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
+    """,
 ]
+
+_ALERT_COLUMNS = (
+    "delivery_id, owner_id, mark, payload, created_at, attempts, next_attempt_at, delivered_at, "
+    "last_error"
+)
+
+
+def _alert(row: Any) -> AlertDelivery:
+    return AlertDelivery(
+        delivery_id=row[0],
+        owner_id=row[1],
+        mark=row[2],
+        payload=row[3],
+        created_at=parse_ts(row[4]),
+        attempts=int(row[5]),
+        next_attempt_at=parse_ts(row[6]),
+        delivered_at=parse_ts(row[7]) if row[7] else None,
+        last_error=row[8],
+    )
+
 
 _KEY_COLUMNS = (
     "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
@@ -1057,6 +1101,145 @@ class SQLiteStore:
     async def record(self, row: AuditRecord) -> int:
         return await self._write(lambda conn: _insert_audit(conn, row))
 
+    # -- threshold alerts ----------------------------------------------------------------------
+
+    async def alert_levels(self, now: datetime) -> list[AlertLevel]:
+        def op(conn: sqlite3.Connection) -> list[AlertLevel]:
+            floor, stamp = window_floor(now), format_ts(now)
+            found = []
+            for table, column, vendor in (
+                ("vault_keys", "key_id", "t.vendor"),
+                ("budgets", "budget_id", "NULL"),
+            ):
+                rows = conn.execute(
+                    f"SELECT t.{column}, t.label, t.namespace, {vendor}, t.daily_cap_micros, "
+                    "t.total_cap_micros, "
+                    "coalesce(sum(CASE WHEN w.bucket >= ? THEN w.settled_micros + "
+                    "w.reserved_micros END), 0), "
+                    "coalesce(sum(w.settled_micros + w.reserved_micros), 0), "
+                    "coalesce(max(u.cap_hits), 0) "
+                    f"FROM {table} t LEFT JOIN spend_window w ON w.owner_id = t.{column} "
+                    f"LEFT JOIN usage_counts u ON u.owner_id = t.{column} "
+                    "WHERE t.revoked_at IS NULL AND t.expires_at > ? "
+                    "AND (t.daily_cap_micros IS NOT NULL OR t.total_cap_micros IS NOT NULL) "
+                    f"GROUP BY t.{column}",
+                    (floor, stamp),
+                ).fetchall()
+                kind = "key" if table == "vault_keys" else "budget"
+                for owner, label, namespace, vend, daily, total, window, life, hits in rows:
+                    found.append(
+                        AlertLevel(
+                            owner,
+                            kind,
+                            label,
+                            namespace,
+                            vend,
+                            int(window),
+                            daily,
+                            int(life),
+                            total,
+                            int(hits),
+                        )
+                    )
+            return found
+
+        return await self._read(op)
+
+    async def alert_marks(self) -> set[tuple[str, str]]:
+        return await self._read(
+            lambda conn: {
+                (str(o), str(m)) for o, m in conn.execute("SELECT owner_id, mark FROM alert_marks")
+            }
+        )
+
+    async def raise_alert(self, delivery: AlertDelivery) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO alert_marks (owner_id, mark) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (delivery.owner_id, delivery.mark),
+            )
+            if not cur.rowcount:
+                return False
+            conn.execute(
+                "INSERT INTO alert_outbox (delivery_id, owner_id, mark, payload, created_at, "
+                "next_attempt_at) VALUES (?,?,?,?,?,?)",
+                (
+                    delivery.delivery_id,
+                    delivery.owner_id,
+                    delivery.mark,
+                    delivery.payload,
+                    format_ts(delivery.created_at),
+                    format_ts(delivery.created_at),
+                ),
+            )
+            return True
+
+        return await self._write(op)
+
+    async def rearm_alerts(self, owner_id: str, marks: list[str]) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "DELETE FROM alert_marks WHERE owner_id = ? AND mark = ?",
+                [(owner_id, mark) for mark in marks],
+            )
+
+        await self._write(op)
+
+    async def claim_alerts(
+        self, now: datetime, lease: timedelta, limit: int
+    ) -> list[AlertDelivery]:
+        def op(conn: sqlite3.Connection) -> list[AlertDelivery]:
+            stamp = format_ts(now)
+            rows = conn.execute(
+                f"SELECT {_ALERT_COLUMNS} FROM alert_outbox WHERE delivered_at IS NULL "
+                "AND next_attempt_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?) "
+                f"ORDER BY next_attempt_at LIMIT {int(limit)}",
+                (stamp, stamp),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE alert_outbox SET claimed_until = ? WHERE delivery_id = ?",
+                [(format_ts(now + lease), row[0]) for row in rows],
+            )
+            return [_alert(row) for row in rows]
+
+        return await self._write(op)
+
+    async def finish_alert(
+        self,
+        delivery_id: str,
+        now: datetime,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if error is None:
+                conn.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, delivered_at = ?, "
+                    "claimed_until = NULL, last_error = NULL WHERE delivery_id = ?",
+                    (format_ts(now), delivery_id),
+                )
+            else:
+                conn.execute(
+                    "UPDATE alert_outbox SET attempts = attempts + 1, last_error = ?, "
+                    "next_attempt_at = ?, claimed_until = NULL WHERE delivery_id = ?",
+                    (error[:500], format_ts(retry_at or now), delivery_id),
+                )
+
+        await self._write(op)
+
+    async def alert_deliveries(self, *, pending: bool, limit: int) -> list[AlertDelivery]:
+        where = "WHERE delivered_at IS NULL" if pending else ""
+        return await self._read(
+            lambda conn: [
+                _alert(row)
+                for row in conn.execute(
+                    f"SELECT {_ALERT_COLUMNS} FROM alert_outbox {where} "
+                    f"ORDER BY created_at DESC, delivery_id DESC LIMIT {int(limit)}"
+                )
+            ]
+        )
+
     async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
         def op(conn: sqlite3.Connection) -> MetricsSnapshot:
             floor, stamp = window_floor(now), format_ts(now)
@@ -1081,12 +1264,18 @@ class SQLiteStore:
                 "GROUP BY k.key_id) WHERE used >= cap * ?",
                 (floor, stamp, NEAR_CAP),
             ).fetchone()[0]
+            pending, failing = conn.execute(
+                "SELECT count(*), coalesce(sum(attempts > 0), 0) FROM alert_outbox "
+                "WHERE delivered_at IS NULL"
+            ).fetchone()
             return MetricsSnapshot(
                 {vendor: int(total) for vendor, total in spend},
                 int(open_count),
                 int(stale),
                 int(active),
                 int(near),
+                int(pending),
+                int(failing),
             )
 
         return await self._read(op)

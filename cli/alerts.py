@@ -1,0 +1,55 @@
+"""`keybrake alerts`: the threshold alerts the proxy raised, and how their delivery went."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from keybrake.cli._common import Output, print_rows
+from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.proxy.client import DEFAULT_URL
+from keybrake.proxy.models import AlertInfo
+
+_STYLE = {"delivered": "green", "pending": "yellow", "failing": "red"}
+
+
+def alerts(
+    pending: Annotated[
+        bool, typer.Option("--pending", help="Only those not delivered yet.")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N.")] = 100,
+    output: Annotated[
+        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
+) -> None:
+    """Show threshold alerts (KEYBRAKE_ALERT_WEBHOOK_URL), newest first: what was raised, for
+    which key or budget, and whether the webhook took it (needs the admin token).
+
+    Example: keybrake alerts --pending
+    """
+    with connect(url, api_key) as client:
+        rows = client.alerts(pending=pending, limit=limit)
+
+    def cells(row: AlertInfo) -> list[str]:
+        style = _STYLE.get(row.status, "white")
+        return [
+            row.created_at[:19].replace("T", " "),
+            row.subject_id,
+            row.mark,
+            f"[{style}]{row.status}[/]",
+            str(row.attempts),
+            escape(row.last_error or "-"),
+            row.delivery_id,
+        ]
+
+    print_rows(
+        rows,
+        output,
+        empty="No alerts match.",
+        columns=("TIME", "SUBJECT", "ALERT", "STATUS", "ATTEMPTS", "LAST ERROR", "DELIVERY ID"),
+        cells=cells,
+    )

@@ -1,0 +1,255 @@
+"""Threshold alerts: the crossing rule case by case, the outbox on both backends, and a real
+proxy process POSTing to a webhook receiver that is down, then up, across a restart; counted
+after dropping repeats by delivery id, each crossing arrives exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from keybrake.cli.main import app
+from keybrake.proxy.alerts import CAP_HIT, crossings
+from keybrake.proxy.store import open_store
+from keybrake.proxy.store.base import AlertDelivery, AlertLevel
+from tests.fakes.stripe_upstream import FakeStripe
+from tests.fakes.webhook import WebhookReceiver
+from tests.proxyproc import ProxyProcess, start_proxy
+
+SECRET = "whsec-test-alerts"
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+def level(window: int, daily: int | None = 10_000_000, life: int = 0, total: int | None = None,
+          hits: int = 0) -> AlertLevel:  # fmt: skip
+    return AlertLevel("vk_1", "key", "argo/run", "argo", "stripe", window, daily, life, total, hits)
+
+
+@pytest.mark.parametrize(
+    ("case", "subject", "marked", "raised", "rearmed"),
+    [
+        ("below every threshold", level(4_999_999), set(), [], []),
+        ("exactly 50 %", level(5_000_000), set(), ["50%"], []),
+        ("two at once", level(8_500_000), set(), ["50%", "80%"], []),
+        ("already raised", level(8_500_000), {"50%", "80%"}, [], []),
+        ("fell back below 80", level(7_000_000), {"50%", "80%"}, [], ["80%"]),
+        (
+            "the total cap counts too",
+            level(0, daily=None, life=9_000_000, total=10_000_000),
+            set(),
+            ["50%", "80%"],
+            [],
+        ),
+        ("first cap hit", level(10_000_000, hits=1), {"50%", "80%", "100%"}, [CAP_HIT], []),
+        ("a later cap hit", level(10_000_000, hits=5), {"50%", "80%", "100%", CAP_HIT}, [], []),
+    ],
+)
+def test_the_crossing_rule(
+    case: str, subject: AlertLevel, marked: set[str], raised: list[str], rearmed: list[str]
+) -> None:
+    new, rearm = crossings(subject, [50, 80, 100], marked)
+    assert [c.mark for c in new] == raised
+    assert rearm == rearmed
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'alerts.db'}"
+    else:
+        from tests.pg import pg_database
+
+        with pg_database() as url:
+            yield url
+
+
+def test_the_outbox_raises_once_and_retries_until_delivered(database_url: str) -> None:
+    async def run() -> None:
+        store = open_store(database_url)
+        await store.open()
+        try:
+
+            def delivery(n: int) -> AlertDelivery:
+                return AlertDelivery(f"al_{n}", "vk_1", "80%", '{"text":"x"}', NOW)
+
+            raised = await asyncio.gather(*(store.raise_alert(delivery(n)) for n in range(4)))
+            assert sorted(raised) == [False, False, False, True]  # one replica wins
+            [claimed] = await store.claim_alerts(NOW, timedelta(seconds=60), 10)
+            assert await store.claim_alerts(NOW, timedelta(seconds=60), 10) == []  # leased
+            await store.finish_alert(
+                claimed.delivery_id, NOW, error="HTTP 503", retry_at=NOW + timedelta(seconds=30)
+            )
+            assert await store.claim_alerts(NOW + timedelta(seconds=29), timedelta(60), 10) == []
+            [again] = await store.claim_alerts(NOW + timedelta(seconds=30), timedelta(60), 10)
+            assert again.attempts == 1 and again.delivery_id == claimed.delivery_id
+            await store.finish_alert(again.delivery_id, NOW, error=None, retry_at=None)
+            [done] = await store.alert_deliveries(pending=False, limit=10)
+            assert done.delivered_at is not None and done.attempts == 2
+            assert await store.alert_deliveries(pending=True, limit=10) == []
+            await store.rearm_alerts("vk_1", ["80%"])
+            assert await store.alert_marks() == set()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver()
+    yield server
+    server.stop()
+
+
+def alerting_proxy(
+    tmp_path: Path, fake_stripe: FakeStripe, receiver: WebhookReceiver
+) -> ProxyProcess:
+    return start_proxy(
+        tmp_path,
+        stripe_base=fake_stripe.url,
+        extra_env={
+            "KEYBRAKE_ALERT_WEBHOOK_URL": receiver.url,
+            "KEYBRAKE_ALERT_WEBHOOK_SECRET": SECRET,
+            "KEYBRAKE_ALERT_INTERVAL": "0.2",
+        },
+    )
+
+
+def charge(proxy: ProxyProcess, key: dict[str, Any], cents: int, n: int) -> int:
+    answer = httpx.post(
+        f"{proxy.url}/stripe/v1/payment_intents",
+        data={"amount": str(cents), "currency": "usd", "metadata[n]": str(n)},
+        headers={"Authorization": f"Bearer {key['vault_key']}"},
+    )
+    return answer.status_code
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)  # polling an observable condition, not waiting out a duration
+
+
+def marks(receiver: WebhookReceiver) -> list[str]:
+    return [
+        "cap_hit" if r.json["event"] == "cap_hit" else f"{r.json['threshold_percent']}%"
+        for r in receiver.unique()
+    ]
+
+
+def test_each_crossing_alerts_once_and_a_raise_re_arms(
+    tmp_path: Path, fake_stripe: FakeStripe, receiver: WebhookReceiver
+) -> None:
+    proxy = alerting_proxy(tmp_path, fake_stripe, receiver)
+    try:
+        key = proxy.issue(daily_usd_cap=10, dedupe_window="0", agent_run_label="argo/alerted")
+        assert charge(proxy, key, 600, 1) == 200  # $6 of $10
+        eventually(lambda: marks(receiver) == ["50%"], "the 50 % alert")
+        assert charge(proxy, key, 300, 2) == 200  # $9
+        eventually(lambda: marks(receiver) == ["50%", "80%"], "the 80 % alert")
+        assert charge(proxy, key, 200, 3) == 429  # over the cap: refused
+        eventually(lambda: marks(receiver) == ["50%", "80%", "cap_hit"], "the cap-hit alert")
+        assert charge(proxy, key, 100, 4) == 200  # exactly $10
+        eventually(lambda: len(marks(receiver)) == 4, "the 100 % alert")
+        # Raising the cap puts spend back below every threshold: they re-arm.
+        with proxy.admin() as admin:
+            patched = admin.patch(
+                f"/vault/keys/{key['key_id']}", json={"daily_usd_cap": 40, "reason": "busy day"}
+            )
+            assert patched.status_code == 200
+        eventually(lambda: _marks_left(proxy) == {"cap_hit"}, "the thresholds to re-arm")
+        assert charge(proxy, key, 1100, 5) == 200  # $21 of $40: past 50 % again
+        eventually(lambda: marks(receiver)[-1:] == ["50%"], "the 50 % alert again")
+        with proxy.admin() as admin:
+            listed = admin.get("/vault/alerts").json()["data"]
+        shown = CliRunner().invoke(
+            app,
+            ["alerts", "-o", "table"],
+            env={"KEYBRAKE_URL": proxy.url, "KEYBRAKE_API_KEY": proxy.admin_key, "COLUMNS": "200"},
+        )
+        assert shown.exit_code == 0 and shown.stdout.count("delivered") == 5
+        assert key["key_id"] in shown.stdout and "cap_hit" in shown.stdout
+    finally:
+        proxy.stop()
+    got = receiver.unique()
+    assert Counter(marks(receiver)) == {"50%": 2, "80%": 1, "100%": 1, "cap_hit": 1}
+    assert all(r.signed_by(SECRET.encode()) for r in got)
+    first = got[0].json
+    assert (
+        first["text"].startswith("keybrake: key ")
+        and "reached 50% of its $10.00 24-hour cap" in first["text"]
+    )
+    assert first["subject"]["label"] == "argo/alerted" and first["spent_usd"] == "6.00"
+    assert first["delivery_id"] == got[0].headers["x-keybrake-delivery"]
+    assert {a["status"] for a in listed} == {"delivered"} and len(listed) == 5
+
+
+def _marks_left(proxy: ProxyProcess) -> set[str]:
+    import sqlite3
+
+    path = proxy.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        return {row[0] for row in conn.execute("SELECT mark FROM alert_marks")}
+
+
+def test_a_receiver_down_then_up_across_a_restart_gets_each_alert_once(
+    tmp_path: Path, fake_stripe: FakeStripe, receiver: WebhookReceiver
+) -> None:
+    receiver.down = True
+    proxy = alerting_proxy(tmp_path, fake_stripe, receiver)
+    try:
+        key = proxy.issue(daily_usd_cap=10, dedupe_window="0")
+        assert charge(proxy, key, 900, 1) == 200  # 50 % and 80 % at once
+        eventually(lambda: receiver.refused >= 2, "delivery attempts to a receiver that is down")
+
+        def failing() -> list[dict[str, Any]]:
+            with proxy.admin() as admin:
+                return list(admin.get("/vault/alerts", params={"pending": "true"}).json()["data"])
+
+        eventually(lambda: len(failing()) == 2 and all(a["attempts"] for a in failing()), "retries")
+        assert {a["last_error"] for a in failing()} == {"HTTP 503"}
+        metrics = httpx.get(f"{proxy.url}/metrics").text
+        assert "keybrake_alerts_failing 2.0" in metrics
+    finally:
+        proxy.stop()  # nothing delivered yet: the outbox is in the database
+    receiver.down = False
+    restarted = alerting_proxy(tmp_path, fake_stripe, receiver)
+    try:
+        eventually(lambda: sorted(marks(receiver)) == ["50%", "80%"], "delivery after the restart")
+        with restarted.admin() as admin:
+            assert admin.get("/vault/alerts", params={"pending": "true"}).json()["data"] == []
+        assert "keybrake_alerts_failing 0.0" in httpx.get(f"{restarted.url}/metrics").text
+    finally:
+        restarted.stop()
+    assert Counter(marks(receiver)) == {"50%": 1, "80%": 1}  # after dropping repeats by id
+    assert all(json.loads(r.body)["delivery_id"] for r in receiver.received)
+
+
+def test_webhook_urls_come_from_the_operator_only(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url)
+    try:
+        with proxy.admin() as admin:
+            answer = admin.post(
+                "/vault/keys",
+                json={
+                    "vendor": "stripe",
+                    "daily_usd_cap": 10,
+                    "allowed_endpoints": ["POST /v1/payment_intents"],
+                    "agent_run_label": "argo/x",
+                    "alert_webhook_url": "http://169.254.169.254/latest/meta-data",
+                },
+            )
+        assert answer.status_code == 400 and "alert_webhook_url" in answer.text
+    finally:
+        proxy.stop()
