@@ -46,7 +46,12 @@ __all__ = ["CAP_HIT", "Alerts", "Sender", "crossings"]
 log = logging.getLogger("keybrake.proxy.alerts")
 
 CAP_HIT = "cap_hit"
-LEASE = timedelta(seconds=60)  # a claimed delivery's sender has this long before another tries
+BATCH = 10  # deliveries claimed at once
+SEND_TIMEOUT = 10.0  # seconds per POST
+# A claimed batch's sender has this long (every POST of the batch timing out, and a margin)
+# before another replica may send them again.
+LEASE = timedelta(seconds=BATCH * SEND_TIMEOUT + 50)
+MIN_GAP = 1.0  # seconds between scans at least: a storm of cap hits is one scan a second
 MAX_BACKOFF = timedelta(minutes=10)
 
 # (url, body, headers) -> HTTP status; raises OSError or aiohttp.ClientError when unreachable.
@@ -90,7 +95,9 @@ def crossings(
             raise_.append(Crossing(level, mark, percent, name, cap, spent))
         elif not reached and mark in marked:
             rearm.append(mark)
-    if level.cap_hits and CAP_HIT not in marked and caps:
+    # A budget's cap_hits also count its keys' own refusals (their per-call or per-caller caps):
+    # only a key's first cap hit is its own to report; a budget's 100 % threshold speaks for it.
+    if level.kind == "key" and level.cap_hits and CAP_HIT not in marked and caps:
         name, cap, spent = max(caps, key=lambda c: c[2] * 10**6 // c[1])
         raise_.append(Crossing(level, CAP_HIT, None, name, cap, spent))
     return raise_, rearm
@@ -153,6 +160,7 @@ class Alerts:
         self._send = send
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
+        self._delivered = asyncio.Event()
 
     def poke(self) -> None:
         """A cap hit: look now, not at the next interval (the request path's only part)."""
@@ -188,7 +196,7 @@ class Alerts:
         """Send what is due; the number delivered."""
         now = self.clock()
         delivered = 0
-        for item in await self.store.claim_alerts(now, LEASE, limit=100):
+        for item in await self.store.claim_alerts(now, LEASE, limit=BATCH):
             body = item.payload.encode()
             headers = {
                 "Content-Type": "application/json",
@@ -221,22 +229,41 @@ class Alerts:
         if self._send is not None:
             return await self._send(url, body, headers)
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=10)
+            timeout = aiohttp.ClientTimeout(total=SEND_TIMEOUT)
             self._session = aiohttp.ClientSession(timeout=timeout)
         async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as r:
             await r.read()
             return r.status
 
     async def run(self) -> None:
-        """Scan and deliver until cancelled; a database outage only delays them."""
+        """Scan and deliver until cancelled, as two loops (a slow webhook never delays the
+        next cap-hit alert being raised); a database outage or an unexpected error only delays
+        them."""
         try:
-            while True:
-                with contextlib.suppress(StoreUnavailable):
-                    await self.scan()
-                    await self.deliver()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval)
-                self._wake.clear()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._loop("scan", self._scan_once, wakes=True))
+                group.create_task(self._loop("delivery", self.deliver, wakes=False))
         finally:
             if self._session is not None:
                 await self._session.close()
+
+    async def _scan_once(self) -> int:
+        raised = await self.scan()
+        if raised:
+            self._delivered.set()  # send them now, not at the next interval
+        return raised
+
+    async def _loop(self, name: str, step: Callable[[], Awaitable[int]], *, wakes: bool) -> None:
+        event = self._wake if wakes else self._delivered
+        while True:
+            try:
+                await step()
+            except StoreUnavailable:
+                pass  # the database is away: the next round tries again
+            except Exception:  # never let one bad round end alerting for the process
+                log.exception("alert %s failed", name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.interval)
+            event.clear()
+            if wakes:
+                await asyncio.sleep(MIN_GAP)  # a rate limit under a cap-hit storm

@@ -72,6 +72,11 @@ def encode_id(listing: str, row_id: int) -> str:
 
 def decode_id(listing: str, token: str) -> int:
     position = _decode(listing, token)
-    if len(position) != 1 or not isinstance(position[0], int) or isinstance(position[0], bool):
+    if (
+        len(position) != 1
+        or not isinstance(position[0], int)
+        or isinstance(position[0], bool)
+        or not 0 <= position[0] <= 2**62  # row ids; a forged huge one never reaches the database
+    ):
         raise CursorError("continue: not a token this proxy gave out")
     return int(position[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,8 @@ __all__ = ["Reaper", "Revocation"]
 
 log = logging.getLogger("keybrake.reaper")
 LIVE_LIMIT = 100_000
+_UID = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # what the revoke call accepts; Kubernetes uids fit
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class Reaper:
         resync: timedelta = timedelta(seconds=30),
         clock: Callable[[], datetime] = _utcnow,
         on_revoke: Callable[[Revocation], None] | None = None,
+        min_gap: float = 1.0,
     ) -> None:
         self.proxy = proxy
         self.cluster = cluster
@@ -78,14 +82,22 @@ class Reaper:
         self.resync = resync
         self.clock = clock
         self.on_revoke = on_revoke
+        self.min_gap = min_gap  # seconds between sweeps at least, however many events come
         self.book = RunBook(memory=max(timedelta(hours=24), orphan_grace * 2))
         self.stats = SweepStats()
         self._wake = asyncio.Event()
-        self.watch = WorkflowWatch(watch_client, self._event, self._listed, namespace=namespace)
+        self.namespace = namespace
+        self.watch = WorkflowWatch(
+            watch_client, self._event, self._listed, namespace=namespace, on_broken=self._broken
+        )
 
     # -- the watch's callbacks -------------------------------------------------------------
 
+    def _broken(self) -> None:
+        self.book.watching = False
+
     async def _event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        self.book.watching = True
         now = self.clock()
         run = self.book.deleted(obj, now) if kind == "DELETED" else self.book.seen(obj, now)
         if run is not None and (
@@ -105,8 +117,10 @@ class Reaper:
         found: list[LiveSubject] = []
         # Every live one, as far as a list goes (100,000, newest first); beyond that many live
         # at once, the oldest would be judged only once newer ones are gone.
-        keys = self.proxy.keys_page(status="active", limit=LIVE_LIMIT).data
-        budgets = self.proxy.budgets_page(status="active", limit=LIVE_LIMIT).data
+        # A reaper of one namespace judges only that namespace's keys: it sees no other runs.
+        scope = self.namespace
+        keys = self.proxy.keys_page(status="active", namespace=scope, limit=LIVE_LIMIT).data
+        budgets = self.proxy.budgets_page(status="active", namespace=scope, limit=LIVE_LIMIT).data
         rows = [(k.key_id, k.agent_run_label, k.namespace, k.metadata, k.created_at) for k in keys]
         rows += [
             (b.budget_id, b.agent_run_label, b.namespace, b.metadata, b.created_at) for b in budgets
@@ -114,24 +128,35 @@ class Reaper:
         for subject_id, label, owner_namespace, metadata, created in rows:
             uid = metadata.get("uid")
             namespace = owner_namespace or metadata.get("namespace")
-            if metadata.get("cluster") != self.cluster or not uid or not namespace:
+            if metadata.get("cluster") != self.cluster:
+                continue
+            # Metadata is whatever the issuer wrote: only a uid and namespace Kubernetes could
+            # have made are judged (and the revoke call would refuse anything else).
+            if not isinstance(uid, str) or not _UID.fullmatch(uid):
+                continue
+            if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+                continue
+            if self.namespace is not None and namespace != self.namespace:
                 continue
             found.append(
-                LiveSubject(subject_id, label, str(namespace), str(uid), parse_ts(created))
+                LiveSubject(subject_id, label, namespace, uid, parse_ts(created), owner_namespace)
             )
         return found
 
-    def judge(self, subjects: list[LiveSubject]) -> dict[tuple[str, str, str], str]:
+    def judge(self, subjects: list[LiveSubject]) -> dict[tuple[str, str | None, str], str]:
         """The runs (label, namespace, uid) to revoke now, with why (one reason per run)."""
         now = self.clock()
         self.book.forget(now)
-        runs: dict[tuple[str, str, str], str] = {}
+        runs: dict[tuple[str, str | None, str], str] = {}
         for subject in subjects:
             reason = verdict(
                 subject, self.book, now, grace=self.grace, orphan_grace=self.orphan_grace
             )
             if reason is not None:
-                runs.setdefault((subject.label, subject.namespace, subject.uid), reason)
+                # The revoke filters on the namespace the proxy recorded (None: any; the uid and
+                # cluster already name the run).
+                key = (subject.label, subject.recorded_namespace, subject.uid)
+                runs.setdefault(key, reason)
         return runs
 
     async def sweep(self) -> list[Revocation]:
@@ -141,17 +166,23 @@ class Reaper:
         generation = self.book.generation
         done = []
         for (label, namespace, uid), reason in self.judge(subjects).items():
-            result = await asyncio.to_thread(
-                self.proxy.revoke_label,
-                label,
-                namespace=namespace,
-                workflow_uid=uid,
-                cluster=self.cluster,
-                reason=reason,
-            )
-            revocation = Revocation(label, namespace, uid, reason, result.revoked)
-            if result.revoked:
-                log.info("%s: revoked %d (%s)", label, result.revoked, reason)
+            try:
+                result = await asyncio.to_thread(
+                    self.proxy.revoke_label,
+                    label,
+                    namespace=namespace,
+                    workflow_uid=uid,
+                    cluster=self.cluster,
+                    reason=reason,
+                )
+            except ApiError as exc:  # this run's revoke refused: the others still go
+                self.stats.failures += 1
+                log.warning("%s (uid %s): revoke refused: %s", label, uid, exc)
+                continue
+            changed = result.revoked + len(result.budgets)
+            revocation = Revocation(label, namespace or "", uid, reason, changed)
+            if changed:
+                log.info("%s: revoked %d key(s) and budget(s) (%s)", label, changed, reason)
             done.append(revocation)
             self.stats.revocations.append(revocation)
             if self.on_revoke is not None:
@@ -167,7 +198,11 @@ class Reaper:
             except (ProxyUnreachable, ApiError) as exc:
                 self.stats.failures += 1
                 log.warning("sweep failed: %s", exc)
+            except Exception:  # an answer it did not expect: log it, and keep sweeping
+                self.stats.failures += 1
+                log.exception("sweep failed")
             await self._next_wake()
+            await asyncio.sleep(self.min_gap)  # a rate limit under churn, not synchronisation
 
     async def _next_wake(self) -> None:
         timeout = self.resync.total_seconds()

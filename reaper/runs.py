@@ -48,6 +48,9 @@ class LiveSubject:
     namespace: str
     uid: str
     created_at: datetime
+    # The namespace the proxy recorded for it (None: an older key, known by its metadata only);
+    # what the revoke call filters on.
+    recorded_namespace: str | None = None
 
 
 def _finished_at(obj: Mapping[str, Any]) -> datetime | None:
@@ -82,6 +85,9 @@ class RunBook:
         self.runs: dict[str, Run] = {}
         self.memory = memory
         self.listed = False  # True once a full list has been applied
+        # False while the watch is broken: what happened meanwhile is unknown, so no key is
+        # judged an orphan until the watch is back (a deletion is still acted on when seen).
+        self.watching = False
         self.generation = 0  # counts every change applied, so a sweep can say what it saw
 
     def seen(self, obj: Mapping[str, Any], now: datetime) -> Run | None:
@@ -124,6 +130,7 @@ class RunBook:
                 run.deleted_at = now
                 gone.append(run)
         self.listed = True
+        self.watching = True
         self.generation += 1
         return gone
 
@@ -156,7 +163,7 @@ def verdict(
     if run is not None and run.namespace != subject.namespace:
         run = None  # a uid recorded with another namespace is not this run
     if run is None:
-        if book.listed and now - subject.created_at >= orphan_grace:
+        if book.listed and book.watching and now - subject.created_at >= orphan_grace:
             return (
                 f"reaper: no workflow with uid {subject.uid} in namespace {subject.namespace} "
                 f"(key older than {_span(orphan_grace)})"

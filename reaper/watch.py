@@ -35,6 +35,7 @@ Workflow = create_namespaced_resource("argoproj.io", "v1alpha1", "Workflow", "wo
 
 Handler = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 Relisted = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
+Broken = Callable[[], None]
 
 
 class WatchGone(Exception):
@@ -68,6 +69,7 @@ class WorkflowWatch:
         on_event: Handler,
         on_list: Relisted,
         *,
+        on_broken: Broken | None = None,
         namespace: str | None = None,
         server_timeout: int = 300,
         backoff: tuple[float, float] = (0.2, 30.0),
@@ -76,6 +78,7 @@ class WorkflowWatch:
         self.client = client
         self.on_event = on_event
         self.on_list = on_list
+        self.on_broken = on_broken
         self.namespace = namespace or "*"  # lightkube's ALL_NS
         self.server_timeout = server_timeout
         self.backoff = backoff
@@ -100,6 +103,8 @@ class WorkflowWatch:
                 raise
             except Exception as exc:  # any failure of the API server or the connection: retry
                 self.stats.errors += 1
+                if self.on_broken is not None:
+                    self.on_broken()
                 if _status(exc) == 410:
                     self.stats.gone += 1
                     self.version = None
@@ -129,6 +134,15 @@ class WorkflowWatch:
             },
         )
         self.stats.watches += 1
+        try:
+            # The server ends a watch after timeoutSeconds; a connection that died without a
+            # word (a NAT or load balancer dropping it) never would: end it ourselves then.
+            async with asyncio.timeout(self.server_timeout + 60):
+                await self._follow(request)
+        except TimeoutError as exc:
+            raise ConnectionError("the watch went quiet past its timeout") from exc
+
+    async def _follow(self, request: Any) -> None:
         try:
             # Every error is raised to run() (on_error_raise), to be handled as this module's
             # docstring says, never retried quietly from an expired or missing version.

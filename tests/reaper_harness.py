@@ -57,6 +57,7 @@ class ReaperThread:
             "orphan_grace": orphan_grace,
             "resync": resync,
             "clock": lambda: datetime.now(UTC) + clock_offset,
+            "min_gap": 0.0,
         }
         self.reaper: Reaper | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -51,6 +51,16 @@ def level(window: int, daily: int | None = 10_000_000, life: int = 0, total: int
         ),
         ("first cap hit", level(10_000_000, hits=1), {"50%", "80%", "100%"}, [CAP_HIT], []),
         ("a later cap hit", level(10_000_000, hits=5), {"50%", "80%", "100%", CAP_HIT}, [], []),
+        # a budget's cap hits count its keys' own refusals: its 100 % threshold speaks for it
+        (
+            "a budget's cap hits",
+            AlertLevel(
+                "bg_1", "budget", "argo/run", "argo", None, 1_000_000, 10_000_000, 0, None, 3
+            ),
+            set(),
+            [],
+            [],
+        ),
     ],
 )
 def test_the_crossing_rule(

@@ -109,6 +109,9 @@ def test_a_run_that_ends_without_its_exit_handler_loses_its_key_at_once(
     key = run_key(proxy_server, uid, "billing-agent-x7k2p")
     cli_key = run_key(proxy_server, None, "billing-agent-x7k2p")  # from the CLI: no uid
     elsewhere = run_key(proxy_server, uid, "billing-agent-x7k2p", cluster="prod-us")
+    # Metadata no Kubernetes run could have (written by some issuer): never judged, never
+    # in the way of the others.
+    forged = run_key(proxy_server, "not_a uid!", "billing-agent-x7k2p")
     reaper = start(reapers, api, proxy_server, tmp_path)  # grace: an hour
     charge(proxy_server, key)
 
@@ -125,6 +128,7 @@ def test_a_run_that_ends_without_its_exit_handler_loses_its_key_at_once(
     assert status(proxy_server, key) == "revoked"
     assert status(proxy_server, cli_key) == "active"
     assert status(proxy_server, elsewhere) == "active"
+    assert status(proxy_server, forged) == "active"
     [event] = reaper_events(proxy_server)
     assert event["outcome"] == "ok" and event["detail"]["revoked_keys"] == [key["key_id"]]
     assert event["detail"]["reason"] == revocation.reason
@@ -186,12 +190,27 @@ def test_a_key_without_a_workflow_is_revoked_after_the_orphan_grace_a_cli_key_ne
     fresh.wait_swept()
     assert fresh.it.stats.revocations == [] and status(proxy_server, orphan) == "active"
 
+    # A reaper of one namespace sees only its runs: another namespace's keys are not orphans.
+    other_namespace = proxy_server.issue(
+        agent_run_label="argo/search-run",
+        metadata={"uid": "3f0c", "cluster": "test", "namespace": "search"},
+    )
+    narrow = start(
+        reapers, api, proxy_server, tmp_path, namespace=NAMESPACE, clock_offset=timedelta(hours=2)
+    )
+    narrow.next_revocation()  # the orphan of its own namespace
+    narrow.wait_swept()
+    assert status(proxy_server, other_namespace) == "active"
     later = start(reapers, api, proxy_server, tmp_path, clock_offset=timedelta(hours=2))
-    revocation = later.next_revocation()
+    later.wait_swept()
+    assert status(proxy_server, other_namespace) == "revoked"  # an orphan to a cluster-wide one
+    revocation = narrow.it.stats.revocations[0]
     assert revocation.uid == orphan["metadata"]["uid"] and revocation.revoked == 1
     assert "no workflow with uid" in revocation.reason
     later.wait_swept()
-    assert [r.uid for r in later.it.stats.revocations if r.revoked] == [revocation.uid]
+    # Each orphan revoked once, by whichever reaper got there first.
+    assert [r.uid for r in narrow.it.stats.revocations if r.revoked] == [revocation.uid]
+    assert [r.uid for r in later.it.stats.revocations if r.revoked] == ["3f0c"]
     assert status(proxy_server, cli_key) == "active"
     assert status(proxy_server, other_cluster) == "active"
 

@@ -142,6 +142,21 @@ def test_verdict(
         assert said is not None and reason in said
 
 
+def test_no_key_is_an_orphan_while_the_watch_is_broken() -> None:
+    """What happened while the watch was down is unknown: a run started then is not yet in the
+    book, and its key must not be taken for an orphan's. A deletion seen is still acted on."""
+    book = RunBook()
+    book.relisted([workflow(uid="other"), workflow(uid="gone")], NOW)
+    book.watching = False  # the watch broke
+    old = subject(ORPHAN * 2)
+    assert verdict(old, book, NOW, grace=GRACE, orphan_grace=ORPHAN) is None
+    book.deleted(workflow(uid="gone"), NOW)
+    gone = LiveSubject("vk_2", "argo/x", "payments", "gone", NOW - ORPHAN)
+    assert "deleted" in (verdict(gone, book, NOW, grace=GRACE, orphan_grace=ORPHAN) or "")
+    book.watching = True  # an event or a list came through again
+    assert "no workflow" in (verdict(old, book, NOW, grace=GRACE, orphan_grace=ORPHAN) or "")
+
+
 def test_tombstones_are_forgotten_after_their_memory() -> None:
     book = RunBook(memory=timedelta(hours=1))
     book.relisted([workflow()], NOW)
