@@ -67,7 +67,8 @@ def say_more(token: str | None, command: str, noun: str) -> None:
     """Tell the user (on stderr, so piped output stays clean) that the listing goes on."""
     if token:
         err_console.print(
-            f"more {noun}: {command} --continue {token}   (or --all for every page)",
+            f"more {noun}: {command} with the same options and --continue {token}   "
+            "(or --all for every page)",
             soft_wrap=True,
         )
 

@@ -18,7 +18,7 @@ from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
 from .connection import ProxyConnection
 from .errors import TemplateConfigError
-from .issue import Money, _duration, _money, given, optional, run_env
+from .issue import Money, _duration, _money, given, issuing_inputs, optional, run_env
 from .retry import default_retry_strategy
 from .shared_templates import SharedTemplates
 from .step_pod import OUTPUT_DIR, script_step
@@ -53,12 +53,7 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
                 "request_id",
                 "the same for every retry of this step (a retry then replaces, never adds)",
             ),
-            Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
-            Parameter(
-                name="cluster",
-                default=proxy.cluster,
-                description="this cluster's name, recorded with the key (for keybrake reaper)",
-            ),
+            *issuing_inputs(proxy),
         ],
         outputs=[
             Parameter(
@@ -74,7 +69,6 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
             EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
             EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
-            EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
             *run_env(),
         ],
         retry=default_retry_strategy(limit=2),

@@ -103,12 +103,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 "the same for every retry of this step (a retry then replaces its key, never "
                 "adds one); empty: derived from the run and the request",
             ),
-            Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
-            Parameter(
-                name="cluster",
-                default=proxy.cluster,
-                description="this cluster's name, recorded with the key (for keybrake reaper)",
-            ),
+            *issuing_inputs(proxy),
         ],
         outputs=[
             Parameter(
@@ -140,7 +135,6 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALL", value=given("max_usd_per_call")),
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALLER", value=given("max_usd_per_caller")),
             EnvVar(name="KEYBRAKE_BUDGET_ID", value=given("budget_id")),
-            EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
             *run_env(),
         ],
         retry=default_retry_strategy(limit=2),
@@ -153,9 +147,23 @@ DELIVERIES = ("secret", "parameter")
 KUBE_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def run_env() -> list[EnvVar]:
-    """The run's label and identity, which the proxy records with what it issues."""
+def issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
+    """The inputs every issuing step (a key, a budget) takes besides what it issues."""
     return [
+        Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
+        Parameter(
+            name="cluster",
+            default=proxy.cluster,
+            description="this cluster's name, recorded with the key (for keybrake reaper)",
+        ),
+    ]
+
+
+def run_env() -> list[EnvVar]:
+    """The run's cluster, label and identity, which the proxy records with what it issues
+    (with an issuing step's `issuing_inputs`)."""
+    return [
+        EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
         EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
         EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
         EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),

@@ -184,12 +184,14 @@ class Pipeline:
     async def handle(self, incoming: Incoming) -> Reply:
         started = perf_counter()
         vendor = self.vendors.get(incoming.vendor)
-        # Whatever a caller sends, no secret reaches the audit log (a key pasted into a path).
+        # Whatever a caller sends, no secret reaches the audit log (a key pasted into a path);
+        # the path is read for secrets once, here, and refused in `_read` if it held one.
+        path = redact(incoming.path)
         audit = AuditRecord(
             ts=self.clock(),
             vendor=(vendor.name if vendor else redact(incoming.vendor[:64])),
             method=incoming.method[:16],
-            path=redact(incoming.path[:2048]),
+            path=path[:2048],
             status=0,
             decision="",
         )
@@ -197,7 +199,8 @@ class Pipeline:
             if vendor is None:
                 return await self._unknown_vendor(incoming, audit)
             try:
-                return await self._handle(vendor, incoming, audit, started)
+                secret_in_path = path != incoming.path
+                return await self._handle(vendor, incoming, audit, started, secret_in_path)
             except _Refused as refused:
                 reply = self._refusal(vendor, refused.decision, **refused.details)
                 audit.status, audit.decision = reply.status, refused.decision
@@ -219,8 +222,15 @@ class Pipeline:
             return self._refusal(vendor, Decision.STORE_UNAVAILABLE)
 
     async def _handle(
-        self, vendor: Vendor, incoming: Incoming, audit: AuditRecord, started: float
+        self,
+        vendor: Vendor,
+        incoming: Incoming,
+        audit: AuditRecord,
+        started: float,
+        secret_in_path: bool,
     ) -> Reply:
+        if secret_in_path:
+            raise _Refused(Decision.SECRET_IN_REQUEST, where="path")
         call = self._read(incoming)
         idempotency_key = _idempotency_key(vendor, call.headers)
         if idempotency_key and redact(idempotency_key) != idempotency_key:
@@ -264,8 +274,6 @@ class Pipeline:
     # -- before the reservation: refusals forward nothing -----------------------------------------
 
     def _read(self, incoming: Incoming) -> VendorCall:
-        if redact(incoming.path) != incoming.path:
-            raise _Refused(Decision.SECRET_IN_REQUEST, where="path")
         path = safe_path(incoming.path)
         if path is None:
             raise _Refused(Decision.BAD_PATH)
