@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest templates tools bench install clean
 
-# Debian packages the tests run (promtool checks templates/observability/), installed when
-# missing; `sudo` when not root. The package's service is not started in a container.
+# Debian packages the tests run, installed when missing (`sudo` when not root): promtool checks
+# templates/observability/ (its service is not started in a container), and the dashboard's
+# browser test drives headless chromium through chromium-driver.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
@@ -42,6 +43,10 @@ tools:
 	  echo "installing promtool (Debian package prometheus)"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  echo "installing headless Chromium (Debian packages chromium, chromium-driver)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest

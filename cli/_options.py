@@ -21,6 +21,25 @@ def dollars(text: str | None, flag: str) -> Decimal | None:
         fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
 
 
+def percents(text: str | None) -> list[int] | None:
+    """--alert-at: "25,90" (percents of the caps), "none" (only the first cap hit), or unset
+    (the proxy's KEYBRAKE_ALERT_THRESHOLDS)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        fail(f"--alert-at {text!r}: percents separated by commas, e.g. 50,90, or none", EXIT_USAGE)
+
+
+ALERT_AT_HELP = (
+    "Percents of its caps at which the proxy's webhook alerts, e.g. 50,90; none: only the "
+    "first cap hit. Default: the proxy's KEYBRAKE_ALERT_THRESHOLDS."
+)
+
+
 def metadata(items: list[str] | None) -> dict[str, str]:
     meta: dict[str, str] = {}
     for item in items or []:

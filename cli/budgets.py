@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
-from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
+from keybrake.cli._options import (
+    ALERT_AT_HELP,
+    caps_patch,
+    dollars,
+    metadata,
+    percents,
+    workflow_label,
+)
 from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
 from keybrake.cli._render import budget_detail, budgets_table
 from keybrake.proxy.client import DEFAULT_URL
@@ -51,6 +58,7 @@ def create(
     meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value stored with it; repeatable.")
     ] = None,
+    alert_at: Annotated[str | None, typer.Option("--alert-at", help=ALERT_AT_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the budget id.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -65,6 +73,7 @@ def create(
             daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
             expires_in=expires_in,
             metadata=metadata(meta),
+            alert_thresholds=percents(alert_at),
         )
     except ValidationError as exc:
         fail(describe_validation_error(exc), EXIT_USAGE)

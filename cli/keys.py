@@ -9,7 +9,14 @@ from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
 from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
-from keybrake.cli._options import caps_patch, dollars, metadata, workflow_label
+from keybrake.cli._options import (
+    ALERT_AT_HELP,
+    caps_patch,
+    dollars,
+    metadata,
+    percents,
+    workflow_label,
+)
 from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
 from keybrake.cli._render import key_detail, keys_table
 from keybrake.proxy.client import DEFAULT_URL
@@ -66,6 +73,7 @@ def issue(
     dedupe_window: Annotated[
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
+    alert_at: Annotated[str | None, typer.Option("--alert-at", help=ALERT_AT_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the vault key.")] = False,
     output: Annotated[
         Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
@@ -88,6 +96,7 @@ def issue(
             max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
             metadata=metadata(meta),
             dedupe_window=dedupe_window,
+            alert_thresholds=percents(alert_at),
         )
     except ValidationError as exc:
         fail(describe_validation_error(exc), EXIT_USAGE)

@@ -197,8 +197,13 @@ def key_info(view: KeyView, now: datetime) -> KeyInfo:
         total_spent_usd=format_usd(usage.total_micros),
         calls=usage.calls,
         cap_hits=usage.cap_hits,
+        alert_thresholds=_thresholds(key.alert_percents),
         changes=_changes(view.changes),
     )
+
+
+def _thresholds(percents: tuple[int, ...] | None) -> list[int] | None:
+    return None if percents is None else list(percents)
 
 
 def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
@@ -224,6 +229,7 @@ def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
         calls=usage.calls,
         cap_hits=usage.cap_hits,
         keys=list(view.key_ids),
+        alert_thresholds=_thresholds(budget.alert_percents),
         changes=_changes(view.changes),
     )
 
@@ -530,6 +536,7 @@ class AdminApi:
             max_per_caller_micros=_micros(spec.max_usd_per_caller),
             budget_id=spec.budget_id,
             owner=actor.owner(namespace),
+            alert_percents=_percent_tuple(spec.alert_thresholds),
         )
         detail: dict[str, Any] = {
             "vendor": spec.vendor,
@@ -780,6 +787,7 @@ class AdminApi:
             created_at=now,
             expires_at=now + ttl,
             owner=actor.owner(namespace),
+            alert_percents=_percent_tuple(spec.alert_thresholds),
         )
         detail: dict[str, Any] = {
             "label": spec.agent_run_label,
@@ -1245,6 +1253,10 @@ def event_info(event: Event) -> EventInfo:
 
 
 _DEFAULT_KEY_TTL = timedelta(hours=1)
+
+
+def _percent_tuple(percents: list[int] | None) -> tuple[int, ...] | None:
+    return None if percents is None else tuple(percents)
 
 
 def _micros(usd: Decimal | None) -> int | None:

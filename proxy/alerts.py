@@ -81,12 +81,14 @@ def _fractions(level: AlertLevel) -> list[tuple[str, int, int]]:
 def crossings(
     level: AlertLevel, percents: list[int], marked: set[str]
 ) -> tuple[list[Crossing], list[str]]:
-    """What to raise for `level` (thresholds newly reached, and its first cap hit), and which
-    raised thresholds to re-arm (spend is below them again). Pure: the rule in one place."""
+    """What to raise for `level` (thresholds newly reached, of its own or else `percents`, and
+    its first cap hit), and which raised thresholds to re-arm (spend is below them again).
+    Pure: the rule in one place."""
     caps = _fractions(level)
     raise_: list[Crossing] = []
     rearm: list[str] = []
-    for percent in percents:
+    # A key or budget issued with its own thresholds alerts at those, not the operator's.
+    for percent in percents if level.percents is None else level.percents:
         mark = f"{percent}%"
         # The cap closest to being used up decides (micro-dollars: exact integer arithmetic).
         reached = [(name, cap, spent) for name, cap, spent in caps if spent * 100 >= cap * percent]

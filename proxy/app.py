@@ -7,13 +7,13 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from keybrake.proxy.access import TokenVerifier
@@ -30,6 +30,7 @@ from keybrake.proxy.redact import RedactingFilter
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.base import MetricsSnapshot
+from keybrake.proxy.ui.dashboard import Dashboard
 from keybrake.proxy.upstream import Upstream
 from keybrake.proxy.vendors import VENDORS, Vendor
 
@@ -89,6 +90,19 @@ def build_app(
         pricing=pricing,
         clock=clock,
         verifier=verifier,
+    )
+    stripe_key = settings.stripe_secret_key
+    dashboard = Dashboard(
+        store=store,
+        authenticator=admin.authenticator,
+        admin_token=settings.api_key.get_secret_value(),
+        clock=clock,
+        session_ttl_seconds=settings.ui_session_ttl_delta.total_seconds(),
+        cookie_secure=settings.ui_cookie_secure,
+        body_timeout=settings.body_timeout,
+        # Test-mode request ids live under /test/ in Stripe's dashboard.
+        stripe_test_mode=stripe_key is not None
+        and stripe_key.get_secret_value().startswith(("sk_test_", "rk_test_")),
     )
     metrics_token = (
         settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
@@ -174,22 +188,28 @@ def build_app(
                 await verifier.close()
             await store.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         *admin.routes(),
+        *dashboard.routes(),
     ]
     return ProxyApp(forward, routes=routes, lifespan=lifespan)
 
 
 async def maintain(store: Store, settings: Settings, now: datetime) -> tuple[int, int, int]:
     """What every replica does every 30 seconds: count calls left in flight by a dead process as
-    spent, forget replay tokens older than a day, fold spend older than the window into each
-    owner's lifetime total, and prune the audit log when a retention is set. Returns (calls
+    spent, forget replay tokens older than a day, expired dashboard sessions and the alert
+    marks of ended keys and budgets, fold spend older than the window into each owner's
+    lifetime total, and prune the audit log when a retention is set. Returns (calls
     reconciled, tokens forgotten, audit rows pruned)."""
     reconciled = await store.sweep(now - settings.reservation_ttl_delta)
     forgotten = await store.forget_replays(now - REPLAY_RETENTION)
+    await store.forget_sessions(now)  # dashboard sign-ins past their expiry
+    # Keys and budgets that ended alert no more; an hour late, so that a replica whose clock is
+    # behind, still seeing one live, finds its marks and does not alert again.
+    await store.forget_alert_marks(now - timedelta(hours=1))
     # Buckets older than the window only count towards lifetime totals: fold them into one.
     await store.compact_spend(window_floor(now) - 1)
     retention = settings.audit_retention_delta
@@ -201,11 +221,15 @@ class ProxyApp(Starlette):
     """Starlette for the admin and health routes; vendor calls (`/{vendor}/...`), the hot path,
     go straight to the forwarding endpoint without routing and middleware layers."""
 
-    def __init__(self, forward: _ForwardEndpoint, *, routes: list[Route], **kwargs: Any) -> None:
+    def __init__(
+        self, forward: _ForwardEndpoint, *, routes: list[BaseRoute], **kwargs: Any
+    ) -> None:
         super().__init__(routes=routes, **kwargs)
         self.forward = forward
         # The first path segments the proxy answers itself; any other is a vendor's name.
-        self.own_prefixes = frozenset(route.path.split("/")[1] for route in routes)
+        self.own_prefixes = frozenset(
+            route.path.split("/")[1] for route in routes if isinstance(route, Route | Mount)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -49,6 +49,13 @@ __all__ = [
 ]
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
+
+
+def is_label(value: str) -> bool:
+    """Whether `value` could be a run label at all (letters, digits and . _ : / @ -)."""
+    return bool(_LABEL.fullmatch(value))
+
+
 # A Kubernetes namespace or service-account name (an RFC 1123 label; service accounts may be
 # DNS subdomains, of which labels are the common case).
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -78,6 +85,17 @@ def _money(value: Decimal | None) -> Decimal | None:
     if value.as_tuple().exponent < -6:  # type: ignore[operator]
         raise ValueError("at most 6 decimal places")
     return value
+
+
+def _percents(value: list[int] | None) -> list[int] | None:
+    """A key's or budget's own alert thresholds: percents of its caps, 1 to 100, each once."""
+    if value is None:
+        return None
+    if any(not 1 <= p <= 100 for p in value):
+        raise ValueError("each threshold is a percent from 1 to 100")
+    if len(set(value)) != len(value):
+        raise ValueError("a threshold is given twice")
+    return sorted(value)
 
 
 def _duration(value: str | None) -> str | None:
@@ -129,10 +147,14 @@ class KeyCreate(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     dedupe_window: str | None = None
     allowed_accounts: list[str] = Field(default_factory=list, max_length=100)
+    # Percents of its caps at which the webhook alerts (None: the operator's default; []: only
+    # the first cap hit).
+    alert_thresholds: list[int] | None = Field(None, max_length=10)
 
     _caps = field_validator(
         "daily_usd_cap", "total_usd_cap", "max_usd_per_call", "max_usd_per_caller"
     )(_money)
+    _thresholds = field_validator("alert_thresholds")(_percents)
     _namespace = field_validator("namespace")(_namespace)
 
     @model_validator(mode="after")
@@ -186,8 +208,10 @@ class BudgetCreate(BaseModel):
     expires_in: str = "1h"
     namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    alert_thresholds: list[int] | None = Field(None, max_length=10)  # as a key's
 
     _caps = field_validator("daily_usd_cap", "total_usd_cap")(_money)
+    _thresholds = field_validator("alert_thresholds")(_percents)
     _ttl = field_validator("expires_in")(_duration)
     _label = field_validator("agent_run_label")(_label)
     _namespace = field_validator("namespace")(_namespace)
@@ -300,6 +324,7 @@ class KeyInfo(BaseModel):
     total_spent_usd: str  # over the key's whole life
     calls: int
     cap_hits: int
+    alert_thresholds: list[int] | None = None  # None: the proxy's KEYBRAKE_ALERT_THRESHOLDS
     changes: list[ChangeInfo] = Field(default_factory=list)
 
 
@@ -332,6 +357,7 @@ class BudgetInfo(BaseModel):
     calls: int
     cap_hits: int
     keys: list[str]
+    alert_thresholds: list[int] | None = None
     changes: list[ChangeInfo] = Field(default_factory=list)
 
 

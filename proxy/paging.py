@@ -33,10 +33,12 @@ def _encode(listing: str, position: list[Any]) -> str:
 
 
 def _decode(listing: str, token: str) -> list[Any]:
+    if len(token) > 1024:  # a real one is under 200 characters
+        raise CursorError("continue: not a token this proxy gave out")
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, UnicodeError, binascii.Error) as exc:
+    except (ValueError, UnicodeError, binascii.Error, RecursionError) as exc:
         raise CursorError("continue: not a token this proxy gave out") from exc
     if (
         not isinstance(data, dict)
@@ -61,7 +63,7 @@ def decode_position(listing: str, token: str) -> tuple[datetime, str]:
         if not isinstance(stamp, str) or not isinstance(row_id, str):
             raise TypeError
         return parse_ts(stamp), row_id
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise CursorError("continue: not a token this proxy gave out") from exc
 
 

@@ -132,6 +132,14 @@ class Settings(BaseSettings):
         "50,80,100", description="Percents of a cap at which a key or budget alerts."
     )
     alert_interval: float = Field(5.0, description="Seconds between looks for crossed thresholds.")
+    ui_session_ttl: str = Field(
+        "8h", description="How long a dashboard sign-in (/ui/) lasts before signing in again."
+    )
+    ui_cookie_secure: Literal["auto", "always"] = Field(
+        "auto",
+        description="Mark the dashboard's cookie Secure: `auto` when served over TLS, `always` "
+        "behind a proxy that ends TLS in front of keybrake.",
+    )
     tls_cert_file: Path | None = Field(
         None, description="TLS certificate (PEM chain); reloaded when the file changes."
     )
@@ -143,7 +151,12 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "max_ttl", "max_budget_ttl", "dedupe_window", "reservation_ttl", "audit_retention"
+        "max_ttl",
+        "max_budget_ttl",
+        "dedupe_window",
+        "reservation_ttl",
+        "audit_retention",
+        "ui_session_ttl",
     )
     @classmethod
     def _duration(cls, value: str) -> str:
@@ -210,6 +223,10 @@ class Settings(BaseSettings):
     @property
     def reservation_ttl_delta(self) -> timedelta:
         return parse_duration(self.reservation_ttl)
+
+    @property
+    def ui_session_ttl_delta(self) -> timedelta:
+        return parse_duration(self.ui_session_ttl)
 
     @property
     def audit_retention_delta(self) -> timedelta | None:

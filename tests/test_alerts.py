@@ -9,6 +9,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -261,5 +262,163 @@ def test_webhook_urls_come_from_the_operator_only(tmp_path: Path, fake_stripe: F
                 },
             )
         assert answer.status_code == 400 and "alert_webhook_url" in answer.text
+    finally:
+        proxy.stop()
+
+
+def test_own_thresholds_are_kept_and_ended_subjects_marks_forgotten(database_url: str) -> None:
+    """A key's or budget's own thresholds reach the alert scan on both backends (None: the
+    operator's), and the marks of revoked or expired ones are dropped by maintenance."""
+    from keybrake.proxy.store.base import BudgetRecord, Event, KeyRecord
+
+    event = Event(ts=NOW, action="key.issue", actor="admin", outcome="ok")
+
+    def key(key_id: str, percents: tuple[int, ...] | None, ttl: timedelta) -> KeyRecord:
+        return KeyRecord(
+            key_id=key_id,
+            key_hash=key_id.encode().ljust(32, b"-"),
+            vendor="stripe",
+            label="argo/own",
+            daily_cap_micros=10_000_000,
+            max_per_call_micros=None,
+            allowed_endpoints=("POST /v1/payment_intents",),
+            metadata={},
+            dedupe_window_s=0,
+            created_at=NOW - timedelta(minutes=1),
+            expires_at=NOW + ttl,
+            alert_percents=percents,
+        )
+
+    async def run() -> None:
+        store = open_store(database_url)
+        await store.open()
+        try:
+            await store.create_key(key("vk_own", (25, 90), timedelta(hours=1)), event)
+            await store.create_key(key("vk_default", None, timedelta(hours=1)), event)
+            await store.create_key(key("vk_ended", (50,), timedelta(seconds=30)), event)
+            await store.create_budget(
+                BudgetRecord(
+                    budget_id="bg_quiet",
+                    label="argo/own",
+                    daily_cap_micros=None,
+                    total_cap_micros=5_000_000,
+                    metadata={},
+                    created_at=NOW - timedelta(minutes=1),
+                    expires_at=NOW + timedelta(hours=1),
+                    alert_percents=(),
+                ),
+                event,
+            )
+            levels = {level.owner_id: level for level in await store.alert_levels(NOW)}
+            assert levels["vk_own"].percents == (25, 90)
+            assert levels["vk_default"].percents is None
+            assert levels["bg_quiet"].percents == ()
+            view = await store.get_key("vk_own", NOW)
+            assert view is not None and view.key.alert_percents == (25, 90)
+            # What the scan raises at 30 % of the cap: its own 25 %, never the default 50 %.
+            spent = replace(levels["vk_own"], window_micros=3_000_000)
+            assert [c.mark for c in crossings(spent, [50, 80, 100], set())[0]] == ["25%"]
+
+            for owner in ("vk_own", "vk_ended", "bg_quiet"):
+                await store.raise_alert(AlertDelivery(f"al_{owner}", owner, "25%", "{}", NOW))
+            await store.revoke_budget("bg_quiet", NOW, event)
+            # vk_ended expired at NOW + 30 s and bg_quiet was revoked at NOW: nothing ended
+            # before NOW goes; ended before a minute later, both go.
+            assert await store.forget_alert_marks(NOW - timedelta(seconds=1)) == 0
+            assert await store.forget_alert_marks(NOW + timedelta(minutes=1)) == 2
+            assert await store.alert_marks() == {("vk_own", "25%")}
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_thresholds_are_set_at_issue_and_checked(tmp_path: Path) -> None:
+    from tests.inproc import app_client, issue
+
+    with app_client(tmp_path) as client:
+        own = issue(client, alert_thresholds=[90, 25])
+        assert own["alert_thresholds"] == [25, 90]
+        assert client.get(f"/vault/keys/{own['key_id']}").json()["alert_thresholds"] == [25, 90]
+        assert issue(client)["alert_thresholds"] is None  # the operator's
+        budget = client.post(
+            "/vault/budgets",
+            json={"agent_run_label": "argo/x", "total_usd_cap": 5, "alert_thresholds": []},
+        ).json()
+        assert budget["alert_thresholds"] == []
+        for bad in ([0], [101], [50, 50], list(range(1, 12)), ["half"]):
+            answer = client.post(
+                "/vault/keys",
+                json={
+                    "vendor": "stripe",
+                    "daily_usd_cap": 5,
+                    "allowed_endpoints": ["POST /v1/payment_intents"],
+                    "agent_run_label": "argo/x",
+                    "alert_thresholds": bad,
+                },
+            )
+            assert answer.status_code == 400 and "alert_thresholds" in answer.text, bad
+
+
+def test_the_cli_sets_own_thresholds(tmp_path: Path, fake_stripe: FakeStripe) -> None:
+    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url)
+    env = {"KEYBRAKE_URL": proxy.url, "KEYBRAKE_API_KEY": proxy.admin_key}
+    try:
+        runner = CliRunner()
+        made = runner.invoke(
+            app,
+            [
+                "keys",
+                "issue",
+                "--vendor",
+                "stripe",
+                "--allow",
+                "POST /v1/payment_intents",
+                "--label",
+                "argo/cli",
+                "--daily-usd-cap",
+                "5",
+                "--alert-at",
+                "90,25",
+                "-o",
+                "json",
+            ],
+            env=env,
+        )
+        assert made.exit_code == 0, made.output
+        assert json.loads(made.stdout)["alert_thresholds"] == [25, 90]
+        quiet = runner.invoke(
+            app,
+            [
+                "budgets",
+                "create",
+                "--label",
+                "argo/cli",
+                "--total-usd-cap",
+                "5",
+                "--alert-at",
+                "none",
+                "-o",
+                "json",
+            ],
+            env=env,
+        )
+        assert quiet.exit_code == 0 and json.loads(quiet.stdout)["alert_thresholds"] == []
+        bad = runner.invoke(
+            app,
+            [
+                "budgets",
+                "create",
+                "--label",
+                "argo/cli",
+                "--total-usd-cap",
+                "5",
+                "--alert-at",
+                "half",
+            ],
+            env=env,
+        )
+        assert bad.exit_code == 2 and "--alert-at 'half'" in bad.output
+        assert "Traceback" not in bad.output
     finally:
         proxy.stop()

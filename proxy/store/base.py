@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from keybrake.proxy.decisions import Decision
 from keybrake.proxy.money import format_ts, format_usd
 
 __all__ = [
+    "ACTIVITY_POINTS",
     "Admission",
     "AuditFilter",
     "AuditRecord",
@@ -36,14 +37,26 @@ __all__ = [
     "Owner",
     "Patch",
     "Reservation",
+    "RunActivity",
+    "RunFilter",
+    "RunRow",
     "Scope",
+    "Session",
     "Settlement",
     "Store",
     "StoredResponse",
     "Usage",
+    "activity_width",
+    "bucket_time",
     "event_conditions",
     "key_status",
+    "merge_runs",
+    "percents_of",
+    "percents_text",
     "prune_conditions",
+    "run_conditions",
+    "runs_counts",
+    "runs_walk",
     "scope_conditions",
     "shown",
     "subject_table",
@@ -80,6 +93,8 @@ class KeyRecord:
     max_per_caller_micros: int | None = None
     budget_id: str | None = None  # the budget every call also draws on
     owner: Owner | None = None  # who issued it, and for which namespace
+    # Percents of a cap at which it alerts; None: the operator's KEYBRAKE_ALERT_THRESHOLDS.
+    alert_percents: tuple[int, ...] | None = None
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
@@ -109,9 +124,21 @@ class BudgetRecord:
     expires_at: datetime
     revoked_at: datetime | None = None
     owner: Owner | None = None
+    alert_percents: tuple[int, ...] | None = None  # as a key's
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
+
+
+def percents_text(percents: tuple[int, ...] | None) -> str | None:
+    """How both backends store alert percents: "50,80,100", "" for none, NULL for defaults."""
+    return None if percents is None else ",".join(str(p) for p in percents)
+
+
+def percents_of(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    return tuple(int(p) for p in text.split(",") if p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +221,7 @@ class AlertLevel:
     life_micros: int  # settled and reserved over its life
     total_cap_micros: int | None
     cap_hits: int
+    percents: tuple[int, ...] | None = None  # its own thresholds; None: the operator's
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,6 +434,68 @@ class AuditFilter:
     limit: int = 100
 
 
+@dataclass(slots=True)
+class RunFilter:
+    """Which runs (labels) the dashboard lists, newest first: a run's place in the order is
+    the creation of its newest key or budget."""
+
+    scope: Scope | None = None
+    contains: str | None = None  # a part of the label
+    label: str | None = None  # exactly this label
+    live: bool | None = None  # True: with a key or budget still usable; False: none
+    before: tuple[datetime, str] | None = None  # (newest, label) of the previous page's last
+    limit: int = 25
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run as the runs listing sees it: its keys and budgets counted, not yet their spend."""
+
+    label: str
+    newest: datetime  # the newest key or budget's creation
+    oldest: datetime
+    keys: int
+    budgets: int
+    live: int  # keys and budgets neither revoked nor expired
+    revoked: int
+
+
+ACTIVITY_POINTS = 400  # the most time slices a run's charts are drawn from
+
+
+def activity_width(first: int, last: int, points: int) -> int:
+    """Seconds per time slice, so a run from `first` to `last` (epoch seconds) takes at most
+    `points` slices: one second each for runs up to that many seconds long."""
+    return max(1, -(-(last - first + 1) // points))
+
+
+def bucket_time(start: int, width: int, index: int) -> datetime:
+    return datetime.fromtimestamp(start + index * width, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class RunActivity:
+    """A run's calls from its audit rows, summed in the database: per time slice (its start,
+    spent, calls, cap hits; one second wide unless the run is longer than ACTIVITY_POINTS
+    seconds), oldest first, and per caller tag (tag or None, spent, calls, cap hits), biggest
+    spender first."""
+
+    seconds: list[tuple[datetime, int, int, int]]
+    callers: list[tuple[str | None, int, int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A dashboard sign-in: the admin (no issuer) or an issuer. The cookie holds the session
+    id; the database holds only its hash, so a copy of the database signs nobody in."""
+
+    session_hash: bytes
+    issuer_id: str | None
+    credential_hash: bytes  # the token signed in with: changing it ends the session
+    created_at: datetime
+    expires_at: datetime
+
+
 # A condition is SQL with a `{}` where each of its values goes (a tuple for several); each
 # backend fills in its own placeholder style, so the two stores share which filters exist and
 # what they mean.
@@ -433,6 +523,121 @@ def scope_conditions(scope: Scope | None, alias: str) -> list[Condition]:
         marks = ", ".join("{}" for _ in scope.namespaces)
         conditions.append((f"{alias}.namespace IN ({marks})", scope.namespaces))
     return conditions
+
+
+def run_conditions(query: RunFilter, alias: str, position: str) -> list[Condition]:
+    """The runs listing's filters on its rows of keys and budgets (`alias`.label, .namespace).
+    `position` is the backend's substring search (`instr`, `strpos`): no LIKE, whose `%` and `_`
+    in a label would match more than typed."""
+    conditions = scope_conditions(query.scope, alias)
+    if query.label is not None:
+        conditions.append((f"{alias}.label = {{}}", query.label))
+    if query.contains:
+        conditions.append((f"{position}({alias}.label, {{}}) > 0", query.contains))
+    return conditions
+
+
+_RUN_TABLES = {"vault_keys": "key_id", "budgets": "budget_id"}
+
+
+def _scoped(table: str, alias: str, scope: Scope | None) -> Condition:
+    return where_clause_template(scope_conditions(scope, alias))
+
+
+def runs_walk(
+    query: RunFilter, now: datetime, table: str, position: str, collate: str = ""
+) -> tuple[str, Any]:
+    """One page of runs from `table` (keys or budgets): the rows that are their run's newest,
+    newest first, walking the creation-time index, so a page costs the same at any size
+    instead of grouping every row. A run's newest row is in exactly one table (a key wins a
+    tie), so the two walks merged are the runs listing. Labels compare by code point, as Python
+    merges them (`collate`: the backend's clause for that, `COLLATE "C"` on PostgreSQL, whose
+    database collation may order them otherwise). Returns one condition-style SQL text with
+    `{}` for each value, and the values."""
+    column = _RUN_TABLES[table]
+    other = "budgets" if table == "vault_keys" else "vault_keys"
+    conditions = run_conditions(query, "t", position)
+    if query.before is not None:
+        newest, label = query.before
+        conditions.append(
+            # The `<=` alone is a range on the creation-time index, so the walk starts there.
+            (
+                f"t.created_at <= {{}} AND (t.created_at < {{}} OR t.label{collate} < {{}})",
+                (newest, newest, label),
+            )
+        )
+    same, same_values = _scoped(table, "n", query.scope)
+    conditions.append(
+        (
+            f"NOT EXISTS (SELECT 1 FROM {table} n WHERE n.label = t.label AND {same} AND "
+            f"(n.created_at > t.created_at OR (n.created_at = t.created_at "
+            f"AND n.{column} > t.{column})))",
+            same_values,
+        )
+    )
+    later, later_values = _scoped(other, "n", query.scope)
+    beats = ">" if table == "vault_keys" else ">="
+    conditions.append(
+        (
+            f"NOT EXISTS (SELECT 1 FROM {other} n WHERE n.label = t.label AND {later} AND "
+            f"n.created_at {beats} t.created_at)",
+            later_values,
+        )
+    )
+    if query.live is not None:
+        parts, values = [], []
+        for name in _RUN_TABLES:
+            scoped, scoped_values = _scoped(name, "a", query.scope)
+            parts.append(
+                f"EXISTS (SELECT 1 FROM {name} a WHERE a.label = t.label AND {scoped} AND "
+                "a.revoked_at IS NULL AND a.expires_at > {})"
+            )
+            values.extend([*scoped_values, now])
+        live = " OR ".join(parts)
+        conditions.append((f"({live})" if query.live else f"NOT ({live})", tuple(values)))
+    where, values = where_clause_template(conditions)
+    sql = (
+        f"SELECT t.label, t.created_at FROM {table} t WHERE {where} "
+        f"ORDER BY t.created_at DESC, t.label{collate} DESC LIMIT {int(query.limit)}"
+    )
+    return sql, values
+
+
+def runs_counts(labels: list[str], scope: Scope | None, now: datetime) -> tuple[str, Any]:
+    """Each listed run's keys and budgets counted: (label, oldest, keys, budgets, live,
+    revoked), read through the label index."""
+    arms, values = [], []
+    marks = ", ".join("{}" for _ in labels)
+    for table in _RUN_TABLES:
+        scoped, scoped_values = _scoped(table, "t", scope)
+        arms.append(
+            f"SELECT t.label, t.created_at, {int(table == 'vault_keys')} AS is_key, "
+            "CASE WHEN t.revoked_at IS NULL AND t.expires_at > {} THEN 1 ELSE 0 END AS is_live, "
+            "CASE WHEN t.revoked_at IS NULL THEN 0 ELSE 1 END AS is_revoked "
+            f"FROM {table} t WHERE t.label IN ({marks}) AND {scoped}"
+        )
+        values.extend([now, *labels, *scoped_values])
+    sql = (
+        "SELECT label, min(created_at), sum(is_key), sum(1 - is_key), sum(is_live), "
+        f"sum(is_revoked) FROM ({' UNION ALL '.join(arms)}) u GROUP BY label"
+    )
+    return sql, tuple(values)
+
+
+def merge_runs(
+    walks: list[list[tuple[str, datetime]]],
+    counts: dict[str, tuple[datetime, int, int, int, int]],
+    limit: int,
+) -> list[RunRow]:
+    """The two walks as one page, newest first."""
+    found = sorted(
+        (row for walk in walks for row in walk), key=lambda r: (r[1], r[0]), reverse=True
+    )
+    rows = []
+    for label, newest in found[:limit]:
+        oldest, keys, budgets, live, revoked = counts[label]
+        rows.append(RunRow(label, newest, oldest, keys, budgets, live, revoked))
+    return rows
 
 
 def key_conditions(
@@ -716,6 +921,11 @@ class Store(Protocol):
         nothing written) when it already was: of replicas scanning together, one raises it."""
         ...
 
+    async def forget_alert_marks(self, ended_before: datetime) -> int:
+        """Drop the raised marks of keys and budgets revoked or expired before `ended_before`
+        (they alert no more); how many."""
+        ...
+
     async def rearm_alerts(self, owner_id: str, marks: list[str]) -> None:
         """Spend fell back below these thresholds: they may alert again."""
         ...
@@ -747,6 +957,29 @@ class Store(Protocol):
         ...
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]: ...
+
+    async def list_runs(self, query: RunFilter, now: datetime) -> list[RunRow]:
+        """Labels of keys and budgets, newest first, one page (the dashboard's runs)."""
+        ...
+
+    async def run_activity(
+        self, label: str, scope: Scope | None, points: int = ACTIVITY_POINTS
+    ) -> RunActivity:
+        """The run's audit rows summed per time slice (at most about `points`) and per caller
+        tag."""
+        ...
+
+    async def create_session(self, session: Session) -> None: ...
+
+    async def find_session(self, session_hash: bytes, now: datetime) -> Session | None:
+        """The session, if it exists and has not expired."""
+        ...
+
+    async def end_session(self, session_hash: bytes) -> None: ...
+
+    async def forget_sessions(self, now: datetime) -> int:
+        """Delete expired sessions; how many."""
+        ...
 
     async def prune_audit(self, before: datetime, now: datetime, *, dry_run: bool = False) -> int:
         """Delete (or count) audit rows older than `before`, except rows of a call still in

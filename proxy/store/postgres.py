@@ -31,6 +31,7 @@ from keybrake.proxy.decisions import (
 )
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.store.base import (
+    ACTIVITY_POINTS,
     NEAR_CAP,
     Admission,
     AlertDelivery,
@@ -51,15 +52,26 @@ from keybrake.proxy.store.base import (
     Owner,
     Patch,
     Reservation,
+    RunActivity,
+    RunFilter,
+    RunRow,
     Scope,
+    Session,
     Settlement,
     StoredResponse,
     Usage,
+    activity_width,
     audit_conditions,
+    bucket_time,
     event_conditions,
     key_conditions,
+    merge_runs,
+    percents_of,
+    percents_text,
     prune_conditions,
     revoked_event,
+    runs_counts,
+    runs_walk,
     shown,
     subject_table,
     where_clause,
@@ -578,6 +590,25 @@ MIGRATIONS: list[str] = [
     CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
     CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
     """,
+    # 8: each key's and budget's own alert thresholds; the dashboard's sign-in sessions (the
+    # id's hash only), and an index to find each run's newest key or budget and whether it is
+    # live without reading the rows.
+    """
+    CREATE TABLE ui_sessions (
+        session_hash bytea PRIMARY KEY,
+        issuer_id text,
+        credential_hash bytea NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL
+    );
+    CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at);
+    ALTER TABLE vault_keys ADD COLUMN alert_percents text;
+    ALTER TABLE budgets ADD COLUMN alert_percents text;
+    CREATE INDEX vault_keys_label_created ON vault_keys
+        (label, created_at, key_id, expires_at, revoked_at, namespace);
+    CREATE INDEX budgets_label_created ON budgets
+        (label, created_at, budget_id, expires_at, revoked_at, namespace);
+    """,
 ]
 
 # Concurrent calls are grouped: one statement runs a whole batch, in order, in one transaction,
@@ -621,11 +652,11 @@ _KEY_COLUMNS = (
     "k.key_id, k.key_hash, k.vendor, k.label, k.daily_cap_micros, k.max_per_call_micros, "
     "k.allowed_endpoints, k.metadata, k.dedupe_window_s, k.created_at, k.expires_at, "
     "k.revoked_at, k.allowed_accounts, k.total_cap_micros, k.max_per_caller_micros, k.budget_id, "
-    "k.issuer_id, k.namespace, k.service_account"
+    "k.issuer_id, k.namespace, k.service_account, k.alert_percents"
 )
 _BUDGET_COLUMNS = (
     "b.budget_id, b.label, b.daily_cap_micros, b.total_cap_micros, b.metadata, b.created_at, "
-    "b.expires_at, b.revoked_at, b.issuer_id, b.namespace, b.service_account"
+    "b.expires_at, b.revoked_at, b.issuer_id, b.namespace, b.service_account, b.alert_percents"
 )
 _ISSUER_COLUMNS = "issuer_id, name, token_hash, policy, kubernetes, created_at, deleted_at"
 _EVENT_COLUMNS = "id, ts, action, actor, issuer_id, target, outcome, source, detail"
@@ -701,6 +732,7 @@ def _key(row: asyncpg.Record) -> KeyRecord:
         max_per_caller_micros=row["max_per_caller_micros"],
         budget_id=row["budget_id"],
         owner=_owner(row),
+        alert_percents=percents_of(row["alert_percents"]),
     )
 
 
@@ -828,6 +860,7 @@ def _budget(row: asyncpg.Record) -> BudgetRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         owner=_owner(row),
+        alert_percents=percents_of(row["alert_percents"]),
     )
 
 
@@ -1040,8 +1073,9 @@ class PostgresStore:
                     "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
                     "max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, "
                     "created_at, expires_at, allowed_accounts, total_cap_micros, "
-                    "max_per_caller_micros, budget_id, issuer_id, namespace, service_account) "
-                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)",
+                    "max_per_caller_micros, budget_id, issuer_id, namespace, service_account, "
+                    "alert_percents) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,"
+                    "$16,$17,$18,$19)",
                     key.key_id,
                     key.key_hash,
                     key.vendor,
@@ -1058,6 +1092,7 @@ class PostgresStore:
                     key.max_per_caller_micros,
                     key.budget_id,
                     *_owner_values(key.owner),
+                    percents_text(key.alert_percents),
                 )
                 await c.execute("INSERT INTO usage_counts (owner_id) VALUES ($1)", key.key_id)
                 await _record_request(c, request, key.key_id, key.created_at)
@@ -1199,8 +1234,8 @@ class PostgresStore:
                     await _revoke_subject(c, replaced, budget.created_at)
                 await c.execute(
                     "INSERT INTO budgets (budget_id, label, daily_cap_micros, total_cap_micros, "
-                    "metadata, created_at, expires_at, issuer_id, namespace, service_account) "
-                    "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
+                    "metadata, created_at, expires_at, issuer_id, namespace, service_account, "
+                    "alert_percents) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
                     budget.budget_id,
                     budget.label,
                     budget.daily_cap_micros,
@@ -1209,6 +1244,7 @@ class PostgresStore:
                     budget.created_at,
                     budget.expires_at,
                     *_owner_values(budget.owner),
+                    percents_text(budget.alert_percents),
                 )
                 await c.execute("INSERT INTO usage_counts (owner_id) VALUES ($1)", budget.budget_id)
                 await _record_request(c, request, budget.budget_id, budget.created_at)
@@ -1527,7 +1563,7 @@ class PostgresStore:
             ):
                 rows = await c.fetch(
                     f"SELECT t.{column} AS owner, t.label, t.namespace, {vendor} AS vendor, "
-                    "t.daily_cap_micros, t.total_cap_micros, "
+                    "t.daily_cap_micros, t.total_cap_micros, t.alert_percents, "
                     "coalesce(sum(w.settled_micros + w.reserved_micros) "
                     "FILTER (WHERE w.bucket >= $1), 0) AS window_used, "
                     "coalesce(sum(w.settled_micros + w.reserved_micros), 0) AS life_used, "
@@ -1553,6 +1589,7 @@ class PostgresStore:
                         life_micros=int(row["life_used"]),
                         total_cap_micros=row["total_cap_micros"],
                         cap_hits=int(row["hits"]),
+                        percents=percents_of(row["alert_percents"]),
                     )
                     for row in rows
                 ]
@@ -1590,6 +1627,20 @@ class PostgresStore:
                 return True
 
         return await self._run(op)
+
+    async def forget_alert_marks(self, ended_before: datetime) -> int:
+        status: str = await self._run(
+            lambda c: c.execute(
+                # A lookup by id per mark: as cheap with a million live keys as with none.
+                "DELETE FROM alert_marks WHERE NOT EXISTS (SELECT 1 FROM vault_keys k "
+                "WHERE k.key_id = alert_marks.owner_id AND (k.revoked_at IS NULL "
+                "OR k.revoked_at > $1) AND k.expires_at > $1) AND NOT EXISTS (SELECT 1 "
+                "FROM budgets b WHERE b.budget_id = alert_marks.owner_id AND (b.revoked_at IS "
+                "NULL OR b.revoked_at > $1) AND b.expires_at > $1)",
+                ended_before,
+            )
+        )
+        return int(status.split()[-1])
 
     async def rearm_alerts(self, owner_id: str, marks: list[str]) -> None:
         async def op(c: asyncpg.Connection) -> None:
@@ -1820,6 +1871,105 @@ class PostgresStore:
         )
         rows = await self._run(lambda c: c.fetch(sql, *args))
         return [_audit(row) for row in rows]
+
+    # -- the dashboard -------------------------------------------------------------------------
+
+    async def list_runs(self, query: RunFilter, now: datetime) -> list[RunRow]:
+        walks = []
+        for table in ("vault_keys", "budgets"):
+            args: list[Any] = []
+            walk = runs_walk(query, now, table, "strpos", collate=' COLLATE "C"')
+            sql = where_clause([walk], _placeholder(args, first=1))
+            walks.append((sql, args))
+
+        async def read(c: asyncpg.Connection) -> list[RunRow]:
+            found = [[(r[0], r[1]) for r in await c.fetch(sql, *args)] for sql, args in walks]
+            labels = sorted({label for walk in found for label, _ in walk})
+            if not labels:
+                return []
+            args: list[Any] = []
+            sql = where_clause([runs_counts(labels, query.scope, now)], _placeholder(args, first=1))
+            counts = {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in await c.fetch(sql, *args)}
+            return merge_runs(found, counts, query.limit)
+
+        return await self._run(read)
+
+    async def run_activity(
+        self, label: str, scope: Scope | None, points: int = ACTIVITY_POINTS
+    ) -> RunActivity:
+        args: list[Any] = []
+        where = where_clause(
+            audit_conditions(AuditFilter(scope=scope, label=label)), _placeholder(args, first=1)
+        )
+        ends = [
+            f"SELECT ts FROM audit WHERE {where} ORDER BY id {order} LIMIT 1"
+            for order in ("ASC", "DESC")
+        ]
+        hit = "CASE WHEN decision LIKE '%cap_hit' THEN 1 ELSE 0 END"
+
+        async def read(c: asyncpg.Connection) -> RunActivity:
+            first, last = [await c.fetchval(sql, *args) for sql in ends]
+            if first is None or last is None:
+                return RunActivity([], [])
+            start = int(first.timestamp())
+            width = activity_width(start, int(last.timestamp()), points)
+            buckets = (
+                # Clamped: a replica's clock may put a row before the first or after the last.
+                f"SELECT greatest(0, least({points - 1}, "
+                f"(floor(extract(epoch FROM ts))::bigint - {start}) / {width})) AS b, "
+                f"sum(settled_micros)::bigint, count(*)::int, sum({hit})::int "
+                f"FROM audit WHERE {where} GROUP BY b ORDER BY b"
+            )
+            per_caller = (
+                "SELECT caller_tag, sum(settled_micros)::bigint, count(*)::int, "
+                f"sum({hit})::int FROM audit WHERE {where} "
+                "GROUP BY 1 ORDER BY 2 DESC, 3 DESC, 1 LIMIT 100"
+            )
+            seconds = [
+                (bucket_time(start, width, r[0]), r[1], r[2], r[3])
+                for r in await c.fetch(buckets, *args)
+            ]
+            callers = [(r[0], r[1], r[2], r[3]) for r in await c.fetch(per_caller, *args)]
+            return RunActivity(seconds, callers)
+
+        return await self._run(read)
+
+    async def create_session(self, session: Session) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO ui_sessions (session_hash, issuer_id, credential_hash, created_at, "
+                "expires_at) VALUES ($1, $2, $3, $4, $5)",
+                session.session_hash,
+                session.issuer_id,
+                session.credential_hash,
+                session.created_at,
+                session.expires_at,
+            )
+        )
+
+    async def find_session(self, session_hash: bytes, now: datetime) -> Session | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT issuer_id, credential_hash, created_at, expires_at FROM ui_sessions "
+                "WHERE session_hash = $1 AND expires_at > $2",
+                session_hash,
+                now,
+            )
+        )
+        if row is None:
+            return None
+        return Session(session_hash, row[0], bytes(row[1]), row[2], row[3])
+
+    async def end_session(self, session_hash: bytes) -> None:
+        await self._run(
+            lambda c: c.execute("DELETE FROM ui_sessions WHERE session_hash = $1", session_hash)
+        )
+
+    async def forget_sessions(self, now: datetime) -> int:
+        status: str = await self._run(
+            lambda c: c.execute("DELETE FROM ui_sessions WHERE expires_at <= $1", now)
+        )
+        return int(status.split()[-1])
 
 
 class _Batcher:

@@ -37,6 +37,7 @@ from keybrake.proxy.decisions import (
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.money import format_ts, parse_ts
 from keybrake.proxy.store.base import (
+    ACTIVITY_POINTS,
     NEAR_CAP,
     Admission,
     AlertDelivery,
@@ -57,21 +58,34 @@ from keybrake.proxy.store.base import (
     Owner,
     Patch,
     Reservation,
+    RunActivity,
+    RunFilter,
+    RunRow,
     Scope,
+    Session,
     Settlement,
     StoredResponse,
     Usage,
+    activity_width,
     audit_conditions,
+    bucket_time,
     event_conditions,
     key_conditions,
+    merge_runs,
+    percents_of,
+    percents_text,
     prune_conditions,
     revoked_event,
+    runs_counts,
+    runs_walk,
     shown,
     subject_table,
     where_clause,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
+
+_CAP_HIT = "CASE WHEN decision LIKE '%cap_hit' THEN 1 ELSE 0 END"
 
 T = TypeVar("T")
 _PRUNE_SLICE = 10_000
@@ -296,6 +310,25 @@ MIGRATIONS: list[str] = [
     CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
     CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
     """,
+    # 6: each key's and budget's own alert thresholds; the dashboard's sign-in sessions (the
+    # id's hash only), and an index to find each run's newest key or budget and whether it is
+    # live without reading the rows.
+    """
+    CREATE TABLE ui_sessions (
+        session_hash BLOB PRIMARY KEY,
+        issuer_id TEXT,
+        credential_hash BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at);
+    ALTER TABLE vault_keys ADD COLUMN alert_percents TEXT;
+    ALTER TABLE budgets ADD COLUMN alert_percents TEXT;
+    CREATE INDEX vault_keys_label_created ON vault_keys
+        (label, created_at, key_id, expires_at, revoked_at, namespace);
+    CREATE INDEX budgets_label_created ON budgets
+        (label, created_at, budget_id, expires_at, revoked_at, namespace);
+    """,
 ]
 
 _ALERT_COLUMNS = (
@@ -321,11 +354,12 @@ def _alert(row: Any) -> AlertDelivery:
 _KEY_COLUMNS = (
     "key_id, key_hash, vendor, label, daily_cap_micros, max_per_call_micros, allowed_endpoints, "
     "metadata, dedupe_window_s, created_at, expires_at, revoked_at, allowed_accounts, "
-    "total_cap_micros, max_per_caller_micros, budget_id, issuer_id, namespace, service_account"
+    "total_cap_micros, max_per_caller_micros, budget_id, issuer_id, namespace, service_account, "
+    "alert_percents"
 )
 _BUDGET_COLUMNS = (
     "budget_id, label, daily_cap_micros, total_cap_micros, metadata, created_at, expires_at, "
-    "revoked_at, issuer_id, namespace, service_account"
+    "revoked_at, issuer_id, namespace, service_account, alert_percents"
 )
 _ISSUER_COLUMNS = "issuer_id, name, token_hash, policy, kubernetes, created_at, deleted_at"
 _EVENT_COLUMNS = "id, ts, action, actor, issuer_id, target, outcome, source, detail"
@@ -356,6 +390,7 @@ def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
         max_per_caller_micros=row[14],
         budget_id=row[15],
         owner=_owner(row[16], row[17], row[18]),
+        alert_percents=percents_of(row[19]),
     )
 
 
@@ -475,6 +510,7 @@ def _budget_from_row(row: tuple[Any, ...]) -> BudgetRecord:
         expires_at=parse_ts(row[6]),
         revoked_at=parse_ts(row[7]) if row[7] else None,
         owner=_owner(row[8], row[9], row[10]),
+        alert_percents=percents_of(row[11]),
     )
 
 
@@ -709,7 +745,7 @@ class SQLiteStore:
                 _revoke_subject(conn, replaced, key.created_at)
             conn.execute(
                 f"INSERT INTO vault_keys ({_KEY_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     key.key_id,
                     key.key_hash,
@@ -728,6 +764,7 @@ class SQLiteStore:
                     key.max_per_caller_micros,
                     key.budget_id,
                     *_owner_values(key.owner),
+                    percents_text(key.alert_percents),
                 ),
             )
             conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (key.key_id,))
@@ -863,7 +900,7 @@ class SQLiteStore:
             if replaced is not None:
                 _revoke_subject(conn, replaced, budget.created_at)
             conn.execute(
-                f"INSERT INTO budgets ({_BUDGET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO budgets ({_BUDGET_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     budget.budget_id,
                     budget.label,
@@ -874,6 +911,7 @@ class SQLiteStore:
                     format_ts(budget.expires_at),
                     None,
                     *_owner_values(budget.owner),
+                    percents_text(budget.alert_percents),
                 ),
             )
             conn.execute("INSERT INTO usage_counts (owner_id) VALUES (?)", (budget.budget_id,))
@@ -1113,7 +1151,7 @@ class SQLiteStore:
             ):
                 rows = conn.execute(
                     f"SELECT t.{column}, t.label, t.namespace, {vendor}, t.daily_cap_micros, "
-                    "t.total_cap_micros, "
+                    "t.total_cap_micros, t.alert_percents, "
                     "coalesce(sum(CASE WHEN w.bucket >= ? THEN w.settled_micros + "
                     "w.reserved_micros END), 0), "
                     "coalesce(sum(w.settled_micros + w.reserved_micros), 0), "
@@ -1126,7 +1164,7 @@ class SQLiteStore:
                     (floor, stamp),
                 ).fetchall()
                 kind = "key" if table == "vault_keys" else "budget"
-                for owner, label, namespace, vend, daily, total, window, life, hits in rows:
+                for owner, label, namespace, vend, daily, total, pct, window, life, hits in rows:
                     found.append(
                         AlertLevel(
                             owner,
@@ -1139,6 +1177,7 @@ class SQLiteStore:
                             int(life),
                             total,
                             int(hits),
+                            percents_of(pct),
                         )
                     )
             return found
@@ -1173,6 +1212,22 @@ class SQLiteStore:
                 ),
             )
             return True
+
+        return await self._write(op)
+
+    async def forget_alert_marks(self, ended_before: datetime) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cut = format_ts(ended_before)
+            cur = conn.execute(
+                # A lookup by id per mark: as cheap with a million live keys as with none.
+                "DELETE FROM alert_marks WHERE NOT EXISTS (SELECT 1 FROM vault_keys k "
+                "WHERE k.key_id = alert_marks.owner_id AND (k.revoked_at IS NULL "
+                "OR k.revoked_at > ?) AND k.expires_at > ?) AND NOT EXISTS (SELECT 1 "
+                "FROM budgets b WHERE b.budget_id = alert_marks.owner_id AND (b.revoked_at IS "
+                "NULL OR b.revoked_at > ?) AND b.expires_at > ?)",
+                (cut, cut, cut, cut),
+            )
+            return cur.rowcount
 
         return await self._write(op)
 
@@ -1358,6 +1413,111 @@ class SQLiteStore:
         )
         rows = await self._read(lambda c: c.execute(sql, args).fetchall())
         return [_audit_from_row(row) for row in rows]
+
+    # -- the dashboard -------------------------------------------------------------------------
+
+    async def list_runs(self, query: RunFilter, now: datetime) -> list[RunRow]:
+        walks = []
+        for table in ("vault_keys", "budgets"):
+            args: list[Any] = []
+            sql = where_clause([runs_walk(query, now, table, "instr")], _placeholder(args))
+            walks.append((sql, args))
+
+        def read(c: sqlite3.Connection) -> list[RunRow]:
+            found = [
+                [(r[0], parse_ts(r[1])) for r in c.execute(sql, args).fetchall()]
+                for sql, args in walks
+            ]
+            labels = sorted({label for walk in found for label, _ in walk})
+            if not labels:
+                return []
+            args: list[Any] = []
+            sql = where_clause([runs_counts(labels, query.scope, now)], _placeholder(args))
+            counts = {
+                r[0]: (parse_ts(r[1]), r[2], r[3], r[4], r[5])
+                for r in c.execute(sql, args).fetchall()
+            }
+            return merge_runs(found, counts, query.limit)
+
+        return await self._read(read)
+
+    async def run_activity(
+        self, label: str, scope: Scope | None, points: int = ACTIVITY_POINTS
+    ) -> RunActivity:
+        args: list[Any] = []
+        where = where_clause(
+            audit_conditions(AuditFilter(scope=scope, label=label)), _placeholder(args)
+        )
+        ends = [
+            f"SELECT ts FROM audit WHERE {where} ORDER BY id {order} LIMIT 1"
+            for order in ("ASC", "DESC")
+        ]
+        second = "CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER)"
+
+        def read(c: sqlite3.Connection) -> RunActivity:
+            first, last = (c.execute(sql, args).fetchone() for sql in ends)
+            if first is None or last is None:
+                return RunActivity([], [])
+            start = int(parse_ts(first[0]).timestamp())
+            width = activity_width(start, int(parse_ts(last[0]).timestamp()), points)
+            buckets = (
+                # Clamped: a replica's clock may put a row before the first or after the last.
+                f"SELECT max(0, min({points - 1}, ({second} - {start}) / {width})) AS b, "
+                "sum(settled_micros), count(*), "
+                f"sum({_CAP_HIT}) FROM audit WHERE {where} GROUP BY b ORDER BY b"
+            )
+            per_caller = (
+                f"SELECT caller_tag, sum(settled_micros), count(*), sum({_CAP_HIT}) "
+                f"FROM audit WHERE {where} GROUP BY 1 ORDER BY 2 DESC, 3 DESC, 1 LIMIT 100"
+            )
+            seconds = [
+                (bucket_time(start, width, r[0]), r[1], r[2], r[3])
+                for r in c.execute(buckets, args).fetchall()
+            ]
+            callers = [(r[0], r[1], r[2], r[3]) for r in c.execute(per_caller, args).fetchall()]
+            return RunActivity(seconds, callers)
+
+        return await self._read(read)
+
+    async def create_session(self, session: Session) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO ui_sessions (session_hash, issuer_id, credential_hash, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    session.session_hash,
+                    session.issuer_id,
+                    session.credential_hash,
+                    format_ts(session.created_at),
+                    format_ts(session.expires_at),
+                ),
+            )
+
+        await self._write(op)
+
+    async def find_session(self, session_hash: bytes, now: datetime) -> Session | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT issuer_id, credential_hash, created_at, expires_at FROM ui_sessions "
+                "WHERE session_hash = ? AND expires_at > ?",
+                (session_hash, format_ts(now)),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return Session(session_hash, row[0], row[1], parse_ts(row[2]), parse_ts(row[3]))
+
+    async def end_session(self, session_hash: bytes) -> None:
+        await self._write(
+            lambda c: c.execute("DELETE FROM ui_sessions WHERE session_hash = ?", (session_hash,))
+        )
+
+    async def forget_sessions(self, now: datetime) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("DELETE FROM ui_sessions WHERE expires_at <= ?", (format_ts(now),))
+            return cur.rowcount
+
+        return await self._write(op)
 
 
 # -- the two request-path transactions, run inside the writer's shared transaction ------------

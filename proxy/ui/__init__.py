@@ -1,0 +1,1 @@
+"""The dashboard under /ui/ (see `dashboard.py`)."""
