@@ -28,11 +28,11 @@ test: $(STAMP) lint typecheck templates pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check cli proxy hera_workflows reaper tests
+	$(BIN)/ruff format --check cli proxy hera_workflows reaper adopt tests
 
 typecheck: $(STAMP)
 	@mkdir -p .typecheck/keybrake
-	@for d in cli proxy hera_workflows reaper; do ln -sfn ../../$$d .typecheck/keybrake/$$d; done
+	@for d in cli proxy hera_workflows reaper adopt; do ln -sfn ../../$$d .typecheck/keybrake/$$d; done
 	$(BIN)/mypy
 
 templates: $(STAMP)

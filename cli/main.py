@@ -18,6 +18,7 @@ from keybrake.cli import (
     events,
     issuers,
     keys,
+    lint,
     reaper,
     revoke,
     serve,
@@ -45,6 +46,7 @@ app.command()(watch.watch)
 app.command()(reaper.reaper)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")
+app.command(epilog="Example: keybrake lint workflows/ --fail-on high")(lint.lint)
 app.add_typer(db.app, name="db")
 
 

@@ -1,0 +1,214 @@
+"""Which Secrets a template's pods read a third-party API credential from.
+
+A heuristic, documented in docs/lint.md: a Secret reference is a vendor credential when the
+Secret's name, the key read from it or the environment variable it lands in names a known vendor
+(`stripe`, `twilio`, …), or the key or variable ends like a credential (`*_API_KEY`, `*_TOKEN`,
+`*_SECRET`, …). keybrake's own references (`KEYBRAKE_*` variables, the `vault_key` of a per-run
+Secret) are never credentials. A Secret can be marked internal, so it is never reported: listed
+under `internal_secrets` in `.keybrake-lint.yaml`, or annotated `keybrake.dev/internal: "true"` on
+the Secret object when it is among the files linted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from ruamel.yaml.comments import CommentedMap
+
+from keybrake.adopt.workflows import Workflow, line_of
+
+__all__ = ["VENDORS", "CredentialUse", "Heuristic", "credential_uses"]
+
+# Substrings naming a vendor, and the vendor. The first three are the ones keybrake proxies.
+VENDORS = {
+    "stripe": "stripe",
+    "twilio": "twilio",
+    "resend": "resend",
+    "sendgrid": "sendgrid",
+    "mailgun": "mailgun",
+    "postmark": "postmark",
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "plaid": "plaid",
+    "paypal": "paypal",
+    "braintree": "braintree",
+    "adyen": "adyen",
+    "shopify": "shopify",
+    "vonage": "vonage",
+    "nexmo": "vonage",
+}
+_CREDENTIAL_NAME = re.compile(
+    r"(^|_)(API_?KEY|APIKEY|SECRET_?KEY|SECRET|TOKEN|AUTH_?TOKEN|ACCESS_?TOKEN|ACCESS_?KEY|"
+    r"PRIVATE_?KEY|PASSWORD)$"
+)
+_CREDENTIAL_SECRET = re.compile(r"(credential|api-?key|token|secret-?key)", re.I)
+INTERNAL_ANNOTATION = "keybrake.dev/internal"
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialUse:
+    how: str  # env, envFrom, volume, templateDefaults env, podSpecPatch
+    container: str  # main, init:<name>, sidecar:<name>, or the containerSet member's name
+    secret: str
+    key: str | None  # the Secret's key, when one is named
+    env: str | None  # the environment variable, when it is one
+    vendor: str | None  # a known vendor, when the names tell
+    line: int
+
+    def describe(self) -> str:
+        what = f"Secret {self.secret!r}" + (f" key {self.key!r}" if self.key else "")
+        into = f" as ${self.env}" if self.env else ""
+        return f"{what}{into} ({self.how}, {self.container} container)"
+
+
+@dataclass(slots=True)
+class Heuristic:
+    internal: set[str]
+
+    def vendor_of(self, *names: str | None) -> str | None:
+        for name in names:
+            lowered = (name or "").lower()
+            for marker, vendor in VENDORS.items():
+                if marker in lowered:
+                    return vendor
+        return None
+
+    def is_credential(self, secret: str, key: str | None, env: str | None) -> bool:
+        if secret in self.internal:
+            return False
+        if env and env.upper().startswith("KEYBRAKE_"):
+            return False
+        if key == "vault_key" or secret.startswith("keybrake-"):
+            return False
+        if self.vendor_of(secret, key, env) is not None:
+            return True
+        if any(_CREDENTIAL_NAME.search(_normal(n)) for n in (key, env) if n):
+            return True
+        # A whole Secret (envFrom, a volume) is known by its name only.
+        return key is None and env is None and bool(_CREDENTIAL_SECRET.search(secret))
+
+
+def _containers(template: CommentedMap) -> Iterator[tuple[str, CommentedMap]]:
+    for key in ("container", "script"):
+        if isinstance(template.get(key), CommentedMap):
+            yield "main", template[key]
+    for key, role in (("initContainers", "init"), ("sidecars", "sidecar")):
+        for item in template.get(key) or []:
+            if isinstance(item, CommentedMap):
+                yield f"{role}:{item.get('name', '?')}", item
+    container_set = template.get("containerSet")
+    if isinstance(container_set, CommentedMap):
+        for item in container_set.get("containers") or []:
+            if isinstance(item, CommentedMap):
+                yield str(item.get("name", "?")), item
+
+
+def _env_refs(container: Any) -> Iterator[tuple[str, str, str | None, str | None, Any]]:
+    """(how, secret, key, env, node) of a container's Secret references in env and envFrom."""
+    if not isinstance(container, dict):
+        return
+    for entry in container.get("env") or []:
+        ref = (
+            ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+            if isinstance(entry, dict)
+            else None
+        )
+        if isinstance(ref, dict) and ref.get("name"):
+            yield "env", str(ref["name"]), _str(ref.get("key")), _str(entry.get("name")), entry
+    for entry in container.get("envFrom") or []:
+        ref = entry.get("secretRef") if isinstance(entry, dict) else None
+        if isinstance(ref, dict) and ref.get("name"):
+            yield "envFrom", str(ref["name"]), None, None, entry
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _volume_secrets(volume: Any) -> Iterator[tuple[str, str | None]]:
+    if not isinstance(volume, dict):
+        return
+    secret = volume.get("secret")
+    if isinstance(secret, dict) and secret.get("secretName"):
+        keys = [i.get("key") for i in secret.get("items") or [] if isinstance(i, dict)]
+        for key in keys or [None]:
+            yield str(secret["secretName"]), _str(key)
+    projected = volume.get("projected")
+    if isinstance(projected, dict):
+        for source in projected.get("sources") or []:
+            ref = source.get("secret") if isinstance(source, dict) else None
+            if isinstance(ref, dict) and ref.get("name"):
+                keys = [i.get("key") for i in ref.get("items") or [] if isinstance(i, dict)]
+                for key in keys or [None]:
+                    yield str(ref["name"]), _str(key)
+
+
+def _pod_spec_patch(text: Any) -> Iterator[tuple[str, str | None, str | None]]:
+    """Secret references inside a podSpecPatch (a YAML or JSON string)."""
+    if not isinstance(text, str):
+        return
+    try:
+        patch = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if not isinstance(patch, dict):
+        return
+    for key in ("containers", "initContainers"):
+        for container in patch.get(key) or []:
+            for _how, secret, secret_key, env, _node in _env_refs(container):
+                yield secret, secret_key, env
+    for volume in patch.get("volumes") or []:
+        for secret, secret_key in _volume_secrets(volume):
+            yield secret, secret_key, None
+
+
+def credential_uses(
+    workflow: Workflow, template: CommentedMap, heuristic: Heuristic
+) -> list[CredentialUse]:
+    """Every vendor credential the template's pods read from a Secret."""
+    found: list[CredentialUse] = []
+
+    def add(
+        how: str, container: str, secret: str, key: str | None, env: str | None, node: Any
+    ) -> None:
+        if heuristic.is_credential(secret, key, env):
+            vendor = heuristic.vendor_of(secret, key, env)
+            found.append(
+                CredentialUse(
+                    how, container, secret, key, env, vendor, line_of(node) or line_of(template)
+                )
+            )
+
+    volumes = {
+        str(v.get("name")): v
+        for v in [*(template.get("volumes") or []), *(workflow.spec.get("volumes") or [])]
+        if isinstance(v, dict)
+    }
+    containers = list(_containers(template))
+    for role, container in containers:
+        for how, secret, key, env, node in _env_refs(container):
+            add(how, role, secret, key, env, node)
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(str(mount.get("name"))) if isinstance(mount, dict) else None
+            for secret, key in _volume_secrets(volume):
+                add("volume", role, secret, key, None, mount)
+    defaults = workflow.spec.get("templateDefaults")
+    if isinstance(defaults, CommentedMap):
+        # Argo merges the defaults' container into container templates, its script into scripts.
+        for key in ("container", "script"):
+            if not isinstance(template.get(key), CommentedMap):
+                continue
+            for how, secret, secret_key, env, node in _env_refs(defaults.get(key)):
+                add(f"templateDefaults {how}", "main", secret, secret_key, env, node)
+    for source in (template.get("podSpecPatch"), workflow.spec.get("podSpecPatch")):
+        for secret, key, env in _pod_spec_patch(source):
+            add("podSpecPatch", "main", secret, key, env, template)
+    return found

@@ -1,0 +1,237 @@
+"""Argo workflow files as `keybrake lint` and `keybrake wrap` read them: YAML documents with
+their line numbers, the four kinds that hold templates, and which templates a run fans out.
+
+Read with ruamel.yaml's round-trip loader, so every mapping knows its line and `wrap` can write
+the file back with its comments and key order."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+__all__ = [
+    "KINDS",
+    "Document",
+    "FanOut",
+    "Skipped",
+    "Unreadable",
+    "Workflow",
+    "line_of",
+    "load_paths",
+    "yaml_round_trip",
+]
+
+# Kinds that hold templates, and where their workflow spec is.
+KINDS = {
+    "Workflow": ("spec",),
+    "WorkflowTemplate": ("spec",),
+    "ClusterWorkflowTemplate": ("spec",),
+    "CronWorkflow": ("spec", "workflowSpec"),
+}
+SUFFIXES = (".yaml", ".yml")
+FAN_OUT = ("withItems", "withParam", "withSequence")
+
+
+def yaml_round_trip() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never fold a long line the author wrote on one
+    return yaml
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A file read but not linted: Helm-templated, say, which is YAML only once rendered."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A path that could not be read at all (exit 2)."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(slots=True)
+class Document:
+    """One YAML document of a file, as loaded (a CommentedMap)."""
+
+    path: Path
+    index: int  # its place among the file's documents
+    body: CommentedMap
+
+
+def line_of(node: Any, key: str | None = None) -> int:
+    """The 1-based line of a mapping (or of one of its keys); 0 when unknown."""
+    lc = getattr(node, "lc", None)
+    if lc is None:
+        return 0
+    if key is not None and isinstance(node, CommentedMap) and key in node:
+        try:
+            return int(lc.key(key)[0]) + 1
+        except (KeyError, TypeError):
+            pass
+    return int(lc.line) + 1
+
+
+def _files(path: Path) -> Iterator[Path]:
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file() and child.suffix in SUFFIXES:
+                yield child
+    else:
+        yield path
+
+
+def _looks_like_helm(text: str) -> bool:
+    """Go template actions outside Argo's own `{{inputs...}}`-style references: `{{ .Values`,
+    `{{- if`, `{{ include`, `{{ end }}`."""
+    return any(
+        marker in text
+        for marker in (
+            "{{ .",
+            "{{- ",
+            "{{.",
+            "{{ include",
+            "{{ end",
+            "{{ if",
+            "{{ range",
+            "{{ template",
+        )
+    )
+
+
+def load_paths(paths: list[Path]) -> tuple[list[Document], list[Skipped], list[Unreadable]]:
+    documents: list[Document] = []
+    skipped: list[Skipped] = []
+    unreadable: list[Unreadable] = []
+    yaml = yaml_round_trip()
+    for root in paths:
+        if not root.exists():
+            unreadable.append(Unreadable(root, "no such file or directory"))
+            continue
+        for path in _files(root):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                unreadable.append(Unreadable(path, f"cannot read: {exc}"))
+                continue
+            if _looks_like_helm(text):
+                skipped.append(Skipped(path, "Helm-templated: lint the output of `helm template`"))
+                continue
+            try:
+                loaded = list(yaml.load_all(io.StringIO(text)))
+            except YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                unreadable.append(Unreadable(path, f"not valid YAML{where}: {problem}"))
+                continue
+            for index, body in enumerate(loaded):
+                if isinstance(body, CommentedMap):
+                    documents.append(Document(path, index, body))
+    return documents, skipped, unreadable
+
+
+@dataclass(slots=True)
+class Workflow:
+    """A document of one of the four kinds, with its workflow spec and templates by name."""
+
+    document: Document
+    kind: str
+    name: str
+    spec: CommentedMap
+    templates: dict[str, CommentedMap] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, document: Document) -> Workflow | None:
+        body = document.body
+        kind = body.get("kind")
+        if not isinstance(kind, str) or kind not in KINDS:
+            return None
+        if not str(body.get("apiVersion", "")).startswith("argoproj.io/"):
+            return None
+        spec: Any = body
+        for key in KINDS[kind]:
+            spec = spec.get(key) if isinstance(spec, CommentedMap) else None
+        if not isinstance(spec, CommentedMap):
+            return None
+        metadata = body.get("metadata")
+        name = "?"
+        if isinstance(metadata, CommentedMap):
+            name = str(metadata.get("name") or metadata.get("generateName") or "?")
+        templates: dict[str, CommentedMap] = {}
+        for template in spec.get("templates") or []:
+            if isinstance(template, CommentedMap) and isinstance(template.get("name"), str):
+                templates[template["name"]] = template
+        return cls(document, kind, name, spec, templates)
+
+    @property
+    def title(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        metadata = self.document.body.get("metadata")
+        found = metadata.get("annotations") if isinstance(metadata, CommentedMap) else None
+        return {str(k): str(v) for k, v in (found or {}).items()}
+
+    def calls(self, template: CommentedMap) -> Iterator[CommentedMap]:
+        """The steps or DAG tasks of a steps/dag template."""
+        for group in template.get("steps") or []:
+            if isinstance(group, CommentedSeq):
+                yield from (s for s in group if isinstance(s, CommentedMap))
+            elif isinstance(group, CommentedMap):
+                yield group
+        dag = template.get("dag")
+        if isinstance(dag, CommentedMap):
+            yield from (t for t in dag.get("tasks") or [] if isinstance(t, CommentedMap))
+
+    def fan_outs(self) -> dict[str, FanOut]:
+        """Templates that run as many pods at once: called with withItems/withParam/
+        withSequence, or called (at any depth) from a template that is; each with the outermost
+        call that fans it out and the template holding that call."""
+        found: dict[str, FanOut] = {}
+
+        def visit(name: str, fan: FanOut | None, path: frozenset[str]) -> None:
+            template = self.templates.get(name)
+            if template is None or name in path:  # unknown, or a recursive template
+                return
+            if fan is not None and name not in found:
+                found[name] = fan
+            for step in self.calls(template):
+                target = step.get("template")
+                if not isinstance(target, str):
+                    continue
+                if fan is None and any(key in step for key in FAN_OUT):
+                    visit(target, FanOut(step, name), path | {name})
+                else:
+                    visit(target, fan, path | {name})
+
+        for name in self.templates:
+            visit(name, None, frozenset())
+        return found
+
+    def template_refs(self) -> Iterator[tuple[CommentedMap, CommentedMap]]:
+        """(call, its templateRef) of every step or task calling a template in another file."""
+        for template in self.templates.values():
+            for step in self.calls(template):
+                ref = step.get("templateRef")
+                if isinstance(ref, CommentedMap):
+                    yield step, ref
+
+
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    call: CommentedMap  # the step or task with withItems/withParam/withSequence
+    holder: str  # the steps or dag template holding it
