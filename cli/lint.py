@@ -66,6 +66,17 @@ def lint(
         Path | None,
         typer.Option("--config", help=f"Settings file (default: {CONFIG_FILE} if present)."),
     ] = None,
+    diff: Annotated[
+        bool,
+        typer.Option(
+            "--diff",
+            help="After the findings, the change `keybrake wrap` would make to each file with "
+            "vendor credentials (or why it cannot); needs --budget-usd.",
+        ),
+    ] = False,
+    budget_usd: Annotated[
+        str | None, typer.Option("--budget-usd", help="With --diff: the run budget to show.")
+    ] = None,
 ) -> None:
     """Find the spend risks in Argo workflows: vendor keys in pods, retries that repeat charges,
     no cap, no revoke on exit, unbounded fan-out, vault keys in parameters. Exit 0: nothing at
@@ -78,7 +89,10 @@ def lint(
     from keybrake.adopt.lint import lint_paths
     from keybrake.adopt.report import as_json, as_sarif, as_text
 
-    report = lint_paths(paths, _internal_secrets(config, paths))
+    if diff and (budget_usd is None or output is not LintOutput.text):
+        fail("--diff needs --budget-usd, and text output", EXIT_USAGE)
+    internal = _internal_secrets(config, paths)
+    report = lint_paths(paths, internal)
     if output is LintOutput.json:
         sys.stdout.write(as_json(report))
     elif output is LintOutput.sarif:
@@ -89,7 +103,32 @@ def lint(
         sys.stdout.write(as_sarif(report, tool_version))
     else:
         sys.stdout.write(as_text(report))
+    if diff:
+        _show_wrap_diffs(report, internal, budget_usd or "")
     if report.unreadable:
         raise typer.Exit(2)
     if report.at_or_above(fail_on.value):
         raise typer.Exit(1)
+
+
+def _show_wrap_diffs(report: object, internal: set[str], budget_usd: str) -> None:
+    """What `keybrake wrap --budget-usd ...` would change in each file with a KB101 finding."""
+    from decimal import Decimal, InvalidOperation
+
+    from keybrake.adopt.lint import Report
+    from keybrake.adopt.wrap import WrapError, WrapOptions, wrap_text
+
+    assert isinstance(report, Report)
+    try:
+        budget = Decimal(budget_usd)
+    except InvalidOperation:
+        fail(f"--budget-usd {budget_usd!r}: not a dollar amount", EXIT_USAGE)
+    options = WrapOptions(budget_usd=budget, internal_secrets=internal)
+    for path in sorted({f.path for f in report.findings if f.rule == "KB101"}):
+        original = path.read_text(encoding="utf-8")
+        try:
+            wrapped = wrap_text(original, options, path)
+        except WrapError as exc:
+            sys.stdout.write(f"# keybrake wrap {path}: cannot convert: {exc}\n")
+            continue
+        sys.stdout.write(wrapped.diff(original, str(path)))

@@ -24,6 +24,7 @@ from keybrake.cli import (
     serve,
     templates,
     watch,
+    wrap,
 )
 
 app = typer.Typer(
@@ -47,6 +48,7 @@ app.command()(reaper.reaper)
 app.command()(demo.demo)
 app.add_typer(templates.app, name="templates")
 app.command(epilog="Example: keybrake lint workflows/ --fail-on high")(lint.lint)
+app.command(epilog="Example: keybrake wrap billing-agent.yaml --budget-usd 300 --diff")(wrap.wrap)
 app.add_typer(db.app, name="db")
 
 

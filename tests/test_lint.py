@@ -184,3 +184,25 @@ def test_internal_secrets_from_the_settings_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["lint", str(workflow), "--config", str(bad)])
     assert result.exit_code == 2 and "internal_secrets must be a list" in result.output
     assert "Traceback" not in result.output
+
+
+def test_diff_shows_what_wrap_would_change() -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "lint",
+            str(WORKFLOWS / "single-pod-default-retry.yaml"),
+            str(WORKFLOWS / "cron-envfrom.yaml"),
+            "--diff",
+            "--budget-usd",
+            "50",
+        ],
+    )
+    assert result.exit_code == 1  # the findings still fail the build
+    assert "+  entrypoint: keybrake-main" in result.stdout
+    assert '+            value: "50"' in result.stdout
+    assert "cron-envfrom.yaml: cannot convert: CronWorkflow/nightly-digest template send" in (
+        result.stdout
+    )
+    usage = CliRunner().invoke(app, ["lint", str(WORKFLOWS), "--diff"])
+    assert usage.exit_code == 2 and "--diff needs --budget-usd" in usage.output

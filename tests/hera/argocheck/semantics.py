@@ -193,8 +193,27 @@ class Checker:
         for identifier in re.findall(r"lastRetry\.(\w+)", retry.get("expression", "")):
             if identifier not in _LAST_RETRY:
                 self.problems.append(f"{where}.retryStrategy: unknown lastRetry.{identifier}")
-        rest = {k: v for k, v in template.items() if k not in {"inputs", "dag", "steps"}}
+        nested = "dag" in template or "steps" in template
+        skipped = {"inputs", "dag", "steps"} | ({"outputs"} if nested else set())
+        rest = {k: v for k, v in template.items() if k not in skipped}
         self.check_variables(rest, scope)
+        if nested:
+            # A DAG's or steps template's outputs may read its own tasks' or steps' outputs.
+            kind = "tasks" if "dag" in template else "steps"
+            children = (
+                [t["name"] for t in template["dag"].get("tasks", [])]
+                if kind == "tasks"
+                else [s["name"] for group in template["steps"] for s in group]
+            )
+            self.check_variables(
+                template.get("outputs"),
+                _Scope(
+                    f"{where}.outputs",
+                    inputs,
+                    sibling_kind=kind,
+                    visible_siblings=set(children),
+                ),
+            )
         if "dag" in template:
             self.check_dag(where, template["dag"], inputs)
         if "steps" in template:

@@ -342,7 +342,19 @@ class Simulator:
                     if done[name].phase in ("Failed", "Error"):
                         failed = True
         phase = "Failed" if failed else "Succeeded"
-        return Node(path, phase, children=list(done.values()))
+        node = Node(path, phase, children=list(done.values()))
+        if phase == "Succeeded":
+            # A DAG's own outputs: `valueFrom.parameter` naming a task's output (exported with
+            # its globalName by `call`, as for a pod's).
+            scope = _task_scope(done)
+            for parameter in (template.get("outputs") or {}).get("parameters", []):
+                source = (parameter.get("valueFrom") or {}).get("parameter")
+                if source is not None:
+                    try:
+                        node.parameters[parameter["name"]] = substitute(source, scope, ("tasks.",))
+                    except Unresolved as exc:
+                        return Node(path, "Error", message=str(exc), children=node.children)
+        return node
 
     def run_task(
         self,

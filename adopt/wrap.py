@@ -1,0 +1,530 @@
+"""`keybrake wrap`: rewrite an Argo workflow into the vault-key pattern, keeping everything else.
+
+For each vendor whose Secret its pods read (Stripe, Twilio, Resend), the run issues one capped
+vault key first (keybrake-vault-key's `issue`, by templateRef), the pods get that key in the same
+environment variable instead of the Secret's, plus the vendor's base-URL variable, each call
+tagged with its item and pod; retries stop repeating refused or failed calls; and an exit handler
+revokes the keys after the workflow's own exit handler, whatever that one's outcome.
+
+The file is rewritten in place of its YAML (ruamel.yaml round trip): comments, key order and
+unrelated templates are kept. What it cannot rewrite safely it refuses (`WrapError`, exit 2),
+naming the template and why. Wrapping a wrapped file changes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import itertools
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.scalarstring import DoubleQuotedScalarString as Quoted
+
+from keybrake.adopt.credentials import CredentialUse, Heuristic, credential_uses
+from keybrake.adopt.workflows import FAN_OUT, Document, Workflow, yaml_round_trip
+from keybrake.proxy.endpoints import EndpointPattern
+
+__all__ = [
+    "CODE_CHANGES",
+    "DEFAULT_ENDPOINTS",
+    "WrapError",
+    "WrapOptions",
+    "Wrapped",
+    "wrap_text",
+]
+
+SUPPORTED = ("stripe", "twilio", "resend")
+TEMPLATES = "keybrake-vault-key"  # the shipped ClusterWorkflowTemplate (templates/)
+DEFAULT_PROXY = "http://keybrake.keybrake.svc.cluster.local:8080"
+# What a key may call unless told (--allow): the vendor's usual spending call.
+DEFAULT_ENDPOINTS = {
+    "stripe": ["POST /v1/payment_intents"],
+    "twilio": ["POST /2010-04-01/Accounts/*/Messages.json"],
+    "resend": ["POST /emails"],
+}
+BASE_URL_VARIABLE = {
+    "stripe": "STRIPE_BASE_URL",
+    "twilio": "TWILIO_BASE_URL",
+    "resend": "RESEND_API_URL",
+}
+TWILIO_PLACEHOLDER_SID = "AC00000000000000000000000000000000"
+# The one change each vendor's SDK needs, and no more than that: resend-python reads its base
+# URL from the environment; stripe-python and twilio take it only in code.
+CODE_CHANGES = {
+    "stripe": (
+        "stripe-python takes its base URL only in code: after `import stripe`, add "
+        '`stripe.api_base = os.environ["STRIPE_BASE_URL"]` (with `StripeClient`, pass '
+        '`base_addresses={"api": os.environ["STRIPE_BASE_URL"]}` instead).'
+    ),
+    "twilio": (
+        "twilio takes its base URL only in code: after `client = Client(...)`, add "
+        '`client.api.base_url = os.environ["TWILIO_BASE_URL"]`.'
+    ),
+    "resend": "none: resend-python reads RESEND_API_URL from the environment by itself.",
+}
+
+
+class WrapError(Exception):
+    """What cannot be converted safely, and why (exit 2)."""
+
+
+@dataclass(slots=True)
+class WrapOptions:
+    budget_usd: Decimal
+    vendor: str = "auto"  # auto, stripe, twilio, resend
+    max_usd_per_pod: Decimal | None = None
+    refusal_exit_code: int | None = None
+    allow: list[str] = field(default_factory=list)  # endpoints; empty: DEFAULT_ENDPOINTS
+    proxy_url: str = DEFAULT_PROXY
+    internal_secrets: set[str] = field(default_factory=set)
+    # The keybrake steps copied into the workflow instead of templateRef to the installed
+    # keybrake-vault-key (for a cluster where it is not installed).
+    inline: bool = False
+
+
+@dataclass(slots=True)
+class Wrapped:
+    text: str
+    changed: bool
+    vendors: list[str]  # vendors whose keys the run now issues
+    notes: list[str]  # what a reviewer should know (templateRef fan-outs, code changes)
+
+    def diff(self, original: str, name: str) -> str:
+        return "".join(
+            difflib.unified_diff(
+                original.splitlines(keepends=True),
+                self.text.splitlines(keepends=True),
+                fromfile=f"a/{name}",
+                tofile=f"b/{name}",
+            )
+        )
+
+
+def _usd(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def _vendor_of(use: CredentialUse, template: str, options: WrapOptions) -> str:
+    if use.vendor in SUPPORTED:
+        if options.vendor not in ("auto", use.vendor):
+            raise WrapError(
+                f"template {template}: {use.describe()} is a {use.vendor} credential, not "
+                f"{options.vendor} (--vendor)"
+            )
+        return use.vendor
+    if use.vendor is None and options.vendor in SUPPORTED:
+        return options.vendor
+    what = f"a {use.vendor} credential" if use.vendor else "a credential of a vendor it cannot tell"
+    raise WrapError(
+        f"template {template}: {use.describe()} is {what}; keybrake proxies "
+        f"{', '.join(SUPPORTED)}" + ("" if use.vendor else " (name it with --vendor)")
+    )
+
+
+def _item_parameter(workflow: Workflow, template: str) -> str | None:
+    """The input parameter carrying the fan-out's item, so a pod's calls are tagged with it
+    (a per-pod cap then follows the item through Argo's retries)."""
+    fan = workflow.fan_outs().get(template)
+    if fan is None or fan.call.get("template") != template:
+        return None
+    arguments = fan.call.get("arguments")
+    parameters = arguments.get("parameters") if isinstance(arguments, dict) else None
+    for parameter in parameters or []:
+        if isinstance(parameter, dict) and "{{item" in str(parameter.get("value", "")):
+            return str(parameter.get("name"))
+    return None
+
+
+def _container(template: CommentedMap, role: str) -> CommentedMap:
+    found: Any = None
+    if role == "main":
+        found = template.get("container") or template.get("script")
+    else:
+        kind, _, name = role.partition(":")
+        key = {"init": "initContainers", "sidecar": "sidecars"}.get(kind)
+        items = template.get(key) if key else (template.get("containerSet") or {}).get("containers")
+        for item in items or []:
+            if str(item.get("name")) == (name if key else role):
+                found = item
+    if not isinstance(found, CommentedMap):
+        raise WrapError(f"template {template.get('name')}: container {role} not found")
+    return found
+
+
+def _env_entry(container: CommentedMap, name: str) -> CommentedMap | None:
+    for entry in container.get("env") or []:
+        if isinstance(entry, CommentedMap) and entry.get("name") == name:
+            return entry
+    return None
+
+
+def _raw_variable(vendor: str) -> str:
+    return f"KEYBRAKE_VAULT_KEY_{vendor.upper()}_RAW"
+
+
+def _rewrite_template(
+    workflow: Workflow,
+    name: str,
+    uses: list[tuple[CredentialUse, str]],
+    options: WrapOptions,
+) -> None:
+    template = workflow.templates[name]
+    item = _item_parameter(workflow, name)
+    tag = (
+        f"{{{{=sprig.trunc(12, sprig.sha256sum(inputs.parameters.{item}))}}}}@{{{{pod.name}}}}"
+        if item
+        else "{{pod.name}}"
+    )
+    for use, vendor in uses:
+        container = _container(template, use.container)
+        env = container.get("env")
+        assert use.env is not None and isinstance(env, CommentedSeq)
+        entry = _env_entry(container, use.env)
+        assert entry is not None
+        raw = _raw_variable(vendor)
+        if _env_entry(container, raw) is None:
+            # Before the variables that expand it: Kubernetes expands $(VAR) only from earlier
+            # entries.
+            env.insert(
+                env.index(entry),
+                CommentedMap(
+                    name=raw,
+                    valueFrom=CommentedMap(
+                        secretKeyRef=CommentedMap(
+                            name=Quoted(
+                                f"{{{{workflow.outputs.parameters.keybrake_{vendor}_vault_key_secret}}}}"
+                            ),
+                            key="vault_key",
+                        )
+                    ),
+                ),
+            )
+        del entry["valueFrom"]
+        is_sid = vendor == "twilio" and "SID" in use.env.upper()
+        entry["value"] = TWILIO_PLACEHOLDER_SID if is_sid else Quoted(f"$({raw}).{tag}")
+        base = BASE_URL_VARIABLE[vendor]
+        if _env_entry(container, base) is None:
+            env.append(CommentedMap(name=base, value=f"{options.proxy_url.rstrip('/')}/{vendor}"))
+    _retry_safely(workflow, template, options)
+
+
+def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptions) -> None:
+    """An unmodified pod cannot tell a refusal from a failure: retry system errors only, unless
+    told the exit code it uses for refusals."""
+    strategy = template.get("retryStrategy")
+    if not isinstance(strategy, CommentedMap):
+        inherited = (workflow.spec.get("templateDefaults") or {}).get("retryStrategy") or (
+            workflow.spec.get("retryStrategy")
+        )
+        if not isinstance(inherited, dict):
+            return
+        strategy = CommentedMap(inherited)
+        template["retryStrategy"] = strategy
+    if options.refusal_exit_code is not None:
+        strategy["retryPolicy"] = "Always"
+        strategy["expression"] = f"asInt(lastRetry.exitCode) != {options.refusal_exit_code}"
+    else:
+        strategy["retryPolicy"] = "OnError"
+    if "limit" not in strategy:
+        strategy["limit"] = 3
+
+
+def _call(step: str, options: WrapOptions) -> CommentedMap:
+    """How a task reaches keybrake's `issue`, `budget` or `revoke`: by templateRef, or the copy
+    inlined as `keybrake-<step>`."""
+    if options.inline:
+        return CommentedMap(template=f"keybrake-{step}")
+    return CommentedMap(templateRef=CommentedMap(name=TEMPLATES, template=step, clusterScope=True))
+
+
+def _inline_templates(steps: list[str]) -> list[CommentedMap]:
+    """keybrake-vault-key's templates as the renderer makes them (what templates/ holds)."""
+    from keybrake.hera_workflows.published import vault_key
+
+    yaml = yaml_round_trip()
+    out = io.StringIO()
+    yaml.dump(vault_key().to_dict(), out)
+    document = yaml.load(out.getvalue())
+    found = {t["name"]: t for t in document["spec"]["templates"]}
+    copies = []
+    for step in steps:
+        template = found[step]
+        template["name"] = f"keybrake-{step}"
+        copies.append(template)
+    return copies
+
+
+def _issue_template(vendor: str, options: WrapOptions, budget: bool) -> CommentedMap:
+    endpoints = options.allow or DEFAULT_ENDPOINTS[vendor]
+    arguments = [
+        CommentedMap(name="vendor", value=vendor),
+        CommentedMap(name="allowed_endpoints", value=json.dumps(endpoints)),
+        CommentedMap(name="request_id", value=Quoted(f"{{{{workflow.uid}}}}/keybrake-{vendor}")),
+        CommentedMap(name="proxy_url", value=options.proxy_url),
+    ]
+    if budget:
+        arguments.append(
+            CommentedMap(name="budget_id", value=Quoted("{{inputs.parameters.budget_id}}"))
+        )
+    else:
+        arguments.append(CommentedMap(name="total_usd_cap", value=Quoted(_usd(options.budget_usd))))
+    if options.max_usd_per_pod is not None:
+        arguments.append(
+            CommentedMap(name="max_usd_per_caller", value=Quoted(_usd(options.max_usd_per_pod)))
+        )
+    issue = CommentedMap(name="issue")
+    issue.update(_call("issue", options))
+    issue["arguments"] = CommentedMap(parameters=CommentedSeq(arguments))
+    template = CommentedMap(name=f"keybrake-{vendor}-key")
+    if budget:
+        template["inputs"] = CommentedMap(parameters=CommentedSeq([CommentedMap(name="budget_id")]))
+    template["dag"] = CommentedMap(tasks=CommentedSeq([issue]))
+    # Global, so any pod of the run, at any depth, reads the key's Secret.
+    template["outputs"] = CommentedMap(
+        parameters=CommentedSeq(
+            [
+                CommentedMap(
+                    name="vault_key_secret",
+                    globalName=f"keybrake_{vendor}_vault_key_secret",
+                    valueFrom=CommentedMap(
+                        parameter=Quoted("{{tasks.issue.outputs.parameters.vault_key_secret}}")
+                    ),
+                ),
+                CommentedMap(
+                    name="key_id",
+                    globalName=f"keybrake_{vendor}_key_id",
+                    valueFrom=CommentedMap(
+                        parameter=Quoted("{{tasks.issue.outputs.parameters.key_id}}")
+                    ),
+                ),
+            ]
+        )
+    )
+    return template
+
+
+def _main_template(
+    workflow: Workflow, entry: str, vendors: list[str], options: WrapOptions, budget: bool
+) -> CommentedMap:
+    tasks = CommentedSeq()
+    if budget:
+        step = CommentedMap(name="keybrake-budget")
+        step.update(_call("budget", options))
+        tasks.append(step)
+        step.update(
+            CommentedMap(
+                arguments=CommentedMap(
+                    parameters=CommentedSeq(
+                        [
+                            CommentedMap(
+                                name="total_usd_cap", value=Quoted(_usd(options.budget_usd))
+                            ),
+                            CommentedMap(
+                                name="request_id", value=Quoted("{{workflow.uid}}/keybrake-budget")
+                            ),
+                            CommentedMap(name="proxy_url", value=options.proxy_url),
+                        ]
+                    )
+                ),
+            )
+        )
+    for vendor in vendors:
+        task = CommentedMap(name=f"keybrake-{vendor}", template=f"keybrake-{vendor}-key")
+        if budget:
+            task["depends"] = "keybrake-budget"
+            task["arguments"] = CommentedMap(
+                parameters=CommentedSeq(
+                    [
+                        CommentedMap(
+                            name="budget_id",
+                            value=Quoted("{{tasks.keybrake-budget.outputs.parameters.budget_id}}"),
+                        )
+                    ]
+                )
+            )
+        tasks.append(task)
+    run = CommentedMap(
+        name="run", template=entry, depends=" && ".join(f"keybrake-{v}" for v in vendors)
+    )
+    inputs = (workflow.templates[entry].get("inputs") or {}).get("parameters") or []
+    if inputs:
+        # Argo gives the workflow's arguments to its entrypoint's inputs: pass them on.
+        run["arguments"] = CommentedMap(
+            parameters=CommentedSeq(
+                [
+                    CommentedMap(
+                        name=str(p["name"]),
+                        value=Quoted(f"{{{{workflow.parameters.{p['name']}}}}}"),
+                    )
+                    for p in inputs
+                ]
+            )
+        )
+    tasks.append(run)
+    return CommentedMap(name="keybrake-main", dag=CommentedMap(tasks=tasks))
+
+
+def _exit_template(
+    workflow: Workflow, vendors: list[str], options: WrapOptions, budget: bool
+) -> CommentedMap:
+    """Runs the workflow's own exit handler first, then revokes each key (and the budget)
+    whatever that one's outcome."""
+    tasks = CommentedSeq()
+    original: CommentedMap | None = None
+    on_exit = workflow.spec.get("onExit")
+    hooks = workflow.spec.get("hooks")
+    exit_hook = hooks.get("exit") if isinstance(hooks, CommentedMap) else None
+    if isinstance(on_exit, str):
+        original = CommentedMap(name="workflow-exit-handler", template=on_exit)
+    elif isinstance(exit_hook, CommentedMap):
+        original = CommentedMap(name="workflow-exit-handler")
+        for key in ("template", "templateRef", "arguments"):
+            if key in exit_hook:
+                original[key] = exit_hook[key]
+    if original is not None:
+        tasks.append(original)
+    after = (
+        "workflow-exit-handler.Succeeded || workflow-exit-handler.Failed || "
+        "workflow-exit-handler.Errored"
+    )
+    for index, vendor in enumerate(vendors):
+        parameters = [
+            CommentedMap(
+                name="key_id",
+                value=Quoted(f"{{{{workflow.outputs.parameters.keybrake_{vendor}_key_id}}}}"),
+            ),
+            CommentedMap(name="proxy_url", value=options.proxy_url),
+        ]
+        if budget and index == 0:
+            parameters.append(
+                CommentedMap(
+                    name="budget_id",
+                    value=Quoted("{{workflow.outputs.parameters.keybrake_budget_id}}"),
+                )
+            )
+        task = CommentedMap(name=f"revoke-{vendor}")
+        task.update(_call("revoke", options))
+        task["arguments"] = CommentedMap(parameters=CommentedSeq(parameters))
+        if original is not None:
+            task["depends"] = after
+        tasks.append(task)
+    return CommentedMap(name="keybrake-exit", dag=CommentedMap(tasks=tasks))
+
+
+def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -> list[str]:
+    heuristic = Heuristic(set(options.internal_secrets))
+    fan_outs = workflow.fan_outs()
+    for call, ref in workflow.template_refs():
+        if any(key in call for key in FAN_OUT):
+            notes.append(
+                f"{workflow.title}: step {call.get('name')!r} fans out template "
+                f"{ref.get('template')!r} of {ref.get('name')!r}, which lives in another file: "
+                "wrap does not change it; give its pods the vault key there (keybrake lint shows "
+                "where)"
+            )
+    risky: dict[str, list[tuple[CredentialUse, str]]] = {}
+    for name, template in workflow.templates.items():
+        uses = credential_uses(workflow, template, heuristic)
+        for use in uses:
+            if use.how != "env" or use.env is None:
+                raise WrapError(
+                    f"{workflow.title} template {name}: {use.describe()} comes in by {use.how}; "
+                    "wrap rewrites environment variables taken from a Secret key only: move it "
+                    "to `env[].valueFrom.secretKeyRef`, or convert this template by hand"
+                )
+            risky.setdefault(name, []).append((use, _vendor_of(use, name, options)))
+    if not risky:
+        return []
+    if "entrypoint" not in workflow.spec:
+        raise WrapError(
+            f"{workflow.title} has no entrypoint (a library of templates): wrap the workflows "
+            "that call it, and give its templates the vault key there"
+        )
+    vendors = sorted({vendor for uses in risky.values() for _, vendor in uses})
+    budget = len(vendors) > 1  # several vendors share one budget; one vendor's key holds it
+    for name, found in risky.items():
+        _rewrite_template(workflow, name, found, options)
+    templates = workflow.spec["templates"]
+    entry = str(workflow.spec["entrypoint"])
+    for vendor in vendors:
+        templates.append(_issue_template(vendor, options, budget))
+    templates.append(_main_template(workflow, entry, vendors, options, budget))
+    templates.append(_exit_template(workflow, vendors, options, budget))
+    if options.inline:
+        steps = ["issue", "revoke"] + (["budget"] if budget else [])
+        templates.extend(t for t in _inline_templates(steps) if t["name"] not in workflow.templates)
+    workflow.spec["entrypoint"] = "keybrake-main"
+    hooks = workflow.spec.get("hooks")
+    if isinstance(hooks, CommentedMap) and isinstance(hooks.get("exit"), CommentedMap):
+        hooks["exit"] = CommentedMap(template="keybrake-exit")
+    else:
+        workflow.spec["onExit"] = "keybrake-exit"
+    if (
+        not any(
+            isinstance(source, dict) and source.get("parallelism") is not None
+            for name in risky
+            if name in fan_outs
+            for source in (workflow.templates[name], workflow.templates.get(fan_outs[name].holder))
+        )
+        and any(name in fan_outs for name in risky)
+        and "parallelism" not in workflow.spec
+    ):
+        notes.append(
+            f"{workflow.title}: the fan-out has no parallelism; consider `parallelism:` on it "
+            "(keybrake lint KB105)"
+        )
+    return vendors
+
+
+def _indentation(text: str) -> tuple[int, int]:
+    """The file's own block-sequence style, (sequence indent, dash offset): `key:\n- item`
+    (2, 0) or `key:\n  - item` (4, 2), so the lines wrap does not touch stay as they were."""
+    lines = text.splitlines()
+    for above, line in itertools.pairwise(lines):
+        stripped = line.lstrip(" ")
+        if (
+            above.rstrip().endswith(":")
+            and stripped.startswith("- ")
+            and not above.lstrip().startswith("#")
+        ):
+            offset = (len(line) - len(stripped)) - (len(above) - len(above.lstrip(" ")))
+            if offset in (0, 2):
+                return offset + 2, offset
+    return 2, 0
+
+
+def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrapped:
+    for endpoint in options.allow:
+        try:
+            EndpointPattern.parse(endpoint)
+        except ValueError as exc:
+            raise WrapError(f"--allow: {exc}") from exc
+    yaml = yaml_round_trip()
+    sequence, offset = _indentation(text)
+    yaml.indent(mapping=2, sequence=sequence, offset=offset)
+    try:
+        documents = list(yaml.load_all(io.StringIO(text)))
+    except YAMLError as exc:
+        raise WrapError(f"not valid YAML: {str(exc).splitlines()[0]}") from exc
+    notes: list[str] = []
+    vendors: list[str] = []
+    for index, body in enumerate(documents):
+        if not isinstance(body, CommentedMap):
+            continue
+        workflow = Workflow.of(Document(path or Path("-"), index, body))
+        if workflow is None:
+            continue
+        vendors += _wrap_workflow(workflow, options, notes)
+    if not vendors:
+        return Wrapped(text, False, [], notes)
+    out = io.StringIO()
+    yaml.dump_all(documents, out)
+    for vendor in sorted(set(vendors)):
+        notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
+    return Wrapped(out.getvalue(), True, sorted(set(vendors)), notes)

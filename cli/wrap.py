@@ -1,0 +1,125 @@
+"""`keybrake wrap FILE`: convert an Argo workflow to the vault-key pattern (docs/wrap.md)."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from keybrake.cli._common import EXIT_USAGE, fail
+
+
+class WrapVendor(enum.StrEnum):
+    auto = "auto"
+    stripe = "stripe"
+    twilio = "twilio"
+    resend = "resend"
+
+
+def _dollars(text: str | None, flag: str) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
+    if not value.is_finite() or value <= 0:
+        fail(f"{flag} {text!r}: must be a positive dollar amount", EXIT_USAGE)
+    return value
+
+
+def wrap(
+    file: Annotated[Path, typer.Argument(help="The workflow's YAML file.", show_default=False)],
+    budget_usd: Annotated[
+        str,
+        typer.Option("--budget-usd", help="What one run may spend in all, across its vendors."),
+    ],
+    vendor: Annotated[
+        WrapVendor,
+        typer.Option(help="The vendor of credentials whose names do not tell it."),
+    ] = WrapVendor.auto,
+    max_usd_per_pod: Annotated[
+        str | None,
+        typer.Option(
+            "--max-usd-per-pod", help="What one fanned-out item may spend, retries included."
+        ),
+    ] = None,
+    refusal_exit_code: Annotated[
+        int | None,
+        typer.Option(
+            "--refusal-exit-code",
+            min=1,
+            max=255,
+            help="The exit code the pods use when keybrake refuses a call: retries then skip it "
+            "and still retry other failures (default: retry system errors only).",
+        ),
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", help="'METHOD /path' the keys may call; repeatable."),
+    ] = None,
+    proxy_url: Annotated[
+        str, typer.Option("--proxy-url", help="The keybrake proxy, as the pods reach it.")
+    ] = "http://keybrake.keybrake.svc.cluster.local:8080",
+    inline: Annotated[
+        bool,
+        typer.Option(
+            "--inline",
+            help="Copy keybrake's issue and revoke steps into the workflow instead of calling "
+            "the installed keybrake-vault-key by templateRef.",
+        ),
+    ] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Rewrite FILE itself.")] = False,
+    diff: Annotated[
+        bool, typer.Option("--diff", help="Print a unified diff of the change instead.")
+    ] = False,
+) -> None:
+    """Rewrite an Argo workflow into the vault-key pattern: a capped key issued first, pods
+    given the key instead of the vendor Secret, safe retries, and the keys revoked on exit after
+    the workflow's own exit handler. Says on stderr the one code change each SDK needs.
+
+    Example: keybrake wrap billing-agent.yaml --budget-usd 300 --max-usd-per-pod 20 --diff
+    """
+    from keybrake.adopt.wrap import WrapError, WrapOptions, wrap_text
+
+    if in_place and output is not None:
+        fail("--in-place and --output: choose one", EXIT_USAGE)
+    budget = _dollars(budget_usd, "--budget-usd")
+    assert budget is not None
+    try:
+        original = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {file}: {exc}", EXIT_USAGE)
+    options = WrapOptions(
+        budget_usd=budget,
+        vendor=vendor.value,
+        max_usd_per_pod=_dollars(max_usd_per_pod, "--max-usd-per-pod"),
+        refusal_exit_code=refusal_exit_code,
+        allow=list(allow or []),
+        proxy_url=proxy_url,
+        inline=inline,
+    )
+    try:
+        wrapped = wrap_text(original, options, file)
+    except WrapError as exc:
+        fail(f"cannot wrap {file}: {exc}", EXIT_USAGE)
+    for note in wrapped.notes:
+        print(f"keybrake wrap: {note}", file=sys.stderr)
+    if not wrapped.changed:
+        print(f"keybrake wrap: {file}: nothing to change", file=sys.stderr)
+    if diff:
+        sys.stdout.write(wrapped.diff(original, str(file)))
+    elif in_place:
+        if wrapped.changed:
+            file.write_text(wrapped.text, encoding="utf-8")
+    elif output is not None:
+        output.write_text(wrapped.text, encoding="utf-8")
+    else:
+        sys.stdout.write(wrapped.text)
