@@ -21,6 +21,7 @@ COPY cli ./cli
 COPY proxy ./proxy
 COPY hera_workflows ./hera_workflows
 COPY reaper ./reaper
+COPY adopt ./adopt
 RUN /opt/venv/bin/pip install . \
     && /opt/venv/bin/keybrake --help >/dev/null
 

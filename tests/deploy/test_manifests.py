@@ -807,6 +807,13 @@ def test_dockerfile_installs_the_project_with_everything_the_build_needs() -> No
     assert needed <= copied, f"not copied into the build: {sorted(needed - copied)}"
     for source in copied - {pyproject["project"]["readme"]}:
         assert (ROOT / source).exists(), source
+    # The build context is an allow-list (.dockerignore): what is copied must be let in.
+    allowed = {
+        line[1:].strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert copied <= allowed, f"copied but left out of the context: {sorted(copied - allowed)}"
     runs = " ".join(args for stage in stages for instruction, args in stage if instruction == "RUN")
     assert re.search(r"pip install (--no-cache-dir )?\.(\s|$)", runs), "pip install . not found"
 
