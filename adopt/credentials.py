@@ -46,6 +46,10 @@ _CREDENTIAL_NAME = re.compile(
     r"PRIVATE_?KEY|PASSWORD)$"
 )
 _CREDENTIAL_SECRET = re.compile(r"(credential|api-?key|token|secret-?key)", re.I)
+# With a vendor's name, what a credential ends with (STRIPE_KEY, TWILIO_AUTH_TOKEN, ...), and
+# what never is one: a webhook's signing secret, a publishable key, a sender number or a SID.
+_VENDOR_CREDENTIAL = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS?)$")
+_NOT_A_CREDENTIAL = re.compile(r"(WEBHOOK|SIGNING|PUBLISHABLE|PUBLIC)")
 INTERNAL_ANNOTATION = "keybrake.dev/internal"
 
 
@@ -88,42 +92,51 @@ class Heuristic:
             return False
         if key == "vault_key" or secret.startswith("keybrake-"):
             return False
-        if self.vendor_of(secret, key, env) is not None:
+        names = [_normal(n) for n in (key, env) if n]
+        if any(_NOT_A_CREDENTIAL.search(n) for n in names):
+            return False
+        if key is None and env is None:
+            # A whole Secret (envFrom, a volume) is known by its name only.
+            return self.vendor_of(secret) is not None or bool(_CREDENTIAL_SECRET.search(secret))
+        if self.vendor_of(secret, key, env) is not None and any(
+            _VENDOR_CREDENTIAL.search(n) for n in names
+        ):
             return True
-        if any(_CREDENTIAL_NAME.search(_normal(n)) for n in (key, env) if n):
-            return True
-        # A whole Secret (envFrom, a volume) is known by its name only.
-        return key is None and env is None and bool(_CREDENTIAL_SECRET.search(secret))
+        return any(_CREDENTIAL_NAME.search(n) for n in names)
 
 
-def _containers(template: CommentedMap) -> Iterator[tuple[str, CommentedMap]]:
+def _list(value: Any) -> list[Any]:
+    """A field that should be a list; anything else (a typo, a number) holds nothing."""
+    return value if isinstance(value, list) else []
+
+
+def containers(template: CommentedMap) -> Iterator[tuple[str, CommentedMap]]:
+    """(role, container) of every container a template's pod runs: `main`, `init:<name>`,
+    `sidecar:<name>`, `set:<name>` (a containerSet member)."""
     for key in ("container", "script"):
         if isinstance(template.get(key), CommentedMap):
             yield "main", template[key]
     for key, role in (("initContainers", "init"), ("sidecars", "sidecar")):
-        for item in template.get(key) or []:
+        for item in _list(template.get(key)):
             if isinstance(item, CommentedMap):
                 yield f"{role}:{item.get('name', '?')}", item
     container_set = template.get("containerSet")
     if isinstance(container_set, CommentedMap):
-        for item in container_set.get("containers") or []:
+        for item in _list(container_set.get("containers")):
             if isinstance(item, CommentedMap):
-                yield str(item.get("name", "?")), item
+                yield f"set:{item.get('name', '?')}", item
 
 
 def _env_refs(container: Any) -> Iterator[tuple[str, str, str | None, str | None, Any]]:
     """(how, secret, key, env, node) of a container's Secret references in env and envFrom."""
     if not isinstance(container, dict):
         return
-    for entry in container.get("env") or []:
-        ref = (
-            ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
-            if isinstance(entry, dict)
-            else None
-        )
+    for entry in _list(container.get("env")):
+        source = entry.get("valueFrom") if isinstance(entry, dict) else None
+        ref = source.get("secretKeyRef") if isinstance(source, dict) else None
         if isinstance(ref, dict) and ref.get("name"):
             yield "env", str(ref["name"]), _str(ref.get("key")), _str(entry.get("name")), entry
-    for entry in container.get("envFrom") or []:
+    for entry in _list(container.get("envFrom")):
         ref = entry.get("secretRef") if isinstance(entry, dict) else None
         if isinstance(ref, dict) and ref.get("name"):
             yield "envFrom", str(ref["name"]), None, None, entry
@@ -138,15 +151,15 @@ def _volume_secrets(volume: Any) -> Iterator[tuple[str, str | None]]:
         return
     secret = volume.get("secret")
     if isinstance(secret, dict) and secret.get("secretName"):
-        keys = [i.get("key") for i in secret.get("items") or [] if isinstance(i, dict)]
+        keys = [i.get("key") for i in _list(secret.get("items")) if isinstance(i, dict)]
         for key in keys or [None]:
             yield str(secret["secretName"]), _str(key)
     projected = volume.get("projected")
     if isinstance(projected, dict):
-        for source in projected.get("sources") or []:
+        for source in _list(projected.get("sources")):
             ref = source.get("secret") if isinstance(source, dict) else None
             if isinstance(ref, dict) and ref.get("name"):
-                keys = [i.get("key") for i in ref.get("items") or [] if isinstance(i, dict)]
+                keys = [i.get("key") for i in _list(ref.get("items")) if isinstance(i, dict)]
                 for key in keys or [None]:
                     yield str(ref["name"]), _str(key)
 
@@ -162,10 +175,10 @@ def _pod_spec_patch(text: Any) -> Iterator[tuple[str, str | None, str | None]]:
     if not isinstance(patch, dict):
         return
     for key in ("containers", "initContainers"):
-        for container in patch.get(key) or []:
+        for container in _list(patch.get(key)):
             for _how, secret, secret_key, env, _node in _env_refs(container):
                 yield secret, secret_key, env
-    for volume in patch.get("volumes") or []:
+    for volume in _list(patch.get("volumes")):
         for secret, secret_key in _volume_secrets(volume):
             yield secret, secret_key, None
 
@@ -189,14 +202,14 @@ def credential_uses(
 
     volumes = {
         str(v.get("name")): v
-        for v in [*(template.get("volumes") or []), *(workflow.spec.get("volumes") or [])]
+        for v in [*_list(template.get("volumes")), *_list(workflow.spec.get("volumes"))]
         if isinstance(v, dict)
     }
-    containers = list(_containers(template))
-    for role, container in containers:
+    running = list(containers(template))
+    for role, container in running:
         for how, secret, key, env, node in _env_refs(container):
             add(how, role, secret, key, env, node)
-        for mount in container.get("volumeMounts") or []:
+        for mount in _list(container.get("volumeMounts")):
             volume = volumes.get(str(mount.get("name"))) if isinstance(mount, dict) else None
             for secret, key in _volume_secrets(volume):
                 add("volume", role, secret, key, None, mount)
@@ -208,7 +221,8 @@ def credential_uses(
                 continue
             for how, secret, secret_key, env, node in _env_refs(defaults.get(key)):
                 add(f"templateDefaults {how}", "main", secret, secret_key, env, node)
+    # A pod spec patch changes the pods of templates that run one (not steps, DAGs, suspends).
     for source in (template.get("podSpecPatch"), workflow.spec.get("podSpecPatch")):
-        for secret, key, env in _pod_spec_patch(source):
+        for secret, key, env in _pod_spec_patch(source) if running else ():
             add("podSpecPatch", "main", secret, key, env, template)
     return found

@@ -27,6 +27,7 @@ from keybrake.adopt.workflows import (
 )
 
 __all__ = [
+    "DEFAULT_SEVERITY",
     "RULES",
     "SEVERITIES",
     "Finding",
@@ -97,6 +98,15 @@ RULES = {
             "Use `delivery: secret` (the default) and read the key from the per-run Secret.",
         ),
     )
+}
+# Each rule's usual severity (KB101 is high when fanned out, medium otherwise).
+DEFAULT_SEVERITY = {
+    "KB101": "medium",
+    "KB102": "high",
+    "KB103": "high",
+    "KB104": "high",
+    "KB105": "medium",
+    "KB106": "info",
 }
 _SEVERITY_OF = {
     "KB102": "high",
@@ -174,6 +184,8 @@ def retries_application_failures(strategy: CommentedMap) -> str | None:
     if "lastRetry.exitCode" in expression:
         return None  # taken to exclude the pod's refusal exit code (docs/lint.md)
     limit = strategy.get("limit")
+    if str(limit).strip() == "0":
+        return None  # no retry at all
     if limit is None:
         return f"retryStrategy without a limit retries {policy} forever"
     implied = "" if "retryPolicy" in strategy else " (Argo's default when only limit is set)"
@@ -253,11 +265,12 @@ def _exit_revokes(workflow: Workflow) -> bool:
     if _uses_keybrake_fanout(workflow):
         return True
     handlers: list[CommentedMap | str] = []
-    if isinstance(workflow.spec.get("onExit"), str):
-        handlers.append(workflow.spec["onExit"])
     hooks = workflow.spec.get("hooks")
     exit_hook = hooks.get("exit") if isinstance(hooks, CommentedMap) else None
-    if isinstance(exit_hook, CommentedMap):
+    if isinstance(workflow.spec.get("onExit"), str):
+        # Argo runs onExit when both are set: hooks.exit then never runs.
+        handlers.append(workflow.spec["onExit"])
+    elif isinstance(exit_hook, CommentedMap):
         if isinstance(exit_hook.get("template"), str):
             handlers.append(exit_hook["template"])
         elif _ref(exit_hook):
@@ -295,9 +308,17 @@ def _vault_key_parameters(workflow: Workflow) -> Iterator[tuple[str, CommentedMa
 
 
 class _Linter:
-    def __init__(self, heuristic: Heuristic, external_fan_outs: set[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        heuristic: Heuristic,
+        external_fan_outs: set[tuple[str, str]],
+        library_risks: dict[tuple[str, str], int],
+    ) -> None:
         self.heuristic = heuristic
         self.external_fan_outs = external_fan_outs
+        # (WorkflowTemplate, template) holding vendor credentials, in the linted files: a run
+        # calling one by templateRef holds them too.
+        self.library_risks = library_risks
 
     def lint(self, workflow: Workflow) -> list[Finding]:
         findings: list[Finding] = []
@@ -359,15 +380,38 @@ class _Linter:
                         f"fanned out by {fan.holder!r} step {fan.call.get('name')!r} ({how}) "
                         "with no parallelism on it, on that template or on the workflow",
                     )
+        held = sorted(risky)
+        for holder_name, holder in list(workflow.templates.items()):
+            for call in workflow.calls(holder):
+                ref = _ref(call)
+                if ref is None or ref not in self.library_risks:
+                    continue
+                held.append(f"{ref[0]}/{ref[1]} (templateRef)")
+                fanned = any(key in call for key in FAN_OUT)
+                bounded = any(
+                    isinstance(source, dict) and source.get("parallelism") is not None
+                    for source in (holder, workflow.spec)
+                )
+                if fanned and not bounded:
+                    how = next(k for k in FAN_OUT if k in call)
+                    add(
+                        "KB105",
+                        _SEVERITY_OF["KB105"],
+                        line_of(call),
+                        holder_name,
+                        f"step {call.get('name')!r} fans out {ref[0]}/{ref[1]} ({how}), which "
+                        "holds a vendor credential, with no parallelism on this template or the "
+                        "workflow",
+                    )
         runs = workflow.kind in ("Workflow", "CronWorkflow") or "entrypoint" in workflow.spec
         issues = _issues_anywhere(workflow)
-        if runs and risky and not issues:
+        if runs and held and not issues:
             add(
                 "KB103",
                 _SEVERITY_OF["KB103"],
                 line_of(workflow.document.body, "spec"),
                 None,
-                f"templates {', '.join(sorted(risky))} hold vendor credentials and no step issues "
+                f"templates {', '.join(held)} hold vendor credentials and no step issues "
                 "a capped vault key",
             )
         if runs and issues and not _exit_revokes(workflow):
@@ -390,10 +434,9 @@ def _internal_secrets(documents: list[Document]) -> set[str]:
         body = document.body
         if body.get("kind") == "Secret" and isinstance(body.get("metadata"), dict):
             metadata = body["metadata"]
-            if (
-                str((metadata.get("annotations") or {}).get(INTERNAL_ANNOTATION, "")).lower()
-                == "true"
-            ):
+            annotations = metadata.get("annotations")
+            marked = isinstance(annotations, dict) and annotations.get(INTERNAL_ANNOTATION)
+            if str(marked).lower() == "true":
                 found.add(str(metadata.get("name")))
     return found
 
@@ -413,8 +456,24 @@ def lint_paths(paths: list[Path], internal: set[str] | None = None) -> Report:
         for call, ref in workflow.template_refs()
         if any(key in call for key in FAN_OUT)
     }
-    linter = _Linter(heuristic, external)
+    libraries = {
+        (workflow.name, name): len(uses)
+        for workflow in workflows
+        if workflow.kind in ("WorkflowTemplate", "ClusterWorkflowTemplate")
+        for name, template in workflow.templates.items()
+        if (uses := credential_uses(workflow, template, heuristic))
+    }
+    linter = _Linter(heuristic, external, libraries)
     for workflow in workflows:
-        report.findings += linter.lint(workflow)
+        try:
+            report.findings += linter.lint(workflow)
+        except Exception as exc:
+            report.unreadable.append(
+                Unreadable(
+                    workflow.document.path,
+                    f"{workflow.title}: a field has a shape Argo does not accept "
+                    f"({type(exc).__name__}: {exc})",
+                )
+            )
     report.findings.sort(key=lambda f: (str(f.path), f.line, f.rule))
     return report

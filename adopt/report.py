@@ -4,10 +4,11 @@ UIs such as GitHub's)."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from keybrake.adopt.lint import RULES, Report
+from keybrake.adopt.lint import DEFAULT_SEVERITY, RULES, Report
 
 __all__ = ["as_json", "as_sarif", "as_text"]
 
@@ -20,6 +21,16 @@ def _relative(path: Path) -> str:
         return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def _uri(path: Path) -> str:
+    """A SARIF artifact location: relative to the current folder when under it, percent-encoded
+    (RFC 3986), else a file: URI."""
+    try:
+        relative = path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_uri()
+    return urllib.parse.quote(relative, safe="/")
 
 
 def as_text(report: Report) -> str:
@@ -90,7 +101,7 @@ def as_sarif(report: Report, version: str) -> str:
                 "locations": [
                     {
                         "physicalLocation": {
-                            "artifactLocation": {"uri": _relative(f.path)},
+                            "artifactLocation": {"uri": _uri(f.path)},
                             "region": {"startLine": max(f.line, 1)},
                         }
                     }
@@ -123,9 +134,7 @@ def as_sarif(report: Report, version: str) -> str:
                         "fullDescription": {"text": rule.summary},
                         "help": {"text": rule.fix},
                         "helpUri": f"{INFORMATION_URI}#{rule.id.lower()}-{rule.name}",
-                        "defaultConfiguration": {
-                            "level": _LEVEL["high" if rule.id != "KB106" else "info"]
-                        },
+                        "defaultConfiguration": {"level": _LEVEL[DEFAULT_SEVERITY[rule.id]]},
                     }
                     for rule in rules
                 ],

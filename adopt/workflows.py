@@ -126,12 +126,17 @@ def load_paths(paths: list[Path]) -> tuple[list[Document], list[Skipped], list[U
             except (OSError, UnicodeDecodeError) as exc:
                 unreadable.append(Unreadable(path, f"cannot read: {exc}"))
                 continue
-            if _looks_like_helm(text):
-                skipped.append(Skipped(path, "Helm-templated: lint the output of `helm template`"))
-                continue
             try:
                 loaded = list(yaml.load_all(io.StringIO(text)))
             except YAMLError as exc:
+                # Go template actions outside quoted strings are what make a chart's template
+                # no YAML; in a YAML file that loads they are text (a script's go-template,
+                # say), and it is linted.
+                if _looks_like_helm(text):
+                    skipped.append(
+                        Skipped(path, "Helm-templated: lint the output of `helm template`")
+                    )
+                    continue
                 mark = getattr(exc, "problem_mark", None)
                 where = f" (line {mark.line + 1})" if mark is not None else ""
                 problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -152,6 +157,7 @@ class Workflow:
     name: str
     spec: CommentedMap
     templates: dict[str, CommentedMap] = field(default_factory=dict)
+    _fan_outs: dict[str, FanOut] | None = None
 
     @classmethod
     def of(cls, document: Document) -> Workflow | None:
@@ -171,10 +177,26 @@ class Workflow:
         if isinstance(metadata, CommentedMap):
             name = str(metadata.get("name") or metadata.get("generateName") or "?")
         templates: dict[str, CommentedMap] = {}
-        for template in spec.get("templates") or []:
+        listed = spec.get("templates")
+        for template in listed if isinstance(listed, CommentedSeq) else []:
             if isinstance(template, CommentedMap) and isinstance(template.get("name"), str):
                 templates[template["name"]] = template
-        return cls(document, kind, name, spec, templates)
+        workflow = cls(document, kind, name, spec, templates)
+        # A step's or task's `inline` template runs pods too: it is known as `holder/step`.
+        for holder, template in list(templates.items()):
+            for call in workflow.calls(template):
+                if isinstance(call.get("inline"), CommentedMap):
+                    templates[f"{holder}/{call.get('name')}"] = call["inline"]
+        return workflow
+
+    @staticmethod
+    def target(holder: str, call: CommentedMap) -> str | None:
+        """The template a step or task runs, in this workflow (None: by templateRef)."""
+        if isinstance(call.get("template"), str):
+            return str(call["template"])
+        if isinstance(call.get("inline"), CommentedMap):
+            return f"{holder}/{call.get('name')}"
+        return None
 
     @property
     def title(self) -> str:
@@ -184,42 +206,48 @@ class Workflow:
     def annotations(self) -> dict[str, str]:
         metadata = self.document.body.get("metadata")
         found = metadata.get("annotations") if isinstance(metadata, CommentedMap) else None
-        return {str(k): str(v) for k, v in (found or {}).items()}
+        if not isinstance(found, dict):
+            return {}
+        return {str(k): str(v) for k, v in found.items()}
 
     def calls(self, template: CommentedMap) -> Iterator[CommentedMap]:
         """The steps or DAG tasks of a steps/dag template."""
-        for group in template.get("steps") or []:
+        steps = template.get("steps")
+        for group in steps if isinstance(steps, CommentedSeq) else []:
             if isinstance(group, CommentedSeq):
                 yield from (s for s in group if isinstance(s, CommentedMap))
             elif isinstance(group, CommentedMap):
                 yield group
         dag = template.get("dag")
-        if isinstance(dag, CommentedMap):
-            yield from (t for t in dag.get("tasks") or [] if isinstance(t, CommentedMap))
+        tasks = dag.get("tasks") if isinstance(dag, CommentedMap) else None
+        if isinstance(tasks, CommentedSeq):
+            yield from (t for t in tasks if isinstance(t, CommentedMap))
 
     def fan_outs(self) -> dict[str, FanOut]:
         """Templates that run as many pods at once: called with withItems/withParam/
-        withSequence, or called (at any depth) from a template that is; each with the outermost
-        call that fans it out and the template holding that call."""
+        withSequence, or called (at any depth) from a template that is; each with a call that
+        fans it out and the template holding that call. Linear in the calls: each template is
+        visited once."""
+        if self._fan_outs is not None:
+            return self._fan_outs
         found: dict[str, FanOut] = {}
-
-        def visit(name: str, fan: FanOut | None, path: frozenset[str]) -> None:
-            template = self.templates.get(name)
-            if template is None or name in path:  # unknown, or a recursive template
-                return
-            if fan is not None and name not in found:
-                found[name] = fan
-            for step in self.calls(template):
-                target = step.get("template")
-                if not isinstance(target, str):
-                    continue
-                if fan is None and any(key in step for key in FAN_OUT):
-                    visit(target, FanOut(step, name), path | {name})
-                else:
-                    visit(target, fan, path | {name})
-
-        for name in self.templates:
-            visit(name, None, frozenset())
+        queue: list[tuple[str, FanOut]] = []
+        for holder, template in self.templates.items():
+            for call in self.calls(template):
+                target = self.target(holder, call)
+                if target is not None and any(key in call for key in FAN_OUT):
+                    queue.append((target, FanOut(call, holder)))
+        while queue:
+            name, fan = queue.pop(0)
+            reached = self.templates.get(name)
+            if reached is None or name in found:
+                continue
+            found[name] = fan
+            for call in self.calls(reached):
+                target = self.target(name, call)
+                if target is not None and target not in found:
+                    queue.append((target, fan))
+        self._fan_outs = found
         return found
 
     def template_refs(self) -> Iterator[tuple[CommentedMap, CommentedMap]]:

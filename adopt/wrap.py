@@ -13,6 +13,7 @@ naming the template and why. Wrapping a wrapped file changes nothing.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import io
 import itertools
@@ -149,8 +150,8 @@ def _container(template: CommentedMap, role: str) -> CommentedMap:
         kind, _, name = role.partition(":")
         key = {"init": "initContainers", "sidecar": "sidecars"}.get(kind)
         items = template.get(key) if key else (template.get("containerSet") or {}).get("containers")
-        for item in items or []:
-            if str(item.get("name")) == (name if key else role):
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, CommentedMap) and str(item.get("name")) == name:
                 found = item
     if not isinstance(found, CommentedMap):
         raise WrapError(f"template {template.get('name')}: container {role} not found")
@@ -158,8 +159,9 @@ def _container(template: CommentedMap, role: str) -> CommentedMap:
 
 
 def _env_entry(container: CommentedMap, name: str) -> CommentedMap | None:
-    for entry in container.get("env") or []:
-        if isinstance(entry, CommentedMap) and entry.get("name") == name:
+    env = container.get("env")
+    for entry in env if isinstance(env, list) else []:
+        if isinstance(entry, CommentedMap) and str(entry.get("name")) == name:
             return entry
     return None
 
@@ -176,17 +178,25 @@ def _rewrite_template(
 ) -> None:
     template = workflow.templates[name]
     item = _item_parameter(workflow, name)
+    # Argo's expressions read a hyphenated name only as inputs.parameters['a-b'].
+    reference = (
+        f"inputs.parameters.{item}"
+        if item and item.isidentifier()
+        else f"inputs.parameters['{item}']"
+    )
     tag = (
-        f"{{{{=sprig.trunc(12, sprig.sha256sum(inputs.parameters.{item}))}}}}@{{{{pod.name}}}}"
+        f"{{{{=sprig.trunc(12, sprig.sha256sum({reference}))}}}}@{{{{pod.name}}}}"
         if item
         else "{{pod.name}}"
     )
     for use, vendor in uses:
         container = _container(template, use.container)
         env = container.get("env")
-        assert use.env is not None and isinstance(env, CommentedSeq)
+        if use.env is None or not isinstance(env, CommentedSeq):
+            raise WrapError(f"template {name}: the credential is not in an env list")
         entry = _env_entry(container, use.env)
-        assert entry is not None
+        if entry is None:
+            raise WrapError(f"template {name}: env {use.env!r} not found")
         raw = _raw_variable(vendor)
         if _env_entry(container, raw) is None:
             # Before the variables that expand it: Kubernetes expands $(VAR) only from earlier
@@ -205,12 +215,18 @@ def _rewrite_template(
                     ),
                 ),
             )
-        del entry["valueFrom"]
-        is_sid = vendor == "twilio" and "SID" in use.env.upper()
-        entry["value"] = TWILIO_PLACEHOLDER_SID if is_sid else Quoted(f"$({raw}).{tag}")
+        if "valueFrom" in entry:  # an entry shared by a YAML alias is rewritten once
+            del entry["valueFrom"]
+            entry["value"] = Quoted(f"$({raw}).{tag}")
         base = BASE_URL_VARIABLE[vendor]
-        if _env_entry(container, base) is None:
-            env.append(CommentedMap(name=base, value=f"{options.proxy_url.rstrip('/')}/{vendor}"))
+        url = f"{options.proxy_url.rstrip('/')}/{vendor}"
+        existing = _env_entry(container, base)
+        if existing is None:
+            env.append(CommentedMap(name=base, value=url))
+        elif existing.get("value") != url:
+            # Pointing anywhere else, the pods would send the vault key past the proxy.
+            existing.pop("valueFrom", None)
+            existing["value"] = url
     _retry_safely(workflow, template, options)
 
 
@@ -224,7 +240,7 @@ def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptio
         )
         if not isinstance(inherited, dict):
             return
-        strategy = CommentedMap(inherited)
+        strategy = copy.deepcopy(inherited)  # its own copy: no YAML alias to the default
         template["retryStrategy"] = strategy
     if options.refusal_exit_code is not None:
         strategy["retryPolicy"] = "Always"
@@ -309,6 +325,36 @@ def _issue_template(vendor: str, options: WrapOptions, budget: bool) -> Commente
     return template
 
 
+def _workflow_arguments(workflow: Workflow, template: CommentedMap) -> CommentedSeq:
+    """What Argo gives a workflow's entrypoint or exit handler by itself, its inputs named like
+    the workflow's arguments, passed on explicitly now that another template calls it."""
+    arguments = workflow.spec.get("arguments")
+    given = arguments.get("parameters") if isinstance(arguments, dict) else None
+    names = {str(p.get("name")) for p in given or [] if isinstance(p, dict)}
+    inputs = template.get("inputs")
+    given_artifacts = arguments.get("artifacts") if isinstance(arguments, dict) else None
+    artifact_names = {str(a.get("name")) for a in given_artifacts or [] if isinstance(a, dict)}
+    wanted_artifacts = inputs.get("artifacts") if isinstance(inputs, dict) else None
+    # An input artifact with its own source (http, s3, ...) needs nothing passed.
+    if any(
+        isinstance(a, dict) and str(a.get("name")) in artifact_names for a in wanted_artifacts or []
+    ):
+        raise WrapError(
+            f"{workflow.title} template {template.get('name')}: takes input artifacts, which "
+            "wrap cannot pass on from the workflow's arguments; convert it by hand"
+        )
+    wanted = inputs.get("parameters") if isinstance(inputs, dict) else None
+    return CommentedSeq(
+        [
+            CommentedMap(
+                name=str(p["name"]), value=Quoted(f"{{{{workflow.parameters.{p['name']}}}}}")
+            )
+            for p in wanted or []
+            if isinstance(p, dict) and str(p.get("name")) in names
+        ]
+    )
+
+
 def _main_template(
     workflow: Workflow, entry: str, vendors: list[str], options: WrapOptions, budget: bool
 ) -> CommentedMap:
@@ -352,20 +398,9 @@ def _main_template(
     run = CommentedMap(
         name="run", template=entry, depends=" && ".join(f"keybrake-{v}" for v in vendors)
     )
-    inputs = (workflow.templates[entry].get("inputs") or {}).get("parameters") or []
-    if inputs:
-        # Argo gives the workflow's arguments to its entrypoint's inputs: pass them on.
-        run["arguments"] = CommentedMap(
-            parameters=CommentedSeq(
-                [
-                    CommentedMap(
-                        name=str(p["name"]),
-                        value=Quoted(f"{{{{workflow.parameters.{p['name']}}}}}"),
-                    )
-                    for p in inputs
-                ]
-            )
-        )
+    passed = _workflow_arguments(workflow, workflow.templates[entry])
+    if passed:
+        run["arguments"] = CommentedMap(parameters=passed)
     tasks.append(run)
     return CommentedMap(name="keybrake-main", dag=CommentedMap(tasks=tasks))
 
@@ -381,7 +416,12 @@ def _exit_template(
     hooks = workflow.spec.get("hooks")
     exit_hook = hooks.get("exit") if isinstance(hooks, CommentedMap) else None
     if isinstance(on_exit, str):
+        # Argo runs onExit when both are set: hooks.exit never ran, and stays as it is.
         original = CommentedMap(name="workflow-exit-handler", template=on_exit)
+        handler = workflow.templates.get(on_exit)
+        passed = _workflow_arguments(workflow, handler) if handler is not None else None
+        if passed:
+            original["arguments"] = CommentedMap(parameters=passed)
     elif isinstance(exit_hook, CommentedMap):
         original = CommentedMap(name="workflow-exit-handler")
         for key in ("template", "templateRef", "arguments"):
@@ -431,6 +471,12 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
     risky: dict[str, list[tuple[CredentialUse, str]]] = {}
     for name, template in workflow.templates.items():
         uses = credential_uses(workflow, template, heuristic)
+        if uses and "/" in name:
+            raise WrapError(
+                f"{workflow.title}: the inline template of step {name.split('/', 1)[1]!r} in "
+                f"{name.split('/', 1)[0]!r} reads a vendor credential: move it into "
+                "spec.templates (a named template) and wrap again"
+            )
         for use in uses:
             if use.how != "env" or use.env is None:
                 raise WrapError(
@@ -448,20 +494,35 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
         )
     vendors = sorted({vendor for uses in risky.values() for _, vendor in uses})
     budget = len(vendors) > 1  # several vendors share one budget; one vendor's key holds it
+    entry = str(workflow.spec["entrypoint"])
+    if entry not in workflow.templates:
+        raise WrapError(f"{workflow.title}: its entrypoint {entry!r} is no template of it")
+    new = ["keybrake-main", "keybrake-exit", *(f"keybrake-{v}-key" for v in vendors)]
+    if options.inline:
+        new += ["keybrake-issue", "keybrake-revoke"] + (["keybrake-budget"] if budget else [])
+    taken = sorted(set(new) & set(workflow.templates))
+    if taken:
+        raise WrapError(
+            f"{workflow.title} already has templates {', '.join(taken)} (wrapped before, and "
+            f"changed since?): templates {', '.join(sorted(risky))} still read vendor "
+            "credentials; wrap the unwrapped file, or convert them by hand"
+        )
     for name, found in risky.items():
         _rewrite_template(workflow, name, found, options)
     templates = workflow.spec["templates"]
-    entry = str(workflow.spec["entrypoint"])
     for vendor in vendors:
         templates.append(_issue_template(vendor, options, budget))
     templates.append(_main_template(workflow, entry, vendors, options, budget))
     templates.append(_exit_template(workflow, vendors, options, budget))
     if options.inline:
-        steps = ["issue", "revoke"] + (["budget"] if budget else [])
-        templates.extend(t for t in _inline_templates(steps) if t["name"] not in workflow.templates)
+        templates.extend(_inline_templates(["issue", "revoke"] + (["budget"] if budget else [])))
     workflow.spec["entrypoint"] = "keybrake-main"
     hooks = workflow.spec.get("hooks")
-    if isinstance(hooks, CommentedMap) and isinstance(hooks.get("exit"), CommentedMap):
+    if (
+        "onExit" not in workflow.spec
+        and isinstance(hooks, CommentedMap)
+        and isinstance(hooks.get("exit"), CommentedMap)
+    ):
         hooks["exit"] = CommentedMap(template="keybrake-exit")
     else:
         workflow.spec["onExit"] = "keybrake-exit"
@@ -482,21 +543,39 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
     return vendors
 
 
-def _indentation(text: str) -> tuple[int, int]:
-    """The file's own block-sequence style, (sequence indent, dash offset): `key:\n- item`
-    (2, 0) or `key:\n  - item` (4, 2), so the lines wrap does not touch stay as they were."""
+def _indentation(text: str) -> tuple[int, int, int]:
+    """The file's own block style, (mapping indent, sequence indent, dash offset): `key:\n- x`
+    is (2, 2, 0), `key:\n  - x` (2, 4, 2); so the lines wrap does not touch stay as they were.
+    Read from the first nested mapping and sequence outside block scalars."""
+    mapping: int | None = None
+    sequence: tuple[int, int] | None = None
+    scalar_indent: int | None = None  # inside a block scalar (| or >) deeper than this
     lines = text.splitlines()
     for above, line in itertools.pairwise(lines):
-        stripped = line.lstrip(" ")
-        if (
-            above.rstrip().endswith(":")
-            and stripped.startswith("- ")
-            and not above.lstrip().startswith("#")
-        ):
-            offset = (len(line) - len(stripped)) - (len(above) - len(above.lstrip(" ")))
-            if offset in (0, 2):
-                return offset + 2, offset
-    return 2, 0
+        indent = len(line) - len(line.lstrip(" "))
+        above_indent = len(above) - len(above.lstrip(" "))
+        if scalar_indent is not None:
+            if not line.strip() or indent > scalar_indent:
+                continue
+            scalar_indent = None
+        stripped_above = above.split("#")[0].rstrip()
+        if stripped_above.endswith(("|", ">", "|-", ">-", "|+", ">+")):
+            scalar_indent = above_indent
+            continue
+        if not stripped_above.endswith(":") or not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.lstrip().startswith("- "):
+            if sequence is None and indent - above_indent in (0, 2, 4):
+                offset = indent - above_indent
+                item = line.lstrip()
+                dash = len(item) - len(item[1:].lstrip())  # "- " is 2, "-   " is 4
+                sequence = (offset + dash, offset)
+        elif mapping is None and indent > above_indent:
+            mapping = indent - above_indent
+        if mapping is not None and sequence is not None:
+            break
+    seq, offset = sequence or (2, 0)
+    return mapping or 2, seq, offset
 
 
 def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrapped:
@@ -506,8 +585,13 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         except ValueError as exc:
             raise WrapError(f"--allow: {exc}") from exc
     yaml = yaml_round_trip()
-    sequence, offset = _indentation(text)
-    yaml.indent(mapping=2, sequence=sequence, offset=offset)
+    mapping, sequence, offset = _indentation(text)
+    yaml.indent(mapping=mapping, sequence=max(sequence, offset + 2), offset=offset)
+    yaml.explicit_start = text.lstrip("\ufeff").startswith("---")
+    # `key: null` and `key: ~` stay readable values, never an empty `key:`.
+    yaml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     try:
         documents = list(yaml.load_all(io.StringIO(text)))
     except YAMLError as exc:
@@ -520,11 +604,22 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         workflow = Workflow.of(Document(path or Path("-"), index, body))
         if workflow is None:
             continue
-        vendors += _wrap_workflow(workflow, options, notes)
+        try:
+            vendors += _wrap_workflow(workflow, options, notes)
+        except WrapError:
+            raise
+        except Exception as exc:
+            raise WrapError(
+                f"{workflow.title}: a field has a shape Argo does not accept "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     if not vendors:
         return Wrapped(text, False, [], notes)
     out = io.StringIO()
     yaml.dump_all(documents, out)
+    written = out.getvalue()
+    if "\r\n" in text:  # written back with the file's own line endings
+        written = written.replace("\r\n", "\n").replace("\n", "\r\n")
     for vendor in sorted(set(vendors)):
         notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
-    return Wrapped(out.getvalue(), True, sorted(set(vendors)), notes)
+    return Wrapped(written, True, sorted(set(vendors)), notes)

@@ -27,7 +27,7 @@ class FailOn(enum.StrEnum):
     never = "never"
 
 
-def _internal_secrets(config: Path | None, paths: list[Path]) -> set[str]:
+def read_internal_secrets(config: Path | None, paths: list[Path]) -> set[str]:
     """`internal_secrets:` of the config file: --config, else .keybrake-lint.yaml in the current
     folder or the first folder linted."""
     import yaml
@@ -91,7 +91,7 @@ def lint(
 
     if diff and (budget_usd is None or output is not LintOutput.text):
         fail("--diff needs --budget-usd, and text output", EXIT_USAGE)
-    internal = _internal_secrets(config, paths)
+    internal = read_internal_secrets(config, paths)
     report = lint_paths(paths, internal)
     if output is LintOutput.json:
         sys.stdout.write(as_json(report))

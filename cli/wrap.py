@@ -65,6 +65,12 @@ def wrap(
     proxy_url: Annotated[
         str, typer.Option("--proxy-url", help="The keybrake proxy, as the pods reach it.")
     ] = "http://keybrake.keybrake.svc.cluster.local:8080",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Lint settings (internal_secrets; default .keybrake-lint.yaml)."
+        ),
+    ] = None,
     inline: Annotated[
         bool,
         typer.Option(
@@ -88,13 +94,14 @@ def wrap(
     Example: keybrake wrap billing-agent.yaml --budget-usd 300 --max-usd-per-pod 20 --diff
     """
     from keybrake.adopt.wrap import WrapError, WrapOptions, wrap_text
+    from keybrake.cli.lint import read_internal_secrets
 
     if in_place and output is not None:
         fail("--in-place and --output: choose one", EXIT_USAGE)
     budget = _dollars(budget_usd, "--budget-usd")
     assert budget is not None
     try:
-        original = file.read_text(encoding="utf-8")
+        original = file.read_bytes().decode("utf-8")  # as it is: CRLF stays CRLF
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {file}: {exc}", EXIT_USAGE)
     options = WrapOptions(
@@ -105,6 +112,7 @@ def wrap(
         allow=list(allow or []),
         proxy_url=proxy_url,
         inline=inline,
+        internal_secrets=read_internal_secrets(config, [file.parent]),
     )
     try:
         wrapped = wrap_text(original, options, file)
@@ -114,12 +122,15 @@ def wrap(
         print(f"keybrake wrap: {note}", file=sys.stderr)
     if not wrapped.changed:
         print(f"keybrake wrap: {file}: nothing to change", file=sys.stderr)
-    if diff:
-        sys.stdout.write(wrapped.diff(original, str(file)))
-    elif in_place:
-        if wrapped.changed:
-            file.write_text(wrapped.text, encoding="utf-8")
-    elif output is not None:
-        output.write_text(wrapped.text, encoding="utf-8")
-    else:
-        sys.stdout.write(wrapped.text)
+    try:
+        if diff:
+            sys.stdout.write(wrapped.diff(original, str(file)))
+        elif in_place:
+            if wrapped.changed:
+                file.write_bytes(wrapped.text.encode("utf-8"))
+        elif output is not None:
+            output.write_bytes(wrapped.text.encode("utf-8"))
+        else:
+            sys.stdout.write(wrapped.text)
+    except OSError as exc:
+        fail(f"cannot write: {exc}", EXIT_USAGE)

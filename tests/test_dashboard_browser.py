@@ -11,6 +11,7 @@ import shutil
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import stripe
@@ -47,6 +48,19 @@ def _spend(proxy_url: str, vault_key: str, pods: list[str], calls: int) -> list[
     return outcomes
 
 
+def navigate(driver: Any, element: Any, arrives: str) -> None:
+    """Click, then wait until the next page is there: the old page gone and the element with id
+    `arrives` present (a click returns before the browser has loaded what it leads to)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    element.click()
+    wait = WebDriverWait(driver, 30)
+    wait.until(expected_conditions.staleness_of(element))
+    wait.until(expected_conditions.presence_of_element_located((By.ID, arrives)))
+
+
 @pytest.mark.slow
 def test_sign_in_find_check_and_revoke_a_run_in_chromium(
     tmp_path: Path, localstripe: Localstripe
@@ -77,7 +91,7 @@ def test_sign_in_find_check_and_revoke_a_run_in_chromium(
             driver.get(proxy.url + "/ui/")
             assert "/ui/login" in driver.current_url  # nothing shows before signing in
             driver.find_element(By.ID, "token").send_keys(ADMIN_KEY)
-            driver.find_element(By.ID, "sign-in").click()
+            navigate(driver, driver.find_element(By.ID, "sign-in"), "runs")
             assert driver.current_url.rstrip("/").endswith("/ui")
             assert driver.find_element(By.ID, "who").text == "admin"
             labels = [
@@ -89,11 +103,11 @@ def test_sign_in_find_check_and_revoke_a_run_in_chromium(
 
             # Find the run by a part of its name.
             driver.find_element(By.ID, "filter-q").send_keys("billing")
-            driver.find_element(By.ID, "filter").click()
+            navigate(driver, driver.find_element(By.ID, "filter"), "runs")
             rows = driver.find_elements(By.CSS_SELECTOR, "tr.run")
             assert [r.get_attribute("data-label") for r in rows] == [LABEL]
             assert rows[0].get_attribute("data-status") == "live"
-            rows[0].find_element(By.TAG_NAME, "a").click()
+            navigate(driver, rows[0].find_element(By.TAG_NAME, "a"), "run-label")
 
             # Its numbers are the API's numbers.
             with proxy.admin() as admin:
@@ -142,11 +156,11 @@ def test_sign_in_find_check_and_revoke_a_run_in_chromium(
                 shutil.copyfile(run_png, ROOT / "docs" / "dashboard-run.png")
 
             # The kill switch: a confirmation, then the run's keys are revoked everywhere.
-            driver.find_element(By.ID, "revoke").click()
+            navigate(driver, driver.find_element(By.ID, "revoke"), "confirm-revoke")
             assert driver.find_element(By.ID, "live-keys").text == "1"
             assert driver.find_element(By.ID, "live-budgets").text == "1"
             screenshot(driver, "revoke")
-            driver.find_element(By.ID, "confirm-revoke").click()
+            navigate(driver, driver.find_element(By.ID, "confirm-revoke"), "revoked-notice")
             notice = driver.find_element(By.ID, "revoked-notice").text
             assert "Revoked: 2 of this run's keys and budgets are revoked now." in notice
             assert driver.find_element(By.ID, "run-status").text == "revoked"
@@ -167,7 +181,7 @@ def test_sign_in_find_check_and_revoke_a_run_in_chromium(
             assert events["data"][0]["detail"]["revoked_keys"] == [key["key_id"]]
 
             # Signing out ends the session: the same browser is asked to sign in again.
-            driver.find_element(By.ID, "sign-out").click()
+            navigate(driver, driver.find_element(By.ID, "sign-out"), "token")
             driver.get(proxy.url + "/ui/")
             assert "/ui/login" in driver.current_url
     finally:

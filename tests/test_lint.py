@@ -36,7 +36,8 @@ EXPECTED: dict[str, set[tuple[str, str, str | None]]] = {
         ("KB103", "high", None),
     },
     "converted.yaml": set(),  # the vault-key pattern: nothing to say
-    "library-call.yaml": set(),  # its risk is in the template it calls, in payments-lib.yaml
+    # It runs payments-lib.yaml's refund-one (a Stripe key) by templateRef, fanned out.
+    "library-call.yaml": {("KB103", "high", None), ("KB105", "medium", "main")},
     # fanned out from library-call.yaml by templateRef: high; no entrypoint: no KB103.
     "payments-lib.yaml": {("KB101", "high", "refund-one"), ("KB102", "high", "refund-one")},
     "cron-envfrom.yaml": {("KB101", "medium", "send"), ("KB103", "high", None)},
@@ -206,3 +207,25 @@ def test_diff_shows_what_wrap_would_change() -> None:
     )
     usage = CliRunner().invoke(app, ["lint", str(WORKFLOWS), "--diff"])
     assert usage.exit_code == 2 and "--diff needs --budget-usd" in usage.output
+
+
+def test_sarif_locations_are_uris(tmp_path: Path) -> None:
+    folder = tmp_path / "my flows"
+    folder.mkdir()
+    (folder / "ünï[1].yaml").write_text((WORKFLOWS / "cron-envfrom.yaml").read_text())
+    _, out = run(str(folder), "-o", "sarif")
+    (result, *_) = json.loads(out)["runs"][0]["results"]
+    uri = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri.startswith("file:///") and "my%20flows/%C3%BCn%C3%AF%5B1%5D.yaml" in uri
+    levels = {
+        r["id"]: r["defaultConfiguration"]["level"]
+        for r in json.loads(out)["runs"][0]["tool"]["driver"]["rules"]
+    }
+    assert levels == {
+        "KB101": "warning",
+        "KB102": "error",
+        "KB103": "error",
+        "KB104": "error",
+        "KB105": "warning",
+        "KB106": "note",
+    }

@@ -129,7 +129,7 @@ def test_refusals_skip_retries_when_the_pod_says_so() -> None:
     }
 
 
-def test_several_vendors_share_one_budget_and_twilio_gets_a_placeholder_sid() -> None:
+def test_several_vendors_share_one_budget() -> None:
     text = """\
 apiVersion: argoproj.io/v1alpha1
 kind: Workflow
@@ -172,7 +172,11 @@ spec:
     assert arguments["budget_id"] == "{{inputs.parameters.budget_id}}"
     assert "total_usd_cap" not in arguments
     env = {e["name"]: e for e in found["sms"]["container"]["env"]}
-    assert env["TWILIO_ACCOUNT_SID"]["value"] == "AC00000000000000000000000000000000"
+    # The account SID is no credential: left as it was (the proxy rewrites any SID in the path).
+    assert env["TWILIO_ACCOUNT_SID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "twilio",
+        "key": "sid",
+    }
     assert env["TWILIO_AUTH_TOKEN"]["value"].startswith("$(KEYBRAKE_VAULT_KEY_TWILIO_RAW).")
     revokes = found["keybrake-exit"]["dag"]["tasks"]
     budget_ids = [
