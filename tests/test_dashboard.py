@@ -212,6 +212,10 @@ def test_an_issuer_sees_and_revokes_only_its_prefix(
         sign_in(client, token)
         runs = client.get("/ui/")
         assert "argo/payments-run1" in runs.text and "argo/reports-run2" not in runs.text
+        assert (
+            token not in runs.text
+            and token not in client.get("/ui/run?label=argo/payments-run1").text
+        )
         assert "payments" in runs.text  # who is signed in
         assert client.get("/ui/run?label=argo/reports-run2").status_code == 404
         assert client.get("/ui/run/revoke?label=argo/reports-run2").status_code == 404

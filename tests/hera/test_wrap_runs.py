@@ -216,3 +216,44 @@ def test_wrapped_examples_pass_argo_checks_and_lint(
         out.write_text(wrapped.text)
         report = lint_paths([out])
         assert [f for f in report.findings if f.severity == "high"] == [], (name, report)
+
+
+def test_a_wrapped_cron_workflow_passes_argo_checks(catalog: list[dict[str, Any]]) -> None:
+    """A CronWorkflow's runs are wrapped in its workflowSpec; the output is a CronWorkflow Argo
+    v4.1.2 accepts (schema and CRD, strict), whose workflow passes the semantic checks."""
+    text = """\
+apiVersion: argoproj.io/v1alpha1
+kind: CronWorkflow
+metadata:
+  name: nightly-invoices   # every morning at six
+spec:
+  schedules: ["0 6 * * *"]
+  concurrencyPolicy: Forbid
+  workflowSpec:
+    entrypoint: invoice
+    onExit: report
+    templates:
+    - name: invoice
+      retryStrategy: {limit: 2}
+      container:
+        image: registry.example.com/invoices:3
+        env:
+        - name: STRIPE_API_KEY
+          valueFrom: {secretKeyRef: {name: stripe, key: api_key}}
+    - name: report
+      container: {image: registry.example.com/report:1}
+"""
+    wrapped = wrap_text(text, WrapOptions(budget_usd=Decimal("40")))
+    assert wrapped.changed and "# every morning at six" in wrapped.text
+    document = load(wrapped.text)
+    assert all_errors(document) == []
+    spec = document["spec"]["workflowSpec"]
+    assert spec["entrypoint"] == "keybrake-main" and spec["onExit"] == "keybrake-exit"
+    workflow = {
+        "apiVersion": document["apiVersion"],
+        "kind": "Workflow",
+        "metadata": {"name": "nightly-invoices-1"},
+        "spec": spec,
+    }
+    assert problems(workflow, Catalog(catalog)) == []
+    assert not wrap_text(wrapped.text, WrapOptions(budget_usd=Decimal("40"))).changed

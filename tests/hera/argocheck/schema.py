@@ -20,9 +20,10 @@ import yaml
 
 DATA = Path(__file__).resolve().parents[2] / "argo"
 _V1 = "io.argoproj.workflow.v1alpha1"
-KINDS = ("Workflow", "WorkflowTemplate", "ClusterWorkflowTemplate")
+KINDS = ("Workflow", "WorkflowTemplate", "ClusterWorkflowTemplate", "CronWorkflow")
 _CRD_FILES = {
     "Workflow": "crd-workflows.yaml.gz",
+    "CronWorkflow": "crd-cronworkflows.yaml.gz",
     "WorkflowTemplate": "crd-workflowtemplates.yaml.gz",
     "ClusterWorkflowTemplate": "crd-clusterworkflowtemplates.yaml.gz",
 }
