@@ -221,6 +221,23 @@ def credential_uses(
                 continue
             for how, secret, secret_key, env, node in _env_refs(defaults.get(key)):
                 add(f"templateDefaults {how}", "main", secret, secret_key, env, node)
+    # An HTTP template (Argo's agent makes the call): a header taken from a Secret. An
+    # Authorization header is a credential whatever the Secret's key is called.
+    http = template.get("http")
+    for header in _list(http.get("headers")) if isinstance(http, dict) else []:
+        source = header.get("valueFrom") if isinstance(header, dict) else None
+        ref = source.get("secretKeyRef") if isinstance(source, dict) else None
+        if not isinstance(ref, dict) or not ref.get("name"):
+            continue
+        name, secret, key = str(header.get("name", "")), str(ref["name"]), _str(ref.get("key"))
+        if secret in heuristic.internal:
+            continue
+        if _normal(name) in ("AUTHORIZATION", "PROXY_AUTHORIZATION") or heuristic.is_credential(
+            secret, key, name
+        ):
+            vendor = heuristic.vendor_of(secret, key, name, str(http.get("url", "")))
+            line = line_of(header) or line_of(template)
+            found.append(CredentialUse("http header", "http", secret, key, name, vendor, line))
     # A pod spec patch changes the pods of templates that run one (not steps, DAGs, suspends).
     for source in (template.get("podSpecPatch"), workflow.spec.get("podSpecPatch")):
         for secret, key, env in _pod_spec_patch(source) if running else ():

@@ -3,6 +3,7 @@ below; docs/lint.md says what each finds, why it matters, and how to fix or sile
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,8 @@ RULES = {
             "unbounded-fanout",
             "A template holding a vendor credential is fanned out with no `parallelism`: "
             "hundreds of pods may call the vendor at once.",
-            "Set `parallelism` on the fanned-out template, the template fanning it out, or the "
-            "workflow.",
+            "Set `parallelism` on the template holding the fanning step (it bounds that "
+            "template's children), or on the workflow.",
         ),
         Rule(
             "KB106",
@@ -363,12 +364,13 @@ class _Linter:
                     f"{why}, and the pod holds a vendor credential: a call the vendor completed "
                     "before the pod failed is made again",
                 )
-            fan = fan_outs.get(name)
-            if fan is not None:
+            # A template's own parallelism bounds what it runs, not how many times it is run:
+            # each level of a fan-out needs a bound on its holder (or the workflow's).
+            for fan in workflow.fans_reaching(name):
                 holder = workflow.templates.get(fan.holder)
                 bounded = any(
                     isinstance(source, dict) and source.get("parallelism") is not None
-                    for source in (template, holder, workflow.spec)
+                    for source in (holder, workflow.spec)
                 )
                 if not bounded:
                     how = next(k for k in FAN_OUT if k in fan.call)
@@ -378,8 +380,9 @@ class _Linter:
                         line_of(fan.call),
                         name,
                         f"fanned out by {fan.holder!r} step {fan.call.get('name')!r} ({how}) "
-                        "with no parallelism on it, on that template or on the workflow",
+                        f"with no parallelism on {fan.holder!r} or on the workflow",
                     )
+                    break
         held = sorted(risky)
         for holder_name, holder in list(workflow.templates.items()):
             for call in workflow.calls(holder):
@@ -411,8 +414,8 @@ class _Linter:
                 _SEVERITY_OF["KB103"],
                 line_of(workflow.document.body, "spec"),
                 None,
-                f"templates {', '.join(held)} hold vendor credentials and no step issues "
-                "a capped vault key",
+                f"templates {', '.join(held)} hold vendor credentials (or read the run's vault "
+                "key) and no step issues a capped vault key",
             )
         if runs and issues and not _exit_revokes(workflow):
             add(
@@ -425,6 +428,11 @@ class _Linter:
         for name, parameter, why in _vault_key_parameters(workflow):
             add("KB106", _SEVERITY_OF["KB106"], line_of(parameter), name, why)
         return findings
+
+
+def _reads_run_key(template: CommentedMap) -> bool:
+    """A template whose pods read a vault key the run issues (a global of `keybrake wrap`)."""
+    return "{{workflow.outputs.parameters.keybrake_" in json.dumps(template, default=str)
 
 
 def _internal_secrets(documents: list[Document]) -> set[str]:
@@ -462,6 +470,8 @@ def lint_paths(paths: list[Path], internal: set[str] | None = None) -> Report:
         if workflow.kind in ("WorkflowTemplate", "ClusterWorkflowTemplate")
         for name, template in workflow.templates.items()
         if (uses := credential_uses(workflow, template, heuristic))
+        # A wrapped library template reads the calling run's vault key: the run must issue it.
+        or _reads_run_key(template)
     }
     linter = _Linter(heuristic, external, libraries)
     for workflow in workflows:

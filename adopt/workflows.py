@@ -128,6 +128,9 @@ def load_paths(paths: list[Path]) -> tuple[list[Document], list[Skipped], list[U
                 continue
             try:
                 loaded = list(yaml.load_all(io.StringIO(text)))
+            except RecursionError:
+                unreadable.append(Unreadable(path, "nested too deep to read"))
+                continue
             except YAMLError as exc:
                 # Go template actions outside quoted strings are what make a chart's template
                 # no YAML; in a YAML file that loads they are text (a script's go-template,
@@ -157,7 +160,7 @@ class Workflow:
     name: str
     spec: CommentedMap
     templates: dict[str, CommentedMap] = field(default_factory=dict)
-    _fan_outs: dict[str, FanOut] | None = None
+    _fan_outs: dict[str, list[FanOut]] | None = None
 
     @classmethod
     def of(cls, document: Document) -> Workflow | None:
@@ -225,28 +228,42 @@ class Workflow:
 
     def fan_outs(self) -> dict[str, FanOut]:
         """Templates that run as many pods at once: called with withItems/withParam/
-        withSequence, or called (at any depth) from a template that is; each with a call that
-        fans it out and the template holding that call. Linear in the calls: each template is
-        visited once."""
+        withSequence, or called (at any depth) from a template that is; each with the nearest
+        call that fans it out (see `fans_reaching` for all of them)."""
+        return {name: fans[0] for name, fans in self._fans().items()}
+
+    def fans_reaching(self, name: str) -> list[FanOut]:
+        """Every fanning call whose pods run `name` (nested fan-outs: one per level)."""
+        return self._fans().get(name, [])
+
+    def _fans(self) -> dict[str, list[FanOut]]:
+        """Walks once from each fanning call, each template once per walk."""
         if self._fan_outs is not None:
             return self._fan_outs
-        found: dict[str, FanOut] = {}
-        queue: list[tuple[str, FanOut]] = []
+        seeds: list[tuple[str, FanOut]] = []
         for holder, template in self.templates.items():
             for call in self.calls(template):
                 target = self.target(holder, call)
                 if target is not None and any(key in call for key in FAN_OUT):
-                    queue.append((target, FanOut(call, holder)))
-        while queue:
-            name, fan = queue.pop(0)
-            reached = self.templates.get(name)
-            if reached is None or name in found:
-                continue
-            found[name] = fan
-            for call in self.calls(reached):
-                target = self.target(name, call)
-                if target is not None and target not in found:
-                    queue.append((target, fan))
+                    seeds.append((target, FanOut(call, holder)))
+        found: dict[str, list[FanOut]] = {}
+        for start, fan in seeds:
+            seen: set[str] = set()
+            queue = [start]
+            while queue:
+                name = queue.pop()
+                reached = self.templates.get(name)
+                if reached is None or name in seen:
+                    continue
+                seen.add(name)
+                found.setdefault(name, []).append(fan)
+                for call in self.calls(reached):
+                    target = self.target(name, call)
+                    if target is not None and target not in seen:
+                        queue.append(target)
+        # Nearest first: the call that fans the template itself out before those further up.
+        for name, fans in found.items():
+            fans.sort(key=lambda f: f.call.get("template") != name)
         self._fan_outs = found
         return found
 

@@ -54,7 +54,6 @@ BASE_URL_VARIABLE = {
     "twilio": "TWILIO_BASE_URL",
     "resend": "RESEND_API_URL",
 }
-TWILIO_PLACEHOLDER_SID = "AC00000000000000000000000000000000"
 # The one change each vendor's SDK needs, and no more than that: resend-python reads its base
 # URL from the environment; stripe-python and twilio take it only in code.
 CODE_CHANGES = {
@@ -242,9 +241,19 @@ def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptio
             return
         strategy = copy.deepcopy(inherited)  # its own copy: no YAML alias to the default
         template["retryStrategy"] = strategy
-    if options.refusal_exit_code is not None:
+    policy = str(strategy.get("retryPolicy") or "")
+    if policy in ("OnError", "OnTransientError"):
+        pass  # already retries nothing the pod did
+    elif options.refusal_exit_code is not None:
+        # Failures other than refusals are retried: the proxy answers a repeated identical call
+        # within its dedupe window from its record instead of charging again.
+        refusal = f"asInt(lastRetry.exitCode) != {options.refusal_exit_code}"
         strategy["retryPolicy"] = "Always"
-        strategy["expression"] = f"asInt(lastRetry.exitCode) != {options.refusal_exit_code}"
+        existing = strategy.get("expression")
+        if existing and refusal not in str(existing):
+            strategy["expression"] = f"({existing}) && {refusal}"
+        elif not existing:
+            strategy["expression"] = refusal
     else:
         strategy["retryPolicy"] = "OnError"
     if "limit" not in strategy:
@@ -457,9 +466,12 @@ def _exit_template(
     return CommentedMap(name="keybrake-exit", dag=CommentedMap(tasks=tasks))
 
 
+def _parallelism(template: CommentedMap | None) -> Any:
+    return None if template is None else template.get("parallelism")
+
+
 def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -> list[str]:
     heuristic = Heuristic(set(options.internal_secrets))
-    fan_outs = workflow.fan_outs()
     for call, ref in workflow.template_refs():
         if any(key in call for key in FAN_OUT):
             notes.append(
@@ -478,6 +490,12 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
                 "spec.templates (a named template) and wrap again"
             )
         for use in uses:
+            if use.how == "http header":
+                raise WrapError(
+                    f"{workflow.title} template {name}: an HTTP template sends {use.describe()}; "
+                    "Argo's agent makes that call, not a pod wrap can give a vault key: call "
+                    "the vendor through the proxy from a container, or convert it by hand"
+                )
             if use.how != "env" or use.env is None:
                 raise WrapError(
                     f"{workflow.title} template {name}: {use.describe()} comes in by {use.how}; "
@@ -493,6 +511,12 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
             "that call it, and give its templates the vault key there"
         )
     vendors = sorted({vendor for uses in risky.values() for _, vendor in uses})
+    if workflow.kind != "Workflow" and workflow.kind != "CronWorkflow":
+        notes.append(
+            f"{workflow.title}: its templates {', '.join(sorted(risky))} now read the vault key "
+            "this template's own runs issue; a workflow calling them by templateRef must issue "
+            "one too (keybrake lint KB103 reports those that do not)"
+        )
     budget = len(vendors) > 1  # several vendors share one budget; one vendor's key holds it
     entry = str(workflow.spec["entrypoint"])
     if entry not in workflow.templates:
@@ -526,19 +550,18 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
         hooks["exit"] = CommentedMap(template="keybrake-exit")
     else:
         workflow.spec["onExit"] = "keybrake-exit"
-    if (
-        not any(
-            isinstance(source, dict) and source.get("parallelism") is not None
-            for name in risky
-            if name in fan_outs
-            for source in (workflow.templates[name], workflow.templates.get(fan_outs[name].holder))
-        )
-        and any(name in fan_outs for name in risky)
-        and "parallelism" not in workflow.spec
-    ):
+    unbounded = [
+        fan
+        for name in risky
+        for fan in workflow.fans_reaching(name)
+        if "parallelism" not in workflow.spec
+        and _parallelism(workflow.templates.get(fan.holder)) is None
+    ]
+    if unbounded:
         notes.append(
-            f"{workflow.title}: the fan-out has no parallelism; consider `parallelism:` on it "
-            "(keybrake lint KB105)"
+            f"{workflow.title}: step {unbounded[0].call.get('name')!r} of {unbounded[0].holder!r} "
+            "fans out with no parallelism; consider `parallelism:` on that template (keybrake "
+            "lint KB105)"
         )
     return vendors
 
@@ -594,6 +617,8 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
     )
     try:
         documents = list(yaml.load_all(io.StringIO(text)))
+    except RecursionError as exc:
+        raise WrapError("nested too deep to read") from exc
     except YAMLError as exc:
         raise WrapError(f"not valid YAML: {str(exc).splitlines()[0]}") from exc
     notes: list[str] = []

@@ -21,9 +21,19 @@ def dollars(text: str | None, flag: str) -> Decimal | None:
         fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
 
 
+def positive_dollars(text: str | None, flag: str) -> Decimal | None:
+    """A dollar amount that must be a positive, finite number (a budget, a cap)."""
+    value = dollars(text, flag)
+    if value is not None and (not value.is_finite() or value <= 0):
+        fail(f"{flag} {text!r}: must be a positive dollar amount", EXIT_USAGE)
+    if value is not None and value > 10**9:
+        fail(f"{flag} {text!r}: more than a billion dollars is no cap", EXIT_USAGE)
+    return value
+
+
 def percents(text: str | None) -> list[int] | None:
-    """--alert-at: "25,90" (percents of the caps), "none" (only the first cap hit), or unset
-    (the proxy's KEYBRAKE_ALERT_THRESHOLDS)."""
+    """--alert-at: "25,90" (percents of the caps), "none" (no threshold alerts: a key still
+    alerts on its first cap hit), or unset (the proxy's KEYBRAKE_ALERT_THRESHOLDS)."""
     if text is None:
         return None
     if text.strip().lower() == "none":
@@ -35,8 +45,9 @@ def percents(text: str | None) -> list[int] | None:
 
 
 ALERT_AT_HELP = (
-    "Percents of its caps at which the proxy's webhook alerts, e.g. 50,90; none: only the "
-    "first cap hit. Default: the proxy's KEYBRAKE_ALERT_THRESHOLDS."
+    "Percents of its caps at which the proxy's webhook alerts, e.g. 50,90; none: no threshold "
+    "alerts (a key still alerts on its first cap hit; a budget alerts on none). Default: the "
+    "proxy's KEYBRAKE_ALERT_THRESHOLDS."
 )
 
 

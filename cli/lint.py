@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, fail
+from keybrake.cli._options import positive_dollars
 
 CONFIG_FILE = ".keybrake-lint.yaml"
 
@@ -113,16 +114,12 @@ def lint(
 
 def _show_wrap_diffs(report: object, internal: set[str], budget_usd: str) -> None:
     """What `keybrake wrap --budget-usd ...` would change in each file with a KB101 finding."""
-    from decimal import Decimal, InvalidOperation
-
     from keybrake.adopt.lint import Report
     from keybrake.adopt.wrap import WrapError, WrapOptions, wrap_text
 
     assert isinstance(report, Report)
-    try:
-        budget = Decimal(budget_usd)
-    except InvalidOperation:
-        fail(f"--budget-usd {budget_usd!r}: not a dollar amount", EXIT_USAGE)
+    budget = positive_dollars(budget_usd, "--budget-usd")
+    assert budget is not None
     options = WrapOptions(budget_usd=budget, internal_secrets=internal)
     for path in sorted({f.path for f in report.findings if f.rule == "KB101"}):
         original = path.read_text(encoding="utf-8")

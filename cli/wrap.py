@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import enum
 import sys
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, fail
+from keybrake.cli._options import positive_dollars
 
 
 class WrapVendor(enum.StrEnum):
@@ -18,18 +18,6 @@ class WrapVendor(enum.StrEnum):
     stripe = "stripe"
     twilio = "twilio"
     resend = "resend"
-
-
-def _dollars(text: str | None, flag: str) -> Decimal | None:
-    if text is None:
-        return None
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        fail(f"{flag} {text!r}: not a dollar amount", EXIT_USAGE)
-    if not value.is_finite() or value <= 0:
-        fail(f"{flag} {text!r}: must be a positive dollar amount", EXIT_USAGE)
-    return value
 
 
 def wrap(
@@ -98,7 +86,7 @@ def wrap(
 
     if in_place and output is not None:
         fail("--in-place and --output: choose one", EXIT_USAGE)
-    budget = _dollars(budget_usd, "--budget-usd")
+    budget = positive_dollars(budget_usd, "--budget-usd")
     assert budget is not None
     try:
         original = file.read_bytes().decode("utf-8")  # as it is: CRLF stays CRLF
@@ -107,7 +95,7 @@ def wrap(
     options = WrapOptions(
         budget_usd=budget,
         vendor=vendor.value,
-        max_usd_per_pod=_dollars(max_usd_per_pod, "--max-usd-per-pod"),
+        max_usd_per_pod=positive_dollars(max_usd_per_pod, "--max-usd-per-pod"),
         refusal_exit_code=refusal_exit_code,
         allow=list(allow or []),
         proxy_url=proxy_url,

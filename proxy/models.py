@@ -147,8 +147,8 @@ class KeyCreate(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     dedupe_window: str | None = None
     allowed_accounts: list[str] = Field(default_factory=list, max_length=100)
-    # Percents of its caps at which the webhook alerts (None: the operator's default; []: only
-    # the first cap hit).
+    # Percents of its caps at which the webhook alerts (None: the operator's default; []: none,
+    # though a key still alerts on its first cap hit).
     alert_thresholds: list[int] | None = Field(None, max_length=10)
 
     _caps = field_validator(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from keybrake.proxy.money import format_ts, parse_ts
 __all__ = ["CursorError", "decode_id", "decode_position", "encode_id", "encode_position"]
 
 _VERSION = 1
+_ROW_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,253}")
 
 
 class CursorError(ValueError):
@@ -62,6 +64,9 @@ def decode_position(listing: str, token: str) -> tuple[datetime, str]:
         stamp, row_id = position
         if not isinstance(stamp, str) or not isinstance(row_id, str):
             raise TypeError
+        # An id or a label, as this proxy gives them out: nothing a database could choke on.
+        if not _ROW_ID.fullmatch(row_id):
+            raise ValueError
         return parse_ts(stamp), row_id
     except (TypeError, ValueError, OverflowError) as exc:
         raise CursorError("continue: not a token this proxy gave out") from exc

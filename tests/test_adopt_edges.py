@@ -138,3 +138,70 @@ def test_lint_on_the_same_files() -> None:
     assert ("KB101", "t22") in by_file["deep.yaml"]
     (deep,) = [f for f in report.findings if f.path.name == "deep.yaml" and f.rule == "KB101"]
     assert deep.severity == "high"  # fanned out 22 levels up
+
+
+REVIEW2 = EDGE / "review2"
+
+
+def test_an_http_template_sending_a_vendor_secret() -> None:
+    report = lint_paths([REVIEW2 / "http.yaml"])
+    found = {(f.rule, f.severity) for f in report.findings}
+    assert {("KB101", "high"), ("KB102", "high"), ("KB103", "high"), ("KB105", "medium")} <= found
+    with pytest.raises(WrapError, match="HTTP template"):
+        wrap_text((REVIEW2 / "http.yaml").read_text(), OPTIONS)
+
+
+def test_parallelism_must_bound_each_fanning_level() -> None:
+    """On the fanned-out template itself it bounds nothing; nested, each level needs one."""
+    for name in ("leafpar.yaml", "nested_inner_bounded.yaml"):
+        rules = {f.rule for f in lint_paths([REVIEW2 / name]).findings}
+        assert "KB105" in rules, name
+
+
+def test_refusal_exit_code_keeps_onerror_and_joins_an_expression() -> None:
+    options = WrapOptions(budget_usd=Decimal("5"), refusal_exit_code=77)
+    _, document = wrapped("../review2/onerror.yaml", options)
+    assert templates(document)["charge"]["retryStrategy"] == {"limit": 3, "retryPolicy": "OnError"}
+    own = (
+        (REVIEW2 / "onerror.yaml")
+        .read_text()
+        .replace(
+            "retryPolicy: OnError",
+            'retryPolicy: Always\n      expression: "lastRetry.status == \\"Failed\\""',
+        )
+    )
+    strategy = templates(YAML(typ="safe").load(wrap_text(own, options).text))["charge"][
+        "retryStrategy"
+    ]
+    assert strategy["expression"] == (
+        '(lastRetry.status == "Failed") && asInt(lastRetry.exitCode) != 77'
+    )
+
+
+def test_a_wrapped_library_needs_its_callers_to_issue(tmp_path: Path) -> None:
+    out = wrap_text((REVIEW2 / "lib_with_entry.yaml").read_text(), OPTIONS)
+    assert any("must issue one too" in note for note in out.notes)
+    folder = tmp_path
+    (folder / "lib.yaml").write_text(out.text)
+    (folder / "caller.yaml").write_text((REVIEW2 / "caller.yaml").read_text())
+    report = lint_paths([folder])
+    caller = [f for f in report.findings if f.path.name == "caller.yaml"]
+    assert [f.rule for f in caller] == ["KB103"]
+    assert "payments/charge (templateRef)" in caller[0].message
+
+
+def test_yaml_nested_too_deep_is_a_clear_error(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
+    result = CliRunner().invoke(app, ["lint", str(deep)])
+    assert result.exit_code == 2 and "nested too deep" in result.output
+    wrap = CliRunner().invoke(app, ["wrap", str(deep), "--budget-usd", "5"])
+    assert wrap.exit_code == 2 and "nested too deep" in wrap.output
+
+
+@pytest.mark.parametrize("budget", ["NaN", "-5", "Infinity", "1e999999999"])
+def test_lint_diff_budget_is_checked(budget: str) -> None:
+    result = CliRunner().invoke(
+        app, ["lint", str(REVIEW2 / "onerror.yaml"), "--diff", "--budget-usd", budget]
+    )
+    assert result.exit_code == 2 and "--budget-usd" in result.output

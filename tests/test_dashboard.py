@@ -705,3 +705,29 @@ def test_a_database_failure_at_sign_in_is_a_503_page(tmp_path: Path) -> None:
         answer = sign_in(client, ADMIN_KEY)
         assert answer.status_code == 503 and "Database unavailable" in answer.text
         assert "keybrake_session" not in answer.headers.get("set-cookie", "")
+
+
+def test_odd_characters_in_forms_and_tokens(tmp_path: Path, backend: dict[str, Any]) -> None:
+    """A non-ASCII CSRF value, a lone surrogate or NUL in a forged `continue` token: a 400, on
+    the dashboard and the API, never a 500 or a 503."""
+    import base64
+    import json
+
+    def token(listing: str, row_id: str) -> str:
+        raw = json.dumps({"v": 1, "l": listing, "p": ["2026-11-26T12:00:00Z", row_id]}).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    with app_client(tmp_path, **backend) as client:
+        for row_id in ("\ud800", "\x00", "x" * 300):
+            for listing, path in (("keys", "/vault/keys"), ("budgets", "/vault/budgets")):
+                answer = client.get(path, params={"continue": token(listing, row_id)})
+                assert answer.status_code == 400, (path, row_id)
+        client.headers.pop("Authorization")
+        form = client.get("/ui/login")
+        odd = client.post("/ui/login", data={"csrf": "é", "token": ADMIN_KEY})
+        assert odd.status_code == 400 and form.status_code == 200
+        sign_in(client, ADMIN_KEY)
+        for row_id in ("\ud800", "\x00"):
+            assert client.get("/ui/", params={"continue": token("runs", row_id)}).status_code == 400
+        for path in ("/ui/run/revoke", "/ui/logout"):
+            assert client.post(path, data={"csrf": "é", "label": LABEL}).status_code == 400

@@ -282,7 +282,9 @@ class Dashboard:
         except _FormError as exc:
             return self._error(400, "Not signed in", str(exc), actor=None)
         expected = request.cookies.get(LOGIN_COOKIE, "")
-        if not expected or not hmac.compare_digest(form.get("csrf", ""), expected):
+        if not expected or not hmac.compare_digest(
+            form.get("csrf", "").encode(), expected.encode()
+        ):
             return self._error(
                 400, "Not signed in", "The sign-in form expired; open it again.", actor=None
             )
@@ -365,7 +367,8 @@ class Dashboard:
         return hmac.new(session_id.encode(), b"keybrake-ui-csrf", hashlib.sha256).hexdigest()
 
     def _check_csrf(self, request: Request, form: dict[str, str]) -> None:
-        if not hmac.compare_digest(form.get("csrf", ""), self._csrf(request)):
+        # As bytes: compare_digest refuses str holding anything but ASCII.
+        if not hmac.compare_digest(form.get("csrf", "").encode(), self._csrf(request).encode()):
             raise _FormError("the page expired (CSRF token mismatch); reload it and try again")
 
     async def _record(self, event: Event) -> None:
