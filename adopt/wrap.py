@@ -86,6 +86,9 @@ class WrapOptions:
     # The keybrake steps copied into the workflow instead of templateRef to the installed
     # keybrake-vault-key (for a cluster where it is not installed).
     inline: bool = False
+    # templateRef the namespaced WorkflowTemplate (templates/workflowtemplates/) instead of the
+    # ClusterWorkflowTemplate, for clusters that allow no cluster-scoped templates.
+    namespaced: bool = False
 
 
 @dataclass(slots=True)
@@ -265,7 +268,10 @@ def _call(step: str, options: WrapOptions) -> CommentedMap:
     inlined as `keybrake-<step>`."""
     if options.inline:
         return CommentedMap(template=f"keybrake-{step}")
-    return CommentedMap(templateRef=CommentedMap(name=TEMPLATES, template=step, clusterScope=True))
+    reference = CommentedMap(name=TEMPLATES, template=step)
+    if not options.namespaced:
+        reference["clusterScope"] = True
+    return CommentedMap(templateRef=reference)
 
 
 def _inline_templates(steps: list[str]) -> list[CommentedMap]:

@@ -59,6 +59,14 @@ def wrap(
             "--config", help="Lint settings (internal_secrets; default .keybrake-lint.yaml)."
         ),
     ] = None,
+    namespaced: Annotated[
+        bool,
+        typer.Option(
+            "--namespaced",
+            help="Call keybrake-vault-key installed as a WorkflowTemplate in the workflow's "
+            "namespace (templates/workflowtemplates/), not the ClusterWorkflowTemplate.",
+        ),
+    ] = False,
     inline: Annotated[
         bool,
         typer.Option(
@@ -100,6 +108,7 @@ def wrap(
         allow=list(allow or []),
         proxy_url=proxy_url,
         inline=inline,
+        namespaced=namespaced,
         internal_secrets=read_internal_secrets(config, [file.parent]),
     )
     try:

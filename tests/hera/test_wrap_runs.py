@@ -194,14 +194,17 @@ def test_wrapped_examples_pass_argo_checks_and_lint(
     """Every wrappable workflow of tests/adopt/workflows/, wrapped: schema and CRD (strict),
     semantics, and `keybrake lint` finds nothing high in it."""
     folder = PODS.parent / "workflows"
-    for name, inline in (
-        ("before-billing-agent.yaml", False),
-        ("before-billing-agent.yaml", True),
-        ("steps-bounded-onerror.yaml", False),
-        ("single-pod-default-retry.yaml", True),
-        ("nested-fanout.yaml", False),
+    for name, inline, namespaced in (
+        ("before-billing-agent.yaml", False, False),
+        ("before-billing-agent.yaml", True, False),
+        ("before-billing-agent.yaml", False, True),
+        ("steps-bounded-onerror.yaml", False, True),
+        ("single-pod-default-retry.yaml", True, False),
+        ("nested-fanout.yaml", False, False),
     ):
-        options = WrapOptions(budget_usd=Decimal("300"), refusal_exit_code=77, inline=inline)
+        options = WrapOptions(
+            budget_usd=Decimal("300"), refusal_exit_code=77, inline=inline, namespaced=namespaced
+        )
         wrapped = wrap_text((folder / name).read_text(), options)
         assert wrapped.changed, name
         document = load(wrapped.text)
@@ -212,6 +215,7 @@ def test_wrapped_examples_pass_argo_checks_and_lint(
         assert problems(document, Catalog([] if inline else catalog)) == [], name
         if inline:
             assert "templateRef" not in wrapped.text
+        assert ("clusterScope" in wrapped.text) is not (inline or namespaced)
         out = tmp_path / name
         out.write_text(wrapped.text)
         report = lint_paths([out])
