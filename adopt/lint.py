@@ -229,22 +229,13 @@ def _calls_matching(
 ) -> bool:
     """Whether `start` (a template name), or any template it calls, is keybrake's
     `ref_templates` by templateRef or an inline template `inline` accepts."""
-    seen: set[str] = set()
-    stack = [start]
-    while stack:
-        name = stack.pop()
-        template = workflow.templates.get(name)
-        if template is None or name in seen:
-            continue
-        seen.add(name)
+    for _name, template in workflow.reachable(start):
         if inline(template):
             return True
         for call in workflow.calls(template):
             ref = _ref(call)
             if ref and ref[0] in KEYBRAKE_TEMPLATES and ref[1] in ref_templates:
                 return True
-            if isinstance(call.get("template"), str):
-                stack.append(call["template"])
     return False
 
 
@@ -367,12 +358,7 @@ class _Linter:
             # A template's own parallelism bounds what it runs, not how many times it is run:
             # each level of a fan-out needs a bound on its holder (or the workflow's).
             for fan in workflow.fans_reaching(name):
-                holder = workflow.templates.get(fan.holder)
-                bounded = any(
-                    isinstance(source, dict) and source.get("parallelism") is not None
-                    for source in (holder, workflow.spec)
-                )
-                if not bounded:
+                if not workflow.bounded(fan.holder):
                     how = next(k for k in FAN_OUT if k in fan.call)
                     add(
                         "KB105",
@@ -391,11 +377,7 @@ class _Linter:
                     continue
                 held.append(f"{ref[0]}/{ref[1]} (templateRef)")
                 fanned = any(key in call for key in FAN_OUT)
-                bounded = any(
-                    isinstance(source, dict) and source.get("parallelism") is not None
-                    for source in (holder, workflow.spec)
-                )
-                if fanned and not bounded:
+                if fanned and not workflow.bounded(holder_name):
                     how = next(k for k in FAN_OUT if k in call)
                     add(
                         "KB105",

@@ -248,24 +248,39 @@ class Workflow:
                     seeds.append((target, FanOut(call, holder)))
         found: dict[str, list[FanOut]] = {}
         for start, fan in seeds:
-            seen: set[str] = set()
-            queue = [start]
-            while queue:
-                name = queue.pop()
-                reached = self.templates.get(name)
-                if reached is None or name in seen:
-                    continue
-                seen.add(name)
+            for name, _template in self.reachable(start):
                 found.setdefault(name, []).append(fan)
-                for call in self.calls(reached):
-                    target = self.target(name, call)
-                    if target is not None and target not in seen:
-                        queue.append(target)
         # Nearest first: the call that fans the template itself out before those further up.
         for name, fans in found.items():
             fans.sort(key=lambda f: f.call.get("template") != name)
         self._fan_outs = found
         return found
+
+    def reachable(self, start: str) -> Iterator[tuple[str, CommentedMap]]:
+        """`start` and every template it runs, at any depth, each once (recursion is safe)."""
+        seen: set[str] = set()
+        stack = [start]
+        while stack:
+            name = stack.pop()
+            template = self.templates.get(name)
+            if template is None or name in seen:
+                continue
+            seen.add(name)
+            yield name, template
+            for call in self.calls(template):
+                target = self.target(name, call)
+                if target is not None and target not in seen:
+                    stack.append(target)
+
+    def bounded(self, holder: str) -> bool:
+        """Whether a fan-out by a step of `holder` runs a bounded number of pods at once:
+        `parallelism` on `holder` (it bounds that template's children) or on the workflow. A
+        template's own parallelism bounds what it runs, never how many copies of it run."""
+        template = self.templates.get(holder)
+        return any(
+            isinstance(source, dict) and source.get("parallelism") is not None
+            for source in (template, self.spec)
+        )
 
     def template_refs(self) -> Iterator[tuple[CommentedMap, CommentedMap]]:
         """(call, its templateRef) of every step or task calling a template in another file."""

@@ -472,10 +472,6 @@ def _exit_template(
     return CommentedMap(name="keybrake-exit", dag=CommentedMap(tasks=tasks))
 
 
-def _parallelism(template: CommentedMap | None) -> Any:
-    return None if template is None else template.get("parallelism")
-
-
 def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -> list[str]:
     heuristic = Heuristic(set(options.internal_secrets))
     for call, ref in workflow.template_refs():
@@ -560,8 +556,7 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
         fan
         for name in risky
         for fan in workflow.fans_reaching(name)
-        if "parallelism" not in workflow.spec
-        and _parallelism(workflow.templates.get(fan.holder)) is None
+        if not workflow.bounded(fan.holder)
     ]
     if unbounded:
         notes.append(

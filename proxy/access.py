@@ -29,7 +29,8 @@ from typing import Any, Protocol
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
 from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
-from keybrake.proxy.store.base import BudgetRecord, IssuerRecord, Owner, Scope, Store
+from keybrake.proxy.redact import redact
+from keybrake.proxy.store.base import BudgetRecord, Event, IssuerRecord, Owner, Scope, Store
 
 __all__ = [
     "ISSUER_TOKEN_PREFIX",
@@ -50,6 +51,7 @@ __all__ = [
     "looks_like_jwt",
     "namespace_of",
     "policy_json",
+    "refused_login",
 ]
 
 ISSUER_TOKEN_PREFIX = "kbi_"  # noqa: S105 (a prefix, not a secret)
@@ -233,6 +235,19 @@ def namespace_of(actor: Actor, requested: str | None) -> str | None:
                 " (give one as namespace)",
             )
     return requested
+
+
+def refused_login(exc: LoginRefused, *, ts: datetime, target: str, source: str | None) -> Event:
+    """The record of a refused sign-in, on the API or the dashboard: who it claimed to be (never
+    the token), why it was refused, on what, from where."""
+    return Event(
+        ts=ts,
+        action="login.refused",
+        actor=exc.identity or "unknown",
+        outcome=redact(f"refused: {exc.message}"),
+        target=redact(target[:300]),
+        source=source,
+    )
 
 
 def check_label(actor: Actor, label: str) -> None:

@@ -45,6 +45,7 @@ from keybrake.proxy.access import (
     hash_token,
     namespace_of,
     policy_json,
+    refused_login,
 )
 from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import StoreUnavailable
@@ -328,12 +329,10 @@ class AdminApi:
                 actor = await self.authenticator.actor(token.strip(), source)
             except LoginRefused as exc:
                 await self._record_quietly(
-                    Event(
+                    refused_login(
+                        exc,
                         ts=self.clock(),
-                        action="login.refused",
-                        actor=exc.identity or "unknown",
-                        outcome=redact(f"refused: {exc.message}"),
-                        target=redact(f"{request.method} {request.url.path}"[:300]),
+                        target=f"{request.method} {request.url.path}",
                         source=source,
                     )
                 )

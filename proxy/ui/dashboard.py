@@ -37,6 +37,7 @@ from keybrake.proxy.access import (
     check_label,
     hash_token,
     looks_like_jwt,
+    refused_login,
 )
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import is_label
@@ -301,14 +302,7 @@ class Dashboard:
             actor = await self.authenticator.actor(token, source)
         except LoginRefused as exc:
             await self._record(
-                Event(
-                    ts=self.clock(),
-                    action="login.refused",
-                    actor=exc.identity or "unknown",
-                    outcome=redact(f"refused: {exc.message}"),
-                    target="POST /ui/login",
-                    source=source,
-                )
+                refused_login(exc, ts=self.clock(), target="POST /ui/login", source=source)
             )
             request.scope["query_string"] = urllib.parse.urlencode({"next": next_page}).encode()
             return await self.login_form(request, message=exc.message)
