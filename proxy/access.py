@@ -12,7 +12,8 @@ An issuer's scope is the labels starting with its `label_prefix` and, when it is
 Kubernetes identities, only the namespaces it is bound to. Its policy bounds what it issues:
 vendors, endpoints (each key endpoint must lie within one of the issuer's), the caps (a key must
 be bounded in any 24 hours and over its life as tightly as the issuer's maxima, by its own caps or
-its budget's), the lifetime, and how many keys it may have active. `admin.py` authenticates, asks
+its budget's), the lifetime, and how many keys it may have active; a patch that loosens a key or
+budget must leave it within the same policy (`check_patch`). `admin.py` authenticates, asks
 the checks below before acting, and turns a `Forbidden` into a 403 that names the limit broken.
 """
 
@@ -29,8 +30,15 @@ from typing import Any, Protocol
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
 from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
-from keybrake.proxy.redact import redact
-from keybrake.proxy.store.base import BudgetRecord, Event, IssuerRecord, Owner, Scope, Store
+from keybrake.proxy.store.base import (
+    BudgetRecord,
+    Event,
+    IssuerRecord,
+    KeyRecord,
+    Owner,
+    Scope,
+    Store,
+)
 
 __all__ = [
     "ISSUER_TOKEN_PREFIX",
@@ -240,12 +248,12 @@ def namespace_of(actor: Actor, requested: str | None) -> str | None:
 def refused_login(exc: LoginRefused, *, ts: datetime, target: str, source: str | None) -> Event:
     """The record of a refused sign-in, on the API or the dashboard: who it claimed to be (never
     the token), why it was refused, on what, from where."""
-    return Event(
+    return Event(  # redacted by `Event`: the claimed identity is the caller's to write
         ts=ts,
         action="login.refused",
         actor=exc.identity or "unknown",
-        outcome=redact(f"refused: {exc.message}"),
-        target=redact(target[:300]),
+        outcome=f"refused: {exc.message}",
+        target=target[:300],
         source=source,
     )
 
@@ -333,7 +341,8 @@ def _check_bounds(
 def _check_ttl(policy: Policy, ttl: timedelta) -> None:
     if policy.max_ttl is not None and ttl > policy.max_ttl:
         raise Forbidden(
-            "max_expires_in", f"expires_in: this issuer allows at most {policy.max_expires_in}"
+            "max_expires_in",
+            f"expires_in: this issuer allows lives of at most {policy.max_expires_in} from issue",
         )
 
 
@@ -404,29 +413,68 @@ def check_budget(
     _check_ttl(policy, ttl)
 
 
+def _loosens(before: KeyRecord | BudgetRecord, after: KeyRecord | BudgetRecord) -> bool:
+    """Whether `after` may spend more, or for longer, than `before` in any way: a cap raised or
+    removed (None: no cap), or a later end."""
+    for cap in ("daily_cap_micros", "total_cap_micros", "max_per_caller_micros"):
+        old, new = getattr(before, cap, None), getattr(after, cap, None)
+        if old is not None and (new is None or new > old):
+            return True
+    return after.expires_at > before.expires_at
+
+
 def check_patch(
     actor: Actor,
+    before: KeyRecord | BudgetRecord,
+    after: KeyRecord | BudgetRecord,
     *,
-    daily: int | None,
-    total: int | None,
-    expires_at: datetime | None,
-    created_at: datetime,
+    budget: BudgetRecord | None = None,
 ) -> None:
-    """A patch by an issuer: new caps within its maxima, a new end within its longest life."""
+    """A patch by an issuer, from the key or budget `before` to `after` (every field as it will
+    stand, not only the patched ones); `budget`: the one a key draws on. The rule:
+
+    - a patch that only tightens (lowers a cap, ends sooner) is always allowed, even on a key or
+      budget already beyond the issuer's policy (one the admin issued in its scope);
+    - a patch that loosens anything (raises or removes a cap, ends later) must leave the key or
+      budget within everything the policy asks at issue: `after` must pass the very check of
+      issue, `check_key` (with what its budget bounds it by) or `check_budget`, its life counted
+      from issue. A budget within the maxima bounds every key drawing on it within them too,
+      so loosening a budget cannot lift any key's bound past the policy either.
+
+    A revoke-only issuer patches nothing; the admin patches anything."""
     if actor.issuer is None:
         return
     check_may_issue(actor, "change caps or lives")
-    policy = actor.policy
-    _check_caps(policy, daily, total, "a key or budget")
-    if (
-        expires_at is not None
-        and policy.max_ttl is not None
-        and expires_at > created_at + policy.max_ttl
-    ):
+    if not _loosens(before, after):
+        return
+    life = after.expires_at - after.created_at
+    try:
+        if isinstance(after, KeyRecord):
+            check_key(
+                actor,
+                vendor=after.vendor,
+                endpoints=after.allowed_endpoints,
+                daily=after.daily_cap_micros,
+                total=after.total_cap_micros,
+                ttl=life,
+                label=after.label,
+                budget=budget,
+            )
+        else:
+            check_budget(
+                actor,
+                daily=after.daily_cap_micros,
+                total=after.total_cap_micros,
+                ttl=life,
+                label=after.label,
+            )
+    except Forbidden as exc:
+        what = "key" if isinstance(after, KeyRecord) else "budget"
         raise Forbidden(
-            "max_expires_in",
-            f"expires_in: this issuer allows lives of at most {policy.max_expires_in} from issue",
-        )
+            exc.limit,
+            f"this patch loosens the {what}, so the {what} as patched must lie within this "
+            f"issuer's policy: {exc.message}",
+        ) from None
 
 
 class Authenticator:

@@ -18,7 +18,8 @@ import io
 import json
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -368,16 +369,16 @@ class AdminApi:
         outcome: str = "ok",
         detail: dict[str, Any] | None = None,
     ) -> Event:
-        # The record holds what callers sent: cut any secret out of it.
+        # The record holds what callers sent: `Event` cuts any secret out of it.
         return Event(
             ts=self.clock(),
             action=action,
             actor=actor.describe(),
             issuer_id=actor.issuer_id,
-            target=redact(target) if target is not None else None,
-            outcome=redact(outcome),
+            target=target,
+            outcome=outcome,
             source=actor.source,
-            detail=json.loads(redact(json.dumps(detail))) if detail is not None else None,
+            detail=detail,
         )
 
     async def _record_quietly(self, event: Event) -> None:
@@ -652,24 +653,30 @@ class AdminApi:
                 "caller; issue a new key with it",
             )
         limit = key.created_at + self.settings.max_ttl_delta
+        budget = None
         if key.budget_id is not None:
-            budget = await self.store.get_budget(key.budget_id, now)
-            if budget is not None:
-                limit = min(limit, budget.budget.expires_at)
-        return await self._patch(actor, key_id, spec, key.status(now), limit, key.created_at, now)
+            drawn = await self.store.get_budget(key.budget_id, now)
+            if drawn is not None:
+                budget = drawn.budget
+                limit = min(limit, budget.expires_at)
+        return await self._patch(actor, key_id, spec, key, limit, now, budget=budget)
 
     async def _patch(
         self,
         actor: Actor,
         subject_id: str,
         spec: CapsPatch,
-        status: str,
+        record: KeyRecord | BudgetRecord,
         latest: datetime,
-        created_at: datetime,
         now: datetime,
+        *,
+        budget: BudgetRecord | None = None,
     ) -> Response:
-        """Apply a patch to a live key or budget: its caps, and a new expiry no later than
-        `latest` (the longest life allowed, counted from issue; a key's budget's end)."""
+        """Apply a patch to a live key or budget (`record`, as it stands; `budget`: the one a
+        key draws on): its caps, and a new expiry no later than `latest` (the longest life
+        allowed, counted from issue; a key's budget's end). An issuer's patch is held to its
+        policy by `check_patch`, on the key or budget as the patch would leave it."""
+        status = record.status(now)
         if status != "active":
             return error(409, "conflict", f"{subject_id} is {status}: it can no longer change")
         refused = self._cap_limits(
@@ -696,13 +703,8 @@ class AdminApi:
             max_per_caller_micros=_micros(spec.max_usd_per_caller),
             expires_at=expires_at,
         )
-        check_patch(
-            actor,
-            daily=patch.daily_cap_micros,
-            total=patch.total_cap_micros,
-            expires_at=expires_at,
-            created_at=created_at,
-        )
+        changed: dict[str, Any] = dict(patch.fields())
+        check_patch(actor, record, replace(record, **changed), budget=budget)
         action = "budget.patch" if subject_id.startswith("bg_") else "key.patch"
         detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
         event = self._event(actor, action, subject_id, detail=detail)
@@ -712,9 +714,9 @@ class AdminApi:
         if outcome == "not_live":
             return error(409, "conflict", f"{subject_id} is no longer active: nothing changed")
         if subject_id.startswith("bg_"):
-            budget = await self.store.get_budget(subject_id, now)
-            assert budget is not None
-            return JSONResponse(budget_info(budget, now).model_dump())
+            patched = await self.store.get_budget(subject_id, now)
+            assert patched is not None
+            return JSONResponse(await self._budget_json(actor, patched, now))
         view = await self.store.get_key(subject_id, now)
         assert view is not None
         return JSONResponse(key_info(view, now).model_dump())
@@ -743,7 +745,9 @@ class AdminApi:
             agent_run_label=spec.agent_run_label,
             revoked=len(revoked),
             keys=[key_info(v, now) for v in views if v.key.key_id in revoked],
-            budgets=[budget_info(v, now) for v in budget_views if v.budget.budget_id in budgets],
+            budgets=await self._budget_infos(
+                actor, [v for v in budget_views if v.budget.budget_id in budgets], now
+            ),
         )
         return JSONResponse(result.model_dump())
 
@@ -804,7 +808,9 @@ class AdminApi:
             return _idempotency_mismatch()
         view = BudgetView(record, Usage(bucket_start(window_floor(now))))
         headers = {"Keybrake-Replaced": issued.replaced} if issued.replaced else None
-        return JSONResponse(budget_info(view, now).model_dump(), status_code=201, headers=headers)
+        return JSONResponse(
+            await self._budget_json(actor, view, now), status_code=201, headers=headers
+        )
 
     async def list_budgets(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
@@ -836,8 +842,33 @@ class AdminApi:
             views = views[:limit]
             last = views[-1].budget
             token = encode_position("budgets", last.created_at, last.budget_id)
-        page = BudgetList(data=[budget_info(v, now) for v in views], continue_=token)
+        page = BudgetList(data=await self._budget_infos(actor, views, now), continue_=token)
         return JSONResponse(page.model_dump())
+
+    async def _budget_infos(
+        self, actor: Actor, views: Sequence[BudgetView], now: datetime
+    ) -> list[BudgetInfo]:
+        """Budgets as the caller may see them; every budget the API answers with goes through
+        here. A budget's `keys` are every key drawing on it, whoever issued them and under any
+        label: an issuer sees only those within its own scope."""
+        scope = actor.scope
+        if scope is None:
+            return [budget_info(v, now) for v in views]
+
+        async def scoped(view: BudgetView) -> BudgetView:
+            if not view.key_ids:
+                return view
+            visible = await self.store.list_keys(
+                now=now, budget_id=view.budget.budget_id, scope=scope, limit=MAX_LIST_LIMIT
+            )
+            seen = {v.key.key_id for v in visible}
+            return replace(view, key_ids=tuple(k for k in view.key_ids if k in seen))
+
+        shown = await asyncio.gather(*(scoped(v) for v in views))
+        return [budget_info(v, now) for v in shown]
+
+    async def _budget_json(self, actor: Actor, view: BudgetView, now: datetime) -> Any:
+        return (await self._budget_infos(actor, [view], now))[0].model_dump()
 
     async def _budget_view(
         self, budget_id: str, actor: Actor, now: datetime
@@ -853,7 +884,7 @@ class AdminApi:
         view = await self._budget_view(request.path_params["budget_id"], actor, now)
         if isinstance(view, Response):
             return view
-        return JSONResponse(budget_info(view, now).model_dump())
+        return JSONResponse(await self._budget_json(actor, view, now))
 
     async def revoke_budget(self, request: Request, actor: Actor) -> Response:
         budget_id = request.path_params["budget_id"]
@@ -866,7 +897,7 @@ class AdminApi:
             return error(404, "not_found", f"no budget {budget_id!r}")
         view = await self.store.get_budget(budget_id, now)
         assert view is not None
-        return JSONResponse(budget_info(view, now).model_dump())
+        return JSONResponse(await self._budget_json(actor, view, now))
 
     async def patch_budget(self, request: Request, actor: Actor) -> Response:
         budget_id = request.path_params["budget_id"]
@@ -881,11 +912,8 @@ class AdminApi:
         view = await self._budget_view(budget_id, actor, now)
         if isinstance(view, Response):
             return view
-        budget = view.budget
-        latest = budget.created_at + self.settings.max_budget_ttl_delta
-        return await self._patch(
-            actor, budget_id, spec, budget.status(now), latest, budget.created_at, now
-        )
+        latest = view.budget.created_at + self.settings.max_budget_ttl_delta
+        return await self._patch(actor, budget_id, spec, view.budget, latest, now)
 
     # -- issuers and the record ----------------------------------------------------------------
 

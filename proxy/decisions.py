@@ -14,8 +14,11 @@ The ledger's rules, in the order they apply:
    request body under the same idempotency key is refused (`idempotency_mismatch`); an answered
    one is replayed; one still running is `in_progress` (409, retry shortly).
 3. Otherwise, a dedupe candidate (no idempotency key, or one an official SDK generated, so a
-   re-run pod sends a fresh one) that matches an identical request of the same key within the
-   key's dedupe window is that earlier call, as in 2.
+   re-run pod sends a fresh one) that matches an identical request of the same key and the same
+   fan-out item within the key's dedupe window is that earlier call, as in 2. The item is the
+   caller tag's text before an `@` (`item-3@pod-abc`), only when the tag has one: distinct items
+   are distinct calls even when their bodies are equal, while a tag without `@` names no item (a
+   wrapped step whose pod name changes on every retry stays deduplicated). See `dedupe_token`.
 4. An earlier call that was cut off, because its process died mid-call (the sweep then counts
    it as spent: `reconciled`), the vendor never answered (`upstream_error`) or the vendor said it
    was still running a request with its key (`vendor_busy`), has an unknown outcome. For a
@@ -25,8 +28,13 @@ The ledger's rules, in the order they apply:
    replayed. For a vendor without them (Twilio) it is refused, for good (`outcome_unknown`,
    naming the earlier call's audit row): never a 409 that a client would retry forever. So is
    a retry whose earlier call's idempotency key is not known.
-5. A call costing more than the key's `max_usd_per_call` is a cap hit.
-6. A priced call is admitted only if every cap that applies holds with its cost added
+5. A call that moves money already paid for (confirming or capturing a PaymentIntent or charge)
+   is offset by what its payer paid for that object within the window: the key itself or any
+   key drawing on the same budget (`paid_for` marks record who paid). The offset is re-dated to
+   now when the call is admitted, so the window counts money when it moves (see
+   docs/guarantees.md). Another run's key gets no offset: it pays in full.
+6. A call costing more than the key's `max_usd_per_call` is a cap hit.
+7. A priced call is admitted only if every cap that applies holds with its cost added
    (`used + cost <= cap`), checked in this order: the caller's spend over the key's life
    (`max_usd_per_caller`, per caller tag: `caller_cap_hit`), the key's spend in the rolling
    24-hour window (`daily_usd_cap`: `cap_hit`) and over its life (`total_usd_cap`:
@@ -59,6 +67,10 @@ __all__ = [
     "bucket_of",
     "bucket_start",
     "caller_of",
+    "dead_reason",
+    "dedupe_token",
+    "item_of",
+    "offset_cost",
     "refusal",
     "refusal_status",
     "settle_amounts",
@@ -251,6 +263,12 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
 CUT_OFF = frozenset({Decision.RECONCILED, Decision.UPSTREAM_ERROR, Decision.VENDOR_BUSY})
 
 
+def offset_cost(gross_micros: int, paid_micros: int) -> int:
+    """What a call moving money already paid for costs: its amount less what its payer paid for
+    the same object within the window (never below nothing)."""
+    return max(0, gross_micros - paid_micros)
+
+
 def refusal(decision: Decision) -> tuple[int, str, str]:
     """(HTTP status, code, message template) of a refusal."""
     return _REFUSALS[decision]
@@ -267,6 +285,24 @@ def caller_of(tag: str | None) -> str:
     to an `@` (`item-3@pod-abc`: a fan-out item keeps its count when Argo re-runs it in a new
     pod, while the audit row shows the pod). Untagged calls are all one caller, ""."""
     return (tag or "").partition("@")[0]
+
+
+def item_of(tag: str | None) -> str | None:
+    """The fan-out item a caller tag names: its text before an `@`, only when it has one. A tag
+    without `@` names no item (a pod name that changes on every retry must not split a call)."""
+    if tag is None or "@" not in tag:
+        return None
+    return tag.partition("@")[0]
+
+
+def dedupe_token(request_hash: str, tag: str | None) -> str:
+    """What the dedupe rule matches calls by: the request's fingerprint and its fan-out item.
+    The item is not part of the fingerprint itself, which decides an idempotency-key mismatch.
+    Tokens written before items counted were the bare fingerprint, which the store still matches
+    for one dedupe window after the upgrade (a retry straddling it is not charged twice); every
+    token now holds a `:`, so a new token never meets an old one by chance."""
+    item = item_of(tag)
+    return f"{request_hash}:{item}" if item is not None else f"{request_hash}:"
 
 
 def bucket_of(moment: datetime) -> int:
@@ -331,6 +367,24 @@ class Caps:
         return None
 
 
+def dead_reason(
+    now: datetime,
+    key: tuple[bool, datetime],
+    budget: tuple[bool, datetime | None] | None,
+) -> Decision | None:
+    """Rule 1 alone: why a key, or the budget it draws on, is dead at `now` (None: both live).
+    Each is (revoked, expires_at); a budget that is gone (expires_at None) counts as revoked."""
+    if key[0]:
+        return Decision.REVOKED
+    if key[1] <= now:
+        return Decision.EXPIRED
+    if budget is not None and (budget[0] or budget[1] is None):
+        return Decision.BUDGET_REVOKED
+    if budget is not None and budget[1] is not None and budget[1] <= now:
+        return Decision.BUDGET_EXPIRED
+    return None
+
+
 def admit(
     *,
     now: datetime,
@@ -351,14 +405,13 @@ def admit(
     latest earlier call with its fingerprint, looked up only for a dedupe candidate.
     `caller_used()`: the caller tag's spend on the key over its life, read only when needed.
     """
-    if key.revoked:
-        return Admitted(Decision.REVOKED)
-    if key.expires_at <= now:
-        return Admitted(Decision.EXPIRED)
-    if budget is not None and budget.revoked:
-        return Admitted(Decision.BUDGET_REVOKED)
-    if budget is not None and budget.expires_at <= now:
-        return Admitted(Decision.BUDGET_EXPIRED)
+    dead = dead_reason(
+        now,
+        (key.revoked, key.expires_at),
+        (budget.revoked, budget.expires_at) if budget is not None else None,
+    )
+    if dead is not None:
+        return Admitted(dead)
     prior: Prior | None = None
     if by_key is not None:
         if not by_key.same_request:

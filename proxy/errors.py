@@ -3,6 +3,7 @@
 KeybrakeError
 ├── ConfigError          bad settings or pricing data; raised at start-up, names the bad item
 ├── StoreUnavailable     the database cannot be reached or refused a write (fail closed: 503)
+│   └── SchemaNewer      a newer build migrated the database: this one forwards nothing
 └── ClientError          raised by keybrake.proxy.client
     ├── ProxyUnreachable the proxy did not answer at the URL tried
     └── ApiError         the proxy answered with an error (status, type, message)
@@ -16,6 +17,7 @@ __all__ = [
     "ConfigError",
     "KeybrakeError",
     "ProxyUnreachable",
+    "SchemaNewer",
     "StoreUnavailable",
 ]
 
@@ -30,6 +32,20 @@ class ConfigError(KeybrakeError):
 
 class StoreUnavailable(KeybrakeError):
     """The database could not be reached or did not accept a write."""
+
+
+class SchemaNewer(StoreUnavailable):
+    """The database's schema is newer than this build's: a newer keybrake migrated it, and its
+    rules may differ from the ones this build enforces, so this replica fails closed until it is
+    upgraded (docs/deploy.md, upgrading: migrate with the new build, then roll the replicas)."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(
+            f"the database's schema is version {found}, newer than this build's {known}: a newer "
+            "keybrake migrated it; this replica forwards no vendor call until it is upgraded"
+        )
+        self.found = found
+        self.known = known
 
 
 class ClientError(KeybrakeError):

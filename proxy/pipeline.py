@@ -26,7 +26,7 @@ from typing import Any
 
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of, refusal
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
-from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.errors import SchemaNewer, StoreUnavailable
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
 from keybrake.proxy.redact import redact
@@ -115,18 +115,27 @@ class _KeyCache:
 
 
 class _Lookup:
-    """What a vendor's estimate may consult: the store, and the vendor with the real credential,
-    on the same account the call acts on."""
+    """What a vendor's estimate may consult: the vendor with the real credential, on the same
+    account the call acts on. A dead key reaches no vendor: before its first lookup the key's
+    (and its budget's) life is read, so a revoked or expired key learns nothing and spends none
+    of the account's rate limit. Only calls that look something up pay for that read."""
 
-    def __init__(self, pipeline: Pipeline, vendor: Vendor, call: VendorCall) -> None:
+    def __init__(
+        self, pipeline: Pipeline, vendor: Vendor, call: VendorCall, key: KeyRecord
+    ) -> None:
         self._pipeline = pipeline
         self._vendor = vendor
         self._call = call
-
-    async def is_counted(self, object_id: str) -> bool:
-        return await self._pipeline.store.is_counted(self._vendor.name, object_id)
+        self._key = key
+        self._live = False
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        if not self._live:
+            pipeline, key = self._pipeline, self._key
+            dead = await pipeline.store.liveness(key.key_id, key.budget_id, pipeline.clock())
+            if dead is not None:
+                raise _Refused(dead)
+            self._live = True
         vendor = self._vendor
         where, _, query = path.partition("?")
         sent = self._call.headers
@@ -180,6 +189,7 @@ class Pipeline:
         self.clock = clock
         self._keys = _KeyCache(store)
         self._admitted: set[asyncio.Task[Reply]] = set()
+        self._schema_logged = False
 
     async def handle(self, incoming: Incoming) -> Reply:
         started = perf_counter()
@@ -204,6 +214,8 @@ class Pipeline:
             except _Refused as refused:
                 reply = self._refusal(vendor, refused.decision, **refused.details)
                 audit.status, audit.decision = reply.status, refused.decision
+                if audit.key_id is None:
+                    await self._attribute(vendor, incoming, audit)
                 await self.store.record(audit)
                 self.metrics.count_call(vendor.name, audit.decision)
                 return reply
@@ -216,10 +228,17 @@ class Pipeline:
                 await self.store.record(audit)
                 self.metrics.count_call(vendor.name, audit.decision)
                 return reply
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # Fail closed: without the database nothing is reserved, so nothing is forwarded.
+            self._log_newer_schema(exc)
             self.metrics.count_call(audit.vendor, Decision.STORE_UNAVAILABLE)
             return self._refusal(vendor, Decision.STORE_UNAVAILABLE)
+
+    def _log_newer_schema(self, exc: StoreUnavailable) -> None:
+        """Say once, loudly, why a replica left behind by an upgrade refuses every call."""
+        if isinstance(exc, SchemaNewer) and not self._schema_logged:
+            self._schema_logged = True
+            log.error("%s (docs/deploy.md: upgrading)", exc)
 
     async def _handle(
         self,
@@ -238,7 +257,7 @@ class Pipeline:
         key = await self._authenticate(vendor, call, audit)
         self._check_body(incoming)
         self._scope(vendor, key, call)
-        cost = await self._estimate(vendor, call)
+        cost = await self._estimate(vendor, call, key)
         admitted = _Call(vendor, call, key, cost, audit, started)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
@@ -315,9 +334,22 @@ class Pipeline:
                 allowed = ", ".join(key.allowed_accounts) or "its own account only"
                 raise _Refused(Decision.ACCOUNT_DENIED, account=account[:64], allowed=allowed)
 
-    async def _estimate(self, vendor: Vendor, call: VendorCall) -> Cost:
+    async def _attribute(self, vendor: Vendor, incoming: Incoming, audit: AuditRecord) -> None:
+        """Name the key in the audit row of a call refused before it was authenticated (a bad
+        path, a secret in it), when the key it presents is valid: the row belongs to its run."""
+        presented = vendor.presented_key(incoming.headers)
+        if not presented:
+            return
+        vault_key, tag = split_presented_key(presented)
+        key = await self._keys.find(hash_vault_key(vault_key))
+        if key is not None and key.vendor == vendor.name:
+            audit.key_id, audit.label, audit.budget_id = key.key_id, key.label, key.budget_id
+            if audit.caller_tag is None and tag is not None and redact(tag) == tag:
+                audit.caller_tag = tag
+
+    async def _estimate(self, vendor: Vendor, call: VendorCall, key: KeyRecord) -> Cost:
         try:
-            return await vendor.estimate(call, _Lookup(self, vendor, call))
+            return await vendor.estimate(call, _Lookup(self, vendor, call, key))
         except AmbiguousRequest as exc:
             raise _Refused(Decision.AMBIGUOUS, reason=str(exc)) from exc
         except Unpriceable as exc:
@@ -335,8 +367,9 @@ class Pipeline:
     async def _admitted_reply(self, c: _Call) -> Reply:
         try:
             admission = await self._reserve(c)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # Fail closed: without the database nothing is reserved, so nothing is forwarded.
+            self._log_newer_schema(exc)
             c.audit.decision = Decision.STORE_UNAVAILABLE
             return self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
         c.audit.decision = admission.decision
@@ -361,6 +394,7 @@ class Pipeline:
             # So that a retry whose first attempt was cut off can be sent with the same key,
             # and the vendor replays its own answer instead of executing twice.
             forward_key = f"keybrake-{uuid.uuid4().hex}"
+        request_hash = _fingerprint(vendor, call)
         c.reservation = Reservation(
             key=key,
             now=c.audit.ts,
@@ -372,15 +406,19 @@ class Pipeline:
             amount=cost.amount,
             currency=cost.currency,
             idempotency_key=idempotency_key,
-            request_hash=_fingerprint(vendor, call),
+            request_hash=request_hash,
             dedupe=dedupe,
             forward_key=forward_key,
             vendor_replays=vendor.replays,
             caller=caller_of(c.audit.caller_tag),
+            paid_object=cost.paid_object,
         )
         timed = perf_counter()
         admission = await self.store.reserve(c.reservation)
         self.metrics.time_database("reserve", perf_counter() - timed)
+        if admission.reserved_micros != cost.micros and admission.decision is Decision.FORWARDED:
+            # Offset by what its payer already paid for the object: it costs the rest.
+            c.cost = cost.with_micros(admission.reserved_micros)
         return admission
 
     async def _forward(self, c: _Call, forward_key: str | None) -> UpstreamResponse | str:
@@ -450,6 +488,7 @@ class Pipeline:
                 idempotency_key=c.reservation.idempotency_key,
                 request_hash=c.reservation.request_hash,
                 dedupe=c.reservation.dedupe,
+                dedupe_token=c.reservation.dedupe_token if c.reservation.dedupe else "",
                 # A 5xx is not kept (a retry is sent again); no answer at all, or the vendor's
                 # "still running", leaves the outcome unknown, so a retry goes out with the same
                 # idempotency key.

@@ -10,11 +10,13 @@ window's oldest bucket) from both sides.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of
@@ -42,6 +44,8 @@ class Earlier:
     state: str
     age: timedelta = timedelta(minutes=1)
     body: str = "body-A"
+    tag: str | None = None  # the caller tag it was presented with (`item@pod`)
+    legacy: bool = False  # its dedupe row was written before fan-out items counted
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ class Row:
     in_flight: tuple[tuple[timedelta, int], ...] = ()
     earlier: Earlier | None = None
     callers_spent: tuple[tuple[str, int], ...] = ()  # (caller tag, settled) a minute ago
+    # Earlier calls that paid for the object this call confirms (`pi_paid`): (payer, age,
+    # settled), the payer being "key" (this key), "sibling" (another key on its budget) or
+    # "stranger" (another run's key).
+    paid: tuple[tuple[str, timedelta, int], ...] = ()
+    confirms: bool = False  # this call moves `pi_paid`'s money (its cost is the gross amount)
     # This call.
     caller_tag: str | None = None
     cost: int = 3 * MICROS
@@ -89,6 +98,8 @@ class Row:
     life_after: int | None = None  # the key's settled plus reserved over its life, if checked
     budget_after: int | None = None  # the budget's, over its life
     budget_cap_hits: int = 0
+    # The key's settled plus reserved in the window at a later moment (after this call).
+    used_later: tuple[timedelta, int] | None = None
 
 
 H = timedelta(hours=1)
@@ -447,6 +458,107 @@ ROWS = [
         used_after=3 * MICROS,
         budget_after=3 * MICROS,
     ),
+    # -- money already paid for: the payer's offset, within the window, re-dated -----------------
+    Row(
+        "confirming what the key paid for is free",
+        Decision.FORWARDED,
+        paid=(("key", timedelta(minutes=5), 3 * MICROS),),
+        confirms=True,
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a key on the same budget confirms what its sibling paid for free",
+        Decision.FORWARDED,
+        budget=Budget(daily=10 * MICROS),
+        paid=(("sibling", timedelta(minutes=5), 3 * MICROS),),
+        confirms=True,
+        used_after=0,
+        budget_after=3 * MICROS,
+    ),
+    Row(
+        "another run's key confirming what it did not pay for pays in full",
+        Decision.FORWARDED,
+        paid=(("stranger", timedelta(minutes=5), 3 * MICROS),),
+        confirms=True,
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "another run's paid-for mark lifts no cap",
+        Decision.CAP_HIT,
+        cap=2 * MICROS,
+        paid=(("stranger", timedelta(minutes=5), 3 * MICROS),),
+        confirms=True,
+        cap_hits=1,
+    ),
+    Row(
+        "a payment made before the window offsets nothing: the confirm counts again",
+        Decision.FORWARDED,
+        paid=(("key", 25 * H, 3 * MICROS),),
+        confirms=True,
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a confirm's amount beyond its payment is capped like new spend",
+        Decision.CAP_HIT,
+        paid=(("key", 23 * H, 3 * MICROS),),
+        confirms=True,
+        spent=((H, 7 * MICROS),),
+        cost=4 * MICROS,
+        used_after=10 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "a confirm moving more than was paid for pays the difference",
+        Decision.FORWARDED,
+        paid=(("key", timedelta(minutes=5), 3 * MICROS),),
+        confirms=True,
+        cost=5 * MICROS,
+        used_after=5 * MICROS,
+    ),
+    Row(
+        "the confirm re-dates the payment: the window a day later still counts it",
+        Decision.FORWARDED,
+        paid=(("key", 23 * H, 3 * MICROS),),
+        confirms=True,
+        used_after=3 * MICROS,
+        used_later=(2 * H, 3 * MICROS),
+    ),
+    # -- fan-out items ---------------------------------------------------------------------------
+    Row(
+        "another fan-out item with the same body is another call",
+        Decision.FORWARDED,
+        earlier=Earlier("dedupe", "answered", tag="item-1@pod-a"),
+        dedupe=True,
+        caller_tag="item-2@pod-b",
+        used_after=6 * MICROS,
+    ),
+    Row(
+        "the same item retried from a new pod is that earlier call",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered", tag="item-1@pod-a"),
+        dedupe=True,
+        caller_tag="item-1@pod-b",
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "a tag without @ names no item: a renamed pod's retry is that earlier call",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered", tag="pod-a"),
+        dedupe=True,
+        caller_tag="pod-b",
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
+    Row(
+        "a dedupe row from before items counted still matches within its window",
+        Decision.DEDUPLICATED,
+        earlier=Earlier("dedupe", "answered", tag="item-1@pod-a", legacy=True),
+        dedupe=True,
+        caller_tag="item-1@pod-b",
+        used_after=3 * MICROS,
+        replayed=True,
+    ),
 ]
 
 
@@ -476,6 +588,7 @@ def reservation(
     forward_key: str | None = None,
     vendor_replays: bool = True,
     tag: str | None = None,
+    paid_object: str | None = None,
 ) -> Reservation:
     return Reservation(
         key=key,
@@ -493,11 +606,18 @@ def reservation(
         dedupe=dedupe,
         forward_key=forward_key,
         vendor_replays=vendor_replays,
+        paid_object=paid_object,
     )
 
 
 def outcome(
-    r: Reservation, audit_id: int, settled: int, *, answered: bool = True, status: int = 200
+    r: Reservation,
+    audit_id: int,
+    settled: int,
+    *,
+    answered: bool = True,
+    status: int = 200,
+    counts: tuple[str, ...] = (),
 ) -> Settlement:
     """What the pipeline settles: an answer (stored for replays unless it is the vendor's 409
     "still running"), or no answer at all (a 502)."""
@@ -518,10 +638,12 @@ def outcome(
         idempotency_key=r.idempotency_key,
         request_hash=r.request_hash,
         dedupe=r.dedupe,
+        dedupe_token=r.dedupe_token,
         response=StoredResponse(200, [], b'{"id": "pi_1"}') if status == 200 else None,
         outcome_known=status == 200,
         budget_id=r.key.budget_id,
         caller=r.caller if r.key.max_per_caller_micros is not None else None,
+        counts=counts,
     )
 
 
@@ -547,7 +669,22 @@ def key_record(
     )
 
 
-async def play(store: Store, row: Row, key_id: str) -> None:
+async def as_before_items(backend: str, key_id: str) -> None:
+    """Rewrite the key's dedupe rows as a build before fan-out items wrote them: the bare
+    fingerprint as the token."""
+    sql = "UPDATE replays SET token = request_hash WHERE kind = 'dedupe' AND key_id = {}"
+    if backend.startswith("sqlite:///"):
+        with sqlite3.connect(backend.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql.format("?"), (key_id,))
+        return
+    conn = await asyncpg.connect(backend)
+    try:
+        await conn.execute(sql.format("$1"), key_id)
+    finally:
+        await conn.close()
+
+
+async def play(store: Store, row: Row, key_id: str, backend: str) -> None:
     budget_id = None
     if row.budget is not None:
         budget_id = "bg_" + key_id.removeprefix("vk_").ljust(16, "0")
@@ -589,6 +726,16 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         admitted = await store.reserve(earlier)
         assert admitted.decision is Decision.FORWARDED
         await store.settle(outcome(earlier, admitted.audit_id, micros))
+    payers = {"key": key, "stranger": key_record(key_id + "_stranger", cap=None)}
+    if row.budget is not None:
+        payers["sibling"] = other
+    if any(payer == "stranger" for payer, _, _ in row.paid):
+        await store.create_key(payers["stranger"], TEST_EVENT)
+    for payer, age, micros in row.paid:
+        paying = reservation(payers[payer], NOW - age, micros, f"paid-{payer}-{age}")
+        admitted = await store.reserve(paying)
+        assert admitted.decision is Decision.FORWARDED
+        await store.settle(outcome(paying, admitted.audit_id, micros, counts=("pi_paid",)))
     for age, micros in row.in_flight:
         assert (await store.reserve(reservation(key, NOW - age, micros, "flying"))).decision == (
             Decision.FORWARDED
@@ -604,6 +751,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
             idempotency_key="order-1" if e.kind == "idempotency" else None,
             dedupe=e.kind == "dedupe",
             forward_key="order-1" if e.kind == "idempotency" else "fk-earlier",
+            tag=e.tag,
         )
         admitted = await store.reserve(first)
         assert admitted.decision is Decision.FORWARDED
@@ -617,6 +765,8 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         elif e.state == "reconciled":
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
+        if e.legacy:
+            await as_before_items(backend, key_id)
     if row.revoked:
         assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
 
@@ -630,6 +780,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         forward_key="fk-new",
         vendor_replays=row.vendor_replays,
         tag=row.caller_tag,
+        paid_object="pi_paid" if row.confirms else None,
     )
     admitted = await store.reserve(call)
     view = await store.get_key(key_id, NOW)
@@ -662,6 +813,12 @@ async def play(store: Store, row: Row, key_id: str) -> None:
     }
     if row.life_after is not None:
         want["life_after"] = row.life_after
+    if row.used_later is not None:
+        later, _ = row.used_later
+        seen = await store.get_key(key_id, NOW + later)
+        assert seen is not None
+        got["used_later"] = seen.usage.spent_micros + seen.usage.reserved_micros
+        want["used_later"] = row.used_later[1]
     if row.budget_after is not None:
         want["budget_after"] = row.budget_after
         want["budget_cap_hits"] = row.budget_cap_hits
@@ -674,7 +831,7 @@ def test_decision_table(backend: str, row: Row) -> None:
         store = open_store(backend)
         await store.open()
         try:
-            await play(store, row, f"vk_row{ROWS.index(row):02d}")
+            await play(store, row, f"vk_row{ROWS.index(row):02d}", backend)
         finally:
             await store.close()
 
@@ -734,6 +891,66 @@ def test_settle_table(
             assert view is not None
             assert (view.usage.spent_micros, view.usage.reserved_micros) == (after, 0), name
             assert view.usage.total_micros == after
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+LIFE_ROWS = [
+    # (name, key revoked, key expires in, budget: None or (revoked, expires in))
+    ("a live key on a live budget", False, H, (False, H), None),
+    ("a live key without a budget", False, H, None, None),
+    ("a revoked key", True, H, (False, H), Decision.REVOKED),
+    ("an expired key", False, timedelta(0), None, Decision.EXPIRED),
+    ("a revoked budget", False, H, (True, H), Decision.BUDGET_REVOKED),
+    ("an expired budget", False, H, (False, -timedelta(seconds=1)), Decision.BUDGET_EXPIRED),
+]
+
+
+@pytest.mark.parametrize(
+    "name,revoked,expires_in,budget,expect", LIFE_ROWS, ids=[r[0] for r in LIFE_ROWS]
+)
+def test_the_cheap_liveness_check_agrees_with_the_ledger(
+    backend: str,
+    name: str,
+    revoked: bool,
+    expires_in: timedelta,
+    budget: tuple[bool, timedelta] | None,
+    expect: Decision | None,
+) -> None:
+    """What the pipeline reads before a pricing lookup (`Store.liveness`) is the ledger's rule 1:
+    the same answer as the reservation, on both backends."""
+
+    async def run() -> None:
+        store = open_store(backend)
+        await store.open()
+        try:
+            key_id = f"vk_life{[r[0] for r in LIFE_ROWS].index(name)}"
+            budget_id = None
+            if budget is not None:
+                budget_id = "bg_" + key_id
+                await store.create_budget(
+                    BudgetRecord(
+                        budget_id=budget_id,
+                        label="argo/table",
+                        daily_cap_micros=None,
+                        total_cap_micros=None,
+                        metadata={},
+                        created_at=NOW - timedelta(days=1),
+                        expires_at=NOW + budget[1],
+                    ),
+                    TEST_EVENT,
+                )
+                if budget[0]:
+                    await store.revoke_budget(budget_id, NOW - timedelta(seconds=1), TEST_EVENT)
+            key = replace(key_record(key_id, expires_in=expires_in), budget_id=budget_id)
+            await store.create_key(key, TEST_EVENT)
+            if revoked:
+                await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
+            assert await store.liveness(key_id, budget_id, NOW) == expect, name
+            admitted = await store.reserve(reservation(key, NOW, 0, "life"))
+            assert admitted.decision == (expect or Decision.FORWARDED), name
         finally:
             await store.close()
 

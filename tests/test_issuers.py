@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from keybrake.proxy.upstream import UpstreamResponse
 from tests.inproc import Clock, StubUpstream, app_client
 from tests.proxyproc import ProxyProcess, start_proxy
 
@@ -493,3 +495,195 @@ def test_events_page_back_and_forth(tmp_path: Path) -> None:
     assert newest == every[:2] and older == every[2:4]  # paging back
     assert newer == every[:3]  # what came after a known event
     assert bad.status_code == 400
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The in-process app's database: SQLite (its default) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    from tests.pg import pg_database
+
+    with pg_database() as url:
+        yield {"database_url": url}
+
+
+# Bounded in any 24 hours only: no total maximum, no longest life.
+DAILY_ONLY = {"name": "daily", "label_prefix": "argo/payments-", "max_daily_usd_cap": 100}
+
+
+def hundred_dollar_intents() -> StubUpstream:
+    """A Stripe stand-in that answers every intent as a $100 one."""
+    return StubUpstream(
+        UpstreamResponse(
+            200,
+            [("content-type", "application/json"), ("request-id", "req_stub")],
+            b'{"id": "pi_stub", "object": "payment_intent", "amount": 10000, "currency": "usd"}',
+        )
+    )
+
+
+def spend(client: TestClient, vault_key: str, calls: int) -> list[int]:
+    """`calls` $100 intents, one after another, in the same minute: their statuses."""
+    statuses = []
+    for n in range(calls):
+        response = client.post(
+            "/stripe/v1/payment_intents",
+            content=f"amount=10000&currency=usd&metadata[n]={n}".encode(),
+            headers={**bearer(vault_key), "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        statuses.append(response.status_code)
+    return statuses
+
+
+def test_an_issuers_key_patch_cannot_lift_its_24_hour_bound(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    """$100 in any 24 hours: a $1,000-total key is refused at issue, so a $100-total key patched
+    to $1,000 must be refused too, and the key still moves no more than $100 in a minute."""
+    upstream = hundred_dollar_intents()
+    with app_client(tmp_path, Clock(NOW), upstream=upstream, **backend) as client:
+        auth = bearer(create_issuer(client, **DAILY_ONLY)["issuer_token"])
+        wide = client.post(
+            "/vault/keys", json=key_body(daily_usd_cap=None, total_usd_cap=1000), headers=auth
+        )
+        key = client.post(
+            "/vault/keys",
+            json=key_body(daily_usd_cap=None, total_usd_cap=100, dedupe_window="0"),
+            headers=auth,
+        ).json()
+        path = f"/vault/keys/{key['key_id']}"
+        lifted = client.patch(path, json={"total_usd_cap": 1000, "reason": "x"}, headers=auth)
+        stored = client.get(path).json()
+        statuses = spend(client, key["vault_key"], 5)
+    assert wide.status_code == 403 and wide.json()["error"]["code"] == "max_daily_usd_cap"
+    assert lifted.status_code == 403, lifted.text
+    assert lifted.json()["error"]["code"] == "max_daily_usd_cap"
+    assert (stored["daily_usd_cap"], stored["total_usd_cap"], stored["changes"]) == (
+        None,
+        "100.00",
+        [],
+    )
+    assert statuses == [200, 429, 429, 429, 429]
+    assert len(upstream.sent) == 1  # $100 reached Stripe, not $500
+
+
+def test_an_issuers_budget_patch_cannot_lift_its_keys_24_hour_bound(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    """A key with no caps of its own is bounded by its budget's: raising the budget past the
+    issuer's 24-hour maximum would lift the key's bound with it."""
+    upstream = hundred_dollar_intents()
+    with app_client(tmp_path, Clock(NOW), upstream=upstream, **backend) as client:
+        auth = bearer(create_issuer(client, **DAILY_ONLY)["issuer_token"])
+        run = {"agent_run_label": "argo/payments-run-1", "expires_in": "3h"}
+        wide = client.post("/vault/budgets", json={**run, "total_usd_cap": 1000}, headers=auth)
+        budget = client.post("/vault/budgets", json={**run, "total_usd_cap": 100}, headers=auth)
+        assert budget.status_code == 201, budget.text
+        budget_path = f"/vault/budgets/{budget.json()['budget_id']}"
+        key = client.post(
+            "/vault/keys",
+            json=key_body(
+                daily_usd_cap=None,
+                total_usd_cap=None,
+                budget_id=budget.json()["budget_id"],
+                dedupe_window="0",
+            ),
+            headers=auth,
+        )
+        assert key.status_code == 201, key.text
+        lifted = client.patch(
+            budget_path, json={"total_usd_cap": 1000, "reason": "x"}, headers=auth
+        )
+        stored = client.get(budget_path).json()
+        statuses = spend(client, key.json()["vault_key"], 5)
+    assert wide.status_code == 403 and wide.json()["error"]["code"] == "max_daily_usd_cap"
+    assert lifted.status_code == 403, lifted.text
+    assert lifted.json()["error"]["code"] == "max_daily_usd_cap"
+    assert (stored["daily_usd_cap"], stored["total_usd_cap"], stored["changes"]) == (
+        None,
+        "100.00",
+        [],
+    )
+    assert statuses == [200, 429, 429, 429, 429]
+    assert len(upstream.sent) == 1
+
+
+def test_an_issuer_may_always_tighten_but_loosens_only_into_its_policy(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    """A key the admin issued in the issuer's scope, beyond its policy: the issuer may lower its
+    cap or shorten its life, but anything that loosens it (here its life) must leave the whole
+    key, as patched, within the policy."""
+    with app_client(tmp_path, Clock(NOW), **backend) as client:
+        auth = bearer(create_issuer(client, **DAILY_ONLY)["issuer_token"])
+        key = client.post(
+            "/vault/keys", json=key_body(daily_usd_cap=1000, total_usd_cap=None)
+        ).json()  # the admin's
+        path = f"/vault/keys/{key['key_id']}"
+        lowered = client.patch(path, json={"daily_usd_cap": 500, "reason": "x"}, headers=auth)
+        shortened = client.patch(path, json={"expires_in": "1h", "reason": "x"}, headers=auth)
+        after_tightening = client.get(path).json()
+        extended = client.patch(path, json={"expires_in": "90m", "reason": "x"}, headers=auth)
+        after_refusal = client.get(path).json()
+        into_policy = client.patch(
+            path, json={"daily_usd_cap": 100, "expires_in": "90m", "reason": "x"}, headers=auth
+        )
+        admin_raises = client.patch(path, json={"daily_usd_cap": 1000, "reason": "ops"})
+        final = client.get(path).json()
+    assert lowered.status_code == 200, lowered.text
+    assert shortened.status_code == 200, shortened.text
+    assert after_tightening["daily_usd_cap"] == "500.00"
+    assert after_tightening["expires_at"] == "2026-11-26T13:00:00.000000Z"
+    # Only its life was patched, but the key it leaves is still $500 a day: refused.
+    assert extended.status_code == 403, extended.text
+    assert extended.json()["error"]["code"] == "max_daily_usd_cap"
+    assert after_refusal == after_tightening
+    assert into_policy.status_code == 200, into_policy.text
+    assert admin_raises.status_code == 200  # the admin is unrestricted
+    assert (final["daily_usd_cap"], final["expires_at"]) == (
+        "1000.00",
+        "2026-11-26T13:30:00.000000Z",
+    )
+
+
+def test_a_budget_shows_an_issuer_only_the_keys_in_its_scope(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    with app_client(tmp_path, Clock(NOW), **backend) as client:
+        auth = bearer(create_issuer(client, **PAYMENTS)["issuer_token"])
+        budget = client.post(
+            "/vault/budgets",
+            json={
+                "agent_run_label": "argo/payments-run-1",
+                "total_usd_cap": 100,
+                "expires_in": "3h",
+            },
+            headers=auth,
+        ).json()
+        on_budget = {"daily_usd_cap": None, "total_usd_cap": None, "expires_in": None}
+        mine = client.post(
+            "/vault/keys", json=key_body(**on_budget, budget_id=budget["budget_id"]), headers=auth
+        ).json()
+        # The admin's key on the same budget, under a label outside the issuer's scope.
+        theirs = client.post(
+            "/vault/keys",
+            json=key_body(
+                **on_budget, budget_id=budget["budget_id"], agent_run_label="argo/growth-run-9"
+            ),
+        ).json()
+        path = f"/vault/budgets/{budget['budget_id']}"
+        shown = {
+            "get": client.get(path, headers=auth).json(),
+            "list": client.get("/vault/budgets", headers=auth).json()["data"][0],
+            "patch": client.patch(
+                path, json={"total_usd_cap": 90, "reason": "x"}, headers=auth
+            ).json(),
+            "revoke": client.delete(path, headers=auth).json(),
+        }
+        admin_sees = client.get(path).json()
+    for how, view in shown.items():
+        assert view["budget_id"] == budget["budget_id"], how
+        assert view["keys"] == [mine["key_id"]], how
+    assert sorted(admin_sees["keys"]) == sorted([mine["key_id"], theirs["key_id"]])

@@ -4,6 +4,8 @@ namespace and service account; every way a token can be wrong is a 401 with an e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -164,6 +166,71 @@ BAD_TOKENS = {
     "service account not bound": lambda c: c.token("payments", "default"),
     "garbage": lambda c: "eyJ" + "x" * 40 + ".e30.sig",
 }
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'inproc.db'}"
+        return
+    from tests.pg import pg_database
+
+    with pg_database() as url:
+        yield url
+
+
+def stored_events(database_url: str) -> str:
+    """Every events row as the database holds it (not as the store reads it back)."""
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+            return repr(db.execute("SELECT * FROM events").fetchall())
+
+    async def dump() -> str:
+        import asyncpg
+
+        conn = await asyncpg.connect(database_url)
+        try:
+            return repr([tuple(r) for r in await conn.fetch("SELECT * FROM events")])
+        finally:
+            await conn.close()
+
+    return asyncio.run(dump())
+
+
+SMUGGLED = {
+    "vault key": "kbv_" + "SmuggledVaultKey0123456789",
+    "issuer token": "kbi_" + "SmuggledIssuerToken0123456789",
+    "jwt": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzbXVnZ2xlZCJ9.c2lnbmF0dXJlc211Z2dsZWQ",
+}
+
+
+@pytest.mark.parametrize("what", sorted(SMUGGLED))
+def test_a_refused_tokens_claimed_subject_is_recorded_redacted(
+    what: str, cluster: FakeCluster, proxy_token: Path, tmp_path: Path, database_url: str
+) -> None:
+    """The subject of a token that is refused is unverified: whatever the caller put there is
+    recorded as the actor, redacted like any audit row."""
+    secret = SMUGGLED[what]
+    claims = jwt.decode(
+        cluster.token("payments", "keybrake-issuer"), options={"verify_signature": False}
+    )
+    claims["sub"] = f"system:serviceaccount:payments:{secret}"
+    token = jwt.encode(claims, None, algorithm="none")  # refused: not signed
+    verifier = jwks_verifier(cluster, proxy_token, Ticks())
+    with app_client(tmp_path, Clock(NOW), verifier=verifier, database_url=database_url) as client:
+        setup_issuer(client)
+        api = client.post("/vault/keys", json=KEY, headers=bearer(token))
+        refused = client.get("/vault/events", params={"action": "login.refused"}).json()["data"]
+    stored = stored_events(database_url)
+    assert api.status_code == 401
+    assert len(refused) == 1
+    assert refused[0]["actor"].startswith("unverified system:serviceaccount:payments:")
+    assert secret not in refused[0]["actor"]
+    assert "login.refused" in stored
+    assert secret not in stored and "SmuggledIssuer" not in stored and "SmuggledVault" not in stored
+    assert "redacted" in stored
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))

@@ -79,6 +79,7 @@ def settlement(
         idempotency_key=None,
         request_hash="x",
         dedupe=False,
+        dedupe_token="",
         response=None,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -370,3 +371,48 @@ def test_real_account_sid_never_reaches_the_workload(
     assert fake_twilio.messages and all(
         m["account_sid"] == REAL_SID for m in fake_twilio.messages.values()
     )
+
+
+def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
+    tmp_path: Path,
+) -> None:
+    """Twilio's Messages API sends to one `To`; a form naming it twice (or as `to` beside it)
+    is refused before anything is forwarded, since which copy Twilio reads is not the proxy's to
+    know. In-process: the app behind TestClient, a stub vendor recording what reaches it."""
+    from tests.inproc import StubUpstream, app_client, issue
+
+    stub = StubUpstream()
+    with app_client(
+        tmp_path,
+        twilio_account_sid=REAL_SID,
+        twilio_auth_token=REAL_TOKEN,
+        twilio_api_base="http://twilio.invalid",
+        upstream=stub,
+    ) as client:
+        key = issue(client, vendor="twilio", daily_usd_cap=1, allowed_endpoints=[MESSAGES])
+        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{key['vault_key']}".encode()).decode()
+
+        def send(form: list[tuple[str, str]]) -> httpx.Response:
+            return client.post(
+                f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
+                content=urlencode(form).encode(),  # the fields exactly as listed
+                headers={
+                    "Authorization": f"Basic {auth}",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
+            )
+
+        for form in (
+            [("To", US), ("To", UK), ("From", SENDER), ("Body", "x")],
+            [("To", US), ("From", SENDER), ("Body", "x"), ("To", US)],
+            [("To", US), ("to", UK), ("From", SENDER), ("Body", "x")],
+            [("to", UK), ("From", SENDER), ("Body", "x")],
+        ):
+            refused = send(form)
+            assert refused.status_code == 400, form
+            assert refused.json()["keybrake_code"] == "keybrake_ambiguous_request", form
+        assert stub.sent == []
+        assert send([("To", US), ("From", SENDER), ("Body", "x")]).status_code == 200
+        assert len(stub.sent) == 1
+        rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+        assert [r["decision"] for r in rows] == ["forwarded"] + ["ambiguous"] * 4

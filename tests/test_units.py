@@ -77,15 +77,9 @@ def test_safe_path(raw: str, ok: bool) -> None:
 
 
 class FakeLookup:
-    def __init__(
-        self, objects: Mapping[str, Mapping[str, Any]], counted: set[str] | None = None
-    ) -> None:
+    def __init__(self, objects: Mapping[str, Mapping[str, Any]]) -> None:
         self.objects = objects
-        self.counted = counted or set()
         self.fetched: list[str] = []
-
-    async def is_counted(self, object_id: str) -> bool:
-        return object_id in self.counted
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
         self.fetched.append(path)
@@ -143,19 +137,47 @@ def test_stripe_fails_closed(tmp_path: Path) -> None:
     assert estimate(vendor, "POST", "/v1/customers", "email=a@b.c").micros == 0
 
 
-def test_stripe_lookups_count_an_object_once() -> None:
+def test_stripe_confirm_and_capture_move_the_object_amount() -> None:
+    """Their gross amount, looked up, naming the object: the ledger offsets it by what the same
+    payer paid for it (tests/test_decision_table.py)."""
     vendor = stripe_vendor()
-    objects = {"/v1/payment_intents/pi_1": {"id": "pi_1", "amount": 2500, "currency": "usd"}}
-    unseen = FakeLookup(objects)
-    cost = estimate(vendor, "POST", "/v1/payment_intents/pi_1/confirm", "", unseen)
-    assert cost.micros == 25_000_000 and cost.counts == ("pi_1",)
-    seen = FakeLookup(objects, counted={"pi_1"})
-    assert estimate(vendor, "POST", "/v1/payment_intents/pi_1/capture", "", seen).micros == 0
-    assert seen.fetched == []
+    objects = {
+        "/v1/payment_intents/pi_1": {"id": "pi_1", "amount": 2500, "currency": "usd"},
+        "/v1/charges/ch_1": {"id": "ch_1", "amount": 700, "currency": "usd"},
+    }
+    lookup = FakeLookup(objects)
+    for action in ("confirm", "capture"):
+        cost = estimate(vendor, "POST", f"/v1/payment_intents/pi_1/{action}", "", lookup)
+        assert (cost.micros, cost.counts, cost.paid_object) == (25_000_000, ("pi_1",), "pi_1")
     partial = estimate(
-        vendor, "POST", "/v1/payment_intents/pi_1/capture", "amount_to_capture=1000", unseen
+        vendor, "POST", "/v1/payment_intents/pi_1/capture", "amount_to_capture=1000", lookup
     )
-    assert partial.micros == 10_000_000
+    assert (partial.micros, partial.paid_object) == (10_000_000, "pi_1")
+    charge = estimate(vendor, "POST", "/v1/charges/ch_1/capture", "", lookup)
+    assert (charge.micros, charge.paid_object) == (7_000_000, "ch_1")
+    assert lookup.fetched == ["/v1/payment_intents/pi_1"] * 3 + ["/v1/charges/ch_1"]
+
+
+def test_stripe_increment_authorization_prices_the_new_total_less_the_current() -> None:
+    """`amount` is the intent's new total (Stripe's API reference); the request names no
+    currency, so the intent's is used. Before, the call was refused for naming none."""
+    vendor = stripe_vendor()
+    lookup = FakeLookup(
+        {"/v1/payment_intents/pi_1": {"id": "pi_1", "amount": 2500, "currency": "usd"}}
+    )
+    path = "/v1/payment_intents/pi_1/increment_authorization"
+    cost = estimate(vendor, "POST", path, "amount=4000", lookup)
+    assert (cost.micros, cost.amount, cost.currency, cost.counts) == (
+        15_000_000,
+        1500,
+        "usd",
+        ("pi_1",),
+    )
+    assert estimate(vendor, "POST", path, "amount=2000", lookup).micros == 0
+    with pytest.raises(Unpriceable, match="no amount"):
+        estimate(vendor, "POST", path, "metadata[a]=b", lookup)
+    with pytest.raises(AmbiguousRequest, match="application_fee_amount"):  # not known free
+        estimate(vendor, "POST", path, "amount=4000&application_fee_amount=9", lookup)
 
 
 def test_stripe_refunds_and_invoices() -> None:

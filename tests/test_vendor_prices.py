@@ -29,9 +29,6 @@ MESSAGES = f"/2010-04-01/Accounts/{PLACEHOLDER}/Messages.json"
 
 
 class NoLookup:
-    async def is_counted(self, object_id: str) -> bool:
-        raise AssertionError("Twilio and Resend never look anything up")
-
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
         raise AssertionError("Twilio and Resend never look anything up")
 
@@ -234,13 +231,113 @@ def test_resend_prices_emails_and_batches() -> None:
         {"Authorization": "Bearer re_real"},
     )
 
-    emails = call("POST", "/emails/batch")
+    emails = call("POST", "/emails/batch", json.dumps([{"to": "a@example.com"}] * 3).encode())
     ok = json.dumps({"data": [{"id": "1"}, {"id": "2"}], "errors": [{"index": 2}]}).encode()
     assert vendor.settle(emails, Cost(2_700, 3, "email", True), 200, ok).micros == 1_800
     assert vendor.settle(emails, Cost(2_700, 3, "email", True), 422, b"{}").micros == 0
     assert vendor.settle(emails, Cost(2_700, 3, "email", True), None, b"").micros == 2_700
     single = call("POST", "/emails")
     assert vendor.settle(single, Cost(900, 1, "email", True), 200, b'{"id":"x"}').micros == 900
+
+
+def resend_estimate(path: str, payload: Any) -> Cost:
+    body = json.dumps(payload).encode()
+    return asyncio.run(resend_vendor().estimate(call("POST", path, body), NoLookup()))
+
+
+def test_resend_prices_every_to_cc_and_bcc_recipient_as_an_email() -> None:
+    """Resend bills each recipient as one email against the quota, so an email costs its
+    recipients and a batch the sum of its emails' recipients."""
+    a, b, c = "a@example.com", "Bo <b@example.com>", "c@example.com"
+    for email, recipients in (
+        ({"to": a}, 1),
+        ({"to": [a, b]}, 2),
+        ({"to": [a, a, a]}, 3),  # a repeated address counts every time
+        ({"to": a, "cc": b, "bcc": c}, 3),
+        ({"to": [a], "cc": [b, c], "bcc": [a, b, c]}, 6),
+        ({"to": [a], "cc": None, "bcc": []}, 1),
+        ({"to": f"{a}, {c}"}, 2),  # one string naming two addresses: each @ counts
+        ({"to": [a] * 50, "cc": [b] * 60, "bcc": [c] * 70}, 180),
+    ):
+        one = resend_estimate("/emails", email)
+        assert (one.micros, one.amount, one.currency) == (900 * recipients, recipients, "email")
+    batch = resend_estimate("/emails/batch", [{"to": a}, {"to": [a, b], "cc": c}, {"to": [a] * 50}])
+    assert (batch.micros, batch.amount) == (900 * 54, 54)
+    full = resend_estimate("/emails/batch", [{"to": [a, b]}] * 100)
+    assert (full.micros, full.amount) == (180_000, 200)  # 100 emails x 2 recipients x $0.0009
+
+
+@pytest.mark.parametrize(
+    "path,payload,refusal",
+    [
+        ("/emails", {"cc": "a@example.com"}, Unpriceable),  # no to
+        ("/emails", {"to": None}, Unpriceable),
+        ("/emails", {"to": []}, Unpriceable),
+        ("/emails", {"to": 7}, Unpriceable),
+        ("/emails", {"to": {"email": "a@example.com"}}, Unpriceable),
+        ("/emails", {"to": [["a@example.com", "b@example.com"]]}, Unpriceable),
+        ("/emails", {"to": ["a@example.com", 1]}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "cc": 3}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "bcc": [{"email": "b@example.com"}]}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "cc": True}, Unpriceable),
+        ("/emails", {"to": [f"u{i}@example.com" for i in range(51)]}, Unpriceable),
+        (
+            "/emails",
+            # 50 strings, 51 addresses: the last string names two
+            {"to": [f"u{i}@example.com" for i in range(49)] + ["x@example.com, z@example.com"]},
+            Unpriceable,
+        ),
+        ("/emails", {"to": "a@example.com", "headers": "Bcc: b@example.com"}, Unpriceable),
+        ("/emails", {"To": "a@example.com"}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "BCC": ["b@example.com"] * 40}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"Bcc": "b@example.com"}}, AmbiguousRequest),
+        ("/emails/batch", [{"to": "a@example.com"}] * 101, Unpriceable),
+        ("/emails/batch", [{"to": "a@example.com"}, {"to": "b@example.com", "cc": 5}], Unpriceable),
+        ("/emails/batch", [{"to": "a@example.com"}, {"subject": "no to"}], Unpriceable),
+        ("/emails/batch", [{"to": "a@example.com"}, ["b@example.com"]], Unpriceable),
+    ],
+)
+def test_resend_refuses_recipients_it_cannot_count(
+    path: str, payload: Any, refusal: type[Exception]
+) -> None:
+    with pytest.raises(refusal):
+        resend_estimate(path, payload)
+
+
+def test_resend_permissive_batch_settles_off_each_refused_emails_own_recipients() -> None:
+    vendor = resend_vendor()
+    items = [
+        {"to": ["a@example.com", "b@example.com"]},  # 2
+        {"to": ["c@example.com"] * 7},  # 7, refused by Resend
+        {"to": "d@example.com", "cc": "e@example.com", "bcc": "f@example.com"},  # 3
+        {"to": "g@example.com", "bcc": ["h@example.com"] * 4},  # 5, refused by Resend
+    ]
+    batch = call("POST", "/emails/batch", json.dumps(items).encode())
+    estimate = asyncio.run(vendor.estimate(batch, NoLookup()))
+    assert (estimate.micros, estimate.amount) == (900 * 17, 17)
+
+    def settled(answer: Any) -> tuple[int, int | None]:
+        cost = vendor.settle(batch, estimate, 200, json.dumps(answer).encode())
+        return cost.micros, cost.amount
+
+    two = [{"id": "1"}, {"id": "2"}]
+    errors = [{"index": 1, "message": "x"}, {"index": 3, "message": "y"}]
+    assert settled({"data": two, "errors": errors}) == (900 * 5, 5)  # 17 - 7 - 5
+    # Two complaints about one item: it is still one item's recipients.
+    assert settled({"data": two, "errors": [*errors, {"index": 3, "message": "z"}]}) == (4_500, 5)
+    assert settled({"data": two * 2}) == (900 * 17, 17)  # all sent
+    # Answers that do not add up keep the reservation: fewer ids than unrefused items, an index
+    # outside the batch, an index that is not a number, errors that are not a list.
+    inconsistent: tuple[dict[str, Any], ...] = (
+        {"data": two, "errors": errors[:1]},
+        {"data": two, "errors": [{"index": 1}, {"index": 4}]},
+        {"data": two, "errors": [{"index": 1}, {"index": "3"}]},
+        {"data": two, "errors": [{"index": 1}, {"index": True}]},
+        {"data": two, "errors": {"index": 1}},
+        {"data": [], "errors": []},
+    )
+    for answer in inconsistent:
+        assert settled(answer) == (900 * 17, 17), answer
 
 
 def test_operators_price_new_endpoints_flat(tmp_path: Path) -> None:

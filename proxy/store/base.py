@@ -16,8 +16,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from keybrake.proxy.decisions import Decision
+from keybrake.proxy.decisions import Decision, dedupe_token
 from keybrake.proxy.money import format_ts, format_usd
+from keybrake.proxy.redact import redact
 
 __all__ = [
     "ACTIVITY_POINTS",
@@ -175,7 +176,9 @@ class IssuerRecord:
 @dataclass(frozen=True, slots=True)
 class Event:
     """A record of one admin action (issue, patch, revoke, issuer changes) or refused login:
-    who, what, on what, with which outcome, from where. Never a token."""
+    who, what, on what, with which outcome, from where. Never a token: every text a caller can
+    put in one (the actor a refused token claims, the target, outcome, source and detail) is
+    redacted here, when the event is made, as audit rows are (`keybrake.proxy.redact`)."""
 
     ts: datetime
     action: str  # key.issue, key.patch, key.revoke, label.revoke, budget.create, ...
@@ -186,6 +189,25 @@ class Event:
     source: str | None = None  # the client's address
     detail: dict[str, Any] | None = None
     id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("action", "actor", "outcome", "issuer_id", "target", "source"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, redact(value))
+        if self.detail is not None:
+            object.__setattr__(self, "detail", _redacted(self.detail))
+
+
+def _redacted(value: Any) -> Any:
+    """A JSON value with every string in it (keys too) redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def revoked_event(event: Event, keys: list[str], budgets: list[str]) -> Event:
@@ -363,6 +385,14 @@ class Reservation:
     forward_key: str | None = None  # the idempotency key it will be forwarded with
     vendor_replays: bool = True  # the vendor replays answers for a repeated idempotency key
     caller: str = ""  # what a per-caller cap counts by: the tag's caller part ("" untagged)
+    # The vendor object this call moves money of, when its payer may have paid for it already:
+    # `cost_micros` is then offset by the payer's marks on it within the window (re-dated).
+    paid_object: str | None = None
+
+    @property
+    def dedupe_token(self) -> str:
+        """What the dedupe rule matches it by: its fingerprint and fan-out item."""
+        return dedupe_token(self.request_hash, self.caller_tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +402,8 @@ class Admission:
     replay: StoredResponse | None = None
     forward_key: str | None = None  # the idempotency key to forward with
     prior_audit_id: int | None = None  # the earlier call an `outcome_unknown` refusal names
+    # What was reserved: the cost, less the payer's offset for a `paid_object`.
+    reserved_micros: int = 0
 
 
 @dataclass(slots=True)
@@ -389,10 +421,13 @@ class Settlement:
     idempotency_key: str | None
     request_hash: str
     dedupe: bool
+    dedupe_token: str  # as reserved (`Reservation.dedupe_token`)
     response: StoredResponse | None  # kept for replays
     # False: no answer came, so a retry must go out as the same call (its replay tokens stay,
     # marked by the audit row's decision). True without a response: the tokens are forgotten.
     outcome_known: bool = True
+    # Vendor objects this call paid for: each is marked paid by this key and budget, for the
+    # settled amount in this call's bucket, so the same payer's later confirm is offset by it.
     counts: tuple[str, ...] = ()
     budget_id: str | None = None  # the budget the call drew on
     caller: str | None = None  # the caller whose spend it counts on (None: the key keeps none)
@@ -906,7 +941,11 @@ class Store(Protocol):
         A late settle of such a call corrects spend to its real outcome."""
         ...
 
-    async def is_counted(self, vendor: str, object_id: str) -> bool: ...
+    async def liveness(self, key_id: str, budget_id: str | None, now: datetime) -> Decision | None:
+        """Why a key (or its budget) is dead now (revoked or expired), or None when it is live:
+        a cheap read before the proxy looks anything up at a vendor. The reservation stays the
+        authority."""
+        ...
 
     async def alert_levels(self, now: datetime) -> list[AlertLevel]:
         """Every live key and budget with a cap, and its spend against it."""

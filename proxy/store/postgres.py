@@ -26,10 +26,11 @@ from keybrake.proxy.decisions import (
     bucket_of,
     bucket_start,
     caller_of,
+    dead_reason,
     refusal_status,
     window_floor,
 )
-from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.errors import SchemaNewer, StoreUnavailable
 from keybrake.proxy.store.base import (
     ACTIVITY_POINTS,
     NEAR_CAP,
@@ -609,41 +610,363 @@ MIGRATIONS: list[str] = [
     CREATE INDEX budgets_label_created ON budgets
         (label, created_at, budget_id, expires_at, revoked_at, namespace);
     """,
+    # 9: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
+    # the same payer's confirm or capture is offset, and only within the window (re-dated to
+    # when the money moves); dedupe tokens carry the fan-out item. The old marks named no payer:
+    # they are dropped, so such an object's confirm is priced in full. The reserve and settle
+    # functions change signature, so a replica of an older build calling the old ones fails
+    # closed (503) instead of enforcing the old rules.
+    """
+    DROP TABLE counted_objects;
+    CREATE TABLE paid_for (
+        vendor text NOT NULL,
+        object_id text NOT NULL,
+        key_id text NOT NULL,
+        budget_id text,
+        bucket bigint NOT NULL,
+        micros bigint NOT NULL,
+        PRIMARY KEY (vendor, object_id, key_id, bucket)
+    );
+    CREATE INDEX paid_for_bucket ON paid_for (bucket);
+    DROP FUNCTION keybrake_reserve(text, text, timestamptz, bigint, bigint, bigint, text, text,
+                                   boolean, text, boolean, text, text, text, text, text, bigint,
+                                   text, jsonb);
+    DROP FUNCTION keybrake_settle(bigint, text, text, text, bigint, text, bigint, bigint,
+                                  integer, text, text, double precision, text, text, boolean,
+                                  boolean, boolean, jsonb, bytea, jsonb);
+
+    -- Moves a payer's marks on an object within the window, and the spend they stand for, to
+    -- this call's bucket: the money moves now, so every window from now on counts it.
+    CREATE FUNCTION keybrake_redate(p_vendor text, p_object text, p_key_id text,
+                                    p_budget_id text, p_floor bigint, p_bucket bigint)
+    RETURNS void LANGUAGE plpgsql AS $fn$
+    DECLARE
+        m record;
+    BEGIN
+        FOR m IN DELETE FROM paid_for
+                  WHERE vendor = p_vendor AND object_id = p_object AND bucket >= p_floor
+                    AND bucket <> p_bucket
+                    AND (key_id = p_key_id OR (budget_id IS NOT NULL AND budget_id = p_budget_id))
+              RETURNING key_id, budget_id, bucket, micros
+        LOOP
+            IF m.budget_id IS NOT NULL THEN
+                PERFORM keybrake_add_spend(m.budget_id, m.bucket, -m.micros, 0);
+                PERFORM keybrake_add_spend(m.budget_id, p_bucket, m.micros, 0);
+            END IF;
+            PERFORM keybrake_add_spend(m.key_id, m.bucket, -m.micros, 0);
+            PERFORM keybrake_add_spend(m.key_id, p_bucket, m.micros, 0);
+            INSERT INTO paid_for (vendor, object_id, key_id, budget_id, bucket, micros)
+            VALUES (p_vendor, p_object, m.key_id, m.budget_id, p_bucket, m.micros)
+            ON CONFLICT (vendor, object_id, key_id, bucket)
+            DO UPDATE SET micros = paid_for.micros + EXCLUDED.micros;
+        END LOOP;
+    END
+    $fn$;
+
+    -- keybrake.proxy.decisions.admit, restated; tests/test_decision_table.py holds the two to
+    -- one table of cases. Calls of one key (and of one budget) serialise on its usage_counts
+    -- row, taken first: the budget's, then the key's.
+    CREATE FUNCTION keybrake_reserve(
+        p_key_id text, p_budget_id text, p_now timestamptz, p_bucket bigint, p_floor bigint,
+        p_cost bigint, p_idem text, p_hash text, p_dedupe boolean, p_fwd text,
+        p_replays boolean, p_caller text, p_vendor text, p_method text, p_path text,
+        p_tag text, p_amount bigint, p_currency text, p_dedupe_token text, p_paid_object text,
+        p_statuses jsonb
+    ) RETURNS TABLE (o_decision text, o_audit_id bigint, o_status integer, o_headers jsonb,
+                     o_body bytea, o_forward_key text, o_prior_audit_id bigint,
+                     o_reserved bigint)
+    LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
+    DECLARE
+        k record;
+        -- the budget's (scalars, not a record: a key without a budget leaves them unset)
+        b_revoked timestamptz;
+        b_expires timestamptz;
+        b_daily bigint;
+        b_total bigint;
+        b_window bigint;
+        b_life bigint;
+        d text := 'forwarded';
+        prior record;
+        prior_kind text;
+        prior_decision text;
+        caller_used bigint;
+        fwd text := p_fwd;
+        prior_id bigint;
+        aid bigint;
+        rep_status integer;
+        rep_headers jsonb;
+        rep_body bytea;
+        dedupe_by text := p_dedupe_token;
+        paid bigint := 0;
+        cost bigint := p_cost;
+    BEGIN
+        IF p_budget_id IS NOT NULL THEN
+            PERFORM keybrake_count_call(p_budget_id);
+        END IF;
+        UPDATE usage_counts SET calls = calls + 1 WHERE owner_id = p_key_id;  -- inline: hot
+        IF NOT FOUND THEN
+            PERFORM keybrake_count_call(p_key_id);
+        END IF;
+        -- The key, and what it used in the window and over its life, in one statement.
+        SELECT v.revoked_at, v.expires_at, v.daily_cap_micros, v.total_cap_micros,
+               v.max_per_call_micros, v.max_per_caller_micros, v.dedupe_window_s, v.label,
+               w.in_window, w.in_life
+          INTO k
+          FROM vault_keys v,
+               LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
+                                        FILTER (WHERE bucket >= p_floor), 0) AS in_window,
+                               coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
+                          FROM spend_window WHERE owner_id = p_key_id) w
+         WHERE v.key_id = p_key_id;
+        IF p_budget_id IS NOT NULL THEN
+            SELECT g.revoked_at, g.expires_at, g.daily_cap_micros, g.total_cap_micros,
+                   w.in_window, w.in_life
+              INTO b_revoked, b_expires, b_daily, b_total, b_window, b_life
+              FROM budgets g,
+                   LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
+                                            FILTER (WHERE bucket >= p_floor), 0) AS in_window,
+                                   coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
+                              FROM spend_window WHERE owner_id = p_budget_id) w
+             WHERE g.budget_id = p_budget_id;
+        END IF;
+        IF k.expires_at IS NULL OR k.revoked_at IS NOT NULL THEN
+            d := 'revoked';
+        ELSIF k.expires_at <= p_now THEN
+            d := 'expired';
+        ELSIF p_budget_id IS NOT NULL AND (b_expires IS NULL OR b_revoked IS NOT NULL) THEN
+            d := 'budget_revoked';
+        ELSIF p_budget_id IS NOT NULL AND b_expires <= p_now THEN
+            d := 'budget_expired';
+        ELSE
+            IF p_idem IS NOT NULL THEN
+                SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
+                  INTO prior FROM replays
+                 WHERE key_id = p_key_id AND kind = 'idempotency' AND token = p_idem;
+                IF FOUND THEN
+                    prior_kind := 'idempotency';
+                    IF prior.request_hash <> p_hash THEN
+                        d := 'idempotency_mismatch';
+                    END IF;
+                END IF;
+            END IF;
+            IF prior_kind IS NULL AND p_dedupe THEN
+                SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
+                  INTO prior FROM replays
+                 WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_dedupe_token;
+                IF NOT FOUND THEN
+                    -- A row written before fan-out items counted holds the bare fingerprint.
+                    dedupe_by := p_hash;
+                    SELECT request_hash, created_at, status, headers, body, audit_id,
+                           forwarded_key
+                      INTO prior FROM replays
+                     WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_hash;
+                END IF;
+                IF FOUND AND prior.created_at >= p_now - make_interval(secs => k.dedupe_window_s)
+                THEN
+                    prior_kind := 'dedupe';
+                END IF;
+            END IF;
+            IF p_paid_object IS NOT NULL THEN
+                -- What this call's payer (the key, or a key on its budget) paid for the object
+                -- within the window offsets its cost.
+                SELECT coalesce(sum(micros), 0) INTO paid FROM paid_for
+                 WHERE vendor = p_vendor AND object_id = p_paid_object AND bucket >= p_floor
+                   AND (key_id = p_key_id OR (budget_id IS NOT NULL AND budget_id = p_budget_id));
+                cost := greatest(0, p_cost - paid);
+            END IF;
+            IF d = 'forwarded' AND prior_kind IS NOT NULL THEN
+                IF prior.status IS NOT NULL THEN
+                    d := CASE WHEN prior_kind = 'idempotency' THEN 'replayed'
+                              ELSE 'deduplicated' END;
+                    rep_status := prior.status;
+                    rep_headers := prior.headers;
+                    rep_body := prior.body;
+                ELSE
+                    SELECT decision INTO prior_decision FROM audit WHERE id = prior.audit_id;
+                    IF FOUND AND prior_decision NOT IN ('reconciled', 'upstream_error',
+                                                        'vendor_busy') THEN
+                        d := 'in_progress';
+                    ELSIF NOT p_replays OR prior.forwarded_key IS NULL THEN
+                        d := 'outcome_unknown';
+                        prior_id := prior.audit_id;
+                    ELSE
+                        fwd := prior.forwarded_key;
+                    END IF;
+                END IF;
+            END IF;
+            IF d = 'forwarded' AND k.max_per_call_micros IS NOT NULL
+               AND cost > k.max_per_call_micros THEN
+                d := 'per_call_cap_hit';
+            ELSIF d = 'forwarded' AND cost > 0 THEN
+                IF k.max_per_caller_micros IS NOT NULL THEN
+                    SELECT settled_micros + reserved_micros INTO caller_used FROM caller_spend
+                     WHERE key_id = p_key_id AND caller = p_caller;
+                END IF;
+                IF k.max_per_caller_micros IS NOT NULL
+                   AND coalesce(caller_used, 0) + cost > k.max_per_caller_micros THEN
+                    d := 'caller_cap_hit';
+                ELSIF k.daily_cap_micros IS NOT NULL
+                      AND k.in_window + cost > k.daily_cap_micros THEN
+                    d := 'cap_hit';
+                ELSIF k.total_cap_micros IS NOT NULL
+                      AND k.in_life + cost > k.total_cap_micros THEN
+                    d := 'total_cap_hit';
+                ELSIF p_budget_id IS NOT NULL
+                      AND ((b_daily IS NOT NULL AND b_window + cost > b_daily)
+                        OR (b_total IS NOT NULL AND b_life + cost > b_total)) THEN
+                    d := 'budget_cap_hit';
+                ELSE
+                    IF p_budget_id IS NOT NULL THEN
+                        PERFORM keybrake_add_spend(p_budget_id, p_bucket, 0, cost);
+                    END IF;
+                    UPDATE spend_window SET reserved_micros = reserved_micros + cost
+                     WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
+                    IF NOT FOUND THEN
+                        PERFORM keybrake_add_spend(p_key_id, p_bucket, 0, cost);
+                    END IF;
+                    IF k.max_per_caller_micros IS NOT NULL THEN
+                        PERFORM keybrake_add_caller_spend(p_key_id, p_caller, 0, cost);
+                    END IF;
+                END IF;
+            END IF;
+        END IF;
+        IF d = 'forwarded' AND paid > 0 THEN
+            PERFORM keybrake_redate(p_vendor, p_paid_object, p_key_id, p_budget_id, p_floor,
+                                    p_bucket);
+        END IF;
+        IF d IN ('per_call_cap_hit', 'caller_cap_hit', 'cap_hit', 'total_cap_hit',
+                 'budget_cap_hit') THEN
+            UPDATE usage_counts SET cap_hits = cap_hits + 1
+             WHERE owner_id IN (p_key_id, p_budget_id);
+        END IF;
+        INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
+                           reserved_micros, amount, currency, idempotency_key, caller_tag,
+                           budget_id)
+        VALUES (p_now, p_key_id, k.label, p_vendor, p_method, p_path,
+                coalesce(rep_status, (p_statuses ->> d)::integer, 0),
+                CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
+                CASE WHEN d = 'forwarded' THEN cost ELSE 0 END,
+                p_amount, p_currency, p_idem, p_tag, p_budget_id)
+        RETURNING id INTO aid;
+        IF d = 'forwarded' AND (p_idem IS NOT NULL OR p_dedupe) THEN
+            INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
+                                 forwarded_key)
+            SELECT p_key_id, t.kind, t.token, p_hash, p_now, aid, fwd
+              FROM (VALUES ('idempotency', p_idem), ('dedupe', p_dedupe_token)) AS t (kind, token)
+             WHERE (t.kind = 'idempotency' AND p_idem IS NOT NULL)
+                OR (t.kind = 'dedupe' AND p_dedupe)
+            ON CONFLICT (key_id, kind, token) DO UPDATE
+               SET request_hash = EXCLUDED.request_hash, created_at = EXCLUDED.created_at,
+                   status = NULL, headers = NULL, body = NULL, audit_id = EXCLUDED.audit_id,
+                   forwarded_key = EXCLUDED.forwarded_key;
+        END IF;
+        RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body, fwd, prior_id,
+                            CASE WHEN d = 'forwarded' THEN cost ELSE 0::bigint END;
+    END
+    $fn$;
+
+    CREATE FUNCTION keybrake_settle(
+        p_audit_id bigint, p_key_id text, p_budget_id text, p_caller text, p_bucket bigint,
+        p_vendor text, p_reserved bigint, p_settled bigint, p_status integer, p_decision text,
+        p_request_id text, p_latency double precision, p_idem text, p_hash text,
+        p_dedupe boolean, p_keep boolean, p_known boolean, p_headers jsonb, p_body bytea,
+        p_counts jsonb, p_dedupe_token text
+    ) RETURNS void
+    LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
+    DECLARE
+        was text;
+        release bigint := p_reserved;
+        charge bigint := p_settled;
+    BEGIN
+        -- The audit row by its primary key (a lookup through the partial in-flight index read
+        -- every dead entry it held until vacuum, and slowed down as they piled up).
+        SELECT decision INTO was FROM audit WHERE id = p_audit_id FOR UPDATE;
+        UPDATE audit SET status = p_status, decision = p_decision, settled_micros = p_settled,
+                         vendor_request_id = p_request_id, latency_ms = p_latency
+         WHERE id = p_audit_id;
+        IF was IS DISTINCT FROM 'in_flight' THEN
+            -- A sweep already counted this reservation as spent: correct it to the outcome.
+            release := 0;
+            charge := p_settled - p_reserved;
+        END IF;
+        IF release <> 0 OR charge <> 0 THEN
+            IF p_budget_id IS NOT NULL THEN
+                PERFORM keybrake_add_spend(p_budget_id, p_bucket, charge, -release);
+            END IF;
+            UPDATE spend_window SET settled_micros = settled_micros + charge,
+                                    reserved_micros = reserved_micros - release
+             WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
+            IF NOT FOUND THEN
+                PERFORM keybrake_add_spend(p_key_id, p_bucket, charge, -release);
+            END IF;
+            IF p_caller IS NOT NULL THEN
+                PERFORM keybrake_add_caller_spend(p_key_id, p_caller, charge, -release);
+            END IF;
+        END IF;
+        -- Only the tokens this call still holds: a retry may have taken them over since.
+        IF p_idem IS NULL AND NOT p_dedupe THEN
+            NULL;  -- it holds none
+        ELSIF p_keep THEN
+            UPDATE replays SET status = p_status, headers = p_headers, body = p_body
+             WHERE key_id = p_key_id AND audit_id = p_audit_id
+               AND ((kind = 'idempotency' AND token = p_idem)
+                    OR (p_dedupe AND kind = 'dedupe' AND token = p_dedupe_token));
+        ELSIF p_known THEN
+            DELETE FROM replays
+             WHERE key_id = p_key_id AND audit_id = p_audit_id
+               AND ((kind = 'idempotency' AND token = p_idem)
+                    OR (p_dedupe AND kind = 'dedupe' AND token = p_dedupe_token));
+        END IF;
+        -- Each object this call paid for is marked paid by its key and budget, for the settled
+        -- amount in its bucket (see keybrake_reserve's offset).
+        IF p_settled > 0 AND p_counts IS NOT NULL AND jsonb_array_length(p_counts) > 0 THEN
+            INSERT INTO paid_for (vendor, object_id, key_id, budget_id, bucket, micros)
+            SELECT DISTINCT p_vendor, o, p_key_id, p_budget_id, p_bucket, p_settled
+              FROM jsonb_array_elements_text(p_counts) AS o
+            ON CONFLICT (vendor, object_id, key_id, bucket)
+            DO UPDATE SET micros = paid_for.micros + EXCLUDED.micros;
+        END IF;
+    END
+    $fn$;
+    """,
 ]
 
 # Concurrent calls are grouped: one statement runs a whole batch, in order, in one transaction,
 # so a burst costs one round trip and one commit per batch instead of per call.
 _RESERVE_ONE = (
     "SELECT * FROM keybrake_reserve("
-    "$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)"
+    "$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)"
 )
 _SETTLE_ONE = (
-    "SELECT keybrake_settle($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20)"
+    "SELECT keybrake_settle("
+    "$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)"
 )
 _RESERVE_MANY = """
 SELECT r.* FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[],
                        $6::bigint[], $7::text[], $8::text[], $9::boolean[], $10::text[],
                        $11::boolean[], $12::text[], $13::text[], $14::text[], $15::text[],
-                       $16::text[], $17::bigint[], $18::text[])
+                       $16::text[], $17::bigint[], $18::text[], $19::text[], $20::text[])
        WITH ORDINALITY AS a(key_id, budget_id, now, bucket, floor, cost, idem, hash, dedupe, fwd,
-                            replays, caller, vendor, method, path, tag, amount, currency, n)
+                            replays, caller, vendor, method, path, tag, amount, currency,
+                            dedupe_token, paid_object, n)
 CROSS JOIN LATERAL keybrake_reserve(a.key_id, a.budget_id, a.now, a.bucket, a.floor, a.cost,
                                     a.idem, a.hash, a.dedupe, a.fwd, a.replays, a.caller,
                                     a.vendor, a.method, a.path, a.tag, a.amount, a.currency,
-                                    $19::jsonb) r
+                                    a.dedupe_token, a.paid_object, $21::jsonb) r
 ORDER BY a.n
 """
 _SETTLE_MANY = """
 SELECT keybrake_settle(a.audit_id, a.key_id, a.budget_id, a.caller, a.bucket, a.vendor,
                        a.reserved, a.settled, a.status, a.decision, a.request_id, a.latency,
-                       a.idem, a.hash, a.dedupe, a.keep, a.known, a.headers, a.body, a.counts)
+                       a.idem, a.hash, a.dedupe, a.keep, a.known, a.headers, a.body, a.counts,
+                       a.dedupe_token)
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
             $7::bigint[], $8::bigint[], $9::integer[], $10::text[], $11::text[],
             $12::double precision[], $13::text[], $14::text[], $15::boolean[], $16::boolean[],
-            $17::boolean[], $18::jsonb[], $19::bytea[], $20::jsonb[])
+            $17::boolean[], $18::jsonb[], $19::bytea[], $20::jsonb[], $21::text[])
      WITH ORDINALITY AS a(audit_id, key_id, budget_id, caller, bucket, vendor, reserved, settled,
                           status, decision, request_id, latency, idem, hash, dedupe, keep, known,
-                          headers, body, counts, n)
+                          headers, body, counts, dedupe_token, n)
 ORDER BY a.n
 """
 _STATUSES = json.dumps({decision: refusal_status(decision) for decision in Decision})
@@ -901,6 +1224,8 @@ async def migrate_connection(conn: asyncpg.Connection) -> int:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
         version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        if version > len(MIGRATIONS):
+            raise SchemaNewer(version, len(MIGRATIONS))
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await conn.execute(script)
             await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", number)
@@ -1012,7 +1337,9 @@ class PostgresStore:
             self._pool = None
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.fetchval("SELECT 1"))
+        version = await self._run(lambda c: c.fetchval("SELECT max(version) FROM schema_version"))
+        if version is not None and version > len(MIGRATIONS):
+            raise SchemaNewer(version, len(MIGRATIONS))
 
     async def _run(
         self, fn: Callable[[asyncpg.Connection], Awaitable[T]], lane: _Lane | None = None
@@ -1483,6 +1810,8 @@ class PostgresStore:
                 r.caller_tag,
                 r.amount,
                 r.currency,
+                r.dedupe_token if r.dedupe else None,
+                r.paid_object,
             )
         )
         replay = None
@@ -1495,6 +1824,7 @@ class PostgresStore:
             replay,
             row["o_forward_key"],
             row["o_prior_audit_id"],
+            row["o_reserved"],
         )
 
     async def settle(self, s: Settlement) -> None:
@@ -1521,6 +1851,7 @@ class PostgresStore:
                 json.dumps(response.headers) if response else None,
                 response.body if response else None,
                 json.dumps(list(s.counts)),
+                s.dedupe_token,
             )
         )
 
@@ -1808,6 +2139,8 @@ class PostgresStore:
     async def compact_spend(self, before_bucket: int) -> int:
         async def op(c: asyncpg.Connection) -> int:
             async with c.transaction():
+                # Marks out of the window offset nothing (keybrake_reserve).
+                await c.execute("DELETE FROM paid_for WHERE bucket < $1", before_bucket)
                 moved = await c.fetch(
                     "DELETE FROM spend_window WHERE bucket > 0 AND bucket < $1 "
                     "RETURNING owner_id, settled_micros, reserved_micros",
@@ -1852,15 +2185,22 @@ class PostgresStore:
             if count < _PRUNE_SLICE:
                 return removed
 
-    async def is_counted(self, vendor: str, object_id: str) -> bool:
-        found = await self._run(
-            lambda c: c.fetchval(
-                "SELECT true FROM counted_objects WHERE vendor = $1 AND object_id = $2",
-                vendor,
-                object_id,
+    async def liveness(self, key_id: str, budget_id: str | None, now: datetime) -> Decision | None:
+        row = await self._run(
+            lambda c: c.fetchrow(
+                "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, "
+                "b.revoked_at AS b_revoked, b.expires_at AS b_expires FROM vault_keys k "
+                "LEFT JOIN budgets b ON b.budget_id = $2 WHERE k.key_id = $1",
+                key_id,
+                budget_id,
             )
         )
-        return bool(found)
+        if row is None:
+            return Decision.REVOKED
+        budget = None
+        if budget_id is not None:
+            budget = (row["b_revoked"] is not None, row["b_expires"])
+        return dead_reason(now, (row["k_revoked"] is not None, row["k_expires"]), budget)
 
     async def audit(self, query: AuditFilter) -> list[AuditRecord]:
         args: list[Any] = []

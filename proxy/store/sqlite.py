@@ -30,11 +30,13 @@ from keybrake.proxy.decisions import (
     bucket_of,
     bucket_start,
     caller_of,
+    dead_reason,
+    offset_cost,
     refusal_status,
     settle_amounts,
     window_floor,
 )
-from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.errors import SchemaNewer, StoreUnavailable
 from keybrake.proxy.money import format_ts, parse_ts
 from keybrake.proxy.store.base import (
     ACTIVITY_POINTS,
@@ -328,6 +330,22 @@ MIGRATIONS: list[str] = [
         (label, created_at, key_id, expires_at, revoked_at, namespace);
     CREATE INDEX budgets_label_created ON budgets
         (label, created_at, budget_id, expires_at, revoked_at, namespace);
+    """,
+    # 7: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
+    # the same payer's confirm or capture is offset, and only within the window. The old marks
+    # named no payer: they are dropped, so such an object's confirm is priced in full.
+    """
+    DROP TABLE counted_objects;
+    CREATE TABLE paid_for (
+        vendor TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        budget_id TEXT,
+        bucket INTEGER NOT NULL,
+        micros INTEGER NOT NULL,
+        PRIMARY KEY (vendor, object_id, key_id, bucket)
+    );
+    CREATE INDEX paid_for_bucket ON paid_for (bucket);
     """,
 ]
 
@@ -636,7 +654,11 @@ class _Writer:
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            error = StoreUnavailable(f"database write failed: {exc}")
+            error = (
+                exc
+                if isinstance(exc, StoreUnavailable)  # already says why (e.g. SchemaNewer)
+                else StoreUnavailable(f"database write failed: {exc}")
+            )
             loop.call_soon_threadsafe(_resolve, future, None, error)
         else:
             loop.call_soon_threadsafe(_resolve, future, result, None)
@@ -654,6 +676,7 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 class SQLiteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._schema_cookie: int | None = None
         self._writer = _Writer(self.path)
         self._local = threading.local()
 
@@ -676,16 +699,22 @@ class SQLiteStore:
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             version = row[0] or 0
+            if version > len(MIGRATIONS):
+                raise SchemaNewer(version, len(MIGRATIONS))
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
             conn.execute("COMMIT")
+            # Any later change of the schema (a newer build migrating the file) changes this.
+            self._schema_cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
             return len(MIGRATIONS)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SchemaNewer) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, SchemaNewer):
+                raise
             raise StoreUnavailable(f"cannot migrate SQLite database {self.path}: {exc}") from exc
         finally:
             conn.close()
@@ -694,7 +723,12 @@ class SQLiteStore:
         await asyncio.to_thread(self._writer.stop)
 
     async def ping(self) -> None:
-        await self._read(lambda c: c.execute("SELECT 1 FROM schema_version").fetchone())
+        def op(c: sqlite3.Connection) -> None:
+            version = c.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+            if version > len(MIGRATIONS):
+                raise SchemaNewer(version, len(MIGRATIONS))
+
+        await self._read(op)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -1131,7 +1165,20 @@ class SQLiteStore:
     # -- the request path ----------------------------------------------------------------------
 
     async def reserve(self, reservation: Reservation) -> Admission:
-        return await self._write(lambda conn: _reserve(conn, reservation))
+        def op(conn: sqlite3.Connection) -> Admission:
+            # The schema this process migrated to, still: a newer build that migrated the file
+            # since has rules this process does not know, so it forwards nothing (fail closed).
+            if conn.execute("PRAGMA schema_version").fetchone()[0] != self._schema_cookie:
+                self._check_schema(conn)
+            return _reserve(conn, reservation)
+
+        return await self._write(op)
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+        if version > len(MIGRATIONS):
+            raise SchemaNewer(version, len(MIGRATIONS))
+        self._schema_cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
 
     async def settle(self, settlement: Settlement) -> None:
         await self._write(lambda conn: _settle(conn, settlement))
@@ -1346,6 +1393,8 @@ class SQLiteStore:
                 "reserved_micros = reserved_micros + excluded.reserved_micros",
                 (before_bucket,),
             )
+            # Marks out of the window offset nothing (`_paid_offset`).
+            conn.execute("DELETE FROM paid_for WHERE bucket < ?", (before_bucket,))
             cur = conn.execute(
                 "DELETE FROM spend_window WHERE bucket > 0 AND bucket < ?", (before_bucket,)
             )
@@ -1394,13 +1443,20 @@ class SQLiteStore:
             if count < _PRUNE_SLICE:
                 return removed
 
-    async def is_counted(self, vendor: str, object_id: str) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "SELECT 1 FROM counted_objects WHERE vendor = ? AND object_id = ?",
-                (vendor, object_id),
-            )
-            return cur.fetchone() is not None
+    async def liveness(self, key_id: str, budget_id: str | None, now: datetime) -> Decision | None:
+        def op(conn: sqlite3.Connection) -> Decision | None:
+            row = conn.execute(
+                "SELECT k.revoked_at, k.expires_at, b.revoked_at, b.expires_at, "
+                "b.budget_id IS NOT NULL FROM vault_keys k "
+                "LEFT JOIN budgets b ON b.budget_id = ? WHERE k.key_id = ?",
+                (budget_id, key_id),
+            ).fetchone()
+            if row is None:
+                return Decision.REVOKED
+            budget = None
+            if budget_id is not None:
+                budget = (row[2] is not None, parse_ts(row[3]) if row[4] else None)
+            return dead_reason(now, (row[0] is not None, parse_ts(row[1])), budget)
 
         return await self._read(op)
 
@@ -1692,11 +1748,23 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             (budget_id,),
         ).fetchone()
     by_key = by_fingerprint = None
+    dedupe_by = r.dedupe_token
     if row is not None and r.idempotency_key:
         by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
     if row is not None and r.dedupe and by_key is None:
-        by_fingerprint = _prior(conn, key_id, "dedupe", r.request_hash, r.request_hash)
+        for dedupe_by in (r.dedupe_token, r.request_hash):
+            # A row written before fan-out items counted holds the bare fingerprint; it still
+            # matches within its window, so a retry straddling the upgrade is not charged twice.
+            by_fingerprint = _prior(conn, key_id, "dedupe", dedupe_by, r.request_hash)
+            if by_fingerprint is not None:
+                break
     floor = window_floor(r.now)
+    bucket = bucket_of(r.now)
+    paid: list[tuple[Any, ...]] = []
+    cost = r.cost_micros
+    if r.paid_object is not None and row is not None:
+        paid = _paid_marks(conn, r, floor)
+        cost = offset_cost(cost, sum(mark[3] for mark in paid))
     admitted = admit(
         now=r.now,
         key=_caps(conn, row[:4] if row else None, key_id, floor, r.now),
@@ -1707,7 +1775,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
         by_fingerprint=by_fingerprint,
         dedupe_window=timedelta(seconds=row[6] if row else 0),
         vendor_replays=r.vendor_replays,
-        cost_micros=r.cost_micros,
+        cost_micros=cost,
         max_per_call_micros=row[4] if row else None,
         max_per_caller_micros=row[5] if row else None,
         caller_used=lambda: _caller_spent(conn, key_id, r.caller),
@@ -1715,8 +1783,9 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     decision = admitted.decision
     forwarded = decision is Decision.FORWARDED
     tracks_caller = row is not None and row[5] is not None
+    if forwarded and paid:
+        _redate(conn, r, paid, bucket)
     if admitted.reserve_micros:
-        bucket = bucket_of(r.now)
         if budget_id is not None:
             _add_spend(conn, budget_id, bucket, 0, admitted.reserve_micros)
         _add_spend(conn, key_id, bucket, 0, admitted.reserve_micros)
@@ -1730,7 +1799,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     replay = None
     if admitted.replay_from is not None:
         kind = "idempotency" if admitted.replay_from is by_key else "dedupe"
-        token = r.idempotency_key if admitted.replay_from is by_key else r.request_hash
+        token = r.idempotency_key if admitted.replay_from is by_key else dedupe_by
         replay = _stored_answer(conn, key_id, kind, token or "")
     audit_id = _insert_audit(
         conn,
@@ -1758,7 +1827,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
         if r.idempotency_key:
             tokens.append(("idempotency", r.idempotency_key))
         if r.dedupe:
-            tokens.append(("dedupe", r.request_hash))
+            tokens.append(("dedupe", r.dedupe_token))
         conn.executemany(
             "INSERT OR REPLACE INTO replays (key_id, kind, token, request_hash, created_at, "
             "audit_id, forwarded_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -1767,7 +1836,57 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
                 for kind, token in tokens
             ],
         )
-    return Admission(decision, audit_id, replay, forward_key, admitted.prior_audit_id)
+    return Admission(
+        decision, audit_id, replay, forward_key, admitted.prior_audit_id, admitted.reserve_micros
+    )
+
+
+def _paid_marks(conn: sqlite3.Connection, r: Reservation, floor: int) -> list[tuple[Any, ...]]:
+    """What this call's payer (its key, or any key on its budget) paid for `r.paid_object`
+    within the window: (key_id, budget_id, bucket, micros) marks. Another payer's offset nothing."""
+    return conn.execute(
+        "SELECT key_id, budget_id, bucket, micros FROM paid_for "
+        "WHERE vendor = ? AND object_id = ? AND bucket >= ? "
+        "AND (key_id = ? OR (budget_id IS NOT NULL AND budget_id = ?))",
+        (r.vendor, r.paid_object, floor, r.key.key_id, r.key.budget_id),
+    ).fetchall()
+
+
+def _redate(
+    conn: sqlite3.Connection, r: Reservation, marks: list[tuple[Any, ...]], bucket: int
+) -> None:
+    """Move the offset marks, and the spend they stand for, to this call's bucket: the money
+    moves now, so every window from now on counts it (moving spend later never lowers what a
+    future window counts, and the lifetime total is unchanged)."""
+    for key_id, budget_id, was, micros in marks:
+        if was == bucket:
+            continue
+        for owner in (budget_id, key_id):
+            if owner is not None:
+                _add_spend(conn, owner, was, -micros, 0)
+                _add_spend(conn, owner, bucket, micros, 0)
+        conn.execute(
+            "DELETE FROM paid_for WHERE vendor = ? AND object_id = ? AND key_id = ? AND bucket = ?",
+            (r.vendor, r.paid_object, key_id, was),
+        )
+        _mark_paid(conn, r.vendor, r.paid_object or "", key_id, budget_id, bucket, micros)
+
+
+def _mark_paid(
+    conn: sqlite3.Connection,
+    vendor: str,
+    object_id: str,
+    key_id: str,
+    budget_id: str | None,
+    bucket: int,
+    micros: int,
+) -> None:
+    conn.execute(
+        "INSERT INTO paid_for (vendor, object_id, key_id, budget_id, bucket, micros) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (vendor, object_id, key_id, bucket) "
+        "DO UPDATE SET micros = micros + excluded.micros",
+        (vendor, object_id, key_id, budget_id, bucket, micros),
+    )
 
 
 def _caller_spent(conn: sqlite3.Connection, key_id: str, caller: str) -> int:
@@ -1804,7 +1923,7 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
     if s.idempotency_key:
         tokens.append(("idempotency", s.idempotency_key))
     if s.dedupe:
-        tokens.append(("dedupe", s.request_hash))
+        tokens.append(("dedupe", s.dedupe_token))
     # Only the tokens this call still holds: a retry may have taken them over since.
     if s.response is not None:
         headers = json.dumps(s.response.headers)
@@ -1821,11 +1940,9 @@ def _settle(conn: sqlite3.Connection, s: Settlement) -> None:
             "DELETE FROM replays WHERE key_id = ? AND kind = ? AND token = ? AND audit_id = ?",
             [(s.key_id, kind, token, s.audit_id) for kind, token in tokens],
         )
-    if s.counts:
-        conn.executemany(
-            "INSERT OR IGNORE INTO counted_objects (vendor, object_id) VALUES (?, ?)",
-            [(s.vendor, object_id) for object_id in s.counts],
-        )
+    if s.settled_micros > 0:
+        for object_id in s.counts:
+            _mark_paid(conn, s.vendor, object_id, s.key_id, s.budget_id, s.bucket, s.settled_micros)
 
 
 def _sweep(conn: sqlite3.Connection, older_than: datetime) -> int:

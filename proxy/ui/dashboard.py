@@ -49,7 +49,6 @@ from keybrake.proxy.paging import (
     encode_id,
     encode_position,
 )
-from keybrake.proxy.redact import redact
 from keybrake.proxy.store.base import (
     AuditFilter,
     Event,
@@ -526,10 +525,10 @@ class Dashboard:
             action="label.revoke",
             actor=actor.describe(),
             issuer_id=actor.issuer_id,
-            target=redact(label),
+            target=label,
             outcome="ok",
             source=actor.source,
-            detail={"agent_run_label": redact(label), "via": "dashboard"},
+            detail={"agent_run_label": label, "via": "dashboard"},
         )
         await self.store.revoke_label(label, self.clock(), event, scope=actor.scope)
         query = urllib.parse.urlencode({"label": label, "revoked": "1"})

@@ -50,19 +50,21 @@ class Cost:
     amount: int | None = None
     currency: str | None = None
     priced: bool = False
-    counts: tuple[str, ...] = ()  # vendor objects this call pays for, so later calls don't again
+    counts: tuple[str, ...] = ()  # vendor objects this call pays for, marked with its payer
+    # The object whose money this call moves, when it may be paid for already (a confirm or a
+    # capture): the ledger offsets `micros` by what the same payer paid for it in the window.
+    paid_object: str | None = None
 
     def with_micros(self, micros: int) -> Cost:
-        return Cost(micros, self.amount, self.currency, self.priced, self.counts)
+        return Cost(micros, self.amount, self.currency, self.priced, self.counts, self.paid_object)
 
 
 FREE = Cost()
 
 
 class Lookup(Protocol):
-    """What an estimate may consult: objects already paid for, and the vendor (real credential)."""
-
-    async def is_counted(self, object_id: str) -> bool: ...
+    """What an estimate may consult: the vendor, with the real credential. Whether an object is
+    paid for already is the ledger's to decide (`Cost.paid_object`), inside the reservation."""
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]: ...
 
@@ -71,7 +73,7 @@ def default_settle(cost: Cost, status: int | None) -> Cost:
     """2xx: the estimate was spent. 4xx: the vendor refused, nothing moved. 5xx or no answer:
     the money may have moved, so it counts as spent."""
     if status is not None and 400 <= status < 500:
-        return Cost(0, cost.amount, cost.currency, cost.priced)
+        return Cost(0, cost.amount, cost.currency, cost.priced, (), cost.paid_object)
     return cost
 
 

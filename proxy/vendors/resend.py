@@ -4,11 +4,26 @@ Where the vault key sits: it is the Bearer token, so a workload points the offic
 proxy with environment variables only (`RESEND_API_URL`, `RESEND_API_KEY`); the proxy sends the
 real key instead.
 
-What a dollar is: an email sent costs the `[resend] email` price. `POST /emails` sends one;
-`POST /emails/batch` (a JSON array) reserves for its length and, in permissive batch validation
-where Resend may refuse some items, settles to the emails it accepted (`data`). Any other write
-(broadcasts to an audience, API keys, domains, ...) is refused until an operator lists it in
-`[resend.endpoints]`, as "free" or with a flat price.
+What a dollar is: Resend bills per recipient, not per request: every `to`, `cc` and `bcc`
+recipient of a sent email counts as one email against the account's quota
+(https://resend.com/docs/knowledge-base/account-quotas-and-limits). So an email costs its
+recipients times the `[resend] email` price. Each of `to`, `cc`, `bcc` is an address or a list of
+addresses (https://resend.com/docs/api-reference/emails/send-email); every entry counts, repeats
+included, and a string holding several addresses (`"a@x.com, b@y.com"`) counts each `@` in it, so
+no reading of it by Resend can bill more than was reserved. `POST /emails` sends one email;
+`POST /emails/batch` (a JSON array of at most 100 emails,
+https://resend.com/docs/api-reference/emails/send-batch-emails) reserves the sum of its items'
+recipients and, in permissive batch validation where Resend may refuse some items (listed by
+index in `errors`), settles to that sum less each refused item's own recipients.
+
+Refused before forwarding, since Resend could bill what the proxy did not count: a missing or
+empty `to`, more than 50 addresses in `to`, a recipient field of another type (a number, an
+object, a list holding anything but strings), a batch of more than 100 emails, a recipient field
+spelled in another case (`To`, `BCC`), and a recipient header (`To`, `Cc`, `Bcc`, ...) among the
+email's custom `headers`.
+
+Any other write (broadcasts to an audience, API keys, domains, ...) is refused until an operator
+lists it in `[resend.endpoints]`, as "free" or with a flat price.
 """
 
 from __future__ import annotations
@@ -19,10 +34,10 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from keybrake.proxy.money import usd_to_micros
-from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingEntryError, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
-from keybrake.proxy.vendors.bodies import read_json
+from keybrake.proxy.vendors.bodies import parse_json, read_json
 from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_endpoints
 
 __all__ = ["Resend"]
@@ -30,6 +45,13 @@ __all__ = ["Resend"]
 _RULES = frozenset({"free", "email", "batch"})
 _SECTION_KEYS = frozenset({"endpoints", "email"})
 _UNIT = "email"
+MAX_TO = 50  # addresses in `to` per email: Resend's API reference, POST /emails
+MAX_BATCH = 100  # emails per POST /emails/batch: Resend's API reference
+_RECIPIENT_FIELDS = ("to", "cc", "bcc")
+# Custom headers that name recipients in a mail message: refused inside an email's `headers`.
+_RECIPIENT_HEADERS = frozenset(
+    {"to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "apparently-to"}
+)
 
 # keybrake's refusals under Resend's error names, so the SDK raises its usual exception types
 # (RateLimitError for a cap hit, MissingApiKeyError for no key, ResendError for the rest).
@@ -105,11 +127,9 @@ class Resend(Vendor):
         if rule == "email":
             if not isinstance(emails, dict):
                 raise Unpriceable("POST /emails takes one email, a JSON object")
-            return self._emails(1)
+            return self._emails(recipients(emails, "the email"))
         if rule == "batch":
-            if not isinstance(emails, list) or not emails:
-                raise Unpriceable("POST /emails/batch takes a non-empty JSON array of emails")
-            return self._emails(len(emails))
+            return self._emails(sum(batch_recipients(emails)))
         flat = flat_cost(rule)
         if flat is None:
             raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
@@ -134,15 +154,115 @@ class Resend(Vendor):
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or self.email_price is None or cost.amount is None:
             return actual  # one email, or an answer without the list: the estimate stands
-        accepted = min(len(data), cost.amount)
+        try:
+            items = batch_recipients(parse_json(call.body))
+        except (ValueError, Unpriceable, AmbiguousRequest):
+            return actual
+        failed = _failed_items(answer.get("errors"), len(items))
+        if failed is None or len(data) + len(failed) != len(items):
+            return actual  # an answer that does not add up: the estimate stands
+        sent = min(sum(items) - sum(items[index] for index in failed), cost.amount)
         return Cost(
-            min(usd_to_micros(self.email_price * accepted), cost.micros),
-            accepted,
-            _UNIT,
-            cost.priced,
+            min(usd_to_micros(self.email_price * sent), cost.micros), sent, _UNIT, cost.priced
         )
 
     def error(self, status: int, code: str, message: str) -> tuple[bytes, dict[str, str]]:
         name = _NAMES.get(code) or ("validation_error" if status < 500 else "application_error")
         body = {"statusCode": status, "name": name, "message": message, "keybrake_code": code}
         return json.dumps(body).encode(), {}
+
+
+def batch_recipients(emails: Any) -> list[int]:
+    """The recipients of each email of a `POST /emails/batch` body, in order."""
+    if not isinstance(emails, list) or not emails:
+        raise Unpriceable("POST /emails/batch takes a non-empty JSON array of emails")
+    if len(emails) > MAX_BATCH:
+        raise Unpriceable(
+            f"a batch holds at most {MAX_BATCH} emails (Resend's limit); this one holds "
+            f"{len(emails)}: send it as several batches"
+        )
+    return [recipients(email, f"email {index} of the batch") for index, email in enumerate(emails)]
+
+
+def recipients(email: Any, what: str) -> int:
+    """What one email costs, in emails: its `to`, `cc` and `bcc` recipients, repeats included.
+    Refuses a body Resend could bill for more recipients than this counts."""
+    if not isinstance(email, dict):
+        raise Unpriceable(f"{what} must be a JSON object")
+    for key in email:
+        if key.lower() in _RECIPIENT_FIELDS and key not in _RECIPIENT_FIELDS:
+            raise AmbiguousRequest(
+                f"{what}: recipients are read from {key.lower()!r}, so {key[:20]!r} is refused "
+                "(Resend's field names are lower case)"
+            )
+    headers = email.get("headers")
+    if headers is not None:
+        if not isinstance(headers, dict):
+            raise Unpriceable(f"{what}: `headers` must be a JSON object")
+        for name in headers:
+            if name.strip().lower() in _RECIPIENT_HEADERS:
+                raise AmbiguousRequest(
+                    f"{what}: a {name[:20]!r} header is refused; name recipients in to, cc "
+                    "and bcc, where keybrake counts them"
+                )
+    if "to" not in email:
+        raise Unpriceable(f"{what} names no `to`, so its recipients cannot be counted")
+    to = _addresses(email["to"], "to", what)
+    if to == 0:
+        raise Unpriceable(f"{what}: `to` is an empty list")
+    if to > MAX_TO:
+        raise Unpriceable(
+            f"{what} has {to} addresses in `to`; Resend takes at most {MAX_TO}: send several "
+            "emails (or a batch)"
+        )
+    cc = _addresses(email.get("cc"), "cc", what)
+    bcc = _addresses(email.get("bcc"), "bcc", what)
+    return to + cc + bcc
+
+
+def _addresses(value: Any, field: str, what: str) -> int:
+    """How many recipients a `to`/`cc`/`bcc` value names: an address or a list of addresses."""
+    if value is None and field != "to":
+        return 0
+    if isinstance(value, str):
+        return _in_string(value)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return sum(_in_string(item) for item in value)
+    raise Unpriceable(
+        f"{what}: `{field}` must be an email address or a list of email addresses (strings), "
+        f"not {_json_type(value)}"
+    )
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list holding something other than strings"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+def _in_string(address: str) -> int:
+    """One address, or as many as it has `@` if it lists several (`"a@x.com, b@y.com"`): every
+    address Resend can deliver to holds one, so this never counts fewer than it could send to."""
+    return max(1, address.count("@"))
+
+
+def _failed_items(errors: Any, size: int) -> set[int] | None:
+    """The indexes of the batch items Resend refused, from a permissive answer's `errors`;
+    None if the list is not one the proxy can trust."""
+    if errors is None:
+        return set()
+    if not isinstance(errors, list):
+        return None
+    failed: set[int] = set()
+    for error in errors:
+        index = error.get("index") if isinstance(error, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
+            return None
+        failed.add(index)
+    return failed

@@ -1,9 +1,10 @@
 """Stripe: Bearer (or Basic) secret key, form-encoded bodies, amounts in minor units.
 
 What a dollar is: money a call moves, priced by the rules in the `[stripe.endpoints]` pricing table.
-An object that was paid for once (a PaymentIntent created through the proxy) is not paid for again
-when it is confirmed or captured; one the proxy has not seen is looked up upstream with the real
-key.
+Confirming or capturing a PaymentIntent or charge moves its amount, looked up upstream with the
+real key; the ledger offsets it by what the same payer (the key, or a key on the same budget)
+already paid for that object within the window, so creating and then confirming an intent is
+paid once, while another run's key confirming it pays in full (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _READS: dict[str, tuple[str, ...]] = {
     "amount": ("amount", "currency"),
     "amount_if_set": ("amount", "currency"),
     "intent_amount": ("amount_to_capture",),
+    "increment": ("amount",),
     "charge_amount": ("amount",),
     "refund": ("charge", "payment_intent", "amount"),
     "invoice_amount": (),
@@ -150,6 +152,12 @@ class Stripe(Vendor):
             )
         if name == "charge_amount":
             return await self._capture(lookup, "charges", segments[2], form, "amount")
+        if name == "increment":
+            # `amount` is the intent's new total: the increment moves the difference, in the
+            # intent's own currency (the request names none).
+            intent = await _fetch(lookup, "payment_intents", segments[2])
+            more = max(0, _amount(form.one("amount")) - _fetched_int(intent, "amount"))
+            return self._priced(more, _fetched_currency(intent), counts=(segments[2],))
         if name == "refund":
             return await self._refund(form, lookup)
         if name == "invoice_amount":
@@ -161,19 +169,15 @@ class Stripe(Vendor):
     async def _capture(
         self, lookup: Lookup, kind: str, object_id: str, form: FormBody, field: str
     ) -> Cost:
-        """Confirming or capturing an intent or charge moves its amount once. One the proxy
-        already counted is free, unless the capture asks for more than it holds (overcapture)."""
+        """Confirming or capturing an intent or charge moves its amount, or the amount to
+        capture when one is named (an overcapture moves more than the object holds). The ledger
+        offsets it by what the same payer already paid for the object (`paid_object`)."""
         requested = form.one(field)
-        counted = await lookup.is_counted(object_id)
-        if counted and requested is None:
-            return Cost(priced=True)
         fetched = await _fetch(lookup, kind, object_id)
-        held = _fetched_int(fetched, "amount")
-        if counted:
-            amount = max(0, _amount(requested) - held)
-            return self._priced(amount, _fetched_currency(fetched))
-        amount = _amount(requested) if requested is not None else held
-        return self._priced(amount, _fetched_currency(fetched), counts=(object_id,))
+        amount = _amount(requested) if requested is not None else _fetched_int(fetched, "amount")
+        return self._priced(
+            amount, _fetched_currency(fetched), counts=(object_id,), paid_object=object_id
+        )
 
     async def _refund(self, form: FormBody, lookup: Lookup) -> Cost:
         charge_id, intent_id = form.one("charge"), form.one("payment_intent")
@@ -203,27 +207,38 @@ class Stripe(Vendor):
             refunded = max(0, left)
         return self._priced(refunded, _fetched_currency(charge))
 
-    def _priced(self, amount: int, currency: str, counts: tuple[str, ...] = ()) -> Cost:
+    def _priced(
+        self,
+        amount: int,
+        currency: str,
+        counts: tuple[str, ...] = (),
+        paid_object: str | None = None,
+    ) -> Cost:
         if not currency:
             raise Unpriceable("the request names no currency, so its cost cannot be known")
         micros = self.pricing.minor_to_micros(amount, currency)
-        return Cost(micros, amount, currency.lower(), priced=True, counts=counts)
+        return Cost(micros, amount, currency.lower(), True, counts, paid_object)
 
     def settle(self, call: VendorCall, cost: Cost, status: int | None, body: bytes) -> Cost:
         actual = default_settle(cost, status)
         if status is not None and 200 <= status < 300 and cost.priced:
-            # The created object is paid for now: confirming or capturing it later costs nothing.
+            # The created object is paid for now, by this call's payer: the same payer's confirm
+            # or capture of it is offset by what this call paid.
             try:
                 created = json.loads(body)
             except (ValueError, RecursionError):
                 created = None
             if isinstance(created, dict) and isinstance(created.get("id"), str):
+                counts = actual.counts
+                if created["id"] not in counts:
+                    counts = (*counts, created["id"])
                 return Cost(
                     actual.micros,
                     actual.amount,
                     actual.currency,
                     actual.priced,
-                    (*actual.counts, created["id"]),
+                    counts,
+                    actual.paid_object,
                 )
         return actual
 
