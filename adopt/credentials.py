@@ -20,6 +20,7 @@ import yaml
 from ruamel.yaml.comments import CommentedMap
 
 from keybrake.adopt.workflows import Workflow, line_of
+from keybrake.adopt.yaml_bound import TooManyAliasNodes, safe_load
 
 __all__ = ["VENDORS", "CredentialUse", "Heuristic", "credential_uses"]
 
@@ -169,8 +170,10 @@ def _pod_spec_patch(text: Any) -> Iterator[tuple[str, str | None, str | None]]:
     if not isinstance(text, str):
         return
     try:
-        patch = yaml.safe_load(text)
-    except yaml.YAMLError:
+        patch = safe_load(text)
+    except (yaml.YAMLError, TooManyAliasNodes):
+        # An alias bomb is no patch Argo applies (its YAML reader refuses excessive aliasing):
+        # like one that is no YAML, it adds nothing.
         return
     if not isinstance(patch, dict):
         return

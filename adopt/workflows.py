@@ -2,7 +2,7 @@
 their line numbers, the four kinds that hold templates, and which templates a run fans out.
 
 Read with ruamel.yaml's round-trip loader, so every mapping knows its line and `wrap` can write
-the file back with its comments and key order."""
+the file back with its comments and key order; its aliases' expansion bounded (yaml_bound.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
+from keybrake.adopt.yaml_bound import AliasExpansion, BoundedComposer, TooManyAliasNodes
+
 __all__ = [
     "KINDS",
     "Document",
@@ -24,6 +26,7 @@ __all__ = [
     "Unreadable",
     "Workflow",
     "line_of",
+    "load_documents",
     "load_paths",
     "yaml_round_trip",
 ]
@@ -43,7 +46,21 @@ def yaml_round_trip() -> YAML:
     yaml = YAML(typ="rt")
     yaml.preserve_quotes = True
     yaml.width = 4096  # never fold a long line the author wrote on one
+    yaml.Composer = BoundedComposer
     return yaml
+
+
+def load_documents(text: str, yaml: YAML | None = None) -> list[Any]:
+    """Every document of a file's text, as `yaml` (a `yaml_round_trip()`) loads them: where
+    lint and wrap read a file. Raises `TooManyAliasNodes` when its aliases stand for more than
+    `ALIAS_NODE_LIMIT` nodes, before anything is built from them; `YAMLError` when it is no
+    YAML; `RecursionError` when nested too deep."""
+    yaml = yaml or yaml_round_trip()
+    composer = yaml.composer
+    if not isinstance(composer, BoundedComposer):
+        raise TypeError("load_documents needs a YAML from yaml_round_trip()")
+    composer.expansion = AliasExpansion()  # counted per file
+    return list(yaml.load_all(io.StringIO(text)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +144,12 @@ def load_paths(paths: list[Path]) -> tuple[list[Document], list[Skipped], list[U
                 unreadable.append(Unreadable(path, f"cannot read: {exc}"))
                 continue
             try:
-                loaded = list(yaml.load_all(io.StringIO(text)))
+                loaded = load_documents(text, yaml)
             except RecursionError:
                 unreadable.append(Unreadable(path, "nested too deep to read"))
+                continue
+            except TooManyAliasNodes as exc:
+                unreadable.append(Unreadable(path, str(exc)))
                 continue
             except YAMLError as exc:
                 # Go template actions outside quoted strings are what make a chart's template

@@ -28,7 +28,14 @@ from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString as Quoted
 
 from keybrake.adopt.credentials import CredentialUse, Heuristic, credential_uses
-from keybrake.adopt.workflows import FAN_OUT, Document, Workflow, yaml_round_trip
+from keybrake.adopt.workflows import (
+    FAN_OUT,
+    Document,
+    Workflow,
+    load_documents,
+    yaml_round_trip,
+)
+from keybrake.adopt.yaml_bound import TooManyAliasNodes
 from keybrake.proxy.endpoints import EndpointPattern
 
 __all__ = [
@@ -617,9 +624,11 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
     )
     try:
-        documents = list(yaml.load_all(io.StringIO(text)))
+        documents = load_documents(text, yaml)
     except RecursionError as exc:
         raise WrapError("nested too deep to read") from exc
+    except TooManyAliasNodes as exc:
+        raise WrapError(str(exc)) from exc
     except YAMLError as exc:
         raise WrapError(f"not valid YAML: {str(exc).splitlines()[0]}") from exc
     notes: list[str] = []

@@ -33,6 +33,8 @@ def read_internal_secrets(config: Path | None, paths: list[Path]) -> set[str]:
     folder or the first folder linted."""
     import yaml
 
+    from keybrake.adopt.yaml_bound import TooManyAliasNodes, safe_load
+
     candidates = (
         [config] if config else [Path(CONFIG_FILE)] + [p / CONFIG_FILE for p in paths if p.is_dir()]
     )
@@ -42,8 +44,8 @@ def read_internal_secrets(config: Path | None, paths: list[Path]) -> set[str]:
                 fail(f"--config {config}: no such file", EXIT_USAGE)
             continue
         try:
-            data = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            data = safe_load(candidate.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TooManyAliasNodes) as exc:
             fail(f"{candidate}: not a readable YAML file: {exc}", EXIT_USAGE)
         names = data.get("internal_secrets", []) if isinstance(data, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -1,12 +1,16 @@
 """`keybrake lint` and `wrap` on the odd workflows a review found them wrong on
 (tests/adopt/edge/): fields of the wrong shape, YAML aliases, both exit handlers, handler and
 entrypoint inputs, hyphenated parameters, vendor values that are no credentials, go-templates in
-scripts, inline templates, a 22-level call graph, and the file's own style (indentation, CRLF,
-anchors). Each is held to what docs/lint.md and docs/wrap.md say."""
+scripts, inline templates, a 22-level call graph, the file's own style (indentation, CRLF,
+anchors), and YAML aliases standing for too many nodes (a "billion laughs" file). Each is held to
+what docs/lint.md and docs/wrap.md say."""
 
 from __future__ import annotations
 
 import io
+import json
+import tracemalloc
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -205,3 +209,202 @@ def test_lint_diff_budget_is_checked(budget: str) -> None:
         app, ["lint", str(REVIEW2 / "onerror.yaml"), "--diff", "--budget-usd", budget]
     )
     assert result.exit_code == 2 and "--budget-usd" in result.output
+
+
+def billion_laughs(levels: int = 9) -> list[str]:
+    """Each level an anchor aliasing the one before nine times: 9**levels "lol"s in ~600 bytes."""
+    return ["lol0: &lol0 lol"] + [
+        f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]" for i in range(1, levels + 1)
+    ]
+
+
+WORKFLOW_HEAD = """apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: lol-}
+spec:
+  entrypoint: main
+  templates:
+  - name: main
+"""
+STRIPE_ENV = """      env:
+      - name: STRIPE_SECRET_KEY
+        valueFrom: {secretKeyRef: {name: stripe-credentials, key: secret_key}}
+"""
+
+
+def peak_mib(run: Callable[[], Any]) -> tuple[Any, float]:
+    tracemalloc.start()
+    try:
+        return run(), tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_billion_laughs_file_is_refused_before_its_aliases_are_expanded(tmp_path: Path) -> None:
+    # Without the bound, lint would write out all 10**9 "lol"s of `args` (a version with 9**8
+    # took 760 MiB): so the bound is checked first where both commands load a file, which is
+    # cheap even without it (loading shares an anchor's nodes; walking them expands them).
+    from keybrake.adopt.workflows import load_documents
+    from keybrake.adopt.yaml_bound import ALIAS_NODE_LIMIT, TooManyAliasNodes
+
+    bomb = tmp_path / "lol.yaml"
+    bomb.write_text(
+        "\n".join(billion_laughs())
+        + "\n"
+        + WORKFLOW_HEAD
+        + "    container:\n      image: x\n      args: *lol9\n"
+        + STRIPE_ENV
+    )
+    assert bomb.stat().st_size < 1024
+    with pytest.raises(TooManyAliasNodes):
+        load_documents(bomb.read_text())
+    limit = f"{ALIAS_NODE_LIMIT:,}"
+    for args in (["lint", str(bomb)], ["wrap", str(bomb), "--budget-usd", "5"]):
+        result, peak = peak_mib(lambda args=args: CliRunner().invoke(app, args))
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "Traceback" not in result.output
+        assert str(bomb) in result.output and "aliases expand to more than" in result.output
+        assert limit in result.output and "(line 8)" in result.output  # level 7 goes past it
+        assert peak < 32, f"{args[0]}: {peak:.1f} MiB"  # expanded, 10**9 nodes are gigabytes
+    # So is a settings file (read with PyYAML: bounded the same way).
+    config = tmp_path / "lol-config.yaml"
+    config.write_text("\n".join(billion_laughs()) + "\ninternal_secrets: *lol9\n")
+    result = CliRunner().invoke(app, ["lint", "--config", str(config), str(EDGE / "wrap")])
+    assert result.exit_code == 2 and f"{config}: not a readable YAML file" in result.output
+    assert limit in result.output
+    # Among other files, it is the one named; the others are still linted.
+    report = lint_paths([bomb, EDGE / "wrap" / "anchors.yaml"])
+    assert [u.path for u in report.unreadable] == [bomb] and report.findings
+
+
+def test_alias_expansion_is_counted_as_the_nodes_it_copies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keybrake.adopt import yaml_bound
+    from keybrake.adopt.workflows import load_documents
+
+    # `&a` is 4 nodes (the list and its 3 items); `&b` holds 2 of them: 1 + 8 nodes.
+    text = "a: &a [1, 2, 3]\nb: &b [*a, *a]\nc: *b\n"  # the aliases copy 4 + 4 + 9 nodes
+    monkeypatch.setattr(yaml_bound, "ALIAS_NODE_LIMIT", 17)
+    assert load_documents(text)[0]["c"] == [[1, 2, 3], [1, 2, 3]]
+    monkeypatch.setattr(yaml_bound, "ALIAS_NODE_LIMIT", 16)
+    with pytest.raises(yaml_bound.TooManyAliasNodes, match=r"more than 16 nodes \(line 3\)"):
+        load_documents(text)
+    # The limit is the file's: documents add up (each with its own anchors).
+    monkeypatch.setattr(yaml_bound, "ALIAS_NODE_LIMIT", 12)
+    assert len(load_documents("a: &a [1, 2, 3]\nb: [*a, *a]\n")) == 1
+    with pytest.raises(yaml_bound.TooManyAliasNodes, match=r"\(line 5\)"):  # 8 + 8 nodes
+        load_documents("a: &a [1, 2, 3]\nb: [*a, *a]\n---\na: &a [1, 2, 3]\nb: [*a, *a]\n")
+    # An alias inside the node it names (a recursive structure) is one node: never expanded.
+    monkeypatch.setattr(yaml_bound, "ALIAS_NODE_LIMIT", 1)
+    assert len(load_documents("a: &a [x, *a]\n")) == 1
+
+
+def test_ordinary_anchors_lint_and_wrap_as_if_written_out(tmp_path: Path) -> None:
+    """Shared env, retries, labels merged with `<<`: the same findings and the same wrapped
+    workflow as the file with every alias written out (as JSON, which has none)."""
+    anchored = tmp_path / "anchored.yaml"
+    anchored.write_text(
+        """apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata:
+  generateName: charges-
+  labels: &labels {team: billing, app: charges}
+spec:
+  entrypoint: main
+  podMetadata:
+    labels: *labels
+  templates:
+  - name: main
+    steps:
+    - - name: charge
+        template: charge
+        arguments: &per_customer
+          parameters: [{name: customer, value: "{{item}}"}]
+        withItems: &customers [cus_a, cus_b, cus_c]
+      - name: refund
+        template: refund
+        arguments: *per_customer
+        withItems: *customers
+  - name: charge
+    inputs: &inputs
+      parameters: [{name: customer}]
+    retryStrategy: &retry
+      limit: 3
+      retryPolicy: Always
+    container:
+      image: &image ghcr.io/acme/billing:1.4
+      command: [python, charge.py]
+      resources: &resources
+        requests: {cpu: 100m, memory: 128Mi}
+      env: &stripe_env
+      - name: STRIPE_SECRET_KEY
+        valueFrom:
+          secretKeyRef: {name: stripe-credentials, key: secret_key}
+      - name: LOG_LEVEL
+        value: info
+  - name: refund
+    inputs: *inputs
+    retryStrategy: *retry
+    container:
+      image: *image
+      command: [python, refund.py]
+      resources: *resources
+      env: *stripe_env
+  - name: report
+    metadata:
+      labels:
+        <<: *labels
+        step: report
+    container:
+      image: *image
+      command: [python, report.py]
+"""
+    )
+    safe = YAML(typ="safe")
+    written_out = tmp_path / "written_out.yaml"
+    written_out.write_text(json.dumps(safe.load(anchored.read_text()), indent=2))
+
+    def findings(path: Path) -> list[tuple[str, str, str | None, str]]:
+        report = lint_paths([path])
+        assert not report.unreadable
+        return sorted((f.rule, f.severity, f.template, f.message) for f in report.findings)
+
+    assert findings(anchored) == findings(written_out)
+    assert ("KB101", "high", "refund") in {f[:3] for f in findings(anchored)}
+    wrapped_anchored = wrap_text(anchored.read_text(), OPTIONS)
+    wrapped_out = wrap_text(written_out.read_text(), OPTIONS)
+    assert safe.load(wrapped_anchored.text) == safe.load(wrapped_out.text)
+    assert wrapped_anchored.notes == wrapped_out.notes and wrapped_anchored.vendors == ["stripe"]
+    assert "env: &stripe_env" in wrapped_anchored.text  # the file's anchors are kept
+    for args in (["lint", str(anchored)], ["wrap", str(anchored), "--budget-usd", "5"]):
+        assert CliRunner().invoke(app, args).exit_code == (1 if args[0] == "lint" else 0)
+
+
+def test_an_alias_bomb_in_a_pod_spec_patch_adds_nothing(tmp_path: Path) -> None:
+    """A podSpecPatch is YAML in a string, read later: bounded the same way. Like a patch that
+    is no YAML, a bomb is no patch Argo applies: the rest of the template is still linted."""
+    from keybrake.adopt.yaml_bound import ALIAS_NODE_LIMIT, TooManyAliasNodes, safe_load
+
+    # 9**7 nodes: past the limit, yet only ~90 MiB written out should the bound be bypassed.
+    patch = [
+        *billion_laughs(7),
+        "containers: [{name: main, env: [{name: X_TOKEN,",
+        "  valueFrom: {secretKeyRef: {name: *lol7, key: token}}}]}]",
+    ]
+    text = (
+        WORKFLOW_HEAD
+        + "    podSpecPatch: |\n"
+        + "".join(f"      {line}\n" for line in patch)
+        + "    container:\n      image: x\n"
+        + STRIPE_ENV
+    )
+    with pytest.raises(TooManyAliasNodes, match=f"more than {ALIAS_NODE_LIMIT:,}"):
+        safe_load("\n".join(patch))
+    path = tmp_path / "psp.yaml"
+    path.write_text(text)
+    report, peak = peak_mib(lambda: lint_paths([path]))
+    assert not report.unreadable and peak < 32, f"{peak:.1f} MiB"
+    (kb101,) = [f for f in report.findings if f.rule == "KB101"]
+    assert "STRIPE_SECRET_KEY (env, main container)" in kb101.message
