@@ -298,9 +298,8 @@ def item_of(tag: str | None) -> str | None:
 def dedupe_token(request_hash: str, tag: str | None) -> str:
     """What the dedupe rule matches calls by: the request's fingerprint and its fan-out item.
     The item is not part of the fingerprint itself, which decides an idempotency-key mismatch.
-    Tokens written before items counted were the bare fingerprint, which the store still matches
-    for one dedupe window after the upgrade (a retry straddling it is not charged twice); every
-    token now holds a `:`, so a new token never meets an old one by chance."""
+    (Tokens written before items counted were the bare fingerprint; the migration that brought
+    items rewrote them from their audit rows' tags, so a retry straddling it still matches.)"""
     item = item_of(tag)
     return f"{request_hash}:{item}" if item is not None else f"{request_hash}:"
 

@@ -10,13 +10,11 @@ window's oldest bucket) from both sides.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of
@@ -45,7 +43,6 @@ class Earlier:
     age: timedelta = timedelta(minutes=1)
     body: str = "body-A"
     tag: str | None = None  # the caller tag it was presented with (`item@pod`)
-    legacy: bool = False  # its dedupe row was written before fan-out items counted
 
 
 @dataclass(frozen=True)
@@ -550,15 +547,6 @@ ROWS = [
         used_after=3 * MICROS,
         replayed=True,
     ),
-    Row(
-        "a dedupe row from before items counted still matches within its window",
-        Decision.DEDUPLICATED,
-        earlier=Earlier("dedupe", "answered", tag="item-1@pod-a", legacy=True),
-        dedupe=True,
-        caller_tag="item-1@pod-b",
-        used_after=3 * MICROS,
-        replayed=True,
-    ),
 ]
 
 
@@ -669,22 +657,7 @@ def key_record(
     )
 
 
-async def as_before_items(backend: str, key_id: str) -> None:
-    """Rewrite the key's dedupe rows as a build before fan-out items wrote them: the bare
-    fingerprint as the token."""
-    sql = "UPDATE replays SET token = request_hash WHERE kind = 'dedupe' AND key_id = {}"
-    if backend.startswith("sqlite:///"):
-        with sqlite3.connect(backend.removeprefix("sqlite:///")) as conn:
-            conn.execute(sql.format("?"), (key_id,))
-        return
-    conn = await asyncpg.connect(backend)
-    try:
-        await conn.execute(sql.format("$1"), key_id)
-    finally:
-        await conn.close()
-
-
-async def play(store: Store, row: Row, key_id: str, backend: str) -> None:
+async def play(store: Store, row: Row, key_id: str) -> None:
     budget_id = None
     if row.budget is not None:
         budget_id = "bg_" + key_id.removeprefix("vk_").ljust(16, "0")
@@ -765,8 +738,6 @@ async def play(store: Store, row: Row, key_id: str, backend: str) -> None:
         elif e.state == "reconciled":
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
-        if e.legacy:
-            await as_before_items(backend, key_id)
     if row.revoked:
         assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
 
@@ -831,7 +802,7 @@ def test_decision_table(backend: str, row: Row) -> None:
         store = open_store(backend)
         await store.open()
         try:
-            await play(store, row, f"vk_row{ROWS.index(row):02d}", backend)
+            await play(store, row, f"vk_row{ROWS.index(row):02d}")
         finally:
             await store.close()
 

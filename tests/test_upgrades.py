@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from keybrake.proxy.errors import SchemaNewer
+from keybrake.proxy.money import format_ts
 from keybrake.proxy.store import open_store
+from keybrake.proxy.store.base import AuditRecord
 from keybrake.proxy.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from keybrake.proxy.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from tests.helpers import TEST_EVENT
 from tests.inproc import StubUpstream, app_client, issue
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
@@ -109,3 +114,83 @@ def test_a_running_replica_fails_closed_when_a_newer_build_migrates(
         assert "newer than this build's" in ready.json()["reason"]
     if backend == "sqlite":
         assert any("newer than this build's" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_retry_straddling_the_upgrade_to_fan_out_items_is_not_charged_twice(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dedupe row written before items counted held the bare fingerprint; the migration that
+    brought items gives it its item from its audit row, so the pod's retry after the upgrade is
+    still that call, and another item's is not."""
+    from keybrake.proxy.decisions import Decision
+    from keybrake.proxy.store import postgres, sqlite
+    from tests.test_decision_table import NOW, key_record, reservation
+
+    url = f"sqlite:///{tmp_path / 'items.db'}" if backend == "sqlite" else None
+    url = url or str(request.getfixturevalue("pg_url"))
+    module: Any = sqlite if backend == "sqlite" else postgres
+    key = key_record("vk_straddle", dedupe_window=timedelta(minutes=10))
+
+    async def run() -> None:
+        with monkeypatch.context() as before:  # the schema as the build before items left it
+            before.setattr(module, "MIGRATIONS", module.MIGRATIONS[:-1])
+            store = open_store(url)
+            await store.open()
+            await store.create_key(key, TEST_EVENT)
+            # The first attempt, answered, as that build recorded it: its audit row names the
+            # pod's tag, and its dedupe row holds the bare fingerprint ("body").
+            audit_id = await store.record(
+                AuditRecord(
+                    ts=NOW - timedelta(minutes=2),
+                    vendor="stripe",
+                    method="POST",
+                    path="/v1/payment_intents",
+                    status=200,
+                    decision="forwarded",
+                    key_id=key.key_id,
+                    label=key.label,
+                    caller_tag="item-1@pod-a",
+                )
+            )
+            await store.close()
+        created = NOW - timedelta(minutes=2)
+        await execute(
+            url,
+            "INSERT INTO replays (key_id, kind, token, request_hash, created_at, status, headers, "
+            "body, audit_id) VALUES (?, 'dedupe', 'body', 'body', ?, 200, '[]', ?, ?)",
+            key.key_id,
+            format_ts(created) if backend == "sqlite" else created,
+            b"{}",
+            audit_id,
+        )
+
+        store = open_store(url)  # the upgrade
+        await store.open()
+        try:
+            retry = reservation(key, NOW, 3_000_000, "body", dedupe=True, tag="item-1@pod-b")
+            assert (await store.reserve(retry)).decision is Decision.DEDUPLICATED
+            other = reservation(key, NOW, 3_000_000, "body", dedupe=True, tag="item-2@pod-c")
+            assert (await store.reserve(other)).decision is Decision.FORWARDED
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+async def execute(url: str, sql: str, *args: Any) -> None:
+    """One statement with `?` placeholders, on either backend."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql, args)
+        return
+    parts = sql.split("?")
+    numbered = parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(numbered, *args)
+    finally:
+        await conn.close()

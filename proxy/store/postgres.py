@@ -612,8 +612,9 @@ MIGRATIONS: list[str] = [
     """,
     # 9: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
     # the same payer's confirm or capture is offset, and only within the window (re-dated to
-    # when the money moves); dedupe tokens carry the fan-out item. The old marks named no payer:
-    # they are dropped, so such an object's confirm is priced in full. The reserve and settle
+    # when the money moves); dedupe tokens carry the fan-out item, read from each row's audit
+    # row, so a retry straddling the upgrade still matches. The old marks named no payer: they
+    # are dropped, so such an object's confirm is priced in full. The reserve and settle
     # functions change signature, so a replica of an older build calling the old ones fails
     # closed (503) instead of enforcing the old rules.
     """
@@ -628,6 +629,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vendor, object_id, key_id, bucket)
     );
     CREATE INDEX paid_for_bucket ON paid_for (bucket);
+    UPDATE replays r SET token = r.token || ':' || coalesce((
+        SELECT CASE WHEN strpos(a.caller_tag, '@') > 0 THEN split_part(a.caller_tag, '@', 1)
+                    ELSE '' END
+          FROM audit a WHERE a.id = r.audit_id), '')
+     WHERE r.kind = 'dedupe';
     DROP FUNCTION keybrake_reserve(text, text, timestamptz, bigint, bigint, bigint, text, text,
                                    boolean, text, boolean, text, text, text, text, text, bigint,
                                    text, jsonb);
@@ -696,7 +702,6 @@ MIGRATIONS: list[str] = [
         rep_status integer;
         rep_headers jsonb;
         rep_body bytea;
-        dedupe_by text := p_dedupe_token;
         paid bigint := 0;
         cost bigint := p_cost;
     BEGIN
@@ -753,14 +758,6 @@ MIGRATIONS: list[str] = [
                 SELECT request_hash, created_at, status, headers, body, audit_id, forwarded_key
                   INTO prior FROM replays
                  WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_dedupe_token;
-                IF NOT FOUND THEN
-                    -- A row written before fan-out items counted holds the bare fingerprint.
-                    dedupe_by := p_hash;
-                    SELECT request_hash, created_at, status, headers, body, audit_id,
-                           forwarded_key
-                      INTO prior FROM replays
-                     WHERE key_id = p_key_id AND kind = 'dedupe' AND token = p_hash;
-                END IF;
                 IF FOUND AND prior.created_at >= p_now - make_interval(secs => k.dedupe_window_s)
                 THEN
                     prior_kind := 'dedupe';

@@ -333,7 +333,9 @@ MIGRATIONS: list[str] = [
     """,
     # 7: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
     # the same payer's confirm or capture is offset, and only within the window. The old marks
-    # named no payer: they are dropped, so such an object's confirm is priced in full.
+    # named no payer: they are dropped, so such an object's confirm is priced in full. Dedupe
+    # tokens gain the fan-out item (`decisions.dedupe_token`), read from each row's audit row,
+    # so a retry straddling the upgrade still matches its first attempt.
     """
     DROP TABLE counted_objects;
     CREATE TABLE paid_for (
@@ -346,6 +348,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (vendor, object_id, key_id, bucket)
     );
     CREATE INDEX paid_for_bucket ON paid_for (bucket);
+    UPDATE replays SET token = token || ':' || coalesce((
+        SELECT CASE WHEN instr(a.caller_tag, '@') > 0
+                    THEN substr(a.caller_tag, 1, instr(a.caller_tag, '@') - 1) ELSE '' END
+          FROM audit a WHERE a.id = replays.audit_id), '')
+     WHERE kind = 'dedupe';
     """,
 ]
 
@@ -1748,16 +1755,10 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             (budget_id,),
         ).fetchone()
     by_key = by_fingerprint = None
-    dedupe_by = r.dedupe_token
     if row is not None and r.idempotency_key:
         by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
     if row is not None and r.dedupe and by_key is None:
-        for dedupe_by in (r.dedupe_token, r.request_hash):
-            # A row written before fan-out items counted holds the bare fingerprint; it still
-            # matches within its window, so a retry straddling the upgrade is not charged twice.
-            by_fingerprint = _prior(conn, key_id, "dedupe", dedupe_by, r.request_hash)
-            if by_fingerprint is not None:
-                break
+        by_fingerprint = _prior(conn, key_id, "dedupe", r.dedupe_token, r.request_hash)
     floor = window_floor(r.now)
     bucket = bucket_of(r.now)
     paid: list[tuple[Any, ...]] = []
@@ -1799,7 +1800,7 @@ def _reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     replay = None
     if admitted.replay_from is not None:
         kind = "idempotency" if admitted.replay_from is by_key else "dedupe"
-        token = r.idempotency_key if admitted.replay_from is by_key else dedupe_by
+        token = r.idempotency_key if admitted.replay_from is by_key else r.dedupe_token
         replay = _stored_answer(conn, key_id, kind, token or "")
     audit_id = _insert_audit(
         conn,
