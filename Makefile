@@ -4,7 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest templates tools bench install clean
+.PHONY: demo test test-fast lint typecheck pytest templates tools bench install clean
+
+# Test workers: one per core (pytest-xdist). Each worker has its own localstripe, proxies on
+# sockets bound before they start, and databases of its own (SQLite files under its tmp_path,
+# PostgreSQL databases with random names), so workers never share state.
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 # Debian packages the tests run, installed when missing (`sudo` when not root): promtool checks
 # templates/observability/ (its service is not started in a container), and the dashboard's
@@ -49,7 +54,12 @@ tools:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 pytest: $(STAMP) tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(JOBS)
+
+## A quick loop while working: everything but the end-to-end runs (tests/e2e/), SQLite only.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	KEYBRAKE_TEST_BACKENDS=sqlite $(BIN)/pytest -n $(JOBS) -m "not e2e"
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run

@@ -180,9 +180,12 @@ class Reaper:
                 log.warning("%s (uid %s): revoke refused: %s", label, uid, exc)
                 continue
             changed = result.revoked + len(result.budgets)
+            if not changed:
+                # Its keys went between reading them and judging (the exit handler's revoke,
+                # as a sweep was under way): the run was left alone after all.
+                continue
             revocation = Revocation(label, namespace or "", uid, reason, changed)
-            if changed:
-                log.info("%s: revoked %d key(s) and budget(s) (%s)", label, changed, reason)
+            log.info("%s: revoked %d key(s) and budget(s) (%s)", label, changed, reason)
             done.append(revocation)
             self.stats.revocations.append(revocation)
             if self.on_revoke is not None:

@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist's workers inherit COLUMNS=80 from the controller; the CLI's rich consoles read it
+# once, when they are made, and would then ignore the width each CLI test asks for.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 from tests.fakes.stripe_upstream import FakeStripe
-from tests.proxyproc import Localstripe, ProxyProcess, start_localstripe, start_proxy
+from tests.proxyproc import Localstripe, start_localstripe
+from tests.served import ServedProxy, serve_proxy
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +33,10 @@ def fresh_localstripe() -> Iterator[Localstripe]:
 
 
 @pytest.fixture
-def proxy_server(tmp_path: Path, localstripe: Localstripe) -> Iterator[ProxyProcess]:
-    """`keybrake serve` on a free loopback port, its own SQLite file, localstripe upstream."""
-    proxy = start_proxy(tmp_path, stripe_base=localstripe.url)
+def proxy_server(tmp_path: Path, localstripe: Localstripe) -> Iterator[ServedProxy]:
+    """The proxy app on a free loopback port (served from a thread of the test process), its
+    own SQLite file, localstripe upstream."""
+    proxy = serve_proxy(tmp_path, stripe_base=localstripe.url)
     yield proxy
     proxy.stop()
 
@@ -43,9 +50,10 @@ def fake_stripe() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture
-def fake_proxy(tmp_path: Path, fake_stripe: FakeStripe) -> Iterator[ProxyProcess]:
-    """`keybrake serve` in front of the Stripe-shaped fake (Request-Id, faults, counting)."""
-    proxy = start_proxy(
+def fake_proxy(tmp_path: Path, fake_stripe: FakeStripe) -> Iterator[ServedProxy]:
+    """The proxy app on a loopback port in front of the Stripe-shaped fake (Request-Id, faults,
+    counting)."""
+    proxy = serve_proxy(
         tmp_path, stripe_base=fake_stripe.url, extra_env={"KEYBRAKE_UPSTREAM_TIMEOUT": "2"}
     )
     yield proxy
@@ -68,3 +76,35 @@ def _restore_environment() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/e2e/ are marked `e2e` (`make test-fast` leaves them out), and with
+    KEYBRAKE_TEST_BACKENDS=sqlite the PostgreSQL runs of every test are left out."""
+    backends = os.environ.get("KEYBRAKE_TEST_BACKENDS", "sqlite,postgres").split(",")
+    kept, dropped = [], []
+    for item in items:
+        if E2E in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+        if "postgres" not in backends and _uses_postgres(item):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def _uses_postgres(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(
+        isinstance(value, str) and value == "postgres" for value in callspec.params.values()
+    ):
+        return True
+    names = getattr(item, "fixturenames", ())
+    return bool({"pg_url", "pg_module_url"} & set(names)) or (
+        item.get_closest_marker("postgres") is not None
+    )

@@ -1,0 +1,148 @@
+"""The proxy app served on a loopback socket from a thread of the test process.
+
+What a test that needs a real socket (an official SDK, a raw HTTP client, a redirect) but not a
+real process uses: the same `build_app(settings)` that `keybrake serve` runs, under uvicorn, on a
+socket bound before the server starts, so nothing races for a port. It starts in milliseconds,
+where a `keybrake serve` process takes over a second to import. Tests about the process itself
+(serve flags, workers, TLS, kill -9, restarts, replicas) start one: `tests/proxyproc.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from keybrake.proxy.app import build_app
+from keybrake.proxy.settings import Settings
+from tests.fakes.server import bound_socket
+from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET
+
+__all__ = ["ServedProxy", "serve_proxy"]
+
+
+class _Server(uvicorn.Server):
+    """Says when it serves: after the app's start-up (migrations included) and the bind."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+class ServedProxy:
+    """What tests use of a proxy: its URL, admin client and database; `ProxyProcess`'s surface
+    without the process."""
+
+    def __init__(
+        self, url: str, database_url: str, server: uvicorn.Server, thread: threading.Thread
+    ) -> None:
+        self.url = url
+        self.admin_key = ADMIN_KEY
+        self.database_url = database_url
+        self.ca_file: Path | None = None
+        self._server = server
+        self._thread = thread
+        self._log_handler: logging.Handler | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment a client process of this proxy runs with (as `ProxyProcess.env`)."""
+        keep = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
+        return {**keep, "KEYBRAKE_API_KEY": self.admin_key, "KEYBRAKE_URL": self.url}
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30
+        )
+
+    def issue(self, **spec: Any) -> dict[str, Any]:
+        body = {
+            "vendor": "stripe",
+            "daily_usd_cap": 300,
+            "allowed_endpoints": ["POST /v1/payment_intents"],
+            "expires_in": "2h",
+            "agent_run_label": "argo/test-run",
+        }
+        body.update(spec)
+        with self.admin() as client:
+            response = client.post("/vault/keys", json=body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def log(self) -> str:
+        """What the proxy's loggers wrote while it served."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Shut down as `keybrake serve` does on SIGTERM: calls in flight are settled first."""
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        if self._log_handler is not None:
+            logging.getLogger("keybrake").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+
+def serve_proxy(
+    tmp_path: Path,
+    *,
+    stripe_base: str | None = None,
+    database_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> ServedProxy:
+    """Serve the app on a free loopback port until `stop()`; settings as `start_proxy` takes
+    them (`extra_env` holds `KEYBRAKE_*` names)."""
+    database_url = database_url or f"sqlite:///{tmp_path / 'keybrake.db'}"
+    fields: dict[str, Any] = {
+        "api_key": ADMIN_KEY,
+        "database_url": database_url,
+        "stripe_secret_key": STRIPE_SECRET,
+    }
+    if stripe_base:
+        fields["stripe_api_base"] = stripe_base
+    for name, value in (extra_env or {}).items():
+        fields[name.removeprefix("KEYBRAKE_").lower()] = value
+    app = build_app(Settings(**fields))
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, loop="asyncio", http="httptools", lifespan="on"
+    )
+    server = _Server(config)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(server.serve(sockets=[sock]))
+        except BaseException as exc:  # reported to the test that started it
+            failed.append(exc)
+        finally:
+            sock.close()
+            server.ready.set()
+
+    thread = threading.Thread(target=run, name=f"keybrake-{port}", daemon=True)
+    served = ServedProxy(f"http://127.0.0.1:{port}", database_url, server, thread)
+    served.log_path = tmp_path / f"proxy-{port}.log"
+    handler = logging.FileHandler(served.log_path)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("keybrake").addHandler(handler)
+    served._log_handler = handler
+    thread.start()
+    server.ready.wait(timeout=30)
+    if not server.started:
+        served.stop()
+        raise RuntimeError(f"the proxy did not start: {failed[0] if failed else 'no reason'}")
+    return served
