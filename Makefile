@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck pytest templates tools bench install clean
+.PHONY: demo test test-fast soak-model lint typecheck pytest templates tools bench install clean
 
 # Test workers: one per core (pytest-xdist). Each worker has its own localstripe, proxies on
 # sockets bound before they start, and databases of its own (SQLite files under its tmp_path,
@@ -55,6 +55,14 @@ tools:
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest -n $(JOBS)
+
+## The money model on many more random sequences (minutes to hours); SEED=... repeats a run.
+SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+EXAMPLES ?= 2000
+soak-model: $(STAMP)
+	@echo "money model soak: seed $(SEED), $(EXAMPLES) examples per backend"
+	KEYBRAKE_MODEL_EXAMPLES=$(EXAMPLES) $(BIN)/pytest tests/model \
+	  --hypothesis-seed=$(SEED) -s
 
 ## A quick loop while working: everything but the end-to-end runs (tests/e2e/), SQLite only.
 test-fast: $(STAMP)

@@ -1,0 +1,272 @@
+"""Vendors that bill, behind the proxy's `upstream=` seam: what the money model test checks the
+proxy against. Each records every request it receives with the credential it carried, and
+bills in the vendor's own unit, as documented (docs/guarantees.md, section 1):
+
+- Stripe: PaymentIntents created (no money moves), updated, confirmed (automatic capture: the
+  amount moves; manual capture: it is held) and captured (a held amount moves), refunds (the
+  amount moves back out). Idempotency keys replay the stored answer (`Idempotent-Replayed`), as
+  Stripe does for 24 hours.
+- Twilio: a message bills its segments (GSM-7: 160, then 153 a segment) at $0.0083.
+- Resend: an email bills each of its to/cc/bcc recipients; a batch, each item's.
+
+Nothing here imports the proxy's pricing or ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+from keybrake.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
+
+STRIPE = "http://stripe.model"
+TWILIO = "http://twilio.model"
+RESEND = "http://resend.model"
+STRIPE_SECRET = "sk_test_MODELSECRET_0000000000000000"
+TWILIO_SID = "AC" + "5e" * 16
+TWILIO_TOKEN = "twilio_MODELTOKEN_000000000000"
+RESEND_SECRET = "re_MODELSECRET_00000000000000"
+SEGMENT_USD = Decimal("0.0083")
+EMAIL_USD = Decimal("0.0009")
+
+
+@dataclass
+class Sent:
+    """One request as the vendor received it."""
+
+    vendor: str
+    method: str
+    path: str
+    credential: str
+    body: bytes
+    status: int = 0
+    replayed: bool = False  # answered from the vendor's idempotency store
+
+
+@dataclass
+class Moved:
+    """Money the vendor moved (or billed), in micro-dollars, and what moved it."""
+
+    vendor: str
+    micros: int
+    what: str  # "confirm pi_3", "capture pi_3", "refund pi_3", "sms", "email", ...
+    object_id: str | None = None
+
+
+@dataclass
+class Intent:
+    id: str
+    amount: int  # cents, usd
+    capture_method: str
+    status: str = "requires_confirmation"
+    received: int = 0
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "payment_intent",
+            "amount": self.amount,
+            "currency": "usd",
+            "capture_method": self.capture_method,
+            "status": self.status,
+            "amount_received": self.received,
+        }
+
+
+@dataclass
+class BillingUpstream(Upstream):
+    sent: list[Sent] = field(default_factory=list)
+    moved: list[Moved] = field(default_factory=list)
+    intents: dict[str, Intent] = field(default_factory=dict)
+    # Stripe's idempotency store: key -> (request fingerprint, stored answer)
+    stripe_idempotency: dict[str, tuple[bytes, UpstreamResponse]] = field(default_factory=dict)
+    resend_idempotency: dict[str, UpstreamResponse] = field(default_factory=dict)
+    lose_next_answer: bool = False  # the next request executes, then its answer is lost
+    _ids: int = 0
+
+    def __post_init__(self) -> None:
+        super().__init__(timeout=5, connections=1, max_response_bytes=1 << 20)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | Sequence[tuple[str, str]],
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+        lowered = {k.lower(): v for k, v in pairs}
+        base, path = _split(url)
+        vendor = {STRIPE: "stripe", TWILIO: "twilio", RESEND: "resend"}[base]
+        record = Sent(vendor, method, path, lowered.get("authorization", ""), body or b"")
+        self.sent.append(record)
+        answer = getattr(self, f"_{vendor}")(method, path, lowered, body or b"")
+        record.status = answer.status
+        record.replayed = any(k.lower() == "idempotent-replayed" for k, _ in answer.headers)
+        if self.lose_next_answer and vendor == "stripe" and method == "POST":
+            self.lose_next_answer = False
+            raise UpstreamError("the connection dropped before the answer")
+        return answer
+
+    def _id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}_{self._ids:06d}"
+
+    # -- Stripe ----------------------------------------------------------------------------------
+
+    def _stripe(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> UpstreamResponse:
+        if headers.get("authorization") != f"Bearer {STRIPE_SECRET}":
+            return _json(401, {"error": {"type": "invalid_request_error"}})
+        key = headers.get("idempotency-key")
+        if key is not None and method == "POST":
+            stored = self.stripe_idempotency.get(key)
+            fingerprint = method.encode() + path.encode() + body
+            if stored is not None:
+                if stored[0] != fingerprint:
+                    return _json(400, {"error": {"type": "idempotency_error"}})
+                replay = stored[1]
+                return UpstreamResponse(
+                    replay.status, [*replay.headers, ("Idempotent-Replayed", "true")], replay.body
+                )
+            answer = self._stripe_execute(method, path, dict(parse_qsl(body.decode())))
+            if answer.status < 500:
+                self.stripe_idempotency[key] = (fingerprint, answer)
+            return answer
+        return self._stripe_execute(method, path, dict(parse_qsl(body.decode())))
+
+    def _stripe_execute(self, method: str, path: str, form: dict[str, str]) -> UpstreamResponse:
+        parts = path.strip("/").split("/")
+        if method == "GET" and parts[:2] == ["v1", "payment_intents"] and len(parts) == 3:
+            found = self.intents.get(parts[2])
+            return _stripe_object(found) if found else _json(404, {"error": {"code": "missing"}})
+        if method != "POST" or parts[:2] not in (["v1", "payment_intents"], ["v1", "refunds"]):
+            return _json(404, {"error": {"code": "unknown"}})
+        if parts == ["v1", "payment_intents"]:
+            intent = Intent(
+                self._id("pi"), int(form["amount"]), form.get("capture_method", "automatic")
+            )
+            self.intents[intent.id] = intent
+            return _stripe_object(intent)
+        if parts == ["v1", "refunds"]:
+            intent = self.intents.get(form.get("payment_intent", ""))
+            if intent is None or intent.received <= 0:
+                return _json(400, {"error": {"code": "charge_not_refundable"}})
+            amount = int(form.get("amount", intent.received))
+            if amount > intent.received:
+                return _json(400, {"error": {"code": "amount_too_large"}})
+            intent.received -= amount
+            self.moved.append(Moved("stripe", amount * 10_000, f"refund {intent.id}", intent.id))
+            refund = {"id": self._id("re"), "object": "refund", "amount": amount}
+            return _json(200, refund)
+        intent = self.intents.get(parts[2])
+        if intent is None:
+            return _json(404, {"error": {"code": "resource_missing"}})
+        action = parts[3] if len(parts) > 3 else "update"
+        if action == "update":
+            if intent.status != "requires_confirmation":
+                return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            if "amount" in form:
+                intent.amount = int(form["amount"])
+            return _stripe_object(intent)
+        if action == "confirm":
+            if intent.status != "requires_confirmation":
+                return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            if intent.capture_method == "manual":
+                intent.status = "requires_capture"
+            else:
+                intent.status, intent.received = "succeeded", intent.amount
+                self.moved.append(
+                    Moved("stripe", intent.amount * 10_000, f"confirm {intent.id}", intent.id)
+                )
+            return _stripe_object(intent)
+        if action == "capture":
+            if intent.status != "requires_capture":
+                return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            amount = int(form.get("amount_to_capture", intent.amount))
+            if amount > intent.amount:
+                return _json(400, {"error": {"code": "amount_too_large"}})
+            intent.status, intent.received = "succeeded", amount
+            self.moved.append(Moved("stripe", amount * 10_000, f"capture {intent.id}", intent.id))
+            return _stripe_object(intent)
+        return _json(404, {"error": {"code": "unknown"}})
+
+    # -- Twilio ----------------------------------------------------------------------------------
+
+    def _twilio(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> UpstreamResponse:
+        if not path.endswith("/Messages.json") or TWILIO_SID not in path:
+            return _json(404, {"code": 20404})
+        form = parse_qsl(body.decode())
+        text = next((v for k, v in form if k == "Body"), "")
+        segments = 1 if len(text) <= 160 else math.ceil(len(text) / 153)
+        self.moved.append(Moved("twilio", int(segments * SEGMENT_USD * 1_000_000), "sms"))
+        sid = self._id("SM")
+        message = {"sid": sid, "status": "queued", "price": None, "num_segments": str(segments)}
+        return UpstreamResponse(
+            201,
+            [("content-type", "application/json"), ("twilio-request-id", "RQ1")],
+            json.dumps(message).encode(),
+        )
+
+    # -- Resend ----------------------------------------------------------------------------------
+
+    def _resend(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> UpstreamResponse:
+        if headers.get("authorization") != f"Bearer {RESEND_SECRET}":
+            return _json(401, {"name": "invalid_api_key"})
+        key = headers.get("idempotency-key")
+        if key is not None and key in self.resend_idempotency:
+            return self.resend_idempotency[key]  # Resend answers a repeated key from its store
+        answer = self._resend_send(path, body)
+        if key is not None:
+            self.resend_idempotency[key] = answer
+        return answer
+
+    def _resend_send(self, path: str, body: bytes) -> UpstreamResponse:
+        data = json.loads(body)
+        emails = data if path == "/emails/batch" else [data]
+        ids = []
+        for email in emails:
+            recipients = sum(
+                len(v) if isinstance(v, list) else 1
+                for v in (email.get(f) for f in ("to", "cc", "bcc"))
+                if v is not None
+            )
+            self.moved.append(Moved("resend", int(recipients * EMAIL_USD * 1_000_000), "email"))
+            ids.append({"id": self._id("em")})
+        answer: Any = {"data": ids} if path == "/emails/batch" else ids[0]
+        return _json(200, answer)
+
+
+def _split(url: str) -> tuple[str, str]:
+    for base in (STRIPE, TWILIO, RESEND):
+        if url.startswith(base):
+            return base, url[len(base) :].partition("?")[0]
+    raise AssertionError(f"a request to no model vendor: {url}")
+
+
+def _json(status: int, body: Any) -> UpstreamResponse:
+    return UpstreamResponse(
+        status,
+        [("content-type", "application/json"), ("request-id", "req_model")],
+        json.dumps(body).encode(),
+    )
+
+
+def _stripe_object(intent: Intent) -> UpstreamResponse:
+    return _json(200, intent.json())

@@ -1,0 +1,332 @@
+"""The money model of docs/guarantees.md as plain Python: what the proxy must decide for each
+call, and what it must count. Written from the document, importing nothing from the proxy's
+decision or store code; `test_money_model.py` drives the real proxy and this model with the
+same random sequences and holds them to the same answers.
+
+Units: micro-dollars (integers). Time: UTC datetimes; the rolling window is kept in hourly
+buckets (guarantees, section 3): a check at t counts every bucket from the one holding t - 24h.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+CENT = 10_000  # micro-dollars in a US cent
+SEGMENT = 8_300  # Twilio, per SMS segment to +1 ($0.0083)
+EMAIL = 900  # Resend, per recipient ($0.0009)
+RESERVATION_TTL = timedelta(minutes=5)
+REPLAY_RETENTION = timedelta(hours=24)
+
+# The decisions the proxy records (its audit row's `decision`).
+FORWARDED = "forwarded"
+SETTLE_FAILED_ROW = "in_flight"  # the row a call whose outcome could not be written leaves
+DEAD = ("revoked", "expired", "budget_revoked", "budget_expired")
+
+
+def bucket(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(hours=1)
+
+
+def floor_of(now: datetime) -> int:
+    return bucket(now - timedelta(hours=24))
+
+
+@dataclass
+class Key:
+    id: str
+    vendor: str
+    daily: int | None
+    total: int | None
+    per_call: int | None
+    per_caller: int | None
+    dedupe: timedelta
+    expires: datetime
+    budget: str | None
+    revoked: bool = False
+
+
+@dataclass
+class Budget:
+    id: str
+    daily: int | None
+    total: int | None
+    expires: datetime
+    revoked: bool = False
+
+
+@dataclass
+class Call:
+    """One call as a pod sends it."""
+
+    key: str
+    vendor: str
+    method: str
+    path: str
+    body: bytes
+    tag: str | None = None
+    idempotency_key: str | None = None
+    sdk_key: bool = False  # the idempotency key is one an official SDK made up (a UUID)
+    gross: int = 0  # what it moves or bills, as the vendor reads it
+    paid_object: str | None = None  # a confirm or capture: the object whose money it moves
+    replays: bool = True  # the vendor replays answers for a repeated idempotency key
+
+    @property
+    def fingerprint(self) -> tuple[str, str, bytes]:
+        return (self.method, self.path, self.body)
+
+    @property
+    def item(self) -> str | None:
+        return None if self.tag is None or "@" not in self.tag else self.tag.partition("@")[0]
+
+    @property
+    def caller(self) -> str:
+        return (self.tag or "").partition("@")[0]
+
+
+@dataclass
+class Prior:
+    """An earlier call holding an idempotency key or a dedupe token."""
+
+    fingerprint: tuple[str, str, bytes]
+    created: datetime
+    call_id: int
+    state: str  # "answered", "in_flight", "cut_off"
+    forward_key: str | None
+    answer: object = None  # what it answered (replayed)
+
+
+@dataclass
+class Admission:
+    decision: str
+    cost: int = 0
+    prior: Prior | None = None
+    forward_key: str | None = None  # a retry of a cut-off call goes out with its first key
+
+
+@dataclass
+class Mark:
+    key: str
+    budget: str | None
+    micros: int
+
+
+@dataclass
+class Model:
+    keys: dict[str, Key] = field(default_factory=dict)
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    # owner (key or budget id) -> bucket -> micros counted (settled or reserved)
+    spend: dict[str, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
+    caller_spend: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # (vendor, object) -> bucket -> payer key -> mark
+    marks: dict[tuple[str, str], dict[int, dict[str, Mark]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    by_idempotency: dict[tuple[str, str], Prior] = field(default_factory=dict)
+    by_dedupe: dict[tuple[str, tuple[tuple[str, str, bytes], str | None]], Prior] = field(
+        default_factory=dict
+    )
+    in_flight: dict[int, tuple[datetime, Call, int]] = field(default_factory=dict)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def window(self, owner: str, now: datetime) -> int:
+        low = floor_of(now)
+        return sum(m for b, m in self.spend[owner].items() if b >= low)
+
+    def life(self, owner: str) -> int:
+        return sum(self.spend[owner].values())
+
+    def dead(self, key: Key, now: datetime) -> str | None:
+        """Rule 1 (guarantees, section 5)."""
+        if key.revoked:
+            return "revoked"
+        if key.expires <= now:
+            return "expired"
+        if key.budget is not None:
+            budget = self.budgets[key.budget]
+            if budget.revoked:
+                return "budget_revoked"
+            if budget.expires <= now:
+                return "budget_expired"
+        return None
+
+    def paid_for(self, call: Call, key: Key, now: datetime) -> list[tuple[int, Mark]]:
+        """What this call's payer (the key, or a key on its budget) paid for its object within
+        the window (guarantees, section 3)."""
+        if call.paid_object is None:
+            return []
+        low = floor_of(now)
+        found = []
+        for at, payers in self.marks[(call.vendor, call.paid_object)].items():
+            for mark in payers.values():
+                ours = mark.key == key.id or (mark.budget is not None and mark.budget == key.budget)
+                if at >= low and ours:
+                    found.append((at, mark))
+        return found
+
+    # -- deciding --------------------------------------------------------------------------------
+
+    def decide(self, call: Call, now: datetime) -> Admission:
+        key = self.keys[call.key]
+        dead = self.dead(key, now)
+        if dead is not None:
+            return Admission(dead)
+        prior = None
+        from_idempotency = False
+        if call.idempotency_key is not None:
+            prior = self.by_idempotency.get((key.id, call.idempotency_key))
+            if prior is not None:
+                if prior.fingerprint != call.fingerprint:
+                    return Admission("idempotency_mismatch")
+                from_idempotency = True
+        if prior is None and self.dedupe_candidate(call, key):
+            found = self.by_dedupe.get((key.id, (call.fingerprint, call.item)))
+            if found is not None and found.created >= now - key.dedupe:
+                prior = found
+        forward_key = None
+        if prior is not None:
+            if prior.state == "answered":
+                return Admission("replayed" if from_idempotency else "deduplicated", prior=prior)
+            if prior.state == "in_flight":
+                return Admission("in_progress")
+            if not call.replays or prior.forward_key is None:
+                return Admission("outcome_unknown")
+            forward_key = prior.forward_key
+        cost = call.gross
+        paid = self.paid_for(call, key, now)
+        if paid:
+            cost = max(0, cost - sum(mark.micros for _, mark in paid))
+        if key.per_call is not None and cost > key.per_call:
+            return Admission("per_call_cap_hit")
+        if cost > 0:
+            if (
+                key.per_caller is not None
+                and self.caller_spend[(key.id, call.caller)] + cost > key.per_caller
+            ):
+                return Admission("caller_cap_hit")
+            if key.daily is not None and self.window(key.id, now) + cost > key.daily:
+                return Admission("cap_hit")
+            if key.total is not None and self.life(key.id) + cost > key.total:
+                return Admission("total_cap_hit")
+            if key.budget is not None:
+                budget = self.budgets[key.budget]
+                over_day = budget.daily is not None and (
+                    self.window(budget.id, now) + cost > budget.daily
+                )
+                over_life = budget.total is not None and self.life(budget.id) + cost > budget.total
+                if over_day or over_life:
+                    return Admission("budget_cap_hit")
+        return Admission(FORWARDED, cost=cost, forward_key=forward_key)
+
+    def dedupe_candidate(self, call: Call, key: Key) -> bool:
+        return key.dedupe > timedelta(0) and (call.idempotency_key is None or call.sdk_key)
+
+    # -- counting --------------------------------------------------------------------------------
+
+    def _add(self, owner: str, at: int, micros: int) -> None:
+        self.spend[owner][at] = self.spend[owner].get(at, 0) + micros
+
+    def reserve(self, call: Call, now: datetime, admitted: Admission, call_id: int) -> None:
+        """What an admitted call counts at once: its cost on its key, budget and caller, and the
+        payer's marks re-dated to now (the money moves now)."""
+        key = self.keys[call.key]
+        at = bucket(now)
+        for was, mark in self.paid_for(call, key, now):
+            if was == at:
+                continue
+            for owner in (mark.budget, mark.key):
+                if owner is not None:
+                    self._add(owner, was, -mark.micros)
+                    self._add(owner, at, mark.micros)
+            payers = self.marks[(call.vendor, call.paid_object or "")]
+            del payers[was][mark.key]
+            self._mark(call.vendor, call.paid_object or "", at, mark.key, mark.budget, mark.micros)
+        for owner in (key.budget, key.id):
+            if owner is not None:
+                self._add(owner, at, admitted.cost)
+        self.caller_spend[(key.id, call.caller)] += admitted.cost
+
+    def _mark(
+        self, vendor: str, obj: str, at: int, key: str, budget: str | None, micros: int
+    ) -> None:
+        payers = self.marks[(vendor, obj)][at]
+        if key in payers:
+            payers[key].micros += micros
+        else:
+            payers[key] = Mark(key, budget, micros)
+
+    def settle(
+        self,
+        call: Call,
+        reserved_at: datetime,
+        cost: int,
+        settled: int,
+        paid_objects: tuple[str, ...],
+    ) -> None:
+        """The outcome replaces the reservation; objects a 2xx paid for are marked paid by its
+        key and budget, for what it settled."""
+        key = self.keys[call.key]
+        at = bucket(reserved_at)
+        for owner in (key.budget, key.id):
+            if owner is not None:
+                self._add(owner, at, settled - cost)
+        self.caller_spend[(key.id, call.caller)] += settled - cost
+        if settled > 0:
+            for obj in dict.fromkeys(paid_objects):
+                self._mark(call.vendor, obj, at, key.id, key.budget, settled)
+
+    def remember(
+        self,
+        call: Call,
+        now: datetime,
+        call_id: int,
+        state: str,
+        forward_key: str | None,
+        answer: object,
+    ) -> None:
+        """The replay tokens a forwarded call holds, in the state its outcome left them."""
+        key = self.keys[call.key]
+        prior = Prior(call.fingerprint, now, call_id, state, forward_key, answer)
+        if call.idempotency_key is not None:
+            self.by_idempotency[(key.id, call.idempotency_key)] = prior
+        if self.dedupe_candidate(call, key):
+            self.by_dedupe[(key.id, (call.fingerprint, call.item))] = prior
+
+    def forget_call(self, call: Call, call_id: int) -> None:
+        """A call whose outcome is known but not kept (a 5xx) frees its tokens."""
+        key = self.keys[call.key]
+        tokens = []
+        if call.idempotency_key is not None:
+            tokens.append((self.by_idempotency, (key.id, call.idempotency_key)))
+        if self.dedupe_candidate(call, key):
+            tokens.append((self.by_dedupe, (key.id, (call.fingerprint, call.item))))
+        for table, token in tokens:
+            held = table.get(token)  # type: ignore[attr-defined]
+            if held is not None and held.call_id == call_id:
+                del table[token]  # type: ignore[attr-defined]
+
+    def sweep(self, now: datetime) -> None:
+        """Calls left in flight past the reservation TTL count as spent, outcome unknown."""
+        for call_id, (at, call, _cost) in list(self.in_flight.items()):
+            if at < now - RESERVATION_TTL:
+                del self.in_flight[call_id]
+                for table in (self.by_idempotency, self.by_dedupe):
+                    for prior in table.values():  # type: ignore[attr-defined]
+                        if prior.call_id == call_id and prior.state == "in_flight":
+                            prior.state = "cut_off"
+
+    def forget_replays(self, now: datetime) -> None:
+        for table in (self.by_idempotency, self.by_dedupe):
+            for token, prior in list(table.items()):  # type: ignore[attr-defined]
+                if prior.created < now - REPLAY_RETENTION:
+                    del table[token]  # type: ignore[attr-defined]
+
+    def revoke_budget(self, budget_id: str) -> None:
+        """Revoking a budget revokes every key on it."""
+        self.budgets[budget_id].revoked = True
+        for key in self.keys.values():
+            if key.budget == budget_id:
+                key.revoked = True
