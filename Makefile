@@ -10,6 +10,8 @@ STAMP  := $(VENV)/.installed
 # sockets bound before they start, and databases of its own (SQLite files under its tmp_path,
 # PostgreSQL databases with random names), so workers never share state.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# Each test worker and each process a test starts reuses the bytecode the first one compiled.
+unexport PYTHONDONTWRITEBYTECODE
 
 # Debian packages the tests run, installed when missing (`sudo` when not root): promtool checks
 # templates/observability/ (its service is not started in a container), and the dashboard's

@@ -60,6 +60,24 @@ def fake_proxy(tmp_path: Path, fake_stripe: FakeStripe) -> Iterator[ServedProxy]
     proxy.stop()
 
 
+@pytest.fixture(scope="module")
+def pg_module_url() -> Iterator[str]:
+    """One PostgreSQL database for a module's tests (skips without a server, fails in CI)."""
+    from tests.pg import pg_database
+
+    with pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_fresh_url(pg_module_url: str) -> str:
+    """The module's database, emptied as a new one is: for tests that start from nothing."""
+    from tests.pg import empty_database
+
+    empty_database(pg_module_url)
+    return pg_module_url
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database (skips without a server, fails instead in CI)."""
@@ -105,6 +123,6 @@ def _uses_postgres(item: pytest.Item) -> bool:
     ):
         return True
     names = getattr(item, "fixturenames", ())
-    return bool({"pg_url", "pg_module_url"} & set(names)) or (
+    return bool({"pg_url", "pg_module_url", "pg_fresh_url"} & set(names)) or (
         item.get_closest_marker("postgres") is not None
     )

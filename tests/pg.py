@@ -40,3 +40,42 @@ def pg_database() -> Iterator[str]:
         yield f"{base}/{name}"
     finally:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Rows out of every table the migrations made (the foreign keys' triggers off meanwhile) and the
+# id sequences back at their start: milliseconds, where a new database to create, migrate and
+# drop takes most of a second per test.
+_EMPTY = """
+DO $$
+DECLARE t record;
+BEGIN
+  SET LOCAL session_replication_role = replica;
+  FOR t IN SELECT tablename FROM pg_tables
+           WHERE schemaname = 'public' AND tablename <> 'schema_version' LOOP
+    EXECUTE format('DELETE FROM public.%I', t.tablename);
+  END LOOP;
+  FOR t IN SELECT sequencename FROM pg_sequences WHERE schemaname = 'public' LOOP
+    EXECUTE format('ALTER SEQUENCE public.%I RESTART', t.sequencename);
+  END LOOP;
+END $$
+"""
+
+
+def empty_database(url: str) -> None:
+    """Make a database of the suite's as a new one is: every table the migrations made emptied
+    (but the schema's version), their id sequences restarted, no connection of an earlier test
+    left."""
+
+    async def empty() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            async with conn.transaction():
+                await conn.execute(_EMPTY)
+        finally:
+            await conn.close()
+
+    asyncio.run(empty())

@@ -1,6 +1,7 @@
 """Run the reaper for a test: in a thread of its own with its own event loop, its real clients
-(lightkube over HTTPS to the fake Workflow API with a kubeconfig, the admin client to a real
-proxy process), and ways to wait for what it did without sleeping."""
+(lightkube over HTTPS to the fake Workflow API with a kubeconfig, the admin client to the real
+proxy app, served from a thread of the test), and ways to wait for what it did without sleeping;
+and what the reaper tests make through the proxy: its token, the keys of runs, their status."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,9 @@ from lightkube.config.kubeconfig import KubeConfig
 from keybrake.proxy.client import KeybrakeClient
 from keybrake.reaper.reaper import Reaper, Revocation
 from tests.fakes.workflow_api import FakeWorkflowAPI
+from tests.served import ServedProxy
+
+NAMESPACE = "payments"
 
 
 def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -28,6 +33,36 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)  # polling an observable condition, not waiting out a duration
+
+
+def reaper_token(proxy: ServedProxy) -> str:
+    """The reaper's credential: an issuer that may read and revoke argo/ runs, never issue."""
+    with proxy.admin() as client:
+        response = client.post(
+            "/vault/issuers",
+            json={
+                "name": f"reaper-{uuid.uuid4().hex[:8]}",
+                "label_prefix": "argo/",
+                "may_issue": False,
+            },
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["issuer_token"])
+
+
+def run_key(
+    proxy: ServedProxy, uid: str | None, workflow: str, *, cluster: str = "test", **extra: Any
+) -> dict[str, Any]:
+    """A key as the issue step makes it: the run's label, namespace, uid and cluster."""
+    metadata: dict[str, Any] = {"workflow": workflow, "namespace": NAMESPACE}
+    if uid is not None:
+        metadata.update(uid=uid, cluster=cluster)
+    return proxy.issue(agent_run_label=f"argo/{workflow}", metadata=metadata, **extra)
+
+
+def status(proxy: ServedProxy, key: dict[str, Any]) -> str:
+    with proxy.admin() as client:
+        return str(client.get(f"/vault/keys/{key['key_id']}").json()["status"])
 
 
 class ReaperThread:
@@ -44,6 +79,7 @@ class ReaperThread:
         orphan_grace: timedelta = timedelta(hours=1),
         resync: timedelta = timedelta(minutes=10),
         clock_offset: timedelta = timedelta(0),
+        watch_backoff: tuple[float, float] = (0.01, 1.0),
     ) -> None:
         self.api = api
         self.revocations: queue.Queue[Revocation] = queue.Queue()
@@ -71,6 +107,9 @@ class ReaperThread:
                 self.reaper = Reaper(
                     self.proxy, kube, on_revoke=self.revocations.put, **self._settings
                 )
+                # A dropped watch is resumed after `watch_backoff` (production: 0.2 s, doubling):
+                # a rate limit against a failing API server, nothing a test waits out.
+                self.reaper.watch.backoff = watch_backoff
                 self._loop = asyncio.get_running_loop()
                 self._task = asyncio.current_task()
                 started.set()

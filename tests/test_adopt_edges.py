@@ -195,12 +195,21 @@ def test_a_wrapped_library_needs_its_callers_to_issue(tmp_path: Path) -> None:
 
 
 def test_yaml_nested_too_deep_is_a_clear_error(tmp_path: Path) -> None:
-    deep = tmp_path / "deep.yaml"
-    deep.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
-    result = CliRunner().invoke(app, ["lint", str(deep)])
-    assert result.exit_code == 2 and "nested too deep" in result.output
-    wrap = CliRunner().invoke(app, ["wrap", str(deep), "--budget-usd", "5"])
-    assert wrap.exit_code == 2 and "nested too deep" in wrap.output
+    for name, text in (
+        # 3000 levels, one flow sequence a line.
+        ("deep.yaml", "a:\n" + "  [\n" * 3000 + "  " + "]" * 3000 + "\n"),
+        # All on one line, as minified JSON is: 500 levels, past the ~330 that Python's
+        # recursion limit lets the composer reach. (ruamel.yaml's scanner keeps a possible
+        # simple key for each flow collection opened in the last 1024 characters of a line and
+        # re-checks them all at every token: 3000 levels on one line took seconds to refuse.)
+        ("deep-line.yaml", "a: " + "[" * 500 + "]" * 500 + "\n"),
+    ):
+        deep = tmp_path / name
+        deep.write_text(text)
+        result = CliRunner().invoke(app, ["lint", str(deep)])
+        assert result.exit_code == 2 and "nested too deep" in result.output, name
+        wrap = CliRunner().invoke(app, ["wrap", str(deep), "--budget-usd", "5"])
+        assert wrap.exit_code == 2 and "nested too deep" in wrap.output, name
 
 
 @pytest.mark.parametrize("budget", ["NaN", "-5", "Infinity", "1e999999999"])

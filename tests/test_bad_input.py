@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fakes.stripe_upstream import FakeStripe
-from tests.proxyproc import ProxyProcess
+from tests.served import ServedProxy, serve_proxy
+
+# Made once: httpx loads the CA bundle anew for every call's client (~50 ms) otherwise, though
+# these calls are plain http.
+TLS = ssl.create_default_context()
 
 
 def raw_request(
-    proxy: ProxyProcess, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    proxy: ServedProxy, method: str, path: str, headers: dict[str, str], body: bytes = b""
 ) -> tuple[int, bytes]:
     """http.client sends the path byte for byte: no client-side normalisation of `..` or `%2e`."""
     host, port = proxy.url.removeprefix("http://").split(":")
@@ -40,7 +45,7 @@ def raw_request(
     ],
 )
 def test_paths_that_try_to_leave_the_vendor_prefix(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe, path: str
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe, path: str
 ) -> None:
     key = fake_proxy.issue(allowed_endpoints=["POST /v1/*", "POST /v1/*/*"])
     status, body = raw_request(
@@ -58,22 +63,23 @@ def test_paths_that_try_to_leave_the_vendor_prefix(
 
 
 def test_oversized_body_is_413_and_not_forwarded(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue()
     response = httpx.post(
         f"{fake_proxy.url}/stripe/v1/payment_intents",
         content=b"amount=100&currency=usd&x=" + b"a" * (1_048_576 + 10),
         headers={"Authorization": f"Bearer {key['vault_key']}"},
+        verify=TLS,
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "keybrake_body_too_large"
     assert fake_stripe.requests == []
 
 
-def test_unknown_vendor_is_404_and_audited(fake_proxy: ProxyProcess) -> None:
+def test_unknown_vendor_is_404_and_audited(fake_proxy: ServedProxy) -> None:
     response = httpx.post(
-        f"{fake_proxy.url}/paypal/v1/payments", headers={"Authorization": "Bearer x"}
+        f"{fake_proxy.url}/paypal/v1/payments", headers={"Authorization": "Bearer x"}, verify=TLS
     )
     assert response.status_code == 404
     with fake_proxy.admin() as admin:
@@ -81,9 +87,7 @@ def test_unknown_vendor_is_404_and_audited(fake_proxy: ProxyProcess) -> None:
     assert row["decision"] == "unknown_vendor" and row["vendor"] == "paypal"
 
 
-def test_missing_or_malformed_credentials(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
-) -> None:
+def test_missing_or_malformed_credentials(fake_proxy: ServedProxy, fake_stripe: FakeStripe) -> None:
     url = f"{fake_proxy.url}/stripe/v1/payment_intents"
     for headers in (
         {},
@@ -91,27 +95,36 @@ def test_missing_or_malformed_credentials(
         {"Authorization": "Basic !!!"},
         {"Authorization": "Token abc"},
     ):
-        response = httpx.post(url, data={"amount": "1", "currency": "usd"}, headers=headers)
+        response = httpx.post(
+            url, data={"amount": "1", "currency": "usd"}, headers=headers, verify=TLS
+        )
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "invalid_request_error"
     assert fake_stripe.requests == []
 
 
 def test_unpriced_writes_and_unknown_currencies_fail_closed(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(allowed_endpoints=["POST /v1/subscriptions", "POST /v1/payment_intents"])
     auth = {"Authorization": f"Bearer {key['vault_key']}"}
     sub = httpx.post(
-        f"{fake_proxy.url}/stripe/v1/subscriptions", data={"customer": "c"}, headers=auth
+        f"{fake_proxy.url}/stripe/v1/subscriptions",
+        data={"customer": "c"},
+        headers=auth,
+        verify=TLS,
     )
     eur = httpx.post(
         f"{fake_proxy.url}/stripe/v1/payment_intents",
         data={"amount": "100", "currency": "eur"},
         headers=auth,
+        verify=TLS,
     )
     no_amount = httpx.post(
-        f"{fake_proxy.url}/stripe/v1/payment_intents", data={"currency": "usd"}, headers=auth
+        f"{fake_proxy.url}/stripe/v1/payment_intents",
+        data={"currency": "usd"},
+        headers=auth,
+        verify=TLS,
     )
     assert sub.status_code == 403 and "[stripe.endpoints]" in sub.json()["error"]["message"]
     assert eur.status_code == 403 and "[fx]" in eur.json()["error"]["message"]
@@ -120,7 +133,7 @@ def test_unpriced_writes_and_unknown_currencies_fail_closed(
 
 
 def test_a_repeated_authorization_header_cannot_swap_keys(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     capped = fake_proxy.issue(daily_usd_cap=1)
     status, _ = raw_request(
@@ -151,7 +164,7 @@ def test_a_repeated_authorization_header_cannot_swap_keys(
 
 
 def test_a_trailing_slash_is_a_clear_400_and_audited(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     """`POST /stripe/v1/payment_intents/` was a 500 with no audit row."""
     key = fake_proxy.issue()
@@ -159,6 +172,7 @@ def test_a_trailing_slash_is_a_clear_400_and_audited(
         f"{fake_proxy.url}/stripe/v1/payment_intents/",
         data={"amount": "100", "currency": "usd"},
         headers={"Authorization": f"Bearer {key['vault_key']}"},
+        verify=TLS,
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "keybrake_invalid_path"
@@ -183,7 +197,7 @@ def test_a_trailing_slash_is_a_clear_400_and_audited(
     ],
 )
 def test_overflowing_durations_and_control_characters_in_labels_are_400(
-    fake_proxy: ProxyProcess, field: str, value: str, message: str
+    fake_proxy: ServedProxy, field: str, value: str, message: str
 ) -> None:
     body = {
         "vendor": "stripe",
@@ -206,10 +220,10 @@ def test_deep_json_to_a_vendor_is_a_400_and_audited(
 ) -> None:
     from tests.fakes.resend_upstream import FakeResend
     from tests.fakes.twilio_upstream import FakeTwilio
-    from tests.vendor_helpers import audit, issue_resend, start_vendor_proxy
+    from tests.vendor_helpers import audit, issue_resend, vendor_env
 
     twilio, resend = FakeTwilio(), FakeResend()
-    proxy = start_vendor_proxy(tmp_path, fake_stripe, twilio, resend)
+    proxy = serve_proxy(tmp_path, stripe_base=fake_stripe.url, extra_env=vendor_env(twilio, resend))
     try:
         key = issue_resend(proxy)
         deep = b'{"to": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
@@ -220,6 +234,7 @@ def test_deep_json_to_a_vendor_is_a_400_and_audited(
                 "Authorization": f"Bearer {key['vault_key']}",
                 "Content-Type": "application/json",
             },
+            verify=TLS,
         )
         assert response.status_code == 400
         assert response.json()["keybrake_code"] == "keybrake_ambiguous_request"
@@ -235,9 +250,7 @@ def test_a_request_body_that_stalls_gets_a_408_and_an_audit_row(
     tmp_path: Path, fake_stripe: FakeStripe
 ) -> None:
     """300 connections trickling their bodies were all still open after 40 s."""
-    from tests.proxyproc import start_proxy
-
-    proxy = start_proxy(
+    proxy = serve_proxy(
         tmp_path, stripe_base=fake_stripe.url, extra_env={"KEYBRAKE_BODY_TIMEOUT": "0.5"}
     )
     try:

@@ -1,38 +1,58 @@
 """Budgets bound to a run: one budget across keys and vendors, lifetime and per-pod caps, and
-changing a live budget, through real proxy processes (SQLite with several workers, PostgreSQL
-with several replicas), the official SDKs, localstripe and the Resend fake."""
+changing a live budget, through the proxy app on real sockets (several replicas over one
+PostgreSQL database), the official SDKs, localstripe and the Resend fake. Several workers of one
+`keybrake serve` process: tests/e2e/test_budgets_processes.py."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import resend
 import stripe
 
 from keybrake.proxy.money import format_usd
+from tests import test_replicas
 from tests.fakes.resend_upstream import FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import FakeTwilio
 from tests.helpers import localstripe_intents
 from tests.inproc import Clock, StubUpstream, app_client
 from tests.inproc import settings as proxy_settings
-from tests.proxyproc import ADMIN_KEY, Localstripe, ProxyProcess, start_proxy
+from tests.proxyproc import ADMIN_KEY, Localstripe, ProxyProcess
+from tests.served import ServedProxy, serve_proxy
+from tests.test_replicas import stop_all
 from tests.vendor_helpers import vendor_env
+
+# Its PostgreSQL tests share one database, as new before each (see tests.test_replicas).
+pg_url = test_replicas.pg_url
 
 pytest_plugins = ["tests.vendor_fixtures"]
 
 PI = "/v1/payment_intents"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
+Proxy = ProxyProcess | ServedProxy
 
-def budget(proxy: ProxyProcess, **spec: Any) -> dict[str, Any]:
+
+@pytest.fixture(scope="module")
+def admin_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedProxy]:
+    """One proxy for the tests of the admin API's rules, which never reach a vendor: each makes
+    its own keys and budgets (under labels of its own) and reads back only those."""
+    proxy = serve_proxy(tmp_path_factory.mktemp("budgets-admin"))
+    yield proxy
+    proxy.stop()
+
+
+def budget(proxy: Proxy, **spec: Any) -> dict[str, Any]:
     body = {"agent_run_label": "argo/run-budget", "total_usd_cap": 300, "expires_in": "3h"}
     body.update(spec)
     with proxy.admin() as admin:
@@ -41,7 +61,7 @@ def budget(proxy: ProxyProcess, **spec: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
-def key_on(proxy: ProxyProcess, budget_id: str | None, **spec: Any) -> dict[str, Any]:
+def key_on(proxy: Proxy, budget_id: str | None, **spec: Any) -> dict[str, Any]:
     # No cap of its own unless given: the budget's caps bound it.
     body: dict[str, Any] = {
         "agent_run_label": "argo/run-budget",
@@ -55,53 +75,29 @@ def key_on(proxy: ProxyProcess, budget_id: str | None, **spec: Any) -> dict[str,
 
 
 async def blast(targets: list[tuple[str, str]], count: int, amount: int = 100) -> Counter[int]:
-    """`count` concurrent priced calls, spread round-robin over (base URL, vault key) pairs."""
-    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    """`count` concurrent priced calls, spread round-robin over (base URL, vault key) pairs, each
+    on a connection of its own. (aiohttp: httpx's pool spent seconds of the test process's CPU
+    per 500 such calls, scanning its connections for every request.)"""
+    connector = aiohttp.TCPConnector(limit=count, limit_per_host=count)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one(index: int) -> int:
             base, vault_key = targets[index % len(targets)]
-            response = await client.post(
+            async with session.post(
                 f"{base}/stripe{PI}",
-                content=f"amount={amount}&currency=usd&metadata[i]={index}".encode(),
+                data=f"amount={amount}&currency=usd&metadata[i]={index}".encode(),
                 headers={"Authorization": f"Bearer {vault_key}", **FORM},
-            )
-            return response.status_code
+            ) as response:
+                await response.read()
+                return response.status
 
         return Counter(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def info(proxy: ProxyProcess, path: str) -> dict[str, Any]:
+def info(proxy: Proxy, path: str) -> dict[str, Any]:
     with proxy.admin() as admin:
         return dict(admin.get(path).json())
-
-
-def test_two_keys_on_one_300_budget_admit_exactly_300_of_500_calls_with_two_workers(
-    tmp_path: Path, fake_stripe: FakeStripe
-) -> None:
-    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url, workers=2)
-    try:
-        run = budget(proxy, total_usd_cap=300)
-        a = key_on(proxy, run["budget_id"], dedupe_window="0")
-        b = key_on(proxy, run["budget_id"], daily_usd_cap=1000, dedupe_window="0")
-        statuses = asyncio.run(
-            blast([(proxy.url, a["vault_key"]), (proxy.url, b["vault_key"])], 500)
-        )
-        shown = info(proxy, f"/vault/budgets/{run['budget_id']}")
-        rows = info(proxy, f"/vault/audit?budget_id={run['budget_id']}&limit=1000")["data"]
-    finally:
-        proxy.stop()
-    assert statuses == {200: 300, 429: 200}
-    assert fake_stripe.count("POST", PI) == 300
-    assert (shown["total_spent_usd"], shown["reserved_usd"], shown["remaining_usd"]) == (
-        "300.00",
-        "0.00",
-        "0.00",
-    )
-    assert shown["calls"] == 500 and shown["cap_hits"] == 200
-    assert sorted(shown["keys"]) == sorted([a["key_id"], b["key_id"]])
-    assert len(rows) == 500 and {r["budget_id"] for r in rows} == {run["budget_id"]}
-    assert Counter(r["decision"] for r in rows) == {"forwarded": 300, "budget_cap_hit": 200}
 
 
 @pytest.mark.postgres
@@ -111,7 +107,7 @@ def test_one_budget_is_exact_across_three_replicas(
     for i in range(3):
         (tmp_path / str(i)).mkdir()
     procs = [
-        start_proxy(tmp_path / str(i), stripe_base=fake_stripe.url, database_url=pg_url)
+        serve_proxy(tmp_path / str(i), stripe_base=fake_stripe.url, database_url=pg_url)
         for i in range(3)
     ]
     try:
@@ -121,15 +117,14 @@ def test_one_budget_is_exact_across_three_replicas(
         statuses = asyncio.run(blast(targets, 500))
         shown = info(procs[2], f"/vault/budgets/{run['budget_id']}")
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
     assert statuses == {200: 300, 429: 200}
     assert fake_stripe.count("POST", PI) == 300
     assert (shown["total_spent_usd"], shown["reserved_usd"]) == ("300.00", "0.00")
 
 
 def test_each_pod_stops_at_its_own_cap_and_a_retried_item_keeps_counting(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=100, max_usd_per_caller=10, dedupe_window="0")
 
@@ -160,7 +155,7 @@ def test_each_pod_stops_at_its_own_cap_and_a_retried_item_keeps_counting(
 
 
 def test_raising_a_spent_budget_admits_exactly_the_difference(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     run = budget(fake_proxy, total_usd_cap=300)
     key = key_on(fake_proxy, run["budget_id"], dedupe_window="0")
@@ -187,7 +182,7 @@ def test_raising_a_spent_budget_admits_exactly_the_difference(
 
 
 def test_deleting_a_budget_refuses_every_key_on_it_at_once(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     run = budget(fake_proxy)
     keys = [key_on(fake_proxy, run["budget_id"]) for _ in range(2)]
@@ -207,10 +202,10 @@ def test_deleting_a_budget_refuses_every_key_on_it_at_once(
     assert fake_stripe.requests == []
 
 
-def test_revoking_a_workflow_revokes_its_budgets(fake_proxy: ProxyProcess) -> None:
-    run = budget(fake_proxy, agent_run_label="argo/wf-9")
-    key = key_on(fake_proxy, run["budget_id"], agent_run_label="argo/wf-9")
-    with fake_proxy.admin() as admin:
+def test_revoking_a_workflow_revokes_its_budgets(admin_proxy: ServedProxy) -> None:
+    run = budget(admin_proxy, agent_run_label="argo/wf-9")
+    key = key_on(admin_proxy, run["budget_id"], agent_run_label="argo/wf-9")
+    with admin_proxy.admin() as admin:
         result = admin.post("/vault/keys/revoke", json={"agent_run_label": "argo/wf-9"}).json()
     assert result["revoked"] == 1 and result["keys"][0]["key_id"] == key["key_id"]
     assert [b["budget_id"] for b in result["budgets"]] == [run["budget_id"]]
@@ -230,10 +225,10 @@ def test_revoking_a_workflow_revokes_its_budgets(fake_proxy: ProxyProcess) -> No
     ],
 )
 def test_a_patch_that_cannot_apply_is_refused_and_changes_nothing(
-    fake_proxy: ProxyProcess, body: dict[str, Any], status: int, message: str
+    admin_proxy: ServedProxy, body: dict[str, Any], status: int, message: str
 ) -> None:
-    key = fake_proxy.issue(daily_usd_cap=10)
-    with fake_proxy.admin() as admin:
+    key = admin_proxy.issue(daily_usd_cap=10)
+    with admin_proxy.admin() as admin:
         response = admin.patch(f"/vault/keys/{key['key_id']}", json=body)
         after = admin.get(f"/vault/keys/{key['key_id']}").json()
     assert response.status_code == status, response.text
@@ -245,10 +240,10 @@ def test_a_patch_that_cannot_apply_is_refused_and_changes_nothing(
     )
 
 
-def test_a_revoked_key_or_budget_cannot_be_patched(fake_proxy: ProxyProcess) -> None:
-    run = budget(fake_proxy)
-    key = fake_proxy.issue(daily_usd_cap=10)
-    with fake_proxy.admin() as admin:
+def test_a_revoked_key_or_budget_cannot_be_patched(admin_proxy: ServedProxy) -> None:
+    run = budget(admin_proxy)
+    key = admin_proxy.issue(daily_usd_cap=10)
+    with admin_proxy.admin() as admin:
         admin.delete(f"/vault/keys/{key['key_id']}")
         admin.delete(f"/vault/budgets/{run['budget_id']}")
         for path in (f"/vault/keys/{key['key_id']}", f"/vault/budgets/{run['budget_id']}"):
@@ -259,14 +254,14 @@ def test_a_revoked_key_or_budget_cannot_be_patched(fake_proxy: ProxyProcess) -> 
         assert unknown.status_code == 404
 
 
-def test_issue_rules_for_budgets(fake_proxy: ProxyProcess) -> None:
-    run = budget(fake_proxy, expires_in="1h")
+def test_issue_rules_for_budgets(admin_proxy: ServedProxy) -> None:
+    run = budget(admin_proxy, expires_in="1h")
     base = {
         "vendor": "stripe",
         "allowed_endpoints": ["POST /v1/payment_intents"],
         "agent_run_label": "argo/x",
     }
-    with fake_proxy.admin() as admin:
+    with admin_proxy.admin() as admin:
         no_cap = admin.post("/vault/keys", json=base)
         outlives = admin.post(
             "/vault/keys", json={**base, "budget_id": run["budget_id"], "expires_in": "2h"}
@@ -410,7 +405,7 @@ def test_stripe_and_resend_under_one_budget_hold_no_more_than_it(
 ) -> None:
     """One run, two vendors, one $5 budget: a $1 PaymentIntent per call on localstripe and
     $0.0009 emails on the Resend fake, both through their official SDKs, until refused."""
-    proxy = start_proxy(
+    proxy = serve_proxy(
         tmp_path,
         stripe_base=fresh_localstripe.url,
         extra_env={**vendor_env(fake_twilio, fake_resend), "KEYBRAKE_DEDUPE_WINDOW": "0"},

@@ -1,21 +1,42 @@
-"""The keybrake CLI against a real proxy process (CliRunner), error paths and exit codes too."""
+"""The keybrake CLI in-process (CliRunner) against the proxy app on a loopback socket, error
+paths and exit codes too. Where a process of its own is the point (the demo, `keybrake serve`,
+`audit --follow` ended by SIGINT, a fresh interpreter's imports): tests/e2e/test_cli_processes.py.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
+import threading
+from typing import Any
+from unittest import mock
 
 import pytest
+import typer
+import typer.testing
 import yaml
-from typer.testing import CliRunner
+from typer.testing import Result
 
 from keybrake.cli.main import app
 from tests.fakes.server import free_port
-from tests.proxyproc import ADMIN_KEY, ProxyProcess
+from tests.proxyproc import ADMIN_KEY
+from tests.served import ServedProxy
+
+
+class CliRunner(typer.testing.CliRunner):
+    """typer's CliRunner with the app's click command built once: typer builds it anew from every
+    command function's signature on each invoke, ~0.08 s, most of an in-process command's time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._command = typer.main.get_command(app)
+
+    def invoke(self, cli: typer.Typer, *args: Any, **kwargs: Any) -> Result:
+        assert cli is app
+        with mock.patch.object(typer.testing, "_get_command", lambda _: self._command):
+            return super().invoke(cli, *args, **kwargs)
+
 
 runner = CliRunner()
 
@@ -35,7 +56,7 @@ ISSUE = [
 ]
 
 
-def run(proxy: ProxyProcess | None, *args: str, api_key: str = ADMIN_KEY) -> tuple[int, str, str]:
+def run(proxy: ServedProxy | None, *args: str, api_key: str = ADMIN_KEY) -> tuple[int, str, str]:
     env = {"KEYBRAKE_URL": proxy.url if proxy else f"http://127.0.0.1:{free_port()}"}
     env["KEYBRAKE_API_KEY"] = api_key
     env["COLUMNS"] = "200"
@@ -44,13 +65,13 @@ def run(proxy: ProxyProcess | None, *args: str, api_key: str = ADMIN_KEY) -> tup
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_issue_quiet_prints_only_the_vault_key(proxy_server: ProxyProcess) -> None:
+def test_issue_quiet_prints_only_the_vault_key(proxy_server: ServedProxy) -> None:
     code, out, _ = run(proxy_server, *ISSUE, "-q")
     assert code == 0
     assert out.strip().startswith("kbv_") and len(out.strip().splitlines()) == 1
 
 
-def test_issue_json_and_list_show(proxy_server: ProxyProcess) -> None:
+def test_issue_json_and_list_show(proxy_server: ServedProxy) -> None:
     code, out, _ = run(proxy_server, *ISSUE, "--meta", "namespace=argo", "-o", "json")
     assert code == 0
     issued = json.loads(out)
@@ -78,14 +99,12 @@ def test_issue_json_and_list_show(proxy_server: ProxyProcess) -> None:
         (["--meta", "novalue"], "key=value"),
     ],
 )
-def test_issue_usage_errors_exit_2(
-    proxy_server: ProxyProcess, args: list[str], needle: str
-) -> None:
+def test_issue_usage_errors_exit_2(proxy_server: ServedProxy, args: list[str], needle: str) -> None:
     code, _, err = run(proxy_server, *ISSUE, *args)
     assert code == 2 and needle in err
 
 
-def test_server_refusals_exit_1_with_the_server_message(proxy_server: ProxyProcess) -> None:
+def test_server_refusals_exit_1_with_the_server_message(proxy_server: ServedProxy) -> None:
     code, _, err = run(proxy_server, "keys", "list", api_key="wrong")
     assert code == 1 and "missing or wrong admin token" in err
     code, _, err = run(proxy_server, "keys", "show", "vk_nope")
@@ -101,12 +120,12 @@ def test_unreachable_proxy_exits_3_with_the_url_and_a_hint() -> None:
     assert "keybrake serve" in err
 
 
-def test_missing_admin_token_is_a_usage_error(proxy_server: ProxyProcess) -> None:
+def test_missing_admin_token_is_a_usage_error(proxy_server: ServedProxy) -> None:
     code, _, err = run(proxy_server, "keys", "list", api_key="")
     assert code == 2 and "KEYBRAKE_API_KEY" in err
 
 
-def test_revoke_by_id_and_again(proxy_server: ProxyProcess) -> None:
+def test_revoke_by_id_and_again(proxy_server: ServedProxy) -> None:
     key = proxy_server.issue()
     code, out, _ = run(proxy_server, "revoke", key["key_id"], "-o", "table")
     assert code == 0 and "revoked 1 key" in out
@@ -125,7 +144,7 @@ def test_revoke_by_id_and_again(proxy_server: ProxyProcess) -> None:
     assert code == 2
 
 
-def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
+def test_revoke_by_workflow_and_namespace(proxy_server: ServedProxy) -> None:
     a = proxy_server.issue(agent_run_label="argo/wf", metadata={"namespace": "team-a"})
     b = proxy_server.issue(agent_run_label="argo/wf", metadata={"namespace": "team-b"})
     code, out, _ = run(
@@ -159,7 +178,7 @@ def test_revoke_by_workflow_and_namespace(proxy_server: ProxyProcess) -> None:
     assert code == 0 and {k["key_id"] for k in json.loads(out)} == {a["key_id"], b["key_id"]}
 
 
-def test_audit_outputs(proxy_server: ProxyProcess) -> None:
+def test_audit_outputs(proxy_server: ServedProxy) -> None:
     import stripe
 
     key = proxy_server.issue(daily_usd_cap=1, agent_run_label="argo/audited")
@@ -184,58 +203,44 @@ def test_audit_outputs(proxy_server: ProxyProcess) -> None:
     assert code == 2 and "--since" in err
 
 
-def test_watch_exits_when_every_key_is_revoked(proxy_server: ProxyProcess) -> None:
+def test_watch_exits_when_every_key_is_revoked(
+    proxy_server: ServedProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keybrake.cli import watch
+
     key = proxy_server.issue(agent_run_label="argo/watched")
-    env = {**proxy_server.env, "KEYBRAKE_URL": proxy_server.url, "COLUMNS": "120"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "keybrake.cli",
-            "watch",
-            "--workflow",
-            "watched",
-            "--interval",
-            "0.1",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    assert "watching argo/watched" in proc.stderr.readline()  # it is running
+    watching = threading.Event()
+    follow = watch._follow
+
+    def follow_and_say_so(*args: Any) -> None:
+        watching.set()  # it has found the run's keys and said so: it is running
+        follow(*args)
+
+    monkeypatch.setattr(watch, "_follow", follow_and_say_so)
+    done: list[tuple[int, str, str]] = []
+
+    def watch_the_run() -> None:
+        try:
+            done.append(run(proxy_server, "watch", "--workflow", "watched", "--interval", "0.1"))
+        finally:
+            watching.set()  # also when it ended without watching: the checks below say how
+
+    command = threading.Thread(target=watch_the_run, daemon=True)
+    command.start()
+    assert watching.wait(timeout=30)
     with proxy_server.admin() as admin:
         admin.delete(f"/vault/keys/{key['key_id']}")
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
+    command.join(timeout=60)
+    assert done, "keybrake watch did not exit within 60 s of the revoke"
+    code, out, err = done[0]
+    assert "watching argo/watched" in err.splitlines()[0]
+    assert code == 0
     assert "every key of argo/watched is revoked or expired" in out
 
 
-def test_watch_on_an_unknown_run_says_so_and_exits_1(proxy_server: ProxyProcess) -> None:
+def test_watch_on_an_unknown_run_says_so_and_exits_1(proxy_server: ServedProxy) -> None:
     code, _, err = run(proxy_server, "watch", "--workflow", "never-ran")
     assert code == 1 and "nothing to watch" in err and "argo/never-ran" in err
-
-
-def test_commands_that_do_not_render_templates_do_not_import_hera(
-    proxy_server: ProxyProcess,
-) -> None:
-    """`keybrake keys list` loads neither Hera nor the server (half a second and more)."""
-    probe = (
-        "import sys\n"
-        "from keybrake.cli.main import main\n"
-        "sys.argv = ['keybrake', 'keys', 'list', '-o', 'json']\n"
-        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-        "heavy = [m for m in ('hera', 'uvicorn', 'starlette', 'aiohttp', 'lightkube') "
-        "if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
-    )
-    env = {**os.environ, "KEYBRAKE_URL": proxy_server.url, "KEYBRAKE_API_KEY": ADMIN_KEY}
-    done = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
 
 
 def test_version_and_help_examples() -> None:
@@ -257,24 +262,6 @@ def test_version_and_help_examples() -> None:
         result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
         assert result.exit_code == 0, command
         assert "Example" in result.stdout, command
-
-
-@pytest.mark.slow
-def test_demo_runs_end_to_end() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "keybrake.cli", "demo"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert "300 succeeded, 200 hit the cap" in out
-    assert "localstripe holds 300 PaymentIntents" in out
-    assert "revoked 1 key(s)" in out
-    assert "refused (HTTP 401" in out
-    assert "demo finished" in out
 
 
 def test_db_upgrade(tmp_path, pg_url: str) -> None:
@@ -311,39 +298,6 @@ def test_serve_refuses_bad_configuration(tmp_path) -> None:
         assert "pydantic" not in result.stderr and "hunter2" not in result.stderr
 
 
-def test_serve_binds_first_and_says_where(tmp_path) -> None:
-    """The address printed is the bound one (a real port for --port 0); a busy port is one line."""
-    import httpx
-
-    from tests.proxyproc import BIN, wait_until_ready
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
-    env |= {"KEYBRAKE_API_KEY": "x", "KEYBRAKE_DATABASE_URL": f"sqlite:///{tmp_path / 'db'}"}
-    proc = subprocess.Popen(
-        [str(BIN / "keybrake"), "serve", "--port", "0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("keybrake proxy listening on http://127.0.0.1:"), line
-        url = line.split()[4]
-        port = int(url.rsplit(":", 1)[1])
-        assert port != 0
-        wait_until_ready(url + "/healthz", proc, "keybrake serve")
-        assert httpx.get(url + "/healthz").status_code == 200
-        busy = runner.invoke(app, ["serve", "--port", str(port)], env=env)
-        assert busy.exit_code == 2
-        assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in busy.stderr
-        assert "listening" not in busy.stdout and "Traceback" not in busy.output
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-
-
 def test_serve_reads_a_settings_file(tmp_path) -> None:
     bad = tmp_path / "bad.env"
     bad.write_text("KEYBRAKE_API_KEY=x\nKEYBRAKE_STRIPE_SECRT_KEY=sk_live_oops\n")
@@ -360,80 +314,7 @@ def test_serve_reads_a_settings_file(tmp_path) -> None:
     assert result.exit_code == 2 and "invalid duration" in result.stderr  # the file was read
 
 
-@pytest.mark.slow
-def test_demo_cleans_up_on_ctrl_c() -> None:
-    import contextlib
-    import re
-    import signal
-
-    import httpx
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keybrake.cli", "demo", "--calls", "2000", "--cap", "1500"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.stdout is not None
-    urls = []
-    for line in proc.stdout:
-        urls += re.findall(r"http://127\.0\.0\.1:\d+", line)
-        if line.startswith("4."):  # the fan-out is starting
-            break
-    proc.send_signal(signal.SIGINT)
-    try:
-        rest, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGUSR1)  # the demo dumps every thread's stack
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=5)  # gives the dump time to be written
-        proc.kill()
-        stacks, _ = proc.communicate()
-        pytest.fail(f"the demo did not stop within 120 s of Ctrl-C:\n{stacks}")
-    assert proc.returncode == 130, rest
-    assert "interrupted" in rest and "Traceback" not in rest
-    assert len(urls) == 2
-    for url in urls:  # localstripe and the proxy are gone
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url, timeout=2)
-
-
-def test_serve_generates_an_admin_token_and_defaults_to_sqlite_in_the_working_directory(
-    tmp_path,
-) -> None:
-    import httpx
-
-    from tests.fakes.server import bound_socket
-    from tests.proxyproc import BIN, wait_until_ready
-
-    sock = bound_socket()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")}
-    proc = subprocess.Popen(
-        [str(BIN / "keybrake"), "serve", "--generate-api-key", "--fd", str(sock.fileno())],
-        env=env,
-        cwd=tmp_path,
-        pass_fds=(sock.fileno(),),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()
-    try:
-        assert proc.stderr is not None
-        token = proc.stderr.readline().removeprefix("generated admin token: ").strip()
-        assert token.startswith("kba_")
-        wait_until_ready(url + "/readyz", proc, "keybrake serve")
-        listed = httpx.get(url + "/vault/keys", headers={"Authorization": f"Bearer {token}"})
-        assert listed.status_code == 200 and listed.json() == {"data": [], "continue": None}
-        assert (tmp_path / "keybrake.db").exists()
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-
-
-def test_a_vault_key_given_where_an_id_goes_is_never_echoed(proxy_server: ProxyProcess) -> None:
+def test_a_vault_key_given_where_an_id_goes_is_never_echoed(proxy_server: ServedProxy) -> None:
     vault_key = proxy_server.issue()["vault_key"]
     for args in (
         ("keys", "show", vault_key),
@@ -448,7 +329,7 @@ def test_a_vault_key_given_where_an_id_goes_is_never_echoed(proxy_server: ProxyP
     assert vault_key[4:] not in proxy_server.log_path.read_text()
 
 
-def test_issuers_and_events_from_the_cli(proxy_server: ProxyProcess) -> None:
+def test_issuers_and_events_from_the_cli(proxy_server: ServedProxy) -> None:
     code, out, _ = run(
         proxy_server,
         "issuers",
@@ -508,7 +389,7 @@ def test_issuers_and_events_from_the_cli(proxy_server: ProxyProcess) -> None:
     assert code == 0 and "unknown or deleted issuer token" in out and token not in out
 
 
-def test_a_revoke_only_issuer_for_the_reaper_from_the_cli(proxy_server: ProxyProcess) -> None:
+def test_a_revoke_only_issuer_for_the_reaper_from_the_cli(proxy_server: ServedProxy) -> None:
     code, out, _ = run(
         proxy_server,
         "issuers",
@@ -532,7 +413,7 @@ def _continue_token(err: str) -> str:
     return line.split("--continue ")[1].split()[0]
 
 
-def test_listings_page_like_kubectl(proxy_server: ProxyProcess) -> None:
+def test_listings_page_like_kubectl(proxy_server: ServedProxy) -> None:
     import re
 
     import stripe
@@ -590,40 +471,7 @@ def test_listings_page_like_kubectl(proxy_server: ProxyProcess) -> None:
     assert code == 0 and len(json.loads(out)) == 7 and err == ""  # 6 issues, 1 revoke
 
 
-def test_audit_follow_prints_new_rows_as_they_come(proxy_server: ProxyProcess) -> None:
-    import signal
-
-    import stripe
-
-    key = proxy_server.issue(agent_run_label="argo/followed")
-    client = stripe.StripeClient(
-        key["vault_key"] + ".pod-1", base_addresses={"api": proxy_server.url + "/stripe"}
-    )
-    client.v1.payment_intents.create(params={"amount": 100, "currency": "usd"})
-    env = {**proxy_server.env, "KEYBRAKE_URL": proxy_server.url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keybrake.cli", "audit", "-w", "followed", "-f", "-o", "json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["caller_tag"] == "pod-1"  # what was there
-        client.v1.payment_intents.create(
-            params={"amount": 200, "currency": "usd", "metadata": {"second": "yes"}}
-        )
-        later = json.loads(proc.stdout.readline())  # printed as it came
-        assert later["caller_tag"] == "pod-1" and later["method"] == "POST"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in err
-
-
-def test_alerts_from_the_cli(proxy_server: ProxyProcess) -> None:
+def test_alerts_from_the_cli(proxy_server: ServedProxy) -> None:
     code, out, _ = run(proxy_server, "alerts", "-o", "table")
     assert code == 0 and "No alerts match." in out
     code, out, _ = run(proxy_server, "alerts", "--pending", "-o", "json")

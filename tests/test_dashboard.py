@@ -1,15 +1,15 @@
 """The dashboard (/ui/) in-process, on both backends: sign-in and sessions, what an issuer may
 see, the revoke form's CSRF and origin checks, paging and filters, the numbers and chart points
 against the admin API, and bad input. The same pages in a real browser:
-test_dashboard_browser.py."""
+tests/e2e/test_dashboard_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,10 @@ class Intents(StubUpstream):
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     if request.param == "sqlite":
-        yield {}
-        return
-    from tests.pg import pg_database
-
-    with pg_database() as url:
-        yield {"database_url": url}
+        return {}
+    return {"database_url": request.getfixturevalue("pg_fresh_url")}
 
 
 def sign_in(client: TestClient, token: str, next_page: str = "/ui/") -> Any:
@@ -420,7 +416,6 @@ def test_runs_listing_pages_through_every_run_once(backend: dict[str, Any], tmp_
     """The store's runs walk against a model: runs of keys only, budgets only and both, a budget
     newer than its keys, rows created in the same microsecond, revoked and expired rows, and an
     issuer's scope; paged two at a time, every run comes once, in order, with its counts."""
-    import asyncio
     import random
     from datetime import timedelta
 
@@ -576,7 +571,6 @@ def test_a_long_runs_activity_is_summed_into_slices(
 ) -> None:
     """A run longer than the chart has points is summed in the database into equal slices; no
     spend, call or cap hit is lost, and each slice starts where the chart draws it."""
-    import asyncio
     from datetime import UTC, datetime, timedelta
 
     from keybrake.proxy.store import open_store

@@ -10,7 +10,6 @@ window's oldest bucket) from both sides.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -548,14 +547,6 @@ ROWS = [
         replayed=True,
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def pg_module_url() -> Iterator[str]:
-    from tests.pg import pg_database
-
-    with pg_database() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -1,7 +1,7 @@
-"""Vendor calls through a corporate CONNECT proxy: a real proxy process, the Stripe SDK as the
-client, an HTTPS Stripe-shaped upstream with a certificate from a test CA, and a local CONNECT
-proxy that records what it relayed. The real secret crosses the corporate proxy only inside the
-TLS tunnel."""
+"""Vendor calls through a corporate CONNECT proxy: the proxy app on a real socket (served from a
+thread of the test process), the Stripe SDK as the client, an HTTPS Stripe-shaped upstream with a
+certificate from a test CA, and a local CONNECT proxy that records what it relayed. The real
+secret crosses the corporate proxy only inside the TLS tunnel."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp.connector
 import pytest
 import stripe
 
 from tests.fakes.connect_proxy import ConnectProxy
 from tests.fakes.pki import CertificateAuthority
 from tests.fakes.stripe_upstream import FakeStripe
-from tests.proxyproc import STRIPE_SECRET, ProxyProcess, start_proxy
+from tests.proxyproc import STRIPE_SECRET
+from tests.served import ServedProxy, serve_proxy
 
 
 @pytest.fixture
@@ -37,7 +39,7 @@ def corporate_proxy() -> Iterator[ConnectProxy]:
     proxy.stop()
 
 
-def charge(proxy: ProxyProcess) -> str:
+def charge(proxy: ServedProxy) -> str:
     key = proxy.issue(daily_usd_cap=100)
     client = stripe.StripeClient(
         key["vault_key"], base_addresses={"api": proxy.url + "/stripe"}, max_network_retries=0
@@ -46,13 +48,30 @@ def charge(proxy: ProxyProcess) -> str:
     return str(intent.id)
 
 
-def start(tmp_path: Path, upstream: str, ca: CertificateAuthority, **env: str) -> ProxyProcess:
+def start(
+    tmp_path: Path,
+    upstream: str,
+    ca: CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    **env: str,
+) -> ServedProxy:
+    """The proxy with `env` in its environment (KEYBRAKE_* settings, HTTPS_PROXY, NO_PROXY) until
+    `monkeypatch` undoes it."""
     # The vendor's certificate is checked against the test CA (OpenSSL's SSL_CERT_FILE), as it
-    # would be against the system's for api.stripe.com.
-    return start_proxy(
+    # would be against the system's for api.stripe.com. aiohttp makes its default verifying
+    # context once, when imported (in `keybrake serve`, after the variable is set): here it is
+    # made again, the same way, with the variable set.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca_file))
+    monkeypatch.setattr(
+        aiohttp.connector, "_SSL_CONTEXT_VERIFIED", aiohttp.connector._make_ssl_context(True)
+    )
+    for name, value in env.items():
+        if not name.startswith("KEYBRAKE_"):
+            monkeypatch.setenv(name, value)
+    return serve_proxy(
         tmp_path,
         stripe_base=upstream.replace("127.0.0.1", "localhost"),
-        extra_env={"SSL_CERT_FILE": str(ca.ca_file), **env},
+        extra_env={k: v for k, v in env.items() if k.startswith("KEYBRAKE_")},
     )
 
 
@@ -62,9 +81,10 @@ def test_a_vendor_call_goes_through_the_connect_proxy_as_tls(
     tmp_path: Path,
     tls_stripe: tuple[FakeStripe, CertificateAuthority],
     corporate_proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     upstream, ca = tls_stripe
-    proxy = start(tmp_path, upstream.url, ca, **{setting: corporate_proxy.url})
+    proxy = start(tmp_path, upstream.url, ca, monkeypatch, **{setting: corporate_proxy.url})
     try:
         assert charge(proxy).startswith("pi_")
     finally:
@@ -82,20 +102,24 @@ def test_no_proxy_and_plain_http_vendors_go_direct(
     tmp_path: Path,
     tls_stripe: tuple[FakeStripe, CertificateAuthority],
     corporate_proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     upstream, ca = tls_stripe
-    proxy = start(tmp_path, upstream.url, ca, HTTPS_PROXY=corporate_proxy.url, NO_PROXY="localhost")
-    try:
-        assert charge(proxy).startswith("pi_")
-    finally:
-        proxy.stop()
+    with monkeypatch.context() as env:  # this proxy's environment, not the next one's
+        proxy = start(
+            tmp_path, upstream.url, ca, env, HTTPS_PROXY=corporate_proxy.url, NO_PROXY="localhost"
+        )
+        try:
+            assert charge(proxy).startswith("pi_")
+        finally:
+            proxy.stop()
     assert corporate_proxy.targets == [] and len(upstream.requests) == 1
 
     # A plain-http vendor base (a test upstream) is never proxied: the proxy would read the secret.
     plain = FakeStripe()
     (tmp_path / "plain").mkdir()
     try:
-        direct = start_proxy(
+        direct = serve_proxy(
             tmp_path / "plain",
             stripe_base=plain.url,
             extra_env={"KEYBRAKE_UPSTREAM_PROXY": corporate_proxy.url},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from decimal import Decimal
 from typing import Any
@@ -11,26 +12,31 @@ import pytest
 import stripe
 
 from tests.fakes.stripe_upstream import FakeStripe
-from tests.proxyproc import ProxyProcess
+from tests.served import ServedProxy
 from tests.vendor_helpers import audit, key_info
 
 PI = "/v1/payment_intents"
 
+# Made once: httpx loads the CA bundle anew for every call's client (~50 ms) otherwise, though
+# these calls are plain http.
+TLS = ssl.create_default_context()
+
 
 def post(
-    proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str
+    proxy: ServedProxy, vault_key: str, data: dict[str, str], **headers: str
 ) -> httpx.Response:
     return httpx.post(
         f"{proxy.url}/stripe{PI}",
         data=data,
         headers={"Authorization": f"Bearer {vault_key}", **headers},
         timeout=30,
+        verify=TLS,
     )
 
 
 @pytest.mark.parametrize("mode", ["hang", "drop", "error500", "huge"])
 def test_timeouts_drops_and_5xx_count_as_spent(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe, mode: str
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe, mode: str
 ) -> None:
     """hang: past KEYBRAKE_UPSTREAM_TIMEOUT; drop: connection reset; huge: an answer over the
     16 MiB limit, which the proxy refuses to hold in memory."""
@@ -48,7 +54,7 @@ def test_timeouts_drops_and_5xx_count_as_spent(
 
 
 def test_vendor_rejection_releases_the_reservation(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     fake_stripe.mode = "decline"
@@ -64,7 +70,7 @@ def test_vendor_rejection_releases_the_reservation(
 
 
 def test_vendor_429_never_carries_the_cap_hit_header(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     fake_stripe.mode = "ratelimit"
@@ -76,7 +82,7 @@ def test_vendor_429_never_carries_the_cap_hit_header(
 
 
 def test_a_proxied_answer_carries_one_date_and_one_server(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     """The vendor's answer has its own Date and Server; the proxy's server adds its own."""
     key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="10m")
@@ -91,7 +97,7 @@ def test_a_proxied_answer_carries_one_date_and_one_server(
 
 
 def test_idempotency_key_replays_without_calling_the_vendor(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="0")
     body = {"amount": "100", "currency": "usd"}
@@ -117,7 +123,7 @@ def test_idempotency_key_replays_without_calling_the_vendor(
 
 
 def test_same_idempotency_key_while_running_is_409(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     body = {"amount": "100", "currency": "usd"}
@@ -140,7 +146,7 @@ def test_same_idempotency_key_while_running_is_409(
 
 
 def test_dedupe_window_catches_pod_retries_with_fresh_idempotency_keys(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     client = stripe.StripeClient(
@@ -158,7 +164,7 @@ def test_dedupe_window_catches_pod_retries_with_fresh_idempotency_keys(
     assert decisions == ["forwarded", "deduplicated", "forwarded"]
 
 
-def test_dedupe_window_zero_disables_it(fake_proxy: ProxyProcess, fake_stripe: FakeStripe) -> None:
+def test_dedupe_window_zero_disables_it(fake_proxy: ServedProxy, fake_stripe: FakeStripe) -> None:
     key = fake_proxy.issue(daily_usd_cap=10, dedupe_window="0")
     client = stripe.StripeClient(
         key["vault_key"], base_addresses={"api": fake_proxy.url + "/stripe"}
@@ -171,7 +177,7 @@ def test_dedupe_window_zero_disables_it(fake_proxy: ProxyProcess, fake_stripe: F
 
 
 def test_forwarded_request_carries_only_the_real_secret(
-    fake_proxy: ProxyProcess, fake_stripe: FakeStripe
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
 ) -> None:
     key = fake_proxy.issue(daily_usd_cap=10)
     response = post(

@@ -1,13 +1,14 @@
 """Scoped issuers instead of the root token: an issuer token issues within its policy and gets a
 403 naming the limit otherwise, sees and revokes only its own labels (and namespaces), stops at
 once when deleted; issuing with an Idempotency-Key replaces instead of duplicating; every action
-and refused login is recorded. In-process for the rules, real processes for the races."""
+and refused login is recorded. In-process for the rules, the app on real sockets for the races
+(two replicas over one PostgreSQL database); two workers of one `keybrake serve` process race in
+tests/e2e/test_issuers_processes.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from keybrake.proxy.upstream import UpstreamResponse
+from tests import test_replicas
 from tests.inproc import Clock, StubUpstream, app_client
-from tests.proxyproc import ProxyProcess, start_proxy
+from tests.proxyproc import ProxyProcess
+from tests.served import ServedProxy, serve_proxy
+from tests.test_replicas import stop_all
+
+# Its PostgreSQL tests share one database, as new before each (see tests.test_replicas).
+pg_url = test_replicas.pg_url
 
 STRIPE_PI = "POST /v1/payment_intents"
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -410,7 +417,9 @@ def test_an_idempotent_issue_replaces_the_earlier_key(tmp_path: Path) -> None:
     assert [e["outcome"].split(":")[0] for e in recorded] == ["refused", "ok", "ok"]
 
 
-async def _race(proxy: ProxyProcess, token: str, count: int, **headers: str) -> Counter[int]:
+async def _race(
+    proxy: ProxyProcess | ServedProxy, token: str, count: int, **headers: str
+) -> Counter[int]:
     async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as client:
 
         async def one(index: int) -> int:
@@ -426,28 +435,16 @@ async def _race(proxy: ProxyProcess, token: str, count: int, **headers: str) -> 
         return Counter(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-def _issuer_on(proxy: ProxyProcess, **spec: Any) -> dict[str, Any]:
+def _issuer_on(proxy: ProxyProcess | ServedProxy, **spec: Any) -> dict[str, Any]:
     with proxy.admin() as admin:
         response = admin.post("/vault/issuers", json={**PAYMENTS, **spec})
     assert response.status_code == 201, response.text
     return dict(response.json())
 
 
-def _active(proxy: ProxyProcess) -> list[dict[str, Any]]:
+def _active(proxy: ProxyProcess | ServedProxy) -> list[dict[str, Any]]:
     with proxy.admin() as admin:
         return list(admin.get("/vault/keys", params={"status": "active"}).json()["data"])
-
-
-def test_the_active_key_limit_is_exact_across_two_workers(tmp_path: Path) -> None:
-    proxy = start_proxy(tmp_path, workers=2)
-    try:
-        issuer = _issuer_on(proxy, max_active_keys=5)
-        statuses = asyncio.run(_race(proxy, issuer["issuer_token"], 40))
-        active = _active(proxy)
-    finally:
-        proxy.stop()
-    assert statuses == {201: 5, 403: 35}
-    assert len(active) == 5
 
 
 @pytest.mark.postgres
@@ -456,7 +453,7 @@ def test_the_active_key_limit_and_idempotent_issues_are_exact_across_replicas(
 ) -> None:
     for i in range(2):
         (tmp_path / str(i)).mkdir()
-    procs = [start_proxy(tmp_path / str(i), database_url=pg_url) for i in range(2)]
+    procs = [serve_proxy(tmp_path / str(i), database_url=pg_url) for i in range(2)]
     try:
         issuer = _issuer_on(procs[0], max_active_keys=5)
 
@@ -474,8 +471,7 @@ def test_the_active_key_limit_and_idempotent_issues_are_exact_across_replicas(
         retried = asyncio.run(both(**{"Idempotency-Key": "wf-uid-7/issue-vault-key"}))
         after = _active(procs[1])
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
     assert limited == {201: 5, 403: 35} and len(first) == 5
     # 40 attempts of one issue step, on two replicas at once: one live key at the end.
     assert retried == {201: 40}
@@ -498,15 +494,11 @@ def test_events_page_back_and_forth(tmp_path: Path) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
-    """The in-process app's database: SQLite (its default) or a fresh PostgreSQL database."""
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The in-process app's database: SQLite (its default) or PostgreSQL, as new."""
     if request.param == "sqlite":
-        yield {}
-        return
-    from tests.pg import pg_database
-
-    with pg_database() as url:
-        yield {"database_url": url}
+        return {}
+    return {"database_url": request.getfixturevalue("pg_url")}
 
 
 # Bounded in any 24 hours only: no total maximum, no longest life.

@@ -169,14 +169,10 @@ BAD_TOKENS = {
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'inproc.db'}"
-        return
-    from tests.pg import pg_database
-
-    with pg_database() as url:
-        yield url
+        return f"sqlite:///{tmp_path / 'inproc.db'}"
+    return str(request.getfixturevalue("pg_fresh_url"))
 
 
 def stored_events(database_url: str) -> str:

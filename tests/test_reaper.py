@@ -1,14 +1,13 @@
 """The run reaper against a fake Kubernetes API server that speaks list/watch (chunked events,
 resourceVersion, BOOKMARK, 410 Gone as a status and in-stream, dropped connections), driven by
-lightkube as in production, revoking through a real proxy process with a revoke-only issuer
-token; vendor calls through the Stripe SDK to localstripe."""
+lightkube as in production, revoking through the real proxy app (served from a thread of the
+test) with a revoke-only issuer token; vendor calls through the Stripe SDK to localstripe. The
+`keybrake reaper` command run as a process until it is stopped is
+tests/e2e/test_reaper_processes.py."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,12 +15,19 @@ from typing import Any
 
 import pytest
 import stripe
+from typer.testing import CliRunner
 
+from keybrake.cli.main import app
 from tests.fakes.workflow_api import FakeWorkflowAPI
-from tests.proxyproc import BIN, ProxyProcess, start_proxy
-from tests.reaper_harness import ReaperThread, eventually
-
-NAMESPACE = "payments"
+from tests.reaper_harness import (
+    NAMESPACE,
+    ReaperThread,
+    eventually,
+    reaper_token,
+    run_key,
+    status,
+)
+from tests.served import ServedProxy, serve_proxy
 
 
 @pytest.fixture
@@ -31,44 +37,14 @@ def api(tmp_path: Path) -> Iterator[FakeWorkflowAPI]:
     fake.stop()
 
 
-def reaper_token(proxy: ProxyProcess) -> str:
-    """The reaper's credential: an issuer that may read and revoke argo/ runs, never issue."""
-    with proxy.admin() as client:
-        response = client.post(
-            "/vault/issuers",
-            json={
-                "name": f"reaper-{uuid.uuid4().hex[:8]}",
-                "label_prefix": "argo/",
-                "may_issue": False,
-            },
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["issuer_token"])
-
-
-def run_key(
-    proxy: ProxyProcess, uid: str | None, workflow: str, *, cluster: str = "test", **extra: Any
-) -> dict[str, Any]:
-    """A key as the issue step makes it: the run's label, namespace, uid and cluster."""
-    metadata: dict[str, Any] = {"workflow": workflow, "namespace": NAMESPACE}
-    if uid is not None:
-        metadata.update(uid=uid, cluster=cluster)
-    return proxy.issue(agent_run_label=f"argo/{workflow}", metadata=metadata, **extra)
-
-
-def status(proxy: ProxyProcess, key: dict[str, Any]) -> str:
-    with proxy.admin() as client:
-        return str(client.get(f"/vault/keys/{key['key_id']}").json()["status"])
-
-
-def charge(proxy: ProxyProcess, key: dict[str, Any]) -> None:
+def charge(proxy: ServedProxy, key: dict[str, Any]) -> None:
     client = stripe.StripeClient(
         key["vault_key"], base_addresses={"api": proxy.url + "/stripe"}, max_network_retries=0
     )
     client.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
 
 
-def reaper_events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+def reaper_events(proxy: ServedProxy) -> list[dict[str, Any]]:
     with proxy.admin() as client:
         rows = client.get("/vault/events", params={"action": "label.revoke", "limit": "1000"})
     return [e for e in rows.json()["data"] if e["actor"].startswith("issuer")]
@@ -76,7 +52,7 @@ def reaper_events(proxy: ProxyProcess) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def reapers(
-    api: FakeWorkflowAPI, proxy_server: ProxyProcess, tmp_path: Path
+    api: FakeWorkflowAPI, proxy_server: ServedProxy, tmp_path: Path
 ) -> Iterator[list[ReaperThread]]:
     started: list[ReaperThread] = []
     yield started
@@ -87,7 +63,7 @@ def reapers(
 def start(
     reapers: list[ReaperThread],
     api: FakeWorkflowAPI,
-    proxy: ProxyProcess,
+    proxy: ServedProxy,
     tmp_path: Path,
     **settings: Any,
 ) -> ReaperThread:
@@ -101,7 +77,7 @@ def start(
 def test_a_run_that_ends_without_its_exit_handler_loses_its_key_at_once(
     ending: str,
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -137,7 +113,7 @@ def test_a_run_that_ends_without_its_exit_handler_loses_its_key_at_once(
 
 def test_a_succeeded_run_whose_exit_handler_revoked_is_left_alone(
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -160,7 +136,7 @@ def test_a_succeeded_run_whose_exit_handler_revoked_is_left_alone(
 
 def test_a_finished_run_whose_exit_handler_failed_is_revoked_after_the_grace(
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -179,7 +155,7 @@ def test_a_finished_run_whose_exit_handler_failed_is_revoked_after_the_grace(
 
 def test_a_key_without_a_workflow_is_revoked_after_the_orphan_grace_a_cli_key_never(
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -218,7 +194,7 @@ def test_a_key_without_a_workflow_is_revoked_after_the_orphan_grace_a_cli_key_ne
 
 def test_a_dropped_watch_resumes_from_its_version_and_sees_a_deletion_in_the_gap(
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -243,7 +219,7 @@ def test_a_dropped_watch_resumes_from_its_version_and_sees_a_deletion_in_the_gap
 def test_an_expired_watch_relists_and_catches_a_deletion_it_never_saw(
     gone_as: str,
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -267,7 +243,7 @@ def test_an_expired_watch_relists_and_catches_a_deletion_it_never_saw(
 
 def test_bookmarks_move_the_resume_point(
     api: FakeWorkflowAPI,
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     reapers: list[ReaperThread],
     tmp_path: Path,
 ) -> None:
@@ -291,11 +267,12 @@ def test_bookmarks_move_the_resume_point(
 def test_two_reapers_record_one_revoke_per_key(
     api: FakeWorkflowAPI, pg_url: str, tmp_path: Path, localstripe: Any
 ) -> None:
+    # Two replicas of the app on one PostgreSQL database, each with its own reaper.
     replicas = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         replicas.append(
-            start_proxy(tmp_path / name, stripe_base=localstripe.url, database_url=pg_url)
+            serve_proxy(tmp_path / name, stripe_base=localstripe.url, database_url=pg_url)
         )
     started: list[ReaperThread] = []
     try:
@@ -323,53 +300,26 @@ def test_two_reapers_record_one_revoke_per_key(
             replica.stop()
 
 
-def test_the_command_runs_until_stopped_and_refuses_bad_settings(
-    api: FakeWorkflowAPI, proxy_server: ProxyProcess, tmp_path: Path
+def test_the_command_refuses_bad_settings(
+    api: FakeWorkflowAPI, proxy_server: ServedProxy, tmp_path: Path
 ) -> None:
-    uid = api.add("billing-agent-cli", NAMESPACE)
-    key = run_key(proxy_server, uid, "billing-agent-cli")
-    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KEYBRAKE_")},
+    """`keybrake reaper` (in-process) with a bad duration or no usable Kubernetes credentials:
+    exit 2 with the reason, no traceback. Running it until it is stopped is in
+    tests/e2e/test_reaper_processes.py."""
+    env: dict[str, str | None] = {
+        **{k: None for k in os.environ if k.startswith("KEYBRAKE_")},  # unset: only these count
         "KEYBRAKE_URL": proxy_server.url,
         "KEYBRAKE_API_KEY": reaper_token(proxy_server),
-        "KUBECONFIG": str(kubeconfig),
+        "KUBECONFIG": str(api.kubeconfig(tmp_path / "kubeconfig")),
     }
-    log = tmp_path / "reaper.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "keybrake"), "reaper", "--cluster", "test", "--resync", "1h"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        eventually(lambda: len(api.watches()) >= 1, "the command to watch")
-        api.update(uid, shutdown="Terminate", phase="Failed")
-        eventually(lambda: status(proxy_server, key) == "revoked", "the key to be revoked")
-        # The reaper says why once its revoke is answered: wait for the line, not a time.
-        eventually(lambda: "was terminated" in log.read_text(), "the reaper to say why")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=20)
-    text = log.read_text()
-    assert code == 0, text
-    assert "was terminated" in text and "Traceback" not in text
-
-    bad = subprocess.run(
-        [str(BIN / "keybrake"), "reaper", "--cluster", "test", "--grace", "soon"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    runner = CliRunner()
+    bad = runner.invoke(app, ["reaper", "--cluster", "test", "--grace", "soon"], env=env)
+    missing = runner.invoke(
+        app, ["reaper", "--cluster", "test"], env={**env, "KUBECONFIG": str(tmp_path / "nope")}
     )
-    assert bad.returncode == 2 and "--grace" in bad.stderr and "Traceback" not in bad.stderr
-    missing = subprocess.run(
-        [str(BIN / "keybrake"), "reaper", "--cluster", "test"],
-        env={**env, "KUBECONFIG": str(tmp_path / "nope")},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert missing.returncode == 2 and "Kubernetes credentials" in missing.stderr
+    for result in (bad, missing):
+        # An exception the command did not turn into an exit code: a traceback, as a process.
+        assert isinstance(result.exception, SystemExit), result.exception
+    assert bad.exit_code == 2 and "--grace" in bad.stderr and "Traceback" not in bad.stderr
+    assert missing.exit_code == 2 and "Kubernetes credentials" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -1,45 +1,58 @@
-"""Several proxy replicas over one PostgreSQL database: exact caps, revocation, replays, faults."""
+"""Several proxy replicas over one PostgreSQL database: exact caps, revocation, replays, faults.
+Each replica is the proxy app served on a socket of its own from a thread of the test process,
+with its own store connections and event loop; what needs a replica to be a process (kill -9,
+SIGTERM) is in tests/e2e/test_replicas_processes.py."""
 
 from __future__ import annotations
 
-import signal
-import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.tcp_relay import TcpRelay
-from tests.helpers import fan_out, localstripe_intents, reconcile
+from tests.helpers import fan_out, localstripe_intents
 from tests.inproc import Clock, app_client, issue
-from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
+from tests.proxyproc import Localstripe, ProxyProcess
+from tests.served import ServedProxy, serve_proxy
 
 pytestmark = pytest.mark.postgres
 
 
-def replicas(
-    tmp_path: Path, count: int, stripe_base: str, database_url: str, **kw: Any
-) -> list[ProxyProcess]:
-    out = []
-    for index in range(count):
-        workdir = tmp_path / f"replica-{index}"
-        workdir.mkdir()
-        out.append(start_proxy(workdir, stripe_base=stripe_base, database_url=database_url, **kw))
+@pytest.fixture
+def pg_url(pg_fresh_url: str) -> str:
+    """Here (and in tests.test_budgets and tests.test_issuers, which import it) every test's
+    database is the module's, emptied: a new one to create, migrate and drop cost most of a
+    second per test."""
+    return pg_fresh_url
+
+
+def replicas(tmp_path: Path, count: int, stripe_base: str, database_url: str) -> list[ServedProxy]:
+    out: list[ServedProxy] = []
+    try:
+        for index in range(count):
+            workdir = tmp_path / f"replica-{index}"
+            workdir.mkdir()
+            out.append(serve_proxy(workdir, stripe_base=stripe_base, database_url=database_url))
+    except BaseException:
+        stop_all(out)
+        raise
     return out
 
 
-def stop_all(procs: list[ProxyProcess]) -> None:
-    for proc in procs:
-        proc.stop()
+def stop_all(procs: list[ServedProxy] | list[ProxyProcess]) -> None:
+    """Stopped side by side: each waits a tick of its own server loop to notice."""
+    with ThreadPoolExecutor(max(len(procs), 1)) as pool:
+        list(pool.map(lambda proc: proc.stop(), procs))
 
 
 def post(
-    proxy: ProxyProcess, vault_key: str, data: dict[str, str], **headers: str
+    proxy: ProxyProcess | ServedProxy, vault_key: str, data: dict[str, str], **headers: str
 ) -> httpx.Response:
     return httpx.post(
         f"{proxy.url}/stripe/v1/payment_intents",
@@ -144,52 +157,12 @@ def test_rolling_window_and_expiry_on_postgres(
         assert charge("8") == 401
 
 
-def test_kill_9_of_a_replica_keeps_its_reservation_until_the_sweep(
-    tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
-) -> None:
-    a, b = procs = replicas(tmp_path, 2, fake_stripe.url, pg_url)
-    try:
-        key = a.issue(daily_usd_cap=10)
-        fake_stripe.hold()
-        lost: list[str] = []
-
-        def in_flight() -> None:
-            try:
-                post(a, key["vault_key"], {"amount": "700", "currency": "usd"})
-            except httpx.HTTPError as exc:
-                lost.append(type(exc).__name__)
-
-        thread = threading.Thread(target=in_flight)
-        thread.start()
-        assert fake_stripe.arrived.wait(timeout=30)
-        a.kill9()
-        thread.join()
-        assert lost
-        fake_stripe.release()
-        # B keeps serving, and A's $7 stays counted: only $3 is left.
-        assert post(b, key["vault_key"], {"amount": "300", "currency": "usd"}).status_code == 200
-        capped = post(b, key["vault_key"], {"amount": "1", "currency": "usd"})
-        assert capped.status_code == 429 and capped.headers["x-keybrake-cap-hit"] == "true"
-        with b.admin() as admin:
-            info = admin.get(f"/vault/keys/{key['key_id']}").json()
-        assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "7.00")
-
-        assert reconcile(pg_url) == 1
-        with b.admin() as admin:
-            info = admin.get(f"/vault/keys/{key['key_id']}").json()
-            rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
-        assert (info["spent_usd"], info["reserved_usd"]) == ("10.00", "0.00")
-        assert "reconciled" in {r["decision"] for r in rows}
-    finally:
-        stop_all(procs)
-
-
 def test_database_outage_fails_closed_and_recovers(
     tmp_path: Path, pg_url: str, fake_stripe: FakeStripe
 ) -> None:
     relay = TcpRelay("127.0.0.1", 5432)
     url = pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
-    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=url)
+    proxy = serve_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=url)
     try:
         key = proxy.issue(daily_usd_cap=10)
         assert (
@@ -218,36 +191,3 @@ def test_database_outage_fails_closed_and_recovers(
     finally:
         proxy.stop()
         relay.stop()
-
-
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_sigterm_finishes_in_flight_calls(
-    tmp_path: Path, fake_stripe: FakeStripe, backend: str, request: pytest.FixtureRequest
-) -> None:
-    database_url = request.getfixturevalue("pg_url") if backend == "postgres" else None
-    proxy = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=database_url)
-    key = proxy.issue(daily_usd_cap=10)
-    fake_stripe.hold()
-    answers: list[httpx.Response] = []
-    thread = threading.Thread(
-        target=lambda: answers.append(
-            post(proxy, key["vault_key"], {"amount": "100", "currency": "usd"})
-        )
-    )
-    thread.start()
-    assert fake_stripe.arrived.wait(timeout=30)
-    proxy.process.send_signal(signal.SIGTERM)
-    fake_stripe.release()
-    thread.join()
-    assert answers[0].status_code == 200  # answered after the SIGTERM
-    # uvicorn re-raises the signal once shut down, as Kubernetes expects (exit 143).
-    assert proxy.process.wait(timeout=30) in (0, -signal.SIGTERM)
-    restarted = start_proxy(tmp_path, stripe_base=fake_stripe.url, database_url=database_url)
-    try:
-        with restarted.admin() as admin:
-            info = admin.get(f"/vault/keys/{key['key_id']}").json()
-            rows = admin.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
-        assert (info["spent_usd"], info["reserved_usd"]) == ("1.00", "0.00")
-        assert rows[0]["decision"] == "forwarded"
-    finally:
-        restarted.stop()

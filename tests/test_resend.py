@@ -1,15 +1,12 @@
 """Resend with the official resend SDK as the client and a Resend-shaped fake as the upstream
-that bills as Resend does (one email per to/cc/bcc recipient): env-only setup through a real
-`keybrake serve`; recipient pricing, batches, idempotency, caps and refusals in-process (the app
-behind Starlette's TestClient, the fake behind the `upstream=` seam, the SDK's own HTTP-client
-seam pointed at the app), with no socket."""
+that bills as Resend does (one email per to/cc/bcc recipient): recipient pricing, batches,
+idempotency, caps and refusals in-process (the app behind Starlette's TestClient, the fake
+behind the `upstream=` seam, the SDK's own HTTP-client seam pointed at the app), with no socket.
+Env-only setup, where a workload process is the point: tests/e2e/test_resend_processes.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +18,8 @@ import resend
 from resend.http_client import HTTPClient
 from starlette.testclient import TestClient
 
-from tests.fakes.resend_upstream import MAX_BATCH, MAX_TO, REAL_KEY, FakeResend, InprocResend
+from tests.fakes.resend_upstream import MAX_BATCH, MAX_TO, REAL_KEY, InprocResend
 from tests.inproc import app_client, issue
-from tests.proxyproc import ProxyProcess
-from tests.vendor_helpers import audit, issue_resend
-
-pytest_plugins = ["tests.vendor_fixtures"]
 
 
 def email(n: int = 1, **extra: Any) -> dict[str, Any]:
@@ -108,37 +101,6 @@ def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Inproc]:
         monkeypatch.setattr(resend, "default_http_client", ThroughApp(client))
         monkeypatch.setattr(resend, "api_url", "http://testserver/resend")
         yield Inproc(client, vendor, monkeypatch)
-
-
-def test_environment_variables_alone_point_the_sdk_at_the_proxy(
-    vendor_proxy: ProxyProcess, fake_resend: FakeResend
-) -> None:
-    key = issue_resend(vendor_proxy)
-    workload = (
-        "import json, resend\n"
-        "sent = resend.Emails.send({'from': 'a@example.com', 'to': ['b@example.com'],\n"
-        "                           'subject': 'Hi', 'text': 'Hello'})\n"
-        "print(json.dumps({'id': sent['id']}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESEND_")}
-    env["RESEND_API_URL"] = vendor_proxy.url + "/resend"
-    env["RESEND_API_KEY"] = key["vault_key"] + ".pod-7"
-    done = subprocess.run(
-        [sys.executable, "-c", workload], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    email_id = json.loads(done.stdout)["id"]
-    assert email_id in fake_resend.emails
-    sent = fake_resend.requests[-1]
-    assert sent["headers"]["authorization"] == f"Bearer {REAL_KEY}"
-    assert sent["credential"] == REAL_KEY and fake_resend.billed_to(REAL_KEY) == 1
-    assert key["vault_key"] not in repr(sent)
-    row = audit(vendor_proxy, key["key_id"])[0]
-    assert (row["decision"], row["status"], row["caller_tag"]) == ("forwarded", 200, "pod-7")
-    # One recipient, one email at the [resend] price: $0.0009.
-    assert (row["reserved_usd"], row["settled_usd"]) == ("0.0009", "0.0009")
-    assert (row["amount"], row["currency"]) == (1, "email")
-    assert row["vendor_request_id"].endswith("-SJC")  # Cloudflare's cf-ray
 
 
 def test_the_fake_bills_every_recipient_and_refuses_what_resend_refuses() -> None:

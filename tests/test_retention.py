@@ -19,7 +19,7 @@ from tests.fakes.stripe_upstream import FakeStripe
 from tests.helpers import TEST_EVENT
 from tests.inproc import Clock, app_client, issue
 from tests.inproc import settings as proxy_settings
-from tests.proxyproc import ProxyProcess
+from tests.served import ServedProxy
 
 T0 = datetime(2026, 8, 1, 12, 0, tzinfo=UTC)
 
@@ -124,13 +124,14 @@ def test_maintenance_reconciles_then_prunes_and_never_prunes_a_call_in_flight(
     assert spent == 3_000_000  # the reconciled spend outlives its audit row
 
 
-def test_keybrake_audit_prune(proxy_server: ProxyProcess) -> None:
+def test_keybrake_audit_prune(fake_proxy: ServedProxy) -> None:
+    """No Stripe call is made: the proxy in front of the in-thread fake, not localstripe."""
     from tests.test_cli import run
 
-    key = proxy_server.issue(daily_usd_cap=1)
-    httpx.post(f"{proxy_server.url}/paypal/v1/payments")
+    key = fake_proxy.issue(daily_usd_cap=1)
+    httpx.post(f"{fake_proxy.url}/paypal/v1/payments")
     code, out, _ = run(
-        proxy_server,
+        fake_proxy,
         "audit",
         "prune",
         "--before",
@@ -141,11 +142,11 @@ def test_keybrake_audit_prune(proxy_server: ProxyProcess) -> None:
     )
     assert code == 0 and "would delete 1 audit row older than 2100-01-01" in out
     code, out, _ = run(
-        proxy_server, "audit", "prune", "--before", "2100-01-01T00:00:00Z", "-o", "json"
+        fake_proxy, "audit", "prune", "--before", "2100-01-01T00:00:00Z", "-o", "json"
     )
     assert code == 0 and '"removed": 1' in out
-    code, _, err = run(proxy_server, "audit", "prune", "--before", "yesterday")
+    code, _, err = run(fake_proxy, "audit", "prune", "--before", "yesterday")
     assert code == 2 and "--before" in err
-    with proxy_server.admin() as admin:
+    with fake_proxy.admin() as admin:
         assert admin.get("/vault/audit").json()["data"] == []
         assert admin.get(f"/vault/keys/{key['key_id']}").json()["status"] == "active"

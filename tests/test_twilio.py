@@ -1,9 +1,11 @@
-"""Twilio through a real `keybrake serve`, with the official twilio SDK as the client and a
-Twilio-shaped fake as the upstream: credentials swapped, prices, caps, refusals, secrets."""
+"""Twilio through the proxy on a loopback socket (the app `keybrake serve` runs, served from a
+thread of the test process), with the official twilio SDK as the client and a Twilio-shaped fake
+as the upstream: credentials swapped, prices, caps, refusals, secrets."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -16,7 +18,7 @@ from twilio.base.exceptions import TwilioRestException
 from tests.fakes.resend_upstream import REAL_KEY, FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import REAL_SID, REAL_TOKEN, FakeTwilio
-from tests.proxyproc import ProxyProcess
+from tests.served import ServedProxy
 from tests.vendor_helpers import (
     MESSAGES,
     PLACEHOLDER_SID,
@@ -25,7 +27,7 @@ from tests.vendor_helpers import (
     issue_twilio,
     key_info,
     raw_twilio,
-    start_vendor_proxy,
+    serve_vendor_proxy,
     twilio_client,
 )
 
@@ -36,9 +38,11 @@ UK = "+447700900123"
 SENDER = "+14155550199"
 CALLS = "POST /2010-04-01/Accounts/*/Calls.json"
 
+Printed = Callable[[], str]
+
 
 def test_sdk_sends_through_the_proxy_with_the_real_account(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     key = issue_twilio(vendor_proxy)
     client = twilio_client(vendor_proxy, key["vault_key"] + ".pod-3")
@@ -72,7 +76,7 @@ def test_sdk_sends_through_the_proxy_with_the_real_account(
 
 
 def test_a_price_in_the_answer_settles_the_call(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     key = issue_twilio(vendor_proxy)
     fake_twilio.price_on_create = "-0.01500"
@@ -87,7 +91,7 @@ def test_a_price_in_the_answer_settles_the_call(
 
 
 def test_segments_media_and_destination_price_the_reservation(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     key = issue_twilio(vendor_proxy, dedupe_window="0")
     client = twilio_client(vendor_proxy, key["vault_key"])
@@ -114,7 +118,7 @@ def test_segments_media_and_destination_price_the_reservation(
 
 
 def test_cap_hit_is_a_twilio_shaped_429_and_the_sdk_raises_as_usual(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     # $0.02 a day: two one-segment messages ($0.0166) fit, a third ($0.0249) does not.
     key = issue_twilio(vendor_proxy, daily_usd_cap="0.02")
@@ -138,7 +142,7 @@ def test_cap_hit_is_a_twilio_shaped_429_and_the_sdk_raises_as_usual(
 
 
 def test_vendor_429_passes_through_without_the_cap_hit_header(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     key = issue_twilio(vendor_proxy)
     fake_twilio.mode = "ratelimit"
@@ -151,7 +155,7 @@ def test_vendor_429_passes_through_without_the_cap_hit_header(
 
 
 def test_calls_and_other_unpriced_writes_are_refused(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     key = issue_twilio(
         vendor_proxy,
@@ -188,7 +192,7 @@ def test_an_operator_prices_calls_and_destinations(
         "[twilio.sms]\n"
         '"+44" = "0.0400"\n'
     )
-    proxy = start_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend, pricing)
+    proxy = serve_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend, pricing)
     try:
         key = issue_twilio(proxy, allowed_endpoints=[MESSAGES, CALLS], dedupe_window="0")
         client = twilio_client(proxy, key["vault_key"])
@@ -207,7 +211,7 @@ def test_an_operator_prices_calls_and_destinations(
 
 
 def test_a_retried_message_is_deduplicated(
-    vendor_proxy: ProxyProcess, fake_twilio: FakeTwilio
+    vendor_proxy: ServedProxy, fake_twilio: FakeTwilio
 ) -> None:
     # Twilio has no idempotency header, so a pod retried by Argo would send the SMS again; the
     # key's dedupe window answers the identical request from the first answer instead.
@@ -225,7 +229,7 @@ def test_a_retried_message_is_deduplicated(
 
 
 def test_vault_keys_work_only_for_their_own_vendor(
-    vendor_proxy: ProxyProcess,
+    vendor_proxy: ServedProxy,
     fake_stripe: FakeStripe,
     fake_twilio: FakeTwilio,
     fake_resend: FakeResend,
@@ -263,7 +267,7 @@ def test_vault_keys_work_only_for_their_own_vendor(
 
 
 def test_pricing_endpoint_reports_the_twilio_and_resend_tables(
-    vendor_proxy: ProxyProcess,
+    vendor_proxy: ServedProxy,
 ) -> None:
     with vendor_proxy.admin() as admin:
         table = admin.get("/vault/pricing").json()
@@ -276,18 +280,36 @@ def test_pricing_endpoint_reports_the_twilio_and_resend_tables(
     assert table["resend"]["endpoints"]["POST /emails/batch"] == "batch"
 
 
-def _scan_everything(proxy: ProxyProcess, tmp_path: Path, seen: list[str]) -> tuple[str, bytes]:
+@pytest.fixture
+def printed(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Printed:
+    """What a `keybrake serve` process would have printed, the proxy being served from this
+    one: what reached stdout and stderr (uvicorn's own lines and tracebacks, warnings), and every
+    log record that reached the root logger (asyncio's, the proxy's), which pytest takes over
+    from Python's last-resort stderr handler."""
+
+    def read() -> str:
+        out, err = capfd.readouterr()
+        return "\n".join((out, err, caplog.text))
+
+    return read
+
+
+def _scan_everything(
+    proxy: ServedProxy, tmp_path: Path, seen: list[str], printed: Printed
+) -> tuple[str, bytes]:
+    """Every answer, the log and the database files, once the proxy has stopped."""
     with proxy.admin() as admin:
         for path in ("/vault/keys", "/vault/audit", "/vault/pricing"):
             seen.append(admin.get(path).text)
         seen.append(admin.get("/vault/audit", params={"format": "csv"}).text)
     proxy.stop()
     seen.append(proxy.log())
+    seen.append(printed())
     database = b"".join(p.read_bytes() for p in tmp_path.glob("keybrake.db*"))
     return "\n".join(seen), database
 
 
-def _exercise_twilio(proxy: ProxyProcess, fake_twilio: FakeTwilio, seen: list[str]) -> None:
+def _exercise_twilio(proxy: ServedProxy, fake_twilio: FakeTwilio, seen: list[str]) -> None:
     """Every kind of answer a Twilio workload can get: created, fetched, listed, refused, capped,
     the vendor's own errors; each answer's headers and body go to `seen`."""
     key = issue_twilio(
@@ -322,9 +344,13 @@ def _exercise_twilio(proxy: ProxyProcess, fake_twilio: FakeTwilio, seen: list[st
 
 
 def test_real_token_and_resend_key_appear_in_no_answer_log_audit_or_database(
-    tmp_path: Path, fake_stripe: FakeStripe, fake_twilio: FakeTwilio, fake_resend: FakeResend
+    tmp_path: Path,
+    fake_stripe: FakeStripe,
+    fake_twilio: FakeTwilio,
+    fake_resend: FakeResend,
+    printed: Printed,
 ) -> None:
-    proxy = start_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
+    proxy = serve_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
     seen: list[str] = []
     try:
         _exercise_twilio(proxy, fake_twilio, seen)
@@ -338,7 +364,7 @@ def test_real_token_and_resend_key_appear_in_no_answer_log_audit_or_database(
                 headers={"Authorization": f"Bearer {key['vault_key']}", "Idempotency-Key": "k1"},
             )
             seen.append(f"{dict(response.headers)} {response.text}")
-        text, database = _scan_everything(proxy, tmp_path, seen)
+        text, database = _scan_everything(proxy, tmp_path, seen, printed)
     finally:
         proxy.stop()
     assert "20003" in text and "daily USD cap" in text  # the scan did see refusals
@@ -348,9 +374,13 @@ def test_real_token_and_resend_key_appear_in_no_answer_log_audit_or_database(
 
 
 def test_real_account_sid_never_reaches_the_workload(
-    tmp_path: Path, fake_stripe: FakeStripe, fake_twilio: FakeTwilio, fake_resend: FakeResend
+    tmp_path: Path,
+    fake_stripe: FakeStripe,
+    fake_twilio: FakeTwilio,
+    fake_resend: FakeResend,
+    printed: Printed,
 ) -> None:
-    proxy = start_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
+    proxy = serve_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
     seen: list[str] = []
     try:
         key = issue_twilio(proxy)
@@ -362,7 +392,7 @@ def test_real_account_sid_never_reaches_the_workload(
         )
         assert client.messages(message.sid).fetch().account_sid == PLACEHOLDER_SID
         _exercise_twilio(proxy, fake_twilio, seen)
-        text, database = _scan_everything(proxy, tmp_path, seen)
+        text, database = _scan_everything(proxy, tmp_path, seen, printed)
     finally:
         proxy.stop()
     assert PLACEHOLDER_SID in text  # the answers were seen, with the placeholder in them

@@ -1,5 +1,6 @@
 """`keybrake wrap`: what it rewrites and what it keeps, what it refuses (exit 2, naming the
-template and why), and the command's options. Running the output: tests/hera/test_wrap_runs.py."""
+template and why), and the command's options. Running the output:
+tests/e2e/hera/test_wrap_runs_processes.py."""
 
 from __future__ import annotations
 

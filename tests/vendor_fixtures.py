@@ -1,5 +1,5 @@
-"""Fixtures for the Twilio and Resend tests: the upstream fakes and a `keybrake serve` with all
-three vendors in front of them. Test modules load them with
+"""Fixtures for the Twilio and Resend tests: the upstream fakes and the proxy with all three
+vendors in front of them (served from a thread of the test process). Test modules load them with
 `pytest_plugins = ["tests.vendor_fixtures"]` (and import helpers from tests.vendor_helpers).
 """
 
@@ -13,8 +13,8 @@ import pytest
 from tests.fakes.resend_upstream import FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import FakeTwilio
-from tests.proxyproc import ProxyProcess
-from tests.vendor_helpers import start_vendor_proxy
+from tests.served import ServedProxy
+from tests.vendor_helpers import serve_vendor_proxy
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def fake_resend() -> Iterator[FakeResend]:
 @pytest.fixture
 def vendor_proxy(
     tmp_path: Path, fake_stripe: FakeStripe, fake_twilio: FakeTwilio, fake_resend: FakeResend
-) -> Iterator[ProxyProcess]:
-    proxy = start_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
+) -> Iterator[ServedProxy]:
+    proxy = serve_vendor_proxy(tmp_path, fake_stripe, fake_twilio, fake_resend)
     yield proxy
     proxy.stop()

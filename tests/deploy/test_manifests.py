@@ -12,6 +12,7 @@ No Docker engine and no cluster are available, so:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -82,8 +83,15 @@ K8S_VERSIONS = [OLDEST_SUPPORTED_K8S, LATEST_K8S]
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _parsed(path: Path) -> tuple[Any, ...]:
+    """A file's documents, parsed once a session (PyYAML's pure-Python loader took most of this
+    module's time, the same files read again for every object a test looked up)."""
+    return tuple(doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None)
+
+
 def _load_yaml_docs(path: Path) -> list[dict[str, Any]]:
-    docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    docs = copy.deepcopy(list(_parsed(path)))  # each caller its own, free to change them
     for doc in docs:
         assert isinstance(doc, dict), f"{path}: a document is not a mapping"
     return docs

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 ADMIN_TOKEN = "kb_admin_test_token"
@@ -136,8 +138,9 @@ def _caps(body: dict[str, Any], *names: str) -> dict[str, str]:
     return {name: f"{Decimal(body[name]):.2f}" for name in names if body.get(name) is not None}
 
 
-def serve(fake: FakeKeybrake) -> ThreadingHTTPServer:
-    """Serve `fake` on a free loopback port; the caller shuts the server down."""
+def serve(fake: FakeKeybrake, tls: tuple[Path, Path] | None = None) -> ThreadingHTTPServer:
+    """Serve `fake` on a free loopback port; the caller shuts the server down. With `tls` (a
+    certificate and its key, PEM files) it serves https."""
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -165,6 +168,14 @@ def serve(fake: FakeKeybrake) -> ThreadingHTTPServer:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    scheme = "http"
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        # The handshake happens as a connection is accepted: one a client refuses (it does not
+        # trust the certificate) ends there, and the server goes on.
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    fake.url = f"{scheme}://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     return server

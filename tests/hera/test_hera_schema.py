@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from argocheck import schema
-from conftest import upstream_examples
+from hera_fixtures import upstream_examples
 
 from keybrake.hera_workflows.render import RenderedFile, rendered_files
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from argocheck.semantics import Catalog, parse_depends, problems
-from conftest import upstream_examples
+from hera_fixtures import upstream_examples
 
 from keybrake.hera_workflows.render import RenderedFile, rendered_files
 

@@ -1,6 +1,7 @@
 """The rendered templates, executed: each pod's command runs as a local process with exactly the
 environment the template gives it (argocheck.simulator), against a stand-in proxy (fake_keybrake).
-The end-to-end runs against the real proxy and localstripe are in test_hera_live_runs.py."""
+The end-to-end runs against the real proxy and localstripe are in
+tests/e2e/hera/test_hera_live_runs.py."""
 
 from __future__ import annotations
 

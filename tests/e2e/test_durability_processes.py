@@ -1,4 +1,6 @@
-"""Nothing lost on crashes: answered calls are audited durably, in-flight reservations stay."""
+"""Nothing lost on crashes: answered calls are audited durably, in-flight reservations stay. The
+crash is a kill -9 of a `keybrake serve` process; the proxy started on its database afterwards is
+the app served from a thread."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import httpx
 
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.proxyproc import start_proxy
+from tests.served import serve_proxy
 
 
 def test_kill_9_loses_no_answered_call_and_keeps_in_flight_reservations(
@@ -56,7 +59,7 @@ def test_kill_9_loses_no_answered_call_and_keeps_in_flight_reservations(
     assert settled == 40_000_000
     assert reserved == 7_000_000  # still counted against the cap after the crash
 
-    restarted = start_proxy(tmp_path, stripe_base=fake_stripe.url)
+    restarted = serve_proxy(tmp_path, stripe_base=fake_stripe.url)
     try:
         with restarted.admin() as admin:
             info = admin.get(f"/vault/keys/{key['key_id']}").json()

@@ -1,8 +1,9 @@
-"""The dashboard in a real browser: headless Chromium against a real proxy process in front of
-localstripe, spent through by the official Stripe SDK. Sign in, find the run, check its numbers
-and the chart's points against the admin API, revoke it from the page, and see the API refuse the
-key. Screenshots land in build/screenshots/; with KEYBRAKE_UPDATE_DOCS=1 the run page's becomes
-the README's docs/dashboard-run.png."""
+"""The dashboard in a real browser: headless Chromium (a process of its own, driven through
+chromedriver: an end-to-end test) against the proxy app in front of localstripe (served from a
+thread of the test), spent through by the official Stripe SDK. Sign in, find the run, check its
+numbers and the chart's points against the admin API, revoke it from the page, and see the API
+refuse the key. Screenshots land in build/screenshots/; with KEYBRAKE_UPDATE_DOCS=1 the run
+page's becomes the README's docs/dashboard-run.png."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import stripe
 
 from tests.browser import ROOT, chromium, screenshot
-from tests.proxyproc import ADMIN_KEY, Localstripe, start_proxy
+from tests.proxyproc import ADMIN_KEY, Localstripe
+from tests.served import serve_proxy
 
 LABEL = "argo/billing-agent-7xk2p"
 
@@ -67,7 +69,7 @@ def test_sign_in_find_check_and_revoke_a_run_in_chromium(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    proxy = start_proxy(tmp_path, stripe_base=localstripe.url)
+    proxy = serve_proxy(tmp_path, stripe_base=localstripe.url)
     try:
         with proxy.admin() as admin:
             budget = admin.post(

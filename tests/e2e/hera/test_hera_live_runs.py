@@ -1,9 +1,10 @@
-"""End to end, for real: the rendered templates' steps run against a live `keybrake serve`
-(fixture `proxy_server`, upstream localstripe) — the issue script, then N fan-out pods as
-concurrent processes using the real Stripe SDK with exactly the environment the template gives
-them, then the exit handler — for a succeeded run, a failed run, a run whose cap is hit, and runs
-whose issue step failed. Afterwards the key is revoked, the audit rows carry the pod tags, and
-spend never passed the cap."""
+"""End to end, for real: the rendered templates' steps run as processes against the real proxy
+app (fixture `proxy_server`: served from a thread of the test, upstream localstripe) — the issue
+script, then N fan-out pods as concurrent processes using the real Stripe SDK with exactly the
+environment the template gives them, then the exit handler — for a succeeded run, a failed run, a
+run whose cap is hit, and runs whose issue step failed. Afterwards the key is revoked, the audit
+rows carry the pod tags, and spend never passed the cap. The pods being processes is the point:
+these are end-to-end tests (tests/e2e/)."""
 
 from __future__ import annotations
 
@@ -27,20 +28,21 @@ from tests.fakes.resend_upstream import FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import FakeTwilio
 from tests.helpers import localstripe_intents
-from tests.proxyproc import Localstripe, ProxyProcess, start_proxy
+from tests.proxyproc import Localstripe
+from tests.served import ServedProxy, serve_proxy
 from tests.vendor_helpers import vendor_env
 
 pytestmark = pytest.mark.slow
-pytest_plugins = ["tests.vendor_fixtures"]  # vendor_proxy: keybrake serve with all three vendors
+pytest_plugins = ["tests.vendor_fixtures"]  # the vendor fakes (fake_twilio, fake_resend)
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "hera"  # its pods
 CHARGE = [sys.executable, str(HERE / "pods" / "charge_batch.py")]
 ORDER_AGENT = [sys.executable, str(HERE / "pods" / "order_agent.py")]
 IMAGE = "ghcr.io/acme/charge-batch:1"
 FANOUT = "workflowtemplates/keybrake-fanout.yaml"
 
 
-def bind_workflow_namespace(proxy: ProxyProcess) -> None:
+def bind_workflow_namespace(proxy: ServedProxy) -> None:
     """What the platform engineer does once: the issue steps of namespace argo, running as
     keybrake-issuer, log in as an issuer of argo/... labels. No token goes to the namespace."""
     admin(
@@ -59,10 +61,10 @@ def bind_workflow_namespace(proxy: ProxyProcess) -> None:
 @pytest.fixture
 def proxy_server(
     tmp_path: Path, localstripe: Localstripe, cluster: FakeCluster
-) -> Iterator[ProxyProcess]:
-    """`keybrake serve` with localstripe upstream and Kubernetes login against the fake
-    cluster, its issuer bound to the workflow namespace."""
-    proxy = start_proxy(
+) -> Iterator[ServedProxy]:
+    """The proxy app with localstripe upstream and Kubernetes login against the fake cluster,
+    its issuer bound to the workflow namespace."""
+    proxy = serve_proxy(
         tmp_path / "proxy",
         stripe_base=localstripe.url,
         extra_env=cluster.proxy_login_settings(tmp_path / "proxy"),
@@ -79,21 +81,20 @@ def vendor_proxy(
     fake_twilio: FakeTwilio,
     fake_resend: FakeResend,
     cluster: FakeCluster,
-) -> Iterator[ProxyProcess]:
-    proxy = start_proxy(
+) -> Iterator[ServedProxy]:
+    """The app with all three vendors on fakes, Kubernetes login as `proxy_server`'s."""
+    login = cluster.proxy_login_settings(tmp_path / "proxy")
+    proxy = serve_proxy(
         tmp_path / "proxy",
         stripe_base=fake_stripe.url,
-        extra_env={
-            **vendor_env(fake_twilio, fake_resend),
-            **cluster.proxy_login_settings(tmp_path / "proxy"),
-        },
+        extra_env={**vendor_env(fake_twilio, fake_resend), **login},
     )
     bind_workflow_namespace(proxy)
     yield proxy
     proxy.stop()
 
 
-def admin(proxy: ProxyProcess, method: str, path: str, **options: Any) -> Any:
+def admin(proxy: ServedProxy, method: str, path: str, **options: Any) -> Any:
     headers = {"Authorization": f"Bearer {proxy.admin_key}"}
     response = httpx.request(method, proxy.url + path, headers=headers, timeout=30, **options)
     assert response.status_code < 300, response.text
@@ -101,7 +102,7 @@ def admin(proxy: ProxyProcess, method: str, path: str, **options: Any) -> Any:
 
 
 def run_fanout(
-    proxy: ProxyProcess,
+    proxy: ServedProxy,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
     items: list[dict[str, Any]],
@@ -132,12 +133,12 @@ def run_fanout(
     return sim.run(document, parameters)
 
 
-def key_of(proxy: ProxyProcess, run: Run) -> dict[str, Any]:
+def key_of(proxy: ServedProxy, run: Run) -> dict[str, Any]:
     info: dict[str, Any] = admin(proxy, "GET", f"/vault/keys/{run.outputs['keybrake_key_id']}")
     return info
 
 
-def audit(proxy: ProxyProcess, key_id: str) -> list[dict[str, Any]]:
+def audit(proxy: ServedProxy, key_id: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = admin(
         proxy, "GET", "/vault/audit", params={"key_id": key_id, "limit": 1000}
     )["data"]
@@ -161,7 +162,7 @@ def attempts_per_item(run: Run) -> dict[str, int]:
 
 
 def test_a_succeeded_run(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -204,7 +205,7 @@ def test_a_succeeded_run(
 
 
 def test_argo_retry_of_a_finished_run_is_refused_with_a_clear_message(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -258,7 +259,7 @@ def parameters_of(node: Any) -> list[Any]:
 
 
 def test_a_failed_run_still_revokes(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -275,7 +276,7 @@ def test_a_failed_run_still_revokes(
 
 
 def test_a_run_whose_cap_is_hit(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -308,7 +309,7 @@ def test_a_run_whose_cap_is_hit(
 
 
 def test_a_retried_item_keeps_its_per_pod_cap(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -349,7 +350,7 @@ def test_a_retried_item_keeps_its_per_pod_cap(
 
 
 def test_a_run_whose_issue_step_was_refused(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -376,7 +377,7 @@ def test_a_run_whose_issue_step_was_refused(
 
 
 def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -400,7 +401,7 @@ def test_keys_of_an_issue_step_that_crashed_after_issuing_are_revoked(
 
 
 def test_a_retried_issue_step_leaves_exactly_one_live_key(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -439,7 +440,7 @@ def test_a_retried_issue_step_leaves_exactly_one_live_key(
 
 
 def test_the_billing_agent_example(
-    proxy_server: ProxyProcess,
+    proxy_server: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -482,7 +483,7 @@ def notify_workflow(vendor: str, endpoint: str, image: str, items: list[str]) ->
     ],
 )
 def test_resend_and_twilio_pods_need_only_the_template_environment(
-    vendor_proxy: ProxyProcess,
+    vendor_proxy: ServedProxy,
     cluster: FakeCluster,
     catalog: list[dict[str, Any]],
     tmp_path: Path,
@@ -526,13 +527,11 @@ def test_the_order_agent_example_holds_one_budget_across_stripe_and_resend(
     key drawing on it, four orders of a $30 charge and three $0.0009 receipts each ($120.0108
     wanted), both fan-outs at once. Whatever the interleaving, what localstripe and the Resend
     fake hold together never passes the budget, and the exit handler revokes it all."""
-    proxy = start_proxy(
+    login = cluster.proxy_login_settings(tmp_path / "proxy")
+    proxy = serve_proxy(
         tmp_path / "proxy",
         stripe_base=localstripe.url,
-        extra_env={
-            **vendor_env(fake_twilio, fake_resend),
-            **cluster.proxy_login_settings(tmp_path / "proxy"),
-        },
+        extra_env={**vendor_env(fake_twilio, fake_resend), **login},
     )
     bind_workflow_namespace(proxy)
     try:
