@@ -71,7 +71,7 @@ from tests.model.reference import (
 ADMIN = "kba_model_admin_token_0123456789"
 START = datetime(2026, 11, 30, 22, 10, tzinfo=UTC)  # two hours before midnight
 SOAK = "KEYBRAKE_MODEL_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("KEYBRAKE_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("KEYBRAKE_MODEL_EXAMPLES", "25"))
 STEPS = int(os.environ.get("KEYBRAKE_MODEL_STEPS", "40"))
 ENDPOINTS = {
     "stripe": [
@@ -85,6 +85,8 @@ ENDPOINTS = {
 }
 PLACEHOLDER_SID = "AC" + "0" * 32
 SEEN: Counter[tuple[str, str, str]] = Counter()  # (vendor, endpoint, decision): what ran
+# Amounts repeat often, so that equal bodies from different items and pods meet.
+AMOUNTS = st.one_of(st.sampled_from([100, 500, 2000]), st.integers(1, 3000))
 CAPS = st.one_of(st.none(), st.integers(1, 40).map(lambda usd: usd * 1_000_000))
 
 
@@ -196,7 +198,7 @@ class MoneyMachine(RuleBasedStateMachine):
         "total": CAPS,
         "per_call": CAPS,
         "per_caller": CAPS,
-        "dedupe": st.sampled_from([0, 0, 600, 3600]),
+        "dedupe": st.sampled_from([0, 600, 600, 3600]),
         "hours": st.integers(1, 60),
         "budget": st.one_of(st.none(), budgets),
     }
@@ -324,7 +326,7 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(
         target=intents,
         key=stripe_keys,
-        cents=st.integers(1, 3000),
+        cents=AMOUNTS,
         manual=st.booleans(),
         item=st.sampled_from([None, "a", "b"]),
         pod=st.sampled_from(["p1", "p2"]),
@@ -396,6 +398,56 @@ class MoneyMachine(RuleBasedStateMachine):
         if manual:
             self.move_an_intents_money(mover, created, "capture", False)
         return created
+
+    @rule(target=intents, key=stripe_keys, item=st.sampled_from(["a", "b"]))
+    def fill_a_cap_exactly(self, key: str, item: str) -> Any:
+        """An intent for exactly what the key (and its budget) may still spend: each cap's
+        boundary, where `used + cost <= cap` admits and one cent more is refused."""
+        w = self.world
+        model_key = w.model.keys[key]
+        now = w.clock.now
+        room = [
+            cap - used
+            for cap, used in (
+                (model_key.daily, w.model.window(key, now)),
+                (model_key.total, w.model.life(key)),
+                (model_key.per_call, 0),
+                (model_key.per_caller, w.model.caller_spend[(key, item)]),
+            )
+            if cap is not None
+        ]
+        if model_key.budget is not None:
+            budget = w.model.budgets[model_key.budget]
+            for cap, used in (
+                (budget.daily, w.model.window(budget.id, now)),
+                (budget.total, w.model.life(budget.id)),
+            ):
+                if cap is not None:
+                    room.append(cap - used)
+        cents = min(room, default=0) // CENT
+        if not 0 < cents <= 1_000_000:
+            return multiple()
+        return self.create_intent(key, cents, False, item, "p-fill", "none")
+
+    @rule(
+        target=intents,
+        key=stripe_keys,
+        cents=AMOUNTS,
+        items=st.integers(2, 3),
+        idempotency=st.sampled_from(["none", "sdk"]),
+    )
+    def fan_out(self, key: str, cents: int, items: int, idempotency: str) -> Any:
+        """A fan-out step: every item's pod sends the same body (the README's pod example)."""
+        created = [
+            self.create_intent(key, cents, False, f"item-{n}", f"pod-{n}", idempotency)
+            for n in range(items)
+        ]
+        return multiple(*(c for c in created if isinstance(c, str)))
+
+    @rule(key=twilio_keys, length=st.sampled_from([5, 161]))
+    def text_from_every_item(self, key: str, length: int) -> None:
+        for item in ("x", "y", "z"):
+            self.text(key, length, item)
 
     @rule(key=stripe_keys, intent=intents, cents=st.one_of(st.none(), st.integers(1, 500)))
     def refund(self, key: str, intent: str, cents: int | None) -> None:
