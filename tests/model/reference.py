@@ -46,6 +46,7 @@ class Key:
     expires: datetime
     budget: str | None
     revoked: bool = False
+    issuer: str | None = None  # None: the admin issued it
 
 
 @dataclass
@@ -55,6 +56,45 @@ class Budget:
     total: int | None
     expires: datetime
     revoked: bool = False
+    issuer: str | None = None
+
+
+@dataclass
+class Policy:
+    """What an issuer may issue (guarantees, section 2): what actually bounds a key or budget
+    in any 24 hours and over its life must lie within these maxima."""
+
+    max_daily: int | None
+    max_total: int | None
+
+    def allows(self, daily: int | None, total: int | None, budget: Budget | None) -> bool:
+        """A key (`budget`: the one it draws on) or, with budget None, a budget's own caps."""
+        for cap, most in ((daily, self.max_daily), (total, self.max_total)):
+            if cap is not None and most is not None and cap > most:
+                return False  # an explicit cap above the maximum
+        caps = [daily, total]
+        lives = [total]
+        if budget is not None:
+            caps += [budget.daily, budget.total]
+            lives += [budget.total]
+        in_24h = min((c for c in caps if c is not None), default=None)
+        in_life = min((c for c in lives if c is not None), default=None)
+        if self.max_daily is not None and (in_24h is None or in_24h > self.max_daily):
+            return False
+        return not (self.max_total is not None and (in_life is None or in_life > self.max_total))
+
+    def allows_patch(
+        self,
+        before: tuple[int | None, int | None],
+        after: tuple[int | None, int | None],
+        budget: Budget | None,
+    ) -> bool:
+        """Tightening is always allowed; loosening must leave the whole record within policy."""
+        loosens = any(
+            old is not None and (new is None or new > old)
+            for old, new in zip(before, after, strict=True)
+        )
+        return not loosens or self.allows(*after, budget)
 
 
 @dataclass

@@ -65,6 +65,7 @@ from tests.model.reference import (
     Call,
     Key,
     Model,
+    Policy,
     bucket,
 )
 
@@ -148,6 +149,7 @@ class World:
     seen_ids: set[str] = field(default_factory=set)
     call_ids: Iterator[int] = field(default_factory=itertools.count)
     injected_5xx: int = 0
+    issuers: dict[str, tuple[str, Policy]] = field(default_factory=dict)  # id -> (token, policy)
 
 
 def form(**fields: Any) -> bytes:
@@ -162,6 +164,7 @@ class MoneyMachine(RuleBasedStateMachine):
     resend_keys = Bundle("resend_keys")
     keys = st.one_of(stripe_keys, twilio_keys, resend_keys)
     budgets = Bundle("budgets")
+    issuers = Bundle("issuers")
     intents = Bundle("intents")
     world: World  # set by the test before the run
 
@@ -272,6 +275,158 @@ class MoneyMachine(RuleBasedStateMachine):
             budget,
         )
         return issued["key_id"]
+
+    # -- issuers: scoped tokens whose policy bounds what they issue and patch ---------------------
+
+    @rule(target=issuers, max_daily=CAPS, max_total=CAPS)
+    def create_issuer(self, max_daily: int | None, max_total: int | None) -> str:
+        w = self.world
+        body: dict[str, Any] = {"name": f"issuer-{len(w.issuers)}", "label_prefix": "argo/"}
+        if max_daily is not None:
+            body["max_daily_usd_cap"] = str(Decimal(max_daily) / 1_000_000)
+        if max_total is not None:
+            body["max_total_usd_cap"] = str(Decimal(max_total) / 1_000_000)
+        answer = w.client.post("/vault/issuers", json=body)
+        assert answer.status_code == 201, answer.text
+        issued = answer.json()
+        w.issuers[issued["issuer_id"]] = (issued["issuer_token"], Policy(max_daily, max_total))
+        return str(issued["issuer_id"])
+
+    @rule(target=budgets, issuer=issuers, daily=CAPS, total=CAPS, hours=st.integers(1, 60))
+    def issue_budget_as_issuer(
+        self, issuer: str, daily: int | None, total: int | None, hours: int
+    ) -> Any:
+        w = self.world
+        token, policy = w.issuers[issuer]
+        body: dict[str, Any] = {"agent_run_label": "argo/run-i", "expires_in": f"{hours}h"}
+        _caps_into(body, daily=daily, total=total)
+        answer = w.client.post(
+            "/vault/budgets", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        allowed = (daily is not None or total is not None) and policy.allows(daily, total, None)
+        if not allowed:
+            assert answer.status_code in (400, 403), (answer.text, policy, daily, total)
+            return multiple()
+        assert answer.status_code == 201, (answer.text, policy, daily, total)
+        budget_id = answer.json()["budget_id"]
+        expires = w.clock.now + timedelta(hours=hours)
+        w.model.budgets[budget_id] = Budget(budget_id, daily, total, expires, issuer=issuer)
+        return budget_id
+
+    @rule(
+        target=stripe_keys,
+        issuer=issuers,
+        daily=CAPS,
+        total=CAPS,
+        dedupe=st.sampled_from([0, 600]),
+        on_budget=st.booleans(),
+    )
+    def issue_stripe_key_as_issuer(
+        self, issuer: str, daily: int | None, total: int | None, dedupe: int, on_budget: bool
+    ) -> Any:
+        w = self.world
+        token, policy = w.issuers[issuer]
+        budget = None
+        if on_budget:
+            mine = [
+                b
+                for b in w.model.budgets.values()
+                if b.issuer == issuer and not b.revoked and b.expires > w.clock.now
+            ]
+            budget = mine[-1] if mine else None
+        body: dict[str, Any] = {
+            "vendor": "stripe",
+            "agent_run_label": "argo/run-i",
+            "allowed_endpoints": ENDPOINTS["stripe"],
+            "dedupe_window": f"{dedupe}s",
+        }
+        _caps_into(body, daily=daily, total=total)
+        expires = w.clock.now + timedelta(hours=2)
+        if budget is not None:
+            body["budget_id"] = budget.id
+            expires = min(expires, budget.expires)
+        body["expires_in"] = f"{int((expires - w.clock.now).total_seconds())}s"
+        answer = w.client.post(
+            "/vault/keys", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        capped = daily is not None or total is not None or budget is not None
+        allowed = capped and policy.allows(daily, total, budget)
+        if not allowed:
+            assert answer.status_code in (400, 403), (answer.text, policy, daily, total, budget)
+            return multiple()
+        assert answer.status_code == 201, (answer.text, policy, daily, total, budget)
+        issued = answer.json()
+        w.vault_keys[issued["key_id"]] = issued["vault_key"]
+        w.model.keys[issued["key_id"]] = Key(
+            issued["key_id"],
+            "stripe",
+            daily,
+            total,
+            None,
+            None,
+            timedelta(seconds=dedupe),
+            expires,
+            budget.id if budget else None,
+            issuer=issuer,
+        )
+        return issued["key_id"]
+
+    @rule(key=keys, daily=CAPS, total=CAPS, fields=st.sampled_from(["daily", "total", "both"]))
+    def patch_key(self, key: str, daily: int | None, total: int | None, fields: str) -> None:
+        """Raise or lower a key's caps: as its issuer (held to its policy) or, for a key the
+        admin issued, as the admin."""
+        w = self.world
+        model_key = w.model.keys[key]
+        new_daily = daily if fields in ("daily", "both") else None
+        new_total = total if fields in ("total", "both") else None
+        if new_daily is None and new_total is None:
+            return
+        body: dict[str, Any] = {"reason": "the model test"}
+        _caps_into(body, daily=new_daily, total=new_total)
+        headers = {}
+        if model_key.issuer is not None:
+            headers["Authorization"] = f"Bearer {w.issuers[model_key.issuer][0]}"
+        answer = w.client.patch(f"/vault/keys/{key}", json=body, headers=headers)
+        after = (
+            new_daily if new_daily is not None else model_key.daily,
+            new_total if new_total is not None else model_key.total,
+        )
+        if w.model.dead(model_key, w.clock.now) is not None:
+            assert answer.status_code == 409, answer.text
+            return
+        if model_key.issuer is not None:
+            policy = w.issuers[model_key.issuer][1]
+            budget = w.model.budgets[model_key.budget] if model_key.budget else None
+            if not policy.allows_patch((model_key.daily, model_key.total), after, budget):
+                assert answer.status_code == 403, (answer.text, policy, after)
+                return
+        assert answer.status_code == 200, (answer.text, after)
+        model_key.daily, model_key.total = after
+
+    @rule(budget=budgets, daily=CAPS, total=CAPS)
+    def patch_budget_as_its_issuer(self, budget: str, daily: int | None, total: int | None) -> None:
+        w = self.world
+        model_budget = w.model.budgets[budget]
+        if model_budget.issuer is None or (daily is None and total is None):
+            return
+        token, policy = w.issuers[model_budget.issuer]
+        body: dict[str, Any] = {"reason": "the model test"}
+        _caps_into(body, daily=daily, total=total)
+        answer = w.client.patch(
+            f"/vault/budgets/{budget}", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        after = (
+            daily if daily is not None else model_budget.daily,
+            total if total is not None else model_budget.total,
+        )
+        if model_budget.revoked or model_budget.expires <= w.clock.now:
+            assert answer.status_code == 409, answer.text
+            return
+        if not policy.allows_patch((model_budget.daily, model_budget.total), after, None):
+            assert answer.status_code == 403, (answer.text, policy, after)
+            return
+        assert answer.status_code == 200, (answer.text, after)
+        model_budget.daily, model_budget.total = after
 
     # -- time and faults -------------------------------------------------------------------------
 
@@ -698,6 +853,23 @@ class MoneyMachine(RuleBasedStateMachine):
                     inside = [e for e in events if end.at - timedelta(hours=24) < e.at <= end.at]
                     assert sum(e.micros for e in inside) <= daily, (owner, inside)
 
+    @invariant()
+    def an_issuers_keys_stay_within_its_policy(self) -> None:
+        """Whatever its issuer patched, each of its keys moved no more than the policy allows
+        in any 24 hours and over its life."""
+        w = self.world
+        for key in w.model.keys.values():
+            if key.issuer is None:
+                continue
+            policy = w.issuers[key.issuer][1]
+            events = [m for m in w.moved if m.owner == key.id]
+            if policy.max_total is not None:
+                assert sum(e.micros for e in events) <= policy.max_total, (key, policy, events)
+            if policy.max_daily is not None:
+                for end in events:
+                    inside = [e for e in events if end.at - timedelta(hours=24) < e.at <= end.at]
+                    assert sum(e.micros for e in inside) <= policy.max_daily, (key, policy)
+
     def _caps(self, owner: str) -> tuple[int | None, int | None]:
         w = self.world
         if "/" in owner:
@@ -728,6 +900,12 @@ class MoneyMachine(RuleBasedStateMachine):
             assert _micros(info["total_spent_usd"]) == w.model.life(key_id) - sum(
                 cost for _, cost in flying
             ), (key_id, info)
+
+
+def _caps_into(body: dict[str, Any], *, daily: int | None, total: int | None) -> None:
+    for name, value in (("daily_usd_cap", daily), ("total_usd_cap", total)):
+        if value is not None:
+            body[name] = str(Decimal(value) / 1_000_000)
 
 
 def _micros(usd: str) -> int:
