@@ -281,7 +281,9 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(target=issuers, max_daily=CAPS, max_total=CAPS)
     def create_issuer(self, max_daily: int | None, max_total: int | None) -> str:
         w = self.world
-        body: dict[str, Any] = {"name": f"issuer-{len(w.issuers)}", "label_prefix": "argo/"}
+        # (Unique across examples: on PostgreSQL they share one database.)
+        name = f"issuer-{uuid.uuid4().hex[:12]}"
+        body: dict[str, Any] = {"name": name, "label_prefix": "argo/"}
         if max_daily is not None:
             body["max_daily_usd_cap"] = str(Decimal(max_daily) / 1_000_000)
         if max_total is not None:
@@ -402,6 +404,47 @@ class MoneyMachine(RuleBasedStateMachine):
                 return
         assert answer.status_code == 200, (answer.text, after)
         model_key.daily, model_key.total = after
+
+    @rule(key=stripe_keys, which=st.sampled_from(["daily", "total"]))
+    def patch_a_key_past_its_issuers_bound(self, key: str, which: str) -> None:
+        """An issuer raising one of a key's caps above a maximum of its policy (the 24-hour
+        one through the total, too): refused unless something else still bounds the key."""
+        w = self.world
+        model_key = w.model.keys[key]
+        if model_key.issuer is None:
+            return
+        policy = w.issuers[model_key.issuer][1]
+        most = max((m for m in (policy.max_daily, policy.max_total) if m is not None), default=0)
+        raised = most + 1_000_000
+        self.patch_key(key, raised, raised, which)
+
+    @rule(
+        target=stripe_keys,
+        max_daily=CAPS,
+        max_total=CAPS,
+        daily=CAPS,
+        total=CAPS,
+        which=st.sampled_from(["daily", "total"]),
+        cents=AMOUNTS,
+    )
+    def an_issuers_key_patched_then_spent(
+        self,
+        max_daily: int | None,
+        max_total: int | None,
+        daily: int | None,
+        total: int | None,
+        which: str,
+        cents: int,
+    ) -> Any:
+        """A run's issuer issues a key, tries to lift it past its policy, and the run spends."""
+        issuer = self.create_issuer(max_daily, max_total)
+        key = self.issue_stripe_key_as_issuer(issuer, daily, total, 0, False)
+        if not isinstance(key, str):
+            return key
+        self.patch_a_key_past_its_issuers_bound(key, which)
+        for n in range(3):
+            self.create_intent(key, cents, False, f"i{n}", "p", "none")
+        return key
 
     @rule(budget=budgets, daily=CAPS, total=CAPS)
     def patch_budget_as_its_issuer(self, budget: str, daily: int | None, total: int | None) -> None:
