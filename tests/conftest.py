@@ -12,6 +12,7 @@ os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
 
 from tests.fakes.stripe_upstream import FakeStripe
+from tests.fakes.webhook import WebhookReceiver
 from tests.proxyproc import Localstripe, start_localstripe
 from tests.served import ServedProxy, serve_proxy
 
@@ -39,6 +40,14 @@ def proxy_server(tmp_path: Path, localstripe: Localstripe) -> Iterator[ServedPro
     proxy = serve_proxy(tmp_path, stripe_base=localstripe.url)
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """A webhook receiver for alerts (it can be taken down and brought back)."""
+    server = WebhookReceiver()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -73,6 +73,22 @@ def start_localstripe() -> Localstripe:
     return ls
 
 
+def issue_key(admin: httpx.Client, **spec: Any) -> dict[str, Any]:
+    """A vault key from the admin API: a $300-a-day Stripe key for PaymentIntents unless told."""
+    body = {
+        "vendor": "stripe",
+        "daily_usd_cap": 300,
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "expires_in": "2h",
+        "agent_run_label": "argo/test-run",
+    }
+    body.update(spec)
+    with admin as client:
+        response = client.post("/vault/keys", json=body)
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
 @dataclass
 class ProxyProcess:
     url: str
@@ -92,18 +108,7 @@ class ProxyProcess:
         )
 
     def issue(self, **spec: Any) -> dict[str, Any]:
-        body = {
-            "vendor": "stripe",
-            "daily_usd_cap": 300,
-            "allowed_endpoints": ["POST /v1/payment_intents"],
-            "expires_in": "2h",
-            "agent_run_label": "argo/test-run",
-        }
-        body.update(spec)
-        with self.admin() as client:
-            response = client.post("/vault/keys", json=body)
-        assert response.status_code == 201, response.text
-        return dict(response.json())
+        return issue_key(self.admin(), **spec)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

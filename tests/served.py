@@ -25,7 +25,7 @@ import uvicorn
 from keybrake.proxy.app import build_app
 from keybrake.proxy.settings import Settings
 from tests.fakes.server import bound_socket
-from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET
+from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET, issue_key
 
 __all__ = ["ServedProxy", "serve_proxy"]
 
@@ -102,18 +102,7 @@ class ServedProxy:
         )
 
     def issue(self, **spec: Any) -> dict[str, Any]:
-        body = {
-            "vendor": "stripe",
-            "daily_usd_cap": 300,
-            "allowed_endpoints": ["POST /v1/payment_intents"],
-            "expires_in": "2h",
-            "agent_run_label": "argo/test-run",
-        }
-        body.update(spec)
-        with self.admin() as client:
-            response = client.post("/vault/keys", json=body)
-        assert response.status_code == 201, response.text
-        return dict(response.json())
+        return issue_key(self.admin(), **spec)
 
     def log(self) -> str:
         """What the proxy's loggers wrote while it served."""

@@ -122,25 +122,18 @@ def test_the_outbox_raises_once_and_retries_until_delivered(database_url: str) -
     asyncio.run(run())
 
 
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver()
-    yield server
-    server.stop()
+def alerting_env(receiver: WebhookReceiver) -> dict[str, str]:
+    return {
+        "KEYBRAKE_ALERT_WEBHOOK_URL": receiver.url,
+        "KEYBRAKE_ALERT_WEBHOOK_SECRET": SECRET,
+        "KEYBRAKE_ALERT_INTERVAL": "0.2",
+    }
 
 
 def alerting_proxy(
     tmp_path: Path, fake_stripe: FakeStripe, receiver: WebhookReceiver
 ) -> ServedProxy:
-    return serve_proxy(
-        tmp_path,
-        stripe_base=fake_stripe.url,
-        extra_env={
-            "KEYBRAKE_ALERT_WEBHOOK_URL": receiver.url,
-            "KEYBRAKE_ALERT_WEBHOOK_SECRET": SECRET,
-            "KEYBRAKE_ALERT_INTERVAL": "0.2",
-        },
-    )
+    return serve_proxy(tmp_path, stripe_base=fake_stripe.url, extra_env=alerting_env(receiver))
 
 
 def charge(proxy: ProxyProcess | ServedProxy, key: dict[str, Any], cents: int, n: int) -> int:

@@ -8,38 +8,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.webhook import WebhookReceiver
 from tests.proxyproc import ProxyProcess, start_proxy
-from tests.test_alerts import SECRET, alerting_proxy, charge, eventually, marks
-
-
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    server = WebhookReceiver()
-    yield server
-    server.stop()
+from tests.test_alerts import alerting_env, alerting_proxy, charge, eventually, marks
 
 
 def alerting_process(
     tmp_path: Path, fake_stripe: FakeStripe, receiver: WebhookReceiver
 ) -> ProxyProcess:
-    return start_proxy(
-        tmp_path,
-        stripe_base=fake_stripe.url,
-        extra_env={
-            "KEYBRAKE_ALERT_WEBHOOK_URL": receiver.url,
-            "KEYBRAKE_ALERT_WEBHOOK_SECRET": SECRET,
-            "KEYBRAKE_ALERT_INTERVAL": "0.2",
-        },
-    )
+    return start_proxy(tmp_path, stripe_base=fake_stripe.url, extra_env=alerting_env(receiver))
 
 
 def test_a_receiver_down_then_up_across_a_restart_gets_each_alert_once(
