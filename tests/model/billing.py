@@ -192,6 +192,13 @@ class BillingUpstream(Upstream):
                     Moved("stripe", intent.amount * 10_000, f"confirm {intent.id}", intent.id)
                 )
             return _stripe_object(intent)
+        if action == "increment_authorization":
+            # Only a held (manual, confirmed) intent, and only upward (Stripe's API reference).
+            amount = int(form.get("amount", "0"))
+            if intent.status != "requires_capture" or amount <= intent.amount:
+                return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            intent.amount = amount
+            return _stripe_object(intent)
         if action == "capture":
             if intent.status != "requires_capture":
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})

@@ -47,6 +47,7 @@ class Key:
     budget: str | None
     revoked: bool = False
     issuer: str | None = None  # None: the admin issued it
+    accounts: tuple[str, ...] = ()  # connected accounts it may act on (Stripe-Account)
 
 
 @dataclass
@@ -112,10 +113,12 @@ class Call:
     gross: int = 0  # what it moves or bills, as the vendor reads it
     paid_object: str | None = None  # a confirm or capture: the object whose money it moves
     replays: bool = True  # the vendor replays answers for a repeated idempotency key
+    looks_up: bool = False  # pricing it reads the object at the vendor first
+    account: str | None = None  # the connected account it acts on (guarantees, section 4)
 
     @property
-    def fingerprint(self) -> tuple[str, str, bytes]:
-        return (self.method, self.path, self.body)
+    def fingerprint(self) -> tuple[str, str, bytes, str | None]:
+        return (self.method, self.path, self.body, self.account)
 
     @property
     def item(self) -> str | None:
@@ -130,7 +133,7 @@ class Call:
 class Prior:
     """An earlier call holding an idempotency key or a dedupe token."""
 
-    fingerprint: tuple[str, str, bytes]
+    fingerprint: tuple[str, str, bytes, str | None]
     created: datetime
     call_id: int
     state: str  # "answered", "in_flight", "cut_off"
@@ -165,8 +168,8 @@ class Model:
         default_factory=lambda: defaultdict(lambda: defaultdict(dict))
     )
     by_idempotency: dict[tuple[str, str], Prior] = field(default_factory=dict)
-    by_dedupe: dict[tuple[str, tuple[tuple[str, str, bytes], str | None]], Prior] = field(
-        default_factory=dict
+    by_dedupe: dict[tuple[str, tuple[tuple[str, str, bytes, str | None], str | None]], Prior] = (
+        field(default_factory=dict)
     )
     in_flight: dict[int, tuple[datetime, Call, int]] = field(default_factory=dict)
 
@@ -211,6 +214,8 @@ class Model:
 
     def decide(self, call: Call, now: datetime) -> Admission:
         key = self.keys[call.key]
+        if call.account is not None and call.account not in key.accounts:
+            return Admission("account_denied")  # the key's scope, read before its life
         dead = self.dead(key, now)
         if dead is not None:
             return Admission(dead)

@@ -79,12 +79,15 @@ ENDPOINTS = {
         "POST /v1/payment_intents",
         "POST /v1/payment_intents/*/confirm",
         "POST /v1/payment_intents/*/capture",
+        "POST /v1/payment_intents/*/increment_authorization",
+        "POST /v1/payment_intents/*",
         "POST /v1/refunds",
     ],
     "twilio": ["POST /2010-04-01/Accounts/*/Messages.json"],
     "resend": ["POST /emails", "POST /emails/batch"],
 }
 PLACEHOLDER_SID = "AC" + "0" * 32
+CONNECTED = "acct_1Connected"
 SEEN: Counter[tuple[str, str, str]] = Counter()  # (vendor, endpoint, decision): what ran
 # Amounts repeat often, so that equal bodies from different items and pods meet.
 AMOUNTS = st.one_of(st.sampled_from([100, 500, 2000]), st.integers(1, 3000))
@@ -132,6 +135,9 @@ class Moved:
     owner: str  # key, budget, or "key/caller"
     at: datetime
     micros: int
+    # The owner's caps when it moved (24 hours, life): a cap lowered later binds what comes
+    # after, not what had already moved.
+    caps: tuple[int | None, int | None] = (None, None)
 
 
 @dataclass
@@ -150,6 +156,8 @@ class World:
     call_ids: Iterator[int] = field(default_factory=itertools.count)
     injected_5xx: int = 0
     issuers: dict[str, tuple[str, Policy]] = field(default_factory=dict)  # id -> (token, policy)
+    # (payer, object) -> the payer's caps when it paid for the object
+    paid_caps: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
 
 
 def form(**fields: Any) -> bytes:
@@ -204,6 +212,7 @@ class MoneyMachine(RuleBasedStateMachine):
         "dedupe": st.sampled_from([0, 600, 600, 3600]),
         "hours": st.integers(1, 60),
         "budget": st.one_of(st.none(), budgets),
+        "connected": st.booleans(),  # (Stripe) it may act on a connected account
     }
 
     @rule(target=stripe_keys, **KEY_SPEC)
@@ -228,9 +237,12 @@ class MoneyMachine(RuleBasedStateMachine):
         dedupe: int,
         hours: int,
         budget: str | None,
+        connected: bool,
     ) -> Any:
         w = self.world
+        accounts = (CONNECTED,) if connected and vendor == "stripe" else ()
         body: dict[str, Any] = {
+            "allowed_accounts": list(accounts),
             "vendor": vendor,
             "agent_run_label": f"argo/run-{len(w.model.keys)}",
             "allowed_endpoints": ENDPOINTS[vendor],
@@ -273,6 +285,7 @@ class MoneyMachine(RuleBasedStateMachine):
             timedelta(seconds=dedupe),
             expires,
             budget,
+            accounts=accounts,
         )
         return issued["key_id"]
 
@@ -529,9 +542,17 @@ class MoneyMachine(RuleBasedStateMachine):
         item=st.sampled_from([None, "a", "b"]),
         pod=st.sampled_from(["p1", "p2"]),
         idempotency=st.sampled_from(["none", "sdk", "order-1", "order-2"]),
+        account=st.sampled_from([None, None, CONNECTED, "acct_1Elsewhere"]),
     )
     def create_intent(
-        self, key: str, cents: int, manual: bool, item: str | None, pod: str, idempotency: str
+        self,
+        key: str,
+        cents: int,
+        manual: bool,
+        item: str | None,
+        pod: str,
+        idempotency: str,
+        account: str | None = None,
     ) -> Any:
         body = {"amount": cents, "currency": "usd"}
         if manual:
@@ -544,6 +565,7 @@ class MoneyMachine(RuleBasedStateMachine):
             form(**body),
             tag=f"{item}@{pod}" if item else pod,
             gross=cents * CENT,
+            account=account,
         )
         self._idempotency(call, idempotency)
         sent = self._send(call, created=True)
@@ -575,7 +597,8 @@ class MoneyMachine(RuleBasedStateMachine):
             gross=gross,
             paid_object=intent,
         )
-        self._send(call, looks_up=True)
+        call.looks_up = True
+        self._send(call)
 
     @rule(
         target=intents,
@@ -647,6 +670,41 @@ class MoneyMachine(RuleBasedStateMachine):
         for item in ("x", "y", "z"):
             self.text(key, length, item)
 
+    @rule(key=stripe_keys, intent=intents, cents=AMOUNTS)
+    def update_an_intents_amount(self, key: str, intent: str, cents: int) -> None:
+        """A new amount is priced in full, and marked paid by this key like a creation."""
+        if self.world.vendors.intents.get(intent) is None:
+            return
+        call = Call(
+            key,
+            "stripe",
+            "POST",
+            f"/v1/payment_intents/{intent}",
+            form(amount=cents),
+            tag="pod-update",
+            gross=cents * CENT,
+        )
+        call.looks_up = True
+        self._send(call, marks=intent)
+
+    @rule(key=stripe_keys, intent=intents, more=st.integers(1, 1500))
+    def increment_an_authorization(self, key: str, intent: str, more: int) -> None:
+        """`amount` is the new total: the difference is priced, and marked paid."""
+        found = self.world.vendors.intents.get(intent)
+        if found is None:
+            return
+        call = Call(
+            key,
+            "stripe",
+            "POST",
+            f"/v1/payment_intents/{intent}/increment_authorization",
+            form(amount=found.amount + more),
+            tag="pod-more",
+            gross=more * CENT,
+        )
+        call.looks_up = True
+        self._send(call, marks=intent)
+
     @rule(key=stripe_keys, intent=intents, cents=st.one_of(st.none(), st.integers(1, 500)))
     def refund(self, key: str, intent: str, cents: int | None) -> None:
         w = self.world
@@ -660,7 +718,8 @@ class MoneyMachine(RuleBasedStateMachine):
         call = Call(
             key, "stripe", "POST", "/v1/refunds", form(**fields), tag="pod-refund", gross=gross
         )
-        self._send(call, looks_up=True)
+        call.looks_up = True
+        self._send(call)
 
     @rule(
         key=twilio_keys,
@@ -732,6 +791,8 @@ class MoneyMachine(RuleBasedStateMachine):
             gross=call.gross,
             paid_object=call.paid_object,
             replays=call.replays,
+            looks_up=call.looks_up,
+            account=call.account,
         )
         if call.sdk_key:
             again.idempotency_key = str(uuid.uuid4())
@@ -739,11 +800,7 @@ class MoneyMachine(RuleBasedStateMachine):
             found = w.vendors.intents.get(call.paid_object)
             if found is None:
                 return
-        self._send(
-            again,
-            looks_up=call.paid_object is not None or call.path == "/v1/refunds",
-            created=call.path == "/v1/payment_intents",
-        )
+        self._send(again, created=call.path == "/v1/payment_intents")
 
     # -- sending through the proxy and the model -------------------------------------------------
 
@@ -753,7 +810,15 @@ class MoneyMachine(RuleBasedStateMachine):
         elif kind != "none":
             call.idempotency_key = kind
 
-    def _send(self, call: Call, *, looks_up: bool = False, created: bool = False) -> Sent:
+    def _send(
+        self,
+        call: Call,
+        *,
+        created: bool = False,
+        marks: str | None = None,
+    ) -> Sent:
+        """Send `call` through the proxy and the model, and hold them to each other. `marks`:
+        the object a 2xx of it pays for besides what it creates."""
         w = self.world
         now = w.clock.now
         expect = w.model.decide(call, now)
@@ -777,7 +842,7 @@ class MoneyMachine(RuleBasedStateMachine):
             assert row["decision"] == expect.decision, (call, row, expect)
             # Refused, replayed or deduplicated: no money moved; a dead key reached nothing.
             assert not new_moved, (expect.decision, new_moved)
-            if expect.decision in DEAD or (expect.decision != "in_progress" and not looks_up):
+            if expect.decision in DEAD or (expect.decision != "in_progress" and not call.looks_up):
                 assert not new_sent, (expect.decision, new_sent)
             if expect.decision in ("replayed", "deduplicated") and expect.prior is not None:
                 sent.response_id = (
@@ -811,7 +876,7 @@ class MoneyMachine(RuleBasedStateMachine):
             # Counted as spent: the money may have moved (and here it did).
             w.model.remember(call, now, call_id, "cut_off", forward_key, None)
             return sent
-        if status < 300 and forwards[0].replayed:
+        if forwards[0].replayed:
             assert row["decision"] == "vendor_replayed", row
             w.model.settle(call, now, expect.cost, 0, ())
         else:
@@ -820,12 +885,19 @@ class MoneyMachine(RuleBasedStateMachine):
             paid = ()
             if status < 300:
                 created_id = _object_id(answer)
-                paid = tuple(p for p in (call.paid_object, created_id) if p)
+                paid = tuple(p for p in (call.paid_object, marks, created_id) if p)
                 if created and created_id:
                     assert created_id not in w.seen_ids  # a distinct call, a distinct object
                     w.seen_ids.add(created_id)
                     sent.response_id = created_id
             w.model.settle(call, now, expect.cost, settled, paid)
+            if settled > 0:
+                for obj in paid:  # the caps it paid under (see `_attribute`)
+                    for owner in (key.id, key.budget):
+                        if owner is not None:
+                            w.paid_caps[(owner, obj)] = _looser(
+                                self._caps(owner), w.paid_caps.get((owner, obj))
+                            )
         w.model.remember(call, now, call_id, "answered", forward_key, sent.response_id)
         assert answer.status_code < 500, (answer.status_code, answer.text)
         return sent
@@ -843,6 +915,8 @@ class MoneyMachine(RuleBasedStateMachine):
             headers = {"content-type": "application/json", "authorization": f"Bearer {vault}"}
         if call.idempotency_key is not None:
             headers["idempotency-key"] = call.idempotency_key
+        if call.account is not None:
+            headers["stripe-account"] = call.account
         return w.client.post(f"/{call.vendor}{call.path}", content=call.body, headers=headers)
 
     def _newest_audit(self, key: str) -> dict[str, Any]:
@@ -864,20 +938,44 @@ class MoneyMachine(RuleBasedStateMachine):
                 m
                 for m in w.model.marks[(call.vendor, call.paid_object or "")][bucket(now)].values()
             ]
+            # The payer's money moves now, but it was counted when paid: a cap lowered since
+            # binds what the payer spends next, not this (docs/guarantees.md, section 3).
+            obj = call.paid_object or ""
             for mark in payers:
                 share = min(offset, mark.micros)
-                w.moved.append(Moved(mark.key, now, share))
-                if mark.budget:
-                    w.moved.append(Moved(mark.budget, now, share))
+                for owner in (mark.key, mark.budget):
+                    if owner is not None:
+                        caps = _looser(self._caps(owner), w.paid_caps.get((owner, obj)))
+                        w.moved.append(Moved(owner, now, share, caps))
                 offset -= share
             assert offset == 0, "money moved that no payer paid for"
         if own:
-            w.moved.append(Moved(key.id, now, own))
-            w.moved.append(Moved(f"{key.id}/{call.caller}", now, own))
+            self._moved(key.id, now, own)
+            self._moved(f"{key.id}/{call.caller}", now, own)
             if key.budget:
-                w.moved.append(Moved(key.budget, now, own))
+                self._moved(key.budget, now, own)
             if key.per_call is not None:
                 assert own <= key.per_call
+
+    @invariant()
+    def the_audit_rows_add_up_to_what_is_counted(self) -> None:
+        """Each key's audit rows, settled plus still reserved, are what its ledger counts over
+        its life (moving spend between hours changes neither)."""
+        w = self.world
+        if not w.model.keys:
+            return
+        rows = w.client.get("/vault/audit", params={"limit": 5000}).json()["data"]
+        counted: dict[str, int] = defaultdict(int)
+        for row in rows:
+            if row["key_id"] in w.model.keys:
+                counted[row["key_id"]] += _micros(row["settled_usd"])
+                if row["decision"] == "in_flight":
+                    counted[row["key_id"]] += _micros(row["reserved_usd"])
+        for key_id in w.model.keys:
+            assert counted[key_id] == w.model.life(key_id), (key_id, counted[key_id])
+
+    def _moved(self, owner: str, at: datetime, micros: int) -> None:
+        self.world.moved.append(Moved(owner, at, micros, self._caps(owner)))
 
     # -- invariants --------------------------------------------------------------------------------
 
@@ -888,12 +986,13 @@ class MoneyMachine(RuleBasedStateMachine):
         for m in w.moved:
             by_owner[m.owner].append(m)
         for owner, events in by_owner.items():
-            daily, total = self._caps(owner)
-            if total is not None:
-                assert sum(e.micros for e in events) <= total, (owner, events)
-            if daily is not None:
-                for end in events:
-                    inside = [e for e in events if end.at - timedelta(hours=24) < e.at <= end.at]
+            for n, end in enumerate(events):
+                daily, total = end.caps
+                so_far = events[: n + 1]
+                if total is not None:
+                    assert sum(e.micros for e in so_far) <= total, (owner, so_far)
+                if daily is not None:
+                    inside = [e for e in so_far if end.at - timedelta(hours=24) < e.at]
                     assert sum(e.micros for e in inside) <= daily, (owner, inside)
 
     @invariant()
@@ -943,6 +1042,17 @@ class MoneyMachine(RuleBasedStateMachine):
             assert _micros(info["total_spent_usd"]) == w.model.life(key_id) - sum(
                 cost for _, cost in flying
             ), (key_id, info)
+
+
+def _looser(
+    caps: tuple[int | None, int | None], other: tuple[int | None, int | None] | None
+) -> tuple[int | None, int | None]:
+    """Each cap at the looser of the two (None: no cap)."""
+    if other is None:
+        return caps
+    return tuple(  # type: ignore[return-value]
+        None if a is None or b is None else max(a, b) for a, b in zip(caps, other, strict=True)
+    )
 
 
 def _caps_into(body: dict[str, Any], *, daily: int | None, total: int | None) -> None:
