@@ -1095,7 +1095,9 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-def test_the_proxy_keeps_the_money_model(database: str, tmp_path: Path) -> None:
+def machine_for(database: str, tmp_path: Path) -> type[MoneyMachine]:
+    """The state machine on `database`: each run a new app, clock and billing vendors (on
+    PostgreSQL one database for all runs: keys, budgets and issuers never share ids)."""
     runs = itertools.count()
 
     class Machine(MoneyMachine):
@@ -1103,36 +1105,37 @@ def test_the_proxy_keeps_the_money_model(database: str, tmp_path: Path) -> None:
         def start(self) -> None:
             pass
 
-    original_init = Machine.__init__
+        def __init__(self) -> None:
+            super().__init__()
+            n = next(runs)
+            url = database if database.startswith("postgres") else f"sqlite:///{tmp_path}/m{n}.db"
+            clock = Clock()
+            vendors = billing.BillingUpstream()
+            store = FlakyStore(open_store(url))
+            app_settings = Settings(
+                api_key=ADMIN,
+                database_url=url,
+                stripe_secret_key=billing.STRIPE_SECRET,
+                stripe_api_base=billing.STRIPE,
+                twilio_account_sid=billing.TWILIO_SID,
+                twilio_auth_token=billing.TWILIO_TOKEN,
+                twilio_api_base=billing.TWILIO,
+                resend_api_key=billing.RESEND_SECRET,
+                resend_api_base=billing.RESEND,
+            )
+            app = build_app(app_settings, clock=clock, store=store, upstream=vendors)  # type: ignore[arg-type]
+            client = TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"})
+            client.__enter__()
+            self.world = World(client, clock, vendors, store)
 
-    def init(self: MoneyMachine) -> None:
-        original_init(self)
-        n = next(runs)
-        url = database if database.startswith("postgres") else f"sqlite:///{tmp_path}/m{n}.db"
-        clock = Clock()
-        vendors = billing.BillingUpstream()
-        store = FlakyStore(open_store(url))
-        app_settings = Settings(
-            api_key=ADMIN,
-            database_url=url,
-            stripe_secret_key=billing.STRIPE_SECRET,
-            stripe_api_base=billing.STRIPE,
-            twilio_account_sid=billing.TWILIO_SID,
-            twilio_auth_token=billing.TWILIO_TOKEN,
-            twilio_api_base=billing.TWILIO,
-            resend_api_key=billing.RESEND_SECRET,
-            resend_api_base=billing.RESEND,
-        )
-        app = build_app(app_settings, clock=clock, store=store, upstream=vendors)  # type: ignore[arg-type]
-        client = TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"})
-        client.__enter__()
-        self.world = World(client, clock, vendors, store)
+        def teardown(self) -> None:
+            self.world.client.__exit__(None, None, None)
 
-    def teardown(self: MoneyMachine) -> None:
-        self.world.client.__exit__(None, None, None)
+    return Machine
 
-    Machine.__init__ = init  # type: ignore[method-assign]
-    Machine.teardown = teardown  # type: ignore[method-assign]
+
+def test_the_proxy_keeps_the_money_model(database: str, tmp_path: Path) -> None:
+    Machine = machine_for(database, tmp_path)
     run_state_machine_as_test(
         Machine,
         settings=settings(
@@ -1148,3 +1151,83 @@ def test_the_proxy_keeps_the_money_model(database: str, tmp_path: Path) -> None:
     )
     for (vendor, endpoint, decision), count in sorted(SEEN.items()):
         print(f"{count:5d}  {vendor} {endpoint}: {decision}")
+
+
+# Sequences that broke the proxy's rules when they were mutated (paid-for marks global again,
+# items dropped from the dedupe token, lookups before the revocation check, the daily cap's <=
+# flipped, one email per request, a patch checked field by field), kept as explicit regression
+# examples: each runs every invariant after every step.
+REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "another run's key confirms what it did not pay for": [
+        ("issue_stripe_key", {"daily": 20_000_000, "total": None, "budget": None}),
+        ("issue_stripe_key", {"daily": 1_000_000, "total": None, "budget": None}),
+        ("pay_then_move", {"payer": 0, "mover": 1, "cents": 557, "manual": False, "later": 0}),
+    ],
+    "two fan-out items send one body": [
+        ("issue_stripe_key", {"daily": 20_000_000, "total": None, "budget": None}),
+        ("fan_out", {"key": 0, "cents": 100, "items": 2, "idempotency": "none"}),
+    ],
+    "an expired key confirms": [
+        ("issue_stripe_key", {"daily": 20_000_000, "total": None, "budget": None, "hours": 1}),
+        ("pay_then_move", {"payer": 0, "mover": 0, "cents": 1, "manual": False, "later": 1380}),
+    ],
+    "a call fills the daily cap exactly": [
+        ("issue_stripe_key", {"daily": 1_000_000, "total": None, "budget": None}),
+        ("fill_a_cap_exactly", {"key": 0, "item": "a"}),
+        (
+            "create_intent",
+            {"key": 0, "cents": 1, "manual": False, "item": "a", "pod": "p", "idempotency": "none"},
+        ),
+    ],
+    "an email to two recipients": [
+        ("issue_resend_key", {"daily": 1_000_000, "total": None, "budget": None}),
+        ("email", {"key": 0, "recipients": [2], "batch": False}),
+    ],
+    "an issuer lifts a key's total past its 24-hour maximum": [
+        (
+            "an_issuers_key_patched_then_spent",
+            {
+                "max_daily": 1_000_000,
+                "max_total": None,
+                "daily": None,
+                "total": 1_000_000,
+                "which": "total",
+                "cents": 100,
+            },
+        ),
+    ],
+}
+_KEY_DEFAULTS = {
+    "per_call": None,
+    "per_caller": None,
+    "dedupe": 600,
+    "hours": 5,
+    "connected": False,
+}
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_a_sequence_that_once_broke_a_rule(name: str, tmp_path: Path) -> None:
+    machine = machine_for(f"sqlite:///{tmp_path}/r.db", tmp_path)()
+    keys: list[str] = []
+    invariants = [
+        machine.money_stays_within_every_cap,
+        machine.an_issuers_keys_stay_within_its_policy,
+        machine.the_proxy_counts_what_the_model_counts,
+        machine.the_audit_rows_add_up_to_what_is_counted,
+    ]
+    try:
+        for step, arguments in REGRESSIONS[name]:
+            given = dict(arguments)
+            for role in ("key", "payer", "mover"):
+                if role in given:
+                    given[role] = keys[given[role]]
+            if step.startswith("issue_") and step.endswith("_key"):
+                given = {**_KEY_DEFAULTS, **given}
+            made = getattr(machine, step)(**given)
+            if step.endswith("_key") and isinstance(made, str):
+                keys.append(made)
+            for check in invariants:
+                check()
+    finally:
+        machine.teardown()
