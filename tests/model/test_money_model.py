@@ -72,7 +72,7 @@ from tests.model.reference import (
 ADMIN = "kba_model_admin_token_0123456789"
 START = datetime(2026, 11, 30, 22, 10, tzinfo=UTC)  # two hours before midnight
 SOAK = "KEYBRAKE_MODEL_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("KEYBRAKE_MODEL_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("KEYBRAKE_MODEL_EXAMPLES", "15"))
 STEPS = int(os.environ.get("KEYBRAKE_MODEL_STEPS", "40"))
 ENDPOINTS = {
     "stripe": [
