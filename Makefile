@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast soak-model lint typecheck pytest templates tools bench install clean
 
-# Test workers: one per core (pytest-xdist). Each worker has its own localstripe, proxies on
+# Test workers: one per core (pytest-xdist; idle workers steal queued tests, so the long ones
+# do not end the run alone). Each worker has its own localstripe, proxies on
 # sockets bound before they start, and databases of its own (SQLite files under its tmp_path,
 # PostgreSQL databases with random names), so workers never share state.
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -56,7 +57,7 @@ tools:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 pytest: $(STAMP) tools
-	$(BIN)/pytest -n $(JOBS)
+	$(BIN)/pytest -n $(JOBS) --dist worksteal
 
 ## The money model on many more random sequences (minutes to hours); SEED=... repeats a run.
 SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
@@ -69,7 +70,7 @@ soak-model: $(STAMP)
 ## A quick loop while working: everything but the end-to-end runs (tests/e2e/), SQLite only.
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	KEYBRAKE_TEST_BACKENDS=sqlite $(BIN)/pytest -n $(JOBS) -m "not e2e"
+	KEYBRAKE_TEST_BACKENDS=sqlite $(BIN)/pytest -n $(JOBS) --dist worksteal -m "not e2e"
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
