@@ -22,7 +22,6 @@ REPLAY_RETENTION = timedelta(hours=24)
 
 # The decisions the proxy records (its audit row's `decision`).
 FORWARDED = "forwarded"
-SETTLE_FAILED_ROW = "in_flight"  # the row a call whose outcome could not be written leaves
 DEAD = ("revoked", "expired", "budget_revoked", "budget_expired")
 
 
@@ -274,7 +273,7 @@ class Model:
     def _add(self, owner: str, at: int, micros: int) -> None:
         self.spend[owner][at] = self.spend[owner].get(at, 0) + micros
 
-    def reserve(self, call: Call, now: datetime, admitted: Admission, call_id: int) -> None:
+    def reserve(self, call: Call, now: datetime, admitted: Admission) -> None:
         """What an admitted call counts at once: its cost on its key, budget and caller, and the
         payer's marks re-dated to now (the money moves now)."""
         key = self.keys[call.key]

@@ -154,7 +154,6 @@ class World:
     moved: list[Moved] = field(default_factory=list)
     seen_ids: set[str] = field(default_factory=set)
     call_ids: Iterator[int] = field(default_factory=itertools.count)
-    injected_5xx: int = 0
     issuers: dict[str, tuple[str, Policy]] = field(default_factory=dict)  # id -> (token, policy)
     # (payer, object) -> the payer's caps when it paid for the object
     paid_caps: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
@@ -858,20 +857,18 @@ class MoneyMachine(RuleBasedStateMachine):
         forwards = [s for s in new_sent if s.method == "POST"]
         assert len(forwards) == 1, (call, new_sent)
         assert forwards[0].credential and w.vault_keys[call.key] not in forwards[0].credential
-        w.model.reserve(call, now, expect, call_id)
+        w.model.reserve(call, now, expect)
         self._attribute(call, key, now, new_moved, expect.cost)
         status = forwards[0].status
         forward_key = expect.forward_key or _forward_key(w.model, call, key)
         if crash:
             assert answer.status_code == 503, answer.text
-            w.injected_5xx += 1
             assert row["decision"] == "in_flight", row
             w.model.in_flight[call_id] = (now, call, expect.cost)
             w.model.remember(call, now, call_id, "in_flight", forward_key, None)
             return sent
         if lose:
             assert answer.status_code == 502, answer.text
-            w.injected_5xx += 1
             assert row["decision"] == "upstream_error", row
             # Counted as spent: the money may have moved (and here it did).
             w.model.remember(call, now, call_id, "cut_off", forward_key, None)
@@ -881,7 +878,8 @@ class MoneyMachine(RuleBasedStateMachine):
             w.model.settle(call, now, expect.cost, 0, ())
         else:
             assert row["decision"] == FORWARDED, (row, call)
-            settled = expect.cost if status < 400 else 0
+            # A 4xx moved nothing; a 5xx may have (counted as spent), and is not kept.
+            settled = 0 if 400 <= status < 500 else expect.cost
             paid = ()
             if status < 300:
                 created_id = _object_id(answer)
@@ -898,7 +896,10 @@ class MoneyMachine(RuleBasedStateMachine):
                             w.paid_caps[(owner, obj)] = _looser(
                                 self._caps(owner), w.paid_caps.get((owner, obj))
                             )
-        w.model.remember(call, now, call_id, "answered", forward_key, sent.response_id)
+        if status >= 500:
+            w.model.forget_call(call, call_id)
+        else:
+            w.model.remember(call, now, call_id, "answered", forward_key, sent.response_id)
         assert answer.status_code < 500, (answer.status_code, answer.text)
         return sent
 
