@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
+from ._issuing import Money, duration, given, issuing_inputs, money, optional, run_env
 from .connection import ProxyConnection
 from .errors import TemplateConfigError
-from .issue import Money, _duration, _money, given, issuing_inputs, optional, run_env
 from .retry import default_retry_strategy
 from .shared_templates import SharedTemplates
 from .step_pod import OUTPUT_DIR, script_step
@@ -108,12 +108,12 @@ def issue_budget(
             "issue_budget() needs total_usd_cap (the run's whole life) and/or daily_usd_cap"
         )
     caps = {
-        "total_usd_cap": _money(total_usd_cap, "total_usd_cap"),
-        "daily_usd_cap": _money(daily_usd_cap, "daily_usd_cap"),
+        "total_usd_cap": money(total_usd_cap, "total_usd_cap"),
+        "daily_usd_cap": money(daily_usd_cap, "daily_usd_cap"),
     }
     arguments = {
         **{name: value for name, value in caps.items() if value},
-        "expires_in": _duration(expires_in),
+        "expires_in": duration(expires_in),
         "request_id": f"{{{{workflow.uid}}}}/{name}",
         **proxy.step_arguments(cluster=True),
     }

@@ -18,12 +18,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
 
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
+from ._issuing import RUN_LABEL, Money, duration, given, issuing_inputs, money, optional, run_env
+from .budget import RunBudget
 from .connection import ProxyConnection, is_expression
 from .errors import TemplateConfigError
 from .retry import default_retry_strategy
@@ -31,9 +31,6 @@ from .shared_templates import SharedTemplates
 from .step_pod import OUTPUT_DIR, script_step
 from .vendors import check_vendor
 from .workflow_context import add_template, current_dag, current_workflow
-
-if TYPE_CHECKING:
-    from .budget import RunBudget
 
 __all__ = [
     "ISSUE_TASK",
@@ -48,21 +45,8 @@ __all__ = [
 ISSUE_TEMPLATE = "keybrake-issue"
 ISSUE_TASK = "issue-vault-key"
 KEY_ID_GLOBAL = "keybrake_key_id"
-RUN_LABEL = "argo/{{workflow.name}}"
 
-Money = int | Decimal | str
 _ENDPOINT = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|\*) /\S*$")
-_DURATION = re.compile(r"^[1-9][0-9]*[smhd]$")
-
-
-def given(parameter: str) -> str:
-    """The value of the template's input `parameter`."""
-    return f"{{{{inputs.parameters.{parameter}}}}}"
-
-
-def optional(name: str, description: str) -> Parameter:
-    """An input that may be left empty (not set)."""
-    return Parameter(name=name, default="", description=f"{description}; empty: none")
 
 
 def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
@@ -147,30 +131,6 @@ DELIVERIES = ("secret", "parameter")
 KUBE_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
-def issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
-    """The inputs every issuing step (a key, a budget) takes besides what it issues."""
-    return [
-        Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
-        Parameter(
-            name="cluster",
-            default=proxy.cluster,
-            description="this cluster's name, recorded with the key (for keybrake reaper)",
-        ),
-    ]
-
-
-def run_env() -> list[EnvVar]:
-    """The run's cluster, label and identity, which the proxy records with what it issues
-    (with an issuing step's `issuing_inputs`)."""
-    return [
-        EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
-        EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
-        EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
-        EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
-        EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
-    ]
-
-
 @dataclass(frozen=True)
 class VaultKey:
     """The issue task of a workflow, and what the fan-out and exit handler need to know of it."""
@@ -202,26 +162,6 @@ class VaultKey:
         return f"{{{{tasks.{self.task.name}.outputs.parameters.key_id}}}}"
 
 
-def _money(value: Money | None, what: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str) and is_expression(value):
-        return value
-    if isinstance(value, bool | float):
-        raise TemplateConfigError(
-            f"{what} must be an int, Decimal or string such as '12.50', got {value!r}"
-        )
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise TemplateConfigError(
-            f"{what} must be a dollar amount such as 300 or '12.50', got {value!r}"
-        ) from None
-    if not amount.is_finite() or amount <= 0:
-        raise TemplateConfigError(f"{what} must be a positive dollar amount, got {value!r}")
-    return str(amount)
-
-
 def _endpoints(value: Sequence[str] | str) -> str:
     if isinstance(value, str):
         if is_expression(value):
@@ -240,18 +180,12 @@ def _endpoints(value: Sequence[str] | str) -> str:
     return json.dumps(items)
 
 
-def _duration(value: str) -> str:
-    if is_expression(value) or _DURATION.match(value):
-        return value
-    raise TemplateConfigError(f"expires_in must be a duration such as 30m, 2h or 7d, got {value!r}")
-
-
 def _key_life(expires_in: str | None, budget: RunBudget | None) -> str:
     """The key's `expires_in`: empty for a key drawing on a budget (the proxy then lets it live
     as long as the budget: a key may never outlive its budget), else 2h unless given."""
     if expires_in is None:
         return "" if budget is not None else "2h"
-    return _duration(expires_in)
+    return duration(expires_in)
 
 
 def issue_vault_key(
@@ -301,10 +235,10 @@ def issue_vault_key(
             "life), or a budget= from issue_budget() to draw on"
         )
     set_caps = {
-        "daily_usd_cap": _money(daily_usd_cap, "daily_usd_cap"),
-        "total_usd_cap": _money(total_usd_cap, "total_usd_cap"),
-        "max_usd_per_call": _money(max_usd_per_call, "max_usd_per_call"),
-        "max_usd_per_caller": _money(max_usd_per_caller, "max_usd_per_caller"),
+        "daily_usd_cap": money(daily_usd_cap, "daily_usd_cap"),
+        "total_usd_cap": money(total_usd_cap, "total_usd_cap"),
+        "max_usd_per_call": money(max_usd_per_call, "max_usd_per_call"),
+        "max_usd_per_caller": money(max_usd_per_caller, "max_usd_per_caller"),
         "budget_id": budget.budget_id if budget is not None else "",
     }
     # Only what is set is passed (the template's defaults are empty), so a workflow using none

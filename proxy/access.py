@@ -30,14 +30,14 @@ from typing import Any, Protocol
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
 from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.protocol import Store
+from keybrake.proxy.store.records import (
     BudgetRecord,
     Event,
     IssuerRecord,
     KeyRecord,
     Owner,
     Scope,
-    Store,
 )
 
 __all__ = [

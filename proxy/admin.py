@@ -89,7 +89,8 @@ from keybrake.proxy.pipeline import hash_vault_key
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable
 from keybrake.proxy.redact import redact
 from keybrake.proxy.settings import Settings
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.protocol import Store
+from keybrake.proxy.store.records import (
     AlertDelivery,
     AuditFilter,
     AuditRecord,
@@ -104,7 +105,6 @@ from keybrake.proxy.store.base import (
     KeyView,
     Owner,
     Patch,
-    Store,
     Usage,
 )
 from keybrake.proxy.vendors import VENDORS

@@ -39,7 +39,8 @@ import aiohttp
 
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.money import format_ts, format_usd
-from keybrake.proxy.store.base import AlertDelivery, AlertLevel, Store
+from keybrake.proxy.store import Store
+from keybrake.proxy.store.records import AlertDelivery, AlertLevel
 
 __all__ = ["CAP_HIT", "Alerts", "Sender", "crossings"]
 

@@ -29,7 +29,7 @@ from keybrake.proxy.pricing import load_pricing
 from keybrake.proxy.redact import RedactingFilter
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store import Store, open_store
-from keybrake.proxy.store.base import MetricsSnapshot
+from keybrake.proxy.store.records import MetricsSnapshot
 from keybrake.proxy.ui.dashboard import Dashboard
 from keybrake.proxy.upstream import Upstream
 from keybrake.proxy.vendors import VENDORS, Vendor

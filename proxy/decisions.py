@@ -57,7 +57,9 @@ from enum import StrEnum
 
 __all__ = [
     "BUCKET",
+    "CAP_HITS",
     "CUT_OFF",
+    "RULE_VERSION",
     "WINDOW",
     "Admitted",
     "Caps",
@@ -69,6 +71,7 @@ __all__ = [
     "caller_of",
     "dead_reason",
     "dedupe_token",
+    "is_cap_hit",
     "item_of",
     "offset_cost",
     "refusal",
@@ -262,6 +265,28 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
 # The outcomes after which an unanswered call's replay tokens mean "cut off, outcome unknown".
 CUT_OFF = frozenset({Decision.RECONCILED, Decision.UPSTREAM_ERROR, Decision.VENDOR_BUSY})
 
+# The refusals that count as a cap hit (a key's or budget's `cap_hits`, the dashboard's cap-hit
+# counts, the cap-hit alert): the one definition, which the ledgers' SQL is rendered from.
+CAP_HITS = frozenset(
+    {
+        Decision.PER_CALL_CAP_HIT,
+        Decision.CALLER_CAP_HIT,
+        Decision.CAP_HIT,
+        Decision.TOTAL_CAP_HIT,
+        Decision.BUDGET_CAP_HIT,
+    }
+)
+
+# The version of the admission and settlement rules this build enforces. A database records the
+# version of the build that last loaded its ledger; a replica whose version is older refuses vendor
+# calls instead of enforcing rules it does not know (`docs/deploy.md`, "Upgrading"). Raise it with
+# any change to what `admit`, the ledgers or their SQL decide or count.
+RULE_VERSION = 1
+
+
+def is_cap_hit(decision: str) -> bool:
+    return decision in CAP_HITS
+
 
 def offset_cost(gross_micros: int, paid_micros: int) -> int:
     """What a call moving money already paid for costs: its amount less what its payer paid for
@@ -336,10 +361,13 @@ class Prior:
 class Admitted:
     decision: Decision
     reserve_micros: int = 0
-    cap_hit: bool = False
     replay_from: Prior | None = None  # the earlier call whose stored answer is the reply
     forward_key: str | None = None  # the idempotency key to forward with (the earlier call's)
     prior_audit_id: int | None = None  # named by `outcome_unknown`
+
+    @property
+    def cap_hit(self) -> bool:
+        return self.decision in CAP_HITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,19 +457,19 @@ def admit(
             return Admitted(Decision.OUTCOME_UNKNOWN, prior_audit_id=prior.audit_id)
         forward_key = prior.forwarded_key
     if max_per_call_micros is not None and cost_micros > max_per_call_micros:
-        return Admitted(Decision.PER_CALL_CAP_HIT, cap_hit=True)
+        return Admitted(Decision.PER_CALL_CAP_HIT)
     if cost_micros > 0:
         if (
             max_per_caller_micros is not None
             and caller_used() + cost_micros > max_per_caller_micros
         ):
-            return Admitted(Decision.CALLER_CAP_HIT, cap_hit=True)
+            return Admitted(Decision.CALLER_CAP_HIT)
         broken = key.over(cost_micros)
         if broken is not None:
             hit = Decision.CAP_HIT if broken == "daily" else Decision.TOTAL_CAP_HIT
-            return Admitted(hit, cap_hit=True)
+            return Admitted(hit)
         if budget is not None and budget.over(cost_micros) is not None:
-            return Admitted(Decision.BUDGET_CAP_HIT, cap_hit=True)
+            return Admitted(Decision.BUDGET_CAP_HIT)
     return Admitted(Decision.FORWARDED, reserve_micros=cost_micros, forward_key=forward_key)
 
 

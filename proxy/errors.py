@@ -4,6 +4,7 @@ KeybrakeError
 ├── ConfigError          bad settings or pricing data; raised at start-up, names the bad item
 ├── StoreUnavailable     the database cannot be reached or refused a write (fail closed: 503)
 │   └── SchemaNewer      a newer build migrated the database: this one forwards nothing
+│       └── RulesNewer   a newer build loaded newer ledger rules into it: the same
 └── ClientError          raised by keybrake.proxy.client
     ├── ProxyUnreachable the proxy did not answer at the URL tried
     └── ApiError         the proxy answered with an error (status, type, message)
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigError",
     "KeybrakeError",
     "ProxyUnreachable",
+    "RulesNewer",
     "SchemaNewer",
     "StoreUnavailable",
 ]
@@ -43,6 +45,21 @@ class SchemaNewer(StoreUnavailable):
         super().__init__(
             f"the database's schema is version {found}, newer than this build's {known}: a newer "
             "keybrake migrated it; this replica forwards no vendor call until it is upgraded"
+        )
+        self.found = found
+        self.known = known
+
+
+class RulesNewer(SchemaNewer):
+    """The database's ledger rules are newer than this build's (`decisions.RULE_VERSION`): a
+    newer keybrake loaded them, so this replica would admit calls by rules that no longer hold."""
+
+    def __init__(self, found: int, known: int) -> None:
+        StoreUnavailable.__init__(
+            self,
+            f"the database's ledger rules are version {found}, newer than this build's {known}: "
+            "a newer keybrake loaded them; this replica forwards no vendor call until it is "
+            "upgraded",
         )
         self.found = found
         self.known = known

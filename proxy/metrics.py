@@ -23,7 +23,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from keybrake.proxy.store.base import MetricsSnapshot
+from keybrake.proxy.decisions import is_cap_hit
+from keybrake.proxy.store.records import MetricsSnapshot
 
 __all__ = ["NAMES", "Metrics"]
 
@@ -88,7 +89,7 @@ class Metrics:
 
     def count_call(self, vendor: str, decision: str) -> None:
         self._child(self.calls, vendor, decision).inc()
-        if self.on_cap_hit is not None and decision.endswith("cap_hit"):
+        if self.on_cap_hit is not None and is_cap_hit(decision):
             self.on_cap_hit()
 
     def time_upstream(self, vendor: str, seconds: float) -> None:

@@ -30,13 +30,13 @@ from keybrake.proxy.errors import SchemaNewer, StoreUnavailable
 from keybrake.proxy.metrics import Metrics
 from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
 from keybrake.proxy.redact import redact
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.protocol import Store
+from keybrake.proxy.store.records import (
     Admission,
     AuditRecord,
     KeyRecord,
     Reservation,
     Settlement,
-    Store,
     StoredResponse,
 )
 from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse

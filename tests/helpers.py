@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import stripe
 
-from keybrake.proxy.store.base import Event
+from keybrake.proxy.store.records import Event
 
 # What store-level tests pass where the admin API passes the record of its action.
 TEST_EVENT = Event(

@@ -51,7 +51,8 @@ DECLARE t record;
 BEGIN
   SET LOCAL session_replication_role = replica;
   FOR t IN SELECT tablename FROM pg_tables
-           WHERE schemaname = 'public' AND tablename <> 'schema_version' LOOP
+           WHERE schemaname = 'public'
+             AND tablename NOT IN ('schema_version', 'ledger_rules') LOOP
     EXECUTE format('DELETE FROM public.%I', t.tablename);
   END LOOP;
   FOR t IN SELECT sequencename FROM pg_sequences WHERE schemaname = 'public' LOOP
@@ -63,8 +64,8 @@ END $$
 
 def empty_database(url: str) -> None:
     """Make a database of the suite's as a new one is: every table the migrations made emptied
-    (but the schema's version), their id sequences restarted, no connection of an earlier test
-    left."""
+    (but the schema's and the ledger rules' versions), their id sequences restarted, no
+    connection of an earlier test left."""
 
     async def empty() -> None:
         conn = await asyncpg.connect(url)

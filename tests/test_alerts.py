@@ -24,7 +24,7 @@ from keybrake.cli.main import app
 from keybrake.proxy import alerts
 from keybrake.proxy.alerts import CAP_HIT, crossings
 from keybrake.proxy.store import open_store
-from keybrake.proxy.store.base import AlertDelivery, AlertLevel
+from keybrake.proxy.store.records import AlertDelivery, AlertLevel
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.webhook import WebhookReceiver
 from tests.proxyproc import ProxyProcess
@@ -243,7 +243,7 @@ def test_webhook_urls_come_from_the_operator_only(tmp_path: Path) -> None:
 def test_own_thresholds_are_kept_and_ended_subjects_marks_forgotten(database_url: str) -> None:
     """A key's or budget's own thresholds reach the alert scan on both backends (None: the
     operator's), and the marks of revoked or expired ones are dropped by maintenance."""
-    from keybrake.proxy.store.base import BudgetRecord, Event, KeyRecord
+    from keybrake.proxy.store.records import BudgetRecord, Event, KeyRecord
 
     event = Event(ts=NOW, action="key.issue", actor="admin", outcome="ok")
 

@@ -420,7 +420,7 @@ def test_runs_listing_pages_through_every_run_once(backend: dict[str, Any], tmp_
     from datetime import timedelta
 
     from keybrake.proxy.store import open_store
-    from keybrake.proxy.store.base import BudgetRecord, Event, KeyRecord, Owner, RunFilter, Scope
+    from keybrake.proxy.store.records import BudgetRecord, Event, KeyRecord, Owner, RunFilter, Scope
 
     url = backend.get("database_url", f"sqlite:///{tmp_path / 'runs.db'}")
     now = Clock().now
@@ -574,7 +574,7 @@ def test_a_long_runs_activity_is_summed_into_slices(
     from datetime import UTC, datetime, timedelta
 
     from keybrake.proxy.store import open_store
-    from keybrake.proxy.store.base import AuditRecord, Scope
+    from keybrake.proxy.store.records import AuditRecord, Scope
     from keybrake.proxy.ui.runs import cumulative
 
     url = backend.get("database_url", f"sqlite:///{tmp_path / 'activity.db'}")

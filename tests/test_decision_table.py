@@ -18,7 +18,7 @@ import pytest
 
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of
 from keybrake.proxy.store import Store, open_store
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.records import (
     BudgetRecord,
     KeyRecord,
     Reservation,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.settings import Settings
-from keybrake.proxy.store.base import Settlement
+from keybrake.proxy.store.records import Settlement
 from keybrake.proxy.store.sqlite import SQLiteStore
 from keybrake.proxy.upstream import UpstreamResponse
 from tests.inproc import Clock, StubUpstream

@@ -88,7 +88,7 @@ def test_maintenance_reconciles_then_prunes_and_never_prunes_a_call_in_flight(
 ) -> None:
     """The background task every replica runs: reconcile dead calls, forget old replay tokens,
     prune the audit log when `KEYBRAKE_AUDIT_RETENTION` is set."""
-    from keybrake.proxy.store.base import AuditFilter, AuditRecord
+    from keybrake.proxy.store.records import AuditFilter, AuditRecord
     from tests.test_decision_table import key_record, reservation
 
     url = f"sqlite:///{tmp_path / 'maintain.db'}"

@@ -12,7 +12,7 @@ import pytest
 
 from keybrake.proxy.decisions import bucket_of
 from keybrake.proxy.store import Store, open_store
-from keybrake.proxy.store.base import KeyRecord, Reservation, Settlement
+from keybrake.proxy.store.records import KeyRecord, Reservation, Settlement
 from tests.helpers import TEST_EVENT
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -131,7 +131,7 @@ def test_sweep_counts_stale_reservations_and_a_late_settle_corrects_them(databas
 
 
 def test_stored_answers_are_forgotten_after_retention(database_url: str) -> None:
-    from keybrake.proxy.store.base import StoredResponse
+    from keybrake.proxy.store.records import StoredResponse
 
     async def run() -> None:
         store = await opened(database_url)
@@ -305,7 +305,7 @@ def test_revoking_a_run_matches_namespace_uid_and_cluster_and_records_only_what_
     racing, each key is recorded as revoked once."""
     from dataclasses import replace
 
-    from keybrake.proxy.store.base import EventFilter, Owner
+    from keybrake.proxy.store.records import EventFilter, Owner
 
     def run_key(key_id: str, namespace: str, uid: str, cluster: str = "prod") -> KeyRecord:
         return replace(

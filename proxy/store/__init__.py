@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from keybrake.proxy.errors import ConfigError
-from keybrake.proxy.store.base import Store
+from keybrake.proxy.store.protocol import Store
 
 __all__ = ["Store", "open_store", "sqlite_path"]
 

@@ -49,13 +49,13 @@ from keybrake.proxy.paging import (
     encode_id,
     encode_position,
 )
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.protocol import Store
+from keybrake.proxy.store.records import (
     AuditFilter,
     Event,
     RunFilter,
     RunRow,
     Session,
-    Store,
 )
 from keybrake.proxy.ui import charts
 from keybrake.proxy.ui.runs import cumulative, summary_of

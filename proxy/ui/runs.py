@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from keybrake.proxy.store.base import (
+from keybrake.proxy.store.protocol import Store
+from keybrake.proxy.store.records import (
     AuditFilter,
     BudgetView,
     KeyView,
     RunActivity,
     RunRow,
     Scope,
-    Store,
 )
 
 __all__ = ["Point", "RunSummary", "Series", "cumulative", "summarise", "summary_of"]

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from keybrake.proxy.store import open_store  # noqa: E402
-from keybrake.proxy.store.base import AuditRecord, Event, KeyRecord  # noqa: E402
+from keybrake.proxy.store.records import AuditRecord, Event, KeyRecord  # noqa: E402
 from tests.inproc import Clock, app_client  # noqa: E402
 from tests.proxyproc import ADMIN_KEY  # noqa: E402
 
