@@ -34,11 +34,17 @@ def upgrade(
         typer.Option("--database-url", envvar="KEYBRAKE_DATABASE_URL", help="Database to upgrade."),
     ] = None,
 ) -> None:
-    """Apply pending schema migrations (`keybrake serve` also does this at start)."""
+    """Apply pending schema migrations and load this build's ledger rules (`keybrake serve` also
+    does this at start); refused when a newer build's schema or rules are there."""
     url = database_url or os.environ.get("KEYBRAKE_DATABASE_URL") or "sqlite:///keybrake.db"
     try:
         upgrade_database(url)
     except (ConfigError, StoreUnavailable) as exc:
         fail(str(exc), EXIT_USAGE)
     shown = url.split("@")[-1] if "@" in url else url
-    console.print(f"database {shown} is at the current schema", soft_wrap=True)
+    from keybrake.proxy.decisions import RULE_VERSION
+
+    console.print(
+        f"database {shown} is at the current schema, with ledger rules {RULE_VERSION}",
+        soft_wrap=True,
+    )

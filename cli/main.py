@@ -67,14 +67,22 @@ def _global(
 
 @app.command()
 def version() -> None:
-    """Print keybrake's version.
+    """Print keybrake's version, then the ledger rules and database schemas it expects.
 
     Example: keybrake version
     """
+    from keybrake.proxy.decisions import RULE_VERSION
+    from keybrake.proxy.store.postgres import MIGRATIONS as POSTGRES_SCHEMA
+    from keybrake.proxy.store.sqlite import MIGRATIONS as SQLITE_SCHEMA
+
     try:
         print(package_version("keybrake"))
     except PackageNotFoundError:
         print("unknown (not installed)")
+    print(
+        f"ledger rules {RULE_VERSION}; schema: SQLite {len(SQLITE_SCHEMA)}, "
+        f"PostgreSQL {len(POSTGRES_SCHEMA)}"
+    )
 
 
 def main() -> None:

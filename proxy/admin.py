@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,6 +112,8 @@ from keybrake.proxy.vendors import VENDORS
 from keybrake.proxy.vendors.bodies import parse_json
 
 __all__ = ["AdminApi", "budget_info", "key_info"]
+
+log = logging.getLogger("keybrake.proxy.admin")
 
 Handler = Callable[[Request, Actor], Awaitable[Response]]
 M = TypeVar("M", bound=BaseModel)
@@ -346,6 +349,11 @@ class AdminApi:
                 response = forbidden(exc)
             except StoreUnavailable:
                 return error(503, "unavailable", "the database is unreachable; try again")
+            except Exception:
+                # A bug, not the database: logged with its traceback, never shown, and not
+                # answered as "unreachable" (a retry would meet the same bug).
+                log.exception("admin request %s %s failed", request.method, request.url.path)
+                return error(500, "internal_error", "the proxy failed to handle this request")
             if action is not None and response.status_code >= 400:
                 await self._record_quietly(
                     self._event(

@@ -37,8 +37,13 @@ def app_client(
     fields.update(overrides)
     upstream = fields.pop("upstream", None)
     verifier = fields.pop("verifier", None)
+    store = fields.pop("store", None)
     app = build_app(
-        settings(tmp_path, **fields), clock=clock or Clock(), upstream=upstream, verifier=verifier
+        settings(tmp_path, **fields),
+        clock=clock or Clock(),
+        store=store,
+        upstream=upstream,
+        verifier=verifier,
     )
     with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
         yield client

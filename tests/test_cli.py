@@ -244,8 +244,12 @@ def test_watch_on_an_unknown_run_says_so_and_exits_1(proxy_server: ServedProxy) 
 
 
 def test_version_and_help_examples() -> None:
+    from keybrake.proxy.decisions import RULE_VERSION
+
     result = runner.invoke(app, ["version"])
-    assert result.exit_code == 0 and result.stdout.strip() == "0.1.0"
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and lines[0] == "0.1.0"
+    assert lines[1].startswith(f"ledger rules {RULE_VERSION}; schema: SQLite ")
     commands = [
         ["serve"],
         ["keys", "issue"],

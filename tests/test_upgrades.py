@@ -16,15 +16,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from starlette.testclient import TestClient
 
-from keybrake.proxy.errors import SchemaNewer
+from keybrake.proxy.decisions import RULE_VERSION
+from keybrake.proxy.errors import RulesNewer, SchemaNewer
 from keybrake.proxy.money import format_ts
-from keybrake.proxy.store import open_store
+from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.postgres import MIGRATIONS as PG_MIGRATIONS
+from keybrake.proxy.store.postgres import PostgresStore
 from keybrake.proxy.store.records import AuditRecord
 from keybrake.proxy.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
+from keybrake.proxy.store.sqlite import SQLiteStore
 from tests.helpers import TEST_EVENT
-from tests.inproc import StubUpstream, app_client, issue
+from tests.inproc import Clock, StubUpstream, app_client, issue
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
@@ -195,3 +199,110 @@ async def execute(url: str, sql: str, *args: Any) -> None:
         await conn.execute(numbered, *args)
     finally:
         await conn.close()
+
+
+def _store_of(backend: str, url: str, rule_version: int) -> Store:
+    if backend == "sqlite":
+        return SQLiteStore(url.removeprefix("sqlite:///"), rule_version=rule_version)
+    return PostgresStore(url, rule_version=rule_version)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_rolling_upgrade_of_the_ledger_rules(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replicas of two builds on one database while the replicas roll: the newer build loads its
+    rules; from then on the older replica forwards nothing (503, /readyz failing, a log line
+    naming both versions) while the newer serves the same keys, and an older replica starting
+    meanwhile refuses to start: it never loads its older rules over the newer ones."""
+    url = f"sqlite:///{tmp_path / 'roll.db'}"
+    if backend == "postgres":
+        url = str(request.getfixturevalue("pg_url"))
+    old_rules, new_rules = RULE_VERSION, RULE_VERSION + 1
+    stub = StubUpstream()
+
+    def pay(client: TestClient, key: str, amount: int) -> int:
+        headers = {**FORM, "Authorization": f"Bearer {key}"}
+        body = f"amount={amount}&currency=usd"
+        return client.post("/stripe/v1/payment_intents", content=body, headers=headers).status_code
+
+    old_store = _store_of(backend, url, old_rules)
+    with app_client(tmp_path / "old", upstream=stub, store=old_store) as old:
+        issued = issue(old)
+        key = issued["vault_key"]
+        assert pay(old, key, 100) == 200 and len(stub.sent) == 1
+
+        new_store = _store_of(backend, url, new_rules)
+        with app_client(tmp_path / "new", upstream=stub, store=new_store) as new:
+            assert new.get("/readyz").status_code == 200
+
+            assert pay(old, key, 200) == 503
+            assert len(stub.sent) == 1  # the old replica forwarded nothing more
+            ready = old.get("/readyz")
+            assert ready.status_code == 503
+            reason = ready.json()["reason"]
+            assert f"ledger rules are version {new_rules}, newer than this build's {old_rules}" in (
+                reason
+            )
+            assert any(reason in r.getMessage() for r in caplog.records)
+
+            assert pay(new, key, 300) == 200 and len(stub.sent) == 2  # the same key, served
+
+            # An old replica (re)starting during the roll refuses, and loads nothing.
+            with pytest.raises(RulesNewer):
+                asyncio.run(_store_of(backend, url, old_rules).open())
+            assert pay(new, key, 400) == 200 and len(stub.sent) == 3
+            assert new.get("/readyz").status_code == 200
+
+    async def spent() -> int:
+        store = _store_of(backend, url, new_rules)
+        await store.open()
+        try:
+            view = await store.get_key(issued["key_id"], Clock()())
+            assert view is not None
+            return view.usage.spent_micros + view.usage.reserved_micros
+        finally:
+            await store.close()
+
+    # Every forwarded call counted once, by one replica's rules or the other's: $1 + $3 + $4.
+    assert asyncio.run(spent()) == 8_000_000
+
+
+def test_loading_newer_rules_drops_every_ledger_function_of_older_builds(pg_url: str) -> None:
+    """Whatever an older build left (here a reserve function of another signature), loading
+    newer rules leaves only the new ledger: a replica calling an old function fails closed."""
+
+    async def run() -> list[str]:
+        await PostgresStore(pg_url).open()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "CREATE FUNCTION keybrake_reserve(p_of_an_older_build text) RETURNS void "
+                "LANGUAGE sql AS 'SELECT NULL'"
+            )
+            await PostgresStore(pg_url, rule_version=RULE_VERSION + 1).open()
+            rows = await conn.fetch(
+                "SELECT p.oid::regprocedure::text AS f FROM pg_proc p "
+                "WHERE p.proname = 'keybrake_reserve'"
+            )
+            assert await conn.fetchval("SELECT version FROM ledger_rules") == RULE_VERSION + 1
+            return [r["f"] for r in rows]
+        finally:
+            await conn.close()
+
+    found = asyncio.run(run())
+    assert len(found) == 1 and found[0] != "keybrake_reserve(text)" and "integer" in found[0]
+
+
+def test_the_ledger_sql_is_rendered_from_the_decision_module() -> None:
+    from keybrake.proxy.decisions import CAP_HITS, CUT_OFF
+    from keybrake.proxy.store.postgres import ledger_sql
+
+    text = ledger_sql(7)
+    assert "{{" not in text and "}}" not in text
+    assert "IS DISTINCT FROM 7 THEN" in text
+    assert ", ".join(f"'{d.value}'" for d in sorted(CAP_HITS)) in text
+    assert ", ".join(f"'{d.value}'" for d in sorted(CUT_OFF)) in text
