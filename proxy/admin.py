@@ -121,6 +121,18 @@ _STATUSES = ("active", "revoked", "expired")
 AUDIT_COLUMNS = list(AuditRow.model_fields)
 
 
+def _patch_basis(record: KeyRecord | BudgetRecord) -> dict[str, int | datetime | None]:
+    """The caps and expiry a patch of `record` is checked against."""
+    basis: dict[str, int | datetime | None] = {
+        "daily_cap_micros": record.daily_cap_micros,
+        "total_cap_micros": record.total_cap_micros,
+        "expires_at": record.expires_at,
+    }
+    if isinstance(record, KeyRecord):
+        basis["max_per_caller_micros"] = record.max_per_caller_micros
+    return basis
+
+
 def error(status: int, error_type: str, message: str) -> JSONResponse:
     body = {"error": {"type": error_type, "message": redact(message)}}
     return JSONResponse(body, status_code=status)
@@ -713,6 +725,8 @@ class AdminApi:
         )
         changed: dict[str, Any] = dict(patch.fields())
         check_patch(actor, record, replace(record, **changed), budget=budget)
+        # Applied only to the record as checked: a patch racing this one makes it a 409.
+        patch = replace(patch, expected=_patch_basis(record))
         action = "budget.patch" if subject_id.startswith("bg_") else "key.patch"
         detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
         event = self._event(actor, action, subject_id, detail=detail)
@@ -721,6 +735,13 @@ class AdminApi:
             return error(404, "not_found", f"no {subject_id!r}")
         if outcome == "not_live":
             return error(409, "conflict", f"{subject_id} is no longer active: nothing changed")
+        if outcome == "changed":
+            return error(
+                409,
+                "conflict",
+                f"{subject_id} was changed by another request meanwhile: nothing changed; "
+                "read it again and retry",
+            )
         if subject_id.startswith("bg_"):
             patched = await self.store.get_budget(subject_id, now)
             assert patched is not None

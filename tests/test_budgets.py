@@ -458,3 +458,41 @@ def test_stripe_and_resend_under_one_budget_hold_no_more_than_it(
     assert 5_004_500 - 900 < moved <= 5_004_500
     assert charged >= 1 and emailed >= 1
     assert shown["total_spent_usd"] == format_usd(moved)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_patch_raced_by_another_is_refused_not_judged_on_the_old_state(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The policy check and the write are two steps; a patch landing between them makes this
+    one a 409 that changes nothing, so no patch is ever applied to a record it was not checked
+    against (two loosening patches racing cannot each pass on the state before the other)."""
+    from keybrake.proxy.store import open_store
+    from keybrake.proxy.store.records import Patch
+    from tests.inproc import issue
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    if backend == "postgres":
+        url = str(request.getfixturevalue("pg_url"))
+    store: Any = open_store(url)
+    original = store.patch
+
+    async def raced(subject_id: str, patch: Patch, now: datetime, event: Any) -> str:
+        if patch.reason == "raced":  # another request's patch commits first
+            meanwhile = Patch("meanwhile", daily_cap_micros=50_000_000)
+            assert await original(subject_id, meanwhile, now, event) == "patched"
+        result: str = await original(subject_id, patch, now, event)
+        return result
+
+    store.patch = raced
+    with app_client(tmp_path, store=store) as client:
+        key = issue(client, daily_usd_cap=100)
+        path = f"/vault/keys/{key['key_id']}"
+        refused = client.patch(path, json={"daily_usd_cap": 150, "reason": "raced"})
+        after = client.get(path).json()
+        retried = client.patch(path, json={"daily_usd_cap": 150, "reason": "again"})
+    assert refused.status_code == 409, refused.text
+    assert "changed by another request" in refused.json()["error"]["message"]
+    assert after["daily_usd_cap"] == "50.00"
+    assert [c["reason"] for c in after["changes"]] == ["meanwhile"]
+    assert retried.status_code == 200 and retried.json()["daily_usd_cap"] == "150.00"

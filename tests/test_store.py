@@ -395,3 +395,37 @@ def test_key_lists_page_by_creation_time_then_id(database_url: str) -> None:
             await store.close()
 
     asyncio.run(run())
+
+
+def test_a_patch_applies_only_to_the_record_it_was_checked_against(database_url: str) -> None:
+    """Compare-and-set: a patch carrying the caps it was judged by is refused ("changed") when
+    another patch changed them meanwhile, and then changes nothing."""
+    from keybrake.proxy.store.records import Patch
+
+    async def run() -> None:
+        store = open_store(database_url)
+        await store.open()
+        try:
+            record = key(100_000_000)
+            await store.create_key(record, TEST_EVENT)
+            basis: dict[str, Any] = {
+                "daily_cap_micros": record.daily_cap_micros,
+                "total_cap_micros": None,
+                "max_per_caller_micros": None,
+                "expires_at": record.expires_at,
+            }
+            first = Patch("first", daily_cap_micros=200_000_000, expected=basis)
+            assert await store.patch(record.key_id, first, NOW, TEST_EVENT) == "patched"
+            racing = Patch("second", total_cap_micros=500_000_000, expected=basis)
+            assert await store.patch(record.key_id, racing, NOW, TEST_EVENT) == "changed"
+            view = await store.get_key(record.key_id, NOW)
+            assert view is not None
+            assert view.key.daily_cap_micros == 200_000_000 and view.key.total_cap_micros is None
+            assert [change.reason for change in view.changes] == ["first"]
+            later = {**basis, "daily_cap_micros": 200_000_000}
+            again = Patch("second", total_cap_micros=500_000_000, expected=later)
+            assert await store.patch(record.key_id, again, NOW, TEST_EVENT) == "patched"
+        finally:
+            await store.close()
+
+    asyncio.run(run())

@@ -382,8 +382,11 @@ class SQLStore:
     def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> Op[str]:
         table, column = subject_table(subject_id)
         fields = patch.fields()
+        read = sorted({*fields, *(patch.expected or {})} - {"expires_at"})
+        if not set(read) <= _PATCHABLE:
+            raise ValueError(f"not a patchable field: {sorted(set(read) - _PATCHABLE)}")
         before = yield row(
-            f"SELECT revoked_at, expires_at, {', '.join(fields)} FROM {table} "
+            f"SELECT {', '.join(['revoked_at', 'expires_at', *read])} FROM {table} "
             f"WHERE {column} = :subject FOR UPDATE",
             subject=subject_id,
         )
@@ -391,13 +394,14 @@ class SQLStore:
             return "unknown"
         if before["revoked_at"] is not None or moment(before["expires_at"]) <= now:
             return "not_live"
+        olds = {name: before[name] for name in read}
+        olds["expires_at"] = moment(before["expires_at"])
+        if any(olds[name] != given for name, given in (patch.expected or {}).items()):
+            return "changed"
         sets = ", ".join(f"{name} = :{name}" for name in fields)
         yield execute(
             f"UPDATE {table} SET {sets} WHERE {column} = :subject", **fields, subject=subject_id
         )
-        olds = {
-            name: moment(before[name]) if name == "expires_at" else before[name] for name in fields
-        }
         yield execute_many(
             "INSERT INTO changes (subject_id, field, old, new, reason, at) "
             "VALUES (:subject, :field, :old, :new, :reason, :at)",
@@ -943,6 +947,7 @@ class SQLStore:
 # -- rows and records -------------------------------------------------------------------------
 
 _RUN_TABLES = {"vault_keys": "key_id", "budgets": "budget_id"}
+_PATCHABLE = {"daily_cap_micros", "total_cap_micros", "max_per_caller_micros"}
 
 
 def _maybe_moment(stored: Any) -> datetime | None:

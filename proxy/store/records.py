@@ -327,13 +327,17 @@ class BudgetView:
 
 @dataclass(frozen=True, slots=True)
 class Patch:
-    """New caps and expiry for a live key or budget (None: unchanged), and the reason."""
+    """New caps and expiry for a live key or budget (None: unchanged), and the reason.
+    `expected`: the caps and expiry the patch was checked against (`access.check_patch`); the
+    store applies it only if the row still holds them, so two patches racing are never each
+    judged against the state before the other."""
 
     reason: str
     daily_cap_micros: int | None = None
     total_cap_micros: int | None = None
     max_per_caller_micros: int | None = None
     expires_at: datetime | None = None
+    expected: dict[str, int | datetime | None] | None = None
 
     def fields(self) -> dict[str, int | datetime]:
         return {
