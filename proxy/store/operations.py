@@ -59,6 +59,7 @@ from keybrake.proxy.store.sql import (
     Where,
     execute,
     execute_many,
+    inserted_id,
     moment,
     row,
     rows,
@@ -1202,13 +1203,12 @@ def _revoke_subject(subject_id: str, now: datetime) -> Op[None]:
 
 def insert_audit(audit: AuditRecord) -> Op[int]:
     """An audit row (SQLite's ledger writes its rows with this too); its id."""
-    audit_id = yield value(
+    audit_id = yield inserted_id(
         "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
         "reserved_micros, settled_micros, amount, currency, vendor_request_id, "
         "idempotency_key, latency_ms, caller_tag, budget_id) VALUES (:ts, :key_id, :label, "
         ":vendor, :method, :path, :status, :decision, :reserved, :settled, :amount, "
-        ":currency, :request_id, :idempotency_key, :latency, :caller_tag, :budget_id) "
-        "RETURNING id",
+        ":currency, :request_id, :idempotency_key, :latency, :caller_tag, :budget_id)",
         ts=audit.ts,
         key_id=audit.key_id,
         label=audit.label,

@@ -510,10 +510,9 @@ class SQLiteStore(SQLStore):
         def op(conn: sqlite3.Connection) -> Admission:
             # The schema and rules this process started with, still: a newer build that migrated
             # the file since has rules this process does not know, so it forwards nothing.
-            cookie, rules = conn.execute(
-                "SELECT (SELECT schema_version FROM pragma_schema_version), "
-                "(SELECT user_version FROM pragma_user_version)"
-            ).fetchone()
+            # Two header reads (a SELECT of both pragmas costs twice as much).
+            cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+            rules = conn.execute("PRAGMA user_version").fetchone()[0]
             if cookie != self._schema_cookie or rules != self.rule_version:
                 self._check_versions(conn)
                 self._schema_cookie = cookie
