@@ -131,3 +131,16 @@ def test_every_query_parses(tmp_path: Path) -> None:
         + "\n".join(f"q{n}: {expr}" for n, expr in enumerate(exprs))
     )
     assert f"SUCCESS: {len(exprs)} rules found" in done.stdout
+
+
+def test_the_cap_hit_alert_counts_exactly_the_cap_hits() -> None:
+    """The rule's decision pattern names the decision module's cap hits, no more, no fewer."""
+    from keybrake.proxy.decisions import CAP_HITS, Decision
+
+    exprs = [rule["expr"] for rule in alerts() if "cap_hit" in rule["expr"]]
+    assert exprs
+    for expr in exprs:
+        pattern = re.search(r'decision=~"([^"]+)"', expr)
+        assert pattern is not None, expr
+        matched = {d for d in Decision if re.fullmatch(pattern.group(1), d.value)}
+        assert matched == set(CAP_HITS), expr

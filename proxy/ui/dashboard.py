@@ -39,6 +39,7 @@ from keybrake.proxy.access import (
     looks_like_jwt,
     refused_login,
 )
+from keybrake.proxy.decisions import is_cap_hit
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import is_label
 from keybrake.proxy.money import format_ts
@@ -122,6 +123,7 @@ class Dashboard:
         self.templates.filters["usd"] = charts.usd
         self.templates.filters["age"] = self._age
         self.templates.filters["when"] = _when
+        self.templates.tests["cap_hit"] = is_cap_hit
         self.templates.tests["stripe_request"] = lambda value: bool(
             _STRIPE_REQUEST.fullmatch(str(value))
         )
