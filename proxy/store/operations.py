@@ -10,6 +10,7 @@ SQLite's in Python around `keybrake.proxy.decisions.admit`, PostgreSQL's in serv
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -66,7 +67,7 @@ from keybrake.proxy.store.sql import (
     value,
 )
 
-__all__ = ["SQLStore", "insert_audit"]
+__all__ = ["AUDIT_COLUMNS", "INSERT_AUDIT", "SQLStore", "audit_values", "insert_audit"]
 
 S = TypeVar("S", bound="SQLStore")
 P = ParamSpec("P")
@@ -1201,32 +1202,37 @@ def _revoke_subject(subject_id: str, now: datetime) -> Op[None]:
         )
 
 
+# An audit row's columns, named as `AuditRecord`'s fields: the one statement inserting it is made
+# from them, and SQLite's ledger binds a record's values in this order (`audit_values`).
+AUDIT_COLUMNS = (
+    "ts",
+    "key_id",
+    "label",
+    "vendor",
+    "method",
+    "path",
+    "status",
+    "decision",
+    "reserved_micros",
+    "settled_micros",
+    "amount",
+    "currency",
+    "vendor_request_id",
+    "idempotency_key",
+    "latency_ms",
+    "caller_tag",
+    "budget_id",
+)
+INSERT_AUDIT = "INSERT INTO audit ({}) VALUES ({})".format(
+    ", ".join(AUDIT_COLUMNS), ", ".join(f":{c}" for c in AUDIT_COLUMNS)
+)
+audit_values = operator.attrgetter(*AUDIT_COLUMNS)
+
+
 def insert_audit(audit: AuditRecord) -> Op[int]:
-    """An audit row (SQLite's ledger writes its rows with this too); its id."""
-    audit_id = yield inserted_id(
-        "INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision, "
-        "reserved_micros, settled_micros, amount, currency, vendor_request_id, "
-        "idempotency_key, latency_ms, caller_tag, budget_id) VALUES (:ts, :key_id, :label, "
-        ":vendor, :method, :path, :status, :decision, :reserved, :settled, :amount, "
-        ":currency, :request_id, :idempotency_key, :latency, :caller_tag, :budget_id)",
-        ts=audit.ts,
-        key_id=audit.key_id,
-        label=audit.label,
-        vendor=audit.vendor,
-        method=audit.method,
-        path=audit.path,
-        status=audit.status,
-        decision=str(audit.decision),
-        reserved=audit.reserved_micros,
-        settled=audit.settled_micros,
-        amount=audit.amount,
-        currency=audit.currency,
-        request_id=audit.vendor_request_id,
-        idempotency_key=audit.idempotency_key,
-        latency=audit.latency_ms,
-        caller_tag=audit.caller_tag,
-        budget_id=audit.budget_id,
-    )
+    """An audit row; its id."""
+    values = dict(zip(AUDIT_COLUMNS, audit_values(audit), strict=True))
+    audit_id = yield inserted_id(INSERT_AUDIT, **values)
     return int(audit_id)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "Query",
     "Refused",
     "Where",
+    "compiled",
     "execute",
     "execute_many",
     "inserted_id",
@@ -151,7 +152,7 @@ _ROW_LOCK = re.compile(r"\s+FOR UPDATE( SKIP LOCKED)?")
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """What the shared SQL needs to know about a backend (its parameter style: `_compile`)."""
+    """What the shared SQL needs to know about a backend (its parameter style: `compiled`)."""
 
     name: str
     # `position(haystack, needle)`: the needle's 1-based place, 0 if absent (no LIKE, whose `%`
@@ -167,9 +168,7 @@ class Dialect:
 
 
 def _sqlite_value(given: Any) -> Any:
-    kind = type(given)
-    if kind is str or kind is int or given is None:  # most values: nothing to do
-        return given
+    """A parameter as SQLite stores it: timestamps as fixed-width text, lists as JSON."""
     if isinstance(given, datetime):
         return format_ts(given)
     if isinstance(given, list | tuple):
@@ -177,8 +176,12 @@ def _sqlite_value(given: Any) -> Any:
     return given
 
 
+# Parameters SQLite takes as they are: most of them, so the common case is one type lookup.
+_AS_IS = frozenset({str, int, float, bytes, bool, type(None)})
+
+
 @lru_cache(maxsize=1024)
-def _compile(dialect: str, sql: str) -> tuple[str, tuple[str, ...]]:
+def compiled(dialect: str, sql: str) -> tuple[str, tuple[str, ...]]:
     """The SQL as the backend takes it, and the order its parameters go in: numbered (`?NNN`,
     `$n`), bound from a tuple, which costs a fraction of binding by name. SQLite's writer holds
     the database's only write lock for a whole transaction, so row locks (`FOR UPDATE`) have
@@ -228,7 +231,7 @@ def run_sync(conn: sqlite3.Connection, op: Op[T]) -> T:
 
 
 def _run_sqlite(conn: sqlite3.Connection, query: Query) -> Any:
-    sql, order = _compile("sqlite", query.sql)
+    sql, order = compiled("sqlite", query.sql)
     if query.mode is Mode.MANY:
         conn.executemany(sql, [_sqlite_args(order, p) for p in query.params])
         return None
@@ -246,8 +249,12 @@ def _run_sqlite(conn: sqlite3.Connection, query: Query) -> Any:
     return cursor.fetchall() if query.mode is Mode.ROWS else cursor.fetchone()
 
 
-def _sqlite_args(order: Sequence[str], params: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(_sqlite_value(params[name]) for name in order)
+def _sqlite_args(order: Sequence[str], params: Mapping[str, Any]) -> list[Any]:
+    args = [params[name] for name in order]
+    for index, given in enumerate(args):
+        if type(given) not in _AS_IS:
+            args[index] = _sqlite_value(given)
+    return args
 
 
 async def run_async(conn: Any, op: Op[T]) -> T:
@@ -263,7 +270,7 @@ async def run_async(conn: Any, op: Op[T]) -> T:
 
 async def _run_postgres(conn: Any, query: Query) -> Any:
     text = query.sql + " RETURNING id" if query.mode is Mode.INSERTED else query.sql
-    sql, order = _compile("postgres", text)
+    sql, order = compiled("postgres", text)
     if query.mode is Mode.MANY:
         await conn.executemany(sql, [_args(order, p) for p in query.params])
         return None
