@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 # once, when they are made, and would then ignore the width each CLI test asks for.
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+
+# A test run started in the background by a non-interactive shell inherits SIGINT ignored, and so
+# would every process a test starts: the Ctrl-C tests could not interrupt them. Children of a
+# process with a handler get the default action back when they start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.webhook import WebhookReceiver
