@@ -21,14 +21,13 @@ from ruamel.yaml.comments import CommentedMap
 
 from keybrake.adopt.workflows import Workflow, line_of
 from keybrake.adopt.yaml_bound import TooManyAliasNodes, safe_load
+from keybrake.proxy.vendor_facts import VENDOR_NAMES
 
 __all__ = ["VENDORS", "CredentialUse", "Heuristic", "credential_uses"]
 
-# Substrings naming a vendor, and the vendor. The first three are the ones keybrake proxies.
+# Substrings naming a vendor, and the vendor. The first ones are those keybrake proxies.
 VENDORS = {
-    "stripe": "stripe",
-    "twilio": "twilio",
-    "resend": "resend",
+    **{name: name for name in VENDOR_NAMES},
     "sendgrid": "sendgrid",
     "mailgun": "mailgun",
     "postmark": "postmark",

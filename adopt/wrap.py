@@ -37,6 +37,8 @@ from keybrake.adopt.workflows import (
 )
 from keybrake.adopt.yaml_bound import TooManyAliasNodes
 from keybrake.proxy.endpoints import EndpointPattern
+from keybrake.proxy.errors import KeybrakeError
+from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO, VENDOR_FACTS, VENDOR_NAMES
 
 __all__ = [
     "CODE_CHANGES",
@@ -47,37 +49,31 @@ __all__ = [
     "wrap_text",
 ]
 
-SUPPORTED = ("stripe", "twilio", "resend")
+SUPPORTED = VENDOR_NAMES
 TEMPLATES = "keybrake-vault-key"  # the shipped ClusterWorkflowTemplate (templates/)
 DEFAULT_PROXY = "http://keybrake.keybrake.svc.cluster.local:8080"
 # What a key may call unless told (--allow): the vendor's usual spending call.
-DEFAULT_ENDPOINTS = {
-    "stripe": ["POST /v1/payment_intents"],
-    "twilio": ["POST /2010-04-01/Accounts/*/Messages.json"],
-    "resend": ["POST /emails"],
-}
-BASE_URL_VARIABLE = {
-    "stripe": "STRIPE_BASE_URL",
-    "twilio": "TWILIO_BASE_URL",
-    "resend": "RESEND_API_URL",
-}
+DEFAULT_ENDPOINTS = {vendor.name: list(vendor.usual_endpoints) for vendor in VENDOR_FACTS.values()}
+BASE_URL_VARIABLE = {vendor.name: vendor.sdk.base_url for vendor in VENDOR_FACTS.values()}
 # The one change each vendor's SDK needs, and no more than that: resend-python reads its base
 # URL from the environment; stripe-python and twilio take it only in code.
 CODE_CHANGES = {
-    "stripe": (
+    STRIPE.name: (
         "stripe-python takes its base URL only in code: after `import stripe`, add "
-        '`stripe.api_base = os.environ["STRIPE_BASE_URL"]` (with `StripeClient`, pass '
-        '`base_addresses={"api": os.environ["STRIPE_BASE_URL"]}` instead).'
+        f'`stripe.api_base = os.environ["{STRIPE.sdk.base_url}"]` (with `StripeClient`, pass '
+        f'`base_addresses={{"api": os.environ["{STRIPE.sdk.base_url}"]}}` instead).'
     ),
-    "twilio": (
+    TWILIO.name: (
         "twilio takes its base URL only in code: after `client = Client(...)`, add "
-        '`client.api.base_url = os.environ["TWILIO_BASE_URL"]`.'
+        f'`client.api.base_url = os.environ["{TWILIO.sdk.base_url}"]`.'
     ),
-    "resend": "none: resend-python reads RESEND_API_URL from the environment by itself.",
+    RESEND.name: (
+        f"none: resend-python reads {RESEND.sdk.base_url} from the environment by itself."
+    ),
 }
 
 
-class WrapError(Exception):
+class WrapError(KeybrakeError):
     """What cannot be converted safely, and why (exit 2)."""
 
 

@@ -22,6 +22,8 @@ import yaml
 from ruamel.yaml.composer import Composer
 from ruamel.yaml.events import AliasEvent
 
+from keybrake.proxy.errors import KeybrakeError
+
 __all__ = [
     "ALIAS_NODE_LIMIT",
     "AliasExpansion",
@@ -33,7 +35,7 @@ __all__ = [
 ALIAS_NODE_LIMIT = 1_000_000
 
 
-class TooManyAliasNodes(Exception):
+class TooManyAliasNodes(KeybrakeError):
     """A file whose aliases stand for more than `limit` nodes (a "billion laughs" file)."""
 
     def __init__(self, limit: int, line: int) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
+from keybrake.proxy.vendor_facts import VENDOR_NAMES
+
 from ._issuing import RUN_LABEL, Money, duration, given, issuing_inputs, money, optional, run_env
 from .budget import RunBudget
 from .connection import ProxyConnection, is_expression
@@ -57,7 +59,9 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
         step="issue",
         proxy=proxy,
         inputs=[
-            Parameter(name="vendor", description="stripe, twilio or resend"),
+            Parameter(
+                name="vendor", description=f"{', '.join(VENDOR_NAMES[:-1])} or {VENDOR_NAMES[-1]}"
+            ),
             Parameter(
                 name="allowed_endpoints",
                 description='JSON list, e.g. ["POST /v1/payment_intents"]',

@@ -14,7 +14,11 @@ See <https://argo-workflows.readthedocs.io/en/latest/workflow-templates/>.
 
 from __future__ import annotations
 
+import json
+
 from hera.workflows import DAG, ClusterWorkflowTemplate, Parameter, WorkflowTemplate
+
+from keybrake.proxy.vendor_facts import STRIPE, VENDOR_NAMES
 
 from .budget import budget_template
 from .connection import (
@@ -34,6 +38,7 @@ __all__ = ["FANOUT_PARALLELISM", "FANOUT_TEMPLATE", "VAULT_KEY_TEMPLATE", "fanou
 FANOUT_TEMPLATE = "keybrake-fanout"
 WORKLOAD_SERVICE_ACCOUNT = "keybrake-workload"
 FANOUT_PARALLELISM = 10
+_DEFAULT_VENDOR = STRIPE  # keybrake-fanout's `vendor` and `allowed_endpoints` unless given
 _DESCRIPTION = "workflows.argoproj.io/description"
 
 TemplateKind = type[WorkflowTemplate] | type[ClusterWorkflowTemplate]
@@ -82,10 +87,10 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 description="USD the whole run may spend, however long it lives (the key's "
                 "total cap)",
             ),
-            Parameter(name="vendor", value="stripe", enum=["stripe", "twilio", "resend"]),
+            Parameter(name="vendor", value=_DEFAULT_VENDOR.name, enum=list(VENDOR_NAMES)),
             Parameter(
                 name="allowed_endpoints",
-                value='["POST /v1/payment_intents"]',
+                value=json.dumps(list(_DEFAULT_VENDOR.usual_endpoints)),
                 description="JSON list of 'METHOD /path' the key may call",
             ),
             Parameter(name="expires_in", value="2h", description="key lifetime"),

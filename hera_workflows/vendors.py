@@ -13,7 +13,8 @@ base-URL variable points at the proxy's vendor prefix:
 - Resend: `RESEND_API_KEY`, `RESEND_API_URL`, both read by the SDK itself: no code.
 
 Every pod also gets the vendor-neutral `KEYBRAKE_VAULT_KEY`, `KEYBRAKE_URL` and
-`KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`).
+`KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`). The vendors and their variables are read from
+`keybrake.proxy.vendor_facts` (standard library only: no part of the proxy's request path).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from dataclasses import dataclass
 
 from hera.workflows.models import EnvVar
 
+from keybrake.proxy.vendor_facts import TWILIO_PLACEHOLDER_SID, VENDOR_FACTS
+
 from .connection import is_expression
 from .errors import TemplateConfigError
 
 __all__ = ["TWILIO_PLACEHOLDER_SID", "VENDORS", "VendorSdk", "check_vendor", "sdk_env"]
-
-TWILIO_PLACEHOLDER_SID = "AC" + "0" * 32
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,8 @@ class VendorSdk:
 
 
 VENDORS: dict[str, VendorSdk] = {
-    sdk.name: sdk
-    for sdk in (
-        VendorSdk("stripe", key_env="STRIPE_SECRET_KEY", base_url_env="STRIPE_BASE_URL"),
-        VendorSdk(
-            "twilio",
-            key_env="TWILIO_AUTH_TOKEN",
-            base_url_env="TWILIO_BASE_URL",
-            fixed_env=(("TWILIO_ACCOUNT_SID", TWILIO_PLACEHOLDER_SID),),
-        ),
-        VendorSdk("resend", key_env="RESEND_API_KEY", base_url_env="RESEND_API_URL"),
-    )
+    vendor.name: VendorSdk(vendor.name, vendor.sdk.key, vendor.sdk.base_url, vendor.sdk.fixed)
+    for vendor in VENDOR_FACTS.values()
 }
 
 

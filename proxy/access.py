@@ -28,6 +28,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from keybrake.proxy.endpoints import EndpointPattern
+from keybrake.proxy.errors import Forbidden, LoginRefused  # from the one tree; exported here too
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
 from keybrake.proxy.money import format_usd, parse_duration, usd_to_micros
 from keybrake.proxy.store.protocol import Store
@@ -56,6 +57,7 @@ __all__ = [
     "check_patch",
     "check_scope",
     "hash_token",
+    "hash_vault_key",
     "looks_like_jwt",
     "namespace_of",
     "policy_json",
@@ -65,6 +67,11 @@ __all__ = [
 ISSUER_TOKEN_PREFIX = "kbi_"  # noqa: S105 (a prefix, not a secret)
 
 
+def hash_vault_key(vault_key: str) -> bytes:
+    # Vault keys are 256-bit random tokens, so a fast hash is as good as a slow one here.
+    return hashlib.sha256(vault_key.encode()).digest()
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -72,24 +79,6 @@ def hash_token(token: str) -> bytes:
 def looks_like_jwt(token: str) -> bool:
     """Three base64url segments, the first a JSON object (`eyJ` is `{"`)."""
     return token.startswith("eyJ") and token.count(".") == 2
-
-
-class Forbidden(Exception):
-    """Outside the caller's policy or scope: `limit` names the rule, `message` says how."""
-
-    def __init__(self, limit: str, message: str) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.message = message
-
-
-class LoginRefused(Exception):
-    """No valid credentials: a 401. `message` is safe to show (it never holds the token)."""
-
-    def __init__(self, message: str, identity: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.identity = identity  # who the token claimed to be, when it was readable
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from keybrake.proxy.access import TokenVerifier
+from keybrake.proxy.access import Authenticator, TokenVerifier
 from keybrake.proxy.admin import AdminApi
 from keybrake.proxy.alerts import Alerts
+from keybrake.proxy.body import BodyDeadlines
 from keybrake.proxy.decisions import window_floor
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.kubernetes import verifier_from
@@ -32,6 +33,7 @@ from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.records import MetricsSnapshot
 from keybrake.proxy.ui.dashboard import Dashboard
 from keybrake.proxy.upstream import Upstream
+from keybrake.proxy.vault import Vault
 from keybrake.proxy.vendors import VENDORS, Vendor
 
 __all__ = ["build_app", "maintain", "utc_now"]
@@ -83,23 +85,23 @@ def build_app(
     if verifier is None:
         audiences = list(settings.kubernetes_audiences)
         verifier = verifier_from(settings, lambda: audiences)
+    deadlines = BodyDeadlines(settings.body_timeout)
+    vault = Vault(settings=settings, store=store, vendors=list(vendors), clock=clock)
+    token = settings.api_key.get_secret_value()
     admin = AdminApi(
-        settings=settings,
-        store=store,
-        vendors=list(vendors),
-        pricing=pricing,
-        clock=clock,
-        verifier=verifier,
+        vault=vault,
+        authenticator=Authenticator(token, store, verifier),
+        pricing=pricing.as_json,
+        deadlines=deadlines,
     )
     stripe_key = settings.stripe_secret_key
     dashboard = Dashboard(
-        store=store,
+        vault=vault,
         authenticator=admin.authenticator,
-        admin_token=settings.api_key.get_secret_value(),
-        clock=clock,
+        admin_token=token,
         session_ttl_seconds=settings.ui_session_ttl_delta.total_seconds(),
         cookie_secure=settings.ui_cookie_secure,
-        body_timeout=settings.body_timeout,
+        deadlines=deadlines,
         # Test-mode request ids live under /test/ in Stripe's dashboard.
         stripe_test_mode=stripe_key is not None
         and stripe_key.get_secret_value().startswith(("sk_test_", "rk_test_")),
@@ -138,7 +140,6 @@ def build_app(
         body = metrics.render(snapshot)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    deadlines = BodyDeadlines(settings.body_timeout)
     forward = _ForwardEndpoint(pipeline, settings.max_body_bytes, deadlines)
 
     if settings.reservation_ttl_delta.total_seconds() <= settings.upstream_timeout:
@@ -241,45 +242,6 @@ class ProxyApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-class BodyDeadlines:
-    """Request bodies must arrive in full within `timeout` seconds of the request's start: a
-    deadline, not an idle timeout, so a client trickling a byte at a time is cut off too.
-
-    One watchdog task checks every reader a few times per timeout and cancels those past their
-    deadline, instead of a timer per request (which cost several microseconds on every call)."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._readers: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-
-    async def watch(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(min(1.0, self.timeout / 4))  # a check period
-            now = loop.time()
-            for task, deadline in list(self._readers.items()):
-                if deadline <= now and task not in self._expired:
-                    self._expired.add(task)
-                    task.cancel()
-
-    async def read(self, receive: Receive, limit: int) -> tuple[bytes, bool, bool]:
-        """(body, too large, timed out)."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._readers[task] = asyncio.get_running_loop().time() + self.timeout
-        try:
-            return (*await _read_body(receive, limit), False)
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise  # a cancellation of someone else's: pass it on
-            task.uncancel()
-            return b"", False, True
-        finally:
-            del self._readers[task]
-            self._expired.discard(task)
-
-
 class _ForwardEndpoint:
     """A raw ASGI endpoint: reads the body with a size limit and a deadline, and hands the call
     to the pipeline."""
@@ -320,22 +282,3 @@ class _ForwardEndpoint:
         raw_headers.append((b"content-length", str(len(reply.body)).encode()))
         await send({"type": "http.response.start", "status": reply.status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": reply.body})
-
-
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    chunks: list[bytes] = []
-    size = 0
-    too_large = False
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            too_large = True
-        elif chunk:
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return (b"" if too_large else b"".join(chunks)), too_large

@@ -17,16 +17,13 @@ import re
 from datetime import datetime
 from typing import Any
 
+from keybrake.proxy.errors import CursorError  # from the one tree; exported here too
 from keybrake.proxy.money import format_ts, parse_ts
 
 __all__ = ["CursorError", "decode_id", "decode_position", "encode_id", "encode_position"]
 
 _VERSION = 1
 _ROW_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,253}")
-
-
-class CursorError(ValueError):
-    """Not a `continue` token of this listing."""
 
 
 def _encode(listing: str, position: list[Any]) -> str:

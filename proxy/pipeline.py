@@ -24,11 +24,18 @@ from datetime import datetime
 from time import perf_counter
 from typing import Any
 
+from keybrake.proxy.access import hash_vault_key
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of, refusal
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
-from keybrake.proxy.errors import SchemaNewer, StoreUnavailable
+from keybrake.proxy.errors import (
+    AmbiguousRequest,
+    LookupFailed,
+    SchemaNewer,
+    StoreUnavailable,
+    Unpriceable,
+    UpstreamError,
+)
 from keybrake.proxy.metrics import Metrics
-from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable
 from keybrake.proxy.redact import redact
 from keybrake.proxy.store.protocol import Store
 from keybrake.proxy.store.records import (
@@ -39,7 +46,7 @@ from keybrake.proxy.store.records import (
     Settlement,
     StoredResponse,
 )
-from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamError, UpstreamResponse
+from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamResponse
 from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 
 __all__ = ["CAP_HIT_HEADER", "Incoming", "LookupFailed", "Pipeline", "Reply", "hash_vault_key"]
@@ -48,11 +55,6 @@ CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
 _KEPT = frozenset({Decision.FORWARDED, Decision.VENDOR_REPLAYED})  # answers stored for replays
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,252}")
 log = logging.getLogger("keybrake.proxy")
-
-
-def hash_vault_key(vault_key: str) -> bytes:
-    # Vault keys are 256-bit random tokens, so a fast hash is as good as a slow one here.
-    return hashlib.sha256(vault_key.encode()).digest()
 
 
 def split_presented_key(presented: str) -> tuple[str, str | None]:
@@ -89,10 +91,6 @@ class _Refused(Exception):
         super().__init__(decision)
         self.decision = decision
         self.details = details
-
-
-class LookupFailed(Exception):
-    pass
 
 
 class _KeyCache:
@@ -378,7 +376,10 @@ class Pipeline:
         if admission.decision is not Decision.FORWARDED:
             prior = str(admission.prior_audit_id or "")
             return self._refusal(c.vendor, admission.decision, audit_id=prior)
-        response = await self._forward(c, admission.forward_key)
+        try:
+            response = await self._forward(c, admission.forward_key)
+        except UpstreamError as exc:
+            return await self._settle_unanswered(c, admission, exc)  # sets the final decision
         return await self._settle(c, admission, response)  # sets the final decision
 
     async def _reserve(self, c: _Call) -> Admission:
@@ -421,8 +422,8 @@ class Pipeline:
             c.cost = cost.with_micros(admission.reserved_micros)
         return admission
 
-    async def _forward(self, c: _Call, forward_key: str | None) -> UpstreamResponse | str:
-        """The vendor's answer, or why there is none."""
+    async def _forward(self, c: _Call, forward_key: str | None) -> UpstreamResponse:
+        """The vendor's answer; `UpstreamError` when there is no usable one."""
         vendor, call = c.vendor, c.call
         target, auth = vendor.upstream_request(call)
         # Header names with `_` are dropped: some servers read `Stripe_Account` as
@@ -436,84 +437,104 @@ class Pipeline:
             headers.append((vendor.idempotency_header, forward_key))
         headers.extend(auth.items())
         timed = perf_counter()
-        try:
-            response = await self.upstream.send(
-                call.method, vendor.credentials.base_url + target, headers, call.body
-            )
-        except UpstreamError as exc:
-            return f"{exc}."
+        response = await self.upstream.send(
+            call.method, vendor.credentials.base_url + target, headers, call.body
+        )
         self.metrics.time_upstream(vendor.name, perf_counter() - timed)
         return response
 
-    async def _settle(
-        self, c: _Call, admission: Admission, response: UpstreamResponse | str
-    ) -> Reply:
-        vendor, call, cost, audit = c.vendor, c.call, c.cost, c.audit
-        status: int | None = None
+    async def _settle(self, c: _Call, admission: Admission, response: UpstreamResponse) -> Reply:
+        """Settle the call at what the vendor's answer says it cost, and show the answer."""
+        vendor, call, audit = c.vendor, c.call, c.audit
         request_id = None
         try:
-            if isinstance(response, str):
-                audit.decision = Decision.UPSTREAM_ERROR
-                reply = self._refusal(vendor, Decision.UPSTREAM_ERROR, reason=response)
-                actual = vendor.settle(call, cost, None, b"")
-            else:
-                status = response.status
-                answered = _lower(response.headers)
-                request_id = vendor.request_id(answered)
-                shown_headers, shown_body = vendor.workload_reply(
-                    call, response.status, response.headers, response.body
-                )
-                reply = Reply(response.status, shown_headers, shown_body)
-                actual = vendor.settle(call, cost, status, response.body)
-                audit.decision = Decision.FORWARDED
-                if vendor.is_replay(answered):
-                    # The vendor answered from its idempotency store: nothing moved this time.
-                    audit.decision = Decision.VENDOR_REPLAYED
-                    actual = actual.with_micros(0)
-                elif status == 409 and vendor.replays:
-                    # The vendor is still running a request with this idempotency key: this one
-                    # moved nothing, and what the first will do is not known yet.
-                    audit.decision = Decision.VENDOR_BUSY
-            settlement = Settlement(
-                audit_id=admission.audit_id,
-                key_id=c.key.key_id,
-                bucket=bucket_of(c.reservation.now),
-                vendor=vendor.name,
-                reserved_micros=cost.micros,
-                settled_micros=actual.micros,
-                status=reply.status,
-                decision=audit.decision,
-                vendor_request_id=request_id,
-                latency_ms=round((perf_counter() - c.started) * 1000, 3),
-                idempotency_key=c.reservation.idempotency_key,
-                request_hash=c.reservation.request_hash,
-                dedupe=c.reservation.dedupe,
-                dedupe_token=c.reservation.dedupe_token if c.reservation.dedupe else "",
-                # A 5xx is not kept (a retry is sent again); no answer at all, or the vendor's
-                # "still running", leaves the outcome unknown, so a retry goes out with the same
-                # idempotency key.
-                response=(
-                    StoredResponse(reply.status, reply.headers, reply.body)
-                    if status is not None and status < 500 and audit.decision in _KEPT
-                    else None
-                ),
-                outcome_known=status is not None and audit.decision is not Decision.VENDOR_BUSY,
-                counts=actual.counts if status is not None and status < 300 else (),
-                budget_id=c.key.budget_id,
-                caller=(c.reservation.caller if c.key.max_per_caller_micros is not None else None),
+            answered = _lower(response.headers)
+            request_id = vendor.request_id(answered)
+            shown_headers, shown_body = vendor.workload_reply(
+                call, response.status, response.headers, response.body
             )
-            timed = perf_counter()
-            await self.store.settle(settlement)
-            self.metrics.time_database("settle", perf_counter() - timed)
+            reply = Reply(response.status, shown_headers, shown_body)
+            actual = vendor.settle(call, c.cost, response.status, response.body)
+            audit.decision = Decision.FORWARDED
+            if vendor.is_replay(answered):
+                # The vendor answered from its idempotency store: nothing moved this time.
+                audit.decision = Decision.VENDOR_REPLAYED
+                actual = actual.with_micros(0)
+            elif response.status == 409 and vendor.replays:
+                # The vendor is still running a request with this idempotency key: this one
+                # moved nothing, and what the first will do is not known yet.
+                audit.decision = Decision.VENDOR_BUSY
+            await self._record_settlement(c, admission, reply, actual, response.status, request_id)
             return reply
         except Exception as exc:
-            # Forwarded, but not recorded: the reservation stays counted and the sweep reconciles
-            # it. Saying "not forwarded" here would invite a retry that charges twice.
-            if not isinstance(exc, StoreUnavailable):
-                log.exception("settling audit row %s failed", admission.audit_id)
-            audit.decision = Decision.SETTLE_FAILED
-            shown = f" (its request id: {request_id})" if request_id else ""
-            return self._refusal(vendor, Decision.SETTLE_FAILED, request_id=shown)
+            return self._settle_failed(c, admission, exc, request_id)
+
+    async def _settle_unanswered(
+        self, c: _Call, admission: Admission, error: UpstreamError
+    ) -> Reply:
+        """Settle a call the vendor gave no usable answer to: it may have gone through, so it
+        counts as spent (the vendor's `settle` for no status) and its outcome stays unknown."""
+        try:
+            c.audit.decision = Decision.UPSTREAM_ERROR
+            reply = self._refusal(c.vendor, Decision.UPSTREAM_ERROR, reason=f"{error}.")
+            actual = c.vendor.settle(c.call, c.cost, None, b"")
+            await self._record_settlement(c, admission, reply, actual, None, None)
+            return reply
+        except Exception as exc:
+            return self._settle_failed(c, admission, exc, None)
+
+    async def _record_settlement(
+        self,
+        c: _Call,
+        admission: Admission,
+        reply: Reply,
+        actual: Cost,
+        status: int | None,  # the vendor's; None: no answer
+        request_id: str | None,
+    ) -> None:
+        audit = c.audit
+        settlement = Settlement(
+            audit_id=admission.audit_id,
+            key_id=c.key.key_id,
+            bucket=bucket_of(c.reservation.now),
+            vendor=c.vendor.name,
+            reserved_micros=c.cost.micros,
+            settled_micros=actual.micros,
+            status=reply.status,
+            decision=audit.decision,
+            vendor_request_id=request_id,
+            latency_ms=round((perf_counter() - c.started) * 1000, 3),
+            idempotency_key=c.reservation.idempotency_key,
+            request_hash=c.reservation.request_hash,
+            dedupe=c.reservation.dedupe,
+            dedupe_token=c.reservation.dedupe_token if c.reservation.dedupe else "",
+            # A 5xx is not kept (a retry is sent again); no answer at all, or the vendor's
+            # "still running", leaves the outcome unknown, so a retry goes out with the same
+            # idempotency key.
+            response=(
+                StoredResponse(reply.status, reply.headers, reply.body)
+                if status is not None and status < 500 and audit.decision in _KEPT
+                else None
+            ),
+            outcome_known=status is not None and audit.decision is not Decision.VENDOR_BUSY,
+            counts=actual.counts if status is not None and status < 300 else (),
+            budget_id=c.key.budget_id,
+            caller=(c.reservation.caller if c.key.max_per_caller_micros is not None else None),
+        )
+        timed = perf_counter()
+        await self.store.settle(settlement)
+        self.metrics.time_database("settle", perf_counter() - timed)
+
+    def _settle_failed(
+        self, c: _Call, admission: Admission, exc: Exception, request_id: str | None
+    ) -> Reply:
+        # Forwarded, but not recorded: the reservation stays counted and the sweep reconciles
+        # it. Saying "not forwarded" here would invite a retry that charges twice.
+        if not isinstance(exc, StoreUnavailable):
+            log.error("settling audit row %s failed", admission.audit_id, exc_info=exc)
+        c.audit.decision = Decision.SETTLE_FAILED
+        shown = f" (its request id: {request_id})" if request_id else ""
+        return self._refusal(c.vendor, Decision.SETTLE_FAILED, request_id=shown)
 
     # -- replies -----------------------------------------------------------------------------
 

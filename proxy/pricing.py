@@ -18,34 +18,11 @@ from typing import Any
 
 import yaml
 
-from keybrake.proxy.errors import ConfigError
+# The errors are defined in the one tree (errors.py); the vendor modules import them from here.
+from keybrake.proxy.errors import AmbiguousRequest, ConfigError, PricingEntryError, Unpriceable
 from keybrake.proxy.money import usd_to_micros
 
 __all__ = ["AmbiguousRequest", "PricingEntryError", "PricingTable", "Unpriceable", "load_pricing"]
-
-
-class Unpriceable(Exception):
-    """The cost of this call cannot be known, so it is refused (fail closed, a 403); the message
-    says how an operator prices it."""
-
-
-class AmbiguousRequest(Exception):
-    """The vendor could read this request differently from the proxy (content type, a repeated
-    or unknown field, a query string), so it is refused (a 400); the message says what to send."""
-
-
-class PricingEntryError(ValueError):
-    """A bad entry in a vendor's pricing section, raised by its `validate_pricing`.
-
-    `entry` is the entry's key as written in the file and `table` the sub-table holding it
-    (`"sms"` for `[twilio.sms]`), so the loader names the right line even when the same key (a
-    destination prefix, say) appears in several tables.
-    """
-
-    def __init__(self, message: str, *, entry: str, table: str | None = None) -> None:
-        super().__init__(message)
-        self.entry = entry
-        self.table = table
 
 
 @dataclass(frozen=True)

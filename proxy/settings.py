@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import parse_duration
+from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO, VENDOR_FACTS
 
 __all__ = ["Settings", "VendorCredentials", "read_settings_file"]
 
@@ -42,12 +43,12 @@ class Settings(BaseSettings):
         description="sqlite:///PATH (embedded default) or postgresql://...",
     )
     stripe_secret_key: SecretStr | None = Field(None, description="The real Stripe secret key.")
-    stripe_api_base: str = Field("https://api.stripe.com", description="Stripe upstream.")
+    stripe_api_base: str = Field(STRIPE.settings.default_upstream, description="Stripe upstream.")
     twilio_account_sid: str | None = Field(None, description="The real Twilio account SID.")
     twilio_auth_token: SecretStr | None = Field(None, description="The real Twilio auth token.")
-    twilio_api_base: str = Field("https://api.twilio.com", description="Twilio upstream.")
+    twilio_api_base: str = Field(TWILIO.settings.default_upstream, description="Twilio upstream.")
     resend_api_key: SecretStr | None = Field(None, description="The real Resend API key.")
-    resend_api_base: str = Field("https://api.resend.com", description="Resend upstream.")
+    resend_api_base: str = Field(RESEND.settings.default_upstream, description="Resend upstream.")
     pricing_file: Path | None = Field(None, description="Operator pricing table (TOML or YAML).")
     max_ttl: str = Field("7d", description="Longest life a key may have, counted from issue.")
     max_budget_ttl: str = Field(
@@ -243,19 +244,14 @@ class Settings(BaseSettings):
     def vendor_credentials(self) -> dict[str, VendorCredentials]:
         """Only vendors whose real secret is configured are reachable through the proxy."""
         creds: dict[str, VendorCredentials] = {}
-        if self.stripe_secret_key is not None:
-            creds["stripe"] = VendorCredentials(
-                self.stripe_api_base, self.stripe_secret_key.get_secret_value()
-            )
-        if self.twilio_account_sid and self.twilio_auth_token is not None:
-            creds["twilio"] = VendorCredentials(
-                self.twilio_api_base,
-                self.twilio_auth_token.get_secret_value(),
-                account=self.twilio_account_sid,
-            )
-        if self.resend_api_key is not None:
-            creds["resend"] = VendorCredentials(
-                self.resend_api_base, self.resend_api_key.get_secret_value()
+        for vendor in VENDOR_FACTS.values():
+            names = vendor.settings
+            secret: SecretStr | None = getattr(self, names.credential)
+            account: str | None = getattr(self, names.account) if names.account else None
+            if secret is None or (names.account and not account):
+                continue
+            creds[vendor.name] = VendorCredentials(
+                getattr(self, names.upstream), secret.get_secret_value(), account=account
             )
         return creds
 

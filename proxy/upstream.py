@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from keybrake.proxy.errors import UpstreamError  # from the one tree; exported here too
+
 __all__ = ["HOP_BY_HOP", "Upstream", "UpstreamError", "UpstreamResponse"]
 
 # Never forwarded in either direction: connection-level headers, and what we recompute or replace.
@@ -55,10 +57,6 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
-
-
-class UpstreamError(Exception):
-    """No usable answer: timeout, refused or dropped connection, or an oversized body."""
 
 
 # NO_PROXY as urllib (and curl) read it; in CPython's urllib.request, missing from typeshed.

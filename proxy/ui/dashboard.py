@@ -39,9 +39,10 @@ from keybrake.proxy.access import (
     looks_like_jwt,
     refused_login,
 )
+from keybrake.proxy.body import BodyDeadlines
 from keybrake.proxy.decisions import is_cap_hit
 from keybrake.proxy.errors import StoreUnavailable
-from keybrake.proxy.models import is_label
+from keybrake.proxy.models import LabelRevoke, is_label
 from keybrake.proxy.money import format_ts
 from keybrake.proxy.paging import (
     CursorError,
@@ -50,7 +51,6 @@ from keybrake.proxy.paging import (
     encode_id,
     encode_position,
 )
-from keybrake.proxy.store.protocol import Store
 from keybrake.proxy.store.records import (
     AuditFilter,
     Event,
@@ -60,6 +60,7 @@ from keybrake.proxy.store.records import (
 )
 from keybrake.proxy.ui import charts
 from keybrake.proxy.ui.runs import cumulative, summary_of
+from keybrake.proxy.vault import Vault
 
 __all__ = ["COOKIE", "Dashboard"]
 
@@ -98,22 +99,22 @@ class Dashboard:
     def __init__(
         self,
         *,
-        store: Store,
+        vault: Vault,
         authenticator: Authenticator,
         admin_token: str,
-        clock: Callable[[], datetime],
         session_ttl_seconds: float,
         cookie_secure: str,
         stripe_test_mode: bool,
-        body_timeout: float = 30.0,
+        deadlines: BodyDeadlines,
     ) -> None:
-        self.store = store
+        self.vault = vault
+        self.store = vault.store  # the pages' reads
         self.authenticator = authenticator
         self.admin_hash = hash_token(admin_token)
-        self.clock = clock
+        self.clock = vault.clock
         self.session_ttl = session_ttl_seconds
         self.cookie_secure = cookie_secure
-        self.body_timeout = body_timeout
+        self.deadlines = deadlines
         self.stripe_logs = "https://dashboard.stripe.com/" + ("test/" if stripe_test_mode else "")
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -226,17 +227,14 @@ class Dashboard:
             "application/x-www-form-urlencoded"
         ):
             raise _FormError("not a form")
-        body = b""
         try:
             # The whole form within KEYBRAKE_BODY_TIMEOUT, as on the admin API: a client
             # trickling a byte at a time holds no connection for long.
-            async with asyncio.timeout(self.body_timeout):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > MAX_FORM_BYTES:
-                        raise _FormError("form too large")
+            body = await self.deadlines.read_whole(request.receive, MAX_FORM_BYTES)
         except TimeoutError as exc:
             raise _FormError("the form did not arrive in time") from exc
+        if body is None:
+            raise _FormError("form too large")
         try:
             pairs = urllib.parse.parse_qsl(
                 body.decode("utf-8"), keep_blank_values=True, strict_parsing=False
@@ -319,18 +317,8 @@ class Dashboard:
                 expires_at=expires,
             )
         )
-        await self._record(
-            Event(
-                ts=now,
-                action="ui.login",
-                actor=actor.describe(),
-                issuer_id=actor.issuer_id,
-                outcome="ok",
-                target="POST /ui/login",
-                source=source,
-                detail={"expires_at": format_ts(expires)},
-            )
-        )
+        detail = {"expires_at": format_ts(expires)}
+        await self._record(self.vault.event(actor, "ui.login", "POST /ui/login", detail=detail))
         response = RedirectResponse(next_page, 303, headers=HEADERS)
         response.set_cookie(
             COOKIE,
@@ -522,17 +510,7 @@ class Dashboard:
         label = await self._run_label(request, actor, form.get("label"))
         if label is None:
             return self._no_run(actor)
-        event = Event(
-            ts=self.clock(),
-            action="label.revoke",
-            actor=actor.describe(),
-            issuer_id=actor.issuer_id,
-            target=label,
-            outcome="ok",
-            source=actor.source,
-            detail={"agent_run_label": label, "via": "dashboard"},
-        )
-        await self.store.revoke_label(label, self.clock(), event, scope=actor.scope)
+        await self.vault.revoke_run(actor, LabelRevoke(agent_run_label=label), via="dashboard")
         query = urllib.parse.urlencode({"label": label, "revoked": "1"})
         return RedirectResponse(f"/ui/run?{query}", 303, headers=HEADERS)
 

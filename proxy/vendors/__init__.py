@@ -1,4 +1,5 @@
-"""Vendor modules. Adding a vendor: one module implementing `Vendor`, one entry here, its prices."""
+"""Vendor modules. Adding a vendor: its facts (`keybrake.proxy.vendor_facts`), one module
+implementing `Vendor`, one entry here, its prices."""
 
 from __future__ import annotations
 

@@ -19,13 +19,13 @@ guessed at. What is refused, and why:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_plus
 
 from keybrake.proxy.pricing import AmbiguousRequest
+from keybrake.proxy.strict_json import parse_json
 
 __all__ = ["FormBody", "parse_json", "read_form", "read_json"]
 
@@ -153,35 +153,6 @@ def read_form(headers: Mapping[str, str], query: str, body: bytes, what: str) ->
     """A priced write's form body, read strictly (see the module docstring)."""
     text = _require(headers, query, body, FORM, what)
     return FormBody.parse(text or "")
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise AmbiguousRequest(
-                f"JSON key {key[:60]!r} appears twice in one object; parsers disagree on which "
-                "one counts, so it is refused"
-            )
-        seen[key] = value
-    return seen
-
-
-def _constant(name: str) -> Any:
-    raise AmbiguousRequest(f"JSON {name} is not valid JSON")
-
-
-def parse_json(text: str | bytes) -> Any:
-    """Strict JSON: no repeated keys, no NaN/Infinity, bounded nesting; ValueError otherwise
-    (AmbiguousRequest is one)."""
-    try:
-        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
-    except RecursionError as exc:
-        raise AmbiguousRequest("the JSON is nested too deeply") from exc
-    except AmbiguousRequest:
-        raise
-    except ValueError as exc:
-        raise AmbiguousRequest(f"the request body is not valid JSON: {exc}") from exc
 
 
 def read_json(headers: Mapping[str, str], query: str, body: bytes, what: str) -> Any:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import AmbiguousRequest, PricingEntryError, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendor_facts import RESEND
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
 from keybrake.proxy.vendors.bodies import parse_json, read_json
 from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_endpoints
@@ -82,7 +83,7 @@ _NAMES = {
 
 
 class Resend(Vendor):
-    name: ClassVar[str] = "resend"
+    name: ClassVar[str] = RESEND.name
     # Resend documents no request-id header; its API is served through Cloudflare, whose
     # `cf-ray` names each request. (The email id is in the answer's body.)
     request_id_header: ClassVar[str] = "cf-ray"

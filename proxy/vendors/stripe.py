@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendor_facts import STRIPE
 from keybrake.proxy.vendors.base import (
     FREE,
     Cost,
@@ -58,7 +59,7 @@ _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 
 
 class Stripe(Vendor):
-    name: ClassVar[str] = "stripe"
+    name: ClassVar[str] = STRIPE.name
     request_id_header: ClassVar[str] = "request-id"
     # Per-call keys of the official SDKs: a UUID (python, ruby, java, php, dotnet),
     # `stripe-node-retry-<uuid>` (node), `<unix nanoseconds>_<6 base64url>` (go).
@@ -67,7 +68,7 @@ class Stripe(Vendor):
         re.compile(f"stripe-node-retry-{_UUID}"),
         re.compile(r"[0-9]{16,20}_[A-Za-z0-9_-]{6}"),
     )
-    account_headers: ClassVar[tuple[str, ...]] = ("stripe-account", "stripe-context")
+    account_headers: ClassVar[tuple[str, ...]] = STRIPE.account_headers
 
     def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
         super().__init__(credentials, pricing)

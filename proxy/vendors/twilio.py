@@ -27,6 +27,12 @@ from typing import Any, ClassVar
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
+from keybrake.proxy.vendor_facts import (
+    TWILIO,
+    TWILIO_API_VERSION,
+    TWILIO_PLACEHOLDER_SID,
+    setting_variable,
+)
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
 from keybrake.proxy.vendors.bodies import FormBody, read_form
 from keybrake.proxy.vendors.sms import sms_segments
@@ -40,8 +46,8 @@ from keybrake.proxy.vendors.unit_prices import (
 
 __all__ = ["PLACEHOLDER_SID", "Twilio"]
 
-PLACEHOLDER_SID = "AC" + "0" * 32
-API_VERSION = "2010-04-01"
+PLACEHOLDER_SID = TWILIO_PLACEHOLDER_SID
+API_VERSION = TWILIO_API_VERSION
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
 _SID = re.compile(r"AC[0-9a-fA-F]{32}")
@@ -53,14 +59,16 @@ _REDACTED = "[redacted by keybrake]"
 
 
 class Twilio(Vendor):
-    name: ClassVar[str] = "twilio"
+    name: ClassVar[str] = TWILIO.name
     request_id_header: ClassVar[str] = "twilio-request-id"
     idempotency_header: ClassVar[str | None] = None  # Twilio has none; the dedupe window stands in
 
     def __init__(self, credentials: VendorCredentials, pricing: PricingTable) -> None:
         super().__init__(credentials, pricing)
         if not credentials.account:
-            raise ValueError("Twilio needs the real account SID (KEYBRAKE_TWILIO_ACCOUNT_SID)")
+            raise ValueError(
+                f"Twilio needs the real account SID ({setting_variable(TWILIO.settings.account)})"
+            )
         self.account_sid = credentials.account
         section = pricing.section(self.name)
         self.prices = {kind: _destinations(section.get(kind, {})) for kind in ("sms", "mms")}

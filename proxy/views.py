@@ -1,0 +1,234 @@
+"""The admin API's views of what the store holds: keys, budgets, audit rows, issuers, events and
+alert deliveries as the JSON models of `keybrake.proxy.models` (amounts in dollars, UTC times)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from keybrake.proxy.access import Policy
+from keybrake.proxy.models import (
+    AlertInfo,
+    AuditRow,
+    BudgetInfo,
+    ChangeInfo,
+    EventInfo,
+    IssuerInfo,
+    KeyInfo,
+    KubernetesBinding,
+)
+from keybrake.proxy.money import format_ts, format_usd
+from keybrake.proxy.store.records import (
+    AlertDelivery,
+    AuditRecord,
+    BudgetView,
+    Change,
+    Event,
+    IssuerRecord,
+    KeyView,
+    Owner,
+    Usage,
+)
+
+__all__ = [
+    "alert_info",
+    "audit_row",
+    "budget_info",
+    "event_info",
+    "issuer_info",
+    "key_info",
+]
+
+
+def _usd(micros: int | None) -> str | None:
+    return None if micros is None else format_usd(micros)
+
+
+def _remaining(daily: int | None, total: int | None, usage: Usage) -> int | None:
+    """Micro-dollars left before the first of these caps is reached (None: there is none)."""
+    left = [
+        cap - used
+        for cap, used in (
+            (daily, usage.spent_micros + usage.reserved_micros),
+            (total, usage.total_micros + usage.total_reserved_micros),
+        )
+        if cap is not None
+    ]
+    return max(0, min(left)) if left else None
+
+
+# Store field names, as the API names them.
+_FIELDS = {
+    "daily_cap_micros": "daily_usd_cap",
+    "total_cap_micros": "total_usd_cap",
+    "max_per_caller_micros": "max_usd_per_caller",
+    "expires_at": "expires_at",
+}
+
+
+def _changes(changes: tuple[Change, ...]) -> list[ChangeInfo]:
+    return [
+        ChangeInfo(
+            field=_FIELDS.get(c.field, c.field),
+            old=c.old,
+            new=c.new,
+            reason=c.reason,
+            at=format_ts(c.at),
+        )
+        for c in changes
+    ]
+
+
+def _owner_fields(owner: Owner | None) -> dict[str, str | None]:
+    if owner is None:
+        return {}
+    return {
+        "issuer_id": owner.issuer_id,
+        "namespace": owner.namespace,
+        "service_account": owner.service_account,
+    }
+
+
+def key_info(view: KeyView, now: datetime) -> KeyInfo:
+    key, usage = view.key, view.usage
+    return KeyInfo(
+        key_id=key.key_id,
+        vendor=key.vendor,
+        agent_run_label=key.label,
+        status=key.status(now),
+        daily_usd_cap=_usd(key.daily_cap_micros),
+        total_usd_cap=_usd(key.total_cap_micros),
+        max_usd_per_call=_usd(key.max_per_call_micros),
+        max_usd_per_caller=_usd(key.max_per_caller_micros),
+        budget_id=key.budget_id,
+        allowed_endpoints=list(key.allowed_endpoints),
+        metadata=key.metadata,
+        **_owner_fields(key.owner),
+        dedupe_window_seconds=key.dedupe_window_s,
+        allowed_accounts=list(key.allowed_accounts),
+        created_at=format_ts(key.created_at),
+        expires_at=format_ts(key.expires_at),
+        revoked_at=format_ts(key.revoked_at) if key.revoked_at else None,
+        window_start=format_ts(usage.window_start),
+        spent_usd=format_usd(usage.spent_micros),
+        reserved_usd=format_usd(usage.reserved_micros),
+        remaining_usd=_usd(_remaining(key.daily_cap_micros, key.total_cap_micros, usage)),
+        total_spent_usd=format_usd(usage.total_micros),
+        calls=usage.calls,
+        cap_hits=usage.cap_hits,
+        alert_thresholds=_thresholds(key.alert_percents),
+        changes=_changes(view.changes),
+    )
+
+
+def _thresholds(percents: tuple[int, ...] | None) -> list[int] | None:
+    return None if percents is None else list(percents)
+
+
+def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
+    budget, usage = view.budget, view.usage
+    return BudgetInfo(
+        budget_id=budget.budget_id,
+        agent_run_label=budget.label,
+        status=budget.status(now),
+        daily_usd_cap=_usd(budget.daily_cap_micros),
+        total_usd_cap=_usd(budget.total_cap_micros),
+        metadata=budget.metadata,
+        **_owner_fields(budget.owner),
+        created_at=format_ts(budget.created_at),
+        expires_at=format_ts(budget.expires_at),
+        revoked_at=format_ts(budget.revoked_at) if budget.revoked_at else None,
+        window_start=format_ts(usage.window_start),
+        spent_usd=format_usd(usage.spent_micros),
+        reserved_usd=format_usd(usage.reserved_micros),
+        remaining_usd=format_usd(
+            _remaining(budget.daily_cap_micros, budget.total_cap_micros, usage) or 0
+        ),
+        total_spent_usd=format_usd(usage.total_micros),
+        calls=usage.calls,
+        cap_hits=usage.cap_hits,
+        keys=list(view.key_ids),
+        alert_thresholds=_thresholds(budget.alert_percents),
+        changes=_changes(view.changes),
+    )
+
+
+def audit_row(record: AuditRecord) -> AuditRow:
+    return AuditRow(
+        id=record.id or 0,
+        ts=format_ts(record.ts),
+        key_id=record.key_id,
+        agent_run_label=record.label,
+        vendor=record.vendor,
+        method=record.method,
+        path=record.path,
+        status=record.status,
+        decision=record.decision,
+        reserved_usd=format_usd(record.reserved_micros),
+        settled_usd=format_usd(record.settled_micros),
+        amount=record.amount,
+        currency=record.currency,
+        vendor_request_id=record.vendor_request_id,
+        idempotency_key=record.idempotency_key,
+        latency_ms=record.latency_ms,
+        caller_tag=record.caller_tag,
+        budget_id=record.budget_id,
+    )
+
+
+def alert_info(item: AlertDelivery) -> AlertInfo:
+    if item.delivered_at is not None:
+        status = "delivered"
+    else:
+        status = "failing" if item.attempts else "pending"
+    try:
+        text = str(json.loads(item.payload).get("text", ""))
+    except ValueError:
+        text = ""
+    return AlertInfo(
+        delivery_id=item.delivery_id,
+        subject_id=item.owner_id,
+        mark=item.mark,
+        status=status,
+        created_at=format_ts(item.created_at),
+        attempts=item.attempts,
+        next_attempt_at=format_ts(item.next_attempt_at) if item.next_attempt_at else None,
+        delivered_at=format_ts(item.delivered_at) if item.delivered_at else None,
+        last_error=item.last_error,
+        text=text,
+    )
+
+
+def issuer_info(record: IssuerRecord) -> IssuerInfo:
+    policy = Policy.of(record)
+    return IssuerInfo(
+        issuer_id=record.issuer_id,
+        name=record.name,
+        status="deleted" if record.deleted_at else "active",
+        label_prefix=policy.label_prefix,
+        allowed_vendors=list(policy.allowed_vendors),
+        allowed_endpoints=[str(e) for e in policy.allowed_endpoints],
+        max_daily_usd_cap=_usd(policy.max_daily_micros),
+        max_total_usd_cap=_usd(policy.max_total_micros),
+        max_expires_in=policy.max_expires_in,
+        max_active_keys=policy.max_active_keys,
+        may_issue=policy.may_issue,
+        kubernetes=KubernetesBinding(**record.kubernetes) if record.kubernetes else None,
+        static_token=record.token_hash is not None,
+        created_at=format_ts(record.created_at),
+        deleted_at=format_ts(record.deleted_at) if record.deleted_at else None,
+    )
+
+
+def event_info(event: Event) -> EventInfo:
+    return EventInfo(
+        id=event.id or 0,
+        ts=format_ts(event.ts),
+        action=event.action,
+        actor=event.actor,
+        issuer_id=event.issuer_id,
+        target=event.target,
+        outcome=event.outcome,
+        source=event.source,
+        detail=event.detail,
+    )
