@@ -61,7 +61,14 @@ from keybrake.proxy.paging import (
     encode_position,
 )
 from keybrake.proxy.redact import redact
-from keybrake.proxy.store.records import AuditFilter, BudgetView, EventFilter, KeyView
+from keybrake.proxy.store.records import (
+    AuditFilter,
+    AuditRecord,
+    BudgetView,
+    Event,
+    EventFilter,
+    KeyView,
+)
 from keybrake.proxy.strict_json import parse_json
 from keybrake.proxy.vault import MAX_LIST_LIMIT, Vault
 from keybrake.proxy.views import (
@@ -332,25 +339,17 @@ class AdminApi:
         refused = params.get("refused")
         if refused not in (None, "true", "false"):
             raise InvalidRequest("refused must be true or false")
-        after_cursor = _after_id("events", params.get("continue"))
         query = EventFilter(
             action=params.get("action"),
             issuer_id=params.get("issuer_id"),
             target=params.get("target"),
             refused=None if refused is None else refused == "true",
-            since=self._since(params.get("since")),
-            after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
-            before_id=after_cursor or _whole("before_id", params.get("before_id"), 0, 2**62),
-            limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
+            **self._id_page(params, "events"),
         )
-        limit = query.limit
-        query.limit += 1  # one more: is there a next page?
-        found = await self.vault.events(actor, query)
-        token = None
-        if len(found) > limit and query.after_id is None:
-            found = found[:limit]
-            token = encode_id("events", found[-1].id or 0)
-        rows = [event_info(e) for e in found[:limit]]
+        if query.before_id is None:
+            query.before_id = _whole("before_id", params.get("before_id"), 0, 2**62)
+        found, token = await _paged(query, lambda: self.vault.events(actor, query), "events")
+        rows = [event_info(e) for e in found]
         return JSONResponse(EventPage(data=rows, continue_=token).model_dump())
 
     async def alerts(self, request: Request, actor: Actor) -> Response:
@@ -369,18 +368,10 @@ class AdminApi:
             label=params.get("label"),
             vendor=params.get("vendor"),
             decision=params.get("decision"),
-            since=self._since(params.get("since")),
-            after_id=_whole("after_id", params.get("after_id"), 0, 2**62),
-            before_id=_after_id("audit", params.get("continue")),
-            limit=_whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
+            **self._id_page(params, "audit"),
         )
-        limit = query.limit
-        query.limit += 1  # one more: is there a next page?
-        found = await self.vault.audit(actor, query)
-        token = None
-        if len(found) > limit and query.after_id is None:
-            token = encode_id("audit", found[limit - 1].id or 0)
-        rows = [audit_row(r) for r in found[:limit]]
+        found, token = await _paged(query, lambda: self.vault.audit(actor, query), "audit")
+        rows = [audit_row(r) for r in found]
         if params.get("format") == "csv" or "text/csv" in request.headers.get("accept", ""):
             out = io.StringIO()
             writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS)
@@ -404,6 +395,15 @@ class AdminApi:
         admin_only(actor, "reading the pricing table")
         return JSONResponse(self.pricing())
 
+    def _id_page(self, params: Any, listing: str) -> dict[str, Any]:
+        """A record's listing, newest first: since when, after or before which row, how many."""
+        return {
+            "since": self._since(params.get("since")),
+            "after_id": _whole("after_id", params.get("after_id"), 0, 2**62),
+            "before_id": _after_id(listing, params.get("continue")),
+            "limit": _whole("limit", params.get("limit", "100"), 1, 100_000) or 100,
+        }
+
     def _since(self, value: str | None, name: str = "since") -> datetime | None:
         """A duration back from now (`1h`) or an ISO timestamp."""
         if value is None:
@@ -422,6 +422,23 @@ class AdminApi:
             return moment.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
             raise InvalidRequest(f"{name}: {value!r} is out of range") from exc
+
+
+R = TypeVar("R", AuditRecord, Event)
+
+
+async def _paged(
+    query: AuditFilter | EventFilter, fetch: Callable[[], Awaitable[list[R]]], listing: str
+) -> tuple[list[R], str | None]:
+    """One page of records, newest first, and the `continue` token of the next (none when
+    following new rows with `after_id`): one row more is asked for, to know whether there is."""
+    limit = query.limit
+    query.limit += 1
+    found = await fetch()
+    token = None
+    if len(found) > limit and query.after_id is None:
+        token = encode_id(listing, found[limit - 1].id or 0)
+    return found[:limit], token
 
 
 def _unavailable() -> JSONResponse:
