@@ -68,6 +68,7 @@ from keybrake.proxy.store.records import (
     Event,
     EventFilter,
     KeyView,
+    Listing,
 )
 from keybrake.proxy.strict_json import parse_json
 from keybrake.proxy.vault import MAX_LIST_LIMIT, Vault
@@ -241,16 +242,9 @@ class AdminApi:
     async def list_keys(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
         limit, before = _page(params.get("limit"), "keys", params.get("continue"))
-        views = await self.vault.list_keys(
-            actor,
-            label=params.get("label"),
-            vendor=params.get("vendor"),
-            status=_status(params.get("status")),
-            budget_id=params.get("budget_id"),
-            namespace=params.get("namespace"),
-            limit=limit + 1,  # one more: is there a next page?
-            before=before,
-        )
+        query = _listing(params, limit + 1, before)  # one more: is there a next page?
+        query.vendor, query.budget_id = params.get("vendor"), params.get("budget_id")
+        views = await self.vault.list_keys(actor, query)
         token = None
         if len(views) > limit:
             views = views[:limit]
@@ -261,14 +255,7 @@ class AdminApi:
     async def list_budgets(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
         limit, before = _page(params.get("limit"), "budgets", params.get("continue"))
-        views = await self.vault.list_budgets(
-            actor,
-            label=params.get("label"),
-            status=_status(params.get("status")),
-            namespace=params.get("namespace"),
-            limit=limit + 1,
-            before=before,
-        )
+        views = await self.vault.list_budgets(actor, _listing(params, limit + 1, before))
         token = None
         if len(views) > limit:
             views = views[:limit]
@@ -489,10 +476,17 @@ def _message(response: Response) -> str:
         return f"HTTP {response.status_code}"
 
 
-def _status(given: str | None) -> str | None:
-    if given is not None and given not in _STATUSES:
+def _listing(params: Any, limit: int, before: Any) -> Listing:
+    status = params.get("status")
+    if status is not None and status not in _STATUSES:
         raise InvalidRequest(f"status must be one of {_STATUSES}")
-    return given
+    return Listing(
+        label=params.get("label"),
+        status=status,
+        namespace=params.get("namespace"),
+        limit=limit,
+        before=before,
+    )
 
 
 def _page(limit: str | None, listing: str, token: str | None) -> tuple[int, Any]:

@@ -66,6 +66,7 @@ from keybrake.proxy.store.records import (
     IssuerRecord,
     KeyRecord,
     KeyView,
+    Listing,
     Patch,
     Usage,
 )
@@ -236,31 +237,11 @@ class Vault:
         view = KeyView(record, Usage(bucket_start(window_floor(now))))
         return Issued(view, issued.replaced, vault_key)
 
-    async def list_keys(
-        self,
-        actor: Actor,
-        *,
-        label: str | None,
-        vendor: str | None = None,
-        status: str | None = None,
-        budget_id: str | None = None,
-        namespace: str | None = None,
-        limit: int,
-        before: tuple[datetime, str] | None = None,
-    ) -> list[KeyView]:
-        if label is not None:
-            check_label(actor, label)
-        return await self.store.list_keys(
-            now=self.clock(),
-            label=label,
-            vendor=vendor,
-            status=status,
-            budget_id=budget_id,
-            namespace=namespace,
-            scope=actor.scope,
-            limit=limit,
-            before=before,
-        )
+    async def list_keys(self, actor: Actor, query: Listing) -> list[KeyView]:
+        """Keys the actor may see (its scope is put on the query)."""
+        if query.label is not None:
+            check_label(actor, query.label)
+        return await self.store.list_keys(replace(query, scope=actor.scope), self.clock())
 
     async def key(self, actor: Actor, key_id: str) -> KeyView:
         view = await self.store.get_key(key_id, self.clock())
@@ -399,9 +380,9 @@ class Vault:
             cluster=spec.cluster,
             scope=actor.scope,
         )
-        label = spec.agent_run_label
-        key_views = await self.store.list_keys(now=now, label=label)
-        budget_views = await self.store.list_budgets(now=now, label=label)
+        run = Listing(label=spec.agent_run_label)
+        key_views = await self.store.list_keys(run, now)
+        budget_views = await self.store.list_budgets(run, now)
         return (
             [v for v in key_views if v.key.key_id in set(keys)],
             await self.scoped([v for v in budget_views if v.budget.budget_id in budgets], actor),
@@ -456,28 +437,12 @@ class Vault:
         view = BudgetView(record, Usage(bucket_start(window_floor(now))))
         return Issued((await self.scoped([view], actor))[0], issued.replaced)
 
-    async def list_budgets(
-        self,
-        actor: Actor,
-        *,
-        label: str | None,
-        status: str | None = None,
-        namespace: str | None = None,
-        limit: int,
-        before: tuple[datetime, str] | None = None,
-    ) -> list[BudgetView]:
-        if label is not None:
-            check_label(actor, label)
-        views = await self.store.list_budgets(
-            now=self.clock(),
-            label=label,
-            status=status,
-            namespace=namespace,
-            scope=actor.scope,
-            limit=limit,
-            before=before,
-        )
-        return await self.scoped(views, actor)
+    async def list_budgets(self, actor: Actor, query: Listing) -> list[BudgetView]:
+        """Budgets the actor may see, with the keys on each it may see."""
+        if query.label is not None:
+            check_label(actor, query.label)
+        found = await self.store.list_budgets(replace(query, scope=actor.scope), self.clock())
+        return await self.scoped(found, actor)
 
     async def scoped(self, views: Sequence[BudgetView], actor: Actor) -> list[BudgetView]:
         """Budgets as the actor may see them; every budget the vault answers with goes through
@@ -491,9 +456,8 @@ class Vault:
         async def visible(view: BudgetView) -> BudgetView:
             if not view.key_ids:
                 return view
-            keys = await self.store.list_keys(
-                now=now, budget_id=view.budget.budget_id, scope=scope, limit=MAX_LIST_LIMIT
-            )
+            drawing = Listing(budget_id=view.budget.budget_id, scope=scope, limit=MAX_LIST_LIMIT)
+            keys = await self.store.list_keys(drawing, now)
             seen = {v.key.key_id for v in keys}
             return replace(view, key_ids=tuple(k for k in view.key_ids if k in seen))
 

@@ -84,7 +84,8 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.store.protocol": "Store",
     "keybrake.proxy.store.records": """ACTIVITY_POINTS NEAR_CAP Admission AlertDelivery AlertLevel
         AuditFilter AuditRecord BudgetRecord BudgetView Change Event EventFilter IssueRequest
-        Issued IssuerRecord KeyRecord KeyView MetricsSnapshot Owner Patch Reservation RunActivity
+        Issued IssuerRecord KeyRecord KeyView Listing MetricsSnapshot Owner Patch Reservation
+        RunActivity
         RunFilter RunRow Scope Session Settlement StoredResponse Usage activity_width bucket_time
         key_status merge_runs percents_of percents_text revoked_event shown subject_table""",
     "keybrake.proxy.store.sql": """CAP_HIT_SQL POSTGRES SQLITE Dialect Op Query Refused Where

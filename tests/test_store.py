@@ -12,7 +12,7 @@ import pytest
 
 from keybrake.proxy.decisions import bucket_of
 from keybrake.proxy.store import Store, open_store
-from keybrake.proxy.store.records import KeyRecord, Reservation, Settlement
+from keybrake.proxy.store.records import KeyRecord, Listing, Reservation, Settlement
 from tests.helpers import TEST_EVENT
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -383,13 +383,13 @@ def test_key_lists_page_by_creation_time_then_id(database_url: str) -> None:
             seen: list[str] = []
             before = None
             while True:
-                page = await store.list_keys(now=NOW, limit=3, before=before)
+                page = await store.list_keys(Listing(limit=3, before=before), NOW)
                 seen += [v.key.key_id for v in page]
                 if len(page) < 3:
                     break
                 before = (page[-1].key.created_at, page[-1].key.key_id)
             assert sorted(seen) == sorted(made) and len(seen) == len(made)
-            every = [v.key.key_id for v in await store.list_keys(now=NOW)]
+            every = [v.key.key_id for v in await store.list_keys(Listing(), NOW)]
             assert seen == every  # the same order as one long list
         finally:
             await store.close()

@@ -34,6 +34,7 @@ from keybrake.proxy.store.records import (
     IssuerRecord,
     KeyRecord,
     KeyView,
+    Listing,
     MetricsSnapshot,
     Owner,
     Patch,
@@ -159,32 +160,9 @@ class SQLStore:
         return views[0] if views else None
 
     @reads
-    def list_keys(
-        self,
-        *,
-        now: datetime,
-        label: str | None = None,
-        vendor: str | None = None,
-        status: str | None = None,
-        budget_id: str | None = None,
-        scope: Scope | None = None,
-        namespace: str | None = None,
-        limit: int = 1000,
-        before: tuple[datetime, str] | None = None,
-    ) -> Op[list[KeyView]]:
-        where = _listed(
-            Where(),
-            "k",
-            now=now,
-            label=label,
-            vendor=vendor,
-            status=status,
-            budget_id=budget_id,
-            scope=scope,
-            namespace=namespace,
-            before=before,
-        )
-        return (yield from self._key_views(where, now, limit))
+    def list_keys(self, query: Listing, now: datetime) -> Op[list[KeyView]]:
+        where = _listed(Where(), "k", query, now)
+        return (yield from self._key_views(where, now, query.limit))
 
     def _key_views(self, where: Where, now: datetime, limit: int) -> Op[list[KeyView]]:
         found = yield rows(
@@ -265,15 +243,8 @@ class SQLStore:
     ) -> Op[tuple[list[str], list[str]]]:
         revoked: list[list[str]] = []
         for table, column in (("vault_keys", "key_id"), ("budgets", "budget_id")):
-            where = _listed(
-                Where(),
-                "t",
-                now=now,
-                label=label,
-                status="active",
-                scope=scope,
-                namespace=namespace,
-            )
+            live = Listing(label=label, status="active", scope=scope, namespace=namespace)
+            where = _listed(Where(), "t", live, now)
             if workflow_uid is not None:
                 where.add("t.metadata ->> 'uid' = :uid", uid=workflow_uid)
             if cluster is not None:
@@ -311,28 +282,9 @@ class SQLStore:
         return views[0] if views else None
 
     @reads
-    def list_budgets(
-        self,
-        *,
-        now: datetime,
-        label: str | None = None,
-        status: str | None = None,
-        scope: Scope | None = None,
-        namespace: str | None = None,
-        limit: int = 1000,
-        before: tuple[datetime, str] | None = None,
-    ) -> Op[list[BudgetView]]:
-        where = _listed(
-            Where(),
-            "b",
-            now=now,
-            label=label,
-            status=status,
-            scope=scope,
-            namespace=namespace,
-            before=before,
-        )
-        return (yield from self._budget_views(where, now, limit))
+    def list_budgets(self, query: Listing, now: datetime) -> Op[list[BudgetView]]:
+        where = _listed(Where(), "b", query, now)
+        return (yield from self._budget_views(where, now, query.limit))
 
     def _budget_views(self, where: Where, now: datetime, limit: int) -> Op[list[BudgetView]]:
         found = yield rows(
@@ -1270,43 +1222,30 @@ def _scoped(where: Where, scope: Scope | None, alias: str) -> Where:
     return where
 
 
-def _listed(
-    where: Where,
-    alias: str,
-    *,
-    now: datetime,
-    label: str | None,
-    vendor: str | None = None,
-    status: str | None = None,
-    budget_id: str | None = None,
-    scope: Scope | None = None,
-    namespace: str | None = None,
-    before: tuple[datetime, str] | None = None,
-) -> Where:
-    """Filters of key (and, without vendor and budget, budget) listings; `alias` is the table's.
-    `before`: only rows listed after this (created_at, id) position, newest first (paging)."""
-    _scoped(where, scope, alias)
-    if before is not None:
+def _listed(where: Where, alias: str, query: Listing, now: datetime) -> Where:
+    """A listing's filters on keys (`k`) or budgets (`b`, `t`), newest first (paging)."""
+    _scoped(where, query.scope, alias)
+    if query.before is not None:
         column = "key_id" if alias == "k" else "budget_id"
         where.add(
             f"({alias}.created_at < :before OR ({alias}.created_at = :before "
             f"AND {alias}.{column} < :before_id))",
-            before=before[0],
-            before_id=before[1],
+            before=query.before[0],
+            before_id=query.before[1],
         )
     for column, given in (
-        ("namespace", namespace),
-        ("label", label),
-        ("vendor", vendor),
-        ("budget_id", budget_id),
+        ("namespace", query.namespace),
+        ("label", query.label),
+        ("vendor", query.vendor),
+        ("budget_id", query.budget_id),
     ):
         if given is not None:
             where.add(f"{alias}.{column} = :{column}", **{column: given})
-    if status == "revoked":
+    if query.status == "revoked":
         where.add(f"{alias}.revoked_at IS NOT NULL")
-    elif status == "expired":
+    elif query.status == "expired":
         where.add(f"{alias}.revoked_at IS NULL AND {alias}.expires_at <= :now", now=now)
-    elif status == "active":
+    elif query.status == "active":
         where.add(f"{alias}.revoked_at IS NULL AND {alias}.expires_at > :now", now=now)
     return where
 

@@ -24,6 +24,7 @@ from keybrake.proxy.store.records import (
     IssuerRecord,
     KeyRecord,
     KeyView,
+    Listing,
     MetricsSnapshot,
     Patch,
     Reservation,
@@ -65,19 +66,7 @@ class Store(Protocol):
 
     async def get_key(self, key_id: str, now: datetime) -> KeyView | None: ...
 
-    async def list_keys(
-        self,
-        *,
-        now: datetime,
-        label: str | None = None,
-        vendor: str | None = None,
-        status: str | None = None,
-        budget_id: str | None = None,
-        scope: Scope | None = None,
-        namespace: str | None = None,
-        limit: int = 1000,
-        before: tuple[datetime, str] | None = None,
-    ) -> list[KeyView]: ...
+    async def list_keys(self, query: Listing, now: datetime) -> list[KeyView]: ...
 
     async def revoke_key(self, key_id: str, now: datetime, event: Event) -> bool | None: ...
 
@@ -105,17 +94,7 @@ class Store(Protocol):
 
     async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None: ...
 
-    async def list_budgets(
-        self,
-        *,
-        now: datetime,
-        label: str | None = None,
-        status: str | None = None,
-        scope: Scope | None = None,
-        namespace: str | None = None,
-        limit: int = 1000,
-        before: tuple[datetime, str] | None = None,
-    ) -> list[BudgetView]: ...
+    async def list_budgets(self, query: Listing, now: datetime) -> list[BudgetView]: ...
 
     async def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> list[str] | None:
         """Revoke the budget and every live key drawing on it; those keys' ids, None if there

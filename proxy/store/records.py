@@ -29,6 +29,7 @@ __all__ = [
     "IssuerRecord",
     "KeyRecord",
     "KeyView",
+    "Listing",
     "MetricsSnapshot",
     "Owner",
     "Patch",
@@ -252,6 +253,21 @@ class AlertDelivery:
 
 # An active key near its 24-hour cap: settled + reserved in the window at least this share of it.
 NEAR_CAP = 0.8
+
+
+@dataclass(slots=True)
+class Listing:
+    """Which keys or budgets a listing returns, newest first: `vendor` and `budget_id` filter
+    keys only; `before`: the (created_at, id) of the previous page's last (`continue`)."""
+
+    label: str | None = None
+    status: str | None = None  # active, revoked or expired
+    namespace: str | None = None
+    scope: Scope | None = None
+    vendor: str | None = None
+    budget_id: str | None = None
+    limit: int = 1000
+    before: tuple[datetime, str] | None = None
 
 
 @dataclass(slots=True)

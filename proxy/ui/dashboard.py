@@ -54,6 +54,7 @@ from keybrake.proxy.paging import (
 from keybrake.proxy.store.records import (
     AuditFilter,
     Event,
+    Listing,
     RunFilter,
     RunRow,
     Session,
@@ -485,12 +486,9 @@ class Dashboard:
         now = self.clock()
         if label is None:
             return self._no_run(actor)
-        keys = await self.store.list_keys(
-            now=now, label=label, scope=actor.scope, status="active", limit=10_000
-        )
-        budgets = await self.store.list_budgets(
-            now=now, label=label, scope=actor.scope, status="active", limit=10_000
-        )
+        live = Listing(label=label, scope=actor.scope, status="active", limit=10_000)
+        keys = await self.store.list_keys(live, now)
+        budgets = await self.store.list_budgets(live, now)
         return self._page(
             "revoke.html",
             actor=actor,

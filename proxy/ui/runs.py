@@ -11,6 +11,7 @@ from keybrake.proxy.store.records import (
     AuditFilter,
     BudgetView,
     KeyView,
+    Listing,
     RunActivity,
     RunRow,
     Scope,
@@ -101,8 +102,8 @@ def summarise(
 async def summary_of(
     store: Store, row: RunRow, scope: Scope | None, now: datetime
 ) -> tuple[RunSummary, list[KeyView], list[BudgetView]]:
-    keys = await store.list_keys(now=now, label=row.label, scope=scope, limit=10_000)
-    budgets = await store.list_budgets(now=now, label=row.label, scope=scope, limit=10_000)
+    run = Listing(label=row.label, scope=scope, limit=10_000)
+    keys, budgets = await store.list_keys(run, now), await store.list_budgets(run, now)
     last = await store.audit(AuditFilter(scope=scope, label=row.label, limit=1))
     return summarise(row, keys, budgets, last[0].ts if last else None), keys, budgets
 
