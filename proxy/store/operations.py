@@ -156,7 +156,7 @@ class SQLStore:
 
     @reads
     def get_key(self, key_id: str, now: datetime) -> Op[KeyView | None]:
-        views = yield from self._key_views(Where().add("k.key_id = :key_id", key_id=key_id), now, 1)
+        views = yield from self._key_views(_one("k", key_id), now, 1)
         return views[0] if views else None
 
     @reads
@@ -165,13 +165,7 @@ class SQLStore:
         return (yield from self._key_views(where, now, query.limit))
 
     def _key_views(self, where: Where, now: datetime, limit: int) -> Op[list[KeyView]]:
-        found = yield rows(
-            f"SELECT k.* FROM vault_keys k WHERE {where.sql} "
-            "ORDER BY k.created_at DESC, k.key_id DESC LIMIT :limit",
-            **where.params,
-            limit=limit,
-        )
-        keys = [_key(r) for r in found]
+        keys: list[KeyRecord] = yield from _newest("k", where, limit)
         usage = yield from self._usage([key.key_id for key in keys], now)
         changes = (yield from _changes(keys[0].key_id)) if limit == 1 and keys else ()
         return [KeyView(key, usage[key.key_id], changes) for key in keys]
@@ -277,8 +271,7 @@ class SQLStore:
 
     @reads
     def get_budget(self, budget_id: str, now: datetime) -> Op[BudgetView | None]:
-        where = Where().add("b.budget_id = :budget_id", budget_id=budget_id)
-        views = yield from self._budget_views(where, now, 1)
+        views = yield from self._budget_views(_one("b", budget_id), now, 1)
         return views[0] if views else None
 
     @reads
@@ -287,13 +280,7 @@ class SQLStore:
         return (yield from self._budget_views(where, now, query.limit))
 
     def _budget_views(self, where: Where, now: datetime, limit: int) -> Op[list[BudgetView]]:
-        found = yield rows(
-            f"SELECT b.* FROM budgets b WHERE {where.sql} "
-            "ORDER BY b.created_at DESC, b.budget_id DESC LIMIT :limit",
-            **where.params,
-            limit=limit,
-        )
-        budgets = [_budget(r) for r in found]
+        budgets: list[BudgetRecord] = yield from _newest("b", where, limit)
         ids = [budget.budget_id for budget in budgets]
         usage = yield from self._usage(ids, now)
         keys: dict[str, list[str]] = {budget_id: [] for budget_id in ids}
@@ -1186,6 +1173,29 @@ def insert_audit(audit: AuditRecord) -> Op[int]:
     values = dict(zip(AUDIT_COLUMNS, audit_values(audit), strict=True))
     audit_id = yield inserted_id(INSERT_AUDIT, **values)
     return int(audit_id)
+
+
+# Keys (`k`) and budgets (`b`): their table, id column and row mapper.
+_SUBJECTS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "k": ("vault_keys", "key_id", _key),
+    "b": ("budgets", "budget_id", _budget),
+}
+
+
+def _one(alias: str, subject_id: str) -> Where:
+    return Where().add(f"{alias}.{_SUBJECTS[alias][1]} = :subject", subject=subject_id)
+
+
+def _newest(alias: str, where: Where, limit: int) -> Op[list[Any]]:
+    """Keys or budgets, newest first (the order listings page in)."""
+    table, column, record = _SUBJECTS[alias]
+    found = yield rows(
+        f"SELECT {alias}.* FROM {table} {alias} WHERE {where.sql} "
+        f"ORDER BY {alias}.created_at DESC, {alias}.{column} DESC LIMIT :limit",
+        **where.params,
+        limit=limit,
+    )
+    return [record(r) for r in found]
 
 
 def _count_audit(where: Where) -> Op[int]:
