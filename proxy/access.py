@@ -285,26 +285,15 @@ def _bound(caps: Iterable[int | None]) -> int | None:
 
 def _check_caps(policy: Policy, daily: int | None, total: int | None, what: str) -> None:
     """Explicit caps above the issuer's maxima are refused, whatever else bounds the key."""
-    if (
-        policy.max_daily_micros is not None
-        and daily is not None
-        and daily > policy.max_daily_micros
+    for name, cap, most, over in (
+        ("daily", daily, policy.max_daily_micros, "in any 24 hours"),
+        ("total", total, policy.max_total_micros, "in total"),
     ):
-        raise Forbidden(
-            "max_daily_usd_cap",
-            f"daily_usd_cap: this issuer allows {what} at most "
-            f"{_usd(policy.max_daily_micros)} in any 24 hours",
-        )
-    if (
-        policy.max_total_micros is not None
-        and total is not None
-        and total > policy.max_total_micros
-    ):
-        raise Forbidden(
-            "max_total_usd_cap",
-            f"total_usd_cap: this issuer allows {what} at most {_usd(policy.max_total_micros)} "
-            "in total",
-        )
+        if most is not None and cap is not None and cap > most:
+            raise Forbidden(
+                f"max_{name}_usd_cap",
+                f"{name}_usd_cap: this issuer allows {what} at most {_usd(most)} {over}",
+            )
 
 
 def _check_bounds(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from keybrake.proxy.access import Policy
 from keybrake.proxy.models import (
@@ -21,10 +22,12 @@ from keybrake.proxy.money import format_ts, format_usd
 from keybrake.proxy.store.records import (
     AlertDelivery,
     AuditRecord,
+    BudgetRecord,
     BudgetView,
     Change,
     Event,
     IssuerRecord,
+    KeyRecord,
     KeyView,
     Owner,
     Usage,
@@ -89,35 +92,44 @@ def _owner_fields(owner: Owner | None) -> dict[str, str | None]:
     }
 
 
+def _lifetime(
+    record: KeyRecord | BudgetRecord, usage: Usage, changes: tuple[Change, ...], now: datetime
+) -> dict[str, Any]:
+    """What keys and budgets show alike: label, status, caps, times, spend and changes."""
+    return {
+        "agent_run_label": record.label,
+        "status": record.status(now),
+        "daily_usd_cap": _usd(record.daily_cap_micros),
+        "total_usd_cap": _usd(record.total_cap_micros),
+        "metadata": record.metadata,
+        **_owner_fields(record.owner),
+        "created_at": format_ts(record.created_at),
+        "expires_at": format_ts(record.expires_at),
+        "revoked_at": format_ts(record.revoked_at) if record.revoked_at else None,
+        "window_start": format_ts(usage.window_start),
+        "spent_usd": format_usd(usage.spent_micros),
+        "reserved_usd": format_usd(usage.reserved_micros),
+        "total_spent_usd": format_usd(usage.total_micros),
+        "calls": usage.calls,
+        "cap_hits": usage.cap_hits,
+        "alert_thresholds": _thresholds(record.alert_percents),
+        "changes": _changes(changes),
+    }
+
+
 def key_info(view: KeyView, now: datetime) -> KeyInfo:
     key, usage = view.key, view.usage
     return KeyInfo(
+        **_lifetime(key, usage, view.changes, now),
         key_id=key.key_id,
         vendor=key.vendor,
-        agent_run_label=key.label,
-        status=key.status(now),
-        daily_usd_cap=_usd(key.daily_cap_micros),
-        total_usd_cap=_usd(key.total_cap_micros),
         max_usd_per_call=_usd(key.max_per_call_micros),
         max_usd_per_caller=_usd(key.max_per_caller_micros),
         budget_id=key.budget_id,
         allowed_endpoints=list(key.allowed_endpoints),
-        metadata=key.metadata,
-        **_owner_fields(key.owner),
         dedupe_window_seconds=key.dedupe_window_s,
         allowed_accounts=list(key.allowed_accounts),
-        created_at=format_ts(key.created_at),
-        expires_at=format_ts(key.expires_at),
-        revoked_at=format_ts(key.revoked_at) if key.revoked_at else None,
-        window_start=format_ts(usage.window_start),
-        spent_usd=format_usd(usage.spent_micros),
-        reserved_usd=format_usd(usage.reserved_micros),
         remaining_usd=_usd(_remaining(key.daily_cap_micros, key.total_cap_micros, usage)),
-        total_spent_usd=format_usd(usage.total_micros),
-        calls=usage.calls,
-        cap_hits=usage.cap_hits,
-        alert_thresholds=_thresholds(key.alert_percents),
-        changes=_changes(view.changes),
     )
 
 
@@ -127,29 +139,12 @@ def _thresholds(percents: tuple[int, ...] | None) -> list[int] | None:
 
 def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
     budget, usage = view.budget, view.usage
+    left = _remaining(budget.daily_cap_micros, budget.total_cap_micros, usage)
     return BudgetInfo(
+        **_lifetime(budget, usage, view.changes, now),
         budget_id=budget.budget_id,
-        agent_run_label=budget.label,
-        status=budget.status(now),
-        daily_usd_cap=_usd(budget.daily_cap_micros),
-        total_usd_cap=_usd(budget.total_cap_micros),
-        metadata=budget.metadata,
-        **_owner_fields(budget.owner),
-        created_at=format_ts(budget.created_at),
-        expires_at=format_ts(budget.expires_at),
-        revoked_at=format_ts(budget.revoked_at) if budget.revoked_at else None,
-        window_start=format_ts(usage.window_start),
-        spent_usd=format_usd(usage.spent_micros),
-        reserved_usd=format_usd(usage.reserved_micros),
-        remaining_usd=format_usd(
-            _remaining(budget.daily_cap_micros, budget.total_cap_micros, usage) or 0
-        ),
-        total_spent_usd=format_usd(usage.total_micros),
-        calls=usage.calls,
-        cap_hits=usage.cap_hits,
+        remaining_usd=format_usd(left or 0),
         keys=list(view.key_ids),
-        alert_thresholds=_thresholds(budget.alert_percents),
-        changes=_changes(view.changes),
     )
 
 
