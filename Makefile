@@ -27,8 +27,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo needs the package and its `demo` extra (the Stripe SDK, localstripe) only: not the test
+# tools (mypy, ruff, selenium, ...). A venv the tests installed has them already.
+DEMO_STAMP := $(VENV)/.demo-installed
+$(DEMO_STAMP): pyproject.toml
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; exit 0; fi; \
+	$(PYTHON) -m venv $(VENV) && \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[demo]' && \
+	touch $@
+
 ## The main job on the embedded default: SQLite + localstripe, no vendor account needed.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/keybrake demo
 
 ## The test command CI runs: lint, types, rendered templates up to date, the whole suite.
