@@ -1,5 +1,6 @@
-"""What every issuing step (the issue-vault-key and issue-budget steps) shares: the inputs and
-environment naming the run, and the checks of dollar amounts and durations.
+"""What every issuing step (the issue-vault-key and issue-budget steps) shares: its script
+template's common inputs and environment, the checks of dollar amounts and durations, and adding
+its task to the DAG.
 
 A module of its own so that `budget` and `issue` both import it, never each other's helpers:
 `issue` imports `budget` (a key may draw on a run budget), so `budget` must not import `issue`.
@@ -8,22 +9,28 @@ A module of its own so that `budget` and `issue` both import it, never each othe
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
-from hera.workflows.models import EnvVar, Parameter
+from hera.workflows import DAG, Task, Workflow
+from hera.workflows.models import EnvVar, Parameter, Template
 
 from .connection import ProxyConnection, is_expression
 from .errors import TemplateConfigError
+from .retry import default_retry_strategy
+from .shared_templates import SharedTemplates
+from .step_pod import script_step
+from .workflow_context import add_template
 
 __all__ = [
     "RUN_LABEL",
     "Money",
+    "add_issuing_task",
     "duration",
     "given",
-    "issuing_inputs",
+    "issuing_step",
     "money",
     "optional",
-    "run_env",
 ]
 
 RUN_LABEL = "argo/{{workflow.name}}"
@@ -42,7 +49,7 @@ def optional(name: str, description: str) -> Parameter:
     return Parameter(name=name, default="", description=f"{description}; empty: none")
 
 
-def issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
+def _issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
     """The inputs every issuing step (a key, a budget) takes besides what it issues."""
     return [
         Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
@@ -54,9 +61,9 @@ def issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
     ]
 
 
-def run_env() -> list[EnvVar]:
+def _run_env() -> list[EnvVar]:
     """The run's cluster, label and identity, which the proxy records with what it issues
-    (with an issuing step's `issuing_inputs`)."""
+    (with an issuing step's `_issuing_inputs`)."""
     return [
         EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
         EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
@@ -64,6 +71,58 @@ def run_env() -> list[EnvVar]:
         EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
         EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
     ]
+
+
+def issuing_step(
+    name: str,
+    proxy: ProxyConnection,
+    *,
+    inputs: Sequence[Parameter],
+    outputs: Sequence[Parameter],
+    env: Sequence[EnvVar],
+) -> Template:
+    """The script template of an issuing step (`_step_issue.py`): `inputs` and `env`, then what
+    every issuing step takes (the proxy, the cluster, the run's label and identity)."""
+    return script_step(
+        name,
+        step="issue",
+        proxy=proxy,
+        inputs=[*inputs, *_issuing_inputs(proxy)],
+        outputs=outputs,
+        env=[*env, *_run_env()],
+        retry=default_retry_strategy(limit=2),
+    )
+
+
+def add_issuing_task(
+    dag: DAG,
+    workflow: Workflow,
+    *,
+    name: str,
+    template: str,
+    build: Callable[[str, ProxyConnection], Template],
+    shared: str,
+    templates: SharedTemplates | None,
+    proxy: ProxyConnection,
+    arguments: dict[str, str],
+    depends: str | None = None,
+) -> Task:
+    """The issuing task `name` in the open `dag` (a name it has already is an error), calling
+    `template`, which `build` makes and adds to `workflow`, or with `templates` the installed
+    template `shared`. It passes `arguments`, then a request id that every retry of the step
+    repeats (a retry then replaces what an earlier attempt issued), and the proxy's."""
+    if any(getattr(task, "name", None) == name for task in dag.tasks):
+        raise TemplateConfigError(f"the DAG already has a task named {name!r}; pass name=...")
+    arguments = {
+        **arguments,
+        "request_id": f"{{{{workflow.uid}}}}/{name}",
+        **proxy.step_arguments(cluster=True),
+    }
+    if templates is None:
+        add_template(workflow, build(template, proxy))
+        return Task(name=name, template=template, arguments=arguments, depends=depends)
+    templates.check(proxy)
+    return Task(name=name, template_ref=templates.ref(shared), arguments=arguments, depends=depends)
 
 
 def money(value: Money | None, what: str) -> str:

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
-from ._issuing import Money, duration, given, issuing_inputs, money, optional, run_env
+from ._issuing import Money, add_issuing_task, duration, given, issuing_step, money, optional
 from .connection import ProxyConnection
 from .errors import TemplateConfigError
-from .retry import default_retry_strategy
 from .shared_templates import SharedTemplates
-from .step_pod import OUTPUT_DIR, script_step
-from .workflow_context import add_template, current_dag, current_workflow
+from .step_pod import OUTPUT_DIR
+from .workflow_context import current_dag, current_workflow
 
 __all__ = [
     "BUDGET_ID_GLOBAL",
@@ -41,10 +40,9 @@ BUDGET_ID_GLOBAL = "keybrake_budget_id"
 def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
     """The `budget` script template (the issue step, creating a budget)."""
     proxy = proxy or ProxyConnection()
-    return script_step(
+    return issuing_step(
         name,
-        step="issue",
-        proxy=proxy,
+        proxy,
         inputs=[
             optional("total_usd_cap", "USD the whole run may spend, however long it lives"),
             optional("daily_usd_cap", "USD the run may spend in any 24 hours"),
@@ -53,7 +51,6 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
                 "request_id",
                 "the same for every retry of this step (a retry then replaces, never adds)",
             ),
-            *issuing_inputs(proxy),
         ],
         outputs=[
             Parameter(
@@ -69,9 +66,7 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
             EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
             EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
             EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
-            *run_env(),
         ],
-        retry=default_retry_strategy(limit=2),
     )
 
 
@@ -114,15 +109,16 @@ def issue_budget(
     arguments = {
         **{name: value for name, value in caps.items() if value},
         "expires_in": duration(expires_in),
-        "request_id": f"{{{{workflow.uid}}}}/{name}",
-        **proxy.step_arguments(cluster=True),
     }
-    if any(getattr(task, "name", None) == name for task in dag.tasks):
-        raise TemplateConfigError(f"the DAG already has a task named {name!r}; pass name=...")
-    if templates is None:
-        add_template(workflow, budget_template(BUDGET_TEMPLATE, proxy))
-        task = Task(name=name, template=BUDGET_TEMPLATE, arguments=arguments)
-    else:
-        templates.check(proxy)
-        task = Task(name=name, template_ref=templates.ref("budget"), arguments=arguments)
+    task = add_issuing_task(
+        dag,
+        workflow,
+        name=name,
+        template=BUDGET_TEMPLATE,
+        build=budget_template,
+        shared="budget",
+        templates=templates,
+        proxy=proxy,
+        arguments=arguments,
+    )
     return RunBudget(task=task, proxy=proxy, templates=templates)

@@ -24,15 +24,23 @@ from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
 from keybrake.proxy.vendor_facts import VENDOR_NAMES
 
-from ._issuing import RUN_LABEL, Money, duration, given, issuing_inputs, money, optional, run_env
+from ._issuing import (
+    RUN_LABEL,
+    Money,
+    add_issuing_task,
+    duration,
+    given,
+    issuing_step,
+    money,
+    optional,
+)
 from .budget import RunBudget
 from .connection import ProxyConnection, is_expression
 from .errors import TemplateConfigError
-from .retry import default_retry_strategy
 from .shared_templates import SharedTemplates
-from .step_pod import OUTPUT_DIR, script_step
+from .step_pod import OUTPUT_DIR
 from .vendors import check_vendor
-from .workflow_context import add_template, current_dag, current_workflow
+from .workflow_context import current_dag, current_workflow
 
 __all__ = [
     "ISSUE_TASK",
@@ -54,10 +62,9 @@ _ENDPOINT = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|\*) /\S*$")
 def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
     """The `issue` script template; `proxy.url` is the default of its `proxy_url` input."""
     proxy = proxy or ProxyConnection()
-    return script_step(
+    return issuing_step(
         name,
-        step="issue",
-        proxy=proxy,
+        proxy,
         inputs=[
             Parameter(
                 name="vendor", description=f"{', '.join(VENDOR_NAMES[:-1])} or {VENDOR_NAMES[-1]}"
@@ -91,7 +98,6 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 "the same for every retry of this step (a retry then replaces its key, never "
                 "adds one); empty: derived from the run and the request",
             ),
-            *issuing_inputs(proxy),
         ],
         outputs=[
             Parameter(
@@ -123,9 +129,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALL", value=given("max_usd_per_call")),
             EnvVar(name="KEYBRAKE_MAX_USD_PER_CALLER", value=given("max_usd_per_caller")),
             EnvVar(name="KEYBRAKE_BUDGET_ID", value=given("budget_id")),
-            *run_env(),
         ],
-        retry=default_retry_strategy(limit=2),
     )
 
 
@@ -253,21 +257,19 @@ def issue_vault_key(
         "expires_in": _key_life(expires_in, budget),
         **{name: value for name, value in set_caps.items() if value},
         "delivery": delivery,
-        "request_id": f"{{{{workflow.uid}}}}/{name}",
-        **proxy.step_arguments(cluster=True),
     }
-    for task in dag.tasks:
-        if getattr(task, "name", None) == name:
-            raise TemplateConfigError(f"the DAG already has a task named {name!r}; pass name=...")
-    depends = budget.task.name if budget is not None else None
-    if templates is None:
-        add_template(workflow, issue_template(ISSUE_TEMPLATE, proxy))
-        task = Task(name=name, template=ISSUE_TEMPLATE, arguments=arguments, depends=depends)
-    else:
-        templates.check(proxy)
-        task = Task(
-            name=name, template_ref=templates.ref("issue"), arguments=arguments, depends=depends
-        )
+    task = add_issuing_task(
+        dag,
+        workflow,
+        name=name,
+        template=ISSUE_TEMPLATE,
+        build=issue_template,
+        shared="issue",
+        templates=templates,
+        proxy=proxy,
+        arguments=arguments,
+        depends=budget.task.name if budget is not None else None,
+    )
     return VaultKey(
         task=task,
         vendor=vendor,

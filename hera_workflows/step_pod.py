@@ -1,13 +1,16 @@
 """The pod every keybrake step runs in: a `script` template on a stock Python image.
 
 The step code is a standard-library Python file shipped in this package (`_step_issue.py`,
-`_step_revoke.py`), embedded unchanged as the template's `source`. Inputs reach it as environment
-variables the template fills from its parameters, so no parameter value is ever spliced into code.
+`_step_revoke.py`), embedded as the template's `source` with the part the steps share
+(`_step_common.py`) in place of their import of it, so that the pod runs one self-contained
+script. Inputs reach it as environment variables the template fills from its parameters, so no
+parameter value is ever spliced into code.
 See <https://argo-workflows.readthedocs.io/en/latest/walk-through/scripts-and-results/>.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,11 +36,39 @@ __all__ = ["OUTPUT_DIR", "STEP_IMAGE", "script_step", "step_source"]
 
 OUTPUT_DIR = "/tmp/keybrake"  # noqa: S108 - inside the step pod, where Argo collects outputs
 _HERE = Path(__file__).resolve().parent
+_COMMON = "_step_common"
+
+
+def _top_level(source: str, module: str) -> ast.ImportFrom:
+    """The one top-level `from <module> import ...` of `source` (`.<module>` when relative)."""
+    found = [
+        node
+        for node in ast.parse(source).body
+        if isinstance(node, ast.ImportFrom) and node.module == module
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected one `from {module} import ...`, found {len(found)}")
+    return found[0]
+
+
+def _common_block() -> str:
+    """`_step_common.py` below its `from __future__ import annotations`, between markers."""
+    source = (_HERE / f"{_COMMON}.py").read_text(encoding="utf-8")
+    future = _top_level(source, "__future__")
+    body = "".join(source.splitlines(keepends=True)[future.end_lineno :]).strip("\n")
+    return (
+        f"# --- {_COMMON}.py, copied in: the keybrake steps share it, and a pod cannot import "
+        f"keybrake ---\n{body}\n\n\n# --- end of {_COMMON}.py ---\n"
+    )
 
 
 def step_source(step: str) -> str:
-    """The source of `_step_<step>.py`, as embedded in the script template."""
-    return (_HERE / f"_step_{step}.py").read_text(encoding="utf-8")
+    """The source of `_step_<step>.py`, as embedded in the script template: its
+    `from ._step_common import ...` replaced by that module's code."""
+    source = (_HERE / f"_step_{step}.py").read_text(encoding="utf-8")
+    shared = _top_level(source, _COMMON)
+    lines = source.splitlines(keepends=True)
+    return "".join([*lines[: shared.lineno - 1], _common_block(), *lines[shared.end_lineno :]])
 
 
 def script_step(

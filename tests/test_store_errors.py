@@ -69,7 +69,7 @@ def test_a_bug_in_a_store_operation_is_a_500_on_the_admin_api(
 ) -> None:
     with app_client(tmp_path, database_url=_url(backend, tmp_path, request)) as c:
         key_id = issue(c)["key_id"]
-        monkeypatch.setattr(operations, "_key", _bug)  # mapping a row: our code, not the database
+        monkeypatch.setattr(operations, "_changes", _bug)  # our code, not the database
         answer = c.get(f"/vault/keys/{key_id}")
         assert answer.status_code == 500, answer.text
         assert answer.json()["error"]["type"] == "internal_error"

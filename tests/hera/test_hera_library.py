@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -598,10 +599,23 @@ def test_step_sources_use_the_standard_library_only_and_no_argo_tags() -> None:
         assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
 
 
-def test_the_shared_http_block_is_the_same_in_both_steps() -> None:
-    def block(step: str) -> str:
+def test_each_step_script_holds_the_shared_code_in_place_of_its_import() -> None:
+    common = (PACKAGE / "_step_common.py").read_text(encoding="utf-8")
+    common = common.split("from __future__ import annotations\n", 1)[1]
+    for step in ("issue", "revoke"):
         source = step_source(step)
-        start = source.index("# --- HTTP to the proxy")
-        return source[start : source.index("# --- end of the shared block")]
+        assert source.count(common.strip()) == 1
+        assert "_step_common import" not in source
 
-    assert block("issue") == block("revoke")
+
+@pytest.mark.parametrize(("step", "code"), [("issue", EXIT_REFUSED), ("revoke", 0)])
+def test_each_step_script_runs_alone(step: str, code: int, tmp_path: Path) -> None:
+    """Run as the pod runs it (isolated, in an empty folder): nothing of keybrake to import. With
+    no inputs the issue step refuses and the revoke step reports, both after the shared code ran."""
+    script = tmp_path / "script"
+    script.write_text(step_source(step), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-I", str(script)], cwd=tmp_path, env={}, capture_output=True, text=True
+    )
+    assert done.returncode == code, done.stderr
+    assert "keybrake:" in done.stdout + done.stderr

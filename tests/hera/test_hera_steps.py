@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fake_keybrake import ADMIN_TOKEN, FakeKeybrake, serve
 
-from keybrake.hera_workflows import _step_issue, _step_revoke
+from keybrake.hera_workflows import _step_common, _step_issue, _step_revoke
 from tests.fakes.kubernetes import FakeCluster
 
 
@@ -99,7 +99,7 @@ def test_issue_gives_up_on_an_unreachable_proxy_with_exit_75(
 ) -> None:
     sleeps = Sleeps()
     assert _step_issue.main(issue_env(closed_port_url, tmp_path), sleeps) == 75
-    assert sleeps == list(_step_issue.BACKOFF_SECONDS)
+    assert sleeps == list(_step_common.BACKOFF_SECONDS)
     assert "after 6 attempts" in capsys.readouterr().err
     assert not (tmp_path / "key_id").exists()
 
@@ -366,11 +366,11 @@ def test_spend_keeps_sub_cent_amounts() -> None:
 
 
 def test_an_unreadable_answer_is_reported_not_raised(fake: FakeKeybrake) -> None:
-    assert _step_issue.decode(b"<html>bad gateway</html>") == {
+    assert _step_common.decode(b"<html>bad gateway</html>") == {
         "error": {"type": "not_json", "message": "<html>bad gateway</html>"}
     }
-    assert _step_issue.error_message({"error": {"message": "m"}}) == "m"
-    assert _step_issue.error_message(json.loads("[1]")) == ""
+    assert _step_common.error_message({"error": {"message": "m"}}) == "m"
+    assert _step_common.error_message(json.loads("[1]")) == ""
 
 
 @pytest.fixture
