@@ -6,12 +6,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import yaml
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,11 +21,14 @@ __all__ = [
     "EXIT_REFUSED",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "BriefOutputOption",
     "Output",
+    "OutputOption",
     "console",
     "err_console",
     "fail",
     "print_data",
+    "print_item",
     "print_rows",
 ]
 
@@ -43,6 +46,18 @@ class Output(StrEnum):
     yaml = "yaml"
 
 
+OutputOption = Annotated[
+    Output | None,
+    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
+]
+# The same option, in the shorter words some commands' help has always given it.
+BriefOutputOption = Annotated[
+    Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
 def default_output(output: Output | None) -> Output:
     """Tables for people at a terminal, JSON when piped into another program."""
     if output is not None:
@@ -55,6 +70,22 @@ def print_data(data: Any, output: Output) -> None:
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
     else:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def print_item(
+    item: M,
+    output: Output | None,
+    render: Callable[[M], RenderableType],
+    extra: dict[str, object] | None = None,
+) -> Output:
+    """One record: `render(item)` on a terminal, else its fields (and `extra`) as JSON or YAML.
+    Returns the format chosen, for a line a table may want after it."""
+    chosen = default_output(output)
+    if chosen is Output.table:
+        console.print(render(item))
+    else:
+        print_data({**item.model_dump(), **(extra or {})}, chosen)
+    return chosen
 
 
 def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:

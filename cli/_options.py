@@ -1,15 +1,48 @@
-"""Option parsing several commands share: dollar amounts, metadata pairs, cap changes."""
+"""Options several commands share, and their parsing: dollar amounts, metadata pairs, cap
+changes, statuses."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
+from typing import Annotated
 
+import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, fail
 from keybrake.proxy.models import CapsPatch, describe_validation_error
 
-__all__ = ["caps_patch", "dollars", "metadata"]
+__all__ = [
+    "AlertAtOption",
+    "DailyCapOption",
+    "LabelOption",
+    "NewDailyCapOption",
+    "NewExpiresInOption",
+    "ReasonOption",
+    "caps_patch",
+    "dollars",
+    "metadata",
+    "status_filter",
+    "usage_on_invalid",
+]
+
+# Issuing a key or creating a budget.
+LabelOption = Annotated[str, typer.Option(help="Usually argo/<workflow name>.")]
+DailyCapOption = Annotated[
+    str | None, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")
+]
+
+# Patching a key or a budget.
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")]
+NewDailyCapOption = Annotated[
+    str | None, typer.Option("--daily-usd-cap", help="New cap for any 24 hours.")
+]
+NewExpiresInOption = Annotated[
+    str | None,
+    typer.Option("--expires-in", help="New life, from now (never past the longest allowed)."),
+]
 
 
 def dollars(text: str | None, flag: str) -> Decimal | None:
@@ -44,11 +77,15 @@ def percents(text: str | None) -> list[int] | None:
         fail(f"--alert-at {text!r}: percents separated by commas, e.g. 50,90, or none", EXIT_USAGE)
 
 
-ALERT_AT_HELP = (
-    "Percents of its caps at which the proxy's webhook alerts, e.g. 50,90; none: no threshold "
-    "alerts (a key still alerts on its first cap hit; a budget alerts on none). Default: the "
-    "proxy's KEYBRAKE_ALERT_THRESHOLDS."
-)
+AlertAtOption = Annotated[
+    str | None,
+    typer.Option(
+        "--alert-at",
+        help="Percents of its caps at which the proxy's webhook alerts, e.g. 50,90; none: no "
+        "threshold alerts (a key still alerts on its first cap hit; a budget alerts on none). "
+        "Default: the proxy's KEYBRAKE_ALERT_THRESHOLDS.",
+    ),
+]
 
 
 def metadata(items: list[str] | None) -> dict[str, str]:
@@ -61,6 +98,16 @@ def metadata(items: list[str] | None) -> dict[str, str]:
     return meta
 
 
+@contextmanager
+def usage_on_invalid() -> Iterator[None]:
+    """Around building a request from options: what the model refuses is a one-line usage error
+    naming the field (exit 2), before anything is sent."""
+    try:
+        yield
+    except ValidationError as exc:
+        fail(describe_validation_error(exc), EXIT_USAGE)
+
+
 def caps_patch(
     *,
     reason: str,
@@ -69,7 +116,7 @@ def caps_patch(
     expires_in: str | None,
     max_usd_per_caller: str | None = None,
 ) -> CapsPatch:
-    try:
+    with usage_on_invalid():
         return CapsPatch(
             reason=reason,
             daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
@@ -77,8 +124,13 @@ def caps_patch(
             max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
             expires_in=expires_in,
         )
-    except ValidationError as exc:
-        fail(describe_validation_error(exc), EXIT_USAGE)
+
+
+def status_filter(status: str | None) -> str | None:
+    """`--status` of a listing: active, revoked or expired (None: unset)."""
+    if status is not None and status not in {"active", "revoked", "expired"}:
+        fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
+    return status
 
 
 def workflow_label(workflow: str) -> str:

@@ -9,8 +9,10 @@ from enum import StrEnum
 from typing import Annotated, Protocol, TypeVar
 
 import typer
+from pydantic import BaseModel
+from rich.console import RenderableType
 
-from keybrake.cli._common import err_console
+from keybrake.cli._common import Output, console, default_output, err_console, print_data
 from keybrake.proxy.money import parse_ts
 
 __all__ = [
@@ -19,11 +21,13 @@ __all__ = [
     "ListOutput",
     "age",
     "collect",
+    "print_listing",
     "say_more",
 ]
 
 T_co = TypeVar("T_co", covariant=True)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ListOutput(StrEnum):
@@ -61,6 +65,26 @@ def collect(
         token = page.continue_
         if not every_page or token is None:
             return rows, token
+
+
+def print_listing(
+    rows: list[M],
+    output: ListOutput | None,
+    *,
+    name: Callable[[M], str],
+    table: Callable[[list[M], bool], RenderableType],
+    empty: str,
+) -> None:
+    """A listing as `-o` asks: ids (`name`), `table(rows, wide)` (`empty` when there are none),
+    JSON or YAML; a table on a terminal, else JSON."""
+    chosen = output or ListOutput(default_output(None).value)
+    if chosen is ListOutput.name:
+        for row in rows:
+            print(name(row))
+    elif chosen in (ListOutput.table, ListOutput.wide):
+        console.print(table(rows, chosen is ListOutput.wide) if rows else empty)
+    else:
+        print_data([r.model_dump() for r in rows], Output(chosen.value))
 
 
 def say_more(token: str | None, command: str, noun: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 
+from rich.console import OverflowMethod
 from rich.table import Table
 
 from keybrake.cli._paging import age
@@ -15,6 +18,7 @@ __all__ = [
     "budget_detail",
     "budgets_table",
     "caps",
+    "detail_table",
     "key_detail",
     "keys_table",
 ]
@@ -103,10 +107,28 @@ def _change_lines(changes: list[ChangeInfo]) -> str:
     )
 
 
-def budget_detail(budget: BudgetInfo) -> Table:
+def detail_table(rows: Sequence[tuple[str, str]], overflow: OverflowMethod = "ellipsis") -> Table:
+    """One record as a column of names and a column of values."""
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow=overflow)
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _record_detail(
+    rows: list[tuple[str, str]], changes: list[ChangeInfo], metadata: dict[str, Any]
+) -> Table:
+    """A key's or a budget's detail: its rows, then its changes and metadata if it has any."""
+    if changes:
+        rows.append(("Changes", _change_lines(changes)))
+    if metadata:
+        rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in metadata.items())))
+    return detail_table(rows)
+
+
+def budget_detail(budget: BudgetInfo) -> Table:
     rows = [
         ("Budget ID", budget.budget_id),
         ("Label", budget.agent_run_label),
@@ -124,19 +146,10 @@ def budget_detail(budget: BudgetInfo) -> Table:
         ("Expires", budget.expires_at),
         ("Revoked", budget.revoked_at or "-"),
     ]
-    if budget.changes:
-        rows.append(("Changes", _change_lines(budget.changes)))
-    if budget.metadata:
-        rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in budget.metadata.items())))
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
+    return _record_detail(rows, budget.changes, budget.metadata)
 
 
 def key_detail(key: KeyInfo) -> Table:
-    table = Table(box=None, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("Key ID", key.key_id),
         ("Label", key.agent_run_label),
@@ -160,13 +173,7 @@ def key_detail(key: KeyInfo) -> Table:
     ]
     if key.allowed_accounts:
         rows.append(("Accounts", ", ".join(key.allowed_accounts)))
-    if key.changes:
-        rows.append(("Changes", _change_lines(key.changes)))
-    if key.metadata:
-        rows.append(("Metadata", ", ".join(f"{k}={v}" for k, v in key.metadata.items())))
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
+    return _record_detail(rows, key.changes, key.metadata)
 
 
 def audit_table(rows: list[AuditRow]) -> Table:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from keybrake.cli._common import Output, print_rows
+from keybrake.cli._common import BriefOutputOption, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import AlertInfo
@@ -20,9 +20,7 @@ def alerts(
         bool, typer.Option("--pending", help="Only those not delivered yet.")
     ] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Newest N.")] = 100,
-    output: Annotated[
-        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = None,
+    output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:

@@ -10,13 +10,21 @@ from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._common import (
+    EXIT_USAGE,
+    BriefOutputOption,
+    Output,
+    console,
+    fail,
+    print_data,
+    print_item,
+)
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._options import workflow_label
 from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.cli._render import audit_line, audit_table
 from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
-from keybrake.proxy.models import AuditRow
+from keybrake.proxy.models import AuditRow, PruneResult
 from keybrake.proxy.money import parse_duration
 
 app = typer.Typer(no_args_is_help=False, invoke_without_command=True)
@@ -65,13 +73,8 @@ def audit(
     """
     if context.invoked_subcommand is not None:
         return
-    if since is not None and not since[:1].isdigit():
-        fail(f"--since {since!r}: use a duration such as 1h or an ISO time", EXIT_USAGE)
-    if since is not None and "-" not in since:
-        try:
-            parse_duration(since)
-        except ValueError as exc:
-            fail(f"--since: {exc}", EXIT_USAGE)
+    if since is not None:
+        _check_when(since, "--since", "1h")
     label = workflow_label(workflow) if workflow else None
     chosen = output or (AuditOutput.table if sys.stdout.isatty() else AuditOutput.json)
     if follow and (every_page or cursor or chosen in (AuditOutput.csv, AuditOutput.yaml)):
@@ -147,9 +150,7 @@ def prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")
     ] = False,
-    output: Annotated[
-        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = None,
+    output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
@@ -160,19 +161,24 @@ def prune(
 
     Example: keybrake audit prune --before 90d --dry-run
     """
-    if not before[:1].isdigit():
-        fail(f"--before {before!r}: use a duration such as 90d or an ISO time", EXIT_USAGE)
-    if "-" not in before:
-        try:
-            parse_duration(before)
-        except ValueError as exc:
-            fail(f"--before: {exc}", EXIT_USAGE)
+    _check_when(before, "--before", "90d")
     with connect(url, api_key) as client:
         result = client.prune_audit(before, dry_run=dry_run)
-    chosen = default_output(output)
-    if chosen is not Output.table:
-        print_data(result.model_dump(), chosen)
-        return
+    print_item(result, output, _pruned)
+
+
+def _pruned(result: PruneResult) -> str:
     verb = "would delete" if result.dry_run else "deleted"
     rows = "row" if result.removed == 1 else "rows"
-    console.print(f"{verb} {result.removed:,} audit {rows} older than {result.before}")
+    return f"{verb} {result.removed:,} audit {rows} older than {result.before}"
+
+
+def _check_when(text: str, flag: str, example: str) -> None:
+    """A duration back from now (`example`) or an ISO time: a usage error if it is neither."""
+    if not text[:1].isdigit():
+        fail(f"{flag} {text!r}: use a duration such as {example} or an ISO time", EXIT_USAGE)
+    if "-" not in text:
+        try:
+            parse_duration(text)
+        except ValueError as exc:
+            fail(f"{flag}: {exc}", EXIT_USAGE)

@@ -5,40 +5,42 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._common import OutputOption, print_item
 from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
 from keybrake.cli._options import (
-    ALERT_AT_HELP,
+    AlertAtOption,
+    DailyCapOption,
+    LabelOption,
+    NewDailyCapOption,
+    NewExpiresInOption,
+    ReasonOption,
     caps_patch,
     dollars,
     metadata,
     percents,
+    status_filter,
+    usage_on_invalid,
     workflow_label,
 )
-from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
+from keybrake.cli._paging import (
+    AllOption,
+    ContinueOption,
+    ListOutput,
+    collect,
+    print_listing,
+    say_more,
+)
 from keybrake.cli._render import budget_detail, budgets_table
 from keybrake.proxy.client import DEFAULT_URL
-from keybrake.proxy.models import BudgetCreate, BudgetInfo, describe_validation_error
+from keybrake.proxy.models import BudgetCreate
 
 app = typer.Typer(
     help="Create, list, show, patch and revoke budgets: caps a whole run shares.",
     no_args_is_help=True,
 )
 
-OutputOption = Annotated[
-    Output | None,
-    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
-]
-
-
-def _show(budget: BudgetInfo, output: Output | None) -> None:
-    chosen = default_output(output)
-    if chosen is Output.table:
-        console.print(budget_detail(budget))
-    else:
-        print_data(budget.model_dump(), chosen)
+BudgetIdArgument = Annotated[str, typer.Argument(help="The budget id (bg_...).")]
 
 
 @app.command(
@@ -47,18 +49,16 @@ def _show(budget: BudgetInfo, output: Output | None) -> None:
     "--expires-in 6h -q",
 )
 def create(
-    label: Annotated[str, typer.Option(help="Usually argo/<workflow name>.")],
+    label: LabelOption,
     total_usd_cap: Annotated[
         str | None, typer.Option("--total-usd-cap", help="Dollars over the run's whole life.")
     ] = None,
-    daily_usd_cap: Annotated[
-        str | None, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")
-    ] = None,
+    daily_usd_cap: DailyCapOption = None,
     expires_in: Annotated[str, typer.Option("--expires-in", help="90s, 30m, 2h, 7d.")] = "1h",
     meta: Annotated[
         list[str] | None, typer.Option("--meta", help="key=value stored with it; repeatable.")
     ] = None,
-    alert_at: Annotated[str | None, typer.Option("--alert-at", help=ALERT_AT_HELP)] = None,
+    alert_at: AlertAtOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the budget id.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -66,7 +66,7 @@ def create(
 ) -> None:
     """Create a budget; issue keys with --budget to draw on it. A call is admitted only if the
     key's caps and the budget's all hold."""
-    try:
+    with usage_on_invalid():
         spec = BudgetCreate(
             agent_run_label=label,
             total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
@@ -75,14 +75,12 @@ def create(
             metadata=metadata(meta),
             alert_thresholds=percents(alert_at),
         )
-    except ValidationError as exc:
-        fail(describe_validation_error(exc), EXIT_USAGE)
     with connect(url, api_key) as client:
         budget = client.create_budget(spec)
     if quiet:
         print(budget.budget_id)
         return
-    _show(budget, output)
+    print_item(budget, output, budget_detail)
 
 
 @app.command("list", epilog="Example: keybrake budgets list --workflow billing-agent-x7k2p")
@@ -106,8 +104,7 @@ def list_budgets(
     api_key: ApiKeyOption = "",
 ) -> None:
     """List budgets, newest first, with their spend in the last 24 hours and in all."""
-    if status is not None and status not in {"active", "revoked", "expired"}:
-        fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
+    status = status_filter(status)
     if workflow:
         label = workflow_label(workflow)
     with connect(url, api_key) as client:
@@ -116,20 +113,19 @@ def list_budgets(
             cursor,
             every_page,
         )
-    chosen = output or ListOutput(default_output(None).value)
-    if chosen is ListOutput.name:
-        for budget in budgets:
-            print(budget.budget_id)
-    elif chosen in (ListOutput.table, ListOutput.wide):
-        console.print(budgets_table(budgets) if budgets else "No budgets match.")
-    else:
-        print_data([b.model_dump() for b in budgets], Output(chosen.value))
+    print_listing(
+        budgets,
+        output,
+        name=lambda budget: budget.budget_id,
+        table=lambda rows, _wide: budgets_table(rows),
+        empty="No budgets match.",
+    )
     say_more(token, "keybrake budgets list", "budgets")
 
 
 @app.command("show", epilog="Example: keybrake budgets show bg_3f9c2a1b4d5e6f70")
 def show(
-    budget_id: Annotated[str, typer.Argument(help="The budget id (bg_...).")],
+    budget_id: BudgetIdArgument,
     ignore_not_found: IgnoreNotFoundOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -139,12 +135,12 @@ def show(
     that does not exist exits 1."""
     with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
         budget = client.get_budget(budget_id)
-    _show(budget, output)
+    print_item(budget, output, budget_detail)
 
 
 @app.command("revoke", epilog="Example: keybrake budgets revoke bg_3f9c2a1b4d5e6f70")
 def revoke(
-    budget_id: Annotated[str, typer.Argument(help="The budget id (bg_...).")],
+    budget_id: BudgetIdArgument,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -152,7 +148,7 @@ def revoke(
     """Revoke a budget and every key drawing on it; effective on the next call."""
     with connect(url, api_key) as client:
         budget = client.revoke_budget(budget_id)
-    _show(budget, output)
+    print_item(budget, output, budget_detail)
 
 
 @app.command(
@@ -161,18 +157,13 @@ def revoke(
     "--reason 'approved by finance'",
 )
 def patch(
-    budget_id: Annotated[str, typer.Argument(help="The budget id (bg_...).")],
-    reason: Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")],
+    budget_id: BudgetIdArgument,
+    reason: ReasonOption,
     total_usd_cap: Annotated[
         str | None, typer.Option("--total-usd-cap", help="New cap over the run's life.")
     ] = None,
-    daily_usd_cap: Annotated[
-        str | None, typer.Option("--daily-usd-cap", help="New cap for any 24 hours.")
-    ] = None,
-    expires_in: Annotated[
-        str | None,
-        typer.Option("--expires-in", help="New life, from now (never past the longest allowed)."),
-    ] = None,
+    daily_usd_cap: NewDailyCapOption = None,
+    expires_in: NewExpiresInOption = None,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -187,4 +178,4 @@ def patch(
     )
     with connect(url, api_key) as client:
         budget = client.patch_budget(budget_id, spec)
-    _show(budget, output)
+    print_item(budget, output, budget_detail)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import Output, print_rows
+from keybrake.cli._common import BriefOutputOption, Output, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.proxy.client import DEFAULT_URL
@@ -29,9 +29,7 @@ def events(
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="Events per page.")] = 100,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
-    output: Annotated[
-        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = None,
+    output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:

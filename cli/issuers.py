@@ -6,18 +6,28 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._common import (
+    EXIT_USAGE,
+    Output,
+    OutputOption,
+    console,
+    default_output,
+    err_console,
+    fail,
+    print_data,
+    print_item,
+)
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import dollars
+from keybrake.cli._options import dollars, usage_on_invalid
+from keybrake.cli._render import detail_table
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import (
     IssuerCreate,
     IssuerInfo,
     KubernetesBinding,
-    describe_validation_error,
 )
 
 app = typer.Typer(
@@ -26,15 +36,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-OutputOption = Annotated[
-    Output | None,
-    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
-]
+IssuerIdArgument = Annotated[str, typer.Argument(help="The issuer id (is_...).")]
 
 
-def _policy_lines(issuer: IssuerInfo) -> list[tuple[str, str]]:
+def _policy(issuer: IssuerInfo) -> Table:
     binding = issuer.kubernetes
-    return [
+    rows = [
         ("issuer", f"{issuer.issuer_id} ({issuer.name}), {issuer.status}"),
         ("labels", f"{issuer.label_prefix}…"),
         ("vendors", ", ".join(issuer.allowed_vendors) or "any"),
@@ -54,21 +61,7 @@ def _policy_lines(issuer: IssuerInfo) -> list[tuple[str, str]]:
         ("static token", "yes" if issuer.static_token else "no"),
         ("created", issuer.created_at),
     ]
-
-
-def _show(
-    issuer: IssuerInfo, output: Output | None, extra: dict[str, object] | None = None
-) -> None:
-    chosen = default_output(output)
-    if chosen is Output.table:
-        table = Table(box=None, show_header=False)
-        table.add_column(style="bold")
-        table.add_column(overflow="fold")
-        for name, value in _policy_lines(issuer):
-            table.add_row(name, value)
-        console.print(table)
-    else:
-        print_data({**issuer.model_dump(mode="json"), **(extra or {})}, chosen)
+    return detail_table(rows, overflow="fold")
 
 
 @app.command(
@@ -136,7 +129,7 @@ def create(
     binding = None
     if bool(k8s_namespace) != bool(k8s_service_account):
         fail("--k8s-namespace and --k8s-service-account go together", EXIT_USAGE)
-    try:
+    with usage_on_invalid():
         if k8s_namespace and k8s_service_account:
             binding = KubernetesBinding(
                 namespaces=k8s_namespace, service_accounts=k8s_service_account, audience=audience
@@ -154,16 +147,15 @@ def create(
             kubernetes=binding,
             static_token=static_token,
         )
-    except ValidationError as exc:
-        fail(describe_validation_error(exc), EXIT_USAGE)
     with connect(url, api_key) as client:
         issued = client.create_issuer(spec)
+    for warning in issued.warnings:  # on stderr, whatever the output: stdout stays parseable
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if quiet:
         print(issued.issuer_token or issued.issuer_id)
         return
     info = IssuerInfo.model_validate(issued.model_dump(exclude={"issuer_token"}))
-    _show(info, output, {"issuer_token": issued.issuer_token})
-    if default_output(output) is Output.table:
+    if print_item(info, output, _policy, {"issuer_token": issued.issuer_token}) is Output.table:
         if issued.issuer_token:
             console.print(f"token (shown once): {issued.issuer_token}", soft_wrap=True)
         else:
@@ -209,7 +201,7 @@ def list_issuers(
 
 @app.command("show", epilog="Example: keybrake issuers show is_3f9c2a1b4d5e6f70")
 def show(
-    issuer_id: Annotated[str, typer.Argument(help="The issuer id (is_...).")],
+    issuer_id: IssuerIdArgument,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -217,12 +209,12 @@ def show(
     """Show one issuer's policy and binding."""
     with connect(url, api_key) as client:
         issuer = client.get_issuer(issuer_id)
-    _show(issuer, output)
+    print_item(issuer, output, _policy)
 
 
 @app.command("delete", epilog="Example: keybrake issuers delete is_3f9c2a1b4d5e6f70 --revoke")
 def delete(
-    issuer_id: Annotated[str, typer.Argument(help="The issuer id (is_...).")],
+    issuer_id: IssuerIdArgument,
     revoke: Annotated[
         bool, typer.Option("--revoke", help="Also revoke every live key and budget it issued.")
     ] = False,

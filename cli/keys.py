@@ -5,29 +5,45 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from keybrake.cli._common import EXIT_USAGE, Output, console, default_output, fail, print_data
+from keybrake.cli._common import (
+    EXIT_USAGE,
+    BriefOutputOption,
+    Output,
+    OutputOption,
+    console,
+    fail,
+    print_item,
+)
 from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
 from keybrake.cli._options import (
-    ALERT_AT_HELP,
+    AlertAtOption,
+    DailyCapOption,
+    LabelOption,
+    NewDailyCapOption,
+    NewExpiresInOption,
+    ReasonOption,
     caps_patch,
     dollars,
     metadata,
     percents,
+    status_filter,
+    usage_on_invalid,
     workflow_label,
 )
-from keybrake.cli._paging import AllOption, ContinueOption, ListOutput, collect, say_more
+from keybrake.cli._paging import (
+    AllOption,
+    ContinueOption,
+    ListOutput,
+    collect,
+    print_listing,
+    say_more,
+)
 from keybrake.cli._render import key_detail, keys_table
 from keybrake.proxy.client import DEFAULT_URL
-from keybrake.proxy.models import KeyCreate, describe_validation_error
+from keybrake.proxy.models import KeyCreate
 
 app = typer.Typer(help="Issue, list, show and patch vault keys.", no_args_is_help=True)
-
-OutputOption = Annotated[
-    Output | None,
-    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
-]
 
 
 @app.command(
@@ -40,10 +56,8 @@ def issue(
     allow: Annotated[
         list[str], typer.Option("--allow", help="'METHOD /path' the key may call; repeatable.")
     ],
-    label: Annotated[str, typer.Option(help="Usually argo/<workflow name>.")],
-    daily_usd_cap: Annotated[
-        str | None, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")
-    ] = None,
+    label: LabelOption,
+    daily_usd_cap: DailyCapOption = None,
     total_usd_cap: Annotated[
         str | None, typer.Option("--total-usd-cap", help="Dollars over the key's whole life.")
     ] = None,
@@ -73,17 +87,15 @@ def issue(
     dedupe_window: Annotated[
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
-    alert_at: Annotated[str | None, typer.Option("--alert-at", help=ALERT_AT_HELP)] = None,
+    alert_at: AlertAtOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the vault key.")] = False,
-    output: Annotated[
-        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = None,
+    output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Issue a vault key. The key is shown once; store it where the workload reads it. It needs
     --daily-usd-cap or --total-usd-cap, unless it draws on a --budget."""
-    try:
+    with usage_on_invalid():
         spec = KeyCreate(
             vendor=vendor,
             daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
@@ -98,19 +110,13 @@ def issue(
             dedupe_window=dedupe_window,
             alert_thresholds=percents(alert_at),
         )
-    except ValidationError as exc:
-        fail(describe_validation_error(exc), EXIT_USAGE)
     with connect(url, api_key) as client:
         issued = client.issue_key(spec)
     if quiet:
         print(issued.vault_key)
         return
-    chosen = default_output(output)
-    if chosen is Output.table:
-        console.print(key_detail(issued))
+    if print_item(issued, output, key_detail) is Output.table:
         console.print(f"\n[bold]Vault key[/] (shown once): {issued.vault_key}", soft_wrap=True)
-    else:
-        print_data(issued.model_dump(), chosen)
 
 
 @app.command(
@@ -146,8 +152,7 @@ def list_keys(
 ) -> None:
     """List vault keys, newest first, with their spend in the last 24 hours and their caps: the
     active ones unless --status or --all-statuses says otherwise."""
-    if status is not None and status not in {"active", "revoked", "expired"}:
-        fail(f"--status {status!r}: use active, revoked or expired", EXIT_USAGE)
+    status = status_filter(status)
     if status is not None and all_statuses:
         fail("--status and --all-statuses: give one of them", EXIT_USAGE)
     if not all_statuses:
@@ -167,18 +172,13 @@ def list_keys(
             cursor,
             every_page,
         )
-    chosen = output or ListOutput(default_output(None).value)
-    if chosen is ListOutput.name:
-        for key in keys:
-            print(key.key_id)
-    elif chosen in (ListOutput.table, ListOutput.wide):
-        if not keys:
-            shown = f" {status}" if status else ""
-            console.print(f"No{shown} vault keys match.")
-        else:
-            console.print(keys_table(keys, wide=chosen is ListOutput.wide))
-    else:
-        print_data([k.model_dump() for k in keys], Output(chosen.value))
+    print_listing(
+        keys,
+        output,
+        name=lambda key: key.key_id,
+        table=lambda rows, wide: keys_table(rows, wide=wide),
+        empty=f"No {status} vault keys match." if status else "No vault keys match.",
+    )
     say_more(token, "keybrake keys list", "keys")
 
 
@@ -194,11 +194,7 @@ def show(
     cap hits, and every change made to it. A key that does not exist exits 1."""
     with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
         key = client.get_key(key_id)
-    chosen = default_output(output)
-    if chosen is Output.table:
-        console.print(key_detail(key))
-    else:
-        print_data(key.model_dump(), chosen)
+    print_item(key, output, key_detail)
 
 
 @app.command(
@@ -208,20 +204,15 @@ def show(
 )
 def patch(
     key_id: Annotated[str, typer.Argument(help="The key id (vk_...).")],
-    reason: Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")],
-    daily_usd_cap: Annotated[
-        str | None, typer.Option("--daily-usd-cap", help="New cap for any 24 hours.")
-    ] = None,
+    reason: ReasonOption,
+    daily_usd_cap: NewDailyCapOption = None,
     total_usd_cap: Annotated[
         str | None, typer.Option("--total-usd-cap", help="New cap over the key's life.")
     ] = None,
     max_usd_per_caller: Annotated[
         str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
     ] = None,
-    expires_in: Annotated[
-        str | None,
-        typer.Option("--expires-in", help="New life, from now (never past the longest allowed)."),
-    ] = None,
+    expires_in: NewExpiresInOption = None,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -237,8 +228,4 @@ def patch(
     )
     with connect(url, api_key) as client:
         key = client.patch_key(key_id, spec)
-    chosen = default_output(output)
-    if chosen is Output.table:
-        console.print(key_detail(key))
-    else:
-        print_data(key.model_dump(), chosen)
+    print_item(key, output, key_detail)

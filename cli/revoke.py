@@ -10,6 +10,7 @@ import typer
 from keybrake.cli._common import (
     EXIT_REFUSED,
     EXIT_USAGE,
+    BriefOutputOption,
     Output,
     console,
     default_output,
@@ -39,9 +40,7 @@ def revoke(
             "--ignore-not-found", help="Exit 0 when the key or workflow does not exist (scripts)."
         ),
     ] = False,
-    output: Annotated[
-        Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
-    ] = None,
+    output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:

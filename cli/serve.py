@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
+from rich.markup import escape
 
 from keybrake.cli._common import EXIT_USAGE, console, err_console, fail
 from keybrake.proxy.errors import ConfigError, StoreUnavailable
 from keybrake.proxy.redact import redact
-from keybrake.proxy.settings import Settings, read_settings_file
+from keybrake.proxy.settings import Settings, read_settings_file, unknown_variables
 
 if TYPE_CHECKING:
     import uvicorn
@@ -33,6 +34,7 @@ class EventLoop(StrEnum):
 
 
 def serve(
+    ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 in a container)."),
     port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
     workers: int = typer.Option(1, min=1, max=64, help="Processes sharing one database."),
@@ -92,6 +94,7 @@ def serve(
         err_console.print(f"generated admin token: {os.environ['KEYBRAKE_API_KEY']}")
     try:
         settings = Settings()
+        warn_of_unknown_variables(_command_variables(ctx))
         build_app(settings)  # validates settings and the pricing table before forking workers
         upgrade_database(settings.database_url)
     except (ConfigError, StoreUnavailable) as exc:
@@ -183,6 +186,37 @@ def _address(sock: socket.socket) -> str:
     name = sock.getsockname()
     host, port = str(name[0]), int(name[1])
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def warn_of_unknown_variables(also_known: set[str]) -> None:
+    """One line on stderr per KEYBRAKE_ variable that is neither a setting (the settings ignore
+    it) nor in `also_known`, with the setting it likely misspells. Printed once the settings
+    parse: a start refused for a bad value stays that one line. Names only: a value may be a
+    secret."""
+    for name, closest in unknown_variables(os.environ, also_known):
+        guess = f"; did you mean {closest}?" if closest else ""
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(name)} is not a keybrake setting and is "
+            f"ignored{guess}",
+            soft_wrap=True,
+        )
+
+
+def _command_variables(ctx: typer.Context) -> set[str]:
+    """The variables the `keybrake` commands read (their options' `envvar`:
+    KEYBRAKE_URL, KEYBRAKE_CA_BUNDLE, KEYBRAKE_CONFIG, KEYBRAKE_REAPER_GRACE, ...): a proxy's
+    environment may well hold them, and they are no typo."""
+    found: set[str] = set()
+    pending = [ctx.find_root().command]
+    while pending:
+        command = pending.pop()
+        for param in command.params:
+            if isinstance(param.envvar, str):
+                found.add(param.envvar)
+            elif param.envvar:
+                found.update(param.envvar)
+        pending.extend(getattr(command, "commands", {}).values())
+    return found
 
 
 def setting_error(exc: ValidationError | SettingsError) -> str:

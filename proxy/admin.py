@@ -290,9 +290,15 @@ class AdminApi:
 
     async def create_issuer(self, request: Request, actor: Actor) -> Response:
         spec = await self._body(request, IssuerCreate)
-        record, token = await self.vault.create_issuer(actor, spec)
-        answer = IssuedIssuer(**issuer_info(record).model_dump(), issuer_token=token)
-        return JSONResponse(answer.model_dump(mode="json"), status_code=201)
+        record, token, warnings = await self.vault.create_issuer(
+            actor, spec, kubernetes_login=self.authenticator.verifier is not None
+        )
+        answer = IssuedIssuer(
+            **issuer_info(record).model_dump(), issuer_token=token, warnings=warnings
+        )
+        # No warning: the answer as it always was, without the field.
+        body = answer.model_dump(mode="json", exclude=set() if warnings else {"warnings"})
+        return JSONResponse(body, status_code=201)
 
     async def list_issuers(self, request: Request, actor: Actor) -> Response:
         everything = request.query_params.get("all") in ("1", "true")

@@ -9,9 +9,10 @@ Errors: `ProxyUnreachable` when nothing answers at the URL, `ApiError` when the 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 from keybrake.proxy.models import (
@@ -38,6 +39,8 @@ from keybrake.proxy.models import (
 __all__ = ["DEFAULT_URL", "KeybrakeClient"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class KeybrakeClient:
@@ -90,12 +93,15 @@ class KeybrakeClient:
                 ) from None
         return response
 
+    def _answer(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        """The proxy's answer to one request, as `model`."""
+        return model.model_validate(self._request(method, path, **kwargs).json())
+
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/readyz").json())
 
     def issue_key(self, spec: KeyCreate) -> IssuedKey:
-        body = spec.model_dump(mode="json", exclude_none=True)
-        return IssuedKey.model_validate(self._request("POST", "/vault/keys", json=body).json())
+        return self._answer(IssuedKey, "POST", "/vault/keys", json=_body(spec))
 
     def keys_page(
         self,
@@ -116,25 +122,21 @@ class KeybrakeClient:
             budget_id=budget_id,
             namespace=namespace,
             limit=limit,
+            **{"continue": cursor},
         )
-        params.update(_params(**{"continue": cursor}))
-        return KeyList.model_validate(self._request("GET", "/vault/keys", params=params).json())
+        return self._answer(KeyList, "GET", "/vault/keys", params=params)
 
     def get_key(self, key_id: str) -> KeyInfo:
-        return KeyInfo.model_validate(self._request("GET", f"/vault/keys/{key_id}").json())
+        return self._answer(KeyInfo, "GET", f"/vault/keys/{key_id}")
 
     def revoke_key(self, key_id: str) -> KeyInfo:
-        return KeyInfo.model_validate(self._request("DELETE", f"/vault/keys/{key_id}").json())
+        return self._answer(KeyInfo, "DELETE", f"/vault/keys/{key_id}")
 
     def patch_key(self, key_id: str, patch: CapsPatch) -> KeyInfo:
-        body = patch.model_dump(mode="json", exclude_none=True)
-        return KeyInfo.model_validate(
-            self._request("PATCH", f"/vault/keys/{key_id}", json=body).json()
-        )
+        return self._answer(KeyInfo, "PATCH", f"/vault/keys/{key_id}", json=_body(patch))
 
     def create_budget(self, spec: BudgetCreate) -> BudgetInfo:
-        body = spec.model_dump(mode="json", exclude_none=True)
-        return BudgetInfo.model_validate(self._request("POST", "/vault/budgets", json=body).json())
+        return self._answer(BudgetInfo, "POST", "/vault/budgets", json=_body(spec))
 
     def budgets_page(
         self,
@@ -145,25 +147,19 @@ class KeybrakeClient:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> BudgetList:
-        params = _params(label=label, status=status, namespace=namespace, limit=limit)
-        params.update(_params(**{"continue": cursor}))
-        return BudgetList.model_validate(
-            self._request("GET", "/vault/budgets", params=params).json()
+        params = _params(
+            label=label, status=status, namespace=namespace, limit=limit, **{"continue": cursor}
         )
+        return self._answer(BudgetList, "GET", "/vault/budgets", params=params)
 
     def get_budget(self, budget_id: str) -> BudgetInfo:
-        return BudgetInfo.model_validate(self._request("GET", f"/vault/budgets/{budget_id}").json())
+        return self._answer(BudgetInfo, "GET", f"/vault/budgets/{budget_id}")
 
     def revoke_budget(self, budget_id: str) -> BudgetInfo:
-        return BudgetInfo.model_validate(
-            self._request("DELETE", f"/vault/budgets/{budget_id}").json()
-        )
+        return self._answer(BudgetInfo, "DELETE", f"/vault/budgets/{budget_id}")
 
     def patch_budget(self, budget_id: str, patch: CapsPatch) -> BudgetInfo:
-        body = patch.model_dump(mode="json", exclude_none=True)
-        return BudgetInfo.model_validate(
-            self._request("PATCH", f"/vault/budgets/{budget_id}", json=body).json()
-        )
+        return self._answer(BudgetInfo, "PATCH", f"/vault/budgets/{budget_id}", json=_body(patch))
 
     def revoke_label(
         self,
@@ -182,25 +178,22 @@ class KeybrakeClient:
             "cluster": cluster,
             "reason": reason,
         }
-        response = self._request(
-            "POST", "/vault/keys/revoke", json={k: v for k, v in body.items() if v is not None}
+        return self._answer(
+            RevokeResult,
+            "POST",
+            "/vault/keys/revoke",
+            json={k: v for k, v in body.items() if v is not None},
         )
-        return RevokeResult.model_validate(response.json())
 
     def create_issuer(self, spec: IssuerCreate) -> IssuedIssuer:
-        body = spec.model_dump(mode="json", exclude_none=True)
-        return IssuedIssuer.model_validate(
-            self._request("POST", "/vault/issuers", json=body).json()
-        )
+        return self._answer(IssuedIssuer, "POST", "/vault/issuers", json=_body(spec))
 
     def list_issuers(self, *, include_deleted: bool = False) -> list[IssuerInfo]:
         params = {"all": "true"} if include_deleted else {}
-        return IssuerList.model_validate(
-            self._request("GET", "/vault/issuers", params=params).json()
-        ).data
+        return self._answer(IssuerList, "GET", "/vault/issuers", params=params).data
 
     def get_issuer(self, issuer_id: str) -> IssuerInfo:
-        return IssuerInfo.model_validate(self._request("GET", f"/vault/issuers/{issuer_id}").json())
+        return self._answer(IssuerInfo, "GET", f"/vault/issuers/{issuer_id}")
 
     def delete_issuer(self, issuer_id: str, *, revoke: bool = False) -> dict[str, Any]:
         params = {"revoke": "true" if revoke else "false"}
@@ -209,9 +202,7 @@ class KeybrakeClient:
     def alerts(self, *, pending: bool = False, limit: int = 100) -> list[AlertInfo]:
         """The threshold alerts' outbox, newest first (admin token)."""
         params = {"limit": str(limit), "pending": "true" if pending else "false"}
-        return AlertList.model_validate(
-            self._request("GET", "/vault/alerts", params=params).json()
-        ).data
+        return self._answer(AlertList, "GET", "/vault/alerts", params=params).data
 
     def events_page(
         self,
@@ -235,7 +226,7 @@ class KeybrakeClient:
             limit=limit,
             **{"continue": cursor},
         )
-        return EventPage.model_validate(self._request("GET", "/vault/events", params=params).json())
+        return self._answer(EventPage, "GET", "/vault/events", params=params)
 
     def audit_page(
         self,
@@ -258,7 +249,7 @@ class KeybrakeClient:
             limit=limit,
             **{"continue": cursor},
         )
-        return AuditPage.model_validate(self._request("GET", "/vault/audit", params=params).json())
+        return self._answer(AuditPage, "GET", "/vault/audit", params=params)
 
     def audit_csv(
         self,
@@ -275,10 +266,9 @@ class KeybrakeClient:
 
     def prune_audit(self, before: str, *, dry_run: bool = False) -> PruneResult:
         """Delete (or with `dry_run` count) audit rows older than `before` (90d, or ISO time)."""
-        response = self._request(
-            "POST", "/vault/audit/prune", json={"before": before, "dry_run": dry_run}
+        return self._answer(
+            PruneResult, "POST", "/vault/audit/prune", json={"before": before, "dry_run": dry_run}
         )
-        return PruneResult.model_validate(response.json())
 
     def pricing(self) -> dict[str, Any]:
         return dict(self._request("GET", "/vault/pricing").json())
@@ -286,3 +276,8 @@ class KeybrakeClient:
 
 def _params(**values: object) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _body(spec: BaseModel) -> dict[str, Any]:
+    """A request model as the JSON the proxy takes: fields left unset are left out."""
+    return spec.model_dump(mode="json", exclude_none=True)

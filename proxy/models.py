@@ -478,6 +478,9 @@ class IssuerInfo(BaseModel):
 
 class IssuedIssuer(IssuerInfo):
     issuer_token: str | None  # shown once; None for a Kubernetes-only issuer
+    # What keeps it from working as asked on this proxy (a Kubernetes binding while that login
+    # is off); the answer leaves the field out when there is nothing to say.
+    warnings: list[str] = Field(default_factory=list)
 
 
 class IssuerList(BaseModel):

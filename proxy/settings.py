@@ -1,12 +1,19 @@
 """Settings: environment variables prefixed KEYBRAKE_, optionally read from an env file.
 
-Every setting is declared once here; `keybrake serve --help` and docs/configuration.md list them.
+Every setting is declared once here; the README's "Configuration" lists them (tests/test_docs.py).
 Secrets are `SecretStr`, so a settings object printed or logged never shows them.
+
+A `KEYBRAKE_` variable that names no setting is ignored by pydantic; `unknown_variables` finds
+them (a typo such as KEYBRAKE_STRIPE_KEY leaves Stripe unreachable in silence otherwise), and
+`keybrake serve` warns of each, with the closest setting's name and never the value.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import urllib.parse
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +26,24 @@ from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import parse_duration
 from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO, VENDOR_FACTS
 
-__all__ = ["Settings", "VendorCredentials", "read_settings_file"]
+__all__ = [
+    "Settings",
+    "VendorCredentials",
+    "read_settings_file",
+    "unknown_variables",
+]
+
+_PREFIX = "KEYBRAKE_"
+
+# What the kubelet injects into each pod for a Service named `keybrake` in its namespace (unless
+# the pod says enableServiceLinks: false, as templates/proxy/ does): KEYBRAKE_SERVICE_HOST,
+# KEYBRAKE_SERVICE_PORT, KEYBRAKE_SERVICE_PORT_<PORT NAME>, and the Docker-link ones
+# KEYBRAKE_PORT=tcp://IP:PORT, KEYBRAKE_PORT_<PORT>_<PROTO> and its _PROTO, _PORT and _ADDR
+# (kubernetes pkg/kubelet/envvars: names upper-cased, dashes made underscores).
+_SERVICE_LINK = re.compile(
+    r"KEYBRAKE_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
 
 
 class VendorCredentials:
@@ -256,19 +280,54 @@ class Settings(BaseSettings):
         return creds
 
 
+def _setting_variables() -> set[str]:
+    return {_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+def _closest_setting(name: str) -> str | None:
+    """The setting's variable `name` most likely misspells (KEYBRAKE_STRIPE_KEY:
+    KEYBRAKE_STRIPE_SECRET_KEY), or None when none is close. Compared without the prefix, which
+    every name shares (with it, any two names look alike); a name without it is matched too."""
+    wanted = name.upper().removeprefix(_PREFIX)
+    settings = [name.upper() for name in Settings.model_fields]
+    match = difflib.get_close_matches(wanted, settings, n=1, cutoff=0.6)
+    return _PREFIX + match[0] if match else None
+
+
+def unknown_variables(
+    environ: Mapping[str, str], also_known: Iterable[str] = ()
+) -> list[tuple[str, str | None]]:
+    """The `KEYBRAKE_` variables of `environ` that Settings ignores, sorted, each with the
+    setting's variable it likely misspells (or None): not a setting's (in any case, as pydantic
+    reads them), not one of `also_known` (the commands' own: KEYBRAKE_URL, KEYBRAKE_CONFIG,
+    ...), not a Kubernetes service link of a Service named keybrake. Only names are looked at,
+    never a value."""
+    known = _setting_variables() | {name.upper() for name in also_known}
+    unknown = [
+        name
+        for name in environ
+        if name.upper().startswith(_PREFIX)
+        and name.upper() not in known
+        and not _SERVICE_LINK.fullmatch(name)
+    ]
+    return [(name, _closest_setting(name)) for name in sorted(unknown)]
+
+
 def read_settings_file(path: Path) -> dict[str, str]:
-    """`KEY=value` lines (dotenv syntax) naming settings; unknown KEYBRAKE_ names are an error,
-    so a typo in a file does not silently leave a default in force."""
+    """`KEY=value` lines (dotenv syntax) naming settings; an unknown name is an error naming the
+    closest setting, so a typo in a file does not silently leave a default in force."""
     from dotenv import dotenv_values
 
     if not path.is_file():
         raise ConfigError(f"settings file {path} does not exist")
-    known = {f"KEYBRAKE_{name.upper()}" for name in Settings.model_fields}
+    known = _setting_variables()
     values: dict[str, str] = {}
     for name, value in dotenv_values(path).items():
         if name not in known:
-            raise ConfigError(
-                f"settings file {path}: unknown setting {name!r}; known: {', '.join(sorted(known))}"
-            )
+            closest = _closest_setting(name)
+            # The answer alone when there is one; else every name, there being no other list
+            # at hand (the README's "Configuration" explains them).
+            advice = f"did you mean {closest}?" if closest else f"known: {', '.join(sorted(known))}"
+            raise ConfigError(f"settings file {path}: unknown setting {name!r}; {advice}")
         values[name] = value or ""
     return values

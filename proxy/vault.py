@@ -466,9 +466,11 @@ class Vault:
     # -- issuers -------------------------------------------------------------------------------
 
     async def create_issuer(
-        self, actor: Actor, spec: IssuerCreate
-    ) -> tuple[IssuerRecord, str | None]:
-        """A new issuer, and its token (None: it logs in with Kubernetes tokens only)."""
+        self, actor: Actor, spec: IssuerCreate, *, kubernetes_login: bool
+    ) -> tuple[IssuerRecord, str | None, list[str]]:
+        """A new issuer, its token (None: it logs in with Kubernetes tokens only), and warnings:
+        what keeps it from working as asked on this proxy. `kubernetes_login`: whether this
+        proxy verifies service-account tokens at all (KEYBRAKE_KUBERNETES_AUTH is not off)."""
         admin_only(actor, "managing issuers")
         self._within_limits(
             max_daily_usd_cap=spec.max_daily_usd_cap, max_total_usd_cap=spec.max_total_usd_cap
@@ -506,7 +508,17 @@ class Vault:
         await self.store.create_issuer(
             record, self.event(actor, "issuer.create", record.issuer_id, detail=detail)
         )
-        return record, token
+        warnings = []
+        if spec.kubernetes is not None and not kubernetes_login:
+            # Accepted all the same: the binding is policy, and the login may be switched on
+            # later; but said, so that nobody waits for a login that is refused.
+            warnings.append(
+                "kubernetes: Kubernetes service-account login is off on this proxy "
+                "(KEYBRAKE_KUBERNETES_AUTH=off): the bound service accounts cannot log in as "
+                "this issuer until it is jwks or tokenreview"
+                + ("" if token else "; with no static token, nothing can use it until then")
+            )
+        return record, token, warnings
 
     async def list_issuers(self, actor: Actor, *, include_deleted: bool) -> list[IssuerRecord]:
         admin_only(actor, "managing issuers")

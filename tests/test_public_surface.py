@@ -69,7 +69,7 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.pricing": """AmbiguousRequest PricingEntryError PricingTable Unpriceable
         load_pricing""",
     "keybrake.proxy.redact": "RedactingFilter redact",
-    "keybrake.proxy.settings": "Settings VendorCredentials read_settings_file",
+    "keybrake.proxy.settings": "Settings VendorCredentials read_settings_file unknown_variables",
     "keybrake.proxy.strict_json": "parse_json",
     "keybrake.proxy.tls": "ReloadingCertificate TLSConfig",
     "keybrake.proxy.upstream": "HOP_BY_HOP Upstream UpstreamError UpstreamResponse",
