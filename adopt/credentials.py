@@ -1,18 +1,23 @@
 """Which Secrets a template's pods read a third-party API credential from.
 
-A heuristic, documented in docs/lint.md: a Secret reference is a vendor credential when the
-Secret's name, the key read from it or the environment variable it lands in names a known vendor
+A heuristic, documented in docs/lint.md: a Secret reference is a credential when the Secret's
+name, the key read from it or the environment variable it lands in names a known vendor
 (`stripe`, `twilio`, …), or the key or variable ends like a credential (`*_API_KEY`, `*_TOKEN`,
-`*_SECRET`, …). keybrake's own references (`KEYBRAKE_*` variables, the `vault_key` of a per-run
-Secret) are never credentials. A Secret can be marked internal, so it is never reported: listed
-under `internal_secrets` in `.keybrake-lint.yaml`, or annotated `keybrake.dev/internal: "true"` on
-the Secret object when it is among the files linted.
+`*_SECRET`, …); a whole Secret (envFrom, a volume) when its name says so. `Heuristic.uncappable`
+(lint) adds names that only ever mean another vendor's credential (`*PASSWORD` run into a word,
+`docker-config`, `*-sa`) and a whole Secret the template also reads a credential from by key.
+Each credential is of a vendor keybrake proxies (`proxied`: the names say Stripe, Twilio or
+Resend, `keybrake.proxy.vendor_facts.VENDOR_NAMES`) or not: another vendor, or one the names do
+not tell. keybrake's own references (`KEYBRAKE_*`
+variables, the `vault_key` of a per-run Secret) are never credentials. A Secret can be marked
+internal, so it is never reported: listed under `internal_secrets` in `.keybrake-lint.yaml`, or
+annotated `keybrake.dev/internal: "true"` on the Secret object when it is among the files linted.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +51,13 @@ _CREDENTIAL_NAME = re.compile(
     r"PRIVATE_?KEY|PASSWORD)$"
 )
 _CREDENTIAL_SECRET = re.compile(r"(credential|api-?key|token|secret-?key)", re.I)
+# What else says "credential" when a vendor keybrake proxies is not named (lint's KB107): a
+# password run into a word (`MYSECRETPASSWORD`), a whole Secret holding a password, a registry's
+# auth (`docker-config`) or a service account's key (`user-gcp-sa`).
+_UNCAPPABLE_NAME = re.compile(r"(PASSWORD|PASSWD)$")
+_UNCAPPABLE_SECRET = re.compile(
+    r"(password|passwd|docker-?config|service-?account|(^|[-_.])sa(-?key)?$)", re.I
+)
 # With a vendor's name, what a credential ends with (STRIPE_KEY, TWILIO_AUTH_TOKEN, ...), and
 # what never is one: a webhook's signing secret, a publishable key, a sender number or a SID.
 _VENDOR_CREDENTIAL = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIALS?)$")
@@ -67,6 +79,16 @@ class CredentialUse:
     vendor: str | None  # a known vendor, when the names tell
     line: int
 
+    @property
+    def proxied(self) -> bool:
+        """A credential of a vendor keybrake proxies, so a capped vault key can replace it."""
+        return self.vendor in VENDOR_NAMES
+
+    @property
+    def subject(self) -> str:
+        """What a finding about it names: the variable (or header), else the Secret and key."""
+        return self.env or (f"{self.secret}/{self.key}" if self.key else self.secret)
+
     def describe(self) -> str:
         what = f"Secret {self.secret!r}" + (f" key {self.key!r}" if self.key else "")
         into = f" as ${self.env}" if self.env else ""
@@ -76,6 +98,11 @@ class CredentialUse:
 @dataclass(slots=True)
 class Heuristic:
     internal: set[str]
+    # Also the names that only ever say "a credential of another vendor" (the `_UNCAPPABLE_*`
+    # ones, and a whole Secret the template reads a credential from by key): lint reports those
+    # (KB107); `keybrake wrap`, which converts credentials of the vendors keybrake proxies,
+    # does not look for them.
+    uncappable: bool = False
 
     def vendor_of(self, *names: str | None) -> str | None:
         for name in names:
@@ -85,7 +112,11 @@ class Heuristic:
                     return vendor
         return None
 
-    def is_credential(self, secret: str, key: str | None, env: str | None) -> bool:
+    def is_credential(
+        self, secret: str, key: str | None, env: str | None, keyed: Collection[str] = ()
+    ) -> bool:
+        """Whether a Secret reference is a credential; `keyed`: Secrets the template reads a
+        credential from by key, so that reading one of them whole is a credential too."""
         if secret in self.internal:
             return False
         if env and env.upper().startswith("KEYBRAKE_"):
@@ -96,13 +127,18 @@ class Heuristic:
         if any(_NOT_A_CREDENTIAL.search(n) for n in names):
             return False
         if key is None and env is None:
-            # A whole Secret (envFrom, a volume) is known by its name only.
-            return self.vendor_of(secret) is not None or bool(_CREDENTIAL_SECRET.search(secret))
+            # A whole Secret (envFrom, a volume) is known by its name, or by what else is read
+            # from it.
+            if self.vendor_of(secret) is not None or _CREDENTIAL_SECRET.search(secret):
+                return True
+            return self.uncappable and (secret in keyed or bool(_UNCAPPABLE_SECRET.search(secret)))
         if self.vendor_of(secret, key, env) is not None and any(
             _VENDOR_CREDENTIAL.search(n) for n in names
         ):
             return True
-        return any(_CREDENTIAL_NAME.search(n) for n in names)
+        if any(_CREDENTIAL_NAME.search(n) for n in names):
+            return True
+        return self.uncappable and any(_UNCAPPABLE_NAME.search(n) for n in names)
 
 
 def _list(value: Any) -> list[Any]:
@@ -185,28 +221,53 @@ def _pod_spec_patch(text: Any) -> Iterator[tuple[str, str | None, str | None]]:
             yield secret, secret_key, None
 
 
+def _volumes(workflow: Workflow, template: CommentedMap) -> dict[str, Any]:
+    return {
+        str(v.get("name")): v
+        for v in [*_list(template.get("volumes")), *_list(workflow.spec.get("volumes"))]
+        if isinstance(v, dict)
+    }
+
+
+def _keyed_credential_secrets(
+    workflow: Workflow, template: CommentedMap, heuristic: Heuristic
+) -> dict[str, str | None]:
+    """Secrets the template's containers read a credential from by key (env, volume items),
+    each with the credential's vendor when the names tell."""
+    found: dict[str, str | None] = {}
+    volumes = _volumes(workflow, template)
+    for _role, container in containers(template):
+        refs = [(secret, key, env) for _how, secret, key, env, _node in _env_refs(container)]
+        for mount in _list(container.get("volumeMounts")):
+            volume = volumes.get(str(mount.get("name"))) if isinstance(mount, dict) else None
+            refs += [(secret, key, None) for secret, key in _volume_secrets(volume)]
+        for secret, key, env in refs:
+            if (key or env) and heuristic.is_credential(secret, key, env):
+                found[secret] = found.get(secret) or heuristic.vendor_of(secret, key, env)
+    return found
+
+
 def credential_uses(
     workflow: Workflow, template: CommentedMap, heuristic: Heuristic
 ) -> list[CredentialUse]:
-    """Every vendor credential the template's pods read from a Secret."""
+    """Every third-party credential the template's pods read from a Secret (`proxied` tells the
+    ones of a vendor keybrake proxies)."""
     found: list[CredentialUse] = []
+    # A whole Secret the template also reads a credential from by key holds that credential.
+    keyed = _keyed_credential_secrets(workflow, template, heuristic) if heuristic.uncappable else {}
 
     def add(
         how: str, container: str, secret: str, key: str | None, env: str | None, node: Any
     ) -> None:
-        if heuristic.is_credential(secret, key, env):
-            vendor = heuristic.vendor_of(secret, key, env)
+        if heuristic.is_credential(secret, key, env, keyed):
+            vendor = heuristic.vendor_of(secret, key, env) or keyed.get(secret)
             found.append(
                 CredentialUse(
                     how, container, secret, key, env, vendor, line_of(node) or line_of(template)
                 )
             )
 
-    volumes = {
-        str(v.get("name")): v
-        for v in [*_list(template.get("volumes")), *_list(workflow.spec.get("volumes"))]
-        if isinstance(v, dict)
-    }
+    volumes = _volumes(workflow, template)
     running = list(containers(template))
     for role, container in running:
         for how, secret, key, env, node in _env_refs(container):

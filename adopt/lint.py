@@ -13,19 +13,20 @@ from ruamel.yaml.comments import CommentedMap
 
 from keybrake.adopt.credentials import (
     INTERNAL_ANNOTATION,
-    CredentialUse,
     Heuristic,
     credential_uses,
 )
 from keybrake.adopt.workflows import (
     FAN_OUT,
     Document,
+    FanOut,
     Skipped,
     Unreadable,
     Workflow,
     line_of,
     load_paths,
 )
+from keybrake.proxy.vendor_facts import VENDOR_FACTS, VENDOR_NAMES
 
 __all__ = [
     "DEFAULT_SEVERITY",
@@ -40,6 +41,17 @@ __all__ = [
 SEVERITIES = ("high", "medium", "low", "info")  # most severe first
 IGNORE_ANNOTATION = "keybrake.dev/lint-ignore"
 KEYBRAKE_TEMPLATES = ("keybrake-vault-key", "keybrake-fanout")
+LIBRARY_KINDS = ("WorkflowTemplate", "ClusterWorkflowTemplate")  # what templateRef can call
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """("stripe", "twilio", "resend") -> "Stripe, Twilio or Resend"."""
+    shown = [name.capitalize() for name in names]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+_PROXIED = _either(VENDOR_NAMES)  # the vendors keybrake proxies, as findings name them
+_EXAMPLE_KEY = VENDOR_FACTS[VENDOR_NAMES[0]].sdk.key  # a key variable KB107 shows as example
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +68,8 @@ RULES = {
         Rule(
             "KB101",
             "vendor-secret-in-pod",
-            "A template's pods read a third-party API credential from a Kubernetes Secret: "
-            "every pod holds the full-access key, with no cap on what it moves.",
+            f"A template's pods read a {_PROXIED} credential from a Kubernetes Secret: every "
+            "pod holds the full-access key, with no cap on what it moves.",
             "Issue a capped vault key at the head of the run (keybrake-vault-key `issue`) and "
             "give the pods that instead (`keybrake wrap` does both).",
         ),
@@ -98,6 +110,17 @@ RULES = {
             "object, where Secret delivery keeps it out.",
             "Use `delivery: secret` (the default) and read the key from the per-run Secret.",
         ),
+        Rule(
+            "KB107",
+            "uncappable-secret-in-pod",
+            "A template's pods read a credential from a Kubernetes Secret that is no "
+            f"{_PROXIED} key (a cloud, a code host, a database, another API): keybrake "
+            "cannot cap it, so it is noted, never judged a spend risk.",
+            "Keep the Secret to the pods that need it, with the narrowest scope its service "
+            f"offers. A {_PROXIED} key lint cannot tell: name its Secret, key or variable after "
+            f"the vendor ({_EXAMPLE_KEY}). A Secret of your own (a database password): list it "
+            "under `internal_secrets` in .keybrake-lint.yaml.",
+        ),
     )
 }
 # Each rule's usual severity (KB101 is high when fanned out, medium otherwise).
@@ -108,6 +131,7 @@ DEFAULT_SEVERITY = {
     "KB104": "high",
     "KB105": "medium",
     "KB106": "info",
+    "KB107": "low",
 }
 _SEVERITY_OF = {
     "KB102": "high",
@@ -115,6 +139,7 @@ _SEVERITY_OF = {
     "KB104": "high",
     "KB105": "medium",
     "KB106": "info",
+    "KB107": "low",
 }
 
 
@@ -127,6 +152,9 @@ class Finding:
     workflow: str  # Kind/name
     template: str | None
     message: str
+    # What in the template: the credential of KB101 and KB107 (its variable or header, else the
+    # Secret and key), the fanning step of KB105, the parameter of KB106; "" for the others.
+    subject: str = ""
 
     @property
     def name(self) -> str:
@@ -299,51 +327,143 @@ def _vault_key_parameters(workflow: Workflow) -> Iterator[tuple[str, CommentedMa
                     yield name, parameter, f"parameter {parameter.get('name')!r} carries {value}"
 
 
+@dataclass(frozen=True, slots=True)
+class Libraries:
+    """The linted WorkflowTemplates and ClusterWorkflowTemplates, as the runs calling them see
+    them (templateRef, workflowTemplateRef)."""
+
+    by_name: dict[str, Workflow]
+    # (library, template) whose pods hold a credential of a vendor keybrake proxies, or read
+    # the calling run's vault key — the template itself or any it runs, at any depth, here or
+    # in another library.
+    risky: set[tuple[str, str]]
+    # (library, template) some linted file runs in a fan-out, at any depth.
+    fanned: set[tuple[str, str]]
+
+
+def _libraries(workflows: list[Workflow], heuristic: Heuristic) -> Libraries:
+    by_name = {w.name: w for w in workflows if w.kind in LIBRARY_KINDS}
+    risky = {
+        (w.name, name)
+        for w in by_name.values()
+        for name, template in w.templates.items()
+        if any(use.proxied for use in credential_uses(w, template, heuristic))
+        # A wrapped library template reads the calling run's vault key: the run must issue it.
+        or _reads_run_key(template)
+    }
+
+    def reaches_risky(w: Workflow, start: str) -> bool:
+        return any(
+            (w.name, name) in risky or any(ref in risky for _, ref in w.refs_of(template))
+            for name, template in w.reachable(start)
+        )
+
+    changed = True
+    while changed:  # a library template calling another library's, which calls a third's, ...
+        changed = False
+        for w in by_name.values():
+            for name in w.templates:
+                if (w.name, name) not in risky and reaches_risky(w, name):
+                    risky.add((w.name, name))
+                    changed = True
+    # A template referenced from a fanning step, or from a template a fan-out runs, is fanned
+    # out, and so is everything it runs.
+    stack = [
+        ref
+        for w in workflows
+        for holder, node, ref in w.refs()
+        if any(key in node for key in FAN_OUT) or holder in w.fan_outs()
+    ]
+    fanned: set[tuple[str, str]] = set()
+    while stack:
+        ref = stack.pop()
+        library = by_name.get(ref[0])
+        if ref in fanned or library is None:
+            continue
+        fanned.add(ref)
+        for name, template in library.reachable(ref[1]):
+            stack.append((library.name, name))
+            stack += [inner for _, inner in library.refs_of(template)]
+    return Libraries(by_name, risky, fanned)
+
+
 class _Linter:
-    def __init__(
-        self,
-        heuristic: Heuristic,
-        external_fan_outs: set[tuple[str, str]],
-        library_risks: dict[tuple[str, str], int],
-    ) -> None:
+    def __init__(self, heuristic: Heuristic, libraries: Libraries) -> None:
         self.heuristic = heuristic
-        self.external_fan_outs = external_fan_outs
-        # (WorkflowTemplate, template) holding vendor credentials, in the linted files: a run
-        # calling one by templateRef holds them too.
-        self.library_risks = library_risks
+        self.libraries = libraries
 
     def lint(self, workflow: Workflow) -> list[Finding]:
         findings: list[Finding] = []
         ignored = _ignored(workflow)
         path = workflow.document.path
 
-        def add(rule: str, severity: str, line: int, template: str | None, message: str) -> None:
+        def add(
+            rule: str, severity: str, line: int, template: str | None, message: str, subject: str
+        ) -> None:
             if rule in ignored or (template and f"{rule}:{template}" in ignored):
                 return
-            findings.append(Finding(rule, severity, path, line, workflow.title, template, message))
+            findings.append(
+                Finding(rule, severity, path, line, workflow.title, template, message, subject)
+            )
+
+        reported_fans: set[tuple[str, int]] = set()
+
+        def unbounded_fan(template: str, what: str) -> None:
+            """KB105 for the first fan-out running `template` with no bound: a template's own
+            parallelism bounds what it runs, not how many times it is run, so each level of a
+            fan-out needs a bound on its holder (or the workflow's)."""
+            fan: FanOut | None = next(
+                (f for f in workflow.fans_reaching(template) if not workflow.bounded(f.holder)),
+                None,
+            )
+            if fan is None or (template, id(fan.call)) in reported_fans:
+                return
+            reported_fans.add((template, id(fan.call)))
+            how = next(k for k in FAN_OUT if k in fan.call)
+            add(
+                "KB105",
+                _SEVERITY_OF["KB105"],
+                line_of(fan.call),
+                template,
+                f"{what}fanned out by {fan.holder!r} step {fan.call.get('name')!r} ({how}) "
+                f"with no parallelism on {fan.holder!r} or on the workflow",
+                str(fan.call.get("name", "")),
+            )
 
         fan_outs = workflow.fan_outs()
-        risky: dict[str, list[CredentialUse]] = {}
+        held: list[str] = []  # what the run holds of a proxied vendor's credentials
         for name, template in workflow.templates.items():
             uses = credential_uses(workflow, template, self.heuristic)
-            if not uses:
-                continue
-            risky[name] = uses
-            fanned = name in fan_outs or (workflow.name, name) in self.external_fan_outs
+            fanned = name in fan_outs or (workflow.name, name) in self.libraries.fanned
             for use in uses:
-                spread = (
-                    "fanned out, so every pod of the fan-out holds it"
-                    if fanned
-                    else "one pod holds it"
-                )
-                vendor = f"{use.vendor} " if use.vendor else ""
-                add(
-                    "KB101",
-                    "high" if fanned else "medium",
-                    use.line,
-                    name,
-                    f"{vendor}credential from {use.describe()}; {spread}",
-                )
+                if use.proxied:
+                    spread = (
+                        "fanned out, so every pod of the fan-out holds it"
+                        if fanned
+                        else "one pod holds it"
+                    )
+                    add(
+                        "KB101",
+                        "high" if fanned else "medium",
+                        use.line,
+                        name,
+                        f"{use.vendor} credential from {use.describe()}; {spread}",
+                        use.subject,
+                    )
+                else:
+                    vendor = f"{use.vendor} " if use.vendor else ""
+                    add(
+                        "KB107",
+                        _SEVERITY_OF["KB107"],
+                        use.line,
+                        name,
+                        f"{vendor}credential from {use.describe()}: no {_PROXIED} key by its "
+                        "names, so keybrake cannot cap it",
+                        use.subject,
+                    )
+            if not any(use.proxied for use in uses):
+                continue
+            held.append(name)
             strategy = _retry_strategy(workflow, template)
             why = retries_application_failures(strategy) if strategy is not None else None
             if strategy is not None and why:
@@ -354,62 +474,78 @@ class _Linter:
                     name,
                     f"{why}, and the pod holds a vendor credential: a call the vendor completed "
                     "before the pod failed is made again",
+                    "",
                 )
-            # A template's own parallelism bounds what it runs, not how many times it is run:
-            # each level of a fan-out needs a bound on its holder (or the workflow's).
-            for fan in workflow.fans_reaching(name):
-                if not workflow.bounded(fan.holder):
-                    how = next(k for k in FAN_OUT if k in fan.call)
-                    add(
-                        "KB105",
-                        _SEVERITY_OF["KB105"],
-                        line_of(fan.call),
-                        name,
-                        f"fanned out by {fan.holder!r} step {fan.call.get('name')!r} ({how}) "
-                        f"with no parallelism on {fan.holder!r} or on the workflow",
-                    )
-                    break
-        held = sorted(risky)
-        for holder_name, holder in list(workflow.templates.items()):
-            for call in workflow.calls(holder):
-                ref = _ref(call)
-                if ref is None or ref not in self.library_risks:
-                    continue
-                held.append(f"{ref[0]}/{ref[1]} (templateRef)")
-                fanned = any(key in call for key in FAN_OUT)
-                if fanned and not workflow.bounded(holder_name):
-                    how = next(k for k in FAN_OUT if k in call)
-                    add(
-                        "KB105",
-                        _SEVERITY_OF["KB105"],
-                        line_of(call),
-                        holder_name,
-                        f"step {call.get('name')!r} fans out {ref[0]}/{ref[1]} ({how}), which "
-                        "holds a vendor credential, with no parallelism on this template or the "
-                        "workflow",
-                    )
+            unbounded_fan(name, "")
+        # A template of a linted library that holds (or runs) a credential, run by templateRef:
+        # from a step or task, or as a template of this workflow that is itself a templateRef.
+        for holder, node, ref in workflow.refs():
+            if ref not in self.libraries.risky:
+                continue
+            held.append(f"{ref[0]}/{ref[1]} (templateRef)")
+            how = next((k for k in FAN_OUT if k in node), None)
+            if how is None:
+                unbounded_fan(
+                    holder,
+                    f"runs {ref[0]}/{ref[1]} (templateRef), which holds a vendor credential, ",
+                )
+            elif not workflow.bounded(holder):
+                add(
+                    "KB105",
+                    _SEVERITY_OF["KB105"],
+                    line_of(node),
+                    holder,
+                    f"step {node.get('name')!r} fans out {ref[0]}/{ref[1]} ({how}), which "
+                    "holds a vendor credential, with no parallelism on this template or the "
+                    "workflow",
+                    str(node.get("name", "")),
+                )
+        # The whole run is a linted WorkflowTemplate's (workflowTemplateRef).
+        target = self._workflow_template(workflow)
+        if target is not None:
+            entry = workflow.spec.get("entrypoint") or target.spec.get("entrypoint")
+            if (target.name, str(entry)) in self.libraries.risky:
+                held.append(f"{target.name}/{entry} (workflowTemplateRef)")
         runs = workflow.kind in ("Workflow", "CronWorkflow") or "entrypoint" in workflow.spec
-        issues = _issues_anywhere(workflow)
+        issues = _issues_anywhere(workflow) or (target is not None and _issues_anywhere(target))
         if runs and held and not issues:
             add(
                 "KB103",
                 _SEVERITY_OF["KB103"],
                 line_of(workflow.document.body, "spec"),
                 None,
-                f"templates {', '.join(held)} hold vendor credentials (or read the run's vault "
-                "key) and no step issues a capped vault key",
+                f"templates {', '.join(sorted(held))} hold vendor credentials (or read the "
+                "run's vault key) and no step issues a capped vault key",
+                "",
             )
-        if runs and issues and not _exit_revokes(workflow):
+        revokes = _exit_revokes(workflow) or (target is not None and _exit_revokes(target))
+        if runs and issues and not revokes:
             add(
                 "KB104",
                 _SEVERITY_OF["KB104"],
                 line_of(workflow.document.body, "spec"),
                 None,
                 "a vault key is issued but no onExit or hooks.exit handler revokes it",
+                "",
             )
         for name, parameter, why in _vault_key_parameters(workflow):
-            add("KB106", _SEVERITY_OF["KB106"], line_of(parameter), name, why)
+            add(
+                "KB106",
+                _SEVERITY_OF["KB106"],
+                line_of(parameter),
+                name,
+                why,
+                str(parameter.get("name", "")),
+            )
         return findings
+
+    def _workflow_template(self, workflow: Workflow) -> Workflow | None:
+        """The linted WorkflowTemplate a run refers to whole (`workflowTemplateRef`)."""
+        ref = workflow.spec.get("workflowTemplateRef")
+        if not isinstance(ref, CommentedMap):
+            return None
+        target = self.libraries.by_name.get(str(ref.get("name")))
+        return target if target is not workflow else None
 
 
 def _reads_run_key(template: CommentedMap) -> bool:
@@ -435,27 +571,10 @@ def lint_paths(paths: list[Path], internal: set[str] | None = None) -> Report:
     documents, skipped, unreadable = load_paths(paths)
     report = Report(skipped=skipped, unreadable=unreadable)
     report.files = len({d.path for d in documents})
-    heuristic = Heuristic((internal or set()) | _internal_secrets(documents))
+    heuristic = Heuristic((internal or set()) | _internal_secrets(documents), uncappable=True)
     workflows = [w for d in documents if (w := Workflow.of(d)) is not None]
     report.workflows = len(workflows)
-    # A template fanned out from another file (templateRef with withItems/withParam) is fanned
-    # out wherever it is defined.
-    external = {
-        (str(ref.get("name")), str(ref.get("template")))
-        for workflow in workflows
-        for call, ref in workflow.template_refs()
-        if any(key in call for key in FAN_OUT)
-    }
-    libraries = {
-        (workflow.name, name): len(uses)
-        for workflow in workflows
-        if workflow.kind in ("WorkflowTemplate", "ClusterWorkflowTemplate")
-        for name, template in workflow.templates.items()
-        if (uses := credential_uses(workflow, template, heuristic))
-        # A wrapped library template reads the calling run's vault key: the run must issue it.
-        or _reads_run_key(template)
-    }
-    linter = _Linter(heuristic, external, libraries)
+    linter = _Linter(heuristic, _libraries(workflows, heuristic))
     for workflow in workflows:
         try:
             report.findings += linter.lint(workflow)

@@ -233,7 +233,8 @@ class Workflow:
             return {}
         return {str(k): str(v) for k, v in found.items()}
 
-    def calls(self, template: CommentedMap) -> Iterator[CommentedMap]:
+    @staticmethod
+    def calls(template: CommentedMap) -> Iterator[CommentedMap]:
         """The steps or DAG tasks of a steps/dag template."""
         steps = template.get("steps")
         for group in steps if isinstance(steps, CommentedSeq) else []:
@@ -301,6 +302,23 @@ class Workflow:
             isinstance(source, dict) and source.get("parallelism") is not None
             for source in (template, self.spec)
         )
+
+    @staticmethod
+    def refs_of(template: CommentedMap) -> Iterator[tuple[CommentedMap, tuple[str, str]]]:
+        """(node, (WorkflowTemplate, template)) of each template another file holds that
+        `template` runs: its own `templateRef` (node: the template; Argo 2's form, the template
+        runs the one referenced), and its steps' or tasks' (node: the step or task)."""
+        for node in (template, *Workflow.calls(template)):
+            ref = node.get("templateRef")
+            if isinstance(ref, CommentedMap):
+                yield node, (str(ref.get("name", "")), str(ref.get("template", "")))
+
+    def refs(self) -> Iterator[tuple[str, CommentedMap, tuple[str, str]]]:
+        """(holder, node, (WorkflowTemplate, template)) of every templateRef of the workflow,
+        `holder` being the template that holds it (see `refs_of`)."""
+        for holder, template in self.templates.items():
+            for node, ref in self.refs_of(template):
+                yield holder, node, ref
 
     def template_refs(self) -> Iterator[tuple[CommentedMap, CommentedMap]]:
         """(call, its templateRef) of every step or task calling a template in another file."""
