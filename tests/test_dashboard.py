@@ -1,7 +1,8 @@
 """The dashboard (/ui/) in-process, on both backends: sign-in and sessions, what an issuer may
-see, the revoke form's CSRF and origin checks, paging and filters, the numbers and chart points
-against the admin API, and bad input. The same pages in a real browser:
-tests/e2e/test_dashboard_browser.py."""
+see, the revoke form's CSRF and origin checks, paging and filters (runs, and a run's calls by
+decision and caller), the numbers and chart points against the admin API, the charts' SVG, the
+sign-out button on every signed-in page, and bad input. The same pages in a real browser:
+tests/e2e/test_dashboard_browser.py; the run's cap without a store: tests/test_ui_runs.py."""
 
 from __future__ import annotations
 
@@ -725,3 +726,158 @@ def test_odd_characters_in_forms_and_tokens(tmp_path: Path, backend: dict[str, A
             assert client.get("/ui/", params={"continue": token("runs", row_id)}).status_code == 400
         for path in ("/ui/run/revoke", "/ui/logout"):
             assert client.post(path, data={"csrf": "é", "label": LABEL}).status_code == 400
+
+
+def _svg(page: str, chart_id: str) -> Any:
+    import xml.etree.ElementTree as ET
+
+    found = re.search(rf'<svg class="chart" id="{chart_id}".*?</svg>', page, re.S)
+    assert found, f"no #{chart_id} in the page"
+    return ET.fromstring(found.group(0))
+
+
+def test_charts_scale_to_their_container_and_keep_their_labels(tmp_path: Path) -> None:
+    """Each chart is drawn in a viewBox, with no width in pixels, and every label lies inside
+    that viewBox: the last time label of a day-long axis is not cut off at the right edge."""
+    clock = Clock()
+    with app_client(tmp_path, clock=clock, upstream=Intents()) as client:
+        key = issue(client, agent_run_label=LABEL, total_usd_cap=2, expires_in="3d")
+        spend(client, key["vault_key"], clock, 3)  # the third call is a cap hit
+        clock.advance(hours=30)  # a live run's axis runs to now: labels are dates and times
+        client.headers.pop("Authorization")
+        sign_in(client, ADMIN_KEY)
+        page = client.get("/ui/run", params={"label": LABEL}).text
+    for chart_id in ("spend-chart", "hits-chart"):
+        svg = _svg(page, chart_id)
+        assert svg.get("width") in (None, "100%"), "a chart's width is its container's"
+        assert svg.get("height") is None
+        assert svg.get("preserveAspectRatio") == "xMidYMid meet"
+        left, top, width, height = (float(v) for v in svg.get("viewBox").split())
+        labels = svg.findall("text")
+        assert any(re.fullmatch(r"\d\d-\d\d \d\d:\d\d", t.text or "") for t in labels)
+        for text in labels:
+            # A generous glyph width for 11 px digits: wider than any of the font's.
+            extent = 0.65 * float(text.get("font-size")) * len(text.text or "")
+            x, anchor = float(text.get("x")), text.get("text-anchor", "start")
+            start = {"start": x, "middle": x - extent / 2, "end": x - extent}[anchor]
+            assert left <= start and start + extent <= left + width, (chart_id, text.text, x)
+            assert top <= float(text.get("y")) <= top + height, (chart_id, text.text)
+
+
+def test_a_run_with_key_and_budget_caps_of_every_kind_shows_its_tightest_cap(
+    tmp_path: Path,
+) -> None:
+    """A total-cap key beside 24-hour-cap keys is capped (it used to say "no cap"), on the runs
+    page and the run's page, with the cap line drawn on its cumulative spend."""
+    clock = Clock()
+    with app_client(tmp_path, clock=clock, upstream=Intents()) as client:
+        whole = issue(client, agent_run_label=LABEL, daily_usd_cap=None, total_usd_cap=10)
+        issue(client, agent_run_label=LABEL, daily_usd_cap=5)
+        issue(client, agent_run_label=LABEL, daily_usd_cap=5)
+        spend(client, whole["vault_key"], clock, 3)
+        client.headers.pop("Authorization")
+        sign_in(client, ADMIN_KEY)
+        runs = client.get("/ui/").text
+        page = client.get("/ui/run", params={"label": LABEL}).text
+    assert 'data-cap="20000000"' in runs and "keys + keys/24 h" in runs
+    assert "15%" in runs and "no cap" not in runs  # $3 of $20
+    assert re.search(r'id="cap" data-micros="(\d+)"', page).group(1) == "20000000"
+    assert 'id="cap-line"' in page and "cap $20.00 (keys + keys/24 h)" in page
+
+
+def test_the_calls_filter_by_decision_and_caller(
+    tmp_path: Path, backend: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("keybrake.proxy.ui.dashboard.AUDIT_PER_PAGE", 2)
+    clock = Clock()
+    with app_client(tmp_path, clock=clock, upstream=Intents(), **backend) as client:
+        key = issue(client, agent_run_label=LABEL, daily_usd_cap=None, total_usd_cap=4)
+        spend(client, key["vault_key"], clock, 3, tag="pod-a")
+        spend(client, key["vault_key"], clock, 3, tag="pod-b")  # the last two: cap hits
+        client.headers.pop("Authorization")
+        sign_in(client, ADMIN_KEY)
+
+        def calls(**params: str) -> tuple[list[tuple[str, str]], str]:
+            page = client.get("/ui/run", params={"label": LABEL, **params})
+            assert page.status_code == 200, page.text
+            rows = re.findall(r'data-decision="([^"]+)" data-caller-tag="([^"]*)"', page.text)
+            return rows, page.text
+
+        everything, page = calls()
+        assert len(everything) == 2 and 'id="older-calls"' in page
+        assert '<option value="pod-a">pod-a</option>' in page
+        assert 'title="POST /v1/payment_intents"' in page  # a cut-off path shows in full
+        hits, page = calls(decision="total_cap_hit")
+        assert hits == [("total_cap_hit", "pod-b")] * 2 and 'id="older-calls"' not in page
+        assert '<option value="total_cap_hit" selected>' in page and 'id="all-calls"' in page
+        pod_a, page = calls(caller="pod-a")
+        assert pod_a == [("forwarded", "pod-a")] * 2
+        # Older calls keep the filter.
+        older = re.search(r'href="([^"]+)" id="older-calls"', page).group(1).replace("&amp;", "&")
+        assert "caller=pod-a" in older
+        rest = re.findall(r'data-caller-tag="([^"]*)"', client.get(older).text)
+        assert rest == ["pod-a"]
+        both, _ = calls(decision="forwarded", caller="pod-b")
+        assert both == [("forwarded", "pod-b")]
+        none, page = calls(decision="cap_hit", caller="pod-a")
+        assert none == [] and "No calls match." in page
+        # An empty field is no filter (the form's "any").
+        assert calls(decision="", caller="")[0] == everything
+        for bad, says in (
+            ({"decision": "bogus"}, "decision is one of: unknown_vendor"),
+            ({"decision": "forwarded'; --"}, "decision is one of"),
+            ({"caller": "pod\x00a"}, "caller is a caller tag"),
+            ({"caller": "p" * 254}, "caller is a caller tag"),
+        ):
+            answer = client.get("/ui/run", params={"label": LABEL, **bad})
+            assert answer.status_code == 400 and says in answer.text, (bad, answer.text[:300])
+            assert 'id="sign-out"' in answer.text
+
+
+def test_every_signed_in_page_has_the_sign_out_button_errors_too(tmp_path: Path) -> None:
+    from keybrake.proxy.app import build_app
+    from keybrake.proxy.errors import StoreUnavailable
+    from keybrake.proxy.store.sqlite import SQLiteStore
+    from tests.inproc import settings
+
+    class Flaky(SQLiteStore):
+        down = False
+
+        async def list_runs(self, query: Any, now: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable("database is locked")
+            return await super().list_runs(query, now)
+
+    store = Flaky(str(tmp_path / "flaky.db"))
+    app = build_app(settings(tmp_path), clock=Clock(), store=store, upstream=Intents())
+    with TestClient(app) as client:
+        client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+        issue(client, agent_run_label=LABEL)
+        client.headers.pop("Authorization")
+        form = client.get("/ui/login")
+        assert 'id="sign-out"' not in form.text  # nobody is signed in yet
+        sign_in(client, ADMIN_KEY)
+        csrf = page_csrf(client.get("/ui/").text)
+        pages = {
+            "/ui/run?label=argo/none": 404,
+            "/ui/?status=bogus": 400,
+            f"/ui/run?label={LABEL}&continue=x": 400,
+            f"/ui/run?label={LABEL}&decision=bogus": 400,
+            f"/ui/run/revoke?label={LABEL}": 200,
+        }
+        answers = {path: client.get(path) for path in pages}
+        answers["POST /ui/run/revoke"] = client.post("/ui/run/revoke", data={"csrf": "0" * 64})
+        pages["POST /ui/run/revoke"] = 400
+        store.down = True
+        answers["/ui/ (database down)"] = client.get("/ui/")
+        pages["/ui/ (database down)"] = 503
+        store.down = False
+        for path, status in pages.items():
+            answer = answers[path]
+            assert answer.status_code == status, (path, answer.text[:300])
+            assert 'action="/ui/logout"' in answer.text and 'id="sign-out"' in answer.text, path
+            assert page_csrf(answer.text) == csrf, path
+        # The error page's button signs out.
+        out = client.post("/ui/logout", data={"csrf": page_csrf(answers[path].text)})
+        assert out.status_code == 200 and 'id="token"' in out.text
+        assert client.get("/ui/", follow_redirects=False).status_code == 303

@@ -1272,6 +1272,7 @@ def _audit_where(query: AuditFilter) -> Where:
         ("label", query.label),
         ("vendor", query.vendor),
         ("decision", query.decision),
+        ("caller_tag", query.caller_tag),
     ):
         if given is not None:
             where.add(f"{column} = :{column}", **{column: given})

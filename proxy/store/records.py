@@ -472,6 +472,7 @@ class AuditFilter:
     label: str | None = None
     vendor: str | None = None
     decision: str | None = None
+    caller_tag: str | None = None
     since: datetime | None = None
     after_id: int | None = None
     before_id: int | None = None  # older than this one (paging back, newest first)

@@ -1,6 +1,10 @@
 """Charts as inline SVG, drawn on the server: no script runs in the dashboard, so its content
 security policy can forbid every script. Each point carries its value in `data-` attributes,
-which is what the browser test reads back."""
+which is what the browser test reads back.
+
+A chart is drawn in a viewBox as wide as the page's content at its widest (so at 1:1 there) and
+scales to its container's width; every label is anchored so that it stays inside the viewBox
+(the last time label ends at the axis' end instead of centring on it)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from keybrake.proxy.ui.runs import Point
 
 __all__ = ["Bar", "Chart", "Dot", "bars", "hits_chart", "spend_chart", "usd"]
 
-WIDTH, HEIGHT = 720, 220
-LEFT, RIGHT, TOP, BOTTOM = 72, 16, 14, 30
+WIDTH, HEIGHT = 1150, 240  # the viewBox; main's content is 1152 px at most, less 2 of border
+LEFT, RIGHT, TOP, BOTTOM = 80, 16, 14, 30
 
 
 def usd(micros: int | None) -> str:
@@ -39,7 +43,7 @@ class Chart:
     cap_y: float | None  # where the cap's line goes
     cap_label: str
     y_ticks: list[tuple[float, str]]
-    x_ticks: list[tuple[float, str]]
+    x_ticks: list[tuple[float, str, str]]  # x, label, text-anchor ("middle", or "end" for the last)
     plot: tuple[int, int, int, int]  # left, top, right, bottom of the plot area
 
 
@@ -64,14 +68,16 @@ def _y(value: int, top: int, height: int = HEIGHT) -> float:
     return TOP + inner - inner * value / top if top else float(height - BOTTOM)
 
 
-def _x_ticks(start: datetime, span: float) -> list[tuple[float, str]]:
+def _x_ticks(start: datetime, span: float) -> list[tuple[float, str, str]]:
+    """Five times along the axis; the last ends where the axis ends, the others centre on their
+    time (the first has the money axis' margin to its left)."""
     form = "%m-%d %H:%M" if span >= 86400 else ("%H:%M" if span >= 600 else "%H:%M:%S")
-    ticks: list[tuple[float, str]] = []
+    ticks: list[tuple[float, str, str]] = []
     for i in range(5):
         at = start + timedelta(seconds=span * i / 4)
         label = at.strftime(form)
         if not ticks or ticks[-1][1] != label:
-            ticks.append((_x(at, start, span), label))
+            ticks.append((_x(at, start, span), label, "end" if i == 4 else "middle"))
     return ticks
 
 
@@ -147,7 +153,7 @@ def hits_chart(points: list[Point], start: datetime, end: datetime) -> Chart:
         None,
         "",
         y_ticks,
-        [(x, label) for x, label in _x_ticks(start, span)],
+        _x_ticks(start, span),
         (LEFT, TOP, WIDTH - RIGHT, base),
     )
 
@@ -158,6 +164,7 @@ def _plot() -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Bar:
+    tag: str | None  # the caller tag; None: untagged calls
     name: str
     width: float  # of 100
     value: str
@@ -169,6 +176,6 @@ def bars(rows: list[tuple[str | None, int, int, int]]) -> list[Bar]:
     """Spend per caller tag (pod) as bars relative to the biggest spender."""
     top = max([r[1] for r in rows] + [1])
     return [
-        Bar(tag or "(untagged)", 100.0 * spent / top, usd(spent), calls, hits)
+        Bar(tag, tag or "(untagged)", 100.0 * spent / top, usd(spent), calls, hits)
         for tag, spent, calls, hits in rows
     ]

@@ -40,7 +40,7 @@ from keybrake.proxy.access import (
     refused_login,
 )
 from keybrake.proxy.body import BodyDeadlines
-from keybrake.proxy.decisions import is_cap_hit
+from keybrake.proxy.decisions import Decision, is_cap_hit
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import LabelRevoke, is_label
 from keybrake.proxy.money import format_ts
@@ -75,6 +75,14 @@ MAX_FORM_BYTES = 8192
 # A Stripe request id, linked to the request log of Stripe's dashboard; anything else is text.
 _STRIPE_REQUEST = re.compile(r"req_[A-Za-z0-9]{1,64}")
 _LABEL_PART = re.compile(r"[A-Za-z0-9._:/@-]+")
+DECISIONS = tuple(Decision)  # what the run page's calls filter by, in the order of decisions.py
+# What the Cap figure means (proxy/ui/runs.py states it in full), shown when pointed at.
+CAP_MEANING = (
+    "The most this run's caps let it spend over its life: for each key and budget the lower of "
+    "its lifetime cap and its 24-hour cap once per 24 hours it lives, keys on a budget together "
+    "no more than the budget, a revoked or expired one what it spent."
+)
+MAX_CALLER = 253  # the longest caller tag a vault key carries (pipeline.split_presented_key)
 
 # No script, no inline style, no frames: the revoke button cannot be clickjacked and nothing a
 # caller wrote into a label or metadata can run.
@@ -122,6 +130,7 @@ class Dashboard:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
+        self.templates.globals["cap_meaning"] = CAP_MEANING
         self.templates.filters["usd"] = charts.usd
         self.templates.filters["age"] = self._age
         self.templates.filters["when"] = _when
@@ -147,18 +156,28 @@ class Dashboard:
     # -- rendering -----------------------------------------------------------------------------
 
     def _page(
-        self, name: str, status: int = 200, headers: dict[str, str] | None = None, **context: Any
+        self,
+        request: Request,
+        name: str,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        **context: Any,
     ) -> HTMLResponse:
+        if context.get("actor") is not None:
+            # Every page for a signed-in user, an error's too, has the sign-out form's token.
+            context.setdefault("csrf", self._csrf(request))
         body = self.templates.get_template(name).render(**context)
         return HTMLResponse(body, status_code=status, headers={**HEADERS, **(headers or {})})
 
-    def _error(self, status: int, title: str, message: str, **context: Any) -> HTMLResponse:
-        return self._page("error.html", status, title=title, message=message, **context)
+    def _error(
+        self, request: Request, status: int, title: str, message: str, *, actor: Actor | None
+    ) -> HTMLResponse:
+        return self._page(request, "error.html", status, title=title, message=message, actor=actor)
 
-    def _no_run(self, actor: Actor) -> HTMLResponse:
+    def _no_run(self, request: Request, actor: Actor) -> HTMLResponse:
         # The same answer whether the run does not exist or lies outside the issuer's scope.
         return self._error(
-            404, "No such run", "No run with that label is visible to you.", actor=actor
+            request, 404, "No such run", "No run with that label is visible to you.", actor=actor
         )
 
     def _age(self, moment: datetime | None) -> str:
@@ -174,6 +193,7 @@ class Dashboard:
 
     def _signed_in(self, page: Page) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
+            found = None
             try:
                 found = await self._session(request)
                 if found is None and request.headers.get("sec-fetch-site") == "cross-site":
@@ -181,7 +201,9 @@ class Dashboard:
                     # cookie; the same address opened again from this page carries it.
                     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                     target = _safe_next(here)
-                    return self._page("hop.html", target=target, refresh=f"0; url={target}")
+                    return self._page(
+                        request, "hop.html", target=target, refresh=f"0; url={target}"
+                    )
                 if found is None:
                     target = request.url.path + (
                         f"?{request.url.query}" if request.url.query else ""
@@ -191,7 +213,13 @@ class Dashboard:
                 actor, session = found
                 return await page(request, actor, session)
             except StoreUnavailable:
-                return self._error(503, "Database unavailable", "The database is unreachable.")
+                return self._error(
+                    request,
+                    503,
+                    "Database unavailable",
+                    "The database is unreachable.",
+                    actor=found[0] if found else None,
+                )
 
         return guarded
 
@@ -252,6 +280,7 @@ class Dashboard:
     async def login_form(self, request: Request, message: str | None = None) -> Response:
         token = secrets.token_urlsafe(24)
         response = self._page(
+            request,
             "login.html",
             401 if message else 200,
             message=message,
@@ -274,20 +303,26 @@ class Dashboard:
         try:
             return await self._login(request)
         except StoreUnavailable:
-            return self._error(503, "Database unavailable", "The database is unreachable.")
+            return self._error(
+                request, 503, "Database unavailable", "The database is unreachable.", actor=None
+            )
 
     async def _login(self, request: Request) -> Response:
         source = request.client.host if request.client else None
         try:
             form = await self._form(request)
         except _FormError as exc:
-            return self._error(400, "Not signed in", str(exc), actor=None)
+            return self._error(request, 400, "Not signed in", str(exc), actor=None)
         expected = request.cookies.get(LOGIN_COOKIE, "")
         if not expected or not hmac.compare_digest(
             form.get("csrf", "").encode(), expected.encode()
         ):
             return self._error(
-                400, "Not signed in", "The sign-in form expired; open it again.", actor=None
+                request,
+                400,
+                "Not signed in",
+                "The sign-in form expired; open it again.",
+                actor=None,
             )
         token = form.get("token", "").strip()
         next_page = _safe_next(form.get("next"))
@@ -338,7 +373,7 @@ class Dashboard:
             form = await self._form(request)
             self._check_csrf(request, form)
         except _FormError as exc:
-            return self._error(400, "Not signed out", str(exc), actor=actor)
+            return self._error(request, 400, "Not signed out", str(exc), actor=actor)
         await self.store.end_session(session.session_hash)
         response = RedirectResponse("/ui/login?signed_out=1", 303, headers=HEADERS)
         response.delete_cookie(COOKIE, path="/ui")
@@ -369,13 +404,15 @@ class Dashboard:
         contains = params.get("q", "").strip()[:200] or None
         status = params.get("status", "all")
         if status not in ("all", "live", "ended"):
-            return self._error(400, "Bad filter", "status is one of all, live, ended", actor=actor)
+            return self._error(
+                request, 400, "Bad filter", "status is one of all, live, ended", actor=actor
+            )
         before = None
         if params.get("continue"):
             try:
                 before = decode_position("runs", params["continue"])
             except CursorError as exc:
-                return self._error(400, "Bad page", str(exc), actor=actor)
+                return self._error(request, 400, "Bad page", str(exc), actor=actor)
         now = self.clock()
         query = RunFilter(
             scope=actor.scope,
@@ -400,9 +437,9 @@ class Dashboard:
                 | {"continue": next_token}
             )
         return self._page(
+            request,
             "runs.html",
             actor=actor,
-            csrf=self._csrf(request),
             runs=summaries,
             q=contains or "",
             shown=status,
@@ -433,46 +470,62 @@ class Dashboard:
         )
         row = rows[0] if rows else None
         if label is None or row is None:
-            return self._no_run(actor)
+            return self._no_run(request, actor)
+        try:
+            decision, caller = _calls_filter(params.get("decision"), params.get("caller"))
+        except _FormError as exc:
+            return self._error(request, 400, "Bad filter", str(exc), actor=actor)
         before_id = None
         if params.get("continue"):
             try:
                 before_id = decode_id("ui-audit", params["continue"])
             except CursorError as exc:
-                return self._error(400, "Bad page", str(exc), actor=actor)
+                return self._error(request, 400, "Bad page", str(exc), actor=actor)
         summary, keys, budgets = await summary_of(self.store, row, actor.scope, now)
         activity = await self.store.run_activity(label, actor.scope)
         series = cumulative(activity)
         audit = await self.store.audit(
             AuditFilter(
-                scope=actor.scope, label=label, before_id=before_id, limit=AUDIT_PER_PAGE + 1
+                scope=actor.scope,
+                label=label,
+                decision=decision,
+                caller_tag=caller,
+                before_id=before_id,
+                limit=AUDIT_PER_PAGE + 1,
             )
         )
         more = len(audit) > AUDIT_PER_PAGE
         audit = audit[:AUDIT_PER_PAGE]
+        shown = {"label": label} | {
+            k: v for k, v in (("decision", decision), ("caller", caller)) if v is not None
+        }
         older = None
         if more and audit[-1].id is not None:
             older = "/ui/run?" + urllib.parse.urlencode(
-                {"label": label, "continue": encode_id("ui-audit", audit[-1].id)}
+                shown | {"continue": encode_id("ui-audit", audit[-1].id)}
             )
+        tags = [tag for tag, *_ in activity.callers if tag is not None]
         # A live run's axis runs to now; an ended one's to its last call.
         axis_end = now if summary.status == "live" else (summary.last_call or summary.newest)
-        lifetime_cap = summary.cap_micros if summary.cap_basis in ("budget", "keys") else None
         return self._page(
+            request,
             "run.html",
             actor=actor,
-            csrf=self._csrf(request),
             run=summary,
             keys=keys,
             budgets=budgets,
             now=now,
             spend=charts.spend_chart(
-                series.spend, lifetime_cap, summary.cap_basis, summary.oldest, axis_end
+                series.spend, summary.cap_micros, summary.cap_basis, summary.oldest, axis_end
             ),
             hits=charts.hits_chart(series.cap_hits, summary.oldest, axis_end),
             callers=charts.bars(activity.callers),
             audit=audit,
             older=older,
+            decisions=DECISIONS,
+            decision=decision,
+            caller=caller,
+            caller_tags=tags if caller is None or caller in tags else [*tags, caller],
             stripe_logs=self.stripe_logs,
             refresh=REFRESH_SECONDS if summary.status == "live" else None,
             # Said from the run's state, never from the address (which anyone can write).
@@ -485,14 +538,14 @@ class Dashboard:
         label = await self._run_label(request, actor, request.query_params.get("label"))
         now = self.clock()
         if label is None:
-            return self._no_run(actor)
+            return self._no_run(request, actor)
         live = Listing(label=label, scope=actor.scope, status="active", limit=10_000)
         keys = await self.store.list_keys(live, now)
         budgets = await self.store.list_budgets(live, now)
         return self._page(
+            request,
             "revoke.html",
             actor=actor,
-            csrf=self._csrf(request),
             label=label,
             keys=keys,
             budgets=budgets,
@@ -504,13 +557,24 @@ class Dashboard:
             form = await self._form(request)
             self._check_csrf(request, form)
         except _FormError as exc:
-            return self._error(400, "Not revoked", str(exc), actor=actor)
+            return self._error(request, 400, "Not revoked", str(exc), actor=actor)
         label = await self._run_label(request, actor, form.get("label"))
         if label is None:
-            return self._no_run(actor)
+            return self._no_run(request, actor)
         await self.vault.revoke_run(actor, LabelRevoke(agent_run_label=label), via="dashboard")
         query = urllib.parse.urlencode({"label": label, "revoked": "1"})
         return RedirectResponse(f"/ui/run?{query}", 303, headers=HEADERS)
+
+
+def _calls_filter(decision: str | None, caller: str | None) -> tuple[str | None, str | None]:
+    """The run page's calls filter (a GET form, so its fields come in the address; empty: any):
+    a decision of the audit's, and a caller tag as the audit stores it (printable, never a NUL)."""
+    decision, caller = decision or None, caller or None
+    if decision is not None and decision not in DECISIONS:
+        raise _FormError(f"decision is one of: {', '.join(DECISIONS)}")
+    if caller is not None and (len(caller) > MAX_CALLER or not caller.isprintable()):
+        raise _FormError(f"caller is a caller tag: at most {MAX_CALLER} printable characters")
+    return decision, caller
 
 
 def _hash(session_id: str) -> bytes:
