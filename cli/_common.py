@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import yaml
 from pydantic import BaseModel
-from rich.console import Console, RenderableType
+from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
+from keybrake.cli._table import Grid, print_grid
 from keybrake.proxy.redact import redact
 
 __all__ = [
@@ -24,20 +25,45 @@ __all__ = [
     "BriefOutputOption",
     "Output",
     "OutputOption",
+    "choice",
     "console",
     "err_console",
     "fail",
     "print_data",
     "print_item",
     "print_rows",
+    "show",
 ]
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+def console() -> Console:
+    """Standard output, as it is when written to: its width (COLUMNS, else the terminal's) and
+    whether it is a terminal are this command's, not those of when the CLI was imported."""
+    return Console(highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+S = TypeVar("S", bound=str)
+
+
+def choice(*decls: str, values: Iterable[S], help: str) -> Any:
+    """An option taking one of `values` (strings, or a StrEnum's members): any other is a usage
+    error naming them all, before anything is sent."""
+    valid = {str(value): value for value in values}
+
+    def parse(text: str) -> S:
+        if text not in valid:
+            fail(f"{decls[0]} must be one of: {', '.join(valid)}", EXIT_USAGE)
+        return valid[text]
+
+    return typer.Option(*decls, help=help, parser=parse, autocompletion=lambda: list(valid))
 
 
 class Output(StrEnum):
@@ -48,11 +74,11 @@ class Output(StrEnum):
 
 OutputOption = Annotated[
     Output | None,
-    typer.Option("--output", "-o", help="table (default on a terminal), json or yaml."),
+    choice("--output", "-o", values=Output, help="table (default on a terminal), json or yaml."),
 ]
 # The same option, in the shorter words some commands' help has always given it.
 BriefOutputOption = Annotated[
-    Output | None, typer.Option("--output", "-o", help="table, json or yaml.")
+    Output | None, choice("--output", "-o", values=Output, help="table, json or yaml.")
 ]
 
 M = TypeVar("M", bound=BaseModel)
@@ -72,26 +98,35 @@ def print_data(data: Any, output: Output) -> None:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def show(shown: Grid | str, *, wide: bool = False) -> None:
+    """A table (printed as `keybrake.cli._table` says) or a line of rich markup, on stdout."""
+    if isinstance(shown, Grid):
+        print_grid(shown, console(), wide=wide)
+    else:
+        console().print(shown, soft_wrap=True)
+
+
 def print_item(
     item: M,
     output: Output | None,
-    render: Callable[[M], RenderableType],
+    render: Callable[[M], Grid | str],
     extra: dict[str, object] | None = None,
 ) -> Output:
     """One record: `render(item)` on a terminal, else its fields (and `extra`) as JSON or YAML.
     Returns the format chosen, for a line a table may want after it."""
     chosen = default_output(output)
     if chosen is Output.table:
-        console.print(render(item))
+        show(render(item))
     else:
-        print_data({**item.model_dump(), **(extra or {})}, chosen)
+        print_data({**item.model_dump(mode="json"), **(extra or {})}, chosen)
     return chosen
 
 
 def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(redact(message))}", soft_wrap=True)
+    err = err_console()
+    err.print(f"[red]error:[/red] {escape(redact(message))}", soft_wrap=True)
     if hint:
-        err_console.print(escape(hint), soft_wrap=True)
+        err.print(escape(hint), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -100,20 +135,18 @@ def print_rows(
     output: Output | None,
     *,
     empty: str,
-    columns: Sequence[str],
-    cells: Callable[[Any], Sequence[str]],
+    headers: str,
+    right: str = "",
+    cells: Callable[[Any], Sequence[str | Text]],
 ) -> None:
-    """A listing as a table (one row of `cells(row)` each) on a terminal, else JSON or YAML."""
+    """A listing as a table (columns `headers`, right-aligned those in `right`, as `Grid.of`
+    takes them; one row of `cells(row)` each) on a terminal, else JSON or YAML."""
     chosen = default_output(output)
     if chosen is not Output.table:
-        print_data([r.model_dump() for r in rows], chosen)
-        return
-    if not rows:
-        console.print(empty)
-        return
-    table = Table(box=None, header_style="bold")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*cells(row))
-    console.print(table)
+        print_data([r.model_dump(mode="json") for r in rows], chosen)
+    elif not rows:
+        show(empty)
+    else:
+        table = Grid.of(headers, right)
+        table.rows += [cells(row) for row in rows]
+        show(table)

@@ -10,15 +10,16 @@ from typing import Annotated, Protocol, TypeVar
 
 import typer
 from pydantic import BaseModel
-from rich.console import RenderableType
 
-from keybrake.cli._common import Output, console, default_output, err_console, print_data
+from keybrake.cli._common import Output, choice, default_output, err_console, print_data, show
+from keybrake.cli._table import Grid
 from keybrake.proxy.money import parse_ts
 
 __all__ = [
     "AllOption",
     "ContinueOption",
     "ListOutput",
+    "ListOutputOption",
     "age",
     "collect",
     "print_listing",
@@ -33,10 +34,20 @@ M = TypeVar("M", bound=BaseModel)
 class ListOutput(StrEnum):
     table = "table"
     wide = "wide"  # the table with more columns
-    name = "name"  # ids only, one per line, for the next command
+    name = "name"  # kind/id, one per line, for the next command (key/vk_..., budget/bg_...)
     json = "json"
     yaml = "yaml"
 
+
+ListOutputOption = Annotated[
+    ListOutput | None,
+    choice(
+        "--output",
+        "-o",
+        values=ListOutput,
+        help="table (on a terminal), wide, name (key/vk_...), json or yaml.",
+    ),
+]
 
 ContinueOption = Annotated[
     str | None,
@@ -70,27 +81,30 @@ def collect(
 def print_listing(
     rows: list[M],
     output: ListOutput | None,
+    id_field: str,
+    table: Callable[[list[M], bool], Grid],
     *,
-    name: Callable[[M], str],
-    table: Callable[[list[M], bool], RenderableType],
     empty: str,
 ) -> None:
-    """A listing as `-o` asks: ids (`name`), `table(rows, wide)` (`empty` when there are none),
-    JSON or YAML; a table on a terminal, else JSON."""
+    """A listing as `-o` asks: names as kubectl's (`key/vk_...`: the kind is `id_field` less its
+    `_id`), `table(rows, wide)` (`empty` when there are none), JSON or YAML; a table on a
+    terminal, else JSON."""
     chosen = output or ListOutput(default_output(None).value)
     if chosen is ListOutput.name:
+        kind = id_field.removesuffix("_id")
         for row in rows:
-            print(name(row))
+            print(f"{kind}/{getattr(row, id_field)}")
     elif chosen in (ListOutput.table, ListOutput.wide):
-        console.print(table(rows, chosen is ListOutput.wide) if rows else empty)
+        wide = chosen is ListOutput.wide
+        show(table(rows, wide) if rows else empty, wide=wide)
     else:
-        print_data([r.model_dump() for r in rows], Output(chosen.value))
+        print_data([r.model_dump(mode="json") for r in rows], Output(chosen.value))
 
 
 def say_more(token: str | None, command: str, noun: str) -> None:
     """Tell the user (on stderr, so piped output stays clean) that the listing goes on."""
     if token:
-        err_console.print(
+        err_console().print(
             f"more {noun}: {command} with the same options and --continue {token}   "
             "(or --all for every page)",
             soft_wrap=True,

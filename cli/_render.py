@@ -1,4 +1,5 @@
-"""Rich renderings of keys and audit rows, shared by several commands."""
+"""Tables of keys, budgets and audit rows, and a record's details, shared by several commands
+(`keybrake.cli._table` prints them)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from rich.console import OverflowMethod
-from rich.table import Table
+from rich.text import Text
 
 from keybrake.cli._paging import age
+from keybrake.cli._table import Column, Grid
 from keybrake.proxy.models import AuditRow, BudgetInfo, ChangeInfo, KeyInfo
 
 __all__ = [
@@ -26,8 +27,8 @@ __all__ = [
 _STATUS_STYLE = {"active": "green", "revoked": "red", "expired": "yellow"}
 
 
-def _status(status: str) -> str:
-    return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
+def _status(status: str) -> Text:
+    return Text(status, style=_STATUS_STYLE.get(status, "white"))
 
 
 def caps(daily: str | None, total: str | None, budget_id: str | None = None) -> str:
@@ -43,21 +44,14 @@ def _ts(text: str | None) -> str:
     return text[:16].replace("T", " ") if text else "-"
 
 
-def keys_table(keys: list[KeyInfo], *, wide: bool = False) -> Table:
+def keys_table(keys: list[KeyInfo], wide: bool = False) -> Grid:
     """Keys as a table; `wide` adds who issued each, for which namespace, and its budget."""
-    table = Table(box=None, header_style="bold")
-    columns = ["KEY ID", "LABEL", "VENDOR", "STATUS", "SPENT", "CAP", "CALLS", "CAP HITS"]
-    columns += ["EXPIRES", "AGE"]
+    headers = "KEY ID,LABEL,VENDOR,STATUS,SPENT,CAP,CALLS,CAP HITS,EXPIRES,AGE"
     if wide:
-        columns += ["NAMESPACE", "SERVICE ACCOUNT", "ISSUER", "TOTAL SPENT"]
-    for column in columns:
-        numeric = column in {"SPENT", "CAP", "CALLS", "CAP HITS"}
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
-    # Ids and labels are what people copy into the next command: never fold them.
-    table.columns[0].min_width = max((len(k.key_id) for k in keys), default=6)
-    table.columns[1].min_width = min(max((len(k.agent_run_label) for k in keys), default=5), 48)
+        headers += ",NAMESPACE,SERVICE ACCOUNT,ISSUER,TOTAL SPENT"
+    table = Grid.of(headers, right="SPENT,CAP,CALLS,CAP HITS,TOTAL SPENT")
     for key in keys:
-        row = [
+        row: list[str | Text] = [
             key.key_id,
             key.agent_run_label,
             key.vendor,
@@ -76,27 +70,25 @@ def keys_table(keys: list[KeyInfo], *, wide: bool = False) -> Table:
                 key.issuer_id or "admin",
                 f"${key.total_spent_usd}",
             ]
-        table.add_row(*row)
+        table.rows.append(row)
     return table
 
 
-def budgets_table(budgets: list[BudgetInfo]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for column in ("BUDGET ID", "LABEL", "STATUS", "SPENT", "TOTAL", "CAP", "KEYS", "EXPIRES"):
-        numeric = column in {"SPENT", "TOTAL", "CAP", "KEYS"}
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
-    table.columns[0].min_width = max((len(b.budget_id) for b in budgets), default=9)
-    table.columns[1].min_width = min(max((len(b.agent_run_label) for b in budgets), default=5), 48)
+def budgets_table(budgets: list[BudgetInfo], _wide: bool = False) -> Grid:
+    """Budgets as a table (the same with -o wide)."""
+    table = Grid.of("BUDGET ID,LABEL,STATUS,SPENT,TOTAL,CAP,KEYS,EXPIRES", "SPENT,TOTAL,CAP,KEYS")
     for budget in budgets:
-        table.add_row(
-            budget.budget_id,
-            budget.agent_run_label,
-            _status(budget.status),
-            f"${budget.spent_usd}",
-            f"${budget.total_spent_usd}",
-            caps(budget.daily_usd_cap, budget.total_usd_cap),
-            str(len(budget.keys)),
-            _ts(budget.expires_at),
+        table.rows.append(
+            [
+                budget.budget_id,
+                budget.agent_run_label,
+                _status(budget.status),
+                f"${budget.spent_usd}",
+                f"${budget.total_spent_usd}",
+                caps(budget.daily_usd_cap, budget.total_usd_cap),
+                str(len(budget.keys)),
+                _ts(budget.expires_at),
+            ]
         )
     return table
 
@@ -107,19 +99,18 @@ def _change_lines(changes: list[ChangeInfo]) -> str:
     )
 
 
-def detail_table(rows: Sequence[tuple[str, str]], overflow: OverflowMethod = "ellipsis") -> Table:
+def detail_table(rows: Sequence[tuple[str, str | Text]]) -> Grid:
     """One record as a column of names and a column of values."""
-    table = Table(box=None, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow=overflow)
-    for name, value in rows:
-        table.add_row(name, value)
-    return table
+    return Grid(
+        [Column("NAME"), Column("VALUE")],
+        [(Text(name, style="bold"), value) for name, value in rows],
+        header=False,
+    )
 
 
 def _record_detail(
-    rows: list[tuple[str, str]], changes: list[ChangeInfo], metadata: dict[str, Any]
-) -> Table:
+    rows: list[tuple[str, str | Text]], changes: list[ChangeInfo], metadata: dict[str, Any]
+) -> Grid:
     """A key's or a budget's detail: its rows, then its changes and metadata if it has any."""
     if changes:
         rows.append(("Changes", _change_lines(changes)))
@@ -128,8 +119,8 @@ def _record_detail(
     return detail_table(rows)
 
 
-def budget_detail(budget: BudgetInfo) -> Table:
-    rows = [
+def budget_detail(budget: BudgetInfo) -> Grid:
+    rows: list[tuple[str, str | Text]] = [
         ("Budget ID", budget.budget_id),
         ("Label", budget.agent_run_label),
         ("Status", _status(budget.status)),
@@ -149,8 +140,8 @@ def budget_detail(budget: BudgetInfo) -> Table:
     return _record_detail(rows, budget.changes, budget.metadata)
 
 
-def key_detail(key: KeyInfo) -> Table:
-    rows = [
+def key_detail(key: KeyInfo) -> Grid:
+    rows: list[tuple[str, str | Text]] = [
         ("Key ID", key.key_id),
         ("Label", key.agent_run_label),
         ("Vendor", key.vendor),
@@ -176,47 +167,37 @@ def key_detail(key: KeyInfo) -> Table:
     return _record_detail(rows, key.changes, key.metadata)
 
 
-def audit_table(rows: list[AuditRow]) -> Table:
-    table = Table(box=None, header_style="bold")
-    for column in (
-        "TIME",
-        "STEP TAG",
-        "METHOD",
-        "PATH",
-        "STATUS",
-        "DECISION",
-        "USD",
-        "VENDOR REQUEST ID",
-    ):
-        numeric = column in {"STATUS", "USD"}
-        short = column in {"TIME", "METHOD", "STATUS", "DECISION", "USD"}
-        table.add_column(
-            column, justify="right" if numeric else "left", overflow="fold", no_wrap=short
-        )
-    table.columns[1].min_width = min(max((len(r.caller_tag or "") for r in rows), default=8), 48)
+def audit_table(rows: list[AuditRow]) -> Grid:
+    table = Grid.of("TIME,STEP TAG,METHOD,PATH,STATUS,DECISION,USD,VENDOR REQUEST ID", "STATUS,USD")
     for row in rows:
-        decision = row.decision
-        if decision != "forwarded":
-            decision = f"[yellow]{decision}[/]"
-        usd = row.settled_usd if Decimal(row.settled_usd) else row.reserved_usd
-        table.add_row(
-            row.ts[11:23],
-            row.caller_tag or "-",
-            row.method,
-            row.path,
-            str(row.status),
-            decision,
-            usd,
-            row.vendor_request_id or "-",
+        table.rows.append(
+            [
+                row.ts[11:23],
+                row.caller_tag or "-",
+                row.method,
+                row.path,
+                str(row.status),
+                _decision(row),
+                _usd(row),
+                row.vendor_request_id or "-",
+            ]
         )
     return table
 
 
-def audit_line(row: AuditRow) -> str:
+def _decision(row: AuditRow) -> Text:
+    return Text(row.decision, style="" if row.decision == "forwarded" else "yellow")
+
+
+def _usd(row: AuditRow) -> str:
+    return row.settled_usd if Decimal(row.settled_usd) else row.reserved_usd
+
+
+def audit_line(row: AuditRow) -> Text:
     """One audit row as one line, for `audit --follow`."""
-    usd = row.settled_usd if Decimal(row.settled_usd) else row.reserved_usd
-    decision = row.decision if row.decision == "forwarded" else f"[yellow]{row.decision}[/]"
-    return (
+    return Text.assemble(
         f"{row.ts[:23].replace('T', ' ')}  {row.caller_tag or '-'}  {row.method} {row.path}  "
-        f"{row.status}  {decision}  ${usd}  {row.vendor_request_id or '-'}"
+        f"{row.status}  ",
+        _decision(row),
+        f"  ${_usd(row)}  {row.vendor_request_id or '-'}",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.markup import escape
+from rich.text import Text
 
 from keybrake.cli._common import BriefOutputOption, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
@@ -32,15 +32,14 @@ def alerts(
     with connect(url, api_key) as client:
         rows = client.alerts(pending=pending, limit=limit)
 
-    def cells(row: AlertInfo) -> list[str]:
-        style = _STYLE.get(row.status, "white")
+    def cells(row: AlertInfo) -> list[str | Text]:
         return [
             row.created_at[:19].replace("T", " "),
             row.subject_id,
             row.mark,
-            f"[{style}]{row.status}[/]",
+            Text(row.status, style=_STYLE.get(row.status, "white")),
             str(row.attempts),
-            escape(row.last_error or "-"),
+            row.last_error or "-",
             row.delivery_id,
         ]
 
@@ -48,6 +47,7 @@ def alerts(
         rows,
         output,
         empty="No alerts match.",
-        columns=("TIME", "SUBJECT", "ALERT", "STATUS", "ATTEMPTS", "LAST ERROR", "DELIVERY ID"),
+        headers="TIME,SUBJECT,ALERT,STATUS,ATTEMPTS,LAST ERROR,DELIVERY ID",
+        right="ATTEMPTS",
         cells=cells,
     )

@@ -14,13 +14,15 @@ from keybrake.cli._common import (
     EXIT_USAGE,
     BriefOutputOption,
     Output,
+    choice,
     console,
     fail,
     print_data,
     print_item,
+    show,
 )
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import workflow_label
+from keybrake.cli._options import vendor_option, workflow_label
 from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.cli._render import audit_line, audit_table
 from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
@@ -44,7 +46,7 @@ def audit(
         str | None, typer.Option("--workflow", "-w", help="Rows of this Argo workflow.")
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Rows of this key id.")] = None,
-    vendor: Annotated[str | None, typer.Option(help="Rows of this vendor.")] = None,
+    vendor: Annotated[str | None, vendor_option("Rows of this vendor.")] = None,
     since: Annotated[
         str | None, typer.Option(help="How far back (1h, 30m) or an ISO time.")
     ] = None,
@@ -62,7 +64,12 @@ def audit(
     ] = 1.0,
     output: Annotated[
         AuditOutput | None,
-        typer.Option("--output", "-o", help="table (default on a terminal), json, yaml or csv."),
+        choice(
+            "--output",
+            "-o",
+            values=AuditOutput,
+            help="table (default on a terminal), json, yaml or csv.",
+        ),
     ] = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -97,10 +104,8 @@ def audit(
             return
     if chosen in (AuditOutput.json, AuditOutput.yaml):
         print_data([r.model_dump() for r in rows], Output(chosen.value))
-    elif not rows:
-        console.print("No audit rows match.")
     else:
-        console.print(audit_table(list(reversed(rows))))
+        show(audit_table(list(reversed(rows))) if rows else "No audit rows match.")
     say_more(token, "keybrake audit", "audit rows")
 
 
@@ -121,7 +126,7 @@ def _follow(
             if chosen is AuditOutput.json:
                 print(json.dumps(row.model_dump()), flush=True)
             else:
-                console.print(audit_line(row), soft_wrap=True)
+                console().print(audit_line(row), soft_wrap=True)
 
     emit(list(reversed(newest)))
     last = max((r.id for r in newest), default=0)

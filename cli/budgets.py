@@ -17,16 +17,17 @@ from keybrake.cli._options import (
     ReasonOption,
     caps_patch,
     dollars,
+    id_argument,
     metadata,
     percents,
-    status_filter,
+    status_option,
     usage_on_invalid,
     workflow_label,
 )
 from keybrake.cli._paging import (
     AllOption,
     ContinueOption,
-    ListOutput,
+    ListOutputOption,
     collect,
     print_listing,
     say_more,
@@ -40,7 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-BudgetIdArgument = Annotated[str, typer.Argument(help="The budget id (bg_...).")]
+BudgetIdArgument = Annotated[str, id_argument("budget", "The budget id (bg_...).")]
 
 
 @app.command(
@@ -92,19 +93,15 @@ def list_budgets(
             "--workflow", "-w", help="Only budgets of this Argo workflow (NAME or argo/NAME)."
         ),
     ] = None,
-    status: Annotated[str | None, typer.Option(help="active, revoked or expired.")] = None,
+    status: Annotated[str | None, status_option("active, revoked or expired.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="Budgets per page.")] = 500,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
-    output: Annotated[
-        ListOutput | None,
-        typer.Option("--output", "-o", help="table (on a terminal), name, json or yaml."),
-    ] = None,
+    output: ListOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """List budgets, newest first, with their spend in the last 24 hours and in all."""
-    status = status_filter(status)
     if workflow:
         label = workflow_label(workflow)
     with connect(url, api_key) as client:
@@ -113,13 +110,7 @@ def list_budgets(
             cursor,
             every_page,
         )
-    print_listing(
-        budgets,
-        output,
-        name=lambda budget: budget.budget_id,
-        table=lambda rows, _wide: budgets_table(rows),
-        empty="No budgets match.",
-    )
+    print_listing(budgets, output, "budget_id", budgets_table, empty="No budgets match.")
     say_more(token, "keybrake budgets list", "budgets")
 
 

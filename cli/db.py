@@ -44,7 +44,7 @@ def upgrade(
     shown = url.split("@")[-1] if "@" in url else url
     from keybrake.proxy.decisions import RULE_VERSION
 
-    console.print(
+    console().print(
         f"database {shown} is at the current schema, with ledger rules {RULE_VERSION}",
         soft_wrap=True,
     )

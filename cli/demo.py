@@ -33,6 +33,7 @@ from rich.table import Table
 
 from keybrake.cli._common import console, fail
 from keybrake.cli._render import audit_table
+from keybrake.cli._table import print_grid
 from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.models import KeyCreate
 
@@ -67,9 +68,9 @@ def demo(
         ):
             _run(Path(workdir), localstripe, procs, calls, cap, runner)
     except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted: the proxy and localstripe are stopped[/]")
+        console().print("\n[yellow]interrupted: the proxy and localstripe are stopped[/]")
         raise typer.Exit(130) from None
-    console.print(
+    console().print(
         f"\n[bold green]demo finished[/] in {time.monotonic() - started:.1f}s; "
         "everything it started is stopped."
     )
@@ -118,7 +119,8 @@ def _run(
     cap: int,
     runner: asyncio.Runner,
 ) -> None:
-    console.rule("[bold]keybrake demo[/]: vault keys for an Argo fan-out")
+    out = console()
+    out.rule("[bold]keybrake demo[/]: vault keys for an Argo fan-out")
     stripe_port = _free_port()
     stripe_log = workdir / "localstripe.log"
     with open(stripe_log, "wb") as log:
@@ -132,7 +134,7 @@ def _run(
         )
     stripe_url = f"http://127.0.0.1:{stripe_port}"
     _wait_ready(f"{stripe_url}/v1/customers", procs[-1], "localstripe", stripe_log)
-    console.print(f"1. localstripe (Stripe emulator) on {stripe_url}")
+    out.print(f"1. localstripe (Stripe emulator) on {stripe_url}")
 
     admin_key = "kba_" + secrets.token_urlsafe(24)
     proxy_port = _free_port()
@@ -158,7 +160,7 @@ def _run(
         )
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     _wait_ready(f"{proxy_url}/readyz", procs[-1], "keybrake serve", proxy_log)
-    console.print(
+    out.print(
         f"2. keybrake proxy on {proxy_url}, SQLite at {database}; "
         "the real Stripe key stays inside it",
         soft_wrap=True,
@@ -176,30 +178,28 @@ def _run(
                 metadata={"namespace": "argo", "workflow": workflow},
             )
         )
-        console.print(
+        out.print(
             f"3. issued vault key {issued.key_id} for argo/{workflow}: "
             f"${issued.daily_usd_cap} per 24 hours, "
             "only POST /v1/payment_intents",
             soft_wrap=True,
         )
 
-        console.print(
-            f"4. {calls} pods each create a $1 PaymentIntent through the proxy, all at once:"
-        )
+        out.print(f"4. {calls} pods each create a $1 PaymentIntent through the proxy, all at once:")
         outcome = runner.run(_fan_out(issued.vault_key, f"{proxy_url}/stripe", calls))
         kinds = Counter(outcome)
-        console.print(
+        out.print(
             f"   [green]{kinds['succeeded']} succeeded[/], [red]{kinds['cap_hit']} hit the cap[/] "
             f"(HTTP 429, X-Keybrake-Cap-Hit: true)"
             + "".join(f", {n} {k}" for k, n in kinds.items() if k not in {"succeeded", "cap_hit"})
         )
         held = _count_intents(stripe_url)
-        console.print(f"   localstripe holds {held} PaymentIntents: not one over the cap")
+        out.print(f"   localstripe holds {held} PaymentIntents: not one over the cap")
 
         result = client.revoke_label(f"argo/{workflow}")
-        console.print(f"5. keybrake revoke --workflow {workflow}: revoked {result.revoked} key(s)")
+        out.print(f"5. keybrake revoke --workflow {workflow}: revoked {result.revoked} key(s)")
         refused = _one_more(issued.vault_key, f"{proxy_url}/stripe")
-        console.print(f"   a further call: {refused}")
+        out.print(f"   a further call: {refused}")
 
         info = client.get_key(issued.key_id)
         rows = client.audit_page(key_id=issued.key_id, limit=100_000).data
@@ -210,15 +210,15 @@ def _run(
     for decision, count in decisions.most_common():
         usd = sum((Decimal(r.settled_usd) for r in rows if r.decision == decision), Decimal(0))
         summary.add_row(decision, str(count), f"${usd:.2f}")
-    console.print(summary)
-    console.print(
+    out.print(summary)
+    out.print(
         f"   key {info.key_id}: status {info.status}, spent ${info.spent_usd} of "
         f"${info.daily_usd_cap}, {info.calls} calls, {info.cap_hits} cap hits, "
         f"{len(rows)} audit rows",
         soft_wrap=True,
     )
-    if console.width >= 100:  # the last rows, where a terminal is wide enough to show them whole
-        console.print(audit_table(list(reversed(rows[:5]))))
+    if out.width >= 100:  # the last rows, where a terminal is wide enough to show them whole
+        print_grid(audit_table(list(reversed(rows[:5]))), out)
 
 
 async def _fan_out(vault_key: str, base: str, calls: int) -> list[str]:
@@ -226,7 +226,7 @@ async def _fan_out(vault_key: str, base: str, calls: int) -> list[str]:
 
     outcome: list[str] = []
     with Progress(
-        TextColumn("   "), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        TextColumn("   "), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console()
     ) as progress:
         task = progress.add_task("calls", total=calls)
 

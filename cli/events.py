@@ -6,17 +6,34 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
-from keybrake.cli._common import BriefOutputOption, Output, print_rows
+from keybrake.cli._common import BriefOutputOption, Output, choice, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
 from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import EventInfo
 
+# What the proxy records (keybrake.proxy.vault, .admin and .access write them, each where it acts;
+# tests/test_cli_output.py keeps this list equal to theirs).
+ACTIONS = (
+    "key.issue",
+    "key.patch",
+    "key.revoke",
+    "label.revoke",
+    "budget.create",
+    "budget.patch",
+    "budget.revoke",
+    "issuer.create",
+    "issuer.delete",
+    "audit.prune",
+    "login.refused",
+)
+
 
 def events(
     action: Annotated[
-        str | None, typer.Option(help="key.issue, key.patch, key.revoke, label.revoke, ...")
+        str | None, choice("--action", values=ACTIONS, help=f"One of {', '.join(ACTIONS)}.")
     ] = None,
     issuer: Annotated[str | None, typer.Option(help="Only this issuer's (is_...).")] = None,
     target: Annotated[
@@ -56,14 +73,13 @@ def events(
 
 
 def _show(rows: list[EventInfo], output: Output | None) -> None:
-    def cells(row: EventInfo) -> list[str]:
-        style = "green" if row.outcome == "ok" else "red"
+    def cells(row: EventInfo) -> list[str | Text]:
         return [
             row.ts[:19].replace("T", " "),
             row.action,
             row.actor,
             row.target or "-",
-            f"[{style}]{row.outcome}[/]",
+            Text(row.outcome, style="green" if row.outcome == "ok" else "red"),
             row.source or "-",
         ]
 
@@ -71,6 +87,6 @@ def _show(rows: list[EventInfo], output: Output | None) -> None:
         rows,
         output,
         empty="No events match.",
-        columns=("TIME", "ACTION", "ACTOR", "TARGET", "OUTCOME", "SOURCE"),
+        headers="TIME,ACTION,ACTOR,TARGET,OUTCOME,SOURCE",
         cells=cells,
     )

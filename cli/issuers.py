@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from keybrake.cli._common import (
     EXIT_USAGE,
@@ -21,8 +20,10 @@ from keybrake.cli._common import (
     print_item,
 )
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import dollars, usage_on_invalid
+from keybrake.cli._options import dollars, id_argument, usage_on_invalid
+from keybrake.cli._paging import ListOutputOption, print_listing
 from keybrake.cli._render import detail_table
+from keybrake.cli._table import Grid
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import (
     IssuerCreate,
@@ -36,14 +37,19 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-IssuerIdArgument = Annotated[str, typer.Argument(help="The issuer id (is_...).")]
+IssuerIdArgument = Annotated[str, id_argument("issuer", "The issuer id (is_...).")]
 
 
-def _policy(issuer: IssuerInfo) -> Table:
+def _labels(issuer: IssuerInfo) -> str:
+    """The labels it issues and sees: those starting with its prefix."""
+    return f"{issuer.label_prefix}*"
+
+
+def _policy(issuer: IssuerInfo) -> Grid:
     binding = issuer.kubernetes
     rows = [
         ("issuer", f"{issuer.issuer_id} ({issuer.name}), {issuer.status}"),
-        ("labels", f"{issuer.label_prefix}…"),
+        ("labels", _labels(issuer)),
         ("vendors", ", ".join(issuer.allowed_vendors) or "any"),
         ("endpoints", ", ".join(issuer.allowed_endpoints) or "any"),
         ("max 24h cap", f"${issuer.max_daily_usd_cap}" if issuer.max_daily_usd_cap else "none"),
@@ -61,7 +67,7 @@ def _policy(issuer: IssuerInfo) -> Table:
         ("static token", "yes" if issuer.static_token else "no"),
         ("created", issuer.created_at),
     ]
-    return detail_table(rows, overflow="fold")
+    return detail_table(rows)
 
 
 @app.command(
@@ -150,53 +156,49 @@ def create(
     with connect(url, api_key) as client:
         issued = client.create_issuer(spec)
     for warning in issued.warnings:  # on stderr, whatever the output: stdout stays parseable
-        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        err_console().print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if quiet:
         print(issued.issuer_token or issued.issuer_id)
         return
     info = IssuerInfo.model_validate(issued.model_dump(exclude={"issuer_token"}))
     if print_item(info, output, _policy, {"issuer_token": issued.issuer_token}) is Output.table:
         if issued.issuer_token:
-            console.print(f"token (shown once): {issued.issuer_token}", soft_wrap=True)
+            console().print(f"token (shown once): {issued.issuer_token}", soft_wrap=True)
         else:
-            console.print("no static token: the bound service accounts log in with theirs")
+            console().print("no static token: the bound service accounts log in with theirs")
 
 
 @app.command("list", epilog="Example: keybrake issuers list --all")
 def list_issuers(
     include_deleted: Annotated[bool, typer.Option("--all", help="Deleted ones too.")] = False,
-    output: OutputOption = None,
+    output: ListOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """List issuers and their policies."""
     with connect(url, api_key) as client:
         issuers = client.list_issuers(include_deleted=include_deleted)
-    chosen = default_output(output)
-    if chosen is not Output.table:
-        print_data([i.model_dump(mode="json") for i in issuers], chosen)
-        return
-    if not issuers:
-        console.print("No issuers.")
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("ISSUER ID", "NAME", "STATUS", "LABELS", "VENDORS", "MAX TOTAL", "KUBERNETES"):
-        table.add_column(column, overflow="fold")
-    table.columns[0].min_width = max(len(i.issuer_id) for i in issuers)
+    print_listing(issuers, output, "issuer_id", _issuers_table, empty="No issuers.")
+
+
+def _issuers_table(issuers: list[IssuerInfo], _wide: bool = False) -> Grid:
+    table = Grid.of("ISSUER ID,NAME,STATUS,LABELS,VENDORS,MAX TOTAL,KUBERNETES", "MAX TOTAL")
     for issuer in issuers:
         binding = issuer.kubernetes
-        table.add_row(
-            issuer.issuer_id,
-            issuer.name,
-            issuer.status,
-            f"{issuer.label_prefix}…",
-            ", ".join(issuer.allowed_vendors) or "any",
-            f"${issuer.max_total_usd_cap}" if issuer.max_total_usd_cap else "-",
-            f"{','.join(binding.namespaces)}/{','.join(binding.service_accounts)}"
-            if binding
-            else "-",
+        table.rows.append(
+            [
+                issuer.issuer_id,
+                issuer.name,
+                issuer.status,
+                _labels(issuer),
+                ", ".join(issuer.allowed_vendors) or "any",
+                f"${issuer.max_total_usd_cap}" if issuer.max_total_usd_cap else "-",
+                f"{','.join(binding.namespaces)}/{','.join(binding.service_accounts)}"
+                if binding
+                else "-",
+            ]
         )
-    console.print(table)
+    return table
 
 
 @app.command("show", epilog="Example: keybrake issuers show is_3f9c2a1b4d5e6f70")
@@ -232,4 +234,4 @@ def delete(
         return
     keys, budgets = result.get("revoked_keys") or [], result.get("revoked_budgets") or []
     revoked = f"; revoked {len(keys)} key(s) and {len(budgets)} budget(s)" if revoke else ""
-    console.print(f"deleted issuer {issuer_id}{revoked}", soft_wrap=True)
+    console().print(f"deleted issuer {issuer_id}{revoked}", soft_wrap=True)

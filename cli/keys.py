@@ -25,16 +25,18 @@ from keybrake.cli._options import (
     ReasonOption,
     caps_patch,
     dollars,
+    id_argument,
     metadata,
     percents,
-    status_filter,
+    status_option,
     usage_on_invalid,
+    vendor_option,
     workflow_label,
 )
 from keybrake.cli._paging import (
     AllOption,
     ContinueOption,
-    ListOutput,
+    ListOutputOption,
     collect,
     print_listing,
     say_more,
@@ -116,7 +118,7 @@ def issue(
         print(issued.vault_key)
         return
     if print_item(issued, output, key_detail) is Output.table:
-        console.print(f"\n[bold]Vault key[/] (shown once): {issued.vault_key}", soft_wrap=True)
+        console().print(f"\n[bold]Vault key[/] (shown once): {issued.vault_key}", soft_wrap=True)
 
 
 @app.command(
@@ -130,9 +132,9 @@ def list_keys(
             "--workflow", "-w", help="Only keys of this Argo workflow (NAME or argo/NAME)."
         ),
     ] = None,
-    vendor: Annotated[str | None, typer.Option(help="Only keys of this vendor.")] = None,
+    vendor: Annotated[str | None, vendor_option("Only keys of this vendor.")] = None,
     status: Annotated[
-        str | None, typer.Option(help="active (the default), revoked or expired.")
+        str | None, status_option("active (the default), revoked or expired.")
     ] = None,
     all_statuses: Annotated[
         bool, typer.Option("--all-statuses", help="Revoked and expired keys too.")
@@ -143,16 +145,12 @@ def list_keys(
     limit: Annotated[int, typer.Option(min=1, max=100_000, help="Keys per page.")] = 500,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
-    output: Annotated[
-        ListOutput | None,
-        typer.Option("--output", "-o", help="table (on a terminal), wide, name, json or yaml."),
-    ] = None,
+    output: ListOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """List vault keys, newest first, with their spend in the last 24 hours and their caps: the
     active ones unless --status or --all-statuses says otherwise."""
-    status = status_filter(status)
     if status is not None and all_statuses:
         fail("--status and --all-statuses: give one of them", EXIT_USAGE)
     if not all_statuses:
@@ -172,19 +170,14 @@ def list_keys(
             cursor,
             every_page,
         )
-    print_listing(
-        keys,
-        output,
-        name=lambda key: key.key_id,
-        table=lambda rows, wide: keys_table(rows, wide=wide),
-        empty=f"No {status} vault keys match." if status else "No vault keys match.",
-    )
+    empty = f"No {status} vault keys match." if status else "No vault keys match."
+    print_listing(keys, output, "key_id", keys_table, empty=empty)
     say_more(token, "keybrake keys list", "keys")
 
 
 @app.command("show", epilog="Example: keybrake keys show vk_3f9c2a1b4d5e6f70")
 def show(
-    key_id: Annotated[str, typer.Argument(help="The key id (vk_...), not the vault key.")],
+    key_id: Annotated[str, id_argument("key", "The key id (vk_...), not the vault key.")],
     ignore_not_found: IgnoreNotFoundOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -203,7 +196,7 @@ def show(
     "--reason 'month-end batch is larger'",
 )
 def patch(
-    key_id: Annotated[str, typer.Argument(help="The key id (vk_...).")],
+    key_id: Annotated[str, id_argument("key", "The key id (vk_...).")],
     reason: ReasonOption,
     daily_usd_cap: NewDailyCapOption = None,
     total_usd_cap: Annotated[

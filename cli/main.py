@@ -26,8 +26,10 @@ from keybrake.cli import (
     watch,
     wrap,
 )
+from keybrake.cli._help import KeybrakeGroup
 
 app = typer.Typer(
+    cls=KeybrakeGroup,
     name="keybrake",
     help="Dollar-capped, revocable vault keys for vendor APIs called from Argo Workflows.",
     no_args_is_help=True,

@@ -106,7 +106,7 @@ def reaper(
             orphan_grace=orphan_span,
             resync=resync_span,
         )
-        err_console.print(
+        err_console().print(
             f"keybrake reaper: cluster {cluster}, watching workflows in "
             f"{namespace or 'all namespaces'}; grace {grace}, orphan grace {orphan_grace}"
         )

@@ -18,7 +18,7 @@ from keybrake.cli._common import (
     print_data,
 )
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import workflow_label
+from keybrake.cli._options import id_argument, workflow_label
 from keybrake.cli._render import caps
 from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
 from keybrake.proxy.errors import ApiError
@@ -26,7 +26,7 @@ from keybrake.proxy.models import BudgetInfo, KeyInfo
 
 
 def revoke(
-    key_id: Annotated[str | None, typer.Argument(help="Key id (vk_...) to revoke.")] = None,
+    key_id: Annotated[str | None, id_argument("key", "Key id (vk_...) to revoke.")] = None,
     workflow: Annotated[
         str | None, typer.Option("--workflow", "-w", help="Revoke every key of this workflow.")
     ] = None,
@@ -126,16 +126,17 @@ def _report(
 ) -> None:
     chosen = default_output(output)
     if chosen is Output.table:
-        console.print(message, soft_wrap=True)
+        out = console()
+        out.print(message, soft_wrap=True)
         for key in keys:
-            console.print(
+            out.print(
                 f"  {key.key_id}  {key.agent_run_label}  spent ${key.spent_usd} "
                 f"({caps(key.daily_usd_cap, key.total_usd_cap, key.budget_id)})  "
                 f"calls {key.calls}  cap hits {key.cap_hits}",
                 soft_wrap=True,
             )
         for budget in budgets:
-            console.print(
+            out.print(
                 f"  {budget.budget_id}  {budget.agent_run_label}  spent "
                 f"${budget.total_spent_usd} of {caps(budget.daily_usd_cap, budget.total_usd_cap)}",
                 soft_wrap=True,

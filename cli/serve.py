@@ -91,7 +91,7 @@ def serve(
                 "or pass --generate-api-key to have one made and printed.",
             )
         os.environ["KEYBRAKE_API_KEY"] = "kba_" + secrets.token_urlsafe(32)
-        err_console.print(f"generated admin token: {os.environ['KEYBRAKE_API_KEY']}")
+        err_console().print(f"generated admin token: {os.environ['KEYBRAKE_API_KEY']}")
     try:
         settings = Settings()
         warn_of_unknown_variables(_command_variables(ctx))
@@ -127,7 +127,7 @@ def serve(
     where = f"{scheme}://{_address(sock)}"
     if fd is not None:
         where += f" (file descriptor {fd})"
-    console.print(
+    console().print(
         f"keybrake proxy listening on {where} "
         f"(workers: {workers}, database: {database}, vendors: {vendors})",
         soft_wrap=True,
@@ -195,7 +195,7 @@ def warn_of_unknown_variables(also_known: set[str]) -> None:
     secret."""
     for name, closest in unknown_variables(os.environ, also_known):
         guess = f"; did you mean {closest}?" if closest else ""
-        err_console.print(
+        err_console().print(
             f"[yellow]warning:[/yellow] {escape(name)} is not a keybrake setting and is "
             f"ignored{guess}",
             soft_wrap=True,

@@ -23,11 +23,11 @@ app = typer.Typer(
 EXIT_STALE = 1
 EXIT_IO = 2
 
-_EPILOG = (
-    "Examples:\n\n"
-    "  keybrake templates render                 # rewrite templates/ from the Python\n\n"
-    "  keybrake templates render --check         # CI: exit 1 listing stale files\n\n"
-    "  keybrake templates render --out /tmp/tpl  # render elsewhere"
+_EPILOG = (  # \b: these lines as they are written (click's mark)
+    "Examples:\n\n\b\n"
+    "keybrake templates render                 # rewrite templates/ from the Python\n"
+    "keybrake templates render --check         # CI: exit 1 listing stale files\n"
+    "keybrake templates render --out /tmp/tpl  # render elsewhere"
 )
 
 

@@ -44,7 +44,7 @@ def watch(
                 EXIT_REFUSED,
                 "Is the name right (argo list)? A run shows up once its issue step has run.",
             )
-        err_console.print(f"watching {label} (Ctrl-C to stop)")
+        err_console().print(f"watching {label} (Ctrl-C to stop)")
         _follow(client, label, interval)
 
 
@@ -54,7 +54,7 @@ def _follow(client: KeybrakeClient, label: str, interval: float) -> None:
     errors: deque[AuditRow] = deque(maxlen=5)
     last_id: int | None = None
     keys: list[KeyInfo] = []
-    with Live(console=console, auto_refresh=False) as live:
+    with Live(console=console(), auto_refresh=False) as live:
         try:
             while True:
                 keys = client.keys_page(label=label).data
@@ -76,7 +76,7 @@ def _follow(client: KeybrakeClient, label: str, interval: float) -> None:
         except KeyboardInterrupt:
             pass
     if keys and all(k.status != "active" for k in keys):
-        console.print(f"every key of {label} is revoked or expired")
+        console().print(f"every key of {label} is revoked or expired")
 
 
 def _view(

@@ -7,11 +7,6 @@ from pathlib import Path
 
 import pytest
 
-# pytest-xdist's workers inherit COLUMNS=80 from the controller; the CLI's rich consoles read it
-# once, when they are made, and would then ignore the width each CLI test asks for.
-os.environ.pop("COLUMNS", None)
-os.environ.pop("LINES", None)
-
 # A test run started in the background by a non-interactive shell inherits SIGINT ignored, and so
 # would every process a test starts: the Ctrl-C tests could not interrupt them. Children of a
 # process with a handler get the default action back when they start.

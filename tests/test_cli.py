@@ -444,9 +444,9 @@ def test_listings_page_like_kubectl(proxy_server: ServedProxy) -> None:
     assert code == 0 and len(out.split()) == 2 and not set(out.split()) & set(first)
     # --all: every page; active only unless asked
     code, out, err = run(proxy_server, "keys", "list", "--limit", "2", "--all", "-o", "name")
-    assert code == 0 and set(out.split()) == {k["key_id"] for k in made} and err == ""
+    assert code == 0 and set(out.split()) == {f"key/{k['key_id']}" for k in made} and err == ""
     code, out, _ = run(proxy_server, "keys", "list", "--all-statuses", "-o", "name")
-    assert revoked["key_id"] in out.split()
+    assert f"key/{revoked['key_id']}" in out.split()
     code, _, err = run(proxy_server, "keys", "list", "--continue", "garbage")
     assert code == 1 and "continue" in err
     # The table has an AGE column; -o wide adds who issued each key and for which namespace
