@@ -45,6 +45,14 @@ VENDORS = {
     "shopify": "shopify",
     "vonage": "vonage",
     "nexmo": "vonage",
+    # Cloud, code-host and model-hub credentials: never a Stripe, Twilio or Resend key, whatever
+    # `wrap --vendor` says.
+    "huggingface": "hugging face",
+    "hf_": "hugging face",
+    "aws_": "aws",
+    "github": "github",
+    "gitlab": "gitlab",
+    "wandb": "weights & biases",
 }
 _CREDENTIAL_NAME = re.compile(
     r"(^|_)(API_?KEY|APIKEY|SECRET_?KEY|SECRET|TOKEN|AUTH_?TOKEN|ACCESS_?TOKEN|ACCESS_?KEY|"

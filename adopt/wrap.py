@@ -4,16 +4,21 @@ For each vendor whose Secret its pods read (Stripe, Twilio, Resend), the run iss
 vault key first (keybrake-vault-key's `issue`, by templateRef), the pods get that key in the same
 environment variable instead of the Secret's, plus the vendor's base-URL variable, each call
 tagged with its item and pod; retries stop repeating refused or failed calls; and an exit handler
-revokes the keys after the workflow's own exit handler, whatever that one's outcome.
+revokes the keys after the workflow's own exit handler, whatever that one's outcome. A key lives
+until the run ends (the exit handler revokes it, `keybrake reaper` should that not run): its
+`expires_in` is the workflow's `activeDeadlineSeconds` when set, else the proxy's longest key
+life, unless told (`expires_in`). What each key may call, spend and how long it lives is said
+(`Wrapped.keys`), with a warning when the endpoints are wrap's default ones.
 
-The file is rewritten in place of its YAML (ruamel.yaml round trip): comments, key order and
-unrelated templates are kept. What it cannot rewrite safely it refuses (`WrapError`, exit 2),
-naming the template and why. Wrapping a wrapped file changes nothing.
+The file is changed in its text, at the places the YAML parser read each changed node from
+(`_yaml_edit.SourceEditor`): every byte outside what wrap inserts or rewrites stays as it was,
+whatever the file's indentation, flow collections, comments, block scalars, anchors or line
+endings (`Wrapped.edits` lists each change). What it cannot rewrite safely it refuses
+(`WrapError`, exit 2), naming the template and why. Wrapping a wrapped file changes nothing.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import io
 import itertools
@@ -27,6 +32,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString as Quoted
 
+from keybrake.adopt._yaml_edit import EditConflict, SourceEditor, fresh, positioned_yaml
 from keybrake.adopt.credentials import CredentialUse, Heuristic, credential_uses
 from keybrake.adopt.workflows import (
     FAN_OUT,
@@ -38,6 +44,7 @@ from keybrake.adopt.workflows import (
 from keybrake.adopt.yaml_bound import TooManyAliasNodes
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import KeybrakeError
+from keybrake.proxy.money import parse_duration
 from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO, VENDOR_FACTS, VENDOR_NAMES
 
 __all__ = [
@@ -92,6 +99,8 @@ class WrapOptions:
     # templateRef the namespaced WorkflowTemplate (templates/workflowtemplates/) instead of the
     # ClusterWorkflowTemplate, for clusters that allow no cluster-scoped templates.
     namespaced: bool = False
+    # The keys' (and a budget's) life, a duration such as 6h; None: until the run ends.
+    expires_in: str | None = None
 
 
 @dataclass(slots=True)
@@ -100,6 +109,12 @@ class Wrapped:
     changed: bool
     vendors: list[str]  # vendors whose keys the run now issues
     notes: list[str]  # what a reviewer should know (templateRef fan-outs, code changes)
+    # Per key the run issues: its vendor, what it may call, its caps and its life.
+    keys: list[str] = field(default_factory=list)
+    # What may make the run fail: default endpoints, a life shorter than the run's deadline.
+    warnings: list[str] = field(default_factory=list)
+    # Each change, as (start, end, text): the input's span [start, end) replaced by text.
+    edits: list[tuple[int, int, str]] = field(default_factory=list)
 
     def diff(self, original: str, name: str) -> str:
         return "".join(
@@ -116,20 +131,46 @@ def _usd(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def _vendor_of(use: CredentialUse, template: str, options: WrapOptions) -> str:
-    if use.vendor in SUPPORTED:
-        if options.vendor not in ("auto", use.vendor):
+_SHOWN = [vendor.capitalize() for vendor in VENDOR_NAMES]
+_PROXIED = ", ".join(_SHOWN[:-1]) + " or " + _SHOWN[-1]  # Stripe, Twilio or Resend
+
+
+def _vendor_of(
+    use: CredentialUse, template: str, options: WrapOptions, heuristic: Heuristic
+) -> str:
+    """The vendor whose vault key replaces a credential: the one its names say (its Secret, key
+    and variable, each read with lint's knowledge of vendors' names), else --vendor; never for a
+    credential any of whose names says another vendor's."""
+    named = {v for v in (heuristic.vendor_of(n) for n in (use.secret, use.key, use.env)) if v}
+    proxied = f"keybrake proxies {_PROXIED.replace(' or ', ' and ')} only"
+    others = sorted(named - set(SUPPORTED))
+    if others:
+        # --vendor never makes another vendor's credential (its names say whose) a vault key.
+        raise WrapError(
+            f"template {template}: {use.describe()} is a {' and '.join(others)} credential; "
+            f"{proxied}: convert this template by hand, leaving that credential as it is"
+        )
+    if len(named) > 1:
+        raise WrapError(
+            f"template {template}: {use.describe()}: its names say {' and '.join(sorted(named))} "
+            "both: name its Secret, key and variable after its one vendor"
+        )
+    if named:
+        vendor = named.pop()
+        if options.vendor not in ("auto", vendor):
             raise WrapError(
-                f"template {template}: {use.describe()} is a {use.vendor} credential, not "
+                f"template {template}: {use.describe()} is a {vendor} credential, not "
                 f"{options.vendor} (--vendor)"
             )
-        return use.vendor
-    if use.vendor is None and options.vendor in SUPPORTED:
+        return vendor
+    if options.vendor in SUPPORTED:
         return options.vendor
-    what = f"a {use.vendor} credential" if use.vendor else "a credential of a vendor it cannot tell"
     raise WrapError(
-        f"template {template}: {use.describe()} is {what}; keybrake proxies "
-        f"{', '.join(SUPPORTED)}" + ("" if use.vendor else " (name it with --vendor)")
+        f"template {template}: {use.describe()} is a credential of a vendor wrap cannot tell "
+        f"from its names; {proxied}: if this is a {_PROXIED} credential, name its vendor with "
+        f"--vendor ({' or '.join(VENDOR_NAMES)}); if it is another vendor's, convert this "
+        "template by hand; a Secret of your own (a database password): list it under "
+        "internal_secrets in .keybrake-lint.yaml"
     )
 
 
@@ -147,17 +188,46 @@ def _item_parameter(workflow: Workflow, template: str) -> str | None:
     return None
 
 
-def _container(template: CommentedMap, role: str) -> CommentedMap:
-    found: Any = None
+def _tag(workflow: Workflow, name: str) -> str:
+    """What a template's pods append to the vault key: the fan-out's item (hashed) and the pod."""
+    item = _item_parameter(workflow, name)
+    if not item:
+        return "{{pod.name}}"
+    # Argo's expressions read a hyphenated name only as inputs.parameters['a-b'].
+    reference = (
+        f"inputs.parameters.{item}" if item.isidentifier() else f"inputs.parameters['{item}']"
+    )
+    return f"{{{{=sprig.trunc(12, sprig.sha256sum({reference}))}}}}@{{{{pod.name}}}}"
+
+
+Step = tuple[Any, Any]  # (a mapping or a sequence, its key or index)
+
+
+def _container_steps(template: CommentedMap, role: str) -> list[Step]:
+    """The way from a template to one of its containers, a (parent, key or index) a step."""
     if role == "main":
-        found = template.get("container") or template.get("script")
-    else:
-        kind, _, name = role.partition(":")
-        key = {"init": "initContainers", "sidecar": "sidecars"}.get(kind)
-        items = template.get(key) if key else (template.get("containerSet") or {}).get("containers")
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, CommentedMap) and str(item.get("name")) == name:
-                found = item
+        return [(template, "container" if template.get("container") else "script")]
+    kind, _, name = role.partition(":")
+    key = {"init": "initContainers", "sidecar": "sidecars"}.get(kind)
+    steps: list[Step] = [(template, key)] if key else []
+    if key is None:
+        container_set = template.get("containerSet")
+        steps = [(template, "containerSet"), (container_set, "containers")]
+    parent, slot = steps[-1]
+    items = parent.get(slot) if isinstance(parent, dict) else None
+    for index, item in enumerate(items if isinstance(items, list) else []):
+        if isinstance(item, CommentedMap) and str(item.get("name")) == name:
+            return [*steps, (items, index)]
+    raise WrapError(f"template {template.get('name')}: container {role} not found")
+
+
+def _at(steps: list[Step]) -> Any:
+    parent, slot = steps[-1]
+    return parent[slot]
+
+
+def _container(template: CommentedMap, role: str) -> CommentedMap:
+    found = _at(_container_steps(template, role))
     if not isinstance(found, CommentedMap):
         raise WrapError(f"template {template.get('name')}: container {role} not found")
     return found
@@ -171,8 +241,66 @@ def _env_entry(container: CommentedMap, name: str) -> CommentedMap | None:
     return None
 
 
+def _entry_steps(template: CommentedMap, use: CredentialUse) -> list[Step] | None:
+    """The way from a template to the env entry of a credential (None: not in an env list)."""
+    steps = _container_steps(template, use.container)
+    container = _at(steps)
+    env = container.get("env") if isinstance(container, CommentedMap) else None
+    if not isinstance(env, CommentedSeq):
+        return None
+    entry = _env_entry(container, str(use.env))
+    if entry is None:
+        return None
+    index = next(i for i, e in enumerate(env) if e is entry)
+    return [*steps, (container, "env"), (env, index)]
+
+
 def _raw_variable(vendor: str) -> str:
     return f"KEYBRAKE_VAULT_KEY_{vendor.upper()}_RAW"
+
+
+def _unshare(
+    workflow: Workflow,
+    risky: dict[str, list[tuple[CredentialUse, str]]],
+    editor: SourceEditor,
+) -> None:
+    """An env entry two templates share by a YAML alias (the same entry, env list or container)
+    holds one value: when their pods tag the key differently (a fanned-out template with its
+    item, a plain one with its pod only), each template whose tag is not the one written at the
+    anchor gets its own copy in place of its alias, so it is rewritten with its own tag."""
+    holders: dict[int, list[tuple[str, CredentialUse]]] = {}
+    for name, uses in risky.items():
+        for use, _vendor in uses:
+            steps = _entry_steps(workflow.templates[name], use)
+            if steps is not None:
+                holders.setdefault(id(_at(steps)), []).append((name, use))
+    for shared, group in holders.items():
+        tags = {name: _tag(workflow, name) for name, _use in group}
+        if len(set(tags.values())) < 2:
+            continue
+        # The tag written at the anchor: that of a template reaching the entry through no alias.
+        owners = [
+            name
+            for name, use in group
+            if not any(
+                editor.aliased(*step) for step in _entry_steps(workflow.templates[name], use) or []
+            )
+        ]
+        kept = tags[(owners or [group[0][0]])[0]]
+        for name, use in group:
+            steps = _entry_steps(workflow.templates[name], use) or []
+            if tags[name] == kept or not steps or id(_at(steps)) != shared:
+                continue  # the anchor's own tag, or already given its own copy
+            step = next((step for step in steps if editor.aliased(*step)), None)
+            if step is None:
+                others = ", ".join(sorted({n for n, _ in group} - {name}))
+                raise WrapError(
+                    f"{workflow.title} template {name}: shares the entry of ${use.env} with "
+                    f"templates {others} by a YAML merge key (`<<`), and their pods tag the "
+                    "vault key differently: write it out in each, or convert them by hand"
+                )
+            parent, slot = step
+            editor.replace(parent, slot, fresh(parent[slot]))
 
 
 def _rewrite_template(
@@ -180,20 +308,10 @@ def _rewrite_template(
     name: str,
     uses: list[tuple[CredentialUse, str]],
     options: WrapOptions,
+    editor: SourceEditor,
 ) -> None:
     template = workflow.templates[name]
-    item = _item_parameter(workflow, name)
-    # Argo's expressions read a hyphenated name only as inputs.parameters['a-b'].
-    reference = (
-        f"inputs.parameters.{item}"
-        if item and item.isidentifier()
-        else f"inputs.parameters['{item}']"
-    )
-    tag = (
-        f"{{{{=sprig.trunc(12, sprig.sha256sum({reference}))}}}}@{{{{pod.name}}}}"
-        if item
-        else "{{pod.name}}"
-    )
+    tag = _tag(workflow, name)
     for use, vendor in uses:
         container = _container(template, use.container)
         env = container.get("env")
@@ -206,8 +324,9 @@ def _rewrite_template(
         if _env_entry(container, raw) is None:
             # Before the variables that expand it: Kubernetes expands $(VAR) only from earlier
             # entries.
-            env.insert(
-                env.index(entry),
+            editor.insert(
+                env,
+                next(i for i, e in enumerate(env) if e is entry),
                 CommentedMap(
                     name=raw,
                     valueFrom=CommentedMap(
@@ -221,21 +340,24 @@ def _rewrite_template(
                 ),
             )
         if "valueFrom" in entry:  # an entry shared by a YAML alias is rewritten once
-            del entry["valueFrom"]
-            entry["value"] = Quoted(f"$({raw}).{tag}")
+            editor.replace_pair(entry, "valueFrom", "value", Quoted(f"$({raw}).{tag}"))
         base = BASE_URL_VARIABLE[vendor]
         url = f"{options.proxy_url.rstrip('/')}/{vendor}"
         existing = _env_entry(container, base)
         if existing is None:
-            env.append(CommentedMap(name=base, value=url))
+            editor.append(env, CommentedMap(name=base, value=url))
         elif existing.get("value") != url:
             # Pointing anywhere else, the pods would send the vault key past the proxy.
-            existing.pop("valueFrom", None)
-            existing["value"] = url
-    _retry_safely(workflow, template, options)
+            if "valueFrom" in existing:
+                editor.replace_pair(existing, "valueFrom", "value", url)
+            else:
+                editor.set(existing, "value", url)
+    _retry_safely(workflow, template, options, editor)
 
 
-def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptions) -> None:
+def _retry_safely(
+    workflow: Workflow, template: CommentedMap, options: WrapOptions, editor: SourceEditor
+) -> None:
     """An unmodified pod cannot tell a refusal from a failure: retry system errors only, unless
     told the exit code it uses for refusals."""
     strategy = template.get("retryStrategy")
@@ -245,8 +367,8 @@ def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptio
         )
         if not isinstance(inherited, dict):
             return
-        strategy = copy.deepcopy(inherited)  # its own copy: no YAML alias to the default
-        template["retryStrategy"] = strategy
+        strategy = fresh(inherited)  # its own copy: no YAML alias to the default
+        editor.set(template, "retryStrategy", strategy)
     policy = str(strategy.get("retryPolicy") or "")
     if policy in ("OnError", "OnTransientError"):
         pass  # already retries nothing the pod did
@@ -254,16 +376,16 @@ def _retry_safely(workflow: Workflow, template: CommentedMap, options: WrapOptio
         # Failures other than refusals are retried: the proxy answers a repeated identical call
         # within its dedupe window from its record instead of charging again.
         refusal = f"asInt(lastRetry.exitCode) != {options.refusal_exit_code}"
-        strategy["retryPolicy"] = "Always"
+        editor.set(strategy, "retryPolicy", "Always")
         existing = strategy.get("expression")
         if existing and refusal not in str(existing):
-            strategy["expression"] = f"({existing}) && {refusal}"
+            editor.set(strategy, "expression", f"({existing}) && {refusal}")
         elif not existing:
-            strategy["expression"] = refusal
+            editor.set(strategy, "expression", refusal)
     else:
-        strategy["retryPolicy"] = "OnError"
+        editor.set(strategy, "retryPolicy", "OnError")
     if "limit" not in strategy:
-        strategy["limit"] = 3
+        editor.set(strategy, "limit", 3)
 
 
 def _call(step: str, options: WrapOptions) -> CommentedMap:
@@ -294,11 +416,14 @@ def _inline_templates(steps: list[str]) -> list[CommentedMap]:
     return copies
 
 
-def _issue_template(vendor: str, options: WrapOptions, budget: bool) -> CommentedMap:
+def _issue_template(vendor: str, options: WrapOptions, budget: bool, life: str) -> CommentedMap:
     endpoints = options.allow or DEFAULT_ENDPOINTS[vendor]
     arguments = [
         CommentedMap(name="vendor", value=vendor),
         CommentedMap(name="allowed_endpoints", value=json.dumps(endpoints)),
+        # Always given: the issue step's own default (2h) would end the key mid-run. Drawing on
+        # a budget, empty: the key lives as long as the budget.
+        CommentedMap(name="expires_in", value=Quoted("") if budget else life),
         CommentedMap(name="request_id", value=Quoted(f"{{{{workflow.uid}}}}/keybrake-{vendor}")),
         CommentedMap(name="proxy_url", value=options.proxy_url),
     ]
@@ -374,7 +499,12 @@ def _workflow_arguments(workflow: Workflow, template: CommentedMap) -> Commented
 
 
 def _main_template(
-    workflow: Workflow, entry: str, vendors: list[str], options: WrapOptions, budget: bool
+    workflow: Workflow,
+    entry: str,
+    vendors: list[str],
+    options: WrapOptions,
+    budget: bool,
+    life: str,
 ) -> CommentedMap:
     tasks = CommentedSeq()
     if budget:
@@ -389,6 +519,7 @@ def _main_template(
                             CommentedMap(
                                 name="total_usd_cap", value=Quoted(_usd(options.budget_usd))
                             ),
+                            CommentedMap(name="expires_in", value=life),
                             CommentedMap(
                                 name="request_id", value=Quoted("{{workflow.uid}}/keybrake-budget")
                             ),
@@ -475,7 +606,128 @@ def _exit_template(
     return CommentedMap(name="keybrake-exit", dag=CommentedMap(tasks=tasks))
 
 
-def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -> list[str]:
+@dataclass(slots=True)
+class _Said:
+    """What wrap tells of a file besides its text."""
+
+    notes: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _seconds(duration: str) -> int:
+    return int(parse_duration(duration).total_seconds())
+
+
+def _duration(seconds: int) -> str:
+    """A life as the issue step and the proxy take it (`1-9…` and a unit): 21600 is 6h."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _longest_key_life() -> int:
+    """The proxy's longest key life unless its operator sets another (KEYBRAKE_MAX_TTL)."""
+    from keybrake.proxy.settings import Settings  # pydantic: loaded only when a file is wrapped
+
+    return _seconds(str(Settings.model_fields["max_ttl"].default))
+
+
+def _checked_life(expires_in: str) -> int:
+    """--expires-in as the proxy reads it, in seconds."""
+    try:
+        seconds = _seconds(expires_in)
+    except ValueError as exc:
+        raise WrapError(f"--expires-in: {exc}") from exc
+    if seconds <= 0:
+        raise WrapError(f"--expires-in {expires_in!r}: a key must live a while")
+    return seconds
+
+
+def _key_life(workflow: Workflow, options: WrapOptions, said: _Said) -> tuple[str, str]:
+    """The run's keys' `expires_in`, and why that: they live until the run ends (the exit
+    handler revokes them, the reaper should that not run), so as long as the run may last (its
+    activeDeadlineSeconds), at most as long as the proxy lets a key live; or as told."""
+    longest = _longest_key_life()
+    value = workflow.spec.get("activeDeadlineSeconds")
+    deadline = None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        deadline = value
+    elif isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+        deadline = int(value)
+    elif value is not None:
+        said.warnings.append(
+            f"{workflow.title}: activeDeadlineSeconds {value!r} is no number of seconds wrap can "
+            f"read: its keys live {_duration(longest)}, the proxy's longest key life; give "
+            "--expires-in to bound them by the run's deadline"
+        )
+    if options.expires_in is not None:
+        seconds = _checked_life(options.expires_in)
+        if deadline is not None and seconds < deadline:
+            said.warnings.append(
+                f"{workflow.title}: --expires-in {_duration(seconds)} is shorter than the run's "
+                f"activeDeadlineSeconds ({deadline}): its pods' calls after that are refused "
+                "(401, the key expired)"
+            )
+        if seconds > longest:
+            said.warnings.append(
+                f"{workflow.title}: --expires-in {_duration(seconds)} is longer than the proxy's "
+                f"longest key life ({_duration(longest)}) unless its KEYBRAKE_MAX_TTL allows it: "
+                "the issue step is refused otherwise"
+            )
+        return _duration(seconds), "--expires-in"
+    if deadline is not None and deadline < longest:
+        return _duration(deadline), f"the run's activeDeadlineSeconds ({deadline})"
+    return _duration(longest), (
+        "the proxy's longest key life (KEYBRAKE_MAX_TTL by default; an issuer or a proxy "
+        "allowing less refuses it: give --expires-in)"
+    )
+
+
+def _say_keys(
+    workflow: Workflow, vendors: list[str], options: WrapOptions, life: tuple[str, str], said: _Said
+) -> None:
+    """Per key: its vendor, what it may call, its caps and its life; a warning when it may call
+    wrap's default endpoints only."""
+    budget = len(vendors) > 1
+    expires_in, why = life
+    for vendor in vendors:
+        endpoints = options.allow or DEFAULT_ENDPOINTS[vendor]
+        others = [v for v in vendors if v != vendor]
+        caps = (
+            f"draws on the run's budget of ${_usd(options.budget_usd)}, shared with the "
+            f"{' and '.join(others)} key{'s' if len(others) > 1 else ''} (--budget-usd)"
+            if budget
+            else f"spends at most ${_usd(options.budget_usd)} in the run (--budget-usd)"
+        )
+        if options.max_usd_per_pod is not None:
+            caps += f", ${_usd(options.max_usd_per_pod)} per fanned-out item (--max-usd-per-pod)"
+        lives = (
+            "lives until the run ends (keybrake-exit revokes it, keybrake reaper should that "
+            "not run)"
+        )
+        holder = "the run's budget, and with it the key," if budget else "it"
+        if why == "--expires-in":
+            lives += f" or {expires_in} after issue (--expires-in), whichever comes first"
+        else:
+            lives += f"; {holder} expires after {expires_in} at most: {why}"
+        said.keys.append(
+            f"{workflow.title}: {vendor} key: may call {', '.join(endpoints)}; {caps}; {lives}"
+        )
+        if not options.allow:
+            said.warnings.append(
+                f"{workflow.title}: the {vendor} key may call {', '.join(endpoints)} only, "
+                f"wrap's default ({vendor}'s usual spending call): the proxy refuses (403) every "
+                f"other {vendor.capitalize()} endpoint the pods call; name each one with --allow "
+                "'METHOD /path'"
+            )
+
+
+def _wrap_workflow(
+    workflow: Workflow, options: WrapOptions, said: _Said, editor: SourceEditor
+) -> list[str]:
+    notes = said.notes
     heuristic = Heuristic(set(options.internal_secrets))
     for call, ref in workflow.template_refs():
         if any(key in call for key in FAN_OUT):
@@ -507,7 +759,7 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
                     "wrap rewrites environment variables taken from a Secret key only: move it "
                     "to `env[].valueFrom.secretKeyRef`, or convert this template by hand"
                 )
-            risky.setdefault(name, []).append((use, _vendor_of(use, name, options)))
+            risky.setdefault(name, []).append((use, _vendor_of(use, name, options, heuristic)))
     if not risky:
         return []
     if "entrypoint" not in workflow.spec:
@@ -536,25 +788,29 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
             f"changed since?): templates {', '.join(sorted(risky))} still read vendor "
             "credentials; wrap the unwrapped file, or convert them by hand"
         )
+    life = _key_life(workflow, options, said)
+    _unshare(workflow, risky, editor)
     for name, found in risky.items():
-        _rewrite_template(workflow, name, found, options)
+        _rewrite_template(workflow, name, found, options, editor)
     templates = workflow.spec["templates"]
-    for vendor in vendors:
-        templates.append(_issue_template(vendor, options, budget))
-    templates.append(_main_template(workflow, entry, vendors, options, budget))
-    templates.append(_exit_template(workflow, vendors, options, budget))
+    added = [_issue_template(vendor, options, budget, life[0]) for vendor in vendors]
+    added.append(_main_template(workflow, entry, vendors, options, budget, life[0]))
+    added.append(_exit_template(workflow, vendors, options, budget))
     if options.inline:
-        templates.extend(_inline_templates(["issue", "revoke"] + (["budget"] if budget else [])))
-    workflow.spec["entrypoint"] = "keybrake-main"
+        added.extend(_inline_templates(["issue", "revoke"] + (["budget"] if budget else [])))
+    for template in added:
+        editor.append(templates, template)
+    editor.set(workflow.spec, "entrypoint", "keybrake-main")
     hooks = workflow.spec.get("hooks")
     if (
         "onExit" not in workflow.spec
         and isinstance(hooks, CommentedMap)
         and isinstance(hooks.get("exit"), CommentedMap)
     ):
-        hooks["exit"] = CommentedMap(template="keybrake-exit")
+        editor.set(hooks, "exit", CommentedMap(template="keybrake-exit"))
     else:
-        workflow.spec["onExit"] = "keybrake-exit"
+        editor.set(workflow.spec, "onExit", "keybrake-exit", after="entrypoint")
+    _say_keys(workflow, vendors, options, life, said)
     unbounded = [
         fan
         for name in risky
@@ -572,8 +828,9 @@ def _wrap_workflow(workflow: Workflow, options: WrapOptions, notes: list[str]) -
 
 def _indentation(text: str) -> tuple[int, int, int]:
     """The file's own block style, (mapping indent, sequence indent, dash offset): `key:\n- x`
-    is (2, 2, 0), `key:\n  - x` (2, 4, 2); so the lines wrap does not touch stay as they were.
-    Read from the first nested mapping and sequence outside block scalars."""
+    is (2, 2, 0), `key:\n  - x` (2, 4, 2); what wrap writes out whole (a new template, an env
+    entry) is nested in it, where it goes lines up with its neighbours. Read from the first
+    nested mapping and sequence outside block scalars."""
     mapping: int | None = None
     sequence: tuple[int, int] | None = None
     scalar_indent: int | None = None  # inside a block scalar (| or >) deeper than this
@@ -611,14 +868,13 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
             EndpointPattern.parse(endpoint)
         except ValueError as exc:
             raise WrapError(f"--allow: {exc}") from exc
-    yaml = yaml_round_trip()
-    mapping, sequence, offset = _indentation(text)
-    yaml.indent(mapping=mapping, sequence=max(sequence, offset + 2), offset=offset)
-    yaml.explicit_start = text.lstrip("\ufeff").startswith("---")
-    # `key: null` and `key: ~` stay readable values, never an empty `key:`.
-    yaml.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
+    if options.vendor not in ("auto", *SUPPORTED):
+        raise WrapError(
+            f"--vendor {options.vendor!r}: keybrake proxies {', '.join(SUPPORTED)} (or auto)"
+        )
+    if options.expires_in is not None:
+        _checked_life(options.expires_in)
+    yaml = positioned_yaml()
     try:
         documents = load_documents(text, yaml)
     except RecursionError as exc:
@@ -627,7 +883,8 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         raise WrapError(str(exc)) from exc
     except YAMLError as exc:
         raise WrapError(f"not valid YAML: {str(exc).splitlines()[0]}") from exc
-    notes: list[str] = []
+    editor = SourceEditor(text, yaml, _indentation(text))
+    said = _Said()
     vendors: list[str] = []
     for index, body in enumerate(documents):
         if not isinstance(body, CommentedMap):
@@ -636,21 +893,30 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         if workflow is None:
             continue
         try:
-            vendors += _wrap_workflow(workflow, options, notes)
+            vendors += _wrap_workflow(workflow, options, said, editor)
         except WrapError:
             raise
+        except EditConflict as exc:
+            raise WrapError(f"{workflow.title}: cannot change it in place ({exc})") from exc
         except Exception as exc:
             raise WrapError(
                 f"{workflow.title}: a field has a shape Argo does not accept "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
     if not vendors:
-        return Wrapped(text, False, [], notes)
-    out = io.StringIO()
-    yaml.dump_all(documents, out)
-    written = out.getvalue()
-    if "\r\n" in text:  # written back with the file's own line endings
-        written = written.replace("\r\n", "\n").replace("\n", "\r\n")
+        return Wrapped(text, False, [], said.notes, said.keys, said.warnings)
+    try:
+        edits = editor.edits()
+    except EditConflict as exc:
+        raise WrapError(f"cannot change it in place ({exc})") from exc
     for vendor in sorted(set(vendors)):
-        notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
-    return Wrapped(written, True, sorted(set(vendors)), notes)
+        said.notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
+    return Wrapped(
+        editor.apply(edits),
+        True,
+        sorted(set(vendors)),
+        said.notes,
+        said.keys,
+        said.warnings,
+        [(edit.start, edit.end, edit.text) for edit in edits],
+    )

@@ -14,6 +14,8 @@ from keybrake.cli._options import positive_dollars
 
 
 class WrapVendor(enum.StrEnum):
+    """auto, or a vendor keybrake proxies, and no other (tests/test_vendor_facts.py)."""
+
     auto = "auto"
     stripe = "stripe"
     twilio = "twilio"
@@ -28,7 +30,10 @@ def wrap(
     ],
     vendor: Annotated[
         WrapVendor,
-        typer.Option(help="The vendor of credentials whose names do not tell it."),
+        typer.Option(
+            help="The vendor of credentials whose names do not tell it (never one whose names "
+            "say another vendor's)."
+        ),
     ] = WrapVendor.auto,
     max_usd_per_pod: Annotated[
         str | None,
@@ -49,6 +54,14 @@ def wrap(
     allow: Annotated[
         list[str] | None,
         typer.Option("--allow", help="'METHOD /path' the keys may call; repeatable."),
+    ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(
+            "--expires-in",
+            help="How long the keys live, e.g. 6h (default: until the run ends, at most its "
+            "activeDeadlineSeconds and the proxy's longest key life).",
+        ),
     ] = None,
     proxy_url: Annotated[
         str, typer.Option("--proxy-url", help="The keybrake proxy, as the pods reach it.")
@@ -85,7 +98,9 @@ def wrap(
 ) -> None:
     """Rewrite an Argo workflow into the vault-key pattern: a capped key issued first, pods
     given the key instead of the vendor Secret, safe retries, and the keys revoked on exit after
-    the workflow's own exit handler. Says on stderr the one code change each SDK needs.
+    the workflow's own exit handler. Says on stderr what each key may call, spend and how long
+    it lives (warning when the endpoints are wrap's default ones), and the one code change each
+    SDK needs.
 
     Example: keybrake wrap billing-agent.yaml --budget-usd 300 --max-usd-per-pod 20 --diff
     """
@@ -110,11 +125,16 @@ def wrap(
         inline=inline,
         namespaced=namespaced,
         internal_secrets=read_internal_secrets(config, [file.parent]),
+        expires_in=expires_in,
     )
     try:
         wrapped = wrap_text(original, options, file)
     except WrapError as exc:
         fail(f"cannot wrap {file}: {exc}", EXIT_USAGE)
+    for line in wrapped.keys:
+        print(f"keybrake wrap: {line}", file=sys.stderr)
+    for warning in wrapped.warnings:
+        print(f"keybrake wrap: warning: {warning}", file=sys.stderr)
     for note in wrapped.notes:
         print(f"keybrake wrap: {note}", file=sys.stderr)
     if not wrapped.changed:

@@ -269,3 +269,255 @@ def test_argo_examples_have_nothing_to_wrap() -> None:
         text = path.read_text()
         wrapped = wrap_text(text, OPTIONS)
         assert not wrapped.changed and wrapped.text == text, path.name
+
+
+# --- what each key may do, said (and its life) ---------------------------------------------------
+
+INVOICING = """\
+# Drafts, finalises and pays each customer's invoice: it calls more of Stripe than payment intents.
+apiVersion: argoproj.io/v1alpha1
+kind: CronWorkflow
+metadata:
+  name: monthly-invoicing
+spec:
+  schedule: "0 4 1 * *"
+  workflowSpec:
+    entrypoint: invoice
+    templates:
+    - name: invoice
+      container:
+        image: registry.example.com/invoicing:4
+        command: [python, invoice.py]
+        env:
+        - name: STRIPE_SECRET_KEY
+          valueFrom:
+            secretKeyRef: {name: stripe-live, key: secret_key}
+"""
+INVOICE_CALLS = ("GET /v1/customers", "POST /v1/invoices", "POST /v1/invoices/*/pay")
+
+
+def issue_arguments(text: str, vendor: str) -> dict[str, str]:
+    """The arguments `keybrake-<vendor>-key` gives keybrake-vault-key's issue step."""
+    document = load(text)
+    spec = document["spec"].get("workflowSpec", document["spec"])
+    (issue,) = {t["name"]: t for t in spec["templates"]}[f"keybrake-{vendor}-key"]["dag"]["tasks"]
+    return {p["name"]: p["value"] for p in issue["arguments"]["parameters"]}
+
+
+def issued(arguments: dict[str, str]) -> Any:
+    """What the issue step, given those arguments, asks the proxy for (as the proxy reads it)."""
+    from keybrake.hera_workflows._step_issue import build_request
+    from keybrake.proxy.models import KeyCreate
+
+    env = {f"KEYBRAKE_{name.upper()}": value for name, value in arguments.items()}
+    if "budget_id" in arguments:
+        env["KEYBRAKE_BUDGET_ID"] = "bg_0123456789abcdef"  # what the budget step makes at run time
+    return KeyCreate.model_validate(build_request({**env, "KEYBRAKE_LABEL": "argo/run"}))
+
+
+def longest_key_life() -> str:
+    from keybrake.proxy.settings import Settings
+
+    return str(Settings.model_fields["max_ttl"].default)
+
+
+def test_wrap_says_what_each_key_may_call_spend_and_how_long_it_lives(tmp_path: Path) -> None:
+    """An invoicing CronWorkflow got a key for POST /v1/payment_intents only, unsaid: every
+    other Stripe call of it was refused (403). wrap now says, per key, what it may call, its
+    caps and its life, and warns when the endpoints are its default ones."""
+    source, out = tmp_path / "invoicing.yaml", tmp_path / "out.yaml"
+    source.write_text(INVOICING)
+    result = run(str(source), "--budget-usd", "40", "--max-usd-per-pod", "5", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    said = result.stderr
+    assert (
+        "keybrake wrap: CronWorkflow/monthly-invoicing: stripe key: may call "
+        "POST /v1/payment_intents; spends at most $40 in the run (--budget-usd), $5 per "
+        "fanned-out item (--max-usd-per-pod); lives until the run ends (keybrake-exit revokes "
+        f"it, keybrake reaper should that not run); it expires after {longest_key_life()} at most"
+    ) in said
+    assert (
+        "keybrake wrap: warning: CronWorkflow/monthly-invoicing: the stripe key may call "
+        "POST /v1/payment_intents only, wrap's default (stripe's usual spending call): the proxy "
+        "refuses (403) every other Stripe endpoint the pods call; name each one with --allow"
+    ) in said
+    allow = [a for call in INVOICE_CALLS for a in ("--allow", call)]
+    told = run(str(source), "--budget-usd", "40", *allow, "-o", str(out))
+    assert told.exit_code == 0, told.output
+    assert f"stripe key: may call {', '.join(INVOICE_CALLS)};" in told.stderr
+    assert "warning" not in told.stderr
+    assert issued(issue_arguments(out.read_text(), "stripe")).allowed_endpoints == list(
+        INVOICE_CALLS
+    )
+
+
+@pytest.mark.parametrize(
+    ("deadline", "expires_in", "life"),
+    [
+        (None, None, longest_key_life()),  # until the run ends: the proxy's longest key life
+        ("21600", None, "6h"),  # the run cannot last longer than its activeDeadlineSeconds
+        ("7200", None, "2h"),
+        ("90061", None, "90061s"),
+        (str(3600 * 24 * 400), None, longest_key_life()),  # never past the proxy's longest
+        (None, "90m", "90m"),  # as told
+        ("21600", "8h", "8h"),
+    ],
+)
+def test_a_key_lives_until_the_run_ends(
+    deadline: str | None, expires_in: str | None, life: str
+) -> None:
+    """It got 2 hours (the issue step's default): a 6-hour run's pods got 401 after two. Its
+    life is now the run's, bounded by the workflow's deadline and the proxy's longest key life,
+    or --expires-in; whatever wrap writes, the issue step and the proxy take it."""
+    from keybrake.proxy.money import parse_duration
+
+    text = INVOICING
+    if deadline is not None:
+        text = text.replace(
+            "entrypoint: invoice\n", f"entrypoint: invoice\n    activeDeadlineSeconds: {deadline}\n"
+        )
+    wrapped = wrap_text(text, WrapOptions(budget_usd=Decimal("40"), expires_in=expires_in))
+    arguments = issue_arguments(wrapped.text, "stripe")
+    assert arguments["expires_in"] == life
+    request = issued(arguments)
+    assert request.expires_in == life
+    assert parse_duration(life) <= parse_duration(longest_key_life())
+    (said,) = wrapped.keys
+    assert life in said and "lives until the run ends" in said
+
+
+def test_what_a_key_lives_is_checked_and_warned_about() -> None:
+    text = INVOICING.replace(
+        "entrypoint: invoice\n", "entrypoint: invoice\n    activeDeadlineSeconds: 21600\n"
+    )
+    short = wrap_text(text, WrapOptions(budget_usd=Decimal("40"), expires_in="2h"))
+    assert any(
+        "--expires-in 2h is shorter than the run's activeDeadlineSeconds (21600)" in w
+        and "401" in w
+        for w in short.warnings
+    )
+    long = wrap_text(text, WrapOptions(budget_usd=Decimal("40"), expires_in="30d"))
+    assert any("longer than the proxy's longest key life" in w for w in long.warnings)
+    for bad in ("2 hours", "0s", "-1h"):
+        with pytest.raises(WrapError, match="--expires-in"):
+            wrap_text(text, WrapOptions(budget_usd=Decimal("40"), expires_in=bad))
+    unread = wrap_text(
+        text.replace("21600", '"{{workflow.parameters.deadline}}"'),
+        WrapOptions(budget_usd=Decimal("40")),
+    )
+    assert any("activeDeadlineSeconds" in w and "--expires-in" in w for w in unread.warnings)
+
+
+def test_keys_drawing_on_a_budget_live_as_long_as_it() -> None:
+    """Several vendors share one budget: the budget gets the run's life, and each key (issued
+    with no life of its own) lives as long as the budget."""
+    text = (WORKFLOWS / "before-billing-agent.yaml").read_text()
+    text = text.replace(
+        "            key: secret_key\n",
+        "            key: secret_key\n"
+        "      - name: TWILIO_AUTH_TOKEN\n"
+        "        valueFrom:\n"
+        "          secretKeyRef: {name: twilio, key: token}\n",
+    )
+    text = text.replace(
+        "  entrypoint: main\n", "  entrypoint: main\n  activeDeadlineSeconds: 36000\n"
+    )
+    wrapped = wrap_text(text, OPTIONS)
+    assert wrapped.vendors == ["stripe", "twilio"]
+    main = {t["name"]: t for t in templates(load(wrapped.text))["keybrake-main"]["dag"]["tasks"]}
+    budget = {p["name"]: p["value"] for p in main["keybrake-budget"]["arguments"]["parameters"]}
+    assert budget["expires_in"] == "10h"
+    for vendor in wrapped.vendors:
+        arguments = issue_arguments(wrapped.text, vendor)
+        assert arguments["expires_in"] == ""  # the budget's life, not the step's 2h
+        assert issued(arguments).expires_in is None
+    assert all(
+        "the run's budget, and with it the key, expires after 10h" in k for k in wrapped.keys
+    )
+
+
+# --- --vendor names a vendor keybrake proxies, and never another's credential --------------------
+
+
+def test_the_refusal_names_the_vendors_vendor_may_name() -> None:
+    text = (WORKFLOWS / "single-pod-default-retry.yaml").read_text()
+    text = text.replace("STRIPE_API_KEY", "PAYMENTS_API_KEY").replace("key: stripe", "key: api")
+    text = text.replace("name: payments", "name: billing")
+    with pytest.raises(WrapError) as refused:
+        wrap_text(text, OPTIONS)
+    assert (
+        "if this is a Stripe, Twilio or Resend credential, name its vendor with --vendor "
+        "(stripe or twilio or resend); if it is another vendor's, convert this template by hand"
+    ) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "secret", "key"),
+    [
+        ("OPENAI_API_KEY", "stripe-credentials", "openai"),  # the Secret says Stripe: not enough
+        ("API_KEY", "sendgrid", "api_key"),
+        ("MAIL_TOKEN", "mail", "postmark_token"),
+    ],
+)
+def test_vendor_never_turns_another_vendors_credential_into_a_vault_key(
+    variable: str, secret: str, key: str
+) -> None:
+    """Whichever of its names (variable, Secret, key) says another vendor, with lint's knowledge
+    of vendors' names (keybrake.adopt.credentials.VENDORS): refused, --vendor or not."""
+    text = (WORKFLOWS / "single-pod-default-retry.yaml").read_text()
+    text = text.replace("STRIPE_API_KEY", variable).replace("key: stripe", f"key: {key}")
+    text = text.replace("name: payments", f"name: {secret}")
+    for vendor in ("auto", "stripe"):
+        with pytest.raises(WrapError, match="credential; keybrake proxies Stripe, Twilio and"):
+            wrap_text(text, WrapOptions(budget_usd=Decimal("300"), vendor=vendor))
+
+
+@pytest.mark.parametrize("variable", ["HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"])
+def test_vendor_never_turns_a_cloud_or_code_host_credential_into_a_vault_key(
+    variable: str,
+) -> None:
+    text = (WORKFLOWS / "single-pod-default-retry.yaml").read_text()
+    text = text.replace("STRIPE_API_KEY", variable).replace("key: stripe", "key: token")
+    text = text.replace("name: payments", "name: ml-tokens")
+    with pytest.raises(WrapError, match="credential; keybrake proxies"):
+        wrap_text(text, WrapOptions(budget_usd=Decimal("300"), vendor="stripe"))
+
+
+def test_vendor_takes_only_the_vendors_keybrake_proxies(tmp_path: Path) -> None:
+    source = tmp_path / "billing.yaml"
+    source.write_text((WORKFLOWS / "single-pod-default-retry.yaml").read_text())
+    result = run(str(source), "--budget-usd", "5", "--vendor", "openai")
+    assert result.exit_code == 2 and "openai" in result.output
+    with pytest.raises(WrapError, match="--vendor 'openai'"):
+        wrap_text(source.read_text(), WrapOptions(budget_usd=Decimal("5"), vendor="openai"))
+
+
+# --- an env list shared by a YAML alias --------------------------------------------------------
+
+
+def test_an_env_shared_by_an_alias_with_a_fanned_out_template_gets_each_its_own_tag() -> None:
+    """The fanned-out template's item parameter was written into both: the plain template's pods
+    failed on `inputs.parameters.customer`, which they do not have."""
+    fixtures = Path(__file__).resolve().parent / "adopt" / "wrap_text"
+    for name, fanned, plain, item in (
+        ("shared-env.yaml", "charge", "summary", "customer"),  # `env: *stripe_env`
+        ("entry-alias.yaml", "refund", "reconcile", "['charge-id']"),  # `- *stripe_entry`
+    ):
+        wrapped = wrap_text((fixtures / name).read_text(), OPTIONS)
+        found = templates(load(wrapped.text))
+        values = {
+            t: {e["name"]: e.get("value") for e in found[t]["container"]["env"]}
+            for t in (fanned, plain)
+        }
+        raw = "$(KEYBRAKE_VAULT_KEY_STRIPE_RAW)"
+        reference = (
+            f"inputs.parameters{item}" if item.startswith("[") else f"inputs.parameters.{item}"
+        )
+        assert values[fanned]["STRIPE_SECRET_KEY"] == (
+            f"{raw}.{{{{=sprig.trunc(12, sprig.sha256sum({reference}))}}}}@{{{{pod.name}}}}"
+        ), name
+        assert values[plain]["STRIPE_SECRET_KEY"] == f"{raw}.{{{{pod.name}}}}", name
+        for template in (fanned, plain):
+            assert list(values[template]).count("KEYBRAKE_VAULT_KEY_STRIPE_RAW") == 1
+        # The anchor stays with the template that defines it.
+        assert "&stripe_" in wrapped.text
