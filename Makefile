@@ -33,7 +33,7 @@ DEMO_STAMP := $(VENV)/.demo-installed
 $(DEMO_STAMP): pyproject.toml
 	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; exit 0; fi; \
 	$(PYTHON) -m venv $(VENV) && \
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[demo]' && \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[demo]' && \
 	touch $@
 
 ## The main job on the embedded default: SQLite + localstripe, no vendor account needed.
