@@ -654,7 +654,12 @@ def _key_life(workflow: Workflow, options: WrapOptions, said: _Said) -> tuple[st
     deadline = None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         deadline = value
-    elif isinstance(value, str) and value.strip().isdigit() and int(value) > 0:
+    elif (
+        isinstance(value, str)
+        and value.strip().isascii()
+        and value.strip().isdigit()
+        and int(value) > 0
+    ):
         deadline = int(value)
     elif value is not None:
         said.warnings.append(

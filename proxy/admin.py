@@ -138,14 +138,14 @@ class AdminApi:
             Route("/vault/audit", g(self.audit), methods=["GET"]),
             Route("/vault/audit/prune", g(self.prune_audit, "audit.prune"), methods=["POST"]),
             Route("/vault/pricing", g(self.pricing_table), methods=["GET"]),
-            # A key or a budget: one set of handlers for both.
+            # A key or a budget: one set of handlers for both, told which the path names.
             *(
-                Route(f"/vault/{kind}/{{subject_id}}", handler, methods=[method])
-                for kind in _KINDS
-                for handler, method in (
-                    (g(self.get_subject), "GET"),
-                    (g(self.revoke_subject, "revoke"), "DELETE"),
-                    (g(self.patch_subject, "patch"), "PATCH"),
+                Route(f"/vault/{kind}/{{subject_id}}", g(handler(kind), action), methods=[method])
+                for kind, noun in (("keys", "key"), ("budgets", "budget"))
+                for handler, action, method in (
+                    (self.get_subject, None, "GET"),
+                    (self.revoke_subject, f"{noun}.revoke", "DELETE"),
+                    (self.patch_subject, f"{noun}.patch", "PATCH"),
                 )
             ),
         ]
@@ -183,11 +183,10 @@ class AdminApi:
                 log.exception("admin request %s %s failed", request.method, request.url.path)
                 return error(500, "internal_error", "the proxy failed to handle this request")
             if action is not None and response.status_code >= 400:
-                name = _action(request, action)
                 await self._record_quietly(
                     self.vault.event(
                         actor,
-                        name,
+                        action,
                         _target(request),
                         outcome=f"refused: {_message(response)}",
                         detail={"status": response.status_code},
@@ -264,16 +263,27 @@ class AdminApi:
         page = BudgetList(data=[self._render(v) for v in views], continue_=token)
         return JSONResponse(page.model_dump())
 
-    async def get_subject(self, request: Request, actor: Actor) -> Response:
-        return JSONResponse(self._render(await self.vault.subject(actor, _subject(request))))
+    def get_subject(self, kind: str) -> Handler:
+        async def get(request: Request, actor: Actor) -> Response:
+            found = await self.vault.subject(actor, _subject(kind, request))
+            return JSONResponse(self._render(found))
 
-    async def revoke_subject(self, request: Request, actor: Actor) -> Response:
-        return JSONResponse(self._render(await self.vault.revoke(actor, _subject(request))))
+        return get
 
-    async def patch_subject(self, request: Request, actor: Actor) -> Response:
-        spec = await self._body(request, CapsPatch)
-        subject_id = _subject(request)
-        return JSONResponse(self._render(await self.vault.patch(actor, subject_id, spec)))
+    def revoke_subject(self, kind: str) -> Handler:
+        async def revoke(request: Request, actor: Actor) -> Response:
+            found = await self.vault.revoke(actor, _subject(kind, request))
+            return JSONResponse(self._render(found))
+
+        return revoke
+
+    def patch_subject(self, kind: str) -> Handler:
+        async def patch(request: Request, actor: Actor) -> Response:
+            spec = await self._body(request, CapsPatch)
+            found = await self.vault.patch(actor, _subject(kind, request), spec)
+            return JSONResponse(self._render(found))
+
+        return patch
 
     async def revoke_label(self, request: Request, actor: Actor) -> Response:
         spec = await self._body(request, LabelRevoke)
@@ -446,25 +456,13 @@ def _created(body: Any, replaced: str | None) -> JSONResponse:
 _KINDS = {"keys": "vk_", "budgets": "bg_"}
 
 
-def _kind(request: Request) -> str:
-    return request.url.path.split("/")[2]  # /vault/keys/… or /vault/budgets/…
-
-
-def _subject(request: Request) -> str:
+def _subject(kind: str, request: Request) -> str:
     """The key or budget a `/vault/keys/…` or `/vault/budgets/…` path names."""
-    kind, subject_id = _kind(request), request.path_params["subject_id"]
+    subject_id = request.path_params["subject_id"]
     if not subject_id.startswith(_KINDS[kind]):
         # Which listing it was asked from decides the answer: a budget id is no key.
         raise NotFound(f"no {'vault key' if kind == 'keys' else 'budget'} {subject_id!r}")
     return str(subject_id)
-
-
-def _action(request: Request, action: str) -> str:
-    """The recorded action of a refused request (`revoke` and `patch` serve keys and budgets)."""
-    if action in ("revoke", "patch"):
-        kind = "budget" if _kind(request) == "budgets" else "key"
-        return f"{kind}.{action}"
-    return action
 
 
 def _target(request: Request) -> str | None:
@@ -498,11 +496,7 @@ def _listing(params: Any, limit: int, before: Any) -> Listing:
 def _page(limit: str | None, listing: str, token: str | None) -> tuple[int, Any]:
     """A key or budget listing's `limit` (newest first, 1 to 100,000; 1,000 unless given) and
     where its `continue` token resumes."""
-    rows = LIST_LIMIT
-    if limit is not None:
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
-            raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
-        rows = int(limit)
+    rows = _whole("limit", limit, 1, MAX_LIST_LIMIT) or LIST_LIMIT
     try:
         return rows, None if token is None else decode_position(listing, token)
     except CursorError as exc:

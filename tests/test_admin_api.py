@@ -87,7 +87,7 @@ def test_list_filters(tmp_path: Path) -> None:
         # as many as asked for (newest first; these three share their issue time)
         listed = client.get("/vault/keys", params={"limit": "2"}).json()["data"]
         assert len(listed) == 2
-        for bad in ("0", "100001", "ten", "-1"):
+        for bad in ("0", "100001", "ten", "-1", "²", "١٢"):  # digits int() will not read
             for path in ("/vault/keys", "/vault/budgets"):
                 answer = client.get(path, params={"limit": bad})
                 assert answer.status_code == 400 and "limit" in answer.text, (path, bad)

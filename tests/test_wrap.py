@@ -521,3 +521,12 @@ def test_an_env_shared_by_an_alias_with_a_fanned_out_template_gets_each_its_own_
             assert list(values[template]).count("KEYBRAKE_VAULT_KEY_STRIPE_RAW") == 1
         # The anchor stays with the template that defines it.
         assert "&stripe_" in wrapped.text
+
+
+def test_a_deadline_of_non_ascii_digits_is_a_warning_not_a_traceback() -> None:
+    """`"²".isdigit()` holds while `int("²")` fails: such a deadline is one wrap cannot read."""
+    text = INVOICING.replace(
+        "entrypoint: invoice\n", 'entrypoint: invoice\n    activeDeadlineSeconds: "²"\n'
+    )
+    wrapped = wrap_text(text, WrapOptions(budget_usd=Decimal("40")))
+    assert any("activeDeadlineSeconds" in w and "--expires-in" in w for w in wrapped.warnings)
