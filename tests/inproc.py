@@ -4,7 +4,7 @@ the vendors behind the `upstream=` seam of `build_app`, for tests that need no s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +14,8 @@ from starlette.testclient import TestClient
 
 from keybrake.proxy.app import build_app
 from keybrake.proxy.settings import Settings
-from keybrake.proxy.upstream import Upstream, UpstreamResponse
+from keybrake.proxy.upstream import UpstreamResponse
+from tests.fakes.inprocess import InProcessUpstream
 from tests.proxyproc import ADMIN_KEY, STRIPE_SECRET
 
 
@@ -49,7 +50,7 @@ def app_client(
         yield client
 
 
-class StubUpstream(Upstream):
+class StubUpstream(InProcessUpstream):
     """The vendor side of `build_app(upstream=...)`: records each request and answers it with
     `answer` (a Stripe-shaped PaymentIntent and request id by default), once `gate` is open."""
 
@@ -57,7 +58,7 @@ class StubUpstream(Upstream):
         self,
         answer: UpstreamResponse | None = None,
     ) -> None:
-        super().__init__(timeout=5, connections=1, max_response_bytes=1 << 20)
+        super().__init__()
         self.answer = answer or UpstreamResponse(
             200,
             [("content-type", "application/json"), ("request-id", "req_stub")],
@@ -71,19 +72,11 @@ class StubUpstream(Upstream):
         self.gate, self.arrived = asyncio.Event(), asyncio.Event()
         self.gate.set()
 
-    async def close(self) -> None:
-        pass
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | Sequence[tuple[str, str]],
-        body: bytes | None,
+    async def respond(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
     ) -> UpstreamResponse:
         assert self.gate is not None and self.arrived is not None
-        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-        self.sent.append((method, url, pairs, body))
+        self.sent.append((method, url, headers, body))
         self.arrived.set()
         await self.gate.wait()
         return self.answer

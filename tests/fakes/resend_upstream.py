@@ -26,13 +26,14 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from keybrake.proxy.upstream import HOP_BY_HOP, OWN_HEADERS, Upstream, UpstreamResponse
+from keybrake.proxy.upstream import HOP_BY_HOP, OWN_HEADERS, UpstreamResponse
+from tests.fakes.inprocess import InProcessUpstream
 from tests.fakes.server import ThreadedServer
 
 REAL_KEY = "re_REALKEY_do_not_leak_" + "5" * 12
@@ -228,30 +229,19 @@ class FakeResend(ResendBehaviour, ThreadedServer):
         return web.Response(status=status, headers=out, body=body)
 
 
-class InprocResend(ResendBehaviour, Upstream):
+class InprocResend(ResendBehaviour, InProcessUpstream):
     """Resend behind `build_app(upstream=...)`: what the proxy sends is answered in-process, and
     what comes back is filtered the way `Upstream.send` filters a real vendor's answer."""
 
     def __init__(self) -> None:
         ResendBehaviour.__init__(self)
-        Upstream.__init__(self, timeout=5, connections=1, max_response_bytes=1 << 20)
+        InProcessUpstream.__init__(self)
 
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | Sequence[tuple[str, str]],
-        body: bytes | None,
+    async def respond(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
     ) -> UpstreamResponse:
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
         status, out, answer = self.answer(
-            method, urlsplit(url).path, {k.lower(): v for k, v in pairs}, body or b""
+            method, urlsplit(url).path, {k.lower(): v for k, v in headers}, body or b""
         )
         shown = [
             (k, v)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl
 
-from keybrake.proxy.upstream import Upstream, UpstreamError, UpstreamResponse
+from keybrake.proxy.upstream import UpstreamError, UpstreamResponse
+from tests.fakes.inprocess import InProcessUpstream
 
 STRIPE = "http://stripe.model"
 TWILIO = "http://twilio.model"
@@ -79,7 +80,7 @@ class Intent:
 
 
 @dataclass
-class BillingUpstream(Upstream):
+class BillingUpstream(InProcessUpstream):
     sent: list[Sent] = field(default_factory=list)
     moved: list[Moved] = field(default_factory=list)
     intents: dict[str, Intent] = field(default_factory=dict)
@@ -90,23 +91,12 @@ class BillingUpstream(Upstream):
     _ids: int = 0
 
     def __post_init__(self) -> None:
-        super().__init__(timeout=5, connections=1, max_response_bytes=1 << 20)
+        InProcessUpstream.__init__(self)
 
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | Sequence[tuple[str, str]],
-        body: bytes | None,
+    async def respond(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
     ) -> UpstreamResponse:
-        pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-        lowered = {k.lower(): v for k, v in pairs}
+        lowered = {k.lower(): v for k, v in headers}
         base, path = _split(url)
         vendor = {STRIPE: "stripe", TWILIO: "twilio", RESEND: "resend"}[base]
         record = Sent(vendor, method, path, lowered.get("authorization", ""), body or b"")
