@@ -133,14 +133,6 @@ DEFAULT_SEVERITY = {
     "KB106": "info",
     "KB107": "low",
 }
-_SEVERITY_OF = {
-    "KB102": "high",
-    "KB103": "high",
-    "KB104": "high",
-    "KB105": "medium",
-    "KB106": "info",
-    "KB107": "low",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,13 +390,23 @@ class _Linter:
         path = workflow.document.path
 
         def add(
-            rule: str, severity: str, line: int, template: str | None, message: str, subject: str
+            rule: str,
+            line: int,
+            template: str | None,
+            message: str,
+            subject: str,
+            severity: str | None = None,
         ) -> None:
+            severity = severity or DEFAULT_SEVERITY[rule]
             if rule in ignored or (template and f"{rule}:{template}" in ignored):
                 return
             findings.append(
                 Finding(rule, severity, path, line, workflow.title, template, message, subject)
             )
+
+        def add_run(rule: str, message: str) -> None:
+            """A finding about the whole run, reported at its spec."""
+            add(rule, line_of(workflow.document.body, "spec"), None, message, "")
 
         reported_fans: set[tuple[str, int]] = set()
 
@@ -422,7 +424,6 @@ class _Linter:
             how = next(k for k in FAN_OUT if k in fan.call)
             add(
                 "KB105",
-                _SEVERITY_OF["KB105"],
                 line_of(fan.call),
                 template,
                 f"{what}fanned out by {fan.holder!r} step {fan.call.get('name')!r} ({how}) "
@@ -444,17 +445,16 @@ class _Linter:
                     )
                     add(
                         "KB101",
-                        "high" if fanned else "medium",
                         use.line,
                         name,
                         f"{use.vendor} credential from {use.describe()}; {spread}",
                         use.subject,
+                        severity="high" if fanned else "medium",
                     )
                 else:
                     vendor = f"{use.vendor} " if use.vendor else ""
                     add(
                         "KB107",
-                        _SEVERITY_OF["KB107"],
                         use.line,
                         name,
                         f"{vendor}credential from {use.describe()}: no {_PROXIED} key by its "
@@ -469,7 +469,6 @@ class _Linter:
             if strategy is not None and why:
                 add(
                     "KB102",
-                    _SEVERITY_OF["KB102"],
                     line_of(strategy) or line_of(template),
                     name,
                     f"{why}, and the pod holds a vendor credential: a call the vendor completed "
@@ -492,7 +491,6 @@ class _Linter:
             elif not workflow.bounded(holder):
                 add(
                     "KB105",
-                    _SEVERITY_OF["KB105"],
                     line_of(node),
                     holder,
                     f"step {node.get('name')!r} fans out {ref[0]}/{ref[1]} ({how}), which "
@@ -509,29 +507,17 @@ class _Linter:
         runs = workflow.kind in ("Workflow", "CronWorkflow") or "entrypoint" in workflow.spec
         issues = _issues_anywhere(workflow) or (target is not None and _issues_anywhere(target))
         if runs and held and not issues:
-            add(
+            add_run(
                 "KB103",
-                _SEVERITY_OF["KB103"],
-                line_of(workflow.document.body, "spec"),
-                None,
                 f"templates {', '.join(sorted(held))} hold vendor credentials (or read the "
                 "run's vault key) and no step issues a capped vault key",
-                "",
             )
         revokes = _exit_revokes(workflow) or (target is not None and _exit_revokes(target))
         if runs and issues and not revokes:
-            add(
-                "KB104",
-                _SEVERITY_OF["KB104"],
-                line_of(workflow.document.body, "spec"),
-                None,
-                "a vault key is issued but no onExit or hooks.exit handler revokes it",
-                "",
-            )
+            add_run("KB104", "a vault key is issued but no onExit or hooks.exit handler revokes it")
         for name, parameter, why in _vault_key_parameters(workflow):
             add(
                 "KB106",
-                _SEVERITY_OF["KB106"],
                 line_of(parameter),
                 name,
                 why,

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from hera.workflows import DAG, Task, Workflow
-from hera.workflows.models import EnvVar, Parameter, Template
+from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
 
+from ._step_common import InputError, usd
 from .connection import ProxyConnection, is_expression
 from .errors import TemplateConfigError
 from .retry import default_retry_strategy
 from .shared_templates import SharedTemplates
-from .step_pod import script_step
+from .step_pod import OUTPUT_DIR, script_step
 from .workflow_context import add_template
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "add_issuing_task",
     "duration",
     "given",
+    "issued_id",
     "issuing_step",
     "money",
     "optional",
@@ -52,6 +54,12 @@ def optional(name: str, description: str) -> Parameter:
 def _issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
     """The inputs every issuing step (a key, a budget) takes besides what it issues."""
     return [
+        Parameter(
+            name="request_id",
+            default="",
+            description="the same for every retry of this step (a retry then replaces what an "
+            "earlier attempt issued, never adds); empty: derived from the run and the request",
+        ),
         Parameter(name="proxy_url", default=proxy.url, description="the keybrake proxy"),
         Parameter(
             name="cluster",
@@ -61,35 +69,56 @@ def _issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
     ]
 
 
-def _run_env() -> list[EnvVar]:
-    """The run's cluster, label and identity, which the proxy records with what it issues
-    (with an issuing step's `_issuing_inputs`)."""
+def _input_env(inputs: Sequence[Parameter]) -> list[EnvVar]:
+    """Each input reaches the step script as KEYBRAKE_<NAME> (the proxy's URL as KEYBRAKE_URL):
+    never spliced into the script's source, so no parameter value can change its code."""
     return [
-        EnvVar(name="KEYBRAKE_CLUSTER", value=given("cluster")),
-        EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
-        EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
-        EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
-        EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
+        EnvVar(
+            name="KEYBRAKE_URL" if p.name == "proxy_url" else f"KEYBRAKE_{p.name.upper()}",
+            value=given(p.name),
+        )
+        for p in inputs
     ]
+
+
+# The run's label and identity, which the proxy records with what a step issues.
+_RUN_ENV = [
+    EnvVar(name="KEYBRAKE_LABEL", value=RUN_LABEL),
+    EnvVar(name="KEYBRAKE_WORKFLOW_NAME", value="{{workflow.name}}"),
+    EnvVar(name="KEYBRAKE_WORKFLOW_NAMESPACE", value="{{workflow.namespace}}"),
+    EnvVar(name="KEYBRAKE_WORKFLOW_UID", value="{{workflow.uid}}"),
+]
+
+
+def issued_id(name: str, global_name: str) -> Parameter:
+    """The output naming what the step issued, also a workflow-global output, which the exit
+    handler revokes."""
+    return Parameter(
+        name=name, global_name=global_name, value_from=ValueFrom(path=f"{OUTPUT_DIR}/{name}")
+    )
 
 
 def issuing_step(
     name: str,
-    proxy: ProxyConnection,
+    proxy: ProxyConnection | None,
     *,
     inputs: Sequence[Parameter],
     outputs: Sequence[Parameter],
-    env: Sequence[EnvVar],
+    env: Sequence[EnvVar] = (),
 ) -> Template:
-    """The script template of an issuing step (`_step_issue.py`): `inputs` and `env`, then what
-    every issuing step takes (the proxy, the cluster, the run's label and identity)."""
+    """The script template of an issuing step (`_step_issue.py`): `inputs`, then what every
+    issuing step takes (a request id, the proxy, the cluster), each passed to the script as an
+    environment variable; `env` besides, and the run's label and identity. `proxy`: the default
+    connection if None."""
+    proxy = proxy or ProxyConnection()
+    inputs = [*inputs, *_issuing_inputs(proxy)]
     return script_step(
         name,
         step="issue",
         proxy=proxy,
-        inputs=[*inputs, *_issuing_inputs(proxy)],
+        inputs=inputs,
         outputs=outputs,
-        env=[*env, *_run_env()],
+        env=[*_input_env(inputs), *env, *_RUN_ENV],
         retry=default_retry_strategy(limit=2),
     )
 
@@ -136,14 +165,9 @@ def money(value: Money | None, what: str) -> str:
             f"{what} must be an int, Decimal or string such as '12.50', got {value!r}"
         )
     try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise TemplateConfigError(
-            f"{what} must be a dollar amount such as 300 or '12.50', got {value!r}"
-        ) from None
-    if not amount.is_finite() or amount <= 0:
-        raise TemplateConfigError(f"{what} must be a positive dollar amount, got {value!r}")
-    return str(amount)
+        return usd(str(value), what)
+    except InputError as exc:
+        raise TemplateConfigError(str(exc)) from None
 
 
 def duration(value: str) -> str:

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0)
@@ -97,6 +98,21 @@ def present(value: str | None) -> str:
     """A parameter Argo left unresolved still starts with two braces: treat it as missing."""
     value = (value or "").strip()
     return "" if value.startswith(UNRESOLVED) else value
+
+
+def usd(text: str, name: str) -> str:
+    """A positive dollar amount, sent as its decimal string: exact (a JSON number could be read
+    as a binary float on the way), and the proxy reads it as a Decimal. The Hera library checks
+    the amounts it is given with this function too, so what it accepts the step accepts."""
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise InputError(
+            f"{name} must be a dollar amount such as 300 or 12.50, got {text!r}"
+        ) from None
+    if not amount.is_finite() or amount <= 0:
+        raise InputError(f"{name} must be a positive dollar amount, got {text!r}")
+    return str(amount)
 
 
 def credentials(env: Mapping[str, str]) -> tuple[str, ssl.SSLContext | None]:

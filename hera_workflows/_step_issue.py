@@ -31,10 +31,17 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from ._step_common import InputError, Unavailable, call_proxy, credentials, error_message, present
+from ._step_common import (
+    InputError,
+    Unavailable,
+    call_proxy,
+    credentials,
+    error_message,
+    present,
+    usd,
+)
 
 EXIT_REFUSED = 77
 EXIT_UNAVAILABLE = 75
@@ -45,20 +52,6 @@ def required(env: Mapping[str, str], name: str, what: str) -> str:
     if not value:
         raise InputError(f"{name} is empty: {what}")
     return value
-
-
-def usd(text: str, name: str) -> str:
-    """A positive dollar amount, sent as its decimal string: exact (a JSON number could be read
-    as a binary float on the way), and the proxy reads it as a Decimal."""
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:
-        raise InputError(
-            f"{name} must be a dollar amount such as 300 or 12.50, got {text!r}"
-        ) from None
-    if not amount.is_finite() or amount <= 0:
-        raise InputError(f"{name} must be a positive dollar amount, got {text!r}")
-    return str(amount)
 
 
 def endpoints(text: str) -> list[str]:

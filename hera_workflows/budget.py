@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hera.workflows import Task
-from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
+from hera.workflows.models import EnvVar, Parameter, Template
 
-from ._issuing import Money, add_issuing_task, duration, given, issuing_step, money, optional
+from ._issuing import Money, add_issuing_task, duration, issued_id, issuing_step, money, optional
 from .connection import ProxyConnection
 from .errors import TemplateConfigError
 from .shared_templates import SharedTemplates
-from .step_pod import OUTPUT_DIR
 from .workflow_context import current_dag, current_workflow
 
 __all__ = [
@@ -39,33 +38,15 @@ BUDGET_ID_GLOBAL = "keybrake_budget_id"
 
 def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
     """The `budget` script template (the issue step, creating a budget)."""
-    proxy = proxy or ProxyConnection()
     return issuing_step(
         name,
         proxy,
+        outputs=[issued_id("budget_id", BUDGET_ID_GLOBAL)],
+        env=[EnvVar(name="KEYBRAKE_ISSUE", value="budget")],
         inputs=[
             optional("total_usd_cap", "USD the whole run may spend, however long it lives"),
             optional("daily_usd_cap", "USD the run may spend in any 24 hours"),
             Parameter(name="expires_in", default="6h", description="budget lifetime, e.g. 6h"),
-            optional(
-                "request_id",
-                "the same for every retry of this step (a retry then replaces, never adds)",
-            ),
-        ],
-        outputs=[
-            Parameter(
-                name="budget_id",
-                global_name=BUDGET_ID_GLOBAL,
-                value_from=ValueFrom(path=f"{OUTPUT_DIR}/budget_id"),
-            ),
-        ],
-        env=[
-            EnvVar(name="KEYBRAKE_ISSUE", value="budget"),
-            EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
-            EnvVar(name="KEYBRAKE_TOTAL_USD_CAP", value=given("total_usd_cap")),
-            EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
-            EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
-            EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
         ],
     )
 

@@ -29,7 +29,7 @@ from ._issuing import (
     Money,
     add_issuing_task,
     duration,
-    given,
+    issued_id,
     issuing_step,
     money,
     optional,
@@ -61,7 +61,6 @@ _ENDPOINT = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|\*) /\S*$")
 
 def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = None) -> Template:
     """The `issue` script template; `proxy.url` is the default of its `proxy_url` input."""
-    proxy = proxy or ProxyConnection()
     return issuing_step(
         name,
         proxy,
@@ -93,18 +92,9 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 description="secret: the key goes into a per-run Secret the pods read, never into "
                 "the Workflow object; parameter: the output vault_key (visible in argo get)",
             ),
-            optional(
-                "request_id",
-                "the same for every retry of this step (a retry then replaces its key, never "
-                "adds one); empty: derived from the run and the request",
-            ),
         ],
         outputs=[
-            Parameter(
-                name="key_id",
-                global_name=KEY_ID_GLOBAL,
-                value_from=ValueFrom(path=f"{OUTPUT_DIR}/key_id"),
-            ),
+            issued_id("key_id", KEY_ID_GLOBAL),
             Parameter(
                 name="vault_key_secret",
                 value_from=ValueFrom(path=f"{OUTPUT_DIR}/vault_key_secret", default=""),
@@ -116,20 +106,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 description="delivery parameter only: the vault key itself",
             ),
         ],
-        env=[
-            EnvVar(name="KEYBRAKE_URL", value=given("proxy_url")),
-            EnvVar(name="KEYBRAKE_DELIVERY", value=given("delivery")),
-            EnvVar(name="KEYBRAKE_REQUEST_ID", value=given("request_id")),
-            EnvVar(name="KEYBRAKE_KUBE_DIR", value=KUBE_DIR),
-            EnvVar(name="KEYBRAKE_VENDOR", value=given("vendor")),
-            EnvVar(name="KEYBRAKE_ALLOWED_ENDPOINTS", value=given("allowed_endpoints")),
-            EnvVar(name="KEYBRAKE_DAILY_USD_CAP", value=given("daily_usd_cap")),
-            EnvVar(name="KEYBRAKE_TOTAL_USD_CAP", value=given("total_usd_cap")),
-            EnvVar(name="KEYBRAKE_EXPIRES_IN", value=given("expires_in")),
-            EnvVar(name="KEYBRAKE_MAX_USD_PER_CALL", value=given("max_usd_per_call")),
-            EnvVar(name="KEYBRAKE_MAX_USD_PER_CALLER", value=given("max_usd_per_caller")),
-            EnvVar(name="KEYBRAKE_BUDGET_ID", value=given("budget_id")),
-        ],
+        env=[EnvVar(name="KEYBRAKE_KUBE_DIR", value=KUBE_DIR)],
     )
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -103,19 +104,14 @@ def error(status: int, error_type: str, message: str, code: str | None = None) -
     return JSONResponse({"error": found}, status_code=status)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AdminApi:
-    def __init__(
-        self,
-        *,
-        vault: Vault,
-        authenticator: Authenticator,
-        pricing: Callable[[], Any],
-        deadlines: BodyDeadlines,
-    ) -> None:
-        self.vault = vault
-        self.authenticator = authenticator
-        self.pricing = pricing  # the pricing table as JSON
-        self.deadlines = deadlines
+    """The admin API's routes: HTTP in and out, over the vault service."""
+
+    vault: Vault
+    authenticator: Authenticator
+    pricing: Callable[[], Any]  # the pricing table as JSON
+    deadlines: BodyDeadlines
 
     def routes(self) -> list[Route]:
         g = self._guard

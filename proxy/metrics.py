@@ -61,24 +61,26 @@ class Metrics:
             ["vendor", "decision"],
             registry=self.registry,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = self._latency(
             "keybrake_upstream_seconds",
             "Time the vendor took to answer a forwarded call.",
-            ["vendor"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            "vendor",
         )
-        self.database_seconds = Histogram(
+        self.database_seconds = self._latency(
             "keybrake_database_seconds",
             "Time of the request path's database operations.",
-            ["operation"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            "operation",
         )
         # `labels()` takes a lock and builds a key on every call; the hot path keeps the children.
         self._children: dict[tuple[str, ...], Any] = {}
         # Threshold alerts look at once after a cap hit (keybrake.proxy.alerts).
         self.on_cap_hit: Callable[[], None] | None = None
+
+    def _latency(self, name: str, documentation: str, label: str) -> Histogram:
+        """A histogram of seconds by one label, in the buckets every latency here uses."""
+        return Histogram(
+            name, documentation, [label], buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (str(id(metric)), *labels)

@@ -112,36 +112,33 @@ class _KeyCache:
         return key
 
 
+@dataclass(slots=True)
 class _Lookup:
     """What a vendor's estimate may consult: the vendor with the real credential, on the same
     account the call acts on. A dead key reaches no vendor: before its first lookup the key's
     (and its budget's) life is read, so a revoked or expired key learns nothing and spends none
     of the account's rate limit. Only calls that look something up pay for that read."""
 
-    def __init__(
-        self, pipeline: Pipeline, vendor: Vendor, call: VendorCall, key: KeyRecord
-    ) -> None:
-        self._pipeline = pipeline
-        self._vendor = vendor
-        self._call = call
-        self._key = key
-        self._live = False
+    pipeline: Pipeline
+    vendor: Vendor
+    call: VendorCall
+    key: KeyRecord
+    live: bool = False  # the key's life was read and it is alive
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
-        if not self._live:
-            pipeline, key = self._pipeline, self._key
+        pipeline, key, vendor = self.pipeline, self.key, self.vendor
+        if not self.live:
             dead = await pipeline.store.liveness(key.key_id, key.budget_id, pipeline.clock())
             if dead is not None:
                 raise _Refused(dead)
-            self._live = True
-        vendor = self._vendor
+            self.live = True
         where, _, query = path.partition("?")
-        sent = self._call.headers
+        sent = self.call.headers
         headers = {h: sent[h] for h in vendor.account_headers if h in sent}
         call = VendorCall("GET", where, query, headers, b"")
         target, auth = vendor.upstream_request(call)
         try:
-            response = await self._pipeline.upstream.send(
+            response = await pipeline.upstream.send(
                 "GET", vendor.credentials.base_url + target, {**headers, **auth}, None
             )
         except UpstreamError as exc:
@@ -170,24 +167,24 @@ class _Call:
     reservation: Reservation = field(init=False)
 
 
+@dataclass(eq=False, kw_only=True)
 class Pipeline:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        vendors: Mapping[str, Vendor],
-        upstream: Upstream,
-        clock: Callable[[], datetime],
-        metrics: Metrics,
-    ) -> None:
-        self.metrics = metrics
-        self.store = store
-        self.vendors = vendors
-        self.upstream = upstream
-        self.clock = clock
-        self._keys = _KeyCache(store)
-        self._admitted: set[asyncio.Task[Reply]] = set()
-        self._schema_logged = False
+    """The request path: each vendor call read, admitted, forwarded and settled (`handle`)."""
+
+    store: Store
+    vendors: Mapping[str, Vendor]
+    upstream: Upstream
+    clock: Callable[[], datetime]
+    metrics: Metrics
+    _keys: _KeyCache = field(init=False)
+    # Admitted calls run as tasks of their own, so a client that hangs up cannot stop one
+    # between its reservation and its settlement; held here until they end (the event loop
+    # keeps only weak references to tasks), which is what `drain` waits for.
+    _admitted: set[asyncio.Task[Reply]] = field(init=False, default_factory=set)
+    _schema_logged: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self._keys = _KeyCache(self.store)
 
     async def handle(self, incoming: Incoming) -> Reply:
         started = perf_counter()

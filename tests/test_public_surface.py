@@ -105,7 +105,7 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.vendors.stripe": "Stripe",
     "keybrake.proxy.vendors.twilio": "PLACEHOLDER_SID Twilio",
     "keybrake.proxy.vendors.unit_prices": """flat_cost parse_price unpriced validate_endpoints
-        validate_price_table""",
+        validate_price_table validate_section""",
     # keybrake.cli: its commands are typer apps, run through `keybrake.cli.main`
     "keybrake.cli": None,
     "keybrake.cli.templates": "app",

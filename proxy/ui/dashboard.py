@@ -18,10 +18,10 @@ import hmac
 import re
 import secrets
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 from starlette.requests import Request
@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from keybrake.proxy import paging
 from keybrake.proxy.access import (
     Actor,
     Authenticator,
@@ -44,13 +45,6 @@ from keybrake.proxy.decisions import Decision, is_cap_hit
 from keybrake.proxy.errors import StoreUnavailable
 from keybrake.proxy.models import LabelRevoke, is_label
 from keybrake.proxy.money import format_ts
-from keybrake.proxy.paging import (
-    CursorError,
-    decode_id,
-    decode_position,
-    encode_id,
-    encode_position,
-)
 from keybrake.proxy.store.records import (
     AuditFilter,
     Event,
@@ -98,6 +92,9 @@ HEADERS = {
 }
 
 Page = Callable[[Request, Actor, Session], Awaitable[Response]]
+
+
+_Position = TypeVar("_Position")
 
 
 class _FormError(Exception):
@@ -370,8 +367,7 @@ class Dashboard:
 
     async def logout(self, request: Request, actor: Actor, session: Session) -> Response:
         try:
-            form = await self._form(request)
-            self._check_csrf(request, form)
+            await self._session_form(request)
         except _FormError as exc:
             return self._error(request, 400, "Not signed out", str(exc), actor=actor)
         await self.store.end_session(session.session_hash)
@@ -385,10 +381,13 @@ class Dashboard:
         session_id = request.cookies.get(COOKIE, "")
         return hmac.new(session_id.encode(), b"keybrake-ui-csrf", hashlib.sha256).hexdigest()
 
-    def _check_csrf(self, request: Request, form: dict[str, str]) -> None:
+    async def _session_form(self, request: Request) -> dict[str, str]:
+        """A form a signed-in page sent: `_form`, carrying the session's CSRF token."""
+        form = await self._form(request)
         # As bytes: compare_digest refuses str holding anything but ASCII.
         if not hmac.compare_digest(form.get("csrf", "").encode(), self._csrf(request).encode()):
             raise _FormError("the page expired (CSRF token mismatch); reload it and try again")
+        return form
 
     async def _record(self, event: Event) -> None:
         with contextlib.suppress(StoreUnavailable):  # a sign-in's record; it stands without
@@ -407,12 +406,10 @@ class Dashboard:
             return self._error(
                 request, 400, "Bad filter", "status is one of all, live, ended", actor=actor
             )
-        before = None
-        if params.get("continue"):
-            try:
-                before = decode_position("runs", params["continue"])
-            except CursorError as exc:
-                return self._error(request, 400, "Bad page", str(exc), actor=actor)
+        try:
+            before = _continuation(params, "runs", paging.decode_position)
+        except paging.CursorError as exc:
+            return self._error(request, 400, "Bad page", str(exc), actor=actor)
         now = self.clock()
         query = RunFilter(
             scope=actor.scope,
@@ -429,7 +426,9 @@ class Dashboard:
         # Each run's keys, budgets and last call, read at once (a pool connection each).
         found = await asyncio.gather(*(summary_of(self.store, r, actor.scope, now) for r in rows))
         summaries = [summary for summary, _keys, _budgets in found]
-        next_token = encode_position("runs", rows[-1].newest, rows[-1].label) if more else None
+        next_token = None
+        if more:  # a next page: continue after this page's last run
+            next_token = paging.encode_position("runs", rows[-1].newest, rows[-1].label)
         next_url = None
         if next_token:
             next_url = "/ui/?" + urllib.parse.urlencode(
@@ -475,12 +474,10 @@ class Dashboard:
             decision, caller = _calls_filter(params.get("decision"), params.get("caller"))
         except _FormError as exc:
             return self._error(request, 400, "Bad filter", str(exc), actor=actor)
-        before_id = None
-        if params.get("continue"):
-            try:
-                before_id = decode_id("ui-audit", params["continue"])
-            except CursorError as exc:
-                return self._error(request, 400, "Bad page", str(exc), actor=actor)
+        try:
+            before_id = _continuation(params, "ui-audit", paging.decode_id)
+        except paging.CursorError as exc:
+            return self._error(request, 400, "Bad page", str(exc), actor=actor)
         summary, keys, budgets = await summary_of(self.store, row, actor.scope, now)
         activity = await self.store.run_activity(label, actor.scope)
         series = cumulative(activity)
@@ -502,7 +499,7 @@ class Dashboard:
         older = None
         if more and audit[-1].id is not None:
             older = "/ui/run?" + urllib.parse.urlencode(
-                shown | {"continue": encode_id("ui-audit", audit[-1].id)}
+                shown | {"continue": paging.encode_id("ui-audit", audit[-1].id)}
             )
         tags = [tag for tag, *_ in activity.callers if tag is not None]
         # A live run's axis runs to now; an ended one's to its last call.
@@ -554,8 +551,7 @@ class Dashboard:
 
     async def revoke(self, request: Request, actor: Actor, session: Session) -> Response:
         try:
-            form = await self._form(request)
-            self._check_csrf(request, form)
+            form = await self._session_form(request)
         except _FormError as exc:
             return self._error(request, 400, "Not revoked", str(exc), actor=actor)
         label = await self._run_label(request, actor, form.get("label"))
@@ -564,6 +560,15 @@ class Dashboard:
         await self.vault.revoke_run(actor, LabelRevoke(agent_run_label=label), via="dashboard")
         query = urllib.parse.urlencode({"label": label, "revoked": "1"})
         return RedirectResponse(f"/ui/run?{query}", 303, headers=HEADERS)
+
+
+def _continuation(
+    params: Mapping[str, str], listing: str, decode: Callable[[str, str], _Position]
+) -> _Position | None:
+    """Where a page of `listing` continues (its `continue` token, decoded), or None for the
+    first page; a paging.CursorError for a token that is not one of this listing's."""
+    token = params.get("continue")
+    return decode(listing, token) if token else None
 
 
 def _calls_filter(decision: str | None, caller: str | None) -> tuple[str | None, str | None]:

@@ -34,12 +34,12 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from keybrake.proxy.money import usd_to_micros
-from keybrake.proxy.pricing import AmbiguousRequest, PricingEntryError, PricingTable, Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import RESEND
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
 from keybrake.proxy.vendors.bodies import parse_json, read_json
-from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_endpoints
+from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_section
 
 __all__ = ["Resend"]
 
@@ -98,15 +98,9 @@ class Resend(Vendor):
 
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
-        for key in section:
-            if key not in _SECTION_KEYS:
-                raise PricingEntryError(
-                    f"'{key}' is not a Resend pricing entry; known: {sorted(_SECTION_KEYS)}",
-                    entry=str(key),
-                )
+        validate_section(section, "Resend", _SECTION_KEYS, _RULES)
         if "email" in section:
             parse_price(section["email"], entry="email")
-        validate_endpoints(section, _RULES)
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
         scheme, _, value = headers.get("authorization", "").partition(" ")

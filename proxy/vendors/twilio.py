@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 from keybrake.proxy.money import usd_to_micros
-from keybrake.proxy.pricing import PricingEntryError, PricingTable, Unpriceable
+from keybrake.proxy.pricing import PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import (
     TWILIO,
@@ -40,8 +40,8 @@ from keybrake.proxy.vendors.unit_prices import (
     flat_cost,
     parse_price,
     unpriced,
-    validate_endpoints,
     validate_price_table,
+    validate_section,
 )
 
 __all__ = ["PLACEHOLDER_SID", "Twilio"]
@@ -75,13 +75,7 @@ class Twilio(Vendor):
 
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
-        for key in section:
-            if key not in _SECTION_KEYS:
-                raise PricingEntryError(
-                    f"'{key}' is not a Twilio pricing table; known: {sorted(_SECTION_KEYS)}",
-                    entry=str(key),
-                )
-        validate_endpoints(section, _RULES)
+        validate_section(section, "Twilio", _SECTION_KEYS, _RULES)
         for table in ("sms", "mms"):
             validate_price_table(
                 section,

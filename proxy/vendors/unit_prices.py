@@ -17,7 +17,14 @@ from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingEntryError, Unpriceable
 from keybrake.proxy.vendors.base import Cost, VendorCall
 
-__all__ = ["flat_cost", "parse_price", "unpriced", "validate_endpoints", "validate_price_table"]
+__all__ = [
+    "flat_cost",
+    "parse_price",
+    "unpriced",
+    "validate_endpoints",
+    "validate_price_table",
+    "validate_section",
+]
 
 
 def parse_price(value: Any, *, entry: str, table: str | None = None) -> Decimal:
@@ -57,6 +64,21 @@ def validate_price_table(
                 table=table,
             )
         parse_price(value, entry=key, table=table)
+
+
+def validate_section(
+    section: Mapping[str, Any], vendor: str, known: frozenset[str], rules: frozenset[str]
+) -> None:
+    """`[vendor]`: nothing but the `known` entries (a misspelt table would otherwise price
+    nothing, silently), and its `[vendor.endpoints]` valid."""
+    for key in section:
+        if key not in known:
+            what = "table" if isinstance(section[key], Mapping) else "entry"
+            raise PricingEntryError(
+                f"'{key}' is not a {vendor} pricing {what}; known: {sorted(known)}",
+                entry=str(key),
+            )
+    validate_endpoints(section, rules)
 
 
 def validate_endpoints(section: Mapping[str, Any], rules: frozenset[str]) -> None:
