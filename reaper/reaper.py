@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,35 +60,36 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(eq=False)  # a running thing: compared and hashed by identity
 class Reaper:
-    def __init__(
-        self,
-        proxy: KeybrakeClient,
-        watch_client: Any,
-        *,
-        cluster: str,
-        namespace: str | None = None,
-        grace: timedelta = timedelta(seconds=60),
-        orphan_grace: timedelta = timedelta(minutes=15),
-        resync: timedelta = timedelta(seconds=30),
-        clock: Callable[[], datetime] = _utcnow,
-        on_revoke: Callable[[Revocation], None] | None = None,
-        min_gap: float = 1.0,
-    ) -> None:
-        self.proxy = proxy
-        self.cluster = cluster
-        self.grace = grace
-        self.orphan_grace = orphan_grace
-        self.resync = resync
-        self.clock = clock
-        self.on_revoke = on_revoke
-        self.min_gap = min_gap  # seconds between sweeps at least, however many events come
-        self.book = RunBook(memory=max(timedelta(hours=24), orphan_grace * 2))
-        self.stats = SweepStats()
-        self._wake = asyncio.Event()
-        self.namespace = namespace
+    """The watch and the sweep of one cluster (see this module's docstring). `watch_client` is
+    the Kubernetes client the watch lists and watches with; the book, the watch and the stats
+    are made here."""
+
+    proxy: KeybrakeClient
+    watch_client: InitVar[Any]
+    _: KW_ONLY
+    cluster: str
+    namespace: str | None = None  # None: every namespace
+    grace: timedelta = timedelta(seconds=60)
+    orphan_grace: timedelta = timedelta(minutes=15)
+    resync: timedelta = timedelta(seconds=30)
+    clock: Callable[[], datetime] = _utcnow
+    on_revoke: Callable[[Revocation], None] | None = None
+    min_gap: float = 1.0  # seconds between sweeps at least, however many events come
+    book: RunBook = field(init=False)
+    stats: SweepStats = field(init=False, default_factory=SweepStats)
+    watch: WorkflowWatch = field(init=False)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self, watch_client: Any) -> None:
+        self.book = RunBook(memory=max(timedelta(hours=24), self.orphan_grace * 2))
         self.watch = WorkflowWatch(
-            watch_client, self._event, self._listed, namespace=namespace, on_broken=self._broken
+            watch_client,
+            self._event,
+            self._listed,
+            namespace=self.namespace,
+            on_broken=self._broken,
         )
 
     # -- the watch's callbacks -------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import httpx
@@ -59,32 +59,26 @@ class WatchStats:
     errors: int = 0
 
 
+@dataclass(eq=False)  # a running thing: compared and hashed by identity
 class WorkflowWatch:
     """List and watch Workflows (in `namespace`, or all), calling `on_event(type, object)` for
     ADDED, MODIFIED and DELETED and `on_list(objects)` after every (re)list."""
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        on_event: Handler,
-        on_list: Relisted,
-        *,
-        on_broken: Broken | None = None,
-        namespace: str | None = None,
-        server_timeout: int = 300,
-        backoff: tuple[float, float] = (0.2, 30.0),
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.client = client
-        self.on_event = on_event
-        self.on_list = on_list
-        self.on_broken = on_broken
-        self.namespace = namespace or "*"  # lightkube's ALL_NS
-        self.server_timeout = server_timeout
-        self.backoff = backoff
-        self.sleep = sleep
-        self.version: str | None = None
-        self.stats = WatchStats()
+    client: AsyncClient
+    on_event: Handler
+    on_list: Relisted
+    _: KW_ONLY
+    on_broken: Broken | None = None
+    namespace: str | None = None  # None: every namespace
+    server_timeout: int = 300
+    backoff: tuple[float, float] = (0.2, 30.0)  # the first delay after an error, and the most
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    version: str | None = field(init=False, default=None)  # the last resourceVersion seen
+    stats: WatchStats = field(init=False, default_factory=WatchStats)
+
+    @property
+    def _scope(self) -> str:
+        return self.namespace or "*"  # lightkube's ALL_NS
 
     async def run(self) -> None:
         """Forever: list, then watch; relist on 410; back off on errors."""
@@ -114,7 +108,7 @@ class WorkflowWatch:
                 delay = min(delay * 2, self.backoff[1])
 
     async def _list(self) -> None:
-        listing = self.client.list(Workflow, namespace=self.namespace, chunk_size=500)
+        listing = self.client.list(Workflow, namespace=self._scope, chunk_size=500)
         objects = [_plain(obj) async for obj in listing]
         self.stats.lists += 1
         await self.on_list(objects)
@@ -125,7 +119,7 @@ class WorkflowWatch:
         request = self.client._client.prepare_request(
             "list",
             res=Workflow,
-            namespace=self.namespace,
+            namespace=self._scope,
             watch=True,
             params={
                 "timeoutSeconds": self.server_timeout,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar
 
 from keybrake.proxy.decisions import BUCKET, WINDOW, Decision, bucket_start, dead_reason
 from keybrake.proxy.decisions import window_floor as _window_floor
@@ -73,6 +74,8 @@ __all__ = ["AUDIT_COLUMNS", "INSERT_AUDIT", "SQLStore", "audit_values", "insert_
 S = TypeVar("S", bound="SQLStore")
 P = ParamSpec("P")
 T = TypeVar("T")
+R = TypeVar("R")  # a key's or budget's record
+V = TypeVar("V")  # its view
 
 # The most audit rows one write deletes: the writer serves the request path in between.
 PRUNE_SLICE = 10_000
@@ -81,18 +84,25 @@ PRUNE_SLICE = 10_000
 def reads(
     fn: Callable[Concatenate[S, P], Op[T]],
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
-    async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._read(lambda: fn(self, *args, **kwargs))
-
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return run
+    return _operation(fn, write=False)
 
 
 def writes(
     fn: Callable[Concatenate[S, P], Op[T]],
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    return _operation(fn, write=True)
+
+
+def _operation(
+    fn: Callable[Concatenate[S, P], Op[T]], *, write: bool
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """`fn` as the async method the backend runs: with `_write` (in a transaction) or `_read`."""
+
     async def run(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._write(lambda: fn(self, *args, **kwargs))
+        def make() -> Op[T]:
+            return fn(self, *args, **kwargs)
+
+        return await (self._write(make) if write else self._read(make))
 
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
@@ -111,7 +121,8 @@ class SQLStore:
     async def _write(self, make: Callable[[], Op[T]]) -> T:
         raise NotImplementedError
 
-    # -- keys ----------------------------------------------------------------------------------
+    # -- keys and budgets ----------------------------------------------------------------------
+    # Issued, read, listed and revoked alike: `_KEYS` and `_BUDGETS` say where the two differ.
 
     @writes
     def create_key(
@@ -141,13 +152,16 @@ class SQLStore:
             )
             if int(active) >= max_active:
                 raise Refused(Issued("too_many"))
-        if replaced is not None:
-            yield from _revoke_subject(replaced, key.created_at)
-        yield from _insert("vault_keys", _key_values(key))
-        yield execute("INSERT INTO usage_counts (owner_id) VALUES (:owner)", owner=key.key_id)
-        yield from _record_request(request, key.key_id, key.created_at)
-        yield from _insert_event(event)
-        return Issued("created", replaced)
+        return (yield from _issue(_KEYS, key, replaced, request, event))
+
+    @writes
+    def create_budget(
+        self, budget: BudgetRecord, event: Event, *, request: IssueRequest | None = None
+    ) -> Op[Issued]:
+        claim, replaced = yield from _claim_request(request, budget.created_at)
+        if claim == "mismatch":
+            return Issued("mismatch")
+        return (yield from _issue(_BUDGETS, budget, replaced, request, event))
 
     @reads
     def find_key(self, key_hash: bytes) -> Op[KeyRecord | None]:
@@ -156,19 +170,62 @@ class SQLStore:
 
     @reads
     def get_key(self, key_id: str, now: datetime) -> Op[KeyView | None]:
-        views = yield from self._key_views(_one("k", key_id), now, 1)
-        return views[0] if views else None
+        return (yield from self._get(_KEYS, key_id, now))
+
+    @reads
+    def get_budget(self, budget_id: str, now: datetime) -> Op[BudgetView | None]:
+        return (yield from self._get(_BUDGETS, budget_id, now))
 
     @reads
     def list_keys(self, query: Listing, now: datetime) -> Op[list[KeyView]]:
-        where = _listed(Where(), "k", query, now)
-        return (yield from self._key_views(where, now, query.limit))
+        return (yield from self._list(_KEYS, query, now))
 
-    def _key_views(self, where: Where, now: datetime, limit: int) -> Op[list[KeyView]]:
-        keys: list[KeyRecord] = yield from _newest("k", where, limit)
-        usage = yield from self._usage([key.key_id for key in keys], now)
-        changes = (yield from _changes(keys[0].key_id)) if limit == 1 and keys else ()
-        return [KeyView(key, usage[key.key_id], changes) for key in keys]
+    @reads
+    def list_budgets(self, query: Listing, now: datetime) -> Op[list[BudgetView]]:
+        return (yield from self._list(_BUDGETS, query, now))
+
+    def _get(self, kind: _Subject[Any, V], subject_id: str, now: datetime) -> Op[V | None]:
+        where = Where().add(f"{kind.alias}.{kind.column} = :subject", subject=subject_id)
+        views = yield from self._views(kind, where, now, 1)
+        return views[0] if views else None
+
+    def _list(self, kind: _Subject[Any, V], query: Listing, now: datetime) -> Op[list[V]]:
+        where = _listed(Where(), kind.alias, query, now)
+        return (yield from self._views(kind, where, now, query.limit))
+
+    def _views(self, kind: _Subject[R, V], where: Where, now: datetime, limit: int) -> Op[list[V]]:
+        """Keys or budgets with their usage, newest first (the order listings page in); a
+        budget's with the keys drawing on it, and a lone one's (a get) with its changes."""
+        alias = kind.alias
+        found = yield from _page(
+            f"{kind.table} {alias}",
+            where,
+            f"{alias}.created_at DESC, {alias}.{kind.column} DESC",
+            limit,
+            kind.record,
+        )
+        # The id column is named as the record's id field.
+        ids: list[str] = [getattr(subject, kind.column) for subject in found]
+        usage = yield from self._usage(ids, now)
+        drawing = (yield from self._drawing(ids)) if kind.drawn_on else {}
+        changes = (yield from _changes(ids[0])) if limit == 1 and ids else ()
+        return [
+            kind.view(subject, usage[subject_id], drawing.get(subject_id, ()), changes)
+            for subject, subject_id in zip(found, ids, strict=True)
+        ]
+
+    def _drawing(self, budget_ids: list[str]) -> Op[dict[str, tuple[str, ...]]]:
+        """The keys drawing on each budget, oldest first."""
+        keys: dict[str, list[str]] = {budget_id: [] for budget_id in budget_ids}
+        if budget_ids:
+            found = yield rows(
+                "SELECT budget_id, key_id FROM vault_keys "
+                f"WHERE {self.dialect.any_of('budget_id', 'ids')} ORDER BY created_at, key_id",
+                ids=budget_ids,
+            )
+            for r in found:
+                keys[r["budget_id"]].append(r["key_id"])
+        return {budget_id: tuple(drawing) for budget_id, drawing in keys.items()}
 
     def _usage(self, owners: list[str], now: datetime) -> Op[dict[str, Usage]]:
         """Each key's or budget's spend in the window and over its life, and its counters."""
@@ -210,18 +267,13 @@ class SQLStore:
 
     @writes
     def revoke_key(self, key_id: str, now: datetime, event: Event) -> Op[bool | None]:
-        exists = yield value(
-            "SELECT true FROM vault_keys WHERE key_id = :key_id FOR UPDATE", key_id=key_id
-        )
-        if not exists:
-            return None
-        changed = yield execute(
-            "UPDATE vault_keys SET revoked_at = :now WHERE key_id = :key_id AND revoked_at IS NULL",
-            now=now,
-            key_id=key_id,
-        )
-        yield from _insert_event(event)
-        return bool(changed)
+        revoked = yield from _revoke(_KEYS, key_id, now, event)
+        return None if revoked is None else revoked.changed
+
+    @writes
+    def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> Op[list[str] | None]:
+        revoked = yield from _revoke(_BUDGETS, budget_id, now, event)
+        return None if revoked is None else revoked.drawing
 
     @writes
     def revoke_label(
@@ -251,73 +303,6 @@ class SQLStore:
             revoked.append(sorted(r[column] for r in changed))
         yield from _insert_event(revoked_event(event, revoked[0], revoked[1]))
         return revoked[0], revoked[1]
-
-    # -- budgets -------------------------------------------------------------------------------
-
-    @writes
-    def create_budget(
-        self, budget: BudgetRecord, event: Event, *, request: IssueRequest | None = None
-    ) -> Op[Issued]:
-        claim, replaced = yield from _claim_request(request, budget.created_at)
-        if claim == "mismatch":
-            return Issued("mismatch")
-        if replaced is not None:
-            yield from _revoke_subject(replaced, budget.created_at)
-        yield from _insert("budgets", _budget_values(budget))
-        yield execute("INSERT INTO usage_counts (owner_id) VALUES (:owner)", owner=budget.budget_id)
-        yield from _record_request(request, budget.budget_id, budget.created_at)
-        yield from _insert_event(event)
-        return Issued("created", replaced)
-
-    @reads
-    def get_budget(self, budget_id: str, now: datetime) -> Op[BudgetView | None]:
-        views = yield from self._budget_views(_one("b", budget_id), now, 1)
-        return views[0] if views else None
-
-    @reads
-    def list_budgets(self, query: Listing, now: datetime) -> Op[list[BudgetView]]:
-        where = _listed(Where(), "b", query, now)
-        return (yield from self._budget_views(where, now, query.limit))
-
-    def _budget_views(self, where: Where, now: datetime, limit: int) -> Op[list[BudgetView]]:
-        budgets: list[BudgetRecord] = yield from _newest("b", where, limit)
-        ids = [budget.budget_id for budget in budgets]
-        usage = yield from self._usage(ids, now)
-        keys: dict[str, list[str]] = {budget_id: [] for budget_id in ids}
-        if ids:
-            drawing = yield rows(
-                "SELECT budget_id, key_id FROM vault_keys "
-                f"WHERE {self.dialect.any_of('budget_id', 'ids')} ORDER BY created_at, key_id",
-                ids=ids,
-            )
-            for r in drawing:
-                keys[r["budget_id"]].append(r["key_id"])
-        changes = (yield from _changes(ids[0])) if limit == 1 and ids else ()
-        return [
-            BudgetView(b, usage[b.budget_id], tuple(keys[b.budget_id]), changes) for b in budgets
-        ]
-
-    @writes
-    def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> Op[list[str] | None]:
-        exists = yield value(
-            "SELECT true FROM budgets WHERE budget_id = :budget_id FOR UPDATE", budget_id=budget_id
-        )
-        if not exists:
-            return None
-        yield execute(
-            "UPDATE budgets SET revoked_at = :now WHERE budget_id = :budget_id "
-            "AND revoked_at IS NULL",
-            now=now,
-            budget_id=budget_id,
-        )
-        keys = yield rows(
-            "UPDATE vault_keys SET revoked_at = :now WHERE budget_id = :budget_id "
-            "AND revoked_at IS NULL RETURNING key_id",
-            now=now,
-            budget_id=budget_id,
-        )
-        yield from _insert_event(event)
-        return sorted(r["key_id"] for r in keys)
 
     @writes
     def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> Op[str]:
@@ -429,25 +414,13 @@ class SQLStore:
 
     @reads
     def events(self, query: EventFilter) -> Op[list[Event]]:
-        where = Where()
-        for column, given in (
-            ("action", query.action),
-            ("issuer_id", query.issuer_id),
-            ("target", query.target),
-        ):
-            if given is not None:
-                where.add(f"{column} = :{column}", **{column: given})
+        where = _equal(Where(), query, ("action", "issuer_id", "target"))
         if query.refused is True:
             where.add("outcome <> 'ok'")
         elif query.refused is False:
             where.add("outcome = 'ok'")
         _since_and_ids(where, query.since, query.after_id, query.before_id)
-        found = yield rows(
-            f"SELECT * FROM events WHERE {where.sql} ORDER BY id DESC LIMIT :limit",
-            **where.params,
-            limit=query.limit,
-        )
-        return [_event(r) for r in found]
+        return (yield from _page("events", where, "id DESC", query.limit, _event))
 
     # -- the request path's reads and its audit rows -------------------------------------------
 
@@ -476,13 +449,7 @@ class SQLStore:
 
     @reads
     def audit(self, query: AuditFilter) -> Op[list[AuditRecord]]:
-        where = _audit_where(query)
-        found = yield rows(
-            f"SELECT * FROM audit WHERE {where.sql} ORDER BY id DESC LIMIT :limit",
-            **where.params,
-            limit=query.limit,
-        )
-        return [_audit(r) for r in found]
+        return (yield from _page("audit", _audit_where(query), "id DESC", query.limit, _audit))
 
     @writes
     def forget_replays(self, older_than: datetime) -> Op[int]:
@@ -912,26 +879,50 @@ def _owner_values(owner: Owner | None) -> dict[str, str | None]:
     }
 
 
+def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
+    """The columns of a key's or a budget's row that both have, as inserted."""
+    return {
+        "label": subject.label,
+        "daily_cap_micros": subject.daily_cap_micros,
+        "total_cap_micros": subject.total_cap_micros,
+        "metadata": json.dumps(subject.metadata),
+        "created_at": subject.created_at,
+        "expires_at": subject.expires_at,
+        **_owner_values(subject.owner),
+        "alert_percents": percents_text(subject.alert_percents),
+    }
+
+
+def _subject_fields(r: Any) -> dict[str, Any]:
+    """The fields of a key or a budget that both have, from its row (`revoked_at` too, which
+    no insert sets)."""
+    return {
+        "label": r["label"],
+        "daily_cap_micros": r["daily_cap_micros"],
+        "total_cap_micros": r["total_cap_micros"],
+        "metadata": json.loads(r["metadata"]),
+        "created_at": moment(r["created_at"]),
+        "expires_at": moment(r["expires_at"]),
+        "revoked_at": _maybe_moment(r["revoked_at"]),
+        "owner": _owner(r),
+        "alert_percents": percents_of(r["alert_percents"]),
+    }
+
+
 def _key_values(key: KeyRecord) -> dict[str, Any]:
-    """A key's row, as inserted (a new column goes here, in `_key` and in the migrations)."""
+    """A key's row, as inserted (a new column goes here, in `_key` and in the migrations; one
+    that budgets have too, in `_subject_values` and `_subject_fields`)."""
     return {
         "key_id": key.key_id,
         "key_hash": key.key_hash,
         "vendor": key.vendor,
-        "label": key.label,
-        "daily_cap_micros": key.daily_cap_micros,
         "max_per_call_micros": key.max_per_call_micros,
         "allowed_endpoints": json.dumps(list(key.allowed_endpoints)),
-        "metadata": json.dumps(key.metadata),
         "dedupe_window_s": key.dedupe_window_s,
-        "created_at": key.created_at,
-        "expires_at": key.expires_at,
         "allowed_accounts": json.dumps(list(key.allowed_accounts)),
-        "total_cap_micros": key.total_cap_micros,
         "max_per_caller_micros": key.max_per_caller_micros,
         "budget_id": key.budget_id,
-        **_owner_values(key.owner),
-        "alert_percents": percents_text(key.alert_percents),
+        **_subject_values(key),
     }
 
 
@@ -940,51 +931,46 @@ def _key(r: Any) -> KeyRecord:
         key_id=r["key_id"],
         key_hash=bytes(r["key_hash"]),
         vendor=r["vendor"],
-        label=r["label"],
-        daily_cap_micros=r["daily_cap_micros"],
         max_per_call_micros=r["max_per_call_micros"],
         allowed_endpoints=tuple(json.loads(r["allowed_endpoints"])),
-        metadata=json.loads(r["metadata"]),
         dedupe_window_s=r["dedupe_window_s"],
-        created_at=moment(r["created_at"]),
-        expires_at=moment(r["expires_at"]),
-        revoked_at=_maybe_moment(r["revoked_at"]),
         allowed_accounts=tuple(json.loads(r["allowed_accounts"])),
-        total_cap_micros=r["total_cap_micros"],
         max_per_caller_micros=r["max_per_caller_micros"],
         budget_id=r["budget_id"],
-        owner=_owner(r),
-        alert_percents=percents_of(r["alert_percents"]),
+        **_subject_fields(r),
     )
+
+
+def _key_view(
+    key: KeyRecord, usage: Usage, _drawing: tuple[str, ...], changes: tuple[Change, ...]
+) -> KeyView:
+    return KeyView(key, usage, changes)  # no key draws on a key
 
 
 def _budget_values(budget: BudgetRecord) -> dict[str, Any]:
-    return {
-        "budget_id": budget.budget_id,
-        "label": budget.label,
-        "daily_cap_micros": budget.daily_cap_micros,
-        "total_cap_micros": budget.total_cap_micros,
-        "metadata": json.dumps(budget.metadata),
-        "created_at": budget.created_at,
-        "expires_at": budget.expires_at,
-        **_owner_values(budget.owner),
-        "alert_percents": percents_text(budget.alert_percents),
-    }
+    return {"budget_id": budget.budget_id, **_subject_values(budget)}
 
 
 def _budget(r: Any) -> BudgetRecord:
-    return BudgetRecord(
-        budget_id=r["budget_id"],
-        label=r["label"],
-        daily_cap_micros=r["daily_cap_micros"],
-        total_cap_micros=r["total_cap_micros"],
-        metadata=json.loads(r["metadata"]),
-        created_at=moment(r["created_at"]),
-        expires_at=moment(r["expires_at"]),
-        revoked_at=_maybe_moment(r["revoked_at"]),
-        owner=_owner(r),
-        alert_percents=percents_of(r["alert_percents"]),
-    )
+    return BudgetRecord(budget_id=r["budget_id"], **_subject_fields(r))
+
+
+@dataclass(frozen=True, slots=True)
+class _Subject(Generic[R, V]):
+    """Keys or budgets: where they are stored, and how a row becomes a record and a view."""
+
+    table: str
+    alias: str  # the table's name in queries
+    column: str  # the id column, named as the record's id field
+    record: Callable[[Any], R]  # a row as a record
+    values: Callable[[R], dict[str, Any]]  # a record as a row
+    # A record, its usage, the keys drawing on it and its changes, as a view.
+    view: Callable[[R, Usage, tuple[str, ...], tuple[Change, ...]], V]
+    drawn_on: bool  # keys draw on it: a view names them, a revoke revokes them
+
+
+_KEYS = _Subject("vault_keys", "k", "key_id", _key, _key_values, _key_view, drawn_on=False)
+_BUDGETS = _Subject("budgets", "b", "budget_id", _budget, _budget_values, BudgetView, drawn_on=True)
 
 
 def _issuer(r: Any) -> IssuerRecord:
@@ -1000,40 +986,15 @@ def _issuer(r: Any) -> IssuerRecord:
 
 
 def _event(r: Any) -> Event:
-    return Event(
-        id=r["id"],
-        ts=moment(r["ts"]),
-        action=r["action"],
-        actor=r["actor"],
-        issuer_id=r["issuer_id"],
-        target=r["target"],
-        outcome=r["outcome"],
-        source=r["source"],
-        detail=json.loads(r["detail"]) if r["detail"] else None,
-    )
+    fields = {column: r[column] for column in _EVENT_COLUMNS} | {"ts": moment(r["ts"])}
+    detail = json.loads(r["detail"]) if r["detail"] else None
+    return Event(id=r["id"], detail=detail, **fields)
 
 
 def _audit(r: Any) -> AuditRecord:
-    return AuditRecord(
-        id=r["id"],
-        ts=moment(r["ts"]),
-        key_id=r["key_id"],
-        label=r["label"],
-        vendor=r["vendor"],
-        method=r["method"],
-        path=r["path"],
-        status=r["status"],
-        decision=r["decision"],
-        reserved_micros=r["reserved_micros"],
-        settled_micros=r["settled_micros"],
-        amount=r["amount"],
-        currency=r["currency"],
-        vendor_request_id=r["vendor_request_id"],
-        idempotency_key=r["idempotency_key"],
-        latency_ms=r["latency_ms"],
-        caller_tag=r["caller_tag"],
-        budget_id=r["budget_id"],
-    )
+    # Each column is the field of its name, read as stored but for the timestamp.
+    fields = {column: r[column] for column in AUDIT_COLUMNS} | {"ts": moment(r["ts"])}
+    return AuditRecord(id=r["id"], **fields)
 
 
 def _alert(r: Any) -> AlertDelivery:
@@ -1059,20 +1020,13 @@ def _insert(table: str, values: dict[str, Any]) -> Op[None]:
     yield execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", **values)
 
 
+# An event row's columns but its id and JSON `detail`, named as `Event`'s fields.
+_EVENT_COLUMNS = ("ts", "action", "actor", "issuer_id", "target", "outcome", "source")
+
+
 def _insert_event(event: Event) -> Op[None]:
-    yield from _insert(
-        "events",
-        {
-            "ts": event.ts,
-            "action": event.action,
-            "actor": event.actor,
-            "issuer_id": event.issuer_id,
-            "target": event.target,
-            "outcome": event.outcome,
-            "source": event.source,
-            "detail": _json_or_null(event.detail),
-        },
-    )
+    values = {column: getattr(event, column) for column in _EVENT_COLUMNS}
+    yield from _insert("events", values | {"detail": _json_or_null(event.detail)})
 
 
 def _changes(subject_id: str) -> Op[tuple[Change, ...]]:
@@ -1122,23 +1076,74 @@ def _record_request(request: IssueRequest | None, subject_id: str, now: datetime
         )
 
 
-def _revoke_subject(subject_id: str, now: datetime) -> Op[None]:
-    """Revoke a key, or a budget with every key drawing on it (an earlier issue attempt)."""
-    if subject_id.startswith("bg_"):
-        for table in ("budgets", "vault_keys"):
-            yield execute(
-                f"UPDATE {table} SET revoked_at = :now WHERE budget_id = :subject "
-                "AND revoked_at IS NULL",
-                now=now,
-                subject=subject_id,
-            )
-    else:
-        yield execute(
-            "UPDATE vault_keys SET revoked_at = :now WHERE key_id = :subject "
-            "AND revoked_at IS NULL",
+def _issue(
+    kind: _Subject[R, Any],
+    subject: R,
+    replaced: str | None,
+    request: IssueRequest | None,
+    event: Event,
+) -> Op[Issued]:
+    """Insert a new key or budget and record its issue; first revoke `replaced`, what an
+    earlier attempt with the same idempotency key issued."""
+    values = kind.values(subject)
+    subject_id, created_at = values[kind.column], values["created_at"]
+    if replaced is not None:
+        yield from _revoke_subject(_kind_of(replaced), replaced, created_at)
+    yield from _insert(kind.table, values)
+    yield execute("INSERT INTO usage_counts (owner_id) VALUES (:owner)", owner=subject_id)
+    yield from _record_request(request, subject_id, created_at)
+    yield from _insert_event(event)
+    return Issued("created", replaced)
+
+
+class _Revoked(NamedTuple):
+    """What revoking a key or a budget changed."""
+
+    changed: bool  # it was live until now
+    drawing: list[str]  # the keys drawing on a budget, revoked with it
+
+
+def _revoke(
+    kind: _Subject[Any, Any], subject_id: str, now: datetime, event: Event
+) -> Op[_Revoked | None]:
+    """Revoke a key, or a budget with every key drawing on it, and record it; None (and
+    nothing recorded) if there is no such key or budget."""
+    exists = yield value(
+        f"SELECT true FROM {kind.table} WHERE {kind.column} = :subject FOR UPDATE",
+        subject=subject_id,
+    )
+    if not exists:
+        return None
+    revoked = yield from _revoke_subject(kind, subject_id, now)
+    yield from _insert_event(event)
+    return revoked
+
+
+def _revoke_subject(kind: _Subject[Any, Any], subject_id: str, now: datetime) -> Op[_Revoked]:
+    """Revoke a key, or a budget with every live key drawing on it (the caller locks it, if it
+    must, and records the event)."""
+    changed = yield execute(
+        f"UPDATE {kind.table} SET revoked_at = :now WHERE {kind.column} = :subject "
+        "AND revoked_at IS NULL",
+        now=now,
+        subject=subject_id,
+    )
+    drawing = []
+    if kind.drawn_on:
+        keys = yield rows(
+            "UPDATE vault_keys SET revoked_at = :now WHERE budget_id = :subject "
+            "AND revoked_at IS NULL RETURNING key_id",
             now=now,
             subject=subject_id,
         )
+        drawing = sorted(r["key_id"] for r in keys)
+    return _Revoked(bool(changed), drawing)
+
+
+def _kind_of(subject_id: str) -> _Subject[Any, Any]:
+    """Whether an id is a key's (`vk_...`) or a budget's (`bg_...`)."""
+    table, _ = subject_table(subject_id)
+    return _BUDGETS if table == _BUDGETS.table else _KEYS
 
 
 # An audit row's columns, named as `AuditRecord`'s fields: the one statement inserting it is made
@@ -1175,23 +1180,13 @@ def insert_audit(audit: AuditRecord) -> Op[int]:
     return int(audit_id)
 
 
-# Keys (`k`) and budgets (`b`): their table, id column and row mapper.
-_SUBJECTS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    "k": ("vault_keys", "key_id", _key),
-    "b": ("budgets", "budget_id", _budget),
-}
-
-
-def _one(alias: str, subject_id: str) -> Where:
-    return Where().add(f"{alias}.{_SUBJECTS[alias][1]} = :subject", subject=subject_id)
-
-
-def _newest(alias: str, where: Where, limit: int) -> Op[list[Any]]:
-    """Keys or budgets, newest first (the order listings page in)."""
-    table, column, record = _SUBJECTS[alias]
+def _page(
+    source: str, where: Where, order: str, limit: int, record: Callable[[Any], T]
+) -> Op[list[T]]:
+    """The first `limit` rows of `source` (a table, and its alias if `where` uses one) in
+    `order`, as records."""
     found = yield rows(
-        f"SELECT {alias}.* FROM {table} {alias} WHERE {where.sql} "
-        f"ORDER BY {alias}.created_at DESC, {alias}.{column} DESC LIMIT :limit",
+        f"SELECT * FROM {source} WHERE {where.sql} ORDER BY {order} LIMIT :limit",
         **where.params,
         limit=limit,
     )
@@ -1243,14 +1238,7 @@ def _listed(where: Where, alias: str, query: Listing, now: datetime) -> Where:
             before=query.before[0],
             before_id=query.before[1],
         )
-    for column, given in (
-        ("namespace", query.namespace),
-        ("label", query.label),
-        ("vendor", query.vendor),
-        ("budget_id", query.budget_id),
-    ):
-        if given is not None:
-            where.add(f"{alias}.{column} = :{column}", **{column: given})
+    _equal(where, query, ("namespace", "label", "vendor", "budget_id"), alias)
     if query.status == "revoked":
         where.add(f"{alias}.revoked_at IS NOT NULL")
     elif query.status == "expired":
@@ -1266,17 +1254,19 @@ def _audit_where(query: AuditFilter) -> Where:
         # Audit rows carry the label; the namespace is the key's.
         keys = _scoped(where.sub(), query.scope, "k")
         where.add(f"key_id IN (SELECT k.key_id FROM vault_keys k WHERE {keys.sql})")
-    for column, given in (
-        ("key_id", query.key_id),
-        ("budget_id", query.budget_id),
-        ("label", query.label),
-        ("vendor", query.vendor),
-        ("decision", query.decision),
-        ("caller_tag", query.caller_tag),
-    ):
-        if given is not None:
-            where.add(f"{column} = :{column}", **{column: given})
+    _equal(where, query, ("key_id", "budget_id", "label", "vendor", "decision", "caller_tag"))
     return _since_and_ids(where, query.since, query.after_id, query.before_id)
+
+
+def _equal(where: Where, query: Any, columns: tuple[str, ...], alias: str | None = None) -> Where:
+    """Each of `columns` (of the table `alias` names) equal to the query's field of the same
+    name, where the query gives one (not None)."""
+    prefix = f"{alias}." if alias else ""
+    for column in columns:
+        given = getattr(query, column)
+        if given is not None:
+            where.add(f"{prefix}{column} = :{column}", **{column: given})
+    return where
 
 
 def _since_and_ids(

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from keybrake.proxy.decisions import (
     window_floor,
 )
 from keybrake.proxy.errors import RulesNewer, SchemaNewer, StoreUnavailable
+from keybrake.proxy.store import _schema
 from keybrake.proxy.store.operations import SQLStore
 from keybrake.proxy.store.records import Admission, Reservation, Settlement, StoredResponse
 from keybrake.proxy.store.sql import POSTGRES, Op, Refused, run_async
@@ -48,129 +50,24 @@ __all__ = ["MIGRATIONS", "PostgresStore", "ledger_sql", "migrate_connection"]
 T = TypeVar("T")
 log = logging.getLogger("keybrake.store")
 
+# The tables both backends have are stated once, in `_schema`; these add what only PostgreSQL does.
+_TYPES = _schema.POSTGRES_TYPES
+
 MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE vault_keys (
-        key_id text PRIMARY KEY,
-        key_hash bytea NOT NULL UNIQUE,
-        vendor text NOT NULL,
-        label text NOT NULL,
-        daily_cap_micros bigint NOT NULL,
-        max_per_call_micros bigint,
-        allowed_endpoints jsonb NOT NULL,
-        metadata jsonb NOT NULL,
-        dedupe_window_s integer NOT NULL,
-        created_at timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL,
-        revoked_at timestamptz
-    );
-    CREATE INDEX vault_keys_label ON vault_keys (label);
-    CREATE TABLE spend (
-        key_id text NOT NULL,
-        day text NOT NULL,
-        settled_micros bigint NOT NULL DEFAULT 0,
-        reserved_micros bigint NOT NULL DEFAULT 0,
-        calls bigint NOT NULL DEFAULT 0,
-        cap_hits bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, day)
-    );
-    CREATE TABLE replays (
-        key_id text NOT NULL,
-        kind text NOT NULL,
-        token text NOT NULL,
-        request_hash text NOT NULL,
-        created_at timestamptz NOT NULL,
-        status integer,
-        headers jsonb,
-        body bytea,
-        PRIMARY KEY (key_id, kind, token)
-    );
-    CREATE TABLE counted_objects (
-        vendor text NOT NULL,
-        object_id text NOT NULL,
-        PRIMARY KEY (vendor, object_id)
-    );
-    CREATE TABLE audit (
-        id bigserial PRIMARY KEY,
-        ts timestamptz NOT NULL,
-        key_id text,
-        label text,
-        vendor text NOT NULL,
-        method text NOT NULL,
-        path text NOT NULL,
-        status integer NOT NULL,
-        decision text NOT NULL,
-        reserved_micros bigint NOT NULL DEFAULT 0,
-        settled_micros bigint NOT NULL DEFAULT 0,
-        amount bigint,
-        currency text,
-        vendor_request_id text,
-        idempotency_key text,
-        latency_ms double precision,
-        caller_tag text,
-        day text
-    );
-    CREATE INDEX audit_key ON audit (key_id, id);
-    CREATE INDEX audit_label ON audit (label, id);
-    CREATE INDEX audit_ts ON audit (ts);
+    # 1: the first tables. Audit rows also kept their UTC day (migration 4 drops it).
+    _schema.first_tables(_TYPES, audit_added=("day text",))
+    + """
     CREATE INDEX audit_in_flight ON audit (ts) WHERE decision = 'in_flight';
     """,
     # Migrations 2 and 3 replaced and tuned migration 1's request-path functions, which live in
     # ledger.sql now: on a new database there is nothing to run.
     "SELECT 1",
     "SELECT 1",
-    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, kept per
-    # owner (a key or a budget); each owner's lock and counters move to `usage_counts`. A day's
-    # spend lands in its last hour, so the window counts it at least as long as the day-based
-    # cap did: never less. Keys gain lifetime and per-caller caps and may draw on a budget.
-    """
-    CREATE TABLE usage_counts (
-        owner_id text PRIMARY KEY,
-        calls bigint NOT NULL DEFAULT 0,
-        cap_hits bigint NOT NULL DEFAULT 0
-    );
-    INSERT INTO usage_counts (owner_id, calls, cap_hits)
-        SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
-    CREATE TABLE spend_window (
-        owner_id text NOT NULL,
-        bucket bigint NOT NULL,
-        settled_micros bigint NOT NULL DEFAULT 0,
-        reserved_micros bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (owner_id, bucket)
-    );
-    CREATE INDEX spend_window_bucket ON spend_window (bucket);
-    INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros)
-        SELECT key_id, floor(extract(epoch FROM day::date) / 3600)::bigint + 23, settled_micros,
-               reserved_micros FROM spend;
-    DROP TABLE spend;
-    CREATE TABLE caller_spend (
-        key_id text NOT NULL,
-        caller text NOT NULL,
-        settled_micros bigint NOT NULL DEFAULT 0,
-        reserved_micros bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, caller)
-    );
-    CREATE TABLE budgets (
-        budget_id text PRIMARY KEY,
-        label text NOT NULL,
-        daily_cap_micros bigint,
-        total_cap_micros bigint,
-        metadata jsonb NOT NULL,
-        created_at timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL,
-        revoked_at timestamptz
-    );
-    CREATE INDEX budgets_label ON budgets (label);
-    CREATE TABLE changes (
-        id bigserial PRIMARY KEY,
-        subject_id text NOT NULL,
-        field text NOT NULL,
-        old text,
-        new text,
-        reason text NOT NULL,
-        at timestamptz NOT NULL
-    );
-    CREATE INDEX changes_subject ON changes (subject_id, id);
+    # 4: spend in hourly buckets of a rolling window, budgets, and keys' new caps.
+    _schema.spend_window(
+        _TYPES, day_start_hour="floor(extract(epoch FROM day::date) / 3600)::bigint"
+    )
+    + """
     ALTER TABLE vault_keys
         ALTER COLUMN daily_cap_micros DROP NOT NULL,
         ADD COLUMN allowed_accounts jsonb NOT NULL DEFAULT '[]',
@@ -182,110 +79,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE audit DROP COLUMN day, ADD COLUMN budget_id text;
     CREATE INDEX audit_budget ON audit (budget_id, id);
     """,
-    # 5: scoped issuers, who issued what for which namespace, the record of admin actions, and
-    # idempotent issuing.
-    """
-    CREATE TABLE issuers (
-        issuer_id text PRIMARY KEY,
-        name text NOT NULL,
-        token_hash bytea UNIQUE,
-        policy jsonb NOT NULL,
-        kubernetes jsonb,
-        created_at timestamptz NOT NULL,
-        deleted_at timestamptz
-    );
-    CREATE UNIQUE INDEX issuers_live_name ON issuers (name) WHERE deleted_at IS NULL;
-    CREATE TABLE events (
-        id bigserial PRIMARY KEY,
-        ts timestamptz NOT NULL,
-        action text NOT NULL,
-        actor text NOT NULL,
-        issuer_id text,
-        target text,
-        outcome text NOT NULL,
-        source text,
-        detail jsonb
-    );
-    CREATE INDEX events_issuer ON events (issuer_id, id);
-    CREATE INDEX events_target ON events (target, id);
-    CREATE TABLE issue_requests (
-        scope text NOT NULL,
-        idempotency_key text NOT NULL,
-        request_hash text NOT NULL,
-        subject_id text NOT NULL,
-        created_at timestamptz NOT NULL,
-        PRIMARY KEY (scope, idempotency_key)
-    );
+    # 5: scoped issuers, and what each key and budget was issued for.
+    _schema.issuers(_TYPES)
+    + """
     ALTER TABLE vault_keys ADD COLUMN issuer_id text, ADD COLUMN namespace text,
         ADD COLUMN service_account text;
     CREATE INDEX vault_keys_issuer ON vault_keys (issuer_id);
     ALTER TABLE budgets ADD COLUMN issuer_id text, ADD COLUMN namespace text,
         ADD COLUMN service_account text;
     """,
-    # 6: listings page newest first (`continue`): walk an index instead of sorting every row.
-    """
-    CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
-    CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
-    """,
-    # 7: threshold alerts: which are raised (until spend falls back), and the outbox.
-    """
-    CREATE TABLE alert_marks (
-        owner_id text NOT NULL,
-        mark text NOT NULL,
-        PRIMARY KEY (owner_id, mark)
-    );
-    CREATE TABLE alert_outbox (
-        delivery_id text PRIMARY KEY,
-        owner_id text NOT NULL,
-        mark text NOT NULL,
-        payload text NOT NULL,
-        created_at timestamptz NOT NULL,
-        attempts integer NOT NULL DEFAULT 0,
-        next_attempt_at timestamptz NOT NULL,
-        claimed_until timestamptz,
-        delivered_at timestamptz,
-        last_error text
-    );
-    CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
-    CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
-    """,
-    # 8: each key's and budget's own alert thresholds; the dashboard's sign-in sessions (the
-    # id's hash only), and an index to find each run's newest key or budget and whether it is
-    # live without reading the rows.
-    """
-    CREATE TABLE ui_sessions (
-        session_hash bytea PRIMARY KEY,
-        issuer_id text,
-        credential_hash bytea NOT NULL,
-        created_at timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL
-    );
-    CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at);
-    ALTER TABLE vault_keys ADD COLUMN alert_percents text;
-    ALTER TABLE budgets ADD COLUMN alert_percents text;
-    CREATE INDEX vault_keys_label_created ON vault_keys
-        (label, created_at, key_id, expires_at, revoked_at, namespace);
-    CREATE INDEX budgets_label_created ON budgets
-        (label, created_at, budget_id, expires_at, revoked_at, namespace);
-    """,
-    # 9: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
-    # the same payer's confirm or capture is offset, and only within the window (re-dated to
-    # when the money moves); dedupe tokens carry the fan-out item, read from each row's audit
-    # row, so a retry straddling the upgrade still matches. The old marks named no payer: they
-    # are dropped, so such an object's confirm is priced in full. (It also replaced the reserve
-    # and settle functions, which live in ledger.sql since migration 10.)
-    """
-    DROP TABLE counted_objects;
-    CREATE TABLE paid_for (
-        vendor text NOT NULL,
-        object_id text NOT NULL,
-        key_id text NOT NULL,
-        budget_id text,
-        bucket bigint NOT NULL,
-        micros bigint NOT NULL,
-        PRIMARY KEY (vendor, object_id, key_id, bucket)
-    );
-    CREATE INDEX paid_for_bucket ON paid_for (bucket);
+    # 6: listings page newest first.
+    _schema.LISTING_INDEXES,
+    # 7: threshold alerts.
+    _schema.alerts(_TYPES),
+    # 8: alert thresholds of their own, dashboard sessions, runs' newest keys and budgets.
+    _schema.sessions(_TYPES),
+    # 9: "paid for" marks name their payer. Dedupe tokens carry the fan-out item, read from each
+    # row's audit row, so a retry straddling the upgrade still matches. (It also replaced the
+    # reserve and settle functions, which live in ledger.sql since migration 10.)
+    _schema.paid_for(_TYPES)
+    + """
     UPDATE replays r SET token = r.token || ':' || coalesce((
         SELECT CASE WHEN strpos(a.caller_tag, '@') > 0 THEN split_part(a.caller_tag, '@', 1)
                     ELSE '' END
@@ -463,14 +276,12 @@ class PostgresStore(SQLStore):
     ) -> None:
         self.url = url
         self.rule_version = rule_version
-        self._durable_commits = durable_commits
-        self._min_size = min_size
-        self._max_size = max_size
+        self._connections = _Connections(url, durable_commits, min_size, max_size)
         self._pool: asyncpg.Pool | None = None
         # The request path does not go through the pool: each batcher has at most one statement
         # in flight, so it owns one connection and skips the pool's acquire and release.
-        self._reserve_lane = _Lane(self._connect)
-        self._settle_lane = _Lane(self._connect)
+        self._reserve_lane = _Lane(self._connections.connect)
+        self._settle_lane = _Lane(self._connections.connect)
         self._reservations = _Batcher(
             self._run_many(
                 self._reserve_lane,
@@ -523,19 +334,6 @@ class PostgresStore(SQLStore):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def _connection_settings(self) -> dict[str, Any]:
-        return {
-            "command_timeout": 10,
-            # Startup parameters: they hold for the connection's whole life.
-            "server_settings": {
-                "timezone": "UTC",
-                **({} if self._durable_commits else {"synchronous_commit": "off"}),
-            },
-        }
-
-    async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.url, timeout=10, **self._connection_settings())
-
     async def open(self) -> None:
         try:
             conn = await asyncpg.connect(self.url, timeout=10)
@@ -545,13 +343,7 @@ class PostgresStore(SQLStore):
             await migrate_connection(conn, self.rule_version)
         finally:
             await conn.close()
-        self._pool = await asyncpg.create_pool(
-            self.url,
-            min_size=self._min_size,
-            max_size=self._max_size,
-            reset=_keep_session,
-            **self._connection_settings(),
-        )
+        self._pool = await self._connections.pool()
 
     async def close(self) -> None:
         await self._reserve_lane.close()
@@ -753,6 +545,38 @@ class PostgresStore(SQLStore):
             return len(moved)
 
         return await self._run(op)
+
+
+@dataclass(frozen=True, slots=True)
+class _Connections:
+    """How the store's connections are made, the pool's and the request path's own (`_Lane`)."""
+
+    url: str
+    durable_commits: bool
+    min_size: int  # the pool's
+    max_size: int
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "command_timeout": 10,
+            # Startup parameters: they hold for the connection's whole life.
+            "server_settings": {
+                "timezone": "UTC",
+                **({} if self.durable_commits else {"synchronous_commit": "off"}),
+            },
+        }
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.url, timeout=10, **self._settings())
+
+    async def pool(self) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.url,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            reset=_keep_session,
+            **self._settings(),
+        )
 
 
 class _Batcher:

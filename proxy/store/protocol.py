@@ -8,33 +8,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from keybrake.proxy.decisions import Decision
-from keybrake.proxy.store.records import (
-    ACTIVITY_POINTS,
-    Admission,
-    AlertDelivery,
-    AlertLevel,
-    AuditFilter,
-    AuditRecord,
-    BudgetRecord,
-    BudgetView,
-    Event,
-    EventFilter,
-    Issued,
-    IssueRequest,
-    IssuerRecord,
-    KeyRecord,
-    KeyView,
-    Listing,
-    MetricsSnapshot,
-    Patch,
-    Reservation,
-    RunActivity,
-    RunFilter,
-    RunRow,
-    Scope,
-    Session,
-    Settlement,
-)
+from keybrake.proxy.store import records
 
 __all__ = ["Store"]
 
@@ -51,35 +25,35 @@ class Store(Protocol):
 
     async def create_key(
         self,
-        key: KeyRecord,
-        event: Event,
+        key: records.KeyRecord,
+        event: records.Event,
         *,
         max_active: int | None = None,
-        request: IssueRequest | None = None,
-    ) -> Issued:
+        request: records.IssueRequest | None = None,
+    ) -> records.Issued:
         """Insert the key. `max_active`: refuse ("too_many") if its issuer already has that many
         active keys. `request`: an earlier issue under the same idempotency key is revoked and
         replaced, a different request under it refused ("mismatch"). All in one transaction."""
         ...
 
-    async def find_key(self, key_hash: bytes) -> KeyRecord | None: ...
+    async def find_key(self, key_hash: bytes) -> records.KeyRecord | None: ...
 
-    async def get_key(self, key_id: str, now: datetime) -> KeyView | None: ...
+    async def get_key(self, key_id: str, now: datetime) -> records.KeyView | None: ...
 
-    async def list_keys(self, query: Listing, now: datetime) -> list[KeyView]: ...
+    async def list_keys(self, query: records.Listing, now: datetime) -> list[records.KeyView]: ...
 
-    async def revoke_key(self, key_id: str, now: datetime, event: Event) -> bool | None: ...
+    async def revoke_key(self, key_id: str, now: datetime, event: records.Event) -> bool | None: ...
 
     async def revoke_label(
         self,
         label: str,
         now: datetime,
-        event: Event,
+        event: records.Event,
         *,
         namespace: str | None = None,
         workflow_uid: str | None = None,
         cluster: str | None = None,
-        scope: Scope | None = None,
+        scope: records.Scope | None = None,
     ) -> tuple[list[str], list[str]]:
         """Revoke the label's live keys and budgets (of `namespace`, of the run whose metadata
         `uid` is `workflow_uid` and `cluster` is `cluster`, within `scope`, when given); their
@@ -89,45 +63,57 @@ class Store(Protocol):
         ...
 
     async def create_budget(
-        self, budget: BudgetRecord, event: Event, *, request: IssueRequest | None = None
-    ) -> Issued: ...
+        self,
+        budget: records.BudgetRecord,
+        event: records.Event,
+        *,
+        request: records.IssueRequest | None = None,
+    ) -> records.Issued: ...
 
-    async def get_budget(self, budget_id: str, now: datetime) -> BudgetView | None: ...
+    async def get_budget(self, budget_id: str, now: datetime) -> records.BudgetView | None: ...
 
-    async def list_budgets(self, query: Listing, now: datetime) -> list[BudgetView]: ...
+    async def list_budgets(
+        self, query: records.Listing, now: datetime
+    ) -> list[records.BudgetView]: ...
 
-    async def revoke_budget(self, budget_id: str, now: datetime, event: Event) -> list[str] | None:
+    async def revoke_budget(
+        self, budget_id: str, now: datetime, event: records.Event
+    ) -> list[str] | None:
         """Revoke the budget and every live key drawing on it; those keys' ids, None if there
         is no such budget."""
         ...
 
-    async def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> str:
+    async def patch(
+        self, subject_id: str, patch: records.Patch, now: datetime, event: records.Event
+    ) -> str:
         """Apply `patch` to a live key (`vk_...`) or budget (`bg_...`) and record each change:
         "patched", "unknown", or "not_live" (revoked or expired: nothing changed)."""
         ...
 
-    async def create_issuer(self, issuer: IssuerRecord, event: Event) -> None: ...
+    async def create_issuer(self, issuer: records.IssuerRecord, event: records.Event) -> None: ...
 
-    async def get_issuer(self, issuer_id: str) -> IssuerRecord | None: ...
+    async def get_issuer(self, issuer_id: str) -> records.IssuerRecord | None: ...
 
-    async def find_issuer(self, token_hash: bytes) -> IssuerRecord | None:
+    async def find_issuer(self, token_hash: bytes) -> records.IssuerRecord | None:
         """The live issuer whose token has this hash."""
         ...
 
-    async def list_issuers(self, *, include_deleted: bool = False) -> list[IssuerRecord]: ...
+    async def list_issuers(
+        self, *, include_deleted: bool = False
+    ) -> list[records.IssuerRecord]: ...
 
     async def delete_issuer(
-        self, issuer_id: str, now: datetime, event: Event, *, revoke: bool = False
+        self, issuer_id: str, now: datetime, event: records.Event, *, revoke: bool = False
     ) -> tuple[list[str], list[str]] | None:
         """Delete the issuer (its token stops at once); with `revoke`, revoke its live keys and
         budgets too: their ids (keys, budgets). None if there is no such live issuer."""
         ...
 
-    async def record_event(self, event: Event) -> None:
+    async def record_event(self, event: records.Event) -> None:
         """Record an action that changed nothing (a refusal, a refused login)."""
         ...
 
-    async def events(self, query: EventFilter) -> list[Event]: ...
+    async def events(self, query: records.EventFilter) -> list[records.Event]: ...
 
     async def compact_spend(self, before_bucket: int) -> int:
         """Fold each owner's spend buckets older than `before_bucket` into its bucket 0, which
@@ -135,11 +121,11 @@ class Store(Protocol):
         budget lives."""
         ...
 
-    async def reserve(self, reservation: Reservation) -> Admission: ...
+    async def reserve(self, reservation: records.Reservation) -> records.Admission: ...
 
-    async def settle(self, settlement: Settlement) -> None: ...
+    async def settle(self, settlement: records.Settlement) -> None: ...
 
-    async def record(self, row: AuditRecord) -> int: ...
+    async def record(self, row: records.AuditRecord) -> int: ...
 
     async def forget_replays(self, older_than: datetime) -> int:
         """Drop replay tokens (idempotency keys, dedupe fingerprints) created before
@@ -158,7 +144,7 @@ class Store(Protocol):
         authority."""
         ...
 
-    async def alert_levels(self, now: datetime) -> list[AlertLevel]:
+    async def alert_levels(self, now: datetime) -> list[records.AlertLevel]:
         """Every live key and budget with a cap, and its spend against it."""
         ...
 
@@ -166,7 +152,7 @@ class Store(Protocol):
         """(owner, mark) of every alert raised and not re-armed."""
         ...
 
-    async def raise_alert(self, delivery: AlertDelivery) -> bool:
+    async def raise_alert(self, delivery: records.AlertDelivery) -> bool:
         """Mark the alert raised and put it in the outbox, in one transaction; False (and
         nothing written) when it already was: of replicas scanning together, one raises it."""
         ...
@@ -182,7 +168,7 @@ class Store(Protocol):
 
     async def claim_alerts(
         self, now: datetime, lease: timedelta, limit: int
-    ) -> list[AlertDelivery]:
+    ) -> list[records.AlertDelivery]:
         """Due, undelivered alerts, each claimed for `lease` so one replica sends it at a time."""
         ...
 
@@ -197,31 +183,33 @@ class Store(Protocol):
         """An attempt's outcome: delivered (`error` None), or to be retried at `retry_at`."""
         ...
 
-    async def alert_deliveries(self, *, pending: bool, limit: int) -> list[AlertDelivery]:
+    async def alert_deliveries(self, *, pending: bool, limit: int) -> list[records.AlertDelivery]:
         """The outbox, newest first (`pending`: only those not yet delivered)."""
         ...
 
-    async def metrics_snapshot(self, now: datetime, stale_before: datetime) -> MetricsSnapshot:
+    async def metrics_snapshot(
+        self, now: datetime, stale_before: datetime
+    ) -> records.MetricsSnapshot:
         """What /metrics reads from the database, so every worker and replica reports the same:
         bounded by vendor, never one series per run."""
         ...
 
-    async def audit(self, query: AuditFilter) -> list[AuditRecord]: ...
+    async def audit(self, query: records.AuditFilter) -> list[records.AuditRecord]: ...
 
-    async def list_runs(self, query: RunFilter, now: datetime) -> list[RunRow]:
+    async def list_runs(self, query: records.RunFilter, now: datetime) -> list[records.RunRow]:
         """Labels of keys and budgets, newest first, one page (the dashboard's runs)."""
         ...
 
     async def run_activity(
-        self, label: str, scope: Scope | None, points: int = ACTIVITY_POINTS
-    ) -> RunActivity:
+        self, label: str, scope: records.Scope | None, points: int = records.ACTIVITY_POINTS
+    ) -> records.RunActivity:
         """The run's audit rows summed per time slice (at most about `points`) and per caller
         tag."""
         ...
 
-    async def create_session(self, session: Session) -> None: ...
+    async def create_session(self, session: records.Session) -> None: ...
 
-    async def find_session(self, session_hash: bytes, now: datetime) -> Session | None:
+    async def find_session(self, session_hash: bytes, now: datetime) -> records.Session | None:
         """The session, if it exists and has not expired."""
         ...
 

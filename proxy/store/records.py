@@ -341,6 +341,10 @@ class BudgetView:
     changes: tuple[Change, ...] = ()
 
 
+# What a `Patch` may change, named as the key's and budget's fields and columns.
+_PATCHED = ("daily_cap_micros", "total_cap_micros", "max_per_caller_micros", "expires_at")
+
+
 @dataclass(frozen=True, slots=True)
 class Patch:
     """New caps and expiry for a live key or budget (None: unchanged), and the reason.
@@ -356,16 +360,8 @@ class Patch:
     expected: dict[str, int | datetime | None] | None = None
 
     def fields(self) -> dict[str, int | datetime]:
-        return {
-            name: value
-            for name, value in (
-                ("daily_cap_micros", self.daily_cap_micros),
-                ("total_cap_micros", self.total_cap_micros),
-                ("max_per_caller_micros", self.max_per_caller_micros),
-                ("expires_at", self.expires_at),
-            )
-            if value is not None
-        }
+        """The fields it changes, and their new values."""
+        return {name: new for name in _PATCHED if (new := getattr(self, name)) is not None}
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,10 +146,6 @@ class Where:
         return " AND ".join(self.parts) or "1 = 1"
 
 
-_NAME = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
-_ROW_LOCK = re.compile(r"\s+FOR UPDATE( SKIP LOCKED)?")
-
-
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """What the shared SQL needs to know about a backend (its parameter style: `compiled`)."""
@@ -175,6 +171,10 @@ def _sqlite_value(given: Any) -> Any:
         return json.dumps(list(given))
     return given
 
+
+# What `compiled` rewrites: a `:name` parameter (not a `::` cast), and a row lock.
+_NAME = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+_ROW_LOCK = re.compile(r"\s+FOR UPDATE( SKIP LOCKED)?")
 
 # Parameters SQLite takes as they are: most of them, so the common case is one type lookup.
 _AS_IS = frozenset({str, int, float, bytes, bool, type(None)})

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from keybrake.proxy.decisions import RULE_VERSION
 from keybrake.proxy.errors import RulesNewer, SchemaNewer, StoreUnavailable
-from keybrake.proxy.store import sqlite_ledger
+from keybrake.proxy.store import _schema, sqlite_ledger
 from keybrake.proxy.store.operations import SQLStore
 from keybrake.proxy.store.records import Admission, Reservation, Settlement
 from keybrake.proxy.store.sql import SQLITE, Op, Refused, run_sync
@@ -33,142 +33,30 @@ __all__ = ["MIGRATIONS", "SQLiteStore"]
 
 T = TypeVar("T")
 
+# The tables both backends have are stated once, in `_schema`; these add what only SQLite does.
+_TYPES = _schema.SQLITE_TYPES
+
 MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE vault_keys (
-        key_id TEXT PRIMARY KEY,
-        key_hash BLOB NOT NULL UNIQUE,
-        vendor TEXT NOT NULL,
-        label TEXT NOT NULL,
-        daily_cap_micros INTEGER NOT NULL,
-        max_per_call_micros INTEGER,
-        allowed_endpoints TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        dedupe_window_s INTEGER NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE INDEX vault_keys_label ON vault_keys (label);
-    CREATE TABLE spend (
-        key_id TEXT NOT NULL,
-        day TEXT NOT NULL,
-        settled_micros INTEGER NOT NULL DEFAULT 0,
-        reserved_micros INTEGER NOT NULL DEFAULT 0,
-        calls INTEGER NOT NULL DEFAULT 0,
-        cap_hits INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, day)
-    );
-    CREATE TABLE replays (
-        key_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        token TEXT NOT NULL,
-        request_hash TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        status INTEGER,
-        headers TEXT,
-        body BLOB,
-        PRIMARY KEY (key_id, kind, token)
-    );
-    CREATE TABLE counted_objects (
-        vendor TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        PRIMARY KEY (vendor, object_id)
-    );
-    CREATE TABLE audit (
-        id INTEGER PRIMARY KEY,
-        ts TEXT NOT NULL,
-        key_id TEXT,
-        label TEXT,
-        vendor TEXT NOT NULL,
-        method TEXT NOT NULL,
-        path TEXT NOT NULL,
-        status INTEGER NOT NULL,
-        decision TEXT NOT NULL,
-        reserved_micros INTEGER NOT NULL DEFAULT 0,
-        settled_micros INTEGER NOT NULL DEFAULT 0,
-        amount INTEGER,
-        currency TEXT,
-        vendor_request_id TEXT,
-        idempotency_key TEXT,
-        latency_ms REAL,
-        caller_tag TEXT
-    );
-    CREATE INDEX audit_key ON audit (key_id, id);
-    CREATE INDEX audit_label ON audit (label, id);
-    CREATE INDEX audit_ts ON audit (ts);
+    # 1: the first tables.
+    _schema.first_tables(_TYPES)
+    + """
     CREATE INDEX audit_in_flight ON audit (decision) WHERE decision = 'in_flight';
     """,
-    # Spend moves from per-UTC-day rows to hourly buckets of a rolling 24-hour window, kept per
-    # owner (a key or a budget); each owner's lock and counters move to `usage_counts`. A day's
-    # spend lands in its last hour, so the window counts it at least as long as the day-based
-    # cap did: never less. Keys gain lifetime and per-caller caps and may draw on a budget.
-    """
-    CREATE TABLE usage_counts (
-        owner_id TEXT PRIMARY KEY,
-        calls INTEGER NOT NULL DEFAULT 0,
-        cap_hits INTEGER NOT NULL DEFAULT 0
-    );
-    INSERT INTO usage_counts (owner_id, calls, cap_hits)
-        SELECT key_id, sum(calls), sum(cap_hits) FROM spend GROUP BY key_id;
-    CREATE TABLE spend_window (
-        owner_id TEXT NOT NULL,
-        bucket INTEGER NOT NULL,
-        settled_micros INTEGER NOT NULL DEFAULT 0,
-        reserved_micros INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (owner_id, bucket)
-    );
-    CREATE INDEX spend_window_bucket ON spend_window (bucket);
-    INSERT INTO spend_window (owner_id, bucket, settled_micros, reserved_micros)
-        SELECT key_id, CAST(strftime('%s', day) AS INTEGER) / 3600 + 23, settled_micros,
-               reserved_micros FROM spend;
-    DROP TABLE spend;
-    CREATE TABLE caller_spend (
-        key_id TEXT NOT NULL,
-        caller TEXT NOT NULL,
-        settled_micros INTEGER NOT NULL DEFAULT 0,
-        reserved_micros INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_id, caller)
-    );
-    CREATE TABLE budgets (
-        budget_id TEXT PRIMARY KEY,
-        label TEXT NOT NULL,
-        daily_cap_micros INTEGER,
-        total_cap_micros INTEGER,
-        metadata TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE INDEX budgets_label ON budgets (label);
-    CREATE TABLE changes (
-        id INTEGER PRIMARY KEY,
-        subject_id TEXT NOT NULL,
-        field TEXT NOT NULL,
-        old TEXT,
-        new TEXT,
-        reason TEXT NOT NULL,
-        at TEXT NOT NULL
-    );
-    CREATE INDEX changes_subject ON changes (subject_id, id);
-    CREATE TABLE vault_keys_new (
-        key_id TEXT PRIMARY KEY,
-        key_hash BLOB NOT NULL UNIQUE,
-        vendor TEXT NOT NULL,
-        label TEXT NOT NULL,
-        daily_cap_micros INTEGER,
-        max_per_call_micros INTEGER,
-        allowed_endpoints TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        dedupe_window_s INTEGER NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL,
-        revoked_at TEXT,
-        allowed_accounts TEXT NOT NULL DEFAULT '[]',
-        total_cap_micros INTEGER,
-        max_per_caller_micros INTEGER,
-        budget_id TEXT
-    );
+    # 2: spend in hourly buckets of a rolling window, budgets, and keys' new caps. SQLite cannot
+    # drop a NOT NULL: vault_keys is rebuilt, with a daily cap a key may leave out.
+    _schema.spend_window(_TYPES, day_start_hour="CAST(strftime('%s', day) AS INTEGER) / 3600")
+    + _schema.vault_keys(
+        _TYPES,
+        table="vault_keys_new",
+        daily_cap_required=False,
+        added=(
+            "allowed_accounts TEXT NOT NULL DEFAULT '[]'",
+            "total_cap_micros INTEGER",
+            "max_per_caller_micros INTEGER",
+            "budget_id TEXT",
+        ),
+    )
+    + """
     INSERT INTO vault_keys_new (key_id, key_hash, vendor, label, daily_cap_micros,
             max_per_call_micros, allowed_endpoints, metadata, dedupe_window_s, created_at,
             expires_at, revoked_at)
@@ -184,40 +72,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE audit ADD COLUMN budget_id TEXT;
     CREATE INDEX audit_budget ON audit (budget_id, id);
     """,
-    # 3: scoped issuers, who issued what for which namespace, the record of admin actions, and
-    # idempotent issuing.
-    """
-    CREATE TABLE issuers (
-        issuer_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        token_hash BLOB UNIQUE,
-        policy TEXT NOT NULL,
-        kubernetes TEXT,
-        created_at TEXT NOT NULL,
-        deleted_at TEXT
-    );
-    CREATE UNIQUE INDEX issuers_live_name ON issuers (name) WHERE deleted_at IS NULL;
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        ts TEXT NOT NULL,
-        action TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        issuer_id TEXT,
-        target TEXT,
-        outcome TEXT NOT NULL,
-        source TEXT,
-        detail TEXT
-    );
-    CREATE INDEX events_issuer ON events (issuer_id, id);
-    CREATE INDEX events_target ON events (target, id);
-    CREATE TABLE issue_requests (
-        scope TEXT NOT NULL,
-        idempotency_key TEXT NOT NULL,
-        request_hash TEXT NOT NULL,
-        subject_id TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        PRIMARY KEY (scope, idempotency_key)
-    );
+    # 3: scoped issuers, and what each key and budget was issued for.
+    _schema.issuers(_TYPES)
+    + """
     ALTER TABLE vault_keys ADD COLUMN issuer_id TEXT;
     ALTER TABLE vault_keys ADD COLUMN namespace TEXT;
     ALTER TABLE vault_keys ADD COLUMN service_account TEXT;
@@ -226,69 +83,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE budgets ADD COLUMN namespace TEXT;
     ALTER TABLE budgets ADD COLUMN service_account TEXT;
     """,
-    # 4: listings page newest first (`continue`): walk an index instead of sorting every row.
-    """
-    CREATE INDEX vault_keys_created ON vault_keys (created_at DESC, key_id DESC);
-    CREATE INDEX budgets_created ON budgets (created_at DESC, budget_id DESC);
-    """,
-    # 5: threshold alerts: which are raised (until spend falls back), and the outbox.
-    """
-    CREATE TABLE alert_marks (
-        owner_id TEXT NOT NULL,
-        mark TEXT NOT NULL,
-        PRIMARY KEY (owner_id, mark)
-    );
-    CREATE TABLE alert_outbox (
-        delivery_id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL,
-        mark TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at TEXT NOT NULL,
-        claimed_until TEXT,
-        delivered_at TEXT,
-        last_error TEXT
-    );
-    CREATE INDEX alert_outbox_due ON alert_outbox (next_attempt_at) WHERE delivered_at IS NULL;
-    CREATE INDEX alert_outbox_created ON alert_outbox (created_at);
-    """,
-    # 6: each key's and budget's own alert thresholds; the dashboard's sign-in sessions (the
-    # id's hash only), and an index to find each run's newest key or budget and whether it is
-    # live without reading the rows.
-    """
-    CREATE TABLE ui_sessions (
-        session_hash BLOB PRIMARY KEY,
-        issuer_id TEXT,
-        credential_hash BLOB NOT NULL,
-        created_at TEXT NOT NULL,
-        expires_at TEXT NOT NULL
-    );
-    CREATE INDEX ui_sessions_expires ON ui_sessions (expires_at);
-    ALTER TABLE vault_keys ADD COLUMN alert_percents TEXT;
-    ALTER TABLE budgets ADD COLUMN alert_percents TEXT;
-    CREATE INDEX vault_keys_label_created ON vault_keys
-        (label, created_at, key_id, expires_at, revoked_at, namespace);
-    CREATE INDEX budgets_label_created ON budgets
-        (label, created_at, budget_id, expires_at, revoked_at, namespace);
-    """,
-    # 7: "paid for" marks name their payer (key and budget), the bucket and the amount, so only
-    # the same payer's confirm or capture is offset, and only within the window. The old marks
-    # named no payer: they are dropped, so such an object's confirm is priced in full. Dedupe
-    # tokens gain the fan-out item (`decisions.dedupe_token`), read from each row's audit row,
-    # so a retry straddling the upgrade still matches its first attempt.
-    """
-    DROP TABLE counted_objects;
-    CREATE TABLE paid_for (
-        vendor TEXT NOT NULL,
-        object_id TEXT NOT NULL,
-        key_id TEXT NOT NULL,
-        budget_id TEXT,
-        bucket INTEGER NOT NULL,
-        micros INTEGER NOT NULL,
-        PRIMARY KEY (vendor, object_id, key_id, bucket)
-    );
-    CREATE INDEX paid_for_bucket ON paid_for (bucket);
+    # 4: listings page newest first.
+    _schema.LISTING_INDEXES,
+    # 5: threshold alerts.
+    _schema.alerts(_TYPES),
+    # 6: alert thresholds of their own, dashboard sessions, runs' newest keys and budgets.
+    _schema.sessions(_TYPES),
+    # 7: "paid for" marks name their payer. Dedupe tokens gain the fan-out item
+    # (`decisions.dedupe_token`), read from each row's audit row, so a retry straddling the
+    # upgrade still matches its first attempt.
+    _schema.paid_for(_TYPES)
+    + """
     UPDATE replays SET token = token || ':' || coalesce((
         SELECT CASE WHEN instr(a.caller_tag, '@') > 0
                     THEN substr(a.caller_tag, 1, instr(a.caller_tag, '@') - 1) ELSE '' END
