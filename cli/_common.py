@@ -29,6 +29,7 @@ __all__ = [
     "console",
     "err_console",
     "fail",
+    "print_created",
     "print_data",
     "print_item",
     "print_rows",
@@ -120,6 +121,24 @@ def print_item(
     else:
         print_data({**item.model_dump(mode="json"), **(extra or {})}, chosen)
     return chosen
+
+
+def print_created(
+    item: M,
+    output: Output | None,
+    render: Callable[[M], Grid | str],
+    *,
+    quiet: bool,
+    handle: str,
+    extra: dict[str, object] | None = None,
+) -> Output | None:
+    """What a command that makes something prints: with `--quiet` only its `handle` (its id or
+    token: what a script reads next), else the record as `print_item` prints it. Returns the
+    format chosen (None when quiet), for a line a table may want after it."""
+    if quiet:
+        print(handle)
+        return None
+    return print_item(item, output, render, extra)
 
 
 def fail(message: str, code: int = EXIT_REFUSED, hint: str | None = None) -> NoReturn:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -14,7 +14,9 @@ from keybrake.cli._common import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, fai
 from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.errors import ApiError, ProxyUnreachable
 
-__all__ = ["ApiKeyOption", "IgnoreNotFoundOption", "UrlOption", "connect"]
+__all__ = ["ApiKeyOption", "IgnoreNotFoundOption", "UrlOption", "ask_proxy", "connect"]
+
+T = TypeVar("T")
 
 UrlOption = Annotated[
     str,
@@ -65,3 +67,16 @@ def connect(url: str, api_key: str, *, ignore_not_found: bool = False) -> Iterat
         fail(f"the proxy refused: {exc.message} (HTTP {exc.status})", EXIT_REFUSED)
     finally:
         client.close()
+
+
+def ask_proxy(
+    url: str,
+    api_key: str,
+    request: Callable[[KeybrakeClient], T],
+    *,
+    ignore_not_found: bool = False,
+) -> T:
+    """The answer to one request (`request(client)`), with `connect`'s errors and exit codes:
+    for the commands that make a single request."""
+    with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
+        return request(client)

@@ -25,10 +25,15 @@ __all__ = [
     "caps_patch",
     "dollars",
     "id_argument",
+    "label_filter",
+    "meta_option",
     "metadata",
+    "quiet_option",
     "status_option",
+    "total_cap_option",
     "usage_on_invalid",
     "vendor_option",
+    "workflow_filter",
 ]
 
 # Issuing a key or creating a budget.
@@ -36,6 +41,22 @@ LabelOption = Annotated[str, typer.Option(help="Usually argo/<workflow name>.")]
 DailyCapOption = Annotated[
     str | None, typer.Option("--daily-usd-cap", help="Dollars in any 24 hours.")
 ]
+
+
+def total_cap_option(help: str) -> Any:
+    """`--total-usd-cap`: dollars over a key's or a budget's whole life (`dollars` reads it)."""
+    return typer.Option("--total-usd-cap", help=help)
+
+
+def meta_option(help: str) -> Any:
+    """`--meta key=value`, repeatable: metadata stored with what is made (`metadata` reads it)."""
+    return typer.Option("--meta", help=help)
+
+
+def quiet_option(help: str) -> Any:
+    """`--quiet` / `-q` of a command that makes something: print only what a script needs of it."""
+    return typer.Option("--quiet", "-q", help=help)
+
 
 # Patching a key or a budget.
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded with the change.")]
@@ -148,6 +169,18 @@ def vendor_option(help: str) -> Any:
 def id_argument(kind: str, help: str) -> Any:
     """An id argument (`vk_...`), which also takes the name `-o name` prints (`key/vk_...`)."""
     return typer.Argument(help=help, parser=lambda text: text.removeprefix(f"{kind}/"))
+
+
+def label_filter(plural: str) -> Any:
+    """`--label` of a listing of keys or budgets."""
+    return typer.Option(help=f"Only {plural} with this label.")
+
+
+def workflow_filter(plural: str) -> Any:
+    """`--workflow` / `-w` of a listing of keys or budgets (`workflow_label` reads it)."""
+    return typer.Option(
+        "--workflow", "-w", help=f"Only {plural} of this Argo workflow (NAME or argo/NAME)."
+    )
 
 
 def workflow_label(workflow: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import typer
 from pydantic import BaseModel
@@ -22,6 +22,7 @@ __all__ = [
     "ListOutputOption",
     "age",
     "collect",
+    "limit_option",
     "print_listing",
     "say_more",
 ]
@@ -54,6 +55,11 @@ ContinueOption = Annotated[
     typer.Option("--continue", help="The token a previous page printed: the next page."),
 ]
 AllOption = Annotated[bool, typer.Option("--all", help="Every page, however many rows.")]
+
+
+def limit_option(help: str) -> Any:
+    """`--limit`: rows per page, at most what the proxy returns in one (MAX_LIST_LIMIT)."""
+    return typer.Option(min=1, max=100_000, help=help)
 
 
 class _Page(Protocol[T_co]):

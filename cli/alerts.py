@@ -8,7 +8,7 @@ import typer
 from rich.text import Text
 
 from keybrake.cli._common import BriefOutputOption, print_rows
-from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, ask_proxy
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import AlertInfo
 
@@ -29,8 +29,7 @@ def alerts(
 
     Example: keybrake alerts --pending
     """
-    with connect(url, api_key) as client:
-        rows = client.alerts(pending=pending, limit=limit)
+    rows = ask_proxy(url, api_key, lambda client: client.alerts(pending=pending, limit=limit))
 
     def cells(row: AlertInfo) -> list[str | Text]:
         return [

@@ -21,9 +21,9 @@ from keybrake.cli._common import (
     print_item,
     show,
 )
-from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
+from keybrake.cli._connection import ApiKeyOption, UrlOption, ask_proxy, connect
 from keybrake.cli._options import vendor_option, workflow_label
-from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
+from keybrake.cli._paging import AllOption, ContinueOption, collect, limit_option, say_more
 from keybrake.cli._render import audit_line, audit_table
 from keybrake.proxy.client import DEFAULT_URL, KeybrakeClient
 from keybrake.proxy.models import AuditRow, PruneResult
@@ -50,7 +50,7 @@ def audit(
     since: Annotated[
         str | None, typer.Option(help="How far back (1h, 30m) or an ISO time.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Rows per page.")] = 100,
+    limit: Annotated[int, limit_option("Rows per page.")] = 100,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
     follow: Annotated[
@@ -167,8 +167,7 @@ def prune(
     Example: keybrake audit prune --before 90d --dry-run
     """
     _check_when(before, "--before", "90d")
-    with connect(url, api_key) as client:
-        result = client.prune_audit(before, dry_run=dry_run)
+    result = ask_proxy(url, api_key, lambda client: client.prune_audit(before, dry_run=dry_run))
     print_item(result, output, _pruned)
 
 

@@ -6,8 +6,14 @@ from typing import Annotated
 
 import typer
 
-from keybrake.cli._common import OutputOption, print_item
-from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
+from keybrake.cli._common import OutputOption, print_created, print_item
+from keybrake.cli._connection import (
+    ApiKeyOption,
+    IgnoreNotFoundOption,
+    UrlOption,
+    ask_proxy,
+    connect,
+)
 from keybrake.cli._options import (
     AlertAtOption,
     DailyCapOption,
@@ -18,10 +24,15 @@ from keybrake.cli._options import (
     caps_patch,
     dollars,
     id_argument,
+    label_filter,
+    meta_option,
     metadata,
     percents,
+    quiet_option,
     status_option,
+    total_cap_option,
     usage_on_invalid,
+    workflow_filter,
     workflow_label,
 )
 from keybrake.cli._paging import (
@@ -29,6 +40,7 @@ from keybrake.cli._paging import (
     ContinueOption,
     ListOutputOption,
     collect,
+    limit_option,
     print_listing,
     say_more,
 )
@@ -52,15 +64,13 @@ BudgetIdArgument = Annotated[str, id_argument("budget", "The budget id (bg_...).
 def create(
     label: LabelOption,
     total_usd_cap: Annotated[
-        str | None, typer.Option("--total-usd-cap", help="Dollars over the run's whole life.")
+        str | None, total_cap_option("Dollars over the run's whole life.")
     ] = None,
     daily_usd_cap: DailyCapOption = None,
     expires_in: Annotated[str, typer.Option("--expires-in", help="90s, 30m, 2h, 7d.")] = "1h",
-    meta: Annotated[
-        list[str] | None, typer.Option("--meta", help="key=value stored with it; repeatable.")
-    ] = None,
+    meta: Annotated[list[str] | None, meta_option("key=value stored with it; repeatable.")] = None,
     alert_at: AlertAtOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the budget id.")] = False,
+    quiet: Annotated[bool, quiet_option("Print only the budget id.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -76,25 +86,16 @@ def create(
             metadata=metadata(meta),
             alert_thresholds=percents(alert_at),
         )
-    with connect(url, api_key) as client:
-        budget = client.create_budget(spec)
-    if quiet:
-        print(budget.budget_id)
-        return
-    print_item(budget, output, budget_detail)
+    budget = ask_proxy(url, api_key, lambda client: client.create_budget(spec))
+    print_created(budget, output, budget_detail, quiet=quiet, handle=budget.budget_id)
 
 
 @app.command("list", epilog="Example: keybrake budgets list --workflow billing-agent-x7k2p")
 def list_budgets(
-    label: Annotated[str | None, typer.Option(help="Only budgets with this label.")] = None,
-    workflow: Annotated[
-        str | None,
-        typer.Option(
-            "--workflow", "-w", help="Only budgets of this Argo workflow (NAME or argo/NAME)."
-        ),
-    ] = None,
+    label: Annotated[str | None, label_filter("budgets")] = None,
+    workflow: Annotated[str | None, workflow_filter("budgets")] = None,
     status: Annotated[str | None, status_option("active, revoked or expired.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Budgets per page.")] = 500,
+    limit: Annotated[int, limit_option("Budgets per page.")] = 500,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
     output: ListOutputOption = None,
@@ -124,8 +125,9 @@ def show(
 ) -> None:
     """Show one budget: caps, spend, remaining, its keys and every change made to it. A budget
     that does not exist exits 1."""
-    with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
-        budget = client.get_budget(budget_id)
+    budget = ask_proxy(
+        url, api_key, lambda client: client.get_budget(budget_id), ignore_not_found=ignore_not_found
+    )
     print_item(budget, output, budget_detail)
 
 
@@ -137,8 +139,7 @@ def revoke(
     api_key: ApiKeyOption = "",
 ) -> None:
     """Revoke a budget and every key drawing on it; effective on the next call."""
-    with connect(url, api_key) as client:
-        budget = client.revoke_budget(budget_id)
+    budget = ask_proxy(url, api_key, lambda client: client.revoke_budget(budget_id))
     print_item(budget, output, budget_detail)
 
 
@@ -150,9 +151,7 @@ def revoke(
 def patch(
     budget_id: BudgetIdArgument,
     reason: ReasonOption,
-    total_usd_cap: Annotated[
-        str | None, typer.Option("--total-usd-cap", help="New cap over the run's life.")
-    ] = None,
+    total_usd_cap: Annotated[str | None, total_cap_option("New cap over the run's life.")] = None,
     daily_usd_cap: NewDailyCapOption = None,
     expires_in: NewExpiresInOption = None,
     output: OutputOption = None,
@@ -167,6 +166,5 @@ def patch(
         total_usd_cap=total_usd_cap,
         expires_in=expires_in,
     )
-    with connect(url, api_key) as client:
-        budget = client.patch_budget(budget_id, spec)
+    budget = ask_proxy(url, api_key, lambda client: client.patch_budget(budget_id, spec))
     print_item(budget, output, budget_detail)

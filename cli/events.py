@@ -10,7 +10,7 @@ from rich.text import Text
 
 from keybrake.cli._common import BriefOutputOption, Output, choice, print_rows
 from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._paging import AllOption, ContinueOption, collect, say_more
+from keybrake.cli._paging import AllOption, ContinueOption, collect, limit_option, say_more
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import EventInfo
 
@@ -43,7 +43,7 @@ def events(
         bool | None, typer.Option("--refused/--ok", help="Only refusals, or only successes.")
     ] = None,
     since: Annotated[str | None, typer.Option(help="A duration (1h) or an ISO time.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Events per page.")] = 100,
+    limit: Annotated[int, limit_option("Events per page.")] = 100,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
     output: BriefOutputOption = None,

@@ -16,11 +16,12 @@ from keybrake.cli._common import (
     default_output,
     err_console,
     fail,
+    print_created,
     print_data,
     print_item,
 )
-from keybrake.cli._connection import ApiKeyOption, UrlOption, connect
-from keybrake.cli._options import dollars, id_argument, usage_on_invalid
+from keybrake.cli._connection import ApiKeyOption, UrlOption, ask_proxy
+from keybrake.cli._options import dollars, id_argument, quiet_option, usage_on_invalid
 from keybrake.cli._paging import ListOutputOption, print_listing
 from keybrake.cli._render import detail_table
 from keybrake.cli._table import Grid
@@ -125,7 +126,7 @@ def create(
             help="Make a token (default: only without a Kubernetes binding).",
         ),
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the token.")] = False,
+    quiet: Annotated[bool, quiet_option("Print only the token.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -153,15 +154,19 @@ def create(
             kubernetes=binding,
             static_token=static_token,
         )
-    with connect(url, api_key) as client:
-        issued = client.create_issuer(spec)
+    issued = ask_proxy(url, api_key, lambda client: client.create_issuer(spec))
     for warning in issued.warnings:  # on stderr, whatever the output: stdout stays parseable
         err_console().print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
-    if quiet:
-        print(issued.issuer_token or issued.issuer_id)
-        return
     info = IssuerInfo.model_validate(issued.model_dump(exclude={"issuer_token"}))
-    if print_item(info, output, _policy, {"issuer_token": issued.issuer_token}) is Output.table:
+    shown = print_created(
+        info,
+        output,
+        _policy,
+        quiet=quiet,
+        handle=issued.issuer_token or issued.issuer_id,
+        extra={"issuer_token": issued.issuer_token},
+    )
+    if shown is Output.table:
         if issued.issuer_token:
             console().print(f"token (shown once): {issued.issuer_token}", soft_wrap=True)
         else:
@@ -176,8 +181,9 @@ def list_issuers(
     api_key: ApiKeyOption = "",
 ) -> None:
     """List issuers and their policies."""
-    with connect(url, api_key) as client:
-        issuers = client.list_issuers(include_deleted=include_deleted)
+    issuers = ask_proxy(
+        url, api_key, lambda client: client.list_issuers(include_deleted=include_deleted)
+    )
     print_listing(issuers, output, "issuer_id", _issuers_table, empty="No issuers.")
 
 
@@ -209,8 +215,7 @@ def show(
     api_key: ApiKeyOption = "",
 ) -> None:
     """Show one issuer's policy and binding."""
-    with connect(url, api_key) as client:
-        issuer = client.get_issuer(issuer_id)
+    issuer = ask_proxy(url, api_key, lambda client: client.get_issuer(issuer_id))
     print_item(issuer, output, _policy)
 
 
@@ -226,8 +231,7 @@ def delete(
 ) -> None:
     """Delete an issuer: its token (and bindings) stop at once. Its keys live on until revoked
     or expired, unless --revoke."""
-    with connect(url, api_key) as client:
-        result = client.delete_issuer(issuer_id, revoke=revoke)
+    result = ask_proxy(url, api_key, lambda client: client.delete_issuer(issuer_id, revoke=revoke))
     chosen = default_output(output)
     if chosen is not Output.table:
         print_data(result, chosen)

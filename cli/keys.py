@@ -13,9 +13,16 @@ from keybrake.cli._common import (
     OutputOption,
     console,
     fail,
+    print_created,
     print_item,
 )
-from keybrake.cli._connection import ApiKeyOption, IgnoreNotFoundOption, UrlOption, connect
+from keybrake.cli._connection import (
+    ApiKeyOption,
+    IgnoreNotFoundOption,
+    UrlOption,
+    ask_proxy,
+    connect,
+)
 from keybrake.cli._options import (
     AlertAtOption,
     DailyCapOption,
@@ -26,11 +33,16 @@ from keybrake.cli._options import (
     caps_patch,
     dollars,
     id_argument,
+    label_filter,
+    meta_option,
     metadata,
     percents,
+    quiet_option,
     status_option,
+    total_cap_option,
     usage_on_invalid,
     vendor_option,
+    workflow_filter,
     workflow_label,
 )
 from keybrake.cli._paging import (
@@ -38,6 +50,7 @@ from keybrake.cli._paging import (
     ContinueOption,
     ListOutputOption,
     collect,
+    limit_option,
     print_listing,
     say_more,
 )
@@ -61,7 +74,7 @@ def issue(
     label: LabelOption,
     daily_usd_cap: DailyCapOption = None,
     total_usd_cap: Annotated[
-        str | None, typer.Option("--total-usd-cap", help="Dollars over the key's whole life.")
+        str | None, total_cap_option("Dollars over the key's whole life.")
     ] = None,
     budget: Annotated[
         str | None, typer.Option("--budget", help="A budget (bg_...) the key also draws on.")
@@ -84,13 +97,13 @@ def issue(
         ),
     ] = None,
     meta: Annotated[
-        list[str] | None, typer.Option("--meta", help="key=value stored with the key; repeatable.")
+        list[str] | None, meta_option("key=value stored with the key; repeatable.")
     ] = None,
     dedupe_window: Annotated[
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
     alert_at: AlertAtOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the vault key.")] = False,
+    quiet: Annotated[bool, quiet_option("Print only the vault key.")] = False,
     output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -112,12 +125,9 @@ def issue(
             dedupe_window=dedupe_window,
             alert_thresholds=percents(alert_at),
         )
-    with connect(url, api_key) as client:
-        issued = client.issue_key(spec)
-    if quiet:
-        print(issued.vault_key)
-        return
-    if print_item(issued, output, key_detail) is Output.table:
+    issued = ask_proxy(url, api_key, lambda client: client.issue_key(spec))
+    shown = print_created(issued, output, key_detail, quiet=quiet, handle=issued.vault_key)
+    if shown is Output.table:
         console().print(f"\n[bold]Vault key[/] (shown once): {issued.vault_key}", soft_wrap=True)
 
 
@@ -125,13 +135,8 @@ def issue(
     "list", epilog="Example: keybrake keys list --label argo/billing-agent-x7k2p --status active"
 )
 def list_keys(
-    label: Annotated[str | None, typer.Option(help="Only keys with this label.")] = None,
-    workflow: Annotated[
-        str | None,
-        typer.Option(
-            "--workflow", "-w", help="Only keys of this Argo workflow (NAME or argo/NAME)."
-        ),
-    ] = None,
+    label: Annotated[str | None, label_filter("keys")] = None,
+    workflow: Annotated[str | None, workflow_filter("keys")] = None,
     vendor: Annotated[str | None, vendor_option("Only keys of this vendor.")] = None,
     status: Annotated[
         str | None, status_option("active (the default), revoked or expired.")
@@ -142,7 +147,7 @@ def list_keys(
     budget: Annotated[
         str | None, typer.Option("--budget", help="Only keys drawing on this budget.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Keys per page.")] = 500,
+    limit: Annotated[int, limit_option("Keys per page.")] = 500,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
     output: ListOutputOption = None,
@@ -185,8 +190,9 @@ def show(
 ) -> None:
     """Show one key: its caps, spend in the last 24 hours and in all, reserved, remaining, calls,
     cap hits, and every change made to it. A key that does not exist exits 1."""
-    with connect(url, api_key, ignore_not_found=ignore_not_found) as client:
-        key = client.get_key(key_id)
+    key = ask_proxy(
+        url, api_key, lambda client: client.get_key(key_id), ignore_not_found=ignore_not_found
+    )
     print_item(key, output, key_detail)
 
 
@@ -199,9 +205,7 @@ def patch(
     key_id: Annotated[str, id_argument("key", "The key id (vk_...).")],
     reason: ReasonOption,
     daily_usd_cap: NewDailyCapOption = None,
-    total_usd_cap: Annotated[
-        str | None, typer.Option("--total-usd-cap", help="New cap over the key's life.")
-    ] = None,
+    total_usd_cap: Annotated[str | None, total_cap_option("New cap over the key's life.")] = None,
     max_usd_per_caller: Annotated[
         str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
     ] = None,
@@ -219,6 +223,5 @@ def patch(
         max_usd_per_caller=max_usd_per_caller,
         expires_in=expires_in,
     )
-    with connect(url, api_key) as client:
-        key = client.patch_key(key_id, spec)
+    key = ask_proxy(url, api_key, lambda client: client.patch_key(key_id, spec))
     print_item(key, output, key_detail)

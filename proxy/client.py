@@ -97,6 +97,15 @@ class KeybrakeClient:
         """The proxy's answer to one request, as `model`."""
         return model.model_validate(self._request(method, path, **kwargs).json())
 
+    def _page(self, model: type[M], path: str, cursor: str | None, **filters: object) -> M:
+        """One page of the listing at `path`, filtered by `filters` (those None are not sent),
+        from `cursor`: the token the page before ended with, sent as `continue` (a Python keyword,
+        so it cannot be passed as a filter)."""
+        params = _params(**filters)
+        if cursor is not None:
+            params["continue"] = cursor
+        return self._answer(model, "GET", path, params=params)
+
     def health(self) -> dict[str, Any]:
         return dict(self._request("GET", "/readyz").json())
 
@@ -115,16 +124,17 @@ class KeybrakeClient:
         cursor: str | None = None,
     ) -> KeyList:
         """A page of keys, newest first; its `continue_` is the next page's `cursor`."""
-        params = _params(
+        return self._page(
+            KeyList,
+            "/vault/keys",
+            cursor,
             label=label,
             vendor=vendor,
             status=status,
             budget_id=budget_id,
             namespace=namespace,
             limit=limit,
-            **{"continue": cursor},
         )
-        return self._answer(KeyList, "GET", "/vault/keys", params=params)
 
     def get_key(self, key_id: str) -> KeyInfo:
         return self._answer(KeyInfo, "GET", f"/vault/keys/{key_id}")
@@ -147,10 +157,15 @@ class KeybrakeClient:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> BudgetList:
-        params = _params(
-            label=label, status=status, namespace=namespace, limit=limit, **{"continue": cursor}
+        return self._page(
+            BudgetList,
+            "/vault/budgets",
+            cursor,
+            label=label,
+            status=status,
+            namespace=namespace,
+            limit=limit,
         )
-        return self._answer(BudgetList, "GET", "/vault/budgets", params=params)
 
     def get_budget(self, budget_id: str) -> BudgetInfo:
         return self._answer(BudgetInfo, "GET", f"/vault/budgets/{budget_id}")
@@ -216,7 +231,10 @@ class KeybrakeClient:
         limit: int = 100,
         cursor: str | None = None,
     ) -> EventPage:
-        params = _params(
+        return self._page(
+            EventPage,
+            "/vault/events",
+            cursor,
             action=action,
             issuer_id=issuer_id,
             target=target,
@@ -224,9 +242,7 @@ class KeybrakeClient:
             since=since,
             after_id=after_id,
             limit=limit,
-            **{"continue": cursor},
         )
-        return self._answer(EventPage, "GET", "/vault/events", params=params)
 
     def audit_page(
         self,
@@ -240,16 +256,17 @@ class KeybrakeClient:
         cursor: str | None = None,
     ) -> AuditPage:
         """Audit rows, newest first (`after_id`: only newer ones, for following)."""
-        params = _params(
+        return self._page(
+            AuditPage,
+            "/vault/audit",
+            cursor,
             key_id=key_id,
             label=label,
             vendor=vendor,
             since=since,
             after_id=after_id,
             limit=limit,
-            **{"continue": cursor},
         )
-        return self._answer(AuditPage, "GET", "/vault/audit", params=params)
 
     def audit_csv(
         self,
