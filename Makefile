@@ -81,8 +81,9 @@ test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	KEYBRAKE_TEST_BACKENDS=sqlite $(BIN)/pytest -n $(JOBS) --dist worksteal -m "not e2e"
 
+# `make bench COMPARE_WITH=REV`: only priced calls, this checkout against git revision REV.
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench.run
+	$(BIN)/python -m tests.bench.run $(if $(COMPARE_WITH),--compare-with $(COMPARE_WITH))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -56,12 +57,14 @@ app.add_typer(db.app, name="db")
 
 @app.callback()
 def _global(
-    ca_bundle: Path = typer.Option(
-        None,
-        "--ca-bundle",
-        envvar="KEYBRAKE_CA_BUNDLE",
-        help="CA certificates (PEM) to check an https proxy against; default: the system's.",
-    ),
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca-bundle",
+            envvar="KEYBRAKE_CA_BUNDLE",
+            help="CA certificates (PEM) to check an https proxy against; default: the system's.",
+        ),
+    ] = None,
 ) -> None:
     """Dollar-capped, revocable vault keys for vendor APIs called from Argo Workflows."""
     _connection.ca_bundle = str(ca_bundle) if ca_bundle is not None else None

@@ -12,7 +12,7 @@ import ssl
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -35,32 +35,47 @@ class EventLoop(StrEnum):
 
 def serve(
     ctx: typer.Context,
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 in a container)."),
-    port: int = typer.Option(8080, min=0, max=65535, help="TCP port."),
-    workers: int = typer.Option(1, min=1, max=64, help="Processes sharing one database."),
-    database_url: str = typer.Option(
-        None,
-        "--database-url",
-        envvar="KEYBRAKE_DATABASE_URL",
-        help="sqlite:///PATH or postgresql://...",
-    ),
-    generate_api_key: bool = typer.Option(
-        False, "--generate-api-key", help="No KEYBRAKE_API_KEY set? Make one and print it once."
-    ),
-    log_level: str = typer.Option("warning", help="uvicorn log level."),
-    loop: EventLoop = typer.Option(
-        EventLoop.asyncio,
-        "--loop",
-        help="Event loop. uvloop gives up to ~10 % more calls/s, but in our benchmark it "
-        "stalled some connections for seconds at 256 concurrent ones (docs/benchmarks.md).",
-    ),
-    fd: int = typer.Option(None, "--fd", hidden=True, help="Serve on an already bound socket."),
-    settings_file: Path = typer.Option(
-        None,
-        "--config",
-        envvar="KEYBRAKE_CONFIG",
-        help="File of KEYBRAKE_*=value lines; the environment wins over it.",
-    ),
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8080,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Processes sharing one database.")
+    ] = 1,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="KEYBRAKE_DATABASE_URL",
+            help="sqlite:///PATH or postgresql://...",
+        ),
+    ] = None,
+    generate_api_key: Annotated[
+        bool,
+        typer.Option(
+            "--generate-api-key", help="No KEYBRAKE_API_KEY set? Make one and print it once."
+        ),
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    loop: Annotated[
+        EventLoop,
+        typer.Option(
+            "--loop",
+            help="Event loop. uvloop gives up to ~10 % more calls/s, but in our benchmark it "
+            "stalled some connections for seconds at 256 concurrent ones (docs/benchmarks.md).",
+        ),
+    ] = EventLoop.asyncio,
+    fd: Annotated[
+        int | None, typer.Option("--fd", hidden=True, help="Serve on an already bound socket.")
+    ] = None,
+    settings_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="KEYBRAKE_CONFIG",
+            help="File of KEYBRAKE_*=value lines; the environment wins over it.",
+        ),
+    ] = None,
 ) -> None:
     """Start the vault-key proxy.
 

@@ -8,6 +8,7 @@ with --check, 2 the folder cannot be read or written).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -38,10 +39,10 @@ def _fail(console: Console, message: str) -> typer.Exit:
 
 @app.command(epilog=_EPILOG)
 def render(
-    check: bool = typer.Option(
-        False, "--check", help="Write nothing; exit 1 and list the files that differ."
-    ),
-    out: Path = typer.Option(Path("templates"), "--out", help="Folder to render into."),
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 and list the files that differ.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder to render into.")] = Path("templates"),
 ) -> None:
     """Render templates/ (WorkflowTemplates, ClusterWorkflowTemplates, examples) from the Python.
 

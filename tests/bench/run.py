@@ -1,6 +1,7 @@
 """Load bench: keybrake against a direct call, nginx `proxy_pass` and a bare Python passthrough.
 
     make bench                     # everything, ~10 minutes; results to docs/benchmarks.md
+    make bench COMPARE_WITH=d52dceb   # priced calls, this checkout against a git revision
     python -m tests.bench.run --seconds 3 --connections 1,64 --soak 0   # a quick look
 
 Upstream: nginx answering fixed Stripe-shaped JSON with a `Request-Id` header (installed from
@@ -401,15 +402,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument(
         "--compare-with",
-        metavar="KEYBRAKE",
-        help="only compare priced calls at 64 connections with another build's `keybrake` "
+        metavar="REV|KEYBRAKE",
+        help="only compare priced calls at 64 connections with another build: a git revision "
+        "of this repository (built in a temporary venv) or another build's `keybrake` "
         "executable (alternating runs, --repeat pairs per backend)",
     )
     parser.add_argument("--this", metavar="KEYBRAKE", help="with --compare-with: this side's build")
     args = parser.parse_args()
     ensure_tools()
     if args.compare_with:
-        compare_builds(Path(args.compare_with), args)
+        with other_build(args.compare_with) as other:
+            compare_builds(other, args)
         return
     conns = [int(c) for c in args.connections.split(",")]
     cells: list[Cell] = []
@@ -535,6 +538,74 @@ def main() -> None:
                 results.commit_ms = durable_commit_ms()
                 print(f"PostgreSQL durable commit round trip p50 {results.commit_ms:.3f} ms")
     write_report(Path(args.out), cells, notes, args, results)
+
+
+@contextmanager
+def other_build(spec: str) -> Iterator[Path]:
+    """The `keybrake` executable of another build: `spec` itself if it is a file, else a git
+    revision checked out in a temporary worktree and installed, without its dependencies, in a
+    venv that reuses this one's packages (so only keybrake's own code differs)."""
+    if Path(spec).is_file():
+        yield Path(spec)
+        return
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{spec}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if commit.returncode != 0:
+        raise SystemExit(f"--compare-with {spec}: neither a file nor a git revision")
+    with tempfile.TemporaryDirectory(prefix="keybrake-other-") as tmp:
+        tree, venv = Path(tmp) / "tree", Path(tmp) / "venv"
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(ROOT),
+                "worktree",
+                "add",
+                "--detach",
+                "-q",
+                str(tree),
+                commit.stdout.strip(),
+            ],
+            check=True,
+        )
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            python = venv / "bin" / "python"
+            ours = subprocess.run(
+                [sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            theirs = subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            Path(theirs, "keybrake-bench-deps.pth").write_text(ours + "\n")
+            subprocess.run(
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-deps",
+                    "-e",
+                    str(tree),
+                ],
+                check=True,
+            )
+            print(f"other build: {spec} ({commit.stdout.strip()[:12]})", flush=True)
+            yield venv / "bin" / "keybrake"
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
+            )
 
 
 def compare_builds(other: Path, args: argparse.Namespace) -> None:
