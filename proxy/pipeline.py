@@ -392,7 +392,9 @@ class Pipeline:
             # So that a retry whose first attempt was cut off can be sent with the same key,
             # and the vendor replays its own answer instead of executing twice.
             forward_key = f"keybrake-{uuid.uuid4().hex}"
-        request_hash = _fingerprint(vendor, call)
+        # Only a call holding a replay token (its idempotency key, its dedupe fingerprint) is
+        # ever matched against another: the fingerprint is not computed for the others.
+        request_hash = _fingerprint(vendor, call) if idempotency_key or dedupe else ""
         c.reservation = Reservation(
             key=key,
             now=c.audit.ts,
@@ -507,10 +509,13 @@ class Pipeline:
             dedupe_token=c.reservation.dedupe_token if c.reservation.dedupe else "",
             # A 5xx is not kept (a retry is sent again); no answer at all, or the vendor's
             # "still running", leaves the outcome unknown, so a retry goes out with the same
-            # idempotency key.
+            # idempotency key. A call holding no replay token has nowhere to keep it.
             response=(
                 StoredResponse(reply.status, reply.headers, reply.body)
-                if status is not None and status < 500 and audit.decision in _KEPT
+                if status is not None
+                and status < 500
+                and audit.decision in _KEPT
+                and (c.reservation.idempotency_key or c.reservation.dedupe)
                 else None
             ),
             outcome_known=status is not None and audit.decision is not Decision.VENDOR_BUSY,

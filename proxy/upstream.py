@@ -50,6 +50,7 @@ HOP_BY_HOP = frozenset(
 # Every answer of the proxy carries its server's own `date` and `server`: the vendor's would
 # make two of each.
 OWN_HEADERS = frozenset({"date", "server"})
+_NOT_RELAYED = HOP_BY_HOP | OWN_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +95,15 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
 
     def _proxy_of(self, url: str) -> str | None:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if origin not in self._proxies:
-            self._proxies[origin] = proxy_for(url, self._proxy)
-        return self._proxies[origin]
+        # By origin (scheme://host:port, up to the path's slash), decided once each: no URL
+        # parsing on the request path.
+        end = url.find("/", url.find("//") + 2)
+        origin = url if end < 0 else url[:end]
+        try:
+            return self._proxies[origin]
+        except KeyError:
+            proxy = self._proxies[origin] = proxy_for(url, self._proxy)
+            return proxy
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -144,8 +149,8 @@ class Upstream:
                 out = [
                     (k, v)
                     for k, v in response.headers.items()
-                    if k.lower() not in HOP_BY_HOP | OWN_HEADERS
-                    and not k.lower().startswith("x-keybrake")
+                    if (lower := k.lower()) not in _NOT_RELAYED
+                    and not lower.startswith("x-keybrake")
                 ]
                 return UpstreamResponse(response.status, out, data)
         except TimeoutError as exc:

@@ -471,7 +471,7 @@ class PostgresStore(SQLStore):
                 s.outcome_known,
                 json.dumps(response.headers) if response else None,
                 response.body if response else None,
-                json.dumps(list(s.counts)),
+                json.dumps(list(s.counts)) if s.counts else "[]",
                 s.dedupe_token,
             )
         )

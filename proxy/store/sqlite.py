@@ -127,6 +127,9 @@ class _Writer:
         )
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        # Counts the write transactions begun: what ran in one saw the same schema (the writer
+        # holds the database's write lock from BEGIN IMMEDIATE to COMMIT).
+        self.transaction = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -173,22 +176,26 @@ class _Writer:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self.transaction += 1
             results = [fn(conn) for fn, _, _ in batch]
             conn.execute("COMMIT")
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             # One operation failed: run each alone, so only the failing one sees the error.
-            for op in batch:
-                self._run_alone(conn, op)
-            return
-        for (_, future, loop), result in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, result, None)
+            outcomes = [self._run_alone(conn, op) for op in batch]
+        else:
+            outcomes = [
+                (future, loop, result, None)
+                for (_, future, loop), result in zip(batch, results, strict=True)
+            ]
+        _hand_back(outcomes)
 
-    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> None:
+    def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> _Outcome:
         fn, future, loop = op
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self.transaction += 1
             result = fn(conn)
             conn.execute("COMMIT")
         except Exception as exc:
@@ -201,18 +208,33 @@ class _Writer:
                 if isinstance(exc, sqlite3.Error)
                 else exc
             )
-            loop.call_soon_threadsafe(_resolve, future, None, error)
+            return future, loop, None, error
+        return future, loop, result, None
+
+
+# A finished operation: its future, the loop awaiting it, and its result or error.
+_Outcome = tuple["asyncio.Future[Any]", asyncio.AbstractEventLoop, Any, BaseException | None]
+
+
+def _hand_back(outcomes: list[_Outcome]) -> None:
+    """Resolve a batch's futures with one wake-up of each loop awaiting them, not one each: a
+    wake-up is a write to the loop's self-pipe, a system call, which costs more than the rest
+    of resolving a future."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[1], []).append(outcome)
+    for loop, resolved in by_loop.items():
+        loop.call_soon_threadsafe(_resolve_all, resolved)
+
+
+def _resolve_all(outcomes: list[_Outcome]) -> None:
+    for future, _, result, error in outcomes:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
         else:
-            loop.call_soon_threadsafe(_resolve, future, result, None)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+            future.set_result(result)
 
 
 class SQLiteStore(SQLStore):
@@ -222,6 +244,7 @@ class SQLiteStore(SQLStore):
         self.path = str(path)
         self.rule_version = rule_version
         self._schema_cookie: int | None = None
+        self._versions_read = -1  # the writer's transaction that last read the versions
         self._writer = _Writer(self.path)
         self._local = threading.local()
 
@@ -315,12 +338,16 @@ class SQLiteStore(SQLStore):
         def op(conn: sqlite3.Connection) -> Admission:
             # The schema and rules this process started with, still: a newer build that migrated
             # the file since has rules this process does not know, so it forwards nothing.
-            # Two header reads (a SELECT of both pragmas costs twice as much).
-            cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
-            rules = conn.execute("PRAGMA user_version").fetchone()[0]
-            if cookie != self._schema_cookie or rules != self.rule_version:
-                self._check_versions(conn)
-                self._schema_cookie = cookie
+            # Two header reads (a SELECT of both pragmas costs twice as much), once per write
+            # transaction: the reservations batched in one saw the same file.
+            writer = self._writer
+            if self._versions_read != writer.transaction:
+                cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+                rules = conn.execute("PRAGMA user_version").fetchone()[0]
+                if cookie != self._schema_cookie or rules != self.rule_version:
+                    self._check_versions(conn)
+                    self._schema_cookie = cookie
+                self._versions_read = writer.transaction
             return sqlite_ledger.reserve(conn, reservation)
 
         return await self._writer.submit(op)

@@ -332,7 +332,9 @@ def settle(conn: sqlite3.Connection, s: Settlement) -> None:
     if s.dedupe:
         tokens.append(("dedupe", s.dedupe_token))
     # Only the tokens this call still holds: a retry may have taken them over since.
-    if s.response is not None:
+    if not tokens:
+        pass  # it holds none
+    elif s.response is not None:
         headers = json.dumps(s.response.headers)
         conn.executemany(
             "UPDATE replays SET status = ?, headers = ?, body = ? "
