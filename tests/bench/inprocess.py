@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -30,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 ADMIN_KEY = "kba_bench_admin_token_0123456789"
+# Each answer a PaymentIntent of its own, with a request id of its own, as Stripe's are.
 ANSWER = (
-    b'{"id": "pi_bench", "object": "payment_intent", "amount": 2000, "currency": "usd", '
-    b'"status": "requires_payment_method"}'
+    '{{"id": "pi_bench{n}", "object": "payment_intent", "amount": 2000, "currency": "usd", '
+    '"status": "requires_payment_method"}}'
 )
 
 
@@ -46,10 +48,14 @@ def _patch_upstream() -> None:
     async def close(self: Any) -> None:
         return None
 
+    numbers = itertools.count()
+
     async def send(self: Any, method: str, url: str, headers: Any, body: Any) -> Any:
-        request_id = f"req_{uuid.uuid4().hex[:14]}"
+        n = next(numbers)
         return upstream.UpstreamResponse(
-            200, [("content-type", "application/json"), ("request-id", request_id)], ANSWER
+            200,
+            [("content-type", "application/json"), ("request-id", f"req_bench{n}")],
+            ANSWER.format(n=n).encode(),
         )
 
     upstream.Upstream.start = start  # type: ignore[method-assign]
