@@ -4,7 +4,8 @@
     make bench COMPARE_WITH=d52dceb   # priced calls, this checkout against a git revision
     python -m tests.bench.run --seconds 3 --connections 1,64 --soak 0   # a quick look
 
-Upstream: nginx answering fixed Stripe-shaped JSON with a `Request-Id` header (installed from
+Upstream: nginx answering Stripe-shaped JSON, a PaymentIntent and `Request-Id` of its own per call
+(installed from
 Debian packages with wrk when missing). wrk runs one thread pinned to core 0 (with nginx); the
 process under test is pinned to core 1. Bodies are distinct per request so no dedupe window turns
 calls into replays. Not part of `make test`: tests never time anything.
@@ -768,7 +769,8 @@ def write_report(
         f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC with `make bench` ({args.seconds} s per run, the median of {args.repeat} runs per cell, wrk -t1 with distinct bodies).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}.",
         "wrk and nginx pinned to core 0, the process under test (one process, no `--workers`) to core 1.",
-        "Upstream: nginx answering fixed Stripe-shaped JSON with a `Request-Id` header.",
+        "Upstream: nginx answering Stripe-shaped JSON, a PaymentIntent id and `Request-Id` of "
+        "its own per call.",
         "Ratios are req/s against the same connection count of the anchor.",
         "",
         "| scenario | db | conns | req/s | p50 ms | p99 ms | errors | peak RSS MB | ÷ direct | ÷ nginx | ÷ passthrough | p50 added ms |",
