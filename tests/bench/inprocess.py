@@ -118,7 +118,8 @@ async def _lifespan(app: Any) -> tuple[asyncio.Task[None], asyncio.Queue[Any]]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    _patch_upstream()
+    if not args.upstream:
+        _patch_upstream()
     from keybrake.proxy.app import build_app
     from keybrake.proxy.settings import Settings
 
@@ -203,6 +204,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the rounds")
+    parser.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="a real Stripe-shaped upstream (the load bench's nginx, say) instead of the answer "
+        "from memory: the HTTP client's part of a call is then measured too",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="keybrake-inprocess-") as tmp:
         if args.backend == "sqlite":
@@ -215,7 +222,7 @@ def main() -> None:
                 "KEYBRAKE_API_KEY": ADMIN_KEY,
                 "KEYBRAKE_DATABASE_URL": url,
                 "KEYBRAKE_STRIPE_SECRET_KEY": "sk_test_bench_secret_0123456789",
-                "KEYBRAKE_STRIPE_API_BASE": "http://127.0.0.1:9",
+                "KEYBRAKE_STRIPE_API_BASE": args.upstream or "http://127.0.0.1:9",
             }
         )
         os.chdir(tmp)
