@@ -180,7 +180,7 @@ class Pipeline:
     # Admitted calls run as tasks of their own, so a client that hangs up cannot stop one
     # between its reservation and its settlement; held here until they end (the event loop
     # keeps only weak references to tasks), which is what `drain` waits for.
-    _admitted: set[asyncio.Task[Reply]] = field(init=False, default_factory=set)
+    _admitted: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _schema_logged: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -260,30 +260,35 @@ class Pipeline:
 
     async def _uncancellable(self, work: Coroutine[Any, Any, Reply]) -> Reply:
         """Run `work` in a task of its own and wait for it: cancelling the waiter leaves the work
-        running (`asyncio.shield`, with one callback instead of two); `drain` waits for it."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Reply] = loop.create_future()
-        task = loop.create_task(work)
+        running (as `asyncio.shield`, but the task hands its outcome to the waiter itself, with
+        no callbacks in between); `drain` waits for it."""
+        done: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(self._report(work, done))
         self._admitted.add(task)
-
-        def finished(task: asyncio.Task[Reply]) -> None:
-            self._admitted.discard(task)
-            if done.cancelled():
-                return
-            if task.cancelled():
-                done.cancel()
-            elif (error := task.exception()) is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(task.result())
-
-        task.add_done_callback(finished)
         return await done
+
+    async def _report(self, work: Coroutine[Any, Any, Reply], done: asyncio.Future[Reply]) -> None:
+        try:
+            reply = await work
+        except asyncio.CancelledError:
+            if not done.done():
+                done.cancel()
+            raise
+        except BaseException as error:  # handed to the waiter, which raises it
+            if not done.done():
+                done.set_exception(error)
+        else:
+            if not done.done():
+                done.set_result(reply)
+        finally:
+            self._admitted.discard(asyncio.current_task())
 
     async def drain(self) -> None:
         """Wait for every admitted call to be settled (at shutdown)."""
-        while self._admitted:
-            await asyncio.gather(*self._admitted, return_exceptions=True)
+        # A task cancelled before its first step never ran `_report`, so never left the set.
+        while pending := [task for task in self._admitted if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._admitted.clear()
 
     # -- before the reservation: refusals forward nothing -----------------------------------------
 
