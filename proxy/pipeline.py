@@ -260,11 +260,19 @@ class Pipeline:
 
     async def _uncancellable(self, work: Coroutine[Any, Any, Reply]) -> Reply:
         """Run `work` in a task of its own and wait for it: cancelling the waiter leaves the work
-        running (as `asyncio.shield`, but the task hands its outcome to the waiter itself, with
-        no callbacks in between); `drain` waits for it."""
+        running (as `asyncio.shield`, but the task hands its outcome to the waiter itself, so the
+        reply does not wait for a done-callback); `drain` waits for it."""
         done: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         task = asyncio.get_running_loop().create_task(self._report(work, done))
         self._admitted.add(task)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._admitted.discard(task)
+            if not done.done():  # cancelled before its first step, so `_report` never ran
+                work.close()  # nor `work`: nothing was reserved
+                done.cancel()
+
+        task.add_done_callback(finished)
         return await done
 
     async def _report(self, work: Coroutine[Any, Any, Reply], done: asyncio.Future[Reply]) -> None:
@@ -274,21 +282,19 @@ class Pipeline:
             if not done.done():
                 done.cancel()
             raise
-        except BaseException as error:  # handed to the waiter, which raises it
-            if not done.done():
-                done.set_exception(error)
+        except Exception as error:
+            if done.done():  # its request is gone: nobody else will see this
+                log.error("an admitted call failed after its client left", exc_info=error)
+            else:
+                done.set_exception(error)  # the waiter raises it
         else:
             if not done.done():
                 done.set_result(reply)
-        finally:
-            self._admitted.discard(asyncio.current_task())
 
     async def drain(self) -> None:
         """Wait for every admitted call to be settled (at shutdown)."""
-        # A task cancelled before its first step never ran `_report`, so never left the set.
-        while pending := [task for task in self._admitted if not task.done()]:
-            await asyncio.gather(*pending, return_exceptions=True)
-        self._admitted.clear()
+        while self._admitted:
+            await asyncio.gather(*self._admitted, return_exceptions=True)
 
     # -- before the reservation: refusals forward nothing -----------------------------------------
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from keybrake.proxy.app import build_app
 from keybrake.proxy.errors import StoreUnavailable
+from keybrake.proxy.pipeline import Reply
 from keybrake.proxy.settings import Settings
 from keybrake.proxy.store.records import Settlement
 from keybrake.proxy.store.sqlite import SQLiteStore
@@ -87,6 +88,36 @@ def test_a_call_at_the_vendor_completes_when_its_client_goes_away(tmp_path: Path
         ("forwarded", 200, "req_stub")
     ]
     assert (info["spent_usd"], info["reserved_usd"]) == ("1.00", "0.00")
+
+
+def test_an_admitted_call_cancelled_before_it_starts_does_not_leave_its_request_waiting(
+    tmp_path: Path,
+) -> None:
+    """The admitted part of a call runs in a task of its own that hands its outcome to the
+    request; a task cancelled before its first step (as a shutdown cancelling every task does)
+    never runs that hand-over, and the request waited for it forever."""
+
+    async def scenario() -> bool:
+        async with running(tmp_path, StubUpstream()) as (app, _):
+            pipeline = app.forward.pipeline
+            ran = False
+
+            async def work() -> Reply:
+                nonlocal ran
+                ran = True
+                return Reply(200, [], b"")
+
+            request = asyncio.create_task(pipeline._uncancellable(work()))
+            while not pipeline._admitted:  # the request's first step creates the call's task
+                await asyncio.sleep(0)
+            (admitted,) = pipeline._admitted
+            admitted.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(request, timeout=10)  # a guard: it used to hang here
+            await pipeline.drain()
+            return ran
+
+    assert asyncio.run(scenario()) is False
 
 
 class SettleFails(SQLiteStore):
