@@ -280,9 +280,10 @@ class SQLiteStore(SQLStore):
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
             if rules < self.rule_version:
                 conn.execute(f"PRAGMA user_version = {int(self.rule_version)}")
-            conn.execute("COMMIT")
-            # Any later change of the schema (a newer build migrating the file) changes this.
+            # Any later change of the schema (a newer build migrating the file) changes this. Read
+            # before COMMIT, under the write lock: after it, another process could migrate first.
             self._schema_cookie = conn.execute("PRAGMA schema_version").fetchone()[0]
+            conn.execute("COMMIT")
             return len(MIGRATIONS)
         except (sqlite3.Error, SchemaNewer) as exc:
             if conn.in_transaction:
