@@ -182,14 +182,17 @@ class _Writer:
         except Exception:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            # One operation failed: run each alone, so only the failing one sees the error.
-            outcomes = [self._run_alone(conn, op) for op in batch]
-        else:
-            outcomes = [
+            # One operation failed: run each alone, so only the failing one sees the error, and
+            # hand each back as it commits (a rare path: one wake-up each is no cost here).
+            for op in batch:
+                _hand_back([self._run_alone(conn, op)])
+            return
+        _hand_back(
+            [
                 (future, loop, result, None)
                 for (_, future, loop), result in zip(batch, results, strict=True)
             ]
-        _hand_back(outcomes)
+        )
 
     def _run_alone(self, conn: sqlite3.Connection, op: _Op) -> _Outcome:
         fn, future, loop = op
