@@ -387,7 +387,13 @@ class Pipeline:
         try:
             response = await self._forward(c, admission.forward_key)
         except UpstreamError as exc:
-            return await self._settle_unanswered(c, admission, exc)  # sets the final decision
+            return await self._settle_unanswered(c, admission, f"{exc}.")  # the final decision
+        except Exception:
+            # A bug on the way out, after the reservation: the call may have reached the
+            # vendor, so it is settled as unanswered (counted as spent, its one audit row kept)
+            # rather than left in flight beside a second row saying it was never forwarded.
+            log.exception("forwarding audit row %s failed", admission.audit_id)
+            return await self._settle_unanswered(c, admission, "the call to the vendor failed.")
         return await self._settle(c, admission, response)  # sets the final decision
 
     async def _reserve(self, c: _Call) -> Admission:
@@ -479,14 +485,12 @@ class Pipeline:
         except Exception as exc:
             return self._settle_failed(c, admission, exc, request_id)
 
-    async def _settle_unanswered(
-        self, c: _Call, admission: Admission, error: UpstreamError
-    ) -> Reply:
+    async def _settle_unanswered(self, c: _Call, admission: Admission, reason: str) -> Reply:
         """Settle a call the vendor gave no usable answer to: it may have gone through, so it
         counts as spent (the vendor's `settle` for no status) and its outcome stays unknown."""
         try:
             c.audit.decision = Decision.UPSTREAM_ERROR
-            reply = self._refusal(c.vendor, Decision.UPSTREAM_ERROR, reason=f"{error}.")
+            reply = self._refusal(c.vendor, Decision.UPSTREAM_ERROR, reason=reason)
             actual = c.vendor.settle(c.call, c.cost, None, b"")
             await self._record_settlement(c, admission, reply, actual, None, None)
             return reply

@@ -146,11 +146,14 @@ class Upstream:
                         raise UpstreamError("the vendor's response exceeds the size limit")
                     chunks.append(chunk)
                 data = b"".join(chunks)
+                # The vendor's header bytes as they came (latin-1 maps each byte to one
+                # character and back): aiohttp's UTF-8 reading of a value such as "\xe9" could
+                # not be written to the workload again, nor stored for a replay.
                 out = [
-                    (k, v)
-                    for k, v in response.headers.items()
-                    if (lower := k.lower()) not in _NOT_RELAYED
-                    and not lower.startswith("x-keybrake")
+                    (key, value.decode("latin-1"))
+                    for raw_key, value in response.raw_headers
+                    if (key := raw_key.decode("latin-1")).lower() not in _NOT_RELAYED
+                    and not key.lower().startswith("x-keybrake")
                 ]
                 return UpstreamResponse(response.status, out, data)
         except TimeoutError as exc:

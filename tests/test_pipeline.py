@@ -108,8 +108,12 @@ def test_an_admitted_call_cancelled_before_it_starts_does_not_leave_its_request_
                 return Reply(200, [], b"")
 
             request = asyncio.create_task(pipeline._uncancellable(work()))
-            while not pipeline._admitted:  # the request's first step creates the call's task
-                await asyncio.sleep(0)
+            for _ in range(100):  # the request's first step creates the call's task
+                if pipeline._admitted:
+                    break
+                await asyncio.sleep(0)  # a turn of the loop, not a wait
+            else:
+                pytest.fail("the admitted call's task was never created")
             (admitted,) = pipeline._admitted
             admitted.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -118,6 +122,31 @@ def test_an_admitted_call_cancelled_before_it_starts_does_not_leave_its_request_
             return ran
 
     assert asyncio.run(scenario()) is False
+
+
+class BrokenUpstream(StubUpstream):
+    async def respond(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
+    ) -> UpstreamResponse:
+        raise ValueError("a bug on the way out")
+
+
+def test_a_bug_while_forwarding_settles_the_call_as_unanswered(tmp_path: Path) -> None:
+    """An error other than the upstream's own after the reservation fell to the catch-all: a
+    second audit row said `internal_error` (not forwarded) while the first stayed in flight."""
+
+    async def scenario() -> tuple[httpx.Response, list[dict[str, Any]], dict[str, Any]]:
+        async with running(tmp_path, BrokenUpstream()) as (_, client):
+            key = (await client.post("/vault/keys", json=ISSUE)).json()
+            reply = await charge(client, key["vault_key"], "amount=300&currency=usd")
+            rows = (await client.get("/vault/audit")).json()["data"]
+            info = (await client.get(f"/vault/keys/{key['key_id']}")).json()
+        return reply, rows, info
+
+    reply, rows, info = asyncio.run(scenario())
+    assert reply.status_code == 502 and "Traceback" not in reply.text
+    assert [r["decision"] for r in rows] == ["upstream_error"]
+    assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "0.00")  # it may have moved
 
 
 class SettleFails(SQLiteStore):
