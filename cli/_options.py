@@ -3,6 +3,7 @@ changes, statuses, vendors, ids."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
@@ -166,9 +167,21 @@ def vendor_option(help: str) -> Any:
     return choice("--vendor", values=VENDOR_NAMES, help=help)
 
 
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def id_argument(kind: str, help: str) -> Any:
-    """An id argument (`vk_...`), which also takes the name `-o name` prints (`key/vk_...`)."""
-    return typer.Argument(help=help, parser=lambda text: text.removeprefix(f"{kind}/"))
+    """An id argument (`vk_...`), which also takes the name `-o name` prints (`key/vk_...`).
+    Anything but an id's characters is refused here: the id becomes part of the request's path,
+    where `key/` (empty) or `../budgets` would ask the proxy something else."""
+
+    def parse(text: str) -> str:
+        found = text.removeprefix(f"{kind}/")
+        if not _ID.fullmatch(found):
+            raise typer.BadParameter(f"{text!r} is not a {kind} id (letters, digits, _ and -)")
+        return found
+
+    return typer.Argument(help=help, parser=parse)
 
 
 def label_filter(plural: str) -> Any:

@@ -95,7 +95,15 @@ class KeybrakeClient:
 
     def _answer(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         """The proxy's answer to one request, as `model`."""
-        return model.model_validate(self._request(method, path, **kwargs).json())
+        response = self._request(method, path, **kwargs)
+        try:
+            return model.model_validate(response.json())
+        except ValueError as exc:  # not JSON, or not this model (pydantic's error is one too)
+            raise ApiError(
+                response.status_code,
+                "unexpected_answer",
+                f"{self.url} did not answer as a keybrake proxy ({type(exc).__name__})",
+            ) from None
 
     def _page(self, model: type[M], path: str, cursor: str | None, **filters: object) -> M:
         """One page of the listing at `path`, filtered by `filters` (those None are not sent),

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 from unittest import mock
 
+import httpx
 import pytest
 import typer
 import typer.testing
@@ -19,6 +20,8 @@ import yaml
 from typer.testing import Result
 
 from keybrake.cli.main import app
+from keybrake.proxy.client import KeybrakeClient
+from keybrake.proxy.errors import ApiError
 from tests.fakes.server import free_port
 from tests.proxyproc import ADMIN_KEY
 from tests.served import ServedProxy
@@ -480,3 +483,21 @@ def test_alerts_from_the_cli(proxy_server: ServedProxy) -> None:
     assert code == 0 and "No alerts match." in out
     code, out, _ = run(proxy_server, "alerts", "--pending", "-o", "json")
     assert code == 0 and json.loads(out) == []
+
+
+@pytest.mark.parametrize("given", ["key/", "../budgets", "vk_1?x=1", ""])
+def test_an_id_argument_is_an_id_or_a_usage_error(given: str) -> None:
+    """`keys show key/` sent `GET /vault/keys/`, a listing, and printed pydantic's traceback;
+    `../budgets` asked the proxy something else entirely."""
+    code, _, err = run(None, "keys", "show", given)
+    assert code == 2 and "is not a key id" in err, err
+
+
+@pytest.mark.parametrize("body", [b"<html>a login page</html>", b'{"data": "not a key"}'])
+def test_an_answer_that_is_not_the_proxy_s_is_an_api_error(body: bytes) -> None:
+    """A 2xx page that is not keybrake JSON (a proxy's login page, a redirect's body) escaped as
+    a JSON or validation traceback."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    client = KeybrakeClient("http://keybrake", "token", transport=transport)
+    with pytest.raises(ApiError, match="did not answer as a keybrake proxy"):
+        client.get_key("vk_1")
