@@ -380,12 +380,17 @@ class Vault:
             cluster=spec.cluster,
             scope=actor.scope,
         )
-        run = Listing(label=spec.agent_run_label)
+        # The run's keys and budgets, of which those this call revoked: every one of them (a
+        # listing's default page of 1,000 left the oldest out of a larger run).
+        run = Listing(label=spec.agent_run_label, limit=MAX_LIST_LIMIT)
+        revoked_keys, revoked_budgets = set(keys), set(budgets)
         key_views = await self.store.list_keys(run, now)
         budget_views = await self.store.list_budgets(run, now)
         return (
-            [v for v in key_views if v.key.key_id in set(keys)],
-            await self.scoped([v for v in budget_views if v.budget.budget_id in budgets], actor),
+            [v for v in key_views if v.key.key_id in revoked_keys],
+            await self.scoped(
+                [v for v in budget_views if v.budget.budget_id in revoked_budgets], actor
+            ),
         )
 
     # -- budgets -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from pathlib import Path
@@ -421,3 +422,27 @@ def test_every_listing_pages_with_one_cursor_format(
         ):
             answer = client.get(path, params={"continue": bad})
             assert answer.status_code == 400 and "continue" in answer.text, (path, bad)
+
+
+def test_revoking_a_large_run_reports_every_key_it_revoked(tmp_path: Path) -> None:
+    """The views of what a run revoke revoked came from a listing's default page (1,000): a run
+    of 1,003 keys answered `revoked: 1000`, its oldest keys left out though revoked."""
+    from tests.inproc import StubUpstream
+    from tests.test_pipeline import ISSUE, running
+
+    async def scenario() -> dict[str, Any]:
+        async with running(tmp_path, StubUpstream()) as (_, client):
+            issued = await asyncio.gather(
+                *(
+                    client.post("/vault/keys", json={**ISSUE, "expires_in": "2h"})
+                    for _ in range(1003)
+                )
+            )
+            assert {r.status_code for r in issued} == {201}
+            answer = await client.post(
+                "/vault/keys/revoke", json={"agent_run_label": ISSUE["agent_run_label"]}
+            )
+            return dict(answer.json())
+
+    result = asyncio.run(scenario())
+    assert result["revoked"] == 1003 and len(result["keys"]) == 1003
