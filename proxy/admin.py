@@ -168,6 +168,11 @@ class AdminApi:
             except StoreUnavailable:
                 return _unavailable()
             try:
+                for name, value in [
+                    *request.path_params.items(),
+                    *request.query_params.multi_items(),
+                ]:
+                    _storable(value, name)
                 response = await handler(request, actor)
             except VaultError as exc:
                 response = error(exc.status, exc.error_type, exc.message, exc.code)
@@ -210,6 +215,7 @@ class AdminApi:
             found = parse_json(body)
         except AmbiguousRequest as exc:
             raise InvalidRequest(f"malformed JSON: {exc}") from exc
+        _storable(found, "the body")
         try:
             return model.model_validate(found)
         except ValidationError as exc:
@@ -459,6 +465,30 @@ def _subject(kind: str, request: Request) -> str:
         # Which listing it was asked from decides the answer: a budget id is no key.
         raise NotFound(f"no {'vault key' if kind == 'keys' else 'budget'} {subject_id!r}")
     return str(subject_id)
+
+
+def _storable(value: Any, where: str) -> None:
+    """Refuse text no database takes as it is: a NUL (PostgreSQL's text cannot hold one) or an
+    unpaired surrogate (not UTF-8). Refused here as a 400, not a 503 from PostgreSQL, a 500
+    when rendering the answer, or a key written on one backend and refused on the other."""
+    if isinstance(value, str):
+        if "\x00" in value or (not value.isascii() and _not_utf8(value)):
+            raise InvalidRequest(f"{where}: text holds a NUL or a character that is not UTF-8")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, where)
+            _storable(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item, where)
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _target(request: Request) -> str | None:

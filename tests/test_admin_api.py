@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -446,3 +447,40 @@ def test_revoking_a_large_run_reports_every_key_it_revoked(tmp_path: Path) -> No
 
     result = asyncio.run(scenario())
     assert result["revoked"] == 1003 and len(result["keys"]) == 1003
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def on_backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {}
+    return {"database_url": request.getfixturevalue("pg_fresh_url")}
+
+
+def test_text_no_database_stores_is_a_400_on_both_backends(
+    tmp_path: Path, on_backend: dict[str, Any]
+) -> None:
+    """A NUL answered 503 "database unreachable" on PostgreSQL only (200 or 404 on SQLite); an
+    unpaired surrogate in metadata made SQLite write the key and then fail rendering it (a 500:
+    a live key whose vault key nobody received)."""
+    spec = {
+        "vendor": "stripe",
+        "daily_usd_cap": 10,
+        "allowed_endpoints": ["POST /v1/payment_intents"],
+        "agent_run_label": "argo/nul",
+    }
+    with app_client(tmp_path, Clock(), **on_backend) as client:
+        answers = [
+            client.post(
+                "/vault/keys",
+                content=json.dumps({**spec, "metadata": {"a": "\ud800"}}).encode(),
+                headers={"content-type": "application/json"},
+            ),
+            client.post("/vault/keys", json={**spec, "metadata": {"a": "x\x00y"}}),
+            client.get("/vault/keys", params={"label": "\x00"}),
+            client.get("/vault/keys/vk_%00"),
+            client.get("/vault/audit", params={"decision": "a\x00"}),
+        ]
+        listed = client.get("/vault/keys", params={"status": "active"}).json()["data"]
+    assert [a.status_code for a in answers] == [400] * 5, [a.text for a in answers]
+    assert all("NUL" in a.json()["error"]["message"] for a in answers)
+    assert listed == []  # nothing was written
