@@ -52,8 +52,13 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
 
 
 def is_label(value: str) -> bool:
-    """Whether `value` could be a run label at all (letters, digits and . _ : / @ -)."""
-    return bool(_LABEL.fullmatch(value))
+    """Whether `value` could be a run label at all: what `_label` accepts (letters, digits and
+    . _ : / @ -, and no keybrake secret)."""
+    try:
+        _label(value)
+    except ValueError:
+        return False
+    return True
 
 
 # A Kubernetes namespace or service-account name (an RFC 1123 label; service accounts may be

@@ -260,6 +260,15 @@ def test_revoke_needs_the_page_csrf_token_and_this_site(tmp_path: Path) -> None:
         assert twice.status_code == 400 and "given twice" in twice.text
         as_json = client.post("/ui/run/revoke", json={"csrf": csrf, "label": LABEL})
         assert as_json.status_code == 400
+        # A label the API refuses (it holds what looks like a vault key) is no run: it was a
+        # 500, with the secret-looking label in the logged traceback.
+        secret = "kbv_" + "A" * 43
+        secretive = client.post(
+            "/ui/run/revoke",
+            data={"label": secret, "csrf": csrf},
+            headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert secretive.status_code == 404 and secret not in secretive.text
         client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
         assert client.get(f"/vault/keys/{key['key_id']}").json()["status"] == "active"
         client.headers.pop("Authorization")
