@@ -11,7 +11,6 @@ from pathlib import Path
 import asyncpg
 
 from tests.bench.run import seed
-from tests.pg import pg_database
 
 TABLES = ("vault_keys", "usage_counts", "spend_window", "audit")
 
@@ -27,7 +26,7 @@ def test_the_bench_seeds_a_sqlite_database(tmp_path: Path) -> None:
     assert counts == [3, 3, 3, 5]
 
 
-def test_the_bench_seeds_a_postgres_database() -> None:
+def test_the_bench_seeds_a_postgres_database(pg_url: str) -> None:
     async def counts(url: str) -> list[int]:
         conn = await asyncpg.connect(url)
         try:
@@ -35,6 +34,5 @@ def test_the_bench_seeds_a_postgres_database() -> None:
         finally:
             await conn.close()
 
-    with pg_database() as url:
-        seed(url, keys=3, audit_rows=5)
-        assert asyncio.run(counts(url)) == [3, 3, 3, 5]
+    seed(pg_url, keys=3, audit_rows=5)
+    assert asyncio.run(counts(pg_url)) == [3, 3, 3, 5]

@@ -117,6 +117,54 @@ CASES = [
 ]
 
 
+# The files wrap rewrites with the default options; the others it refuses or leaves alone (a
+# workflow without a proxied credential, one already wrapped). Pinned, so that the test below,
+# which checks only what is rewritten, cannot pass by wrap rewriting nothing.
+REWRITTEN = {
+    "adopt/edge/wrap/anchors.yaml",
+    "adopt/edge/wrap/backoff.yaml",
+    "adopt/edge/wrap/baseurl.yaml",
+    "adopt/edge/wrap/both_exit.yaml",
+    "adopt/edge/wrap/crlf.yaml",
+    "adopt/edge/wrap/cset.yaml",
+    "adopt/edge/wrap/deep.yaml",
+    "adopt/edge/wrap/exit_inputs.yaml",
+    "adopt/edge/wrap/gotmpl.yaml",
+    "adopt/edge/wrap/hyphen.yaml",
+    "adopt/edge/wrap/indent4.yaml",
+    "adopt/edge/wrap/limit0.yaml",
+    "adopt/edge/wrap/twilio.yaml",
+    "adopt/workflows/before-billing-agent.yaml",
+    "adopt/workflows/nested-fanout.yaml",
+    "adopt/workflows/silenced.yaml",
+    "adopt/workflows/single-pod-default-retry.yaml",
+    "adopt/workflows/steps-bounded-onerror.yaml",
+    "adopt/wrap_text/crlf-bom.yaml",
+    "adopt/wrap_text/cron-mixed.yaml",
+    "adopt/wrap_text/entry-alias.yaml",
+    "adopt/wrap_text/flow.yaml",
+    "adopt/wrap_text/flowish.yaml",
+    "adopt/wrap_text/mixed-indent.yaml",
+    "adopt/wrap_text/shared-env.yaml",
+    "adopt/wrap_text/two-vendors.yaml",
+    "corpus/lint/synthesised/syn-cron-fanout.yaml",
+    "corpus/lint/synthesised/syn-cron-workflow-template-ref.yaml",
+    "corpus/lint/synthesised/syn-fanout-shapes.yaml",
+    "corpus/lint/synthesised/syn-resend-cron.yaml",
+    "corpus/lint/synthesised/syn-retry-shapes.yaml",
+    "corpus/lint/synthesised/syn-stripe-fanout-retry.yaml",
+}
+
+
+def test_wrap_rewrites_the_files_it_should() -> None:
+    rewritten = {
+        str(path.relative_to(TESTS))
+        for path in FILES
+        if wrapped_or_none(read(path), OPTIONS) is not None
+    }
+    assert rewritten == REWRITTEN
+
+
 @pytest.mark.parametrize(
     ("path", "options"),
     CASES,
