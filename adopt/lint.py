@@ -509,7 +509,7 @@ class _Linter:
         if runs and held and not issues:
             add_run(
                 "KB103",
-                f"templates {', '.join(sorted(held))} hold vendor credentials (or read the "
+                f"templates {', '.join(sorted(set(held)))} hold vendor credentials (or read the "
                 "run's vault key) and no step issues a capped vault key",
             )
         revokes = _exit_revokes(workflow) or (target is not None and _exit_revokes(target))

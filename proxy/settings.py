@@ -24,7 +24,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.money import parse_duration
-from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO, VENDOR_FACTS
+from keybrake.proxy.vendor_facts import (
+    RESEND,
+    STRIPE,
+    TWILIO,
+    VENDOR_FACTS,
+    setting_variable,
+)
 
 __all__ = [
     "Settings",
@@ -281,7 +287,7 @@ class Settings(BaseSettings):
 
 
 def _setting_variables() -> set[str]:
-    return {_PREFIX + name.upper() for name in Settings.model_fields}
+    return {setting_variable(name) for name in Settings.model_fields}
 
 
 def _closest_setting(name: str) -> str | None:

@@ -6,6 +6,7 @@ templates lint clean; the SARIF output validates against the SARIF 2.1.0 schema
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -234,3 +235,25 @@ def test_sarif_locations_are_uris(tmp_path: Path) -> None:
         "KB106": "note",
         "KB107": "note",
     }
+
+
+def test_a_library_template_run_twice_is_named_once(tmp_path: Path) -> None:
+    """KB103 listed `payments-lib/refund-one (templateRef)` once per step that ran it."""
+    shutil.copy(WORKFLOWS / "payments-lib.yaml", tmp_path)
+    (tmp_path / "twice.yaml").write_text(
+        "apiVersion: argoproj.io/v1alpha1\n"
+        "kind: Workflow\n"
+        "metadata: {generateName: twice-}\n"
+        "spec:\n"
+        "  entrypoint: main\n"
+        "  templates:\n"
+        "  - name: main\n"
+        "    steps:\n"
+        "    - - name: first\n"
+        "        templateRef: {name: payments-lib, template: refund-one}\n"
+        "    - - name: second\n"
+        "        templateRef: {name: payments-lib, template: refund-one}\n"
+    )
+    found = [f for f in lint_paths([tmp_path]).findings if f.rule == "KB103"]
+    assert len(found) == 1
+    assert found[0].message.count("payments-lib/refund-one") == 1, found[0].message
