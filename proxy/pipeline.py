@@ -164,6 +164,7 @@ class _Call:
     cost: Cost
     audit: AuditRecord
     started: float
+    idempotency_key: str | None  # as the caller sent it (`_idempotency_key`)
     reservation: Reservation = field(init=False)
 
 
@@ -253,7 +254,7 @@ class Pipeline:
         self._check_body(incoming)
         self._scope(vendor, key, call)
         cost = await self._estimate(vendor, call, key)
-        admitted = _Call(vendor, call, key, cost, audit, started)
+        admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
         return await self._uncancellable(self._reserve_forward_settle(admitted))
@@ -398,8 +399,7 @@ class Pipeline:
 
     async def _reserve(self, c: _Call) -> Admission:
         vendor, call, key, cost = c.vendor, c.call, c.key, c.cost
-        idempotency_key = _idempotency_key(vendor, call.headers)
-        c.audit.idempotency_key = idempotency_key
+        idempotency_key = c.audit.idempotency_key = c.idempotency_key
         # Dedupe is for pod retries, whose SDK makes a fresh idempotency key per process: a call
         # with a key of the caller's own choosing is never merged with another one.
         candidate = idempotency_key is None or vendor.is_sdk_generated(idempotency_key)
