@@ -841,18 +841,44 @@ def test_settle_table(
         store = open_store(backend)
         await store.open()
         try:
-            key = key_record(f"vk_settle{[r[0] for r in SETTLE_ROWS].index(name)}")
+            # The key draws on a budget and caps each caller: settle, sweep and a late settle
+            # move the budget's and the caller's spend exactly as the key's.
+            key_id = f"vk_settle{[r[0] for r in SETTLE_ROWS].index(name)}"
+            budget = BudgetRecord(
+                budget_id="bg_" + key_id.removeprefix("vk_").ljust(16, "0"),
+                label="argo/table",
+                daily_cap_micros=None,
+                total_cap_micros=None,
+                metadata={},
+                created_at=NOW - timedelta(days=1),
+                expires_at=NOW + H,
+            )
+            await store.create_budget(budget, TEST_EVENT)
+            key = replace(
+                key_record(key_id),
+                budget_id=budget.budget_id,
+                max_per_caller_micros=5 * MICROS,
+            )
             await store.create_key(key, TEST_EVENT)
-            call = reservation(key, NOW - timedelta(minutes=10), 3 * MICROS, "body")
+            call = reservation(key, NOW - timedelta(minutes=10), 3 * MICROS, "body", tag="k.pod")
             admitted = await store.reserve(call)
             if swept:
                 assert await store.sweep(NOW) >= 1
             if answered is not None:
                 await store.settle(outcome(call, admitted.audit_id, settled, answered=answered))
             view = await store.get_key(key.key_id, NOW)
-            assert view is not None
-            assert (view.usage.spent_micros, view.usage.reserved_micros) == (after, 0), name
-            assert view.usage.total_micros == after
+            budget_view = await store.get_budget(budget.budget_id, NOW)
+            assert view is not None and budget_view is not None
+            for usage in (view.usage, budget_view.usage):
+                assert (usage.spent_micros, usage.reserved_micros) == (after, 0), name
+                assert usage.total_micros == after
+            # The caller's spend is `after` too: a call of one micro-dollar more than what it
+            # has left is over its cap, and one of what it has left is not.
+            left = 5 * MICROS - after
+            over = await store.reserve(reservation(key, NOW, left + 1, "over", tag="k.pod"))
+            assert over.decision is Decision.CALLER_CAP_HIT, name
+            within = await store.reserve(reservation(key, NOW, left, "within", tag="k.pod"))
+            assert within.decision is Decision.FORWARDED, name
         finally:
             await store.close()
 
