@@ -46,7 +46,8 @@ ListOutputOption = Annotated[
         "--output",
         "-o",
         values=ListOutput,
-        help="table (on a terminal), wide, name (key/vk_...), json or yaml.",
+        help="table (on a terminal), wide, name (kind/id: key/vk_..., budget/bg_...), json "
+        "or yaml.",
     ),
 ]
 
