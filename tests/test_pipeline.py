@@ -61,6 +61,18 @@ async def charge(client: httpx.AsyncClient, vault_key: str, body: str) -> httpx.
     )
 
 
+async def one_charge(
+    tmp_path: Path, upstream: StubUpstream, **kwargs: Any
+) -> tuple[httpx.Response, list[dict[str, Any]], dict[str, Any]]:
+    """A key issued, one $3 charge with it: the reply, the audit rows and the key after."""
+    async with running(tmp_path, upstream, **kwargs) as (_, client):
+        key = (await client.post("/vault/keys", json=ISSUE)).json()
+        reply = await charge(client, key["vault_key"], "amount=300&currency=usd")
+        rows = (await client.get("/vault/audit")).json()["data"]
+        info = (await client.get(f"/vault/keys/{key['key_id']}")).json()
+    return reply, rows, info
+
+
 def test_a_call_at_the_vendor_completes_when_its_client_goes_away(tmp_path: Path) -> None:
     """A client that hung up mid-call (or a server cancelling the request's task, as some do on
     disconnect and uvicorn does at the end of a graceful shutdown) cancelled the vendor call: the
@@ -135,15 +147,7 @@ def test_a_bug_while_forwarding_settles_the_call_as_unanswered(tmp_path: Path) -
     """An error other than the upstream's own after the reservation fell to the catch-all: a
     second audit row said `internal_error` (not forwarded) while the first stayed in flight."""
 
-    async def scenario() -> tuple[httpx.Response, list[dict[str, Any]], dict[str, Any]]:
-        async with running(tmp_path, BrokenUpstream()) as (_, client):
-            key = (await client.post("/vault/keys", json=ISSUE)).json()
-            reply = await charge(client, key["vault_key"], "amount=300&currency=usd")
-            rows = (await client.get("/vault/audit")).json()["data"]
-            info = (await client.get(f"/vault/keys/{key['key_id']}")).json()
-        return reply, rows, info
-
-    reply, rows, info = asyncio.run(scenario())
+    reply, rows, info = asyncio.run(one_charge(tmp_path, BrokenUpstream()))
     assert reply.status_code == 502 and "Traceback" not in reply.text
     assert [r["decision"] for r in rows] == ["upstream_error"]
     assert (info["spent_usd"], info["reserved_usd"]) == ("3.00", "0.00")  # it may have moved
@@ -157,17 +161,8 @@ class SettleFails(SQLiteStore):
 def test_a_settle_that_fails_says_the_call_was_forwarded(tmp_path: Path) -> None:
     """It answered "no call was forwarded" (so retrying looked safe) for a call that was."""
 
-    async def scenario() -> tuple[httpx.Response, list[dict[str, Any]], dict[str, Any]]:
-        upstream = StubUpstream()
-        store = SettleFails(tmp_path / "inproc.db")
-        async with running(tmp_path, upstream, store=store) as (_, client):
-            key = (await client.post("/vault/keys", json=ISSUE)).json()
-            reply = await charge(client, key["vault_key"], "amount=300&currency=usd")
-            rows = (await client.get("/vault/audit")).json()["data"]
-            info = (await client.get(f"/vault/keys/{key['key_id']}")).json()
-        return reply, rows, info
-
-    reply, rows, info = asyncio.run(scenario())
+    store = SettleFails(tmp_path / "inproc.db")
+    reply, rows, info = asyncio.run(one_charge(tmp_path, StubUpstream(), store=store))
     assert reply.status_code == 503
     error = reply.json()["error"]
     assert error["code"] == "keybrake_outcome_not_recorded"
