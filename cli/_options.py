@@ -25,6 +25,7 @@ __all__ = [
     "ReasonOption",
     "caps_patch",
     "dollars",
+    "expires_in_option",
     "id_argument",
     "label_filter",
     "meta_option",
@@ -54,6 +55,11 @@ def meta_option(help: str) -> Any:
     return typer.Option("--meta", help=help)
 
 
+def expires_in_option(help: str) -> Any:
+    """`--expires-in`: how long what is made lives, from now (90s, 30m, 2h, 7d)."""
+    return typer.Option("--expires-in", help=help)
+
+
 def quiet_option(help: str) -> Any:
     """`--quiet` / `-q` of a command that makes something: print only what a script needs of it."""
     return typer.Option("--quiet", "-q", help=help)
@@ -65,8 +71,7 @@ NewDailyCapOption = Annotated[
     str | None, typer.Option("--daily-usd-cap", help="New cap for any 24 hours.")
 ]
 NewExpiresInOption = Annotated[
-    str | None,
-    typer.Option("--expires-in", help="New life, from now (never past the longest allowed)."),
+    str | None, expires_in_option("New life, from now (never past the longest allowed).")
 ]
 
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from keybrake.cli import _options as options
 from keybrake.cli._common import OutputOption, print_created, print_item
 from keybrake.cli._connection import (
     ApiKeyOption,
@@ -13,27 +14,6 @@ from keybrake.cli._connection import (
     UrlOption,
     ask_proxy,
     connect,
-)
-from keybrake.cli._options import (
-    AlertAtOption,
-    DailyCapOption,
-    LabelOption,
-    NewDailyCapOption,
-    NewExpiresInOption,
-    ReasonOption,
-    caps_patch,
-    dollars,
-    id_argument,
-    label_filter,
-    meta_option,
-    metadata,
-    percents,
-    quiet_option,
-    status_option,
-    total_cap_option,
-    usage_on_invalid,
-    workflow_filter,
-    workflow_label,
 )
 from keybrake.cli._paging import (
     AllOption,
@@ -53,7 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-BudgetIdArgument = Annotated[str, id_argument("budget", "The budget id (bg_...).")]
+BudgetIdArgument = Annotated[str, options.id_argument("budget", "The budget id (bg_...).")]
 
 
 @app.command(
@@ -62,29 +42,31 @@ BudgetIdArgument = Annotated[str, id_argument("budget", "The budget id (bg_...).
     "--expires-in 6h -q",
 )
 def create(
-    label: LabelOption,
+    label: options.LabelOption,
     total_usd_cap: Annotated[
-        str | None, total_cap_option("Dollars over the run's whole life.")
+        str | None, options.total_cap_option("Dollars over the run's whole life.")
     ] = None,
-    daily_usd_cap: DailyCapOption = None,
-    expires_in: Annotated[str, typer.Option("--expires-in", help="90s, 30m, 2h, 7d.")] = "1h",
-    meta: Annotated[list[str] | None, meta_option("key=value stored with it; repeatable.")] = None,
-    alert_at: AlertAtOption = None,
-    quiet: Annotated[bool, quiet_option("Print only the budget id.")] = False,
+    daily_usd_cap: options.DailyCapOption = None,
+    expires_in: Annotated[str, options.expires_in_option("90s, 30m, 2h, 7d.")] = "1h",
+    meta: Annotated[
+        list[str] | None, options.meta_option("key=value stored with it; repeatable.")
+    ] = None,
+    alert_at: options.AlertAtOption = None,
+    quiet: Annotated[bool, options.quiet_option("Print only the budget id.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Create a budget; issue keys with --budget to draw on it. A call is admitted only if the
     key's caps and the budget's all hold."""
-    with usage_on_invalid():
+    with options.usage_on_invalid():
         spec = BudgetCreate(
             agent_run_label=label,
-            total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
-            daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
+            total_usd_cap=options.dollars(total_usd_cap, "--total-usd-cap"),
+            daily_usd_cap=options.dollars(daily_usd_cap, "--daily-usd-cap"),
             expires_in=expires_in,
-            metadata=metadata(meta),
-            alert_thresholds=percents(alert_at),
+            metadata=options.metadata(meta),
+            alert_thresholds=options.percents(alert_at),
         )
     budget = ask_proxy(url, api_key, lambda client: client.create_budget(spec))
     print_created(budget, output, budget_detail, quiet=quiet, handle=budget.budget_id)
@@ -92,9 +74,9 @@ def create(
 
 @app.command("list", epilog="Example: keybrake budgets list --workflow billing-agent-x7k2p")
 def list_budgets(
-    label: Annotated[str | None, label_filter("budgets")] = None,
-    workflow: Annotated[str | None, workflow_filter("budgets")] = None,
-    status: Annotated[str | None, status_option("active, revoked or expired.")] = None,
+    label: Annotated[str | None, options.label_filter("budgets")] = None,
+    workflow: Annotated[str | None, options.workflow_filter("budgets")] = None,
+    status: Annotated[str | None, options.status_option("active, revoked or expired.")] = None,
     limit: Annotated[int, limit_option("Budgets per page.")] = 500,
     cursor: ContinueOption = None,
     every_page: AllOption = False,
@@ -104,7 +86,7 @@ def list_budgets(
 ) -> None:
     """List budgets, newest first, with their spend in the last 24 hours and in all."""
     if workflow:
-        label = workflow_label(workflow)
+        label = options.workflow_label(workflow)
     with connect(url, api_key) as client:
         budgets, token = collect(
             lambda page: client.budgets_page(label=label, status=status, limit=limit, cursor=page),
@@ -150,17 +132,19 @@ def revoke(
 )
 def patch(
     budget_id: BudgetIdArgument,
-    reason: ReasonOption,
-    total_usd_cap: Annotated[str | None, total_cap_option("New cap over the run's life.")] = None,
-    daily_usd_cap: NewDailyCapOption = None,
-    expires_in: NewExpiresInOption = None,
+    reason: options.ReasonOption,
+    total_usd_cap: Annotated[
+        str | None, options.total_cap_option("New cap over the run's life.")
+    ] = None,
+    daily_usd_cap: options.NewDailyCapOption = None,
+    expires_in: options.NewExpiresInOption = None,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Raise or lower a live budget's caps, or extend or shorten its life; effective on the next
     call of any of its keys, on every replica."""
-    spec = caps_patch(
+    spec = options.caps_patch(
         reason=reason,
         daily_usd_cap=daily_usd_cap,
         total_usd_cap=total_usd_cap,

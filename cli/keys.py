@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from keybrake.cli import _options as options
 from keybrake.cli._common import (
     EXIT_USAGE,
     BriefOutputOption,
@@ -22,28 +23,6 @@ from keybrake.cli._connection import (
     UrlOption,
     ask_proxy,
     connect,
-)
-from keybrake.cli._options import (
-    AlertAtOption,
-    DailyCapOption,
-    LabelOption,
-    NewDailyCapOption,
-    NewExpiresInOption,
-    ReasonOption,
-    caps_patch,
-    dollars,
-    id_argument,
-    label_filter,
-    meta_option,
-    metadata,
-    percents,
-    quiet_option,
-    status_option,
-    total_cap_option,
-    usage_on_invalid,
-    vendor_option,
-    workflow_filter,
-    workflow_label,
 )
 from keybrake.cli._paging import (
     AllOption,
@@ -71,19 +50,17 @@ def issue(
     allow: Annotated[
         list[str], typer.Option("--allow", help="'METHOD /path' the key may call; repeatable.")
     ],
-    label: LabelOption,
-    daily_usd_cap: DailyCapOption = None,
+    label: options.LabelOption,
+    daily_usd_cap: options.DailyCapOption = None,
     total_usd_cap: Annotated[
-        str | None, total_cap_option("Dollars over the key's whole life.")
+        str | None, options.total_cap_option("Dollars over the key's whole life.")
     ] = None,
     budget: Annotated[
         str | None, typer.Option("--budget", help="A budget (bg_...) the key also draws on.")
     ] = None,
     expires_in: Annotated[
         str | None,
-        typer.Option(
-            "--expires-in", help="90s, 30m, 2h, 7d. Default 1h; with --budget, until it ends."
-        ),
+        options.expires_in_option("90s, 30m, 2h, 7d. Default 1h; with --budget, until it ends."),
     ] = None,
     max_usd_per_call: Annotated[
         str | None, typer.Option("--max-usd-per-call", help="Refuse single calls above this.")
@@ -97,33 +74,33 @@ def issue(
         ),
     ] = None,
     meta: Annotated[
-        list[str] | None, meta_option("key=value stored with the key; repeatable.")
+        list[str] | None, options.meta_option("key=value stored with the key; repeatable.")
     ] = None,
     dedupe_window: Annotated[
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
-    alert_at: AlertAtOption = None,
-    quiet: Annotated[bool, quiet_option("Print only the vault key.")] = False,
+    alert_at: options.AlertAtOption = None,
+    quiet: Annotated[bool, options.quiet_option("Print only the vault key.")] = False,
     output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Issue a vault key. The key is shown once; store it where the workload reads it. It needs
     --daily-usd-cap or --total-usd-cap, unless it draws on a --budget."""
-    with usage_on_invalid():
+    with options.usage_on_invalid():
         spec = KeyCreate(
             vendor=vendor,
-            daily_usd_cap=dollars(daily_usd_cap, "--daily-usd-cap"),
-            total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
+            daily_usd_cap=options.dollars(daily_usd_cap, "--daily-usd-cap"),
+            total_usd_cap=options.dollars(total_usd_cap, "--total-usd-cap"),
             budget_id=budget,
             allowed_endpoints=allow,
             expires_in=expires_in,
             agent_run_label=label,
-            max_usd_per_call=dollars(max_usd_per_call, "--max-usd-per-call"),
-            max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
-            metadata=metadata(meta),
+            max_usd_per_call=options.dollars(max_usd_per_call, "--max-usd-per-call"),
+            max_usd_per_caller=options.dollars(max_usd_per_caller, "--max-usd-per-caller"),
+            metadata=options.metadata(meta),
             dedupe_window=dedupe_window,
-            alert_thresholds=percents(alert_at),
+            alert_thresholds=options.percents(alert_at),
         )
     issued = ask_proxy(url, api_key, lambda client: client.issue_key(spec))
     shown = print_created(issued, output, key_detail, quiet=quiet, handle=issued.vault_key)
@@ -135,11 +112,11 @@ def issue(
     "list", epilog="Example: keybrake keys list --label argo/billing-agent-x7k2p --status active"
 )
 def list_keys(
-    label: Annotated[str | None, label_filter("keys")] = None,
-    workflow: Annotated[str | None, workflow_filter("keys")] = None,
-    vendor: Annotated[str | None, vendor_option("Only keys of this vendor.")] = None,
+    label: Annotated[str | None, options.label_filter("keys")] = None,
+    workflow: Annotated[str | None, options.workflow_filter("keys")] = None,
+    vendor: Annotated[str | None, options.vendor_option("Only keys of this vendor.")] = None,
     status: Annotated[
-        str | None, status_option("active (the default), revoked or expired.")
+        str | None, options.status_option("active (the default), revoked or expired.")
     ] = None,
     all_statuses: Annotated[
         bool, typer.Option("--all-statuses", help="Revoked and expired keys too.")
@@ -161,7 +138,7 @@ def list_keys(
     if not all_statuses:
         status = status or "active"
     if workflow:
-        label = workflow_label(workflow)
+        label = options.workflow_label(workflow)
     with connect(url, api_key) as client:
         keys, token = collect(
             lambda page: client.keys_page(
@@ -182,7 +159,7 @@ def list_keys(
 
 @app.command("show", epilog="Example: keybrake keys show vk_3f9c2a1b4d5e6f70")
 def show(
-    key_id: Annotated[str, id_argument("key", "The key id (vk_...), not the vault key.")],
+    key_id: Annotated[str, options.id_argument("key", "The key id (vk_...), not the vault key.")],
     ignore_not_found: IgnoreNotFoundOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -202,21 +179,23 @@ def show(
     "--reason 'month-end batch is larger'",
 )
 def patch(
-    key_id: Annotated[str, id_argument("key", "The key id (vk_...).")],
-    reason: ReasonOption,
-    daily_usd_cap: NewDailyCapOption = None,
-    total_usd_cap: Annotated[str | None, total_cap_option("New cap over the key's life.")] = None,
+    key_id: Annotated[str, options.id_argument("key", "The key id (vk_...).")],
+    reason: options.ReasonOption,
+    daily_usd_cap: options.NewDailyCapOption = None,
+    total_usd_cap: Annotated[
+        str | None, options.total_cap_option("New cap over the key's life.")
+    ] = None,
     max_usd_per_caller: Annotated[
         str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
     ] = None,
-    expires_in: NewExpiresInOption = None,
+    expires_in: options.NewExpiresInOption = None,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
     """Raise or lower a live key's caps, or extend or shorten its life; effective on the next
     call on every replica. Lowering below what is spent makes the next priced call a cap hit."""
-    spec = caps_patch(
+    spec = options.caps_patch(
         reason=reason,
         daily_usd_cap=daily_usd_cap,
         total_usd_cap=total_usd_cap,

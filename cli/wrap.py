@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, fail
-from keybrake.cli._options import positive_dollars
+from keybrake.cli._options import expires_in_option, positive_dollars
 
 
 class WrapVendor(enum.StrEnum):
@@ -57,10 +57,9 @@ def wrap(
     ] = None,
     expires_in: Annotated[
         str | None,
-        typer.Option(
-            "--expires-in",
-            help="How long the keys live, e.g. 6h (default: until the run ends, at most its "
-            "activeDeadlineSeconds and the proxy's longest key life).",
+        expires_in_option(
+            "How long the keys live, e.g. 6h (default: until the run ends, at most its "
+            "activeDeadlineSeconds and the proxy's longest key life)."
         ),
     ] = None,
     proxy_url: Annotated[

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from keybrake.proxy import models
 from keybrake.proxy.access import Actor, Authenticator, admin_only, refused_login
 from keybrake.proxy.body import BodyDeadlines
 from keybrake.proxy.errors import (
@@ -32,26 +33,6 @@ from keybrake.proxy.errors import (
     NotFound,
     StoreUnavailable,
     VaultError,
-)
-from keybrake.proxy.models import (
-    AlertList,
-    AuditPage,
-    AuditRow,
-    BudgetCreate,
-    BudgetList,
-    CapsPatch,
-    EventPage,
-    IssuedIssuer,
-    IssuedKey,
-    IssuerCreate,
-    IssuerList,
-    KeyCreate,
-    KeyList,
-    LabelRevoke,
-    PruneRequest,
-    PruneResult,
-    RevokeResult,
-    describe_validation_error,
 )
 from keybrake.proxy.money import format_ts, parse_duration
 from keybrake.proxy.paging import (
@@ -90,7 +71,7 @@ Handler = Callable[[Request, Actor], Awaitable[Response]]
 M = TypeVar("M", bound=BaseModel)
 
 _STATUSES = ("active", "revoked", "expired")
-AUDIT_COLUMNS = list(AuditRow.model_fields)
+AUDIT_COLUMNS = list(models.AuditRow.model_fields)
 LIST_LIMIT = 1000  # rows a list returns unless asked for more
 _MAX_JSON_BYTES = 65536
 
@@ -219,7 +200,7 @@ class AdminApi:
         try:
             return model.model_validate(found)
         except ValidationError as exc:
-            raise InvalidRequest(describe_validation_error(exc)) from exc
+            raise InvalidRequest(models.describe_validation_error(exc)) from exc
 
     def _render(self, view: KeyView | BudgetView) -> Any:
         now = self.vault.clock()
@@ -230,13 +211,13 @@ class AdminApi:
     # -- keys and budgets ----------------------------------------------------------------------
 
     async def create_key(self, request: Request, actor: Actor) -> Response:
-        spec = await self._body(request, KeyCreate)
+        spec = await self._body(request, models.KeyCreate)
         issued = await self.vault.issue_key(actor, spec, request.headers.get("idempotency-key"))
-        answer = IssuedKey(**self._render(issued.view), vault_key=issued.vault_key)
+        answer = models.IssuedKey(**self._render(issued.view), vault_key=issued.vault_key)
         return _created(answer.model_dump(), issued.replaced)
 
     async def create_budget(self, request: Request, actor: Actor) -> Response:
-        spec = await self._body(request, BudgetCreate)
+        spec = await self._body(request, models.BudgetCreate)
         issued = await self.vault.create_budget(actor, spec, request.headers.get("idempotency-key"))
         return _created(self._render(issued.view), issued.replaced)
 
@@ -250,7 +231,7 @@ class AdminApi:
         if len(views) > limit:
             views = views[:limit]
             token = encode_position("keys", views[-1].key.created_at, views[-1].key.key_id)
-        page = KeyList(data=[self._render(v) for v in views], continue_=token)
+        page = models.KeyList(data=[self._render(v) for v in views], continue_=token)
         return JSONResponse(page.model_dump())
 
     async def list_budgets(self, request: Request, actor: Actor) -> Response:
@@ -262,7 +243,7 @@ class AdminApi:
             views = views[:limit]
             last = views[-1].budget
             token = encode_position("budgets", last.created_at, last.budget_id)
-        page = BudgetList(data=[self._render(v) for v in views], continue_=token)
+        page = models.BudgetList(data=[self._render(v) for v in views], continue_=token)
         return JSONResponse(page.model_dump())
 
     def get_subject(self, kind: str) -> Handler:
@@ -281,16 +262,16 @@ class AdminApi:
 
     def patch_subject(self, kind: str) -> Handler:
         async def patch(request: Request, actor: Actor) -> Response:
-            spec = await self._body(request, CapsPatch)
+            spec = await self._body(request, models.CapsPatch)
             found = await self.vault.patch(actor, _subject(kind, request), spec)
             return JSONResponse(self._render(found))
 
         return patch
 
     async def revoke_label(self, request: Request, actor: Actor) -> Response:
-        spec = await self._body(request, LabelRevoke)
+        spec = await self._body(request, models.LabelRevoke)
         keys, budgets = await self.vault.revoke_run(actor, spec)
-        result = RevokeResult(
+        result = models.RevokeResult(
             agent_run_label=spec.agent_run_label,
             revoked=len(keys),
             keys=[self._render(v) for v in keys],
@@ -301,11 +282,11 @@ class AdminApi:
     # -- issuers -------------------------------------------------------------------------------
 
     async def create_issuer(self, request: Request, actor: Actor) -> Response:
-        spec = await self._body(request, IssuerCreate)
+        spec = await self._body(request, models.IssuerCreate)
         record, token, warnings = await self.vault.create_issuer(
             actor, spec, kubernetes_login=self.authenticator.verifier is not None
         )
-        answer = IssuedIssuer(
+        answer = models.IssuedIssuer(
             **issuer_info(record).model_dump(), issuer_token=token, warnings=warnings
         )
         # No warning: the answer as it always was, without the field.
@@ -315,7 +296,7 @@ class AdminApi:
     async def list_issuers(self, request: Request, actor: Actor) -> Response:
         everything = request.query_params.get("all") in ("1", "true")
         issuers = await self.vault.list_issuers(actor, include_deleted=everything)
-        page = IssuerList(data=[issuer_info(i) for i in issuers])
+        page = models.IssuerList(data=[issuer_info(i) for i in issuers])
         return JSONResponse(page.model_dump(mode="json"))
 
     async def get_issuer(self, request: Request, actor: Actor) -> Response:
@@ -355,7 +336,7 @@ class AdminApi:
             query.before_id = _whole("before_id", params.get("before_id"), 0, 2**62)
         found, token = await _paged(query, lambda: self.vault.events(actor, query), "events")
         rows = [event_info(e) for e in found]
-        return JSONResponse(EventPage(data=rows, continue_=token).model_dump())
+        return JSONResponse(models.EventPage(data=rows, continue_=token).model_dump())
 
     async def alerts(self, request: Request, actor: Actor) -> Response:
         """The threshold alerts' outbox, newest first: what was raised and how delivery went."""
@@ -363,7 +344,7 @@ class AdminApi:
         limit = _whole("limit", params.get("limit", "100"), 1, 10_000) or 100
         pending = params.get("pending") == "true"
         found = await self.vault.alerts(actor, pending=pending, limit=limit)
-        return JSONResponse(AlertList(data=[alert_info(a) for a in found]).model_dump())
+        return JSONResponse(models.AlertList(data=[alert_info(a) for a in found]).model_dump())
 
     async def audit(self, request: Request, actor: Actor) -> Response:
         params = request.query_params
@@ -384,16 +365,16 @@ class AdminApi:
             for row in rows:
                 writer.writerow(row.model_dump())
             return Response(out.getvalue(), media_type="text/csv")
-        return JSONResponse(AuditPage(data=rows, continue_=token).model_dump())
+        return JSONResponse(models.AuditPage(data=rows, continue_=token).model_dump())
 
     async def prune_audit(self, request: Request, actor: Actor) -> Response:
         """Delete audit rows older than `before`; see `Store.prune_audit` for what is kept."""
-        spec = await self._body(request, PruneRequest)
+        spec = await self._body(request, models.PruneRequest)
         before = self._since(spec.before, name="before")
         if before is None:
             raise InvalidRequest("before: required")
         removed = await self.vault.prune_audit(actor, before, dry_run=spec.dry_run)
-        result = PruneResult(before=format_ts(before), dry_run=spec.dry_run, removed=removed)
+        result = models.PruneResult(before=format_ts(before), dry_run=spec.dry_run, removed=removed)
         return JSONResponse(result.model_dump())
 
     async def pricing_table(self, request: Request, actor: Actor) -> Response:

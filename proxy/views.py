@@ -4,8 +4,11 @@ alert deliveries as the JSON models of `keybrake.proxy.models` (amounts in dolla
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
 
 from keybrake.proxy.access import Policy
 from keybrake.proxy.models import (
@@ -33,6 +36,9 @@ from keybrake.proxy.store.records import (
     Usage,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
     "alert_info",
     "audit_row",
@@ -45,6 +51,22 @@ __all__ = [
 
 def _usd(micros: int | None) -> str | None:
     return None if micros is None else format_usd(micros)
+
+
+def _ts(moment: datetime | None) -> str | None:
+    return None if moment is None else format_ts(moment)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _copied(model: type[M], record: DataclassInstance, **given: Any) -> M:
+    """The `model` of the `record`'s fields that it names alike, and of `given` for the rest
+    (renamed, in dollars, times as text); where both have a field, `given` wins."""
+    shared = {
+        f.name: getattr(record, f.name) for f in fields(record) if f.name in model.model_fields
+    }
+    return model(**{**shared, **given})
 
 
 def _remaining(daily: int | None, total: int | None, usage: Usage) -> int | None:
@@ -105,7 +127,7 @@ def _lifetime(
         **_owner_fields(record.owner),
         "created_at": format_ts(record.created_at),
         "expires_at": format_ts(record.expires_at),
-        "revoked_at": format_ts(record.revoked_at) if record.revoked_at else None,
+        "revoked_at": _ts(record.revoked_at),
         "window_start": format_ts(usage.window_start),
         "spent_usd": format_usd(usage.spent_micros),
         "reserved_usd": format_usd(usage.reserved_micros),
@@ -149,25 +171,14 @@ def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
 
 
 def audit_row(record: AuditRecord) -> AuditRow:
-    return AuditRow(
+    return _copied(
+        AuditRow,
+        record,
         id=record.id or 0,
         ts=format_ts(record.ts),
-        key_id=record.key_id,
         agent_run_label=record.label,
-        vendor=record.vendor,
-        method=record.method,
-        path=record.path,
-        status=record.status,
-        decision=record.decision,
         reserved_usd=format_usd(record.reserved_micros),
         settled_usd=format_usd(record.settled_micros),
-        amount=record.amount,
-        currency=record.currency,
-        vendor_request_id=record.vendor_request_id,
-        idempotency_key=record.idempotency_key,
-        latency_ms=record.latency_ms,
-        caller_tag=record.caller_tag,
-        budget_id=record.budget_id,
     )
 
 
@@ -187,8 +198,8 @@ def alert_info(item: AlertDelivery) -> AlertInfo:
         status=status,
         created_at=format_ts(item.created_at),
         attempts=item.attempts,
-        next_attempt_at=format_ts(item.next_attempt_at) if item.next_attempt_at else None,
-        delivered_at=format_ts(item.delivered_at) if item.delivered_at else None,
+        next_attempt_at=_ts(item.next_attempt_at),
+        delivered_at=_ts(item.delivered_at),
         last_error=item.last_error,
         text=text,
     )
@@ -211,19 +222,9 @@ def issuer_info(record: IssuerRecord) -> IssuerInfo:
         kubernetes=KubernetesBinding(**record.kubernetes) if record.kubernetes else None,
         static_token=record.token_hash is not None,
         created_at=format_ts(record.created_at),
-        deleted_at=format_ts(record.deleted_at) if record.deleted_at else None,
+        deleted_at=_ts(record.deleted_at),
     )
 
 
 def event_info(event: Event) -> EventInfo:
-    return EventInfo(
-        id=event.id or 0,
-        ts=format_ts(event.ts),
-        action=event.action,
-        actor=event.actor,
-        issuer_id=event.issuer_id,
-        target=event.target,
-        outcome=event.outcome,
-        source=event.source,
-        detail=event.detail,
-    )
+    return _copied(EventInfo, event, id=event.id or 0, ts=format_ts(event.ts))
