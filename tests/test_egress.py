@@ -9,7 +9,6 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp.connector
 import pytest
 import stripe
 
@@ -58,13 +57,9 @@ def start(
     """The proxy with `env` in its environment (KEYBRAKE_* settings, HTTPS_PROXY, NO_PROXY) until
     `monkeypatch` undoes it."""
     # The vendor's certificate is checked against the test CA (OpenSSL's SSL_CERT_FILE), as it
-    # would be against the system's for api.stripe.com. aiohttp makes its default verifying
-    # context once, when imported (in `keybrake serve`, after the variable is set): here it is
-    # made again, the same way, with the variable set.
+    # would be against the system's for api.stripe.com: the proxy makes its verifying context
+    # when it starts, with the variable set.
     monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca_file))
-    monkeypatch.setattr(
-        aiohttp.connector, "_SSL_CONTEXT_VERIFIED", aiohttp.connector._make_ssl_context(True)
-    )
     for name, value in env.items():
         if not name.startswith("KEYBRAKE_"):
             monkeypatch.setenv(name, value)
