@@ -63,21 +63,49 @@ DEFAULT_PROXY = "http://keybrake.keybrake.svc.cluster.local:8080"
 DEFAULT_ENDPOINTS = {vendor.name: list(vendor.usual_endpoints) for vendor in VENDOR_FACTS.values()}
 BASE_URL_VARIABLE = {vendor.name: vendor.sdk.base_url for vendor in VENDOR_FACTS.values()}
 # The one change each vendor's SDK needs, and no more than that: resend-python reads its base
-# URL from the environment; stripe-python and twilio take it only in code.
+# URL from the environment; stripe-python and twilio take it only in code. Then each call runs
+# through the pod helper (`_POD_HELPER`), which reads keybrake's answers from the SDK's exception
+# (twilio's keeps no headers, so its client is watched for a rate limit's Retry-After).
+_THROUGH_THE_HELPER = "then run each call through keybrake_pod"
 CODE_CHANGES = {
     STRIPE.name: (
         "stripe-python takes its base URL only in code: after `import stripe`, add "
         f'`stripe.api_base = os.environ["{STRIPE.sdk.base_url}"]` (with `StripeClient`, pass '
-        f'`base_addresses={{"api": os.environ["{STRIPE.sdk.base_url}"]}}` instead).'
+        f'`base_addresses={{"api": os.environ["{STRIPE.sdk.base_url}"]}}` instead); '
+        f"{_THROUGH_THE_HELPER}: `keybrake_pod.call(stripe.PaymentIntent.create, amount=..., "
+        "currency=...)`."
     ),
     TWILIO.name: (
         "twilio takes its base URL only in code: after `client = Client(...)`, add "
-        f'`client.api.base_url = os.environ["{TWILIO.sdk.base_url}"]`.'
+        f'`client.api.base_url = os.environ["{TWILIO.sdk.base_url}"]` and '
+        f"`keybrake_pod.watch(client)`; {_THROUGH_THE_HELPER}: "
+        "`keybrake_pod.call(client.messages.create, to=..., from_=..., body=...)`."
     ),
     RESEND.name: (
-        f"none: resend-python reads {RESEND.sdk.base_url} from the environment by itself."
+        f"resend-python reads {RESEND.sdk.base_url} from the environment by itself; "
+        f"{_THROUGH_THE_HELPER}: `keybrake_pod.call(resend.Emails.send, {{...}})`."
     ),
 }
+# keybrake.hera_workflows.keybrake_pod, which exits with this on a refusal.
+_POD_HELPER_EXIT = 77
+_POD_HELPER = (
+    "keybrake_pod is one standard-library file to put beside the pods' code "
+    "(`python -m keybrake.hera_workflows.keybrake_pod > keybrake_pod.py`, then `import "
+    "keybrake_pod`): a call run through it waits out keybrake's rate limits (Retry-After) and "
+    f"is sent again, and the pod exits {_POD_HELPER_EXIT} when keybrake refuses it (a cap hit; a "
+    "key, endpoint or constraint refused)"
+)
+
+
+def _pod_helper_note(refusal_exit_code: int | None) -> str:
+    """What wrap says of the pod helper, and of the retries it asks for."""
+    if refusal_exit_code == _POD_HELPER_EXIT:
+        return f"{_POD_HELPER}."
+    told = "" if refusal_exit_code is None else f" (not {refusal_exit_code})"
+    return (
+        f"{_POD_HELPER}: wrap with --refusal-exit-code {_POD_HELPER_EXIT}{told} so that Argo "
+        "retries the pods' other failures and never a refusal."
+    )
 
 
 class WrapError(KeybrakeError):
@@ -916,6 +944,7 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         raise WrapError(f"cannot change it in place ({exc})") from exc
     for vendor in sorted(set(vendors)):
         said.notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
+    said.notes.append(_pod_helper_note(options.refusal_exit_code))
     return Wrapped(
         editor.apply(edits),
         True,

@@ -13,17 +13,21 @@ import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, choice, fail
+from keybrake.proxy.constraints import MODES, VENDOR_FIELDS
 from keybrake.proxy.models import CapsPatch, describe_validation_error
 from keybrake.proxy.vendor_facts import VENDOR_NAMES
 
 __all__ = [
     "AlertAtOption",
+    "ConstraintModeOption",
     "DailyCapOption",
     "LabelOption",
     "NewDailyCapOption",
     "NewExpiresInOption",
     "ReasonOption",
     "caps_patch",
+    "constraint_option",
+    "constraints",
     "dollars",
     "expires_in_option",
     "id_argument",
@@ -126,6 +130,54 @@ def metadata(items: list[str] | None) -> dict[str, str]:
             fail(f"--meta {item!r}: expected key=value", EXIT_USAGE)
         meta[name] = value
     return meta
+
+
+# Constraints on what a key, a budget or an issuer's keys and budgets may pay or message.
+_FIELDS_HELP = "; ".join(f"{vendor}: {', '.join(names)}" for vendor, names in VENDOR_FIELDS.items())
+
+
+def constraint_option(help: str) -> Any:
+    """`--constraint FIELD=VALUE[,VALUE...]`, repeatable (`constraints` reads it); `help` says
+    whose, the fields each vendor has follow."""
+    return typer.Option(
+        "--constraint", metavar="FIELD=VALUES", help=f"{help} Fields: {_FIELDS_HELP}."
+    )
+
+
+ConstraintModeOption = Annotated[
+    str | None,
+    choice(
+        "--constraint-mode",
+        values=MODES,
+        help="enforce (the default): refuse a call outside the constraints; report: forward it "
+        "and audit it as a would-be refusal.",
+    ),
+]
+
+
+def constraints(items: list[str] | None, mode: str | None) -> dict[str, Any] | None:
+    """--constraint FIELD=VALUE[,VALUE...] (repeatable; a field given twice has the values of
+    both) and --constraint-mode, as the API's `constraints` (which checks the values)."""
+    if not items:
+        if mode is not None:
+            fail(
+                "--constraint-mode: give the constraints too (--constraint FIELD=VALUE)", EXIT_USAGE
+            )
+        return None
+    found: dict[str, Any] = {} if mode is None else {"mode": mode}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            fail(
+                f"--constraint {item!r}: expected FIELD=VALUE[,VALUE...], e.g. "
+                "customers=cus_1,cus_2",
+                EXIT_USAGE,
+            )
+        if name == "mode":
+            fail("--constraint mode=...: give the mode as --constraint-mode", EXIT_USAGE)
+        found.setdefault(name, []).extend(value.strip() for value in values.split(","))
+    return found
 
 
 @contextmanager

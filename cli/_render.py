@@ -19,6 +19,7 @@ __all__ = [
     "budget_detail",
     "budgets_table",
     "caps",
+    "constraints_text",
     "detail_table",
     "key_detail",
     "keys_table",
@@ -108,10 +109,28 @@ def detail_table(rows: Sequence[tuple[str, str | Text]]) -> Grid:
     )
 
 
+def constraints_text(constraints: dict[str, Any] | None, none: str = "-") -> str:
+    """Constraints as the API shows them (`mode`, then field: [values]), a field a line."""
+    if not constraints:
+        return none
+    lines = [
+        f"{name}: {', '.join(values)}" for name, values in constraints.items() if name != "mode"
+    ]
+    if constraints.get("mode") == "report":
+        lines.append("report only: calls outside are forwarded and audited")
+    return "\n".join(lines)
+
+
 def _record_detail(
-    rows: list[tuple[str, str | Text]], changes: list[ChangeInfo], metadata: dict[str, Any]
+    rows: list[tuple[str, str | Text]],
+    changes: list[ChangeInfo],
+    metadata: dict[str, Any],
+    constraints: dict[str, Any] | None,
 ) -> Grid:
-    """A key's or a budget's detail: its rows, then its changes and metadata if it has any."""
+    """A key's or a budget's detail: its rows, then its constraints, changes and metadata if it
+    has any."""
+    if constraints:
+        rows.append(("Constraints", constraints_text(constraints)))
     if changes:
         rows.append(("Changes", _change_lines(changes)))
     if metadata:
@@ -137,7 +156,7 @@ def budget_detail(budget: BudgetInfo) -> Grid:
         ("Expires", budget.expires_at),
         ("Revoked", budget.revoked_at or "-"),
     ]
-    return _record_detail(rows, budget.changes, budget.metadata)
+    return _record_detail(rows, budget.changes, budget.metadata, budget.constraints)
 
 
 def key_detail(key: KeyInfo) -> Grid:
@@ -164,7 +183,7 @@ def key_detail(key: KeyInfo) -> Grid:
     ]
     if key.allowed_accounts:
         rows.append(("Accounts", ", ".join(key.allowed_accounts)))
-    return _record_detail(rows, key.changes, key.metadata)
+    return _record_detail(rows, key.changes, key.metadata, key.constraints)
 
 
 def audit_table(rows: list[AuditRow]) -> Grid:

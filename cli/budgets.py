@@ -52,6 +52,15 @@ def create(
         list[str] | None, options.meta_option("key=value stored with it; repeatable.")
     ] = None,
     alert_at: options.AlertAtOption = None,
+    constraint: Annotated[
+        list[str] | None,
+        options.constraint_option(
+            "FIELD=VALUE[,VALUE...]: whom the calls of every key on it may pay or message; "
+            "repeatable; any vendor's fields (each key is held to its own vendor's); fixed at "
+            "creation."
+        ),
+    ] = None,
+    constraint_mode: options.ConstraintModeOption = None,
     quiet: Annotated[bool, options.quiet_option("Print only the budget id.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -67,6 +76,7 @@ def create(
             expires_in=expires_in,
             metadata=options.metadata(meta),
             alert_thresholds=options.percents(alert_at),
+            constraints=options.constraints(constraint, constraint_mode),
         )
     budget = ask_proxy(url, api_key, lambda client: client.create_budget(spec))
     print_created(budget, output, budget_detail, quiet=quiet, handle=budget.budget_id)

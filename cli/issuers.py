@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from keybrake.cli import _options as options
 from keybrake.cli._common import (
     EXIT_USAGE,
     Output,
@@ -21,9 +22,8 @@ from keybrake.cli._common import (
     print_item,
 )
 from keybrake.cli._connection import ApiKeyOption, UrlOption, ask_proxy
-from keybrake.cli._options import dollars, id_argument, quiet_option, usage_on_invalid
 from keybrake.cli._paging import ListOutputOption, print_listing
-from keybrake.cli._render import detail_table
+from keybrake.cli._render import constraints_text, detail_table
 from keybrake.cli._table import Grid
 from keybrake.proxy.client import DEFAULT_URL
 from keybrake.proxy.models import (
@@ -38,7 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-IssuerIdArgument = Annotated[str, id_argument("issuer", "The issuer id (is_...).")]
+IssuerIdArgument = Annotated[str, options.id_argument("issuer", "The issuer id (is_...).")]
 
 
 def _labels(issuer: IssuerInfo) -> str:
@@ -58,6 +58,7 @@ def _policy(issuer: IssuerInfo) -> Grid:
         ("max life", issuer.max_expires_in or "the proxy's"),
         ("max active keys", str(issuer.max_active_keys or "no limit")),
         ("may issue", "yes" if issuer.may_issue else "no (read and revoke only)"),
+        ("constraints", constraints_text(issuer.constraints, none="none")),
         (
             "kubernetes",
             f"{', '.join(binding.service_accounts)} in {', '.join(binding.namespaces)} "
@@ -126,7 +127,15 @@ def create(
             help="Make a token (default: only without a Kubernetes binding).",
         ),
     ] = None,
-    quiet: Annotated[bool, quiet_option("Print only the token.")] = False,
+    constraint: Annotated[
+        list[str] | None,
+        options.constraint_option(
+            "FIELD=VALUE[,VALUE...]: what its keys and budgets may pay or message at most; one "
+            "issued without constraints gets these; repeatable."
+        ),
+    ] = None,
+    constraint_mode: options.ConstraintModeOption = None,
+    quiet: Annotated[bool, options.quiet_option("Print only the token.")] = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
@@ -136,7 +145,7 @@ def create(
     binding = None
     if bool(k8s_namespace) != bool(k8s_service_account):
         fail("--k8s-namespace and --k8s-service-account go together", EXIT_USAGE)
-    with usage_on_invalid():
+    with options.usage_on_invalid():
         if k8s_namespace and k8s_service_account:
             binding = KubernetesBinding(
                 namespaces=k8s_namespace, service_accounts=k8s_service_account, audience=audience
@@ -146,13 +155,14 @@ def create(
             label_prefix=label_prefix,
             allowed_vendors=vendor or [],
             allowed_endpoints=allow or [],
-            max_daily_usd_cap=dollars(max_daily_usd_cap, "--max-daily-usd-cap"),
-            max_total_usd_cap=dollars(max_total_usd_cap, "--max-total-usd-cap"),
+            max_daily_usd_cap=options.dollars(max_daily_usd_cap, "--max-daily-usd-cap"),
+            max_total_usd_cap=options.dollars(max_total_usd_cap, "--max-total-usd-cap"),
             max_expires_in=max_expires_in,
             max_active_keys=max_active_keys,
             may_issue=not revoke_only,
             kubernetes=binding,
             static_token=static_token,
+            constraints=options.constraints(constraint, constraint_mode),
         )
     issued = ask_proxy(url, api_key, lambda client: client.create_issuer(spec))
     for warning in issued.warnings:  # on stderr, whatever the output: stdout stays parseable

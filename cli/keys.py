@@ -80,6 +80,14 @@ def issue(
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
     alert_at: options.AlertAtOption = None,
+    constraint: Annotated[
+        list[str] | None,
+        options.constraint_option(
+            "FIELD=VALUE[,VALUE...]: whom its calls may pay or message, e.g. "
+            "customers=cus_1,cus_2; repeatable; fixed at issue."
+        ),
+    ] = None,
+    constraint_mode: options.ConstraintModeOption = None,
     quiet: Annotated[bool, options.quiet_option("Print only the vault key.")] = False,
     output: BriefOutputOption = None,
     url: UrlOption = DEFAULT_URL,
@@ -101,6 +109,7 @@ def issue(
             metadata=options.metadata(meta),
             dedupe_window=dedupe_window,
             alert_thresholds=options.percents(alert_at),
+            constraints=options.constraints(constraint, constraint_mode),
         )
     issued = ask_proxy(url, api_key, lambda client: client.issue_key(spec))
     shown = print_created(issued, output, key_detail, quiet=quiet, handle=issued.vault_key)

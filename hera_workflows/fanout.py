@@ -10,7 +10,9 @@ instead of getting a fresh one. The item also arrives as `KEYBRAKE_ITEM` (and as
 argument unless `args` is given; use `ITEM` to place it yourself).
 
 The loop runs inside a small DAG template of its own so `parallelism` bounds this fan-out alone.
-Pods retry transient failures but never exit code 77 (cap hit, refused key): see `retry`.
+Pods retry transient failures but never exit code 77 (cap hit, refused key): see `retry`. The
+pod's code runs its vendor calls through the pod helper (`keybrake_pod`, a standard-library file
+copied into the image beside it), which exits 77 on a refusal and waits out a rate limit.
 See <https://argo-workflows.readthedocs.io/en/latest/walk-through/loops/>.
 """
 

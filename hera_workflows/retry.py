@@ -4,9 +4,12 @@ Exit-code convention, for keybrake's own steps and for your fan-out pods:
 
 - `77` (`EX_NOPERM` in sysexits.h): keybrake said no. The cap is spent (HTTP 429 with
   `X-Keybrake-Cap-Hit: true`), the key was refused (401: revoked, expired, unknown), the endpoint
-  or account is not allowed for it (403), the request is one the vendor could read differently
+  or account is not allowed for it (403), the call is outside the key's constraints (403,
+  `keybrake_constraint_violated`), the request is one the vendor could read differently
   (400, `keybrake_ambiguous_request`), or an earlier attempt's outcome is unknown (422,
-  `keybrake_outcome_unknown`). Retrying cannot help, so it is never retried.
+  `keybrake_outcome_unknown`). Retrying cannot help, so it is never retried. A pod running its
+  calls through the pod helper (`keybrake_pod`) exits so by itself, and waits out a rate limit
+  (HTTP 429 with `X-Keybrake-Rate-Limited: true`) inside the pod instead of failing.
 - anything else non-zero: treated as transient (connection refused, a 5xx, a crash) and retried
   up to `limit` times with exponential backoff.
 

@@ -13,7 +13,9 @@ base-URL variable points at the proxy's vendor prefix:
 - Resend: `RESEND_API_KEY`, `RESEND_API_URL`, both read by the SDK itself: no code.
 
 Every pod also gets the vendor-neutral `KEYBRAKE_VAULT_KEY`, `KEYBRAKE_URL` and
-`KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`). The vendors and their variables are read from
+`KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`). Each call then runs through the pod helper
+(`keybrake_pod.call(...)`; `keybrake_pod.watch(client)` first for twilio and resend), which reads
+keybrake's answers from the SDK's exceptions. The vendors and their variables are read from
 `keybrake.proxy.vendor_facts` (standard library only: no part of the proxy's request path).
 """
 

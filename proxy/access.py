@@ -12,9 +12,11 @@ An issuer's scope is the labels starting with its `label_prefix` and, when it is
 Kubernetes identities, only the namespaces it is bound to. Its policy bounds what it issues:
 vendors, endpoints (each key endpoint must lie within one of the issuer's), the caps (a key must
 be bounded in any 24 hours and over its life as tightly as the issuer's maxima, by its own caps or
-its budget's), the lifetime, and how many keys it may have active; a patch that loosens a key or
-budget must leave it within the same policy (`check_patch`). `admin.py` authenticates, asks
-the checks below before acting, and turns a `Forbidden` into a 403 that names the limit broken.
+its budget's), the lifetime, how many keys it may have active, and whom the calls may pay or
+message (`issued_constraints`: a key's or budget's constraints lie within the issuer's); a patch
+that loosens a key or budget must leave it within the same policy (`check_patch`). `admin.py`
+authenticates, asks the checks below before acting, and turns a `Forbidden` into a 403 that
+names the limit broken.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import Forbidden, LoginRefused  # from the one tree; exported here too
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
@@ -112,6 +115,7 @@ class Policy:
     max_expires_in: str | None
     max_active_keys: int | None
     may_issue: bool
+    constraints: Constraints | None = None  # what it issues is constrained at least so
 
     @classmethod
     def of(cls, record: IssuerRecord) -> Policy:
@@ -128,6 +132,7 @@ class Policy:
             max_expires_in=p.get("max_expires_in"),
             max_active_keys=p.get("max_active_keys"),
             may_issue=p.get("may_issue", True),
+            constraints=Constraints.from_json(p["constraints"]) if p.get("constraints") else None,
         )
 
 
@@ -146,6 +151,7 @@ def policy_json(spec: IssuerCreate) -> dict[str, Any]:
         "max_expires_in": spec.max_expires_in,
         "max_active_keys": spec.max_active_keys,
         "may_issue": spec.may_issue,
+        "constraints": spec.constraints,  # canonical (the model's check made it so), or None
     }
 
 
@@ -389,6 +395,41 @@ def check_budget(
     _check_caps(policy, daily, total, "a budget")
     _check_bounds(policy, _bound((daily, total)), total, "a budget", "")
     _check_ttl(policy, ttl)
+
+
+def issued_constraints(
+    actor: Actor, own: Constraints | None, vendor: str | None = None
+) -> Constraints | None:
+    """The constraints a key (of `vendor`) or a budget (`vendor` None) is issued with. Under an
+    issuer whose policy has constraints: its `own`, which must lie within them (else a 403
+    naming the first field that does not), or, given none, the issuer's. A key is held only to
+    the fields its vendor's calls say (a Stripe key is not refused for the issuer's Twilio
+    recipients); a budget, whose keys may be of any vendor, to all of them."""
+    if actor.issuer is None:
+        return own
+    bound = actor.policy.constraints
+    if bound is not None and vendor is not None:
+        kept = bound.for_vendor(vendor)
+        dropped: dict[str, Any] = {name: None for name in bound.constrained if name not in kept}
+        bound = replace(bound, **dropped) if kept else None
+    if bound is None:
+        return own
+    if own is None:
+        return bound
+    field = own.outside(bound)
+    if field is not None:
+        allowed = bound.mode if field == "mode" else _some(getattr(bound, field))
+        raise Forbidden(
+            "constraints",
+            f"constraints.{field}: not within this issuer's constraints ({field}: {allowed})",
+        )
+    return own
+
+
+def _some(values: tuple[str, ...], shown: int = 5) -> str:
+    """The first few of a constraint's values, for a message."""
+    listed = ", ".join(values[:shown])
+    return listed + (f", ... ({len(values)} in all)" if len(values) > shown else "")
 
 
 def _loosens(before: KeyRecord | BudgetRecord, after: KeyRecord | BudgetRecord) -> bool:

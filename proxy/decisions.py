@@ -102,6 +102,7 @@ class Decision(StrEnum):
     AMBIGUOUS = "ambiguous"
     UNPRICEABLE = "unpriceable"
     LOOKUP_FAILED = "lookup_failed"
+    CONSTRAINT_VIOLATED = "constraint_violated"  # outside the key's or budget's constraints
     # Taken by the ledger (`admit`).
     REVOKED = "revoked"
     EXPIRED = "expired"
@@ -194,6 +195,11 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
     Decision.AMBIGUOUS: (400, "keybrake_ambiguous_request", "{reason}"),
     Decision.UNPRICEABLE: (403, "keybrake_unpriced_endpoint", "{reason}"),
     Decision.LOOKUP_FAILED: (502, "keybrake_lookup_failed", "Could not price the call: {reason}"),
+    Decision.CONSTRAINT_VIOLATED: (
+        403,
+        "keybrake_constraint_violated",
+        "This call is outside the {whose} constraints: {reason}.",
+    ),
     Decision.CAP_HIT: (
         429,
         "keybrake_daily_cap_exceeded",

@@ -21,6 +21,7 @@ KeybrakeError
 │   ├── AmbiguousRequest   the vendor could read the request differently from the proxy: 400
 │   ├── Unpriceable        no price for the call (an operator adds one): 403
 │   └── LookupFailed       the vendor lookup the estimate needs failed: 502
+├── Unreadable             a constrained field the call does not say exactly: refused, 403
 ├── UpstreamError          no usable answer from the vendor (timeout, dropped connection, an
 │                          oversized body): 502, and the call counts as spent
 └── ClientError            raised by keybrake.proxy.client
@@ -61,6 +62,7 @@ __all__ = [
     "SchemaNewer",
     "StoreUnavailable",
     "Unpriceable",
+    "Unreadable",
     "UpstreamError",
     "VaultError",
 ]
@@ -213,6 +215,15 @@ class Unpriceable(EstimateError):
 class LookupFailed(EstimateError):
     """A lookup at the vendor that the estimate needed (the object a refund names, say) failed:
     refused, a 502; the message says what was asked and what came back."""
+
+
+class Unreadable(KeybrakeError):
+    """A constrained field (`keybrake.proxy.constraints`) that a call's body or the object it
+    acts on does not say exactly: the call is refused under that constraint, a 403."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
 
 
 class UpstreamError(KeybrakeError):

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from keybrake.proxy.constraints import parse_constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.money import parse_duration
 from keybrake.proxy.redact import redact
@@ -71,9 +72,16 @@ def describe_validation_error(exc: ValidationError) -> str:
     """`field: what is wrong; ...`, one line for an API error or a CLI message."""
     parts = []
     for item in exc.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "body"
-        parts.append(f"{where}: {str(item['msg']).removeprefix('Value error, ')}")
+        message = str(item["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in item["loc"])
+        if not where and _NAMED.match(message):  # a whole-body check that names its field
+            parts.append(message)
+        else:
+            parts.append(f"{where or 'body'}: {message}")
     return "; ".join(parts)
+
+
+_NAMED = re.compile(r"[a-z_]+(\.[a-z_]+)?: ")
 
 
 def _namespace(value: str | None) -> str | None:
@@ -123,6 +131,12 @@ def _label(value: str) -> str:
     return value
 
 
+def _constraints(value: dict[str, Any] | None, vendor: str | None = None) -> dict[str, Any] | None:
+    """Constraints as given, canonical (`keybrake.proxy.constraints.parse_constraints`); a key's
+    (of `vendor`) constrain only what its vendor's calls say."""
+    return None if value is None else parse_constraints(value, vendor=vendor).as_json()
+
+
 def _small_json(value: dict[str, Any]) -> dict[str, Any]:
     text = json.dumps(value)
     if len(text) > 4096:
@@ -155,6 +169,9 @@ class KeyCreate(BaseModel):
     # Percents of its caps at which the webhook alerts (None: the operator's default; []: none,
     # though a key still alerts on its first cap hit).
     alert_thresholds: list[int] | None = Field(None, max_length=10)
+    # Who its calls may pay or message (`keybrake.proxy.constraints`): its vendor's fields only.
+    # Kept canonical (`Constraints.as_json`); set at issue, never patched.
+    constraints: dict[str, Any] | None = None
 
     _caps = field_validator(
         "daily_usd_cap", "total_usd_cap", "max_usd_per_call", "max_usd_per_caller"
@@ -169,6 +186,11 @@ class KeyCreate(BaseModel):
                 "give daily_usd_cap (any 24 hours) or total_usd_cap (the key's life), or a "
                 "budget_id to draw on"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _vendor_constraints(self) -> KeyCreate:
+        self.constraints = _constraints(self.constraints, self.vendor)
         return self
 
     @field_validator("allowed_endpoints")
@@ -214,6 +236,8 @@ class BudgetCreate(BaseModel):
     namespace: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     alert_thresholds: list[int] | None = Field(None, max_length=10)  # as a key's
+    # As a key's, of any vendor: each key drawing on it is held to those of its own vendor.
+    constraints: dict[str, Any] | None = None
 
     _caps = field_validator("daily_usd_cap", "total_usd_cap")(_money)
     _thresholds = field_validator("alert_thresholds")(_percents)
@@ -221,6 +245,11 @@ class BudgetCreate(BaseModel):
     _label = field_validator("agent_run_label")(_label)
     _namespace = field_validator("namespace")(_namespace)
     _metadata = field_validator("metadata")(_small_json)
+
+    @model_validator(mode="after")
+    def _any_constraints(self) -> BudgetCreate:
+        self.constraints = _constraints(self.constraints)
+        return self
 
     @model_validator(mode="after")
     def _some_cap(self) -> BudgetCreate:
@@ -331,6 +360,7 @@ class KeyInfo(BaseModel):
     cap_hits: int
     alert_thresholds: list[int] | None = None  # None: the proxy's KEYBRAKE_ALERT_THRESHOLDS
     changes: list[ChangeInfo] = Field(default_factory=list)
+    constraints: dict[str, Any] | None = None  # canonical; None: it has none of its own
 
 
 class IssuedKey(KeyInfo):
@@ -364,6 +394,7 @@ class BudgetInfo(BaseModel):
     keys: list[str]
     alert_thresholds: list[int] | None = None
     changes: list[ChangeInfo] = Field(default_factory=list)
+    constraints: dict[str, Any] | None = None
 
 
 class BudgetList(Page):
@@ -433,6 +464,10 @@ class IssuerCreate(BaseModel):
     kubernetes: KubernetesBinding | None = None
     # An issuer bound to Kubernetes identities needs no static token; ask for one explicitly.
     static_token: bool | None = None
+    # What it issues is constrained at least this narrowly (any vendor's fields): a key or budget
+    # issued without constraints gets these (a key, those of its vendor); one with its own must
+    # lie within them.
+    constraints: dict[str, Any] | None = None
 
     _caps = field_validator("max_daily_usd_cap", "max_total_usd_cap")(_money)
 
@@ -452,6 +487,11 @@ class IssuerCreate(BaseModel):
     @classmethod
     def _ttl(cls, value: str | None) -> str | None:
         return None if value is None else _duration(value)
+
+    @model_validator(mode="after")
+    def _any_constraints(self) -> IssuerCreate:
+        self.constraints = _constraints(self.constraints)
+        return self
 
     @model_validator(mode="after")
     def _token(self) -> IssuerCreate:
@@ -479,6 +519,7 @@ class IssuerInfo(BaseModel):
     created_at: str
     deleted_at: str | None
     active_keys: int | None = None
+    constraints: dict[str, Any] | None = None  # canonical; None: it constrains nothing
 
 
 class IssuedIssuer(IssuerInfo):

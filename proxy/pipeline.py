@@ -18,14 +18,15 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from time import perf_counter
 from typing import Any
 
 from keybrake.proxy.access import hash_vault_key
-from keybrake.proxy.decisions import Decision, bucket_of, caller_of, refusal
+from keybrake.proxy.decisions import Decision, bucket_of, caller_of, is_cap_hit, refusal
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import (
     AmbiguousRequest,
@@ -49,9 +50,18 @@ from keybrake.proxy.store.records import (
 from keybrake.proxy.upstream import HOP_BY_HOP, Upstream, UpstreamResponse
 from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 
-__all__ = ["CAP_HIT_HEADER", "Incoming", "LookupFailed", "Pipeline", "Reply", "hash_vault_key"]
+__all__ = [
+    "CAP_HIT_HEADER",
+    "CODE_HEADER",
+    "Incoming",
+    "LookupFailed",
+    "Pipeline",
+    "Reply",
+    "hash_vault_key",
+]
 
 CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
+CODE_HEADER = "X-Keybrake-Code"  # on every answer keybrake gives itself: its code
 _KEPT = frozenset({Decision.FORWARDED, Decision.VENDOR_REPLAYED})  # answers stored for replays
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,252}")
 log = logging.getLogger("keybrake.proxy")
@@ -112,6 +122,20 @@ class _KeyCache:
         return key
 
 
+@contextmanager
+def _refusing_unreadable() -> Iterator[None]:
+    """A body or object the proxy cannot read the vendor's one way (while pricing a call, or
+    reading its constrained fields) is refused, never guessed at."""
+    try:
+        yield
+    except AmbiguousRequest as exc:
+        raise _Refused(Decision.AMBIGUOUS, reason=str(exc)) from exc
+    except Unpriceable as exc:
+        raise _Refused(Decision.UNPRICEABLE, reason=str(exc)) from exc
+    except LookupFailed as exc:
+        raise _Refused(Decision.LOOKUP_FAILED, reason=str(exc)) from exc
+
+
 @dataclass(slots=True)
 class _Lookup:
     """What a vendor's estimate may consult: the vendor with the real credential, on the same
@@ -124,8 +148,16 @@ class _Lookup:
     call: VendorCall
     key: KeyRecord
     live: bool = False  # the key's life was read and it is alive
+    # What this call looked up, by path: the price and the constraints read one object once.
+    fetched: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        known = self.fetched.get(path)
+        if known is None:
+            known = self.fetched[path] = await self._fetch(path)
+        return known
+
+    async def _fetch(self, path: str) -> Mapping[str, Any]:
         pipeline, key, vendor = self.pipeline, self.key, self.vendor
         if not self.live:
             dead = await pipeline.store.liveness(key.key_id, key.budget_id, pipeline.clock())
@@ -253,7 +285,10 @@ class Pipeline:
         key = await self._authenticate(vendor, call, audit)
         self._check_body(incoming)
         self._scope(vendor, key, call)
-        cost = await self._estimate(vendor, call, key)
+        lookup = _Lookup(self, vendor, call, key)
+        cost = await self._estimate(vendor, call, lookup)
+        if key.constraints is not None or key.budget_constraints is not None:
+            await self._constrain(vendor, call, key, cost, lookup)
         admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
@@ -354,15 +389,26 @@ class Pipeline:
             if audit.caller_tag is None and tag is not None and redact(tag) == tag:
                 audit.caller_tag = tag
 
-    async def _estimate(self, vendor: Vendor, call: VendorCall, key: KeyRecord) -> Cost:
-        try:
-            return await vendor.estimate(call, _Lookup(self, vendor, call, key))
-        except AmbiguousRequest as exc:
-            raise _Refused(Decision.AMBIGUOUS, reason=str(exc)) from exc
-        except Unpriceable as exc:
-            raise _Refused(Decision.UNPRICEABLE, reason=str(exc)) from exc
-        except LookupFailed as exc:
-            raise _Refused(Decision.LOOKUP_FAILED, reason=str(exc)) from exc
+    async def _estimate(self, vendor: Vendor, call: VendorCall, lookup: _Lookup) -> Cost:
+        with _refusing_unreadable():
+            return await vendor.estimate(call, lookup)
+
+    async def _constrain(
+        self, vendor: Vendor, call: VendorCall, key: KeyRecord, cost: Cost, lookup: _Lookup
+    ) -> None:
+        """Refuse a call outside the key's or its budget's constraints, or whose constrained
+        fields cannot be read exactly (`keybrake.proxy.constraints`). Only a constrained key's
+        calls come here, and they read only the fields constrained for their vendor."""
+        layers = [("vault key's", key.constraints), ("budget's", key.budget_constraints)]
+        wanted = frozenset().union(*(c.for_vendor(vendor.name) for _, c in layers if c))
+        if not wanted:
+            return
+        with _refusing_unreadable():
+            found = await vendor.subjects(call, cost, lookup, wanted)
+        for whose, constraints in layers:
+            violation = constraints.check(vendor.name, found) if constraints else None
+            if violation is not None:
+                raise _Refused(Decision.CONSTRAINT_VIOLATED, whose=whose, reason=violation.reason)
 
     # -- reserve → forward → settle, in a task of its own --------------------------------------
 
@@ -571,8 +617,10 @@ class Pipeline:
             body = json.dumps({"error": {"type": "api_error", "code": code, "message": text}})
             return Reply(status, [("content-type", "application/json")], body.encode())
         payload, headers = vendor.error(status, code, text)
-        out = [("content-type", "application/json"), *headers.items()]
-        if status == 429:
+        # keybrake's code in a header too: an SDK whose exception keeps the headers but not the
+        # body (Resend's) still tells a pod keybrake's refusal from the vendor's.
+        out = [("content-type", "application/json"), *headers.items(), (CODE_HEADER, code)]
+        if is_cap_hit(decision):
             out.append((CAP_HIT_HEADER, "true"))
         if decision is Decision.BODY_TIMEOUT:
             out.append(("connection", "close"))

@@ -32,9 +32,11 @@ from keybrake.proxy.access import (
     check_scope,
     hash_token,
     hash_vault_key,
+    issued_constraints,
     namespace_of,
     policy_json,
 )
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import (
     Conflict,
@@ -177,6 +179,7 @@ class Vault:
             label=spec.agent_run_label,
             budget=budget,
         )
+        constraints = issued_constraints(actor, _constraints_of(spec.constraints), spec.vendor)
         if spec.dedupe_window is None:
             window = self.settings.dedupe_window_seconds
         elif spec.dedupe_window.strip() == "0":
@@ -202,6 +205,7 @@ class Vault:
             budget_id=spec.budget_id,
             owner=actor.owner(namespace),
             alert_percents=_percents(spec.alert_thresholds),
+            constraints=constraints,
         )
         detail: dict[str, Any] = {
             "vendor": spec.vendor,
@@ -218,6 +222,7 @@ class Vault:
                 )
                 if value is not None
             },
+            **_constraints_detail(spec.constraints, constraints),
         }
         if request is not None:
             detail["idempotency_key"] = request.key
@@ -413,6 +418,7 @@ class Vault:
             ttl=ttl,
             label=spec.agent_run_label,
         )
+        constraints = issued_constraints(actor, _constraints_of(spec.constraints))
         now = self.clock()
         record = BudgetRecord(
             budget_id="bg_" + secrets.token_hex(8),
@@ -424,6 +430,7 @@ class Vault:
             expires_at=now + ttl,
             owner=actor.owner(namespace),
             alert_percents=_percents(spec.alert_thresholds),
+            constraints=constraints,
         )
         detail: dict[str, Any] = {
             "label": spec.agent_run_label,
@@ -432,6 +439,7 @@ class Vault:
             **spec.model_dump(
                 include={"daily_usd_cap", "total_usd_cap"}, exclude_none=True, mode="json"
             ),
+            **_constraints_detail(spec.constraints, constraints),
         }
         if request is not None:
             detail["idempotency_key"] = request.key
@@ -585,10 +593,29 @@ def _issue_request(actor: Actor, key: str | None, spec: BaseModel) -> IssueReque
         return None
     if not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
         raise InvalidRequest("Idempotency-Key: 1 to 255 printable ASCII characters")
-    body = spec.model_dump_json().encode()
+    # Fields added since a request could be sent without them count only when given: a retry
+    # straddling the upgrade that added one is still the same request.
+    unset = {name for name in _ADDED_FIELDS if getattr(spec, name, None) is None}
+    body = spec.model_dump_json(exclude=unset).encode()
     return IssueRequest(
         scope=actor.issuer_id or "admin", key=key, request_hash=hashlib.sha256(body).hexdigest()
     )
+
+
+_ADDED_FIELDS = ("constraints",)
+
+
+def _constraints_of(given: dict[str, Any] | None) -> Constraints | None:
+    """A request's constraints (canonical: its model checked them)."""
+    return None if given is None else Constraints.from_json(given)
+
+
+def _constraints_detail(given: dict[str, Any] | None, issued: Constraints | None) -> dict[str, Any]:
+    """What the record of an issue says of its constraints: those issued with, and whether they
+    are the issuer's, taken for want of its own."""
+    if issued is None:
+        return {}
+    return {"constraints": issued.as_json(), **({} if given else {"constraints_inherited": True})}
 
 
 def _patch_basis(record: KeyRecord | BudgetRecord) -> dict[str, int | datetime | None]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from keybrake.proxy.access import Policy
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.models import (
     AlertInfo,
     AuditRow,
@@ -136,6 +137,7 @@ def _lifetime(
         "cap_hits": usage.cap_hits,
         "alert_thresholds": _thresholds(record.alert_percents),
         "changes": _changes(changes),
+        "constraints": _constraints(record.constraints),
     }
 
 
@@ -157,6 +159,10 @@ def key_info(view: KeyView, now: datetime) -> KeyInfo:
 
 def _thresholds(percents: tuple[int, ...] | None) -> list[int] | None:
     return None if percents is None else list(percents)
+
+
+def _constraints(constraints: Constraints | None) -> dict[str, Any] | None:
+    return None if constraints is None else constraints.as_json()
 
 
 def budget_info(view: BudgetView, now: datetime) -> BudgetInfo:
@@ -223,6 +229,7 @@ def issuer_info(record: IssuerRecord) -> IssuerInfo:
         static_token=record.token_hash is not None,
         created_at=format_ts(record.created_at),
         deleted_at=_ts(record.deleted_at),
+        constraints=_constraints(policy.constraints),
     )
 
 

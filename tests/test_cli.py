@@ -100,6 +100,17 @@ def test_issue_json_and_list_show(proxy_server: ServedProxy) -> None:
         (["--daily-usd-cap", "lots"], "not a dollar amount"),
         (["--allow", "FETCH /x"], "unknown method"),
         (["--meta", "novalue"], "key=value"),
+        (["--constraint", "customers"], "--constraint 'customers': expected FIELD=VALUE"),
+        (["--constraint", "=cus_1"], "expected FIELD=VALUE"),
+        (["--constraint", "mode=report"], "give the mode as --constraint-mode"),
+        (["--constraint-mode", "report"], "--constraint-mode: give the constraints too"),
+        (["--constraint", "customers=bob"], "constraints.customers: 'bob' is not a Stripe"),
+        (["--constraint", "recipients=+1*"], "constraints.recipients: not a stripe constraint"),
+        (["--constraint", "payees=x"], "constraints: unknown field 'payees'"),
+        (
+            ["--constraint", "currencies=usd", "--constraint-mode", "loud"],
+            "--constraint-mode must be one of: enforce, report",
+        ),
     ],
 )
 def test_issue_usage_errors_exit_2(proxy_server: ServedProxy, args: list[str], needle: str) -> None:

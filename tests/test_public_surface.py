@@ -54,9 +54,12 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.errors": """AccessError AmbiguousRequest ApiError ClientError ConfigError
         Conflict CursorError EstimateError Forbidden IdempotencyMismatch InvalidRequest
         KeybrakeError LoginRefused LookupFailed NotFound PricingEntryError ProxyUnreachable
-        RulesNewer SchemaNewer StoreUnavailable Unpriceable UpstreamError VaultError""",
+        RulesNewer SchemaNewer StoreUnavailable Unpriceable Unreadable UpstreamError
+        VaultError""",
     "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER JwksVerifier TokenReviewVerifier
         verifier_from""",
+    "keybrake.proxy.constraints": """FIELDS VENDOR_FIELDS Constraints Found Unreadable Violation
+        canonical_domain canonical_number collect email_address parse_constraints""",
     "keybrake.proxy.metrics": "NAMES Metrics",
     "keybrake.proxy.models": """AuditPage AuditRow BudgetCreate BudgetInfo BudgetList CapsPatch
         ChangeInfo EventInfo EventPage IssuedIssuer IssuedKey IssuerCreate IssuerDelete IssuerInfo
@@ -65,7 +68,8 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.money": """MAX_DURATION MICROS_PER_USD format_ts format_usd micros_to_usd
         parse_duration parse_ts usd_to_micros""",
     "keybrake.proxy.paging": "CursorError decode_id decode_position encode_id encode_position",
-    "keybrake.proxy.pipeline": "CAP_HIT_HEADER Incoming LookupFailed Pipeline Reply hash_vault_key",
+    "keybrake.proxy.pipeline": """CAP_HIT_HEADER CODE_HEADER Incoming LookupFailed Pipeline Reply
+        hash_vault_key""",
     "keybrake.proxy.pricing": """AmbiguousRequest PricingEntryError PricingTable Unpriceable
         load_pricing""",
     "keybrake.proxy.redact": "RedactingFilter redact",
@@ -124,6 +128,9 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.hera_workflows.fanout": "ITEM ITEM_ID ItemValue fan_out",
     "keybrake.hera_workflows.issue": """ISSUE_TASK ISSUE_TEMPLATE KEY_ID_GLOBAL RUN_LABEL VaultKey
         issue_template issue_vault_key""",
+    "keybrake.hera_workflows.keybrake_pod": """CAP_HIT EXIT_REFUSED OK PROXY_ERROR RATE_LIMITED
+        REFUSED VENDOR_ERROR Answer Caller Refused call classify classify_error retry_after_seconds
+        watch""",
     "keybrake.hera_workflows.published": """FANOUT_PARALLELISM FANOUT_TEMPLATE VAULT_KEY_TEMPLATE
         fanout vault_key""",
     "keybrake.hera_workflows.render": """GENERATED_HEADER Comparison RenderedFile compare dump_yaml
@@ -185,6 +192,10 @@ OUTSIDE_THE_TREE = {
     ),
     "keybrake.proxy.ui.dashboard._FormError": (
         "a form the dashboard cannot read; caught by the page that read it and shown on it"
+    ),
+    "keybrake.hera_workflows.keybrake_pod.Refused": (
+        "raised in a pod, whose image has no keybrake: the pod helper is one standard-library "
+        "file, copied, that imports nothing of keybrake (see its docstring)"
     ),
     "keybrake.reaper.watch.WatchGone": (
         "410 Gone from the watch, telling `WorkflowWatch.run` to list again; never leaves run()"

@@ -145,9 +145,10 @@ def test_a_retry_straddling_the_upgrade_to_fan_out_items_is_not_charged_twice(
             before.setattr(module, "MIGRATIONS", module.MIGRATIONS[: items - 1])
             store = open_store(url)
             await store.open()
-            await store.create_key(key, TEST_EVENT)
             # The first attempt, answered, as that build recorded it: its audit row names the
-            # pod's tag, and its dedupe row holds the bare fingerprint ("body").
+            # pod's tag, and its dedupe row holds the bare fingerprint ("body"). (Its key is
+            # created after the upgrade: this build writes columns that build's schema lacks,
+            # and what the migration reads is the audit and dedupe rows.)
             audit_id = await store.record(
                 AuditRecord(
                     ts=NOW - timedelta(minutes=2),
@@ -176,6 +177,7 @@ def test_a_retry_straddling_the_upgrade_to_fan_out_items_is_not_charged_twice(
         store = open_store(url)  # the upgrade
         await store.open()
         try:
+            await store.create_key(key, TEST_EVENT)
             retry = reservation(key, NOW, 3_000_000, "body", dedupe=True, tag="item-1@pod-b")
             assert (await store.reserve(retry)).decision is Decision.DEDUPLICATED
             other = reservation(key, NOW, 3_000_000, "body", dedupe=True, tag="item-2@pod-c")
@@ -306,3 +308,116 @@ def test_the_ledger_sql_is_rendered_from_the_decision_module() -> None:
     assert "IS DISTINCT FROM 7 THEN" in text
     assert ", ".join(f"'{d.value}'" for d in sorted(CAP_HITS)) in text
     assert ", ".join(f"'{d.value}'" for d in sorted(CUT_OFF)) in text
+
+
+# Each migration as released, by its text's SHA-256 (first 16 hex digits): a database that ran
+# one never runs it again, so its text must never change (`keybrake.proxy.store._schema`). A new
+# migration is appended, and pinned here.
+RELEASED = {
+    "sqlite": """c8eb6c7ef11b3848 0236b5f688dbebab 3ab9aaacac0fc3d1 5bb75cd574f1a41a
+        e9499ff006f56150 640f2c362b370193 12a83c541342c753 e636b98b6d2a787c""",
+    "postgres": """46fe6edb5cd5a491 e004ebd5b5532a4b e004ebd5b5532a4b 1f2db6eae3f36c4b
+        f12ebe91740a5be1 5bb75cd574f1a41a 1328485c3ba45798 06c9293afe9ee634 a6d280977daa7850
+        32b3966c9b799ef9 ac4bfed43fc8a387""",
+}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_released_migrations_never_change(backend: str) -> None:
+    import hashlib
+
+    migrations = SQLITE_MIGRATIONS if backend == "sqlite" else PG_MIGRATIONS
+    found = [hashlib.sha256(text.encode()).hexdigest()[:16] for text in migrations]
+    assert found == RELEASED[backend].split()
+
+
+async def _schema_of(url: str) -> list[tuple[Any, ...]]:
+    """Every table's columns, every index and every function, as the database states them."""
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            return list(
+                db.execute(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                    "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+                )
+            )
+    conn = await asyncpg.connect(url)
+    try:
+        found = await conn.fetch(
+            "SELECT table_name, ordinal_position, column_name, data_type, is_nullable, "
+            "column_default FROM information_schema.columns WHERE table_schema = 'public' "
+            "ORDER BY table_name, ordinal_position"
+        )
+        found += await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+            "ORDER BY indexname"
+        )
+        found += await conn.fetch(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "WHERE p.pronamespace = 'public'::regnamespace ORDER BY 1"
+        )
+        return [tuple(r) for r in found]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_database_upgraded_to_constraints_is_a_new_one_with_its_rows(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the schema before constraints, with a key drawing on a budget: the upgrade leaves
+    both unconstrained (NULL), the request path's read still finds the key, and the schema is
+    the one a new database gets."""
+    from keybrake.proxy.store import postgres, sqlite
+    from tests.pg import pg_database
+    from tests.test_decision_table import NOW
+
+    module: Any = sqlite if backend == "sqlite" else postgres
+    stamp: Any = format_ts if backend == "sqlite" else (lambda moment: moment)
+
+    async def run(url: str, fresh_url: str) -> None:
+        with monkeypatch.context() as before:  # the build before constraints
+            before.setattr(module, "MIGRATIONS", module.MIGRATIONS[:-1])
+            store = open_store(url)
+            await store.open()
+            await store.close()
+        await execute(
+            url,
+            "INSERT INTO budgets (budget_id, label, total_cap_micros, metadata, created_at, "
+            "expires_at) VALUES ('bg_0000000000000001', 'argo/up', 5000000, '{}', ?, ?)",
+            stamp(NOW),
+            stamp(NOW + timedelta(hours=1)),
+        )
+        await execute(
+            url,
+            "INSERT INTO vault_keys (key_id, key_hash, vendor, label, daily_cap_micros, "
+            "allowed_endpoints, metadata, dedupe_window_s, created_at, expires_at, budget_id) "
+            "VALUES ('vk_up', ?, 'stripe', 'argo/up', 1000000, '[\"POST /v1/charges\"]', '{}', "
+            "0, ?, ?, 'bg_0000000000000001')",
+            b"up" * 16,
+            stamp(NOW),
+            stamp(NOW + timedelta(hours=1)),
+        )
+        store = open_store(url)  # the upgrade
+        await store.open()
+        try:
+            key = await store.find_key(b"up" * 16)
+            budget = await store.get_budget("bg_0000000000000001", NOW)
+        finally:
+            await store.close()
+        assert key is not None and key.budget_id == "bg_0000000000000001"
+        assert key.constraints is None and key.budget_constraints is None
+        assert budget is not None and budget.budget.constraints is None
+        fresh = open_store(fresh_url)
+        await fresh.open()
+        await fresh.close()
+        assert await _schema_of(url) == await _schema_of(fresh_url)
+
+    if backend == "sqlite":
+        asyncio.run(run(f"sqlite:///{tmp_path / 'up.db'}", f"sqlite:///{tmp_path / 'new.db'}"))
+        return
+    with pg_database() as fresh_url:
+        asyncio.run(run(str(request.getfixturevalue("pg_url")), fresh_url))

@@ -185,6 +185,7 @@ def test_twilio_and_resend_error_shapes() -> None:
         "more_info": "https://www.twilio.com/docs/errors/20429",
         "status": 429,
         "keybrake_code": "keybrake_daily_cap_exceeded",
+        "details": {"keybrake_code": "keybrake_daily_cap_exceeded"},  # what the SDK keeps
     }
     assert headers == {}
     assert json.loads(twilio().error(401, "keybrake_invalid_key", "no")[0])["code"] == 20003

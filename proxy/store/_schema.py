@@ -22,6 +22,7 @@ __all__ = [
     "SQLITE_TYPES",
     "ColumnTypes",
     "alerts",
+    "constraints",
     "first_tables",
     "issuers",
     "paid_for",
@@ -317,3 +318,12 @@ def paid_for(t: ColumnTypes) -> str:
         PRIMARY KEY (vendor, object_id, key_id, bucket)
     );
     CREATE INDEX paid_for_bucket ON paid_for (bucket);"""
+
+
+def constraints(t: ColumnTypes) -> str:
+    """Constraints on a key or budget: who its calls may pay or message
+    (`keybrake.proxy.constraints`, as `Constraints.as_json`); NULL: none."""
+    return f"""
+    ALTER TABLE vault_keys ADD COLUMN constraints {t.json};
+    ALTER TABLE budgets ADD COLUMN constraints {t.json};
+    """

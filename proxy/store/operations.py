@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar
 
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.decisions import BUCKET, WINDOW, Decision, bucket_start, dead_reason
 from keybrake.proxy.decisions import window_floor as _window_floor
 from keybrake.proxy.store.records import (
@@ -165,8 +166,15 @@ class SQLStore:
 
     @reads
     def find_key(self, key_hash: bytes) -> Op[KeyRecord | None]:
-        found = yield row("SELECT k.* FROM vault_keys k WHERE k.key_hash = :hash", hash=key_hash)
-        return _key(found) if found else None
+        """The key a vault key names, with its budget's constraints (the request path's read)."""
+        found = yield row(
+            "SELECT k.*, b.constraints AS budget_constraints FROM vault_keys k "
+            "LEFT JOIN budgets b ON b.budget_id = k.budget_id WHERE k.key_hash = :hash",
+            hash=key_hash,
+        )
+        if not found:
+            return None
+        return replace(_key(found), budget_constraints=_constraints(found["budget_constraints"]))
 
     @reads
     def get_key(self, key_id: str, now: datetime) -> Op[KeyView | None]:
@@ -866,6 +874,11 @@ def _json_or_null(given: Any) -> str | None:
     return None if given is None else json.dumps(given)
 
 
+def _constraints(stored: Any) -> Constraints | None:
+    """A key's or budget's constraints as stored (JSON text; NULL: none)."""
+    return None if stored is None else Constraints.from_json(json.loads(stored))
+
+
 def _owner(r: Any) -> Owner | None:
     found = r["issuer_id"], r["namespace"], r["service_account"]
     return None if found == (None, None, None) else Owner(*found)
@@ -890,6 +903,9 @@ def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
         "expires_at": subject.expires_at,
         **_owner_values(subject.owner),
         "alert_percents": percents_text(subject.alert_percents),
+        "constraints": (
+            None if subject.constraints is None else json.dumps(subject.constraints.as_json())
+        ),
     }
 
 
@@ -906,6 +922,7 @@ def _subject_fields(r: Any) -> dict[str, Any]:
         "revoked_at": _maybe_moment(r["revoked_at"]),
         "owner": _owner(r),
         "alert_percents": percents_of(r["alert_percents"]),
+        "constraints": _constraints(r["constraints"]),
     }
 
 

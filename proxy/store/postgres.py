@@ -112,6 +112,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE ledger_rules (version integer NOT NULL);
     INSERT INTO ledger_rules (version) VALUES (0);
     """,
+    # 11: constraints on keys and budgets.
+    _schema.constraints(_TYPES),
 ]
 
 

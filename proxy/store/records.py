@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.decisions import Decision, dedupe_token
 from keybrake.proxy.money import format_ts, format_usd
 from keybrake.proxy.redact import redact
@@ -86,6 +87,11 @@ class KeyRecord:
     owner: Owner | None = None  # who issued it, and for which namespace
     # Percents of a cap at which it alerts; None: the operator's KEYBRAKE_ALERT_THRESHOLDS.
     alert_percents: tuple[int, ...] | None = None
+    # Who its calls may pay or message (None: anyone). Set at issue, never changed.
+    constraints: Constraints | None = None
+    # Those of the budget it draws on: filled by `find_key` only (the request path's read),
+    # None everywhere else.
+    budget_constraints: Constraints | None = None
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
@@ -116,6 +122,7 @@ class BudgetRecord:
     revoked_at: datetime | None = None
     owner: Owner | None = None
     alert_percents: tuple[int, ...] | None = None  # as a key's
+    constraints: Constraints | None = None  # as a key's; every key drawing on it is bound too
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)

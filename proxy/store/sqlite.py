@@ -100,6 +100,8 @@ MIGRATIONS: list[str] = [
           FROM audit a WHERE a.id = replays.audit_id), '')
      WHERE kind = 'dedupe';
     """,
+    # 8: constraints on keys and budgets.
+    _schema.constraints(_TYPES),
 ]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from keybrake.proxy.constraints import Found, Unreadable
 from keybrake.proxy.endpoints import EndpointPattern, compile_patterns
 from keybrake.proxy.pricing import PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
@@ -116,6 +117,20 @@ class Vendor(ABC):
     @abstractmethod
     async def estimate(self, call: VendorCall, lookup: Lookup) -> Cost:
         """Cost before forwarding; raise Unpriceable to refuse a call whose cost is unknown."""
+
+    async def subjects(
+        self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
+    ) -> Found:
+        """The call's values of the constrained fields `wanted` (`keybrake.proxy.constraints`),
+        read exactly from what `estimate` read, looked up with the real key where the object
+        holds them; called only for a key or budget with constraints. By default a priced call
+        cannot say any: it is refused under every constraint of this vendor (fail closed)."""
+        if not cost.priced:
+            return {}
+        what = f"{call.method} {call.path}"
+        return {
+            name: Unreadable(name, f"keybrake cannot tell the {name} of {what}") for name in wanted
+        }
 
     def settle(self, call: VendorCall, cost: Cost, status: int | None, body: bytes) -> Cost:
         """Actual cost once the vendor answered (status None: timeout or dropped connection)."""

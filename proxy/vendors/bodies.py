@@ -124,6 +124,28 @@ class FormBody:
             )
         return found[0][1]
 
+    def nested(self, name: str) -> str | None:
+        """The value of one nested field a constraint reads (`transfer_data[destination]`),
+        beside its siblings (`transfer_data[amount]`); refused if the vendor could see another
+        value for it (another spelling, a repeat, or the parent given as a value)."""
+        top, lowered = name.partition("[")[0], name.lower()
+        found = [
+            (field, value)
+            for field, value in self._by_top.get(top.lower(), [])
+            if (folded := field.lower()) == lowered
+            or folded.startswith(lowered + "[")
+            or "[" not in field
+            or field.endswith("[]")
+        ]
+        if not found:
+            return None
+        if len(found) > 1 or found[0][0] != name:
+            raise AmbiguousRequest(
+                f"field {name!r} is read for a constraint, so it must appear once, exactly so "
+                f"spelled; {found[-1][0][:60]!r} is refused"
+            )
+        return found[0][1]
+
     def many(self, name: str) -> list[str]:
         """Every value of a field that is a list by design (Twilio's `MediaUrl`)."""
         return [value for field, value in self.fields if field == name]

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from keybrake.proxy.constraints import Found, Unreadable, collect, email_address
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
@@ -65,6 +66,7 @@ _NAMES = {
     "keybrake_endpoint_not_allowed": "restricted_api_key",
     "keybrake_unpriced_endpoint": "restricted_api_key",
     "keybrake_account_not_allowed": "restricted_api_key",
+    "keybrake_constraint_violated": "restricted_api_key",
     "keybrake_budget_revoked": "invalid_api_key",
     "keybrake_budget_expired": "invalid_api_key",
     "keybrake_daily_cap_exceeded": "daily_quota_exceeded",
@@ -129,6 +131,45 @@ class Resend(Vendor):
         if flat is None:
             raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
         return flat
+
+    async def subjects(
+        self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
+    ) -> Found:
+        """Each email's recipients (`to`, `cc`, `bcc`: `recipient_domains`) and `from`
+        (`senders`), from the body its price was read from, a batch's emails each. An address
+        is one address (`a@x.com` or `Name <a@x.com>`), its domain lower-cased and IDNA-encoded;
+        a string naming several (`"a@x.com, b@y.com"`, which Resend splits) is refused."""
+        rule = self.rule_for(call.method, call.path)
+        if not cost.priced or rule not in ("email", "batch"):
+            return await super().subjects(call, cost, lookup, wanted)
+        body = read_json(call.headers, call.query, call.body, f"{call.method} {call.path}")
+        emails: list[Any] = body if rule == "batch" and isinstance(body, list) else [body]
+
+        async def recipient_domains() -> tuple[str, ...]:
+            domains: list[str] = []
+            for email in emails:
+                for field in _RECIPIENT_FIELDS:
+                    value = email.get(field) if isinstance(email, dict) else None
+                    items = value if isinstance(value, list) else [] if value is None else [value]
+                    for item in items:
+                        address = email_address("recipient_domains", str(item))
+                        domains.append(address.rpartition("@")[2])
+            return tuple(domains)
+
+        async def senders() -> tuple[str, ...]:
+            found = []
+            for email in emails:
+                if not isinstance(email, dict):
+                    raise Unreadable("senders", "senders: an email is not a JSON object")
+                if any(key.lower() == "from" and key != "from" for key in email):
+                    raise Unreadable("senders", "senders: `from` is read in lower case only")
+                sender = email.get("from")
+                if not isinstance(sender, str):
+                    raise Unreadable("senders", "senders: an email names no `from`")
+                found.append(email_address("senders", sender))
+            return tuple(found)
+
+        return await collect(wanted, {"recipient_domains": recipient_domains, "senders": senders})
 
     def _emails(self, count: int) -> Cost:
         if self.email_price is None:

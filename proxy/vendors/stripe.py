@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+from keybrake.proxy.constraints import Found, Unreadable, collect
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import STRIPE
@@ -167,6 +168,95 @@ class Stripe(Vendor):
             return self._priced(_fetched_int(invoice, field), _fetched_currency(invoice))
         raise Unpriceable(f"unknown pricing rule {name!r} for {what}")
 
+    async def subjects(
+        self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
+    ) -> Found:
+        """Per endpoint (docs/guarantees.md, "Constraints"): the currency of a priced call; the
+        customer a PaymentIntent or charge is created for (its body), and of the intent, charge,
+        refund's charge or invoice a call acts on (looked up, with an update's new customer
+        too); where money goes out: a transfer's or payout's `destination` (a payout without
+        one goes to the default external account: unreadable) and `transfer_data[destination]`
+        of an intent or charge, from the body and the object. Another call that moves money
+        cannot say its customer or destination, so it is refused under those constraints."""
+        segments = call.path.strip("/").split("/")
+        kind = segments[1] if len(segments) > 1 else ""
+        what = f"{call.method} {call.path}"
+        creates = call.method == "POST" and len(segments) == 2
+        acts_on = call.method == "POST" and len(segments) >= 3 and kind in _IDS
+        form: FormBody | None = None
+
+        def body() -> FormBody:
+            nonlocal form
+            if form is None:
+                form = read_form(call.headers, call.query, call.body, what)
+            return form
+
+        async def held(field: str) -> tuple[str, ...]:
+            """The acted-on object's `field` (`customer`, or `destination` of its transfer_data)."""
+            obj = await _fetch(lookup, kind, segments[2])
+            value = obj.get("customer") if field == "customers" else _transfer_to(obj)
+            if field == "destinations":
+                return () if value is None else (_id_of(value, field),)
+            if value is None:
+                raise Unreadable(field, f"customers: the {kind[:-1]} has no customer")
+            return (_id_of(value, field),)
+
+        async def currencies() -> tuple[str, ...]:
+            return (cost.currency,) if cost.priced and cost.currency else ()
+
+        async def customers() -> tuple[str, ...]:
+            if creates and kind in ("payment_intents", "charges"):
+                named = body().one("customer")
+                if named is None:
+                    raise Unreadable("customers", f"customers: {what} names no customer")
+                return (named,)
+            if creates and kind == "refunds":
+                charge, intent = body().one("charge"), body().one("payment_intent")
+                if charge is None and intent is None:
+                    raise Unreadable("customers", "customers: the refund names no charge")
+                ref_kind, ref = ("charges", charge) if charge else ("payment_intents", intent)
+                obj = await _fetch(lookup, ref_kind, ref or "")
+                found = obj.get("customer")
+                if found is None:
+                    raise Unreadable("customers", "customers: the refunded payment has none")
+                return (_id_of(found, "customers"),)
+            if acts_on:
+                current = await held("customers")
+                moved = body().one("customer") if len(segments) == 3 else None
+                return (*current, moved) if moved is not None else current
+            if cost.priced:
+                raise Unreadable(
+                    "customers", f"customers: keybrake cannot tell the customer of {what}"
+                )
+            return ()
+
+        async def destinations() -> tuple[str, ...]:
+            if creates and kind in ("transfers", "payouts"):
+                named = body().one("destination")
+                if named is None:
+                    raise Unreadable(
+                        "destinations",
+                        f"destinations: {what} names no destination (Stripe would choose one)",
+                    )
+                return (named,)
+            if creates and kind in ("payment_intents", "charges"):
+                named = body().nested("transfer_data[destination]")
+                legacy = body().one("destination") if kind == "charges" else None
+                return tuple(v for v in (named, legacy) if v is not None)
+            if acts_on:
+                moved = body().nested("transfer_data[destination]") if len(segments) == 3 else None
+                return (*(await held("destinations")), *((moved,) if moved else ()))
+            if cost.priced:
+                raise Unreadable(
+                    "destinations", f"destinations: keybrake cannot tell where {what} pays out"
+                )
+            return ()
+
+        return await collect(
+            wanted,
+            {"currencies": currencies, "customers": customers, "destinations": destinations},
+        )
+
     async def _capture(
         self, lookup: Lookup, kind: str, object_id: str, form: FormBody, field: str
     ) -> Cost:
@@ -252,6 +342,25 @@ class Stripe(Vendor):
     @staticmethod
     def valid_account(account: str) -> bool:
         return bool(_ACCOUNT.fullmatch(account))
+
+
+def _transfer_to(obj: Mapping[str, Any]) -> Any:
+    """Where an intent's or charge's money goes out: `transfer_data.destination`, or a charge's
+    legacy `destination`; None when it stays on the account."""
+    data = obj.get("transfer_data")
+    if isinstance(data, Mapping):
+        return data.get("destination")
+    return obj.get("destination")
+
+
+def _id_of(value: Any, field: str) -> str:
+    """An id an object names (a string, or an expanded object's `id`); the refusal never repeats
+    what the object holds (it was read with the real key)."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    if not isinstance(value, str) or not value:
+        raise Unreadable(field, f"{field}: the object Stripe returned does not name one readably")
+    return value
 
 
 async def _fetch(lookup: Lookup, kind: str, object_id: str, query: str = "") -> Mapping[str, Any]:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
+from keybrake.proxy.constraints import Found, Unreadable, canonical_number, collect
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
@@ -51,6 +52,7 @@ API_VERSION = TWILIO_API_VERSION
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
 _SID = re.compile(r"AC[0-9a-fA-F]{32}")
+_SERVICE = re.compile(r"MG[0-9a-fA-F]{32}")
 # A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
 # whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
 _PREFIX = re.compile(r"(?:[a-z]+:)?\+[0-9]{0,15}|[a-z]+:")
@@ -138,6 +140,32 @@ class Twilio(Vendor):
             raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
         return flat
 
+    async def subjects(
+        self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
+    ) -> Found:
+        """A message's `To` (`recipients`) and its `From` and `MessagingServiceSid` (`senders`,
+        each given checked), read from the body its price was read from: E.164 behind an
+        optional `whatsapp:` channel, nothing else. Another priced call says neither."""
+        if not cost.priced or self.rule_for(call.method, call.path) != "message":
+            return await super().subjects(call, cost, lookup, wanted)
+        form = read_form(call.headers, call.query, call.body, "a message")
+
+        async def recipients() -> tuple[str, ...]:
+            return (canonical_number("recipients", form.one("To") or ""),)
+
+        async def senders() -> tuple[str, ...]:
+            number, service = form.one("From"), form.one("MessagingServiceSid")
+            if number is None and service is None:
+                raise Unreadable("senders", "senders: the message names no From")
+            found = [] if number is None else [canonical_number("senders", number)]
+            if service is not None:
+                if not _SERVICE.fullmatch(service.strip()):
+                    raise Unreadable("senders", "senders: MessagingServiceSid is not MG...")
+                found.append("MG" + service.strip()[2:].lower())
+            return tuple(found)
+
+        return await collect(wanted, {"recipients": recipients, "senders": senders})
+
     def _message(self, form: FormBody) -> Cost:
         # Twilio's field names are case-sensitive; `one` also refuses a `to` beside `To`.
         to = (form.one("To") or "").strip()
@@ -202,6 +230,9 @@ class Twilio(Vendor):
             "more_info": f"https://www.twilio.com/docs/errors/{twilio_code}",
             "status": status,
             "keybrake_code": code,
+            # twilio-python's exception keeps `details` (not the rest of the body): a pod reads
+            # keybrake's code there (hera_workflows/keybrake_pod.py).
+            "details": {"keybrake_code": code},
         }
         return json.dumps(body).encode(), {}
 
