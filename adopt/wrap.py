@@ -7,8 +7,10 @@ tagged with its item and pod; retries stop repeating refused or failed calls; an
 revokes the keys after the workflow's own exit handler, whatever that one's outcome. A key lives
 until the run ends (the exit handler revokes it, `keybrake reaper` should that not run): its
 `expires_in` is the workflow's `activeDeadlineSeconds` when set, else the proxy's longest key
-life, unless told (`expires_in`). What each key may call, spend and how long it lives is said
-(`Wrapped.keys`), with a warning when the endpoints are wrap's default ones.
+life, unless told (`expires_in`). Constraints (whom the calls may pay or message), when given,
+go to what holds the run's cap: its one key, or with several vendors its budget. What each key
+may call, spend, is held to and how long it lives is said (`Wrapped.keys`), with a warning when
+the endpoints are wrap's default ones.
 
 The file is changed in its text, at the places the YAML parser read each changed node from
 (`_yaml_edit.SourceEditor`): every byte outside what wrap inserts or rewrites stays as it was,
@@ -42,6 +44,7 @@ from keybrake.adopt.workflows import (
     yaml_round_trip,
 )
 from keybrake.adopt.yaml_bound import TooManyAliasNodes
+from keybrake.proxy.constraints import FIELDS, parse_constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import KeybrakeError
 from keybrake.proxy.money import parse_duration
@@ -108,6 +111,17 @@ def _pod_helper_note(refusal_exit_code: int | None) -> str:
     )
 
 
+# Argo drops an argument its template does not declare: a keybrake-vault-key installed before
+# the `constraints` input would issue the keys without them.
+_CONSTRAINTS_NEED_THE_TEMPLATES = (
+    f"the constraints reach the proxy through the installed {TEMPLATES}'s `constraints` input, "
+    "which Argo drops, without an error, from a keybrake-vault-key installed before it had one "
+    "(the keys would then be issued without them): apply this release's templates/ (`kubectl "
+    "apply -f templates/clusterworkflowtemplates/`, or templates/workflowtemplates/ with "
+    "--namespaced) first, or wrap with --inline."
+)
+
+
 class WrapError(KeybrakeError):
     """What cannot be converted safely, and why (exit 2)."""
 
@@ -129,6 +143,10 @@ class WrapOptions:
     namespaced: bool = False
     # The keys' (and a budget's) life, a duration such as 6h; None: until the run ends.
     expires_in: str | None = None
+    # Whom the run's calls may pay or message, as `keybrake keys issue --constraint` sends them
+    # ({"customers": ["cus_1"], "mode": "report"}): given to what holds the run's cap, its one
+    # key or (several vendors) its budget. None: none.
+    constraints: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -444,6 +462,43 @@ def _inline_templates(steps: list[str]) -> list[CommentedMap]:
     return copies
 
 
+def _constraints_argument(options: WrapOptions) -> list[CommentedMap]:
+    """The `constraints` argument of the step holding the run's cap, when there are any: an
+    argument the installed template does not declare would be dropped, so none otherwise."""
+    if not options.constraints:
+        return []
+    return [CommentedMap(name="constraints", value=json.dumps(options.constraints))]
+
+
+def _check_constraints(workflow: Workflow, vendors: list[str], options: WrapOptions) -> None:
+    """Each constrained field is one the run's calls are checked against: a key's constraints
+    must be of its vendor (the proxy refuses the key otherwise), and a budget's field of no
+    vendor of the run would check nothing."""
+    for name in sorted(set(options.constraints or {}) & set(FIELDS)):
+        if not any(name in VENDOR_FACTS[vendor].constraint_fields for vendor in vendors):
+            of = [v for v in VENDOR_NAMES if name in VENDOR_FACTS[v].constraint_fields]
+            raise WrapError(
+                f"--constraint {name}: a constraint of {' and '.join(of)} calls, "
+                f"and the pods of {workflow.title} call {' and '.join(vendors)} only"
+            )
+
+
+def _said_constraints(vendor: str, options: WrapOptions) -> str:
+    """What the constraints hold `vendor`'s key to, for the line wrap says of it."""
+    held = [
+        f"{name} {', '.join(values)}"
+        for name, values in (options.constraints or {}).items()
+        if name in VENDOR_FACTS[vendor].constraint_fields
+    ]
+    if not held:
+        return ""
+    if (options.constraints or {}).get("mode") == "report":
+        outside = "the proxy forwards any other call and audits it as a would-be refusal"
+    else:
+        outside = "the proxy refuses (403) any other call"
+    return f"; its calls are held to {' and '.join(held)} (--constraint): {outside}"
+
+
 def _issue_template(vendor: str, options: WrapOptions, budget: bool, life: str) -> CommentedMap:
     endpoints = options.allow or DEFAULT_ENDPOINTS[vendor]
     arguments = [
@@ -461,6 +516,7 @@ def _issue_template(vendor: str, options: WrapOptions, budget: bool, life: str) 
         )
     else:
         arguments.append(CommentedMap(name="total_usd_cap", value=Quoted(_usd(options.budget_usd))))
+        arguments.extend(_constraints_argument(options))
     if options.max_usd_per_pod is not None:
         arguments.append(
             CommentedMap(name="max_usd_per_caller", value=Quoted(_usd(options.max_usd_per_pod)))
@@ -552,6 +608,7 @@ def _main_template(
                                 name="request_id", value=Quoted("{{workflow.uid}}/keybrake-budget")
                             ),
                             CommentedMap(name="proxy_url", value=options.proxy_url),
+                            *_constraints_argument(options),
                         ]
                     )
                 ),
@@ -736,6 +793,7 @@ def _say_keys(
         )
         if options.max_usd_per_pod is not None:
             caps += f", ${_usd(options.max_usd_per_pod)} per fanned-out item (--max-usd-per-pod)"
+        caps += _said_constraints(vendor, options)
         lives = (
             "lives until the run ends (keybrake-exit revokes it, keybrake reaper should that "
             "not run)"
@@ -821,6 +879,7 @@ def _wrap_workflow(
             f"changed since?): templates {', '.join(sorted(risky))} still read vendor "
             "credentials; wrap the unwrapped file, or convert them by hand"
         )
+    _check_constraints(workflow, vendors, options)
     life = _key_life(workflow, options, said)
     _unshare(workflow, risky, editor)
     for name, found in risky.items():
@@ -907,6 +966,11 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
         )
     if options.expires_in is not None:
         _checked_life(options.expires_in)
+    if options.constraints is not None:
+        try:
+            parse_constraints(options.constraints)
+        except ValueError as exc:
+            raise WrapError(f"--constraint: {exc}") from exc
     yaml = positioned_yaml()
     try:
         documents = load_documents(text, yaml)
@@ -945,6 +1009,8 @@ def wrap_text(text: str, options: WrapOptions, path: Path | None = None) -> Wrap
     for vendor in sorted(set(vendors)):
         said.notes.append(f"{vendor} pods: code change {CODE_CHANGES[vendor]}")
     said.notes.append(_pod_helper_note(options.refusal_exit_code))
+    if options.constraints and not options.inline:
+        said.notes.append(_CONSTRAINTS_NEED_THE_TEMPLATES)
     return Wrapped(
         editor.apply(edits),
         True,

@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from keybrake.cli._common import EXIT_USAGE, choice, fail
-from keybrake.proxy.constraints import MODES, VENDOR_FIELDS
+from keybrake.proxy.constraints import MODES, RATE, VENDOR_FIELDS
 from keybrake.proxy.models import CapsPatch, describe_validation_error
 from keybrake.proxy.vendor_facts import VENDOR_NAMES
 
@@ -133,7 +133,10 @@ def metadata(items: list[str] | None) -> dict[str, str]:
 
 
 # Constraints on what a key, a budget or an issuer's keys and budgets may pay or message.
-_FIELDS_HELP = "; ".join(f"{vendor}: {', '.join(names)}" for vendor, names in VENDOR_FIELDS.items())
+_FIELDS_HELP = (
+    "; ".join(f"{vendor}: {', '.join(names)}" for vendor, names in VENDOR_FIELDS.items())
+    + f"; any vendor: {RATE}=N (calls at the vendor in any 60 seconds)"
+)
 
 
 def constraint_option(help: str) -> Any:
@@ -176,6 +179,11 @@ def constraints(items: list[str] | None, mode: str | None) -> dict[str, Any] | N
             )
         if name == "mode":
             fail("--constraint mode=...: give the mode as --constraint-mode", EXIT_USAGE)
+        if name == RATE:
+            if not values.strip().isdigit():
+                fail(f"--constraint {RATE}=N: a whole number of calls, e.g. {RATE}=60", EXIT_USAGE)
+            found[RATE] = int(values.strip())
+            continue
         found.setdefault(name, []).extend(value.strip() for value in values.split(","))
     return found
 

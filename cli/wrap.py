@@ -10,7 +10,13 @@ from typing import Annotated
 import typer
 
 from keybrake.cli._common import EXIT_USAGE, fail
-from keybrake.cli._options import expires_in_option, positive_dollars
+from keybrake.cli._options import (
+    ConstraintModeOption,
+    constraint_option,
+    constraints,
+    expires_in_option,
+    positive_dollars,
+)
 
 
 class WrapVendor(enum.StrEnum):
@@ -62,6 +68,15 @@ def wrap(
             "activeDeadlineSeconds and the proxy's longest key life)."
         ),
     ] = None,
+    constraint: Annotated[
+        list[str] | None,
+        constraint_option(
+            "FIELD=VALUE[,VALUE...]: whom the run's calls may pay or message, e.g. "
+            "customers=cus_1,cus_2; repeatable; set on the run's key (several vendors: its "
+            "budget)."
+        ),
+    ] = None,
+    constraint_mode: ConstraintModeOption = None,
     proxy_url: Annotated[
         str, typer.Option("--proxy-url", help="The keybrake proxy, as the pods reach it.")
     ] = "http://keybrake.keybrake.svc.cluster.local:8080",
@@ -125,6 +140,7 @@ def wrap(
         namespaced=namespaced,
         internal_secrets=read_internal_secrets(config, [file.parent]),
         expires_in=expires_in,
+        constraints=constraints(constraint, constraint_mode),
     )
     try:
         wrapped = wrap_text(original, options, file)

@@ -1,6 +1,6 @@
 """What every issuing step (the issue-vault-key and issue-budget steps) shares: its script
-template's common inputs and environment, the checks of dollar amounts and durations, and adding
-its task to the DAG.
+template's common inputs and environment, the checks of dollar amounts, durations and
+constraints, and adding its task to the DAG.
 
 A module of its own so that `budget` and `issue` both import it, never each other's helpers:
 `issue` imports `budget` (a key may draw on a run budget), so `budget` must not import `issue`.
@@ -8,12 +8,16 @@ A module of its own so that `budget` and `issue` both import it, never each othe
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
+from typing import Any, TypeAlias
 
 from hera.workflows import DAG, Task, Workflow
 from hera.workflows.models import EnvVar, Parameter, Template, ValueFrom
+
+from keybrake.proxy.constraints import parse_constraints
 
 from ._step_common import InputError, usd
 from .connection import ProxyConnection, is_expression
@@ -25,8 +29,11 @@ from .workflow_context import add_template
 
 __all__ = [
     "RUN_LABEL",
+    "Constraints",
     "Money",
     "add_issuing_task",
+    "constraints_argument",
+    "constraints_input",
     "duration",
     "given",
     "issued_id",
@@ -38,6 +45,9 @@ __all__ = [
 RUN_LABEL = "argo/{{workflow.name}}"
 
 Money = int | Decimal | str
+# Constraints as the building blocks take them: a mapping such as {"customers": ["cus_1"]}, or an
+# Argo expression holding that JSON object.
+Constraints: TypeAlias = Mapping[str, Any] | str
 _DURATION = re.compile(r"^[1-9][0-9]*[smhd]$")
 
 
@@ -49,6 +59,16 @@ def given(parameter: str) -> str:
 def optional(name: str, description: str) -> Parameter:
     """An input that may be left empty (not set)."""
     return Parameter(name=name, default="", description=f"{description}; empty: none")
+
+
+def constraints_input() -> Parameter:
+    """The issue and budget templates' `constraints` input: empty (the default) sends none, so a
+    workflow written before it existed issues exactly what it did."""
+    return optional(
+        "constraints",
+        "JSON object of whom the calls may pay or message, sent as the request's constraints, "
+        'e.g. {"customers": ["cus_1"], "currencies": ["usd"], "mode": "enforce"}',
+    )
 
 
 def _issuing_inputs(proxy: ProxyConnection) -> list[Parameter]:
@@ -175,3 +195,23 @@ def duration(value: str) -> str:
     if is_expression(value) or _DURATION.match(value):
         return value
     raise TemplateConfigError(f"expires_in must be a duration such as 30m, 2h or 7d, got {value!r}")
+
+
+def constraints_argument(value: Constraints | None, vendor: str | None = None) -> str:
+    """The step argument for `constraints`: empty if None, an Argo expression as is, else the
+    JSON object, checked now as the proxy checks it (`vendor`: a key's, whose constraints must
+    all be of its vendor; None for a budget's, or a vendor chosen at run time)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        if is_expression(value):
+            return value
+        raise TemplateConfigError(
+            'constraints must be a mapping such as {"customers": ["cus_1"]} or a parameter '
+            f"holding that JSON object, got the string {value!r}"
+        )
+    try:
+        parse_constraints(value, vendor=vendor)
+        return json.dumps(dict(value))
+    except ValueError as exc:
+        raise TemplateConfigError(str(exc)) from None

@@ -8,6 +8,9 @@ token, or an issuer token from a Secret. It asks the keybrake proxy for a vault 
 /vault/keys) or, with KEYBRAKE_ISSUE=budget, for a budget (POST /vault/budgets), with an
 `Idempotency-Key` that every retry of the step repeats: the proxy then revokes what an earlier
 attempt issued and answers a fresh one, so a retried step never leaves two live keys.
+KEYBRAKE_CONSTRAINTS, when not empty, is a JSON object sent on unchanged as the request's
+`constraints` (whom the calls may pay or message; the proxy checks it); empty, the request has no
+such field, as before the input existed.
 
 With KEYBRAKE_DELIVERY=secret (the default) the vault key goes into a Secret of the run, created
 through the Kubernetes API with the pod's own service account (ownerReferences: the Workflow, so
@@ -77,6 +80,25 @@ def caps(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def constraints(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The optional constraints input (KEYBRAKE_CONSTRAINTS): a JSON object, sent on as it is
+    (the proxy checks its fields and values); empty: none, and the request has no such field."""
+    text = present(env.get("KEYBRAKE_CONSTRAINTS"))
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        # (no doubled braces: Argo would read them in the template's source as a variable)
+        example = '{"customers": ["cus_1"], "mode": "enforce"}'
+        raise InputError(
+            f"KEYBRAKE_CONSTRAINTS must be a JSON object such as {example}, got {text[:80]!r}"
+        )
+    return value
+
+
 def run_metadata(env: Mapping[str, str]) -> dict[str, str]:
     metadata = {
         field: present(env.get(variable))
@@ -88,6 +110,19 @@ def run_metadata(env: Mapping[str, str]) -> dict[str, str]:
         )
     }
     return {field: value for field, value in metadata.items() if value}
+
+
+def run_fields(env: Mapping[str, str]) -> dict[str, Any]:
+    """What a key's and a budget's request both carry besides their caps: the run's metadata
+    and namespace, and the constraints when given."""
+    fields: dict[str, Any] = {"metadata": run_metadata(env)}
+    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
+    if namespace:
+        fields["namespace"] = namespace
+    given = constraints(env)
+    if given is not None:
+        fields["constraints"] = given
+    return fields
 
 
 def build_request(env: Mapping[str, str]) -> dict[str, Any]:
@@ -113,11 +148,7 @@ def build_request(env: Mapping[str, str]) -> dict[str, Any]:
                 "give daily_usd_cap or total_usd_cap, or a budget_id for the key to draw on"
             )
         body["expires_in"] = required(env, "KEYBRAKE_EXPIRES_IN", "a duration such as 2h")
-    body["metadata"] = run_metadata(env)
-    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
-    if namespace:
-        body["namespace"] = namespace
-    return body
+    return {**body, **run_fields(env)}
 
 
 def build_budget_request(env: Mapping[str, str]) -> dict[str, Any]:
@@ -129,11 +160,7 @@ def build_budget_request(env: Mapping[str, str]) -> dict[str, Any]:
     }
     if "daily_usd_cap" not in body and "total_usd_cap" not in body:
         raise InputError("give total_usd_cap (the run's whole life) and/or daily_usd_cap")
-    body["metadata"] = run_metadata(env)
-    namespace = present(env.get("KEYBRAKE_WORKFLOW_NAMESPACE"))
-    if namespace:
-        body["namespace"] = namespace
-    return body
+    return {**body, **run_fields(env)}
 
 
 def describe(caps_given: Mapping[str, Any]) -> str:
@@ -147,6 +174,16 @@ def describe(caps_given: Mapping[str, Any]) -> str:
         if caps_given.get(name) not in (None, "")
     ]
     return ", ".join(shown)
+
+
+def describe_constraints(held: Any) -> str:
+    """`, constrained by customers, currencies` for the constraints the proxy says it holds
+    (the request's, or an issuer's it inherited), or nothing."""
+    if not isinstance(held, dict):
+        return ""
+    fields = sorted(str(name) for name in held if name != "mode")
+    report = " (report only)" if held.get("mode") == "report" else ""
+    return f", constrained by {', '.join(fields)}{report}" if fields else ""
 
 
 def request_id(env: Mapping[str, str], body: Mapping[str, Any]) -> str:
@@ -337,14 +374,15 @@ def main(env: Mapping[str, str] = os.environ, sleep: Callable[[float], None] = t
         )
         return 1
     caps_shown = describe(answer) or describe(body)
+    held = describe_constraints(answer.get("constraints", body.get("constraints")))
     if budget:
-        detail = f"caps {caps_shown}"
+        detail = f"caps {caps_shown}{held}"
     else:
         on = f", on budget {body['budget_id']}" if "budget_id" in body else ""
         into = f", in Secret {outputs['vault_key_secret']}" if "vault_key_secret" in outputs else ""
         detail = (
             f"for {body['vendor']}: {caps_shown or 'no caps of its own'}{on}, "
-            f"endpoints {', '.join(body['allowed_endpoints'])}{into}"
+            f"endpoints {', '.join(body['allowed_endpoints'])}{held}{into}"
         )
     print(
         f"keybrake: issued {issued} {detail}, "

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from hera.workflows import Task
 from hera.workflows.models import EnvVar, Parameter, Template
 
-from ._issuing import Money, add_issuing_task, duration, issued_id, issuing_step, money, optional
+from ._issuing import (
+    Constraints,
+    Money,
+    add_issuing_task,
+    constraints_argument,
+    constraints_input,
+    duration,
+    issued_id,
+    issuing_step,
+    money,
+    optional,
+)
 from .connection import ProxyConnection
 from .errors import TemplateConfigError
 from .shared_templates import SharedTemplates
@@ -47,6 +58,7 @@ def budget_template(name: str = BUDGET_TEMPLATE, proxy: ProxyConnection | None =
             optional("total_usd_cap", "USD the whole run may spend, however long it lives"),
             optional("daily_usd_cap", "USD the run may spend in any 24 hours"),
             Parameter(name="expires_in", default="6h", description="budget lifetime, e.g. 6h"),
+            constraints_input(),
         ],
     )
 
@@ -69,12 +81,15 @@ def issue_budget(
     total_usd_cap: Money | None = None,
     daily_usd_cap: Money | None = None,
     expires_in: str = "6h",
+    constraints: Constraints | None = None,
     name: str = BUDGET_TASK,
     proxy: ProxyConnection | None = None,
     templates: SharedTemplates | None = None,
 ) -> RunBudget:
     """Add the issue-budget task to the current `with DAG(...)` block and return its handle;
-    pass it to `issue_vault_key(budget=...)`. Any argument may be an Argo expression."""
+    pass it to `issue_vault_key(budget=...)`. `constraints` (any vendor's fields) holds every
+    key drawing on it to those of its own vendor, besides the key's own. Any argument may be an
+    Argo expression."""
     what = "issue_budget()"
     dag = current_dag(what)
     workflow = current_workflow(what)
@@ -86,6 +101,7 @@ def issue_budget(
     caps = {
         "total_usd_cap": money(total_usd_cap, "total_usd_cap"),
         "daily_usd_cap": money(daily_usd_cap, "daily_usd_cap"),
+        "constraints": constraints_argument(constraints),
     }
     arguments = {
         **{name: value for name, value in caps.items() if value},

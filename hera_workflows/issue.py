@@ -1,10 +1,11 @@
 """The issue-vault-key step: the head of the DAG, asking the proxy for a capped vault key.
 
 Inputs: vendor, allowed endpoints, expiry, and its caps: for any 24 hours, over its life, per
-call, per pod (caller tag); or a run budget it draws on (see `budget`). The key is labelled
-`argo/{{workflow.name}}`, with `{{workflow.namespace}}`, `{{workflow.uid}}` and the workflow name
-as metadata. Outputs: `vault_key` and `key_id`; the key id is also the workflow-global output
-`keybrake_key_id`, which the exit handler reads.
+call, per pod (caller tag); or a run budget it draws on (see `budget`); and optionally its
+constraints (whom its calls may pay or message: `keybrake.proxy.constraints`). The key is
+labelled `argo/{{workflow.name}}`, with `{{workflow.namespace}}`, `{{workflow.uid}}` and the
+workflow name as metadata. Outputs: `vault_key` and `key_id`; the key id is also the
+workflow-global output `keybrake_key_id`, which the exit handler reads.
 
 Note: a parameter is visible in the Workflow object (`argo get`, the UI, the archive), and so is
 the vault key output. That is why a vault key is capped, scoped to endpoints, short-lived and
@@ -26,8 +27,11 @@ from keybrake.proxy.vendor_facts import VENDOR_NAMES
 
 from ._issuing import (
     RUN_LABEL,
+    Constraints,
     Money,
     add_issuing_task,
+    constraints_argument,
+    constraints_input,
     duration,
     issued_id,
     issuing_step,
@@ -85,6 +89,7 @@ def issue_template(name: str = ISSUE_TEMPLATE, proxy: ProxyConnection | None = N
                 "USD one fanned-out item (its pods, retries included) may spend",
             ),
             optional("budget_id", "a run budget (bg_...) the key also draws on"),
+            constraints_input(),
             Parameter(
                 name="delivery",
                 default="secret",
@@ -183,6 +188,7 @@ def issue_vault_key(
     expires_in: str | None = None,
     max_usd_per_call: Money | None = None,
     max_usd_per_caller: Money | None = None,
+    constraints: Constraints | None = None,
     delivery: str = "secret",
     name: str = ISSUE_TASK,
     proxy: ProxyConnection | None = None,
@@ -195,6 +201,8 @@ def issue_vault_key(
     other key of the run. `max_usd_per_caller` caps each fanned-out item (`fan_out` tags its
     calls so that Argo's retries of an item keep counting against the same cap). `expires_in`
     defaults to 2h; a key drawing on a budget lives as long as the budget unless given one.
+    `constraints` ({"customers": ["cus_1"], "mode": "enforce"}: the fields of its vendor only)
+    says whom its calls may pay or message; the proxy refuses any other call with a 403.
 
     `delivery="secret"` (the default) keeps the key out of the Workflow object: the issue step
     writes it into a Secret of the run (deleted with it) which the fan-out pods read;
@@ -204,7 +212,9 @@ def issue_vault_key(
 
     Any argument may also be an Argo expression filled in at run time, such as
     `"{{workflow.parameters.budget_usd}}"`. `templates=SharedTemplates()` references the
-    installed `keybrake-vault-key` template instead of copying the step into the workflow.
+    installed `keybrake-vault-key` template instead of copying the step into the workflow; with
+    `constraints`, that template must be one with a `constraints` input (Argo drops an argument
+    its template does not declare, so an older one would issue the key without them).
     """
     what = "issue_vault_key()"
     dag = current_dag(what)
@@ -225,9 +235,13 @@ def issue_vault_key(
         "max_usd_per_call": money(max_usd_per_call, "max_usd_per_call"),
         "max_usd_per_caller": money(max_usd_per_caller, "max_usd_per_caller"),
         "budget_id": budget.budget_id if budget is not None else "",
+        "constraints": constraints_argument(
+            constraints, None if is_expression(vendor) else check_vendor(vendor)
+        ),
     }
     # Only what is set is passed (the template's defaults are empty), so a workflow using none
-    # of the newer caps still runs against templates installed by an older release.
+    # of the newer caps or constraints still runs against templates installed by an older
+    # release.
     arguments = {
         "vendor": check_vendor(vendor),
         "allowed_endpoints": _endpoints(allowed_endpoints),

@@ -101,6 +101,12 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 description="USD one item may spend, its retries included; empty: none",
             ),
             Parameter(
+                name="constraints",
+                value="",
+                description="JSON object of whom the pods' calls may pay or message, e.g. "
+                '{"customers": ["cus_1"], "currencies": ["usd"]}; empty: none',
+            ),
+            Parameter(
                 name="workload_service_account",
                 value=WORKLOAD_SERVICE_ACCOUNT,
                 description="service account of the pods run once per item: it may not create "
@@ -134,6 +140,7 @@ def fanout(kind: TemplateKind = WorkflowTemplate) -> WorkflowTemplate:
                 expires_in=workflow_parameter("expires_in"),
                 max_usd_per_call=workflow_parameter("max_usd_per_call"),
                 max_usd_per_caller=workflow_parameter("max_usd_per_pod"),
+                constraints=workflow_parameter("constraints"),
                 proxy=ProxyConnection(
                     url=workflow_parameter("proxy_url"),
                     service_account=workflow_parameter("issuer_service_account"),

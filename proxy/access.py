@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from keybrake.proxy.constraints import Constraints
+from keybrake.proxy.constraints import RATE, Constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import Forbidden, LoginRefused  # from the one tree; exported here too
 from keybrake.proxy.models import IssuerCreate, KubernetesBinding
@@ -411,14 +411,20 @@ def issued_constraints(
     if bound is not None and vendor is not None:
         kept = bound.for_vendor(vendor)
         dropped: dict[str, Any] = {name: None for name in bound.constrained if name not in kept}
-        bound = replace(bound, **dropped) if kept else None
+        limited = bound.max_calls_per_minute is not None  # a rate binds a key of any vendor
+        bound = replace(bound, **dropped) if kept or limited else None
     if bound is None:
         return own
     if own is None:
         return bound
     field = own.outside(bound)
     if field is not None:
-        allowed = bound.mode if field == "mode" else _some(getattr(bound, field))
+        if field == "mode":
+            allowed = bound.mode
+        elif field == RATE:
+            allowed = f"at most {bound.max_calls_per_minute}"
+        else:
+            allowed = _some(getattr(bound, field))
         raise Forbidden(
             "constraints",
             f"constraints.{field}: not within this issuer's constraints ({field}: {allowed})",

@@ -31,6 +31,7 @@ from keybrake.proxy.vendor_facts import VENDOR_FACTS
 
 __all__ = [
     "FIELDS",
+    "RATE",
     "VENDOR_FIELDS",
     "Constraints",
     "Found",
@@ -51,6 +52,10 @@ VENDOR_FIELDS: dict[str, tuple[str, ...]] = {
 FIELDS = ("currencies", "customers", "destinations", "recipients", "recipient_domains", "senders")
 MODES = ("enforce", "report")
 MAX_VALUES = 1000  # per field
+# The call rate a key or budget may have at its vendors (`max_calls_per_minute`): counted and
+# enforced by the ledger (`keybrake.proxy.decisions.admit`), not read from a call's body.
+RATE = "max_calls_per_minute"
+MAX_RATE = 1_000_000
 
 _CURRENCY = re.compile(r"[a-z]{3}")
 _CUSTOMER = re.compile(r"cus_[A-Za-z0-9]{1,250}")
@@ -104,9 +109,11 @@ class Constraints:
     recipients: tuple[str, ...] | None = None
     recipient_domains: tuple[str, ...] | None = None
     senders: tuple[str, ...] | None = None
+    max_calls_per_minute: int | None = None
 
     @property
     def constrained(self) -> tuple[str, ...]:
+        """The counterparty fields these constraints constrain (the rate aside)."""
         return tuple(name for name in FIELDS if getattr(self, name) is not None)
 
     def for_vendor(self, vendor: str) -> frozenset[str]:
@@ -117,13 +124,16 @@ class Constraints:
         out: dict[str, Any] = {"mode": self.mode}
         for name in self.constrained:
             out[name] = list(getattr(self, name))
+        if self.max_calls_per_minute is not None:
+            out[RATE] = self.max_calls_per_minute
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Constraints:
         """As stored: trusted (written by `parse_constraints`)."""
         values = {name: tuple(data[name]) for name in FIELDS if data.get(name) is not None}
-        return cls(mode=str(data.get("mode", "enforce")), **values)
+        rate = data.get(RATE)
+        return cls(mode=str(data.get("mode", "enforce")), max_calls_per_minute=rate, **values)
 
     def outside(self, outer: Constraints) -> str | None:
         """The first field in which these constraints are not within `outer`'s (an issuer's),
@@ -131,6 +141,11 @@ class Constraints:
         report-only mode cannot stand under an enforcing one."""
         if outer.mode == "enforce" and self.mode != "enforce":
             return "mode"
+        if outer.max_calls_per_minute is not None and (
+            self.max_calls_per_minute is None
+            or self.max_calls_per_minute > outer.max_calls_per_minute
+        ):
+            return RATE
         for name in outer.constrained:
             inner_values, outer_values = getattr(self, name), getattr(outer, name)
             if inner_values is None:
@@ -229,10 +244,11 @@ def parse_constraints(data: Any, vendor: str | None = None) -> Constraints:
     key's, whose constraints must all apply to it (a budget's may name any vendor's)."""
     if not isinstance(data, Mapping):
         raise ValueError("constraints: a JSON object of field: [values]")
-    unknown = set(data) - {"mode", *FIELDS}
+    unknown = set(data) - {"mode", RATE, *FIELDS}
     if unknown:
         raise ValueError(
-            f"constraints: unknown field {sorted(unknown)[0]!r}; fields: mode, {', '.join(FIELDS)}"
+            f"constraints: unknown field {sorted(unknown)[0]!r}; fields: mode, {RATE}, "
+            f"{', '.join(FIELDS)}"
         )
     mode = data.get("mode", "enforce")
     if mode not in MODES:
@@ -250,9 +266,14 @@ def parse_constraints(data: Any, vendor: str | None = None) -> Constraints:
         if len(items) > MAX_VALUES:
             raise ValueError(f"constraints.{name}: at most {MAX_VALUES} values")
         values[name] = tuple(sorted({_canonical_value(name, item) for item in items}))
-    if not values:
-        raise ValueError(f"constraints: constrain at least one of {', '.join(FIELDS)}")
-    return Constraints(mode=mode, **values)
+    rate = data.get(RATE)
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= MAX_RATE
+    ):
+        raise ValueError(f"constraints.{RATE}: a whole number from 1 to {MAX_RATE:,}")
+    if not values and rate is None:
+        raise ValueError(f"constraints: constrain at least one of {RATE}, {', '.join(FIELDS)}")
+    return Constraints(mode=mode, max_calls_per_minute=rate, **values)
 
 
 def _canonical_value(name: str, item: str) -> str:

@@ -41,6 +41,11 @@ The ledger's rules, in the order they apply:
    `total_cap_hit`), then the same two caps of the budget the key draws on (`budget_cap_hit`).
    It then reserves its cost against all of them at once. Calls costing nothing always pass.
    Every cap hit counts on the key, and on its budget.
+8. Last, a call that would reach the vendor is counted against the key's and its budget's call
+   rate (`max_calls_per_minute`, see `RATE_SECONDS`): one that would exceed an enforced rate is
+   `rate_limited` (429 with `Retry-After`, never a cap hit), one over a report-only rate goes
+   ahead with a note in its audit row. The proxy's own lookups with the real key count too
+   (`Store.take_call`); refusals and replays, which reach no vendor, do not.
 
 The rolling window is kept in hourly buckets: spend counts in the hour its call was reserved,
 and a check at time t sums the buckets from the one holding t - 24h to the newest. That covers
@@ -50,7 +55,7 @@ oldest bucket's first hour, which it releases at most one hour late.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -59,23 +64,31 @@ __all__ = [
     "BUCKET",
     "CAP_HITS",
     "CUT_OFF",
+    "RATE_NOTE",
+    "RATE_SECONDS",
     "RULE_VERSION",
     "WINDOW",
     "Admitted",
     "Caps",
     "Decision",
     "Prior",
+    "Rate",
     "admit",
     "bucket_of",
     "bucket_start",
+    "bucket_start_second",
     "caller_of",
     "dead_reason",
     "dedupe_token",
     "is_cap_hit",
     "item_of",
     "offset_cost",
+    "over_rate",
+    "rate_floor",
     "refusal",
     "refusal_status",
+    "report_note",
+    "second_of",
     "settle_amounts",
     "window_floor",
 ]
@@ -118,6 +131,7 @@ class Decision(StrEnum):
     CAP_HIT = "cap_hit"
     TOTAL_CAP_HIT = "total_cap_hit"
     BUDGET_CAP_HIT = "budget_cap_hit"
+    RATE_LIMITED = "rate_limited"  # over a key's or budget's max_calls_per_minute: retry later
     FORWARDED = "forwarded"
     # Outcomes of an admitted call.
     IN_FLIGHT = "in_flight"  # reserved and at the vendor; settling rewrites it
@@ -225,6 +239,12 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
         "keybrake_budget_exceeded",
         "The run's budget is spent: its USD cap (for any 24 hours, or in total) is reached.",
     ),
+    Decision.RATE_LIMITED: (
+        429,
+        "keybrake_rate_limited",
+        "Too many calls at the vendor for this vault key or its budget (max_calls_per_minute): "
+        "retry in {retry_after} seconds. Nothing was forwarded.",
+    ),
     Decision.IN_PROGRESS: (
         409,
         "idempotency_key_in_use",
@@ -287,7 +307,13 @@ CAP_HITS = frozenset(
 # version of the build that last loaded its ledger; a replica whose version is older refuses vendor
 # calls instead of enforcing rules it does not know (`docs/deploy.md`, "Upgrading"). Raise it with
 # any change to what `admit`, the ledgers or their SQL decide or count.
-RULE_VERSION = 1
+RULE_VERSION = 2  # 2: call rates (max_calls_per_minute) and report-only notes
+
+# A call rate counts the calls that reached a vendor in 1-second buckets: the current second's
+# and the RATE_SECONDS before it. Any 60-second stretch of time lies within 61 such buckets, so
+# no 60 seconds ever hold more calls than the limit; a call frees its slot 60 to 61 seconds
+# after it was made (never early, at most one second late).
+RATE_SECONDS = 60
 
 
 def is_cap_hit(decision: str) -> bool:
@@ -370,6 +396,9 @@ class Admitted:
     replay_from: Prior | None = None  # the earlier call whose stored answer is the reply
     forward_key: str | None = None  # the idempotency key to forward with (the earlier call's)
     prior_audit_id: int | None = None  # named by `outcome_unknown`
+    retry_after: int | None = None  # `rate_limited`: seconds until the call fits
+    # Forwarded under a report-only rate it is over: noted in its audit row, never refused.
+    reported: Decision | None = None
 
     @property
     def cap_hit(self) -> bool:
@@ -398,6 +427,64 @@ class Caps:
         if self.total is not None and life + cost > self.total:
             return "total"
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A key's or budget's call rate, as read inside the reservation: at most `limit` calls at
+    its vendors in any 60 seconds; `report`: count and note the calls over it, refuse none.
+    `calls()` reads what reached a vendor in the window, by second, oldest first."""
+
+    limit: int
+    report: bool
+    calls: Callable[[], list[tuple[int, int]]]  # (second, calls)
+
+
+def second_of(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(seconds=1)
+
+
+def bucket_start_second(bucket: int) -> int:
+    """The first second of an hourly window bucket."""
+    return second_of(bucket_start(bucket))
+
+
+def rate_floor(second: int) -> int:
+    """The oldest second a call rate counts at `second`."""
+    return second - RATE_SECONDS
+
+
+def over_rate(rates: Sequence[Rate], second: int) -> tuple[Decision | None, int | None]:
+    """One more call at a vendor against `rates` at `second`: (RATE_LIMITED, seconds until it
+    fits) when an enforced rate is full; (None, None) when it fits; a full report-only rate
+    gives (None, 0), a note for the audit row. The retry waits for the oldest calls to leave
+    the window, as many as must."""
+    noted = None
+    for rate in rates:
+        calls = rate.calls()
+        excess = sum(count for _, count in calls) + 1 - rate.limit
+        if excess <= 0:
+            continue
+        if rate.report:
+            noted = 0
+            continue
+        for when, count in calls:
+            excess -= count
+            if excess <= 0:
+                return Decision.RATE_LIMITED, max(1, when + RATE_SECONDS + 1 - second)
+        return Decision.RATE_LIMITED, RATE_SECONDS + 1  # a limit below what one second holds
+    return None, noted
+
+
+# An audit row's note of a call over a report-only rate (which went ahead).
+RATE_NOTE = "rate_limited: over max_calls_per_minute"
+
+
+def report_note(constraint: str | None, rate: Decision | None) -> str | None:
+    """The audit row's `reported`: what report-only policies would have refused the call for
+    (a constraint's reason, then the rate's), or None."""
+    notes = [note for note in (constraint, RATE_NOTE if rate is not None else None) if note]
+    return "; ".join(notes) or None
 
 
 def dead_reason(
@@ -431,6 +518,7 @@ def admit(
     max_per_call_micros: int | None,
     max_per_caller_micros: int | None,
     caller_used: Callable[[], int],
+    rates: Sequence[Rate] = (),
 ) -> Admitted:
     """The ledger's decision for one call (the rules in this module's docstring).
 
@@ -476,7 +564,16 @@ def admit(
             return Admitted(hit)
         if budget is not None and budget.over(cost_micros) is not None:
             return Admitted(Decision.BUDGET_CAP_HIT)
-    return Admitted(Decision.FORWARDED, reserve_micros=cost_micros, forward_key=forward_key)
+    # Last, what reaches the vendor at all: a call refused above, or replayed, is not counted.
+    limited, wait = over_rate(rates, second_of(now))
+    if limited is not None:
+        return Admitted(limited, retry_after=wait)
+    return Admitted(
+        Decision.FORWARDED,
+        reserve_micros=cost_micros,
+        forward_key=forward_key,
+        reported=Decision.RATE_LIMITED if wait == 0 else None,
+    )
 
 
 def settle_amounts(*, still_in_flight: bool, reserved: int, settled: int) -> tuple[int, int]:

@@ -33,6 +33,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 # Every series /metrics exposes (histograms as their _bucket, _sum and _count).
 NAMES = (
     "keybrake_calls_total",
+    "keybrake_policy_reports_total",
     "keybrake_upstream_seconds",
     "keybrake_database_seconds",
     "keybrake_spend_usd",
@@ -58,6 +59,13 @@ class Metrics:
         self.calls = Counter(
             "keybrake_calls",
             "Vendor calls that reached the proxy, by vendor and decision.",
+            ["vendor", "decision"],
+            registry=self.registry,
+        )
+        self.reports = Counter(
+            "keybrake_policy_reports",
+            "Calls a report-only constraint or call rate would have refused (they went ahead), "
+            "by vendor and the refusal.",
             ["vendor", "decision"],
             registry=self.registry,
         )
@@ -93,6 +101,9 @@ class Metrics:
         self._child(self.calls, vendor, decision).inc()
         if self.on_cap_hit is not None and is_cap_hit(decision):
             self.on_cap_hit()
+
+    def count_report(self, vendor: str, decision: str) -> None:
+        self._child(self.reports, vendor, decision).inc()
 
     def time_upstream(self, vendor: str, seconds: float) -> None:
         self._child(self.upstream_seconds, vendor).observe(seconds)

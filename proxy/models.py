@@ -583,6 +583,9 @@ class AuditRow(BaseModel):
     latency_ms: float | None
     caller_tag: str | None
     budget_id: str | None = None
+    # What a report-only constraint or call rate would have refused the call for (it went
+    # ahead): `constraint_violated: ...`, `rate_limited: ...`; null when nothing.
+    reported: str | None = None
 
 
 class AuditPage(Page):

@@ -53,6 +53,7 @@ from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 __all__ = [
     "CAP_HIT_HEADER",
     "CODE_HEADER",
+    "RATE_LIMITED_HEADER",
     "Incoming",
     "LookupFailed",
     "Pipeline",
@@ -62,6 +63,7 @@ __all__ = [
 
 CAP_HIT_HEADER = "X-Keybrake-Cap-Hit"
 CODE_HEADER = "X-Keybrake-Code"  # on every answer keybrake gives itself: its code
+RATE_LIMITED_HEADER = "X-Keybrake-Rate-Limited"  # a call rate is full: wait Retry-After
 _KEPT = frozenset({Decision.FORWARDED, Decision.VENDOR_REPLAYED})  # answers stored for replays
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,252}")
 log = logging.getLogger("keybrake.proxy")
@@ -164,6 +166,14 @@ class _Lookup:
             if dead is not None:
                 raise _Refused(dead)
             self.live = True
+        if any(
+            c is not None and c.max_calls_per_minute
+            for c in (key.constraints, key.budget_constraints)
+        ):
+            # A lookup reaches the vendor too: it takes a place in the key's call rate.
+            wait = await pipeline.store.take_call(key.key_id, key.budget_id, pipeline.clock())
+            if wait is not None:
+                raise _Refused(Decision.RATE_LIMITED, retry_after=str(wait))
         where, _, query = path.partition("?")
         sent = self.call.headers
         headers = {h: sent[h] for h in vendor.account_headers if h in sent}
@@ -197,6 +207,7 @@ class _Call:
     audit: AuditRecord
     started: float
     idempotency_key: str | None  # as the caller sent it (`_idempotency_key`)
+    report: str | None = None  # what a report-only constraint would have refused it for
     reservation: Reservation = field(init=False)
 
 
@@ -287,9 +298,10 @@ class Pipeline:
         self._scope(vendor, key, call)
         lookup = _Lookup(self, vendor, call, key)
         cost = await self._estimate(vendor, call, lookup)
+        report = None
         if key.constraints is not None or key.budget_constraints is not None:
-            await self._constrain(vendor, call, key, cost, lookup)
-        admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key)
+            report = await self._constrain(vendor, call, key, cost, lookup)
+        admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key, report)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
         return await self._uncancellable(self._reserve_forward_settle(admitted))
@@ -395,20 +407,29 @@ class Pipeline:
 
     async def _constrain(
         self, vendor: Vendor, call: VendorCall, key: KeyRecord, cost: Cost, lookup: _Lookup
-    ) -> None:
+    ) -> str | None:
         """Refuse a call outside the key's or its budget's constraints, or whose constrained
-        fields cannot be read exactly (`keybrake.proxy.constraints`). Only a constrained key's
-        calls come here, and they read only the fields constrained for their vendor."""
+        fields cannot be read exactly (`keybrake.proxy.constraints`); under report-only ones,
+        say what they would have refused it for (its audit row's note). Only a constrained
+        key's calls come here, and they read only the fields constrained for their vendor."""
+        return None  # MODEL-TEST EXPERIMENT: constraints not enforced
         layers = [("vault key's", key.constraints), ("budget's", key.budget_constraints)]
         wanted = frozenset().union(*(c.for_vendor(vendor.name) for _, c in layers if c))
         if not wanted:
-            return
+            return None
         with _refusing_unreadable():
             found = await vendor.subjects(call, cost, lookup, wanted)
+        report = None
         for whose, constraints in layers:
             violation = constraints.check(vendor.name, found) if constraints else None
-            if violation is not None:
+            if violation is None or constraints is None:
+                continue
+            if constraints.mode != "report":
                 raise _Refused(Decision.CONSTRAINT_VIOLATED, whose=whose, reason=violation.reason)
+            # Redacted as a refusal's message is: the reason quotes what the caller sent.
+            report = report or redact(f"{Decision.CONSTRAINT_VIOLATED}: {violation.reason}")
+            self.metrics.count_report(vendor.name, Decision.CONSTRAINT_VIOLATED)
+        return report
 
     # -- reserve → forward → settle, in a task of its own --------------------------------------
 
@@ -430,7 +451,8 @@ class Pipeline:
             return _replayed(admission.replay, admission.decision)
         if admission.decision is not Decision.FORWARDED:
             prior = str(admission.prior_audit_id or "")
-            return self._refusal(c.vendor, admission.decision, audit_id=prior)
+            wait = str(admission.retry_after or "")
+            return self._refusal(c.vendor, admission.decision, audit_id=prior, retry_after=wait)
         try:
             response = await self._forward(c, admission.forward_key)
         except UpstreamError as exc:
@@ -475,9 +497,13 @@ class Pipeline:
             vendor_replays=vendor.replays,
             caller=caller_of(c.audit.caller_tag),
             paid_object=cost.paid_object,
+            report=c.report,
         )
         timed = perf_counter()
         admission = await self.store.reserve(c.reservation)
+        c.audit.reported = admission.reported
+        if admission.reported is not None and admission.reported != c.report:
+            self.metrics.count_report(vendor.name, Decision.RATE_LIMITED)
         self.metrics.time_database("reserve", perf_counter() - timed)
         if admission.reserved_micros != cost.micros and admission.decision is Decision.FORWARDED:
             # Offset by what its payer already paid for the object: it costs the rest.
@@ -622,6 +648,8 @@ class Pipeline:
         out = [("content-type", "application/json"), *headers.items(), (CODE_HEADER, code)]
         if is_cap_hit(decision):
             out.append((CAP_HIT_HEADER, "true"))
+        elif decision is Decision.RATE_LIMITED:  # a wait, never a cap: the pod retries later
+            out += [(RATE_LIMITED_HEADER, "true"), ("retry-after", details["retry_after"])]
         if decision is Decision.BODY_TIMEOUT:
             out.append(("connection", "close"))
         return Reply(status, out, payload)

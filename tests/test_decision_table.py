@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.records import (
@@ -53,6 +54,7 @@ class Budget:
     expires_in: timedelta = timedelta(hours=3)
     revoked: bool = False
     spent: tuple[tuple[timedelta, int], ...] = ()
+    rate: int | None = None  # max_calls_per_minute, enforced
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,95 @@ class Row:
     budget_cap_hits: int = 0
     # The key's settled plus reserved in the window at a later moment (after this call).
     used_later: tuple[timedelta, int] | None = None
+    # Call rates: the key's max_calls_per_minute and its mode, the calls it made before (age,
+    # how many; free calls forwarded then), what a report-only constraint said of this call,
+    # and what must come of it: the Retry-After of a `rate_limited`, the audit row's note.
+    rate: int | None = None
+    rate_mode: str = "enforce"
+    calls: tuple[tuple[timedelta, int], ...] = ()
+    report: str | None = None
+    retry_after: int | None = None
+    reported: str | None = None
 
 
 H = timedelta(hours=1)
+S = timedelta(seconds=1)
 ROWS = [
+    # -- call rates (rule 8): 1-second buckets, the current second and the 60 before -------------
+    Row(
+        "a call within its key's rate is forwarded",
+        Decision.FORWARDED,
+        rate=3,
+        calls=((10 * S, 2),),
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a call over its key's rate waits for the oldest calls to leave the window",
+        Decision.RATE_LIMITED,
+        rate=3,
+        calls=((10 * S, 1), (5 * S, 2)),
+        retry_after=51,
+    ),
+    Row(
+        "a call 60 seconds ago still counts",
+        Decision.RATE_LIMITED,
+        rate=1,
+        calls=((60 * S, 1),),
+        retry_after=1,
+    ),
+    Row(
+        "a call 61 seconds ago no longer counts",
+        Decision.FORWARDED,
+        rate=1,
+        calls=((61 * S, 1),),
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a report-only rate forwards the call and notes it",
+        Decision.FORWARDED,
+        rate=1,
+        rate_mode="report",
+        calls=((5 * S, 1),),
+        used_after=3 * MICROS,
+        reported="rate_limited: over max_calls_per_minute",
+    ),
+    Row(
+        "a report-only constraint's note goes into the audit row beside the rate's",
+        Decision.FORWARDED,
+        rate=1,
+        rate_mode="report",
+        calls=((5 * S, 1),),
+        report="constraint_violated: customers: 'cus_3' is not allowed",
+        used_after=3 * MICROS,
+        reported="constraint_violated: customers: 'cus_3' is not allowed; "
+        "rate_limited: over max_calls_per_minute",
+    ),
+    Row(
+        "the budget's rate counts its keys' calls",
+        Decision.RATE_LIMITED,
+        budget=Budget(daily=50 * MICROS, rate=2),
+        calls=((30 * S, 2),),
+        retry_after=31,
+    ),
+    Row(
+        "a cap hit is a cap hit, not a wait, when the rate is full too",
+        Decision.CAP_HIT,
+        rate=1,
+        calls=((5 * S, 1),),
+        spent=((H, 9 * MICROS),),
+        used_after=9 * MICROS,
+        cap_hits=1,
+    ),
+    Row(
+        "a replay reaches no vendor: not rate limited",
+        Decision.REPLAYED,
+        rate=2,  # the earlier call (a minute ago) and one since: full
+        calls=((5 * S, 1),),
+        earlier=Earlier("idempotency", "answered"),
+        idempotency_key="order-1",
+        replayed=True,
+        used_after=3 * MICROS,
+    ),
     # -- revocation and expiry ---------------------------------------------------------------
     Row("a revoked key is refused", Decision.REVOKED, revoked=True),
     Row(
@@ -626,6 +713,11 @@ def outcome(
     )
 
 
+def rate_of(limit: int | None, mode: str) -> Constraints | None:
+    """A key's or budget's constraints holding only a call rate."""
+    return None if limit is None else Constraints(mode=mode, max_calls_per_minute=limit)
+
+
 def key_record(
     key_id: str,
     cap: int | None = 10 * MICROS,
@@ -661,6 +753,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
                 metadata={},
                 created_at=NOW - timedelta(days=4),
                 expires_at=NOW + row.budget.expires_in,
+                constraints=rate_of(row.budget.rate, "enforce"),
             ),
             TEST_EVENT,
         )
@@ -678,6 +771,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         total_cap_micros=row.total,
         max_per_caller_micros=row.max_per_caller,
         budget_id=budget_id,
+        constraints=rate_of(row.rate, row.rate_mode),
     )
     await store.create_key(key, TEST_EVENT)
     for tag, micros in row.callers_spent:
@@ -729,6 +823,12 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         elif e.state == "reconciled":
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
+    # Last, the free calls it made in the last minute (forwarded then: they count against its
+    # rate; a rate counts what it sees, the moment's future included, so they go in in order).
+    for age, count in row.calls:
+        for n in range(count):
+            made = await store.reserve(reservation(key, NOW - age, 0, f"call-{age}-{n}"))
+            assert made.decision is Decision.FORWARDED
     if row.revoked:
         assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
 
@@ -744,7 +844,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         tag=row.caller_tag,
         paid_object="pi_paid" if row.confirms else None,
     )
-    admitted = await store.reserve(call)
+    admitted = await store.reserve(replace(call, report=row.report))
     view = await store.get_key(key_id, NOW)
     assert view is not None
     if budget_id is not None:
@@ -759,6 +859,8 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         "forward_key": admitted.forward_key if admitted.decision is Decision.FORWARDED else None,
         "names_earlier": admitted.prior_audit_id is not None
         and admitted.prior_audit_id == earlier_id,
+        "retry_after": admitted.retry_after,
+        "reported": admitted.reported,
     }
     if row.life_after is not None:
         got["life_after"] = view.usage.total_micros + view.usage.total_reserved_micros
@@ -772,6 +874,8 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         "replayed": row.replayed,
         "forward_key": row.forward_key if row.expect is Decision.FORWARDED else None,
         "names_earlier": row.names_earlier,
+        "retry_after": row.retry_after,
+        "reported": row.reported,
     }
     if row.life_after is not None:
         want["life_after"] = row.life_after
@@ -816,6 +920,7 @@ def test_every_ledger_decision_has_a_row() -> None:
         Decision.OUTCOME_UNKNOWN,
         Decision.PER_CALL_CAP_HIT,
         Decision.CAP_HIT,
+        Decision.RATE_LIMITED,
         Decision.FORWARDED,
     }
     assert {row.expect for row in ROWS} == ledger

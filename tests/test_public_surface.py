@@ -47,9 +47,10 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.asgi": "create_app",
     "keybrake.proxy.body": "BodyDeadlines",
     "keybrake.proxy.client": "DEFAULT_URL KeybrakeClient",
-    "keybrake.proxy.decisions": """BUCKET CAP_HITS CUT_OFF RULE_VERSION WINDOW Admitted Caps
-        Decision Prior admit bucket_of bucket_start caller_of dead_reason dedupe_token is_cap_hit
-        item_of offset_cost refusal refusal_status settle_amounts window_floor""",
+    "keybrake.proxy.decisions": """BUCKET CAP_HITS CUT_OFF RATE_NOTE RATE_SECONDS RULE_VERSION
+        WINDOW Admitted Caps Decision Prior Rate admit bucket_of bucket_start bucket_start_second
+        caller_of dead_reason dedupe_token is_cap_hit item_of offset_cost over_rate rate_floor
+        refusal refusal_status report_note second_of settle_amounts window_floor""",
     "keybrake.proxy.endpoints": "EndpointPattern allows compile_patterns safe_path",
     "keybrake.proxy.errors": """AccessError AmbiguousRequest ApiError ClientError ConfigError
         Conflict CursorError EstimateError Forbidden IdempotencyMismatch InvalidRequest
@@ -58,8 +59,8 @@ PUBLIC: dict[str, str | None] = {
         VaultError""",
     "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER JwksVerifier TokenReviewVerifier
         verifier_from""",
-    "keybrake.proxy.constraints": """FIELDS VENDOR_FIELDS Constraints Found Unreadable Violation
-        canonical_domain canonical_number collect email_address parse_constraints""",
+    "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unreadable
+        Violation canonical_domain canonical_number collect email_address parse_constraints""",
     "keybrake.proxy.metrics": "NAMES Metrics",
     "keybrake.proxy.models": """AuditPage AuditRow BudgetCreate BudgetInfo BudgetList CapsPatch
         ChangeInfo EventInfo EventPage IssuedIssuer IssuedKey IssuerCreate IssuerDelete IssuerInfo
@@ -68,8 +69,8 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.money": """MAX_DURATION MICROS_PER_USD format_ts format_usd micros_to_usd
         parse_duration parse_ts usd_to_micros""",
     "keybrake.proxy.paging": "CursorError decode_id decode_position encode_id encode_position",
-    "keybrake.proxy.pipeline": """CAP_HIT_HEADER CODE_HEADER Incoming LookupFailed Pipeline Reply
-        hash_vault_key""",
+    "keybrake.proxy.pipeline": """CAP_HIT_HEADER CODE_HEADER RATE_LIMITED_HEADER Incoming
+        LookupFailed Pipeline Reply hash_vault_key""",
     "keybrake.proxy.pricing": """AmbiguousRequest PricingEntryError PricingTable Unpriceable
         load_pricing""",
     "keybrake.proxy.redact": "RedactingFilter redact",

@@ -24,7 +24,6 @@ from keybrake.proxy.money import format_ts
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from keybrake.proxy.store.postgres import PostgresStore
-from keybrake.proxy.store.records import AuditRecord
 from keybrake.proxy.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from keybrake.proxy.store.sqlite import SQLiteStore
 from tests.helpers import TEST_EVENT
@@ -145,25 +144,23 @@ def test_a_retry_straddling_the_upgrade_to_fan_out_items_is_not_charged_twice(
             before.setattr(module, "MIGRATIONS", module.MIGRATIONS[: items - 1])
             store = open_store(url)
             await store.open()
-            # The first attempt, answered, as that build recorded it: its audit row names the
-            # pod's tag, and its dedupe row holds the bare fingerprint ("body"). (Its key is
-            # created after the upgrade: this build writes columns that build's schema lacks,
-            # and what the migration reads is the audit and dedupe rows.)
-            audit_id = await store.record(
-                AuditRecord(
-                    ts=NOW - timedelta(minutes=2),
-                    vendor="stripe",
-                    method="POST",
-                    path="/v1/payment_intents",
-                    status=200,
-                    decision="forwarded",
-                    key_id=key.key_id,
-                    label=key.label,
-                    caller_tag="item-1@pod-a",
-                )
-            )
             await store.close()
+        # The first attempt, answered, as that build recorded it: its audit row names the pod's
+        # tag, and its dedupe row holds the bare fingerprint ("body"). (Written as that build's
+        # columns, and its key created after the upgrade: this build writes columns that
+        # build's schema lacks, and what the migration reads is the audit and dedupe rows.)
         created = NOW - timedelta(minutes=2)
+        audit_id = 900_001  # beside, not in, the ids PostgreSQL's sequence hands out
+        await execute(
+            url,
+            "INSERT INTO audit (id, ts, vendor, method, path, status, decision, key_id, label, "
+            "caller_tag) VALUES (?, ?, 'stripe', 'POST', '/v1/payment_intents', 200, "
+            "'forwarded', ?, ?, 'item-1@pod-a')",
+            audit_id,
+            format_ts(created) if backend == "sqlite" else created,
+            key.key_id,
+            key.label,
+        )
         await execute(
             url,
             "INSERT INTO replays (key_id, kind, token, request_hash, created_at, status, headers, "
@@ -315,10 +312,10 @@ def test_the_ledger_sql_is_rendered_from_the_decision_module() -> None:
 # migration is appended, and pinned here.
 RELEASED = {
     "sqlite": """c8eb6c7ef11b3848 0236b5f688dbebab 3ab9aaacac0fc3d1 5bb75cd574f1a41a
-        e9499ff006f56150 640f2c362b370193 12a83c541342c753 e636b98b6d2a787c""",
+        e9499ff006f56150 640f2c362b370193 12a83c541342c753 a708c164fe091ee4""",
     "postgres": """46fe6edb5cd5a491 e004ebd5b5532a4b e004ebd5b5532a4b 1f2db6eae3f36c4b
         f12ebe91740a5be1 5bb75cd574f1a41a 1328485c3ba45798 06c9293afe9ee634 a6d280977daa7850
-        32b3966c9b799ef9 ac4bfed43fc8a387""",
+        32b3966c9b799ef9 0b43b47e8e9e8685""",
 }
 
 

@@ -322,8 +322,23 @@ def paid_for(t: ColumnTypes) -> str:
 
 def constraints(t: ColumnTypes) -> str:
     """Constraints on a key or budget: who its calls may pay or message
-    (`keybrake.proxy.constraints`, as `Constraints.as_json`); NULL: none."""
+    (`keybrake.proxy.constraints`, as `Constraints.as_json`); NULL: none. Its call rate, which
+    the ledger reads beside the caps: `max_calls_per_minute` and `rate_mode` (enforce or
+    report), copied from the constraints at issue (they never change). The calls that reached a
+    vendor, by owner and second (`call_rate`), and what an audited call would have been refused
+    for under a report-only policy (`audit.reported`)."""
     return f"""
     ALTER TABLE vault_keys ADD COLUMN constraints {t.json};
     ALTER TABLE budgets ADD COLUMN constraints {t.json};
+    ALTER TABLE vault_keys ADD COLUMN max_calls_per_minute {t.int32};
+    ALTER TABLE vault_keys ADD COLUMN rate_mode {t.text};
+    ALTER TABLE budgets ADD COLUMN max_calls_per_minute {t.int32};
+    ALTER TABLE budgets ADD COLUMN rate_mode {t.text};
+    ALTER TABLE audit ADD COLUMN reported {t.text};
+    CREATE TABLE call_rate (
+        owner_id {t.text} NOT NULL,
+        second {t.int64} NOT NULL,
+        calls {t.int32} NOT NULL,
+        PRIMARY KEY (owner_id, second)
+    );
     """

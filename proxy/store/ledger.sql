@@ -91,7 +91,7 @@ $fn$;
 -- row, taken first: the budget's, then the key's.
 CREATE FUNCTION keybrake_reserve({{ reserve_parameters }}) RETURNS TABLE (o_decision text, o_audit_id bigint, o_status integer, o_headers jsonb,
                  o_body bytea, o_forward_key text, o_prior_audit_id bigint,
-                 o_reserved bigint)
+                 o_reserved bigint, o_retry_after integer, o_reported text)
 LANGUAGE plpgsql SET enable_seqscan = off AS $fn$
 DECLARE
     k record;
@@ -102,6 +102,13 @@ DECLARE
     b_total bigint;
     b_window bigint;
     b_life bigint;
+    b_rate integer;
+    b_rate_mode text;
+    rate record;
+    used bigint;
+    need bigint;
+    retry integer;
+    rate_noted boolean := false;
     d text := 'forwarded';
     prior record;
     prior_kind text;
@@ -132,7 +139,7 @@ BEGIN
     -- The key, and what it used in the window and over its life, in one statement.
     SELECT v.revoked_at, v.expires_at, v.daily_cap_micros, v.total_cap_micros,
            v.max_per_call_micros, v.max_per_caller_micros, v.dedupe_window_s, v.label,
-           w.in_window, w.in_life
+           v.max_calls_per_minute, v.rate_mode, w.in_window, w.in_life
       INTO k
       FROM vault_keys v,
            LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
@@ -142,8 +149,8 @@ BEGIN
      WHERE v.key_id = p_key_id;
     IF p_budget_id IS NOT NULL THEN
         SELECT g.revoked_at, g.expires_at, g.daily_cap_micros, g.total_cap_micros,
-               w.in_window, w.in_life
-          INTO b_revoked, b_expires, b_daily, b_total, b_window, b_life
+               g.max_calls_per_minute, g.rate_mode, w.in_window, w.in_life
+          INTO b_revoked, b_expires, b_daily, b_total, b_rate, b_rate_mode, b_window, b_life
           FROM budgets g,
                LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
                                         FILTER (WHERE bucket >= p_floor), 0) AS in_window,
@@ -228,18 +235,52 @@ BEGIN
                   AND ((b_daily IS NOT NULL AND b_window + cost > b_daily)
                     OR (b_total IS NOT NULL AND b_life + cost > b_total)) THEN
                 d := 'budget_cap_hit';
-            ELSE
-                IF p_budget_id IS NOT NULL THEN
-                    PERFORM keybrake_add_spend(p_budget_id, p_bucket, 0, cost);
+            END IF;
+        END IF;
+        -- Last, what reaches the vendor at all: the key's, then the budget's call rate.
+        IF d = 'forwarded' AND (k.max_calls_per_minute IS NOT NULL OR b_rate IS NOT NULL) THEN
+            FOR rate IN SELECT * FROM (VALUES (1, p_key_id, k.max_calls_per_minute, k.rate_mode),
+                                              (2, p_budget_id, b_rate, b_rate_mode))
+                                   AS t (n, owner, lim, mode)
+                         WHERE t.owner IS NOT NULL AND t.lim IS NOT NULL ORDER BY t.n LOOP
+                SELECT coalesce(sum(calls), 0) INTO used FROM call_rate
+                 WHERE owner_id = rate.owner AND second >= p_second - {{ rate_seconds }};
+                need := used + 1 - rate.lim;
+                CONTINUE WHEN need <= 0;
+                IF rate.mode = 'report' THEN
+                    rate_noted := true;
+                    CONTINUE;
                 END IF;
-                UPDATE spend_window SET reserved_micros = reserved_micros + cost
-                 WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
-                IF NOT FOUND THEN
-                    PERFORM keybrake_add_spend(p_key_id, p_bucket, 0, cost);
-                END IF;
-                IF k.max_per_caller_micros IS NOT NULL THEN
-                    PERFORM keybrake_add_caller_spend(p_key_id, p_caller, 0, cost);
-                END IF;
+                d := 'rate_limited';
+                -- Until the oldest calls that must leave the window have left it.
+                SELECT s.second + {{ rate_seconds }} + 1 - p_second INTO retry
+                  FROM (SELECT second, sum(calls) OVER (ORDER BY second) AS run FROM call_rate
+                         WHERE owner_id = rate.owner
+                           AND second >= p_second - {{ rate_seconds }}) s
+                 WHERE s.run >= need ORDER BY s.second LIMIT 1;
+                retry := greatest(1, coalesce(retry, {{ rate_seconds }} + 1));
+                EXIT;
+            END LOOP;
+            IF d = 'forwarded' THEN
+                INSERT INTO call_rate (owner_id, second, calls)
+                SELECT t.owner, p_second, 1
+                  FROM (VALUES (p_key_id, k.max_calls_per_minute), (p_budget_id, b_rate))
+                       AS t (owner, lim)
+                 WHERE t.owner IS NOT NULL AND t.lim IS NOT NULL
+                ON CONFLICT (owner_id, second) DO UPDATE SET calls = call_rate.calls + 1;
+            END IF;
+        END IF;
+        IF d = 'forwarded' AND cost > 0 THEN
+            IF p_budget_id IS NOT NULL THEN
+                PERFORM keybrake_add_spend(p_budget_id, p_bucket, 0, cost);
+            END IF;
+            UPDATE spend_window SET reserved_micros = reserved_micros + cost
+             WHERE owner_id = p_key_id AND bucket = p_bucket;  -- inline: hot
+            IF NOT FOUND THEN
+                PERFORM keybrake_add_spend(p_key_id, p_bucket, 0, cost);
+            END IF;
+            IF k.max_per_caller_micros IS NOT NULL THEN
+                PERFORM keybrake_add_caller_spend(p_key_id, p_caller, 0, cost);
             END IF;
         END IF;
     END IF;
@@ -253,12 +294,15 @@ BEGIN
     END IF;
     INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
                        reserved_micros, amount, currency, idempotency_key, caller_tag,
-                       budget_id)
+                       budget_id, reported)
     VALUES (p_now, p_key_id, k.label, p_vendor, p_method, p_path,
             coalesce(rep_status, {{ status_of_d }}),
             CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
             CASE WHEN d = 'forwarded' THEN cost ELSE 0 END,
-            p_amount, p_currency, p_idem, p_tag, p_budget_id)
+            p_amount, p_currency, p_idem, p_tag, p_budget_id,
+            nullif(concat_ws('; ', p_report,
+                             CASE WHEN rate_noted AND d = 'forwarded'
+                                  THEN '{{ rate_note }}' END), ''))
     RETURNING id INTO aid;
     IF d = 'forwarded' AND (p_idem IS NOT NULL OR p_dedupe) THEN
         INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
@@ -273,7 +317,11 @@ BEGIN
                forwarded_key = EXCLUDED.forwarded_key;
     END IF;
     RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body, fwd, prior_id,
-                        CASE WHEN d = 'forwarded' THEN cost ELSE 0::bigint END;
+                        CASE WHEN d = 'forwarded' THEN cost ELSE 0::bigint END,
+                        CASE WHEN d = 'rate_limited' THEN retry END,
+                        nullif(concat_ws('; ', p_report,
+                                         CASE WHEN rate_noted AND d = 'forwarded'
+                                              THEN '{{ rate_note }}' END), '');
 END
 $fn$;
 

@@ -17,7 +17,17 @@ from datetime import datetime, timedelta
 from typing import Any, Concatenate, Generic, NamedTuple, ParamSpec, TypeVar
 
 from keybrake.proxy.constraints import Constraints
-from keybrake.proxy.decisions import BUCKET, WINDOW, Decision, bucket_start, dead_reason
+from keybrake.proxy.decisions import (
+    BUCKET,
+    WINDOW,
+    Decision,
+    Rate,
+    bucket_start,
+    dead_reason,
+    over_rate,
+    rate_floor,
+    second_of,
+)
 from keybrake.proxy.decisions import window_floor as _window_floor
 from keybrake.proxy.store.records import (
     ACTIVITY_POINTS,
@@ -454,6 +464,51 @@ class SQLStore:
         return dead_reason(
             now, (found["k_revoked"] is not None, moment(found["k_expires"])), budget
         )
+
+    @writes
+    def take_call(self, key_id: str, budget_id: str | None, now: datetime) -> Op[int | None]:
+        """Count a lookup the proxy makes at a vendor with the real key against the key's and
+        its budget's call rates, as the reservation counts a forwarded call (the same rule,
+        `decisions.over_rate`, and the same lock order: the budget's row, then the key's). None
+        when counted; else the seconds until it fits, and nothing is counted."""
+        second = second_of(now)
+        rates: list[Rate] = []
+        limited: list[str] = []
+        for table, column, owner in (
+            ("budgets", "budget_id", budget_id),
+            ("vault_keys", "key_id", key_id),
+        ):
+            if owner is None:
+                continue
+            yield row("SELECT 1 FROM usage_counts WHERE owner_id = :owner FOR UPDATE", owner=owner)
+            found = yield row(
+                f"SELECT max_calls_per_minute AS lim, rate_mode FROM {table} "
+                f"WHERE {column} = :owner",
+                owner=owner,
+            )
+            if found is None or found["lim"] is None:
+                continue
+            calls = yield rows(
+                "SELECT second, calls FROM call_rate WHERE owner_id = :owner "
+                "AND second >= :floor ORDER BY second",
+                owner=owner,
+                floor=rate_floor(second),
+            )
+            counted = [(int(r["second"]), int(r["calls"])) for r in calls]
+            rates.append(Rate(found["lim"], found["rate_mode"] == "report", counted.copy))
+            limited.append(owner)
+        rates.reverse()  # the key's first, as the reservation checks them
+        refused, wait = over_rate(rates, second)
+        if refused is not None:
+            return wait
+        for owner in limited:
+            yield execute(
+                "INSERT INTO call_rate (owner_id, second, calls) VALUES (:owner, :second, 1) "
+                "ON CONFLICT (owner_id, second) DO UPDATE SET calls = call_rate.calls + 1",
+                owner=owner,
+                second=second,
+            )
+        return None
 
     @reads
     def audit(self, query: AuditFilter) -> Op[list[AuditRecord]]:
@@ -894,6 +949,7 @@ def _owner_values(owner: Owner | None) -> dict[str, str | None]:
 
 def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
     """The columns of a key's or a budget's row that both have, as inserted."""
+    rate = None if subject.constraints is None else subject.constraints.max_calls_per_minute
     return {
         "label": subject.label,
         "daily_cap_micros": subject.daily_cap_micros,
@@ -906,6 +962,12 @@ def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
         "constraints": (
             None if subject.constraints is None else json.dumps(subject.constraints.as_json())
         ),
+        # The call rate, where the ledger reads it beside the caps (fixed at issue, as the
+        # constraints it is copied from).
+        "max_calls_per_minute": rate,
+        "rate_mode": None
+        if rate is None or subject.constraints is None
+        else subject.constraints.mode,
     }
 
 
@@ -1183,6 +1245,7 @@ AUDIT_COLUMNS = (
     "latency_ms",
     "caller_tag",
     "budget_id",
+    "reported",
 )
 INSERT_AUDIT = "INSERT INTO audit ({}) VALUES ({})".format(
     ", ".join(AUDIT_COLUMNS), ", ".join(f":{c}" for c in AUDIT_COLUMNS)

@@ -32,11 +32,15 @@ import asyncpg
 from keybrake.proxy.decisions import (
     CAP_HITS,
     CUT_OFF,
+    RATE_NOTE,
+    RATE_SECONDS,
     RULE_VERSION,
     Decision,
     bucket_of,
+    bucket_start_second,
     caller_of,
     refusal_status,
+    second_of,
     window_floor,
 )
 from keybrake.proxy.errors import RulesNewer, SchemaNewer, StoreUnavailable
@@ -141,6 +145,8 @@ RESERVE_PARAMETERS = (
     ("dedupe_token", "text"),
     ("paid_object", "text"),
     ("rules", "integer"),
+    ("second", "bigint"),
+    ("report", "text"),
 )
 SETTLE_PARAMETERS = (
     ("audit_id", "bigint"),
@@ -200,6 +206,8 @@ def ledger_sql(rule_version: int = RULE_VERSION) -> str:
         "rule_version": str(int(rule_version)),
         "cut_off": _quoted(CUT_OFF),
         "cap_hits": _quoted(CAP_HITS),
+        "rate_seconds": str(RATE_SECONDS),
+        "rate_note": RATE_NOTE.replace("'", "''"),
         "status_of_d": f"CASE d {statuses} ELSE 0 END",
     }
     text = Path(__file__).with_name("ledger.sql").read_text()
@@ -429,6 +437,8 @@ class PostgresStore(SQLStore):
                     r.dedupe_token if r.dedupe else None,
                     r.paid_object,
                     self.rule_version,
+                    second_of(r.now),
+                    r.report,
                 )
             )
         except StoreUnavailable as exc:
@@ -448,6 +458,8 @@ class PostgresStore(SQLStore):
             row["o_forward_key"],
             row["o_prior_audit_id"],
             row["o_reserved"],
+            row["o_retry_after"],
+            row["o_reported"],
         )
 
     async def settle(self, s: Settlement) -> None:
@@ -526,8 +538,12 @@ class PostgresStore(SQLStore):
     async def compact_spend(self, before_bucket: int) -> int:
         async def op(c: asyncpg.Connection) -> int:
             async with c.transaction():
-                # Marks out of the window offset nothing (keybrake_reserve).
+                # Marks out of the window offset nothing (keybrake_reserve); calls older than a
+                # rate's window count against none.
                 await c.execute("DELETE FROM paid_for WHERE bucket < $1", before_bucket)
+                await c.execute(
+                    "DELETE FROM call_rate WHERE second < $1", bucket_start_second(before_bucket)
+                )
                 moved = await c.fetch(
                     "DELETE FROM spend_window WHERE bucket > 0 AND bucket < $1 "
                     "RETURNING owner_id, settled_micros, reserved_micros",

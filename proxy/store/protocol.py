@@ -144,6 +144,11 @@ class Store(Protocol):
         authority."""
         ...
 
+    async def take_call(self, key_id: str, budget_id: str | None, now: datetime) -> int | None:
+        """Count a lookup at a vendor against the key's and its budget's call rates (rule 8 of
+        `keybrake.proxy.decisions`): None when counted, else the seconds until it fits."""
+        ...
+
     async def alert_levels(self, now: datetime) -> list[records.AlertLevel]:
         """Every live key and budget with a cap, and its spend against it."""
         ...

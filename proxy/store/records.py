@@ -400,6 +400,8 @@ class Reservation:
     # The vendor object this call moves money of, when its payer may have paid for it already:
     # `cost_micros` is then offset by the payer's marks on it within the window (re-dated).
     paid_object: str | None = None
+    # A report-only constraint's refusal that did not happen, for its audit row.
+    report: str | None = None
 
     @property
     def dedupe_token(self) -> str:
@@ -416,6 +418,8 @@ class Admission:
     prior_audit_id: int | None = None  # the earlier call an `outcome_unknown` refusal names
     # What was reserved: the cost, less the payer's offset for a `paid_object`.
     reserved_micros: int = 0
+    retry_after: int | None = None  # `rate_limited`: seconds until the call fits
+    reported: str | None = None  # the audit row's note of what report-only policies saw
 
 
 @dataclass(slots=True)
@@ -464,6 +468,8 @@ class AuditRecord:
     vendor_request_id: str | None = None
     idempotency_key: str | None = None
     latency_ms: float | None = None
+    # What a report-only policy would have refused the call for (it went ahead), else None.
+    reported: str | None = None
     id: int | None = None
 
 

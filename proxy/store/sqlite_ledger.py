@@ -18,11 +18,16 @@ from keybrake.proxy.decisions import (
     Caps,
     Decision,
     Prior,
+    Rate,
     admit,
     bucket_of,
+    bucket_start_second,
     caller_of,
     offset_cost,
+    rate_floor,
     refusal_status,
+    report_note,
+    second_of,
     settle_amounts,
     window_floor,
 )
@@ -127,6 +132,33 @@ def _count_call(conn: sqlite3.Connection, owner_id: str) -> None:
     )
 
 
+def _rate(
+    conn: sqlite3.Connection, owner_id: str | None, limit: int | None, mode: str | None, now: int
+) -> list[Rate]:
+    """A key's or budget's call rate, when it has one (`decisions.Rate`)."""
+    if owner_id is None or limit is None:
+        return []
+
+    def calls() -> list[tuple[int, int]]:
+        found = conn.execute(
+            "SELECT second, calls FROM call_rate WHERE owner_id = ? AND second >= ? "
+            "ORDER BY second",
+            (owner_id, rate_floor(now)),
+        ).fetchall()
+        return [(int(second), int(count)) for second, count in found]
+
+    return [Rate(limit, mode == "report", calls)]
+
+
+def count_calls(conn: sqlite3.Connection, owners: list[str], now: int) -> None:
+    """One more call at a vendor for each owner whose rate counts it, in this second."""
+    conn.executemany(
+        "INSERT INTO call_rate (owner_id, second, calls) VALUES (?, ?, 1) "
+        "ON CONFLICT (owner_id, second) DO UPDATE SET calls = calls + 1",
+        [(owner, now) for owner in owners],
+    )
+
+
 def _caps(
     conn: sqlite3.Connection, row: tuple[Any, ...] | None, owner_id: str, floor: int, now: datetime
 ) -> Caps:
@@ -150,16 +182,23 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     # Revocation, expiry and caps are read here, inside the transaction, never from a cache.
     row = conn.execute(
         "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, max_per_call_micros, "
-        "max_per_caller_micros, dedupe_window_s FROM vault_keys WHERE key_id = ?",
+        "max_per_caller_micros, dedupe_window_s, max_calls_per_minute, rate_mode "
+        "FROM vault_keys WHERE key_id = ?",
         (key_id,),
     ).fetchone()
     budget_row = None
     if budget_id is not None:
         budget_row = conn.execute(
-            "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros FROM budgets "
-            "WHERE budget_id = ?",
+            "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, "
+            "max_calls_per_minute, rate_mode FROM budgets WHERE budget_id = ?",
             (budget_id,),
         ).fetchone()
+    second = second_of(r.now)
+    rates = []
+    if row is not None:
+        rates += _rate(conn, key_id, row[7], row[8], second)
+    if budget_row is not None:
+        rates += _rate(conn, budget_id, budget_row[4], budget_row[5], second)
     by_key = by_fingerprint = None
     if row is not None and r.idempotency_key:
         by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
@@ -176,7 +215,9 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
         now=r.now,
         key=_caps(conn, row[:4] if row else None, key_id, floor, r.now),
         budget=(
-            _caps(conn, budget_row, budget_id, floor, r.now) if budget_id is not None else None
+            _caps(conn, budget_row[:4] if budget_row else None, budget_id, floor, r.now)
+            if budget_id is not None
+            else None
         ),
         by_key=by_key,
         by_fingerprint=by_fingerprint,
@@ -186,9 +227,16 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
         max_per_call_micros=row[4] if row else None,
         max_per_caller_micros=row[5] if row else None,
         caller_used=lambda: _caller_spent(conn, key_id, r.caller),
+        rates=rates,
     )
     decision = admitted.decision
     forwarded = decision is Decision.FORWARDED
+    if forwarded and rates:
+        limited = [key_id] if row is not None and row[7] is not None else []
+        if budget_row is not None and budget_row[4] is not None and budget_id is not None:
+            limited.append(budget_id)
+        count_calls(conn, limited, second)
+    reported = report_note(r.report, admitted.reported)
     tracks_caller = row is not None and row[5] is not None
     if forwarded and paid:
         _redate(conn, r, paid, bucket)
@@ -225,6 +273,7 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             idempotency_key=r.idempotency_key,
             caller_tag=r.caller_tag,
             budget_id=budget_id,
+            reported=reported,
         ),
     )
     forward_key = admitted.forward_key or r.forward_key
@@ -244,7 +293,14 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             ],
         )
     return Admission(
-        decision, audit_id, replay, forward_key, admitted.prior_audit_id, admitted.reserve_micros
+        decision,
+        audit_id,
+        replay,
+        forward_key,
+        admitted.prior_audit_id,
+        admitted.reserve_micros,
+        admitted.retry_after,
+        reported,
     )
 
 
@@ -389,7 +445,9 @@ def compact_spend(conn: sqlite3.Connection, before_bucket: int) -> int:
         "reserved_micros = reserved_micros + excluded.reserved_micros",
         (before_bucket,),
     )
-    # Marks out of the window offset nothing (`_paid_marks`).
+    # Marks out of the window offset nothing (`_paid_marks`); calls older than a rate's window
+    # count against none (`decisions.RATE_SECONDS`).
     conn.execute("DELETE FROM paid_for WHERE bucket < ?", (before_bucket,))
+    conn.execute("DELETE FROM call_rate WHERE second < ?", (bucket_start_second(before_bucket),))
     cur = conn.execute("DELETE FROM spend_window WHERE bucket > 0 AND bucket < ?", (before_bucket,))
     return int(cur.rowcount)

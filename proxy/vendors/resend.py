@@ -74,6 +74,7 @@ _NAMES = {
     "keybrake_caller_cap_exceeded": "daily_quota_exceeded",
     "keybrake_total_cap_exceeded": "daily_quota_exceeded",
     "keybrake_budget_exceeded": "daily_quota_exceeded",
+    "keybrake_rate_limited": "rate_limit_exceeded",
     "idempotency_key_in_use": "concurrent_idempotent_requests",
     "idempotency_error": "invalid_idempotent_request",
     "keybrake_ambiguous_request": "validation_error",

@@ -400,6 +400,11 @@ def test_a_custom_proxy_and_secret_reach_both_steps() -> None:
         ({"allowed_endpoints": []}, "non-empty"),
         ({"allowed_endpoints": "POST /v1/charges"}, "a list such as"),
         ({"expires_in": "2 hours"}, "duration such as"),
+        ({"constraints": {"recipients": ["+4420*"]}}, "recipients: not a stripe constraint"),
+        ({"constraints": {"customers": ["bob"]}}, "'bob' is not a Stripe customer id"),
+        ({"constraints": {}}, "constrain at least one of"),
+        ({"constraints": {"customers": ["cus_1"], "mode": "dry"}}, "enforce or report"),
+        ({"constraints": '{"customers": ["cus_1"]}'}, "a mapping such as"),
     ],
 )
 def test_bad_issue_arguments_are_refused_clearly(options: dict[str, Any], message: str) -> None:
@@ -417,6 +422,7 @@ def test_bad_issue_arguments_are_refused_clearly(options: dict[str, Any], messag
         ({"total_usd_cap": 5, "expires_in": "a day"}, {}, "duration such as"),
         (None, {}, "needs daily_usd_cap .* or total_usd_cap .* or a budget="),
         ({"total_usd_cap": 5}, {"max_usd_per_caller": 0}, "positive dollar amount"),
+        ({"total_usd_cap": 5, "constraints": {"payees": ["x"]}}, {}, "unknown field 'payees'"),
     ],
 )
 def test_bad_budget_arguments_are_refused_clearly(
@@ -426,6 +432,63 @@ def test_bad_budget_arguments_are_refused_clearly(
         with Workflow(generate_name="t-", entrypoint="main"), DAG(name="main"):
             run_budget = issue_budget(**budget) if budget is not None else None
             issue_vault_key(vendor="stripe", allowed_endpoints=STRIPE, budget=run_budget, **key)
+
+
+def arguments_of(document: dict[str, Any], task: str) -> dict[str, str]:
+    found = next(t for t in template(document, "main")["dag"]["tasks"] if t["name"] == task)
+    return {p["name"]: p["value"] for p in found["arguments"]["parameters"]}
+
+
+def test_constraints_reach_the_issue_and_budget_steps_only_when_given(
+    catalog: list[dict[str, Any]],
+) -> None:
+    """Checked as the proxy checks them when written out (a budget's may name any vendor's
+    fields, a key's only its own vendor's), passed as JSON, an expression as it is; without them
+    no `constraints` argument at all, so a workflow runs against an older installed template."""
+    key_constraints = {"customers": ["cus_1", "cus_2"], "currencies": ["usd"], "mode": "report"}
+    submitted = [Parameter(name="vendor", value="twilio"), Parameter(name="constraints", value="")]
+    with Workflow(generate_name="t-", entrypoint="main", arguments=submitted) as w:
+        with DAG(name="main"):
+            budget = issue_budget(
+                total_usd_cap=50,
+                constraints={"recipients": ["+4420*"], "recipient_domains": ["example.com"]},
+                templates=SharedTemplates(),
+            )
+            issue_vault_key(
+                vendor="stripe",
+                budget=budget,
+                allowed_endpoints=STRIPE,
+                constraints=key_constraints,
+                templates=SharedTemplates(),
+            )
+            issue_vault_key(
+                vendor="{{workflow.parameters.vendor}}",  # any vendor's fields, checked at issue
+                daily_usd_cap=5,
+                allowed_endpoints=STRIPE,
+                constraints="{{workflow.parameters.constraints}}",
+                name="chosen-at-submit",
+            )
+        revoke_on_exit(w, budget)
+    document = w.to_dict()
+    assert schema.all_errors(document) == []
+    assert problems(document, Catalog(catalog)) == []
+    assert json.loads(arguments_of(document, "issue-budget")["constraints"]) == {
+        "recipients": ["+4420*"],
+        "recipient_domains": ["example.com"],
+    }
+    assert json.loads(arguments_of(document, "issue-vault-key")["constraints"]) == key_constraints
+    assert arguments_of(document, "chosen-at-submit")["constraints"] == (
+        "{{workflow.parameters.constraints}}"
+    )
+    inline = template(document, "keybrake-issue")
+    assert {"name": "KEYBRAKE_CONSTRAINTS", "value": "{{inputs.parameters.constraints}}"} in (
+        inline["script"]["env"]
+    )
+
+    without = budget_run(SharedTemplates())
+    for task in ("issue-budget", "stripe-key", "resend-key"):
+        assert "constraints" not in arguments_of(without, task), task
+    assert "constraints" not in arguments_of(build(), "issue-vault-key")
 
 
 def budget_run(templates: SharedTemplates | None = None) -> dict[str, Any]:

@@ -9,14 +9,18 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from argocheck.semantics import Catalog, problems
 from argocheck.simulator import Pod, Run, Simulator
 from fake_keybrake import FakeKeybrake, serve
 from hera.workflows import DAG, Workflow
+from ruamel.yaml import YAML
 
+from keybrake.adopt.wrap import WrapOptions, wrap_text
 from keybrake.hera_workflows import (
     SharedTemplates,
     fan_out,
@@ -96,6 +100,7 @@ def test_a_succeeded_fanout_run(
         "cluster": "default",
     }
     assert fake.requests[0].body["agent_run_label"] == "argo/wf-sim"
+    assert "constraints" not in fake.requests[0].body  # the parameter's default: none
     pods = run.pods_of("run-pod")
     assert len(pods) == 3
     vault_key = fake.keys["vk_1"]["vault_key"]
@@ -249,6 +254,15 @@ def test_the_billing_agent_example_runs(
     assert fake.keys["vk_1"]["status"] == "revoked"
 
 
+LOCAL_PROXY = "http://keybrake.keybrake.svc.cluster.local:8080"
+
+
+def pointed_at(document: dict[str, Any], fake: FakeKeybrake) -> dict[str, Any]:
+    """`document` with the default proxy URL replaced by the stand-in's."""
+    found: dict[str, Any] = json.loads(json.dumps(document).replace(LOCAL_PROXY, fake.url))
+    return found
+
+
 def test_a_workflow_using_the_shared_templates_runs(
     fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, catalog: list[dict[str, Any]]
 ) -> None:
@@ -262,19 +276,8 @@ def test_a_workflow_using_the_shared_templates_runs(
             )
             fan_out(key, "charge", image=IMAGE, with_items=["x", "y"])
         revoke_on_exit(w, key)
-    document = w.to_dict()
-    installed = []
-    for template in catalog:
-        template = json.loads(
-            json.dumps(template).replace(
-                "http://keybrake.keybrake.svc.cluster.local:8080", fake.url
-            )
-        )
-        installed.append(template)
-    document = json.loads(
-        json.dumps(document).replace("http://keybrake.keybrake.svc.cluster.local:8080", fake.url)
-    )
-    run = simulator(installed, tmp_path, cluster).run(document)
+    installed = [pointed_at(t, fake) for t in catalog]
+    run = simulator(installed, tmp_path, cluster).run(pointed_at(w.to_dict(), fake))
 
     assert run.phase == "Succeeded"
     assert len(run.pods_of("issue")) == len(run.pods_of("revoke")) == 1
@@ -302,10 +305,8 @@ def test_a_run_budget_through_the_shared_templates_runs(
                 )
                 fan_out(key, f"{vendor}-calls", image=IMAGE, with_items=["x"])
         revoke_on_exit(w, budget)
-    local = "http://keybrake.keybrake.svc.cluster.local:8080"
-    installed = [json.loads(json.dumps(t).replace(local, fake.url)) for t in catalog]
-    document = json.loads(json.dumps(w.to_dict()).replace(local, fake.url))
-    run = simulator(installed, tmp_path, cluster).run(document)
+    installed = [pointed_at(t, fake) for t in catalog]
+    run = simulator(installed, tmp_path, cluster).run(pointed_at(w.to_dict(), fake))
 
     assert run.phase == "Succeeded"
     assert [(r.method, r.path) for r in fake.requests] == [
@@ -323,6 +324,149 @@ def test_a_run_budget_through_the_shared_templates_runs(
     assert run.outputs["keybrake_spend_summary"].startswith(
         "keybrake: budget bg_1 revoked with its 2 key(s): spent $0.00 of $25.00 cap"
     )
+
+
+def test_a_fanout_run_passes_its_constraints_parameter_to_the_proxy(
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    documents: dict[str, Any],
+) -> None:
+    constraints = {"customers": ["cus_1"], "currencies": ["usd"], "mode": "enforce"}
+    parameters = fanout_parameters(fake, ["a"], constraints=json.dumps(constraints))
+    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
+
+    assert run.phase == "Succeeded"
+    assert fake.requests[0].path == "/vault/keys"
+    assert fake.requests[0].body["constraints"] == constraints
+    [issue] = run.pods_of("keybrake-issue")
+    assert "constrained by currencies, customers" in issue.stdout
+
+
+def constraints_run(templates: SharedTemplates, constraints: bool) -> dict[str, Any]:
+    """A run budget and a Stripe key drawing on it, through the installed templates; with
+    `constraints`, each has its own."""
+    with Workflow(name="constrained", entrypoint="main") as w:
+        with DAG(name="main"):
+            budget = issue_budget(
+                total_usd_cap=25,
+                constraints={"recipient_domains": ["example.com"]} if constraints else None,
+                templates=templates,
+            )
+            key = issue_vault_key(
+                vendor="stripe",
+                budget=budget,
+                allowed_endpoints=["POST /v1/payment_intents"],
+                constraints={"customers": ["cus_1"], "mode": "report"} if constraints else None,
+                templates=templates,
+            )
+            fan_out(key, "charge", image=IMAGE, with_items=["x"])
+        revoke_on_exit(w, budget)
+    return w.to_dict()
+
+
+def test_constraints_reach_the_proxy_through_the_installed_templates(
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, catalog: list[dict[str, Any]]
+) -> None:
+    installed = [pointed_at(t, fake) for t in catalog]
+    document = pointed_at(constraints_run(SharedTemplates(cluster_scope=True), True), fake)
+    run = simulator(installed, tmp_path, cluster).run(document)
+
+    assert run.phase == "Succeeded"
+    sent = {r.path: r.body for r in fake.requests if r.method == "POST"}
+    assert sent["/vault/budgets"]["constraints"] == {"recipient_domains": ["example.com"]}
+    assert sent["/vault/keys"]["constraints"] == {"customers": ["cus_1"], "mode": "report"}
+
+
+def installed_before_constraints(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` as a release before the `constraints` input installed it."""
+    for template in document["spec"]["templates"]:
+        inputs = template.get("inputs", {}).get("parameters", [])
+        template.setdefault("inputs", {})["parameters"] = [
+            p for p in inputs if p["name"] != "constraints"
+        ]
+        if "script" in template:
+            env = template["script"]["env"]
+            template["script"]["env"] = [e for e in env if e["name"] != "KEYBRAKE_CONSTRAINTS"]
+    return document
+
+
+def test_a_run_without_constraints_still_runs_on_templates_installed_before_them(
+    fake: FakeKeybrake, cluster: FakeCluster, tmp_path: Path, catalog: list[dict[str, Any]]
+) -> None:
+    """The building blocks pass `constraints` only when given: a workflow not using them
+    resolves and runs against a keybrake-vault-key installed before the input existed."""
+    older = [installed_before_constraints(pointed_at(t, fake)) for t in catalog]
+    document = pointed_at(constraints_run(SharedTemplates(cluster_scope=True), False), fake)
+    assert problems(document, Catalog(older)) == []
+    run = simulator(older, tmp_path, cluster).run(document)
+
+    assert run.phase == "Succeeded"
+    assert [(r.method, r.path) for r in fake.requests][:2] == [
+        ("POST", "/vault/budgets"),
+        ("POST", "/vault/keys"),
+    ]
+    assert not any("constraints" in (r.body or {}) for r in fake.requests)
+    # A run with constraints needs this release's templates: Argo would drop the argument an
+    # older one does not declare (and issue without them); the offline checks refuse it.
+    constrained = pointed_at(constraints_run(SharedTemplates(cluster_scope=True), True), fake)
+    assert [p for p in problems(constrained, Catalog(older)) if "constraints" in p] == [
+        f"templates.main.tasks.{task}: passes 'constraints', which the template does not take"
+        for task in ("issue-budget", "issue-vault-key")
+    ]
+
+
+def before_wrap(vendors: list[str]) -> str:
+    """A workflow whose one step per vendor reads that vendor's key from a Secret."""
+    variables = {"stripe": "STRIPE_SECRET_KEY", "resend": "RESEND_API_KEY"}
+    tasks = "".join(f"      - {{name: {v}, template: {v}}}\n" for v in vendors)
+    templates = "".join(
+        f"  - name: {v}\n"
+        f"    container:\n"
+        f"      image: {IMAGE}\n"
+        f"      env:\n"
+        f"      - name: {variables[v]}\n"
+        f"        valueFrom: {{secretKeyRef: {{name: {v}, key: api_key}}}}\n"
+        for v in vendors
+    )
+    return (
+        "apiVersion: argoproj.io/v1alpha1\nkind: Workflow\nmetadata:\n  name: orders\n"
+        "spec:\n  entrypoint: main\n  templates:\n  - name: main\n    dag:\n      tasks:\n"
+        f"{tasks}{templates}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("vendors", "holder"),
+    [(["stripe"], "/vault/keys"), (["stripe", "resend"], "/vault/budgets")],
+    ids=["its-key", "its-budget"],
+)
+def test_wrap_constraints_reach_the_proxy_on_what_holds_the_runs_cap(
+    fake: FakeKeybrake,
+    cluster: FakeCluster,
+    tmp_path: Path,
+    catalog: list[dict[str, Any]],
+    vendors: list[str],
+    holder: str,
+) -> None:
+    """`keybrake wrap --constraint`: the wrapped run's one key, or (several vendors) its budget,
+    is issued with the constraints, through the installed keybrake-vault-key."""
+    constraints = {"customers": ["cus_1"], "mode": "report"}
+    if "resend" in vendors:
+        constraints["recipient_domains"] = ["example.com"]
+    options = WrapOptions(budget_usd=Decimal("30"), proxy_url=fake.url, constraints=constraints)
+    wrapped = wrap_text(before_wrap(vendors), options)
+    assert wrapped.vendors == sorted(vendors)
+    run = simulator(catalog, tmp_path, cluster).run(YAML(typ="safe").load(wrapped.text))
+
+    assert run.phase == "Succeeded"
+    posted = [(r.path, r.body) for r in fake.requests if r.method == "POST"]
+    assert sorted(path for path, _ in posted) == sorted(
+        ["/vault/keys"] * len(vendors) + (["/vault/budgets"] if len(vendors) > 1 else [])
+    )
+    for path, body in posted:
+        assert body.get("constraints") == (constraints if path == holder else None), path
 
 
 def test_dependent_variables_expand_as_kubernetes_does() -> None:

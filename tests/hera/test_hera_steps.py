@@ -131,6 +131,12 @@ def test_issue_fails_a_4xx_with_the_servers_message_and_exit_77(
         ),
         ({"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_TOTAL_USD_CAP": "0"}, "positive dollar amount"),
         ({"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_DAILY_USD_CAP": "Infinity"}, "positive dollar"),
+        ({"KEYBRAKE_CONSTRAINTS": "customers=cus_1"}, "KEYBRAKE_CONSTRAINTS must be a JSON object"),
+        ({"KEYBRAKE_CONSTRAINTS": '["cus_1"]'}, 'must be a JSON object such as {"customers"'),
+        (
+            {"KEYBRAKE_ISSUE": "budget", "KEYBRAKE_CONSTRAINTS": "null"},
+            "cannot issue a budget: KEYBRAKE_CONSTRAINTS must be a JSON object",
+        ),
     ],
 )
 def test_issue_refuses_bad_inputs_before_calling(
@@ -310,6 +316,39 @@ def test_issue_budget_posts_the_request_and_writes_its_id(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["budget_id"]
     assert (tmp_path / "budget_id").read_text() == "bg_1"
     assert "issued bg_1 caps $300.00 total" in capsys.readouterr().out
+
+
+# What the template's `constraints` input holds (a literal, or a workflow parameter Argo filled in).
+CONSTRAINTS = '{"customers": ["cus_1", "cus_2"], "currencies": ["usd"], "mode": "report"}'
+
+
+@pytest.mark.parametrize(
+    ("env_of", "path"),
+    [(issue_env, "/vault/keys"), (budget_env, "/vault/budgets")],
+    ids=["key", "budget"],
+)
+def test_the_constraints_input_is_sent_unchanged_and_only_when_given(
+    fake: FakeKeybrake,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    env_of: Any,
+    path: str,
+) -> None:
+    given = env_of(fake.url, tmp_path / "given", KEYBRAKE_CONSTRAINTS=f"  {CONSTRAINTS}\n")
+    assert _step_issue.main(given, Sleeps()) == 0
+    request = fake.requests[-1]
+    assert request.path == path
+    assert request.body["constraints"] == json.loads(CONSTRAINTS)  # as given: the proxy checks it
+    assert "constrained by currencies, customers (report only)" in capsys.readouterr().out
+    # Empty (the template's default), unresolved or missing: the request has no such field, as
+    # before the input existed.
+    for value in ("", "  ", "{{inputs.parameters.constraints}}", None):
+        env = env_of(fake.url, tmp_path / "empty", KEYBRAKE_CONSTRAINTS=value or "")
+        if value is None:
+            del env["KEYBRAKE_CONSTRAINTS"]
+        assert _step_issue.main(env, Sleeps()) == 0
+        assert "constraints" not in fake.requests[-1].body
+        assert "constrained" not in capsys.readouterr().out
 
 
 def test_revoke_revokes_the_budget_and_so_every_key_on_it(

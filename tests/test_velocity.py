@@ -1,0 +1,158 @@
+"""Call rates (`max_calls_per_minute`) and report-only policies, through the app in-process with
+an injectable clock: what reaches the vendor, the 429 a pod waits on, and what a report-only
+policy leaves in the audit log and the metrics."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from tests.inproc import Clock, StubUpstream, app_client, issue
+from tests.proxyproc import ADMIN_KEY
+
+INTENT = {"amount": "100", "currency": "usd"}
+_calls = itertools.count()
+
+
+def charge(client: TestClient, vault_key: str, **form: str) -> httpx.Response:
+    """A PaymentIntent of its own (identical ones within the dedupe window would be replays)."""
+    response: httpx.Response = client.post(
+        "/stripe/v1/payment_intents",
+        data={**INTENT, "description": f"call {next(_calls)}", **form},
+        headers={"Authorization": f"Bearer {vault_key}"},
+    )
+    return response
+
+
+def audit(client: TestClient, key_id: str) -> list[dict[str, Any]]:
+    """The key's audit rows, oldest first."""
+    rows = client.get("/vault/audit", params={"key_id": key_id}).json()["data"]
+    return list(rows)[::-1]
+
+
+def reports(client: TestClient, decision: str) -> float:
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    found = re.search(
+        rf'keybrake_policy_reports_total\{{decision="{decision}",vendor="stripe"\}} (\S+)', text
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_full_rate_is_a_429_to_wait_on_never_a_cap_hit(tmp_path: Path) -> None:
+    clock, vendor = Clock(), StubUpstream()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        key = issue(client, constraints={"max_calls_per_minute": 3})
+        assert key["constraints"] == {"mode": "enforce", "max_calls_per_minute": 3}
+        for _ in range(3):
+            assert charge(client, key["vault_key"]).status_code == 200
+        refused = charge(client, key["vault_key"])
+        assert refused.status_code == 429
+        assert refused.headers["X-Keybrake-Rate-Limited"] == "true"
+        assert refused.headers["Retry-After"] == "61"  # the three leave the window together
+        assert refused.headers["X-Keybrake-Code"] == "keybrake_rate_limited"
+        assert "X-Keybrake-Cap-Hit" not in refused.headers
+        assert refused.json()["error"]["code"] == "keybrake_rate_limited"
+        clock.advance(seconds=60)  # still inside: the window is this second and the 60 before
+        assert charge(client, key["vault_key"]).headers["Retry-After"] == "1"
+        clock.advance(seconds=1)
+        assert charge(client, key["vault_key"]).status_code == 200
+        assert len(vendor.sent) == 4
+        rows = audit(client, key["key_id"])
+        assert [row["decision"] for row in rows].count("rate_limited") == 2
+        limited = [row for row in rows if row["decision"] == "rate_limited"]
+        assert all(row["reserved_usd"] == "0.00" and row["status"] == 429 for row in limited)
+        info = client.get(f"/vault/keys/{key['key_id']}").json()
+        assert info["spent_usd"] == "4.00" and info["cap_hits"] == 0
+
+
+def test_the_proxys_own_lookups_take_a_place_in_the_rate(tmp_path: Path) -> None:
+    """A confirm is two calls at the vendor: the lookup of the intent's amount, then the
+    confirm itself."""
+    clock, vendor = Clock(), StubUpstream()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        key = issue(
+            client,
+            allowed_endpoints=["POST /v1/payment_intents/*/confirm"],
+            constraints={"max_calls_per_minute": 3},
+        )
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+
+        def confirm(intent: str) -> httpx.Response:
+            answer: httpx.Response = client.post(
+                f"/stripe/v1/payment_intents/{intent}/confirm", headers=auth
+            )
+            return answer
+
+        assert confirm("pi_a").status_code == 200
+        second = confirm("pi_b")  # its lookup fits; its confirm does not
+        assert second.status_code == 429 and second.headers["Retry-After"] == "61"
+        assert [method for method, *_ in vendor.sent] == ["GET", "POST", "GET"]
+        third = confirm("pi_c")  # now its lookup is refused: nothing is sent
+        assert third.status_code == 429 and len(vendor.sent) == 3
+        assert [row["decision"] for row in audit(client, key["key_id"])] == [
+            "forwarded",
+            "rate_limited",
+            "rate_limited",
+        ]
+
+
+def test_a_report_only_rate_forwards_everything_and_says_what_it_would_have_refused(
+    tmp_path: Path,
+) -> None:
+    clock, vendor = Clock(), StubUpstream()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        key = issue(client, constraints={"max_calls_per_minute": 1, "mode": "report"})
+        assert [charge(client, key["vault_key"]).status_code for _ in range(3)] == [200] * 3
+        assert len(vendor.sent) == 3
+        notes = [row["reported"] for row in audit(client, key["key_id"])]
+        assert notes == [None] + ["rate_limited: over max_calls_per_minute"] * 2
+        assert reports(client, "rate_limited") == 2
+
+
+def test_report_only_constraints_forward_and_audit_each_would_be_refusal(tmp_path: Path) -> None:
+    clock, vendor = Clock(), StubUpstream()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        key = issue(client, constraints={"customers": ["cus_1"], "mode": "report"})
+        assert charge(client, key["vault_key"], customer="cus_1").status_code == 200
+        assert charge(client, key["vault_key"], customer="cus_2").status_code == 200
+        assert charge(client, key["vault_key"]).status_code == 200  # no customer: unreadable
+        assert len(vendor.sent) == 3
+        rows = audit(client, key["key_id"])
+        assert [row["decision"] for row in rows] == ["forwarded"] * 3
+        assert [row["reported"] for row in rows] == [
+            None,
+            "constraint_violated: customers: 'cus_2' is not allowed",
+            "constraint_violated: customers: POST /v1/payment_intents names no customer",
+        ]
+        assert reports(client, "constraint_violated") == 2
+        enforced = issue(client, constraints={"customers": ["cus_1"]})
+        assert charge(client, enforced["vault_key"], customer="cus_2").status_code == 403
+        assert len(vendor.sent) == 3
+
+
+@pytest.mark.parametrize("mode", ["enforce", "report"])
+def test_report_mode_changes_no_outcome_but_the_refusals_it_reports(
+    tmp_path: Path, mode: str
+) -> None:
+    """The same calls under one policy enforced and reported: every call that the enforced
+    policy admits, the reported one admits alike (and settles alike); the rest it forwards."""
+    clock, vendor = Clock(), StubUpstream()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        policy = {"customers": ["cus_1"], "max_calls_per_minute": 2, "mode": mode}
+        key = issue(client, daily_usd_cap=3, constraints=policy)
+        statuses = [
+            charge(client, key["vault_key"], customer=customer).status_code
+            for customer in ("cus_1", "cus_9", "cus_1", "cus_1", "cus_1")
+        ]
+        if mode == "enforce":
+            assert statuses == [200, 403, 200, 429, 429]
+        else:
+            assert statuses == [200, 200, 200, 429, 429]  # the daily cap ($3) is not reported
+        info = client.get(f"/vault/keys/{key['key_id']}").json()
+        assert info["spent_usd"] == ("2.00" if mode == "enforce" else "3.00")
