@@ -353,7 +353,7 @@ class Caller:
         self,
         *,
         exit_on_refusal: bool = True,
-        max_wait: float = 60.0,
+        max_wait: float = 61.0,  # a call rate frees a place at most 61 s after a call
         max_waits: int = 30,
         max_total_wait: float = 900.0,
         default_wait: float = 5.0,

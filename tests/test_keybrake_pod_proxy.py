@@ -120,3 +120,30 @@ def test_resend_cap_hits_end_the_pod_and_watched_refusals_too(
     assert "refused (HTTP 403, keybrake_endpoint_not_allowed)" in said
     decisions = [row["decision"] for row in audit(vendor_proxy, key["key_id"])]
     assert decisions.count("endpoint_denied") == 2 and decisions.count("cap_hit") == 1
+
+
+def test_a_full_call_rate_is_waited_out_as_its_retry_after_says(
+    vendor_proxy: ServedProxy, fake_stripe: FakeStripe
+) -> None:
+    """The proxy's own 429 for a call rate: the helper waits its Retry-After (never exits 77)
+    and sends the same call again; past its bound, the SDK's error is raised as it was."""
+    key = vendor_proxy.issue(
+        vendor="stripe",
+        daily_usd_cap=10,
+        allowed_endpoints=["POST /v1/payment_intents"],
+        agent_run_label="argo/rate-run",
+        constraints={"max_calls_per_minute": 1},
+    )
+    client = stripe.StripeClient(
+        key["vault_key"], base_addresses={"api": vendor_proxy.url + "/stripe"}
+    )
+    create = client.v1.payment_intents.create
+    waits: list[float] = []
+    caller = pod.Caller(sleep=waits.append, max_waits=2, stream=io.StringIO())
+    caller.call(create, params={"amount": 100, "currency": "usd"})
+    with pytest.raises(stripe.RateLimitError) as raised:
+        caller.call(create, params={"amount": 200, "currency": "usd"})
+    assert raised.value.headers is not None
+    assert raised.value.headers["X-Keybrake-Rate-Limited"] == "true"
+    assert len(waits) == 2 and all(1 <= wait <= 61 for wait in waits)
+    assert fake_stripe.count("POST", "/v1/payment_intents") == 1
