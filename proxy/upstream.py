@@ -74,9 +74,16 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 # What a request's head may hold, checked once over the whole head (and its line count): a
 # method token, a target without spaces or control characters, then `name: value` lines (token
-# names, values without CR, LF or NUL). Nothing the workload sent can split the request.
+# names, values of latin-1 characters but CR, LF and NUL). Nothing the workload sent can split
+# the request, and the head is then written as latin-1 without a UnicodeEncodeError (which
+# would carry the whole head, the vendor secret included, as its `.object`).
 _NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # an RFC 9110 token
-_HEAD = re.compile(rf"{_NAME} [!-~\x80-\xff]+ HTTP/1\.1\r\n(?:{_NAME}: [^\r\n\0]*\r\n)*\r\n")
+_VALUE = r"[^\r\n\0\u0100-\U0010ffff]*"
+_HEAD = re.compile(rf"{_NAME} [!-~\x80-\xff]+ HTTP/1\.1\r\n(?:{_NAME}: {_VALUE}\r\n)*\r\n")
+
+# The most an answer's head (status line and headers, interim answers before it included) may
+# take: llhttp has no limit of its own, and httptools gathers a header's pieces as they come.
+HEAD_LIMIT = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,32 @@ def proxy_for(url: str, configured: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class _Proxy:
+    """A CONNECT proxy as its http:// URL says: where it listens, and its credentials."""
+
+    host: str
+    port: int
+    authorization: str  # a `Proxy-Authorization` line, or ""
+
+
+def _proxy(url: str) -> _Proxy:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if parts.scheme != "http" or not parts.hostname or not port:
+        # An https:// proxy would be sent a plaintext CONNECT (its password in the clear) on
+        # the port where it speaks TLS. The URL is not shown: it may hold that password.
+        raise UpstreamError("the CONNECT proxy is not an http://host:port URL")
+    authorization = ""
+    if parts.username is not None:
+        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = f"Proxy-Authorization: Basic {base64.b64encode(user.encode()).decode()}\r\n"
+    return _Proxy(parts.hostname, port, authorization)
+
+
+@dataclass(frozen=True, slots=True)
 class _Origin:
     """Where calls to one scheme://host:port go, decided once."""
 
@@ -113,7 +146,7 @@ class _Origin:
     tls: bool
     host_header: str  # the Host header's value
     authority: str  # host:port, as a CONNECT request names it
-    proxy: str | None  # a CONNECT proxy's http:// URL
+    proxy: _Proxy | None
 
 
 def _origin(origin: str, configured_proxy: str | None) -> _Origin:
@@ -130,7 +163,8 @@ def _origin(origin: str, configured_proxy: str | None) -> _Origin:
     shown = f"[{host}]" if ":" in host else host
     host_header = shown if port == default else f"{shown}:{port}"
     authority = f"{shown}:{port}"
-    return _Origin(host, port, tls, host_header, authority, proxy_for(origin, configured_proxy))
+    proxy = proxy_for(origin, configured_proxy)
+    return _Origin(host, port, tls, host_header, authority, _proxy(proxy) if proxy else None)
 
 
 class _Answer(asyncio.Protocol):
@@ -148,7 +182,8 @@ class _Answer(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._chunks: list[bytes] = []
         self._size = 0
-        self._headers_done = False
+        self._head_bytes = 0  # read before the final answer's head was complete
+        self._headers_done = False  # the final answer's head (not an interim answer's) was read
         self._framed = False  # the answer says where it ends (Content-Length or chunked)
 
     # asyncio.Protocol
@@ -162,8 +197,8 @@ class _Answer(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._headers_done and not self._framed:
-            self._finish(False)  # an answer that ends where the connection does
+        if exc is None and self._headers_done and not self._framed:
+            self._finish(False)  # an answer that ends where the connection does (not a reset)
         else:
             waiter.set_exception(
                 UpstreamError("connection to the vendor failed: the connection was closed")
@@ -179,25 +214,42 @@ class _Answer(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(f"connection to the vendor failed: an unreadable answer ({exc})")
+            return
+        if not self._headers_done and self._waiter is not None:
+            self._head_bytes += len(data)
+            if self._head_bytes > HEAD_LIMIT:
+                self._fail("the vendor's response head exceeds the size limit")
 
     # llhttp's callbacks
 
     def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # Another answer after the one asked for, in the same read (a second one, or the
+            # start of one): where the next answer on this connection begins is not known any
+            # more. Raised to stop the parse; the connection is aborted (`data_received`).
+            raise UpstreamError("an answer nobody asked for")
         self._headers, self._chunks, self._size = [], [], 0
         self._headers_done = self._framed = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer, after a chunked body: neither relayed nor read (as aiohttp)
         self._headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length" or lowered == b"transfer-encoding":
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        self._headers_done = True
-        if self._head_only:  # an answer to HEAD has no body, whatever its length says
-            self._finish(False)
+        status = self._parser.get_status_code()
+        if status >= 200:
+            self._headers_done = True
+            if self._head_only:  # an answer to HEAD has no body, whatever its length says
+                self._finish(False)
+        elif status == 101:  # never asked for: `upgrade` is not forwarded (HOP_BY_HOP)
+            self._fail("connection to the vendor failed: it answered 101 Switching Protocols")
+        # Else an interim answer (100 Continue, 103 Early Hints): the final one follows.
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -207,10 +259,8 @@ class _Answer(asyncio.Protocol):
             self._chunks.append(body)
 
     def on_message_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return  # an interim answer (100 Continue): the final one follows
-        self._finish(self._parser.should_keep_alive())
+        if self._headers_done:  # the final answer's end, not an interim one's
+            self._finish(self._parser.should_keep_alive())
 
     # the request's side
 
@@ -218,6 +268,7 @@ class _Answer(asyncio.Protocol):
         assert self.transport is not None
         self._waiter = waiter = asyncio.get_running_loop().create_future()
         self._head_only = head_only
+        self._headers_done, self._head_bytes = False, 0
         self.transport.write(head + body if body else head)
         return waiter
 
@@ -236,7 +287,16 @@ class _Answer(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is None or waiter.done():
             return
-        if not reusable or self._head_only:
+        transport = self.transport
+        # Not kept: a connection the answer ends, a HEAD's (its length may count a body that is
+        # not there), and one answered before the request was all written (a vendor may answer
+        # at the headers): what is left of the body would go ahead of the next request.
+        if (
+            not reusable
+            or self._head_only
+            or transport is None
+            or transport.get_write_buffer_size()
+        ):
             self.abort()
         status = self._parser.get_status_code()
         # The vendor's header bytes as they came (latin-1 maps each byte to one character and
@@ -252,7 +312,7 @@ class _Answer(asyncio.Protocol):
             if lowered not in _NOT_RELAYED and not lowered.startswith("x-keybrake"):
                 headers.append((name, raw_value.decode("latin-1")))
         body = b"".join(self._chunks)
-        if encoding not in (None, "", "identity"):
+        if body and encoding not in (None, "", "identity"):
             try:
                 body = _decoded(body, encoding, self._limit)
             except UpstreamError as exc:
@@ -277,6 +337,8 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
         raise UpstreamError("the vendor's compressed answer could not be read") from exc
     if len(data) > limit:
         raise UpstreamError("the vendor's response exceeds the size limit")
+    if not inflate.eof:  # cut short: the start of an answer, not a whole one
+        raise UpstreamError("the vendor's compressed answer could not be read")
     return data
 
 
@@ -330,13 +392,14 @@ class Upstream:
         # environment says when the proxy starts.
         self._tls = ssl.create_default_context()
         self._slots = asyncio.Semaphore(self._connections)  # of the loop that serves
+        self._idle = {}  # an earlier start's connections are its loop's, which may be gone
 
     async def close(self) -> None:
-        self._slots = None
-        for idle in self._idle.values():
-            for connection in idle:
+        self._slots = None  # a call still in flight closes its connection when it ends (`send`)
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
                 connection.abort()
-        self._idle.clear()
 
     async def send(
         self,
@@ -346,7 +409,8 @@ class Upstream:
         body: bytes | None,
     ) -> UpstreamResponse:
         slots = self._slots
-        assert slots is not None, "Upstream.start() was not awaited"
+        if slots is None:
+            raise UpstreamError("the vendor client is not running (closed, or never started)")
         # The origin (scheme://host:port, up to the path's slash) by a string slice: no URL
         # parsing on the request path.
         end = url.find("/", url.find("//") + 2)
@@ -367,10 +431,7 @@ class Upstream:
         # break of its own would make more, even where what follows it reads as a header.
         if text.count("\n") != len(lines) + 1 or _HEAD.fullmatch(text) is None:
             raise UpstreamError("the request cannot be written as HTTP/1.1 (a malformed header)")
-        try:
-            head = text.encode("latin-1")
-        except UnicodeEncodeError as exc:
-            raise UpstreamError("the request cannot be written as HTTP/1.1 (not latin-1)") from exc
+        head = text.encode("latin-1")  # all latin-1, as `_HEAD` says
         try:
             async with asyncio.timeout(self._timeout):
                 async with slots:
@@ -382,7 +443,9 @@ class Upstream:
                     except BaseException:
                         connection.abort()  # cut mid-answer (a timeout, a cancel): unusable
                         raise
-                    if not connection.closed:
+                    if self._slots is not slots:  # closed (or started again) meanwhile
+                        connection.abort()
+                    elif not connection.closed:
                         connection.idle_since = time.monotonic()
                         self._idle.setdefault(origin, []).append(connection)
                     return answer
@@ -397,7 +460,15 @@ class Upstream:
         oldest_usable = time.monotonic() - IDLE_SECONDS
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since >= oldest_usable:
+            # A transport the loop is closing (a reset read) is not `closed` until its
+            # connection_lost, which comes later: a request written into it would go nowhere.
+            transport = connection.transport
+            if (
+                not connection.closed
+                and connection.idle_since >= oldest_usable
+                and transport is not None
+                and not transport.is_closing()
+            ):
                 return connection
             connection.abort()
         return None
@@ -428,20 +499,14 @@ class Upstream:
     async def _tunnel(self, origin: _Origin, connection: _Answer) -> None:
         """A TLS connection to the vendor through the CONNECT proxy: the proxy relays the
         handshake and the encrypted bytes, and reads neither the secret nor the call."""
-        assert origin.proxy is not None and self._tls is not None
-        proxy = urlsplit(origin.proxy)
+        proxy = origin.proxy
+        assert proxy is not None and self._tls is not None
         loop = asyncio.get_running_loop()
-        raw, tunnel = await loop.create_connection(_Tunnel, proxy.hostname or "", proxy.port or 80)
+        raw, tunnel = await loop.create_connection(_Tunnel, proxy.host, proxy.port)
         try:
             authority = origin.authority
-            lines = [f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"]
-            if proxy.username is not None:
-                user = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
-                lines.append(
-                    f"Proxy-Authorization: Basic {base64.b64encode(user.encode()).decode()}\r\n"
-                )
-            lines.append("\r\n")
-            raw.write("".join(lines).encode("latin-1"))
+            request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            raw.write(f"{request}{proxy.authorization}\r\n".encode("latin-1"))
             answer = await tunnel.answered
             status = answer.split(b"\r\n", 1)[0].split(b" ")
             if len(status) < 2 or status[1] != b"200":
@@ -450,9 +515,9 @@ class Upstream:
                     f"connection to the vendor failed: the CONNECT proxy answered {code}"
                 )
             tls = await loop.start_tls(raw, connection, self._tls, server_hostname=origin.host)
+            if tls is None:
+                raise UpstreamError("connection to the vendor failed: no TLS over the tunnel")
         except BaseException:
             raw.abort()
             raise
-        if tls is None:
-            raise UpstreamError("connection to the vendor failed: no TLS over the tunnel")
         connection.connection_made(tls)
