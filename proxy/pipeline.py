@@ -412,7 +412,6 @@ class Pipeline:
         fields cannot be read exactly (`keybrake.proxy.constraints`); under report-only ones,
         say what they would have refused it for (its audit row's note). Only a constrained
         key's calls come here, and they read only the fields constrained for their vendor."""
-        return None  # MODEL-TEST EXPERIMENT: constraints not enforced
         layers = [("vault key's", key.constraints), ("budget's", key.budget_constraints)]
         wanted = frozenset().union(*(c.for_vendor(vendor.name) for _, c in layers if c))
         if not wanted:

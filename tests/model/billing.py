@@ -2,12 +2,18 @@
 proxy against. Each records every request it receives with the credential it carried, and
 bills in the vendor's own unit, as documented (docs/guarantees.md, section 1):
 
-- Stripe: PaymentIntents created (no money moves), updated, confirmed (automatic capture: the
-  amount moves; manual capture: it is held) and captured (a held amount moves), refunds (the
-  amount moves back out). Idempotency keys replay the stored answer (`Idempotent-Replayed`), as
-  Stripe does for 24 hours.
+- Stripe: PaymentIntents created (no money moves) for a customer in usd or eur, updated (a new
+  amount, a new customer), confirmed (automatic capture: the amount moves; manual capture: it is
+  held) and captured (a held amount moves), refunds (the amount moves back out). Money is counted
+  in micro-dollars at the operator's rates (`MINOR_MICROS`). Idempotency keys replay the stored
+  answer (`Idempotent-Replayed`), as Stripe does for 24 hours.
 - Twilio: a message bills its segments (GSM-7: 160, then 153 a segment) at $0.0083.
 - Resend: an email bills each of its to/cc/bcc recipients; a batch, each item's.
+
+Each request records whom it paid or messaged (`Sent.touched`), as the vendor saw it: the
+customer and currency of the intent it created or acted on (the intent's customer before an
+update, and the new one), each `To`, each to/cc/bcc address as sent. The money model holds the
+requests of a constrained key to its constraints (docs/guarantees.md, section 6).
 
 Nothing here imports the proxy's pricing or ledger.
 """
@@ -34,6 +40,18 @@ TWILIO_TOKEN = "twilio_MODELTOKEN_000000000000"
 RESEND_SECRET = "re_MODELSECRET_00000000000000"
 SEGMENT_USD = Decimal("0.0083")
 EMAIL_USD = Decimal("0.0009")
+# Micro-dollars per minor unit of each currency the account takes: the operator's rates, which
+# the model test configures the proxy with (`PRICING`); eur at $1.25.
+MINOR_MICROS = {"usd": 10_000, "eur": 12_500}
+CUSTOMERS = ("cus_a", "cus_b", "cus_c")  # the account's customers
+PRICING = """
+[fx]
+eur = "1.25"
+
+[twilio.sms]
+# The model's Twilio bills every destination at the US rate.
+"+44" = "0.0083"
+"""
 
 
 @dataclass
@@ -47,6 +65,10 @@ class Sent:
     body: bytes
     status: int = 0
     replayed: bool = False  # answered from the vendor's idempotency store
+    # Whom it paid or messaged, by constraint field: each value as the vendor saw it (None: a
+    # Stripe call naming no customer, or acting on an intent that has none). Empty: it executed
+    # nothing (a replay, an unknown object).
+    touched: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,17 +84,27 @@ class Moved:
 @dataclass
 class Intent:
     id: str
-    amount: int  # cents, usd
+    amount: int  # in the currency's minor unit
     capture_method: str
     status: str = "requires_confirmation"
     received: int = 0
+    currency: str = "usd"
+    customer: str | None = None
+
+    @property
+    def micros(self) -> int:
+        return self.amount * MINOR_MICROS[self.currency]
+
+    def touched(self) -> dict[str, tuple[str | None, ...]]:
+        return {"customers": (self.customer,), "currencies": (self.currency,)}
 
     def json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "payment_intent",
             "amount": self.amount,
-            "currency": "usd",
+            "currency": self.currency,
+            "customer": self.customer,
             "capture_method": self.capture_method,
             "status": self.status,
             "amount_received": self.received,
@@ -89,6 +121,7 @@ class BillingUpstream(InProcessUpstream):
     resend_idempotency: dict[str, UpstreamResponse] = field(default_factory=dict)
     lose_next_answer: bool = False  # the next request executes, then its answer is lost
     _ids: int = 0
+    _receiving: Sent = field(init=False)
 
     def __post_init__(self) -> None:
         InProcessUpstream.__init__(self)
@@ -101,6 +134,7 @@ class BillingUpstream(InProcessUpstream):
         vendor = {STRIPE: "stripe", TWILIO: "twilio", RESEND: "resend"}[base]
         record = Sent(vendor, method, path, lowered.get("authorization", ""), body or b"")
         self.sent.append(record)
+        self._receiving = record
         answer = getattr(self, f"_{vendor}")(method, path, lowered, body or b"")
         record.status = answer.status
         record.replayed = any(k.lower() == "idempotent-replayed" for k, _ in answer.headers)
@@ -112,6 +146,20 @@ class BillingUpstream(InProcessUpstream):
     def _id(self, prefix: str) -> str:
         self._ids += 1
         return f"{prefix}_{self._ids:06d}"
+
+    def _touch(self, touched: dict[str, tuple[str | None, ...]]) -> None:
+        """What the request being answered paid or messaged."""
+        for name, values in touched.items():
+            self._receiving.touched[name] = (*self._receiving.touched.get(name, ()), *values)
+
+    def create_intent(
+        self, amount: int, currency: str, customer: str | None, capture_method: str
+    ) -> Intent:
+        """An intent made on the account without the proxy (the dashboard, another system)."""
+        intent = Intent(self._id("pi"), amount, capture_method, currency=currency)
+        intent.customer = customer
+        self.intents[intent.id] = intent
+        return intent
 
     # -- Stripe ----------------------------------------------------------------------------------
 
@@ -145,20 +193,33 @@ class BillingUpstream(InProcessUpstream):
         if method != "POST" or parts[:2] not in (["v1", "payment_intents"], ["v1", "refunds"]):
             return _json(404, {"error": {"code": "unknown"}})
         if parts == ["v1", "payment_intents"]:
-            intent = Intent(
-                self._id("pi"), int(form["amount"]), form.get("capture_method", "automatic")
+            customer, currency = form.get("customer"), form.get("currency", "")
+            self._touch({"customers": (customer,), "currencies": (currency,)})
+            if customer is not None and customer not in CUSTOMERS:
+                return _json(400, {"error": {"code": "resource_missing", "param": "customer"}})
+            if currency not in MINOR_MICROS:
+                return _json(400, {"error": {"code": "parameter_invalid", "param": "currency"}})
+            created = Intent(
+                self._id("pi"),
+                int(form["amount"]),
+                form.get("capture_method", "automatic"),
+                currency=currency,
+                customer=customer,
             )
-            self.intents[intent.id] = intent
-            return _stripe_object(intent)
+            self.intents[created.id] = created
+            return _stripe_object(created)
         if parts == ["v1", "refunds"]:
-            intent = self.intents.get(form.get("payment_intent", ""))
-            if intent is None or intent.received <= 0:
+            refunded = self.intents.get(form.get("payment_intent", ""))
+            if refunded is not None:
+                self._touch(refunded.touched())
+            if refunded is None or refunded.received <= 0:
                 return _json(400, {"error": {"code": "charge_not_refundable"}})
-            amount = int(form.get("amount", intent.received))
-            if amount > intent.received:
+            amount = int(form.get("amount", refunded.received))
+            if amount > refunded.received:
                 return _json(400, {"error": {"code": "amount_too_large"}})
-            intent.received -= amount
-            self.moved.append(Moved("stripe", amount * 10_000, f"refund {intent.id}", intent.id))
+            refunded.received -= amount
+            micros = amount * MINOR_MICROS[refunded.currency]
+            self.moved.append(Moved("stripe", micros, f"refund {refunded.id}", refunded.id))
             refund = {"id": self._id("re"), "object": "refund", "amount": amount}
             return _json(200, refund)
         intent = self.intents.get(parts[2])
@@ -166,11 +227,22 @@ class BillingUpstream(InProcessUpstream):
             return _json(404, {"error": {"code": "resource_missing"}})
         action = parts[3] if len(parts) > 3 else "update"
         if action == "update":
+            # It acts on the intent's customer, and pays the new one; a new amount is money.
+            self._touch({"customers": (intent.customer,)})
+            if "customer" in form:
+                self._touch({"customers": (form["customer"],)})
+            if "amount" in form:
+                self._touch({"currencies": (intent.currency,)})
             if intent.status != "requires_confirmation":
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            if form.get("customer", CUSTOMERS[0]) not in CUSTOMERS:
+                return _json(400, {"error": {"code": "resource_missing", "param": "customer"}})
             if "amount" in form:
                 intent.amount = int(form["amount"])
+            if "customer" in form:
+                intent.customer = form["customer"]
             return _stripe_object(intent)
+        self._touch(intent.touched())
         if action == "confirm":
             if intent.status != "requires_confirmation":
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
@@ -178,9 +250,7 @@ class BillingUpstream(InProcessUpstream):
                 intent.status = "requires_capture"
             else:
                 intent.status, intent.received = "succeeded", intent.amount
-                self.moved.append(
-                    Moved("stripe", intent.amount * 10_000, f"confirm {intent.id}", intent.id)
-                )
+                self.moved.append(Moved("stripe", intent.micros, f"confirm {intent.id}", intent.id))
             return _stripe_object(intent)
         if action == "increment_authorization":
             # Only a held (manual, confirmed) intent, and only upward (Stripe's API reference).
@@ -196,7 +266,8 @@ class BillingUpstream(InProcessUpstream):
             if amount > intent.amount:
                 return _json(400, {"error": {"code": "amount_too_large"}})
             intent.status, intent.received = "succeeded", amount
-            self.moved.append(Moved("stripe", amount * 10_000, f"capture {intent.id}", intent.id))
+            micros = amount * MINOR_MICROS[intent.currency]
+            self.moved.append(Moved("stripe", micros, f"capture {intent.id}", intent.id))
             return _stripe_object(intent)
         return _json(404, {"error": {"code": "unknown"}})
 
@@ -208,6 +279,7 @@ class BillingUpstream(InProcessUpstream):
         if not path.endswith("/Messages.json") or TWILIO_SID not in path:
             return _json(404, {"code": 20404})
         form = parse_qsl(body.decode())
+        self._touch({"recipients": tuple(v for k, v in form if k == "To")})
         text = next((v for k, v in form if k == "Body"), "")
         segments = 1 if len(text) <= 160 else math.ceil(len(text) / 153)
         self.moved.append(Moved("twilio", int(segments * SEGMENT_USD * 1_000_000), "sms"))
@@ -239,6 +311,10 @@ class BillingUpstream(InProcessUpstream):
         emails = data if path == "/emails/batch" else [data]
         ids = []
         for email in emails:
+            for name in ("to", "cc", "bcc"):
+                value = email.get(name)
+                addresses = value if isinstance(value, list) else [] if value is None else [value]
+                self._touch({"recipient_domains": tuple(addresses)})
             recipients = sum(
                 len(v) if isinstance(v, list) else 1
                 for v in (email.get(f) for f in ("to", "cc", "bcc"))

@@ -5,10 +5,14 @@ same random sequences and holds them to the same answers.
 
 Units: micro-dollars (integers). Time: UTC datetimes; the rolling window is kept in hourly
 buckets (guarantees, section 3): a check at t counts every bucket from the one holding t - 24h.
+
+Constraints (guarantees, section 6) are restated for the fields the model draws: Stripe's
+`customers` and `currencies`, Twilio's `recipients`, Resend's `recipient_domains`.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,6 +27,75 @@ REPLAY_RETENTION = timedelta(hours=24)
 # The decisions the proxy records (its audit row's `decision`).
 FORWARDED = "forwarded"
 DEAD = ("revoked", "expired", "budget_revoked", "budget_expired")
+CONSTRAINT_VIOLATED = "constraint_violated"
+
+# Section 6: the constrained fields a call to each vendor is checked against (of those the model
+# draws). A budget may hold any vendor's; a call is held to its own vendor's only.
+CONSTRAINT_FIELDS = {
+    "stripe": ("currencies", "customers"),
+    "twilio": ("recipients",),
+    "resend": ("recipient_domains",),
+}
+Constraints = dict[str, tuple[str, ...]]  # field -> values, as issued (patterns included)
+
+
+def admits(field: str, allowed: tuple[str, ...], named: str | None) -> bool:
+    """Whether constraint values `allowed` of `field` admit one value a call names, as the call
+    names it (None: it names none, or the object it acts on holds none). Stripe's ids are exact
+    and currencies any case; a phone number, with an optional `whatsapp:` channel, is `+` and
+    digits, matched exactly or by a prefix pattern (`+4420*`); an address's domain is compared
+    lower-cased and IDNA-encoded, exactly (no subdomains). A value that cannot be read so is
+    admitted by nothing."""
+    if named is None:
+        return False
+    if field == "customers":
+        return named in allowed
+    if field == "currencies":
+        return named.lower() in {value.lower() for value in allowed}
+    if field == "recipients":
+        number = _phone_number(named)
+        return number is not None and any(
+            number.startswith(pattern[:-1]) if pattern.endswith("*") else number == pattern
+            for pattern in allowed
+        )
+    if field == "recipient_domains":
+        domain = _domain_of(named)
+        return domain is not None and domain in {_idna(value) for value in allowed}
+    raise AssertionError(f"the model draws no {field} constraint")
+
+
+_E164 = re.compile(r"(?:whatsapp:)?(\+[1-9][0-9]{1,14})")
+# An address's local part: RFC 5322's dot-atom (no quoting).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+
+
+def _phone_number(named: str) -> str | None:
+    found = _E164.fullmatch(named)
+    return found.group(1) if found else None
+
+
+def _domain_of(address: str) -> str | None:
+    """The domain of one address, `local@domain` or `Name <local@domain>`."""
+    text = address.strip()
+    angled = re.fullmatch(r"[^<>@,;\"]*<([^<>]*)>", text)
+    if angled is not None:
+        text = angled.group(1).strip()
+    local, at, domain = text.rpartition("@")
+    if not at or not re.fullmatch(rf"{_ATOM}(?:\.{_ATOM})*", local):
+        return None
+    return _idna(domain)
+
+
+def _idna(domain: str) -> str | None:
+    try:
+        encoded = domain.strip().lower().encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    labels = encoded.split(".")
+    label = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+    if len(labels) < 2 or not all(label.fullmatch(part) for part in labels):
+        return None
+    return encoded
 
 
 def bucket(moment: datetime) -> int:
@@ -47,6 +120,7 @@ class Key:
     revoked: bool = False
     issuer: str | None = None  # None: the admin issued it
     accounts: tuple[str, ...] = ()  # connected accounts it may act on (Stripe-Account)
+    constraints: Constraints | None = None
 
 
 @dataclass
@@ -57,6 +131,7 @@ class Budget:
     expires: datetime
     revoked: bool = False
     issuer: str | None = None
+    constraints: Constraints | None = None
 
 
 @dataclass
@@ -114,6 +189,14 @@ class Call:
     replays: bool = True  # the vendor replays answers for a repeated idempotency key
     looks_up: bool = False  # pricing it reads the object at the vendor first
     account: str | None = None  # the connected account it acts on (guarantees, section 4)
+    priced: bool = True  # it may move money (an update naming no new amount does not)
+    # Whom it pays or messages, by constrained field, as it names them (section 6): None where it
+    # names none or the object it acts on holds none. A field missing: the call has none (a free
+    # call's currency).
+    subjects: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+    # The object whose customer a customers constraint reads, looked up (an update or action on
+    # an intent, a refund): read only for a live key, as pricing's lookups are.
+    acts_on: str | None = None
 
     @property
     def fingerprint(self) -> tuple[str, str, bytes, str | None]:
@@ -211,11 +294,39 @@ class Model:
 
     # -- deciding --------------------------------------------------------------------------------
 
+    def layers(self, key: Key) -> list[Constraints]:
+        """The constraints a key's calls are held to: its own, and its budget's."""
+        found = [key.constraints] + ([self.budgets[key.budget].constraints] if key.budget else [])
+        return [c for c in found if c is not None]
+
+    def outside(self, call: Call, key: Key) -> bool:
+        """Section 6: a value the call names, of a field its vendor's calls are checked against,
+        that the key's or its budget's constraints do not admit."""
+        for constraints in self.layers(key):
+            for name, allowed in constraints.items():
+                if name not in CONSTRAINT_FIELDS[call.vendor]:
+                    continue  # (a budget's constraint on another vendor's calls)
+                if not all(admits(name, allowed, v) for v in call.subjects.get(name, ())):
+                    return True
+        return False
+
+    def looks_up(self, call: Call, key: Key) -> bool:
+        """Whether the proxy reads the call's object at the vendor before admitting it: to price
+        it, or for the customer a customers constraint is checked against."""
+        constrained = {name for c in self.layers(key) for name in c}
+        return call.looks_up or (call.acts_on is not None and "customers" in constrained)
+
     def decide(self, call: Call, now: datetime) -> Admission:
         key = self.keys[call.key]
         if call.account is not None and call.account not in key.accounts:
             return Admission("account_denied")  # the key's scope, read before its life
         dead = self.dead(key, now)
+        # A dead key reaches no vendor (section 5): a lookup reads its life first. A call that
+        # looks nothing up is checked against its constraints before its reservation reads it.
+        if dead is not None and self.looks_up(call, key):
+            return Admission(dead)
+        if self.outside(call, key):
+            return Admission(CONSTRAINT_VIOLATED)  # before anything is reserved (section 6)
         if dead is not None:
             return Admission(dead)
         prior = None
@@ -266,7 +377,10 @@ class Model:
         return Admission(FORWARDED, cost=cost, forward_key=forward_key)
 
     def dedupe_candidate(self, call: Call, key: Key) -> bool:
-        return key.dedupe > timedelta(0) and (call.idempotency_key is None or call.sdk_key)
+        """A pod retry is merged with its first attempt only if it moves money: a free call
+        (a new customer, no new amount) is sent again."""
+        candidate = call.idempotency_key is None or call.sdk_key
+        return call.priced and key.dedupe > timedelta(0) and candidate
 
     # -- counting --------------------------------------------------------------------------------
 

@@ -1,17 +1,22 @@
 """The proxy against the money model (docs/guarantees.md), on random sequences, both backends.
 
-A hypothesis state machine issues keys and budgets with every cap kind, lets time pass across
-window edges, sends Stripe, Twilio and Resend calls from many pods and fan-out items (with and
-without idempotency keys, retried from new pods), confirms and captures intents as their payer,
-as a key on the same budget and as another run's key, refunds, revokes, loses answers and
-settlements (a crash between reserve and settle) and sweeps. Each call goes through the real
-pipeline and store (in-process, `build_app(upstream=...)`) to vendors that bill
+A hypothesis state machine issues keys and budgets with every cap kind and with constraints
+(customers, currencies, recipient numbers and domains), lets time pass across window edges, sends
+Stripe, Twilio and Resend calls from many pods and fan-out items (with and without idempotency
+keys, retried from new pods) to customers, numbers and domains within and outside them, confirms
+and captures intents as their payer, as a key on the same budget and as another run's key (and
+intents made without the proxy), moves intents to other customers, refunds, revokes, loses
+answers and settlements (a crash between reserve and settle) and sweeps. Each call goes through
+the real pipeline and store (in-process, `build_app(upstream=...)`) to vendors that bill
 (`billing.py`), and through the reference model (`reference.py`). After every step:
 
 - the proxy's decision is the model's;
 - the money the vendors moved on behalf of each key, budget and fan-out item stays within each of
   its caps in every 24-hour window (and over its life), whatever the proxy counted;
 - no request of a dead key, and no refused, replayed or deduplicated call, reached a vendor;
+- nothing outside a constraint reached a vendor: every request the vendors received for a key
+  with constraints (its own or its budget's) paid or messaged only whom they admit, and no
+  `constraint_violated` audit row reserved or spent anything;
 - distinct calls were never merged (each got its own object); a retried call moved nothing twice;
 - what the proxy counts for each key and budget is what the model counts, and the audit rows'
   settled amounts add up to it;
@@ -35,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -57,15 +63,19 @@ from keybrake.proxy.store import open_store
 from tests.model import billing
 from tests.model.reference import (
     CENT,
+    CONSTRAINT_FIELDS,
+    CONSTRAINT_VIOLATED,
     DEAD,
     EMAIL,
     FORWARDED,
     SEGMENT,
     Budget,
     Call,
+    Constraints,
     Key,
     Model,
     Policy,
+    admits,
     bucket,
 )
 
@@ -92,6 +102,45 @@ SEEN: Counter[tuple[str, str, str]] = Counter()  # (vendor, endpoint, decision):
 # Amounts repeat often, so that equal bodies from different items and pods meet.
 AMOUNTS = st.one_of(st.sampled_from([100, 500, 2000]), st.integers(1, 3000))
 CAPS = st.one_of(st.none(), st.integers(1, 40).map(lambda usd: usd * 1_000_000))
+# Constraints (docs/guarantees.md, section 6) a key or budget may be issued with (one in three):
+# values of each field the model draws, spelled as an operator might. A key takes its vendor's.
+CONSTRAINT_VALUES = {
+    "customers": ["cus_a", "cus_b", "cus_c"],
+    "currencies": ["usd", "eur", "USD"],
+    "recipients": ["+4420*", "+442071838750", "+1500555*", "+15005550006", "+44*"],
+    "recipient_domains": ["example.com", "Example.COM", "mail.example.com", "bücher.example"],
+}
+CONSTRAINTS = st.one_of(
+    st.none(),
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            name: st.lists(st.sampled_from(values), min_size=1, max_size=2, unique=True).map(tuple)
+            for name, values in CONSTRAINT_VALUES.items()
+        },
+    ),
+)
+# Whom calls pay or message: within and outside what keys are constrained to, and values the
+# proxy cannot read exactly (an intent for no customer, a number with spaces, a quoted address).
+CUSTOMERS = st.sampled_from([None, *billing.CUSTOMERS])
+CURRENCIES = st.sampled_from(["usd", "usd", "eur"])
+NUMBERS = st.sampled_from(
+    ["+15005550006", "+15005550006", "+442071838750", "+447700900123", "+44 20 7183 8750"]
+)
+COPIED = st.lists(
+    st.sampled_from(
+        [
+            "x@example.com",
+            "Ann <ann@Example.COM>",
+            "x@mail.example.com",
+            "x@other.org",
+            "x@Bücher.example",
+            '"a b"@example.com',
+        ]
+    ),
+    max_size=2,
+)
 
 
 class Clock:
@@ -157,6 +206,12 @@ class World:
     issuers: dict[str, tuple[str, Policy]] = field(default_factory=dict)  # id -> (token, policy)
     # (payer, object) -> the payer's caps when it paid for the object
     paid_caps: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
+    # Each request a vendor received for a key's call, by key id (attributed by request order:
+    # what reached the vendors while the proxy answered that call).
+    delivered: list[tuple[str, billing.Sent]] = field(default_factory=list)
+    # The newest audit row before this example (PostgreSQL: earlier examples', in the same
+    # database): the invariants read only the rows after it.
+    audit_floor: int = 0
 
 
 def form(**fields: Any) -> bytes:
@@ -182,13 +237,17 @@ class MoneyMachine(RuleBasedStateMachine):
         daily=CAPS,
         total=CAPS,
         hours=st.integers(1, 60),
+        constrain=CONSTRAINTS,
     )
-    def issue_budget(self, daily: int | None, total: int | None, hours: int) -> str:
+    def issue_budget(
+        self, daily: int | None, total: int | None, hours: int, constrain: Constraints | None
+    ) -> str:
         w = self.world
         body: dict[str, Any] = {
             "agent_run_label": f"argo/run-{len(w.model.budgets)}",
             "expires_in": f"{hours}h",
         }
+        constraints = _constraints_into(body, constrain, None)
         if daily is not None:
             body["daily_usd_cap"] = str(Decimal(daily) / 1_000_000)
         if total is not None:
@@ -200,7 +259,9 @@ class MoneyMachine(RuleBasedStateMachine):
         assert answer.status_code == 201, answer.text
         budget_id = answer.json()["budget_id"]
         expires = w.clock.now + timedelta(hours=hours)
-        w.model.budgets[budget_id] = Budget(budget_id, daily, total, expires)
+        w.model.budgets[budget_id] = Budget(
+            budget_id, daily, total, expires, constraints=constraints
+        )
         return str(budget_id)
 
     KEY_SPEC = {
@@ -212,6 +273,7 @@ class MoneyMachine(RuleBasedStateMachine):
         "hours": st.integers(1, 60),
         "budget": st.one_of(st.none(), budgets),
         "connected": st.booleans(),  # (Stripe) it may act on a connected account
+        "constrain": CONSTRAINTS,  # those of the key's vendor's fields
     }
 
     @rule(target=stripe_keys, **KEY_SPEC)
@@ -237,6 +299,7 @@ class MoneyMachine(RuleBasedStateMachine):
         hours: int,
         budget: str | None,
         connected: bool,
+        constrain: Constraints | None = None,
     ) -> Any:
         w = self.world
         accounts = (CONNECTED,) if connected and vendor == "stripe" else ()
@@ -247,6 +310,7 @@ class MoneyMachine(RuleBasedStateMachine):
             "allowed_endpoints": ENDPOINTS[vendor],
             "dedupe_window": f"{dedupe}s",
         }
+        constraints = _constraints_into(body, constrain, vendor)
         for name, value in (
             ("daily_usd_cap", daily),
             ("total_usd_cap", total),
@@ -285,6 +349,7 @@ class MoneyMachine(RuleBasedStateMachine):
             expires,
             budget,
             accounts=accounts,
+            constraints=constraints,
         )
         return issued["key_id"]
 
@@ -542,6 +607,8 @@ class MoneyMachine(RuleBasedStateMachine):
         pod=st.sampled_from(["p1", "p2"]),
         idempotency=st.sampled_from(["none", "sdk", "order-1", "order-2"]),
         account=st.sampled_from([None, None, CONNECTED, "acct_1Elsewhere"]),
+        customer=CUSTOMERS,
+        currency=CURRENCIES,
     )
     def create_intent(
         self,
@@ -552,8 +619,12 @@ class MoneyMachine(RuleBasedStateMachine):
         pod: str,
         idempotency: str,
         account: str | None = None,
+        customer: str | None = "cus_a",
+        currency: str = "usd",
     ) -> Any:
-        body = {"amount": cents, "currency": "usd"}
+        body: dict[str, Any] = {"amount": cents, "currency": currency}
+        if customer is not None:
+            body["customer"] = customer
         if manual:
             body["capture_method"] = "manual"
         call = Call(
@@ -563,7 +634,7 @@ class MoneyMachine(RuleBasedStateMachine):
             "/v1/payment_intents",
             form(**body),
             tag=f"{item}@{pod}" if item else pod,
-            gross=cents * CENT,
+            gross=cents * billing.MINOR_MICROS[currency],
             account=account,
         )
         self._idempotency(call, idempotency)
@@ -582,10 +653,10 @@ class MoneyMachine(RuleBasedStateMachine):
         if found is None:
             return
         body = b""
-        gross = found.amount * CENT
+        gross = found.micros
         if action == "capture" and partial and found.amount > 1:
             body = form(amount_to_capture=found.amount - 1)
-            gross = (found.amount - 1) * CENT
+            gross = (found.amount - 1) * billing.MINOR_MICROS[found.currency]
         call = Call(
             key,
             "stripe",
@@ -606,11 +677,21 @@ class MoneyMachine(RuleBasedStateMachine):
         cents=st.integers(1, 3000),
         manual=st.booleans(),
         later=st.sampled_from([0, 30, 23 * 60, 25 * 60]),
+        customer=CUSTOMERS,
     )
-    def pay_then_move(self, payer: str, mover: str, cents: int, manual: bool, later: int) -> Any:
+    def pay_then_move(
+        self,
+        payer: str,
+        mover: str,
+        cents: int,
+        manual: bool,
+        later: int,
+        customer: str | None = "cus_a",
+    ) -> Any:
         """An intent created by one key, and its money moved (confirmed, then captured when
-        manual) by the same key, a key on the same budget or another run's, now or later."""
-        created = self.create_intent(payer, cents, manual, None, "p-pay", "none")
+        manual) by the same key, a key on the same budget or another run's, now or later: one
+        held to other customers than the intent's is refused."""
+        created = self.create_intent(payer, cents, manual, None, "p-pay", "none", customer=customer)
         if not isinstance(created, str):
             return created
         self.world.clock.now += timedelta(minutes=later)
@@ -647,7 +728,20 @@ class MoneyMachine(RuleBasedStateMachine):
         cents = min(room, default=0) // CENT
         if not 0 < cents <= 1_000_000:
             return multiple()
-        return self.create_intent(key, cents, False, item, "p-fill", "none")
+        # For a customer its constraints admit, if any does: the boundary is the caps'.
+        customer = next(
+            (
+                c
+                for c in billing.CUSTOMERS
+                if all(
+                    admits("customers", x["customers"], c)
+                    for x in w.model.layers(model_key)
+                    if "customers" in x
+                )
+            ),
+            None,
+        )
+        return self.create_intent(key, cents, False, item, "p-fill", "none", customer=customer)
 
     @rule(
         target=intents,
@@ -655,36 +749,57 @@ class MoneyMachine(RuleBasedStateMachine):
         cents=AMOUNTS,
         items=st.integers(2, 3),
         idempotency=st.sampled_from(["none", "sdk"]),
+        customer=CUSTOMERS,
     )
-    def fan_out(self, key: str, cents: int, items: int, idempotency: str) -> Any:
+    def fan_out(
+        self, key: str, cents: int, items: int, idempotency: str, customer: str | None = "cus_a"
+    ) -> Any:
         """A fan-out step: every item's pod sends the same body (the README's pod example)."""
         created = [
-            self.create_intent(key, cents, False, f"item-{n}", f"pod-{n}", idempotency)
+            self.create_intent(
+                key, cents, False, f"item-{n}", f"pod-{n}", idempotency, customer=customer
+            )
             for n in range(items)
         ]
         return multiple(*(c for c in created if isinstance(c, str)))
 
-    @rule(key=twilio_keys, length=st.sampled_from([5, 161]))
-    def text_from_every_item(self, key: str, length: int) -> None:
+    @rule(key=twilio_keys, length=st.sampled_from([5, 161]), to=NUMBERS)
+    def text_from_every_item(self, key: str, length: int, to: str = "+15005550006") -> None:
         for item in ("x", "y", "z"):
-            self.text(key, length, item)
+            self.text(key, length, item, to)
 
-    @rule(key=stripe_keys, intent=intents, cents=AMOUNTS)
-    def update_an_intents_amount(self, key: str, intent: str, cents: int) -> None:
-        """A new amount is priced in full, and marked paid by this key like a creation."""
-        if self.world.vendors.intents.get(intent) is None:
+    @rule(
+        key=stripe_keys,
+        intent=intents,
+        cents=st.one_of(AMOUNTS, st.none()),
+        customer=st.one_of(st.none(), st.sampled_from(billing.CUSTOMERS)),
+    )
+    def update_an_intent(
+        self, key: str, intent: str, cents: int | None, customer: str | None = None
+    ) -> None:
+        """A new amount is priced in full, and marked paid by this key like a creation. A new
+        customer moves no money, but is whom the intent will charge: a key held to customers is
+        held to the intent's and the new one's."""
+        found = self.world.vendors.intents.get(intent)
+        if found is None or (cents is None and customer is None):
             return
+        fields: dict[str, Any] = {}
+        if cents is not None:
+            fields["amount"] = cents
+        if customer is not None:
+            fields["customer"] = customer
         call = Call(
             key,
             "stripe",
             "POST",
             f"/v1/payment_intents/{intent}",
-            form(amount=cents),
+            form(**fields),
             tag="pod-update",
-            gross=cents * CENT,
+            gross=0 if cents is None else cents * billing.MINOR_MICROS[found.currency],
+            priced=cents is not None,
         )
-        call.looks_up = True
-        self._send(call, marks=intent)
+        call.looks_up = cents is not None  # to price a new amount in the intent's currency
+        self._send(call, marks=intent if cents is not None else None)
 
     @rule(key=stripe_keys, intent=intents, more=st.integers(1, 1500))
     def increment_an_authorization(self, key: str, intent: str, more: int) -> None:
@@ -699,7 +814,7 @@ class MoneyMachine(RuleBasedStateMachine):
             f"/v1/payment_intents/{intent}/increment_authorization",
             form(amount=found.amount + more),
             tag="pod-more",
-            gross=more * CENT,
+            gross=more * billing.MINOR_MICROS[found.currency],
         )
         call.looks_up = True
         self._send(call, marks=intent)
@@ -713,7 +828,8 @@ class MoneyMachine(RuleBasedStateMachine):
         fields: dict[str, Any] = {"payment_intent": intent}
         if cents is not None:
             fields["amount"] = cents
-        gross = (cents if cents is not None else (found.received or found.amount)) * CENT
+        refunded = cents if cents is not None else (found.received or found.amount)
+        gross = refunded * billing.MINOR_MICROS[found.currency]
         call = Call(
             key, "stripe", "POST", "/v1/refunds", form(**fields), tag="pod-refund", gross=gross
         )
@@ -724,9 +840,9 @@ class MoneyMachine(RuleBasedStateMachine):
         key=twilio_keys,
         length=st.sampled_from([5, 160, 161, 400]),
         item=st.sampled_from(["x", "y"]),
+        to=NUMBERS,
     )
-    def text(self, key: str, length: int, item: str) -> None:
-        to = "+15005550006"
+    def text(self, key: str, length: int, item: str, to: str = "+15005550006") -> None:
         body = form(To=to, From="+15005550001", Body="a" * length)
         segments = 1 if length <= 160 else -(-length // 153)
         path = f"/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json"
@@ -746,9 +862,14 @@ class MoneyMachine(RuleBasedStateMachine):
         key=resend_keys,
         recipients=st.lists(st.integers(1, 4), min_size=1, max_size=3),
         batch=st.booleans(),
+        copied=COPIED,
     )
-    def email(self, key: str, recipients: list[int], batch: bool) -> None:
-        emails = [
+    def email(
+        self, key: str, recipients: list[int], batch: bool, copied: list[str] | None = None
+    ) -> None:
+        """Emails to example.com, the last one copied (cc) to `copied`: other domains, another
+        spelling, a subdomain, an address the proxy cannot read as one."""
+        emails: list[dict[str, Any]] = [
             {
                 "from": "a@example.com",
                 "to": [f"u{i}-{n}@example.com" for n in range(count)],
@@ -759,9 +880,11 @@ class MoneyMachine(RuleBasedStateMachine):
         ]
         if not batch:
             emails = emails[:1]
+        if copied:
+            emails[-1]["cc"] = list(copied)
         body = json.dumps(emails if batch else emails[0]).encode()
         path = "/emails/batch" if batch else "/emails"
-        gross = sum(len(e["to"]) for e in emails) * EMAIL
+        gross = sum(len(e["to"]) + len(e.get("cc", ())) for e in emails) * EMAIL
         call = Call(key, "resend", "POST", path, body, tag="pod-mail", gross=gross)
         self._send(call)
 
@@ -792,6 +915,7 @@ class MoneyMachine(RuleBasedStateMachine):
             replays=call.replays,
             looks_up=call.looks_up,
             account=call.account,
+            priced=call.priced,
         )
         if call.sdk_key:
             again.idempotency_key = str(uuid.uuid4())
@@ -820,6 +944,7 @@ class MoneyMachine(RuleBasedStateMachine):
         the object a 2xx of it pays for besides what it creates."""
         w = self.world
         now = w.clock.now
+        self._subjects(call)
         expect = w.model.decide(call, now)
         SEEN[(call.vendor, call.path.rsplit("/", 1)[-1], expect.decision)] += 1
         sent_before, moved_before = len(w.vendors.sent), len(w.vendors.moved)
@@ -836,13 +961,24 @@ class MoneyMachine(RuleBasedStateMachine):
         new_moved = w.vendors.moved[moved_before:]
         sent = Sent(call, now, expect.decision)
         w.calls.append(sent)
+        # What reached the vendors while the proxy answered this call was this call's: checked
+        # against its key's constraints first, so that a breach is named as one.
+        posts = [s for s in new_sent if s.method == "POST"]
+        w.delivered.extend((call.key, s) for s in posts)
+        self._within_constraints(call.key, posts)
 
         if expect.decision != FORWARDED:
             assert row["decision"] == expect.decision, (call, row, expect)
             # Refused, replayed or deduplicated: no money moved; a dead key reached nothing.
             assert not new_moved, (expect.decision, new_moved)
-            if expect.decision in DEAD or (expect.decision != "in_progress" and not call.looks_up):
+            assert not posts, (expect.decision, posts)
+            looked_up = w.model.looks_up(call, w.model.keys[call.key])
+            if expect.decision in DEAD or (expect.decision != "in_progress" and not looked_up):
                 assert not new_sent, (expect.decision, new_sent)
+            if expect.decision == CONSTRAINT_VIOLATED:
+                assert answer.status_code == 403, answer.text
+                assert answer.headers["x-keybrake-code"] == "keybrake_constraint_violated"
+                assert not _micros(row["reserved_usd"]) and not _micros(row["settled_usd"]), row
             if expect.decision in ("replayed", "deduplicated") and expect.prior is not None:
                 sent.response_id = (
                     expect.prior.answer if isinstance(expect.prior.answer, str) else None
@@ -902,6 +1038,84 @@ class MoneyMachine(RuleBasedStateMachine):
             w.model.remember(call, now, call_id, "answered", forward_key, sent.response_id)
         assert answer.status_code < 500, (answer.status_code, answer.text)
         return sent
+
+    def _subjects(self, call: Call) -> None:
+        """Whom `call` pays or messages (docs/guarantees.md, section 6), by field, as the model
+        reads each endpoint: a created intent's customer and currency (its body's); an update's,
+        action's or refund's intent's customer (held by the vendor now) and an update's new one,
+        and the intent's currency when the call is priced; a message's `To`; every to, cc and
+        bcc address of every email."""
+        if call.vendor == "twilio":
+            fields = parse_qsl(call.body.decode())
+            call.subjects = {"recipients": tuple(v for k, v in fields if k == "To")}
+            return
+        if call.vendor == "resend":
+            body = json.loads(call.body)
+            emails = body if isinstance(body, list) else [body]
+            call.subjects = {
+                "recipient_domains": tuple(
+                    address
+                    for email in emails
+                    for name in ("to", "cc", "bcc")
+                    for address in email.get(name, ())
+                )
+            }
+            return
+        named = dict(parse_qsl(call.body.decode()))
+        parts = call.path.strip("/").split("/")
+        if parts == ["v1", "payment_intents"]:
+            call.subjects = {
+                "customers": (named.get("customer"),),
+                "currencies": (named["currency"],),
+            }
+            return
+        call.acts_on = named["payment_intent"] if parts[1] == "refunds" else parts[2]
+        intent = self.world.vendors.intents[call.acts_on]
+        customers: tuple[str | None, ...] = (intent.customer,)
+        if len(parts) == 3 and "customer" in named:  # an update
+            customers = (*customers, named["customer"])
+        call.subjects = {"customers": customers}
+        if call.priced:
+            call.subjects["currencies"] = (intent.currency,)
+
+    def _within_constraints(self, key_id: str, requests: list[billing.Sent]) -> None:
+        """Each of `requests`, received by a vendor for a call of `key_id`, paid or messaged
+        only whom the key's and its budget's constraints admit (whoever it was: the vendor's
+        record, not the proxy's reading)."""
+        w = self.world
+        key = w.model.keys[key_id]
+        for constraints in w.model.layers(key):
+            for name, allowed in constraints.items():
+                if name not in CONSTRAINT_FIELDS[key.vendor]:
+                    continue
+                for request in requests:
+                    for value in request.touched.get(name, ()):
+                        assert admits(name, allowed, value), (
+                            f"{request.method} {request.path} for {key_id} reached {key.vendor} "
+                            f"with {name} {value!r}, outside {allowed}"
+                        )
+
+    @invariant()
+    def nothing_outside_a_constraint_reaches_a_vendor(self) -> None:
+        w = self.world
+        for key_id, request in w.delivered:
+            self._within_constraints(key_id, [request])
+
+    @rule(
+        target=intents,
+        cents=AMOUNTS,
+        customer=CUSTOMERS,
+        currency=CURRENCIES,
+        manual=st.booleans(),
+    )
+    def an_intent_made_elsewhere(
+        self, cents: int, customer: str | None, currency: str, manual: bool
+    ) -> str:
+        """An intent made on the account without the proxy (the dashboard, another system),
+        for any customer: a key that moves its money pays it in full, and may only if its
+        constraints admit the intent's customer and currency."""
+        capture = "manual" if manual else "automatic"
+        return self.world.vendors.create_intent(cents, currency, customer, capture).id
 
     def _post(self, call: Call) -> Any:
         w = self.world
@@ -965,9 +1179,12 @@ class MoneyMachine(RuleBasedStateMachine):
         w = self.world
         if not w.model.keys:
             return
-        rows = w.client.get("/vault/audit", params={"limit": 5000}).json()["data"]
+        params = {"limit": 5000, "after_id": w.audit_floor}
+        rows = w.client.get("/vault/audit", params=params).json()["data"]
         counted: dict[str, int] = defaultdict(int)
         for row in rows:
+            if row["decision"] == CONSTRAINT_VIOLATED:  # refused before its reservation
+                assert not _micros(row["reserved_usd"]) and not _micros(row["settled_usd"]), row
             if row["key_id"] in w.model.keys:
                 counted[row["key_id"]] += _micros(row["settled_usd"])
                 if row["decision"] == "in_flight":
@@ -1056,6 +1273,19 @@ def _looser(
     )
 
 
+def _constraints_into(
+    body: dict[str, Any], drawn: Constraints | None, vendor: str | None
+) -> Constraints | None:
+    """The constraints drawn, of `vendor`'s fields (a key's) or any (a budget's, vendor None),
+    put into an issue's body; None when none are left."""
+    fields = CONSTRAINT_FIELDS.get(vendor or "", tuple(CONSTRAINT_VALUES))
+    kept = {name: values for name, values in (drawn or {}).items() if name in fields}
+    if not kept:
+        return None
+    body["constraints"] = {"mode": "enforce", **{name: list(v) for name, v in kept.items()}}
+    return kept
+
+
 def _caps_into(body: dict[str, Any], *, daily: int | None, total: int | None) -> None:
     for name, value in (("daily_usd_cap", daily), ("total_usd_cap", total)):
         if value is not None:
@@ -1112,6 +1342,8 @@ def machine_for(database: str, tmp_path: Path) -> type[MoneyMachine]:
             url = database if database.startswith("postgres") else f"sqlite:///{tmp_path}/m{n}.db"
             clock = Clock()
             vendors = billing.BillingUpstream()
+            pricing = tmp_path / "pricing.toml"  # eur, and the UK at the US rate
+            pricing.write_text(billing.PRICING)
             store = FlakyStore(open_store(url))
             app_settings = Settings(
                 api_key=ADMIN,
@@ -1123,11 +1355,14 @@ def machine_for(database: str, tmp_path: Path) -> type[MoneyMachine]:
                 twilio_api_base=billing.TWILIO,
                 resend_api_key=billing.RESEND_SECRET,
                 resend_api_base=billing.RESEND,
+                pricing_file=pricing,
             )
             app = build_app(app_settings, clock=clock, store=store, upstream=vendors)  # type: ignore[arg-type]
             client = TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"})
             client.__enter__()
             self.world = World(client, clock, vendors, store)
+            newest = client.get("/vault/audit", params={"limit": 1}).json()["data"]
+            self.world.audit_floor = newest[0]["id"] if newest else 0
 
         def teardown(self) -> None:
             self.world.client.__exit__(None, None, None)
@@ -1158,6 +1393,7 @@ def test_the_proxy_keeps_the_money_model(database: str, tmp_path: Path) -> None:
 # items dropped from the dedupe token, lookups before the revocation check, the daily cap's <=
 # flipped, one email per request, a patch checked field by field), kept as explicit regression
 # examples: each runs every invariant after every step.
+_CUS_A: Constraints = {"customers": ("cus_a",)}
 REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "another run's key confirms what it did not pay for": [
         ("issue_stripe_key", {"daily": 20_000_000, "total": None, "budget": None}),
@@ -1197,6 +1433,55 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
             },
         ),
     ],
+    # Constraints (docs/guarantees.md, section 6), each broken by `_constrain` forwarding all.
+    "a key held to one customer confirms another's intent": [
+        ("issue_stripe_key", {"daily": 20_000_000, "total": None, "budget": None}),
+        (
+            "issue_stripe_key",
+            {"daily": 20_000_000, "total": None, "budget": None, "constrain": _CUS_A},
+        ),
+        (
+            "pay_then_move",
+            {
+                "payer": 0,
+                "mover": 1,
+                "cents": 500,
+                "manual": False,
+                "later": 0,
+                "customer": "cus_b",
+            },
+        ),
+    ],
+    "a key held to one customer moves its intent to another": [
+        (
+            "issue_stripe_key",
+            {"daily": 20_000_000, "total": None, "budget": None, "constrain": _CUS_A},
+        ),
+        (
+            "create_intent",
+            {"key": 0, "cents": 500, "manual": False, "item": None, "pod": "p"}
+            | {"idempotency": "none", "customer": "cus_a"},
+        ),
+        ("update_an_intent", {"key": 0, "intent": 0, "cents": None, "customer": "cus_b"}),
+    ],
+    "a key on a budget held to London numbers texts New York": [
+        (
+            "issue_budget",
+            {"daily": None, "total": 5_000_000, "hours": 5}
+            | {"constrain": {"recipients": ("+4420*",)}},
+        ),
+        ("issue_twilio_key", {"daily": 1_000_000, "total": None, "budget": 0}),
+        ("text", {"key": 0, "length": 5, "item": "x", "to": "+442071838750"}),
+        ("text", {"key": 0, "length": 5, "item": "x", "to": "+15005550006"}),
+    ],
+    "an email copied to a subdomain": [
+        (
+            "issue_resend_key",
+            {"daily": 1_000_000, "total": None, "budget": None}
+            | {"constrain": {"recipient_domains": ("Example.COM",)}},
+        ),
+        ("email", {"key": 0, "recipients": [1], "batch": True, "copied": ["x@mail.example.com"]}),
+    ],
 }
 _KEY_DEFAULTS = {
     "per_call": None,
@@ -1204,30 +1489,36 @@ _KEY_DEFAULTS = {
     "dedupe": 600,
     "hours": 5,
     "connected": False,
+    "constrain": None,
 }
 
 
 @pytest.mark.parametrize("name", list(REGRESSIONS))
 def test_a_sequence_that_once_broke_a_rule(name: str, tmp_path: Path) -> None:
     machine = machine_for(f"sqlite:///{tmp_path}/r.db", tmp_path)()
-    keys: list[str] = []
+    made_by: dict[str, list[str]] = {"key": [], "intent": [], "budget": []}
+    roles = {"key": "key", "payer": "key", "mover": "key", "intent": "intent", "budget": "budget"}
     invariants = [
         machine.money_stays_within_every_cap,
         machine.an_issuers_keys_stay_within_its_policy,
         machine.the_proxy_counts_what_the_model_counts,
         machine.the_audit_rows_add_up_to_what_is_counted,
+        machine.nothing_outside_a_constraint_reaches_a_vendor,
     ]
     try:
         for step, arguments in REGRESSIONS[name]:
             given = dict(arguments)
-            for role in ("key", "payer", "mover"):
-                if role in given:
-                    given[role] = keys[given[role]]
+            for role, kind in roles.items():
+                if given.get(role) is not None:
+                    given[role] = made_by[kind][given[role]]
             if step.startswith("issue_") and step.endswith("_key"):
                 given = {**_KEY_DEFAULTS, **given}
             made = getattr(machine, step)(**given)
-            if step.endswith("_key") and isinstance(made, str):
-                keys.append(made)
+            if isinstance(made, str):
+                kind = (
+                    "key" if step.endswith("_key") else "budget" if "budget" in step else "intent"
+                )
+                made_by[kind].append(made)
             for check in invariants:
                 check()
     finally:
