@@ -44,7 +44,7 @@ from keybrake.adopt.workflows import (
     yaml_round_trip,
 )
 from keybrake.adopt.yaml_bound import TooManyAliasNodes
-from keybrake.proxy.constraints import FIELDS, parse_constraints
+from keybrake.proxy.constraints import FIELDS, VENDOR_FIELDS, parse_constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import KeybrakeError
 from keybrake.proxy.money import parse_duration
@@ -475,8 +475,8 @@ def _check_constraints(workflow: Workflow, vendors: list[str], options: WrapOpti
     must be of its vendor (the proxy refuses the key otherwise), and a budget's field of no
     vendor of the run would check nothing."""
     for name in sorted(set(options.constraints or {}) & set(FIELDS)):
-        if not any(name in VENDOR_FACTS[vendor].constraint_fields for vendor in vendors):
-            of = [v for v in VENDOR_NAMES if name in VENDOR_FACTS[v].constraint_fields]
+        if not any(name in VENDOR_FIELDS[vendor] for vendor in vendors):
+            of = [v for v in VENDOR_NAMES if name in VENDOR_FIELDS[v]]
             raise WrapError(
                 f"--constraint {name}: a constraint of {' and '.join(of)} calls, "
                 f"and the pods of {workflow.title} call {' and '.join(vendors)} only"
@@ -488,7 +488,7 @@ def _said_constraints(vendor: str, options: WrapOptions) -> str:
     held = [
         f"{name} {', '.join(values)}"
         for name, values in (options.constraints or {}).items()
-        if name in VENDOR_FACTS[vendor].constraint_fields
+        if name in VENDOR_FIELDS[vendor]
     ]
     if not held:
         return ""

@@ -20,11 +20,14 @@ from keybrake.proxy.vendor_facts import VENDOR_NAMES
 __all__ = [
     "AlertAtOption",
     "ConstraintModeOption",
+    "ConstraintOption",
     "DailyCapOption",
     "LabelOption",
     "NewDailyCapOption",
     "NewExpiresInOption",
+    "NewTotalCapOption",
     "ReasonOption",
+    "TotalCapOption",
     "caps_patch",
     "constraint_option",
     "constraints",
@@ -52,6 +55,10 @@ DailyCapOption = Annotated[
 def total_cap_option(help: str) -> Any:
     """`--total-usd-cap`: dollars over a key's or a budget's whole life (`dollars` reads it)."""
     return typer.Option("--total-usd-cap", help=help)
+
+
+TotalCapOption = Annotated[str | None, total_cap_option("Dollars over its whole life.")]
+NewTotalCapOption = Annotated[str | None, total_cap_option("New cap over its whole life.")]
 
 
 def meta_option(help: str) -> Any:
@@ -146,6 +153,16 @@ def constraint_option(help: str) -> Any:
         "--constraint", metavar="FIELD=VALUES", help=f"{help} Fields: {_FIELDS_HELP}."
     )
 
+
+# On what issues a key or budget (keys issue, budgets create, issuers create): the constraints
+# it is held to, fixed at issue (an issuer's bound what it issues).
+ConstraintOption = Annotated[
+    list[str] | None,
+    constraint_option(
+        "FIELD=VALUE[,VALUE...]: whom its calls may pay or message, e.g. customers=cus_1,cus_2, "
+        "or how fast (max_calls_per_minute=60); repeatable; fixed at issue."
+    ),
+]
 
 ConstraintModeOption = Annotated[
     str | None,

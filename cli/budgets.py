@@ -43,23 +43,14 @@ BudgetIdArgument = Annotated[str, options.id_argument("budget", "The budget id (
 )
 def create(
     label: options.LabelOption,
-    total_usd_cap: Annotated[
-        str | None, options.total_cap_option("Dollars over the run's whole life.")
-    ] = None,
+    total_usd_cap: options.TotalCapOption = None,
     daily_usd_cap: options.DailyCapOption = None,
     expires_in: Annotated[str, options.expires_in_option("90s, 30m, 2h, 7d.")] = "1h",
     meta: Annotated[
         list[str] | None, options.meta_option("key=value stored with it; repeatable.")
     ] = None,
     alert_at: options.AlertAtOption = None,
-    constraint: Annotated[
-        list[str] | None,
-        options.constraint_option(
-            "FIELD=VALUE[,VALUE...]: whom the calls of every key on it may pay or message; "
-            "repeatable; any vendor's fields (each key is held to its own vendor's); fixed at "
-            "creation."
-        ),
-    ] = None,
+    constraint: options.ConstraintOption = None,
     constraint_mode: options.ConstraintModeOption = None,
     quiet: Annotated[bool, options.quiet_option("Print only the budget id.")] = False,
     output: OutputOption = None,
@@ -143,9 +134,7 @@ def revoke(
 def patch(
     budget_id: BudgetIdArgument,
     reason: options.ReasonOption,
-    total_usd_cap: Annotated[
-        str | None, options.total_cap_option("New cap over the run's life.")
-    ] = None,
+    total_usd_cap: options.NewTotalCapOption = None,
     daily_usd_cap: options.NewDailyCapOption = None,
     expires_in: options.NewExpiresInOption = None,
     output: OutputOption = None,

@@ -127,13 +127,7 @@ def create(
             help="Make a token (default: only without a Kubernetes binding).",
         ),
     ] = None,
-    constraint: Annotated[
-        list[str] | None,
-        options.constraint_option(
-            "FIELD=VALUE[,VALUE...]: what its keys and budgets may pay or message at most; one "
-            "issued without constraints gets these; repeatable."
-        ),
-    ] = None,
+    constraint: options.ConstraintOption = None,
     constraint_mode: options.ConstraintModeOption = None,
     quiet: Annotated[bool, options.quiet_option("Print only the token.")] = False,
     output: OutputOption = None,

@@ -52,9 +52,7 @@ def issue(
     ],
     label: options.LabelOption,
     daily_usd_cap: options.DailyCapOption = None,
-    total_usd_cap: Annotated[
-        str | None, options.total_cap_option("Dollars over the key's whole life.")
-    ] = None,
+    total_usd_cap: options.TotalCapOption = None,
     budget: Annotated[
         str | None, typer.Option("--budget", help="A budget (bg_...) the key also draws on.")
     ] = None,
@@ -80,13 +78,7 @@ def issue(
         str | None, typer.Option("--dedupe-window", help="Replay identical priced calls; 0 = off.")
     ] = None,
     alert_at: options.AlertAtOption = None,
-    constraint: Annotated[
-        list[str] | None,
-        options.constraint_option(
-            "FIELD=VALUE[,VALUE...]: whom its calls may pay or message, e.g. "
-            "customers=cus_1,cus_2; repeatable; fixed at issue."
-        ),
-    ] = None,
+    constraint: options.ConstraintOption = None,
     constraint_mode: options.ConstraintModeOption = None,
     quiet: Annotated[bool, options.quiet_option("Print only the vault key.")] = False,
     output: BriefOutputOption = None,
@@ -191,9 +183,7 @@ def patch(
     key_id: Annotated[str, options.id_argument("key", "The key id (vk_...).")],
     reason: options.ReasonOption,
     daily_usd_cap: options.NewDailyCapOption = None,
-    total_usd_cap: Annotated[
-        str | None, options.total_cap_option("New cap over the key's life.")
-    ] = None,
+    total_usd_cap: options.NewTotalCapOption = None,
     max_usd_per_caller: Annotated[
         str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
     ] = None,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from keybrake.proxy.errors import Unreadable  # from the one tree; exported here too
-from keybrake.proxy.vendor_facts import VENDOR_FACTS
+from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO
 
 __all__ = [
     "FIELDS",
@@ -47,7 +47,9 @@ __all__ = [
 # The fields each vendor's calls are checked against; a budget may hold any of them, and each
 # call is checked against its own vendor's.
 VENDOR_FIELDS: dict[str, tuple[str, ...]] = {
-    name: facts.constraint_fields for name, facts in VENDOR_FACTS.items()
+    STRIPE.name: ("currencies", "customers", "destinations"),
+    TWILIO.name: ("recipients", "senders"),
+    RESEND.name: ("recipient_domains", "senders"),
 }
 FIELDS = ("currencies", "customers", "destinations", "recipients", "recipient_domains", "senders")
 MODES = ("enforce", "report")

@@ -9,7 +9,7 @@ import json
 import re
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -137,6 +137,16 @@ def _constraints(value: dict[str, Any] | None, vendor: str | None = None) -> dic
     return None if value is None else parse_constraints(value, vendor=vendor).as_json()
 
 
+_Constrained = TypeVar("_Constrained", "BudgetCreate", "IssuerCreate")
+
+
+def _any_vendors_constraints(model: _Constrained) -> _Constrained:
+    """A budget's or an issuer's constraints, canonical: any vendor's fields (a model validator,
+    so that a bad entry's message names it as the body's `constraints.<field>`)."""
+    model.constraints = _constraints(model.constraints)
+    return model
+
+
 def _small_json(value: dict[str, Any]) -> dict[str, Any]:
     text = json.dumps(value)
     if len(text) > 4096:
@@ -246,10 +256,7 @@ class BudgetCreate(BaseModel):
     _namespace = field_validator("namespace")(_namespace)
     _metadata = field_validator("metadata")(_small_json)
 
-    @model_validator(mode="after")
-    def _any_constraints(self) -> BudgetCreate:
-        self.constraints = _constraints(self.constraints)
-        return self
+    _any_constraints = model_validator(mode="after")(_any_vendors_constraints)
 
     @model_validator(mode="after")
     def _some_cap(self) -> BudgetCreate:
@@ -488,10 +495,7 @@ class IssuerCreate(BaseModel):
     def _ttl(cls, value: str | None) -> str | None:
         return None if value is None else _duration(value)
 
-    @model_validator(mode="after")
-    def _any_constraints(self) -> IssuerCreate:
-        self.constraints = _constraints(self.constraints)
-        return self
+    _any_constraints = model_validator(mode="after")(_any_vendors_constraints)
 
     @model_validator(mode="after")
     def _token(self) -> IssuerCreate:

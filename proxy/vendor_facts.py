@@ -81,8 +81,6 @@ class VendorFacts:
     # The request headers naming another account a call acts on (Stripe's connected accounts):
     # part of what a call is, and what a key's `allowed_accounts` allows. None: no such accounts.
     account_headers: tuple[str, ...] = ()
-    # The spend constraints its calls are checked against (`keybrake.proxy.constraints`).
-    constraint_fields: tuple[str, ...] = ()
 
 
 STRIPE = VendorFacts(
@@ -91,7 +89,6 @@ STRIPE = VendorFacts(
     SdkVariables("STRIPE_SECRET_KEY", "STRIPE_BASE_URL"),
     usual_endpoints=("POST /v1/payment_intents",),
     account_headers=("stripe-account", "stripe-context"),
-    constraint_fields=("currencies", "customers", "destinations"),
 )
 TWILIO = VendorFacts(
     "twilio",
@@ -107,14 +104,12 @@ TWILIO = VendorFacts(
         fixed=(("TWILIO_ACCOUNT_SID", TWILIO_PLACEHOLDER_SID),),
     ),
     usual_endpoints=(f"POST /{TWILIO_API_VERSION}/Accounts/*/Messages.json",),
-    constraint_fields=("recipients", "senders"),
 )
 RESEND = VendorFacts(
     "resend",
     ProxySettings("resend_api_key", "resend_api_base", "https://api.resend.com"),
     SdkVariables("RESEND_API_KEY", "RESEND_API_URL"),
     usual_endpoints=("POST /emails",),
-    constraint_fields=("recipient_domains", "senders"),
 )
 
 VENDOR_FACTS: dict[str, VendorFacts] = {facts.name: facts for facts in (STRIPE, TWILIO, RESEND)}

@@ -109,7 +109,7 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.vendors.sms": "GSM7_BASIC GSM7_EXTENSION Segments sms_segments",
     "keybrake.proxy.vendors.stripe": "Stripe",
     "keybrake.proxy.vendors.twilio": "PLACEHOLDER_SID Twilio",
-    "keybrake.proxy.vendors.unit_prices": """flat_cost parse_price unpriced validate_endpoints
+    "keybrake.proxy.vendors.unit_prices": """flat_rule parse_price unpriced validate_endpoints
         validate_price_table validate_section""",
     # keybrake.cli: its commands are typer apps, run through `keybrake.cli.main`
     "keybrake.cli": None,

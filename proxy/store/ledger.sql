@@ -109,6 +109,7 @@ DECLARE
     need bigint;
     retry integer;
     rate_noted boolean := false;
+    note text;  -- the audit row's `reported`, when a report-only policy saw something
     d text := 'forwarded';
     prior record;
     prior_kind text;
@@ -292,6 +293,10 @@ BEGIN
         UPDATE usage_counts SET cap_hits = cap_hits + 1
          WHERE owner_id IN (p_key_id, p_budget_id);
     END IF;
+    IF p_report IS NOT NULL OR (rate_noted AND d = 'forwarded') THEN
+        note := concat_ws('; ', p_report,
+                          CASE WHEN rate_noted AND d = 'forwarded' THEN '{{ rate_note }}' END);
+    END IF;
     INSERT INTO audit (ts, key_id, label, vendor, method, path, status, decision,
                        reserved_micros, amount, currency, idempotency_key, caller_tag,
                        budget_id, reported)
@@ -299,10 +304,7 @@ BEGIN
             coalesce(rep_status, {{ status_of_d }}),
             CASE WHEN d = 'forwarded' THEN 'in_flight' ELSE d END,
             CASE WHEN d = 'forwarded' THEN cost ELSE 0 END,
-            p_amount, p_currency, p_idem, p_tag, p_budget_id,
-            nullif(concat_ws('; ', p_report,
-                             CASE WHEN rate_noted AND d = 'forwarded'
-                                  THEN '{{ rate_note }}' END), ''))
+            p_amount, p_currency, p_idem, p_tag, p_budget_id, note)
     RETURNING id INTO aid;
     IF d = 'forwarded' AND (p_idem IS NOT NULL OR p_dedupe) THEN
         INSERT INTO replays (key_id, kind, token, request_hash, created_at, audit_id,
@@ -318,10 +320,7 @@ BEGIN
     END IF;
     RETURN QUERY SELECT d, aid, rep_status, rep_headers, rep_body, fwd, prior_id,
                         CASE WHEN d = 'forwarded' THEN cost ELSE 0::bigint END,
-                        CASE WHEN d = 'rate_limited' THEN retry END,
-                        nullif(concat_ws('; ', p_report,
-                                         CASE WHEN rate_noted AND d = 'forwarded'
-                                              THEN '{{ rate_note }}' END), '');
+                        CASE WHEN d = 'rate_limited' THEN retry END, note;
 END
 $fn$;
 

@@ -40,7 +40,7 @@ from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import RESEND
 from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, default_settle
 from keybrake.proxy.vendors.bodies import parse_json, read_json
-from keybrake.proxy.vendors.unit_prices import flat_cost, parse_price, unpriced, validate_section
+from keybrake.proxy.vendors.unit_prices import flat_rule, parse_price, unpriced, validate_section
 
 __all__ = ["Resend"]
 
@@ -128,10 +128,7 @@ class Resend(Vendor):
             return self._emails(recipients(emails, "the email"))
         if rule == "batch":
             return self._emails(sum(batch_recipients(emails)))
-        flat = flat_cost(rule)
-        if flat is None:
-            raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
-        return flat
+        return flat_rule(rule, call)
 
     async def subjects(
         self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]

@@ -38,7 +38,7 @@ from keybrake.proxy.vendors.base import FREE, Cost, Lookup, Vendor, VendorCall, 
 from keybrake.proxy.vendors.bodies import FormBody, read_form
 from keybrake.proxy.vendors.sms import sms_segments
 from keybrake.proxy.vendors.unit_prices import (
-    flat_cost,
+    flat_rule,
     parse_price,
     unpriced,
     validate_price_table,
@@ -135,10 +135,7 @@ class Twilio(Vendor):
             return FREE
         if rule == "message":
             return self._message(read_form(call.headers, call.query, call.body, "a message"))
-        flat = flat_cost(rule)
-        if flat is None:
-            raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
-        return flat
+        return flat_rule(rule, call)
 
     async def subjects(
         self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]

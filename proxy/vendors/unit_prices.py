@@ -18,7 +18,7 @@ from keybrake.proxy.pricing import PricingEntryError, Unpriceable
 from keybrake.proxy.vendors.base import Cost, VendorCall
 
 __all__ = [
-    "flat_cost",
+    "flat_rule",
     "parse_price",
     "unpriced",
     "validate_endpoints",
@@ -110,11 +110,11 @@ def validate_endpoints(section: Mapping[str, Any], rules: frozenset[str]) -> Non
             )
 
 
-def flat_cost(rule: Any) -> Cost | None:
-    """The cost of a flat-priced endpoint (`{ usd = "0.25" }`), None for any other rule."""
+def flat_rule(rule: Any, call: VendorCall) -> Cost:
+    """The cost of a flat-priced endpoint (`{ usd = "0.25" }`); any other rule is unknown here."""
     if isinstance(rule, Mapping) and "usd" in rule:
         return Cost(usd_to_micros(Decimal(str(rule["usd"]))), priced=True)
-    return None
+    raise Unpriceable(f"unknown pricing rule {rule!r} for {call.method} {call.path}")
 
 
 def unpriced(vendor: str, call: VendorCall, example: str) -> Unpriceable:

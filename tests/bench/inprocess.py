@@ -143,6 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "expires_in": "2h",
                 "agent_run_label": "argo/bench-inprocess",
                 "dedupe_window": "0",  # as the wrk bench: distinct bodies, no replays
+                **({"constraints": json.loads(args.constraints)} if args.constraints else {}),
             }
         ).encode(),
     )
@@ -155,7 +156,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     async def one(index: int) -> int:
-        form = f"amount={100 + index % 900}&currency=usd&description=bench-{index}".encode()
+        form = (
+            f"amount={100 + index % 900}&currency=usd&customer=cus_bench&description=bench-{index}"
+        ).encode()
         status, _ = await _call(app, "POST", "/stripe/v1/payment_intents", headers, form)
         return status
 
@@ -204,6 +207,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the rounds")
+    parser.add_argument(
+        "--constraints",
+        metavar="JSON",
+        help='the key\'s constraints, e.g. {"customers": ["cus_bench"], "max_calls_per_minute": '
+        "1000000} (each call names customer cus_bench, constrained or not)",
+    )
     parser.add_argument(
         "--upstream",
         metavar="URL",
