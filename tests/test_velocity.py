@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import typer
 from starlette.testclient import TestClient
 
 from tests.inproc import Clock, StubUpstream, app_client, issue
@@ -156,3 +157,16 @@ def test_report_mode_changes_no_outcome_but_the_refusals_it_reports(
             assert statuses == [200, 200, 200, 429, 429]  # the daily cap ($3) is not reported
         info = client.get(f"/vault/keys/{key['key_id']}").json()
         assert info["spent_usd"] == ("2.00" if mode == "enforce" else "3.00")
+
+
+def test_the_cli_takes_a_call_rate_as_a_constraint() -> None:
+    from keybrake.cli import _options as options
+
+    assert options.constraints(["max_calls_per_minute=60", "customers=cus_1"], "report") == {
+        "mode": "report",
+        "max_calls_per_minute": 60,
+        "customers": ["cus_1"],
+    }
+    with pytest.raises(typer.Exit) as exited:
+        options.constraints(["max_calls_per_minute=sixty"], None)
+    assert exited.value.exit_code == 2
