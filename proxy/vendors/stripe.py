@@ -215,7 +215,9 @@ class Stripe(Vendor):
                 if charge is None and intent is None:
                     raise Unreadable("customers", "customers: the refund names no charge")
                 ref_kind, ref = ("charges", charge) if charge else ("payment_intents", intent)
-                obj = await _fetch(lookup, ref_kind, ref or "")
+                # As the price read it (`_refund`), so the one lookup serves both.
+                expand = "?expand[]=latest_charge" if ref_kind == "payment_intents" else ""
+                obj = await _fetch(lookup, ref_kind, ref or "", expand)
                 found = obj.get("customer")
                 if found is None:
                     raise Unreadable("customers", "customers: the refunded payment has none")

@@ -7,7 +7,8 @@ Units: micro-dollars (integers). Time: UTC datetimes; the rolling window is kept
 buckets (guarantees, section 3): a check at t counts every bucket from the one holding t - 24h.
 
 Constraints (guarantees, section 6) are restated for the fields the model draws: Stripe's
-`customers` and `currencies`, Twilio's `recipients`, Resend's `recipient_domains`.
+`customers` and `currencies`, Twilio's `recipients`, Resend's `recipient_domains`; and call rates
+(`max_calls_per_minute`, "How fast: call rates"), in `enforce` or `report` mode ("Report-only").
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ REPLAY_RETENTION = timedelta(hours=24)
 FORWARDED = "forwarded"
 DEAD = ("revoked", "expired", "budget_revoked", "budget_expired")
 CONSTRAINT_VIOLATED = "constraint_violated"
+RATE_LIMITED = "rate_limited"
+# Section 6, "How fast": a rate counts the calls that reached a vendor in the current second and
+# the 60 before it (so no 60 seconds ever hold more than the limit).
+RATE_SECONDS = 60
+RATE_NOTE = "rate_limited: over max_calls_per_minute"
 
 # Section 6: the constrained fields a call to each vendor is checked against (of those the model
 # draws). A budget may hold any vendor's; a call is held to its own vendor's only.
@@ -106,6 +112,10 @@ def floor_of(now: datetime) -> int:
     return bucket(now - timedelta(hours=24))
 
 
+def seconds(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(seconds=1)
+
+
 @dataclass
 class Key:
     id: str
@@ -121,6 +131,8 @@ class Key:
     issuer: str | None = None  # None: the admin issued it
     accounts: tuple[str, ...] = ()  # connected accounts it may act on (Stripe-Account)
     constraints: Constraints | None = None
+    rate: int | None = None  # max_calls_per_minute
+    report: bool = False  # its constraints (rate included) are report-only
 
 
 @dataclass
@@ -132,6 +144,8 @@ class Budget:
     revoked: bool = False
     issuer: str | None = None
     constraints: Constraints | None = None
+    rate: int | None = None
+    report: bool = False
 
 
 @dataclass
@@ -229,6 +243,10 @@ class Admission:
     cost: int = 0
     prior: Prior | None = None
     forward_key: str | None = None  # a retry of a cut-off call goes out with its first key
+    retry_after: int | None = None  # rate_limited: seconds until the call fits
+    lookups: int = 0  # lookups that reached the vendor (and were counted) for it
+    # What report-only policies would have refused it for: "constraint", "rate", in that order.
+    reported: tuple[str, ...] = ()
 
 
 @dataclass
@@ -254,6 +272,9 @@ class Model:
         field(default_factory=dict)
     )
     in_flight: dict[int, tuple[datetime, Call, int]] = field(default_factory=dict)
+    # owner (key or budget id) -> the seconds (since the epoch) of each call of its that reached
+    # a vendor: forwarded calls and the proxy's lookups with the real key.
+    reached: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -294,15 +315,17 @@ class Model:
 
     # -- deciding --------------------------------------------------------------------------------
 
-    def layers(self, key: Key) -> list[Constraints]:
-        """The constraints a key's calls are held to: its own, and its budget's."""
-        found = [key.constraints] + ([self.budgets[key.budget].constraints] if key.budget else [])
+    def layers(self, key: Key, *, enforced: bool = True) -> list[Constraints]:
+        """The constraints a key's calls are held to: its own, and its budget's (`enforced`:
+        only those that refuse; else the report-only ones)."""
+        owners: list[Key | Budget] = [key] + ([self.budgets[key.budget]] if key.budget else [])
+        found = [o.constraints for o in owners if o.report != enforced]
         return [c for c in found if c is not None]
 
-    def outside(self, call: Call, key: Key) -> bool:
+    def outside(self, call: Call, key: Key, *, enforced: bool = True) -> bool:
         """Section 6: a value the call names, of a field its vendor's calls are checked against,
-        that the key's or its budget's constraints do not admit."""
-        for constraints in self.layers(key):
+        that the key's or its budget's (enforced, or report-only) constraints do not admit."""
+        for constraints in self.layers(key, enforced=enforced):
             for name, allowed in constraints.items():
                 if name not in CONSTRAINT_FIELDS[call.vendor]:
                     continue  # (a budget's constraint on another vendor's calls)
@@ -310,23 +333,110 @@ class Model:
                     return True
         return False
 
-    def looks_up(self, call: Call, key: Key) -> bool:
+    def looks_up(self, call: Call, key: Key, *, reports: bool = True) -> bool:
         """Whether the proxy reads the call's object at the vendor before admitting it: to price
-        it, or for the customer a customers constraint is checked against."""
-        constrained = {name for c in self.layers(key) for name in c}
+        it, or for the customer a customers constraint (enforced or, with `reports`,
+        report-only) is checked against."""
+        layers = self.layers(key) + (self.layers(key, enforced=False) if reports else [])
+        constrained = {name for c in layers for name in c}
         return call.looks_up or (call.acts_on is not None and "customers" in constrained)
 
-    def decide(self, call: Call, now: datetime) -> Admission:
+    def lookups(self, call: Call, key: Key, *, reports: bool = True) -> int:
+        """How many lookups the proxy makes for the call: one object, read once for its price
+        and its constraints alike (docs/guarantees.md section 6)."""
+        return 1 if self.looks_up(call, key, reports=reports) else 0
+
+    # -- call rates (section 6, "How fast") -------------------------------------------------------
+
+    def rated(self, key: Key) -> list[Key | Budget]:
+        """The key and its budget, those with a call rate, the key first."""
+        owners: list[Key | Budget] = [key] + ([self.budgets[key.budget]] if key.budget else [])
+        return [o for o in owners if o.rate is not None]
+
+    def in_rate_window(self, owner: str, second: int, extra: int = 0) -> list[int]:
+        """The seconds of the owner's calls at a vendor that its rate counts at `second` (and
+        `extra` more, made now)."""
+        return sorted(
+            [s for s in self.reached[owner] if s >= second - RATE_SECONDS] + [second] * extra
+        )
+
+    def rate_check(
+        self, key: Key, now: datetime, *, extra: int = 0, reports: bool = True
+    ) -> tuple[int | None, bool]:
+        """One more call at a vendor for `key` now (after `extra` uncommitted ones): (seconds
+        until it fits, when an enforced rate is full, else None; whether a report-only rate is
+        full). A call fits when count + 1 <= limit; it fits later once the oldest calls that
+        must leave the window have left it (each leaves RATE_SECONDS + 1 seconds after it)."""
+        second = seconds(now)
+        wait: int | None = None
+        noted = False
+        for owner in self.rated(key):
+            if owner.report and not reports:
+                continue
+            counted = self.in_rate_window(owner.id, second, extra)
+            assert owner.rate is not None
+            if len(counted) + 1 <= owner.rate:
+                continue
+            if owner.report:
+                noted = True
+                continue
+            # The oldest (len + 1 - limit) calls must leave: the last of them decides.
+            leaving = counted[len(counted) - owner.rate] if owner.rate > 0 else second
+            fits = max(1, leaving + RATE_SECONDS + 1 - second)
+            wait = fits if wait is None else max(wait, fits)
+        return wait, noted
+
+    def count_call(self, key: Key, now: datetime) -> None:
+        for owner in (key.id, key.budget):
+            if owner is not None:
+                self.reached[owner].append(seconds(now))
+
+    def decide(
+        self, call: Call, now: datetime, *, reports: bool = True, commit: bool = True
+    ) -> Admission:
+        """The proxy's decision for `call` now. `reports=False`: as if the key's and its budget's
+        report-only constraints (their rates included) were not there. `commit`: count the
+        lookups it makes (they reach the vendor whatever is decided after)."""
         key = self.keys[call.key]
         if call.account is not None and call.account not in key.accounts:
             return Admission("account_denied")  # the key's scope, read before its life
         dead = self.dead(key, now)
+        lookups = 0
+        reported: list[str] = []
         # A dead key reaches no vendor (section 5): a lookup reads its life first. A call that
         # looks nothing up is checked against its constraints before its reservation reads it.
-        if dead is not None and self.looks_up(call, key):
-            return Admission(dead)
+        if self.looks_up(call, key, reports=reports):
+            if dead is not None:
+                return Admission(dead)
+        for _ in range(self.lookups(call, key, reports=reports)):
+            # Each lookup reaches the vendor: it takes a place in the call rates first (before
+            # constraints, replays and caps), or the call is refused for it.
+            wait, _ = self.rate_check(key, now, extra=0 if commit else lookups, reports=reports)
+            if wait is not None:
+                return Admission(RATE_LIMITED, retry_after=wait, lookups=lookups)
+            lookups += 1
+            if commit:
+                self.count_call(key, now)
+        admitted = self._decide(call, key, now, dead, lookups, commit, reports, reported)
+        admitted.lookups = lookups
+        admitted.reported = tuple(reported)
+        return admitted
+
+    def _decide(
+        self,
+        call: Call,
+        key: Key,
+        now: datetime,
+        dead: str | None,
+        lookups: int,
+        commit: bool,
+        reports: bool,
+        reported: list[str],
+    ) -> Admission:
         if self.outside(call, key):
             return Admission(CONSTRAINT_VIOLATED)  # before anything is reserved (section 6)
+        if reports and self.outside(call, key, enforced=False):
+            reported.append("constraint")  # report-only: noted, the call goes on
         if dead is not None:
             return Admission(dead)
         prior = None
@@ -374,6 +484,13 @@ class Model:
                 over_life = budget.total is not None and self.life(budget.id) + cost > budget.total
                 if over_day or over_life:
                     return Admission("budget_cap_hit")
+        # Last, the call rates (a cap hit wins over a full rate): what reaches the vendor.
+        extra = 0 if commit else lookups
+        wait, noted = self.rate_check(key, now, extra=extra, reports=reports)
+        if wait is not None:
+            return Admission(RATE_LIMITED, retry_after=wait)
+        if noted:
+            reported.append("rate")
         return Admission(FORWARDED, cost=cost, forward_key=forward_key)
 
     def dedupe_candidate(self, call: Call, key: Key) -> bool:
@@ -406,6 +523,7 @@ class Model:
             if owner is not None:
                 self._add(owner, at, admitted.cost)
         self.caller_spend[(key.id, call.caller)] += admitted.cost
+        self.count_call(key, now)  # it reaches the vendor: a place in the call rates
 
     def _mark(
         self, vendor: str, obj: str, at: int, key: str, budget: str | None, micros: int
