@@ -18,8 +18,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from time import perf_counter
@@ -30,10 +29,10 @@ from keybrake.proxy.decisions import Decision, bucket_of, caller_of, is_cap_hit,
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import (
     AmbiguousRequest,
+    EstimateError,
     LookupFailed,
     SchemaNewer,
     StoreUnavailable,
-    Unpriceable,
     UpstreamError,
 )
 from keybrake.proxy.metrics import Metrics
@@ -124,18 +123,14 @@ class _KeyCache:
         return key
 
 
-@contextmanager
-def _refusing_unreadable() -> Iterator[None]:
-    """A body or object the proxy cannot read the vendor's one way (while pricing a call, or
-    reading its constrained fields) is refused, never guessed at."""
-    try:
-        yield
-    except AmbiguousRequest as exc:
-        raise _Refused(Decision.AMBIGUOUS, reason=str(exc)) from exc
-    except Unpriceable as exc:
-        raise _Refused(Decision.UNPRICEABLE, reason=str(exc)) from exc
-    except LookupFailed as exc:
-        raise _Refused(Decision.LOOKUP_FAILED, reason=str(exc)) from exc
+def _unreadable(exc: EstimateError) -> _Refused:
+    """The refusal of a body or object the proxy cannot read the vendor's one way (while pricing
+    a call, or reading its constrained fields): never guessed at."""
+    if isinstance(exc, AmbiguousRequest):
+        return _Refused(Decision.AMBIGUOUS, reason=str(exc))
+    if isinstance(exc, LookupFailed):
+        return _Refused(Decision.LOOKUP_FAILED, reason=str(exc))
+    return _Refused(Decision.UNPRICEABLE, reason=str(exc))
 
 
 @dataclass(slots=True)
@@ -151,9 +146,12 @@ class _Lookup:
     key: KeyRecord
     live: bool = False  # the key's life was read and it is alive
     # What this call looked up, by path: the price and the constraints read one object once.
-    fetched: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # (Made at the first lookup: most calls look nothing up.)
+    fetched: dict[str, Mapping[str, Any]] | None = None
 
     async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        if self.fetched is None:
+            self.fetched = {}
         known = self.fetched.get(path)
         if known is None:
             known = self.fetched[path] = await self._fetch(path)
@@ -402,8 +400,10 @@ class Pipeline:
                 audit.caller_tag = tag
 
     async def _estimate(self, vendor: Vendor, call: VendorCall, lookup: _Lookup) -> Cost:
-        with _refusing_unreadable():
+        try:  # a try costs nothing on the way through (a context manager would, every call)
             return await vendor.estimate(call, lookup)
+        except EstimateError as exc:
+            raise _unreadable(exc) from exc
 
     async def _constrain(
         self, vendor: Vendor, call: VendorCall, key: KeyRecord, cost: Cost, lookup: _Lookup
@@ -416,8 +416,10 @@ class Pipeline:
         wanted = frozenset().union(*(c.for_vendor(vendor.name) for _, c in layers if c))
         if not wanted:
             return None
-        with _refusing_unreadable():
+        try:
             found = await vendor.subjects(call, cost, lookup, wanted)
+        except EstimateError as exc:
+            raise _unreadable(exc) from exc
         report = None
         for whose, constraints in layers:
             violation = constraints.check(vendor.name, found) if constraints else None
