@@ -197,7 +197,7 @@ def constraints(items: list[str] | None, mode: str | None) -> dict[str, Any] | N
         if name == "mode":
             fail("--constraint mode=...: give the mode as --constraint-mode", EXIT_USAGE)
         if name == RATE:
-            if not values.strip().isdigit():
+            if not re.fullmatch(r"[0-9]{1,7}", values.strip()):
                 fail(f"--constraint {RATE}=N: a whole number of calls, e.g. {RATE}=60", EXIT_USAGE)
             found[RATE] = int(values.strip())
             continue

@@ -88,7 +88,7 @@ def constraints(env: Mapping[str, str]) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # too deeply nested is no object either
         value = None
     if not isinstance(value, dict):
         # (no doubled braces: Argo would read them in the template's source as a variable)

@@ -22,9 +22,12 @@ A domain names itself only: `example.com` does not admit `mail.example.com` (lis
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+
+import idna
 
 from keybrake.proxy.errors import Unreadable  # from the one tree; exported here too
 from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO
@@ -212,12 +215,18 @@ def canonical_number(field: str, value: str) -> str:
 
 
 def canonical_domain(field: str, domain: str) -> str:
-    """A domain, lower-cased and IDNA-encoded (`bücher.example` → `xn--bcher-kva.example`)."""
+    """A domain, lower-cased and IDNA-encoded as today's mail software does (IDNA 2008, UTS 46
+    non-transitional: `bücher.example` → `xn--bcher-kva.example`, `straße.de` →
+    `xn--strae-oqa.de`). Python's own "idna" codec is IDNA 2003, which rewrites `ß` as `ss` and
+    drops joiners, naming another domain than the one mail goes to; and a name that UTS 46 would
+    map to another (full-width letters, a final sigma) is refused rather than read either way."""
+    lowered = domain.strip().lower()
     try:
-        ascii_domain = domain.strip().lower().encode("idna").decode("ascii")
-    except UnicodeError as exc:
+        ascii_domain = idna.encode(lowered, uts46=True, transitional=False).decode("ascii")
+        same = idna.decode(ascii_domain) == unicodedata.normalize("NFC", lowered)
+    except (UnicodeError, ValueError) as exc:
         raise Unreadable(field, f"{field}: {_shown(domain)} is not a domain name") from exc
-    if not _DOMAIN.fullmatch(ascii_domain):
+    if not same or not _DOMAIN.fullmatch(ascii_domain):
         raise Unreadable(field, f"{field}: {_shown(domain)} is not a domain name")
     return ascii_domain
 
@@ -249,7 +258,7 @@ def parse_constraints(data: Any, vendor: str | None = None) -> Constraints:
     unknown = set(data) - {"mode", RATE, *FIELDS}
     if unknown:
         raise ValueError(
-            f"constraints: unknown field {sorted(unknown)[0]!r}; fields: mode, {RATE}, "
+            f"constraints: unknown field {sorted(map(str, unknown))[0]!r}; fields: mode, {RATE}, "
             f"{', '.join(FIELDS)}"
         )
     mode = data.get("mode", "enforce")

@@ -454,15 +454,18 @@ def rate_floor(second: int) -> int:
     return second - RATE_SECONDS
 
 
-def over_rate(rates: Sequence[Rate], second: int) -> tuple[Decision | None, int | None]:
-    """One more call at a vendor against `rates` at `second`: (RATE_LIMITED, seconds until it
-    fits) when an enforced rate is full; (None, None) when it fits; a full report-only rate
-    gives (None, 0), a note for the audit row. The retry waits for the oldest calls to leave
-    the window, as many as must."""
+def over_rate(
+    rates: Sequence[Rate], second: int, places: int = 1
+) -> tuple[Decision | None, int | None]:
+    """`places` more calls at a vendor against `rates` at `second` (one; a lookup asks for two,
+    itself and the call it serves, so that it never takes a place its call cannot follow):
+    (RATE_LIMITED, seconds until they fit) when an enforced rate is full; (None, None) when they
+    fit; a full report-only rate gives (None, 0), a note for the audit row. The retry waits for
+    the oldest calls to leave the window, as many as must."""
     noted = None
     for rate in rates:
         calls = rate.calls()
-        excess = sum(count for _, count in calls) + 1 - rate.limit
+        excess = sum(count for _, count in calls) + places - rate.limit
         if excess <= 0:
             continue
         if rate.report:
@@ -472,7 +475,8 @@ def over_rate(rates: Sequence[Rate], second: int) -> tuple[Decision | None, int 
             excess -= count
             if excess <= 0:
                 return Decision.RATE_LIMITED, max(1, when + RATE_SECONDS + 1 - second)
-        return Decision.RATE_LIMITED, RATE_SECONDS + 1  # a limit below what one second holds
+        # More places than the limit holds: never (a call priced by a lookup, at 1 a minute).
+        return Decision.RATE_LIMITED, RATE_SECONDS + 1
     return None, noted
 
 

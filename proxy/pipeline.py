@@ -25,7 +25,14 @@ from time import perf_counter
 from typing import Any
 
 from keybrake.proxy.access import hash_vault_key
-from keybrake.proxy.decisions import Decision, bucket_of, caller_of, is_cap_hit, refusal
+from keybrake.proxy.decisions import (
+    Decision,
+    bucket_of,
+    caller_of,
+    is_cap_hit,
+    refusal,
+    second_of,
+)
 from keybrake.proxy.endpoints import allows, compile_patterns, safe_path
 from keybrake.proxy.errors import (
     AmbiguousRequest,
@@ -164,10 +171,7 @@ class _Lookup:
             if dead is not None:
                 raise _Refused(dead)
             self.live = True
-        if any(
-            c is not None and c.max_calls_per_minute
-            for c in (key.constraints, key.budget_constraints)
-        ):
+        if _rated(key):
             # A lookup reaches the vendor too: it takes a place in the key's call rate.
             wait = await pipeline.store.take_call(key.key_id, key.budget_id, pipeline.clock())
             if wait is not None:
@@ -499,6 +503,8 @@ class Pipeline:
             caller=caller_of(c.audit.caller_tag),
             paid_object=cost.paid_object,
             report=c.report,
+            # Counted against call rates when it goes out, after its lookups, as they are.
+            second=second_of(self.clock()) if _rated(key) else None,
         )
         timed = perf_counter()
         admission = await self.store.reserve(c.reservation)
@@ -654,6 +660,13 @@ class Pipeline:
         if decision is Decision.BODY_TIMEOUT:
             out.append(("connection", "close"))
         return Reply(status, out, payload)
+
+
+def _rated(key: KeyRecord) -> bool:
+    """Whether the key or its budget has a call rate (fixed at issue, so its cached record
+    says)."""
+    layers = (key.constraints, key.budget_constraints)
+    return any(c is not None and c.max_calls_per_minute is not None for c in layers)
 
 
 def _idempotency_key(vendor: Vendor, headers: Mapping[str, str]) -> str | None:

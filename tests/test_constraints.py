@@ -298,3 +298,69 @@ def test_resend_reads_every_recipient_and_sender_of_an_email_and_a_batch() -> No
     several = {**email, "to": "a@example.com, b@evil.test"}  # Resend splits it: refused
     found = subjects("resend", "/emails", json.dumps(several), wanted=wanted)
     assert str(found["recipient_domains"]).endswith("is not one email address")
+
+
+# -- review findings: each a way past a constraint, or a traceback ---------------------------
+
+
+@pytest.mark.parametrize("domain", ["ok\u200d.com", "\uff45xample.com"])
+def test_a_domain_mail_software_reads_otherwise_is_refused(domain: str) -> None:
+    """A joiner IDNA 2003 (Python's codec) dropped, full-width letters UTS 46 maps to others:
+    read neither way, refused on both sides."""
+    with pytest.raises(Unreadable):
+        canonical_domain("recipient_domains", domain)
+    with pytest.raises(ValueError):
+        parse_constraints({"recipient_domains": [domain]})
+    email = {"from": "a@example.com", "to": f"b@{domain}", "subject": "s", "html": "h"}
+    found = subjects(
+        "resend", "/emails", json.dumps(email), wanted=frozenset({"recipient_domains"})
+    )
+    assert isinstance(found["recipient_domains"], Unreadable)
+
+
+def test_domains_are_encoded_as_mail_software_does_not_as_idna_2003() -> None:
+    """Python's codec read `straße.de` as `strasse.de`: another domain, admitted by its list."""
+    assert canonical_domain("recipient_domains", "straße.de") == "xn--strae-oqa.de"
+    assert canonical_domain("recipient_domains", "Bücher.Example") == "xn--bcher-kva.example"
+    held = parse_constraints({"recipient_domains": ["strasse.de"]})
+    email = {"from": "a@example.com", "to": "b@straße.de", "subject": "s", "html": "h"}
+    found = subjects(
+        "resend", "/emails", json.dumps(email), wanted=frozenset({"recipient_domains"})
+    )
+    assert held.check("resend", found) is not None
+
+
+def test_a_sender_header_beside_from_is_refused_under_a_senders_constraint() -> None:
+    email = {
+        "from": "a@example.com",
+        "to": "b@example.com",
+        "subject": "s",
+        "html": "h",
+        "headers": {"Sender": "x@evil.test"},
+    }
+    found = subjects("resend", "/emails", json.dumps(email), wanted=frozenset({"senders"}))
+    assert str(found["senders"]) == "senders: a sender header is refused; name it in `from`"
+
+
+@pytest.mark.parametrize("field", ["transfer_data[0][destination]", "transfer_data[][destination]"])
+def test_a_destination_nested_in_a_list_is_refused(field: str) -> None:
+    with pytest.raises(AmbiguousRequest):
+        subjects(
+            "stripe", "/v1/payment_intents", f"amount=5&currency=usd&customer=cus_1&{field}=acct_9"
+        )
+
+
+def test_bad_rates_and_nested_inputs_are_usage_errors_not_tracebacks() -> None:
+    import typer
+
+    from keybrake.cli import _options as options
+    from keybrake.hera_workflows import _step_issue
+    from keybrake.hera_workflows._step_common import InputError
+
+    for value in ("²", "٣", "9" * 5000):
+        with pytest.raises(typer.Exit):
+            options.constraints([f"max_calls_per_minute={value}"], None)
+    with pytest.raises(InputError):
+        _step_issue.constraints({"KEYBRAKE_CONSTRAINTS": "[" * 100_000})
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_constraints({1: ["x"], "zz": ["cus_1"]})

@@ -91,16 +91,51 @@ def test_the_proxys_own_lookups_take_a_place_in_the_rate(tmp_path: Path) -> None
             return answer
 
         assert confirm("pi_a").status_code == 200
-        second = confirm("pi_b")  # its lookup fits; its confirm does not
+        # One place left: its lookup would fit, but not the confirm after it, so the lookup
+        # is refused too, and nothing is sent (a lookup never takes a place its call lacks).
+        second = confirm("pi_b")
         assert second.status_code == 429 and second.headers["Retry-After"] == "61"
-        assert [method for method, *_ in vendor.sent] == ["GET", "POST", "GET"]
-        third = confirm("pi_c")  # now its lookup is refused: nothing is sent
-        assert third.status_code == 429 and len(vendor.sent) == 3
+        assert [method for method, *_ in vendor.sent] == ["GET", "POST"]
+        clock.advance(seconds=61)
+        assert confirm("pi_c").status_code == 200
+        assert [method for method, *_ in vendor.sent] == ["GET", "POST", "GET", "POST"]
         assert [row["decision"] for row in audit(client, key["key_id"])] == [
             "forwarded",
             "rate_limited",
-            "rate_limited",
+            "forwarded",
         ]
+
+
+def test_a_call_counts_in_the_second_it_goes_out_not_the_one_it_arrived_in(
+    tmp_path: Path,
+) -> None:
+    """A confirm whose lookup takes two seconds is counted when it goes out: 61 seconds after it
+    arrived (59 after it went out) it is still in the window, so another confirm (its lookup and
+    itself) does not fit under 2 a minute; counted at arrival, it would have."""
+    clock = Clock()
+
+    class SlowLookups(StubUpstream):
+        async def respond(
+            self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
+        ) -> Any:
+            if method == "GET":
+                clock.advance(seconds=2)
+            return await super().respond(method, url, headers, body)
+
+    vendor = SlowLookups()
+    with app_client(tmp_path, clock, upstream=vendor) as client:
+        key = issue(
+            client,
+            allowed_endpoints=["POST /v1/payment_intents", "POST /v1/payment_intents/*/confirm"],
+            constraints={"max_calls_per_minute": 2},
+        )
+        auth = {"Authorization": f"Bearer {key['vault_key']}"}
+        confirmed = client.post("/stripe/v1/payment_intents/pi_a/confirm", headers=auth)
+        assert confirmed.status_code == 200
+        clock.advance(seconds=59)
+        again = client.post("/stripe/v1/payment_intents/pi_b/confirm", headers=auth)
+        assert again.status_code == 429 and again.headers["Retry-After"] == "2"
+        assert len(vendor.sent) == 2
 
 
 def test_a_report_only_rate_forwards_everything_and_says_what_it_would_have_refused(

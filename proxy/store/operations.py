@@ -498,7 +498,7 @@ class SQLStore:
             rates.append(Rate(found["lim"], found["rate_mode"] == "report", counted.copy))
             limited.append(owner)
         rates.reverse()  # the key's first, as the reservation checks them
-        refused, wait = over_rate(rates, second)
+        refused, wait = over_rate(rates, second, places=2)  # the lookup, and its call
         if refused is not None:
             return wait
         for owner in limited:

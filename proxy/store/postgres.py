@@ -40,7 +40,6 @@ from keybrake.proxy.decisions import (
     bucket_start_second,
     caller_of,
     refusal_status,
-    second_of,
     window_floor,
 )
 from keybrake.proxy.errors import RulesNewer, SchemaNewer, StoreUnavailable
@@ -437,7 +436,7 @@ class PostgresStore(SQLStore):
                     r.dedupe_token if r.dedupe else None,
                     r.paid_object,
                     self.rule_version,
-                    second_of(r.now),
+                    r.rate_second,
                     r.report,
                 )
             )

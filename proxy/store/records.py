@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keybrake.proxy.constraints import Constraints
-from keybrake.proxy.decisions import Decision, dedupe_token
+from keybrake.proxy.decisions import Decision, dedupe_token, second_of
 from keybrake.proxy.money import format_ts, format_usd
 from keybrake.proxy.redact import redact
 
@@ -402,6 +402,13 @@ class Reservation:
     paid_object: str | None = None
     # A report-only constraint's refusal that did not happen, for its audit row.
     report: str | None = None
+    # The second it goes out, as call rates count it (`decisions.second_of`); `now` is when it
+    # arrived, before its lookups (None: that second).
+    second: int | None = None
+
+    @property
+    def rate_second(self) -> int:
+        return second_of(self.now) if self.second is None else self.second
 
     @property
     def dedupe_token(self) -> str:

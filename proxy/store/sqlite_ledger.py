@@ -27,7 +27,6 @@ from keybrake.proxy.decisions import (
     rate_floor,
     refusal_status,
     report_note,
-    second_of,
     settle_amounts,
     window_floor,
 )
@@ -193,7 +192,7 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
             "max_calls_per_minute, rate_mode FROM budgets WHERE budget_id = ?",
             (budget_id,),
         ).fetchone()
-    second = second_of(r.now)
+    second = r.rate_second
     rates = []
     if row is not None:
         rates += _rate(conn, key_id, row[7], row[8], second)

@@ -32,6 +32,7 @@ __all__ = ["FormBody", "parse_json", "read_form", "read_json"]
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+(?:\[[^\[\]]*\])*")
+_SIBLING = re.compile(r"\[[A-Za-z_][A-Za-z0-9_]*\]")  # `[word]`, right after a field's top name
 
 
 def _media_type(headers: Mapping[str, str]) -> tuple[str, str | None]:
@@ -129,13 +130,14 @@ class FormBody:
         beside its siblings (`transfer_data[amount]`); refused if the vendor could see another
         value for it (another spelling, a repeat, or the parent given as a value)."""
         top, lowered = name.partition("[")[0], name.lower()
+        # A sibling is `top[word]...`; the parent as a value, a list (`top[]`, `top[0]`) or the
+        # field itself in any other spelling or nesting could be read as it.
         found = [
             (field, value)
             for field, value in self._by_top.get(top.lower(), [])
             if (folded := field.lower()) == lowered
             or folded.startswith(lowered + "[")
-            or "[" not in field
-            or field.endswith("[]")
+            or not _SIBLING.match(field, len(top))
         ]
         if not found:
             return None

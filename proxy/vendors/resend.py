@@ -50,6 +50,8 @@ _UNIT = "email"
 MAX_TO = 50  # addresses in `to` per email: Resend's API reference, POST /emails
 MAX_BATCH = 100  # emails per POST /emails/batch: Resend's API reference
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
+# Headers that could name another sender than `from`, which a senders constraint checks.
+_SENDER_HEADERS = frozenset({"from", "sender", "resent-from", "resent-sender"})
 # Custom headers that name recipients in a mail message: refused inside an email's `headers`.
 _RECIPIENT_HEADERS = frozenset(
     {"to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "apparently-to"}
@@ -161,6 +163,11 @@ class Resend(Vendor):
                     raise Unreadable("senders", "senders: an email is not a JSON object")
                 if any(key.lower() == "from" and key != "from" for key in email):
                     raise Unreadable("senders", "senders: `from` is read in lower case only")
+                named = email.get("headers")
+                if isinstance(named, dict) and _SENDER_HEADERS & {h.strip().lower() for h in named}:
+                    raise Unreadable(
+                        "senders", "senders: a sender header is refused; name it in `from`"
+                    )
                 sender = email.get("from")
                 if not isinstance(sender, str):
                     raise Unreadable("senders", "senders: an email names no `from`")

@@ -361,12 +361,13 @@ class Model:
         )
 
     def rate_check(
-        self, key: Key, now: datetime, *, extra: int = 0, reports: bool = True
+        self, key: Key, now: datetime, *, extra: int = 0, reports: bool = True, places: int = 1
     ) -> tuple[int | None, bool]:
-        """One more call at a vendor for `key` now (after `extra` uncommitted ones): (seconds
-        until it fits, when an enforced rate is full, else None; whether a report-only rate is
-        full). A call fits when count + 1 <= limit; it fits later once the oldest calls that
-        must leave the window have left it (each leaves RATE_SECONDS + 1 seconds after it)."""
+        """`places` more calls at a vendor for `key` now (after `extra` uncommitted ones; a
+        lookup asks for two, itself and its call): (seconds until they fit, when an enforced
+        rate is full, else None; whether a report-only rate is full). They fit when count +
+        places <= limit; later, once the oldest calls that must leave the window have left it
+        (each leaves RATE_SECONDS + 1 seconds after it); never when places > limit."""
         second = seconds(now)
         wait: int | None = None
         noted = False
@@ -375,14 +376,17 @@ class Model:
                 continue
             counted = self.in_rate_window(owner.id, second, extra)
             assert owner.rate is not None
-            if len(counted) + 1 <= owner.rate:
+            must_leave = len(counted) + places - owner.rate
+            if must_leave <= 0:
                 continue
             if owner.report:
                 noted = True
                 continue
-            # The oldest (len + 1 - limit) calls must leave: the last of them decides.
-            leaving = counted[len(counted) - owner.rate] if owner.rate > 0 else second
-            fits = max(1, leaving + RATE_SECONDS + 1 - second)
+            # The oldest `must_leave` calls must leave: the last of them decides.
+            if must_leave > len(counted):
+                fits = RATE_SECONDS + 1  # more places than the limit: they never fit
+            else:
+                fits = max(1, counted[must_leave - 1] + RATE_SECONDS + 1 - second)
             wait = fits if wait is None else max(wait, fits)
         return wait, noted
 
@@ -411,7 +415,9 @@ class Model:
         for _ in range(self.lookups(call, key, reports=reports)):
             # Each lookup reaches the vendor: it takes a place in the call rates first (before
             # constraints, replays and caps), or the call is refused for it.
-            wait, _ = self.rate_check(key, now, extra=0 if commit else lookups, reports=reports)
+            wait, _ = self.rate_check(
+                key, now, extra=0 if commit else lookups, reports=reports, places=2
+            )
             if wait is not None:
                 return Admission(RATE_LIMITED, retry_after=wait, lookups=lookups)
             lookups += 1
