@@ -23,9 +23,11 @@ __all__ = [
     "ConstraintOption",
     "DailyCapOption",
     "LabelOption",
+    "NewConstraintOption",
     "NewDailyCapOption",
     "NewExpiresInOption",
     "NewTotalCapOption",
+    "NoConstraintsOption",
     "ReasonOption",
     "TotalCapOption",
     "caps_patch",
@@ -155,12 +157,29 @@ def constraint_option(help: str) -> Any:
 
 
 # On what issues a key or budget (keys issue, budgets create, issuers create): the constraints
-# it is held to, fixed at issue (an issuer's bound what it issues).
+# it is held to (an issuer's bound what it issues).
 ConstraintOption = Annotated[
     list[str] | None,
     constraint_option(
         "FIELD=VALUE[,VALUE...]: whom its calls may pay or message, e.g. customers=cus_1,cus_2, "
-        "or how fast (max_calls_per_minute=60); repeatable; fixed at issue."
+        "or how fast (max_calls_per_minute=60); repeatable."
+    ),
+]
+
+# On what patches a key or budget (keys patch, budgets patch): its constraints, replaced whole.
+NewConstraintOption = Annotated[
+    list[str] | None,
+    constraint_option(
+        "FIELD=VALUE[,VALUE...]: the constraints it is held to from the next call on, replacing "
+        "its own as a whole (as at issue; --constraint-mode too); repeatable."
+    ),
+]
+NoConstraintsOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-constraints",
+        help="Remove its own constraints (under an issuer with constraints, it then holds the "
+        "issuer's).",
     ),
 ]
 
@@ -222,7 +241,15 @@ def caps_patch(
     total_usd_cap: str | None,
     expires_in: str | None,
     max_usd_per_caller: str | None = None,
+    constraint: list[str] | None = None,
+    constraint_mode: str | None = None,
+    no_constraints: bool = False,
 ) -> CapsPatch:
+    given = constraints(constraint, constraint_mode)
+    if no_constraints and given is not None:
+        fail("--no-constraints: give it or --constraint, not both", EXIT_USAGE)
+    # Only a patch that names them changes them (`CapsPatch.sets_constraints`).
+    changed = {"constraints": given} if given is not None or no_constraints else {}
     with usage_on_invalid():
         return CapsPatch(
             reason=reason,
@@ -230,6 +257,7 @@ def caps_patch(
             total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
             max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
             expires_in=expires_in,
+            **changed,
         )
 
 

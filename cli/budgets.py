@@ -137,17 +137,23 @@ def patch(
     total_usd_cap: options.NewTotalCapOption = None,
     daily_usd_cap: options.NewDailyCapOption = None,
     expires_in: options.NewExpiresInOption = None,
+    constraint: options.NewConstraintOption = None,
+    constraint_mode: options.ConstraintModeOption = None,
+    no_constraints: options.NoConstraintsOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Raise or lower a live budget's caps, or extend or shorten its life; effective on the next
-    call of any of its keys, on every replica."""
+    """Raise or lower a live budget's caps, extend or shorten its life, or replace its
+    constraints; effective on the next call of any of its keys, on every replica."""
     spec = options.caps_patch(
         reason=reason,
         daily_usd_cap=daily_usd_cap,
         total_usd_cap=total_usd_cap,
         expires_in=expires_in,
+        constraint=constraint,
+        constraint_mode=constraint_mode,
+        no_constraints=no_constraints,
     )
     budget = ask_proxy(url, api_key, lambda client: client.patch_budget(budget_id, spec))
     print_item(budget, output, budget_detail)

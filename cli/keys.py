@@ -188,18 +188,25 @@ def patch(
         str | None, typer.Option("--max-usd-per-caller", help="New cap per caller tag.")
     ] = None,
     expires_in: options.NewExpiresInOption = None,
+    constraint: options.NewConstraintOption = None,
+    constraint_mode: options.ConstraintModeOption = None,
+    no_constraints: options.NoConstraintsOption = False,
     output: OutputOption = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = "",
 ) -> None:
-    """Raise or lower a live key's caps, or extend or shorten its life; effective on the next
-    call on every replica. Lowering below what is spent makes the next priced call a cap hit."""
+    """Raise or lower a live key's caps, extend or shorten its life, or replace its constraints;
+    effective on the next call on every replica. Lowering below what is spent makes the next
+    priced call a cap hit."""
     spec = options.caps_patch(
         reason=reason,
         daily_usd_cap=daily_usd_cap,
         total_usd_cap=total_usd_cap,
         max_usd_per_caller=max_usd_per_caller,
         expires_in=expires_in,
+        constraint=constraint,
+        constraint_mode=constraint_mode,
+        no_constraints=no_constraints,
     )
     key = ask_proxy(url, api_key, lambda client: client.patch_key(key_id, spec))
     print_item(key, output, key_detail)

@@ -29,7 +29,8 @@ from typing import Any, TypeAlias
 
 import idna
 
-from keybrake.proxy.errors import Unreadable  # from the one tree; exported here too
+# From the one tree; exported here too.
+from keybrake.proxy.errors import Unchecked, Unreadable
 from keybrake.proxy.vendor_facts import RESEND, STRIPE, TWILIO
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "VENDOR_FIELDS",
     "Constraints",
     "Found",
+    "Unchecked",
     "Unreadable",
     "Violation",
     "canonical_domain",
@@ -92,6 +94,8 @@ async def collect(
     for name in sorted(wanted & readers.keys()):
         try:
             found[name] = await readers[name]()
+        except Unchecked:
+            found[name] = Unchecked(name)
         except Unreadable as exc:
             found[name] = exc
     return found
@@ -223,7 +227,11 @@ def canonical_domain(field: str, domain: str) -> str:
     lowered = domain.strip().lower()
     try:
         ascii_domain = idna.encode(lowered, uts46=True, transitional=False).decode("ascii")
-        same = idna.decode(ascii_domain) == unicodedata.normalize("NFC", lowered)
+        # Given as it is encoded already (A-labels, which `idna` checks decode validly), or as
+        # the Unicode name it encodes (and no other that UTS 46 maps onto it).
+        same = lowered == ascii_domain or (
+            idna.decode(ascii_domain) == unicodedata.normalize("NFC", lowered)
+        )
     except (UnicodeError, ValueError) as exc:
         raise Unreadable(field, f"{field}: {_shown(domain)} is not a domain name") from exc
     if not same or not _DOMAIN.fullmatch(ascii_domain):

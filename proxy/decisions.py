@@ -8,6 +8,11 @@ store calls `admit` itself; PostgreSQL's `keybrake_reserve` function restates it
 
 The ledger's rules, in the order they apply:
 
+0. A call judged against constraints older than the key's or its budget's (their `policy_rev`,
+   which every change of constraints or call rate raises) is `policy_changed`: the ledger writes
+   nothing for it, and the pipeline reads the key again and judges the call again from the
+   start. Each replica caches what a key may do; this is how a patch reaches every replica's
+   next call (docs/guarantees.md, section 6).
 1. A revoked key, then a key whose `expires_at <= now`, is refused; so is a key drawing on a budget
    that is revoked or expired (`budget_revoked`, `budget_expired`).
 2. A call carrying an idempotency key the key has seen before is that earlier call: another
@@ -45,7 +50,7 @@ The ledger's rules, in the order they apply:
    rate (`max_calls_per_minute`, see `RATE_SECONDS`): one that would exceed an enforced rate is
    `rate_limited` (429 with `Retry-After`, never a cap hit), one over a report-only rate goes
    ahead with a note in its audit row. The proxy's own lookups with the real key count too
-   (`Store.take_call`); refusals and replays, which reach no vendor, do not.
+   (`Store.admit_lookup`); refusals and replays, which reach no vendor, do not.
 
 The rolling window is kept in hourly buckets: spend counts in the hour its call was reserved,
 and a check at time t sums the buckets from the one holding t - 24h to the newest. That covers
@@ -117,6 +122,7 @@ class Decision(StrEnum):
     LOOKUP_FAILED = "lookup_failed"
     CONSTRAINT_VIOLATED = "constraint_violated"  # outside the key's or budget's constraints
     # Taken by the ledger (`admit`).
+    POLICY_CHANGED = "policy_changed"  # judged against old constraints: judged again
     REVOKED = "revoked"
     EXPIRED = "expired"
     BUDGET_REVOKED = "budget_revoked"
@@ -214,6 +220,13 @@ _REFUSALS: dict[Decision, tuple[int, str, str]] = {
         "keybrake_constraint_violated",
         "This call is outside the {whose} constraints: {reason}.",
     ),
+    # Only when the constraints change again between two readings of the same call.
+    Decision.POLICY_CHANGED: (
+        409,
+        "keybrake_policy_changed",
+        "The vault key's or its budget's constraints changed while this call was admitted; "
+        "nothing was forwarded. Retry the call.",
+    ),
     Decision.CAP_HIT: (
         429,
         "keybrake_daily_cap_exceeded",
@@ -307,7 +320,8 @@ CAP_HITS = frozenset(
 # version of the build that last loaded its ledger; a replica whose version is older refuses vendor
 # calls instead of enforcing rules it does not know (`docs/deploy.md`, "Upgrading"). Raise it with
 # any change to what `admit`, the ledgers or their SQL decide or count.
-RULE_VERSION = 2  # 2: call rates (max_calls_per_minute) and report-only notes
+# 2: call rates (max_calls_per_minute) and report-only notes; 3: policy revisions (rule 0).
+RULE_VERSION = 3
 
 # A call rate counts the calls that reached a vendor in 1-second buckets: the current second's
 # and the RATE_SECONDS before it. Any 60-second stretch of time lies within 61 such buckets, so
@@ -416,6 +430,8 @@ class Caps:
     daily: int | None
     total: int | None
     used: Callable[[], tuple[int, int]]  # (in the window, over its life)
+    # The caller judged the call against older constraints than these (rule 0).
+    stale: bool = False
 
     def over(self, cost: int) -> str | None:
         """Which cap `cost` more would break: "daily", "total", or None."""
@@ -530,6 +546,8 @@ def admit(
     latest earlier call with its fingerprint, looked up only for a dedupe candidate.
     `caller_used()`: the caller tag's spend on the key over its life, read only when needed.
     """
+    if key.stale or (budget is not None and budget.stale):
+        return Admitted(Decision.POLICY_CHANGED)
     dead = dead_reason(
         now,
         (key.revoked, key.expires_at),

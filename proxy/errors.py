@@ -22,6 +22,7 @@ KeybrakeError
 │   ├── Unpriceable        no price for the call (an operator adds one): 403
 │   └── LookupFailed       the vendor lookup the estimate needs failed: 502
 ├── Unreadable             a constrained field the call does not say exactly: refused, 403
+│   └── Unchecked          one only a lookup could read, under report-only constraints: noted
 ├── UpstreamError          no usable answer from the vendor (timeout, dropped connection, an
 │                          oversized body): 502, and the call counts as spent
 └── ClientError            raised by keybrake.proxy.client
@@ -61,6 +62,7 @@ __all__ = [
     "RulesNewer",
     "SchemaNewer",
     "StoreUnavailable",
+    "Unchecked",
     "Unpriceable",
     "Unreadable",
     "UpstreamError",
@@ -224,6 +226,20 @@ class Unreadable(KeybrakeError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(reason)
         self.field = field
+
+
+class Unchecked(Unreadable):
+    """A field of a report-only constraint that only a lookup of its own could read: report
+    mode makes none (it would reach the vendor, and take a place in an enforced call rate), so
+    the field goes unchecked and the audit row says so. Raised by the lookup, named by
+    `collect` with the field it was reading."""
+
+    def __init__(self, field: str = "") -> None:
+        super().__init__(
+            field,
+            f"{field}: not checked (reading it takes a lookup at the vendor of its own, which "
+            "report-only constraints never make)",
+        )
 
 
 class UpstreamError(KeybrakeError):

@@ -266,8 +266,10 @@ class BudgetCreate(BaseModel):
 
 
 class CapsPatch(BaseModel):
-    """Raise or lower a live key's or budget's caps, or extend or shorten its life (`expires_in`
-    counts from now), and say why."""
+    """Raise or lower a live key's or budget's caps, extend or shorten its life (`expires_in`
+    counts from now), or replace its constraints (call rate included) as a whole, and say why.
+    `constraints: null` removes its own: under an issuer with constraints it then holds the
+    issuer's, as one issued without any does."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -276,6 +278,7 @@ class CapsPatch(BaseModel):
     total_usd_cap: Decimal | None = None
     max_usd_per_caller: Decimal | None = None
     expires_in: str | None = None
+    constraints: dict[str, Any] | None = None  # canonical (a key's: checked for its vendor after)
 
     _caps = field_validator("daily_usd_cap", "total_usd_cap", "max_usd_per_caller")(_money)
 
@@ -291,14 +294,21 @@ class CapsPatch(BaseModel):
             raise ValueError("say why, in printable text")
         return value.strip()
 
+    @property
+    def sets_constraints(self) -> bool:
+        """Whether it changes the constraints (given, `null` included)."""
+        return "constraints" in self.model_fields_set
+
     @model_validator(mode="after")
     def _something(self) -> CapsPatch:
         changes = (self.daily_usd_cap, self.total_usd_cap, self.max_usd_per_caller, self.expires_in)
-        if all(value is None for value in changes):
+        if all(value is None for value in changes) and not self.sets_constraints:
             raise ValueError(
                 "change at least one of daily_usd_cap, total_usd_cap, max_usd_per_caller, "
-                "expires_in"
+                "expires_in, constraints"
             )
+        if self.sets_constraints:  # (assigning it would mark it given)
+            self.constraints = _constraints(self.constraints)
         return self
 
 

@@ -25,6 +25,7 @@ from time import perf_counter
 from typing import Any
 
 from keybrake.proxy.access import hash_vault_key
+from keybrake.proxy.constraints import Found, Unchecked
 from keybrake.proxy.decisions import (
     Decision,
     bucket_of,
@@ -111,17 +112,38 @@ class _Refused(Exception):
         self.details = details
 
 
+# An audit row's note for a report-only constraint that could not be checked (`_Looked`): not a
+# would-be refusal, so not counted as one.
+_UNCHECKED = "constraint_unchecked"
+
+
+class _PolicyChanged(Exception):
+    """The ledger found the key's or its budget's constraints newer than those the call was
+    judged against (decisions, rule 0): nothing was reserved; judge it again."""
+
+
 class _KeyCache:
-    """Immutable key facts by hash. Revocation, expiry and caps are re-read inside `reserve`."""
+    """Key facts by hash. Revocation, expiry and caps are re-read inside `reserve`; constraints
+    are cached with their revision, which `reserve` compares (a patch raises it)."""
 
     def __init__(self, store: Store, size: int = 10_000) -> None:
         self._store = store
         self._size = size
         self._keys: dict[bytes, KeyRecord] = {}
 
-    async def find(self, key_hash: bytes) -> KeyRecord | None:
-        key = self._keys.get(key_hash)
+    async def changed(self, key: KeyRecord) -> bool:
+        """Whether the key's or its budget's constraints changed since `key` was read (the
+        cache then holds the new ones)."""
+        fresh = await self.find(key.key_hash, fresh=True)
+        return fresh is None or (fresh.policy_rev, fresh.budget_policy_rev) != (
+            key.policy_rev,
+            key.budget_policy_rev,
+        )
+
+    async def find(self, key_hash: bytes, *, fresh: bool = False) -> KeyRecord | None:
+        key = None if fresh else self._keys.get(key_hash)
         if key is None:
+            self._keys.pop(key_hash, None)
             key = await self._store.find_key(key_hash)
             if key is not None:
                 if len(self._keys) >= self._size:
@@ -143,15 +165,15 @@ def _unreadable(exc: EstimateError) -> _Refused:
 @dataclass(slots=True)
 class _Lookup:
     """What a vendor's estimate may consult: the vendor with the real credential, on the same
-    account the call acts on. A dead key reaches no vendor: before its first lookup the key's
-    (and its budget's) life is read, so a revoked or expired key learns nothing and spends none
-    of the account's rate limit. Only calls that look something up pay for that read."""
+    account the call acts on. A dead key reaches no vendor: before each lookup the ledger reads
+    the key's (and its budget's) life and constraints' revision and counts the lookup in their
+    call rates (`Store.admit_lookup`), so a revoked or expired key learns nothing and spends none
+    of the account's rate limit. Only calls that look something up pay for that."""
 
     pipeline: Pipeline
     vendor: Vendor
     call: VendorCall
     key: KeyRecord
-    live: bool = False  # the key's life was read and it is alive
     # What this call looked up, by path: the price and the constraints read one object once.
     # (Made at the first lookup: most calls look nothing up.)
     fetched: dict[str, Mapping[str, Any]] | None = None
@@ -166,16 +188,16 @@ class _Lookup:
 
     async def _fetch(self, path: str) -> Mapping[str, Any]:
         pipeline, key, vendor = self.pipeline, self.key, self.vendor
-        if not self.live:
-            dead = await pipeline.store.liveness(key.key_id, key.budget_id, pipeline.clock())
-            if dead is not None:
-                raise _Refused(dead)
-            self.live = True
-        if _rated(key):
-            # A lookup reaches the vendor too: it takes a place in the key's call rate.
-            wait = await pipeline.store.take_call(key.key_id, key.budget_id, pipeline.clock())
-            if wait is not None:
-                raise _Refused(Decision.RATE_LIMITED, retry_after=str(wait))
+        # A lookup reaches the vendor too: it takes a place in the call rates the database
+        # holds now, and only for a key alive and judged by its current constraints.
+        refused = await pipeline.store.admit_lookup(key, pipeline.clock())
+        if refused is not None:
+            decision, wait = refused
+            if decision is Decision.POLICY_CHANGED:
+                raise _PolicyChanged()
+            if decision is Decision.RATE_LIMITED:
+                raise _Refused(decision, retry_after=str(wait))
+            raise _Refused(decision)
         where, _, query = path.partition("?")
         sent = self.call.headers
         headers = {h: sent[h] for h in vendor.account_headers if h in sent}
@@ -196,6 +218,21 @@ class _Lookup:
         if not isinstance(data, dict):
             raise LookupFailed(f"GET {where} did not return an object")
         return data
+
+
+@dataclass(slots=True)
+class _Looked:
+    """What report-only constraints read of the objects a call acts on: those its price or its
+    enforced constraints looked up already (`_Lookup.fetched`); any other is `Unchecked`."""
+
+    lookup: _Lookup
+
+    async def fetch_json(self, path: str) -> Mapping[str, Any]:
+        fetched = self.lookup.fetched
+        known = None if fetched is None else fetched.get(path)
+        if known is None:
+            raise Unchecked()
+        return known
 
 
 @dataclass(slots=True)
@@ -297,12 +334,41 @@ class Pipeline:
             raise _Refused(Decision.SECRET_IN_REQUEST, where="idempotency key")
         key = await self._authenticate(vendor, call, audit)
         self._check_body(incoming)
+        try:
+            return await self._admit(vendor, call, key, audit, started, idempotency_key)
+        except _PolicyChanged:
+            pass
+        # The key's or its budget's constraints were patched since this process read them: read
+        # them again and judge the call again, from its scope on. Twice stale (patched again
+        # meanwhile) is a refusal the caller may retry.
+        key = await self._authenticate(vendor, call, audit, fresh=True)
+        try:
+            return await self._admit(vendor, call, key, audit, started, idempotency_key)
+        except _PolicyChanged:
+            raise _Refused(Decision.POLICY_CHANGED) from None
+
+    async def _admit(
+        self,
+        vendor: Vendor,
+        call: VendorCall,
+        key: KeyRecord,
+        audit: AuditRecord,
+        started: float,
+        idempotency_key: str | None,
+    ) -> Reply:
         self._scope(vendor, key, call)
         lookup = _Lookup(self, vendor, call, key)
         cost = await self._estimate(vendor, call, lookup)
         report = None
         if key.constraints is not None or key.budget_constraints is not None:
-            report = await self._constrain(vendor, call, key, cost, lookup)
+            try:
+                report = await self._constrain(vendor, call, key, cost, lookup)
+            except _Refused:
+                # Refused by constraints this process holds: only if they are still the key's
+                # (a patch that widened them must not leave a replica refusing by the old ones).
+                if await self._keys.changed(key):
+                    raise _PolicyChanged() from None
+                raise
         admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key, report)
         # From here on the call must finish even if the client hangs up (or the server cancels
         # the request's task): once forwarded, its outcome and request id must be recorded.
@@ -355,7 +421,7 @@ class Pipeline:
         return VendorCall(incoming.method, path, incoming.query, incoming.headers, incoming.body)
 
     async def _authenticate(
-        self, vendor: Vendor, call: VendorCall, audit: AuditRecord
+        self, vendor: Vendor, call: VendorCall, audit: AuditRecord, *, fresh: bool = False
     ) -> KeyRecord:
         presented = vendor.presented_key(call.headers)
         if not presented:
@@ -365,7 +431,7 @@ class Pipeline:
             audit.caller_tag = redact(audit.caller_tag)
             raise _Refused(Decision.SECRET_IN_REQUEST, where="caller tag")
         # Looked up by its SHA-256: the stored hash is never compared with what a caller sent.
-        key = await self._keys.find(hash_vault_key(vault_key))
+        key = await self._keys.find(hash_vault_key(vault_key), fresh=fresh)
         if key is None:
             raise _Refused(Decision.UNKNOWN_KEY)
         audit.key_id, audit.label, audit.budget_id = key.key_id, key.label, key.budget_id
@@ -417,24 +483,43 @@ class Pipeline:
         say what they would have refused it for (its audit row's note). Only a constrained
         key's calls come here, and they read only the fields constrained for their vendor."""
         layers = [("vault key's", key.constraints), ("budget's", key.budget_constraints)]
-        wanted = frozenset().union(*(c.for_vendor(vendor.name) for _, c in layers if c))
-        if not wanted:
+        enforced = [(whose, c) for whose, c in layers if c is not None and c.mode != "report"]
+        reported = [c for _, c in layers if c is not None and c.mode == "report"]
+        strict = frozenset().union(*(c.for_vendor(vendor.name) for _, c in enforced))
+        loose = frozenset().union(*(c.for_vendor(vendor.name) for c in reported)) - strict
+        found: Found = {}
+        if strict:
+            try:
+                found = await vendor.subjects(call, cost, lookup, strict)
+            except EstimateError as exc:
+                raise _unreadable(exc) from exc
+            for whose, constraints in enforced:
+                violation = constraints.check(vendor.name, found)
+                if violation is not None:
+                    raise _Refused(
+                        Decision.CONSTRAINT_VIOLATED, whose=whose, reason=violation.reason
+                    )
+        if not reported:
             return None
-        try:
-            found = await vendor.subjects(call, cost, lookup, wanted)
-        except EstimateError as exc:
-            raise _unreadable(exc) from exc
-        report = None
-        for whose, constraints in layers:
-            violation = constraints.check(vendor.name, found) if constraints else None
-            if violation is None or constraints is None:
+        if loose:
+            # Report mode changes no outcome: it reads only what the call's price and its
+            # enforced constraints looked up already, never the vendor again (a lookup would
+            # reach the vendor and take a place in an enforced call rate); a field that needs
+            # one is noted as not checked.
+            try:
+                found = {**found, **await vendor.subjects(call, cost, _Looked(lookup), loose)}
+            except EstimateError as exc:
+                unreadable = _unreadable(exc)
+                return redact(f"{unreadable.decision}: {unreadable.details['reason']}")
+        for constraints in reported:
+            violation = constraints.check(vendor.name, found)
+            if violation is None:
                 continue
-            if constraints.mode != "report":
-                raise _Refused(Decision.CONSTRAINT_VIOLATED, whose=whose, reason=violation.reason)
             # Redacted as a refusal's message is: the reason quotes what the caller sent.
-            report = report or redact(f"{Decision.CONSTRAINT_VIOLATED}: {violation.reason}")
-            self.metrics.count_report(vendor.name, Decision.CONSTRAINT_VIOLATED)
-        return report
+            if isinstance(found.get(violation.field), Unchecked):
+                return f"{_UNCHECKED}: {violation.reason}"
+            return redact(f"{Decision.CONSTRAINT_VIOLATED}: {violation.reason}")
+        return None
 
     # -- reserve → forward → settle, in a task of its own --------------------------------------
 
@@ -451,6 +536,8 @@ class Pipeline:
             self._log_newer_schema(exc)
             c.audit.decision = Decision.STORE_UNAVAILABLE
             return self._refusal(c.vendor, Decision.STORE_UNAVAILABLE)
+        if admission.decision is Decision.POLICY_CHANGED:
+            raise _PolicyChanged()  # nothing reserved, nothing recorded: `_handle` judges again
         c.audit.decision = admission.decision
         if admission.replay is not None:
             return _replayed(admission.replay, admission.decision)
@@ -508,10 +595,15 @@ class Pipeline:
         )
         timed = perf_counter()
         admission = await self.store.reserve(c.reservation)
+        self.metrics.time_database("reserve", perf_counter() - timed)
+        if admission.decision is Decision.POLICY_CHANGED:
+            return admission  # nothing recorded: judged again
+        # Counted as the audit row notes them: each would-be refusal once, when recorded.
         c.audit.reported = admission.reported
+        if c.report is not None and not c.report.startswith(_UNCHECKED):
+            self.metrics.count_report(vendor.name, c.report.partition(":")[0])
         if admission.reported is not None and admission.reported != c.report:
             self.metrics.count_report(vendor.name, Decision.RATE_LIMITED)
-        self.metrics.time_database("reserve", perf_counter() - timed)
         if admission.reserved_micros != cost.micros and admission.decision is Decision.FORWARDED:
             # Offset by what its payer already paid for the object: it costs the rest.
             c.cost = cost.with_micros(admission.reserved_micros)

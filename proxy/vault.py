@@ -36,7 +36,7 @@ from keybrake.proxy.access import (
     namespace_of,
     policy_json,
 )
-from keybrake.proxy.constraints import Constraints
+from keybrake.proxy.constraints import Constraints, parse_constraints
 from keybrake.proxy.decisions import bucket_start, window_floor
 from keybrake.proxy.errors import (
     Conflict,
@@ -334,10 +334,18 @@ class Vault:
             expires_at=expires_at,
         )
         changed: dict[str, Any] = dict(patch.fields())
+        detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
+        if spec.sets_constraints:
+            # As at issue: its vendor's fields only (a budget's: any vendor's), within the
+            # issuer's constraints (403), the issuer's when it gives none.
+            vendor = record.vendor if isinstance(record, KeyRecord) else None
+            policy = issued_constraints(actor, _patched_constraints(spec, vendor), vendor)
+            patch = replace(patch, constraints=policy, sets_policy=True)
+            changed["constraints"] = policy
+            detail["constraints"] = None if policy is None else policy.as_json()
         check_patch(actor, record, replace(record, **changed), budget=budget)
         patch = replace(patch, expected=_patch_basis(record))
         action = "budget.patch" if subject_id.startswith("bg_") else "key.patch"
-        detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
         outcome = await self.store.patch(
             subject_id, patch, now, self.event(actor, action, subject_id, detail=detail)
         )
@@ -618,12 +626,23 @@ def _constraints_detail(given: dict[str, Any] | None, issued: Constraints | None
     return {"constraints": issued.as_json(), **({} if given else {"constraints_inherited": True})}
 
 
+def _patched_constraints(spec: CapsPatch, vendor: str | None) -> Constraints | None:
+    """A patch's own constraints, checked for the key's vendor (None: it removes them)."""
+    if spec.constraints is None:
+        return None
+    try:
+        return parse_constraints(spec.constraints, vendor=vendor)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 def _patch_basis(record: KeyRecord | BudgetRecord) -> dict[str, int | datetime | None]:
-    """The caps and expiry a patch of `record` is checked against."""
+    """The caps, expiry and constraints' revision a patch of `record` is checked against."""
     basis: dict[str, int | datetime | None] = {
         "daily_cap_micros": record.daily_cap_micros,
         "total_cap_micros": record.total_cap_micros,
         "expires_at": record.expires_at,
+        "policy_rev": record.policy_rev,
     }
     if isinstance(record, KeyRecord):
         basis["max_per_caller_micros"] = record.max_per_caller_micros

@@ -36,6 +36,15 @@ def fresh_localstripe() -> Iterator[Localstripe]:
 
 
 @pytest.fixture
+def bare_proxy(tmp_path: Path) -> Iterator[ServedProxy]:
+    """The proxy app on a free loopback port, its own SQLite file, no vendor behind it: for what
+    the admin API and the CLI do."""
+    served = serve_proxy(tmp_path)
+    yield served
+    served.stop()
+
+
+@pytest.fixture
 def proxy_server(tmp_path: Path, localstripe: Localstripe) -> Iterator[ServedProxy]:
     """The proxy app on a free loopback port (served from a thread of the test process), its
     own SQLite file, localstripe upstream."""

@@ -330,6 +330,24 @@ def test_domains_are_encoded_as_mail_software_does_not_as_idna_2003() -> None:
     assert held.check("resend", found) is not None
 
 
+def test_a_domain_given_encoded_is_itself_and_a_bad_a_label_is_no_domain() -> None:
+    """Operators and mail both write domains as A-labels too: the same domain as its Unicode
+    name (a patch re-reads the canonical form it was given), while an A-label that does not
+    decode validly names no domain."""
+    for given in ("xn--bcher-kva.example", "XN--BCHER-KVA.example", "bücher.example"):
+        assert canonical_domain("recipient_domains", given) == "xn--bcher-kva.example"
+    canonical = parse_constraints({"recipient_domains": ["bücher.example"]}).as_json()
+    assert parse_constraints(canonical).as_json() == canonical
+    for bad in ("xn--zz.example", "xn--ok-xyz.com"):
+        with pytest.raises(Unreadable):
+            canonical_domain("recipient_domains", bad)
+    email = {"from": "a@example.com", "to": "b@xn--bcher-kva.example", "subject": "s", "html": "h"}
+    found = subjects(
+        "resend", "/emails", json.dumps(email), wanted=frozenset({"recipient_domains"})
+    )
+    assert parse_constraints(canonical).check("resend", found) is None
+
+
 def test_a_sender_header_beside_from_is_refused_under_a_senders_constraint() -> None:
     email = {
         "from": "a@example.com",

@@ -27,7 +27,7 @@ from keybrake.proxy.store.records import BudgetRecord, Listing
 from tests import test_store
 from tests.helpers import TEST_EVENT
 from tests.inproc import Clock, app_client, issue
-from tests.served import ServedProxy, serve_proxy
+from tests.served import ServedProxy
 from tests.test_cli import ISSUE, run
 from tests.test_issuers import bearer, create_issuer, events, key_body
 
@@ -196,16 +196,6 @@ def test_malformed_constraints_are_a_400_naming_the_entry(
     assert error["message"].startswith(message), error["message"]
 
 
-def test_constraints_are_fixed_at_issue(client: TestClient) -> None:
-    key = issue(client, constraints={"currencies": ["usd"]})
-    patched = client.patch(
-        f"/vault/keys/{key['key_id']}",
-        json={"reason": "widen", "constraints": {"currencies": ["usd", "eur"]}},
-    )
-    assert patched.status_code == 400
-    assert patched.json()["error"]["message"].startswith("constraints: Extra inputs")
-
-
 # -- an issuer's constraints -------------------------------------------------------------------
 
 
@@ -344,14 +334,8 @@ def test_constraint_flags_are_the_apis_constraints() -> None:
     assert constraints_text(None) == "-" and constraints_text(None, none="none") == "none"
 
 
-@pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[ServedProxy]:
-    served = serve_proxy(tmp_path)
-    yield served
-    served.stop()
-
-
-def test_constraints_from_the_cli(proxy: ServedProxy) -> None:
+def test_constraints_from_the_cli(bare_proxy: ServedProxy) -> None:
+    proxy = bare_proxy
     flags = ["--constraint", "currencies=usd", "--constraint", "customers=cus_1,cus_2"]
     code, out, err = run(proxy, *ISSUE, *flags, "-o", "json")
     assert code == 0, err

@@ -20,8 +20,10 @@ from keybrake.proxy.constraints import Constraints
 from keybrake.proxy.decisions import Decision, bucket_of, caller_of
 from keybrake.proxy.store import Store, open_store
 from keybrake.proxy.store.records import (
+    AuditFilter,
     BudgetRecord,
     KeyRecord,
+    Patch,
     Reservation,
     Settlement,
     StoredResponse,
@@ -107,11 +109,49 @@ class Row:
     report: str | None = None
     retry_after: int | None = None
     reported: str | None = None
+    # Rule 0: whose constraints ("key" or "budget") were patched after the call was judged
+    # against them (the call's record holds the revision before the patch).
+    stale: str | None = None
 
 
 H = timedelta(hours=1)
 S = timedelta(seconds=1)
 ROWS = [
+    # -- policy revisions (rule 0): a call judged by older constraints writes nothing ------------
+    Row(
+        "a call judged by the key's constraints before a patch is judged again",
+        Decision.POLICY_CHANGED,
+        stale="key",
+        spent=((H, 2 * MICROS),),
+        used_after=2 * MICROS,
+    ),
+    Row(
+        "a call judged by its budget's constraints before a patch is judged again",
+        Decision.POLICY_CHANGED,
+        stale="budget",
+        budget=Budget(daily=50 * MICROS),
+    ),
+    Row(
+        "a stale judgement comes before revocation",
+        Decision.POLICY_CHANGED,
+        stale="key",
+        revoked=True,
+    ),
+    Row(
+        "a stale judgement comes before a stored answer",
+        Decision.POLICY_CHANGED,
+        stale="key",
+        earlier=Earlier("idempotency", "answered"),
+        idempotency_key="order-1",
+        used_after=3 * MICROS,
+    ),
+    Row(
+        "a stale judgement comes before a full rate, and takes no place in it",
+        Decision.POLICY_CHANGED,
+        stale="key",
+        rate=1,
+        calls=((S, 1),),
+    ),
     # -- call rates (rule 8): 1-second buckets, the current second and the 60 before -------------
     Row(
         "a call within its key's rate is forwarded",
@@ -829,8 +869,17 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         for n in range(count):
             made = await store.reserve(reservation(key, NOW - age, 0, f"call-{age}-{n}"))
             assert made.decision is Decision.FORWARDED
+    if row.stale is not None:  # patched by another replica: the call's record is one behind
+        subject = key_id if row.stale == "key" else budget_id
+        assert subject is not None
+        patch = Patch(reason="table", constraints=Constraints(currencies=("usd",)))
+        patched = replace(patch, sets_policy=True)
+        assert await store.patch(subject, patched, NOW - 2 * S, TEST_EVENT) == "patched"
     if row.revoked:
         assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
+    before = await store.get_key(key_id, NOW)
+    assert before is not None
+    rows_before = len(await store.audit(AuditFilter(key_id=key_id, limit=1000)))
 
     call = reservation(
         key,
@@ -847,6 +896,9 @@ async def play(store: Store, row: Row, key_id: str) -> None:
     admitted = await store.reserve(replace(call, report=row.report))
     view = await store.get_key(key_id, NOW)
     assert view is not None
+    if admitted.decision is Decision.POLICY_CHANGED:  # nothing written: no row, no count
+        assert len(await store.audit(AuditFilter(key_id=key_id, limit=1000))) == rows_before
+        assert view.usage == before.usage, row.name
     if budget_id is not None:
         budget_view = await store.get_budget(budget_id, NOW)
         assert budget_view is not None
@@ -906,6 +958,7 @@ def test_decision_table(backend: str, row: Row) -> None:
 
 def test_every_ledger_decision_has_a_row() -> None:
     ledger = {
+        Decision.POLICY_CHANGED,
         Decision.REVOKED,
         Decision.EXPIRED,
         Decision.BUDGET_REVOKED,
@@ -1012,8 +1065,8 @@ def test_the_cheap_liveness_check_agrees_with_the_ledger(
     budget: tuple[bool, timedelta] | None,
     expect: Decision | None,
 ) -> None:
-    """What the pipeline reads before a pricing lookup (`Store.liveness`) is the ledger's rule 1:
-    the same answer as the reservation, on both backends."""
+    """What the pipeline reads before a pricing lookup (`Store.admit_lookup`) is the ledger's
+    rule 1: the same answer as the reservation, on both backends."""
 
     async def run() -> None:
         store = open_store(backend)
@@ -1041,7 +1094,8 @@ def test_the_cheap_liveness_check_agrees_with_the_ledger(
             await store.create_key(key, TEST_EVENT)
             if revoked:
                 await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
-            assert await store.liveness(key_id, budget_id, NOW) == expect, name
+            expected = None if expect is None else (expect, 0)
+            assert await store.admit_lookup(key, NOW) == expected, name
             admitted = await store.reserve(reservation(key, NOW, 0, "life"))
             assert admitted.decision == (expect or Decision.FORWARDED), name
         finally:

@@ -55,12 +55,13 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.errors": """AccessError AmbiguousRequest ApiError ClientError ConfigError
         Conflict CursorError EstimateError Forbidden IdempotencyMismatch InvalidRequest
         KeybrakeError LoginRefused LookupFailed NotFound PricingEntryError ProxyUnreachable
-        RulesNewer SchemaNewer StoreUnavailable Unpriceable Unreadable UpstreamError
+        RulesNewer SchemaNewer StoreUnavailable Unchecked Unpriceable Unreadable UpstreamError
         VaultError""",
     "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER JwksVerifier TokenReviewVerifier
         verifier_from""",
-    "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unreadable
-        Violation canonical_domain canonical_number collect email_address parse_constraints""",
+    "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unchecked
+        Unreadable Violation canonical_domain canonical_number collect email_address
+        parse_constraints""",
     "keybrake.proxy.metrics": "NAMES Metrics",
     "keybrake.proxy.models": """AuditPage AuditRow BudgetCreate BudgetInfo BudgetList CapsPatch
         ChangeInfo EventInfo EventPage IssuedIssuer IssuedKey IssuerCreate IssuerDelete IssuerInfo
@@ -186,6 +187,10 @@ OUTSIDE_THE_TREE = {
     "keybrake.proxy.pipeline._Refused": (
         "a stage's refusal before the reservation; `Pipeline.handle` turns it into the reply "
         "and the audit row, so it never leaves the pipeline"
+    ),
+    "keybrake.proxy.pipeline._PolicyChanged": (
+        "the ledger's word that a call was judged against older constraints; `Pipeline` judges "
+        "the call again (or refuses it), so it never leaves the pipeline"
     ),
     "keybrake.proxy.store.sql.Refused": (
         "a write operation's signal to roll its transaction back and answer `result` instead; "

@@ -312,10 +312,11 @@ def test_the_ledger_sql_is_rendered_from_the_decision_module() -> None:
 # migration is appended, and pinned here.
 RELEASED = {
     "sqlite": """c8eb6c7ef11b3848 0236b5f688dbebab 3ab9aaacac0fc3d1 5bb75cd574f1a41a
-        e9499ff006f56150 640f2c362b370193 12a83c541342c753 a708c164fe091ee4""",
+        e9499ff006f56150 640f2c362b370193 12a83c541342c753 a708c164fe091ee4
+        cc72c6d5050e8642""",
     "postgres": """46fe6edb5cd5a491 e004ebd5b5532a4b e004ebd5b5532a4b 1f2db6eae3f36c4b
         f12ebe91740a5be1 5bb75cd574f1a41a 1328485c3ba45798 06c9293afe9ee634 a6d280977daa7850
-        32b3966c9b799ef9 0b43b47e8e9e8685""",
+        32b3966c9b799ef9 0b43b47e8e9e8685 381bd77afb1438e0""",
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "first_tables",
     "issuers",
     "paid_for",
+    "policy_revisions",
     "sessions",
     "spend_window",
     "vault_keys",
@@ -324,9 +325,9 @@ def constraints(t: ColumnTypes) -> str:
     """Constraints on a key or budget: who its calls may pay or message
     (`keybrake.proxy.constraints`, as `Constraints.as_json`); NULL: none. Its call rate, which
     the ledger reads beside the caps: `max_calls_per_minute` and `rate_mode` (enforce or
-    report), copied from the constraints at issue (they never change). The calls that reached a
-    vendor, by owner and second (`call_rate`), and what an audited call would have been refused
-    for under a report-only policy (`audit.reported`)."""
+    report), copied from the constraints at issue and at each patch of them. The calls that
+    reached a vendor, by owner and second (`call_rate`), and what an audited call would have
+    been refused for under a report-only policy (`audit.reported`)."""
     return f"""
     ALTER TABLE vault_keys ADD COLUMN constraints {t.json};
     ALTER TABLE budgets ADD COLUMN constraints {t.json};
@@ -341,4 +342,14 @@ def constraints(t: ColumnTypes) -> str:
         calls {t.int32} NOT NULL,
         PRIMARY KEY (owner_id, second)
     );
+    """
+
+
+def policy_revisions(t: ColumnTypes) -> str:
+    """Which revision of its constraints (and call rate) a key or budget holds: every patch of
+    them raises it, and the reservation compares it with the one the calling replica judged
+    the call against (rule 0 of `keybrake.proxy.decisions`)."""
+    return f"""
+    ALTER TABLE vault_keys ADD COLUMN policy_rev {t.int32} NOT NULL DEFAULT 0;
+    ALTER TABLE budgets ADD COLUMN policy_rev {t.int32} NOT NULL DEFAULT 0;
     """

@@ -104,6 +104,7 @@ DECLARE
     b_life bigint;
     b_rate integer;
     b_rate_mode text;
+    b_rev integer;
     rate record;
     used bigint;
     need bigint;
@@ -140,7 +141,7 @@ BEGIN
     -- The key, and what it used in the window and over its life, in one statement.
     SELECT v.revoked_at, v.expires_at, v.daily_cap_micros, v.total_cap_micros,
            v.max_per_call_micros, v.max_per_caller_micros, v.dedupe_window_s, v.label,
-           v.max_calls_per_minute, v.rate_mode, w.in_window, w.in_life
+           v.max_calls_per_minute, v.rate_mode, v.policy_rev, w.in_window, w.in_life
       INTO k
       FROM vault_keys v,
            LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
@@ -150,14 +151,25 @@ BEGIN
      WHERE v.key_id = p_key_id;
     IF p_budget_id IS NOT NULL THEN
         SELECT g.revoked_at, g.expires_at, g.daily_cap_micros, g.total_cap_micros,
-               g.max_calls_per_minute, g.rate_mode, w.in_window, w.in_life
-          INTO b_revoked, b_expires, b_daily, b_total, b_rate, b_rate_mode, b_window, b_life
+               g.max_calls_per_minute, g.rate_mode, g.policy_rev, w.in_window, w.in_life
+          INTO b_revoked, b_expires, b_daily, b_total, b_rate, b_rate_mode, b_rev, b_window,
+               b_life
           FROM budgets g,
                LATERAL (SELECT coalesce(sum(settled_micros + reserved_micros)
                                         FILTER (WHERE bucket >= p_floor), 0) AS in_window,
                                coalesce(sum(settled_micros + reserved_micros), 0) AS in_life
                           FROM spend_window WHERE owner_id = p_budget_id) w
          WHERE g.budget_id = p_budget_id;
+    END IF;
+    IF (k.expires_at IS NOT NULL AND k.policy_rev <> p_key_rev)
+       OR (b_expires IS NOT NULL AND b_rev <> p_budget_rev) THEN
+        -- Judged against older constraints (rule 0): nothing is written, the counts just taken
+        -- are given back, and the caller judges the call again.
+        UPDATE usage_counts SET calls = calls - 1 WHERE owner_id IN (p_key_id, p_budget_id);
+        RETURN QUERY SELECT 'policy_changed'::text, 0::bigint, NULL::integer, NULL::jsonb,
+                            NULL::bytea, NULL::text, NULL::bigint, 0::bigint, NULL::integer,
+                            NULL::text;
+        RETURN;
     END IF;
     IF k.expires_at IS NULL OR k.revoked_at IS NOT NULL THEN
         d := 'revoked';

@@ -178,13 +178,18 @@ class SQLStore:
     def find_key(self, key_hash: bytes) -> Op[KeyRecord | None]:
         """The key a vault key names, with its budget's constraints (the request path's read)."""
         found = yield row(
-            "SELECT k.*, b.constraints AS budget_constraints FROM vault_keys k "
-            "LEFT JOIN budgets b ON b.budget_id = k.budget_id WHERE k.key_hash = :hash",
+            "SELECT k.*, b.constraints AS budget_constraints, b.policy_rev AS budget_policy_rev "
+            "FROM vault_keys k LEFT JOIN budgets b ON b.budget_id = k.budget_id "
+            "WHERE k.key_hash = :hash",
             hash=key_hash,
         )
         if not found:
             return None
-        return replace(_key(found), budget_constraints=_constraints(found["budget_constraints"]))
+        return replace(
+            _key(found),
+            budget_constraints=_constraints(found["budget_constraints"]),
+            budget_policy_rev=found["budget_policy_rev"] or 0,
+        )
 
     @reads
     def get_key(self, key_id: str, now: datetime) -> Op[KeyView | None]:
@@ -325,8 +330,10 @@ class SQLStore:
     @writes
     def patch(self, subject_id: str, patch: Patch, now: datetime, event: Event) -> Op[str]:
         table, column = subject_table(subject_id)
-        fields = patch.fields()
+        fields: dict[str, Any] = dict(patch.fields())
         read = sorted({*fields, *(patch.expected or {})} - {"expires_at"})
+        if patch.sets_policy:
+            read = sorted({*read, "constraints", "policy_rev"})
         if not set(read) <= _PATCHABLE:
             raise ValueError(f"not a patchable field: {sorted(set(read) - _PATCHABLE)}")
         before = yield row(
@@ -342,6 +349,12 @@ class SQLStore:
         olds["expires_at"] = moment(before["expires_at"])
         if any(olds[name] != given for name, given in (patch.expected or {}).items()):
             return "changed"
+        if patch.sets_policy:
+            # The old ones as this build writes them (PostgreSQL's jsonb reorders keys), for the
+            # record of changes. The revision rises with every patch of them: each replica's
+            # next call judged under older ones is judged again (decisions, rule 0).
+            olds["constraints"] = _policy_values(_constraints(olds["constraints"]))["constraints"]
+            fields.update(_policy_values(patch.constraints), policy_rev=olds["policy_rev"] + 1)
         sets = ", ".join(f"{name} = :{name}" for name in fields)
         yield execute(
             f"UPDATE {table} SET {sets} WHERE {column} = :subject", **fields, subject=subject_id
@@ -359,7 +372,7 @@ class SQLStore:
                     "at": now,
                 }
                 for name, new in fields.items()
-                if olds[name] != new
+                if name in olds and name != "policy_rev" and olds[name] != new
             ],
         )
         yield from _insert_event(event)
@@ -446,31 +459,41 @@ class SQLStore:
     def record(self, audit: AuditRecord) -> Op[int]:
         return (yield from insert_audit(audit))
 
-    @reads
-    def liveness(self, key_id: str, budget_id: str | None, now: datetime) -> Op[Decision | None]:
+    @writes
+    def admit_lookup(self, key: KeyRecord, now: datetime) -> Op[tuple[Decision, int] | None]:
+        """Whether the proxy may look something up at a vendor with the real key for a call of
+        `key` (as the pipeline cached it), now: (why not, seconds to wait) or None, and then the
+        lookup is counted against the key's and its budget's call rates. Refused, in the
+        ledger's order: judged against older constraints (rule 0: judge it again), a dead key
+        or budget (rule 1: it learns nothing, and spends none of the account's rate limit), a
+        full enforced rate (rule 8: it asks room for itself and its call, `places=2`). The
+        rates are the database's, as the reservation reads them; the same lock order (the
+        budget's row, then the key's). The reservation stays the authority on the call."""
+        key_id, budget_id = key.key_id, key.budget_id
         found = yield row(
-            "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, "
-            "b.revoked_at AS b_revoked, b.expires_at AS b_expires FROM vault_keys k "
-            "LEFT JOIN budgets b ON b.budget_id = :budget_id WHERE k.key_id = :key_id",
+            "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, k.policy_rev AS k_rev, "
+            "b.revoked_at AS b_revoked, b.expires_at AS b_expires, b.policy_rev AS b_rev "
+            "FROM vault_keys k LEFT JOIN budgets b ON b.budget_id = :budget_id "
+            "WHERE k.key_id = :key_id",
             key_id=key_id,
             budget_id=budget_id,
         )
         if found is None:
-            return Decision.REVOKED
+            return Decision.REVOKED, 0
+        in_budget = budget_id is not None and found["b_expires"] is not None
+        if found["k_rev"] != key.policy_rev or (
+            in_budget and found["b_rev"] != key.budget_policy_rev
+        ):
+            return Decision.POLICY_CHANGED, 0
         budget = None
         if budget_id is not None:
             expires = found["b_expires"]
             budget = (found["b_revoked"] is not None, None if expires is None else moment(expires))
-        return dead_reason(
+        dead = dead_reason(
             now, (found["k_revoked"] is not None, moment(found["k_expires"])), budget
         )
-
-    @writes
-    def take_call(self, key_id: str, budget_id: str | None, now: datetime) -> Op[int | None]:
-        """Count a lookup the proxy makes at a vendor with the real key against the key's and
-        its budget's call rates, as the reservation counts a forwarded call (the same rule,
-        `decisions.over_rate`, and the same lock order: the budget's row, then the key's). None
-        when counted; else the seconds until it fits, and nothing is counted."""
+        if dead is not None:
+            return dead, 0
         second = second_of(now)
         rates: list[Rate] = []
         limited: list[str] = []
@@ -481,12 +504,12 @@ class SQLStore:
             if owner is None:
                 continue
             yield row("SELECT 1 FROM usage_counts WHERE owner_id = :owner FOR UPDATE", owner=owner)
-            found = yield row(
+            rated = yield row(
                 f"SELECT max_calls_per_minute AS lim, rate_mode FROM {table} "
                 f"WHERE {column} = :owner",
                 owner=owner,
             )
-            if found is None or found["lim"] is None:
+            if rated is None or rated["lim"] is None:
                 continue
             calls = yield rows(
                 "SELECT second, calls FROM call_rate WHERE owner_id = :owner "
@@ -495,12 +518,12 @@ class SQLStore:
                 floor=rate_floor(second),
             )
             counted = [(int(r["second"]), int(r["calls"])) for r in calls]
-            rates.append(Rate(found["lim"], found["rate_mode"] == "report", counted.copy))
+            rates.append(Rate(rated["lim"], rated["rate_mode"] == "report", counted.copy))
             limited.append(owner)
         rates.reverse()  # the key's first, as the reservation checks them
         refused, wait = over_rate(rates, second, places=2)  # the lookup, and its call
         if refused is not None:
-            return wait
+            return refused, wait or 0
         for owner in limited:
             yield execute(
                 "INSERT INTO call_rate (owner_id, second, calls) VALUES (:owner, :second, 1) "
@@ -918,7 +941,13 @@ class SQLStore:
 # -- rows and records -------------------------------------------------------------------------
 
 _RUN_TABLES = {"vault_keys": "key_id", "budgets": "budget_id"}
-_PATCHABLE = {"daily_cap_micros", "total_cap_micros", "max_per_caller_micros"}
+_PATCHABLE = {
+    "daily_cap_micros",
+    "total_cap_micros",
+    "max_per_caller_micros",
+    "constraints",
+    "policy_rev",
+}
 
 
 def _maybe_moment(stored: Any) -> datetime | None:
@@ -949,7 +978,6 @@ def _owner_values(owner: Owner | None) -> dict[str, str | None]:
 
 def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
     """The columns of a key's or a budget's row that both have, as inserted."""
-    rate = None if subject.constraints is None else subject.constraints.max_calls_per_minute
     return {
         "label": subject.label,
         "daily_cap_micros": subject.daily_cap_micros,
@@ -959,15 +987,19 @@ def _subject_values(subject: KeyRecord | BudgetRecord) -> dict[str, Any]:
         "expires_at": subject.expires_at,
         **_owner_values(subject.owner),
         "alert_percents": percents_text(subject.alert_percents),
-        "constraints": (
-            None if subject.constraints is None else json.dumps(subject.constraints.as_json())
-        ),
-        # The call rate, where the ledger reads it beside the caps (fixed at issue, as the
-        # constraints it is copied from).
+        **_policy_values(subject.constraints),
+    }
+
+
+def _policy_values(constraints: Constraints | None) -> dict[str, Any]:
+    """The columns holding a key's or budget's constraints, as issued or patched."""
+    rate = None if constraints is None else constraints.max_calls_per_minute
+    return {
+        "constraints": None if constraints is None else json.dumps(constraints.as_json()),
+        # The call rate, where the ledger reads it beside the caps (as the constraints it is
+        # copied from: set at issue, and by each patch of them).
         "max_calls_per_minute": rate,
-        "rate_mode": None
-        if rate is None or subject.constraints is None
-        else subject.constraints.mode,
+        "rate_mode": None if rate is None or constraints is None else constraints.mode,
     }
 
 
@@ -985,6 +1017,7 @@ def _subject_fields(r: Any) -> dict[str, Any]:
         "owner": _owner(r),
         "alert_percents": percents_of(r["alert_percents"]),
         "constraints": _constraints(r["constraints"]),
+        "policy_rev": r["policy_rev"],
     }
 
 

@@ -117,6 +117,8 @@ MIGRATIONS: list[str] = [
     """,
     # 11: constraints on keys and budgets.
     _schema.constraints(_TYPES),
+    # 12: the revision of a key's or budget's constraints, which patches change.
+    _schema.policy_revisions(_TYPES),
 ]
 
 
@@ -146,6 +148,8 @@ RESERVE_PARAMETERS = (
     ("rules", "integer"),
     ("second", "bigint"),
     ("report", "text"),
+    ("key_rev", "integer"),
+    ("budget_rev", "integer"),
 )
 SETTLE_PARAMETERS = (
     ("audit_id", "bigint"),
@@ -438,6 +442,8 @@ class PostgresStore(SQLStore):
                     self.rule_version,
                     r.rate_second,
                     r.report,
+                    r.key.policy_rev,
+                    r.key.budget_policy_rev,
                 )
             )
         except StoreUnavailable as exc:

@@ -138,15 +138,13 @@ class Store(Protocol):
         A late settle of such a call corrects spend to its real outcome."""
         ...
 
-    async def liveness(self, key_id: str, budget_id: str | None, now: datetime) -> Decision | None:
-        """Why a key (or its budget) is dead now (revoked or expired), or None when it is live:
-        a cheap read before the proxy looks anything up at a vendor. The reservation stays the
-        authority."""
-        ...
-
-    async def take_call(self, key_id: str, budget_id: str | None, now: datetime) -> int | None:
-        """Count a lookup at a vendor against the key's and its budget's call rates (rule 8 of
-        `keybrake.proxy.decisions`): None when counted, else the seconds until it fits."""
+    async def admit_lookup(
+        self, key: records.KeyRecord, now: datetime
+    ) -> tuple[Decision, int] | None:
+        """Whether the proxy may look something up at a vendor with the real key for a call of
+        `key` now (None, and the lookup is counted in the call rates), or why not and the
+        seconds to wait: `policy_changed`, a dead key or budget, `rate_limited` (rules 0, 1 and
+        8 of `keybrake.proxy.decisions`)."""
         ...
 
     async def alert_levels(self, now: datetime) -> list[records.AlertLevel]:

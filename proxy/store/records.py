@@ -87,11 +87,14 @@ class KeyRecord:
     owner: Owner | None = None  # who issued it, and for which namespace
     # Percents of a cap at which it alerts; None: the operator's KEYBRAKE_ALERT_THRESHOLDS.
     alert_percents: tuple[int, ...] | None = None
-    # Who its calls may pay or message (None: anyone). Set at issue, never changed.
+    # Who its calls may pay or message, and how fast (None: anyone, any rate). Set at issue;
+    # each patch of them raises `policy_rev`, which the reservation compares (decisions, rule 0).
     constraints: Constraints | None = None
-    # Those of the budget it draws on: filled by `find_key` only (the request path's read),
-    # None everywhere else.
+    policy_rev: int = 0
+    # Those of the budget it draws on, and their revision: filled by `find_key` only (the request
+    # path's read), None and 0 everywhere else.
     budget_constraints: Constraints | None = None
+    budget_policy_rev: int = 0
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
@@ -123,6 +126,7 @@ class BudgetRecord:
     owner: Owner | None = None
     alert_percents: tuple[int, ...] | None = None  # as a key's
     constraints: Constraints | None = None  # as a key's; every key drawing on it is bound too
+    policy_rev: int = 0  # as a key's
 
     def status(self, now: datetime) -> str:
         return key_status(self.revoked_at, self.expires_at, now)
@@ -365,6 +369,10 @@ class Patch:
     max_per_caller_micros: int | None = None
     expires_at: datetime | None = None
     expected: dict[str, int | datetime | None] | None = None
+    # New constraints, call rate included, as a whole (None with `sets_policy`: none at all):
+    # applied with the row's `policy_rev` raised, so every replica judges the next call by them.
+    constraints: Constraints | None = None
+    sets_policy: bool = False
 
     def fields(self) -> dict[str, int | datetime]:
         """The fields it changes, and their new values."""

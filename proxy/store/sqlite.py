@@ -102,6 +102,8 @@ MIGRATIONS: list[str] = [
     """,
     # 8: constraints on keys and budgets.
     _schema.constraints(_TYPES),
+    # 9: the revision of a key's or budget's constraints, which patches change.
+    _schema.policy_revisions(_TYPES),
 ]
 
 

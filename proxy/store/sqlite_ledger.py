@@ -159,9 +159,15 @@ def count_calls(conn: sqlite3.Connection, owners: list[str], now: int) -> None:
 
 
 def _caps(
-    conn: sqlite3.Connection, row: tuple[Any, ...] | None, owner_id: str, floor: int, now: datetime
+    conn: sqlite3.Connection,
+    row: tuple[Any, ...] | None,
+    owner_id: str,
+    floor: int,
+    now: datetime,
+    judged_rev: int,
 ) -> Caps:
-    """(revoked_at, expires_at, daily, total) of a key or budget as admission reads them."""
+    """(revoked_at, expires_at, daily, total, policy_rev) of a key or budget as admission reads
+    them; `judged_rev`: the policy revision the call was judged against."""
     if row is None:
         return Caps(True, now, None, None, lambda: (0, 0))
     return Caps(
@@ -170,34 +176,32 @@ def _caps(
         daily=row[2],
         total=row[3],
         used=lambda: _spent(conn, owner_id, floor),
+        stale=row[4] != judged_rev,
     )
 
 
 def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
     key_id, budget_id = r.key.key_id, r.key.budget_id
-    if budget_id is not None:
-        _count_call(conn, budget_id)  # the budget first, then the key: one order everywhere
-    _count_call(conn, key_id)
     # Revocation, expiry and caps are read here, inside the transaction, never from a cache.
     row = conn.execute(
-        "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, max_per_call_micros, "
-        "max_per_caller_micros, dedupe_window_s, max_calls_per_minute, rate_mode "
-        "FROM vault_keys WHERE key_id = ?",
+        "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, policy_rev, "
+        "max_per_call_micros, max_per_caller_micros, dedupe_window_s, max_calls_per_minute, "
+        "rate_mode FROM vault_keys WHERE key_id = ?",
         (key_id,),
     ).fetchone()
     budget_row = None
     if budget_id is not None:
         budget_row = conn.execute(
-            "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, "
+            "SELECT revoked_at, expires_at, daily_cap_micros, total_cap_micros, policy_rev, "
             "max_calls_per_minute, rate_mode FROM budgets WHERE budget_id = ?",
             (budget_id,),
         ).fetchone()
     second = r.rate_second
     rates = []
     if row is not None:
-        rates += _rate(conn, key_id, row[7], row[8], second)
+        rates += _rate(conn, key_id, row[8], row[9], second)
     if budget_row is not None:
-        rates += _rate(conn, budget_id, budget_row[4], budget_row[5], second)
+        rates += _rate(conn, budget_id, budget_row[5], budget_row[6], second)
     by_key = by_fingerprint = None
     if row is not None and r.idempotency_key:
         by_key = _prior(conn, key_id, "idempotency", r.idempotency_key, r.request_hash)
@@ -212,31 +216,37 @@ def reserve(conn: sqlite3.Connection, r: Reservation) -> Admission:
         cost = offset_cost(cost, sum(mark[3] for mark in paid))
     admitted = admit(
         now=r.now,
-        key=_caps(conn, row[:4] if row else None, key_id, floor, r.now),
+        key=_caps(conn, row, key_id, floor, r.now, r.key.policy_rev),
         budget=(
-            _caps(conn, budget_row[:4] if budget_row else None, budget_id, floor, r.now)
+            _caps(conn, budget_row, budget_id, floor, r.now, r.key.budget_policy_rev)
             if budget_id is not None
             else None
         ),
         by_key=by_key,
         by_fingerprint=by_fingerprint,
-        dedupe_window=timedelta(seconds=row[6] if row else 0),
+        dedupe_window=timedelta(seconds=row[7] if row else 0),
         vendor_replays=r.vendor_replays,
         cost_micros=cost,
-        max_per_call_micros=row[4] if row else None,
-        max_per_caller_micros=row[5] if row else None,
+        max_per_call_micros=row[5] if row else None,
+        max_per_caller_micros=row[6] if row else None,
         caller_used=lambda: _caller_spent(conn, key_id, r.caller),
         rates=rates,
     )
     decision = admitted.decision
+    if decision is Decision.POLICY_CHANGED:
+        return Admission(decision, 0)  # nothing written: the call is judged again
+    # Counted once decided (other processes wait on SQLite's write lock, held since BEGIN).
+    if budget_id is not None:
+        _count_call(conn, budget_id)  # the budget first, then the key: one order everywhere
+    _count_call(conn, key_id)
     forwarded = decision is Decision.FORWARDED
     if forwarded and rates:
-        limited = [key_id] if row is not None and row[7] is not None else []
-        if budget_row is not None and budget_row[4] is not None and budget_id is not None:
+        limited = [key_id] if row is not None and row[8] is not None else []
+        if budget_row is not None and budget_row[5] is not None and budget_id is not None:
             limited.append(budget_id)
         count_calls(conn, limited, second)
     reported = report_note(r.report, admitted.reported)
-    tracks_caller = row is not None and row[5] is not None
+    tracks_caller = row is not None and row[6] is not None
     if forwarded and paid:
         _redate(conn, r, paid, bucket)
     if admitted.reserve_micros:

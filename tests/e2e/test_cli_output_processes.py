@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from tests.proxyproc import ADMIN_KEY
-from tests.served import ServedProxy, serve_proxy
+from tests.served import ServedProxy
 from tests.test_cli_output import Terminal
 
 # COLUMNS as a shell had it when the CLI started, then as a user (or a test) sets it for the
@@ -27,16 +23,10 @@ main()
 """
 
 
-@pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[ServedProxy]:
-    served = serve_proxy(tmp_path)
-    yield served
-    served.stop()
-
-
-def test_the_width_is_read_when_output_is_written_not_at_import(proxy: ServedProxy) -> None:
+def test_the_width_is_read_when_output_is_written_not_at_import(bare_proxy: ServedProxy) -> None:
     """The events table (wider than 80 columns, narrower than 200) printed at a terminal that is
     200 wide by the time it prints: a row a line, none folded to the 80 of import time."""
+    proxy = bare_proxy
     for n in range(3):
         proxy.issue(agent_run_label=f"argo/width-{n}")
     env = {**proxy.env, "KEYBRAKE_API_KEY": ADMIN_KEY}

@@ -322,29 +322,43 @@ class Model:
         found = [o.constraints for o in owners if o.report != enforced]
         return [c for c in found if c is not None]
 
-    def outside(self, call: Call, key: Key, *, enforced: bool = True) -> bool:
+    def outside(self, call: Call, key: Key) -> bool:
         """Section 6: a value the call names, of a field its vendor's calls are checked against,
-        that the key's or its budget's (enforced, or report-only) constraints do not admit."""
-        for constraints in self.layers(key, enforced=enforced):
-            for name, allowed in constraints.items():
-                if name not in CONSTRAINT_FIELDS[call.vendor]:
-                    continue  # (a budget's constraint on another vendor's calls)
-                if not all(admits(name, allowed, v) for v in call.subjects.get(name, ())):
-                    return True
-        return False
+        that the key's or its budget's enforced constraints do not admit."""
+        return any(self._finding(call, key, c) for c in self.layers(key))
 
-    def looks_up(self, call: Call, key: Key, *, reports: bool = True) -> bool:
+    def report(self, call: Call, key: Key) -> str | None:
+        """What the report-only constraints note (section 6): the first report-only layer's
+        first finding in field order, "constraint" (a value outside them) or "unchecked" (a
+        customer only a lookup of its own could read: report mode makes none)."""
+        for constraints in self.layers(key, enforced=False):
+            found = self._finding(call, key, constraints)
+            if found:
+                return found
+        return None
+
+    def _finding(self, call: Call, key: Key, constraints: Constraints) -> str | None:
+        looked_up = self.looks_up(call, key)
+        for name, allowed in sorted(constraints.items()):
+            if name not in CONSTRAINT_FIELDS[call.vendor]:
+                continue  # (a budget's constraint on another vendor's calls)
+            if name == "customers" and call.acts_on is not None and not looked_up:
+                return "unchecked"  # (only a report-only layer gets here: enforced ones look)
+            if not all(admits(name, allowed, v) for v in call.subjects.get(name, ())):
+                return "constraint"
+        return None
+
+    def looks_up(self, call: Call, key: Key) -> bool:
         """Whether the proxy reads the call's object at the vendor before admitting it: to price
-        it, or for the customer a customers constraint (enforced or, with `reports`,
-        report-only) is checked against."""
-        layers = self.layers(key) + (self.layers(key, enforced=False) if reports else [])
-        constrained = {name for c in layers for name in c}
+        it, or for the customer an enforced customers constraint is checked against (a
+        report-only one reads what was looked up anyway, and makes no lookup of its own)."""
+        constrained = {name for c in self.layers(key) for name in c}
         return call.looks_up or (call.acts_on is not None and "customers" in constrained)
 
-    def lookups(self, call: Call, key: Key, *, reports: bool = True) -> int:
+    def lookups(self, call: Call, key: Key) -> int:
         """How many lookups the proxy makes for the call: one object, read once for its price
         and its constraints alike (docs/guarantees.md section 6)."""
-        return 1 if self.looks_up(call, key, reports=reports) else 0
+        return 1 if self.looks_up(call, key) else 0
 
     # -- call rates (section 6, "How fast") -------------------------------------------------------
 
@@ -391,9 +405,10 @@ class Model:
         return wait, noted
 
     def count_call(self, key: Key, now: datetime) -> None:
-        for owner in (key.id, key.budget):
-            if owner is not None:
-                self.reached[owner].append(seconds(now))
+        """A call at a vendor counts for each owner with a call rate, enforced or report-only,
+        now (a rate set by a patch counts the calls from then on)."""
+        for owner in self.rated(key):
+            self.reached[owner.id].append(seconds(now))
 
     def decide(
         self, call: Call, now: datetime, *, reports: bool = True, commit: bool = True
@@ -409,10 +424,10 @@ class Model:
         reported: list[str] = []
         # A dead key reaches no vendor (section 5): a lookup reads its life first. A call that
         # looks nothing up is checked against its constraints before its reservation reads it.
-        if self.looks_up(call, key, reports=reports):
+        if self.looks_up(call, key):
             if dead is not None:
                 return Admission(dead)
-        for _ in range(self.lookups(call, key, reports=reports)):
+        for _ in range(self.lookups(call, key)):
             # Each lookup reaches the vendor: it takes a place in the call rates first (before
             # constraints, replays and caps), or the call is refused for it.
             wait, _ = self.rate_check(
@@ -441,8 +456,9 @@ class Model:
     ) -> Admission:
         if self.outside(call, key):
             return Admission(CONSTRAINT_VIOLATED)  # before anything is reserved (section 6)
-        if reports and self.outside(call, key, enforced=False):
-            reported.append("constraint")  # report-only: noted, the call goes on
+        noted = self.report(call, key) if reports else None
+        if noted is not None:
+            reported.append(noted)  # report-only: noted, the call goes on
         if dead is not None:
             return Admission(dead)
         prior = None
