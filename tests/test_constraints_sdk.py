@@ -187,3 +187,49 @@ def test_a_resend_key_held_to_one_domain_refuses_a_mixed_recipient_list(
     assert raised.value.code == 403
     assert "recipient_domains" in str(raised.value.message)
     assert len(fake_resend.requests) == 1
+
+
+def test_report_mode_forwards_every_call_and_audits_each_would_be_refusal(
+    vendor_proxy: ServedProxy,
+    fake_twilio: FakeTwilio,
+    fake_resend: FakeResend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same constraints as above, report-only: the SDKs see every call succeed, the vendors
+    receive every one, and each that enforcing would have refused is noted in its audit row and
+    counted in the metrics."""
+    texts = issue_twilio(vendor_proxy, constraints={"recipients": ["+4420*"], "mode": "report"})
+    client = twilio_client(vendor_proxy, texts["vault_key"])
+    for to in ("+442071838750", "+15005550006"):
+        client.messages.create(to=to, from_=SENDER, body="Your order shipped")
+    assert [r["form"]["To"] for r in fake_twilio.requests] == [["+442071838750"], ["+15005550006"]]
+    rows = audit(vendor_proxy, texts["key_id"])
+    assert [row["decision"] for row in rows] == ["forwarded", "forwarded"]
+    assert [row["reported"] for row in rows] == [
+        "constraint_violated: recipients: '+15005550006' is not allowed",
+        None,
+    ]
+
+    mails = issue_resend(
+        vendor_proxy, constraints={"recipient_domains": ["example.com"], "mode": "report"}
+    )
+    monkeypatch.setattr(resend, "api_url", vendor_proxy.url + "/resend")
+    monkeypatch.setattr(resend, "api_key", mails["vault_key"])
+    mixed = {
+        "from": "Shop <orders@example.com>",
+        "to": ["a@example.com", "b@Example.COM"],
+        "bcc": "audit@elsewhere.test",
+        "subject": "Shipped",
+        "text": "On its way",
+    }
+    resend.Emails.send(mixed)  # type: ignore[arg-type]
+    assert len(fake_resend.requests) == 1
+    [row] = audit(vendor_proxy, mails["key_id"])
+    assert row["decision"] == "forwarded"
+    assert row["reported"].startswith("constraint_violated: recipient_domains: ")
+
+    with vendor_proxy.admin() as admin:
+        metrics = admin.get("/metrics").text
+    for vendor in ("twilio", "resend"):
+        line = f'keybrake_policy_reports_total{{decision="constraint_violated",vendor="{vendor}"}}'
+        assert f"{line} 1.0" in metrics, [m for m in metrics.splitlines() if "reports" in m]

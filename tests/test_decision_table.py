@@ -1102,3 +1102,60 @@ def test_the_cheap_liveness_check_agrees_with_the_ledger(
             await store.close()
 
     asyncio.run(run())
+
+
+# What the pipeline asks before each lookup with the real key (`Store.admit_lookup`): rule 0,
+# then rule 1 (above), then rule 8 with two places (the lookup and its call), counting it.
+# (name, rate, its mode, calls in the last second, patched meanwhile, the answer, then a second
+# lookup's)
+LOOKUP_ROWS = [
+    ("room for a lookup and its call, counted", 3, "enforce", 0, False, None, None),
+    (
+        "the lookup counted fills the rate",
+        3,
+        "enforce",
+        1,
+        False,
+        None,
+        (Decision.RATE_LIMITED, 60),
+    ),
+    ("no room for its call too", 2, "enforce", 1, False, (Decision.RATE_LIMITED, 60), None),
+    ("a rate of one never has room", 1, "enforce", 0, False, (Decision.RATE_LIMITED, 61), None),
+    ("a report-only rate lets it go", 1, "report", 1, False, None, None),
+    ("judged by older constraints", 3, "enforce", 0, True, (Decision.POLICY_CHANGED, 0), None),
+]
+
+
+@pytest.mark.parametrize(
+    "name,rate,mode,before,patched,expect,then", LOOKUP_ROWS, ids=[r[0] for r in LOOKUP_ROWS]
+)
+def test_a_lookup_is_admitted_by_the_ledgers_rules(
+    backend: str,
+    name: str,
+    rate: int,
+    mode: str,
+    before: int,
+    patched: bool,
+    expect: tuple[Decision, int] | None,
+    then: tuple[Decision, int] | None,
+) -> None:
+    async def run() -> None:
+        store = open_store(backend)
+        await store.open()
+        try:
+            key_id = f"vk_look{[r[0] for r in LOOKUP_ROWS].index(name)}"
+            key = replace(key_record(key_id), constraints=rate_of(rate, mode))
+            await store.create_key(key, TEST_EVENT)
+            for n in range(before):
+                made = await store.reserve(reservation(key, NOW - S, 0, f"before-{n}"))
+                assert made.decision is Decision.FORWARDED
+            if patched:
+                widened = Patch(reason="table", constraints=rate_of(rate, mode), sets_policy=True)
+                assert await store.patch(key_id, widened, NOW - S, TEST_EVENT) == "patched"
+            assert await store.admit_lookup(key, NOW) == expect, name
+            if expect is None:  # counted: the next one sees it
+                assert await store.admit_lookup(key, NOW) == then, name
+        finally:
+            await store.close()
+
+    asyncio.run(run())
