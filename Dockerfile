@@ -1,6 +1,6 @@
 # keybrake proxy image.
-#   docker build -t ghcr.io/keybrake/keybrake:0.1.0 .
-#   docker run --rm -p 8080:8080 -e KEYBRAKE_API_KEY=... ghcr.io/keybrake/keybrake:0.1.0
+#   docker build -t ghcr.io/keybrake/keybrake:0.2.0 .
+#   docker run --rm -p 8080:8080 -e KEYBRAKE_API_KEY=... ghcr.io/keybrake/keybrake:0.2.0
 # Secrets are never baked in: they come from the environment at run time (Kubernetes Secrets,
 # see templates/proxy/ and docs/deploy.md).
 #

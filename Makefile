@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast soak-model lint typecheck pytest templates tools bench install clean
+.PHONY: demo test test-fast soak-model lint typecheck pytest templates tools bench install dist clean
 
 # Test workers: one per core (pytest-xdist; idle workers steal queued tests, so the long ones
 # do not end the run alone). Each worker has its own localstripe, proxies on
@@ -85,5 +85,10 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run $(if $(COMPARE_WITH),--compare-with $(COMPARE_WITH))
 
+## The release: a wheel and an sdist in dist/, built offline with the venv's setuptools; the
+## build fails on any warning. Install with `pip install dist/keybrake-*.whl`.
+dist: $(STAMP)
+	$(BIN)/python -m tests.release dist
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache dist

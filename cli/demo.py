@@ -37,6 +37,9 @@ from keybrake.cli._table import print_grid
 from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.models import KeyCreate
 
+# keybrake is on no package index, so the `demo` extra comes from a checkout.
+_DEMO_EXTRA = "Run `make demo` in a keybrake checkout, or `pip install '.[demo]'` there."
+
 
 def demo(
     calls: Annotated[int, typer.Option(min=1, max=5000, help="Concurrent PaymentIntents.")] = 500,
@@ -49,12 +52,12 @@ def demo(
     try:
         import stripe  # noqa: F401  (the demo's workload uses the official SDK)
     except ImportError:
-        fail("the demo needs the Stripe SDK and localstripe: pip install 'keybrake[demo]'")
+        fail("the demo needs the Stripe SDK and localstripe", hint=_DEMO_EXTRA)
     localstripe = shutil.which(
         "localstripe", path=str(Path(sys.executable).parent)
     ) or shutil.which("localstripe")
     if localstripe is None:
-        fail("the demo needs localstripe: pip install 'keybrake[demo]'")
+        fail("the demo needs localstripe", hint=_DEMO_EXTRA)
     started = time.monotonic()
     # `kill -USR1` prints every thread's stack: how to see where a stuck demo is.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -24,6 +24,7 @@ from keybrake.proxy.client import KeybrakeClient
 from keybrake.proxy.errors import ApiError
 from tests.fakes.server import free_port
 from tests.proxyproc import ADMIN_KEY
+from tests.release import pyproject_version
 from tests.served import ServedProxy
 
 
@@ -262,7 +263,7 @@ def test_version_and_help_examples() -> None:
 
     result = runner.invoke(app, ["version"])
     lines = result.stdout.splitlines()
-    assert result.exit_code == 0 and lines[0] == "0.1.0"
+    assert result.exit_code == 0 and lines[0] == pyproject_version()
     assert lines[1].startswith(f"ledger rules {RULE_VERSION}; schema: SQLite ")
     commands = [
         ["serve"],

@@ -28,6 +28,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
+from tests.release import pyproject_version
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "templates" / "proxy"
 KUSTOMIZATION = BASE / "kustomization.yaml"
@@ -37,7 +39,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 NAMESPACE = "keybrake"
-IMAGE = "ghcr.io/keybrake/keybrake:0.1.0"
+IMAGE = f"ghcr.io/keybrake/keybrake:{pyproject_version()}"  # the release's (tests/release.py)
 PORT = 8080
 SERVICE_URL = "http://keybrake.keybrake.svc.cluster.local:8080"
 SERVE_ARGS = ["serve", "--host", "0.0.0.0", "--port", "8080", "--workers", "2"]
