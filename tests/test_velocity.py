@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 
 from tests.inproc import Clock, StubUpstream, app_client, issue
 from tests.proxyproc import ADMIN_KEY
+from tests.test_dashboard import sign_in
 
 INTENT = {"amount": "100", "currency": "usd"}
 _calls = itertools.count()
@@ -167,6 +168,11 @@ def test_report_only_constraints_forward_and_audit_each_would_be_refusal(tmp_pat
             "constraint_violated: customers: POST /v1/payment_intents names no customer",
         ]
         assert reports(client, "constraint_violated") == 2
+        # The dashboard's calls say it too, beside the decision (escaped as any caller's text).
+        assert sign_in(client, ADMIN_KEY).status_code == 303
+        page = client.get("/ui/run", params={"label": key["agent_run_label"]}).text
+        assert "reported: constraint_violated: customers: &#39;cus_2&#39; is not allowed" in page
+        client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
         enforced = issue(client, constraints={"customers": ["cus_1"]})
         assert charge(client, enforced["vault_key"], customer="cus_2").status_code == 403
         assert len(vendor.sent) == 3
