@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "ghcr.io/keybrake/keybrake"
-# A released section: `## 0.2.0 — 2026-12-07`. Only an `## Unreleased` section may stand above
+# A released section: `## 0.2.0 — 2026-12-06`. Only an `## Unreleased` section may stand above
 # the newest one (changes merged since), so the newest release is the first such heading.
 RELEASE_HEADING = re.compile(r"^## (?P<version>\d+\.\d+\.\d+) — (?P<date>\d{4}-\d{2}-\d{2})$")
 # Files that tell a reader which image to run; every tag in them is the release's.
