@@ -634,7 +634,11 @@ def compare_builds(other: Path, args: argparse.Namespace) -> None:
                     args.repeat,
                     swap=True,
                 )
-                print(f"priced, 64 connections, {backend}: this/other {pairing}", flush=True)
+                # (The pairs list other/this, each pair's order as the tables list theirs.)
+                print(
+                    f"priced, 64 connections, {backend}: this/other {pairing} (other/this)",
+                    flush=True,
+                )
 
 
 @contextmanager
