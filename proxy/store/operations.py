@@ -603,14 +603,17 @@ class SQLStore:
         )
         if not marked:
             return False
-        yield execute(
-            "INSERT INTO alert_outbox (delivery_id, owner_id, mark, payload, created_at, "
-            "next_attempt_at) VALUES (:delivery, :owner, :mark, :payload, :created, :created)",
-            delivery=delivery.delivery_id,
-            owner=delivery.owner_id,
-            mark=delivery.mark,
-            payload=delivery.payload,
-            created=delivery.created_at,
+        created = delivery.created_at  # and first due at once
+        yield from _insert(
+            "alert_outbox",
+            {
+                "delivery_id": delivery.delivery_id,
+                "owner_id": delivery.owner_id,
+                "mark": delivery.mark,
+                "payload": delivery.payload,
+                "created_at": created,
+                "next_attempt_at": created,
+            },
         )
         return True
 
