@@ -472,7 +472,8 @@ class SQLStore:
         key_id, budget_id = key.key_id, key.budget_id
         found = yield row(
             "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, k.policy_rev AS k_rev, "
-            "b.revoked_at AS b_revoked, b.expires_at AS b_expires, b.policy_rev AS b_rev "
+            "k.max_calls_per_minute AS k_rate, b.revoked_at AS b_revoked, "
+            "b.expires_at AS b_expires, b.policy_rev AS b_rev, b.max_calls_per_minute AS b_rate "
             "FROM vault_keys k LEFT JOIN budgets b ON b.budget_id = :budget_id "
             "WHERE k.key_id = :key_id",
             key_id=key_id,
@@ -497,11 +498,11 @@ class SQLStore:
         second = second_of(now)
         rates: list[Rate] = []
         limited: list[str] = []
-        for table, column, owner in (
-            ("budgets", "budget_id", budget_id),
-            ("vault_keys", "key_id", key_id),
+        for table, column, owner, rate in (
+            ("budgets", "budget_id", budget_id, found["b_rate"]),
+            ("vault_keys", "key_id", key_id, found["k_rate"]),
         ):
-            if owner is None:
+            if owner is None or rate is None:  # no rate to count it in: no lock to take
                 continue
             yield row("SELECT 1 FROM usage_counts WHERE owner_id = :owner FOR UPDATE", owner=owner)
             rated = yield row(
