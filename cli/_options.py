@@ -248,8 +248,6 @@ def caps_patch(
     given = constraints(constraint, constraint_mode)
     if no_constraints and given is not None:
         fail("--no-constraints: give it or --constraint, not both", EXIT_USAGE)
-    # Only a patch that names them changes them (`CapsPatch.sets_constraints`).
-    changed = {"constraints": given} if given is not None or no_constraints else {}
     with usage_on_invalid():
         return CapsPatch(
             reason=reason,
@@ -257,7 +255,7 @@ def caps_patch(
             total_usd_cap=dollars(total_usd_cap, "--total-usd-cap"),
             max_usd_per_caller=dollars(max_usd_per_caller, "--max-usd-per-caller"),
             expires_in=expires_in,
-            **changed,
+            constraints={} if no_constraints else given,  # ({}: none of its own)
         )
 
 

@@ -439,12 +439,16 @@ def _some(values: tuple[str, ...], shown: int = 5) -> str:
 
 
 def _loosens(before: KeyRecord | BudgetRecord, after: KeyRecord | BudgetRecord) -> bool:
-    """Whether `after` may spend more, or for longer, than `before` in any way: a cap raised or
-    removed (None: no cap), or a later end."""
+    """Whether `after` may spend more, for longer, or with more counterparties or calls than
+    `before` in any way: a cap raised or removed (None: no cap), a later end, or constraints
+    not within the ones before (removed, widened, a rate raised, enforce made report-only)."""
     for cap in ("daily_cap_micros", "total_cap_micros", "max_per_caller_micros"):
         old, new = getattr(before, cap, None), getattr(after, cap, None)
         if old is not None and (new is None or new > old):
             return True
+    was, now = before.constraints, after.constraints
+    if was is not None and (now is None or now.outside(was) is not None):
+        return True
     return after.expires_at > before.expires_at
 
 
@@ -458,13 +462,16 @@ def check_patch(
     """A patch by an issuer, from the key or budget `before` to `after` (every field as it will
     stand, not only the patched ones); `budget`: the one a key draws on. The rule:
 
-    - a patch that only tightens (lowers a cap, ends sooner) is always allowed, even on a key or
-      budget already beyond the issuer's policy (one the admin issued in its scope);
-    - a patch that loosens anything (raises or removes a cap, ends later) must leave the key or
-      budget within everything the policy asks at issue: `after` must pass the very check of
-      issue, `check_key` (with what its budget bounds it by) or `check_budget`, its life counted
-      from issue. A budget within the maxima bounds every key drawing on it within them too,
-      so loosening a budget cannot lift any key's bound past the policy either.
+    - a patch that only tightens (lowers a cap, ends sooner, narrows its constraints) is always
+      allowed, even on a key or budget already beyond the issuer's policy (one the admin issued
+      in its scope);
+    - a patch that loosens anything (raises or removes a cap, ends later, widens or removes its
+      constraints) must leave the key or budget within everything the policy asks at issue:
+      `after` must pass the very check of issue, `check_key` (with what its budget bounds it
+      by) or `check_budget`, its life counted from issue (and its constraints lie within the
+      issuer's, `issued_constraints`). A budget within the maxima bounds every key drawing on
+      it within them too, so loosening a budget cannot lift any key's bound past the policy
+      either.
 
     A revoke-only issuer patches nothing; the admin patches anything."""
     if actor.issuer is None:

@@ -304,9 +304,5 @@ def _params(**values: object) -> dict[str, str]:
 
 
 def _body(spec: BaseModel) -> dict[str, Any]:
-    """A request model as the JSON the proxy takes: fields left unset are left out (a patch's
-    `constraints: null`, which removes them, is kept)."""
-    body: dict[str, Any] = spec.model_dump(mode="json", exclude_none=True)
-    if isinstance(spec, CapsPatch) and spec.sets_constraints:
-        body["constraints"] = spec.constraints
-    return body
+    """A request model as the JSON the proxy takes: fields left unset are left out."""
+    return spec.model_dump(mode="json", exclude_none=True)

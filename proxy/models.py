@@ -268,8 +268,8 @@ class BudgetCreate(BaseModel):
 class CapsPatch(BaseModel):
     """Raise or lower a live key's or budget's caps, extend or shorten its life (`expires_in`
     counts from now), or replace its constraints (call rate included) as a whole, and say why.
-    `constraints: null` removes its own: under an issuer with constraints it then holds the
-    issuer's, as one issued without any does."""
+    `constraints: {}` removes its own (under an issuer with constraints it then holds the
+    issuer's, as one issued without any does); `null`, as for every field, changes nothing."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -296,8 +296,8 @@ class CapsPatch(BaseModel):
 
     @property
     def sets_constraints(self) -> bool:
-        """Whether it changes the constraints (given, `null` included)."""
-        return "constraints" in self.model_fields_set
+        """Whether it changes the constraints (`{}`: to none of its own)."""
+        return self.constraints is not None
 
     @model_validator(mode="after")
     def _something(self) -> CapsPatch:
@@ -307,7 +307,7 @@ class CapsPatch(BaseModel):
                 "change at least one of daily_usd_cap, total_usd_cap, max_usd_per_caller, "
                 "expires_in, constraints"
             )
-        if self.sets_constraints:  # (assigning it would mark it given)
+        if self.constraints:  # canonical ({} stays: it removes them)
             self.constraints = _constraints(self.constraints)
         return self
 

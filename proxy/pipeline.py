@@ -400,7 +400,8 @@ class Pipeline:
             raise
         except Exception as error:
             if done.done():  # its request is gone: nobody else will see this
-                log.error("an admitted call failed after its client left", exc_info=error)
+                if not isinstance(error, _PolicyChanged):  # (nothing was forwarded)
+                    log.error("an admitted call failed after its client left", exc_info=error)
             else:
                 done.set_exception(error)  # the waiter raises it
         else:
@@ -511,14 +512,17 @@ class Pipeline:
             except EstimateError as exc:
                 unreadable = _unreadable(exc)
                 return redact(f"{unreadable.decision}: {unreadable.details['reason']}")
+        # A would-be refusal first, in any layer; only then a field left unchecked.
+        checked = {name: v for name, v in found.items() if not isinstance(v, Unchecked)}
+        for constraints in reported:
+            violation = constraints.check(vendor.name, checked)
+            if violation is not None:
+                # Redacted as a refusal's message is: the reason quotes what the caller sent.
+                return redact(f"{Decision.CONSTRAINT_VIOLATED}: {violation.reason}")
         for constraints in reported:
             violation = constraints.check(vendor.name, found)
-            if violation is None:
-                continue
-            # Redacted as a refusal's message is: the reason quotes what the caller sent.
-            if isinstance(found.get(violation.field), Unchecked):
+            if violation is not None:
                 return f"{_UNCHECKED}: {violation.reason}"
-            return redact(f"{Decision.CONSTRAINT_VIOLATED}: {violation.reason}")
         return None
 
     # -- reserve → forward → settle, in a task of its own --------------------------------------
@@ -755,8 +759,8 @@ class Pipeline:
 
 
 def _rated(key: KeyRecord) -> bool:
-    """Whether the key or its budget has a call rate (fixed at issue, so its cached record
-    says)."""
+    """Whether the key or its budget has a call rate, as its cached record says (a patch of it
+    makes the reservation judge the call again: rule 0)."""
     layers = (key.constraints, key.budget_constraints)
     return any(c is not None and c.max_calls_per_minute is not None for c in layers)
 

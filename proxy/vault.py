@@ -627,8 +627,8 @@ def _constraints_detail(given: dict[str, Any] | None, issued: Constraints | None
 
 
 def _patched_constraints(spec: CapsPatch, vendor: str | None) -> Constraints | None:
-    """A patch's own constraints, checked for the key's vendor (None: it removes them)."""
-    if spec.constraints is None:
+    """A patch's own constraints, checked for the key's vendor (None: `{}`, it removes them)."""
+    if not spec.constraints:
         return None
     try:
         return parse_constraints(spec.constraints, vendor=vendor)

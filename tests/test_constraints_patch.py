@@ -1,5 +1,5 @@
 """Patching a key's or budget's constraints (call rate included), from the admin API and the CLI
-to every replica's next call: replaced as a whole (`null` removes them), held to an issuer's
+to every replica's next call: replaced as a whole (`{}` removes them), held to an issuer's
 constraints as at issue (403 naming the field, nothing changed), recorded as a change, and
 judged by on the next call of a replica that cached the old ones (rule 0 of
 `keybrake.proxy.decisions`), on both backends. The random sequences of tests/model patch them
@@ -25,7 +25,7 @@ from tests.helpers import TEST_EVENT
 from tests.inproc import Clock, StubUpstream, app_client, issue
 from tests.served import ServedProxy
 from tests.test_cli import ISSUE, run
-from tests.test_issuers import bearer, create_issuer, events, key_body
+from tests.test_issuers import PAYMENTS, bearer, create_issuer, events, key_body
 from tests.test_velocity import audit, charge
 
 database_url = test_store.database_url  # sqlite and postgres, as the store tests run
@@ -66,7 +66,7 @@ def test_a_patch_replaces_a_keys_constraints_whole_and_records_the_change(
     assert json.loads(change["new"]) == canonical
     assert events(client, action="key.patch")[0]["detail"]["constraints"] == canonical
 
-    removed = patch(client, key["key_id"], constraints=None)
+    removed = patch(client, key["key_id"], constraints={})
     assert removed.status_code == 200, removed.text
     assert removed.json()["constraints"] is None
     assert removed.json()["changes"][-1]["new"] is None
@@ -92,7 +92,6 @@ def test_a_budget_takes_any_vendors_fields_and_a_key_only_its_own(client: TestCl
         ({"recipients": ["+4420*"]}, "constraints.recipients: not a stripe constraint"),
         ({"currencies": ["not money"]}, "constraints.currencies:"),
         ({"max_calls_per_minute": 0}, "constraints.max_calls_per_minute: a whole number"),
-        ({}, "constraints: constrain at least one of"),
         ({"mode": "report"}, "constraints: constrain at least one of"),
     ]:
         refused = patch(client, key["key_id"], constraints=constraints)
@@ -130,12 +129,64 @@ def test_an_issuers_patch_lies_within_its_constraints(tmp_path: Path) -> None:
         assert shown["constraints"] == {"mode": "enforce", **narrower}  # nothing changed
 
         # Without its own, it holds the issuer's again (as one issued without any).
-        reset = patch(client, key["key_id"], token, constraints=None)
+        reset = patch(client, key["key_id"], token, constraints={})
         assert reset.status_code == 200, reset.text
         assert reset.json()["constraints"] == {"mode": "enforce", **issuer_constraints}
         # The admin is bound by no issuer.
         admin = patch(client, key["key_id"], constraints={"currencies": ["eur"]})
         assert admin.status_code == 200, admin.text
+
+
+def test_an_issuer_widens_constraints_only_into_its_policy(tmp_path: Path) -> None:
+    """Widening or removing constraints is a loosening, as raising a cap is: an issuer may do it
+    only on a key or budget that then lies within everything its policy asks at issue. One the
+    admin issued in its scope beyond that policy (a larger cap, another vendor) keeps them, while
+    narrowing them stays allowed."""
+    with app_client(tmp_path, Clock(), upstream=StubUpstream(), resend_api_key="re_x") as client:
+        issuer = create_issuer(client, **PAYMENTS)  # Stripe only, at most $100 a day
+        token = bearer(issuer["issuer_token"])
+        label = {"agent_run_label": "argo/payments-run-9"}
+        beyond = issue(client, daily_usd_cap=1000, constraints={"customers": ["cus_A"]}, **label)
+        other_vendor = issue(
+            client,
+            vendor="resend",
+            allowed_endpoints=["POST /emails"],
+            daily_usd_cap=10,
+            constraints={"recipient_domains": ["example.com"]},
+            **label,
+        )
+        for key, code in ((beyond, "max_daily_usd_cap"), (other_vendor, "allowed_vendors")):
+            for wider in (
+                {},
+                {**key["constraints"], "mode": "report"},
+                {"max_calls_per_minute": 9},
+            ):
+                refused = patch(client, key["key_id"], token, constraints=wider)
+                assert refused.status_code == 403, (wider, refused.text)
+                assert refused.json()["error"]["code"] == code, refused.text
+            shown = client.get(f"/vault/keys/{key['key_id']}").json()["constraints"]
+            assert shown == key["constraints"]  # nothing changed
+        narrower = {"customers": ["cus_A"], "currencies": ["usd"]}
+        assert patch(client, beyond["key_id"], token, constraints=narrower).status_code == 200
+        # Its own key, within its policy: widening is allowed.
+        own = client.post(
+            "/vault/keys", json=key_body(constraints={"customers": ["cus_A"]}), headers=token
+        ).json()
+        assert patch(client, own["key_id"], token, constraints={}).status_code == 200
+
+
+def test_null_constraints_change_nothing_as_every_null_field_of_a_patch(
+    client: TestClient,
+) -> None:
+    """A client that sends its whole patch model, unset fields as null, must not strip the
+    constraints of a key whose cap it changes: only `{}` removes them."""
+    key = issue(client, constraints=USD)
+    patched = patch(client, key["key_id"], daily_usd_cap="50", total_usd_cap=None, constraints=None)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["constraints"] == {"mode": "enforce", **USD}
+    alone = patch(client, key["key_id"], constraints=None)
+    assert alone.status_code == 400, alone.text  # it changes nothing at all
+    assert "constraints" in alone.json()["error"]["message"]
 
 
 def test_a_revoked_key_takes_no_patch_of_constraints(client: TestClient) -> None:
@@ -173,7 +224,7 @@ def test_the_next_call_on_another_replica_is_judged_by_the_patched_constraints(
         assert refused.status_code == 403, refused.text
         assert "currencies: 'usd' is not allowed" in refused.json()["error"]["message"]
 
-        assert patch(other, key["key_id"], constraints=None).status_code == 200
+        assert patch(other, key["key_id"], constraints={}).status_code == 200
         assert charge(serving, vault).status_code == 200  # wider: forwarded at once
 
         # The budget's, read with the key's by the serving replica.
@@ -181,7 +232,7 @@ def test_the_next_call_on_another_replica_is_judged_by_the_patched_constraints(
         refused = charge(serving, vault)
         assert refused.status_code == 403
         assert "budget's constraints" in refused.json()["error"]["message"]
-        assert patch(other, budget["budget_id"], constraints=None).status_code == 200
+        assert patch(other, budget["budget_id"], constraints={}).status_code == 200
 
         # A call rate set by a patch counts from then on.
         limited = {"max_calls_per_minute": 1}

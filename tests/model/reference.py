@@ -328,25 +328,27 @@ class Model:
         return any(self._finding(call, key, c) for c in self.layers(key))
 
     def report(self, call: Call, key: Key) -> str | None:
-        """What the report-only constraints note (section 6): the first report-only layer's
-        first finding in field order, "constraint" (a value outside them) or "unchecked" (a
-        customer only a lookup of its own could read: report mode makes none)."""
-        for constraints in self.layers(key, enforced=False):
-            found = self._finding(call, key, constraints)
-            if found:
-                return found
+        """What the report-only constraints note (section 6): "constraint" when any report-only
+        layer does not admit a value the call names; else "unchecked" when one constrains a
+        customer only a lookup of its own could read (report mode makes none)."""
+        found = {self._finding(call, key, c) for c in self.layers(key, enforced=False)}
+        for finding in ("constraint", "unchecked"):
+            if finding in found:
+                return finding
         return None
 
     def _finding(self, call: Call, key: Key, constraints: Constraints) -> str | None:
         looked_up = self.looks_up(call, key)
+        unchecked = None
         for name, allowed in sorted(constraints.items()):
             if name not in CONSTRAINT_FIELDS[call.vendor]:
                 continue  # (a budget's constraint on another vendor's calls)
             if name == "customers" and call.acts_on is not None and not looked_up:
-                return "unchecked"  # (only a report-only layer gets here: enforced ones look)
+                unchecked = "unchecked"  # (only a report-only layer gets here: enforced ones look)
+                continue
             if not all(admits(name, allowed, v) for v in call.subjects.get(name, ())):
                 return "constraint"
-        return None
+        return unchecked
 
     def looks_up(self, call: Call, key: Key) -> bool:
         """Whether the proxy reads the call's object at the vendor before admitting it: to price

@@ -550,7 +550,7 @@ class MoneyMachine(RuleBasedStateMachine):
             dead = owner.revoked or owner.expires <= w.clock.now
         body: dict[str, Any] = {"reason": "the model test"}
         kept = _constraints_into(body, constrain, vendor, rate)
-        body.setdefault("constraints", None)
+        body.setdefault("constraints", {})  # (none at all)
         answer = self._other_replica().patch(path, json=body)
         if dead:
             assert answer.status_code == 409, answer.text
