@@ -112,6 +112,17 @@ class _Refused(Exception):
         self.details = details
 
 
+# What `Store.admit_lookup` refuses a lookup for, read from the database itself.
+_LEDGER_REFUSALS = frozenset(
+    {
+        Decision.RATE_LIMITED,
+        Decision.REVOKED,
+        Decision.EXPIRED,
+        Decision.BUDGET_REVOKED,
+        Decision.BUDGET_EXPIRED,
+    }
+)
+
 # An audit row's note for a report-only constraint that could not be checked (`_Looked`): not a
 # would-be refusal, so not counted as one.
 _UNCHECKED = "constraint_unchecked"
@@ -363,10 +374,12 @@ class Pipeline:
         if key.constraints is not None or key.budget_constraints is not None:
             try:
                 report = await self._constrain(vendor, call, key, cost, lookup)
-            except _Refused:
+            except _Refused as refused:
                 # Refused by constraints this process holds: only if they are still the key's
                 # (a patch that widened them must not leave a replica refusing by the old ones).
-                if await self._keys.changed(key):
+                # A lookup's refusal by the ledger (a dead key, a full rate) is the database's.
+                by_ledger = refused.decision in _LEDGER_REFUSALS
+                if not by_ledger and await self._keys.changed(key):
                     raise _PolicyChanged() from None
                 raise
         admitted = _Call(vendor, call, key, cost, audit, started, idempotency_key, report)
