@@ -1010,7 +1010,27 @@ class MoneyMachine(RuleBasedStateMachine):
             found = w.vendors.intents.get(call.paid_object)
             if found is None:
                 return
+        if call.vendor == "stripe" and call.looks_up:
+            # Priced by the object as the vendor holds it now (an update may have changed its
+            # amount since): as the rule that first sent it prices it.
+            again.gross = self._gross_now(call)
         self._send(again, created=call.path == "/v1/payment_intents")
+
+    def _gross_now(self, call: Call) -> int:
+        named = dict(parse_qsl(call.body.decode()))
+        parts = call.path.strip("/").split("/")
+        intent = named.get("payment_intent") if parts[1] == "refunds" else parts[2]
+        found = self.world.vendors.intents.get(intent or "")
+        if found is None:
+            return call.gross
+        minor = billing.MINOR_MICROS[found.currency]
+        if parts[1] == "refunds" and "amount" not in named:
+            return (found.received or found.amount) * minor
+        if parts[-1] in ("confirm", "capture") and "amount_to_capture" not in named:
+            return found.micros
+        if parts[-1] == "increment_authorization":
+            return max(0, int(named["amount"]) - found.amount) * minor
+        return call.gross
 
     # -- sending through the proxy and the model -------------------------------------------------
 
