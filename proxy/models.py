@@ -180,7 +180,7 @@ class KeyCreate(BaseModel):
     # though a key still alerts on its first cap hit).
     alert_thresholds: list[int] | None = Field(None, max_length=10)
     # Who its calls may pay or message (`keybrake.proxy.constraints`): its vendor's fields only.
-    # Kept canonical (`Constraints.as_json`); set at issue, never patched.
+    # Kept canonical (`Constraints.as_json`); a patch replaces them whole (`CapsPatch`).
     constraints: dict[str, Any] | None = None
 
     _caps = field_validator(
