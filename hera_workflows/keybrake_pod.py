@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import IO, Any, NoReturn, TypeVar
 
 __all__ = [
+    "AGAIN",
     "CAP_HIT",
     "EXIT_REFUSED",
     "OK",
@@ -82,6 +83,7 @@ OK = "ok"
 CAP_HIT = "cap_hit"
 REFUSED = "refused"
 RATE_LIMITED = "rate_limited"
+AGAIN = "again"  # nothing was forwarded, and the same call may go again at once
 PROXY_ERROR = "proxy_error"
 VENDOR_ERROR = "vendor_error"
 
@@ -90,6 +92,9 @@ _RATE_LIMITED_HEADER = "x-keybrake-rate-limited"
 _CODE_HEADER = "x-keybrake-code"  # keybrake's code, on every answer it gives itself
 # keybrake's cap codes, read when an answer's headers did not come with it (the proxy's
 # `keybrake.proxy.decisions`; tests/test_keybrake_pod.py holds the two to each other).
+# keybrake's codes for a call that may simply be sent again (the key's constraints changed twice
+# while the proxy admitted it: nothing was forwarded).
+_AGAIN_CODES = frozenset({"keybrake_policy_changed"})
 _CAP_CODES = frozenset(
     {
         "keybrake_daily_cap_exceeded",
@@ -114,7 +119,7 @@ T = TypeVar("T")
 class Answer:
     """What an answer from (or through) keybrake is."""
 
-    kind: str  # OK, CAP_HIT, REFUSED, RATE_LIMITED, PROXY_ERROR or VENDOR_ERROR
+    kind: str  # OK, CAP_HIT, REFUSED, RATE_LIMITED, AGAIN, PROXY_ERROR or VENDOR_ERROR
     status: int | None = None
     code: str | None = None  # keybrake's code (`keybrake_…`), when the answer is keybrake's
     retry_after: float | None = None  # seconds, when a rate-limited answer gave them
@@ -157,6 +162,8 @@ def classify(
     message = _message(fields)
     if code in _CAP_CODES:
         return Answer(CAP_HIT, status, code, None, message)
+    if code in _AGAIN_CODES:
+        return Answer(AGAIN, status, code, retry_after_seconds(seen.get("retry-after")), message)
     if _is_true(seen.get(_RATE_LIMITED_HEADER)) or (status == 429 and code is not None):
         wait = retry_after_seconds(seen.get("retry-after"))
         return Answer(RATE_LIMITED, status, code, wait, message)
@@ -388,15 +395,16 @@ class Caller:
                 return fn(*args, **kwargs)
             except Exception as error:
                 answer = classify_error(error)
-                if answer is None or answer.kind not in (CAP_HIT, REFUSED, RATE_LIMITED):
+                if answer is None or answer.kind not in (CAP_HIT, REFUSED, RATE_LIMITED, AGAIN):
                     raise
                 if answer.final:
                     self._refuse(answer, error)
                 wait = self.default_wait if answer.retry_after is None else answer.retry_after
                 wait = min(wait, self.max_wait)
                 if waits >= self.max_waits or self._clock() + wait > deadline:
+                    still = "rate limited" if answer.kind == RATE_LIMITED else "not admitted"
                     self._say(
-                        f"{answer.describe()}; still rate limited after {waits} wait(s), "
+                        f"{answer.describe()}; still {still} after {waits} wait(s), "
                         "giving up: the pod fails, and its retryStrategy may run it again"
                     )
                     raise

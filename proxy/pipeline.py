@@ -766,6 +766,8 @@ class Pipeline:
             out.append((CAP_HIT_HEADER, "true"))
         elif decision is Decision.RATE_LIMITED:  # a wait, never a cap: the pod retries later
             out += [(RATE_LIMITED_HEADER, "true"), ("retry-after", details["retry_after"])]
+        elif decision is Decision.POLICY_CHANGED:  # nothing forwarded: the same call may go again
+            out.append(("retry-after", "1"))
         if decision is Decision.BODY_TIMEOUT:
             out.append(("connection", "close"))
         return Reply(status, out, payload)

@@ -290,6 +290,7 @@ def test_a_call_judged_by_old_constraints_is_judged_again_once(tmp_path: Path, t
         else:  # changed again meanwhile: refused, for the caller to retry
             assert answer.status_code == 409, answer.text
             assert answer.headers["X-Keybrake-Code"] == "keybrake_policy_changed"
+            assert answer.headers["Retry-After"] == "1"  # (the pod helper sends it again)
             assert [row["decision"] for row in rows] == [Decision.POLICY_CHANGED]
             assert not vendor.sent
 

@@ -70,6 +70,7 @@ def rate_limited(name: str, retry_after: str | None = "1") -> tuple[bytes, dict[
 # What each refusal of keybrake.proxy.decisions is to a pod. A refusal added there later is
 # checked by the rule: a keybrake code on a 4xx is final (408 and 5xx are not), a cap is a cap.
 EXPECTED = {
+    "keybrake_policy_changed": pod.AGAIN,  # judged twice against changing constraints
     "keybrake_unknown_vendor": pod.REFUSED,
     "keybrake_invalid_path": pod.REFUSED,
     "keybrake_secret_in_request": pod.REFUSED,
@@ -146,6 +147,7 @@ def test_every_refusal_of_the_proxy_reads_right_in_each_vendor_shape(name: str) 
 
 def test_the_helper_knows_the_proxys_cap_codes_and_exit_code() -> None:
     assert {refusal(d)[1] for d in CAP_HITS} == pod._CAP_CODES
+    assert pod._AGAIN_CODES == {refusal(Decision.POLICY_CHANGED)[1]}
     assert pod.EXIT_REFUSED == EXIT_REFUSED == 77
 
 
@@ -690,3 +692,19 @@ def test_a_pod_process_exits_77_on_a_cap_hit(scripted: Scripted, tmp_path: Path)
     assert done.stdout == ""
     assert done.stderr.startswith("keybrake_pod: cap hit (HTTP 429, keybrake_daily_cap_exceeded)")
     assert "kbv_" not in done.stderr
+
+
+def test_a_call_the_proxy_asks_to_send_again_is_sent_again() -> None:
+    """The key's constraints changed twice while the proxy admitted the call (a 409 that
+    forwarded nothing): the helper sends the same call again after `Retry-After`, never exits
+    77 for it."""
+    body, headers = rendered("stripe", 409, "keybrake_policy_changed", "changed meanwhile")
+    headers["Retry-After"] = "1"
+    answer = pod.classify(409, headers, body)
+    assert (answer.kind, answer.retry_after, answer.final) == (pod.AGAIN, 1.0, False)
+    clock = FakeTime()
+    run, said = caller(clock)
+    fn, calls = failing(stripe_error(stripe.APIError, 409, body, headers), then={"id": "pi_1"})
+    assert run.call(fn) == {"id": "pi_1"}
+    assert len(calls) == 2 and clock.slept == [1.0]
+    assert "waiting 1s before sending it again" in said.getvalue()

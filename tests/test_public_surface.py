@@ -130,9 +130,9 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.hera_workflows.fanout": "ITEM ITEM_ID ItemValue fan_out",
     "keybrake.hera_workflows.issue": """ISSUE_TASK ISSUE_TEMPLATE KEY_ID_GLOBAL RUN_LABEL VaultKey
         issue_template issue_vault_key""",
-    "keybrake.hera_workflows.keybrake_pod": """CAP_HIT EXIT_REFUSED OK PROXY_ERROR RATE_LIMITED
-        REFUSED VENDOR_ERROR Answer Caller Refused call classify classify_error retry_after_seconds
-        watch""",
+    "keybrake.hera_workflows.keybrake_pod": """AGAIN CAP_HIT EXIT_REFUSED OK PROXY_ERROR
+        RATE_LIMITED REFUSED VENDOR_ERROR Answer Caller Refused call classify classify_error
+        retry_after_seconds watch""",
     "keybrake.hera_workflows.published": """FANOUT_PARALLELISM FANOUT_TEMPLATE VAULT_KEY_TEMPLATE
         fanout vault_key""",
     "keybrake.hera_workflows.render": """GENERATED_HEADER Comparison RenderedFile compare dump_yaml
