@@ -127,12 +127,16 @@ class Vendor:
             await server.wait_closed()
 
 
-def keep_answering(answer: bytes) -> Script:
+def keep_answering(answer: bytes, gate: asyncio.Event | None = None) -> Script:
+    """A vendor answering every request with `answer`, each only once `gate` (if any) is set."""
+
     async def script(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
     ) -> None:
         while True:
             requests.append(await read_request(reader))
+            if gate is not None:
+                await gate.wait()
             writer.write(answer)
             await writer.drain()
 
@@ -317,17 +321,7 @@ def test_head_gzip_and_unknown_encodings() -> None:
 
 def test_the_pool_bounds_connections_and_queues_the_rest() -> None:
     release = asyncio.Event()
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
-    ) -> None:
-        while True:
-            requests.append(await read_request(reader))
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    vendor = Vendor(script)
+    vendor = Vendor(keep_answering(ok(), release))
 
     async def scenario() -> list[int]:
         async with vendor.running(connections=2) as (upstream, base):
@@ -516,17 +510,7 @@ def test_close_leaves_no_connection_open_behind_a_call_in_flight() -> None:
     """A call still waiting for its answer when the client closed put its connection back in
     the pool afterwards, open for good; a call after close failed with an AssertionError."""
     release = asyncio.Event()
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
-    ) -> None:
-        while True:
-            requests.append(await read_request(reader))
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    vendor = Vendor(script)
+    vendor = Vendor(keep_answering(ok(), release))
 
     async def scenario() -> None:
         async with vendor.running() as (upstream, base):
@@ -742,17 +726,7 @@ def test_a_cancelled_call_leaves_no_connection_nor_slot_behind() -> None:
     """Cancelled waiting for its answer (its connection is cut: the answer may still come), and
     cancelled waiting for a slot; the next call gets the slot and a connection of its own."""
     release = asyncio.Event()
-
-    async def script(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
-    ) -> None:
-        while True:
-            requests.append(await read_request(reader))
-            await release.wait()
-            writer.write(ok())
-            await writer.drain()
-
-    vendor = Vendor(script)
+    vendor = Vendor(keep_answering(ok(), release))
 
     async def scenario() -> int:
         async with vendor.running(connections=1) as (upstream, base):

@@ -59,6 +59,12 @@ def simulator(
     )
 
 
+@pytest.fixture
+def sim(catalog: list[dict[str, Any]], tmp_path: Path, cluster: FakeCluster) -> Simulator:
+    """The simulator over the installed templates, in the test's cluster."""
+    return simulator(catalog, tmp_path, cluster)
+
+
 def fanout_parameters(fake: FakeKeybrake, items: list[Any], **extra: str) -> dict[str, str]:
     return {
         "items": json.dumps(items),
@@ -81,14 +87,13 @@ def template_env_names(document: dict[str, Any], name: str) -> set[str]:
 
 def test_a_succeeded_fanout_run(
     fake: FakeKeybrake,
+    sim: Simulator,
     cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
     documents: dict[str, Any],
 ) -> None:
     document = documents[FANOUT]
     items = ["a", {"batch": "b"}, "c"]
-    run = simulator(catalog, tmp_path, cluster).run(document, fanout_parameters(fake, items))
+    run = sim.run(document, fanout_parameters(fake, items))
 
     assert run.phase == "Succeeded"
     issue, revoke = run.pods_of("keybrake-issue"), run.pods_of("keybrake-revoke")
@@ -153,16 +158,12 @@ def attempts(run: Run, item: str) -> int:
 
 def test_exit_77_is_not_retried_but_other_failures_are(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     documents: dict[str, Any],
 ) -> None:
     refused, crashed = json.dumps({"exit": 77}), json.dumps({"exit": 1})
     items = [{"exit": 77}, {"exit": 1}]
-    run = simulator(catalog, tmp_path, cluster).run(
-        documents[FANOUT], fanout_parameters(fake, items)
-    )
+    run = sim.run(documents[FANOUT], fanout_parameters(fake, items))
 
     assert run.phase == "Failed"
     assert attempts(run, refused) == 1
@@ -174,13 +175,11 @@ def test_exit_77_is_not_retried_but_other_failures_are(
 
 def test_an_issue_step_refused_by_the_proxy(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     documents: dict[str, Any],
 ) -> None:
     parameters = fanout_parameters(fake, ["a"], vendor="twilio")  # the stand-in refuses twilio
-    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
+    run = sim.run(documents[FANOUT], parameters)
 
     assert run.phase == "Failed"
     [issue] = run.pods_of("keybrake-issue")  # exit 77: not retried
@@ -212,14 +211,11 @@ def test_keys_issued_by_a_crashing_issue_step_are_revoked_by_label(
 
 def test_the_exit_handler_cannot_fail_a_succeeded_run(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     documents: dict[str, Any],
 ) -> None:
     document = documents[FANOUT]
     fake.script = [(201, {"key_id": "vk_x", "vault_key": "kbv_x"})] + [(503, None)] * 6
-    sim = simulator(catalog, tmp_path, cluster)
     sim.commands["python"] = [sys.executable, str(HERE / "pods" / "no_sleep.py")]
     run = sim.run(document, fanout_parameters(fake, ["a"]))
 
@@ -229,9 +225,7 @@ def test_the_exit_handler_cannot_fail_a_succeeded_run(
 
 def test_the_billing_agent_example_runs(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     documents: dict[str, Any],
 ) -> None:
     document = documents["examples/billing-agent.yaml"]
@@ -244,7 +238,7 @@ def test_the_billing_agent_example_runs(
             if argument["name"] == "proxy_url":
                 argument["value"] = fake.url
     batches = json.dumps(["eu-1", "us-1", "us-2"])
-    run = simulator(catalog, tmp_path, cluster).run(document, {"batches": batches})
+    run = sim.run(document, {"batches": batches})
 
     assert run.phase == "Succeeded"
     pods = run.pods_of("charge-pod")
@@ -328,14 +322,12 @@ def test_a_run_budget_through_the_shared_templates_runs(
 
 def test_a_fanout_run_passes_its_constraints_parameter_to_the_proxy(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     documents: dict[str, Any],
 ) -> None:
     constraints = {"customers": ["cus_1"], "currencies": ["usd"], "mode": "enforce"}
     parameters = fanout_parameters(fake, ["a"], constraints=json.dumps(constraints))
-    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
+    run = sim.run(documents[FANOUT], parameters)
 
     assert run.phase == "Succeeded"
     assert fake.requests[0].path == "/vault/keys"
@@ -444,9 +436,7 @@ def before_wrap(vendors: list[str]) -> str:
 )
 def test_wrap_constraints_reach_the_proxy_on_what_holds_the_runs_cap(
     fake: FakeKeybrake,
-    cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
+    sim: Simulator,
     vendors: list[str],
     holder: str,
 ) -> None:
@@ -458,7 +448,7 @@ def test_wrap_constraints_reach_the_proxy_on_what_holds_the_runs_cap(
     options = WrapOptions(budget_usd=Decimal("30"), proxy_url=fake.url, constraints=constraints)
     wrapped = wrap_text(before_wrap(vendors), options)
     assert wrapped.vendors == sorted(vendors)
-    run = simulator(catalog, tmp_path, cluster).run(YAML(typ="safe").load(wrapped.text))
+    run = sim.run(YAML(typ="safe").load(wrapped.text))
 
     assert run.phase == "Succeeded"
     posted = [(r.path, r.body) for r in fake.requests if r.method == "POST"]
@@ -481,9 +471,8 @@ def test_dependent_variables_expand_as_kubernetes_does() -> None:
 
 def test_the_fanout_runs_its_steps_in_the_given_image_account_and_cluster(
     fake: FakeKeybrake,
+    sim: Simulator,
     cluster: FakeCluster,
-    tmp_path: Path,
-    catalog: list[dict[str, Any]],
     documents: dict[str, Any],
 ) -> None:
     """`argo submit --from workflowtemplate/keybrake-fanout -p step_image=... -p cluster=...
@@ -497,7 +486,7 @@ def test_the_fanout_runs_its_steps_in_the_given_image_account_and_cluster(
         cluster="eu-1",
         issuer_service_account="payments-keybrake",
     )
-    run = simulator(catalog, tmp_path, cluster).run(documents[FANOUT], parameters)
+    run = sim.run(documents[FANOUT], parameters)
 
     assert run.phase == "Succeeded"
     steps = run.pods_of("keybrake-issue") + run.pods_of("keybrake-revoke")
