@@ -94,8 +94,8 @@ async def collect(
     for name in sorted(wanted & readers.keys()):
         try:
             found[name] = await readers[name]()
-        except Unchecked:
-            found[name] = Unchecked(name)
+        except Unchecked as exc:
+            found[name] = Unchecked(name, exc.values)
         except Unreadable as exc:
             found[name] = exc
     return found

@@ -232,14 +232,16 @@ class Unchecked(Unreadable):
     """A field of a report-only constraint that only a lookup of its own could read: report
     mode makes none (it would reach the vendor, and take a place in an enforced call rate), so
     the field goes unchecked and the audit row says so. Raised by the lookup, named by
-    `collect` with the field it was reading."""
+    `collect` with the field it was reading; `values`: what the call itself names for it (an
+    update's new customer), which is checked all the same."""
 
-    def __init__(self, field: str = "") -> None:
+    def __init__(self, field: str = "", values: tuple[str, ...] = ()) -> None:
         super().__init__(
             field,
             f"{field}: not checked (reading it takes a lookup at the vendor of its own, which "
             "report-only constraints never make)",
         )
+        self.values = values
 
 
 class UpstreamError(KeybrakeError):

@@ -526,7 +526,7 @@ class Pipeline:
                 unreadable = _unreadable(exc)
                 return redact(f"{unreadable.decision}: {unreadable.details['reason']}")
         # A would-be refusal first, in any layer; only then a field left unchecked.
-        checked = {name: v for name, v in found.items() if not isinstance(v, Unchecked)}
+        checked = {n: v.values if isinstance(v, Unchecked) else v for n, v in found.items()}
         for constraints in reported:
             violation = constraints.check(vendor.name, checked)
             if violation is not None:

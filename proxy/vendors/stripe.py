@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from keybrake.proxy.constraints import Found, Unreadable, collect
+from keybrake.proxy.constraints import Found, Unchecked, Unreadable, collect
 from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import STRIPE
@@ -201,6 +201,15 @@ class Stripe(Vendor):
                 raise Unreadable(field, f"customers: the {kind[:-1]} has no customer")
             return (_id_of(value, field),)
 
+        async def held_and(field: str, moved: str | None) -> tuple[str, ...]:
+            """The acted-on object's `field` and an update's new one: the new one is read from
+            the body even when the object's is not looked up (`Unchecked`)."""
+            named = (moved,) if moved else ()
+            try:
+                return (*(await held(field)), *named)
+            except Unchecked:
+                raise Unchecked(field, named) from None
+
         async def currencies() -> tuple[str, ...]:
             return (cost.currency,) if cost.priced and cost.currency else ()
 
@@ -223,9 +232,8 @@ class Stripe(Vendor):
                     raise Unreadable("customers", "customers: the refunded payment has none")
                 return (_id_of(found, "customers"),)
             if acts_on:
-                current = await held("customers")
                 moved = body().one("customer") if len(segments) == 3 else None
-                return (*current, moved) if moved is not None else current
+                return await held_and("customers", moved)
             if cost.priced:
                 raise Unreadable(
                     "customers", f"customers: keybrake cannot tell the customer of {what}"
@@ -247,7 +255,7 @@ class Stripe(Vendor):
                 return tuple(v for v in (named, legacy) if v is not None)
             if acts_on:
                 moved = body().nested("transfer_data[destination]") if len(segments) == 3 else None
-                return (*(await held("destinations")), *((moved,) if moved else ()))
+                return await held_and("destinations", moved)
             if cost.priced:
                 raise Unreadable(
                     "destinations", f"destinations: keybrake cannot tell where {what} pays out"

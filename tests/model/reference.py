@@ -343,10 +343,12 @@ class Model:
         for name, allowed in sorted(constraints.items()):
             if name not in CONSTRAINT_FIELDS[call.vendor]:
                 continue  # (a budget's constraint on another vendor's calls)
+            values = call.subjects.get(name, ())
             if name == "customers" and call.acts_on is not None and not looked_up:
-                unchecked = "unchecked"  # (only a report-only layer gets here: enforced ones look)
-                continue
-            if not all(admits(name, allowed, v) for v in call.subjects.get(name, ())):
+                # (Only a report-only layer gets here: enforced ones look.) The object's customer
+                # goes unchecked; an update's new one, read from its body, is checked.
+                unchecked, values = "unchecked", values[1:]
+            if not all(admits(name, allowed, v) for v in values):
                 return "constraint"
         return unchecked
 

@@ -1803,11 +1803,18 @@ def test_a_report_only_constraint_changes_no_outcome_under_a_rate(tmp_path: Path
         )
         intent = machine.create_intent(key, 500, False, None, "p", "none", customer="cus_a")
         # A new customer: free, no lookup to price it, and report mode makes none of its own,
-        # so the budget's rate keeps its place and the update goes ahead, noted as unchecked.
+        # so the budget's rate keeps its place and the update goes ahead. The new customer,
+        # named in the body, is a would-be refusal; one naming an allowed customer leaves the
+        # intent's own customer unchecked.
         vendors = machine.world.vendors
         before = len(vendors.sent)
         machine.update_an_intent(key, intent, None, "cus_b")
         assert [s.method for s in vendors.sent[before:]] == ["POST"]
+        row = machine._newest_audit(key)
+        assert row["decision"] == "forwarded", row
+        assert row["reported"] == "constraint_violated: customers: 'cus_b' is not allowed", row
+        machine.seconds_pass(61)  # (the budget's rate of 2 a minute)
+        machine.update_an_intent(key, intent, None, "cus_a")
         row = machine._newest_audit(key)
         assert row["decision"] == "forwarded", row
         assert row["reported"].startswith(REPORT_PREFIXES["unchecked"]), row
