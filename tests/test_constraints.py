@@ -87,7 +87,7 @@ def test_constraints_are_stored_canonical() -> None:
             "senders": [
                 "Billing@Example.com",
                 "*@Example.org",
-                SERVICE.upper().replace("MG", "MG"),
+                SERVICE.upper(),
             ],
         }
     )

@@ -113,6 +113,8 @@ def refusals() -> list[tuple[Decision, int, str]]:
         except KeyError:
             continue
         found.append((decision, status, code))
+    # Every code the helper is expected to read is among them (the loop below checks something).
+    assert set(EXPECTED) <= {code for _, _, code in found}
     return found
 
 
@@ -474,7 +476,8 @@ def scripted() -> Iterator[Scripted]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # (A short poll: `shutdown` waits for the loop's next look, 0.5 s by default.)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     script.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield script
@@ -522,7 +525,7 @@ def test_stripe_python_alone_ignores_retry_after_and_the_helper_waits_it(
     scripted.requests.clear()
     body, headers = rate_limited("stripe", "1")
     scripted.answers = [(429, headers, body), (429, headers, body), INTENT]
-    client = stripe_client(scripted.url)
+    client = stripe_client(scripted.url, max_network_retries=2)  # told it may: it does not
     with pytest.raises(stripe.RateLimitError):
         client.v1.payment_intents.create(params={"amount": 100})
     assert scripted.requests == ["POST /v1/payment_intents"]

@@ -88,6 +88,14 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + (await reader.readexactly(length) if length else b"")
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Let the loop run until `condition` holds; a regression fails here instead of spinning."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "waited in vain"
+        await asyncio.sleep(0)
+
+
 def ok(body: bytes = b"{}", extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
@@ -213,8 +221,7 @@ def test_a_connection_the_vendor_closed_while_idle_is_not_used_again() -> None:
             # The vendor's side is closed; wait until the client's idle connection has heard
             # it (its end of file), which is what keeps it from being used again.
             [idle] = [c for pool in upstream._idle.values() for c in pool]
-            while not idle.closed:
-                await asyncio.sleep(0)
+            await until(lambda: idle.closed)
             await upstream.send("POST", base + "/v1/x", {}, b"a=2")
 
     asyncio.run(scenario())
@@ -328,8 +335,7 @@ def test_the_pool_bounds_connections_and_queues_the_rest() -> None:
             calls = [
                 asyncio.ensure_future(upstream.send("GET", base + "/x", {}, None)) for _ in range(6)
             ]
-            while len(vendor.requests) < 2:
-                await asyncio.sleep(0)
+            await until(lambda: len(vendor.requests) >= 2)
             for _ in range(5):
                 await asyncio.sleep(0)
             assert len(vendor.requests) == 2  # the other four wait for a connection
@@ -515,8 +521,7 @@ def test_close_leaves_no_connection_open_behind_a_call_in_flight() -> None:
     async def scenario() -> None:
         async with vendor.running() as (upstream, base):
             call = asyncio.ensure_future(upstream.send("GET", base + "/x", {}, None))
-            while not vendor.requests:
-                await asyncio.sleep(0)
+            await until(lambda: bool(vendor.requests))
             await upstream.close()
             release.set()
             assert (await call).status == 200  # its answer still comes
@@ -732,8 +737,7 @@ def test_a_cancelled_call_leaves_no_connection_nor_slot_behind() -> None:
         async with vendor.running(connections=1) as (upstream, base):
             answering = asyncio.ensure_future(upstream.send("POST", base + "/a", {}, b"a=1"))
             queued = asyncio.ensure_future(upstream.send("POST", base + "/b", {}, b"a=2"))
-            while not vendor.requests:
-                await asyncio.sleep(0)
+            await until(lambda: bool(vendor.requests))
             queued.cancel()
             answering.cancel()
             for call in (queued, answering):
@@ -855,8 +859,7 @@ def test_a_connect_proxy_that_never_answers_is_a_timeout_and_its_connection_is_c
                     await upstream.send("POST", "https://api.stripe.test/v1/x", {}, b"a=1")
             finally:
                 await upstream.close()
-            while corporate.open_now:  # the client closed the proxy's connection
-                await asyncio.sleep(0)
+            await until(lambda: not corporate.open_now)  # the client closed its connection
         return str(caught.value)
 
     assert asyncio.run(scenario()).startswith("the vendor did not answer in time")
