@@ -114,8 +114,10 @@ def constraints_text(constraints: dict[str, Any] | None, none: str = "-") -> str
     if not constraints:
         return none
     lines = [
-        f"{name}: {', '.join(values)}" for name, values in constraints.items() if name != "mode"
-    ]
+        f"{name}: {', '.join(values) if isinstance(values, list) else values}"
+        for name, values in constraints.items()
+        if name != "mode"
+    ]  # (values are lists, but for the call rate: a number)
     if constraints.get("mode") == "report":
         lines.append("report only: calls outside are forwarded and audited")
     return "\n".join(lines)

@@ -183,11 +183,12 @@ def _shown(value: str) -> str:
 
 def _admits(name: str, allowed: tuple[str, ...], value: str) -> bool:
     """Whether a call's canonical `value` of field `name` lies within `allowed`."""
-    if name in ("recipients", "senders") and value.startswith("+"):
-        return any(_number_matches(pattern, value) for pattern in allowed)
+    # An address first: `+tag@x.com` is an address, never a number a `+44*` pattern admits.
     if name == "senders" and "@" in value:
         domain = value.rpartition("@")[2]
         return value in allowed or f"*@{domain}" in allowed
+    if name in ("recipients", "senders") and value.startswith("+"):
+        return any(_number_matches(pattern, value) for pattern in allowed)
     return value in allowed
 
 

@@ -382,3 +382,22 @@ def test_bad_rates_and_nested_inputs_are_usage_errors_not_tracebacks() -> None:
         _step_issue.constraints({"KEYBRAKE_CONSTRAINTS": "[" * 100_000})
     with pytest.raises(ValueError, match="unknown field"):
         parse_constraints({1: ["x"], "zz": ["cus_1"]})
+
+
+def test_an_address_beginning_with_a_plus_is_an_address_not_a_number() -> None:
+    """One `senders` list for a run's Twilio and Resend keys: `+44evil@attacker.com` is an
+    address outside it (a `+44*` number prefix does not admit it), `+tag@mycorp.com` one its
+    `*@mycorp.com` admits."""
+    held = parse_constraints({"senders": ["+44*", "*@mycorp.com"]})
+    for sender, admitted in (
+        ("+44evil@attacker.com", False),
+        ("+tag@mycorp.com", True),
+        ("+447700900123", True),
+    ):
+        email = {"from": sender, "to": "b@example.com", "subject": "s", "html": "h"}
+        vendor, path = ("resend", "/emails") if "@" in sender else ("twilio", None)
+        if vendor == "twilio":
+            found = {"senders": (sender,)}
+        else:
+            found = subjects(vendor, path or "", json.dumps(email), wanted=frozenset({"senders"}))
+        assert (held.check(vendor, found) is None) == admitted, sender

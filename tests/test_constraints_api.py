@@ -360,3 +360,10 @@ def test_constraints_from_the_cli(bare_proxy: ServedProxy) -> None:
     assert "customers: cus_1" in out
     code, out, _ = run(proxy, "issuers", "list", "-o", "json")
     assert json.loads(out)[0]["constraints"] == issuer["constraints"]
+
+
+def test_constraints_with_a_call_rate_show_in_a_table() -> None:
+    shown = constraints_text(
+        {"mode": "enforce", "customers": ["cus_1"], "max_calls_per_minute": 60}
+    )
+    assert shown == "customers: cus_1\nmax_calls_per_minute: 60"
