@@ -90,11 +90,11 @@ VENDOR_ERROR = "vendor_error"
 _CAP_HIT_HEADER = "x-keybrake-cap-hit"
 _RATE_LIMITED_HEADER = "x-keybrake-rate-limited"
 _CODE_HEADER = "x-keybrake-code"  # keybrake's code, on every answer it gives itself
-# keybrake's cap codes, read when an answer's headers did not come with it (the proxy's
-# `keybrake.proxy.decisions`; tests/test_keybrake_pod.py holds the two to each other).
 # keybrake's codes for a call that may simply be sent again (the key's constraints changed twice
 # while the proxy admitted it: nothing was forwarded).
 _AGAIN_CODES = frozenset({"keybrake_policy_changed"})
+# keybrake's cap codes, read when an answer's headers did not come with it (the proxy's
+# `keybrake.proxy.decisions`; tests/test_keybrake_pod.py holds the two to each other).
 _CAP_CODES = frozenset(
     {
         "keybrake_daily_cap_exceeded",
@@ -160,15 +160,15 @@ def classify(
     fields = _fields(body)
     code = _keybrake_code(fields) or _keybrake_code({"keybrake_code": seen.get(_CODE_HEADER)})
     message = _message(fields)
-    if code in _CAP_CODES:
+    # A cap hit first, by its code or its header (a cap code this copy does not know yet is
+    # still final, never waited on as a rate limit).
+    if code in _CAP_CODES or _is_true(seen.get(_CAP_HIT_HEADER)):
         return Answer(CAP_HIT, status, code, None, message)
     if code in _AGAIN_CODES:
         return Answer(AGAIN, status, code, retry_after_seconds(seen.get("retry-after")), message)
     if _is_true(seen.get(_RATE_LIMITED_HEADER)) or (status == 429 and code is not None):
         wait = retry_after_seconds(seen.get("retry-after"))
         return Answer(RATE_LIMITED, status, code, wait, message)
-    if _is_true(seen.get(_CAP_HIT_HEADER)):
-        return Answer(CAP_HIT, status, code, None, message)
     if code is None:
         return Answer(VENDOR_ERROR, status, None, None, message)
     if status < 500 and status != 408:  # 408: the body was slow to arrive; send it again
@@ -256,7 +256,7 @@ def _fields(body: object) -> Mapping[str, Any]:
     if isinstance(body, (bytes, str)) and len(body) <= _MAX_BODY:
         try:
             body = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a deeply nested body: not keybrake's)
             return {}
     return body if isinstance(body, Mapping) else {}
 

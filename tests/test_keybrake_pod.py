@@ -711,3 +711,14 @@ def test_a_call_the_proxy_asks_to_send_again_is_sent_again() -> None:
     assert run.call(fn) == {"id": "pi_1"}
     assert len(calls) == 2 and clock.slept == [1.0]
     assert "waiting 1s before sending it again" in said.getvalue()
+
+
+def test_a_cap_hit_header_is_final_whatever_its_code_and_a_deep_body_is_no_crash() -> None:
+    """A cap code this copy of the helper does not know (a newer proxy's) still reads as a cap
+    hit by its header, never as a rate limit to wait on; a deeply nested body is not keybrake's
+    answer, and reading it raises nothing."""
+    unknown = {"error": {"code": "keybrake_some_new_cap_exceeded", "message": "x"}}
+    answer = pod.classify(429, {"X-Keybrake-Cap-Hit": "true", "Retry-After": "5"}, unknown)
+    assert (answer.kind, answer.final) == (pod.CAP_HIT, True)
+    deep = b"[" * 10_000 + b"]" * 10_000
+    assert pod.classify(502, {}, deep).kind == pod.VENDOR_ERROR
