@@ -477,8 +477,10 @@ def over_rate(
     itself and the call it serves, so that it never takes a place its call cannot follow):
     (RATE_LIMITED, seconds until they fit) when an enforced rate is full; (None, None) when they
     fit; a full report-only rate gives (None, 0), a note for the audit row. The retry waits for
-    the oldest calls to leave the window, as many as must."""
+    the oldest calls to leave the window, as many as must, in every full rate (the key's and its
+    budget's: the longest wait, or the call would be refused again after the shorter)."""
     noted = None
+    wait = None
     for rate in rates:
         calls = rate.calls()
         excess = sum(count for _, count in calls) + places - rate.limit
@@ -487,12 +489,16 @@ def over_rate(
         if rate.report:
             noted = 0
             continue
+        # More places than the limit holds: never (a call priced by a lookup, at 1 a minute).
+        fits = RATE_SECONDS + 1
         for when, count in calls:
             excess -= count
             if excess <= 0:
-                return Decision.RATE_LIMITED, max(1, when + RATE_SECONDS + 1 - second)
-        # More places than the limit holds: never (a call priced by a lookup, at 1 a minute).
-        return Decision.RATE_LIMITED, RATE_SECONDS + 1
+                fits = max(1, when + RATE_SECONDS + 1 - second)
+                break
+        wait = fits if wait is None else max(wait, fits)
+    if wait is not None:
+        return Decision.RATE_LIMITED, wait
     return None, noted
 
 

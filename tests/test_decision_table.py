@@ -56,7 +56,10 @@ class Budget:
     expires_in: timedelta = timedelta(hours=3)
     revoked: bool = False
     spent: tuple[tuple[timedelta, int], ...] = ()
-    rate: int | None = None  # max_calls_per_minute, enforced
+    rate: int | None = None  # max_calls_per_minute
+    rate_mode: str = "enforce"
+    calls: tuple[tuple[timedelta, int], ...] = ()  # its other key's calls: (age, how many)
+    lowered_to: int | None = None  # its rate, patched down after those calls
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,29 @@ ROWS = [
         budget=Budget(daily=50 * MICROS, rate=2),
         calls=((30 * S, 2),),
         retry_after=31,
+    ),
+    Row(
+        "a sibling key's calls fill the budget's rate",
+        Decision.RATE_LIMITED,
+        budget=Budget(daily=50 * MICROS, rate=2, calls=((10 * S, 2),)),
+        retry_after=51,
+    ),
+    Row(
+        "the key's and the budget's rates both full: the longer wait",
+        Decision.RATE_LIMITED,
+        rate=1,
+        calls=((59 * S, 1),),  # the key's fits again in 2 s
+        # The budget's, lowered to 1 over three calls, once all three have left: in 60 s.
+        budget=Budget(daily=50 * MICROS, rate=3, calls=((S, 2),), lowered_to=1),
+        retry_after=60,
+    ),
+    Row(
+        "a report-only budget rate notes, the key's own rate decides",
+        Decision.FORWARDED,
+        rate=3,
+        budget=Budget(daily=50 * MICROS, rate=1, rate_mode="report", calls=((S, 1),)),
+        reported="rate_limited: over max_calls_per_minute",
+        used_after=3 * MICROS,
     ),
     Row(
         "a cap hit is a cap hit, not a wait, when the rate is full too",
@@ -793,7 +819,7 @@ async def play(store: Store, row: Row, key_id: str) -> None:
                 metadata={},
                 created_at=NOW - timedelta(days=4),
                 expires_at=NOW + row.budget.expires_in,
-                constraints=rate_of(row.budget.rate, "enforce"),
+                constraints=rate_of(row.budget.rate, row.budget.rate_mode),
             ),
             TEST_EVENT,
         )
@@ -863,12 +889,21 @@ async def play(store: Store, row: Row, key_id: str) -> None:
         elif e.state == "reconciled":
             # (On PostgreSQL the rows share a database: other rows' dead calls may go too.)
             assert await store.sweep(NOW - e.age + timedelta(seconds=1)) >= 1
-    # Last, the free calls it made in the last minute (forwarded then: they count against its
-    # rate; a rate counts what it sees, the moment's future included, so they go in in order).
-    for age, count in row.calls:
+    # Last, the free calls it (and a sibling key on its budget) made in the last minute
+    # (forwarded then: they count against the rates; a rate counts what it sees, the moment's
+    # future included, so they go in in order, oldest first).
+    made_by = [(age, count, key) for age, count in row.calls]
+    if row.budget is not None:
+        made_by += [(age, count, other) for age, count in row.budget.calls]
+    for age, count, caller in sorted(made_by, key=lambda made: -made[0]):
         for n in range(count):
-            made = await store.reserve(reservation(key, NOW - age, 0, f"call-{age}-{n}"))
+            made = await store.reserve(reservation(caller, NOW - age, 0, f"call-{age}-{n}"))
             assert made.decision is Decision.FORWARDED
+    if row.budget is not None and row.budget.lowered_to is not None and budget_id is not None:
+        lowered = rate_of(row.budget.lowered_to, row.budget.rate_mode)
+        patch = replace(Patch(reason="table", constraints=lowered), sets_policy=True)
+        assert await store.patch(budget_id, patch, NOW - S, TEST_EVENT) == "patched"
+        key = replace(key, budget_policy_rev=key.budget_policy_rev + 1)  # (read after it)
     if row.stale is not None:  # patched by another replica: the call's record is one behind
         subject = key_id if row.stale == "key" else budget_id
         assert subject is not None

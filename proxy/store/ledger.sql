@@ -109,6 +109,7 @@ DECLARE
     used bigint;
     need bigint;
     retry integer;
+    wait integer;
     rate_noted boolean := false;
     note text;  -- the audit row's `reported`, when a report-only policy saw something
     d text := 'forwarded';
@@ -265,14 +266,14 @@ BEGIN
                     CONTINUE;
                 END IF;
                 d := 'rate_limited';
-                -- Until the oldest calls that must leave the window have left it.
-                SELECT s.second + {{ rate_seconds }} + 1 - p_second INTO retry
+                -- Until the oldest calls that must leave the window have left it, in every
+                -- full rate: the longest wait.
+                SELECT s.second + {{ rate_seconds }} + 1 - p_second INTO wait
                   FROM (SELECT second, sum(calls) OVER (ORDER BY second) AS run FROM call_rate
                          WHERE owner_id = rate.owner
                            AND second >= p_second - {{ rate_seconds }}) s
                  WHERE s.run >= need ORDER BY s.second LIMIT 1;
-                retry := greatest(1, coalesce(retry, {{ rate_seconds }} + 1));
-                EXIT;
+                retry := greatest(retry, 1, coalesce(wait, {{ rate_seconds }} + 1));
             END LOOP;
             IF d = 'forwarded' THEN
                 INSERT INTO call_rate (owner_id, second, calls)
