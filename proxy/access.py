@@ -402,34 +402,57 @@ def issued_constraints(
 ) -> Constraints | None:
     """The constraints a key (of `vendor`) or a budget (`vendor` None) is issued with. Under an
     issuer whose policy has constraints: its `own`, which must lie within them (else a 403
-    naming the first field that does not), or, given none, the issuer's. A key is held only to
-    the fields its vendor's calls say (a Stripe key is not refused for the issuer's Twilio
-    recipients); a budget, whose keys may be of any vendor, to all of them."""
-    if actor.issuer is None:
+    naming the first field that does not), or, given none, the issuer's."""
+    bound = _issuer_bound(actor, vendor)
+    if bound is None:
         return own
-    bound = actor.policy.constraints
+    if own is None:
+        return bound
+    _check_within(own, bound)
+    return own
+
+
+def patched_constraints(
+    actor: Actor, own: Constraints | None, vendor: str | None = None
+) -> Constraints | None:
+    """The constraints a patch leaves a key or budget with: its `own`, or, removing them under
+    an issuer with constraints, the issuer's (as issued without any). Whether it may is
+    `check_patch`'s: a patch that widens them is a loosening, held to the whole policy."""
+    return own if own is not None else _issuer_bound(actor, vendor)
+
+
+def _issuer_bound(actor: Actor, vendor: str | None) -> Constraints | None:
+    """The issuer's constraints that bind a key of `vendor` (or a budget, `vendor` None): a key
+    is held only to the fields its vendor's calls say (a Stripe key is not refused for the
+    issuer's Twilio recipients), and to a call rate whatever its vendor; a budget, whose keys
+    may be of any vendor, to all of them. None under the admin or an issuer without any."""
+    bound = None if actor.issuer is None else actor.policy.constraints
     if bound is not None and vendor is not None:
         kept = bound.for_vendor(vendor)
         dropped: dict[str, Any] = {name: None for name in bound.constrained if name not in kept}
         limited = bound.max_calls_per_minute is not None  # a rate binds a key of any vendor
         bound = replace(bound, **dropped) if kept or limited else None
+    return bound
+
+
+def _check_within(own: Constraints | None, bound: Constraints | None) -> None:
+    """A 403 naming the first field in which `own` (None: no constraints at all) does not lie
+    within the issuer's `bound`."""
     if bound is None:
-        return own
-    if own is None:
-        return bound
-    field = own.outside(bound)
-    if field is not None:
-        if field == "mode":
-            allowed = bound.mode
-        elif field == RATE:
-            allowed = f"at most {bound.max_calls_per_minute}"
-        else:
-            allowed = _some(getattr(bound, field))
-        raise Forbidden(
-            "constraints",
-            f"constraints.{field}: not within this issuer's constraints ({field}: {allowed})",
-        )
-    return own
+        return
+    field = (own or Constraints()).outside(bound)
+    if field is None:
+        return
+    if field == "mode":
+        allowed = bound.mode
+    elif field == RATE:
+        allowed = f"at most {bound.max_calls_per_minute}"
+    else:
+        allowed = _some(getattr(bound, field))
+    raise Forbidden(
+        "constraints",
+        f"constraints.{field}: not within this issuer's constraints ({field}: {allowed})",
+    )
 
 
 def _some(values: tuple[str, ...], shown: int = 5) -> str:
@@ -468,8 +491,8 @@ def check_patch(
     - a patch that loosens anything (raises or removes a cap, ends later, widens or removes its
       constraints) must leave the key or budget within everything the policy asks at issue:
       `after` must pass the very check of issue, `check_key` (with what its budget bounds it
-      by) or `check_budget`, its life counted from issue (and its constraints lie within the
-      issuer's, `issued_constraints`). A budget within the maxima bounds every key drawing on
+      by) or `check_budget`, its life counted from issue, and its constraints lie within the
+      issuer's (`_check_within`). A budget within the maxima bounds every key drawing on
       it within them too, so loosening a budget cannot lift any key's bound past the policy
       either.
 
@@ -481,6 +504,8 @@ def check_patch(
         return
     life = after.expires_at - after.created_at
     try:
+        vendor = after.vendor if isinstance(after, KeyRecord) else None
+        _check_within(after.constraints, _issuer_bound(actor, vendor))
         if isinstance(after, KeyRecord):
             check_key(
                 actor,

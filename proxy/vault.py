@@ -34,6 +34,7 @@ from keybrake.proxy.access import (
     hash_vault_key,
     issued_constraints,
     namespace_of,
+    patched_constraints,
     policy_json,
 )
 from keybrake.proxy.constraints import Constraints, parse_constraints
@@ -336,10 +337,10 @@ class Vault:
         changed: dict[str, Any] = dict(patch.fields())
         detail = {"reason": spec.reason, **spec.model_dump(exclude_none=True, mode="json")}
         if spec.sets_constraints:
-            # As at issue: its vendor's fields only (a budget's: any vendor's), within the
-            # issuer's constraints (403), the issuer's when it gives none.
+            # Its vendor's fields only (a budget's: any vendor's); the issuer's when it removes
+            # its own. Widening them is a loosening: `check_patch` holds it to the policy.
             vendor = record.vendor if isinstance(record, KeyRecord) else None
-            policy = issued_constraints(actor, _patched_constraints(spec, vendor), vendor)
+            policy = patched_constraints(actor, _patched_constraints(spec, vendor), vendor)
             patch = replace(patch, constraints=policy, sets_policy=True)
             changed["constraints"] = policy
             detail["constraints"] = None if policy is None else policy.as_json()

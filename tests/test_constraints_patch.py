@@ -122,9 +122,9 @@ def test_an_issuers_patch_lies_within_its_constraints(tmp_path: Path) -> None:
         ]:
             refused = patch(client, key["key_id"], token, constraints=own)
             assert refused.status_code == 403, refused.text
-            assert refused.json()["error"]["message"].startswith(
-                f"constraints.{field}: not within this issuer's constraints"
-            )
+            message = refused.json()["error"]["message"]
+            assert message.startswith("this patch loosens the key"), message
+            assert f"constraints.{field}: not within this issuer's constraints" in message
         shown = client.get(f"/vault/keys/{key['key_id']}").json()
         assert shown["constraints"] == {"mode": "enforce", **narrower}  # nothing changed
 
@@ -173,6 +173,29 @@ def test_an_issuer_widens_constraints_only_into_its_policy(tmp_path: Path) -> No
             "/vault/keys", json=key_body(constraints={"customers": ["cus_A"]}), headers=token
         ).json()
         assert patch(client, own["key_id"], token, constraints={}).status_code == 200
+
+
+def test_an_issuer_loosens_a_key_only_into_its_constraints_and_may_always_narrow(
+    tmp_path: Path,
+) -> None:
+    """A key the admin issued in an issuer's scope outside the issuer's constraints: the issuer
+    may not raise its cap (the key as patched must lie within the whole policy, its constraints
+    included: a cap raised on a key that pays anyone moves more to anyone), and may narrow it."""
+    bound = {"customers": ["cus_A"]}
+    with app_client(tmp_path, Clock(), upstream=StubUpstream()) as client:
+        issuer = create_issuer(
+            client, name="payments", label_prefix="argo/payments-", constraints=bound
+        )
+        token = bearer(issuer["issuer_token"])
+        label = {"agent_run_label": "argo/payments-run-9"}
+        anyone = issue(client, daily_usd_cap=10, **label)
+        raised = patch(client, anyone["key_id"], token, daily_usd_cap="90")
+        assert raised.status_code == 403, raised.text
+        assert "constraints.customers: not within" in raised.json()["error"]["message"]
+        assert client.get(f"/vault/keys/{anyone['key_id']}").json()["daily_usd_cap"] == "10.00"
+        wider = issue(client, constraints={"customers": ["cus_A", "cus_B"]}, **label)
+        narrowed = patch(client, wider["key_id"], token, constraints={"customers": ["cus_B"]})
+        assert narrowed.status_code == 200, narrowed.text
 
 
 def test_null_constraints_change_nothing_as_every_null_field_of_a_patch(
