@@ -178,8 +178,9 @@ class _Lookup:
     """What a vendor's estimate may consult: the vendor with the real credential, on the same
     account the call acts on. A dead key reaches no vendor: before each lookup the ledger reads
     the key's (and its budget's) life and constraints' revision and counts the lookup in their
-    call rates (`Store.admit_lookup`), so a revoked or expired key learns nothing and spends none
-    of the account's rate limit. Only calls that look something up pay for that."""
+    call rates (`Store.admit_lookup`; a read, `check_lookup`, for a key without one), so a
+    revoked or expired key learns nothing and spends none of the account's rate limit. Only
+    calls that look something up pay for that."""
 
     pipeline: Pipeline
     vendor: Vendor
@@ -201,7 +202,8 @@ class _Lookup:
         pipeline, key, vendor = self.pipeline, self.key, self.vendor
         # A lookup reaches the vendor too: it takes a place in the call rates the database
         # holds now, and only for a key alive and judged by its current constraints.
-        refused = await pipeline.store.admit_lookup(key, pipeline.clock())
+        admit = pipeline.store.admit_lookup if _rated(key) else pipeline.store.check_lookup
+        refused = await admit(key, pipeline.clock())
         if refused is not None:
             decision, wait = refused
             if decision is Decision.POLICY_CHANGED:

@@ -1130,6 +1130,7 @@ def test_the_cheap_liveness_check_agrees_with_the_ledger(
             if revoked:
                 await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
             expected = None if expect is None else (expect, 0)
+            assert await store.check_lookup(key, NOW) == expected, name  # (no rate: a read)
             assert await store.admit_lookup(key, NOW) == expected, name
             admitted = await store.reserve(reservation(key, NOW, 0, "life"))
             assert admitted.decision == (expect or Decision.FORWARDED), name
@@ -1187,6 +1188,8 @@ def test_a_lookup_is_admitted_by_the_ledgers_rules(
             if patched:
                 widened = Patch(reason="table", constraints=rate_of(rate, mode), sets_policy=True)
                 assert await store.patch(key_id, widened, NOW - S, TEST_EVENT) == "patched"
+                # (The read a key without a rate is checked by sees the same revision.)
+                assert await store.check_lookup(key, NOW) == expect, name
             assert await store.admit_lookup(key, NOW) == expect, name
             if expect is None:  # counted: the next one sees it
                 assert await store.admit_lookup(key, NOW) == then, name

@@ -459,6 +459,13 @@ class SQLStore:
     def record(self, audit: AuditRecord) -> Op[int]:
         return (yield from insert_audit(audit))
 
+    @reads
+    def check_lookup(self, key: KeyRecord, now: datetime) -> Op[tuple[Decision, int] | None]:
+        """`admit_lookup` for a key whose cached record (its budget's too) has no call rate:
+        nothing to count, so a read. Had a patch set a rate since, its revision says so."""
+        found = yield from _lookup_state(key)
+        return _lookup_refusal(found, key, now)
+
     @writes
     def admit_lookup(self, key: KeyRecord, now: datetime) -> Op[tuple[Decision, int] | None]:
         """Whether the proxy may look something up at a vendor with the real key for a call of
@@ -467,51 +474,20 @@ class SQLStore:
         ledger's order: judged against older constraints (rule 0: judge it again), a dead key
         or budget (rule 1: it learns nothing, and spends none of the account's rate limit), a
         full enforced rate (rule 8: it asks room for itself and its call, `places=2`). The
-        rates are the database's, as the reservation reads them; the same lock order (the
+        rates are the database's, counted under the reservation's locks, in its order (the
         budget's row, then the key's). The reservation stays the authority on the call."""
-        key_id, budget_id = key.key_id, key.budget_id
-        found = yield row(
-            "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, k.policy_rev AS k_rev, "
-            "k.max_calls_per_minute AS k_rate, b.revoked_at AS b_revoked, "
-            "b.expires_at AS b_expires, b.policy_rev AS b_rev, b.max_calls_per_minute AS b_rate "
-            "FROM vault_keys k LEFT JOIN budgets b ON b.budget_id = :budget_id "
-            "WHERE k.key_id = :key_id",
-            key_id=key_id,
-            budget_id=budget_id,
-        )
-        if found is None:
-            return Decision.REVOKED, 0
-        in_budget = budget_id is not None and found["b_expires"] is not None
-        if found["k_rev"] != key.policy_rev or (
-            in_budget and found["b_rev"] != key.budget_policy_rev
-        ):
-            return Decision.POLICY_CHANGED, 0
-        budget = None
-        if budget_id is not None:
-            expires = found["b_expires"]
-            budget = (found["b_revoked"] is not None, None if expires is None else moment(expires))
-        dead = dead_reason(
-            now, (found["k_revoked"] is not None, moment(found["k_expires"])), budget
-        )
-        if dead is not None:
-            return dead, 0
+        found = yield from _lookup_state(key)
+        refused = _lookup_refusal(found, key, now)
+        if refused is not None or found is None:
+            return refused
         second = second_of(now)
         rates: list[Rate] = []
         limited: list[str] = []
-        for table, column, owner, rate in (
-            ("budgets", "budget_id", budget_id, found["b_rate"]),
-            ("vault_keys", "key_id", key_id, found["k_rate"]),
-        ):
-            if owner is None or rate is None:  # no rate to count it in: no lock to take
+        for owner, side in ((key.budget_id, "b"), (key.key_id, "k")):
+            limit = found[f"{side}_rate"]
+            if owner is None or limit is None:  # no rate to count it in: no lock to take
                 continue
             yield row("SELECT 1 FROM usage_counts WHERE owner_id = :owner FOR UPDATE", owner=owner)
-            rated = yield row(
-                f"SELECT max_calls_per_minute AS lim, rate_mode FROM {table} "
-                f"WHERE {column} = :owner",
-                owner=owner,
-            )
-            if rated is None or rated["lim"] is None:
-                continue
             calls = yield rows(
                 "SELECT second, calls FROM call_rate WHERE owner_id = :owner "
                 "AND second >= :floor ORDER BY second",
@@ -519,12 +495,12 @@ class SQLStore:
                 floor=rate_floor(second),
             )
             counted = [(int(r["second"]), int(r["calls"])) for r in calls]
-            rates.append(Rate(rated["lim"], rated["rate_mode"] == "report", counted.copy))
+            rates.append(Rate(limit, found[f"{side}_mode"] == "report", counted.copy))
             limited.append(owner)
         rates.reverse()  # the key's first, as the reservation checks them
-        refused, wait = over_rate(rates, second, places=2)  # the lookup, and its call
-        if refused is not None:
-            return refused, wait or 0
+        over, wait = over_rate(rates, second, places=2)  # the lookup, and its call
+        if over is not None:
+            return over, wait or 0
         for owner in limited:
             yield execute(
                 "INSERT INTO call_rate (owner_id, second, calls) VALUES (:owner, :second, 1) "
@@ -952,6 +928,37 @@ _PATCHABLE = {
     "constraints",
     "policy_rev",
 }
+
+
+def _lookup_state(key: KeyRecord) -> Op[Any]:
+    """What a lookup for `key` is admitted by: the key's and its budget's life, constraints'
+    revision and call rate, in one read."""
+    found = yield row(
+        "SELECT k.revoked_at AS k_revoked, k.expires_at AS k_expires, k.policy_rev AS k_rev, "
+        "k.max_calls_per_minute AS k_rate, k.rate_mode AS k_mode, b.revoked_at AS b_revoked, "
+        "b.expires_at AS b_expires, b.policy_rev AS b_rev, b.max_calls_per_minute AS b_rate, "
+        "b.rate_mode AS b_mode FROM vault_keys k "
+        "LEFT JOIN budgets b ON b.budget_id = :budget_id WHERE k.key_id = :key_id",
+        key_id=key.key_id,
+        budget_id=key.budget_id,
+    )
+    return found
+
+
+def _lookup_refusal(found: Any, key: KeyRecord, now: datetime) -> tuple[Decision, int] | None:
+    """Rules 0 and 1 for a lookup (`_lookup_state`): judged against older constraints, or a
+    dead key or budget."""
+    if found is None:
+        return Decision.REVOKED, 0
+    in_budget = key.budget_id is not None and found["b_expires"] is not None
+    if found["k_rev"] != key.policy_rev or (in_budget and found["b_rev"] != key.budget_policy_rev):
+        return Decision.POLICY_CHANGED, 0
+    budget = None
+    if key.budget_id is not None:
+        expires = found["b_expires"]
+        budget = (found["b_revoked"] is not None, None if expires is None else moment(expires))
+    dead = dead_reason(now, (found["k_revoked"] is not None, moment(found["k_expires"])), budget)
+    return None if dead is None else (dead, 0)
 
 
 def _maybe_moment(stored: Any) -> datetime | None:

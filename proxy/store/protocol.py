@@ -138,6 +138,13 @@ class Store(Protocol):
         A late settle of such a call corrects spend to its real outcome."""
         ...
 
+    async def check_lookup(
+        self, key: records.KeyRecord, now: datetime
+    ) -> tuple[Decision, int] | None:
+        """`admit_lookup` for a key whose cached record (and its budget's) has no call rate: a
+        read, nothing counted (rules 0 and 1)."""
+        ...
+
     async def admit_lookup(
         self, key: records.KeyRecord, now: datetime
     ) -> tuple[Decision, int] | None:
