@@ -220,14 +220,8 @@ class Stripe(Vendor):
                     raise Unreadable("customers", f"customers: {what} names no customer")
                 return (named,)
             if creates and kind == "refunds":
-                charge, intent = body().one("charge"), body().one("payment_intent")
-                if charge is None and intent is None:
-                    raise Unreadable("customers", "customers: the refund names no charge")
-                ref_kind, ref = ("charges", charge) if charge else ("payment_intents", intent)
-                # As the price read it (`_refund`), so the one lookup serves both.
-                expand = "?expand[]=latest_charge" if ref_kind == "payment_intents" else ""
-                obj = await _fetch(lookup, ref_kind, ref or "", expand)
-                found = obj.get("customer")
+                # The object the price read (`_refunded`): the one lookup serves both.
+                found = (await _refunded(body(), lookup)).get("customer")
                 if found is None:
                     raise Unreadable("customers", "customers: the refunded payment has none")
                 return (_id_of(found, "customers"),)
@@ -281,13 +275,9 @@ class Stripe(Vendor):
         )
 
     async def _refund(self, form: FormBody, lookup: Lookup) -> Cost:
-        charge_id, intent_id = form.one("charge"), form.one("payment_intent")
-        if charge_id is not None and intent_id is not None:
-            raise AmbiguousRequest("a refund names a charge or a payment_intent, not both")
-        if charge_id is not None:
-            charge = await _fetch(lookup, "charges", charge_id)
-        elif intent_id is not None:
-            intent = await _fetch(lookup, "payment_intents", intent_id, "?expand[]=latest_charge")
+        charge = await _refunded(form, lookup)
+        if form.one("charge") is None:  # an intent, with its latest charge
+            intent = charge
             latest = intent.get("latest_charge")
             if isinstance(latest, Mapping):
                 charge = latest
@@ -298,8 +288,6 @@ class Stripe(Vendor):
                     "amount_refunded": 0,
                     "currency": intent.get("currency"),
                 }
-        else:
-            raise Unpriceable("a refund names a charge or a payment_intent")
         amount = form.one("amount")
         if amount is not None:
             refunded = _amount(amount)
@@ -371,6 +359,19 @@ def _id_of(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise Unreadable(field, f"{field}: the object Stripe returned does not name one readably")
     return value
+
+
+async def _refunded(form: FormBody, lookup: Lookup) -> Mapping[str, Any]:
+    """What a refund refunds, as Stripe holds it: the charge it names, or the PaymentIntent it
+    names with its latest charge expanded (read once for the price and the customer alike)."""
+    charge_id, intent_id = form.one("charge"), form.one("payment_intent")
+    if charge_id is not None and intent_id is not None:
+        raise AmbiguousRequest("a refund names a charge or a payment_intent, not both")
+    if charge_id is not None:
+        return await _fetch(lookup, "charges", charge_id)
+    if intent_id is not None:
+        return await _fetch(lookup, "payment_intents", intent_id, "?expand[]=latest_charge")
+    raise Unpriceable("a refund names a charge or a payment_intent")
 
 
 async def _fetch(lookup: Lookup, kind: str, object_id: str, query: str = "") -> Mapping[str, Any]:
