@@ -44,6 +44,7 @@ from keybrake.adopt.workflows import (
     yaml_round_trip,
 )
 from keybrake.adopt.yaml_bound import TooManyAliasNodes
+from keybrake.hera_workflows.retry import EXIT_REFUSED
 from keybrake.proxy.constraints import FIELDS, VENDOR_FIELDS, parse_constraints
 from keybrake.proxy.endpoints import EndpointPattern
 from keybrake.proxy.errors import KeybrakeError
@@ -90,7 +91,7 @@ CODE_CHANGES = {
     ),
 }
 # keybrake.hera_workflows.keybrake_pod, which exits with this on a refusal.
-_POD_HELPER_EXIT = 77
+_POD_HELPER_EXIT = EXIT_REFUSED
 _POD_HELPER = (
     "keybrake_pod is one standard-library file to put beside the pods' code "
     "(`python -m keybrake.hera_workflows.keybrake_pod > keybrake_pod.py`, then `import "

@@ -44,6 +44,7 @@ __all__ = [
     "Violation",
     "canonical_domain",
     "canonical_number",
+    "canonical_service",
     "collect",
     "email_address",
     "parse_constraints",
@@ -219,6 +220,15 @@ def canonical_number(field: str, value: str) -> str:
     return match.group(1)
 
 
+def canonical_service(field: str, value: str) -> str:
+    """A Twilio Messaging Service SID (`MG` and 32 hex digits), its hex lower-cased; anything
+    else is refused."""
+    text = value.strip()
+    if not _SERVICE.fullmatch(text):
+        raise Unreadable(field, f"{field}: {_shown(value)} is not a Messaging Service SID (MG...)")
+    return "MG" + text[2:].lower()
+
+
 def canonical_domain(field: str, domain: str) -> str:
     """A domain, lower-cased and IDNA-encoded as today's mail software does (IDNA 2008, UTS 46
     non-transitional: `bücher.example` → `xn--bcher-kva.example`, `straße.de` →
@@ -309,7 +319,7 @@ def _canonical_value(name: str, item: str) -> str:
     ):
         return value
     if name == "senders" and _SERVICE.fullmatch(value):
-        return "MG" + value[2:].lower()
+        return canonical_service(name, value)
     try:
         if name == "recipient_domains":
             return canonical_domain(name, value)

@@ -60,8 +60,8 @@ PUBLIC: dict[str, str | None] = {
     "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER JwksVerifier TokenReviewVerifier
         verifier_from""",
     "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unchecked
-        Unreadable Violation canonical_domain canonical_number collect email_address
-        parse_constraints""",
+        Unreadable Violation canonical_domain canonical_number canonical_service collect
+        email_address parse_constraints""",
     "keybrake.proxy.metrics": "NAMES Metrics",
     "keybrake.proxy.models": """AuditPage AuditRow BudgetCreate BudgetInfo BudgetList CapsPatch
         ChangeInfo EventInfo EventPage IssuedIssuer IssuedKey IssuerCreate IssuerDelete IssuerInfo

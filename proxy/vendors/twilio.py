@@ -24,7 +24,13 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
-from keybrake.proxy.constraints import Found, Unreadable, canonical_number, collect
+from keybrake.proxy.constraints import (
+    Found,
+    Unreadable,
+    canonical_number,
+    canonical_service,
+    collect,
+)
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
@@ -52,7 +58,6 @@ API_VERSION = TWILIO_API_VERSION
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
 _SID = re.compile(r"AC[0-9a-fA-F]{32}")
-_SERVICE = re.compile(r"MG[0-9a-fA-F]{32}")
 # A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
 # whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
 _PREFIX = re.compile(r"(?:[a-z]+:)?\+[0-9]{0,15}|[a-z]+:")
@@ -156,9 +161,7 @@ class Twilio(Vendor):
                 raise Unreadable("senders", "senders: the message names no From")
             found = [] if number is None else [canonical_number("senders", number)]
             if service is not None:
-                if not _SERVICE.fullmatch(service.strip()):
-                    raise Unreadable("senders", "senders: MessagingServiceSid is not MG...")
-                found.append("MG" + service.strip()[2:].lower())
+                found.append(canonical_service("senders", service))
             return tuple(found)
 
         return await collect(wanted, {"recipients": recipients, "senders": senders})
