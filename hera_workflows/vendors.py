@@ -14,9 +14,10 @@ base-URL variable points at the proxy's vendor prefix:
 
 Every pod also gets the vendor-neutral `KEYBRAKE_VAULT_KEY`, `KEYBRAKE_URL` and
 `KEYBRAKE_BASE_URL` (`<proxy>/<vendor>`). Each call then runs through the pod helper
-(`keybrake_pod.call(...)`; `keybrake_pod.watch(client)` first for twilio and resend), which reads
-keybrake's answers from the SDK's exceptions. The vendors and their variables are read from
-`keybrake.proxy.vendor_facts` (standard library only: no part of the proxy's request path).
+(`keybrake_pod.call(...)`; `keybrake_pod.watch(client)` first for twilio, whose exceptions keep
+no headers), which reads keybrake's answers from the SDK's exceptions. The vendors and their
+variables are read from `keybrake.proxy.vendor_facts` (standard library only: no part of the
+proxy's request path).
 """
 
 from __future__ import annotations

@@ -213,6 +213,7 @@ def test_recipients_the_proxy_cannot_count_are_refused_and_never_reach_resend(
         "a bad item": (unpriceable, "/emails/batch", [email(1), email(2, cc=[addresses(40)])]),
         "To": (ambiguous, "/emails", {**email(1), "To": addresses(40)}),
         "Bcc header": (ambiguous, "/emails", email(1, headers={"Bcc": ", ".join(addresses(40))})),
+        "Headers": (ambiguous, "/emails", {**email(1), "Headers": {"Bcc": addresses(40)[0]}}),
     }
     missing = {k: v for k, v in email(1, cc="c@example.com").items() if k != "to"}
     refused["to missing"] = (unpriceable, "/emails", missing)

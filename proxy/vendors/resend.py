@@ -50,6 +50,7 @@ _UNIT = "email"
 MAX_TO = 50  # addresses in `to` per email: Resend's API reference, POST /emails
 MAX_BATCH = 100  # emails per POST /emails/batch: Resend's API reference
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
+_COUNTED_FIELDS = (*_RECIPIENT_FIELDS, "headers")  # what the recipients are counted from
 # Headers that could name another sender than `from`, which a senders constraint checks.
 _SENDER_HEADERS = frozenset({"from", "sender", "resent-from", "resent-sender"})
 # Custom headers that name recipients in a mail message: refused inside an email's `headers`.
@@ -231,7 +232,9 @@ def recipients(email: Any, what: str) -> int:
     if not isinstance(email, dict):
         raise Unpriceable(f"{what} must be a JSON object")
     for key in email:
-        if key.lower() in _RECIPIENT_FIELDS and key not in _RECIPIENT_FIELDS:
+        # (`headers` too: recipient headers inside it are refused, so another spelling of it
+        # must not carry them past that check.)
+        if key.lower() in _COUNTED_FIELDS and key not in _COUNTED_FIELDS:
             raise AmbiguousRequest(
                 f"{what}: recipients are read from {key.lower()!r}, so {key[:20]!r} is refused "
                 "(Resend's field names are lower case)"
