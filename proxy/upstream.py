@@ -184,7 +184,6 @@ class _Answer(asyncio.Protocol):
         self._size = 0
         self._head_bytes = 0  # read before the final answer's head was complete
         self._headers_done = False  # the final answer's head (not an interim answer's) was read
-        self._framed = False  # the answer says where it ends (Content-Length or chunked)
 
     # asyncio.Protocol
 
@@ -197,7 +196,7 @@ class _Answer(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if exc is None and self._headers_done and not self._framed:
+        if exc is None and self._headers_done and not self._framed():
             self._finish(False)  # an answer that ends where the connection does (not a reset)
         else:
             waiter.set_exception(
@@ -231,15 +230,23 @@ class _Answer(asyncio.Protocol):
             # more. Raised to stop the parse; the connection is aborted (`data_received`).
             raise UpstreamError("an answer nobody asked for")
         self._headers, self._chunks, self._size = [], [], 0
-        self._headers_done = self._framed = False
+        self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return  # a trailer, after a chunked body: neither relayed nor read (as aiohttp)
         self._headers.append((name, value))
-        lowered = name.lower()
-        if lowered == b"content-length" or lowered == b"transfer-encoding":
-            self._framed = True
+
+    def _framed(self) -> bool:
+        """Whether the answer says where it ends (a Content-Length, or chunked), so that the
+        connection closing before then cuts it: read only when the connection closes."""
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                return True
+            if lowered == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
+                return True
+        return False
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -267,6 +274,9 @@ class _Answer(asyncio.Protocol):
     def request(self, head: bytes, body: bytes | None, head_only: bool) -> asyncio.Future[Any]:
         assert self.transport is not None
         self._waiter = waiter = asyncio.get_running_loop().create_future()
+        if self.closed:  # lost before the request was written (a vendor that spoke first)
+            waiter.set_exception(UpstreamError("connection to the vendor failed: it was closed"))
+            return waiter
         self._head_only = head_only
         self._headers_done, self._head_bytes = False, 0
         self.transport.write(head + body if body else head)

@@ -204,6 +204,27 @@ def test_chunked_and_connection_ending_answers_are_read_whole() -> None:
     assert vendor.connections == 2  # the closed one was not used again
 
 
+def test_an_answer_with_an_identity_transfer_encoding_ends_where_its_connection_does() -> None:
+    """Neither a length nor chunked: read to the end of the connection (it was taken for a
+    framed answer, so the close was an error, and the call an unknown outcome)."""
+
+    async def script(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
+    ) -> None:
+        requests.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n[3]")
+        await writer.drain()
+        writer.close()
+
+    vendor = Vendor(script)
+
+    async def scenario() -> bytes:
+        async with vendor.running() as (upstream, base):
+            return (await upstream.send("GET", base + "/a", {}, None)).body
+
+    assert asyncio.run(scenario()) == b"[3]"
+
+
 def test_a_connection_the_vendor_closed_while_idle_is_not_used_again() -> None:
     async def script(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, requests: list[bytes]
