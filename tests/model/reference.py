@@ -155,6 +155,20 @@ class Policy:
 
     max_daily: int | None
     max_total: int | None
+    # Whom what it issues may pay or message (enforced; section 6): a key or budget issued
+    # without its own inherits them; a loosening patch must leave it within them.
+    constraints: Constraints | None = None
+
+    def bound(self, vendor: str | None) -> Constraints | None:
+        """The issuer's constraints that bind a key of `vendor` (a budget, None: all)."""
+        if self.constraints is None:
+            return None
+        kept = {
+            name: values
+            for name, values in self.constraints.items()
+            if vendor is None or name in CONSTRAINT_FIELDS[vendor]
+        }
+        return kept or None
 
     def allows(self, daily: int | None, total: int | None, budget: Budget | None) -> bool:
         """A key (`budget`: the one it draws on) or, with budget None, a budget's own caps."""
@@ -177,13 +191,37 @@ class Policy:
         before: tuple[int | None, int | None],
         after: tuple[int | None, int | None],
         budget: Budget | None,
+        constraints: Constraints | None = None,
+        vendor: str | None = None,
     ) -> bool:
-        """Tightening is always allowed; loosening must leave the whole record within policy."""
+        """Tightening is always allowed; loosening must leave the whole record within policy,
+        its `constraints` (as patched) within the issuer's too."""
         loosens = any(
             old is not None and (new is None or new > old)
             for old, new in zip(before, after, strict=True)
         )
-        return not loosens or self.allows(*after, budget)
+        return not loosens or (
+            self.allows(*after, budget) and within(constraints, self.bound(vendor))
+        )
+
+
+def within(own: Constraints | None, bound: Constraints | None) -> bool:
+    """Whether `own` constrains every field `bound` does, at least as narrowly: each of its
+    values one `bound` covers (a number prefix within a shorter one)."""
+    if bound is None:
+        return True
+    return own is not None and all(
+        name in own and all(_covers(name, allowed, value) for value in own[name])
+        for name, allowed in bound.items()
+    )
+
+
+def _covers(name: str, allowed: tuple[str, ...], value: str) -> bool:
+    if name == "recipients" and value.endswith("*"):
+        return any(a.endswith("*") and value[:-1].startswith(a[:-1]) for a in allowed)
+    if name == "recipient_domains":
+        return _idna(value) in {_idna(a) for a in allowed}
+    return admits(name, allowed, value)
 
 
 @dataclass

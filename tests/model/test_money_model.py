@@ -20,6 +20,9 @@ the real pipeline and store (in-process, `build_app(upstream=...)`) to vendors t
 - no 60 seconds hold more requests at the vendors (forwarded calls and the proxy's lookups) for a
   key or budget than its enforced `max_calls_per_minute`; a `rate_limited` call is a 429 that
   reserved and spent nothing and forwarded nothing (a refused lookup reached no vendor either);
+- an issuer's constraints bind what it issues (inherited, and so checked by the invariant
+  above) and what it patches: narrowing is always allowed, a loosening (a cap raised, the
+  constraints widened or removed) only within its whole policy, its constraints included;
 - report mode changes no outcome: each decision (and each lookup at a vendor) is the one the
   model takes with the report-only constraints and rates removed, and the audit row's `reported`
   says exactly what they would have refused, or that a customer went unchecked;
@@ -87,6 +90,7 @@ from tests.model.reference import (
     admits,
     bucket,
     seconds,
+    within,
 )
 
 ADMIN = "kba_model_admin_token_0123456789"
@@ -405,8 +409,10 @@ class MoneyMachine(RuleBasedStateMachine):
 
     # -- issuers: scoped tokens whose policy bounds what they issue and patch ---------------------
 
-    @rule(target=issuers, max_daily=CAPS, max_total=CAPS)
-    def create_issuer(self, max_daily: int | None, max_total: int | None) -> str:
+    @rule(target=issuers, max_daily=CAPS, max_total=CAPS, constrain=CONSTRAINTS)
+    def create_issuer(
+        self, max_daily: int | None, max_total: int | None, constrain: Constraints | None = None
+    ) -> str:
         w = self.world
         # (Unique across examples: on PostgreSQL they share one database.)
         name = f"issuer-{uuid.uuid4().hex[:12]}"
@@ -415,10 +421,12 @@ class MoneyMachine(RuleBasedStateMachine):
             body["max_daily_usd_cap"] = str(Decimal(max_daily) / 1_000_000)
         if max_total is not None:
             body["max_total_usd_cap"] = str(Decimal(max_total) / 1_000_000)
+        bound = _constraints_into(body, constrain, None)  # what it issues is held to them
         answer = w.client.post("/vault/issuers", json=body)
         assert answer.status_code == 201, answer.text
         issued = answer.json()
-        w.issuers[issued["issuer_id"]] = (issued["issuer_token"], Policy(max_daily, max_total))
+        policy = Policy(max_daily, max_total, bound)
+        w.issuers[issued["issuer_id"]] = (issued["issuer_token"], policy)
         return str(issued["issuer_id"])
 
     @rule(target=budgets, issuer=issuers, daily=CAPS, total=CAPS, hours=st.integers(1, 60))
@@ -439,7 +447,9 @@ class MoneyMachine(RuleBasedStateMachine):
         assert answer.status_code == 201, (answer.text, policy, daily, total)
         budget_id = answer.json()["budget_id"]
         expires = w.clock.now + timedelta(hours=hours)
-        w.model.budgets[budget_id] = Budget(budget_id, daily, total, expires, issuer=issuer)
+        w.model.budgets[budget_id] = Budget(
+            budget_id, daily, total, expires, issuer=issuer, constraints=policy.bound(None)
+        )  # (issued without its own: the issuer's)
         return budget_id
 
     @rule(
@@ -497,6 +507,7 @@ class MoneyMachine(RuleBasedStateMachine):
             expires,
             budget.id if budget else None,
             issuer=issuer,
+            constraints=policy.bound("stripe"),  # (issued without its own: the issuer's)
         )
         return issued["key_id"]
 
@@ -526,7 +537,9 @@ class MoneyMachine(RuleBasedStateMachine):
         if model_key.issuer is not None:
             policy = w.issuers[model_key.issuer][1]
             budget = w.model.budgets[model_key.budget] if model_key.budget else None
-            if not policy.allows_patch((model_key.daily, model_key.total), after, budget):
+            before = (model_key.daily, model_key.total)
+            held = model_key.constraints
+            if not policy.allows_patch(before, after, budget, held, model_key.vendor):
                 assert answer.status_code == 403, (answer.text, policy, after)
                 return
         assert answer.status_code == 200, (answer.text, after)
@@ -563,6 +576,36 @@ class MoneyMachine(RuleBasedStateMachine):
     def _other_replica(self) -> TestClient:
         assert self.world.other is not None
         return self.world.other
+
+    @rule(key=stripe_keys, constrain=CONSTRAINTS)
+    def patch_constraints_as_its_issuer(self, key: str, constrain: Constraints | None) -> None:
+        """An issuer replaces its key's constraints (or removes them: it then holds the
+        issuer's): narrowing them is always allowed; widening them is a loosening, which must
+        leave the key within the whole policy, the issuer's constraints included."""
+        w = self.world
+        model_key = w.model.keys[key]
+        if model_key.issuer is None or model_key.rate is not None:
+            return
+        token, policy = w.issuers[model_key.issuer]
+        body: dict[str, Any] = {"reason": "the model test"}
+        own = _constraints_into(body, constrain, "stripe")
+        body.setdefault("constraints", {})  # (none of its own)
+        answer = w.client.patch(
+            f"/vault/keys/{key}", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        if w.model.dead(model_key, w.clock.now) in ("revoked", "expired"):
+            assert answer.status_code == 409, answer.text
+            return
+        after = own if own is not None else policy.bound("stripe")
+        budget = w.model.budgets[model_key.budget] if model_key.budget else None
+        caps = (model_key.daily, model_key.total)
+        loosens = not within(after, model_key.constraints)
+        if loosens and not (policy.allows(*caps, budget) and within(after, policy.bound("stripe"))):
+            assert answer.status_code == 403, (answer.text, policy, after)
+            return
+        assert answer.status_code == 200, (answer.text, after)
+        model_key.constraints = after
+        model_key.report = False
 
     @rule(key=stripe_keys, which=st.sampled_from(["daily", "total"]))
     def patch_a_key_past_its_issuers_bound(self, key: str, which: str) -> None:
@@ -624,7 +667,8 @@ class MoneyMachine(RuleBasedStateMachine):
         if model_budget.revoked or model_budget.expires <= w.clock.now:
             assert answer.status_code == 409, answer.text
             return
-        if not policy.allows_patch((model_budget.daily, model_budget.total), after, None):
+        before = (model_budget.daily, model_budget.total)
+        if not policy.allows_patch(before, after, None, model_budget.constraints):
             assert answer.status_code == 403, (answer.text, policy, after)
             return
         assert answer.status_code == 200, (answer.text, after)
@@ -1848,5 +1892,25 @@ def test_a_patch_of_constraints_reaches_the_replica_serving_the_calls(
         machine.text(key, 5, "d", "+442071838750")
         machine.text(key, 5, "e", "+442071838750")
         assert machine._newest_audit(key)["decision"] == "rate_limited"
+    finally:
+        machine.teardown()
+
+
+def test_an_issuer_neither_loosens_nor_widens_past_its_constraints(tmp_path: Path) -> None:
+    """An issuer bound to customers: its key inherits them; once the admin removed them, the
+    issuer may not raise the key's cap (a loosening that leaves it paying anyone), nor widen
+    its own key's constraints past its own, while narrowing them goes (the machine's checks)."""
+    machine = machine_for(f"sqlite:///{tmp_path}/r.db", tmp_path)()
+    try:
+        issuer = machine.create_issuer(None, None, {"customers": ("cus_a", "cus_b")})
+        key = machine.issue_stripe_key_as_issuer(issuer, 5_000_000, None, 0, False)
+        model_key = machine.world.model.keys[key]
+        assert model_key.constraints == {"customers": ("cus_a", "cus_b")}
+        machine.patch_constraints_as_its_issuer(key, {"customers": ("cus_c",)})  # 403
+        machine.patch_constraints_as_its_issuer(key, {"customers": ("cus_a",)})  # narrower
+        assert model_key.constraints == {"customers": ("cus_a",)}
+        machine.patch_constraints(key, None, None)  # the admin removes them
+        machine.patch_key(key, 9_000_000, None, "daily")  # a loosening: 403
+        assert model_key.daily == 5_000_000
     finally:
         machine.teardown()
