@@ -64,8 +64,9 @@ class Metrics:
         )
         self.reports = Counter(
             "keybrake_policy_reports",
-            "Calls a report-only constraint or call rate would have refused (they went ahead), "
-            "by vendor and the refusal.",
+            "Calls recorded with a would-be refusal of a report-only constraint or call rate "
+            "(noted in the audit row; a call refused for another reason counts too), by vendor "
+            "and the refusal.",
             ["vendor", "decision"],
             registry=self.registry,
         )

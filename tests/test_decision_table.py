@@ -149,10 +149,17 @@ ROWS = [
         used_after=3 * MICROS,
     ),
     Row(
-        "a stale judgement comes before a full rate, and takes no place in it",
+        "a stale judgement comes before a full rate",
         Decision.POLICY_CHANGED,
         stale="key",
         rate=1,
+        calls=((S, 1),),
+    ),
+    Row(
+        "a stale judgement takes no place in a rate: its call, judged again, fits",
+        Decision.POLICY_CHANGED,
+        stale="key",
+        rate=2,
         calls=((S, 1),),
     ),
     # -- call rates (rule 8): 1-second buckets, the current second and the 60 before -------------
@@ -192,6 +199,14 @@ ROWS = [
         calls=((5 * S, 1),),
         used_after=3 * MICROS,
         reported="rate_limited: over max_calls_per_minute",
+    ),
+    Row(
+        "a report-only constraint's note is kept on a call refused for a cap",
+        Decision.CAP_HIT,
+        cap=2 * MICROS,
+        report="constraint_violated: customers: 'cus_3' is not allowed",
+        cap_hits=1,
+        reported="constraint_violated: customers: 'cus_3' is not allowed",
     ),
     Row(
         "a report-only constraint's note goes into the audit row beside the rate's",
@@ -907,13 +922,16 @@ async def play(store: Store, row: Row, key_id: str) -> None:
     if row.stale is not None:  # patched by another replica: the call's record is one behind
         subject = key_id if row.stale == "key" else budget_id
         assert subject is not None
-        patch = Patch(reason="table", constraints=Constraints(currencies=("usd",)))
+        # (Its call rate kept: the patch narrows whom it pays.)
+        patched_to = Constraints(currencies=("usd",), max_calls_per_minute=row.rate)
+        patch = Patch(reason="table", constraints=patched_to)
         patched = replace(patch, sets_policy=True)
         assert await store.patch(subject, patched, NOW - 2 * S, TEST_EVENT) == "patched"
     if row.revoked:
         assert await store.revoke_key(key_id, NOW - timedelta(seconds=1), TEST_EVENT)
     before = await store.get_key(key_id, NOW)
     assert before is not None
+    budget_before = await store.get_budget(budget_id, NOW) if budget_id is not None else None
     rows_before = len(await store.audit(AuditFilter(key_id=key_id, limit=1000)))
 
     call = reservation(
@@ -934,6 +952,15 @@ async def play(store: Store, row: Row, key_id: str) -> None:
     if admitted.decision is Decision.POLICY_CHANGED:  # nothing written: no row, no count
         assert len(await store.audit(AuditFilter(key_id=key_id, limit=1000))) == rows_before
         assert view.usage == before.usage, row.name
+        if budget_before is not None:  # (PostgreSQL takes the budget's count back too)
+            budget_after = await store.get_budget(budget_id or "", NOW)
+            assert budget_after is not None and budget_after.usage == budget_before.usage
+        # And no place in a call rate: the same call, judged by the current revision, fits.
+        if row.rate is not None and row.rate > sum(count for _, count in row.calls):
+            current = await store.find_key(key.key_hash)
+            assert current is not None
+            again = await store.reserve(replace(call, key=current, idempotency_key=None))
+            assert again.decision is Decision.FORWARDED, (row.name, again)
     if budget_id is not None:
         budget_view = await store.get_budget(budget_id, NOW)
         assert budget_view is not None
