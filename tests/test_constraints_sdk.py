@@ -122,6 +122,12 @@ def test_a_stripe_key_held_to_usd_and_two_customers(
     with stripe_proxy.admin() as admin:
         info = admin.get(f"/vault/keys/{key['key_id']}").json()
     assert info["spent_usd"] == "7.00" and info["reserved_usd"] == "0.00"
+    # What Stripe holds: the one usd intent of the first customer, none for the others but the
+    # one made outside the proxy, still unconfirmed.
+    held = httpx.get(f"{localstripe.url}/v1/payment_intents", headers=DIRECT).json()["data"]
+    made = {(i["customer"], i["currency"], i["status"]) for i in held if i["id"] != foreign["id"]}
+    assert made == {(first, "usd", intent.status)}
+    assert intent_at(localstripe, foreign["id"])["status"] == foreign["status"]
 
 
 def test_a_transfer_to_an_unlisted_destination_never_reaches_stripe(
@@ -181,12 +187,18 @@ def test_a_resend_key_held_to_one_domain_refuses_a_mixed_recipient_list(
         "text": "On its way",
     }
     resend.Emails.send(email)  # type: ignore[arg-type]
-    mixed = {**email, "to": ["a@example.com", "b@Example.COM"], "bcc": "audit@elsewhere.test"}
-    with pytest.raises(resend.exceptions.ResendError) as raised:
-        resend.Emails.send(mixed)  # type: ignore[arg-type]
-    assert raised.value.code == 403
-    assert "recipient_domains" in str(raised.value.message)
+    mixed_bcc = {**email, "to": ["a@example.com", "b@Example.COM"], "bcc": "audit@elsewhere.test"}
+    mixed_to = {**email, "to": ["a@example.com", "b@elsewhere.test"]}
+    for mixed in (mixed_bcc, mixed_to):
+        with pytest.raises(resend.exceptions.ResendError) as raised:
+            resend.Emails.send(mixed)  # type: ignore[arg-type]
+        assert raised.value.code == 403
+        assert "recipient_domains" in str(raised.value.message)
+        kept = {name.lower(): value for name, value in raised.value.headers.items()}
+        assert kept["x-keybrake-code"] == "keybrake_constraint_violated"
     assert len(fake_resend.requests) == 1
+    decisions = [row["decision"] for row in audit(vendor_proxy, key["key_id"])]
+    assert decisions == ["constraint_violated", "constraint_violated", "forwarded"]
 
 
 def test_report_mode_forwards_every_call_and_audits_each_would_be_refusal(
