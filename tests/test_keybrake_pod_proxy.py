@@ -1,7 +1,7 @@
 """The pod helper against the real proxy (served from a thread, vendors on fakes), with each
 official SDK as the client: keybrake's cap hits and refusals, in each vendor's own error shape,
-end the pod with 77; a vendor's own 429 is raised as it is. The rate limit's answers are checked
-against a scripted stand-in in tests/test_keybrake_pod.py until the proxy gives them."""
+end the pod with 77; a vendor's own 429 is raised as it is; a full call rate's 429 is waited
+out for its Retry-After and the same call sent again."""
 
 from __future__ import annotations
 
