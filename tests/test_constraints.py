@@ -226,6 +226,13 @@ def test_stripe_refunds_transfers_and_payouts() -> None:
     assert values(transfer)["destinations"] == ("acct_7",)
     payout = values(subjects("stripe", "/v1/payouts", "amount=5&currency=usd"))
     assert payout["destinations"].startswith("destinations: POST /v1/payouts names no")
+    # A priced call that says neither, in its body nor in an object it acts on, is unreadable.
+    assert values(transfer)["customers"] == (
+        "customers: keybrake cannot tell the customer of POST /v1/transfers"
+    )
+    assert values(refund)["destinations"] == (
+        "destinations: keybrake cannot tell where POST /v1/refunds pays out"
+    )
     # A priced call whose customer and destination no rule reads cannot be constrained.
     invoice = subjects(
         "stripe",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -201,10 +201,19 @@ class Stripe(Vendor):
                 raise Unreadable(field, f"customers: the {kind[:-1]} has no customer")
             return (_id_of(value, field),)
 
-        async def held_and(field: str, moved: str | None) -> tuple[str, ...]:
-            """The acted-on object's `field` and an update's new one: the new one is read from
-            the body even when the object's is not looked up (`Unchecked`)."""
-            named = (moved,) if moved else ()
+        async def acted_on(
+            field: str, moved: Callable[[], str | None], unknown: str
+        ) -> tuple[str, ...]:
+            """`field` of any call but a create. A call acting on an object: the object's and
+            an update's new one (`moved`, from the body, read even when the object's is not
+            looked up: `Unchecked`). Any other priced call cannot say it (`unknown`), so it is
+            unreadable; an unpriced one moves no money."""
+            if not acts_on:
+                if cost.priced:
+                    raise Unreadable(field, f"{field}: keybrake cannot tell {unknown}")
+                return ()
+            new = moved() if len(segments) == 3 else None
+            named = (new,) if new else ()
             try:
                 return (*(await held(field)), *named)
             except Unchecked:
@@ -225,14 +234,9 @@ class Stripe(Vendor):
                 if found is None:
                     raise Unreadable("customers", "customers: the refunded payment has none")
                 return (_id_of(found, "customers"),)
-            if acts_on:
-                moved = body().one("customer") if len(segments) == 3 else None
-                return await held_and("customers", moved)
-            if cost.priced:
-                raise Unreadable(
-                    "customers", f"customers: keybrake cannot tell the customer of {what}"
-                )
-            return ()
+            return await acted_on(
+                "customers", lambda: body().one("customer"), f"the customer of {what}"
+            )
 
         async def destinations() -> tuple[str, ...]:
             if creates and kind in ("transfers", "payouts"):
@@ -247,14 +251,11 @@ class Stripe(Vendor):
                 named = body().nested("transfer_data[destination]")
                 legacy = body().one("destination") if kind == "charges" else None
                 return tuple(v for v in (named, legacy) if v is not None)
-            if acts_on:
-                moved = body().nested("transfer_data[destination]") if len(segments) == 3 else None
-                return await held_and("destinations", moved)
-            if cost.priced:
-                raise Unreadable(
-                    "destinations", f"destinations: keybrake cannot tell where {what} pays out"
-                )
-            return ()
+            return await acted_on(
+                "destinations",
+                lambda: body().nested("transfer_data[destination]"),
+                f"where {what} pays out",
+            )
 
         return await collect(
             wanted,
