@@ -25,6 +25,7 @@ import json
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,14 @@ from keybrake.proxy.access import Identity, LoginRefused
 from keybrake.proxy.errors import ConfigError
 from keybrake.proxy.settings import Settings
 
-__all__ = ["LEEWAY", "REFETCH_AFTER", "JwksVerifier", "TokenReviewVerifier", "verifier_from"]
+__all__ = [
+    "LEEWAY",
+    "REFETCH_AFTER",
+    "ApiServer",
+    "JwksVerifier",
+    "TokenReviewVerifier",
+    "verifier_from",
+]
 
 LEEWAY = timedelta(seconds=30)  # clock skew between the proxy and the API server
 REFETCH_AFTER = 10.0  # seconds between two fetches of the keys for unknown key ids
@@ -44,21 +52,34 @@ _ALGORITHMS = ("RS256", "ES256")
 IN_CLUSTER = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
+@dataclass(frozen=True, slots=True)
+class ApiServer:
+    """The cluster's API server as the proxy reaches it: its address, the CA its certificate
+    chains to (None: the system's) and the proxy's own service-account token (None: none sent)."""
+
+    url: str = "https://kubernetes.default.svc"
+    ca_file: Path | None = None
+    token_file: Path | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiServer:
+        """As `settings` say; in a pod, the mounted service account's CA and token unless set."""
+        return cls(
+            url=settings.kubernetes_api_url,
+            ca_file=settings.kubernetes_ca_file or _in_cluster("ca.crt"),
+            token_file=settings.kubernetes_token_file or _in_cluster("token"),
+        )
+
+
 class _ClusterClient:
     """HTTP to the API server: the cluster CA, and the proxy's own (rotating) token."""
 
-    def __init__(
-        self,
-        *,
-        ca_file: Path | None,
-        token_file: Path | None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.ca_file = ca_file
-        self.token_file = token_file
+    def __init__(self, server: ApiServer, transport: httpx.AsyncBaseTransport | None) -> None:
+        self.url = server.url.rstrip("/")
+        self.token_file = server.token_file
         verify: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(ca_file))
+        if server.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(server.ca_file))
         self._http = httpx.AsyncClient(timeout=10.0, verify=verify, transport=transport)
 
     def _headers(self) -> dict[str, str]:
@@ -104,30 +125,26 @@ def _claimed(token: str) -> str | None:
     return f"unverified {str(subject)[:200]}" if subject else None
 
 
+@dataclass(eq=False)  # holds a connection: compared and hashed by identity
 class JwksVerifier:
-    def __init__(
-        self,
-        *,
-        issuer: str,
-        api_url: str = "https://kubernetes.default.svc",
-        jwks_file: Path | None = None,
-        jwks_url: str | None = None,
-        ca_file: Path | None = None,
-        token_file: Path | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        monotonic: Callable[[], float] = time.monotonic,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.issuer = issuer
-        self.api_url = api_url.rstrip("/")
-        self.jwks_file = jwks_file
-        self.jwks_url = jwks_url
-        self.clock = clock
-        self.monotonic = monotonic
-        self._cluster = _ClusterClient(ca_file=ca_file, token_file=token_file, transport=transport)
-        self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None
-        self.fetches = 0  # how many times the keys were (re)loaded
+    """Verifies tokens against the cluster's signing keys (`jwks_file`, `jwks_url`, or where
+    the API server's discovery document says), fetched with `api`'s CA and token."""
+
+    _: KW_ONLY
+    issuer: str
+    api: ApiServer = ApiServer()
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    monotonic: Callable[[], float] = time.monotonic
+    transport: InitVar[httpx.AsyncBaseTransport | None] = None
+    fetches: int = field(init=False, default=0)  # how many times the keys were (re)loaded
+    _keys: dict[str, jwt.PyJWK] = field(init=False, default_factory=dict)
+    _fetched_at: float | None = field(init=False, default=None)
+    _cluster: _ClusterClient = field(init=False)
+
+    def __post_init__(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        self._cluster = _ClusterClient(self.api, transport)
 
     async def _load(self) -> None:
         self.fetches += 1
@@ -140,7 +157,7 @@ class JwksVerifier:
                 # The API server serves the discovery document at its own address, whatever
                 # its issuer URL; the document names where the keys are.
                 discovery = await self._cluster.get_json(
-                    f"{self.api_url}/.well-known/openid-configuration"
+                    f"{self._cluster.url}/.well-known/openid-configuration"
                 )
                 if discovery.get("issuer") != self.issuer:
                     raise LoginRefused("the cluster's discovery document names another issuer")
@@ -225,15 +242,12 @@ class TokenReviewVerifier:
     def __init__(
         self,
         *,
-        api_url: str,
+        api: ApiServer,
         audiences: Callable[[], list[str]] | None = None,
-        ca_file: Path | None = None,
-        token_file: Path | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.api_url = api_url.rstrip("/")
         self.audiences = audiences
-        self._cluster = _ClusterClient(ca_file=ca_file, token_file=token_file, transport=transport)
+        self._cluster = _ClusterClient(api, transport)
 
     async def verify(self, token: str) -> Identity:
         claimed = _claimed(token)
@@ -243,7 +257,7 @@ class TokenReviewVerifier:
         review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
         try:
             answer = await self._cluster.post_json(
-                f"{self.api_url}/apis/authentication.k8s.io/v1/tokenreviews", review
+                f"{self._cluster.url}/apis/authentication.k8s.io/v1/tokenreviews", review
             )
         except (httpx.HTTPError, OSError, ValueError) as exc:
             raise LoginRefused(
@@ -267,15 +281,9 @@ def verifier_from(
     mode = settings.kubernetes_auth
     if mode == "off":
         return None
-    ca_file = settings.kubernetes_ca_file or _in_cluster("ca.crt")
-    token_file = settings.kubernetes_token_file or _in_cluster("token")
+    api = ApiServer.from_settings(settings)
     if mode == "tokenreview":
-        return TokenReviewVerifier(
-            api_url=settings.kubernetes_api_url,
-            audiences=audiences,
-            ca_file=ca_file,
-            token_file=token_file,
-        )
+        return TokenReviewVerifier(api=api, audiences=audiences)
     if not settings.kubernetes_issuer:
         raise ConfigError(
             "KEYBRAKE_KUBERNETES_AUTH=jwks needs KEYBRAKE_KUBERNETES_ISSUER (the `iss` of the "
@@ -284,11 +292,9 @@ def verifier_from(
         )
     return JwksVerifier(
         issuer=settings.kubernetes_issuer,
-        api_url=settings.kubernetes_api_url,
+        api=api,
         jwks_file=settings.kubernetes_jwks_file,
         jwks_url=settings.kubernetes_jwks_url,
-        ca_file=ca_file,
-        token_file=token_file,
     )
 
 

@@ -16,7 +16,9 @@ import jwt
 import pytest
 from starlette.testclient import TestClient
 
-from keybrake.proxy.kubernetes import REFETCH_AFTER, JwksVerifier
+from keybrake.proxy import kubernetes
+from keybrake.proxy.kubernetes import REFETCH_AFTER, ApiServer, JwksVerifier
+from keybrake.proxy.settings import Settings
 from tests.fakes.kubernetes import API_AUDIENCE, FakeCluster
 from tests.inproc import Clock, app_client
 
@@ -59,9 +61,7 @@ def proxy_token(cluster: FakeCluster, tmp_path: Path) -> Path:
 def jwks_verifier(cluster: FakeCluster, proxy_token: Path, ticks: Ticks) -> JwksVerifier:
     return JwksVerifier(
         issuer=cluster.issuer,
-        api_url=cluster.url,
-        ca_file=cluster.ca_file,
-        token_file=proxy_token,
+        api=ApiServer(cluster.url, cluster.ca_file, proxy_token),
         monotonic=ticks,
     )
 
@@ -289,7 +289,7 @@ def test_keys_come_from_a_jwks_file_or_the_discovery_needs_the_proxys_token(
     jwks.write_text(json.dumps({"keys": [k.jwk() for k in cluster.keys]}))
     from_file = JwksVerifier(issuer=cluster.issuer, jwks_file=jwks)
     anonymous = JwksVerifier(
-        issuer=cluster.issuer, api_url=cluster.url, ca_file=cluster.ca_file, token_file=None
+        issuer=cluster.issuer, api=ApiServer(cluster.url, cluster.ca_file, token_file=None)
     )
     token = cluster.token("payments", "keybrake-issuer")
     for verifier, expected in ((from_file, 200), (anonymous, 401)):
@@ -358,3 +358,27 @@ def test_jwks_mode_from_settings_fetches_through_the_discovery_document(
     assert response.status_code == 201, response.text
     paths = [r.path for r in cluster.requests]
     assert paths[:2] == ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+
+
+def test_the_api_server_is_reached_with_the_pods_mounted_ca_and_token_unless_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mounted = tmp_path / "serviceaccount"
+    mounted.mkdir()
+    (mounted / "ca.crt").write_text("ca")
+    (mounted / "token").write_text("token")
+    monkeypatch.setattr(kubernetes, "IN_CLUSTER", mounted)
+    in_pod = ApiServer.from_settings(Settings(kubernetes_auth="tokenreview"))
+    assert in_pod == ApiServer(
+        "https://kubernetes.default.svc", mounted / "ca.crt", mounted / "token"
+    )
+    chosen = Settings(
+        kubernetes_api_url="https://10.0.0.1:6443",
+        kubernetes_ca_file=tmp_path / "cluster-ca.crt",
+        kubernetes_token_file=tmp_path / "proxy-token",
+    )
+    assert ApiServer.from_settings(chosen) == ApiServer(
+        "https://10.0.0.1:6443", tmp_path / "cluster-ca.crt", tmp_path / "proxy-token"
+    )
+    monkeypatch.setattr(kubernetes, "IN_CLUSTER", tmp_path / "not-in-a-pod")
+    assert ApiServer.from_settings(Settings()) == ApiServer()  # the system's CA, no token

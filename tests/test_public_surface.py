@@ -57,8 +57,8 @@ PUBLIC: dict[str, str | None] = {
         KeybrakeError LoginRefused LookupFailed NotFound PricingEntryError ProxyUnreachable
         RulesNewer SchemaNewer StoreUnavailable Unchecked Unpriceable Unreadable UpstreamError
         VaultError""",
-    "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER JwksVerifier TokenReviewVerifier
-        verifier_from""",
+    "keybrake.proxy.kubernetes": """LEEWAY REFETCH_AFTER ApiServer JwksVerifier
+        TokenReviewVerifier verifier_from""",
     "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unchecked
         Unreadable Violation canonical_domain canonical_number canonical_service collect
         email_address parse_constraints""",
