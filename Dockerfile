@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 # Only what the package build needs (see .dockerignore and [tool.setuptools] in pyproject.toml).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY cli ./cli
 COPY proxy ./proxy
 COPY hera_workflows ./hera_workflows

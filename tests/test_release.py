@@ -4,6 +4,7 @@ newest release and the tag of every image the docs and the manifests name (tests
 from __future__ import annotations
 
 import shutil
+import tomllib
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def test_the_installed_package_and_keybrake_version_say_it_too() -> None:
     result = CliRunner().invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.stdout.splitlines()[0] == pyproject_version()
+
+
+def test_the_licence_text_is_the_licence_pyproject_declares() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert declared["license"] == "Apache-2.0" and declared["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text().split()
+    assert text[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in " ".join(text)
 
 
 def test_the_newest_release_is_dated() -> None:

@@ -813,6 +813,8 @@ def test_dockerfile_installs_the_project_with_everything_the_build_needs() -> No
                 copied |= {s.rstrip("/") for s in sources if not s.startswith("--")}
             assert instruction != "ADD", "use COPY (ADD fetches URLs and unpacks archives)"
     needed = {pyproject["project"]["readme"], "pyproject.toml"}
+    # Without them the build only warns, and the image's package carries no licence text.
+    needed |= set(pyproject["project"].get("license-files", []))
     needed |= {d.split("/")[0] for d in pyproject["tool"]["setuptools"]["package-dir"].values()}
     assert needed <= copied, f"not copied into the build: {sorted(needed - copied)}"
     for source in copied - {pyproject["project"]["readme"]}:

@@ -113,6 +113,13 @@ def test_the_build_warns_of_nothing_and_carries_the_data(built: Built) -> None:
         members = {m.name.removeprefix(top) for m in sdist.getmembers()}
     assert {"pyproject.toml", "README.md", "CHANGELOG.md", "proxy/store/ledger.sql"} <= members
     assert not [name for name in members if name.startswith("tests/")]
+    # The licence text travels with both, and the wheel's metadata names it (PEP 639).
+    assert "LICENSE" in members
+    info = f"keybrake-{pyproject_version()}.dist-info"
+    assert f"{info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(built.wheel).read(f"{info}/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines()
 
 
 def test_a_warning_is_told_from_a_file_name() -> None:
