@@ -50,6 +50,7 @@ from keybrake.proxy.store.records import (
     Admission,
     AuditRecord,
     KeyRecord,
+    Owner,
     Reservation,
     Settlement,
     StoredResponse,
@@ -583,7 +584,7 @@ class Pipeline:
         # with a key of the caller's own choosing is never merged with another one.
         candidate = idempotency_key is None or vendor.is_sdk_generated(idempotency_key)
         dedupe = cost.priced and key.dedupe_window_s > 0 and candidate
-        forward_key = idempotency_key
+        forward_key = None if idempotency_key is None else _vendor_key(key, idempotency_key)
         if forward_key is None and dedupe and vendor.replays:
             # So that a retry whose first attempt was cut off can be sent with the same key,
             # and the vendor replays its own answer instead of executing twice.
@@ -801,6 +802,23 @@ def _fingerprint(vendor: Vendor, call: VendorCall) -> str:
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def _vendor_key(key: KeyRecord, chosen: str) -> str:
+    """The idempotency key a caller's own goes out to the vendor as. keybrake's replays are per
+    vault key, but the vendor keeps one store per account, shared by every run on it: forwarded
+    as sent, another team's run sending the same key (one derived from a work item, say) would
+    get this run's answer back (its object, an intent's client secret), or spoil the key with
+    another body. So it is scoped to whom the key was issued by and for, its issuer and
+    namespace: a resubmitted run of the same scope, with new vault keys, still has the vendor
+    replay what the first run did, which is what a key derived from the work item is for."""
+    owner = key.owner or Owner()
+    digest = hashlib.sha256()
+    for part in (owner.issuer_id or "", owner.namespace or "", chosen):
+        encoded = part.encode()
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    return f"keybrake-{digest.hexdigest()}"
 
 
 def _lower(headers: list[tuple[str, str]]) -> dict[str, str]:

@@ -12,6 +12,7 @@ import pytest
 import stripe
 
 from tests.fakes.stripe_upstream import FakeStripe
+from tests.proxyproc import issue_key
 from tests.served import ServedProxy
 from tests.vendor_helpers import audit, key_info
 
@@ -120,6 +121,51 @@ def test_idempotency_key_replays_without_calling_the_vendor(
     assert fake_stripe.count("POST", PI) == 1
     decisions = [r["decision"] for r in audit(fake_proxy, key["key_id"])]
     assert decisions == ["idempotency_mismatch", "replayed", "forwarded"]
+
+
+def test_an_idempotency_key_is_one_teams_at_the_vendor(
+    fake_proxy: ServedProxy, fake_stripe: FakeStripe
+) -> None:
+    """Stripe keeps one idempotency store per account, shared by every run on it. Another team
+    sending the same key (one derived from a work item, easy to guess) neither gets this team's
+    intent back nor spoils the key with another body; a resubmitted run of the same team, with
+    a new vault key, still has Stripe replay what the first run did."""
+    with fake_proxy.admin() as admin:
+        tokens = {}
+        for team in ("team-a", "team-b"):
+            spec = {"name": team, "label_prefix": f"argo/{team}/"}
+            tokens[team] = admin.post("/vault/issuers", json=spec).json()["issuer_token"]
+
+    def key_of(team: str, run: str) -> str:
+        spec = {"agent_run_label": f"argo/{team}/{run}", "daily_usd_cap": 10}
+        as_team = fake_proxy.admin()
+        as_team.headers["Authorization"] = f"Bearer {tokens[team]}"
+        return str(issue_key(as_team, **spec)["vault_key"])  # (closes the client)
+
+    body = {"amount": "100", "currency": "usd"}
+    order = {"Idempotency-Key": "order-123"}
+    first = post(fake_proxy, key_of("team-a", "run-1"), body, **order)
+    other_team = post(fake_proxy, key_of("team-b", "run-1"), body, **order)
+    assert first.status_code == other_team.status_code == 200
+    assert other_team.json()["id"] != first.json()["id"]  # its own intent, not team-a's
+    assert "idempotent-replayed" not in other_team.headers
+    # Another body under a key team-a will use later: team-a's call is not spoiled.
+    spoiler = post(
+        fake_proxy,
+        key_of("team-b", "run-1"),
+        {**body, "amount": "5"},
+        **{"Idempotency-Key": "order-456"},
+    )
+    later = post(fake_proxy, key_of("team-a", "run-1"), body, **{"Idempotency-Key": "order-456"})
+    assert spoiler.status_code == later.status_code == 200
+    # A resubmitted run of team-a (new keys): Stripe replays, and nothing moves again.
+    resubmitted = post(fake_proxy, key_of("team-a", "run-2"), body, **order)
+    assert resubmitted.json()["id"] == first.json()["id"]
+    assert resubmitted.headers["idempotent-replayed"] == "true"
+    assert fake_stripe.count("POST", PI) == 5
+    assert len(fake_stripe.created()) == 4
+    sent = {r["headers"].get("idempotency-key") for r in fake_stripe.requests}
+    assert not sent & {"order-123", "order-456"}  # never the caller's own, account-wide
 
 
 def test_same_idempotency_key_while_running_is_409(

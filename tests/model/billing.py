@@ -65,6 +65,7 @@ class Sent:
     body: bytes
     status: int = 0
     replayed: bool = False  # answered from the vendor's idempotency store
+    idempotency_key: str | None = None  # as it reached the vendor
     # Whom it paid or messaged, by constraint field: each value as the vendor saw it (None: a
     # Stripe call naming no customer, or acting on an intent that has none). Empty: it executed
     # nothing (a replay, an unknown object).
@@ -133,6 +134,7 @@ class BillingUpstream(InProcessUpstream):
         base, path = _split(url)
         vendor = {STRIPE: "stripe", TWILIO: "twilio", RESEND: "resend"}[base]
         record = Sent(vendor, method, path, lowered.get("authorization", ""), body or b"")
+        record.idempotency_key = lowered.get("idempotency-key")
         self.sent.append(record)
         self._receiving = record
         answer = getattr(self, f"_{vendor}")(method, path, lowered, body or b"")

@@ -27,6 +27,8 @@ the real pipeline and store (in-process, `build_app(upstream=...)`) to vendors t
   model takes with the report-only constraints and rates removed, and the audit row's `reported`
   says exactly what they would have refused, or that a customer went unchecked;
 - distinct calls were never merged (each got its own object); a retried call moved nothing twice;
+- an idempotency key reaches a vendor scoped to the key's issuer, never as the caller sent it, so
+  the vendor's store (the account's) never replays one scope's call to another;
 - what the proxy counts for each key and budget is what the model counts, and the audit rows'
   settled amounts add up to it;
 - no 5xx but the faults the machine injected.
@@ -233,6 +235,9 @@ class World:
     seen_ids: set[str] = field(default_factory=set)
     call_ids: Iterator[int] = field(default_factory=itertools.count)
     issuers: dict[str, tuple[str, Policy]] = field(default_factory=dict)  # id -> (token, policy)
+    # Each idempotency key as it reached a vendor -> the issuer whose key first sent it (None:
+    # the admin): a vendor's store is the account's, so one key must never serve two scopes.
+    vendor_idempotency: dict[str, str | None] = field(default_factory=dict)
     # (payer, object) -> the payer's caps when it paid for the object
     paid_caps: dict[tuple[str, str], tuple[int | None, int | None]] = field(default_factory=dict)
     # Each request a vendor received for a key's call, by key id (attributed by request order:
@@ -1151,6 +1156,11 @@ class MoneyMachine(RuleBasedStateMachine):
         forwards = [s for s in new_sent if s.method == "POST"]
         assert len(forwards) == 1, (call, new_sent)
         assert forwards[0].credential and w.vault_keys[call.key] not in forwards[0].credential
+        sent_key = forwards[0].idempotency_key
+        if sent_key is not None:
+            assert sent_key != call.idempotency_key  # scoped, never the caller's own
+            first = w.vendor_idempotency.setdefault(sent_key, key.issuer)
+            assert first == key.issuer, (sent_key, first, key.issuer)  # no other scope's replay
         w.model.reserve(call, now, expect)
         self._attribute(call, key, now, new_moved, expect.cost)
         status = forwards[0].status
