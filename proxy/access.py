@@ -116,6 +116,7 @@ class Policy:
     max_active_keys: int | None
     may_issue: bool
     constraints: Constraints | None = None  # what it issues is constrained at least so
+    allowed_accounts: tuple[str, ...] | None = None  # None: any; (): the platform's own only
 
     @classmethod
     def of(cls, record: IssuerRecord) -> Policy:
@@ -133,6 +134,9 @@ class Policy:
             max_active_keys=p.get("max_active_keys"),
             may_issue=p.get("may_issue", True),
             constraints=Constraints.from_json(p["constraints"]) if p.get("constraints") else None,
+            allowed_accounts=(
+                None if p.get("allowed_accounts") is None else tuple(p["allowed_accounts"])
+            ),
         )
 
 
@@ -152,6 +156,7 @@ def policy_json(spec: IssuerCreate) -> dict[str, Any]:
         "max_active_keys": spec.max_active_keys,
         "may_issue": spec.may_issue,
         "constraints": spec.constraints,  # canonical (the model's check made it so), or None
+        "allowed_accounts": spec.allowed_accounts,
     }
 
 
@@ -342,6 +347,7 @@ def check_key(
     *,
     vendor: str,
     endpoints: Iterable[str],
+    accounts: Iterable[str],
     daily: int | None,
     total: int | None,
     ttl: timedelta,
@@ -369,6 +375,15 @@ def check_key(
                     "allowed_endpoints",
                     f"allowed_endpoints: {endpoint} is not within this issuer's endpoints "
                     f"({allowed_text})",
+                )
+    allowed = policy.allowed_accounts
+    if allowed is not None and "*" not in allowed:
+        for account in accounts:
+            if account not in allowed:
+                raise Forbidden(
+                    "allowed_accounts",
+                    f"allowed_accounts: {account} is not within this issuer's connected accounts "
+                    f"({', '.join(allowed) or 'none: the platform account only'})",
                 )
     _check_caps(policy, daily, total, "a key")
     budget_caps = (
@@ -511,6 +526,7 @@ def check_patch(
                 actor,
                 vendor=after.vendor,
                 endpoints=after.allowed_endpoints,
+                accounts=after.allowed_accounts,
                 daily=after.daily_cap_micros,
                 total=after.total_cap_micros,
                 ttl=life,

@@ -111,6 +111,19 @@ def _percents(value: list[int] | None) -> list[int] | None:
     return sorted(value)
 
 
+def _connected_accounts(value: list[str] | None) -> list[str] | None:
+    """Connected account ids (acct_...), sorted, or `["*"]` for any."""
+    if value is None or value == ["*"]:
+        return value
+    for account in value:
+        if not _ACCOUNT.fullmatch(account):
+            raise ValueError(
+                f'{account[:40]!r} is not a connected account id (acct_...); use ["*"] for any '
+                "account"
+            )
+    return sorted(set(value))
+
+
 def _duration(value: str | None) -> str | None:
     if value is not None and parse_duration(value).total_seconds() <= 0:
         raise ValueError("must be longer than 0s")
@@ -217,18 +230,7 @@ class KeyCreate(BaseModel):
             raise ValueError("at most 24h (stored answers are kept a day, as Stripe keeps them)")
         return value
 
-    @field_validator("allowed_accounts")
-    @classmethod
-    def _accounts(cls, value: list[str]) -> list[str]:
-        if value == ["*"]:
-            return value
-        for account in value:
-            if not _ACCOUNT.fullmatch(account):
-                raise ValueError(
-                    f'{account[:40]!r} is not a connected account id (acct_...); use ["*"] '
-                    "for any account"
-                )
-        return sorted(set(value))
+    _accounts = field_validator("allowed_accounts")(_connected_accounts)
 
     _label = field_validator("agent_run_label")(_label)
     _metadata = field_validator("metadata")(_small_json)
@@ -472,6 +474,9 @@ class IssuerCreate(BaseModel):
     label_prefix: str = Field(min_length=1, max_length=200)
     allowed_vendors: list[str] = Field(default_factory=list, max_length=10)  # empty: any
     allowed_endpoints: list[str] = Field(default_factory=list, max_length=100)  # empty: any
+    # The connected accounts its keys may act on (Stripe-Account): None, any it asks for; [],
+    # the platform's own only; ["*"], any.
+    allowed_accounts: list[str] | None = Field(None, max_length=100)
     max_daily_usd_cap: Decimal | None = None
     max_total_usd_cap: Decimal | None = None
     max_expires_in: str | None = None
@@ -487,6 +492,7 @@ class IssuerCreate(BaseModel):
     constraints: dict[str, Any] | None = None
 
     _caps = field_validator("max_daily_usd_cap", "max_total_usd_cap")(_money)
+    _accounts = field_validator("allowed_accounts")(_connected_accounts)
 
     @field_validator("label_prefix")
     @classmethod
@@ -528,6 +534,7 @@ class IssuerInfo(BaseModel):
     max_expires_in: str | None
     max_active_keys: int | None
     may_issue: bool = True
+    allowed_accounts: list[str] | None = None  # None: its keys may name any connected account
     kubernetes: KubernetesBinding | None
     static_token: bool
     created_at: str

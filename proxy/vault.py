@@ -174,6 +174,7 @@ class Vault:
             actor,
             vendor=spec.vendor,
             endpoints=spec.allowed_endpoints,
+            accounts=spec.allowed_accounts,
             daily=_micros(spec.daily_usd_cap),
             total=_micros(spec.total_usd_cap),
             ttl=ttl,

@@ -230,6 +230,7 @@ def issuer_info(record: IssuerRecord) -> IssuerInfo:
         created_at=format_ts(record.created_at),
         deleted_at=_ts(record.deleted_at),
         constraints=_constraints(policy.constraints),
+        allowed_accounts=None if policy.allowed_accounts is None else list(policy.allowed_accounts),
     )
 
 

@@ -143,6 +143,55 @@ def test_an_issuer_is_refused_outside_its_policy_naming_the_limit(
     assert refused[0]["outcome"] == f"refused: {error['message']}"
 
 
+def test_an_issuer_bounds_the_connected_accounts_its_keys_act_on(tmp_path: Path) -> None:
+    """A key's `allowed_accounts` names the Stripe connected accounts it may act on (payouts
+    from them, direct charges on them): an issuer's policy bounds them like its endpoints."""
+    with app_client(tmp_path, Clock(NOW)) as client:
+        one = create_issuer(client, **{**PAYMENTS, "allowed_accounts": ["acct_1"]})
+        platform = create_issuer(
+            client,
+            **{**PAYMENTS, "name": "platform", "label_prefix": "argo/p-"},
+            allowed_accounts=[],
+        )
+        anyone = create_issuer(client, **{**PAYMENTS, "name": "any", "label_prefix": "argo/a-"})
+        bad = client.post(
+            "/vault/issuers", json={**PAYMENTS, "name": "bad", "allowed_accounts": ["cus_1"]}
+        )
+
+        def issue(issuer: dict[str, Any], label: str, accounts: list[str]) -> httpx.Response:
+            body = key_body(agent_run_label=label, allowed_accounts=accounts)
+            return client.post("/vault/keys", json=body, headers=bearer(issuer["issuer_token"]))
+
+        answers = {
+            "within": issue(one, "argo/payments-1", ["acct_1"]),
+            "own account": issue(one, "argo/payments-2", []),
+            "another": issue(one, "argo/payments-3", ["acct_1", "acct_2"]),
+            "any": issue(one, "argo/payments-4", ["*"]),
+            "platform only": issue(platform, "argo/p-1", ["acct_1"]),
+            "unbounded": issue(anyone, "argo/a-1", ["*"]),
+        }
+        shown = client.get(f"/vault/issuers/{one['issuer_id']}").json()
+    assert {what: a.status_code for what, a in answers.items()} == {
+        "within": 201,
+        "own account": 201,
+        "another": 403,
+        "any": 403,
+        "platform only": 403,
+        "unbounded": 201,
+    }
+    refused = answers["another"].json()["error"]
+    assert refused == {
+        "type": "permission_error",
+        "code": "allowed_accounts",
+        "message": "allowed_accounts: acct_2 is not within this issuer's connected accounts "
+        "(acct_1)",
+    }
+    assert "the platform account only" in answers["platform only"].json()["error"]["message"]
+    assert (one["allowed_accounts"], shown["allowed_accounts"]) == (["acct_1"], ["acct_1"])
+    assert (platform["allowed_accounts"], anyone["allowed_accounts"]) == ([], None)
+    assert bad.status_code == 400 and "not a connected account id" in bad.text
+
+
 def test_the_active_key_limit_counts_live_keys_only(tmp_path: Path) -> None:
     with app_client(tmp_path, Clock(NOW)) as client:
         issuer = create_issuer(client, **PAYMENTS)
