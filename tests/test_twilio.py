@@ -446,3 +446,58 @@ def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
         assert len(stub.sent) == 1
         rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
         assert [r["decision"] for r in rows] == ["forwarded"] + ["ambiguous"] * 4
+
+
+# A message Twilio would read otherwise than keybrake prices it, as a form body sends it, and
+# what keybrake answers: (HTTP status, keybrake_code, a phrase of the message).
+REFUSED_MESSAGES: list[tuple[str, tuple[int, str, str]]] = [
+    # Not E.164: Twilio may route it to the number it spells, which no prefix match on the text
+    # can price (a Jamaican "+1 876" read as "+1").
+    (
+        urlencode({"To": "+1 876 555 0100", "From": SENDER, "Body": "x"}),
+        (403, "keybrake_unpriced_endpoint", "not a phone number in E.164"),
+    ),
+    (
+        urlencode({"To": "+1 (876) 555-0100", "From": SENDER, "Body": "x"}),
+        (403, "keybrake_unpriced_endpoint", "not a phone number in E.164"),
+    ),
+    # A `+` sent unencoded is a space to Twilio: the refusal says how to send it.
+    (
+        "To=+18765550100&From=%2B14155550199&Body=x",
+        (403, "keybrake_unpriced_endpoint", "encode it as %2B"),
+    ),
+]
+
+
+@pytest.mark.parametrize("body,refusal", REFUSED_MESSAGES)
+def test_a_message_keybrake_cannot_price_as_twilio_bills_it_is_refused_and_never_forwarded(
+    tmp_path: Path, body: str, refusal: tuple[int, str, str]
+) -> None:
+    """In-process: the app behind TestClient, a stub vendor recording what reaches it."""
+    from tests.inproc import StubUpstream, app_client, issue
+
+    stub = StubUpstream()
+    with app_client(
+        tmp_path,
+        twilio_account_sid=REAL_SID,
+        twilio_auth_token=REAL_TOKEN,
+        twilio_api_base="http://twilio.invalid",
+        upstream=stub,
+    ) as client:
+        key = issue(client, vendor="twilio", daily_usd_cap=1, allowed_endpoints=[MESSAGES])
+        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{key['vault_key']}".encode()).decode()
+        refused = client.post(
+            f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
+            content=body.encode(),
+            headers={
+                "Authorization": f"Basic {auth}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+    status, code, phrase = refusal
+    answer = refused.json()
+    assert (refused.status_code, answer["keybrake_code"]) == (status, code), answer
+    assert answer["code"] == 20000 + status and phrase in answer["message"], answer
+    assert stub.sent == []
+    assert [(r["reserved_usd"], r["settled_usd"]) for r in rows] == [("0.00", "0.00")]

@@ -105,6 +105,39 @@ def test_twilio_destination_prefixes_longest_match_and_channels(tmp_path: Path) 
         sms(twilio(), To="+14155550100", ContentSid="HX" + "0" * 32)
 
 
+@pytest.mark.parametrize(
+    "to",
+    [
+        "+1 876 555 0100",
+        "+1-876-555-0100",
+        "+1 (876) 555-0100",
+        "+1.876.555.0100",
+        "+1876 5550100",
+        "18765550100",
+        "001876555010",
+        "whatsapp:+1 876 555 0100",
+        "messenger:18765550100",
+        "tel:+18765550100",
+    ],
+)
+def test_twilio_prices_only_a_to_in_e164(tmp_path: Path, to: str) -> None:
+    """Twilio says numbers not in E.164 "may work", routed to the number they spell: with
+    "+1876" priced above "+1", a spaced-out Jamaican number must not pass as "+1"."""
+    vendor = twilio(tmp_path, '[twilio.sms]\n"+1876" = "0.10"\n"whatsapp:" = "0.0050"\n')
+    assert sms(vendor, To="+18765550100", Body="x").micros == 100_000
+    with pytest.raises(Unpriceable, match=r"not a phone number in E\.164.*'\+' and digits only"):
+        sms(vendor, To=to, Body="x")
+
+
+def test_twilio_names_an_unencoded_plus_in_to() -> None:
+    # `To=+14155550100` in a hand-made form body: Twilio (and the proxy) read the `+` as a space.
+    body = b"To=+14155550100&From=%2B14155550199&Body=hi"
+    with pytest.raises(Unpriceable, match="encode it as %2B"):
+        asyncio.run(twilio().estimate(call("POST", MESSAGES, body), NoLookup()))
+    with pytest.raises(Unpriceable, match="encode it as %2B"):
+        sms(twilio(), To="whatsapp: 14155550100", Body="hi")
+
+
 def test_twilio_reads_are_free_but_only_inside_an_account() -> None:
     vendor = twilio()
     lookup = NoLookup()
@@ -364,6 +397,9 @@ def test_operators_price_new_endpoints_flat(tmp_path: Path) -> None:
         ),
         ('[twilio.sms]\n"+44" = "-0.01"\n', r"line 2\).*'\+44'"),
         ('[twilio.sms]\n"44" = "0.01"\n', r"line 2\).*E\.164 prefix"),
+        # A channel other than WhatsApp names no phone number: its messages are refused, so a
+        # price for it could never apply.
+        ('[twilio.sms]\n"messenger:" = "0.01"\n', r"line 2\).*E\.164 prefix"),
         ('[twilio.smss]\n"+44" = "0.01"\n', r"line 1\).*'smss' is not a Twilio pricing table"),
         ('[twilio.endpoints]\n"POST /x" = "segments"\n', r"line 2\).*unknown rule 'segments'"),
         ('[twilio.endpoints]\n"POST /x" = { usd = "lots" }\n', r"line 2\).*'POST /x'"),

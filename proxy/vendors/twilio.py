@@ -10,9 +10,12 @@ token) and paths outside an account are refused.
 What a dollar is: a message costs its SMS segments (see `keybrake.proxy.vendors.sms`) times the
 per-segment price of its destination, or the destination's MMS price when it carries media, from
 the `[twilio.sms]` / `[twilio.mms]` tables (longest E.164 prefix wins, `default` for other phone
-numbers). Twilio's answer carries `price` (negative decimal string, usually null at creation):
-the call settles to it when present and keeps the estimate otherwise. Any other write — calls
-above all, billed by the minute — is refused until an operator prices it in `[twilio.endpoints]`.
+numbers). The destination is `To` read as the `recipients` constraint reads it, `+` and digits
+behind an optional `whatsapp:`; Twilio routes other spellings to the number they spell, so they
+are refused rather than matched as text. Twilio's answer carries `price` (negative decimal
+string, usually null at creation): the call settles to it when present and keeps the estimate
+otherwise. Any other write — calls above all, billed by the minute — is refused until an
+operator prices it in `[twilio.endpoints]`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from keybrake.proxy.constraints import (
     canonical_number,
     canonical_service,
     collect,
+    twilio_address,
 )
 from keybrake.proxy.money import usd_to_micros
 from keybrake.proxy.pricing import PricingTable, Unpriceable
@@ -58,9 +62,13 @@ API_VERSION = TWILIO_API_VERSION
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
 _SID = re.compile(r"AC[0-9a-fA-F]{32}")
-# A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
-# whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
-_PREFIX = re.compile(r"(?:[a-z]+:)?\+[0-9]{0,15}|[a-z]+:")
+# A destination prefix: E.164 (`+44`, `+1876`), optionally behind the WhatsApp channel
+# (`whatsapp:+1`), or the whole channel (`whatsapp:`). `default` prices the phone numbers no
+# prefix matches. Other channels name no phone number, so a message to one is refused (as the
+# `recipients` constraint refuses it) and a price for one could never apply.
+_PREFIX = re.compile(r"(?:whatsapp:)?\+[0-9]{0,15}|whatsapp:")
+# A `To` of digits behind a space: a `+` sent unencoded in a form body, which decodes as a space.
+_UNENCODED_PLUS = re.compile(r"(?:whatsapp:)? [0-9]+\s*")
 _AUTH_TOKEN_FIELD = re.compile(rb'"auth_token"\s*:\s*"[^"]*"')
 _REDACTED = "[redacted by keybrake]"
 
@@ -88,7 +96,7 @@ class Twilio(Vendor):
                 section,
                 table,
                 key_ok=lambda key: key == "default" or bool(_PREFIX.fullmatch(key)),
-                key_hint='"default" or an E.164 prefix such as "+44" (or "whatsapp:+44")',
+                key_hint='"default", an E.164 prefix such as "+44", "whatsapp:+44" or "whatsapp:"',
             )
 
     # -- auth and paths --------------------------------------------------------------------------
@@ -168,9 +176,7 @@ class Twilio(Vendor):
 
     def _message(self, form: FormBody) -> Cost:
         # Twilio's field names are case-sensitive; `one` also refuses a `to` beside `To`.
-        to = (form.one("To") or "").strip()
-        if not to:
-            raise Unpriceable("the message names no To, so its destination price is unknown")
+        to = _destination(form.one("To") or "")
         if form.one("ContentSid"):
             raise Unpriceable(
                 "a message sent from a content template (ContentSid) cannot be priced: the "
@@ -187,11 +193,12 @@ class Twilio(Vendor):
         return Cost(usd_to_micros(price * count), count, unit, priced=True)
 
     def _price(self, kind: str, to: str) -> Decimal:
+        """The price of one unit to `to`, a destination as `_destination` reads it."""
         prices = self.prices[kind]
         for prefix, price in prices:
             if prefix != "default" and to.startswith(prefix):
                 return price
-        if to.startswith("+"):
+        if to.startswith("+"):  # a phone number, not a channel
             for prefix, price in prices:
                 if prefix == "default":
                     return price
@@ -235,6 +242,29 @@ class Twilio(Vendor):
             "details": {"keybrake_code": code},
         }
         return json.dumps(body).encode(), {}
+
+
+def _destination(to: str) -> str:
+    """A message's `To` as it is priced: `+` and digits (E.164), behind the `whatsapp:` channel
+    if it has one; the reading the `recipients` constraint takes (`twilio_address`). Twilio says
+    numbers not in E.164 "may work": `+1 876 555 0100`, `+1-876-...` or `+1 (876) ...` would then
+    go to Jamaica while a prefix match on the text read them as `+1`. Anything else is refused."""
+    if not to.strip():
+        raise Unpriceable("the message names no To, so its destination price is unknown")
+    address = twilio_address(to)
+    if address is not None:
+        return "".join(address)
+    shown = to[:20] + ("…" if len(to) > 20 else "")
+    if _UNENCODED_PLUS.fullmatch(to):
+        raise Unpriceable(
+            f"To {shown!r} is not a phone number in E.164: its '+' was probably sent unencoded in "
+            "the form body, where '+' means a space; encode it as %2B (To=%2B14155550100)"
+        )
+    raise Unpriceable(
+        f"To {shown!r} is not a phone number in E.164: keybrake prices a message by its "
+        "destination, so To must be '+' and digits only (no spaces, dashes, brackets or dots), "
+        "optionally behind 'whatsapp:', e.g. +14155550100"
+    )
 
 
 def _check_path(path: str) -> None:
