@@ -466,6 +466,25 @@ REFUSED_MESSAGES: list[tuple[str, tuple[int, str, str]]] = [
         "To=+18765550100&From=%2B14155550199&Body=x",
         (403, "keybrake_unpriced_endpoint", "encode it as %2B"),
     ),
+    # Scheduled: sent and billed up to 35 days later, after the key may be revoked.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "SendAt": "2030-01-01T00:00:00Z"}),
+        (403, "keybrake_unpriced_endpoint", "Send it when it is due"),
+    ),
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "scheduleType": "fixed"}),
+        (403, "keybrake_unpriced_endpoint", "Send it when it is due"),
+    ),
+    # Link Shortening: the links Twilio sends are not those counted.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "ShortenUrls": "true"}),
+        (403, "keybrake_unpriced_endpoint", "Link Shortening"),
+    ),
+    # Media under another spelling was forwarded and priced as an SMS.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "mediaUrl": "https://e.x/1.png"}),
+        (400, "keybrake_ambiguous_request", "'MediaUrl', spelled so"),
+    ),
 ]
 
 

@@ -138,6 +138,79 @@ def test_twilio_names_an_unencoded_plus_in_to() -> None:
         sms(twilio(), To="whatsapp: 14155550100", Body="hi")
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"SendAt": "2030-01-01T00:00:00Z", "ScheduleType": "fixed"},
+        {"SendAt": "2030-01-01T00:00:00Z"},  # Twilio refuses it without ScheduleType: still
+        {"ScheduleType": "fixed"},
+        {"ScheduleType": ""},  # any value
+        {"sendAt": "2030-01-01T00:00:00Z"},  # any spelling
+        {"SEND_AT": "x"},
+        {"schedule-type": "fixed"},
+        {"SendAt[0]": "x"},
+    ],
+)
+def test_twilio_refuses_a_scheduled_message(field: dict[str, str]) -> None:
+    """Twilio sends and bills a scheduled message up to 35 days later: outside the window the
+    cap counts it in, and after its key may be revoked."""
+    with pytest.raises(Unpriceable, match=r"scheduled message.*Send it when it is due"):
+        sms(twilio(), To="+14155550100", Body="x", **field)
+
+
+def test_twilio_refuses_link_shortening_unless_it_is_off() -> None:
+    for value in ("true", "True", "1", "", "yes"):
+        with pytest.raises(Unpriceable, match="Link Shortening"):
+            sms(twilio(), To="+14155550100", Body="x", ShortenUrls=value)
+    for value in ("false", "False"):
+        assert sms(twilio(), To="+14155550100", Body="x", ShortenUrls=value).micros == 8_300
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "mediaUrl",
+        "MediaURL",
+        "mediaurl",
+        "Media_Url",
+        "MediaUrl[0]",
+        "sendAsMms",
+        "SendAsMMS",
+        "shortenUrls",
+        "from",
+        "FROM",
+        "messagingServiceSid",
+        "contentSid",
+        "body",
+        "Body[x]",
+        "TO",
+    ],
+)
+def test_twilio_refuses_another_spelling_of_a_field_it_reads(field: str) -> None:
+    """Twilio's field names are case-sensitive, and keybrake reads them exactly so: `mediaUrl`
+    was forwarded and priced as an SMS, whatever Twilio made of it."""
+    with pytest.raises(AmbiguousRequest, match="spelled so"):
+        sms(twilio(), To="+14155550100", From="+14155550199", Body="x", **{field: "true"})
+
+
+def test_twilio_refuses_a_repeated_sender() -> None:
+    for form in (
+        {"From": ["+14155550199", "+14155550198"]},
+        {"MessagingServiceSid": ["MG" + "1" * 32, "MG" + "2" * 32]},
+    ):
+        with pytest.raises(AmbiguousRequest, match="appears 2 times"):
+            sms(twilio(), To="+14155550100", Body="x", **form)
+
+
+def test_twilio_prices_any_send_as_mms_but_false_as_mms() -> None:
+    for value in ("true", "True", "1", "yes", ""):
+        assert sms(twilio(), To="+14155550100", Body="x", SendAsMms=value).currency == "mms"
+    for value in ("false", "FALSE"):
+        assert sms(twilio(), To="+14155550100", Body="x", SendAsMms=value).currency == (
+            "sms_segment"
+        )
+
+
 def test_twilio_reads_are_free_but_only_inside_an_account() -> None:
     vendor = twilio()
     lookup = NoLookup()

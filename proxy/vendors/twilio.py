@@ -12,7 +12,10 @@ per-segment price of its destination, or the destination's MMS price when it car
 the `[twilio.sms]` / `[twilio.mms]` tables (longest E.164 prefix wins, `default` for other phone
 numbers). The destination is `To` read as the `recipients` constraint reads it, `+` and digits
 behind an optional `whatsapp:`; Twilio routes other spellings to the number they spell, so they
-are refused rather than matched as text. Twilio's answer carries `price` (negative decimal
+are refused rather than matched as text. Refused too, since Twilio would bill other than what
+was counted: a scheduled message (billed when sent, up to 35 days later), Link Shortening
+(`ShortenUrls`, which rewrites the body), and any other spelling of a field read here (`mediaUrl`
+for `MediaUrl`). Twilio's answer carries `price` (negative decimal
 string, usually null at creation): the call settles to it when present and keeps the estimate
 otherwise. Any other write — calls above all, billed by the minute — is refused until an
 operator prices it in `[twilio.endpoints]`.
@@ -36,7 +39,7 @@ from keybrake.proxy.constraints import (
     twilio_address,
 )
 from keybrake.proxy.money import usd_to_micros
-from keybrake.proxy.pricing import PricingTable, Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import (
     TWILIO,
@@ -69,6 +72,27 @@ _SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _PREFIX = re.compile(r"(?:whatsapp:)?\+[0-9]{0,15}|whatsapp:")
 # A `To` of digits behind a space: a `+` sent unencoded in a form body, which decodes as a space.
 _UNENCODED_PLUS = re.compile(r"(?:whatsapp:)? [0-9]+\s*")
+# The message fields keybrake reads, for its price or for constraints, spelled as Twilio spells
+# them, by their folded name (`_folded`). Twilio's field names are case-sensitive: `mediaUrl` is
+# not `MediaUrl` to Twilio's documentation, but a field that differs from one of these only in
+# case or punctuation is one a parser might take for it, so it is refused rather than guessed at.
+_READ_FIELDS = {
+    _name.lower(): _name
+    for _name in (
+        "To",
+        "From",
+        "Body",
+        "MediaUrl",
+        "SendAsMms",
+        "ContentSid",
+        "MessagingServiceSid",
+        "ShortenUrls",
+    )
+}
+# Message Scheduling (https://www.twilio.com/docs/messaging/features/message-scheduling): Twilio
+# sends, and bills, a scheduled message up to 35 days later, outside the window its cap counts
+# and after its key may have been revoked. Refused in any spelling, whatever the value.
+_SCHEDULING_FIELDS = frozenset({"sendat", "scheduletype"})
 _AUTH_TOKEN_FIELD = re.compile(rb'"auth_token"\s*:\s*"[^"]*"')
 _REDACTED = "[redacted by keybrake]"
 
@@ -175,15 +199,26 @@ class Twilio(Vendor):
         return await collect(wanted, {"recipients": recipients, "senders": senders})
 
     def _message(self, form: FormBody) -> Cost:
-        # Twilio's field names are case-sensitive; `one` also refuses a `to` beside `To`.
+        _check_fields(form)
+        # `one` refuses a field given twice; the senders are read here too, though only a
+        # constraint uses them, so a message is refused the same way with or without one.
+        form.one("From")
+        form.one("MessagingServiceSid")
         to = _destination(form.one("To") or "")
         if form.one("ContentSid"):
             raise Unpriceable(
                 "a message sent from a content template (ContentSid) cannot be priced: the "
                 "proxy cannot count the segments of a body it does not see. Send Body instead."
             )
+        if not _off(form.one("ShortenUrls")):
+            raise Unpriceable(
+                "a message with ShortenUrls is refused: Link Shortening rewrites the links in "
+                "its Body, so the segments Twilio sends are not those keybrake counts. Send it "
+                "without ShortenUrls (or with ShortenUrls=false)."
+            )
         media = [url for url in form.many("MediaUrl") if url.strip()]
-        if media or (form.one("SendAsMms") or "").lower() == "true":
+        # Any SendAsMms but `false` may be read as true: priced as the MMS it may be.
+        if media or not _off(form.one("SendAsMms")):
             return self._priced("mms", to, 1, "mms")
         segments = sms_segments(form.one("Body") or "")
         return self._priced("sms", to, segments.count, "sms_segment")
@@ -242,6 +277,35 @@ class Twilio(Vendor):
             "details": {"keybrake_code": code},
         }
         return json.dumps(body).encode(), {}
+
+
+def _check_fields(form: FormBody) -> None:
+    """Refuse a scheduled message, and any spelling of a field keybrake reads but its own."""
+    for name, _ in form.fields:
+        folded = _folded(name)
+        if folded in _SCHEDULING_FIELDS:
+            raise Unpriceable(
+                f"a scheduled message ({name[:30]!r}) is refused: Twilio sends and bills it "
+                "later, outside the window its cap counts and after its key may be revoked. "
+                "Send it when it is due."
+            )
+        spelled = _READ_FIELDS.get(folded)
+        if spelled is not None and name != spelled:
+            raise AmbiguousRequest(
+                f"field {name[:60]!r} is refused: keybrake reads {spelled!r}, spelled so, and "
+                "Twilio could read another spelling as it"
+            )
+
+
+def _folded(name: str) -> str:
+    """A form field's top-level name, lower-cased, without the `_ . -` a name may hold:
+    `Media_URL[0]` and `mediaurl` are both `mediaurl`."""
+    return re.sub(r"[_.-]", "", name.partition("[")[0]).lower()
+
+
+def _off(value: str | None) -> bool:
+    """Whether a boolean field is off for certain: absent, or `false` (in any case)."""
+    return value is None or value.lower() == "false"
 
 
 def _destination(to: str) -> str:
