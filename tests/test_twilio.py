@@ -101,7 +101,12 @@ def test_segments_media_and_destination_price_the_reservation(
     client.messages.create(to=US, from_=SENDER, body="Done 😀")
     # A UK number matches no prefix but "default": 1 segment x $0.15.
     client.messages.create(to=UK, from_=SENDER, body="hi")
-    # Media makes it an MMS: one message at the "+1" MMS price, $0.022, whatever the body.
+    # Media makes it an MMS: one message at the "+1" MMS price, $0.022, ...
+    client.messages.create(
+        to=US, from_=SENDER, body="Your receipt", media_url=["https://example.com/cat.png"]
+    )
+    # ... unless MMS Converter's SMS would cost more (a carrier without MMS gets the body and a
+    # link): 300 + 36 = 336 characters, 3 segments, $0.0249.
     client.messages.create(
         to=US, from_=SENDER, body="x" * 300, media_url=["https://example.com/cat.png"]
     )
@@ -111,10 +116,11 @@ def test_segments_media_and_destination_price_the_reservation(
         ("0.0083", 1, "sms_segment"),
         ("0.15", 1, "sms_segment"),
         ("0.022", 1, "mms"),
+        ("0.0249", 3, "sms_segment"),
     ]
     assert fake_twilio.requests[-1]["form"]["MediaUrl"] == ["https://example.com/cat.png"]
-    # 0.0166 + 0.0083 + 0.15 + 0.022 = 0.1969
-    assert key_info(vendor_proxy, key["key_id"])["spent_usd"] == "0.1969"
+    # 0.0166 + 0.0083 + 0.15 + 0.022 + 0.0249 = 0.2218
+    assert key_info(vendor_proxy, key["key_id"])["spent_usd"] == "0.2218"
 
 
 def test_cap_hit_is_a_twilio_shaped_429_and_the_sdk_raises_as_usual(

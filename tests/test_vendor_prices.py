@@ -73,10 +73,27 @@ def test_twilio_message_prices() -> None:
     assert cost.priced
     # No prefix but "default" for a UK number: 1 x $0.15.
     assert sms(vendor, To="+447700900123", Body="hi").micros == 150_000
-    # Media, or SendAsMms, makes it one MMS at $0.022 whatever the body's length.
-    mms = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl=["https://e.x/1.png"] * 2)
+    # Media, or SendAsMms, makes it one MMS at $0.022, or the SMS that MMS Converter sends to a
+    # carrier without MMS if that costs more: the body, a newline and a 35-character link.
+    # 270 + 36 = 306 septets: 2 segments, $0.0166, less than the MMS.
+    mms = sms(vendor, To="+14155550100", Body="a" * 270, MediaUrl=["https://e.x/1.png"] * 2)
     assert (mms.micros, mms.amount, mms.currency) == (22_000, 1, "mms")
     assert sms(vendor, To="+14155550100", Body="x", SendAsMms="true").micros == 22_000
+    # 271 + 36 = 307: 3 segments, $0.0249, more than the MMS; counted in segments.
+    converted = sms(vendor, To="+14155550100", Body="a" * 271, MediaUrl="https://e.x/1.png")
+    assert (converted.micros, converted.amount, converted.currency) == (24_900, 3, "sms_segment")
+    # 999 + 36 = 1,035: 7 segments, $0.0581; a UCS-2 body, 170 + 36 = 206 units: 4 x $0.0083.
+    long = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl="https://e.x/1.png")
+    assert (long.micros, long.amount) == (58_100, 7)
+    ucs2 = sms(vendor, To="+14155550100", Body="я" * 170, SendAsMms="true")
+    assert (ucs2.micros, ucs2.amount, ucs2.currency) == (33_200, 4, "sms_segment")
+    # Elsewhere by "default": $0.30 an MMS, $0.15 a segment, so 2 segments are less, 3 more.
+    assert sms(vendor, To="+447700900123", Body="a" * 270, MediaUrl="https://e.x/1.png").micros == (
+        300_000
+    )
+    assert sms(vendor, To="+447700900123", Body="a" * 271, MediaUrl="https://e.x/1.png").micros == (
+        450_000
+    )
     # A repeated To, Body or SendAsMms (or one in another case) is refused: which copy Twilio
     # bills is not something the proxy can know.
     for form in (

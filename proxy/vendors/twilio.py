@@ -8,7 +8,8 @@ either. The account resource itself (`/2010-04-01/Accounts/{sid}.json`, which ca
 token) and paths outside an account are refused.
 
 What a dollar is: a message costs its SMS segments (see `keybrake.proxy.vendors.sms`) times the
-per-segment price of its destination, or the destination's MMS price when it carries media, from
+per-segment price of its destination, or, when it carries media, the larger of the destination's
+MMS price and the SMS that MMS Converter may send instead (`CONVERTER_LINK_LENGTH`), from
 the `[twilio.sms]` / `[twilio.mms]` tables (longest E.164 prefix wins, `default` for other phone
 numbers). The destination is `To` read as the `recipients` constraint reads it, `+` and digits
 behind an optional `whatsapp:`; Twilio routes other spellings to the number they spell, so they
@@ -89,6 +90,14 @@ _READ_FIELDS = {
         "ShortenUrls",
     )
 }
+# MMS Converter, on by default (https://support.twilio.com/hc/en-us/articles/223181248): a media
+# message to a carrier without MMS is sent as an SMS of its Body and "a short URL linking to your
+# media", and "charged for the cost of the SMS message instead of an MMS". Twilio does not state
+# the link's length; its short links are a short domain and a unique string (Link Shortening's
+# are the domain and ten characters, `https://twil.io/` + 10 = 26). keybrake counts a newline and
+# 35 characters for it, room for a longer domain or string, each one septet of GSM-7 (as a URL's
+# letters, digits and `:/.` are), so a GSM-7 body stays GSM-7 and a UCS-2 body grows by 36 units.
+CONVERTER_LINK_LENGTH = 35
 # Message Scheduling (https://www.twilio.com/docs/messaging/features/message-scheduling): Twilio
 # sends, and bills, a scheduled message up to 35 days later, outside the window its cap counts
 # and after its key may have been revoked. Refused in any spelling, whatever the value.
@@ -218,10 +227,21 @@ class Twilio(Vendor):
             )
         media = [url for url in form.many("MediaUrl") if url.strip()]
         # Any SendAsMms but `false` may be read as true: priced as the MMS it may be.
+        body = form.one("Body") or ""
         if media or not _off(form.one("SendAsMms")):
-            return self._priced("mms", to, 1, "mms")
-        segments = sms_segments(form.one("Body") or "")
+            return self._media_message(to, body)
+        segments = sms_segments(body)
         return self._priced("sms", to, segments.count, "sms_segment")
+
+    def _media_message(self, to: str, body: str) -> Cost:
+        """One MMS, or the SMS that MMS Converter sends instead (the body, a newline and a link
+        to the media: `CONVERTER_LINK_LENGTH`), whichever costs more: which one Twilio sends
+        depends on the recipient's carrier, which the proxy cannot know. The audit's units are
+        those of the one counted (1 `mms`, or its `sms_segment`s)."""
+        mms = self._priced("mms", to, 1, "mms")
+        converted = sms_segments(body + "\n" + "x" * CONVERTER_LINK_LENGTH)
+        sms = self._priced("sms", to, converted.count, "sms_segment")
+        return sms if sms.micros > mms.micros else mms
 
     def _priced(self, kind: str, to: str, count: int, unit: str) -> Cost:
         price = self._price(kind, to)
