@@ -419,6 +419,50 @@ def test_resend_prices_every_to_cc_and_bcc_recipient_as_an_email() -> None:
         ("/emails/batch", [{"to": "a@example.com"}, {"to": "b@example.com", "cc": 5}], Unpriceable),
         ("/emails/batch", [{"to": "a@example.com"}, {"subject": "no to"}], Unpriceable),
         ("/emails/batch", [{"to": "a@example.com"}, ["b@example.com"]], Unpriceable),
+        # Scheduled: Resend sends and bills it later, after the key may be revoked.
+        ("/emails", {"to": "a@example.com", "scheduled_at": "in 1 hour"}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "scheduled_at": None}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "scheduledAt": "2030-01-01T00:00:00Z"}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "Scheduled-At": "tomorrow"}, Unpriceable),
+        (
+            "/emails/batch",
+            [{"to": "a@example.com"}, {"to": "b@x.com", "scheduled_at": "x"}],
+            Unpriceable,
+        ),
+        # Header names and values that could end a header early or start another one.
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A\r\nBcc": "b@x.com"}},
+            AmbiguousRequest,
+        ),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A: b": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"Bcc:": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {" Bcc": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-\u0000A": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-\u00e9": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"": "c"}}, AmbiguousRequest),
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A": "c\r\nBcc: b@x.com"}},
+            AmbiguousRequest,
+        ),
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A": "c\nBcc: b@x.com"}},
+            AmbiguousRequest,
+        ),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A": "c\u0000"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A": ["c", "d"]}}, AmbiguousRequest),
+        # Keys a JavaScript parser may treat as the object's prototype, at any depth.
+        ("/emails", {"to": "a@example.com", "__proto__": {"bcc": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "constructor": {}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"__proto__": "x"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "tags": [{"prototype": 1}]}, AmbiguousRequest),
+        (
+            "/emails/batch",
+            [{"to": "a@example.com"}, {"to": "b@x.com", "__proto__": {}}],
+            AmbiguousRequest,
+        ),
     ],
 )
 def test_resend_refuses_recipients_it_cannot_count(
@@ -426,6 +470,11 @@ def test_resend_refuses_recipients_it_cannot_count(
 ) -> None:
     with pytest.raises(refusal):
         resend_estimate(path, payload)
+
+
+def test_resend_takes_plain_custom_headers() -> None:
+    headers = {"X-Entity-Ref-ID": "123", "List-Unsubscribe": "<https://example.com/u>"}
+    assert resend_estimate("/emails", {"to": "a@example.com", "headers": headers}).amount == 1
 
 
 def test_resend_permissive_batch_settles_off_each_refused_emails_own_recipients() -> None:
