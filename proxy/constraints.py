@@ -48,6 +48,7 @@ __all__ = [
     "collect",
     "email_address",
     "parse_constraints",
+    "twilio_address",
 ]
 
 # The fields each vendor's calls are checked against; a budget may hold any of them, and each
@@ -77,7 +78,7 @@ _DOMAIN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}")
 # A Twilio `To`: an optional WhatsApp channel, then E.164. Other channels (`messenger:`,
 # `client:`, `sip:`) name no phone number, so a constrained key refuses them.
-_TO = re.compile(r"(?:whatsapp:)?(\+[1-9][0-9]{1,14})")
+_TO = re.compile(r"(whatsapp:)?(\+[1-9][0-9]{1,14})")
 
 
 # What a call's constrained fields hold, by field, as `Vendor.subjects` read them: canonical
@@ -212,12 +213,21 @@ def _covered(name: str, value: str, outer: tuple[str, ...]) -> bool:
 # -- reading a call's values canonically -----------------------------------------------------
 
 
+def twilio_address(value: str) -> tuple[str, str] | None:
+    """A Twilio `To`/`From` read as (channel, E.164 number): `("", "+447700900123")`,
+    `("whatsapp:", "+447700900123")`; None for anything else (spaces, dashes, brackets or dots
+    between the digits, no `+`, another channel). The one reading that constraints and Twilio's
+    pricing share, so a number is priced as the destination it is checked as."""
+    match = _TO.fullmatch(value.strip())
+    return None if match is None else (match.group(1) or "", match.group(2))
+
+
 def canonical_number(field: str, value: str) -> str:
     """A Twilio `To`/`From` as E.164, its channel prefix removed; anything else is refused."""
-    match = _TO.fullmatch(value.strip())
-    if match is None:
+    address = twilio_address(value)
+    if address is None:
         raise Unreadable(field, f"{field}: {_shown(value)} is not a phone number in E.164")
-    return match.group(1)
+    return address[1]
 
 
 def canonical_service(field: str, value: str) -> str:

@@ -19,13 +19,14 @@ from keybrake.proxy.constraints import (
     email_address,
     parse_constraints,
 )
-from keybrake.proxy.pricing import AmbiguousRequest, load_pricing
+from keybrake.proxy.pricing import AmbiguousRequest, Unpriceable, load_pricing
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendors import VENDORS
-from keybrake.proxy.vendors.base import Vendor, VendorCall
+from keybrake.proxy.vendors.base import Cost, Vendor, VendorCall
 
 ALL = frozenset({"currencies", "customers", "destinations"})
 TWILIO_MESSAGES = "/2010-04-01/Accounts/AC" + "0" * 32 + "/Messages.json"
+FORM = "application/x-www-form-urlencoded"
 SERVICE = "MG" + "ab" * 16
 
 
@@ -278,9 +279,14 @@ def test_twilio_reads_to_and_from_of_a_message() -> None:
         "recipients": ("+442071838750",),
         "senders": ("+15005550006", SERVICE),
     }
-    # Priced by its +44 prefix, but not a number in E.164 as Twilio might read it.
+    # Not a number in E.164: Twilio may route it to the number it spells, so pricing refuses it
+    # first, and the constraints' reading (the same one) would not read it either.
     spaced = "To=%2B44%2020%207183%208750&Body=hi"
-    other = values(subjects("twilio", TWILIO_MESSAGES, spaced, wanted=wanted))
+    with pytest.raises(Unpriceable, match=r"not a phone number in E\.164"):
+        subjects("twilio", TWILIO_MESSAGES, spaced, wanted=wanted)
+    call = VendorCall("POST", TWILIO_MESSAGES, "", {"content-type": FORM}, spaced.encode())
+    priced = Cost(8_300, 1, "sms_segment", priced=True)
+    other = values(asyncio.run(vendor("twilio").subjects(call, priced, Objects(), wanted)))
     assert other["recipients"].startswith("recipients: '+44 20 7183 8750' is not a phone number")
     assert other["senders"] == "senders: the message names no From"
 

@@ -61,7 +61,7 @@ PUBLIC: dict[str, str | None] = {
         TokenReviewVerifier verifier_from""",
     "keybrake.proxy.constraints": """FIELDS RATE VENDOR_FIELDS Constraints Found Unchecked
         Unreadable Violation canonical_domain canonical_number canonical_service collect
-        email_address parse_constraints""",
+        email_address parse_constraints twilio_address""",
     "keybrake.proxy.metrics": "NAMES Metrics",
     "keybrake.proxy.models": """AuditPage AuditRow BudgetCreate BudgetInfo BudgetList CapsPatch
         ChangeInfo EventInfo EventPage IssuedIssuer IssuedKey IssuerCreate IssuerDelete IssuerInfo

@@ -214,6 +214,18 @@ def test_recipients_the_proxy_cannot_count_are_refused_and_never_reach_resend(
         "To": (ambiguous, "/emails", {**email(1), "To": addresses(40)}),
         "Bcc header": (ambiguous, "/emails", email(1, headers={"Bcc": ", ".join(addresses(40))})),
         "Headers": (ambiguous, "/emails", {**email(1), "Headers": {"Bcc": addresses(40)[0]}}),
+        # Sent and billed later, outside the cap's window and after the key may be revoked.
+        "scheduled": (unpriceable, "/emails", email(1, scheduled_at="in 1 hour")),
+        "a scheduled item": (
+            unpriceable,
+            "/emails/batch",
+            [email(1), email(2, scheduled_at="2030-01-01T00:00:00Z")],
+        ),
+        # A header that could end early or start another one where a mail library writes it.
+        "header name CRLF": (ambiguous, "/emails", email(1, headers={"X-A\r\nBcc": "b@x.io"})),
+        "header value CRLF": (ambiguous, "/emails", email(1, headers={"X-A": "a\r\nBcc: b@x.io"})),
+        # A key a JavaScript parser may read as the object's prototype.
+        "__proto__": (ambiguous, "/emails", {**email(1), "__proto__": {"bcc": addresses(40)}}),
     }
     missing = {k: v for k, v in email(1, cc="c@example.com").items() if k != "to"}
     refused["to missing"] = (unpriceable, "/emails", missing)
@@ -227,6 +239,9 @@ def test_recipients_the_proxy_cannot_count_are_refused_and_never_reach_resend(
     with pytest.raises(resend.exceptions.ResendError) as raised:
         app.sdk(key["vault_key"]).Emails.send(email(1, to=addresses(60)))
     assert raised.value.code == 403 and "at most 50" in raised.value.message
+    with pytest.raises(resend.exceptions.ResendError) as scheduled:
+        app.sdk(key["vault_key"]).Emails.send(email(1, scheduled_at="in 1 hour"))
+    assert scheduled.value.code == 403 and "Send it when it is due" in scheduled.value.message
     assert app.vendor.requests == [] and app.vendor.billed == 0
     decisions = {r["decision"] for r in app.audit(key["key_id"])}
     assert decisions == {"unpriceable", "ambiguous"}

@@ -101,7 +101,12 @@ def test_segments_media_and_destination_price_the_reservation(
     client.messages.create(to=US, from_=SENDER, body="Done 😀")
     # A UK number matches no prefix but "default": 1 segment x $0.15.
     client.messages.create(to=UK, from_=SENDER, body="hi")
-    # Media makes it an MMS: one message at the "+1" MMS price, $0.022, whatever the body.
+    # Media makes it an MMS: one message at the "+1" MMS price, $0.022, ...
+    client.messages.create(
+        to=US, from_=SENDER, body="Your receipt", media_url=["https://example.com/cat.png"]
+    )
+    # ... unless MMS Converter's SMS would cost more (a carrier without MMS gets the body and a
+    # link): 300 + 36 = 336 characters, 3 segments, $0.0249.
     client.messages.create(
         to=US, from_=SENDER, body="x" * 300, media_url=["https://example.com/cat.png"]
     )
@@ -111,10 +116,11 @@ def test_segments_media_and_destination_price_the_reservation(
         ("0.0083", 1, "sms_segment"),
         ("0.15", 1, "sms_segment"),
         ("0.022", 1, "mms"),
+        ("0.0249", 3, "sms_segment"),
     ]
     assert fake_twilio.requests[-1]["form"]["MediaUrl"] == ["https://example.com/cat.png"]
-    # 0.0166 + 0.0083 + 0.15 + 0.022 = 0.1969
-    assert key_info(vendor_proxy, key["key_id"])["spent_usd"] == "0.1969"
+    # 0.0166 + 0.0083 + 0.15 + 0.022 + 0.0249 = 0.2218
+    assert key_info(vendor_proxy, key["key_id"])["spent_usd"] == "0.2218"
 
 
 def test_cap_hit_is_a_twilio_shaped_429_and_the_sdk_raises_as_usual(
@@ -446,3 +452,77 @@ def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
         assert len(stub.sent) == 1
         rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
         assert [r["decision"] for r in rows] == ["forwarded"] + ["ambiguous"] * 4
+
+
+# A message Twilio would read otherwise than keybrake prices it, as a form body sends it, and
+# what keybrake answers: (HTTP status, keybrake_code, a phrase of the message).
+REFUSED_MESSAGES: list[tuple[str, tuple[int, str, str]]] = [
+    # Not E.164: Twilio may route it to the number it spells, which no prefix match on the text
+    # can price (a Jamaican "+1 876" read as "+1").
+    (
+        urlencode({"To": "+1 876 555 0100", "From": SENDER, "Body": "x"}),
+        (403, "keybrake_unpriced_endpoint", "not a phone number in E.164"),
+    ),
+    (
+        urlencode({"To": "+1 (876) 555-0100", "From": SENDER, "Body": "x"}),
+        (403, "keybrake_unpriced_endpoint", "not a phone number in E.164"),
+    ),
+    # A `+` sent unencoded is a space to Twilio: the refusal says how to send it.
+    (
+        "To=+18765550100&From=%2B14155550199&Body=x",
+        (403, "keybrake_unpriced_endpoint", "encode it as %2B"),
+    ),
+    # Scheduled: sent and billed up to 35 days later, after the key may be revoked.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "SendAt": "2030-01-01T00:00:00Z"}),
+        (403, "keybrake_unpriced_endpoint", "Send it when it is due"),
+    ),
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "scheduleType": "fixed"}),
+        (403, "keybrake_unpriced_endpoint", "Send it when it is due"),
+    ),
+    # Link Shortening: the links Twilio sends are not those counted.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "ShortenUrls": "true"}),
+        (403, "keybrake_unpriced_endpoint", "Link Shortening"),
+    ),
+    # Media under another spelling was forwarded and priced as an SMS.
+    (
+        urlencode({"To": US, "From": SENDER, "Body": "x", "mediaUrl": "https://e.x/1.png"}),
+        (400, "keybrake_ambiguous_request", "'MediaUrl', spelled so"),
+    ),
+]
+
+
+@pytest.mark.parametrize("body,refusal", REFUSED_MESSAGES)
+def test_a_message_keybrake_cannot_price_as_twilio_bills_it_is_refused_and_never_forwarded(
+    tmp_path: Path, body: str, refusal: tuple[int, str, str]
+) -> None:
+    """In-process: the app behind TestClient, a stub vendor recording what reaches it."""
+    from tests.inproc import StubUpstream, app_client, issue
+
+    stub = StubUpstream()
+    with app_client(
+        tmp_path,
+        twilio_account_sid=REAL_SID,
+        twilio_auth_token=REAL_TOKEN,
+        twilio_api_base="http://twilio.invalid",
+        upstream=stub,
+    ) as client:
+        key = issue(client, vendor="twilio", daily_usd_cap=1, allowed_endpoints=[MESSAGES])
+        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{key['vault_key']}".encode()).decode()
+        refused = client.post(
+            f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
+            content=body.encode(),
+            headers={
+                "Authorization": f"Basic {auth}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+    status, code, phrase = refusal
+    answer = refused.json()
+    assert (refused.status_code, answer["keybrake_code"]) == (status, code), answer
+    assert answer["code"] == 20000 + status and phrase in answer["message"], answer
+    assert stub.sent == []
+    assert [(r["reserved_usd"], r["settled_usd"]) for r in rows] == [("0.00", "0.00")]

@@ -73,10 +73,27 @@ def test_twilio_message_prices() -> None:
     assert cost.priced
     # No prefix but "default" for a UK number: 1 x $0.15.
     assert sms(vendor, To="+447700900123", Body="hi").micros == 150_000
-    # Media, or SendAsMms, makes it one MMS at $0.022 whatever the body's length.
-    mms = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl=["https://e.x/1.png"] * 2)
+    # Media, or SendAsMms, makes it one MMS at $0.022, or the SMS that MMS Converter sends to a
+    # carrier without MMS if that costs more: the body, a newline and a 35-character link.
+    # 270 + 36 = 306 septets: 2 segments, $0.0166, less than the MMS.
+    mms = sms(vendor, To="+14155550100", Body="a" * 270, MediaUrl=["https://e.x/1.png"] * 2)
     assert (mms.micros, mms.amount, mms.currency) == (22_000, 1, "mms")
     assert sms(vendor, To="+14155550100", Body="x", SendAsMms="true").micros == 22_000
+    # 271 + 36 = 307: 3 segments, $0.0249, more than the MMS; counted in segments.
+    converted = sms(vendor, To="+14155550100", Body="a" * 271, MediaUrl="https://e.x/1.png")
+    assert (converted.micros, converted.amount, converted.currency) == (24_900, 3, "sms_segment")
+    # 999 + 36 = 1,035: 7 segments, $0.0581; a UCS-2 body, 170 + 36 = 206 units: 4 x $0.0083.
+    long = sms(vendor, To="+14155550100", Body="a" * 999, MediaUrl="https://e.x/1.png")
+    assert (long.micros, long.amount) == (58_100, 7)
+    ucs2 = sms(vendor, To="+14155550100", Body="я" * 170, SendAsMms="true")
+    assert (ucs2.micros, ucs2.amount, ucs2.currency) == (33_200, 4, "sms_segment")
+    # Elsewhere by "default": $0.30 an MMS, $0.15 a segment, so 2 segments are less, 3 more.
+    assert sms(vendor, To="+447700900123", Body="a" * 270, MediaUrl="https://e.x/1.png").micros == (
+        300_000
+    )
+    assert sms(vendor, To="+447700900123", Body="a" * 271, MediaUrl="https://e.x/1.png").micros == (
+        450_000
+    )
     # A repeated To, Body or SendAsMms (or one in another case) is refused: which copy Twilio
     # bills is not something the proxy can know.
     for form in (
@@ -103,6 +120,112 @@ def test_twilio_destination_prefixes_longest_match_and_channels(tmp_path: Path) 
         sms(twilio(), Body="x")
     with pytest.raises(Unpriceable, match="ContentSid"):
         sms(twilio(), To="+14155550100", ContentSid="HX" + "0" * 32)
+
+
+@pytest.mark.parametrize(
+    "to",
+    [
+        "+1 876 555 0100",
+        "+1-876-555-0100",
+        "+1 (876) 555-0100",
+        "+1.876.555.0100",
+        "+1876 5550100",
+        "18765550100",
+        "001876555010",
+        "whatsapp:+1 876 555 0100",
+        "messenger:18765550100",
+        "tel:+18765550100",
+    ],
+)
+def test_twilio_prices_only_a_to_in_e164(tmp_path: Path, to: str) -> None:
+    """Twilio says numbers not in E.164 "may work", routed to the number they spell: with
+    "+1876" priced above "+1", a spaced-out Jamaican number must not pass as "+1"."""
+    vendor = twilio(tmp_path, '[twilio.sms]\n"+1876" = "0.10"\n"whatsapp:" = "0.0050"\n')
+    assert sms(vendor, To="+18765550100", Body="x").micros == 100_000
+    with pytest.raises(Unpriceable, match=r"not a phone number in E\.164.*'\+' and digits only"):
+        sms(vendor, To=to, Body="x")
+
+
+def test_twilio_names_an_unencoded_plus_in_to() -> None:
+    # `To=+14155550100` in a hand-made form body: Twilio (and the proxy) read the `+` as a space.
+    body = b"To=+14155550100&From=%2B14155550199&Body=hi"
+    with pytest.raises(Unpriceable, match="encode it as %2B"):
+        asyncio.run(twilio().estimate(call("POST", MESSAGES, body), NoLookup()))
+    with pytest.raises(Unpriceable, match="encode it as %2B"):
+        sms(twilio(), To="whatsapp: 14155550100", Body="hi")
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"SendAt": "2030-01-01T00:00:00Z", "ScheduleType": "fixed"},
+        {"SendAt": "2030-01-01T00:00:00Z"},  # Twilio refuses it without ScheduleType: still
+        {"ScheduleType": "fixed"},
+        {"ScheduleType": ""},  # any value
+        {"sendAt": "2030-01-01T00:00:00Z"},  # any spelling
+        {"SEND_AT": "x"},
+        {"schedule-type": "fixed"},
+        {"SendAt[0]": "x"},
+    ],
+)
+def test_twilio_refuses_a_scheduled_message(field: dict[str, str]) -> None:
+    """Twilio sends and bills a scheduled message up to 35 days later: outside the window the
+    cap counts it in, and after its key may be revoked."""
+    with pytest.raises(Unpriceable, match=r"scheduled message.*Send it when it is due"):
+        sms(twilio(), To="+14155550100", Body="x", **field)
+
+
+def test_twilio_refuses_link_shortening_unless_it_is_off() -> None:
+    for value in ("true", "True", "1", "", "yes"):
+        with pytest.raises(Unpriceable, match="Link Shortening"):
+            sms(twilio(), To="+14155550100", Body="x", ShortenUrls=value)
+    for value in ("false", "False"):
+        assert sms(twilio(), To="+14155550100", Body="x", ShortenUrls=value).micros == 8_300
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "mediaUrl",
+        "MediaURL",
+        "mediaurl",
+        "Media_Url",
+        "MediaUrl[0]",
+        "sendAsMms",
+        "SendAsMMS",
+        "shortenUrls",
+        "from",
+        "FROM",
+        "messagingServiceSid",
+        "contentSid",
+        "body",
+        "Body[x]",
+        "TO",
+    ],
+)
+def test_twilio_refuses_another_spelling_of_a_field_it_reads(field: str) -> None:
+    """Twilio's field names are case-sensitive, and keybrake reads them exactly so: `mediaUrl`
+    was forwarded and priced as an SMS, whatever Twilio made of it."""
+    with pytest.raises(AmbiguousRequest, match="spelled so"):
+        sms(twilio(), To="+14155550100", From="+14155550199", Body="x", **{field: "true"})
+
+
+def test_twilio_refuses_a_repeated_sender() -> None:
+    for form in (
+        {"From": ["+14155550199", "+14155550198"]},
+        {"MessagingServiceSid": ["MG" + "1" * 32, "MG" + "2" * 32]},
+    ):
+        with pytest.raises(AmbiguousRequest, match="appears 2 times"):
+            sms(twilio(), To="+14155550100", Body="x", **form)
+
+
+def test_twilio_prices_any_send_as_mms_but_false_as_mms() -> None:
+    for value in ("true", "True", "1", "yes", ""):
+        assert sms(twilio(), To="+14155550100", Body="x", SendAsMms=value).currency == "mms"
+    for value in ("false", "FALSE"):
+        assert sms(twilio(), To="+14155550100", Body="x", SendAsMms=value).currency == (
+            "sms_segment"
+        )
 
 
 def test_twilio_reads_are_free_but_only_inside_an_account() -> None:
@@ -296,6 +419,50 @@ def test_resend_prices_every_to_cc_and_bcc_recipient_as_an_email() -> None:
         ("/emails/batch", [{"to": "a@example.com"}, {"to": "b@example.com", "cc": 5}], Unpriceable),
         ("/emails/batch", [{"to": "a@example.com"}, {"subject": "no to"}], Unpriceable),
         ("/emails/batch", [{"to": "a@example.com"}, ["b@example.com"]], Unpriceable),
+        # Scheduled: Resend sends and bills it later, after the key may be revoked.
+        ("/emails", {"to": "a@example.com", "scheduled_at": "in 1 hour"}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "scheduled_at": None}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "scheduledAt": "2030-01-01T00:00:00Z"}, Unpriceable),
+        ("/emails", {"to": "a@example.com", "Scheduled-At": "tomorrow"}, Unpriceable),
+        (
+            "/emails/batch",
+            [{"to": "a@example.com"}, {"to": "b@x.com", "scheduled_at": "x"}],
+            Unpriceable,
+        ),
+        # Header names and values that could end a header early or start another one.
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A\r\nBcc": "b@x.com"}},
+            AmbiguousRequest,
+        ),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A: b": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"Bcc:": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {" Bcc": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-\u0000A": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-\u00e9": "c"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"": "c"}}, AmbiguousRequest),
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A": "c\r\nBcc: b@x.com"}},
+            AmbiguousRequest,
+        ),
+        (
+            "/emails",
+            {"to": "a@example.com", "headers": {"X-A": "c\nBcc: b@x.com"}},
+            AmbiguousRequest,
+        ),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A": "c\u0000"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"X-A": ["c", "d"]}}, AmbiguousRequest),
+        # Keys a JavaScript parser may treat as the object's prototype, at any depth.
+        ("/emails", {"to": "a@example.com", "__proto__": {"bcc": "b@x.com"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "constructor": {}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "headers": {"__proto__": "x"}}, AmbiguousRequest),
+        ("/emails", {"to": "a@example.com", "tags": [{"prototype": 1}]}, AmbiguousRequest),
+        (
+            "/emails/batch",
+            [{"to": "a@example.com"}, {"to": "b@x.com", "__proto__": {}}],
+            AmbiguousRequest,
+        ),
     ],
 )
 def test_resend_refuses_recipients_it_cannot_count(
@@ -303,6 +470,11 @@ def test_resend_refuses_recipients_it_cannot_count(
 ) -> None:
     with pytest.raises(refusal):
         resend_estimate(path, payload)
+
+
+def test_resend_takes_plain_custom_headers() -> None:
+    headers = {"X-Entity-Ref-ID": "123", "List-Unsubscribe": "<https://example.com/u>"}
+    assert resend_estimate("/emails", {"to": "a@example.com", "headers": headers}).amount == 1
 
 
 def test_resend_permissive_batch_settles_off_each_refused_emails_own_recipients() -> None:
@@ -364,6 +536,9 @@ def test_operators_price_new_endpoints_flat(tmp_path: Path) -> None:
         ),
         ('[twilio.sms]\n"+44" = "-0.01"\n', r"line 2\).*'\+44'"),
         ('[twilio.sms]\n"44" = "0.01"\n', r"line 2\).*E\.164 prefix"),
+        # A channel other than WhatsApp names no phone number: its messages are refused, so a
+        # price for it could never apply.
+        ('[twilio.sms]\n"messenger:" = "0.01"\n', r"line 2\).*E\.164 prefix"),
         ('[twilio.smss]\n"+44" = "0.01"\n', r"line 1\).*'smss' is not a Twilio pricing table"),
         ('[twilio.endpoints]\n"POST /x" = "segments"\n', r"line 2\).*unknown rule 'segments'"),
         ('[twilio.endpoints]\n"POST /x" = { usd = "lots" }\n', r"line 2\).*'POST /x'"),

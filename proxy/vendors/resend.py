@@ -20,7 +20,11 @@ Refused before forwarding, since Resend could bill what the proxy did not count:
 empty `to`, more than 50 addresses in `to`, a recipient field of another type (a number, an
 object, a list holding anything but strings), a batch of more than 100 emails, a recipient field
 spelled in another case (`To`, `BCC`), and a recipient header (`To`, `Cc`, `Bcc`, ...) among the
-email's custom `headers`.
+email's custom `headers`, or a header whose name is not printable ASCII without `:` or whose value
+is not a string free of CR, LF and NUL (either could smuggle in another header). Refused too: a
+scheduled email (`scheduled_at`, any spelling, any value), which Resend sends and bills later,
+after the window its cap counts and after its key may be revoked; and `__proto__`, `constructor`
+or `prototype` as a key anywhere in an email, which a JavaScript parser may treat specially.
 
 Any other write (broadcasts to an audience, API keys, domains, ...) is refused until an operator
 lists it in `[resend.endpoints]`, as "free" or with a flat price.
@@ -29,6 +33,7 @@ lists it in `[resend.endpoints]`, as "free" or with a flat price.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -57,6 +62,14 @@ _SENDER_HEADERS = frozenset({"from", "sender", "resent-from", "resent-sender"})
 _RECIPIENT_HEADERS = frozenset(
     {"to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "apparently-to"}
 )
+# A header field name as RFC 5322 (section 2.2) allows it: printable ASCII but `:`. Anything else
+# (a control character, whitespace, a colon) could end the header early or start another one
+# where a mail library writes it, a recipient header keybrake did not count among them.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_HEADER_VALUE_BREAKS = ("\r", "\n", "\0")  # would start another header, or end the string
+# Keys a JavaScript service may read as an object's prototype instead of a field (Resend's API
+# is one): refused at any depth of an email, since what they do there is not keybrake's to know.
+_PROTOTYPE_KEYS = frozenset({"__proto__", "constructor", "prototype"})
 
 # keybrake's refusals under Resend's error names, so the SDK raises its usual exception types
 # (RateLimitError for a cap hit, MissingApiKeyError for no key, ResendError for the rest).
@@ -231,7 +244,14 @@ def recipients(email: Any, what: str) -> int:
     Refuses a body Resend could bill for more recipients than this counts."""
     if not isinstance(email, dict):
         raise Unpriceable(f"{what} must be a JSON object")
+    _refuse_prototype_keys(email, what)
     for key in email:
+        if re.sub(r"[_-]", "", key).lower() == "scheduledat":
+            raise Unpriceable(
+                f"{what}: a scheduled email ({key[:20]!r}) is refused: Resend sends and bills it "
+                "later, outside the window its cap counts and after its key may be revoked. "
+                "Send it when it is due."
+            )
         # (`headers` too: recipient headers inside it are refused, so another spelling of it
         # must not carry them past that check.)
         if key.lower() in _COUNTED_FIELDS and key not in _COUNTED_FIELDS:
@@ -243,8 +263,18 @@ def recipients(email: Any, what: str) -> int:
     if headers is not None:
         if not isinstance(headers, dict):
             raise Unpriceable(f"{what}: `headers` must be a JSON object")
-        for name in headers:
-            if name.strip().lower() in _RECIPIENT_HEADERS:
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise AmbiguousRequest(
+                    f"{what}: header name {name[:20]!r} is refused: a header name is printable "
+                    "ASCII without spaces, control characters or ':'"
+                )
+            if not isinstance(value, str) or any(c in value for c in _HEADER_VALUE_BREAKS):
+                raise AmbiguousRequest(
+                    f"{what}: the value of header {name[:20]!r} is refused: a header value is a "
+                    "string without line breaks (CR, LF) or NUL"
+                )
+            if name.lower() in _RECIPIENT_HEADERS:
                 raise AmbiguousRequest(
                     f"{what}: a {name[:20]!r} header is refused; name recipients in to, cc "
                     "and bcc, where keybrake counts them"
@@ -262,6 +292,21 @@ def recipients(email: Any, what: str) -> int:
     cc = _addresses(email.get("cc"), "cc", what)
     bcc = _addresses(email.get("bcc"), "bcc", what)
     return to + cc + bcc
+
+
+def _refuse_prototype_keys(value: Any, what: str) -> None:
+    """Refuse `__proto__`, `constructor` or `prototype` as a key anywhere in an email."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key in _PROTOTYPE_KEYS:
+                raise AmbiguousRequest(
+                    f"{what}: the key {key!r} is refused: a JavaScript service may read it as "
+                    "the object's prototype rather than a field"
+                )
+            _refuse_prototype_keys(inner, what)
+    elif isinstance(value, list):
+        for inner in value:
+            _refuse_prototype_keys(inner, what)
 
 
 def _addresses(value: Any, field: str, what: str) -> int:

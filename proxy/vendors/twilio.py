@@ -8,11 +8,18 @@ either. The account resource itself (`/2010-04-01/Accounts/{sid}.json`, which ca
 token) and paths outside an account are refused.
 
 What a dollar is: a message costs its SMS segments (see `keybrake.proxy.vendors.sms`) times the
-per-segment price of its destination, or the destination's MMS price when it carries media, from
+per-segment price of its destination, or, when it carries media, the larger of the destination's
+MMS price and the SMS that MMS Converter may send instead (`CONVERTER_LINK_LENGTH`), from
 the `[twilio.sms]` / `[twilio.mms]` tables (longest E.164 prefix wins, `default` for other phone
-numbers). Twilio's answer carries `price` (negative decimal string, usually null at creation):
-the call settles to it when present and keeps the estimate otherwise. Any other write — calls
-above all, billed by the minute — is refused until an operator prices it in `[twilio.endpoints]`.
+numbers). The destination is `To` read as the `recipients` constraint reads it, `+` and digits
+behind an optional `whatsapp:`; Twilio routes other spellings to the number they spell, so they
+are refused rather than matched as text. Refused too, since Twilio would bill other than what
+was counted: a scheduled message (billed when sent, up to 35 days later), Link Shortening
+(`ShortenUrls`, which rewrites the body), and any other spelling of a field read here (`mediaUrl`
+for `MediaUrl`). Twilio's answer carries `price` (negative decimal
+string, usually null at creation): the call settles to it when present and keeps the estimate
+otherwise. Any other write — calls above all, billed by the minute — is refused until an
+operator prices it in `[twilio.endpoints]`.
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from keybrake.proxy.constraints import (
     canonical_number,
     canonical_service,
     collect,
+    twilio_address,
 )
 from keybrake.proxy.money import usd_to_micros
-from keybrake.proxy.pricing import PricingTable, Unpriceable
+from keybrake.proxy.pricing import AmbiguousRequest, PricingTable, Unpriceable
 from keybrake.proxy.settings import VendorCredentials
 from keybrake.proxy.vendor_facts import (
     TWILIO,
@@ -58,9 +66,42 @@ API_VERSION = TWILIO_API_VERSION
 _RULES = frozenset({"free", "message"})
 _SECTION_KEYS = frozenset({"endpoints", "sms", "mms"})
 _SID = re.compile(r"AC[0-9a-fA-F]{32}")
-# A destination prefix: E.164 (`+44`, `+1876`), optionally behind a channel (`whatsapp:+1`), or a
-# whole channel (`whatsapp:`). `default` prices the phone numbers no prefix matches.
-_PREFIX = re.compile(r"(?:[a-z]+:)?\+[0-9]{0,15}|[a-z]+:")
+# A destination prefix: E.164 (`+44`, `+1876`), optionally behind the WhatsApp channel
+# (`whatsapp:+1`), or the whole channel (`whatsapp:`). `default` prices the phone numbers no
+# prefix matches. Other channels name no phone number, so a message to one is refused (as the
+# `recipients` constraint refuses it) and a price for one could never apply.
+_PREFIX = re.compile(r"(?:whatsapp:)?\+[0-9]{0,15}|whatsapp:")
+# A `To` of digits behind a space: a `+` sent unencoded in a form body, which decodes as a space.
+_UNENCODED_PLUS = re.compile(r"(?:whatsapp:)? [0-9]+\s*")
+# The message fields keybrake reads, for its price or for constraints, spelled as Twilio spells
+# them, by their folded name (`_folded`). Twilio's field names are case-sensitive: `mediaUrl` is
+# not `MediaUrl` to Twilio's documentation, but a field that differs from one of these only in
+# case or punctuation is one a parser might take for it, so it is refused rather than guessed at.
+_READ_FIELDS = {
+    _name.lower(): _name
+    for _name in (
+        "To",
+        "From",
+        "Body",
+        "MediaUrl",
+        "SendAsMms",
+        "ContentSid",
+        "MessagingServiceSid",
+        "ShortenUrls",
+    )
+}
+# MMS Converter, on by default (https://support.twilio.com/hc/en-us/articles/223181248): a media
+# message to a carrier without MMS is sent as an SMS of its Body and "a short URL linking to your
+# media", and "charged for the cost of the SMS message instead of an MMS". Twilio does not state
+# the link's length; its short links are a short domain and a unique string (Link Shortening's
+# are the domain and ten characters, `https://twil.io/` + 10 = 26). keybrake counts a newline and
+# 35 characters for it, room for a longer domain or string, each one septet of GSM-7 (as a URL's
+# letters, digits and `:/.` are), so a GSM-7 body stays GSM-7 and a UCS-2 body grows by 36 units.
+CONVERTER_LINK_LENGTH = 35
+# Message Scheduling (https://www.twilio.com/docs/messaging/features/message-scheduling): Twilio
+# sends, and bills, a scheduled message up to 35 days later, outside the window its cap counts
+# and after its key may have been revoked. Refused in any spelling, whatever the value.
+_SCHEDULING_FIELDS = frozenset({"sendat", "scheduletype"})
 _AUTH_TOKEN_FIELD = re.compile(rb'"auth_token"\s*:\s*"[^"]*"')
 _REDACTED = "[redacted by keybrake]"
 
@@ -88,7 +129,7 @@ class Twilio(Vendor):
                 section,
                 table,
                 key_ok=lambda key: key == "default" or bool(_PREFIX.fullmatch(key)),
-                key_hint='"default" or an E.164 prefix such as "+44" (or "whatsapp:+44")',
+                key_hint='"default", an E.164 prefix such as "+44", "whatsapp:+44" or "whatsapp:"',
             )
 
     # -- auth and paths --------------------------------------------------------------------------
@@ -167,31 +208,52 @@ class Twilio(Vendor):
         return await collect(wanted, {"recipients": recipients, "senders": senders})
 
     def _message(self, form: FormBody) -> Cost:
-        # Twilio's field names are case-sensitive; `one` also refuses a `to` beside `To`.
-        to = (form.one("To") or "").strip()
-        if not to:
-            raise Unpriceable("the message names no To, so its destination price is unknown")
+        _check_fields(form)
+        # `one` refuses a field given twice; the senders are read here too, though only a
+        # constraint uses them, so a message is refused the same way with or without one.
+        form.one("From")
+        form.one("MessagingServiceSid")
+        to = _destination(form.one("To") or "")
         if form.one("ContentSid"):
             raise Unpriceable(
                 "a message sent from a content template (ContentSid) cannot be priced: the "
                 "proxy cannot count the segments of a body it does not see. Send Body instead."
             )
+        if not _off(form.one("ShortenUrls")):
+            raise Unpriceable(
+                "a message with ShortenUrls is refused: Link Shortening rewrites the links in "
+                "its Body, so the segments Twilio sends are not those keybrake counts. Send it "
+                "without ShortenUrls (or with ShortenUrls=false)."
+            )
         media = [url for url in form.many("MediaUrl") if url.strip()]
-        if media or (form.one("SendAsMms") or "").lower() == "true":
-            return self._priced("mms", to, 1, "mms")
-        segments = sms_segments(form.one("Body") or "")
+        # Any SendAsMms but `false` may be read as true: priced as the MMS it may be.
+        body = form.one("Body") or ""
+        if media or not _off(form.one("SendAsMms")):
+            return self._media_message(to, body)
+        segments = sms_segments(body)
         return self._priced("sms", to, segments.count, "sms_segment")
+
+    def _media_message(self, to: str, body: str) -> Cost:
+        """One MMS, or the SMS that MMS Converter sends instead (the body, a newline and a link
+        to the media: `CONVERTER_LINK_LENGTH`), whichever costs more: which one Twilio sends
+        depends on the recipient's carrier, which the proxy cannot know. The audit's units are
+        those of the one counted (1 `mms`, or its `sms_segment`s)."""
+        mms = self._priced("mms", to, 1, "mms")
+        converted = sms_segments(body + "\n" + "x" * CONVERTER_LINK_LENGTH)
+        sms = self._priced("sms", to, converted.count, "sms_segment")
+        return sms if sms.micros > mms.micros else mms
 
     def _priced(self, kind: str, to: str, count: int, unit: str) -> Cost:
         price = self._price(kind, to)
         return Cost(usd_to_micros(price * count), count, unit, priced=True)
 
     def _price(self, kind: str, to: str) -> Decimal:
+        """The price of one unit to `to`, a destination as `_destination` reads it."""
         prices = self.prices[kind]
         for prefix, price in prices:
             if prefix != "default" and to.startswith(prefix):
                 return price
-        if to.startswith("+"):
+        if to.startswith("+"):  # a phone number, not a channel
             for prefix, price in prices:
                 if prefix == "default":
                     return price
@@ -235,6 +297,58 @@ class Twilio(Vendor):
             "details": {"keybrake_code": code},
         }
         return json.dumps(body).encode(), {}
+
+
+def _check_fields(form: FormBody) -> None:
+    """Refuse a scheduled message, and any spelling of a field keybrake reads but its own."""
+    for name, _ in form.fields:
+        folded = _folded(name)
+        if folded in _SCHEDULING_FIELDS:
+            raise Unpriceable(
+                f"a scheduled message ({name[:30]!r}) is refused: Twilio sends and bills it "
+                "later, outside the window its cap counts and after its key may be revoked. "
+                "Send it when it is due."
+            )
+        spelled = _READ_FIELDS.get(folded)
+        if spelled is not None and name != spelled:
+            raise AmbiguousRequest(
+                f"field {name[:60]!r} is refused: keybrake reads {spelled!r}, spelled so, and "
+                "Twilio could read another spelling as it"
+            )
+
+
+def _folded(name: str) -> str:
+    """A form field's top-level name, lower-cased, without the `_ . -` a name may hold:
+    `Media_URL[0]` and `mediaurl` are both `mediaurl`."""
+    return re.sub(r"[_.-]", "", name.partition("[")[0]).lower()
+
+
+def _off(value: str | None) -> bool:
+    """Whether a boolean field is off for certain: absent, or `false` (in any case)."""
+    return value is None or value.lower() == "false"
+
+
+def _destination(to: str) -> str:
+    """A message's `To` as it is priced: `+` and digits (E.164), behind the `whatsapp:` channel
+    if it has one; the reading the `recipients` constraint takes (`twilio_address`). Twilio says
+    numbers not in E.164 "may work": `+1 876 555 0100`, `+1-876-...` or `+1 (876) ...` would then
+    go to Jamaica while a prefix match on the text read them as `+1`. Anything else is refused."""
+    if not to.strip():
+        raise Unpriceable("the message names no To, so its destination price is unknown")
+    address = twilio_address(to)
+    if address is not None:
+        return "".join(address)
+    shown = to[:20] + ("…" if len(to) > 20 else "")
+    if _UNENCODED_PLUS.fullmatch(to):
+        raise Unpriceable(
+            f"To {shown!r} is not a phone number in E.164: its '+' was probably sent unencoded in "
+            "the form body, where '+' means a space; encode it as %2B (To=%2B14155550100)"
+        )
+    raise Unpriceable(
+        f"To {shown!r} is not a phone number in E.164: keybrake prices a message by its "
+        "destination, so To must be '+' and digits only (no spaces, dashes, brackets or dots), "
+        "optionally behind 'whatsapp:', e.g. +14155550100"
+    )
 
 
 def _check_path(path: str) -> None:

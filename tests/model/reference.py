@@ -17,6 +17,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qsl
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CENT = 10_000  # micro-dollars in a US cent
@@ -29,6 +30,7 @@ REPLAY_RETENTION = timedelta(hours=24)
 FORWARDED = "forwarded"
 DEAD = ("revoked", "expired", "budget_revoked", "budget_expired")
 CONSTRAINT_VIOLATED = "constraint_violated"
+UNPRICEABLE = "unpriceable"
 RATE_LIMITED = "rate_limited"
 # Section 6, "How fast": a rate counts the calls that reached a vendor in the current second and
 # the 60 before it (so no 60 seconds ever hold more than the limit).
@@ -73,6 +75,16 @@ def admits(field: str, allowed: tuple[str, ...], named: str | None) -> bool:
 _E164 = re.compile(r"(?:whatsapp:)?(\+[1-9][0-9]{1,14})")
 # An address's local part: RFC 5322's dot-atom (no quoting).
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+
+
+def priceable(call: Call) -> bool:
+    """Section 1: a Twilio message is priced by its destination, its `To` read as a phone
+    number is (`+` and digits, an optional `whatsapp:` channel); any other `To` is refused
+    before anything else is judged. (The model draws no other unpriceable call.)"""
+    if call.vendor != "twilio":
+        return True
+    to = [value for name, value in parse_qsl(call.body.decode()) if name == "To"]
+    return len(to) == 1 and _phone_number(to[0]) is not None
 
 
 def _phone_number(named: str) -> str | None:
@@ -461,6 +473,8 @@ class Model:
         key = self.keys[call.key]
         if call.account is not None and call.account not in key.accounts:
             return Admission("account_denied")  # the key's scope, read before its life
+        if not priceable(call):
+            return Admission(UNPRICEABLE)  # priced before anything else is judged
         dead = self.dead(key, now)
         lookups = 0
         reported: list[str] = []
