@@ -541,6 +541,15 @@ class Vault:
                 "this issuer until it is jwks or tokenreview"
                 + ("" if token else "; with no static token, nothing can use it until then")
             )
+        if spec.label_prefix[-1].isalnum():
+            # Labels are matched by prefix as text: `argo/team-a` also covers `argo/team-ab/...`.
+            # Meant so at times (`argo/payments-` covers every payments run); said, since a team
+            # boundary usually ends in a separator.
+            warnings.append(
+                f"label_prefix: {spec.label_prefix!r} is matched as text, so it also covers "
+                f"labels such as {spec.label_prefix + 'x'!r}; end it with '/' or '-' to stop at "
+                "a boundary"
+            )
         return record, token, warnings
 
     async def list_issuers(self, actor: Actor, *, include_deleted: bool) -> list[IssuerRecord]:

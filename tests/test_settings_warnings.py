@@ -156,6 +156,21 @@ def test_an_issuer_bound_while_kubernetes_login_is_off_is_created_with_a_warning
     assert set(plain) == set(shown) | {"issuer_token"}
 
 
+def test_a_label_prefix_without_a_separator_is_created_with_a_warning(tmp_path: Path) -> None:
+    """Labels match by prefix as text: `argo/team-a` also covers `argo/team-ab/...`."""
+    with app_client(tmp_path) as client:
+        open_ended = _create(client, name="team-a", label_prefix="argo/team-a")
+        bounded = [
+            _create(client, name=f"b{n}", label_prefix=prefix)
+            for n, prefix in enumerate(["argo/team-b/", "argo/payments-", "argo/x."])
+        ]
+    assert open_ended["warnings"] == [
+        "label_prefix: 'argo/team-a' is matched as text, so it also covers labels such as "
+        "'argo/team-ax'; end it with '/' or '-' to stop at a boundary"
+    ]
+    assert not [issuer for issuer in bounded if "warnings" in issuer]
+
+
 def test_an_issuer_bound_while_kubernetes_login_is_on_has_no_warning(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("t")
     with app_client(
