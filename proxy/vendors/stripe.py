@@ -1,10 +1,13 @@
 """Stripe: Bearer (or Basic) secret key, form-encoded bodies, amounts in minor units.
 
 What a dollar is: money a call moves, priced by the rules in the `[stripe.endpoints]` pricing table.
-Confirming or capturing a PaymentIntent or charge moves its amount, looked up upstream with the
-real key; the ledger offsets it by what the same payer (the key, or a key on the same budget)
-already paid for that object within the window, so creating and then confirming an intent is
-paid once, while another run's key confirming it pays in full (docs/guarantees.md).
+Confirming or capturing a PaymentIntent or charge moves its amount (or the amount the call names:
+`amount_to_confirm`, `amount_to_capture`), looked up upstream with the real key; the ledger
+offsets it by what the same payer (the key, or a key on the same budget) already paid for that
+object within the window, so creating and then confirming an intent is paid once, while another
+run's key confirming it pays in full (docs/guarantees.md). Every endpoint that moves money takes
+only the fields its pricing rule lists (Stripe's documented parameters): one Stripe adds later
+may move money, so it is refused, naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _READS: dict[str, tuple[str, ...]] = {
     "free": (),
     "amount": ("amount", "currency"),
     "amount_if_set": ("amount", "currency"),
+    "confirm_amount": ("amount_to_confirm",),
     "intent_amount": ("amount_to_capture",),
     "increment": ("amount",),
     "charge_amount": ("amount",),
@@ -148,12 +152,25 @@ class Stripe(Vendor):
                 _amount(amount) if amount is not None else _fetched_int(intent, "amount"),
                 currency or _fetched_currency(intent),
             )
-        if name == "intent_amount":
+        if name == "confirm_amount":
+            # Stripe confirms `amount_to_confirm` when given (API 2026-04-22.dahlia: "the exact
+            # amount to confirm", which may exceed the intent's amount), else the intent's amount.
             return await self._capture(
-                lookup, "payment_intents", segments[2], form, "amount_to_capture"
+                lookup, "payment_intents", segments[2], form, "amount_to_confirm", ("amount",)
+            )
+        if name == "intent_amount":
+            # Without `amount_to_capture` Stripe captures "the full amount_capturable", which a
+            # padded confirm (`amount_to_confirm`) raises above the intent's amount.
+            return await self._capture(
+                lookup,
+                "payment_intents",
+                segments[2],
+                form,
+                "amount_to_capture",
+                ("amount", "amount_capturable"),
             )
         if name == "charge_amount":
-            return await self._capture(lookup, "charges", segments[2], form, "amount")
+            return await self._capture(lookup, "charges", segments[2], form, "amount", ("amount",))
         if name == "increment":
             # `amount` is the intent's new total: the increment moves the difference, in the
             # intent's own currency (the request names none).
@@ -263,14 +280,31 @@ class Stripe(Vendor):
         )
 
     async def _capture(
-        self, lookup: Lookup, kind: str, object_id: str, form: FormBody, field: str
+        self,
+        lookup: Lookup,
+        kind: str,
+        object_id: str,
+        form: FormBody,
+        field: str,
+        held: tuple[str, ...],
     ) -> Cost:
-        """Confirming or capturing an intent or charge moves its amount, or the amount to
-        capture when one is named (an overcapture moves more than the object holds). The ledger
-        offsets it by what the same payer already paid for the object (`paid_object`)."""
+        """Confirming or capturing an intent or charge moves the amount the call names in
+        `field` (an overcapture or a padded confirm moves more than the object's amount), else
+        the largest of the object's `held` amounts (the first required; the others where the
+        object has them). The ledger offsets it by what the same payer already paid for the
+        object (`paid_object`)."""
         requested = form.one(field)
         fetched = await _fetch(lookup, kind, object_id)
-        amount = _amount(requested) if requested is not None else _fetched_int(fetched, "amount")
+        if requested is not None:
+            amount = _amount(requested)
+        else:
+            first, *others = held
+            amount = max(
+                (
+                    _fetched_int(fetched, first),
+                    *(_fetched_int(fetched, f) for f in others if fetched.get(f) is not None),
+                )
+            )
         return self._priced(
             amount, _fetched_currency(fetched), counts=(object_id,), paid_object=object_id
         )
