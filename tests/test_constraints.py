@@ -242,6 +242,18 @@ def test_stripe_refunds_transfers_and_payouts() -> None:
     assert values(invoice)["customers"] == "customers: the invoice has no customer"
 
 
+def test_stripe_a_customer_update_or_delete_names_the_customer_in_its_path() -> None:
+    """Free, yet an update can raise what the customer's next invoice bills: under `customers`
+    it names the customer it writes, from its path. Before, it named none and passed."""
+    customers = frozenset({"customers"})
+    update = subjects("stripe", "/v1/customers/cus_B", "email=a@b.c", wanted=customers)
+    assert update == {"customers": ("cus_B",)}
+    deleted = subjects("stripe", "/v1/customers/cus_B", method="DELETE", wanted=customers)
+    assert deleted == {"customers": ("cus_B",)}
+    # A new customer is no one's yet, and moves no money.
+    assert subjects("stripe", "/v1/customers", "email=a@b.c", wanted=customers) == {"customers": ()}
+
+
 @pytest.mark.parametrize(
     "body",
     [

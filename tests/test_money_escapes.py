@@ -317,3 +317,35 @@ def test_a_padded_confirm_and_the_capture_after_it_are_priced_at_what_they_move(
         assert done.status_code == 200, done.text
         assert stub.sent[-1][0] == "POST" and stub.sent[-1][3] == body.encode()
         assert spent(client, rich["key_id"]) == ("10000.00", "10000.00")
+
+
+def test_a_key_held_to_customers_writes_no_other_customer_and_no_balance(tmp_path: Path) -> None:
+    """A key held to cus_A set cus_B's balance (added to cus_B's next invoice) for $0: a customer
+    update was free with any body, its query string included, and named no customer."""
+    stub = StubUpstream()
+    endpoints = ["POST /v1/customers/*", "DELETE /v1/customers/*"]
+    with app_client(tmp_path, upstream=stub) as client:
+        key = issue(
+            client,
+            daily_usd_cap=1,
+            allowed_endpoints=endpoints,
+            constraints={"customers": ["cus_A"], "currencies": ["usd"]},
+        )
+        other = stripe_call(client, key["vault_key"], "/v1/customers/cus_B", "email=a@b.c")
+        assert other.status_code == 403, other.text
+        assert other.json()["error"]["code"] == "keybrake_constraint_violated"
+        assert "'cus_B' is not allowed" in other.json()["error"]["message"]
+        gone = client.delete(
+            "/stripe/v1/customers/cus_B", headers={"Authorization": f"Bearer {key['vault_key']}"}
+        )
+        assert gone.status_code == 403, gone.text
+        balance = stripe_call(client, key["vault_key"], "/v1/customers/cus_A", "balance=100000000")
+        assert balance.status_code == 400 and "'balance'" in balance.json()["error"]["message"]
+        query = stripe_call(client, key["vault_key"], "/v1/customers/cus_A?balance=5")
+        assert query.status_code == 400 and "query string" in query.json()["error"]["message"]
+        assert stub.sent == []
+        own = stripe_call(client, key["vault_key"], "/v1/customers/cus_A", "email=a@b.c")
+        assert own.status_code == 200, own.text
+        assert [(m, u.rsplit("/", 1)[-1], b) for m, u, _, b in stub.sent] == [
+            ("POST", "cus_A", b"email=a@b.c")
+        ]

@@ -242,6 +242,29 @@ def test_stripe_money_endpoints_take_the_fields_stripe_documents_and_no_other(
         estimate(vendor, "POST", path, f"{body}&amount_surcharge[value]=1", lookup)
 
 
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/customers/cus_1", "balance=100000000"),  # billed on the next invoice
+        ("/v1/customers/cus_1", "email=a@b.c&cash_balance[settings][reconciliation_mode]=manual"),
+        ("/v1/customers/cus_1", "source=tok_visa"),
+        ("/v1/customers/cus_1", "tax_exempt=none"),
+        ("/v1/customers/cus_1", "coupon=FREE"),
+        ("/v1/customers", "email=a@b.c&balance=5"),
+    ],
+)
+def test_stripe_customer_writes_refuse_money_fields(path: str, body: str) -> None:
+    """A customer's `balance` is added to its next invoice: it was free with any body (and any
+    query string, the body of a free rule being unread)."""
+    vendor = stripe_vendor()
+    with pytest.raises(AmbiguousRequest, match="refuses field"):
+        estimate(vendor, "POST", path, body)
+    assert not estimate(vendor, "POST", path, "email=a@b.c&metadata[x]=y&name=A").priced
+    call = VendorCall("POST", path, "balance=5", {}, b"")
+    with pytest.raises(AmbiguousRequest, match="query string"):
+        asyncio.run(vendor.estimate(call, FakeLookup({})))
+
+
 def test_stripe_refunds_and_invoices() -> None:
     vendor = stripe_vendor()
     lookup = FakeLookup(

@@ -189,12 +189,13 @@ class Stripe(Vendor):
         self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
     ) -> Found:
         """Per endpoint (docs/guarantees.md, "Constraints"): the currency of a priced call; the
-        customer a PaymentIntent or charge is created for (its body), and of the intent, charge,
+        customer a PaymentIntent or charge is created for (its body), of the intent, charge,
         refund's charge or invoice a call acts on (looked up, with an update's new customer
-        too); where money goes out: a transfer's or payout's `destination` (a payout without
-        one goes to the default external account: unreadable) and `transfer_data[destination]`
-        of an intent or charge, from the body and the object. Another call that moves money
-        cannot say its customer or destination, so it is refused under those constraints."""
+        too), and of a customer's update or delete (its path); where money goes out: a
+        transfer's or payout's `destination` (a payout without one goes to the default external
+        account: unreadable) and `transfer_data[destination]` of an intent or charge, from the
+        body and the object. Another call that moves money cannot say its customer or
+        destination, so it is refused under those constraints."""
         segments = call.path.strip("/").split("/")
         kind = segments[1] if len(segments) > 1 else ""
         what = f"{call.method} {call.path}"
@@ -240,6 +241,10 @@ class Stripe(Vendor):
             return (cost.currency,) if cost.priced and cost.currency else ()
 
         async def customers() -> tuple[str, ...]:
+            if kind == "customers" and len(segments) >= 3 and call.method in ("POST", "DELETE"):
+                # A customer's update or delete (or a sub-resource an operator prices) names the
+                # customer in its path: free, yet it can raise what the next invoice bills.
+                return (segments[2],)
             if creates and kind in ("payment_intents", "charges"):
                 named = body().one("customer")
                 if named is None:
