@@ -349,3 +349,30 @@ def test_a_key_held_to_customers_writes_no_other_customer_and_no_balance(tmp_pat
         assert [(m, u.rsplit("/", 1)[-1], b) for m, u, _, b in stub.sent] == [
             ("POST", "cus_A", b"email=a@b.c")
         ]
+
+
+def test_a_key_held_to_destinations_makes_no_direct_charge_elsewhere(tmp_path: Path) -> None:
+    """A key held to destinations [acct_X] and allowed to act on acct_Z created a $50 direct
+    charge on acct_Z (`Stripe-Account`, no `transfer_data`): the money settles in acct_Z."""
+    stub = StubUpstream()
+    with app_client(tmp_path, upstream=stub) as client:
+        key = issue(
+            client,
+            daily_usd_cap=100,
+            allowed_accounts=["acct_Z", "acct_X"],
+            constraints={"destinations": ["acct_X"], "customers": ["cus_A"]},
+        )
+        body = "amount=5000&currency=usd&customer=cus_A&application_fee_amount=1"
+        auth = {**FORM, "Authorization": f"Bearer {key['vault_key']}"}
+        for header, value in (("Stripe-Account", "acct_Z"), ("Stripe-Context", "acct_X/acct_Z")):
+            direct = client.post(
+                "/stripe/v1/payment_intents", content=body, headers={**auth, header: value}
+            )
+            assert direct.status_code == 403, direct.text
+            assert "'acct_Z' is not allowed" in direct.json()["error"]["message"]
+        assert stub.sent == []
+        allowed = client.post(
+            "/stripe/v1/payment_intents", content=body, headers={**auth, "Stripe-Account": "acct_X"}
+        )
+        assert allowed.status_code == 200, allowed.text
+        assert len(stub.sent) == 1

@@ -194,8 +194,9 @@ class Stripe(Vendor):
         too), and of a customer's update or delete (its path); where money goes out: a
         transfer's or payout's `destination` (a payout without one goes to the default external
         account: unreadable) and `transfer_data[destination]` of an intent or charge, from the
-        body and the object. Another call that moves money cannot say its customer or
-        destination, so it is refused under those constraints."""
+        body and the object, and the connected account a priced call acts on (its
+        `Stripe-Account` or `Stripe-Context`). Another call that moves money cannot say its
+        customer or destination, so it is refused under those constraints."""
         segments = call.path.strip("/").split("/")
         kind = segments[1] if len(segments) > 1 else ""
         what = f"{call.method} {call.path}"
@@ -261,6 +262,17 @@ class Stripe(Vendor):
             )
 
         async def destinations() -> tuple[str, ...]:
+            # A priced call on a connected account (`Stripe-Account`, every account of a
+            # `Stripe-Context`) is a direct charge, capture, transfer or payout of that account:
+            # its money settles there, whatever the body names.
+            acting = self.accounts(call.headers) if cost.priced else ()
+            try:
+                return (*acting, *await named())
+            except Unchecked as exc:
+                raise Unchecked("destinations", (*acting, *exc.values)) from None
+
+        async def named() -> tuple[str, ...]:
+            """Where the body, or the object a call acts on, sends the money."""
             if creates and kind in ("transfers", "payouts"):
                 named = body().one("destination")
                 if named is None:
