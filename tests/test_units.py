@@ -308,6 +308,10 @@ def test_operator_pricing_file_extends_and_validates(tmp_path: Path) -> None:
     [
         ('[stripe.endpoints]\n"POST /v1/x" = "cheap"\n', "line 2"),
         ('[stripe.endpoints]\n"FETCH /v1/x" = "free"\n', "line 2"),
+        (
+            '[stripe.endpoints]\n"POST /v1/payment_intents/*/confirm" = "intent_amount"\n',
+            "confirm_amount",
+        ),
         ('[fx]\neur = "-1"\n', "line 2"),
         ('[fx]\neur = "abc"\n', "fx.eur"),
         ("[currency_exponents]\nabc = 9\n", "line 2"),

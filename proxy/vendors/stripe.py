@@ -83,12 +83,19 @@ class Stripe(Vendor):
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
         validate_endpoint_rules(section, _RULES)
-        for pattern in section.get("endpoints", {}):
-            path = str(pattern).partition(" ")[2]
-            if path.strip().startswith("/v2/"):
+        for pattern, rule in section.get("endpoints", {}).items():
+            path = str(pattern).partition(" ")[2].strip()
+            if path.startswith("/v2/"):
                 raise ValueError(
                     f"'{pattern}': Stripe's /v2 API takes JSON bodies keybrake cannot price yet; "
                     "its writes are refused"
+                )
+            # A table written before confirms had a rule of their own priced them by a
+            # capture's field: they would forward `amount_to_confirm` unpriced.
+            if path.endswith("/confirm") and rule_parts(rule)[0] == "intent_amount":
+                raise ValueError(
+                    f"'{pattern}': a confirm moves `amount_to_confirm` when given; price it with "
+                    '"confirm_amount" ("intent_amount" prices a capture)'
                 )
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
