@@ -244,6 +244,49 @@ def test_stripe_refunds_transfers_and_payouts() -> None:
 
 
 @pytest.mark.parametrize(
+    "headers,named",
+    [
+        ({"stripe-account": "acct_Z"}, ("acct_Z",)),
+        ({"stripe-context": "acct_X/acct_Z"}, ("acct_X", "acct_Z")),
+        ({"stripe-account": "acct_Z", "stripe-context": "acct_Y"}, ("acct_Z", "acct_Y")),
+    ],
+)
+def test_stripe_a_priced_call_on_a_connected_account_pays_out_there(
+    headers: dict[str, str], named: tuple[str, ...]
+) -> None:
+    """A direct charge on acct_Z names no `transfer_data`, yet its money settles in acct_Z: it
+    passed a `destinations` constraint naming other accounts only."""
+    v = vendor("stripe")
+    body = b"amount=5000&currency=usd&transfer_data[destination]=acct_X"
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    call = VendorCall("POST", "/v1/payment_intents", "", {**form, **headers}, body)
+    lookup = Objects({"/v1/payment_intents/pi_1": INTENT})
+    confirm = VendorCall("POST", "/v1/payment_intents/pi_1/confirm", "", headers, b"")
+
+    async def read(call: VendorCall) -> Found:
+        cost = await v.estimate(call, lookup)
+        return await v.subjects(call, cost, lookup, frozenset({"destinations"}))
+
+    assert asyncio.run(read(call)) == {"destinations": (*named, "acct_X")}
+    assert asyncio.run(read(confirm)) == {"destinations": named}
+    # A free call moves no money on any account.
+    free = VendorCall("POST", "/v1/customers", "", {**form, **headers}, b"email=a@b.c")
+    assert asyncio.run(read(free)) == {"destinations": ()}
+
+
+def test_stripe_a_customer_update_or_delete_names_the_customer_in_its_path() -> None:
+    """Free, yet an update can raise what the customer's next invoice bills: under `customers`
+    it names the customer it writes, from its path. Before, it named none and passed."""
+    customers = frozenset({"customers"})
+    update = subjects("stripe", "/v1/customers/cus_B", "email=a@b.c", wanted=customers)
+    assert update == {"customers": ("cus_B",)}
+    deleted = subjects("stripe", "/v1/customers/cus_B", method="DELETE", wanted=customers)
+    assert deleted == {"customers": ("cus_B",)}
+    # A new customer is no one's yet, and moves no money.
+    assert subjects("stripe", "/v1/customers", "email=a@b.c", wanted=customers) == {"customers": ()}
+
+
+@pytest.mark.parametrize(
     "body",
     [
         "amount=5&currency=usd&customer=cus_1&customer=cus_3",  # which one Stripe keeps

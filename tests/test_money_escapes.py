@@ -15,6 +15,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from keybrake.proxy.upstream import UpstreamResponse
 from tests.inproc import Clock, StubUpstream, app_client, issue
 from tests.proxyproc import Localstripe
 
@@ -270,3 +271,108 @@ def test_a_refusal_before_authentication_names_the_valid_key(tmp_path: Path) -> 
             ("bad_path", key["key_id"], "argo/billing-agent-x7k2p")
         ]
         assert stub.sent == []
+
+
+def test_a_padded_confirm_and_the_capture_after_it_are_priced_at_what_they_move(
+    tmp_path: Path,
+) -> None:
+    """A $1 intent confirmed with `amount_to_confirm` (Stripe-Version 2026-04-22.dahlia) moves
+    what that names: it was priced at the intent's $1, already paid, so a $5-a-day key confirmed
+    $10,000 for nothing. And a capture without `amount_to_capture` moves amount_capturable, which
+    such a confirm raised, not the intent's `amount`."""
+    held = UpstreamResponse(
+        200,
+        [("content-type", "application/json"), ("request-id", "req_stub")],
+        b'{"id": "pi_stub", "object": "payment_intent", "amount": 100, "currency": "usd",'
+        b' "amount_capturable": 1000000, "status": "requires_capture"}',
+    )
+    stub = StubUpstream(held)
+    with app_client(tmp_path, upstream=stub) as client:
+        key = issue(client, daily_usd_cap=5, allowed_endpoints=ENDPOINTS)
+        assert (
+            stripe_call(
+                client, key["vault_key"], "/v1/payment_intents", "amount=100&currency=usd"
+            ).status_code
+            == 200
+        )
+        confirm = client.post(
+            "/stripe/v1/payment_intents/pi_stub/confirm",
+            content="amount_to_confirm=1000000&payment_method=pm_card_visa",
+            headers={
+                **FORM,
+                "Authorization": f"Bearer {key['vault_key']}",
+                "Stripe-Version": "2026-04-22.dahlia",
+            },
+        )
+        assert confirm.status_code == 429 and confirm.headers["x-keybrake-cap-hit"] == "true"
+        capture = stripe_call(client, key["vault_key"], "/v1/payment_intents/pi_stub/capture")
+        assert capture.status_code == 429 and capture.headers["x-keybrake-cap-hit"] == "true"
+        # Each was looked up, and neither forwarded.
+        assert [m for m, _, _, _ in stub.sent] == ["POST", "GET", "GET"]
+        assert spent(client, key["key_id"]) == ("1.00", "1.00")
+        # Within its cap a confirm names what it moves, priced less what its payer paid.
+        rich = issue(client, daily_usd_cap=20_000, allowed_endpoints=ENDPOINTS)
+        body = "amount_to_confirm=1000000"
+        done = stripe_call(client, rich["vault_key"], "/v1/payment_intents/pi_stub/confirm", body)
+        assert done.status_code == 200, done.text
+        assert stub.sent[-1][0] == "POST" and stub.sent[-1][3] == body.encode()
+        assert spent(client, rich["key_id"]) == ("10000.00", "10000.00")
+
+
+def test_a_key_held_to_customers_writes_no_other_customer_and_no_balance(tmp_path: Path) -> None:
+    """A key held to cus_A set cus_B's balance (added to cus_B's next invoice) for $0: a customer
+    update was free with any body, its query string included, and named no customer."""
+    stub = StubUpstream()
+    endpoints = ["POST /v1/customers/*", "DELETE /v1/customers/*"]
+    with app_client(tmp_path, upstream=stub) as client:
+        key = issue(
+            client,
+            daily_usd_cap=1,
+            allowed_endpoints=endpoints,
+            constraints={"customers": ["cus_A"], "currencies": ["usd"]},
+        )
+        other = stripe_call(client, key["vault_key"], "/v1/customers/cus_B", "email=a@b.c")
+        assert other.status_code == 403, other.text
+        assert other.json()["error"]["code"] == "keybrake_constraint_violated"
+        assert "'cus_B' is not allowed" in other.json()["error"]["message"]
+        gone = client.delete(
+            "/stripe/v1/customers/cus_B", headers={"Authorization": f"Bearer {key['vault_key']}"}
+        )
+        assert gone.status_code == 403, gone.text
+        balance = stripe_call(client, key["vault_key"], "/v1/customers/cus_A", "balance=100000000")
+        assert balance.status_code == 400 and "'balance'" in balance.json()["error"]["message"]
+        query = stripe_call(client, key["vault_key"], "/v1/customers/cus_A?balance=5")
+        assert query.status_code == 400 and "query string" in query.json()["error"]["message"]
+        assert stub.sent == []
+        own = stripe_call(client, key["vault_key"], "/v1/customers/cus_A", "email=a@b.c")
+        assert own.status_code == 200, own.text
+        assert [(m, u.rsplit("/", 1)[-1], b) for m, u, _, b in stub.sent] == [
+            ("POST", "cus_A", b"email=a@b.c")
+        ]
+
+
+def test_a_key_held_to_destinations_makes_no_direct_charge_elsewhere(tmp_path: Path) -> None:
+    """A key held to destinations [acct_X] and allowed to act on acct_Z created a $50 direct
+    charge on acct_Z (`Stripe-Account`, no `transfer_data`): the money settles in acct_Z."""
+    stub = StubUpstream()
+    with app_client(tmp_path, upstream=stub) as client:
+        key = issue(
+            client,
+            daily_usd_cap=100,
+            allowed_accounts=["acct_Z", "acct_X"],
+            constraints={"destinations": ["acct_X"], "customers": ["cus_A"]},
+        )
+        body = "amount=5000&currency=usd&customer=cus_A&application_fee_amount=1"
+        auth = {**FORM, "Authorization": f"Bearer {key['vault_key']}"}
+        for header, value in (("Stripe-Account", "acct_Z"), ("Stripe-Context", "acct_X/acct_Z")):
+            direct = client.post(
+                "/stripe/v1/payment_intents", content=body, headers={**auth, header: value}
+            )
+            assert direct.status_code == 403, direct.text
+            assert "'acct_Z' is not allowed" in direct.json()["error"]["message"]
+        assert stub.sent == []
+        allowed = client.post(
+            "/stripe/v1/payment_intents", content=body, headers={**auth, "Stripe-Account": "acct_X"}
+        )
+        assert allowed.status_code == 200, allowed.text
+        assert len(stub.sent) == 1

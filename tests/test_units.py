@@ -180,6 +180,91 @@ def test_stripe_increment_authorization_prices_the_new_total_less_the_current() 
         estimate(vendor, "POST", path, "amount=4000&application_fee_amount=9", lookup)
 
 
+def test_stripe_confirm_prices_amount_to_confirm_and_capture_what_is_capturable() -> None:
+    """A confirm moves `amount_to_confirm` when given (API 2026-04-22.dahlia), which may exceed
+    the intent's amount: a $1 intent confirmed for $10,000 was priced $1. A capture without
+    `amount_to_capture` moves the intent's amount_capturable, which that confirm raised: it was
+    priced at `amount`. A confirm naming `amount_to_capture` (a capture's field) was priced at it;
+    it is refused now, as any field Stripe does not document for the endpoint."""
+    vendor = stripe_vendor()
+    held = {"id": "pi_1", "amount": 100, "amount_capturable": 1_000_000, "currency": "usd"}
+    lookup = FakeLookup({"/v1/payment_intents/pi_1": held})
+    confirm = "/v1/payment_intents/pi_1/confirm"
+    padded = estimate(vendor, "POST", confirm, "amount_to_confirm=1000000&return_url=x", lookup)
+    assert (padded.micros, padded.amount, padded.paid_object) == (10_000_000_000, 1_000_000, "pi_1")
+    assert estimate(vendor, "POST", confirm, "payment_method=pm_1", lookup).micros == 1_000_000
+    with pytest.raises(AmbiguousRequest, match="'amount_to_capture'"):
+        estimate(vendor, "POST", confirm, "amount_to_capture=1", lookup)
+    with pytest.raises(AmbiguousRequest, match="appears 2 times"):
+        estimate(vendor, "POST", confirm, "amount_to_confirm=1&amount_to_confirm=9", lookup)
+    capture = "/v1/payment_intents/pi_1/capture"
+    assert estimate(vendor, "POST", capture, "", lookup).micros == 10_000_000_000
+    assert estimate(vendor, "POST", capture, "amount_to_capture=500", lookup).micros == 5_000_000
+    # Not confirmed yet (nothing capturable): the intent's amount, as before.
+    lookup.objects = {"/v1/payment_intents/pi_1": {**held, "amount_capturable": 0}}
+    assert estimate(vendor, "POST", capture, "", lookup).micros == 1_000_000
+
+
+MONEY_ENDPOINTS = [
+    (
+        "/v1/payment_intents",
+        "amount=100&currency=usd&customer=cus_1&automatic_payment_methods"
+        "[enabled]=true&confirm=true&return_url=x&transfer_data[destination]=acct_1",
+    ),
+    ("/v1/payment_intents/pi_1/confirm", "payment_method=pm_1&off_session=true&mandate=m"),
+    ("/v1/payment_intents/pi_1/capture", "amount_to_capture=100&final_capture=false"),
+    ("/v1/payment_intents/pi_1/increment_authorization", "amount=200&payment_details[x]=y"),
+    ("/v1/charges", "amount=100&currency=usd&source=tok_visa&capture=false"),
+    ("/v1/charges/ch_1/capture", "amount=100&receipt_email=a@b.c"),
+    ("/v1/refunds", "charge=ch_1&reason=duplicate&reverse_transfer=true"),
+    ("/v1/transfers", "amount=100&currency=usd&destination=acct_1&source_transaction=ch_1"),
+    ("/v1/payouts", "amount=100&currency=usd&method=instant&statement_descriptor=x"),
+    ("/v1/invoices/in_1/pay", "payment_method=pm_1&off_session=true"),
+]
+
+
+@pytest.mark.parametrize("path,body", MONEY_ENDPOINTS)
+def test_stripe_money_endpoints_take_the_fields_stripe_documents_and_no_other(
+    path: str, body: str
+) -> None:
+    """A field the endpoint's list does not hold (a money parameter Stripe adds later, as it
+    added `amount_to_confirm`) is refused naming it, never forwarded unpriced."""
+    vendor = stripe_vendor()
+    lookup = FakeLookup(
+        {
+            "/v1/payment_intents/pi_1": {"id": "pi_1", "amount": 100, "currency": "usd"},
+            "/v1/charges/ch_1": {"id": "ch_1", "amount": 100, "currency": "usd"},
+            "/v1/invoices/in_1": {"id": "in_1", "amount_remaining": 100, "currency": "usd"},
+        }
+    )
+    assert estimate(vendor, "POST", path, body, lookup).priced
+    with pytest.raises(AmbiguousRequest, match=r"refuses field 'amount_surcharge\[value\]'"):
+        estimate(vendor, "POST", path, f"{body}&amount_surcharge[value]=1", lookup)
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/customers/cus_1", "balance=100000000"),  # billed on the next invoice
+        ("/v1/customers/cus_1", "email=a@b.c&cash_balance[settings][reconciliation_mode]=manual"),
+        ("/v1/customers/cus_1", "source=tok_visa"),
+        ("/v1/customers/cus_1", "tax_exempt=none"),
+        ("/v1/customers/cus_1", "coupon=FREE"),
+        ("/v1/customers", "email=a@b.c&balance=5"),
+    ],
+)
+def test_stripe_customer_writes_refuse_money_fields(path: str, body: str) -> None:
+    """A customer's `balance` is added to its next invoice: it was free with any body (and any
+    query string, the body of a free rule being unread)."""
+    vendor = stripe_vendor()
+    with pytest.raises(AmbiguousRequest, match="refuses field"):
+        estimate(vendor, "POST", path, body)
+    assert not estimate(vendor, "POST", path, "email=a@b.c&metadata[x]=y&name=A").priced
+    call = VendorCall("POST", path, "balance=5", {}, b"")
+    with pytest.raises(AmbiguousRequest, match="query string"):
+        asyncio.run(vendor.estimate(call, FakeLookup({})))
+
+
 def test_stripe_refunds_and_invoices() -> None:
     vendor = stripe_vendor()
     lookup = FakeLookup(
@@ -223,6 +308,10 @@ def test_operator_pricing_file_extends_and_validates(tmp_path: Path) -> None:
     [
         ('[stripe.endpoints]\n"POST /v1/x" = "cheap"\n', "line 2"),
         ('[stripe.endpoints]\n"FETCH /v1/x" = "free"\n', "line 2"),
+        (
+            '[stripe.endpoints]\n"POST /v1/payment_intents/*/confirm" = "intent_amount"\n',
+            "confirm_amount",
+        ),
         ('[fx]\neur = "-1"\n', "line 2"),
         ('[fx]\neur = "abc"\n', "fx.eur"),
         ("[currency_exponents]\nabc = 9\n", "line 2"),

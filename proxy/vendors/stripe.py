@@ -1,10 +1,13 @@
 """Stripe: Bearer (or Basic) secret key, form-encoded bodies, amounts in minor units.
 
 What a dollar is: money a call moves, priced by the rules in the `[stripe.endpoints]` pricing table.
-Confirming or capturing a PaymentIntent or charge moves its amount, looked up upstream with the
-real key; the ledger offsets it by what the same payer (the key, or a key on the same budget)
-already paid for that object within the window, so creating and then confirming an intent is
-paid once, while another run's key confirming it pays in full (docs/guarantees.md).
+Confirming or capturing a PaymentIntent or charge moves its amount (or the amount the call names:
+`amount_to_confirm`, `amount_to_capture`), looked up upstream with the real key; the ledger
+offsets it by what the same payer (the key, or a key on the same budget) already paid for that
+object within the window, so creating and then confirming an intent is paid once, while another
+run's key confirming it pays in full (docs/guarantees.md). Every endpoint that moves money takes
+only the fields its pricing rule lists (Stripe's documented parameters): one Stripe adds later
+may move money, so it is refused, naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _READS: dict[str, tuple[str, ...]] = {
     "free": (),
     "amount": ("amount", "currency"),
     "amount_if_set": ("amount", "currency"),
+    "confirm_amount": ("amount_to_confirm",),
     "intent_amount": ("amount_to_capture",),
     "increment": ("amount",),
     "charge_amount": ("amount",),
@@ -79,12 +83,19 @@ class Stripe(Vendor):
     @staticmethod
     def validate_pricing(section: Mapping[str, Any]) -> None:
         validate_endpoint_rules(section, _RULES)
-        for pattern in section.get("endpoints", {}):
-            path = str(pattern).partition(" ")[2]
-            if path.strip().startswith("/v2/"):
+        for pattern, rule in section.get("endpoints", {}).items():
+            path = str(pattern).partition(" ")[2].strip()
+            if path.startswith("/v2/"):
                 raise ValueError(
                     f"'{pattern}': Stripe's /v2 API takes JSON bodies keybrake cannot price yet; "
                     "its writes are refused"
+                )
+            # A table written before confirms had a rule of their own priced them by a
+            # capture's field: they would forward `amount_to_confirm` unpriced.
+            if path.endswith("/confirm") and rule_parts(rule)[0] == "intent_amount":
+                raise ValueError(
+                    f"'{pattern}': a confirm moves `amount_to_confirm` when given; price it with "
+                    '"confirm_amount" ("intent_amount" prices a capture)'
                 )
 
     def presented_key(self, headers: Mapping[str, str]) -> str | None:
@@ -148,12 +159,25 @@ class Stripe(Vendor):
                 _amount(amount) if amount is not None else _fetched_int(intent, "amount"),
                 currency or _fetched_currency(intent),
             )
-        if name == "intent_amount":
+        if name == "confirm_amount":
+            # Stripe confirms `amount_to_confirm` when given (API 2026-04-22.dahlia: "the exact
+            # amount to confirm", which may exceed the intent's amount), else the intent's amount.
             return await self._capture(
-                lookup, "payment_intents", segments[2], form, "amount_to_capture"
+                lookup, "payment_intents", segments[2], form, "amount_to_confirm", ("amount",)
+            )
+        if name == "intent_amount":
+            # Without `amount_to_capture` Stripe captures "the full amount_capturable", which a
+            # padded confirm (`amount_to_confirm`) raises above the intent's amount.
+            return await self._capture(
+                lookup,
+                "payment_intents",
+                segments[2],
+                form,
+                "amount_to_capture",
+                ("amount", "amount_capturable"),
             )
         if name == "charge_amount":
-            return await self._capture(lookup, "charges", segments[2], form, "amount")
+            return await self._capture(lookup, "charges", segments[2], form, "amount", ("amount",))
         if name == "increment":
             # `amount` is the intent's new total: the increment moves the difference, in the
             # intent's own currency (the request names none).
@@ -172,12 +196,14 @@ class Stripe(Vendor):
         self, call: VendorCall, cost: Cost, lookup: Lookup, wanted: frozenset[str]
     ) -> Found:
         """Per endpoint (docs/guarantees.md, "Constraints"): the currency of a priced call; the
-        customer a PaymentIntent or charge is created for (its body), and of the intent, charge,
+        customer a PaymentIntent or charge is created for (its body), of the intent, charge,
         refund's charge or invoice a call acts on (looked up, with an update's new customer
-        too); where money goes out: a transfer's or payout's `destination` (a payout without
-        one goes to the default external account: unreadable) and `transfer_data[destination]`
-        of an intent or charge, from the body and the object. Another call that moves money
-        cannot say its customer or destination, so it is refused under those constraints."""
+        too), and of a customer's update or delete (its path); where money goes out: a
+        transfer's or payout's `destination` (a payout without one goes to the default external
+        account: unreadable) and `transfer_data[destination]` of an intent or charge, from the
+        body and the object, and the connected account a priced call acts on (its
+        `Stripe-Account` or `Stripe-Context`). Another call that moves money cannot say its
+        customer or destination, so it is refused under those constraints."""
         segments = call.path.strip("/").split("/")
         kind = segments[1] if len(segments) > 1 else ""
         what = f"{call.method} {call.path}"
@@ -223,6 +249,10 @@ class Stripe(Vendor):
             return (cost.currency,) if cost.priced and cost.currency else ()
 
         async def customers() -> tuple[str, ...]:
+            if kind == "customers" and len(segments) >= 3 and call.method in ("POST", "DELETE"):
+                # A customer's update or delete (or a sub-resource an operator prices) names the
+                # customer in its path: free, yet it can raise what the next invoice bills.
+                return (segments[2],)
             if creates and kind in ("payment_intents", "charges"):
                 named = body().one("customer")
                 if named is None:
@@ -239,6 +269,17 @@ class Stripe(Vendor):
             )
 
         async def destinations() -> tuple[str, ...]:
+            # A priced call on a connected account (`Stripe-Account`, every account of a
+            # `Stripe-Context`) is a direct charge, capture, transfer or payout of that account:
+            # its money settles there, whatever the body names.
+            acting = self.accounts(call.headers) if cost.priced else ()
+            try:
+                return (*acting, *await named())
+            except Unchecked as exc:
+                raise Unchecked("destinations", (*acting, *exc.values)) from None
+
+        async def named() -> tuple[str, ...]:
+            """Where the body, or the object a call acts on, sends the money."""
             if creates and kind in ("transfers", "payouts"):
                 named = body().one("destination")
                 if named is None:
@@ -263,14 +304,31 @@ class Stripe(Vendor):
         )
 
     async def _capture(
-        self, lookup: Lookup, kind: str, object_id: str, form: FormBody, field: str
+        self,
+        lookup: Lookup,
+        kind: str,
+        object_id: str,
+        form: FormBody,
+        field: str,
+        held: tuple[str, ...],
     ) -> Cost:
-        """Confirming or capturing an intent or charge moves its amount, or the amount to
-        capture when one is named (an overcapture moves more than the object holds). The ledger
-        offsets it by what the same payer already paid for the object (`paid_object`)."""
+        """Confirming or capturing an intent or charge moves the amount the call names in
+        `field` (an overcapture or a padded confirm moves more than the object's amount), else
+        the largest of the object's `held` amounts (the first required; the others where the
+        object has them). The ledger offsets it by what the same payer already paid for the
+        object (`paid_object`)."""
         requested = form.one(field)
         fetched = await _fetch(lookup, kind, object_id)
-        amount = _amount(requested) if requested is not None else _fetched_int(fetched, "amount")
+        if requested is not None:
+            amount = _amount(requested)
+        else:
+            first, *others = held
+            amount = max(
+                (
+                    _fetched_int(fetched, first),
+                    *(_fetched_int(fetched, f) for f in others if fetched.get(f) is not None),
+                )
+            )
         return self._priced(
             amount, _fetched_currency(fetched), counts=(object_id,), paid_object=object_id
         )

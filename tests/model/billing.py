@@ -3,8 +3,10 @@ proxy against. Each records every request it receives with the credential it car
 bills in the vendor's own unit, as documented (docs/guarantees.md, section 1):
 
 - Stripe: PaymentIntents created (no money moves) for a customer in usd or eur, updated (a new
-  amount, a new customer), confirmed (automatic capture: the amount moves; manual capture: it is
-  held) and captured (a held amount moves), refunds (the amount moves back out). Money is counted
+  amount, a new customer), confirmed (automatic capture: the amount moves, or `amount_to_confirm`
+  when given, which may exceed it; manual capture: it is held, as `amount_capturable`) and
+  captured (`amount_to_capture`, else everything held, moves), refunds (the amount moves back
+  out). Money is counted
   in micro-dollars at the operator's rates (`MINOR_MICROS`). Idempotency keys replay the stored
   answer (`Idempotent-Replayed`), as Stripe does for 24 hours.
 - Twilio: a message bills its segments (GSM-7: 160, then 153 a segment) at $0.0083.
@@ -89,6 +91,7 @@ class Intent:
     capture_method: str
     status: str = "requires_confirmation"
     received: int = 0
+    capturable: int = 0  # held by a manual confirm, which `amount_to_confirm` may pad
     currency: str = "usd"
     customer: str | None = None
 
@@ -109,6 +112,7 @@ class Intent:
             "capture_method": self.capture_method,
             "status": self.status,
             "amount_received": self.received,
+            "amount_capturable": self.capturable,
         }
 
 
@@ -248,26 +252,30 @@ class BillingUpstream(InProcessUpstream):
         if action == "confirm":
             if intent.status != "requires_confirmation":
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
+            # "The exact amount to confirm", the intent's amount if not given (API 2026-04-22).
+            confirmed = int(form.get("amount_to_confirm", intent.amount))
             if intent.capture_method == "manual":
-                intent.status = "requires_capture"
+                intent.status, intent.capturable = "requires_capture", confirmed
             else:
-                intent.status, intent.received = "succeeded", intent.amount
-                self.moved.append(Moved("stripe", intent.micros, f"confirm {intent.id}", intent.id))
+                intent.status, intent.received = "succeeded", confirmed
+                micros = confirmed * MINOR_MICROS[intent.currency]
+                self.moved.append(Moved("stripe", micros, f"confirm {intent.id}", intent.id))
             return _stripe_object(intent)
         if action == "increment_authorization":
             # Only a held (manual, confirmed) intent, and only upward (Stripe's API reference).
             amount = int(form.get("amount", "0"))
             if intent.status != "requires_capture" or amount <= intent.amount:
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
-            intent.amount = amount
+            intent.amount, intent.capturable = amount, max(intent.capturable, amount)
             return _stripe_object(intent)
         if action == "capture":
             if intent.status != "requires_capture":
                 return _json(400, {"error": {"code": "payment_intent_unexpected_state"}})
-            amount = int(form.get("amount_to_capture", intent.amount))
-            if amount > intent.amount:
+            # "Defaults to the full amount_capturable" (Stripe's API reference).
+            amount = int(form.get("amount_to_capture", intent.capturable))
+            if amount > intent.capturable:
                 return _json(400, {"error": {"code": "amount_too_large"}})
-            intent.status, intent.received = "succeeded", amount
+            intent.status, intent.received, intent.capturable = "succeeded", amount, 0
             micros = amount * MINOR_MICROS[intent.currency]
             self.moved.append(Moved("stripe", micros, f"capture {intent.id}", intent.id))
             return _stripe_object(intent)

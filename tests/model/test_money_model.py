@@ -2,13 +2,14 @@
 
 A hypothesis state machine issues keys and budgets with every cap kind and with constraints
 (customers, currencies, recipient numbers and domains), lets time pass across window edges, sends
-Stripe, Twilio and Resend calls from many pods and fan-out items (with and without idempotency
-keys, retried from new pods) to customers, numbers and domains within and outside them, confirms
-and captures intents as their payer, as a key on the same budget and as another run's key (and
-intents made without the proxy), moves intents to other customers, refunds, revokes, loses
-answers and settlements (a crash between reserve and settle) and sweeps. Each call goes through
-the real pipeline and store (in-process, `build_app(upstream=...)`) to vendors that bill
-(`billing.py`), and through the reference model (`reference.py`). After every step:
+Stripe, Twilio and Resend calls from many pods and fan-out items (with and without idempotency keys,
+retried from new pods) to customers, numbers and domains within and outside them, confirms (some
+padded with `amount_to_confirm`) and captures intents (all they hold) as their payer, as a key on
+the same budget and as another run's key (and intents made without the proxy), moves intents to
+other customers, refunds, revokes, loses answers and settlements (a crash between reserve and
+settle) and sweeps. Each call goes through the real pipeline and store (in-process,
+`build_app(upstream=...)`) to vendors that bill (`billing.py`), and through the reference model
+(`reference.py`). After every step:
 
 - the proxy's decision is the model's;
 - the money the vendors moved on behalf of each key, budget and fan-out item stays within each of
@@ -783,17 +784,29 @@ class MoneyMachine(RuleBasedStateMachine):
         intent=intents,
         action=st.sampled_from(["confirm", "capture"]),
         partial=st.booleans(),
+        padded=st.booleans(),
     )
-    def move_an_intents_money(self, key: str, intent: str, action: str, partial: bool) -> None:
+    def move_an_intents_money(
+        self, key: str, intent: str, action: str, partial: bool, padded: bool = False
+    ) -> None:
+        """A confirm moves the intent's amount, or `amount_to_confirm` (padded: twice it); a
+        capture `amount_to_capture`, else all it holds, priced at the larger of its amount and
+        amount_capturable."""
         w = self.world
         found = w.vendors.intents.get(intent)
         if found is None:
             return
         body = b""
+        minor = billing.MINOR_MICROS[found.currency]
         gross = found.micros
+        if action == "confirm" and padded:
+            body = form(amount_to_confirm=found.amount * 2)
+            gross = found.amount * 2 * minor
+        if action == "capture":
+            gross = max(found.amount, found.capturable) * minor
         if action == "capture" and partial and found.amount > 1:
             body = form(amount_to_capture=found.amount - 1)
-            gross = (found.amount - 1) * billing.MINOR_MICROS[found.currency]
+            gross = (found.amount - 1) * minor
         call = Call(
             key,
             "stripe",
@@ -1076,8 +1089,10 @@ class MoneyMachine(RuleBasedStateMachine):
         minor = billing.MINOR_MICROS[found.currency]
         if parts[1] == "refunds" and "amount" not in named:
             return (found.received or found.amount) * minor
-        if parts[-1] in ("confirm", "capture") and "amount_to_capture" not in named:
+        if parts[-1] == "confirm" and "amount_to_confirm" not in named:
             return found.micros
+        if parts[-1] == "capture" and "amount_to_capture" not in named:
+            return max(found.amount, found.capturable) * minor
         if parts[-1] == "increment_authorization":
             return max(0, int(named["amount"]) - found.amount) * minor
         return call.gross
@@ -1690,6 +1705,50 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                 "which": "total",
                 "cents": 100,
             },
+        ),
+    ],
+    # A confirm's `amount_to_confirm` priced as the intent's amount: a $6 intent confirmed
+    # for $12 under a $10 cap (the create's $6 offset what the confirm moved).
+    "a padded confirm moves more than its intent": [
+        ("issue_stripe_key", {"daily": 10_000_000, "total": None, "budget": None}),
+        (
+            "create_intent",
+            {
+                "key": 0,
+                "cents": 600,
+                "manual": False,
+                "item": None,
+                "pod": "p",
+                "idempotency": "none",
+            },
+        ),
+        (
+            "move_an_intents_money",
+            {"key": 0, "intent": 0, "action": "confirm", "partial": False, "padded": True},
+        ),
+    ],
+    # A capture priced at the intent's amount, not what a padded confirm left it holding.
+    "another key captures all a padded confirm holds": [
+        ("issue_stripe_key", {"daily": 100_000_000, "total": None, "budget": None}),
+        ("issue_stripe_key", {"daily": 10_000_000, "total": None, "budget": None}),
+        (
+            "create_intent",
+            {
+                "key": 0,
+                "cents": 600,
+                "manual": True,
+                "item": None,
+                "pod": "p",
+                "idempotency": "none",
+            },
+        ),
+        (
+            "move_an_intents_money",
+            {"key": 0, "intent": 0, "action": "confirm", "partial": False, "padded": True},
+        ),
+        (
+            "move_an_intents_money",
+            {"key": 1, "intent": 0, "action": "capture", "partial": False},
         ),
     ],
     # Constraints (docs/guarantees.md, section 6), each broken by `_constrain` forwarding all.
