@@ -188,7 +188,9 @@ def test_expired_key_is_refused_with_401(tmp_path: Path, fake_stripe: FakeStripe
         form = {"amount": "100", "currency": "usd"}
         assert client.post("/stripe/v1/payment_intents", data=form, headers=auth).status_code == 200
         clock.advance(seconds=90)
-        late = client.post("/stripe/v1/payment_intents", data={**form, "x": "1"}, headers=auth)
+        late = client.post(
+            "/stripe/v1/payment_intents", data={**form, "metadata[x]": "1"}, headers=auth
+        )
     assert late.status_code == 401
     assert late.json()["error"]["code"] == "keybrake_key_expired"
     assert fake_stripe.count("POST", "/v1/payment_intents") == 1
@@ -310,7 +312,9 @@ def test_pricing_table_is_reported(tmp_path: Path) -> None:
     with app_client(tmp_path) as client:
         table = client.get("/vault/pricing").json()
     assert table["fx"] == {"usd": "1"}
-    assert table["stripe"]["endpoints"]["POST /v1/payment_intents"] == "amount"
+    create = table["stripe"]["endpoints"]["POST /v1/payment_intents"]
+    assert create["rule"] == "amount" and "amount" not in create["free_fields"]
+    assert {"customer", "metadata", "payment_method"} <= set(create["free_fields"])
 
 
 def test_health_and_readiness(tmp_path: Path) -> None:
@@ -326,7 +330,7 @@ def test_metrics(tmp_path: Path, fake_stripe: FakeStripe) -> None:
         auth = {"Authorization": f"Bearer {key['vault_key']}"}
         form = {"amount": "100", "currency": "usd"}
         client.post("/stripe/v1/payment_intents", data=form, headers=auth)
-        client.post("/stripe/v1/payment_intents", data={**form, "x": "2"}, headers=auth)
+        client.post("/stripe/v1/payment_intents", data={**form, "metadata[x]": "2"}, headers=auth)
         text = client.get("/metrics", headers={"Authorization": ""}).text
     assert 'keybrake_calls_total{decision="forwarded",vendor="stripe"} 1.0' in text
     assert 'keybrake_calls_total{decision="cap_hit",vendor="stripe"} 1.0' in text

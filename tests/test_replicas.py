@@ -94,7 +94,9 @@ def test_revoke_through_one_replica_refuses_on_the_others(
         for proxy in procs:  # warm every replica's key cache first
             assert (
                 post(
-                    proxy, key["vault_key"], {"amount": "1", "currency": "usd", "m": proxy.url}
+                    proxy,
+                    key["vault_key"],
+                    {"amount": "1", "currency": "usd", "metadata[m]": proxy.url},
                 ).status_code
                 == 200
             )
@@ -102,7 +104,7 @@ def test_revoke_through_one_replica_refuses_on_the_others(
             assert admin.delete(f"/vault/keys/{key['key_id']}").status_code == 200
         for proxy in (b, c):
             refused = post(
-                proxy, key["vault_key"], {"amount": "1", "currency": "usd", "x": "after"}
+                proxy, key["vault_key"], {"amount": "1", "currency": "usd", "metadata[x]": "after"}
             )
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "keybrake_key_revoked"
@@ -172,7 +174,9 @@ def test_database_outage_fails_closed_and_recovers(
         relay.cut()
         for item in range(3):
             refused = post(
-                proxy, key["vault_key"], {"amount": "100", "currency": "usd", "i": str(item)}
+                proxy,
+                key["vault_key"],
+                {"amount": "100", "currency": "usd", "metadata[i]": str(item)},
             )
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "keybrake_unavailable"
@@ -184,7 +188,7 @@ def test_database_outage_fails_closed_and_recovers(
         assert "keybrake_database_up 1.0" in httpx.get(f"{proxy.url}/metrics").text
         assert (
             post(
-                proxy, key["vault_key"], {"amount": "100", "currency": "usd", "i": "back"}
+                proxy, key["vault_key"], {"amount": "100", "currency": "usd", "metadata[i]": "back"}
             ).status_code
             == 200
         )
