@@ -54,6 +54,7 @@ __all__ = [
     "Policy",
     "TokenVerifier",
     "admin_only",
+    "check_accounts",
     "check_budget",
     "check_key",
     "check_label",
@@ -335,6 +336,21 @@ def _check_ttl(policy: Policy, ttl: timedelta) -> None:
         )
 
 
+def check_accounts(actor: Actor, accounts: Iterable[str]) -> None:
+    """The Stripe connected accounts a key an issuer asks for may act on lie within its
+    policy's (with `check_key`)."""
+    allowed = None if actor.issuer is None else actor.policy.allowed_accounts
+    if allowed is None or "*" in allowed:
+        return
+    for account in accounts:
+        if account not in allowed:
+            raise Forbidden(
+                "allowed_accounts",
+                f"allowed_accounts: {account} is not within this issuer's connected accounts "
+                f"({', '.join(allowed) or 'none: the platform account only'})",
+            )
+
+
 def check_may_issue(actor: Actor, what: str) -> None:
     """A revoke-only issuer (`may_issue: false`) reads and revokes within its scope, nothing
     more."""
@@ -347,7 +363,6 @@ def check_key(
     *,
     vendor: str,
     endpoints: Iterable[str],
-    accounts: Iterable[str],
     daily: int | None,
     total: int | None,
     ttl: timedelta,
@@ -375,15 +390,6 @@ def check_key(
                     "allowed_endpoints",
                     f"allowed_endpoints: {endpoint} is not within this issuer's endpoints "
                     f"({allowed_text})",
-                )
-    allowed = policy.allowed_accounts
-    if allowed is not None and "*" not in allowed:
-        for account in accounts:
-            if account not in allowed:
-                raise Forbidden(
-                    "allowed_accounts",
-                    f"allowed_accounts: {account} is not within this issuer's connected accounts "
-                    f"({', '.join(allowed) or 'none: the platform account only'})",
                 )
     _check_caps(policy, daily, total, "a key")
     budget_caps = (
@@ -526,13 +532,13 @@ def check_patch(
                 actor,
                 vendor=after.vendor,
                 endpoints=after.allowed_endpoints,
-                accounts=after.allowed_accounts,
                 daily=after.daily_cap_micros,
                 total=after.total_cap_micros,
                 ttl=life,
                 label=after.label,
                 budget=budget,
             )
+            check_accounts(actor, after.allowed_accounts)
         else:
             check_budget(
                 actor,

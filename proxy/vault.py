@@ -25,6 +25,7 @@ from keybrake.proxy.access import (
     ISSUER_TOKEN_PREFIX,
     Actor,
     admin_only,
+    check_accounts,
     check_budget,
     check_key,
     check_label,
@@ -174,13 +175,13 @@ class Vault:
             actor,
             vendor=spec.vendor,
             endpoints=spec.allowed_endpoints,
-            accounts=spec.allowed_accounts,
             daily=_micros(spec.daily_usd_cap),
             total=_micros(spec.total_usd_cap),
             ttl=ttl,
             label=spec.agent_run_label,
             budget=budget,
         )
+        check_accounts(actor, spec.allowed_accounts)
         constraints = issued_constraints(actor, _constraints_of(spec.constraints), spec.vendor)
         if spec.dedupe_window is None:
             window = self.settings.dedupe_window_seconds

@@ -38,9 +38,9 @@ PUBLIC: dict[str, str | None] = {
     # keybrake.proxy
     "keybrake.proxy": None,
     "keybrake.proxy.access": """ISSUER_TOKEN_PREFIX Actor Authenticator Forbidden Identity
-        LoginRefused Policy TokenVerifier admin_only check_budget check_key check_label
-        check_patch check_scope hash_token hash_vault_key looks_like_jwt namespace_of policy_json
-        refused_login""",
+        LoginRefused Policy TokenVerifier admin_only check_accounts check_budget check_key
+        check_label check_patch check_scope hash_token hash_vault_key looks_like_jwt namespace_of
+        policy_json refused_login""",
     "keybrake.proxy.admin": "AdminApi error",
     "keybrake.proxy.alerts": "CAP_HIT Alerts Sender crossings",
     "keybrake.proxy.app": "build_app maintain utc_now",
