@@ -106,6 +106,20 @@ def test_twilio_message_prices() -> None:
             sms(vendor, **form)
 
 
+def test_the_rest_of_the_north_american_plan_is_priced_as_default_not_as_the_us() -> None:
+    """Jamaica, the Dominican Republic, Puerto Rico... dial "+1" but cost more than the US: the
+    shipped table prices them as "default" (errs high), the US and Canada at the US rate."""
+    vendor = twilio()
+    elsewhere = sms(vendor, To="+447700900123", Body="x").micros
+    for number in ("+18765550100", "+18095550100", "+17875550100", "+12425550100"):
+        assert sms(vendor, To=number, Body="x").micros == elsewhere == 150_000, number
+        assert sms(vendor, To=number, Body="x", MediaUrl="https://x.example/a.png").micros == (
+            300_000
+        )
+    for number in ("+14155550100", "+14165550100", "+16045550100"):  # California, Ontario, BC
+        assert sms(vendor, To=number, Body="x").micros == 8_300, number
+
+
 def test_twilio_destination_prefixes_longest_match_and_channels(tmp_path: Path) -> None:
     vendor = twilio(
         tmp_path, '[twilio.sms]\n"+1876" = "0.1100"\n"+44" = "0.0400"\n"whatsapp:" = "0.0050"\n'
