@@ -106,6 +106,14 @@ def test_twilio_message_prices() -> None:
             sms(vendor, **form)
 
 
+def test_a_blank_media_url_still_prices_the_message_as_media() -> None:
+    vendor = twilio()
+    plain = sms(vendor, To="+14155550100", Body="x")
+    for blank in ("", " "):
+        cost = sms(vendor, To="+14155550100", Body="x", MediaUrl=blank)
+        assert (cost.micros, cost.currency) == (22_000, "mms") and cost.micros > plain.micros
+
+
 def test_the_rest_of_the_north_american_plan_is_priced_as_default_not_as_the_us() -> None:
     """Jamaica, the Dominican Republic, Puerto Rico... dial "+1" but cost more than the US: the
     shipped table prices them as "default" (errs high), the US and Canada at the US rate."""

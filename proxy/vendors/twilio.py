@@ -225,7 +225,9 @@ class Twilio(Vendor):
                 "its Body, so the segments Twilio sends are not those keybrake counts. Send it "
                 "without ShortenUrls (or with ShortenUrls=false)."
             )
-        media = [url for url in form.many("MediaUrl") if url.strip()]
+        # Any MediaUrl, even a blank one, prices the message as media: a media message never
+        # costs less than the SMS of its body, so a reading Twilio might not share errs high.
+        media = form.many("MediaUrl")
         # Any SendAsMms but `false` may be read as true: priced as the MMS it may be.
         body = form.one("Body") or ""
         if media or not _off(form.one("SendAsMms")):
