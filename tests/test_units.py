@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +242,58 @@ def test_stripe_money_endpoints_take_the_fields_stripe_documents_and_no_other(
     assert estimate(vendor, "POST", path, body, lookup).priced
     with pytest.raises(AmbiguousRequest, match=r"refuses field 'amount_surcharge\[value\]'"):
         estimate(vendor, "POST", path, f"{body}&amount_surcharge[value]=1", lookup)
+
+
+# The stripe-python parameters (its `stripe.params` TypedDicts, pinned in pyproject.toml) of each
+# endpoint with a list in the shipped pricing.toml, and what its list leaves out on purpose
+# (pricing.toml says why above each list).
+SDK_PARAMS = {
+    "POST /v1/payment_intents": ("PaymentIntentCreateParams", set()),
+    "POST /v1/payment_intents/*": ("PaymentIntentUpdateParams", {"transfer_data"}),
+    "POST /v1/payment_intents/*/confirm": ("PaymentIntentConfirmParams", set()),
+    "POST /v1/payment_intents/*/capture": ("PaymentIntentCaptureParams", set()),
+    "POST /v1/payment_intents/*/increment_authorization": (
+        "PaymentIntentIncrementAuthorizationParams",
+        {"application_fee_amount", "transfer_data"},
+    ),
+    "POST /v1/charges": ("ChargeCreateParams", set()),
+    "POST /v1/charges/*": ("ChargeUpdateParams", set()),
+    "POST /v1/charges/*/capture": ("ChargeCaptureParams", set()),
+    "POST /v1/refunds": ("RefundCreateParams", {"currency", "customer", "origin"}),
+    "POST /v1/refunds/*": ("RefundUpdateParams", set()),
+    "POST /v1/transfers": ("TransferCreateParams", set()),
+    "POST /v1/transfers/*": ("TransferUpdateParams", set()),
+    "POST /v1/payouts": ("PayoutCreateParams", {"payout_method"}),
+    "POST /v1/invoices/*/pay": ("InvoicePayParams", set()),
+    "POST /v1/customers": ("CustomerCreateParams", {"balance", "cash_balance", "tax_exempt"}),
+    "POST /v1/customers/*": (
+        "CustomerUpdateParams",
+        {"balance", "cash_balance", "source", "tax_exempt"},
+    ),
+}
+# Listed for accounts on API versions before the one the SDK sends (endive removed it).
+OLDER_VERSIONS = {"payment_method_types"}
+
+
+def test_each_stripe_list_is_the_pinned_sdks_parameters_less_what_moves_money() -> None:
+    """A workload on the SDK keybrake pins can send every parameter it documents, but those left
+    out on purpose; an SDK upgrade that adds one fails here, not in a user's workflow."""
+    import stripe.params
+    from stripe._request_options import RequestOptions
+
+    from keybrake.proxy.vendors.stripe import _READS
+
+    shipped = resources.files("keybrake.proxy").joinpath("pricing.toml").read_text("utf-8")
+    table = tomllib.loads(shipped)["stripe"]["endpoints"]
+    listed = {endpoint for endpoint, entry in table.items() if isinstance(entry, dict)}
+    assert listed == set(SDK_PARAMS)
+    options = set(RequestOptions.__annotations__)
+    for endpoint, (name, left_out) in SDK_PARAMS.items():
+        entry = table[endpoint]
+        allowed = {f.partition("[")[0] for f in entry["free_fields"]} | set(_READS[entry["rule"]])
+        sdk = set(getattr(stripe.params, name).__annotations__) - options
+        assert sdk - allowed == left_out, endpoint
+        assert allowed - sdk <= OLDER_VERSIONS, endpoint
 
 
 @pytest.mark.parametrize(
