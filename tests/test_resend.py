@@ -224,6 +224,10 @@ def test_recipients_the_proxy_cannot_count_are_refused_and_never_reach_resend(
         # A header that could end early or start another one where a mail library writes it.
         "header name CRLF": (ambiguous, "/emails", email(1, headers={"X-A\r\nBcc": "b@x.io"})),
         "header value CRLF": (ambiguous, "/emails", email(1, headers={"X-A": "a\r\nBcc: b@x.io"})),
+        **{
+            f"header value {c!r}": (ambiguous, "/emails", email(1, headers={"X-A": f"a{c}b"}))
+            for c in ("\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1b")
+        },
         # A key a JavaScript parser may read as the object's prototype.
         "__proto__": (ambiguous, "/emails", {**email(1), "__proto__": {"bcc": addresses(40)}}),
     }

@@ -66,7 +66,10 @@ _RECIPIENT_HEADERS = frozenset(
 # (a control character, whitespace, a colon) could end the header early or start another one
 # where a mail library writes it, a recipient header keybrake did not count among them.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
-_HEADER_VALUE_BREAKS = ("\r", "\n", "\0")  # would start another header, or end the string
+# A header value keybrake lets through: no control character (CR, LF and NUL would start another
+# header or end the string; a tab is folding white space, allowed) and no Unicode line break
+# (U+0085, U+2028, U+2029), which some libraries split lines on.
+_HEADER_VALUE_REFUSED = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 # Keys a JavaScript service may read as an object's prototype instead of a field (Resend's API
 # is one): refused at any depth of an email, since what they do there is not keybrake's to know.
 _PROTOTYPE_KEYS = frozenset({"__proto__", "constructor", "prototype"})
@@ -269,10 +272,10 @@ def recipients(email: Any, what: str) -> int:
                     f"{what}: header name {name[:20]!r} is refused: a header name is printable "
                     "ASCII without spaces, control characters or ':'"
                 )
-            if not isinstance(value, str) or any(c in value for c in _HEADER_VALUE_BREAKS):
+            if not isinstance(value, str) or _HEADER_VALUE_REFUSED.search(value):
                 raise AmbiguousRequest(
                     f"{what}: the value of header {name[:20]!r} is refused: a header value is a "
-                    "string without line breaks (CR, LF) or NUL"
+                    "string without line breaks (CR, LF, U+2028, ...) or other control characters"
                 )
             if name.lower() in _RECIPIENT_HEADERS:
                 raise AmbiguousRequest(
