@@ -65,8 +65,14 @@ class PricingTable:
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            merged[key] = _merge(current, value)
+        elif isinstance(value, str) and isinstance(current, dict) and "free_fields" in current:
+            # A rule alone for an endpoint shipped with a list of fields changes the rule and
+            # keeps the list: dropping it would forward every other field unpriced, a money
+            # parameter Stripe adds later included. `free_fields` replaces the list.
+            merged[key] = {**current, "rule": value}
         else:
             merged[key] = value
     return merged

@@ -357,6 +357,23 @@ def test_operator_pricing_file_extends_and_validates(tmp_path: Path) -> None:
     assert estimate(vendor, "POST", "/v1/payment_intents", "amount=1&currency=usd").micros == 10_000
 
 
+def test_an_operators_rule_alone_keeps_the_shipped_list_of_fields(tmp_path: Path) -> None:
+    """An operator who re-states an endpoint's rule must not open it to every field; one who
+    gives `free_fields` replaces the list."""
+    create = "/v1/payment_intents"
+    ruled = stripe_vendor(tmp_path, '[stripe.endpoints]\n"POST /v1/payment_intents" = "amount"\n')
+    assert estimate(ruled, "POST", create, "amount=1&currency=usd&customer=cus_1").priced
+    with pytest.raises(AmbiguousRequest, match="refuses field 'amount_surcharge'"):
+        estimate(ruled, "POST", create, "amount=1&currency=usd&amount_surcharge=9")
+    listed = stripe_vendor(
+        tmp_path,
+        '[stripe.endpoints]\n"POST /v1/payment_intents" = { free_fields = ["amount_surcharge"] }\n',
+    )
+    assert estimate(listed, "POST", create, "amount=1&currency=usd&amount_surcharge=9").priced
+    with pytest.raises(AmbiguousRequest, match="refuses field 'customer'"):
+        estimate(listed, "POST", create, "amount=1&currency=usd&customer=cus_1")
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

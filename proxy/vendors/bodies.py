@@ -159,8 +159,8 @@ class FormBody:
             if field.partition("[")[0] not in permitted and field not in permitted:
                 raise AmbiguousRequest(
                     f"{what} refuses field {field[:60]!r}: it is neither priced nor on the list "
-                    "of fields known not to move money (an operator may list it: in the pricing "
-                    "file, the endpoint's whole entry, its shipped list copied)"
+                    "of fields known not to move money (an operator may list it in the "
+                    "endpoint's free_fields in the pricing file, which replace the shipped list)"
                 )
 
 
