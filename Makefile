@@ -69,7 +69,10 @@ pytest: $(STAMP) tools
 	$(BIN)/pytest -n $(JOBS) --dist worksteal
 
 ## The money model on many more random sequences (minutes to hours); SEED=... repeats a run.
-SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+# Drawn once (`:=`): a recursive `?=` drew one seed for the echo and another for the run.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 EXAMPLES ?= 2000
 soak-model: $(STAMP)
 	@echo "money model soak: seed $(SEED), $(EXAMPLES) examples per backend"
