@@ -41,6 +41,10 @@ TWILIO_SID = "AC" + "5e" * 16
 TWILIO_TOKEN = "twilio_MODELTOKEN_000000000000"
 RESEND_SECRET = "re_MODELSECRET_00000000000000"
 SEGMENT_USD = Decimal("0.0083")
+MMS_USD = Decimal("0.0220")
+# MMS Converter's link to a media message's media, as the model's Twilio writes it when the
+# recipient's carrier takes no MMS (Twilio's short links: a domain and ten characters).
+CONVERTER_LINK = "https://twil.io/" + "a" * 10
 EMAIL_USD = Decimal("0.0009")
 # Micro-dollars per minor unit of each currency the account takes: the operator's rates, which
 # the model test configures the proxy with (`PRICING`); eur at $1.25.
@@ -53,6 +57,9 @@ eur = "1.25"
 [twilio.sms]
 # The model's Twilio bills every destination at the US rate.
 "+44" = "0.0083"
+
+[twilio.mms]
+"+44" = "0.0220"
 """
 
 
@@ -291,8 +298,16 @@ class BillingUpstream(InProcessUpstream):
         form = parse_qsl(body.decode())
         self._touch({"recipients": tuple(v for k, v in form if k == "To")})
         text = next((v for k, v in form if k == "Body"), "")
-        segments = 1 if len(text) <= 160 else math.ceil(len(text) / 153)
-        self.moved.append(Moved("twilio", int(segments * SEGMENT_USD * 1_000_000), "sms"))
+        to = next((v for k, v in form if k == "To"), "")
+        media = any(k == "MediaUrl" for k, _ in form)
+        if media and to.endswith("6"):  # a carrier that takes MMS: billed as one
+            segments = 1
+            self.moved.append(Moved("twilio", int(MMS_USD * 1_000_000), "mms"))
+        else:
+            if media:  # MMS Converter: an SMS of the body and a link, "charged" as that SMS
+                text = f"{text}\n{CONVERTER_LINK}"
+            segments = 1 if len(text) <= 160 else math.ceil(len(text) / 153)
+            self.moved.append(Moved("twilio", int(segments * SEGMENT_USD * 1_000_000), "sms"))
         sid = self._id("SM")
         message = {"sid": sid, "status": "queued", "price": None, "num_segments": str(segments)}
         return UpstreamResponse(

@@ -22,6 +22,11 @@ from urllib.parse import parse_qsl
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 CENT = 10_000  # micro-dollars in a US cent
 SEGMENT = 8_300  # Twilio, per SMS segment to +1 ($0.0083)
+MMS = 22_000  # Twilio, per MMS ($0.0220)
+# What keybrake counts for the link MMS Converter adds to a media message it sends as an SMS to a
+# carrier without MMS: a newline and 35 characters (proxy/vendors/twilio.py states it; the
+# model's Twilio writes a shorter one, as Twilio's are).
+CONVERTER_LINK_COUNTED = 1 + 35
 EMAIL = 900  # Resend, per recipient ($0.0009)
 RESERVATION_TTL = timedelta(minutes=5)
 REPLAY_RETENTION = timedelta(hours=24)

@@ -77,9 +77,11 @@ from tests.model.reference import (
     CENT,
     CONSTRAINT_FIELDS,
     CONSTRAINT_VIOLATED,
+    CONVERTER_LINK_COUNTED,
     DEAD,
     EMAIL,
     FORWARDED,
+    MMS,
     RATE_LIMITED,
     RATE_NOTE,
     RATE_SECONDS,
@@ -991,10 +993,22 @@ class MoneyMachine(RuleBasedStateMachine):
         length=st.sampled_from([5, 160, 161, 400]),
         item=st.sampled_from(["x", "y"]),
         to=NUMBERS,
+        media=st.booleans(),
     )
-    def text(self, key: str, length: int, item: str, to: str = "+15005550006") -> None:
-        body = form(To=to, From="+15005550001", Body="a" * length)
+    def text(
+        self, key: str, length: int, item: str, to: str = "+15005550006", media: bool = False
+    ) -> None:
+        """An SMS bills its segments; a media message one MMS, or, to a carrier without MMS
+        (the model's: a number not ending in 6), the SMS of its body and a link that MMS
+        Converter sends instead: priced at the larger, so neither outruns the caps."""
+        fields = {"To": to, "From": "+15005550001", "Body": "a" * length}
         segments = 1 if length <= 160 else -(-length // 153)
+        gross = segments * SEGMENT
+        if media:
+            fields["MediaUrl"] = "https://media.example/a.png"
+            counted = length + CONVERTER_LINK_COUNTED
+            gross = max(MMS, (1 if counted <= 160 else -(-counted // 153)) * SEGMENT)
+        body = form(**fields)
         path = f"/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json"
         call = Call(
             key,
@@ -1003,7 +1017,7 @@ class MoneyMachine(RuleBasedStateMachine):
             path,
             body,
             tag=f"{item}@pod-t",
-            gross=segments * SEGMENT,
+            gross=gross,
             replays=False,
         )
         self._send(call)
@@ -1799,6 +1813,13 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
             | {"constrain": {"recipient_domains": ("Example.COM",)}},
         ),
         ("email", {"key": 0, "recipients": [1], "batch": True, "copied": ["x@mail.example.com"]}),
+    ],
+    # Twilio's MMS Converter sends a media message to a carrier without MMS as an SMS of its body
+    # and a link, billed as that SMS: three segments here, more than the one MMS it was priced at.
+    "a media message that MMS Converter sends as an SMS": [
+        ("issue_twilio_key", {"daily": 1_000_000, "total": None, "budget": None}),
+        ("text", {"key": 0, "length": 400, "item": "x", "to": "+442071838750", "media": True}),
+        ("text", {"key": 0, "length": 5, "item": "y", "to": "+15005550006", "media": True}),
     ],
     # Call rates (docs/guarantees.md, section 6, "How fast" and "Report-only").
     "a confirm's lookup takes a place in its key's call rate": [
