@@ -84,11 +84,15 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 
 def priceable(call: Call) -> bool:
     """Section 1: a Twilio message is priced by its destination, its `To` read as a phone
-    number is (`+` and digits, an optional `whatsapp:` channel); any other `To` is refused
-    before anything else is judged. (The model draws no other unpriceable call.)"""
+    number is (`+` and digits, an optional `whatsapp:` channel); any other `To`, and a message
+    scheduled for later (`SendAt`), is refused before anything else is judged. (The model draws
+    no other unpriceable call.)"""
     if call.vendor != "twilio":
         return True
-    to = [value for name, value in parse_qsl(call.body.decode()) if name == "To"]
+    fields = parse_qsl(call.body.decode())
+    if any(name == "SendAt" for name, _ in fields):
+        return False  # a scheduled message: sent and billed later, after the key may be revoked
+    to = [value for name, value in fields if name == "To"]
     return len(to) == 1 and _phone_number(to[0]) is not None
 
 

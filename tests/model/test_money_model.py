@@ -994,9 +994,16 @@ class MoneyMachine(RuleBasedStateMachine):
         item=st.sampled_from(["x", "y"]),
         to=NUMBERS,
         media=st.booleans(),
+        scheduled=st.sampled_from([False, False, False, True]),
     )
     def text(
-        self, key: str, length: int, item: str, to: str = "+15005550006", media: bool = False
+        self,
+        key: str,
+        length: int,
+        item: str,
+        to: str = "+15005550006",
+        media: bool = False,
+        scheduled: bool = False,
     ) -> None:
         """An SMS bills its segments; a media message one MMS, or, to a carrier without MMS
         (the model's: a number not ending in 6), the SMS of its body and a link that MMS
@@ -1008,6 +1015,8 @@ class MoneyMachine(RuleBasedStateMachine):
             fields["MediaUrl"] = "https://media.example/a.png"
             counted = length + CONVERTER_LINK_COUNTED
             gross = max(MMS, (1 if counted <= 160 else -(-counted // 153)) * SEGMENT)
+        if scheduled:  # refused: Twilio would send and bill it up to 35 days later
+            fields["SendAt"] = "2026-12-31T12:00:00Z"
         body = form(**fields)
         path = f"/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json"
         call = Call(
@@ -1816,10 +1825,12 @@ REGRESSIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     ],
     # Twilio's MMS Converter sends a media message to a carrier without MMS as an SMS of its body
     # and a link, billed as that SMS: three segments here, more than the one MMS it was priced at.
-    "a media message that MMS Converter sends as an SMS": [
+    # A scheduled message is refused: Twilio would send and bill it after its key may be revoked.
+    "a media message that MMS Converter sends as an SMS, and a scheduled one": [
         ("issue_twilio_key", {"daily": 1_000_000, "total": None, "budget": None}),
         ("text", {"key": 0, "length": 400, "item": "x", "to": "+442071838750", "media": True}),
         ("text", {"key": 0, "length": 5, "item": "y", "to": "+15005550006", "media": True}),
+        ("text", {"key": 0, "length": 5, "item": "z", "scheduled": True}),
     ],
     # Call rates (docs/guarantees.md, section 6, "How fast" and "Report-only").
     "a confirm's lookup takes a place in its key's call rate": [
