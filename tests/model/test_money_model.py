@@ -5,7 +5,8 @@ A hypothesis state machine issues keys and budgets with every cap kind and with 
 Stripe, Twilio and Resend calls from many pods and fan-out items (with and without idempotency keys,
 retried from new pods) to customers, numbers and domains within and outside them, confirms (some
 padded with `amount_to_confirm`) and captures intents (all they hold) as their payer, as a key on
-the same budget and as another run's key (and intents made without the proxy), moves intents to
+the same budget and as another run's key (and intents made without the proxy), sends texts with
+media (billed as one MMS, or as the SMS MMS Converter sends) and scheduled ones, moves intents to
 other customers, refunds, revokes, loses answers and settlements (a crash between reserve and
 settle) and sweeps. Each call goes through the real pipeline and store (in-process,
 `build_app(upstream=...)`) to vendors that bill (`billing.py`), and through the reference model
