@@ -5,19 +5,23 @@ as the upstream: credentials swapped, prices, caps, refusals, secrets."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 import pytest
 import resend
 import stripe
+from starlette.testclient import TestClient
 from twilio.base.exceptions import TwilioRestException
 
 from tests.fakes.resend_upstream import REAL_KEY, FakeResend
 from tests.fakes.stripe_upstream import FakeStripe
 from tests.fakes.twilio_upstream import REAL_SID, REAL_TOKEN, FakeTwilio
+from tests.inproc import StubUpstream, app_client, issue
 from tests.served import ServedProxy
 from tests.vendor_helpers import (
     MESSAGES,
@@ -415,14 +419,33 @@ def test_real_account_sid_never_reaches_the_workload(
     )
 
 
-def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
-    tmp_path: Path,
-) -> None:
-    """Twilio's Messages API sends to one `To`; a form naming it twice (or as `to` beside it)
-    is refused before anything is forwarded, since which copy Twilio reads is not the proxy's to
-    know. In-process: the app behind TestClient, a stub vendor recording what reaches it."""
-    from tests.inproc import StubUpstream, app_client, issue
+@dataclass
+class InprocTwilio:
+    """The app behind TestClient with a stub Twilio recording what reaches it, and one Twilio
+    vault key ($1 a day) to send messages with, their form bodies exactly as given."""
 
+    client: TestClient
+    stub: StubUpstream
+    key: dict[str, Any]
+
+    def send(self, body: str) -> httpx.Response:
+        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{self.key['vault_key']}".encode()).decode()
+        return self.client.post(
+            f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
+            content=body.encode(),
+            headers={
+                "Authorization": f"Basic {auth}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+
+    def audit(self) -> list[dict[str, Any]]:
+        params = {"key_id": self.key["key_id"]}
+        return list(self.client.get("/vault/audit", params=params).json()["data"])
+
+
+@pytest.fixture
+def inproc_twilio(tmp_path: Path) -> Iterator[InprocTwilio]:
     stub = StubUpstream()
     with app_client(
         tmp_path,
@@ -432,32 +455,33 @@ def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
         upstream=stub,
     ) as client:
         key = issue(client, vendor="twilio", daily_usd_cap=1, allowed_endpoints=[MESSAGES])
-        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{key['vault_key']}".encode()).decode()
+        yield InprocTwilio(client, stub, key)
 
-        def send(form: list[tuple[str, str]]) -> httpx.Response:
-            return client.post(
-                f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
-                content=urlencode(form).encode(),  # the fields exactly as listed
-                headers={
-                    "Authorization": f"Basic {auth}",
-                    "Content-Type": "application/x-www-form-urlencoded",
-                },
-            )
 
-        for form in (
-            [("To", US), ("To", UK), ("From", SENDER), ("Body", "x")],
-            [("To", US), ("From", SENDER), ("Body", "x"), ("To", US)],
-            [("To", US), ("to", UK), ("From", SENDER), ("Body", "x")],
-            [("to", UK), ("From", SENDER), ("Body", "x")],
-        ):
-            refused = send(form)
-            assert refused.status_code == 400, form
-            assert refused.json()["keybrake_code"] == "keybrake_ambiguous_request", form
-        assert stub.sent == []
-        assert send([("To", US), ("From", SENDER), ("Body", "x")]).status_code == 200
-        assert len(stub.sent) == 1
-        rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
-        assert [r["decision"] for r in rows] == ["forwarded"] + ["ambiguous"] * 4
+def test_a_message_takes_exactly_one_to_and_a_repeated_one_never_reaches_twilio(
+    inproc_twilio: InprocTwilio,
+) -> None:
+    """Twilio's Messages API sends to one `To`; a form naming it twice (or as `to` beside it)
+    is refused before anything is forwarded, since which copy Twilio reads is not the proxy's to
+    know."""
+    app = inproc_twilio
+
+    def send(form: list[tuple[str, str]]) -> httpx.Response:
+        return app.send(urlencode(form))  # the fields exactly as listed
+
+    for form in (
+        [("To", US), ("To", UK), ("From", SENDER), ("Body", "x")],
+        [("To", US), ("From", SENDER), ("Body", "x"), ("To", US)],
+        [("To", US), ("to", UK), ("From", SENDER), ("Body", "x")],
+        [("to", UK), ("From", SENDER), ("Body", "x")],
+    ):
+        refused = send(form)
+        assert refused.status_code == 400, form
+        assert refused.json()["keybrake_code"] == "keybrake_ambiguous_request", form
+    assert app.stub.sent == []
+    assert send([("To", US), ("From", SENDER), ("Body", "x")]).status_code == 200
+    assert len(app.stub.sent) == 1
+    assert [r["decision"] for r in app.audit()] == ["forwarded"] + ["ambiguous"] * 4
 
 
 # A message Twilio would read otherwise than keybrake prices it, as a form body sends it, and
@@ -502,30 +526,10 @@ REFUSED_MESSAGES: list[tuple[str, tuple[int, str, str]]] = [
 
 @pytest.mark.parametrize("body,refusal", REFUSED_MESSAGES)
 def test_a_message_keybrake_cannot_price_as_twilio_bills_it_is_refused_and_never_forwarded(
-    tmp_path: Path, body: str, refusal: tuple[int, str, str]
+    inproc_twilio: InprocTwilio, body: str, refusal: tuple[int, str, str]
 ) -> None:
-    """In-process: the app behind TestClient, a stub vendor recording what reaches it."""
-    from tests.inproc import StubUpstream, app_client, issue
-
-    stub = StubUpstream()
-    with app_client(
-        tmp_path,
-        twilio_account_sid=REAL_SID,
-        twilio_auth_token=REAL_TOKEN,
-        twilio_api_base="http://twilio.invalid",
-        upstream=stub,
-    ) as client:
-        key = issue(client, vendor="twilio", daily_usd_cap=1, allowed_endpoints=[MESSAGES])
-        auth = base64.b64encode(f"{PLACEHOLDER_SID}:{key['vault_key']}".encode()).decode()
-        refused = client.post(
-            f"/twilio/2010-04-01/Accounts/{PLACEHOLDER_SID}/Messages.json",
-            content=body.encode(),
-            headers={
-                "Authorization": f"Basic {auth}",
-                "Content-Type": "application/x-www-form-urlencoded",
-            },
-        )
-        rows = client.get("/vault/audit", params={"key_id": key["key_id"]}).json()["data"]
+    refused = inproc_twilio.send(body)
+    rows, stub = inproc_twilio.audit(), inproc_twilio.stub
     status, code, phrase = refusal
     answer = refused.json()
     assert (refused.status_code, answer["keybrake_code"]) == (status, code), answer
